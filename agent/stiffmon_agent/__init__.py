@@ -1,0 +1,11 @@
+"""stiffmon_agent: the in-loop agent that measures stiffness, sharpness and gradient noise.
+
+Installed with ``pip install "stiffmon[agent]"``; needs torch. The metric functions live in
+:mod:`stiffmon_agent.metrics` as pure functions on tensors.
+"""
+
+from __future__ import annotations
+
+from stiffmon import __version__
+
+__all__ = ["__version__"]
