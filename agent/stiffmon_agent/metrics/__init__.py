@@ -1,0 +1,73 @@
+"""Pure metric functions on tensors: per-example Gram, stiffness, gradient noise, sharpness.
+
+No I/O, no sockets, no globals: the agent decides when to call them and where results go.
+"""
+
+from __future__ import annotations
+
+from stiffmon_agent.metrics.activations import capture_activations
+from stiffmon_agent.metrics.eigen import (
+    EigenResult,
+    TraceEstimate,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+)
+from stiffmon_agent.metrics.gram import GramResult, per_example_gradients, per_example_gram
+from stiffmon_agent.metrics.noise import GradientNoise, centred_gram, gradient_noise
+from stiffmon_agent.metrics.sharpness import (
+    HessianOperator,
+    StabilityThreshold,
+    hessian_eigen,
+    hessian_trace,
+    stability_threshold,
+    stability_threshold_for,
+)
+from stiffmon_agent.metrics.state import measurement_mode, trainable_parameters
+from stiffmon_agent.metrics.stiffness import (
+    ClassStiffness,
+    DistanceCurve,
+    StiffnessBlocks,
+    class_stiffness,
+    cosine_block,
+    cosine_stiffness,
+    critical_length,
+    pairwise_distances,
+    sign_stiffness,
+    stiffness_blocks,
+    stiffness_vs_distance,
+)
+
+__all__ = [
+    "ClassStiffness",
+    "DistanceCurve",
+    "EigenResult",
+    "GradientNoise",
+    "GramResult",
+    "HessianOperator",
+    "StabilityThreshold",
+    "StiffnessBlocks",
+    "TraceEstimate",
+    "capture_activations",
+    "centred_gram",
+    "class_stiffness",
+    "cosine_block",
+    "cosine_stiffness",
+    "critical_length",
+    "gradient_noise",
+    "hessian_eigen",
+    "hessian_trace",
+    "hutchinson_trace",
+    "lanczos",
+    "measurement_mode",
+    "pairwise_distances",
+    "per_example_gradients",
+    "per_example_gram",
+    "power_iteration",
+    "sign_stiffness",
+    "stability_threshold",
+    "stability_threshold_for",
+    "stiffness_blocks",
+    "stiffness_vs_distance",
+    "trainable_parameters",
+]

@@ -1,0 +1,113 @@
+"""Probe batches: slicing pytrees of tensors by example, the forward call and per-example losses.
+
+A probe is ``(inputs, targets)`` where ``inputs`` and ``targets`` are tensors, or tuples / lists /
+dicts of tensors, whose leading dimension indexes the N examples. Integer inputs (token ids) are
+fine. Unless a ``forward`` callable is given, the model is called as ``model(x)`` for a tensor,
+``model(*x)`` for a tuple or list and ``model(**x)`` for a dict.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+Batch: TypeAlias = Any
+"""A tensor or a (nested) tuple / list / dict of tensors with examples along dim 0."""
+
+ForwardFn: TypeAlias = Callable[[nn.Module, Batch], Any]
+LossFn: TypeAlias = Callable[[Any, Batch], torch.Tensor]
+
+
+def batch_size(batch: Batch) -> int:
+    """Number of examples N: the common leading dimension of every tensor in ``batch``.
+
+    Raises:
+        ValueError: If ``batch`` holds no tensor or the leading dimensions differ.
+    """
+    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
+    if not leaves:
+        raise ValueError("the probe batch contains no tensor")
+    sizes = {t.shape[0] if t.dim() else -1 for t in leaves}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(f"every probe tensor needs the same leading (example) dimension: {sizes}")
+    return int(sizes.pop())
+
+
+def take(batch: Batch, index: slice | torch.Tensor) -> Batch:
+    """Select examples ``index`` from every tensor of ``batch``."""
+    return tree_map(lambda t: t[index] if isinstance(t, torch.Tensor) else t, batch)
+
+
+def to(batch: Batch, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Batch:
+    """Move ``batch`` to ``device``; cast its floating-point tensors to ``dtype``."""
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
+    return tree_map(move, batch)
+
+
+def default_forward(model: nn.Module, inputs: Batch) -> Any:
+    """Call ``model`` on ``inputs``: ``model(x)``, ``model(*x)`` or ``model(**x)``."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def unreduced(loss_fn: LossFn) -> LossFn:
+    """Return a version of ``loss_fn`` that gives one loss per example.
+
+    A ``torch.nn`` loss module with a ``reduction`` attribute is copied with
+    ``reduction="none"``; any other callable is used as is and must return per-example losses.
+    """
+    if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
+        if loss_fn.reduction != "none":
+            loss_fn = copy.copy(loss_fn)
+            loss_fn.reduction = "none"
+    return loss_fn
+
+
+def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) -> torch.Tensor:
+    """Per-example losses, shape ``(n,)``.
+
+    Non-batch dimensions of an unreduced loss (e.g. tokens of a sequence) are averaged, so each
+    example's loss equals what a mean-reduced loss gives for that example alone.
+
+    Raises:
+        ValueError: If ``loss_fn`` reduces over the batch (returns fewer than ``n`` values).
+    """
+    losses = loss_fn(outputs, targets)
+    if not isinstance(losses, torch.Tensor):
+        raise ValueError(f"loss_fn returned {type(losses).__name__}, expected a tensor")
+    if losses.dim() == 0 or losses.shape[0] != n:
+        raise ValueError(
+            f"loss_fn must return one loss per example (shape ({n},)), got shape "
+            f"{tuple(losses.shape)}; pass a torch.nn loss module or use reduction='none'"
+        )
+    if losses.dim() > 1:
+        losses = losses.reshape(n, -1).mean(dim=1)
+    return losses
+
+
+class ForwardModule(nn.Module):
+    """Wraps ``forward(model, inputs)`` as a module, so ``torch.func.functional_call`` can run a
+    custom forward; the model's parameters appear under the prefix ``model.``."""
+
+    def __init__(self, model: nn.Module, fn: ForwardFn) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, inputs: Batch) -> Any:
+        return self.fn(self.model, inputs)

@@ -1,0 +1,148 @@
+"""Per-example Gram matrix against a float64 loop of single-example backward passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from stiffmon_agent.metrics import per_example_gradients, per_example_gram
+from tests.agent.metrics.models import dict_case, make_cases
+from tests.agent.metrics.reference import loop_gradients, loop_gram, rel_err
+
+CASES = make_cases()
+CE = nn.CrossEntropyLoss()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("method", ["auto", "ghost", "materialise"])
+def test_gram_matches_loop_reference(name: str, method: str) -> None:
+    model, x, y = CASES[name]
+    ref = loop_gram(model, x, y, CE)
+    got = per_example_gram(model, x, y, CE, method=method, chunk_size=4)  # type: ignore[arg-type]
+    assert got.total.dtype == torch.float64
+    assert rel_err(got.total, ref) < 1e-10, got.methods
+    summed = sum(got.layers.values())
+    assert rel_err(summed, ref) < 1e-10  # type: ignore[arg-type]
+
+
+def test_fast_path_is_used_where_it_applies() -> None:
+    _, _, _ = CASES["cnn"]
+    got = per_example_gram(*CASES["cnn"], CE)
+    assert set(got.methods.values()) <= {"ghost", "materialise"}
+    got = per_example_gram(*CASES["transformer"], CE)
+    assert got.methods["head"] == "ghost"
+    assert got.methods["enc.linear1"] in ("ghost", "materialise")
+    assert got.methods["emb"] == "vmap" and got.methods["enc.self_attn"] == "vmap"
+    # not batch-first: every layer inside the encoder goes through vmap, still exact
+    got = per_example_gram(*CASES["transformer-seq-first"], CE)
+    assert got.methods["enc.linear1"] == "vmap"
+    # a parameter tied across modules is handled by vmap, which sums all its uses
+    got = per_example_gram(*CASES["shared-weights"], CE)
+    assert got.methods["shared"] in ("ghost", "materialise")  # one module called twice
+    assert got.methods["a"] == "vmap"
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
+def test_per_layer_blocks_match_reference(name: str) -> None:
+    model, x, y = CASES[name]
+    grads = loop_gradients(model, x, y, CE)
+    got = per_example_gram(model, x, y, CE)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    offsets, start = {}, 0
+    for n, p in params:
+        offsets[n] = slice(start, start + p.numel())
+        start += p.numel()
+    for layer, block in got.layers.items():
+        cols = [
+            offsets[n]
+            for n, _ in params
+            if (n.rsplit(".", 1)[0] if "." in n else "(root)") == layer
+        ]
+        g = torch.cat([grads[:, c] for c in cols], dim=1)
+        assert rel_err(block, g @ g.T) < 1e-10, layer
+
+
+def test_vmap_baseline_and_chunking_agree() -> None:
+    model, x, y = CASES["cnn"]
+    ref = loop_gram(model, x, y, CE)
+    for chunk in (1, 3, None):
+        got = per_example_gram(model, x, y, CE, chunk_size=chunk)
+        assert rel_err(got.total, ref) < 1e-10
+    assert rel_err(per_example_gram(model, x, y, CE, method="vmap").total, ref) < 1e-10
+    g = per_example_gradients(model, x, y, CE)
+    assert rel_err(g @ g.T, ref) < 1e-10
+
+
+def test_dict_batch_with_custom_forward() -> None:
+    model, inputs, y, forward = dict_case()
+    ref = loop_gram(model, inputs, y, CE, forward=forward)
+    got = per_example_gram(model, inputs, y, CE, forward=forward, chunk_size=3)
+    assert rel_err(got.total, ref) < 1e-10
+
+
+def test_tuple_inputs() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.lin(a * b)
+
+    model = Two().double()
+    g = torch.Generator().manual_seed(3)
+    a, b = (
+        torch.randn(6, 5, generator=g, dtype=torch.float64),
+        torch.randn(6, 5, generator=g, dtype=torch.float64),
+    )
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    ref = loop_gram(model, (a, b), y, CE)
+    assert rel_err(per_example_gram(model, (a, b), y, CE).total, ref) < 1e-10
+
+
+def test_float32_is_close_to_float64_reference() -> None:
+    model, x, y = CASES["cnn"]
+    ref = loop_gram(model, x, y, CE)
+    m32 = CASES["cnn"][0].float()
+    try:
+        got = per_example_gram(m32, x.float(), y, CE)
+        assert got.total.dtype == torch.float32
+        assert rel_err(got.total.double(), ref) < 1e-4
+    finally:
+        m32.double()
+
+
+def test_per_example_loss_callable_and_sequence_losses() -> None:
+    model, x, y = CASES["mlp"]
+
+    def per_example(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, t, reduction="none")
+
+    ref = loop_gram(model, x, y, CE)
+    assert rel_err(per_example_gram(model, x, y, per_example).total, ref) < 1e-10
+    with pytest.raises(ValueError, match="one loss per example"):
+        per_example_gram(model, x, y, lambda o, t: nn.functional.cross_entropy(o, t))
+
+
+def test_edge_cases() -> None:
+    model, x, y = CASES["mlp"]
+    one = per_example_gram(model, x[:1], y[:1], CE)
+    assert one.total.shape == (1, 1) and float(one.total[0, 0]) > 0
+    frozen = nn.Linear(3, 2).double().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        per_example_gram(frozen, torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]), CE)
+    with pytest.raises(ValueError, match="different numbers"):
+        per_example_gram(model, x, y[:3], CE)
+    # NaN in the model: NaN out, no crash
+    bad = nn.Sequential(nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        bad[0].weight[0, 0] = float("nan")
+    assert torch.isnan(per_example_gram(bad, x, y, CE).total).any()
+    # zero gradients: MSE at its minimum
+    lin = nn.Linear(2, 1, bias=False).double()
+    xs = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    tgt = lin(xs).detach()
+    tgt[1] += 1.0
+    g = per_example_gram(lin, xs, tgt, nn.MSELoss()).total
+    assert float(g[0, 0]) == 0.0 and float(g[1, 1]) > 0

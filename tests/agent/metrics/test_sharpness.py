@@ -1,0 +1,160 @@
+"""Sharpness against the dense Hessian; warm start; stability thresholds; eigen-solvers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from stiffmon_agent.metrics import (
+    HessianOperator,
+    hessian_eigen,
+    hessian_trace,
+    hutchinson_trace,
+    lanczos,
+    measurement_mode,
+    power_iteration,
+    stability_threshold,
+    stability_threshold_for,
+)
+from tests.agent.metrics.models import make_cases
+
+CE = nn.CrossEntropyLoss()
+
+
+def dense_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Dense Hessian of the mean loss via torch.autograd.functional.hessian, in eval mode."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def loss(v: Tensor) -> Tensor:
+        chunks = v.split([math.prod(s) for s in shapes])
+        p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        return CE(torch.func.functional_call(model, p, (x,), strict=False), y)
+
+    was = model.training
+    model.eval()
+    h = torch.autograd.functional.hessian(loss, flat)
+    model.train(was)
+    return h
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "layernorm", "batchnorm"])
+@pytest.mark.parametrize("method", ["lanczos", "power"])
+def test_top_eigenvalues_match_dense_hessian(name: str, method: str) -> None:
+    model, x, y = make_cases()[name]
+    ref = torch.linalg.eigvalsh(dense_hessian(model, x, y)).flip(0)
+    k = 3 if method == "lanczos" else 1
+    got = hessian_eigen(
+        model,
+        x,
+        y,
+        CE,
+        k=k,
+        method=method,
+        tol=1e-10,
+        max_hvps=2000,  # type: ignore[arg-type]
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert got.converged
+    if method == "power":  # power iteration finds the largest |λ|
+        target = ref[ref.abs().argmax()]
+        assert float(got.eigenvalues[0]) == pytest.approx(float(target), rel=1e-6)
+    else:
+        torch.testing.assert_close(got.eigenvalues, ref[:k], rtol=1e-6, atol=0)
+
+
+def test_hvp_backends_and_chunks_agree_with_dense() -> None:
+    model, x, y = make_cases()["cnn"]
+    h = dense_hessian(model, x, y)
+    v = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with measurement_mode(model):
+        for backend in ("func", "double-backward"):
+            for chunk in (None, 3):
+                op = HessianOperator(model, x, y, CE, backend=backend, chunk_size=chunk)  # type: ignore[arg-type]
+                torch.testing.assert_close(op(v), h @ v, rtol=1e-9, atol=1e-12)
+                assert op.calls == 1
+
+
+def test_warm_start_needs_fewer_hvps_than_cold_start() -> None:
+    model, x, y = make_cases()["mlp"]
+    gen = torch.Generator().manual_seed(0)
+    first = hessian_eigen(model, x, y, CE, tol=1e-3, generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    warm_counts, cold_counts = [], []
+    prev = first.eigenvectors
+    for _ in range(5):
+        opt.zero_grad()
+        CE(model(x), y).backward()
+        opt.step()
+        warm = hessian_eigen(model, x, y, CE, tol=1e-3, warm_start=prev, generator=gen)
+        cold = hessian_eigen(model, x, y, CE, tol=1e-3, generator=gen)
+        assert float(warm.eigenvalues[0]) == pytest.approx(float(cold.eigenvalues[0]), rel=1e-2)
+        warm_counts.append(warm.matvecs)
+        cold_counts.append(cold.matvecs)
+        prev = warm.eigenvectors
+    assert sum(warm_counts) < sum(cold_counts), (warm_counts, cold_counts)
+    assert max(warm_counts) <= min(cold_counts)
+
+
+def test_power_iteration_warm_start() -> None:
+    a = torch.diag(torch.tensor([10.0, 9.0, 1.0, 0.5], dtype=torch.float64))
+    q, _ = torch.linalg.qr(
+        torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    )
+    a = q @ a @ q.T
+    cold = power_iteration(
+        lambda v: a @ v, 4, tol=1e-8, max_matvecs=1000, generator=torch.Generator().manual_seed(1)
+    )
+    warm = power_iteration(lambda v: a @ v, 4, tol=1e-8, init=cold.eigenvectors, max_matvecs=1000)
+    assert float(cold.eigenvalues[0]) == pytest.approx(10.0, rel=1e-6)
+    assert warm.matvecs < cold.matvecs and warm.matvecs <= 3
+
+
+def test_lanczos_on_known_spectrum_and_invariant_subspace() -> None:
+    evals = torch.tensor([5.0, 3.0, 3.0, -7.0, 0.1, 0.0], dtype=torch.float64)
+    q, _ = torch.linalg.qr(
+        torch.randn(6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    )
+    a = q @ torch.diag(evals) @ q.T
+    got = lanczos(lambda v: a @ v, 6, k=3, tol=1e-12, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got.eigenvalues, torch.tensor([5.0, 3.0, 3.0], dtype=torch.float64))
+    # starting from an exact eigenvector converges with one product (k=1)
+    one = lanczos(lambda v: a @ v, 6, k=1, init=q[:, 0], tol=1e-8)
+    assert one.matvecs == 1 and float(one.eigenvalues[0]) == pytest.approx(5.0)
+    # k=2 from that eigenvector: the invariant subspace forces a restart, still exact
+    two = lanczos(
+        lambda v: a @ v, 6, k=2, init=q[:, 0], tol=1e-10, generator=torch.Generator().manual_seed(4)
+    )
+    torch.testing.assert_close(two.eigenvalues, torch.tensor([5.0, 3.0], dtype=torch.float64))
+    for i in range(2):
+        v = two.eigenvectors[:, i]
+        torch.testing.assert_close(a @ v, two.eigenvalues[i] * v, rtol=1e-8, atol=1e-8)
+
+
+def test_hutchinson_trace() -> None:
+    model, x, y = make_cases()["mlp"]
+    h = dense_hessian(model, x, y)
+    est = hessian_trace(model, x, y, CE, samples=300, generator=torch.Generator().manual_seed(0))
+    assert abs(est.mean - float(h.trace())) < 4 * est.stderr + 1e-9
+    diag = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    exact = hutchinson_trace(lambda v: diag @ v, 3, samples=5)
+    assert exact.mean == pytest.approx(6.0) and exact.stderr == pytest.approx(0.0)
+
+
+def test_stability_thresholds() -> None:
+    assert stability_threshold(0.1).value == pytest.approx(20.0)
+    assert stability_threshold(0.1, 0.9).value == pytest.approx(38.0)
+    assert stability_threshold(0.1, 0.9, nesterov=True).value == pytest.approx(3.8 / (2.8 * 0.1))
+    assert stability_threshold(0.1, 0.9, dampening=0.5).value == pytest.approx(76.0)
+    p = [nn.Parameter(torch.zeros(1))]
+    sgd = torch.optim.SGD(p, lr=0.05, momentum=0.5, nesterov=True)
+    t = stability_threshold_for(sgd)
+    assert t.value == pytest.approx(3.0 / (2.0 * 0.05)) and "1+2β" in t.rule
+    adam = stability_threshold_for(torch.optim.Adam(p, lr=1e-3))
+    assert adam.value is None and "Adam" in adam.rule and "adaptive" in adam.rule
+    assert stability_threshold(0.0).value is None
