@@ -27,13 +27,13 @@ def test_gram_matches_loop_reference(name: str, method: str) -> None:
 
 
 def test_fast_path_is_used_where_it_applies() -> None:
-    _, _, _ = CASES["cnn"]
     got = per_example_gram(*CASES["cnn"], CE)
     assert set(got.methods.values()) <= {"ghost", "materialise"}
     got = per_example_gram(*CASES["transformer"], CE)
     assert got.methods["head"] == "ghost"
     assert got.methods["enc.linear1"] in ("ghost", "materialise")
-    assert got.methods["emb"] == "vmap" and got.methods["enc.self_attn"] == "vmap"
+    assert got.methods["emb"] == "ghost" and got.methods["norm"] == "materialise"
+    assert got.methods["enc.self_attn"] == "vmap"  # MultiheadAttention: functional projections
     # not batch-first: every layer inside the encoder goes through vmap, still exact
     got = per_example_gram(*CASES["transformer-seq-first"], CE)
     assert got.methods["enc.linear1"] == "vmap"
@@ -146,3 +146,54 @@ def test_edge_cases() -> None:
     tgt[1] += 1.0
     g = per_example_gram(lin, xs, tgt, nn.MSELoss()).total
     assert float(g[0, 0]) == 0.0 and float(g[1, 1]) > 0
+
+
+class _SeqFirst(nn.Module):
+    """Applies a Linear to a (T, N, d) sequence-first tensor and has no batch_first attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.transpose(0, 1)).mean(dim=0)
+
+
+def test_verification_catches_a_hidden_sequence_first_layer() -> None:
+    torch.manual_seed(0)
+    model = _SeqFirst().double()
+    x = torch.randn(5, 5, 4, dtype=torch.float64)  # T == N: shapes alone cannot tell
+    y = torch.tensor([0, 1, 2, 0, 1])
+    ref = loop_gram(model, x, y, CE)
+    with pytest.warns(RuntimeWarning, match="vmap"):
+        got = per_example_gram(model, x, y, CE)
+    assert rel_err(got.total, ref) < 1e-10
+    assert set(got.methods.values()) == {"vmap"}
+
+
+def test_batchnorm_without_running_stats_falls_back_exactly() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3),
+        nn.BatchNorm2d(3, track_running_stats=False),  # batch statistics even in eval mode
+        nn.Flatten(),
+        nn.Linear(3 * 3 * 3, 3),
+    ).double()
+    x = torch.randn(8, 1, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    ref = loop_gram(model, x, y, CE)  # per-example: a batch of one
+    with pytest.warns(RuntimeWarning):
+        got = per_example_gram(model, x, y, CE)
+    assert rel_err(got.total, ref) < 1e-10
+
+
+def test_embedding_padding_idx() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(9, 4, padding_idx=0), nn.Flatten(), nn.Linear(12, 3)
+    ).double()
+    x = torch.tensor([[0, 1, 2], [1, 1, 0], [3, 0, 0], [2, 5, 8], [0, 0, 0], [4, 4, 4]])
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    got = per_example_gram(model, x, y, CE)
+    assert got.methods["0"] == "ghost"
+    assert rel_err(got.total, loop_gram(model, x, y, CE)) < 1e-10
