@@ -294,15 +294,18 @@ def _embedding_gram(tokens: Tensor, b: Tensor) -> Tensor:
 
 def _materialise(a: Tensor, b: Tensor) -> Tensor:
     """Per-example weight gradients Σ_t b_i[t] a_i[t]ᵀ, flattened to (n, g·d_out·d_in)."""
-    return torch.einsum("ngto,ngti->ngoi", b, a).reshape(a.shape[0], -1)
+    return torch.matmul(b.transpose(-1, -2), a).reshape(a.shape[0], -1)
+
+
+def _cat(parts: list[Tensor], dim: int = 0) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _block_gram(block: _Block) -> Tensor:
     if block.kind == "dense" or block.method == "materialise":
-        m = torch.cat(block.grads) if len(block.grads) > 1 else block.grads[0]
+        m = _cat(block.grads)
         return m @ m.T
-    a = torch.cat(block.a) if len(block.a) > 1 else block.a[0]
-    b = torch.cat(block.b) if len(block.b) > 1 else block.b[0]
+    a, b = _cat(block.a), _cat(block.b)
     return _embedding_gram(a, b) if block.kind == "embedding" else _ghost_gram(a, b)
 
 
@@ -367,10 +370,12 @@ def _hook_pass(
                 kind = facs[0][0]
                 block = layer.blocks.setdefault(pname, _Block(kind))
                 if kind == "dense":
-                    block.grads.append(torch.stack([f[1] for f in facs]).sum(0))
+                    block.grads.append(
+                        facs[0][1] if len(facs) == 1 else torch.stack([f[1] for f in facs]).sum(0)
+                    )
                     continue
-                a = torch.cat([f[1] for f in facs], dim=-2 if kind == "linear" else 1)
-                b = torch.cat([f[2] for f in facs], dim=2 if kind == "linear" else 1)  # type: ignore[misc]
+                a = _cat([f[1] for f in facs], dim=2 if kind == "linear" else 1)
+                b = _cat([f[2] for f in facs], dim=2 if kind == "linear" else 1)  # type: ignore[misc]
                 if not block.method:
                     block.method = _choose(kind, a, b, n, method)
                 if block.method == "materialise":
@@ -560,7 +565,7 @@ def _gram(
         methods[name] = w.method if w is not None and w.method else "materialise"
     for pname in fallback or []:
         key = _module_prefix(pname)
-        m = torch.cat(vmap_parts[pname]) if len(vmap_parts[pname]) > 1 else vmap_parts[pname][0]
+        m = _cat(vmap_parts[pname])
         blocks[key] = blocks[key] + m @ m.T if key in blocks else m @ m.T
         methods[key] = "vmap"
     total = torch.stack(list(blocks.values())).sum(0)
