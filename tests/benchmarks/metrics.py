@@ -209,7 +209,7 @@ def rel_errors(problem_name: str, n: int, device: str) -> dict[str, float]:
     m64 = model.double()
     x64 = x.double() if x.is_floating_point() else x
     fast64 = per_example_gram(m64, x64, y, CE).total
-    j = _loop_gradients(m64, x64)
+    j = _loop_gradients(m64, x64, y)
     ref = j @ j.T
 
     def err(g: Tensor) -> float:

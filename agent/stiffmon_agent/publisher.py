@@ -1,0 +1,348 @@
+"""The agent's background thread: it owns the sockets, the history and the session file.
+
+The training thread only calls :meth:`Publisher.submit`, which never blocks: a full queue drops
+the item and counts it (the count goes out in every heartbeat). The thread assigns sequence
+numbers, encodes, publishes on PUB, appends to the ``.stiff`` file, keeps the history and answers
+snapshot requests on ROUTER (DESIGN §4).
+
+History bound: every heavy measurement (matrices, curves, spectra, events, hello) is kept; per-step
+``scalars`` messages are kept up to ``max_scalar_history`` (default 10,000), beyond which every
+other one is dropped (the kept ones are then evenly spread over the whole run). With the default
+schedule that is a few MB for a run of any length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from stiffmon import protocol as p
+from stiffmon.session import SessionWriter
+from stiffmon.transport import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    PORT_SEARCH,
+    SNAPSHOT_DONE,
+    SNAPSHOT_END,
+    SNAPSHOT_MESSAGE,
+    SNAPSHOT_REQUEST,
+    CurveKeys,
+    Endpoint,
+    encode_control,
+    parse_endpoint,
+)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message without its run id and sequence number, made on the training thread.
+
+    ``fields`` may hold tensors for the scalars of a step (``.item()`` runs on this thread, so a
+    GPU loss never forces the training thread to synchronise).
+    """
+
+    cls: type[p.Message]
+    step: int
+    t: float
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _History:
+    max_scalars: int
+    heavy: list[tuple[int, list[bytes]]] = field(default_factory=list)
+    scalars: list[tuple[int, list[bytes]]] = field(default_factory=list)
+
+    def add(self, seq: int, frames: list[bytes], is_scalars: bool) -> None:
+        if is_scalars:
+            self.scalars.append((seq, frames))
+            if len(self.scalars) > self.max_scalars:
+                self.scalars = self.scalars[::2]
+        else:
+            self.heavy.append((seq, frames))
+
+    def in_order(self) -> list[tuple[int, list[bytes]]]:
+        return list(heapq.merge(self.heavy, self.scalars, key=lambda item: item[0]))
+
+
+class Publisher:
+    """Background publisher thread.
+
+    Args:
+        run: Run id.
+        endpoint: ``tcp://host:port`` to bind (snapshot port = port + 1); None: 127.0.0.1 and the
+            first free pair from 5555; ``False``-like ``""``: do not open sockets at all.
+        record: Optional ``.stiff`` path to append every message (heartbeats excepted) to.
+        fsync: The session writer's fsync policy.
+        queue_size: Bound of the queue from the training thread.
+        heartbeat_interval: Seconds between heartbeats.
+        max_scalar_history: Bound on per-step scalar messages kept for snapshots.
+        curve: Server CURVE keys: only clients whose public key is authorised get data.
+        warn: Called with one-line warnings (never raises into training).
+    """
+
+    def __init__(
+        self,
+        run: str,
+        *,
+        endpoint: str | None = None,
+        record: str | os.PathLike[str] | None = None,
+        fsync: Any = "never",
+        queue_size: int = 10_000,
+        heartbeat_interval: float = 1.0,
+        max_scalar_history: int = 10_000,
+        curve: CurveKeys | None = None,
+        warn: Callable[[str], None] = lambda s: None,
+    ) -> None:
+        self.run = run
+        self._endpoint_req = endpoint
+        self._record = Path(record) if record else None
+        self._fsync = fsync
+        self._queue: queue.Queue[Outgoing | None] = queue.Queue(maxsize=queue_size)
+        self._heartbeat_interval = heartbeat_interval
+        self._history = _History(max_scalar_history)
+        self._curve = curve
+        self._warn = warn
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name=f"stiffmon-{run}", daemon=True)
+        self.endpoint: Endpoint | None = None
+        self.dropped = 0
+        self.seq = -1
+        self.published = 0
+        self.snapshots_served = 0
+        self.error: str | None = None
+        self._nonfinite_streak = 0
+
+    # ------------------------------------------------------------------ training-thread side
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the thread and wait until its sockets are bound (or binding failed)."""
+        self._thread.start()
+        self._ready.wait(timeout)
+
+    def submit(self, item: Outgoing) -> bool:
+        """Queue an item without blocking; False (and counted) if the queue is full."""
+        try:
+            self._queue.put_nowait(item)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            return False
+
+    def close(self, timeout: float = 5.0) -> bool:
+        """Flush what is queued (up to ``timeout`` seconds), then stop; True if fully flushed."""
+        if not self._thread.is_alive():
+            return True
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._stop.set()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # ------------------------------------------------------------------ thread side
+
+    def _bind(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None:
+        if self._endpoint_req == "":
+            return None
+        if self._endpoint_req:
+            candidates = [parse_endpoint(self._endpoint_req)]
+        else:
+            candidates = [Endpoint(DEFAULT_HOST, DEFAULT_PORT + 2 * i) for i in range(PORT_SEARCH)]
+        last_error = ""
+        for ep in candidates:
+            pub = ctx.socket(zmq.PUB)
+            router = ctx.socket(zmq.ROUTER)
+            for s in (pub, router):
+                s.setsockopt(zmq.LINGER, 0)
+                if self._curve is not None:
+                    s.curve_secretkey = self._curve.secret
+                    s.curve_publickey = self._curve.public
+                    s.curve_server = True
+            pub.setsockopt(zmq.SNDHWM, 10_000)
+            router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            router.setsockopt(zmq.SNDHWM, 0)  # snapshots are bounded by the history bound
+            try:
+                pub.bind(ep.pub)
+                router.bind(ep.snapshot)
+            except zmq.ZMQError as exc:
+                last_error = f"{ep}: {exc}"
+                pub.close(0)
+                router.close(0)
+                continue
+            self.endpoint = ep
+            return pub, router
+        self.error = f"could not bind a port pair ({last_error})"
+        self._warn(f"stiffmon: {self.error}; not publishing (training goes on)")
+        return None
+
+    def _main(self) -> None:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        auth = None
+        writer: SessionWriter | None = None
+        sockets = None
+        try:
+            if self._curve is not None and self._curve.authorized_dir is not None:
+                from zmq.auth.thread import ThreadAuthenticator
+
+                auth = ThreadAuthenticator(ctx)
+                auth.start()
+                auth.configure_curve(domain="*", location=str(self._curve.authorized_dir))
+            try:
+                sockets = self._bind(ctx)
+            except Exception as exc:  # never let transport problems reach training
+                self.error = f"transport failed: {exc}"
+                self._warn(f"stiffmon: {self.error}; not publishing (training goes on)")
+            if self._record is not None:
+                try:
+                    self._record.parent.mkdir(parents=True, exist_ok=True)
+                    writer = SessionWriter(self._record, fsync=self._fsync)
+                except Exception as exc:
+                    self._warn(f"stiffmon: cannot record to {self._record}: {exc}")
+            self._ready.set()
+            self._loop(sockets, writer)
+        except Exception as exc:  # pragma: no cover - last resort, keep training alive
+            self.error = f"publisher thread failed: {exc}"
+            self._warn(f"stiffmon: {self.error}")
+        finally:
+            self._ready.set()
+            if writer is not None:
+                with contextlib.suppress(Exception):
+                    writer.close()
+            if sockets is not None:
+                for s in sockets:
+                    s.close(linger=200)
+            if auth is not None:
+                auth.stop()
+            ctx.term()
+
+    def _loop(self, sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None, writer: SessionWriter | None) -> None:
+        pub, router = sockets if sockets else (None, None)
+        poller = zmq.Poller()
+        if router is not None:
+            poller.register(router, zmq.POLLIN)
+        next_heartbeat = time.monotonic() + self._heartbeat_interval
+        finished = False
+        while not finished:
+            try:
+                item = self._queue.get(timeout=0.02)
+            except queue.Empty:
+                item = ...  # type: ignore[assignment]
+            batch: list[Outgoing | None] = [] if item is ... else [item]  # type: ignore[comparison-overlap]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for it in batch:
+                if it is None:
+                    finished = True
+                    continue
+                writer = self._emit(it, pub, writer)
+            if router is not None:
+                while dict(poller.poll(0)).get(router):
+                    self._serve_snapshot(router)
+            now = time.monotonic()
+            if now >= next_heartbeat and pub is not None:
+                next_heartbeat = now + self._heartbeat_interval
+                hb = Outgoing(p.Heartbeat, self._last_step, time.time(), {"last_seq": max(self.seq, 0), "dropped": self.dropped})
+                self._emit(hb, pub, None)
+            if self._stop.is_set() and self._queue.empty():
+                finished = True
+
+    _last_step = 0
+
+    def _build(self, item: Outgoing) -> p.Message:
+        fields = dict(item.fields)
+        if item.cls is p.Scalars:
+            names = tuple(fields.pop("values_names", ()))
+            raw = fields.pop("values_raw", ())
+            values = []
+            for v in raw:
+                try:
+                    values.append(float(v))
+                except Exception:
+                    values.append(math.nan)
+            fields["names"], fields["values"] = names, values
+        self.seq += 1
+        return item.cls(run=self.run, seq=self.seq, step=item.step, t=item.t, **fields)
+
+    def _emit(self, item: Outgoing, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None) -> SessionWriter | None:
+        try:
+            msg = self._build(item)
+            frames = p.encode(msg)
+        except Exception as exc:
+            self._warn(f"stiffmon: dropped a {item.cls.KIND} message that cannot be encoded: {exc}")
+            return writer
+        self._last_step = max(self._last_step, item.step)
+        if pub is not None:
+            try:
+                pub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:
+                self.dropped += 1
+        self.published += 1
+        if msg.KIND != "heartbeat":
+            self._history.add(msg.seq, frames, msg.KIND == "scalars")
+            if writer is not None:
+                try:
+                    writer.write_frames(frames)
+                except Exception as exc:
+                    self._warn(f"stiffmon: recording stopped: {exc}")
+                    with contextlib.suppress(Exception):
+                        writer.close()
+                    return None
+        if isinstance(msg, p.Scalars):
+            self._check_finite(msg, pub, writer)
+        return writer
+
+    def _check_finite(self, msg: p.Scalars, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None) -> None:
+        values = msg.as_dict()
+        loss = values.get("loss")
+        if loss is None:
+            return
+        if math.isfinite(loss):
+            self._nonfinite_streak = 0
+            return
+        self._nonfinite_streak += 1
+        if self._nonfinite_streak == 1:
+            self._warn(f"stiffmon: non-finite loss ({loss}) at step {msg.step}; training goes on")
+            ev = Outgoing(
+                p.Event, msg.step, time.time(),
+                {"level": "warning", "code": "nan-loss", "message": f"loss is {loss} at step {msg.step}", "attrs": {}},
+            )
+            self._emit(ev, pub, writer)
+
+    def _serve_snapshot(self, router: zmq.Socket[bytes]) -> None:
+        try:
+            frames = router.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if len(frames) < 2 or frames[1] != SNAPSHOT_REQUEST:
+            return  # not for us: ignore, never crash
+        ident = frames[0]
+        try:
+            for _, msg_frames in self._history.in_order():
+                router.send_multipart([ident, SNAPSHOT_MESSAGE, *msg_frames], copy=False)
+            router.send_multipart([ident, *encode_control(SNAPSHOT_END, {"run": self.run, "seq": self.seq})])
+            router.send_multipart([ident, *encode_control(SNAPSHOT_DONE, {"runs": 1, "host": socket.gethostname()})])
+            self.snapshots_served += 1
+        except zmq.ZMQError:
+            pass

@@ -1,0 +1,97 @@
+"""Local registry of running agents, so ``stiffmon watch`` with no argument finds them.
+
+Each agent writes one small JSON file ``<run_id>.json`` under :func:`registry_dir` while it runs
+and removes it on exit. Entries whose process is gone (a crashed or killed agent) are stale:
+:func:`list_runs` skips and deletes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+def registry_dir() -> Path:
+    """``$STIFFMON_REGISTRY`` or ``$XDG_CACHE_HOME/stiffmon/runs`` (default ``~/.cache``)."""
+    env = os.environ.get("STIFFMON_REGISTRY")
+    if env:
+        return Path(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "stiffmon" / "runs"
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """One running agent.
+
+    Attributes:
+        run: Run id.
+        name: Display name.
+        endpoint: ``tcp://host:port`` of its update stream.
+        pid: Process id.
+        host: Host name.
+        started: Unix time the agent started.
+    """
+
+    run: str
+    name: str
+    endpoint: str
+    pid: int
+    host: str
+    started: float
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def register(entry: RunEntry, directory: Path | None = None) -> Path:
+    """Write ``entry`` atomically; return the file's path."""
+    d = directory or registry_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{entry.run}.json"
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(asdict(entry), f)
+    os.replace(tmp, path)
+    return path
+
+
+def unregister(run: str, directory: Path | None = None) -> None:
+    """Remove a run's entry if it is there."""
+    with contextlib.suppress(FileNotFoundError):
+        ((directory or registry_dir()) / f"{run}.json").unlink()
+
+
+def list_runs(directory: Path | None = None) -> list[RunEntry]:
+    """Live local runs, oldest first; stale and unreadable entries are skipped and removed."""
+    d = directory or registry_dir()
+    out: list[RunEntry] = []
+    if not d.is_dir():
+        return out
+    here = socket.gethostname()
+    for path in d.glob("*.json"):
+        try:
+            raw = json.loads(path.read_text())
+            entry = RunEntry(**raw)
+        except (OSError, ValueError, TypeError):
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
+        if entry.host == here and not _alive(entry.pid):
+            with contextlib.suppress(OSError):
+                path.unlink()
+            continue
+        out.append(entry)
+    return sorted(out, key=lambda e: e.started)

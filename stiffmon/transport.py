@@ -1,0 +1,155 @@
+"""Transport conventions shared by the agent, the monitor client, the recorder and the relay.
+
+An agent binds two sockets (DESIGN §4, ZeroMQ guide "Clone" pattern):
+
+* a PUB socket at ``tcp://host:P`` for live updates (one multipart wire message each), and
+* a ROUTER socket at ``tcp://host:P+1`` answering snapshot requests.
+
+A snapshot request is ``[SNAPSHOT_REQUEST, header]`` sent from a DEALER; the reply is a series of
+``[SNAPSHOT_MESSAGE, *frames]`` (each an ordinary wire message from the history, oldest first),
+one ``[SNAPSHOT_END, {"run": id, "seq": n}]`` per run (n: the last seq the history covers) and a
+final ``[SNAPSHOT_DONE, header]``. A relay answers with the runs of every agent behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SNAPSHOT_REQUEST = b"stiffmon/snapshot?"
+SNAPSHOT_MESSAGE = b"stiffmon/snapshot-msg"
+SNAPSHOT_END = b"stiffmon/snapshot-end"
+SNAPSHOT_DONE = b"stiffmon/snapshot-done"
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5555
+PORT_SEARCH = 200
+"""How many port pairs an agent tries from the default before giving up."""
+
+_TCP = re.compile(r"^tcp://(?P<host>\[[^\]]+\]|[^:/]+):(?P<port>\d+)$")
+
+
+class EndpointError(ValueError):
+    """An endpoint string that stiffmon cannot use."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A live run's address: the PUB port and the snapshot (ROUTER) port right above it."""
+
+    host: str
+    port: int
+
+    @property
+    def pub(self) -> str:
+        """ZeroMQ address of the update stream."""
+        return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def snapshot(self) -> str:
+        """ZeroMQ address of the snapshot service (PUB port + 1)."""
+        return f"tcp://{self.host}:{self.port + 1}"
+
+    def __str__(self) -> str:
+        return self.pub
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse ``tcp://host:port`` (``host:port`` and ``:port`` are accepted too).
+
+    Raises:
+        EndpointError: With the reason, for anything else.
+    """
+    raw = text.strip()
+    if raw.startswith(":"):
+        raw = f"tcp://{DEFAULT_HOST}{raw}"
+    elif "://" not in raw:
+        raw = f"tcp://{raw}"
+    m = _TCP.match(raw)
+    if not m:
+        raise EndpointError(f"not a tcp://host:port endpoint: {text!r}")
+    port = int(m.group("port"))
+    if not 0 < port < 65535:
+        raise EndpointError(f"port {port} out of range (1-65534; the snapshot port is port + 1)")
+    return Endpoint(m.group("host"), port)
+
+
+def encode_control(tag: bytes, payload: dict[str, Any]) -> list[bytes]:
+    """A control message: tag frame + JSON frame."""
+    return [tag, json.dumps(payload).encode()]
+
+
+def decode_control(frame: bytes) -> dict[str, Any]:
+    """Parse a control message's JSON frame; ``{}`` for anything malformed."""
+    try:
+        value = json.loads(bytes(frame).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """CURVE key material for one side of a connection (all keys Z85-encoded bytes).
+
+    Attributes:
+        public: This side's public key.
+        secret: This side's secret key.
+        server_public: The server's public key (clients only).
+        authorized_dir: Directory of authorised client public keys (servers only).
+    """
+
+    public: bytes
+    secret: bytes
+    server_public: bytes | None = None
+    authorized_dir: Path | None = None
+
+
+def load_curve_server(keys_dir: str | Path) -> CurveKeys:
+    """Server keys from a directory made by ``stiffmon keys``.
+
+    Expects ``server.key_secret`` and an ``authorized/`` folder of client ``*.key`` files.
+    """
+    import zmq.auth
+
+    d = Path(keys_dir)
+    public, secret = zmq.auth.load_certificate(d / "server.key_secret")
+    if secret is None:
+        raise ValueError(f"{d / 'server.key_secret'} holds no secret key")
+    return CurveKeys(public, secret, authorized_dir=d / "authorized")
+
+
+def load_curve_client(keys_dir: str | Path, name: str = "client") -> CurveKeys:
+    """Client keys: ``<name>.key_secret`` and the server's ``server.key`` from ``keys_dir``."""
+    import zmq.auth
+
+    d = Path(keys_dir)
+    public, secret = zmq.auth.load_certificate(d / f"{name}.key_secret")
+    server_public, _ = zmq.auth.load_certificate(d / "server.key")
+    if secret is None:
+        raise ValueError(f"{d / (name + '.key_secret')} holds no secret key")
+    return CurveKeys(public, secret, server_public=server_public)
+
+
+def make_keys(keys_dir: str | Path, clients: tuple[str, ...] = ("client",)) -> Path:
+    """Create a server key pair and client key pairs; authorise the clients.
+
+    Layout: ``server.key`` / ``server.key_secret``, ``<client>.key`` / ``<client>.key_secret``,
+    and ``authorized/<client>.key`` (the server accepts exactly the keys in that folder).
+    """
+    import shutil
+
+    import zmq.auth
+
+    d = Path(keys_dir)
+    (d / "authorized").mkdir(parents=True, exist_ok=True)
+    zmq.auth.create_certificates(d, "server")
+    for c in clients:
+        public_file, _ = zmq.auth.create_certificates(d, c)
+        shutil.copy(public_file, d / "authorized" / Path(public_file).name)
+    for secret in d.glob("*.key_secret"):
+        secret.chmod(0o600)
+    return d
