@@ -7,5 +7,15 @@ Installed with ``pip install "stiffmon[agent]"``; needs torch. The metric functi
 from __future__ import annotations
 
 from stiffmon import __version__
+from stiffmon_agent.agent import Agent
+from stiffmon_agent.schedules import EveryK, FirstNThenEveryK, LogSpaced, Never, parse_schedule
 
-__all__ = ["__version__"]
+__all__ = [
+    "Agent",
+    "EveryK",
+    "FirstNThenEveryK",
+    "LogSpaced",
+    "Never",
+    "__version__",
+    "parse_schedule",
+]

@@ -146,10 +146,8 @@ class Publisher:
         """Flush what is queued (up to ``timeout`` seconds), then stop; True if fully flushed."""
         if not self._thread.is_alive():
             return True
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
         self._stop.set()
         self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -160,7 +158,9 @@ class Publisher:
 
     # ------------------------------------------------------------------ thread side
 
-    def _bind(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None:
+    def _bind(
+        self, ctx: zmq.Context[zmq.Socket[bytes]]
+    ) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None:
         if self._endpoint_req == "":
             return None
         if self._endpoint_req:
@@ -234,7 +234,11 @@ class Publisher:
                 auth.stop()
             ctx.term()
 
-    def _loop(self, sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None, writer: SessionWriter | None) -> None:
+    def _loop(
+        self,
+        sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None,
+        writer: SessionWriter | None,
+    ) -> None:
         pub, router = sockets if sockets else (None, None)
         poller = zmq.Poller()
         if router is not None:
@@ -263,7 +267,12 @@ class Publisher:
             now = time.monotonic()
             if now >= next_heartbeat and pub is not None:
                 next_heartbeat = now + self._heartbeat_interval
-                hb = Outgoing(p.Heartbeat, self._last_step, time.time(), {"last_seq": max(self.seq, 0), "dropped": self.dropped})
+                hb = Outgoing(
+                    p.Heartbeat,
+                    self._last_step,
+                    time.time(),
+                    {"last_seq": max(self.seq, 0), "dropped": self.dropped},
+                )
                 self._emit(hb, pub, None)
             if self._stop.is_set() and self._queue.empty():
                 finished = True
@@ -285,7 +294,9 @@ class Publisher:
         self.seq += 1
         return item.cls(run=self.run, seq=self.seq, step=item.step, t=item.t, **fields)
 
-    def _emit(self, item: Outgoing, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None) -> SessionWriter | None:
+    def _emit(
+        self, item: Outgoing, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
+    ) -> SessionWriter | None:
         try:
             msg = self._build(item)
             frames = p.encode(msg)
@@ -313,7 +324,9 @@ class Publisher:
             self._check_finite(msg, pub, writer)
         return writer
 
-    def _check_finite(self, msg: p.Scalars, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None) -> None:
+    def _check_finite(
+        self, msg: p.Scalars, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
+    ) -> None:
         values = msg.as_dict()
         loss = values.get("loss")
         if loss is None:
@@ -325,8 +338,15 @@ class Publisher:
         if self._nonfinite_streak == 1:
             self._warn(f"stiffmon: non-finite loss ({loss}) at step {msg.step}; training goes on")
             ev = Outgoing(
-                p.Event, msg.step, time.time(),
-                {"level": "warning", "code": "nan-loss", "message": f"loss is {loss} at step {msg.step}", "attrs": {}},
+                p.Event,
+                msg.step,
+                time.time(),
+                {
+                    "level": "warning",
+                    "code": "nan-loss",
+                    "message": f"loss is {loss} at step {msg.step}",
+                    "attrs": {},
+                },
             )
             self._emit(ev, pub, writer)
 
@@ -341,8 +361,12 @@ class Publisher:
         try:
             for _, msg_frames in self._history.in_order():
                 router.send_multipart([ident, SNAPSHOT_MESSAGE, *msg_frames], copy=False)
-            router.send_multipart([ident, *encode_control(SNAPSHOT_END, {"run": self.run, "seq": self.seq})])
-            router.send_multipart([ident, *encode_control(SNAPSHOT_DONE, {"runs": 1, "host": socket.gethostname()})])
+            router.send_multipart(
+                [ident, *encode_control(SNAPSHOT_END, {"run": self.run, "seq": self.seq})]
+            )
+            router.send_multipart(
+                [ident, *encode_control(SNAPSHOT_DONE, {"runs": 1, "host": socket.gethostname()})]
+            )
             self.snapshots_served += 1
         except zmq.ZMQError:
             pass

@@ -1,0 +1,424 @@
+"""The in-loop agent: three lines in a training script, live metrics for any number of monitors.
+
+The agent composes *when* (:mod:`~stiffmon_agent.schedules`), *what*
+(:mod:`~stiffmon_agent.measure`, built on :mod:`~stiffmon_agent.metrics`) and *where*
+(:class:`~stiffmon_agent.publisher.Publisher`: sockets, history, session file, on a background
+thread). It never blocks, crashes or noticeably slows the training loop: socket work happens on
+the background thread behind a bounded queue; an exception inside a metric becomes an ``event``
+and disables that metric; a NaN loss becomes an ``event``; heavy measurements are skipped when
+they would take more than ``overhead_cap`` of the wall time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stiffmon import __version__
+from stiffmon import protocol as p
+from stiffmon.registry import RunEntry, register, unregister
+from stiffmon.transport import CurveKeys, load_curve_server
+from stiffmon_agent.measure import ProbeSet, gram_messages, make_probe, sharpness_messages
+from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
+from stiffmon_agent.publisher import Outgoing, Publisher
+from stiffmon_agent.schedules import Schedule, parse_schedule
+
+log = logging.getLogger("stiffmon_agent")
+if not log.handlers and not logging.getLogger().handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+_LIVE_AGENTS: weakref.WeakSet[Agent] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:  # the user forgot close(): flush and leave cleanly
+    for agent in list(_LIVE_AGENTS):
+        agent.close(reason="exit", timeout=2.0)
+
+
+def _optimizer_config(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    if optimizer is None:
+        return {"type": "none"}
+    g = optimizer.param_groups[0]
+    cfg: dict[str, Any] = {"type": type(optimizer).__name__, "groups": len(optimizer.param_groups)}
+    for key in ("lr", "momentum", "dampening", "weight_decay", "eps"):
+        if isinstance(g.get(key), int | float) and not isinstance(g.get(key), bool):
+            cfg[key] = float(g[key])
+    if "nesterov" in g:
+        cfg["nesterov"] = bool(g["nesterov"])
+    if isinstance(g.get("betas"), tuple | list) and len(g["betas"]) == 2:
+        cfg["beta1"], cfg["beta2"] = float(g["betas"][0]), float(g["betas"][1])
+    return cfg
+
+
+def _dist_rank() -> int:
+    try:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    except Exception:
+        return 0
+
+
+class Agent:
+    """Measure stiffness, sharpness and gradient noise inside a training loop and publish them.
+
+    Args:
+        model: The network being trained.
+        loss_fn: The training loss (``torch.nn`` loss module or per-example callable).
+        optimizer: The optimizer; learning rate, momentum etc. are read from it at every step.
+        probe: Fixed train examples ``(inputs, targets)`` (e.g. 20 per class) for the heavy
+            metrics; None: only per-step scalars.
+        val_probe: Optional fixed validation examples.
+        run: Display name (default: ``"<optimizer> lr=<lr>"``).
+        endpoint: ``tcp://host:port`` to publish on (snapshot port = port + 1). Default:
+            127.0.0.1 and the first free pair from 5555. ``""``: do not publish.
+        record: Optional ``.stiff`` file to record every message to.
+        class_names: Names of the classes, in label order.
+        num_classes: Number of classes (default: from the probe labels / class names).
+        forward: ``forward(model, inputs)`` for models not called as ``model(inputs)``.
+        gram_every: Schedule of the stiffness / noise measurement (one Gram matrix): an int k,
+            ``"every:k"``, ``"log:m"``, ``"first:n,every:k"`` or ``"never"``.
+        sharpness_every: Schedule of the sharpness measurement.
+        overhead_cap: Largest fraction of wall time the heavy measurements may take; due
+            measurements are skipped (and an ``event`` says so) to stay under it.
+        distance_layers: Module names whose activations get a stiffness-vs-distance curve.
+        distance_bins: Bins of the stiffness-vs-distance curves.
+        noise_k: How many eigenvalues of the gradient covariance to publish.
+        hessian_k: How many Hessian eigenvalues to track.
+        hessian_tol: Lanczos tolerance (1e-2: each eigenvalue within 1 %).
+        max_hvps: HVP budget per sharpness measurement.
+        chunk_size: Probe examples per forward/backward pass (bounds memory).
+        batch_size: Training batch size, if the agent should report it.
+        rank0_only: Under torch.distributed, only rank 0 measures and publishes.
+        curve_keys: Directory from ``stiffmon keys``: require CURVE authentication.
+        fsync: fsync policy of the session file (``"never"``, ``"always"`` or seconds).
+        queue_size: Bound of the queue to the publisher thread.
+        max_scalar_history: Per-step scalar messages kept for late joiners (then decimated).
+        registry: Register the run so ``stiffmon watch`` finds it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        probe: tuple[Batch, Batch] | None = None,
+        val_probe: tuple[Batch, Batch] | None = None,
+        run: str | None = None,
+        endpoint: str | None = None,
+        record: str | os.PathLike[str] | None = None,
+        class_names: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        forward: ForwardFn | None = None,
+        gram_every: Schedule | int | str | None = "first:5,every:50",
+        sharpness_every: Schedule | int | str | None = "first:5,every:50",
+        overhead_cap: float = 0.05,
+        distance_layers: Sequence[str] = (),
+        distance_bins: int = 20,
+        noise_k: int = 5,
+        hessian_k: int = 1,
+        hessian_tol: float = 1e-2,
+        max_hvps: int = 50,
+        chunk_size: int | None = 128,
+        batch_size: int | None = None,
+        rank0_only: bool = True,
+        curve_keys: str | os.PathLike[str] | CurveKeys | None = None,
+        fsync: Any = "never",
+        queue_size: int = 10_000,
+        max_scalar_history: int = 10_000,
+        registry: bool = True,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.forward = forward
+        self.rank = _dist_rank()
+        self.enabled = not (rank0_only and self.rank != 0)
+        self.step_count = 0
+        self.closed = False
+        self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        cfg = _optimizer_config(optimizer)
+        self.name = run or (f"{cfg['type']} lr={cfg['lr']:g}" if "lr" in cfg else cfg["type"])
+        self._gram_schedule = parse_schedule(gram_every if probe is not None else None)
+        self._sharp_schedule = parse_schedule(sharpness_every if probe is not None else None)
+        self._overhead_cap = overhead_cap
+        self._opts = {
+            "distance_layers": tuple(distance_layers),
+            "distance_bins": distance_bins,
+            "noise_k": noise_k,
+            "hessian_k": hessian_k,
+            "hessian_tol": hessian_tol,
+            "max_hvps": max_hvps,
+            "chunk_size": chunk_size,
+        }
+        self._disabled: dict[str, str] = {}
+        self._warm: Tensor | None = None
+        self._gen = torch.Generator().manual_seed(0)
+        self._measure_seconds = 0.0
+        self._last_cost = {"gram": 0.0, "sharpness": 0.0}
+        self._skipped = 0
+        self._start = time.perf_counter()
+        self._last_step_t: float | None = None
+        self._registry_run: str | None = None
+        self.probe: ProbeSet | None = None
+        self.publisher: Publisher | None = None
+        if not self.enabled:
+            return
+        device = next((q.device for q in model.parameters()), None)
+        if probe is not None:
+            self.probe = make_probe(probe, val_probe, device, num_classes, class_names)
+        keys = (
+            load_curve_server(curve_keys)
+            if isinstance(curve_keys, str | os.PathLike)
+            else curve_keys
+        )
+        self.publisher = Publisher(
+            self.run_id,
+            endpoint=endpoint,
+            record=record,
+            fsync=fsync,
+            queue_size=queue_size,
+            max_scalar_history=max_scalar_history,
+            curve=keys,
+            warn=log.warning,
+        )
+        self.publisher.start()
+        self.endpoint = self.publisher.endpoint
+        names = tuple(class_names or (self.probe.class_names if self.probe else ()))
+        n_params = sum(q.numel() for q in model.parameters() if q.requires_grad)
+        meta: dict[str, Any] = {"endpoint": str(self.endpoint) if self.endpoint else None}
+        if record:
+            meta["record"] = str(record)
+        self._submit(
+            p.Hello,
+            {
+                "name": self.name,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "param_count": n_params,
+                "optimizer": cfg,
+                "batch_size": batch_size,
+                "class_names": names,
+                "probe_train": self.probe.n_train if self.probe else 0,
+                "probe_val": (self.probe.n - self.probe.n_train) if self.probe else 0,
+                "agent_version": __version__,
+                "meta": meta,
+            },
+        )
+        if self.endpoint is not None and registry:
+            try:
+                register(
+                    RunEntry(
+                        self.run_id,
+                        self.name,
+                        str(self.endpoint),
+                        os.getpid(),
+                        socket.gethostname(),
+                        time.time(),
+                    )
+                )
+                self._registry_run = self.run_id
+            except OSError as exc:
+                log.warning(f"stiffmon: could not register the run locally: {exc}")
+        _LIVE_AGENTS.add(self)
+        where = f"publishing on {self.endpoint}" if self.endpoint else "not publishing"
+        log.info(
+            f"stiffmon: run '{self.name}' {where}" + (f", recording to {record}" if record else "")
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _submit(
+        self, cls: type[p.Message], fields: dict[str, Any], step: int | None = None
+    ) -> None:
+        if self.publisher is not None:
+            self.publisher.submit(
+                Outgoing(cls, self.step_count if step is None else step, time.time(), fields)
+            )
+
+    def event(self, code: str, message: str, level: str = "info", **attrs: Any) -> None:
+        """Publish an ``event`` message (shown by the monitor)."""
+        self._submit(p.Event, {"level": level, "code": code, "message": message, "attrs": attrs})
+
+    # ------------------------------------------------------------------ the training loop
+
+    def step(
+        self, loss: Tensor | float, logits: Tensor | None = None, targets: Tensor | None = None
+    ) -> None:
+        """Record one training step; run the heavy metrics when their schedule is due.
+
+        Call after ``optimizer.step()``. Cheap when nothing is due (a queue put): the loss is
+        converted to a number on the background thread, so a GPU loss causes no synchronisation.
+
+        Args:
+            loss: The step's loss (tensor or number).
+            logits: Optional model outputs of the step, for the accuracy.
+            targets: Optional class targets matching ``logits``.
+        """
+        if not self.enabled or self.closed:
+            return
+        s = self.step_count
+        now = time.perf_counter()
+        names = ["loss"]
+        values: list[Any] = [loss.detach() if isinstance(loss, Tensor) else loss]
+        opt = self.optimizer
+        if opt is not None:
+            for i, g in enumerate(opt.param_groups):
+                names.append(f"lr/{i}")
+                values.append(g["lr"])
+                if "momentum" in g:
+                    names.append(f"momentum/{i}")
+                    values.append(g["momentum"])
+                elif "betas" in g:
+                    names.append(f"momentum/{i}")
+                    values.append(g["betas"][0])
+        if self._last_step_t is not None:
+            names.append("step_time")
+            values.append(now - self._last_step_t)
+        self._last_step_t = now
+        if logits is not None and targets is not None:
+            try:
+                names.append("accuracy")
+                values.append((logits.detach().argmax(-1) == targets).float().mean())
+            except Exception:
+                names.pop()
+        self.publisher.submit(
+            Outgoing(p.Scalars, s, time.time(), {"values_names": names, "values_raw": values})
+        )  # type: ignore[union-attr]
+        if self.probe is not None:
+            if "gram" not in self._disabled and self._gram_schedule.due(s):
+                self._measure("gram", s)
+            if "sharpness" not in self._disabled and self._sharp_schedule.due(s):
+                self._measure("sharpness", s)
+        self.step_count = s + 1
+
+    def _within_budget(self, kind: str, step: int) -> bool:
+        if step == 0 or self._overhead_cap <= 0:
+            return True
+        elapsed = time.perf_counter() - self._start
+        predicted = self._measure_seconds + self._last_cost[kind]
+        if predicted <= self._overhead_cap * elapsed:
+            return True
+        self._skipped += 1
+        if self._skipped == 1 or self._skipped % 100 == 0:
+            msg = (
+                f"skipping due {kind} measurements to keep the overhead under "
+                f"{self._overhead_cap:.0%} of wall time ({self._skipped} skipped so far)"
+            )
+            self.event("schedule-stretched", msg, skipped=self._skipped, cap=self._overhead_cap)
+            if self._skipped == 1:
+                log.info(f"stiffmon: {msg}")
+        return False
+
+    def _measure(self, kind: str, step: int) -> None:
+        if not self._within_budget(kind, step):
+            return
+        assert self.probe is not None
+        t0 = time.perf_counter()
+        try:
+            if kind == "gram":
+                msgs = gram_messages(
+                    self.model,
+                    self.loss_fn,
+                    self.probe,
+                    step,
+                    forward=self.forward,
+                    distance_layers=self._opts["distance_layers"],
+                    distance_bins=self._opts["distance_bins"],
+                    noise_k=self._opts["noise_k"],
+                    chunk_size=self._opts["chunk_size"],
+                )
+            else:
+                msgs, self._warm = sharpness_messages(
+                    self.model,
+                    self.loss_fn,
+                    self.probe,
+                    step,
+                    self.optimizer,
+                    forward=self.forward,
+                    warm_start=self._warm,
+                    k=self._opts["hessian_k"],
+                    tol=self._opts["hessian_tol"],
+                    max_hvps=self._opts["max_hvps"],
+                    chunk_size=self._opts["chunk_size"],
+                    generator=self._gen,
+                )
+        except Exception as exc:
+            self._disable(kind, exc)
+            return
+        finally:
+            cost = time.perf_counter() - t0
+            self._measure_seconds += cost
+            self._last_cost[kind] = cost
+        for m in msgs:
+            self.publisher.submit(m)  # type: ignore[union-attr]
+
+    def _disable(self, kind: str, exc: BaseException) -> None:
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        detail = f"{type(exc).__name__}: {exc}" + (
+            f" ({where.filename}:{where.lineno})" if where else ""
+        )
+        self._disabled[kind] = detail
+        log.warning(f"stiffmon: {kind} metric failed and is disabled, training goes on: {detail}")
+        self.event("metric-error", f"{kind} failed: {detail}", level="error", metric=kind)
+        self.event(
+            "metric-disabled",
+            f"{kind} disabled for the rest of the run",
+            level="warning",
+            metric=kind,
+        )
+
+    @property
+    def disabled(self) -> dict[str, str]:
+        """Metrics disabled after an error, with the reason."""
+        return dict(self._disabled)
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because the publish queue was full."""
+        return self.publisher.dropped if self.publisher is not None else 0
+
+    # ------------------------------------------------------------------ shutdown
+
+    def close(self, reason: str = "closed", timeout: float = 5.0) -> None:
+        """Send ``bye``, flush the queue (at most ``timeout`` seconds) and release everything."""
+        if self.closed:
+            return
+        self.closed = True
+        _LIVE_AGENTS.discard(self)
+        if self.publisher is not None:
+            self._submit(p.Bye, {"reason": reason}, step=max(self.step_count - 1, 0))
+            if not self.publisher.close(timeout):
+                log.warning("stiffmon: could not flush everything before the timeout")
+        if self._registry_run is not None:
+            unregister(self._registry_run)
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(
+            reason="closed"
+            if exc_type is None
+            else f"error: {getattr(exc_type, '__name__', exc_type)}"
+        )
+
+    def __repr__(self) -> str:
+        return f"Agent(run={self.name!r}, id={self.run_id}, endpoint={getattr(self, 'endpoint', None)}, step={self.step_count})"

@@ -1,0 +1,275 @@
+"""Monitor-side client: subscribe to live runs, back-fill their history, never crash on bad input.
+
+Late join follows the ZeroMQ guide's Clone pattern (DESIGN §4): subscribe first, then ask each
+endpoint's snapshot service for the history; apply snapshot messages, then live updates whose
+``seq`` is above the snapshot's. A gap in a run's ``seq`` (a slow subscriber lost messages at the
+publisher's high-water mark) or a run never seen before (an agent restarted) triggers a new
+snapshot; messages that arrive meanwhile wait in a buffer, so every run's messages come out once,
+in ``seq`` order. Malformed frames are counted and dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import zmq
+
+from stiffmon import protocol as p
+from stiffmon.transport import (
+    SNAPSHOT_DONE,
+    SNAPSHOT_END,
+    SNAPSHOT_MESSAGE,
+    SNAPSHOT_REQUEST,
+    CurveKeys,
+    Endpoint,
+    decode_control,
+    encode_control,
+    parse_endpoint,
+)
+
+Received = tuple[p.AnyMessage, list[bytes]]
+
+
+@dataclass
+class ClientStats:
+    """Counters for the status line."""
+
+    received: int = 0
+    malformed: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    snapshots: int = 0
+    snapshot_timeouts: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class _EndpointState:
+    endpoint: Endpoint
+    dealer: zmq.Socket[bytes]
+    pending_since: float | None = None
+    wanted: bool = True  # a snapshot should be requested as soon as possible
+    last_request: float = 0.0
+
+
+@dataclass
+class _RunState:
+    last_seq: int = -1
+    syncing: bool = True
+    buffer: list[Received] = field(default_factory=list)
+
+
+class Client:
+    """Subscribe to one or many agents (or relays) and yield their messages in order.
+
+    Args:
+        endpoints: ``tcp://host:port`` addresses (strings or :class:`Endpoint`).
+        curve: Client CURVE keys, for agents that require authentication.
+        snapshot_timeout: Seconds to wait for a snapshot before trying again later.
+        max_buffer: Live messages buffered per run while a snapshot is pending.
+        context: ZeroMQ context (default: a private one).
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str | Endpoint],
+        *,
+        curve: CurveKeys | None = None,
+        snapshot_timeout: float = 5.0,
+        max_buffer: int = 100_000,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        self._own_ctx = context is None
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
+        self.curve = curve
+        self.snapshot_timeout = snapshot_timeout
+        self.max_buffer = max_buffer
+        self.stats = ClientStats()
+        self.sub = self._socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.setsockopt(zmq.RCVHWM, 100_000)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sub, zmq.POLLIN)
+        self._eps: dict[zmq.Socket[bytes], _EndpointState] = {}
+        self._runs: dict[str, _RunState] = defaultdict(_RunState)
+        self._run_endpoint: dict[str, _EndpointState] = {}
+        for ep in endpoints:
+            self.add_endpoint(ep)
+
+    def _socket(self, kind: int) -> zmq.Socket[bytes]:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            s.curve_secretkey = self.curve.secret
+            s.curve_publickey = self.curve.public
+            s.curve_serverkey = self.curve.server_public  # type: ignore[assignment]
+        return s
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [st.endpoint for st in self._eps.values()]
+
+    def add_endpoint(self, endpoint: str | Endpoint) -> Endpoint:
+        """Connect to another agent or relay; its history is fetched."""
+        ep = endpoint if isinstance(endpoint, Endpoint) else parse_endpoint(endpoint)
+        self.sub.connect(ep.pub)
+        dealer = self._socket(zmq.DEALER)
+        dealer.connect(ep.snapshot)
+        self.poller.register(dealer, zmq.POLLIN)
+        self._eps[dealer] = _EndpointState(ep, dealer)
+        return ep
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _request(self, st: _EndpointState, now: float) -> None:
+        try:
+            st.dealer.send_multipart(
+                encode_control(SNAPSHOT_REQUEST, {"v": p.PROTOCOL_VERSION}), zmq.NOBLOCK
+            )
+        except zmq.ZMQError as exc:
+            self.stats.last_error = f"snapshot request to {st.endpoint}: {exc}"
+            return
+        st.pending_since = now
+        st.wanted = False
+        st.last_request = now
+
+    def _want_all(self) -> None:
+        for st in self._eps.values():
+            st.wanted = True
+
+    def _on_snapshot(self, st: _EndpointState, frames: list[bytes], out: list[Received]) -> None:
+        tag = frames[0] if frames else b""
+        if tag == SNAPSHOT_MESSAGE:
+            msg = self._decode(frames[1:])
+            if msg is None:
+                return
+            self._run_endpoint[msg.run] = st
+            rs = self._runs[msg.run]
+            if msg.seq > rs.last_seq:
+                rs.last_seq = msg.seq
+                out.append((msg, frames[1:]))
+            else:
+                self.stats.duplicates += 1
+        elif tag == SNAPSHOT_END and len(frames) >= 2:
+            info = decode_control(frames[1])
+            run, seq = info.get("run"), info.get("seq")
+            if isinstance(run, str) and isinstance(seq, int):
+                self._run_endpoint[run] = st
+                rs = self._runs[run]
+                rs.last_seq = max(rs.last_seq, seq)
+                rs.syncing = False
+                self._flush(run, out)
+        elif tag == SNAPSHOT_DONE:
+            st.pending_since = None
+            self.stats.snapshots += 1
+            self._release_stuck(out)
+        else:
+            self.stats.malformed += 1
+
+    def _release_stuck(self, out: list[Received]) -> None:
+        """Once no snapshot is pending, runs no snapshot covered go live from what arrived."""
+        if any(st.pending_since is not None or st.wanted for st in self._eps.values()):
+            return
+        for run, rs in self._runs.items():
+            if rs.syncing and rs.buffer:
+                rs.syncing = False
+                rs.last_seq = max(rs.last_seq, min(m.seq for m, _ in rs.buffer) - 1)
+                self._flush(run, out)
+
+    def _flush(self, run: str, out: list[Received]) -> None:
+        rs = self._runs[run]
+        buffered, rs.buffer = sorted(rs.buffer, key=lambda r: r[0].seq), []
+        for msg, frames in buffered:
+            self._apply_live(msg, frames, out)
+
+    # ------------------------------------------------------------------ live updates
+
+    def _decode(self, frames: list[bytes]) -> p.AnyMessage | None:
+        try:
+            return p.decode(frames)
+        except p.ProtocolError as exc:
+            self.stats.malformed += 1
+            self.stats.last_error = str(exc)
+            return None
+
+    def _apply_live(self, msg: p.AnyMessage, frames: list[bytes], out: list[Received]) -> None:
+        rs = self._runs[msg.run]
+        if rs.syncing:
+            if len(rs.buffer) < self.max_buffer:
+                rs.buffer.append((msg, frames))
+            return
+        if msg.seq <= rs.last_seq:
+            self.stats.duplicates += 1
+            return
+        if msg.seq > rs.last_seq + 1:
+            self.stats.gaps += 1
+            rs.syncing = True
+            rs.buffer.append((msg, frames))
+            st = self._run_endpoint.get(msg.run)
+            if st is not None:
+                st.wanted = True
+            else:
+                self._want_all()
+            return
+        rs.last_seq = msg.seq
+        out.append((msg, frames))
+
+    def _on_live(self, frames: list[bytes], out: list[Received]) -> None:
+        msg = self._decode(frames)
+        if msg is None:
+            return
+        self.stats.received += 1
+        if msg.run not in self._runs:
+            self._runs[msg.run]  # a run never seen: fetch its history first
+            self._want_all()
+        self._apply_live(msg, frames, out)
+
+    # ------------------------------------------------------------------ public API
+
+    def poll(self, timeout: float = 0.1, max_messages: int = 10_000) -> list[Received]:
+        """Wait up to ``timeout`` seconds; return the messages that became available, in order."""
+        out: list[Received] = []
+        now = time.monotonic()
+        for st in self._eps.values():
+            if st.pending_since is not None and now - st.pending_since > self.snapshot_timeout:
+                st.pending_since = None
+                st.wanted = True
+                self.stats.snapshot_timeouts += 1
+                st.wanted = False  # try again after the next gap or new run, not in a loop
+                self._release_stuck(out)
+            if st.wanted and st.pending_since is None and now - st.last_request >= 0.5:
+                self._request(st, now)
+        deadline = now + max(timeout, 0.0)
+        while len(out) < max_messages:
+            remaining = max(0.0, deadline - time.monotonic())
+            events = dict(self.poller.poll(remaining * 1000 if not out else 0))
+            if not events:
+                break
+            for sock in events:
+                for _ in range(1000):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if sock is self.sub:
+                        self._on_live(frames, out)
+                    else:
+                        self._on_snapshot(self._eps[sock], frames, out)
+        return out
+
+    def close(self) -> None:
+        """Close the sockets (and the context if it is ours)."""
+        self.sub.close(0)
+        for st in self._eps.values():
+            st.dealer.close(0)
+        if self._own_ctx:
+            self.ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
