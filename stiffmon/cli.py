@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from stiffmon import __version__
 
@@ -18,6 +19,130 @@ def _not_available(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 2
+
+
+def _fail(args: argparse.Namespace, message: str, code: int = 2) -> int:
+    print(f"stiffmon {args.command}: {message}", file=sys.stderr)
+    return code
+
+
+def _curve_client(args: argparse.Namespace) -> Any:
+    if not getattr(args, "curve_keys", None):
+        return None
+    from stiffmon.transport import load_curve_client
+
+    return load_curve_client(args.curve_keys, args.curve_name)
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    import signal
+
+    from stiffmon.recorder import record
+    from stiffmon.sources import resolve
+
+    stop = {"flag": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    resolved = resolve(args.endpoints, discover=False, ssh_port=args.ssh_port)
+    if resolved.files:
+        resolved.close()
+        return _fail(args, f"record takes live endpoints, not files: {resolved.files[0]}")
+    where = ", ".join(map(str, resolved.endpoints))
+    print(f"stiffmon record: {where} -> {args.output} (Ctrl+C stops)", file=sys.stderr)
+    try:
+        written, runs, malformed = record(
+            resolved.endpoints,
+            args.output,
+            stop=lambda: stop["flag"],
+            duration=args.duration,
+            until_bye=args.until_bye,
+            curve=_curve_client(args),
+        )
+    except KeyboardInterrupt:
+        written, runs, malformed = -1, set(), 0
+    finally:
+        resolved.close()
+    if written >= 0:
+        print(
+            f"stiffmon record: {written} messages from {len(runs)} run(s) written to {args.output}"
+            + (f"; {malformed} malformed frames dropped" if malformed else ""),
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from rich.console import Console
+
+    from stiffmon.client import Client
+    from stiffmon.session import SessionReader
+    from stiffmon.sources import resolve
+    from stiffmon.store import Store
+    from stiffmon.summary import summary_json, summary_table
+
+    store = Store()
+    resolved = resolve(args.sources, discover=False, ssh_port=args.ssh_port)
+    notes: list[str] = []
+    try:
+        for path in resolved.files:
+            reader = SessionReader(path)
+            store.extend(reader.messages(on_error="skip"), replay=True)
+            if reader.ignored_bytes:
+                notes.append(f"{path}: ignored a torn tail of {reader.ignored_bytes} bytes")
+            if reader.skipped_records:
+                notes.append(f"{path}: skipped {reader.skipped_records} malformed records")
+        if resolved.endpoints:
+            with Client(resolved.endpoints, curve=_curve_client(args)) as client:
+                deadline = time.monotonic() + args.wait
+                while time.monotonic() < deadline:
+                    for msg, _ in client.poll(0.1):
+                        store.apply(msg)
+                store.malformed += client.stats.malformed
+    finally:
+        resolved.close()
+    if args.json:
+        print(json.dumps(summary_json(store), indent=2))
+    else:
+        console = Console()
+        console.print(summary_table(store))
+        for n in notes:
+            console.print(f"[yellow]{n}[/]")
+    return 0 if store.runs else 1
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from stiffmon.transport import make_keys
+
+    d = make_keys(args.directory, tuple(args.clients))
+    print(
+        f"CURVE keys written to {d}: give the agent Agent(..., curve_keys='{d}') and the monitor "
+        f"--curve-keys {d}; copy <client>.key_secret and server.key to each monitor machine."
+    )
+    return 0
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    import time
+
+    from stiffmon.relay import Relay
+
+    with Relay(args.upstream, args.bind).start() as relay:
+        print(
+            f"stiffmon relay: {len(relay.upstream)} upstream -> {relay.endpoint} (Ctrl+C stops)",
+            file=sys.stderr,
+        )
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     record.add_argument("endpoints", nargs="+", metavar="ENDPOINT", help="tcp:// address")
     record.add_argument("-o", "--output", required=True, help="output .stiff file")
-    record.set_defaults(handler=_not_available)
+    record.add_argument("--duration", type=float, default=None, help="stop after SECONDS")
+    record.add_argument("--until-bye", action="store_true", help="stop when every run has ended")
+    _add_remote_options(record)
+    record.set_defaults(handler=_cmd_record)
 
     summary = sub.add_parser(
         "summary",
@@ -67,7 +195,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     summary.add_argument("sources", nargs="+", metavar="SOURCE", help=".stiff file or endpoint")
     summary.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    summary.set_defaults(handler=_not_available)
+    summary.add_argument("--wait", type=float, default=2.0, help="seconds to listen to endpoints")
+    _add_remote_options(summary)
+    summary.set_defaults(handler=_cmd_summary)
+
+    keys = sub.add_parser(
+        "keys",
+        help="create CURVE keys for authenticated direct TCP",
+        description="Create a server key pair and client key pairs for CURVE authentication.",
+    )
+    keys.add_argument("directory", help="where to write the keys")
+    keys.add_argument("--clients", nargs="+", default=["client"], help="client key names")
+    keys.set_defaults(handler=_cmd_keys)
+
+    relay = sub.add_parser(
+        "relay",
+        help="fan many agents in to one address",
+        description="Forward the updates and snapshots of many agents through one address.",
+    )
+    relay.add_argument("upstream", nargs="+", metavar="ENDPOINT", help="agent tcp:// address")
+    relay.add_argument("--bind", default="tcp://127.0.0.1:5655", help="address for monitors")
+    relay.set_defaults(handler=_cmd_relay)
 
     demo = sub.add_parser(
         "demo",
@@ -86,8 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_remote_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-keys", default=None, help="directory with CURVE client keys")
+    p.add_argument("--curve-name", default="client", help="client key name in that directory")
+    p.add_argument("--ssh-port", type=int, default=None, help="SSH port for ssh:// sources")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``stiffmon`` command; return its exit status."""
+    from stiffmon.session import SessionError
+    from stiffmon.transport import EndpointError
+    from stiffmon.tunnel import TunnelError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
@@ -95,3 +253,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         return 130
+    except (SessionError, EndpointError, TunnelError, FileNotFoundError, PermissionError) as exc:
+        return _fail(args, str(exc))

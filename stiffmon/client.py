@@ -105,7 +105,7 @@ class Client:
         if self.curve is not None:
             s.curve_secretkey = self.curve.secret
             s.curve_publickey = self.curve.public
-            s.curve_serverkey = self.curve.server_public  # type: ignore[assignment]
+            s.curve_serverkey = self.curve.server_public
         return s
 
     @property
@@ -245,7 +245,7 @@ class Client:
         deadline = now + max(timeout, 0.0)
         while len(out) < max_messages:
             remaining = max(0.0, deadline - time.monotonic())
-            events = dict(self.poller.poll(remaining * 1000 if not out else 0))
+            events = dict(self.poller.poll(int(remaining * 1000) if not out else 0))
             if not events:
                 break
             for sock in events:

@@ -421,4 +421,5 @@ class Agent:
         )
 
     def __repr__(self) -> str:
-        return f"Agent(run={self.name!r}, id={self.run_id}, endpoint={getattr(self, 'endpoint', None)}, step={self.step_count})"
+        ep = getattr(self, "endpoint", None)
+        return f"Agent(run={self.name!r}, id={self.run_id}, endpoint={ep}, step={self.step_count})"
