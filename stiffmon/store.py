@@ -57,7 +57,7 @@ class Series:
             self._decimate()
 
     def _decimate(self) -> None:
-        """Keep the min and the max (in step order) of every group of four points."""
+        """Keep the min and the max (in step order) of every group of four points, and the first."""
         n = self._n - self._n % 4
         v = self._values[:n].reshape(-1, 4)
         nan = np.isnan(v)
@@ -67,7 +67,7 @@ class Series:
         hi = np.where(same, np.where(lo < 3, lo + 1, lo - 1), hi)
         first, second = np.minimum(lo, hi), np.maximum(lo, hi)
         base = np.arange(v.shape[0]) * 4
-        keep = np.sort(np.concatenate([base + first, base + second]))
+        keep = np.unique(np.concatenate([[0], base + first, base + second]))  # first point stays
         keep = np.concatenate([keep, np.arange(n, self._n)])
         m = keep.shape[0]
         self._steps[:m] = self._steps[keep]

@@ -1,12 +1,82 @@
-"""Shared test configuration."""
+"""Shared test configuration and fixtures."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 from hypothesis import settings
 
 # Timing varies a lot on shared 2-core CI machines: no per-example deadlines.
 settings.register_profile("default", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port_pair() -> int:
+    """A port p on 127.0.0.1 with p and p + 1 free (for PUB and snapshot)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65534:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        return int(port)
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture
+def endpoint() -> str:
+    return f"tcp://127.0.0.1:{free_port_pair()}"
+
+
+@pytest.fixture(autouse=True)
+def _registry(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own agent registry."""
+    d = tmp_path_factory.mktemp("registry")
+    monkeypatch.setenv("STIFFMON_REGISTRY", str(d))
+    return d
+
+
+class Procs:
+    """Subprocesses started by a test; killed at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        )
+        self.procs.append(proc)
+        return proc
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    p = Procs()
+    yield p
+    for proc in p.procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for f in (proc.stdout, proc.stderr):
+            if f:
+                f.close()

@@ -96,7 +96,8 @@ class Agent:
             ``"every:k"``, ``"log:m"``, ``"first:n,every:k"`` or ``"never"``.
         sharpness_every: Schedule of the sharpness measurement.
         overhead_cap: Largest fraction of wall time the heavy measurements may take; due
-            measurements are skipped (and an ``event`` says so) to stay under it.
+            measurements are skipped (and an ``event`` says so) to stay under it. None or 1:
+            no cap. The first measurement (step 0) always runs.
         distance_layers: Module names whose activations get a stiffness-vs-distance curve.
         distance_bins: Bins of the stiffness-vs-distance curves.
         noise_k: How many eigenvalues of the gradient covariance to publish.
@@ -129,7 +130,7 @@ class Agent:
         forward: ForwardFn | None = None,
         gram_every: Schedule | int | str | None = "first:5,every:50",
         sharpness_every: Schedule | int | str | None = "first:5,every:50",
-        overhead_cap: float = 0.05,
+        overhead_cap: float | None = 0.05,
         distance_layers: Sequence[str] = (),
         distance_bins: int = 20,
         noise_k: int = 5,
@@ -310,7 +311,7 @@ class Agent:
         self.step_count = s + 1
 
     def _within_budget(self, kind: str, step: int) -> bool:
-        if step == 0 or self._overhead_cap <= 0:
+        if step == 0 or self._overhead_cap is None or self._overhead_cap >= 1.0:
             return True
         elapsed = time.perf_counter() - self._start
         predicted = self._measure_seconds + self._last_cost[kind]

@@ -1,0 +1,34 @@
+"""The local registry of running agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from stiffmon.registry import RunEntry, list_runs, register, unregister
+
+
+def test_register_list_unregister(_registry: Path) -> None:
+    e = RunEntry("r1", "a", "tcp://127.0.0.1:5555", os.getpid(), socket.gethostname(), 1.0)
+    register(e)
+    assert list_runs() == [e]
+    unregister("r1")
+    assert list_runs() == []
+
+
+def test_stale_and_corrupt_entries_are_ignored_and_removed(_registry: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    register(RunEntry("gone", "x", "tcp://127.0.0.1:6000", pid, socket.gethostname(), 1.0))
+    (_registry / "junk.json").write_text("{not json")
+    (_registry / "wrong.json").write_text(json.dumps({"run": 1}))
+    alive = RunEntry("here", "y", "tcp://127.0.0.1:6002", os.getpid(), socket.gethostname(), 2.0)
+    register(alive)
+    assert list_runs() == [alive]
+    assert sorted(p.name for p in _registry.glob("*.json")) == ["here.json"]
