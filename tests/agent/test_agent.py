@@ -178,7 +178,7 @@ def test_overhead_cap_stretches_the_schedule(tmp_path: Path) -> None:
 
 
 def test_full_queue_drops_and_counts_without_blocking() -> None:
-    model, opt, x, y = tiny()
+    model, opt, _x, _y = tiny()
     agent = Agent(
         model,
         nn.CrossEntropyLoss(),

@@ -411,5 +411,5 @@ def test_ssh_failure_is_a_clear_error() -> None:
     if shutil.which("ssh") is None:
         pytest.skip("no ssh client")
     port = free_port_pair()  # nothing listens there
-    with pytest.raises(TunnelError, match="ssh to .* failed"):
+    with pytest.raises(TunnelError, match=r"ssh to .* failed"):
         Tunnel("ssh://nobody@127.0.0.1:5555", ssh_port=port, extra_args=("-o", "ConnectTimeout=3"))
