@@ -97,6 +97,8 @@ def check_file_header(head: bytes, path: str | os.PathLike[str] = "<file>") -> N
         SessionError: Wrong magic or a file too short to hold the header.
         SessionVersionError: A format version other than :data:`FORMAT_VERSION`.
     """
+    if len(head) < HEADER_SIZE and head != FILE_HEADER[: len(head)]:
+        raise SessionError(f"{path}: not a stiffmon session file (starts with {head[:8]!r})")
     if len(head) < HEADER_SIZE:
         raise SessionError(
             f"{path}: {len(head)} bytes is too short for a stiffmon session header "

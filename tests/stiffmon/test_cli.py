@@ -102,7 +102,7 @@ def test_summary_of_a_session_file(tmp_path: Path, capsys: pytest.CaptureFixture
     [
         (["summary", "nope.stiff"], "no such session file"),
         (["record", "tcp://nowhere", "-o", "x.stiff"], "not a tcp://host:port"),
-        (["summary", "ssh://bad host"], "ssh://"),
+        (["summary", "ssh://bad host"], "ssh to bad host failed"),
     ],
 )
 def test_bad_sources_are_clear_errors(

@@ -126,6 +126,10 @@ def test_wrong_magic_and_version(tmp_path: Path) -> None:
     short.write_bytes(s.MAGIC[:3])
     with pytest.raises(s.SessionError, match="too short"):
         s.SessionReader(short)
+    tiny = tmp_path / "tiny.stiff"
+    tiny.write_bytes(b"hi")
+    with pytest.raises(s.SessionError, match="not a stiffmon session file"):
+        s.SessionReader(tiny)
 
 
 def test_writer_refuses_a_foreign_file(tmp_path: Path) -> None:
