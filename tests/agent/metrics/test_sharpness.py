@@ -73,11 +73,12 @@ def test_hvp_backends_and_chunks_agree_with_dense() -> None:
     h = dense_hessian(model, x, y)
     v = torch.randn(h.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with measurement_mode(model):
-        for backend in ("func", "double-backward"):
-            for chunk in (None, 3):
+        for backend in ("graph", "func", "double-backward"):
+            for chunk in (None, 3) if backend != "graph" else (None,):
                 op = HessianOperator(model, x, y, CE, backend=backend, chunk_size=chunk)  # type: ignore[arg-type]
                 torch.testing.assert_close(op(v), h @ v, rtol=1e-9, atol=1e-12)
                 assert op.calls == 1
+                torch.testing.assert_close(op(2 * v), 2 * (h @ v), rtol=1e-9, atol=1e-12)
 
 
 def test_warm_start_needs_fewer_hvps_than_cold_start() -> None:

@@ -1,0 +1,1 @@
+"""Models and bundled data for ``stiffmon demo`` and the scripts in ``demos/``."""
