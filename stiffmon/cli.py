@@ -116,6 +116,47 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0 if store.runs else 1
 
 
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from stiffmon.sources import resolve
+    from stiffmon.tui.app import StiffmonApp
+    from stiffmon.tui.sources import LiveSource
+
+    resolved = resolve(args.endpoints, discover=True, ssh_port=args.ssh_port)
+    if resolved.files:
+        resolved.close()
+        return _fail(
+            args,
+            f"watch takes live endpoints; replay files with: stiffmon replay {resolved.files[0]}",
+        )
+    try:
+        StiffmonApp(
+            live=LiveSource(resolved.endpoints, _curve_client(args)), ascii=args.ascii
+        ).run()
+    finally:
+        resolved.close()
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    import math
+    from pathlib import Path
+
+    from stiffmon.session import SessionReader
+    from stiffmon.tui.app import StiffmonApp
+    from stiffmon.tui.sources import ReplaySource
+
+    files = [Path(f) for f in args.files]
+    for f in files:
+        if not f.is_file():
+            return _fail(args, f"no such session file: {f}")
+        SessionReader(f)  # wrong magic / version: a clear error before the screen opens
+    speed = math.inf if args.speed <= 0 else args.speed
+    source = ReplaySource(files, follow=args.follow, speed=speed)
+    source.load()
+    StiffmonApp(replay=source, ascii=args.ascii).run()
+    return 0
+
+
 def _cmd_keys(args: argparse.Namespace) -> int:
     from stiffmon.transport import make_keys
 
@@ -163,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument("endpoints", nargs="*", metavar="ENDPOINT", help="tcp:// or ssh:// address")
     watch.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
-    watch.set_defaults(handler=_not_available)
+    _add_remote_options(watch)
+    watch.set_defaults(handler=_cmd_watch)
 
     replay = sub.add_parser(
         "replay",
@@ -172,9 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("files", nargs="+", metavar="FILE", help=".stiff session file")
     replay.add_argument("--follow", action="store_true", help="follow files still being written")
-    replay.add_argument("--speed", type=float, default=1.0, help="replay speed (default 1x)")
+    replay.add_argument(
+        "--speed",
+        type=float,
+        default=10.0,
+        help="replay speed, x recorded time (0: as fast as possible)",
+    )
     replay.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
-    replay.set_defaults(handler=_not_available)
+    replay.set_defaults(handler=_cmd_replay)
 
     record = sub.add_parser(
         "record",

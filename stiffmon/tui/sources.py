@@ -1,0 +1,197 @@
+"""Where the monitor's messages come from: live endpoints or recorded sessions (no Textual here).
+
+Both sources hand decoded messages to the app in batches; the app applies them to the
+:class:`~stiffmon.store.Store` on its own thread, so ingest (socket reads, decoding, file reads)
+never blocks drawing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stiffmon import protocol as p
+from stiffmon.client import Client
+from stiffmon.session import SessionReader
+from stiffmon.store import Store
+from stiffmon.transport import CurveKeys, Endpoint
+
+HEAVY = ("matrix", "curve", "spectrum")
+
+
+class LiveSource:
+    """Polls a :class:`~stiffmon.client.Client` on a worker thread into a queue."""
+
+    def __init__(self, endpoints: Sequence[Endpoint | str], curve: CurveKeys | None = None) -> None:
+        self.endpoints = list(endpoints)
+        self.curve = curve
+        self.queue: deque[p.AnyMessage] = deque()
+        self.stop = threading.Event()
+        self.client: Client | None = None
+        self.error = ""
+
+    def run(self) -> None:
+        """Worker body: until :attr:`stop` is set."""
+        try:
+            self.client = Client(self.endpoints, curve=self.curve)
+        except Exception as exc:  # a bad endpoint: shown in the status line
+            self.error = str(exc)
+            return
+        try:
+            while not self.stop.is_set():
+                for msg, _ in self.client.poll(0.1):
+                    self.queue.append(msg)
+        finally:
+            self.client.close()
+
+    def drain(self, limit: int = 50_000) -> list[p.AnyMessage]:
+        out = []
+        while self.queue and len(out) < limit:
+            out.append(self.queue.popleft())
+        return out
+
+    @property
+    def malformed(self) -> int:
+        return self.client.stats.malformed if self.client else 0
+
+    def describe(self) -> str:
+        return (
+            f"live: {', '.join(map(str, self.endpoints))}"
+            if self.endpoints
+            else "live: no endpoint"
+        )
+
+
+@dataclass
+class ReplaySource:
+    """Recorded sessions on a timeline: play, pause, speed, seek by measurement, follow.
+
+    All messages of all files are merged by time. The timeline position is an index into that
+    list; the store always holds exactly the messages before it (seeking back rebuilds it).
+    """
+
+    files: Sequence[Path]
+    follow: bool = False
+    speed: float = 1.0  # ×, or math.inf: as fast as possible
+    messages: list[p.AnyMessage] = field(default_factory=list)
+    position: int = 0
+    playing: bool = False
+    clock: float = 0.0  # recorded time at the position
+    notes: list[str] = field(default_factory=list)
+    skipped: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _offsets: dict[Path, int] = field(default_factory=dict)
+
+    def load(self) -> None:
+        """Read every intact message; note torn tails."""
+        msgs: list[p.AnyMessage] = []
+        for path in self.files:
+            reader = SessionReader(path)
+            msgs.extend(reader.messages(on_error="skip"))
+            self.skipped += reader.skipped_records
+            if reader.ignored_bytes:
+                self.notes.append(
+                    f"{path.name}: ignored a torn tail of {reader.ignored_bytes} bytes"
+                )
+            self._offsets[path] = reader.last_scan.end if reader.last_scan else 0
+        msgs.sort(key=lambda m: m.t)
+        with self._lock:
+            self.messages = msgs
+
+    def follow_loop(self) -> None:
+        """Worker body for ``--follow``: append what the writers add."""
+        readers = {path: SessionReader(path) for path in self.files}
+        while not self.stop.is_set():
+            new: list[p.AnyMessage] = []
+            for path, reader in readers.items():
+                start = self._offsets.get(path, 0)
+                new.extend(reader.messages(start, on_error="skip"))
+                if reader.last_scan is not None:
+                    self._offsets[path] = reader.last_scan.end
+            if new:
+                new.sort(key=lambda m: m.t)
+                with self._lock:
+                    self.messages.extend(new)
+            self.stop.wait(0.25)
+
+    @property
+    def t0(self) -> float:
+        return self.messages[0].t if self.messages else 0.0
+
+    @property
+    def t_end(self) -> float:
+        return self.messages[-1].t if self.messages else 0.0
+
+    def advance(self, store: Store, dt: float, batch: int = 20_000) -> int:
+        """Move the timeline by ``dt`` seconds of wall time at the current speed; apply messages."""
+        if not self.playing:
+            return 0
+        with self._lock:
+            n = len(self.messages)
+            if self.position >= n:
+                return 0
+            if self.speed == float("inf"):
+                end = min(n, self.position + batch)
+            else:
+                self.clock = max(
+                    self.clock, self.messages[self.position].t if self.position == 0 else self.clock
+                )
+                self.clock += dt * self.speed
+                times = [m.t for m in self.messages[self.position : self.position + batch]]
+                end = self.position + bisect.bisect_right(times, self.clock)
+            chunk = self.messages[self.position : end]
+            self.position = end
+        store.extend(chunk, replay=True)
+        if chunk:
+            self.clock = max(self.clock, chunk[-1].t)
+        if self.position >= len(self.messages) and not self.follow:
+            self.playing = False
+        return len(chunk)
+
+    def seek(self, store: Store, position: int) -> None:
+        """Put the timeline at ``position`` (0 … len); the store is rebuilt when going back."""
+        with self._lock:
+            position = max(0, min(position, len(self.messages)))
+            if position < self.position:
+                store.runs.clear()
+                store.version += 1
+                self.position = 0
+            chunk = self.messages[self.position : position]
+            self.position = position
+        store.extend(chunk, replay=True)
+        self.clock = self.messages[position - 1].t if position else self.t0
+
+    def measurement_positions(self) -> list[int]:
+        """Positions just after each heavy measurement (a new step's matrix/curve/spectrum)."""
+        out, last = [], None
+        for i, m in enumerate(self.messages):
+            if m.KIND in HEAVY and (m.run, m.step) != last:
+                last = (m.run, m.step)
+                out.append(i + 1)
+        return out
+
+    def step_measurement(self, store: Store, direction: int) -> None:
+        marks = self.measurement_positions()
+        if not marks:
+            return
+        if direction > 0:
+            i = bisect.bisect_right(marks, self.position)
+            target = marks[i] if i < len(marks) else len(self.messages)
+        else:
+            i = bisect.bisect_left(marks, self.position) - 1
+            target = marks[i] if i >= 0 else 0
+        self.seek(store, target)
+
+    def describe(self) -> str:
+        speed = "max" if self.speed == float("inf") else f"{self.speed:g}×"
+        state = "▶" if self.playing else "⏸"
+        total = len(self.messages)
+        rec = self.clock - self.t0 if total else 0.0
+        return f"replay {state} {speed}  {self.position}/{total} msgs  t+{rec:,.1f}s" + (
+            "  following" if self.follow else ""
+        )
