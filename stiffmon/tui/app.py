@@ -314,7 +314,9 @@ class StiffmonApp(App[None]):
             ),
             ("In your training script:\n", "dim"),
             (
-                "    from stiffmon_agent import Agent\n    agent = Agent(model, loss_fn, optimizer, probe=(x, y))\n    ...\n    agent.step(loss)\n\n",
+                "    from stiffmon_agent import Agent\n"
+                "    agent = Agent(model, loss_fn, optimizer, probe=(x, y))\n"
+                "    ...\n    agent.step(loss)\n\n",
                 "cyan",
             ),
             (
@@ -413,7 +415,7 @@ class StiffmonApp(App[None]):
             title = (
                 "λ1_H (sharpness)"
                 if compact
-                else "λ1_H per run — dashed: stability threshold 2/η (momentum-adjusted), ◆ break-even"
+                else "λ1_H per run — dashed: stability threshold (2/η, momentum-adj.), ◆ break-even"
             )
             return LineChart(
                 lines,
@@ -430,7 +432,8 @@ class StiffmonApp(App[None]):
         return build
 
     def _measurements(self, rd: RunData, name: str, table: str) -> list[Any]:
-        return getattr(rd, table).get(name, [])
+        found: list[Any] = getattr(rd, table).get(name, [])
+        return found
 
     def _scrubbed(self, snaps: list[Any]) -> tuple[Any, int]:
         if not snaps:
@@ -454,10 +457,14 @@ class StiffmonApp(App[None]):
         k = m.data.shape[0]
         self.cursor = (min(self.cursor[0], k - 1), min(self.cursor[1], m.data.shape[1] - 1))
         cw = max(2, min(6, (width - 10) // max(1, m.data.shape[1])))
+
+        def f(key: str) -> str:
+            v = m.attrs.get(key)
+            return "—" if not isinstance(v, int | float) else format(v, "+.3f")
+
         title = (
-            f"{rd.name} — {self.kind} stiffness, {block} — measurement {i + 1}/{len(snaps)} at step {snap.step:,}"
-            f"   within {m.attrs.get('within') if m.attrs.get('within') is None else format(m.attrs['within'], '+.3f')}"
-            f"  between {m.attrs.get('between') if m.attrs.get('between') is None else format(m.attrs['between'], '+.3f')}"
+            f"{rd.name} — {self.kind} stiffness, {block} — measurement {i + 1}/{len(snaps)} "
+            f"at step {snap.step:,}   within {f('within')}  between {f('between')}"
         )
         hm = Heatmap(
             m.data,
@@ -584,17 +591,18 @@ class StiffmonApp(App[None]):
         self.redraw(force=True)
 
     def action_speed(self, direction: int) -> None:
-        if self.replay is None:
+        replay = self.replay
+        if replay is None:
             return
-        i = min(
-            range(len(SPEEDS)),
-            key=lambda j: (
-                abs(math.log(SPEEDS[j]) - math.log(self.replay.speed))
-                if math.isfinite(SPEEDS[j]) and math.isfinite(self.replay.speed)
-                else (0 if SPEEDS[j] == self.replay.speed else 99)
-            ),
-        )
-        self.replay.speed = SPEEDS[max(0, min(len(SPEEDS) - 1, i + direction))]
+
+        def distance(j: int) -> float:
+            a, b = SPEEDS[j], replay.speed
+            if math.isfinite(a) and math.isfinite(b):
+                return abs(math.log(a) - math.log(b))
+            return 0.0 if a == b else 99.0
+
+        i = min(range(len(SPEEDS)), key=distance)
+        replay.speed = SPEEDS[max(0, min(len(SPEEDS) - 1, i + direction))]
         self.redraw(force=True)
 
     def action_toggle_log(self) -> None:
@@ -637,9 +645,9 @@ class StiffmonApp(App[None]):
             rd.visible = not rd.visible
         self.redraw(force=True)
 
-    def action_screenshot(self) -> None:
-        name = f"stiffmon-{self.view_name}-{time.strftime('%Y%m%d-%H%M%S')}.svg"
-        path = self.save_screenshot(filename=name, path=str(self.screenshot_dir))
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        name = filename or f"stiffmon-{self.view_name}-{time.strftime('%Y%m%d-%H%M%S')}.svg"
+        path = self.save_screenshot(filename=name, path=path or str(self.screenshot_dir))
         self.notify(f"screenshot saved: {path}", title="stiffmon")
 
     def action_redraw(self) -> None:

@@ -212,12 +212,12 @@ class LineChart:
     @staticmethod
     def _row_of(y: float, y0: float, y1: float, rows: int) -> int:
         f = (y - y0) / (y1 - y0)
-        return min(rows - 1, max(0, int(round((1 - f) * (rows - 1)))))
+        return min(rows - 1, max(0, round((1 - f) * (rows - 1))))
 
     def _x_axis(self, x0: float, x1: float, lw: int, pw: int, width: int) -> str:
         buf = [" "] * width
         for t in nice_ticks(x0, x1, max(2, pw // 12)):
-            col = lw + 1 + int(round((t - x0) / (x1 - x0) * (pw - 1)))
+            col = lw + 1 + round((t - x0) / (x1 - x0) * (pw - 1))
             lab = fmt_tick(t)
             start = min(max(lw + 1, col - len(lab) // 2), width - len(lab))
             if all(c == " " for c in buf[max(0, start - 1) : start + len(lab) + 1]):
@@ -252,7 +252,7 @@ class LineChart:
                 if text[r][c] is None:
                     text[r][c], color_grid[r][c] = ("-" if self.ascii else "╌"), h.color
         for ln in self.lines:
-            yv = ln.y.astype(np.float64)
+            yv: FloatArray = ln.y.astype(np.float64)
             if self.log_y:
                 with np.errstate(divide="ignore", invalid="ignore"):
                     yv = np.where(yv > 0, np.log10(np.where(yv > 0, yv, 1.0)), np.nan)
@@ -296,7 +296,7 @@ class LineChart:
                 x0 <= m.x <= x1 and y0 <= my <= y1
             ):
                 continue
-            c = min(pw - 1, int(round((m.x - x0) / (x1 - x0) * (pw - 1))))
+            c = min(pw - 1, round((m.x - x0) / (x1 - x0) * (pw - 1)))
             r = self._row_of(my, y0, y1, ph)
             text[r][c], color_grid[r][c] = ("#" if self.ascii else m.symbol), m.color
         out: list[list[tuple[str, str | None]]] = []
@@ -347,7 +347,8 @@ class Heatmap:
 
     Each class pair is a cell ``cell_width`` characters wide; two matrix rows share one line
     through the half block ▀ (top row in the foreground colour, bottom row in the background),
-    so a 10×10 matrix takes 5 lines. Row labels name both rows of a line (``0·1``).
+    so a 10×10 matrix takes 5 lines. Row labels name both rows of a line (``0·1``). With
+    ``half_block=False`` (room to spare) every matrix row gets its own line.
 
     Args:
         matrix: (rows, cols) values in [-1, 1] (NaN allowed).
@@ -366,6 +367,7 @@ class Heatmap:
     title: str = ""
     ascii: bool = False
     cell_width: int = 3
+    half_block: bool = True
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         yield from self.render_lines(options.max_width)
@@ -385,9 +387,9 @@ class Heatmap:
             list(self.col_labels) if len(self.col_labels) == cols else [str(j) for j in range(cols)]
         )
         cw = max(1, self.cell_width)
-        pair = not self.ascii
+        pair = self.half_block and not self.ascii
         label_w = (
-            max(len(f"{a}·{b}") if pair else len(a) for a, b in zip(rl, rl[1:] + [""], strict=True))
+            max(len(f"{a}·{b}") if pair else len(a) for a, b in zip(rl, [*rl[1:], ""], strict=True))
             + 1
         )
         header = " " * label_w + "".join(c[:cw].center(cw) for c in cl)
@@ -395,12 +397,15 @@ class Heatmap:
         cur = self.cursor
         step = 2 if pair else 1
         for r in range(0, rows, step):
-            if pair:
-                lab = f"{rl[r]}·{rl[r + 1]}" if r + 1 < rows else rl[r]
-            else:
-                lab = rl[r]
+            lab = (f"{rl[r]}·{rl[r + 1]}" if r + 1 < rows else rl[r]) if pair else rl[r]
             segs.append(Segment(lab.rjust(label_w - 1) + " ", Style(dim=True)))
             for c in range(cols):
+                if not pair and not self.ascii:
+                    glyph = ("◆" if cur == (r, c) else " ").center(cw)
+                    segs.append(
+                        Segment(glyph, Style(color="black", bgcolor=diverging(m[r, c]), bold=True))
+                    )
+                    continue
                 if self.ascii:
                     ch = ascii_level(m[r, c]) * cw
                     if cur == (r, c):

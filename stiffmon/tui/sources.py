@@ -49,7 +49,7 @@ class LiveSource:
             self.client.close()
 
     def drain(self, limit: int = 50_000) -> list[p.AnyMessage]:
-        out = []
+        out: list[p.AnyMessage] = []
         while self.queue and len(out) < limit:
             out.append(self.queue.popleft())
         return out
