@@ -242,12 +242,12 @@ class LineChart:
             return np.clip(np.round((1 - f) * (gh - 1)), 0, gh - 1).astype(np.int64)
 
         for h in self.hlines:
-            yv = (
+            hy = (
                 math.log10(h.y) if self.log_y and h.y > 0 else (h.y if not self.log_y else math.nan)
             )
-            if not math.isfinite(yv) or not (y0 <= yv <= y1):
+            if not math.isfinite(hy) or not (y0 <= hy <= y1):
                 continue
-            r = self._row_of(yv, y0, y1, ph)
+            r = self._row_of(hy, y0, y1, ph)
             for c in range(0, pw, 2):
                 if text[r][c] is None:
                     text[r][c], color_grid[r][c] = ("-" if self.ascii else "╌"), h.color
