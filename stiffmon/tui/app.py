@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from rich.console import RenderableType
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 from textual.app import App, ComposeResult
@@ -56,6 +56,17 @@ COMPARE_METRICS = (
 )
 
 
+KEY_NAMES = {
+    "question_mark": "?",
+    "left_square_bracket": "[",
+    "right_square_bracket": "]",
+    "plus,equals_sign": "+",
+    "minus": "-",
+    "left": "←",
+    "right": "→",
+}
+
+
 def run_color(rd: RunData) -> str:
     """Stable colour of a run: by order of appearance."""
     return PALETTE[rd.index % len(PALETTE)]
@@ -80,12 +91,21 @@ class HelpScreen(ModalScreen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,question_mark", "dismiss", "close")]
 
     def compose(self) -> ComposeResult:
-        table = Table(title=f"stiffmon {__version__} — keys", show_header=True, header_style="bold")
-        table.add_column("key")
-        table.add_column("action")
-        for b in self.app.BINDINGS:
-            if isinstance(b, Binding):
-                table.add_row(b.key.replace("question_mark", "?"), b.description)
+        keys = [
+            (KEY_NAMES.get(b.key, b.key), b.description)
+            for b in self.app.BINDINGS
+            if isinstance(b, Binding)
+        ]
+        half = (len(keys) + 1) // 2
+        table = Table(
+            title=f"stiffmon {__version__} — keys (esc closes)", box=None, header_style="bold"
+        )
+        for _ in range(2):
+            table.add_column("key", style="bold cyan", no_wrap=True)
+            table.add_column("action", no_wrap=True)
+        for i in range(half):
+            right = keys[i + half] if i + half < len(keys) else ("", "")
+            table.add_row(*keys[i], *right)
         yield Static(table, id="help-table")
 
 
@@ -210,6 +230,7 @@ class StiffmonApp(App[None]):
 
     def on_mount(self) -> None:
         table = self.query_one("#compare-table", DataTable)
+        table.can_focus = False  # the app's keys (arrows, home, end, space) stay the app's
         for col in (
             "run",
             "η",
@@ -463,8 +484,9 @@ class StiffmonApp(App[None]):
             return "—" if not isinstance(v, int | float) else format(v, "+.3f")
 
         title = (
-            f"{rd.name} — {self.kind} stiffness, {block} — measurement {i + 1}/{len(snaps)} "
-            f"at step {snap.step:,}   within {f('within')}  between {f('between')}"
+            f"{rd.name} — {self.kind} stiffness, {block}\n"
+            f"measurement {i + 1}/{len(snaps)} at step {snap.step:,}   "
+            f"within {f('within')}  between {f('between')}"
         )
         hm = Heatmap(
             m.data,
@@ -474,10 +496,9 @@ class StiffmonApp(App[None]):
             title=title,
             ascii=self.ascii,
             cell_width=cw,
+            half_block=height < k + 9,  # one line per class when there is room
         )
         hint = Text("←/→ measurement  shift+arrows cell  b block  c cos/sign  [ ] run", style="dim")
-        from rich.console import Group
-
         return Group(hm, hint)
 
     def _distance_curve(self, width: int, height: int) -> RenderableType:

@@ -62,13 +62,8 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     raw = (hi - lo) / max(1, n)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.ceil(lo / step - 1e-9) * step
-    ticks = []
-    v = start
-    while v <= hi + 1e-9 * step:
-        ticks.append(0.0 if abs(v) < 1e-12 * step else v)
-        v += step
-    return ticks
+    k0, k1 = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)
+    return [float(f"{k * step:.12g}") for k in range(k0, k1 + 1)]
 
 
 def fmt_tick(v: float) -> str:
@@ -160,7 +155,7 @@ class LineChart:
         return x0, x1, y0, y1
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        width = max(20, options.max_width)
+        width = max(8, options.max_width)
         height = self.height or options.height or 12
         yield from self.render_lines(width, max(5, height))
 
@@ -375,8 +370,8 @@ class Heatmap:
     def render_lines(self, width: int) -> list[Segment]:
         m = np.asarray(self.matrix, dtype=np.float64)
         segs: list[Segment] = []
-        if self.title:
-            segs += [Segment(self.title[:width], Style(bold=True)), Segment.line()]
+        for line in self.title.splitlines():
+            segs += [Segment(line[:width], Style(bold=True)), Segment.line()]
         if m.ndim != 2 or m.size == 0:
             return [*segs, Segment("no stiffness measurement yet", Style(dim=True)), Segment.line()]
         rows, cols = m.shape

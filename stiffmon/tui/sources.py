@@ -76,7 +76,7 @@ class ReplaySource:
 
     files: Sequence[Path]
     follow: bool = False
-    speed: float = 1.0  # ×, or math.inf: as fast as possible
+    speed: float = 10.0  # ×, or math.inf: as fast as possible
     messages: list[p.AnyMessage] = field(default_factory=list)
     position: int = 0
     playing: bool = False
