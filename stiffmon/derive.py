@@ -16,6 +16,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 
 @dataclass(frozen=True)
 class BreakEven:
@@ -33,9 +36,9 @@ class BreakEven:
 
 
 def break_even(
-    steps: Sequence[int],
-    lambda1: Sequence[float],
-    thresholds: Sequence[float] | float | None,
+    steps: Sequence[int] | npt.NDArray[np.int64],
+    lambda1: Sequence[float] | npt.NDArray[np.float64],
+    thresholds: Sequence[float] | npt.NDArray[np.float64] | float | None,
     *,
     drop: float = 0.1,
 ) -> BreakEven:
@@ -48,30 +51,35 @@ def break_even(
             value for all, or None / NaN where no threshold applies.
         drop: Relative drop after a running maximum that marks the early-phase peak.
     """
-    pts = [(s, v) for s, v in zip(steps, lambda1, strict=True) if math.isfinite(v)]
-    if not pts:
+    st = np.asarray(steps, dtype=np.int64)
+    lam = np.asarray(lambda1, dtype=np.float64)
+    if st.shape != lam.shape:
+        raise ValueError("steps and lambda1 differ in length")
+    finite = np.isfinite(lam)
+    if not finite.any():
         return BreakEven(None, math.nan, "none")
-    if isinstance(thresholds, int | float) or thresholds is None:
-        thr = [math.nan if thresholds is None else float(thresholds)] * len(steps)
+    if thresholds is None or isinstance(thresholds, int | float):
+        thr = np.full(lam.shape, math.nan if thresholds is None else float(thresholds))
     else:
-        thr = [float(t) for t in thresholds]
-    for s, v, t in zip(steps, lambda1, thr, strict=True):
-        if math.isfinite(v) and math.isfinite(t) and v >= t:
-            return BreakEven(int(s), float(v), "threshold")
-    best_s, best_v = pts[0]
-    for s, v in pts:
-        if v > best_v:
-            best_s, best_v = s, v
-        elif v <= (1.0 - drop) * best_v:
-            return BreakEven(int(best_s), float(best_v), "peak")
-    s_max, v_max = max(pts, key=lambda sv: sv[1])
-    return BreakEven(int(s_max), float(v_max), "peak")
+        thr = np.asarray(thresholds, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        crossed = finite & np.isfinite(thr) & (lam >= thr)
+    if crossed.any():
+        i = int(np.argmax(crossed))
+        return BreakEven(int(st[i]), float(lam[i]), "threshold")
+    fin_st, fin = st[finite], lam[finite]
+    running = np.maximum.accumulate(fin)
+    dropped = fin <= (1.0 - drop) * running
+    stop = int(np.argmax(dropped)) if dropped.any() else len(fin)
+    best = int(np.argmax(fin[:stop])) if stop else int(np.argmax(fin))
+    return BreakEven(int(fin_st[best]), float(fin[best]), "peak")
 
 
-def peak(values: Sequence[float]) -> float:
+def peak(values: Sequence[float] | npt.NDArray[np.float64]) -> float:
     """Largest finite value, NaN if there is none."""
-    finite = [v for v in values if math.isfinite(v)]
-    return max(finite) if finite else math.nan
+    arr = np.asarray(values, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    return float(finite.max()) if finite.size else math.nan
 
 
 def ema(values: Sequence[float], weight: float) -> list[float]:

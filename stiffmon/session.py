@@ -14,6 +14,7 @@ growing. Opening an existing file for writing cuts such a torn tail off before a
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import struct
@@ -133,6 +134,47 @@ class RecordScan:
     def ignored_bytes(self) -> int:
         """Bytes after the last intact record."""
         return self.size - self.end
+
+
+def _scan_index(
+    mm: mmap.mmap, size: int, offsets: list[int], steps: list[int]
+) -> tuple[int, TailState]:
+    """Fill ``offsets`` and ``steps`` from a mapped session; return (end, tail state)."""
+    view = memoryview(mm)
+    unpack = _REC.unpack_from
+    u32 = _U32.unpack_from
+    crc32 = zlib.crc32
+    search = _STEP_RE.search
+    add_offset, add_step = offsets.append, steps.append
+    pos, last_step = HEADER_SIZE, 0
+    state: TailState = "clean"
+    try:
+        while pos < size:
+            if size - pos < 8:
+                state = "truncated"
+                break
+            length, crc = unpack(mm, pos)
+            start, stop = pos + 8, pos + 8 + length
+            if length > MAX_RECORD_BYTES:
+                state = "oversized"
+                break
+            if stop > size:
+                state = "truncated"
+                break
+            if crc32(view[start:stop]) != crc:
+                state = "bad-crc"
+                break
+            (topic_len,) = u32(mm, start) if length >= 4 else (length,)
+            header_at = start + 4 + topic_len + 4
+            m = search(mm, header_at, min(stop, header_at + 256))
+            if m is not None:
+                last_step = int(m.group(1))
+            add_offset(pos)
+            add_step(last_step)
+            pos = stop
+    finally:
+        view.release()
+    return pos, state
 
 
 def _iter_records(
@@ -362,16 +404,21 @@ class SessionReader:
     def index(self) -> SessionIndex:
         """Scan the file once and build the step → offset index.
 
-        Only the JSON header's ``step`` is read from each record, not the whole message.
+        A tight loop over the memory-mapped file: record lengths and CRCs are checked (the scan
+        stops at a torn or corrupt record, like :meth:`records`), and only the ``"step"`` of
+        each JSON header is read, with a regular expression, not the whole message.
         """
         offsets: list[int] = []
         steps: list[int] = []
-        for offset, frames in self.records():
-            m = _STEP_RE.search(frames[1]) if len(frames) >= 2 else None
-            offsets.append(offset)
-            steps.append(int(m.group(1)) if m else (steps[-1] if steps else 0))
+        end = HEADER_SIZE
+        state: TailState = "clean"
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > HEADER_SIZE:
+                with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
+                    end, state = _scan_index(mm, size, offsets, steps)
+        self.last_scan = RecordScan(end=end, size=max(size, end), state=state)
         step_arr = np.asarray(steps, dtype=np.int64)
-        end = self.last_scan.end if self.last_scan else HEADER_SIZE
         return SessionIndex(
             offsets=np.asarray(offsets, dtype=np.int64),
             steps=step_arr,

@@ -167,12 +167,12 @@ class RunData:
         if lam is None or not len(lam):
             return derive.BreakEven(None, math.nan, "none")
         thr = self.scalars.get("sharpness/threshold")
-        thresholds = thr.values.tolist() if thr is not None and len(thr) == len(lam) else math.nan
-        return derive.break_even(lam.steps.tolist(), lam.values.tolist(), thresholds)
+        thresholds = thr.values if thr is not None and len(thr) == len(lam) else math.nan
+        return derive.break_even(lam.steps, lam.values, thresholds)
 
     def peak(self, name: str) -> float:
         s = self.scalars.get(name)
-        return derive.peak(s.values.tolist()) if s is not None else math.nan
+        return derive.peak(s.values) if s is not None else math.nan
 
     def last(self, name: str) -> float:
         s = self.scalars.get(name)

@@ -89,12 +89,42 @@ def thin_minmax(
     xs, ys = x[ok], y[ok]
     span = x1 - x0 if x1 > x0 else 1.0
     col = np.minimum(((xs - x0) / span * (columns - 1) + 0.5).astype(np.int64), columns - 1)
-    order = np.argsort(col, kind="stable")
-    col, ys = col[order], ys[order]
-    uniq, start = np.unique(col, return_index=True)
+    if col.size > 1 and bool((col[1:] < col[:-1]).any()):  # series are usually sorted already
+        order = np.argsort(col, kind="stable")
+        col, ys = col[order], ys[order]
+    start = np.concatenate(([0], np.flatnonzero(col[1:] != col[:-1]) + 1))
+    uniq = col[start]
     mins = np.minimum.reduceat(ys, start)
     maxs = np.maximum.reduceat(ys, start)
     return uniq.astype(np.float64), mins, maxs
+
+
+_STYLES: dict[str, Style] = {}
+
+
+def _row_segments(row: list[tuple[str, str | None]]) -> list[Segment]:
+    """One Segment per run of cells with the same colour (far fewer objects than cells)."""
+    out: list[Segment] = []
+    buf: list[str] = []
+    current: str | None = None
+    for ch, color in row:
+        if color != current and buf:
+            out.append(Segment("".join(buf), _style(current)))
+            buf = []
+        current = color
+        buf.append(ch)
+    if buf:
+        out.append(Segment("".join(buf), _style(current)))
+    return out
+
+
+def _style(color: str | None) -> Style | None:
+    if color is None:
+        return None
+    style = _STYLES.get(color)
+    if style is None:
+        style = _STYLES[color] = Style(color=color)
+    return style
 
 
 @dataclass
@@ -188,8 +218,7 @@ class LineChart:
             lab = tick_rows.get(r, "")
             segs.append(Segment(lab.rjust(lw - 1) + " ", axis))
             segs.append(Segment("┤" if lab and not self.ascii else vbar, axis))
-            for ch, color in cells[r]:
-                segs.append(Segment(ch, Style(color=color) if color else None))
+            segs += _row_segments(cells[r])
             segs.append(Segment.line())
         segs.append(Segment(" " * lw + corner + hbar * pw, axis))
         segs.append(Segment.line())

@@ -1,0 +1,208 @@
+"""Monitor benchmarks: ``python -m tests.benchmarks.monitor [--quick]``.
+
+1. Ingest: messages per second the app applies while drawing (a live source fed by a thread,
+   the app redrawing at 10 Hz; target ≥ 5,000/s).
+2. One frame of the Sharpness view, 8 runs × 100k points, 200×60 (target ≤ 50 ms): the
+   renderable drawn to a Rich console, and a full Textual frame (Pilot) for comparison.
+3. Open and index a 1M-step session (target ≤ 2 s), and the reader's peak memory.
+4. App memory with 8 runs × 1M steps of scalars (store bound 100k points per series).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import io
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from stiffmon import protocol as p
+from stiffmon.session import SessionReader, SessionWriter
+from stiffmon.store import Store
+from stiffmon.tui.app import StiffmonApp
+from stiffmon.tui.sources import LiveSource
+
+
+def scalars(run: str, step: int, lam: float | None = None) -> p.Scalars:
+    names = ["loss", "lr/0"]
+    vals = [1.0 / (1 + step * 1e-3), 0.1]
+    if lam is not None:
+        names += ["sharpness/lambda1_h", "sharpness/threshold"]
+        vals += [lam, 20.0]
+    return p.Scalars(
+        run=run, seq=step, step=step, t=1e9 + step * 0.01, names=tuple(names), values=np.array(vals)
+    )
+
+
+def ingest_rate(n: int) -> float:
+    """Messages/s through a LiveSource queue into the app's store while it draws."""
+    live = LiveSource([])
+    live.run = lambda: None  # type: ignore[method-assign]  # fed below instead of a socket
+    app = StiffmonApp(live=live)
+    result: dict[str, float] = {}
+
+    async def main() -> None:
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.press("4")
+            msgs = [scalars(f"r{i % 4}", i // 4, lam=float(i % 97)) for i in range(n)]
+
+            def feed() -> None:
+                for m in msgs:
+                    live.queue.append(m)
+
+            t0 = time.perf_counter()
+            threading.Thread(target=feed).start()
+            while sum(len(rd.scalars.get("loss", [])) for rd in app.store.runs.values()) < n:
+                await pilot.pause(0.01)
+            result["rate"] = n / (time.perf_counter() - t0)
+
+    asyncio.run(main())
+    return result["rate"]
+
+
+def big_store(runs: int, points: int) -> Store:
+    store = Store(max_points=points)
+    for r in range(runs):
+        rd = store.run(f"run{r}")
+        steps = np.arange(points)
+        lam = 20 * (1 - np.exp(-steps / (points / 5))) * (1 + 0.05 * np.sin(steps / 50.0)) / (r + 1)
+        for name, vals in (
+            ("sharpness/lambda1_h", lam),
+            ("sharpness/threshold", np.full(points, 20.0 / (r + 1))),
+        ):
+            from stiffmon.store import Series
+
+            s = Series(points)
+            s._steps = steps.astype(np.int64)
+            s._times = steps.astype(np.float64)
+            s._values = vals.astype(np.float64)
+            s._n = points
+            rd.scalars[name] = s
+        rd.first_t = 0.0
+    store.version += 1
+    return store
+
+
+def frame_time(runs: int, points: int, size: tuple[int, int]) -> tuple[float, float]:
+    store = big_store(runs, points)
+    app = StiffmonApp(store=store)
+    builder = app._sharpness_chart(compact=False)
+    console = Console(width=size[0], height=size[1], file=io.StringIO(), color_system="truecolor")
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        console.print(builder(size[0], size[1]))
+        times.append(time.perf_counter() - t0)
+    renderable = min(times)
+    result: dict[str, float] = {}
+
+    async def main() -> None:
+        async with app.run_test(size=size) as pilot:
+            await pilot.press("4")
+            await pilot.pause()
+            ts = []
+            for _ in range(5):
+                store.version += 1
+                t0 = time.perf_counter()
+                app.redraw()
+                await pilot.pause()
+                ts.append(time.perf_counter() - t0)
+            result["frame"] = min(ts)
+
+    asyncio.run(main())
+    return renderable, result["frame"]
+
+
+def write_big_session(path: Path, steps: int) -> None:
+    with SessionWriter(path) as w:
+        w.write(p.Hello(run="big", seq=0, step=0, t=1e9, name="big"))
+        for s in range(steps):
+            w.write(scalars("big", s + 1) if s % 100 else scalars("big", s + 1, lam=1.0))
+
+
+def index_time(path: Path) -> tuple[float, int, float]:
+    """Best of three timed runs; then one run under tracemalloc (which slows it) for memory."""
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        index = SessionReader(path).index()
+        times.append(time.perf_counter() - t0)
+    tracemalloc.start()
+    SessionReader(path).index()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return min(times), len(index), peak / 2**20
+
+
+def store_memory(runs: int, steps: int) -> tuple[float, float]:
+    gc.collect()
+    tracemalloc.start()
+    store = Store(max_points=100_000)
+    t0 = time.perf_counter()
+    for r in range(runs):
+        run = f"run{r}"
+        names = ("loss", "lr/0", "accuracy")
+        for s in range(steps):
+            store.apply(
+                p.Scalars(
+                    run=run,
+                    seq=s,
+                    step=s,
+                    t=float(s),
+                    names=names,
+                    values=np.array([1.0, 0.1, 0.5]),
+                ),
+                now=0.0,
+            )
+    elapsed = time.perf_counter() - t0
+    current, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return current / 2**20, runs * steps / elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.benchmarks.monitor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    q = args.quick
+    print("stiffmon monitor benchmark")
+    rate = ingest_rate(5_000 if q else 50_000)
+    print(f"\n[1] ingest while drawing: {rate:,.0f} messages/s  (target >= 5,000)")
+    points = 10_000 if q else 100_000
+    rend, frame = frame_time(8, points, (200, 60))
+    print(
+        f"\n[2] Sharpness view, 8 runs x {points:,} points, 200x60: renderable {rend * 1e3:.1f} ms, "
+        f"full Textual frame {frame * 1e3:.1f} ms  (target <= 50 ms)"
+    )
+    steps = 100_000 if q else 1_000_000
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "big.stiff"
+        t0 = time.perf_counter()
+        write_big_session(path, steps)
+        wrote = time.perf_counter() - t0
+        size = path.stat().st_size / 2**20
+        elapsed, n, peak = index_time(path)
+    print(
+        f"\n[3] open + index a {steps:,}-step session ({size:.0f} MiB, written in {wrote:.1f} s): "
+        f"{elapsed:.2f} s for {n:,} records, peak {peak:.0f} MiB traced  (target <= 2 s)"
+    )
+    mem, apply_rate = store_memory(8, 100_000 if q else 1_000_000)
+    print(
+        f"\n[4] store with 8 runs x {100_000 if q else 1_000_000:,} steps of 3 scalars: {mem:.0f} MiB "
+        f"(bound 100k points per series); applied at {apply_rate:,.0f} messages/s"
+    )
+
+
+if __name__ == "__main__":
+    main()
