@@ -7,6 +7,7 @@ visible ones, only when the store changed. Sources ingest on worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Grid, Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import ContentSwitcher, DataTable, Footer, Static
@@ -266,6 +268,10 @@ class StiffmonApp(App[None]):
     # ------------------------------------------------------------------ the 10 Hz tick
 
     def tick(self) -> None:
+        with contextlib.suppress(NoMatches):  # the screen is being torn down (or not built yet)
+            self._tick()
+
+    def _tick(self) -> None:
         now = time.monotonic()
         dt, self._last_tick = now - self._last_tick, now
         if self.live is not None and not self.paused:

@@ -182,7 +182,8 @@ def main() -> None:
     points = 10_000 if q else 100_000
     rend, frame = frame_time(8, points, (200, 60))
     print(
-        f"\n[2] Sharpness view, 8 runs x {points:,} points, 200x60: renderable {rend * 1e3:.1f} ms, "
+        f"\n[2] Sharpness view, 8 runs x {points:,} points, 200x60: "
+        f"renderable {rend * 1e3:.1f} ms, "
         f"full Textual frame {frame * 1e3:.1f} ms  (target <= 50 ms)"
     )
     steps = 100_000 if q else 1_000_000
@@ -197,9 +198,10 @@ def main() -> None:
         f"\n[3] open + index a {steps:,}-step session ({size:.0f} MiB, written in {wrote:.1f} s): "
         f"{elapsed:.2f} s for {n:,} records, peak {peak:.0f} MiB traced  (target <= 2 s)"
     )
-    mem, apply_rate = store_memory(8, 100_000 if q else 1_000_000)
+    n_steps = 100_000 if q else 1_000_000
+    mem, apply_rate = store_memory(8, n_steps)
     print(
-        f"\n[4] store with 8 runs x {100_000 if q else 1_000_000:,} steps of 3 scalars: {mem:.0f} MiB "
+        f"\n[4] store with 8 runs x {n_steps:,} steps of 3 scalars: {mem:.0f} MiB "
         f"(bound 100k points per series); applied at {apply_rate:,.0f} messages/s"
     )
 
