@@ -12,15 +12,6 @@ from stiffmon import __version__
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _not_available(args: argparse.Namespace) -> int:
-    print(
-        f"stiffmon {args.command}: not available yet in stiffmon {__version__}. "
-        "See the README for the commands that exist so far.",
-        file=sys.stderr,
-    )
-    return 2
-
-
 def _fail(args: argparse.Namespace, message: str, code: int = 2) -> int:
     print(f"stiffmon {args.command}: {message}", file=sys.stderr)
     return code
@@ -153,8 +144,40 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     speed = math.inf if args.speed <= 0 else args.speed
     source = ReplaySource(files, follow=args.follow, speed=speed)
     source.load()
+    if args.screenshots:
+        out = Path(args.screenshots)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            cols, rows = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            return _fail(args, f"--size must look like 120x36, got {args.size!r}")
+        app = StiffmonApp(replay=source, ascii=args.ascii, screenshot_dir=out, shoot_views=True)
+        app.run(headless=True, size=(cols, rows))
+        for shot in app.shots:
+            print(shot)
+        return 0
     StiffmonApp(replay=source, ascii=args.ascii).run()
     return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from stiffmon.demo import DemoError, run_demo
+
+    try:
+        return run_demo(
+            runs=args.runs,
+            lrs=args.lrs,
+            steps=args.steps,
+            model=args.model,
+            label_noise=args.label_noise,
+            no_tui=args.no_tui,
+            out=args.out,
+            batch_size=args.batch_size,
+            momentum=args.momentum,
+            ascii=args.ascii,
+        )
+    except DemoError as exc:
+        return _fail(args, str(exc))
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -221,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay speed, x recorded time (0: as fast as possible)",
     )
     replay.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
+    replay.add_argument(
+        "--screenshots",
+        metavar="DIR",
+        default=None,
+        help="save an SVG of every view into DIR and exit (no terminal needed)",
+    )
+    replay.add_argument("--size", default="120x36", help="terminal size for --screenshots")
     replay.set_defaults(handler=_cmd_replay)
 
     record = sub.add_parser(
@@ -272,12 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--runs", type=int, default=3, help="number of runs")
     demo.add_argument("--lrs", type=str, default=None, help="comma-separated learning rates")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per run")
+    demo.add_argument("--steps", type=int, default=None, help="steps per run (mlp 3000, cnn 1200)")
     demo.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="model family")
     demo.add_argument("--label-noise", type=float, default=0.0, help="fraction of random labels")
     demo.add_argument("--no-tui", action="store_true", help="train and record only")
     demo.add_argument("--out", type=str, default=None, help="directory for the .stiff files")
-    demo.set_defaults(handler=_not_available)
+    demo.add_argument("--batch-size", type=int, default=64, help="batch size (0: full-batch GD)")
+    demo.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum")
+    demo.add_argument("--every", type=int, default=20, help="steps between heavy measurements")
+    demo.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
+    demo.set_defaults(handler=_cmd_demo)
     return parser
 
 

@@ -25,7 +25,7 @@ def run_summary(rd: RunData) -> dict[str, Any]:
         "momentum": rd.momentum,
         "batch_size": rd.batch_size,
         "lr_over_batch": derive.lr_over_batch(rd.lr, rd.batch_size),
-        "steps": rd.last_step + 1 if rd.scalars else 0,
+        "steps": int(rd.scalars["loss"].steps[-1]) + 1 if len(rd.scalars.get("loss", ())) else 0,
         "final_loss": rd.last("loss"),
         "break_even_step": be.step,
         "break_even_reason": be.reason,

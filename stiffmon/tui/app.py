@@ -158,6 +158,7 @@ class StiffmonApp(App[None]):
         ascii: bool = False,
         screenshot_dir: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shoot_views: bool = False,
     ) -> None:
         super().__init__()
         self.store = store or Store()
@@ -179,6 +180,8 @@ class StiffmonApp(App[None]):
         self.cursor = (0, 0)
         self._drawn_version = -1
         self._last_tick = time.monotonic()
+        self.shoot_views = shoot_views  # save an SVG of every view into screenshot_dir, then exit
+        self.shots: list[Path] = []
 
     # ------------------------------------------------------------------ layout
 
@@ -258,6 +261,21 @@ class StiffmonApp(App[None]):
                 self.run_worker(self.replay.follow_loop, thread=True, name="follow")
         self.set_interval(0.1, self.tick)
         self.tick()
+        if self.shoot_views:
+            self.call_after_refresh(self._shoot, 0)
+
+    def _shoot(self, i: int) -> None:
+        """Save view ``i`` (after it has been drawn), then go on to the next one or exit."""
+        if i > 0:
+            name = f"{VIEWS.index(self.view_name) + 1}-{self.view_name}.svg"
+            self.shots.append(
+                Path(self.save_screenshot(filename=name, path=str(self.screenshot_dir)))
+            )
+        if i == len(VIEWS):
+            self.exit()
+            return
+        self.action_view(VIEWS[i])
+        self.set_timer(0.3, lambda: self._shoot(i + 1))
 
     def on_unmount(self) -> None:
         if self.live is not None:

@@ -167,8 +167,13 @@ class LineChart:
                 ys += [float(ln.y[ok].min()), float(ln.y[ok].max())]
         if not xs:
             return None
-        for h in self.hlines:
-            if math.isfinite(h.y) and (h.y > 0 or not self.log_y):
+        data_top = max(ys)
+        for h in self.hlines:  # thresholds far above the data would flatten it: leave them off
+            if (
+                math.isfinite(h.y)
+                and (h.y > 0 or not self.log_y)
+                and h.y <= 2 * abs(data_top) + 1e-12
+            ):
                 ys.append(h.y)
         for m in self.markers:
             if math.isfinite(m.y) and (m.y > 0 or not self.log_y):

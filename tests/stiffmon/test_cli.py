@@ -33,15 +33,26 @@ def test_help_on_each_command(command: str, capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["watch"], ["replay", "x.stiff"], ["demo"]],
+    ("argv", "match"),
+    [
+        (["replay", "missing.stiff"], "no such session file"),
+        (["demo", "--lrs", "fast,slow", "--no-tui"], "--lrs must be comma-separated numbers"),
+        (["demo", "--steps", "0", "--no-tui"], "--steps must be at least 1"),
+    ],
 )
-def test_unbuilt_commands_exit_2_with_a_message(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
+def test_commands_fail_clearly(
+    argv: list[str], match: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "not available yet" in err and "Traceback" not in err
+    assert match in err and "Traceback" not in err
+
+
+def test_watch_refuses_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "a.stiff"
+    SessionWriter(path).close()
+    assert main(["watch", str(path)]) == 2
+    assert "stiffmon replay" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [[], ["nope"], ["watch", "--bogus-flag"], ["demo", "--runs", "x"]])
