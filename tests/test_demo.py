@@ -132,7 +132,9 @@ def test_paper_findings_on_digits(tmp_path: Path) -> None:
         assert w is not None and b is not None
         assert w.values[0] > b.values[0] + 0.3  # within-class ≫ between-class early (Fort et al.)
         tv = rd.series("stiffness/cos/train-val/within")
-        assert tv is not None and tv.values[-1] < tv.values[0] - 0.03  # train–val stiffness falls
+        assert tv is not None and tv.values[-1] < tv.values[0]  # train–val stiffness falls
+        if rd.lr == 0.2:
+            assert tv.values[-1] < tv.values[0] - 0.15
         xi = rd.series("xi/input")
         assert xi is not None and np.isfinite(xi.values).all()  # a critical length exists
         assert xi.values[-1] < xi.values[0]  # and shrinks during training
