@@ -13,7 +13,6 @@ import contextlib
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stiffmon.transport import Endpoint
+from stiffmon.transport import Endpoint, free_port_pair
 
 DEFAULT_LRS = (0.01, 0.05, 0.2)
 
@@ -36,21 +35,6 @@ class DemoRun:
     endpoint: Endpoint
     record: Path
     proc: subprocess.Popen[bytes]
-
-
-def _free_pair() -> int:
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port < 65534:
-            with socket.socket() as s2:
-                try:
-                    s2.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise DemoError("no free local port pair for the demo runs")
 
 
 def check_requirements() -> None:
@@ -96,7 +80,7 @@ def start_runs(
     runs = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for lr in lrs:
-        port = _free_pair() if publish else 0
+        port = free_port_pair() if publish else 0
         ep = Endpoint("127.0.0.1", port)
         record = out / f"lr{lr:g}{'-noise' + format(label_noise, 'g') if label_noise else ''}.stiff"
         if record.exists():

@@ -77,6 +77,29 @@ def parse_endpoint(text: str) -> Endpoint:
     return Endpoint(m.group("host"), port)
 
 
+def free_port_pair(host: str = DEFAULT_HOST, tries: int = 200) -> int:
+    """A port p on ``host`` with p and p + 1 both free (an update port and its snapshot port).
+
+    Raises:
+        EndpointError: If none was found in ``tries`` attempts.
+    """
+    import socket
+
+    for _ in range(tries):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port >= 65534:
+            continue
+        try:
+            with socket.socket() as s2:
+                s2.bind((host, port + 1))
+        except OSError:
+            continue
+        return port
+    raise EndpointError(f"no free port pair on {host}")
+
+
 def encode_control(tag: bytes, payload: dict[str, Any]) -> list[bytes]:
     """A control message: tag frame + JSON frame."""
     return [tag, json.dumps(payload).encode()]

@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from stiffmon.transport import DEFAULT_PORT, Endpoint
+from stiffmon.transport import DEFAULT_PORT, Endpoint, free_port_pair
 
 _SSH = re.compile(r"^ssh://(?:(?P<user>[^@/]+)@)?(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/?$")
 
@@ -42,22 +42,6 @@ def parse_ssh(url: str) -> SshTarget:
     return SshTarget(m.group("user"), m.group("host"), int(m.group("port") or DEFAULT_PORT))
 
 
-def _free_port_pair() -> int:
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65534:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return int(port)
-    raise TunnelError("no free local port pair for the tunnel")
-
-
 class Tunnel:
     """An ``ssh -N -L`` child process forwarding a local port pair to the remote agent."""
 
@@ -74,7 +58,7 @@ class Tunnel:
         exe = shutil.which(ssh)
         if exe is None:
             raise TunnelError(f"'{ssh}' not found: install an OpenSSH client to watch ssh:// runs")
-        self.local_port = _free_port_pair()
+        self.local_port = free_port_pair()
         rp = self.target.port
         cmd = [
             exe,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,29 +11,14 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from stiffmon.transport import free_port_pair
+
 # Timing varies a lot on shared 2-core CI machines: no per-example deadlines.
 settings.register_profile("default", deadline=None)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port_pair() -> int:
-    """A port p on 127.0.0.1 with p and p + 1 free (for PUB and snapshot)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65534:
-            continue
-        try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", port + 1))
-        except OSError:
-            continue
-        return int(port)
-    raise RuntimeError("no free port pair")
 
 
 @pytest.fixture
