@@ -187,3 +187,29 @@ async def test_ascii_mode(tmp_path: Path) -> None:
         await pilot.pause()
         text = screen_text(app)
         assert "*" in text and not any(0x2800 <= ord(ch) <= 0x28FF for ch in text)
+
+
+async def test_replay_follows_a_file_that_is_still_written(tmp_path: Path) -> None:
+    from stiffmon.session import SessionWriter
+    from tests.stiffmon.tui.fixtures import run_messages
+
+    msgs = run_messages(0.1, "grow", 0, steps=100)
+    path = tmp_path / "growing.stiff"
+    writer = SessionWriter(path)
+    for m in msgs[:50]:
+        writer.write(m)
+    src = ReplaySource([path], follow=True)
+    src.load()
+    app = StiffmonApp(replay=src, clock=lambda: 0.0)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause(0.3)
+        first = app.store.runs["grow"].last_step
+        for m in msgs[50:]:
+            writer.write(m)
+        writer.close()
+        for _ in range(50):
+            await pilot.pause(0.1)
+            if app.store.runs["grow"].finished:
+                break
+        rd = app.store.runs["grow"]
+        assert rd.finished and rd.last_step == 99 > first
