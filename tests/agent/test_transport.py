@@ -64,7 +64,7 @@ def test_live_stream_end_to_end(procs: Procs, endpoint: str) -> None:
             "--steps",
             "40",
             "--delay",
-            "0.02",
+            "0.05",
         )
         _, run = wait_ready(proc)
         msgs = collect(client, has_bye(run))
@@ -120,7 +120,15 @@ def test_agent_restart_and_monitor_restart(procs: Procs, endpoint: str) -> None:
     client = Client([endpoint])
     try:
         first = procs.start(
-            "-m", "tests.agent.train_script", "--endpoint", endpoint, "--steps", "20"
+            # long enough (2 s) for the monitor to be connected before the run ends
+            "-m",
+            "tests.agent.train_script",
+            "--endpoint",
+            endpoint,
+            "--steps",
+            "40",
+            "--delay",
+            "0.05",
         )
         _, run1 = wait_ready(first)
         msgs = collect(client, has_bye(run1))
@@ -311,15 +319,15 @@ def test_record_command_survives_an_agent_restart(
     procs: Procs, endpoint: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "rec.stiff"
-    rec = procs.start("-m", "stiffmon", "record", endpoint, "-o", str(out), "--duration", "12")
+    rec = procs.start("-m", "stiffmon", "record", endpoint, "-o", str(out), "--duration", "120")
     time.sleep(1.0)
     first = procs.start(
-        "-m", "tests.agent.train_script", "--endpoint", endpoint, "--steps", "30", "--delay", "0.01"
+        "-m", "tests.agent.train_script", "--endpoint", endpoint, "--steps", "30", "--delay", "0.05"
     )
     _, run1 = wait_ready(first)
     first.wait(30)
     second = procs.start(
-        "-m", "tests.agent.train_script", "--endpoint", endpoint, "--steps", "30", "--delay", "0.01"
+        "-m", "tests.agent.train_script", "--endpoint", endpoint, "--steps", "30", "--delay", "0.05"
     )
     _, run2 = wait_ready(second)
     second.wait(30)
