@@ -31,7 +31,7 @@ from stiffmon.registry import RunEntry, register, unregister
 from stiffmon.transport import CurveKeys, load_curve_server
 from stiffmon_agent.measure import ProbeSet, gram_messages, make_probe, sharpness_messages
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
-from stiffmon_agent.publisher import Outgoing, Publisher
+from stiffmon_agent.publisher import Accuracy, Outgoing, Publisher
 from stiffmon_agent.schedules import Schedule, parse_schedule
 
 log = logging.getLogger("stiffmon_agent")
@@ -95,9 +95,9 @@ class Agent:
         gram_every: Schedule of the stiffness / noise measurement (one Gram matrix): an int k,
             ``"every:k"``, ``"log:m"``, ``"first:n,every:k"`` or ``"never"``.
         sharpness_every: Schedule of the sharpness measurement.
-        overhead_cap: Largest fraction of wall time the heavy measurements may take; due
-            measurements are skipped (and an ``event`` says so) to stay under it. None or 1:
-            no cap. The first measurement (step 0) always runs.
+        overhead_cap: Largest fraction of wall time the agent may cost: heavy measurements plus
+            the publisher thread's CPU time. Due measurements are skipped (and an ``event`` says
+            so) to stay under it. None or 1: no cap. The first measurement (step 0) always runs.
         distance_layers: Module names whose activations get a stiffness-vs-distance curve.
         distance_bins: Bins of the stiffness-vs-distance curves.
         noise_k: How many eigenvalues of the gradient covariance to publish.
@@ -287,19 +287,22 @@ class Agent:
                 if "momentum" in g:
                     names.append(f"momentum/{i}")
                     values.append(g["momentum"])
+                    if g.get("nesterov"):
+                        names.append(f"nesterov/{i}")
+                        values.append(1.0)
                 elif "betas" in g:
-                    names.append(f"momentum/{i}")
-                    values.append(g["betas"][0])
+                    names += [f"momentum/{i}", f"beta2/{i}"]
+                    values += [g["betas"][0], g["betas"][1]]
+                if g.get("weight_decay"):
+                    names.append(f"weight_decay/{i}")
+                    values.append(g["weight_decay"])
         if self._last_step_t is not None:
             names.append("step_time")
             values.append(now - self._last_step_t)
         self._last_step_t = now
         if logits is not None and targets is not None:
-            try:
-                names.append("accuracy")
-                values.append((logits.detach().argmax(-1) == targets).float().mean())
-            except Exception:
-                names.pop()
+            names.append("accuracy")  # computed on the publisher thread, off the training loop
+            values.append(Accuracy(logits.detach(), targets.detach()))
         self.publisher.submit(
             Outgoing(p.Scalars, s, time.time(), {"values_names": names, "values_raw": values})
         )  # type: ignore[union-attr]
@@ -314,7 +317,8 @@ class Agent:
         if step == 0 or self._overhead_cap is None or self._overhead_cap >= 1.0:
             return True
         elapsed = time.perf_counter() - self._start
-        predicted = self._measure_seconds + self._last_cost[kind]
+        publishing = self.publisher.cpu_seconds if self.publisher is not None else 0.0
+        predicted = self._measure_seconds + publishing + self._last_cost[kind]
         if predicted <= self._overhead_cap * elapsed:
             return True
         self._skipped += 1

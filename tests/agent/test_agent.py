@@ -241,6 +241,8 @@ def test_probe_less_agent_and_adam_have_no_threshold(tmp_path: Path) -> None:
     assert math.isnan(sc.as_dict()["sharpness/threshold"])
     hello = msgs[0]
     assert isinstance(hello, p.Hello) and hello.optimizer["beta1"] == 0.9
+    first = next(m for m in msgs if isinstance(m, p.Scalars) and "loss" in m.names)
+    assert first.as_dict()["momentum/0"] == 0.9 and first.as_dict()["beta2/0"] == 0.999
 
 
 _DDP = textwrap.dedent(
