@@ -78,7 +78,7 @@ class Client:
         endpoints: Sequence[str | Endpoint],
         *,
         curve: CurveKeys | None = None,
-        snapshot_timeout: float = 5.0,
+        snapshot_timeout: float = 2.0,
         max_buffer: int = 100_000,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
@@ -238,7 +238,8 @@ class Client:
                 st.pending_since = None
                 st.wanted = True
                 self.stats.snapshot_timeouts += 1
-                st.wanted = False  # try again after the next gap or new run, not in a loop
+                # the agent may have died with our request: ask again while runs wait for one
+                st.wanted = any(rs.syncing for rs in self._runs.values())
                 self._release_stuck(out)
             if st.wanted and st.pending_since is None and now - st.last_request >= 0.5:
                 self._request(st, now)
@@ -258,6 +259,16 @@ class Client:
                         self._on_live(frames, out)
                     else:
                         self._on_snapshot(self._eps[sock], frames, out)
+        return out
+
+    def flush_pending(self) -> list[Received]:
+        """Give up waiting for snapshots: return every buffered message, per run in seq order."""
+        out: list[Received] = []
+        for run, rs in self._runs.items():
+            if rs.buffer:
+                rs.syncing = False
+                rs.last_seq = max(rs.last_seq, min(m.seq for m, _ in rs.buffer) - 1)
+                self._flush(run, out)
         return out
 
     def close(self) -> None:

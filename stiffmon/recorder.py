@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+from stiffmon import protocol as p
 from stiffmon.client import Client
 from stiffmon.session import SessionWriter
 from stiffmon.transport import CurveKeys, Endpoint
@@ -29,11 +30,15 @@ def record(
     Returns:
         (messages written, run ids seen, malformed frames dropped).
     """
-    written, runs, finished = 0, set(), set()
+    written = 0
+    runs: set[str] = set()
+    finished: set[str] = set()
     deadline = None if duration is None else time.monotonic() + duration
     with Client(endpoints, curve=curve) as client, SessionWriter(output, fsync=fsync) as writer:  # type: ignore[arg-type]
-        while not stop() and (deadline is None or time.monotonic() < deadline):
-            for msg, frames in client.poll(0.1):
+
+        def write(received: list[tuple[p.AnyMessage, list[bytes]]]) -> None:
+            nonlocal written
+            for msg, frames in received:
                 if msg.KIND == "heartbeat":
                     continue
                 writer.write_frames(frames)
@@ -43,6 +48,12 @@ def record(
                     finished.add(msg.run)
                 if on_message is not None:
                     on_message(written, len(runs))
-            if until_bye and runs and finished >= runs:
-                break
+
+        try:
+            while not stop() and (deadline is None or time.monotonic() < deadline):
+                write(client.poll(0.1))
+                if until_bye and runs and finished >= runs:
+                    break
+        finally:  # stopping (Ctrl+C too) loses nothing that already arrived
+            write(client.flush_pending())
         return written, runs, client.stats.malformed

@@ -331,6 +331,12 @@ def test_record_command_survives_an_agent_restart(
     )
     _, run2 = wait_ready(second)
     second.wait(30)
+    deadline = time.monotonic() + 20  # until the recorder has written both runs' bye
+    while time.monotonic() < deadline:
+        done = {m.run for m in read_session(out)[0] if m.kind == "bye"}
+        if {run1, run2} <= done:
+            break
+        time.sleep(0.2)
     rec.send_signal(signal.SIGINT)
     rec.wait(30)
     msgs, scan = read_session(out)
