@@ -139,7 +139,7 @@ def test_agent_restart_and_monitor_restart(procs: Procs, endpoint: str) -> None:
             "--endpoint",
             endpoint,
             "--steps",
-            "400",
+            "1500",  # alive while a second monitor attaches, even under load
             "--delay",
             "0.01",
         )
