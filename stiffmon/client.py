@@ -175,9 +175,14 @@ class Client:
             return
         for run, rs in self._runs.items():
             if rs.syncing and rs.buffer:
-                rs.syncing = False
-                rs.last_seq = max(rs.last_seq, min(m.seq for m, _ in rs.buffer) - 1)
-                self._flush(run, out)
+                self._go_live(run, out)
+
+    def _go_live(self, run: str, out: list[Received]) -> None:
+        """Stop waiting for a snapshot of ``run``: deliver its buffer from the oldest message."""
+        rs = self._runs[run]
+        rs.syncing = False
+        rs.last_seq = max(rs.last_seq, min(m.seq for m, _ in rs.buffer) - 1)
+        self._flush(run, out)
 
     def _flush(self, run: str, out: list[Received]) -> None:
         rs = self._runs[run]
@@ -266,9 +271,7 @@ class Client:
         out: list[Received] = []
         for run, rs in self._runs.items():
             if rs.buffer:
-                rs.syncing = False
-                rs.last_seq = max(rs.last_seq, min(m.seq for m, _ in rs.buffer) - 1)
-                self._flush(run, out)
+                self._go_live(run, out)
         return out
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from stiffmon import derive
 from stiffmon.store import RunData, Store
 
 
-def run_summary(rd: RunData) -> dict[str, Any]:
+def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     """The comparison numbers of one run (NaN / None where not measured)."""
     be = rd.break_even()
     opt = rd.optimizer
@@ -37,11 +37,12 @@ def run_summary(rd: RunData) -> dict[str, Any]:
         "within_minus_between": rd.last("stiffness/cos/train-train/within")
         - rd.last("stiffness/cos/train-train/between"),
         "events": len(rd.events),
-        "status": rd.status(),
+        "status": rd.status(now),
     }
 
 
-def _fmt(v: Any, spec: str = ".4g") -> str:
+def fmt(v: Any, spec: str = ".4g") -> str:
+    """A number for a table: "—" for None / NaN."""
     if v is None:
         return "—"
     if isinstance(v, float):
@@ -69,19 +70,19 @@ def summary_table(store: Store) -> Table:
     table.add_column("status", justify="left")
     for rd in store.runs.values():
         s = run_summary(rd)
-        be = _fmt(s["break_even_step"]) + ("ᵖ" if s["break_even_reason"] == "peak" else "")
+        be = fmt(s["break_even_step"]) + ("ᵖ" if s["break_even_reason"] == "peak" else "")
         table.add_row(
             s["name"],
-            _fmt(s["lr"], ".3g"),
-            _fmt(s["momentum"], ".2g"),
-            _fmt(s["batch_size"]),
-            _fmt(s["steps"]),
-            _fmt(s["final_loss"], ".3g"),
+            fmt(s["lr"], ".3g"),
+            fmt(s["momentum"], ".2g"),
+            fmt(s["batch_size"]),
+            fmt(s["steps"]),
+            fmt(s["final_loss"], ".3g"),
             be,
-            _fmt(s["peak_lambda1_h"], ".3g"),
-            _fmt(s["threshold"], ".3g"),
-            _fmt(s["peak_lambda1_k"], ".3g"),
-            _fmt(s["xi"], ".2f"),
+            fmt(s["peak_lambda1_h"], ".3g"),
+            fmt(s["threshold"], ".3g"),
+            fmt(s["peak_lambda1_k"], ".3g"),
+            fmt(s["xi"], ".2f"),
             s["status"],
         )
     table.caption = "ᵖ: early-phase peak of λ1_H (the threshold was never reached)"

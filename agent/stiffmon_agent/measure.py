@@ -38,7 +38,7 @@ from stiffmon_agent.metrics import (
     stiffness_blocks,
     stiffness_vs_distance,
 )
-from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, batch_size
+from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, batch_size, take
 from stiffmon_agent.publisher import Outgoing
 
 BLOCKS = ("train-train", "train-val", "val-val")
@@ -70,11 +70,7 @@ class ProbeSet:
 
     def train(self) -> tuple[Batch, Batch]:
         sl = slice(0, self.n_train)
-        return _take(self.inputs, sl), _take(self.targets, sl)
-
-
-def _take(batch: Batch, sl: slice) -> Batch:
-    return tree_map(lambda t: t[sl] if isinstance(t, Tensor) else t, batch)
+        return take(self.inputs, sl), take(self.targets, sl)
 
 
 def make_probe(

@@ -132,6 +132,7 @@ class Publisher:
         self.endpoint: Endpoint | None = None
         self.dropped = 0
         self.seq = -1
+        self._last_step = 0  # highest step seen, for heartbeats
         self.published = 0
         self.snapshots_served = 0
         self.error: str | None = None
@@ -290,8 +291,6 @@ class Publisher:
             self.cpu_seconds += time.thread_time() - started
             if self._stop.is_set() and self._queue.empty():
                 finished = True
-
-    _last_step = 0
 
     def _build(self, item: Outgoing) -> p.Message:
         fields = dict(item.fields)

@@ -28,6 +28,7 @@ from textual.widgets import ContentSwitcher, DataTable, Footer, Static
 
 from stiffmon import __version__, derive
 from stiffmon.store import RunData, Store
+from stiffmon.summary import fmt, run_summary
 from stiffmon.tui.renderables import Heatmap, HLine, Line, LineChart, Marker
 from stiffmon.tui.sources import LiveSource, ReplaySource
 
@@ -569,30 +570,23 @@ class StiffmonApp(App[None]):
         table = self.query_one("#compare-table", DataTable)
         table.clear()
         now = self.clock()
-
-        def f(v: float, spec: str = ".3g") -> str:
-            return (
-                "—"
-                if v is None or (isinstance(v, float) and not math.isfinite(v))
-                else format(v, spec)
-            )
-
         for rd in self.store.runs.values():
-            be = rd.break_even()
+            s = run_summary(rd, now)
+            be = s["break_even_step"]
             table.add_row(
                 Text(rd.name, style=run_color(rd)),
-                f(rd.lr),
-                str(rd.batch_size or "—"),
-                f(rd.momentum, ".2g"),
-                f(derive.lr_over_batch(rd.lr, rd.batch_size)),
+                fmt(s["lr"], ".3g"),
+                str(s["batch_size"] or "—"),
+                fmt(s["momentum"], ".2g"),
+                fmt(s["lr_over_batch"], ".3g"),
                 "—"
-                if be.step is None
-                else f"{be.step:,}" + (" (peak)" if be.reason == "peak" else ""),
-                f(rd.peak("sharpness/lambda1_h")),
-                f(rd.peak("noise/lambda1_k")),
-                f(rd.last("xi/input"), ".2f"),
-                f(rd.last("loss")),
-                rd.status(now),
+                if be is None
+                else f"{be:,}" + (" (peak)" if s["break_even_reason"] == "peak" else ""),
+                fmt(s["peak_lambda1_h"], ".3g"),
+                fmt(s["peak_lambda1_k"], ".3g"),
+                fmt(s["xi"], ".2f"),
+                fmt(s["final_loss"], ".3g"),
+                s["status"],
             )
 
     # ------------------------------------------------------------------ actions

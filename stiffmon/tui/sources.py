@@ -138,9 +138,10 @@ class ReplaySource:
             if self.speed == float("inf"):
                 end = min(n, self.position + batch)
             else:
-                self.clock = max(
-                    self.clock, self.messages[self.position].t if self.position == 0 else self.clock
-                )
+                if (
+                    self.position == 0
+                ):  # playing from the start: the clock starts at the first message
+                    self.clock = max(self.clock, self.messages[0].t)
                 self.clock += dt * self.speed
                 times = [m.t for m in self.messages[self.position : self.position + batch]]
                 end = self.position + bisect.bisect_right(times, self.clock)
