@@ -13,7 +13,9 @@ from stiffmon_agent.metrics.eigen import (
     lanczos,
     power_iteration,
 )
+from stiffmon_agent.metrics.density import SpectralDensity, spectral_density
 from stiffmon_agent.metrics.gram import GramResult, per_example_gradients, per_example_gram
+from stiffmon_agent.metrics.gradient_tests import GradientTests, gradient_tests
 from stiffmon_agent.metrics.noise import GradientNoise, centred_gram, gradient_noise
 from stiffmon_agent.metrics.sharpness import (
     HessianOperator,
@@ -43,8 +45,10 @@ __all__ = [
     "DistanceCurve",
     "EigenResult",
     "GradientNoise",
+    "GradientTests",
     "GramResult",
     "HessianOperator",
+    "SpectralDensity",
     "StabilityThreshold",
     "StiffnessBlocks",
     "TraceEstimate",
@@ -55,6 +59,7 @@ __all__ = [
     "cosine_stiffness",
     "critical_length",
     "gradient_noise",
+    "gradient_tests",
     "hessian_eigen",
     "hessian_trace",
     "hutchinson_trace",
@@ -65,6 +70,7 @@ __all__ = [
     "per_example_gram",
     "power_iteration",
     "sign_stiffness",
+    "spectral_density",
     "stability_threshold",
     "stability_threshold_for",
     "stiffness_blocks",

@@ -1,0 +1,199 @@
+r"""Hessian trace and spectral density from matrix-vector products (PyHessian's instruments).
+
+Pure linear algebra on a ``matvec: Tensor (P,) -> Tensor (P,)`` of a symmetric operator A (the
+Hessian of the mean probe loss in the agent); nothing here knows about models.
+
+* **Hutchinson trace**: tr(A) = E[zᵀAz] for Rademacher z (entries ±1, E zzᵀ = I); the mean of m
+  samples is unbiased with standard error s/√m (s the sample standard deviation).
+* **Stochastic Lanczos quadrature** (SLQ; Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019;
+  PyHessian): the spectral density φ(t) = (1/P) Σ_i δ(t − λ_i) satisfies, for a unit start vector
+  q with E[q qᵀ] = I/P, ∫ f dφ = tr f(A)/P = E[qᵀ f(A) q]. m Lanczos steps from q give the
+  tridiagonal T_m = Σ_k θ_k s_k s_kᵀ, and qᵀ f(A) q ≈ Σ_k w_k f(θ_k) with Ritz values θ_k and
+  weights w_k = (e_1ᵀ s_k)² = (qᵀ y_k)² (Σ w_k = 1): the m-point Gauss quadrature of the measure
+  Σ_i (qᵀu_i)² δ(t − λ_i), exact for polynomials f of degree ≤ 2m − 1. So per run
+  Σ_k w_k θ_k = qᵀAq and Σ_k w_k θ_k² = qᵀA²q exactly, and their means over runs estimate
+  tr(A)/P and tr(A²)/P without bias. The density is the average over R runs of the Gaussian
+  broadening Σ_k w_k N(t; θ_k, σ²) on a grid (PyHessian: R = ``n_v``, m = ``iter``).
+* Sharing products: with a Rademacher start q = z/√P, the first Lanczos coefficient
+  α_1 = qᵀAq = zᵀAz / P, so every SLQ run *is* a Hutchinson sample P Σ_k w_k θ_k; the trace comes
+  with the density at no extra product (:func:`spectral_density` pools them with any extra
+  single-product samples).
+
+The Lanczos iteration is :func:`stiffmon_agent.metrics.eigen.lanczos` (full reorthogonalisation),
+run for exactly ``steps`` products with every Ritz pair kept. The Ritz values lie in
+[λ_min, λ_max] and the extreme ones converge first, so the grid, padded by a few σ beyond the
+extreme Ritz values, covers the spectrum's support once ``steps`` is moderate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from stiffmon_agent.metrics.eigen import MatVec, TraceEstimate, lanczos
+
+
+def rademacher(dim: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A vector of independent ±1 entries (drawn on the CPU, so seeded runs match anywhere)."""
+    z = torch.randint(0, 2, (dim,), generator=generator, dtype=torch.int8)
+    return (z.to(like.dtype) * 2 - 1).to(like.device)
+
+
+def trace_from_samples(samples: Sequence[float]) -> TraceEstimate:
+    """Mean and standard error of Hutchinson samples zᵀAz (stderr NaN for one sample)."""
+    m = len(samples)
+    if m < 1:
+        raise ValueError("need at least one trace sample")
+    mean = math.fsum(samples) / m
+    if m < 2:
+        return TraceEstimate(mean=mean, stderr=math.nan, samples=1)
+    var = math.fsum((s - mean) ** 2 for s in samples) / (m - 1)
+    return TraceEstimate(mean=mean, stderr=math.sqrt(var / m), samples=m)
+
+
+def hutchinson_samples(
+    matvec: MatVec,
+    dim: int,
+    samples: int,
+    *,
+    like: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> list[float]:
+    """``samples`` independent zᵀAz with Rademacher z (one product each)."""
+    like = like if like is not None else torch.zeros((), dtype=torch.float64)
+    out = []
+    for _ in range(samples):
+        z = rademacher(dim, like, generator)
+        out.append(float(z.double() @ matvec(z).double()))
+    return out
+
+
+@dataclass(frozen=True)
+class SpectralDensity:
+    """The result of stochastic Lanczos quadrature.
+
+    Attributes:
+        nodes: (R, m) Ritz values θ_k of each run (ascending).
+        weights: (R, m) Gauss weights w_k = (qᵀy_k)² of each run; each row sums to 1.
+        trace: Hutchinson estimate of tr(A) from the runs' starts and any extra samples.
+        matvecs: Products used in all.
+        dim: Operator dimension P.
+    """
+
+    nodes: Tensor
+    weights: Tensor
+    trace: TraceEstimate
+    matvecs: int
+    dim: int
+
+    @property
+    def runs(self) -> int:
+        return int(self.nodes.shape[0])
+
+    @property
+    def steps(self) -> int:
+        return int(self.nodes.shape[1])
+
+    def moment(self, k: int) -> Tensor:
+        """Per-run quadrature Σ_j w_j θ_j^k (R,); its mean estimates tr(A^k)/P."""
+        return (self.weights * self.nodes**k).sum(dim=1)
+
+    def default_sigma(self, relative: float = 0.01) -> float:
+        """A broadening of ``relative`` × the spread of the Ritz values (1e-12 if they agree)."""
+        spread = float(self.nodes.max() - self.nodes.min()) if self.nodes.numel() else 0.0
+        return max(relative * spread, 1e-12)
+
+    def broadened(
+        self, points: int = 256, sigma: float | None = None, pad: float = 4.0
+    ) -> tuple[Tensor, Tensor, float]:
+        """The density on a grid: mean over runs of Σ_k w_k N(t; θ_k, σ²).
+
+        Args:
+            points: Grid size (≥ 2).
+            sigma: Gaussian standard deviation σ; default :meth:`default_sigma`.
+            pad: The grid spans [min θ − pad σ, max θ + pad σ].
+
+        Returns:
+            ``(grid, density, sigma)``: the density integrates to 1 up to the Gaussian tails
+            beyond the grid (≈ 6e-5 at ``pad = 4``); it is not renormalised, so its mean is
+            exactly the quadrature mean up to those tails and its variance that plus σ².
+        """
+        if points < 2:
+            raise ValueError("the grid needs at least 2 points")
+        s = self.default_sigma() if sigma is None else float(sigma)
+        if not s > 0:
+            raise ValueError(f"sigma must be positive, got {sigma}")
+        lo = float(self.nodes.min()) - pad * s
+        hi = float(self.nodes.max()) + pad * s
+        grid = torch.linspace(lo, hi, points, dtype=torch.float64)
+        nodes = self.nodes.reshape(-1, 1)
+        w = self.weights.reshape(-1, 1) / self.runs
+        z = (grid.reshape(1, -1) - nodes) / s
+        density = (w * torch.exp(-0.5 * z * z)).sum(dim=0) / (s * math.sqrt(2.0 * math.pi))
+        return grid, density, s
+
+
+def spectral_density(
+    matvec: MatVec,
+    dim: int,
+    *,
+    runs: int = 1,
+    steps: int = 100,
+    trace_samples: int = 0,
+    like: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> SpectralDensity:
+    """Stochastic Lanczos quadrature with Rademacher starts, and the Hutchinson trace with it.
+
+    Args:
+        matvec: v ↦ A v for a symmetric A.
+        dim: P.
+        runs: Independent Lanczos runs R (PyHessian's ``n_v``; ≥ 1).
+        steps: Lanczos steps m per run (PyHessian's ``iter``); capped at P.
+        trace_samples: Extra single-product Hutchinson samples pooled with the R free ones.
+        like: Tensor giving dtype and device of the vectors (default float64 CPU).
+        generator: Random generator for the start vectors (the global RNG is not touched).
+
+    Returns:
+        Ritz values and weights of every run, the trace estimate, and the product count.
+    """
+    if runs < 1 or steps < 1 or trace_samples < 0:
+        raise ValueError(
+            f"need runs ≥ 1, steps ≥ 1, trace_samples ≥ 0; got {runs}, {steps}, {trace_samples}"
+        )
+    like = like if like is not None else torch.zeros((), dtype=torch.float64)
+    m = min(steps, dim)
+    nodes, weights, samples = [], [], []
+    matvecs = 0
+    for _ in range(runs):
+        z = rademacher(dim, like, generator)
+        q = z / math.sqrt(dim)
+        res = lanczos(
+            matvec, dim, m, init=q, tol=0.0, max_matvecs=m, like=like, generator=generator
+        )
+        matvecs += res.matvecs
+        theta = res.eigenvalues.double().cpu()
+        w = (q.double() @ res.eigenvectors.double()).cpu() ** 2
+        if theta.numel() < m:  # an invariant subspace ended the run early: the rest weigh 0
+            pad = m - theta.numel()
+            theta = torch.cat([theta, theta[-1:].expand(pad)])
+            w = torch.cat([w, torch.zeros(pad, dtype=torch.float64)])
+        order = torch.argsort(theta)
+        theta, w = theta[order], w[order]
+        w = w / w.sum()  # exact up to rounding: q lies in the Krylov space
+        nodes.append(theta)
+        weights.append(w)
+        samples.append(dim * float((w * theta).sum()))  # = zᵀAz: a Hutchinson sample
+    samples += hutchinson_samples(matvec, dim, trace_samples, like=like, generator=generator)
+    matvecs += trace_samples
+    return SpectralDensity(
+        nodes=torch.stack(nodes),
+        weights=torch.stack(weights),
+        trace=trace_from_samples(samples),
+        matvecs=matvecs,
+        dim=dim,
+    )

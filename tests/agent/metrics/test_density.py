@@ -1,0 +1,129 @@
+"""Hutchinson trace and stochastic Lanczos quadrature against the dense float64 Hessian."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from stiffmon_agent.metrics import HessianOperator, measurement_mode
+from stiffmon_agent.metrics.density import rademacher, spectral_density, trace_from_samples
+
+CE = nn.CrossEntropyLoss()
+
+
+def small_problem() -> tuple[nn.Module, Tensor, Tensor]:
+    """A float64 MLP (P = 51) on 12 examples, 3 classes."""
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    return model, x, y
+
+
+def dense_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The P×P Hessian of the mean loss, by torch.autograd.functional.hessian."""
+    names = [n for n, p in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(theta: Tensor) -> Tensor:
+        parts = [c.view(s) for c, s in zip(theta.split(sizes), shapes, strict=True)]
+        out = functional_call(model, dict(zip(names, parts, strict=True)), (x,))
+        return CE(out, y)
+
+    h = torch.autograd.functional.hessian(loss, flat)
+    return 0.5 * (h + h.T)
+
+
+def test_trace_within_three_standard_errors() -> None:
+    model, x, y = small_problem()
+    h = dense_hessian(model, x, y)
+    with measurement_mode(model):
+        op = HessianOperator(model, x, y, CE)
+        res = spectral_density(
+            op,
+            op.dim,
+            runs=4,
+            steps=10,
+            trace_samples=60,
+            generator=torch.Generator().manual_seed(0),
+        )
+    assert res.trace.samples == 64 and res.matvecs == 4 * 10 + 60 == op.calls
+    assert res.trace.stderr > 0
+    assert abs(res.trace.mean - float(h.trace())) < 3 * res.trace.stderr
+
+
+def test_quadrature_is_exact_per_run() -> None:
+    """Σ w θ^k = qᵀA^k q for k ≤ 2m − 1 with q the run's own start vector."""
+    a = torch.randn(30, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    a = a + a.T
+    res = spectral_density(
+        lambda v: a @ v, 30, runs=1, steps=4, generator=torch.Generator().manual_seed(7)
+    )
+    q = rademacher(30, a, torch.Generator().manual_seed(7)) / math.sqrt(30)
+    for k in range(1, 8):  # degree ≤ 2·4 − 1
+        want = float(q @ torch.linalg.matrix_power(a, k) @ q)
+        assert float(res.moment(k)[0]) == pytest.approx(want, rel=1e-9, abs=1e-9)
+    assert float(res.weights.sum()) == pytest.approx(1.0)
+    assert res.trace.samples == 1 and math.isnan(res.trace.stderr)
+    assert res.trace.mean == pytest.approx(float(q @ a @ q) * 30, rel=1e-9)
+
+
+def test_density_moments_and_support_against_dense_eigenvalues() -> None:
+    model, x, y = small_problem()
+    h = dense_hessian(model, x, y)
+    lam = torch.linalg.eigvalsh(h)
+    p = lam.numel()
+    with measurement_mode(model):
+        op = HessianOperator(model, x, y, CE)
+        res = spectral_density(
+            op, op.dim, runs=40, steps=20, generator=torch.Generator().manual_seed(1)
+        )
+    assert res.matvecs == 40 * 20
+    m1, m2 = res.moment(1), res.moment(2)
+    se1 = float(m1.std() / math.sqrt(res.runs))
+    se2 = float(m2.std() / math.sqrt(res.runs))
+    # E[Σ w θ] = tr(H)/P, E[Σ w θ²] = tr(H²)/P
+    assert abs(float(m1.mean()) - float(lam.mean())) < 3 * se1
+    assert abs(float(m2.mean()) - float((lam**2).mean())) < 3 * se2
+    # the extreme Ritz values converge to the spectrum's ends; the grid covers them
+    assert float(res.nodes.max()) == pytest.approx(float(lam.max()), rel=1e-6)
+    assert float(res.nodes.min()) == pytest.approx(float(lam.min()), rel=1e-3, abs=1e-8)
+    grid, dens, sigma = res.broadened(points=2000)
+    assert float(grid[0]) <= float(lam.min()) and float(grid[-1]) >= float(lam.max())
+    assert sigma == pytest.approx(0.01 * float(res.nodes.max() - res.nodes.min()))
+    dx = float(grid[1] - grid[0])
+    mass = float(torch.trapezoid(dens, dx=dx))
+    mean = float(torch.trapezoid(grid * dens, dx=dx))
+    second = float(torch.trapezoid(grid**2 * dens, dx=dx))
+    assert mass == pytest.approx(1.0, abs=1e-3)
+    assert mean == pytest.approx(float(m1.mean()), rel=1e-3)
+    assert second == pytest.approx(float(m2.mean()) + sigma**2, rel=1e-3)
+    assert second - sigma**2 == pytest.approx(float((lam**2).mean()), rel=0.25)
+    assert bool((dens >= 0).all())
+
+
+def test_errors_and_small_dimensions() -> None:
+    eye = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError):
+        spectral_density(lambda v: v, 3, runs=0)
+    with pytest.raises(ValueError):
+        trace_from_samples([])
+    # steps beyond P are capped; the identity is one eigenvalue 1 with weight 1
+    res = spectral_density(
+        lambda v: eye @ v, 3, runs=2, steps=10, generator=torch.Generator().manual_seed(0)
+    )
+    assert res.steps == 3
+    assert float(res.moment(1).mean()) == pytest.approx(1.0)
+    assert res.trace.mean == pytest.approx(3.0) and res.trace.stderr == pytest.approx(0.0)
+    grid, dens, sigma = res.broadened(points=64)
+    assert sigma == 1e-12  # all Ritz values agree: the floor
+    assert abs(float(grid[int(dens.argmax())]) - 1.0) < 1e-11
+    with pytest.raises(ValueError):
+        res.broadened(points=1)
