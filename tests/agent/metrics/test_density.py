@@ -79,7 +79,6 @@ def test_density_moments_and_support_against_dense_eigenvalues() -> None:
     model, x, y = small_problem()
     h = dense_hessian(model, x, y)
     lam = torch.linalg.eigvalsh(h)
-    p = lam.numel()
     with measurement_mode(model):
         op = HessianOperator(model, x, y, CE)
         res = spectral_density(

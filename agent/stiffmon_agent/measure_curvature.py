@@ -1,0 +1,144 @@
+"""Curvature and batch-size messages: Hessian trace and density, Cockpit's gradient tests.
+
+Message names (the monitor relies on them):
+
+* with every Gram measurement, in its ``scalars``: ``noise/norm_test``,
+  ``noise/inner_product_test``, ``noise/orthogonality_test`` (θ_max, θ_max, ν_max on the train
+  probe), ``noise/suggested_batch/<test>`` (the batch size each test asks for at the chosen θ)
+  and ``noise/theta/<test>`` (that θ);
+* on the density schedule: ``curve`` ``hessian-density`` (x: eigenvalue grid, y: density),
+  ``attrs`` ``sigma`` (Gaussian broadening, standard deviation), ``grid`` (``"linear"``),
+  ``runs``, ``steps``, ``hvps``, ``dim``, ``ritz_min``, ``ritz_max``, ``trace``,
+  ``trace_stderr``; and ``scalars`` ``curvature/{trace,trace_stderr,hvps}``.
+
+The Hessian is that of the mean loss on the train probe, the one whose λ1_H the sharpness
+measurement tracks (same operator, :class:`~stiffmon_agent.metrics.sharpness.HessianOperator`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+
+from stiffmon import protocol as p
+from stiffmon_agent.measure import ProbeSet
+from stiffmon_agent.metrics import HessianOperator, gradient_tests, measurement_mode
+from stiffmon_agent.metrics.density import spectral_density
+from stiffmon_agent.metrics.gradient_tests import (
+    DEFAULT_NU_ORTHO,
+    DEFAULT_THETA_INNER,
+    DEFAULT_THETA_NORM,
+)
+from stiffmon_agent.metrics.probe import ForwardFn, LossFn
+from stiffmon_agent.publisher import Outgoing
+
+TESTS = ("norm_test", "inner_product_test", "orthogonality_test")
+
+
+def gradient_test_scalars(
+    train_gram: Tensor,
+    *,
+    theta_norm: float = DEFAULT_THETA_NORM,
+    theta_inner: float = DEFAULT_THETA_INNER,
+    nu_ortho: float = DEFAULT_NU_ORTHO,
+) -> dict[str, float]:
+    """``noise/<test>``, ``noise/suggested_batch/<test>`` and ``noise/theta/<test>`` values.
+
+    Args:
+        train_gram: (N, N) Gram matrix of the train probe (N ≥ 2).
+        theta_norm: θ of the norm test for the suggested batch size.
+        theta_inner: θ of the inner-product test.
+        nu_ortho: ν of the orthogonality test.
+    """
+    t = gradient_tests(train_gram)
+    suggested = t.suggested_batch(theta_norm, theta_inner, nu_ortho)
+    values = (t.norm_test, t.inner_product_test, t.orthogonality_test)
+    out: dict[str, float] = {f"noise/{k}": v for k, v in zip(TESTS, values, strict=True)}
+    out.update({f"noise/suggested_batch/{k}": suggested[k] for k in TESTS})
+    thetas = (theta_norm, theta_inner, nu_ortho)
+    out.update({f"noise/theta/{k}": v for k, v in zip(TESTS, thetas, strict=True)})
+    return out
+
+
+def density_messages(
+    model: nn.Module,
+    loss_fn: LossFn,
+    probe: ProbeSet,
+    step: int,
+    *,
+    forward: ForwardFn | None = None,
+    runs: int = 2,
+    steps: int = 32,
+    trace_samples: int = 8,
+    points: int = 128,
+    sigma_relative: float = 0.01,
+    chunk_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[Outgoing]:
+    """Spectral density (SLQ) and Hutchinson trace of the train-probe Hessian.
+
+    Costs ``runs · steps + trace_samples`` Hessian-vector products; each SLQ run's Rademacher
+    start doubles as a trace sample, so the trace pools ``runs + trace_samples`` samples.
+
+    Args:
+        model: The network (measured in eval mode, restored afterwards).
+        loss_fn: The training loss.
+        probe: The probe set (its train part is used).
+        step: Training step of the measurement.
+        forward: ``forward(model, inputs)``.
+        runs: Lanczos runs R.
+        steps: Lanczos steps m per run.
+        trace_samples: Extra single-product Hutchinson samples.
+        points: Grid points of the published density.
+        sigma_relative: Broadening σ as a fraction of the Ritz values' spread.
+        chunk_size: Examples per pass of the HVPs.
+        generator: Random generator for the probe vectors.
+    """
+    t = time.time()
+    x, y = probe.train()
+    with measurement_mode(model):
+        op = HessianOperator(model, x, y, loss_fn, forward=forward, chunk_size=chunk_size)
+        res = spectral_density(
+            op,
+            op.dim,
+            runs=runs,
+            steps=steps,
+            trace_samples=trace_samples,
+            like=op.like.detach(),
+            generator=generator,
+        )
+    grid, dens, sigma = res.broadened(points=points, sigma=res.default_sigma(sigma_relative))
+    trace, stderr = res.trace.mean, res.trace.stderr
+    attrs: dict[str, float | int | str | None] = {
+        "sigma": sigma,
+        "grid": "linear",
+        "broadening": "gaussian",
+        "runs": res.runs,
+        "steps": res.steps,
+        "hvps": res.matvecs,
+        "dim": res.dim,
+        "ritz_min": float(res.nodes.min()),
+        "ritz_max": float(res.nodes.max()),
+        "trace": trace if math.isfinite(trace) else None,
+        "trace_stderr": stderr if math.isfinite(stderr) else None,
+    }
+    return [
+        Outgoing(
+            p.Curve,
+            step,
+            t,
+            {"name": "hessian-density", "x": grid.numpy(), "y": dens.numpy(), "attrs": attrs},
+        ),
+        Outgoing(
+            p.Scalars,
+            step,
+            t,
+            {
+                "values_names": ["curvature/trace", "curvature/trace_stderr", "curvature/hvps"],
+                "values_raw": [trace, stderr, float(res.matvecs)],
+            },
+        ),
+    ]
