@@ -6,6 +6,7 @@ No I/O, no sockets, no globals: the agent decides when to call them and where re
 from __future__ import annotations
 
 from stiffmon_agent.metrics.activations import capture_activations
+from stiffmon_agent.metrics.density import SpectralDensity, spectral_density
 from stiffmon_agent.metrics.eigen import (
     EigenResult,
     TraceEstimate,
@@ -13,9 +14,8 @@ from stiffmon_agent.metrics.eigen import (
     lanczos,
     power_iteration,
 )
-from stiffmon_agent.metrics.density import SpectralDensity, spectral_density
-from stiffmon_agent.metrics.gram import GramResult, per_example_gradients, per_example_gram
 from stiffmon_agent.metrics.gradient_tests import GradientTests, gradient_tests
+from stiffmon_agent.metrics.gram import GramResult, per_example_gradients, per_example_gram
 from stiffmon_agent.metrics.noise import GradientNoise, centred_gram, gradient_noise
 from stiffmon_agent.metrics.sharpness import (
     HessianOperator,
