@@ -9,6 +9,8 @@ Prints, for one run on this machine, ratios against baselines measured side by s
 3. Sharpness along 20 measurements of a short training run: mean HVPs per measurement for
    warm-started Lanczos to be within 1 % of the converged λ1_H (target ≤ 5) vs cold-start power
    iteration at tol 1e-3 (PyHessian's method, ≈ 11), and HVP time ÷ gradient time.
+4. Hessian trace and spectral density (:mod:`tests.benchmarks.curvature`): HVPs and seconds per
+   measurement, ours next to PyHessian's defaults on the same HVPs; the gradient tests' cost.
 
 Peak extra memory on CPU is the peak resident set size above the level just before the call,
 sampled every 0.5 ms in a fresh subprocess per method; on CUDA it is
@@ -38,6 +40,7 @@ from stiffmon_agent.metrics import (
     per_example_gram,
 )
 from stiffmon_agent.metrics.gram import per_example_gradients
+from tests.benchmarks.curvature import curvature_benchmark, report_curvature
 
 CE = nn.CrossEntropyLoss()
 
@@ -364,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"    HVP time / gradient time: {sh['hvp_over_grad_time']:.2f} ({sh['hvp_backend']})")
     print(f"    λ1_H: {sh['lambda1_first']:.3f} at step 0 -> {sh['lambda1_last']:.3f}")
+    probe_n = sizes[2]
+    cnn_model, cx, cy = problem("cnn", probe_n + 512, args.device)
+    report_curvature(
+        curvature_benchmark(cnn_model, cx[:probe_n], cy[:probe_n], cx[probe_n:], cy[probe_n:])
+    )
     print(f"\ntotal {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -19,8 +19,13 @@ Hessian of the mean probe loss in the agent); nothing here knows about models.
   with the density at no extra product (:func:`spectral_density` pools them with any extra
   single-product samples).
 
-The Lanczos iteration is :func:`stiffmon_agent.metrics.eigen.lanczos` (full reorthogonalisation),
-run for exactly ``steps`` products with every Ritz pair kept. The Ritz values lie in
+The Lanczos iteration (:func:`lanczos_quadrature`) is the three-term recurrence with full
+reorthogonalisation (twice, against a preallocated basis) run for exactly ``steps`` products; the
+nodes and weights come from the m×m tridiagonal alone (w_k = (e_1ᵀ s_k)²), so no P×m Ritz vectors
+are formed. :func:`stiffmon_agent.metrics.eigen.lanczos` computes the same Ritz values but checks
+convergence and rebuilds its basis at every step (O(m² P) copying), which is right for a few top
+eigenpairs and too slow for 100-step quadratures at P ~ 10⁵; the tests check the two agree. The
+Ritz values lie in
 [λ_min, λ_max] and the extreme ones converge first, so the grid, padded by a few σ beyond the
 extreme Ritz values, covers the spectrum's support once ``steps`` is moderate.
 """
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from stiffmon_agent.metrics.eigen import MatVec, TraceEstimate, lanczos
+from stiffmon_agent.metrics.eigen import MatVec, TraceEstimate
 
 
 def rademacher(dim: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -137,6 +142,58 @@ class SpectralDensity:
         return grid, density, s
 
 
+def lanczos_quadrature(matvec: MatVec, q: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """Gauss quadrature nodes and weights of the spectral measure of A seen from unit ``q``.
+
+    ``steps`` Lanczos steps with full reorthogonalisation build T_m = tridiag(β, α, β);
+    T_m = S diag(θ) Sᵀ gives nodes θ_k and weights w_k = S_{1k}². If the Krylov space becomes
+    invariant after j < m steps (β_j ≈ 0) the quadrature is already exact: the remaining m − j
+    nodes repeat the last one with weight 0.
+
+    Args:
+        matvec: v ↦ A v for a symmetric A.
+        q: Unit start vector (P,); its dtype and device are used throughout.
+        steps: m ≥ 1 (at most P).
+
+    Returns:
+        ``(nodes, weights)``, float64 (m,), nodes ascending, weights summing to 1.
+    """
+    dim = q.shape[0]
+    m = max(1, min(steps, dim))
+    basis = torch.empty((m, dim), dtype=q.dtype, device=q.device)
+    basis[0] = q
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(m):
+        w = matvec(basis[j]).to(q.dtype)
+        alpha = float(basis[j] @ w)
+        alphas.append(alpha)
+        w = w - alpha * basis[j]
+        if j > 0:
+            w = w - betas[-1] * basis[j - 1]
+        done = basis[: j + 1]
+        for _ in range(2):  # full reorthogonalisation, twice is enough
+            w = w - done.T @ (done @ w)
+        beta = float(w.norm())
+        scale = max(max(abs(a) for a in alphas), max(betas, default=0.0), 1e-300)
+        if j == m - 1 or beta <= 1e-10 * scale:
+            break
+        betas.append(beta)
+        basis[j + 1] = w / beta
+    k = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(betas[: k - 1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+    theta, s = torch.linalg.eigh(t)
+    w = s[0] ** 2
+    if k < m:
+        theta = torch.cat([theta, theta[-1:].expand(m - k)])
+        w = torch.cat([w, torch.zeros(m - k, dtype=torch.float64)])
+    order = torch.argsort(theta)
+    return theta[order], w[order] / w.sum()
+
+
 def spectral_density(
     matvec: MatVec,
     dim: int,
@@ -166,25 +223,13 @@ def spectral_density(
             f"need runs ≥ 1, steps ≥ 1, trace_samples ≥ 0; got {runs}, {steps}, {trace_samples}"
         )
     like = like if like is not None else torch.zeros((), dtype=torch.float64)
-    m = min(steps, dim)
     nodes, weights, samples = [], [], []
     matvecs = 0
     for _ in range(runs):
-        z = rademacher(dim, like, generator)
-        q = z / math.sqrt(dim)
-        res = lanczos(
-            matvec, dim, m, init=q, tol=0.0, max_matvecs=m, like=like, generator=generator
-        )
-        matvecs += res.matvecs
-        theta = res.eigenvalues.double().cpu()
-        w = (q.double() @ res.eigenvectors.double()).cpu() ** 2
-        if theta.numel() < m:  # an invariant subspace ended the run early: the rest weigh 0
-            pad = m - theta.numel()
-            theta = torch.cat([theta, theta[-1:].expand(pad)])
-            w = torch.cat([w, torch.zeros(pad, dtype=torch.float64)])
-        order = torch.argsort(theta)
-        theta, w = theta[order], w[order]
-        w = w / w.sum()  # exact up to rounding: q lies in the Krylov space
+        counted = _Counted(matvec)
+        q = rademacher(dim, like, generator) / math.sqrt(dim)
+        theta, w = lanczos_quadrature(counted, q, steps)
+        matvecs += counted.calls
         nodes.append(theta)
         weights.append(w)
         samples.append(dim * float((w * theta).sum()))  # = zᵀAz: a Hutchinson sample
@@ -197,3 +242,15 @@ def spectral_density(
         matvecs=matvecs,
         dim=dim,
     )
+
+
+class _Counted:
+    """A matvec that counts its calls."""
+
+    def __init__(self, matvec: MatVec) -> None:
+        self.matvec = matvec
+        self.calls = 0
+
+    def __call__(self, v: Tensor) -> Tensor:
+        self.calls += 1
+        return self.matvec(v)

@@ -10,7 +10,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from stiffmon_agent.metrics import HessianOperator, measurement_mode
-from stiffmon_agent.metrics.density import rademacher, spectral_density, trace_from_samples
+from stiffmon_agent.metrics.density import (
+    lanczos_quadrature,
+    rademacher,
+    spectral_density,
+    trace_from_samples,
+)
+from stiffmon_agent.metrics.eigen import lanczos
 
 CE = nn.CrossEntropyLoss()
 
@@ -79,24 +85,28 @@ def test_density_moments_and_support_against_dense_eigenvalues() -> None:
     model, x, y = small_problem()
     h = dense_hessian(model, x, y)
     lam = torch.linalg.eigvalsh(h)
+    gen = torch.Generator().manual_seed(1)
     with measurement_mode(model):
         op = HessianOperator(model, x, y, CE)
-        res = spectral_density(
-            op, op.dim, runs=40, steps=20, generator=torch.Generator().manual_seed(1)
-        )
-    assert res.matvecs == 40 * 20
-    m1, m2 = res.moment(1), res.moment(2)
-    se1 = float(m1.std() / math.sqrt(res.runs))
-    se2 = float(m2.std() / math.sqrt(res.runs))
+        # 2 steps already integrate degree ≤ 3 exactly: many cheap runs for the moments
+        many = spectral_density(op, op.dim, runs=60, steps=2, generator=gen)
+        # one long run for the support (extreme Ritz values converge first)
+        long = spectral_density(op, op.dim, runs=1, steps=40, generator=gen)
+    assert many.matvecs == 120 and long.matvecs == 40
+    m1, m2 = many.moment(1), many.moment(2)
+    se1 = float(m1.std() / math.sqrt(many.runs))
+    se2 = float(m2.std() / math.sqrt(many.runs))
     # E[Σ w θ] = tr(H)/P, E[Σ w θ²] = tr(H²)/P
     assert abs(float(m1.mean()) - float(lam.mean())) < 3 * se1
     assert abs(float(m2.mean()) - float((lam**2).mean())) < 3 * se2
-    # the extreme Ritz values converge to the spectrum's ends; the grid covers them
-    assert float(res.nodes.max()) == pytest.approx(float(lam.max()), rel=1e-6)
-    assert float(res.nodes.min()) == pytest.approx(float(lam.min()), rel=1e-3, abs=1e-8)
-    grid, dens, sigma = res.broadened(points=2000)
+    assert float(long.nodes.max()) == pytest.approx(float(lam.max()), rel=1e-6)
+    assert float(long.nodes.min()) == pytest.approx(float(lam.min()), rel=1e-3, abs=1e-8)
+    grid, dens, sigma = long.broadened(points=2000)
     assert float(grid[0]) <= float(lam.min()) and float(grid[-1]) >= float(lam.max())
-    assert sigma == pytest.approx(0.01 * float(res.nodes.max() - res.nodes.min()))
+    assert sigma == pytest.approx(0.01 * float(long.nodes.max() - long.nodes.min()))
+    assert bool((dens >= 0).all())
+    # the broadened density keeps the quadrature's moments (variance + σ²)
+    grid, dens, sigma = many.broadened(points=4000)
     dx = float(grid[1] - grid[0])
     mass = float(torch.trapezoid(dens, dx=dx))
     mean = float(torch.trapezoid(grid * dens, dx=dx))
@@ -105,7 +115,6 @@ def test_density_moments_and_support_against_dense_eigenvalues() -> None:
     assert mean == pytest.approx(float(m1.mean()), rel=1e-3)
     assert second == pytest.approx(float(m2.mean()) + sigma**2, rel=1e-3)
     assert second - sigma**2 == pytest.approx(float((lam**2).mean()), rel=0.25)
-    assert bool((dens >= 0).all())
 
 
 def test_errors_and_small_dimensions() -> None:
@@ -126,3 +135,24 @@ def test_errors_and_small_dimensions() -> None:
     assert abs(float(grid[int(dens.argmax())]) - 1.0) < 1e-11
     with pytest.raises(ValueError):
         res.broadened(points=1)
+
+
+def test_quadrature_matches_the_sharpness_lanczos() -> None:
+    """Same start, same Ritz values as eigen.lanczos (an independent implementation)."""
+    a = torch.randn(40, 40, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    a = a + a.T
+    q = rademacher(40, a, torch.Generator().manual_seed(3)) / math.sqrt(40)
+    nodes, weights = lanczos_quadrature(lambda v: a @ v, q, 12)
+    ref = lanczos(lambda v: a @ v, 40, 12, init=q, tol=0.0, max_matvecs=12)
+    torch.testing.assert_close(nodes, ref.eigenvalues.sort().values, rtol=1e-8, atol=1e-10)
+    want = (q @ ref.eigenvectors) ** 2  # (qᵀ y_k)², y_k the Ritz vectors
+    torch.testing.assert_close(weights, want[torch.argsort(ref.eigenvalues)], rtol=1e-6, atol=1e-10)
+    # a start in a 3-dimensional invariant subspace: exact after 3 steps, padded with weight 0
+    d = torch.diag(torch.arange(1.0, 41.0, dtype=torch.float64))
+    e = torch.zeros(40, dtype=torch.float64)
+    e[[0, 5, 9]] = 1 / math.sqrt(3)
+    nodes, weights = lanczos_quadrature(lambda v: d @ v, e, 8)
+    assert nodes.shape == weights.shape == (8,)
+    support = weights > 1e-12
+    torch.testing.assert_close(nodes[support], torch.tensor([1.0, 6.0, 10.0], dtype=torch.float64))
+    torch.testing.assert_close(weights[support], torch.full((3,), 1 / 3, dtype=torch.float64))
