@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from stiffmon import protocol as p
-from stiffmon_agent.measure import ProbeSet
 from stiffmon_agent.metrics import HessianOperator, gradient_tests, measurement_mode
 from stiffmon_agent.metrics.density import spectral_density
 from stiffmon_agent.metrics.gradient_tests import (
@@ -34,6 +34,9 @@ from stiffmon_agent.metrics.gradient_tests import (
 )
 from stiffmon_agent.metrics.probe import ForwardFn, LossFn
 from stiffmon_agent.publisher import Outgoing
+
+if TYPE_CHECKING:  # measure imports this module for the gradient tests
+    from stiffmon_agent.measure import ProbeSet
 
 TESTS = ("norm_test", "inner_product_test", "orthogonality_test")
 
