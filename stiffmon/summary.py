@@ -20,11 +20,11 @@ from stiffmon.store import RunData, Store
 REASON_MARK = {"threshold": "", "early-peak": "ᵖ", "catapult": "ᶜ", "none": ""}
 
 BREAK_EVEN_LEGEND = (
-    "break-even: step where λ1_H first stays at its stability threshold thr (2/η for SGD, "
-    "(2+2β)/η heavy ball); "
-    "ᵖ end of the rise to the early-phase peak; ᶜ catapult (one-measurement spike above the "
-    "threshold); ? tentative (not yet confirmed). after: mean over the measurements after a "
-    "confirmed break-even."
+    "break-even: first step where λ1_H reaches its stability threshold thr (2/η for SGD, "
+    "(2+2β)/η heavy ball) and stays within 5 %; ᵖ end of the rise to the early-phase peak "
+    "(thr not reached); ᶜ catapult (a one-measurement spike above thr); ? tentative (not "
+    "confirmed yet). after: mean over the measurements after a confirmed break-even. Adaptive "
+    "optimizers: judged on the preconditioned λ1 and its threshold."
 )
 
 
@@ -36,6 +36,8 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     """
     be = rd.break_even()
     be_k = rd.break_even_k()
+    precond = be.series == "sharpness/lambda1_precond"
+    thr_name = "sharpness/threshold_precond" if precond else "sharpness/threshold"
     opt = rd.optimizer
     xi = rd.last("xi/input")
     return {
@@ -53,6 +55,7 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
         "break_even_status": be.status,
         "break_even_series": be.series,
         "lambda1_at_break_even": be.value,
+        "break_even_threshold": rd.last(thr_name),
         "catapults": list(be.catapults),
         "break_even_k_step": be_k.step,
         "break_even_k_status": be_k.status,
@@ -132,7 +135,7 @@ def summary_table(store: Store) -> Group:
         be.add_row(
             s["name"],
             fmt_break_even(s["break_even_step"], s["break_even_reason"], s["break_even_status"]),
-            fmt(s["threshold"], ".3g"),
+            fmt(s["break_even_threshold"], ".3g"),
             fmt(s["lambda1_at_break_even"], ".3g"),
             fmt(s["peak_lambda1_h"], ".3g"),
             fmt(s["peak_lambda1_k"], ".3g"),
