@@ -210,6 +210,13 @@ def test_edge_cases() -> None:
         derive.break_even([0], [1.0], 1.0, window=4)
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 6, 30])
+def test_running_median_against_a_loop(n: int) -> None:
+    lam = np.random.default_rng(n).standard_normal(n)
+    ref = [float(np.median(lam[max(0, i - 2) : i + 3])) for i in range(n)]
+    assert derive._smooth(lam, 2).tolist() == ref
+
+
 def test_mean_after() -> None:
     be = derive.BreakEven(20, 3.0, "early-peak", "confirmed")
     assert derive.mean_after([0, 20, 40, 60], [1.0, 3.0, 2.0, math.nan], be) == 2.0
