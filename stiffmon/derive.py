@@ -6,11 +6,13 @@ finds it from the measured λ1 (of H, or of the preconditioned H for adaptive op
 run's stability threshold (2/η for plain SGD) with the rule below. Only finite measurements
 count; ``i`` indexes them in order.
 
-* *Threshold*: the first measurement with λ1[i] ≥ thr[i], if the next ``persist − 1``
-  measurements stay at or above (1 − ``tol``)·thr (a sustained crossing). A run above the
-  threshold that ends sooner is a *catapult* (with the default ``persist = 2``: a
-  one-measurement spike); every catapult is listed, and the first one is the marker (reason
-  ``"catapult"``) unless a marker was already confirmed.
+* *Threshold*: the first measurement of a run of at least ``persist`` consecutive measurements
+  with λ1[i] ≥ (1 − ``tol``)·thr[i] (a sustained crossing: at the threshold within ``tol``, for
+  measurement noise at the edge of stability; thr may change with a learning-rate schedule).
+  A shorter run that holds a measurement with λ1[i] ≥ thr[i] is a *catapult* at that
+  measurement (with the default ``persist = 2``: a one-measurement spike); every catapult is
+  listed, and the first one is the marker (reason ``"catapult"``) unless one was confirmed
+  before it. With thr[0] reached, the marker can be step 0; otherwise never.
 * *Early peak* (when the threshold has not been reached): the curve is smoothed by a running
   median over ``window`` measurements, s[i] = median(λ1[i−h … i+h]), h = ``window`` // 2
   (truncated at the start), which ignores single-measurement spikes. The curve's noise is
