@@ -16,12 +16,14 @@ count; ``i`` indexes them in order.
 * *Early peak* (when the threshold has not been reached): the curve is smoothed by a running
   median over ``window`` measurements, s[i] = median(λ1[i−h … i+h]), h = ``window`` // 2
   (truncated at the start), which ignores single-measurement spikes. The curve's noise is
-  σ = 1.4826 · median |λ1[j+1] − 2λ1[j] + λ1[j−1]| / √6 over the ``noise_window`` measurements
-  up to the candidate (second differences cancel a linear trend; the MAD ignores spikes).
-  A candidate peak p is the highest s since the lowest point b before it; it needs a real rise,
-  s[p] − s[b] ≥ δ with δ = max(``noise_k`` · σ, ``rel`` · |s[p]|). The marker is where the
+  σ = 1.4826 · median |λ1[j+1] − 2λ1[j] + λ1[j−1]| / √6 over the last ``noise_window``
+  measurements (second differences cancel a linear trend; the median ignores spikes), the larger
+  of its values at the candidate and at the latest measurement (noise that grows after a peak
+  must not make it look like a fall). A candidate peak p is the highest s since the lowest point
+  b before it; it needs a real rise, s[p] − s[b] ≥ δ with δ = max(``noise_k`` · σ,
+  ``rel`` · |s[p]|). The marker is where the
   rise ends: the first q in (b, p] with s[q] ≥ s[p] − ``noise_k`` · σ_s, where
-  σ_s = 1.2533 σ / √``window`` is the noise of the running median — so never the first
+  σ_s = 1.2533 σ(p) / √``window`` is the noise of the running median — so never the first
   measurement. It is confirmed by a sustained fall below the top level: s[i] < mean(s[q … p]) − δ
   for ``fall_persist`` consecutive measurements (the mean, not the maximum, so that a long noisy
   plateau does not confirm itself on its own noise).
@@ -96,49 +98,60 @@ def _smooth(lam: FloatArray, h: int) -> FloatArray:
     return out
 
 
+def _noise(lam: FloatArray, window: int) -> FloatArray:
+    """σ known at each measurement j: 1.4826 · median |second difference| / √6 over the last
+    ``window`` measurements up to j (0 before there are three)."""
+    n = lam.shape[0]
+    out = np.zeros(n)
+    if n < 3:
+        return out
+    d2 = np.abs(lam[2:] - 2.0 * lam[1:-1] + lam[:-2])  # d2[k] is known at measurement k + 2
+    m = window - 2  # second differences inside a window of `window` measurements
+    for j in range(2, min(n, window)):
+        out[j] = np.median(d2[: j - 1])
+    if n >= window:
+        out[window - 1 :] = np.median(sliding_window_view(d2, m), axis=1)
+    return out * (1.4826 / math.sqrt(6.0))
+
+
 class _Peak:
     """Online early-peak search over the smoothed curve, one final point at a time."""
 
     def __init__(
         self,
-        lam: FloatArray,
         s: FloatArray,
+        noise: FloatArray,
         *,
         noise_k: float,
         rel: float,
-        noise_window: int,
         fall_persist: int,
         window: int,
     ) -> None:
-        self.lam, self.s = lam, s
-        self.noise_k, self.rel, self.noise_window = noise_k, rel, noise_window
-        self.fall_persist = fall_persist
+        self.s, self.noise = s, noise
+        self.noise_k, self.rel, self.fall_persist = noise_k, rel, fall_persist
         self.median_se = 1.2533 / math.sqrt(window)  # σ of a median of `window` values, per σ
         self.base = 0  # lowest point before the candidate
         self.p: int | None = None  # candidate peak
-        self.sigma = 0.0
         self.delta = math.inf
         self._top: tuple[int, float] | None = None  # (end of the rise, top level), per candidate
         self.below = 0  # consecutive points below the top level − δ
         self.since = 0  # points since the candidate was last exceeded
 
-    def _set_candidate(self, i: int) -> None:
-        self.p, self.below, self.since, self._top = i, 0, 0, None
-        lo = max(1, i - self.noise_window + 1)
-        lam = self.lam[lo - 1 : i + 1]
-        d2 = lam[2:] - 2.0 * lam[1:-1] + lam[:-2]
-        self.sigma = 1.4826 * float(np.median(np.abs(d2))) / math.sqrt(6.0) if d2.size else 0.0
-        self.delta = max(self.noise_k * self.sigma, self.rel * abs(float(self.s[i])))
+    def judge(self, j: int) -> None:
+        """δ with the noise known at measurement j (the larger of that at p and at j)."""
+        assert self.p is not None
+        sigma = max(self.noise[self.p], self.noise[j])
+        self.delta = max(self.noise_k * sigma, self.rel * abs(float(self.s[self.p])))
 
     def real_rise(self) -> bool:
         return self.p is not None and self.s[self.p] - self.s[self.base] >= self.delta
 
     def top(self) -> tuple[int, float]:
         """End of the rise q, the first i in (b, p] with s[i] ≥ s[p] − k·σ_s (σ_s the noise
-        of the running median), and the top level, the mean of s over [q, p]."""
+        of the running median at p), and the top level, the mean of s over [q, p]."""
         if self._top is None:
             assert self.p is not None
-            sigma_s = self.sigma * self.median_se
+            sigma_s = self.noise[self.p] * self.median_se
             seg = self.s[self.base + 1 : self.p + 1]
             if not seg.size:
                 self._top = (self.p, float(self.s[self.p]))
@@ -147,13 +160,16 @@ class _Peak:
                 self._top = (self.base + 1 + k, float(seg[k:].mean()))
         return self._top
 
-    def add(self, i: int) -> bool:
-        """Take final point i; True when it confirms the candidate."""
+    def add(self, i: int, j: int) -> bool:
+        """Take final point i, known at measurement j; True when it confirms the candidate."""
         s = self.s
+        if self.p is not None:
+            self.judge(j)
         if s[i] < s[self.base] and not self.real_rise():
             self.base, self.p = i, None
         if self.p is None or s[i] > s[self.p]:
-            self._set_candidate(i)
+            self.p, self.below, self.since, self._top = i, 0, 0, None
+            self.judge(j)
             return False
         self.since += 1
         # the top level is at most s[p]: test the cheap bound first
@@ -195,8 +211,8 @@ def break_even(
     Returns:
         The marker, its reason and status, and all catapults.
     """
-    if persist < 1 or fall_persist < 1 or window < 1 or window % 2 == 0:
-        raise ValueError("persist and fall_persist must be ≥ 1 and window odd")
+    if persist < 1 or fall_persist < 1 or window < 1 or window % 2 == 0 or noise_window < 3:
+        raise ValueError("persist, fall_persist ≥ 1, window odd and noise_window ≥ 3 needed")
     st = np.asarray(steps, dtype=np.int64)
     lam = np.asarray(lambda1, dtype=np.float64)
     if st.shape != lam.shape:
@@ -215,11 +231,10 @@ def break_even(
     h = window // 2
     s = _smooth(lam, h)
     peak = _Peak(
-        lam,
         s,
+        _noise(lam, noise_window),
         noise_k=noise_k,
         rel=rel,
-        noise_window=noise_window,
         fall_persist=fall_persist,
         window=window,
     )
@@ -244,7 +259,7 @@ def break_even(
                     found = (hit, "catapult")
             run = None
         i = j - h  # the smoothed point that just became final
-        if found is None and i >= 0 and peak.add(i):
+        if found is None and i >= 0 and peak.add(i, j):
             found = (peak.top()[0], "early-peak")
     cats = tuple(catapults)
     if found is not None:
@@ -252,6 +267,8 @@ def break_even(
         return BreakEven(int(st[k]), float(lam[k]), reason, "confirmed", cats, series)
     if run is not None:
         return BreakEven(int(st[run]), float(lam[run]), "threshold", "tentative", cats, series)
+    if peak.p is not None:
+        peak.judge(n - 1)
     if peak.real_rise() and peak.since >= fall_persist:
         k = peak.top()[0]
         return BreakEven(int(st[k]), float(lam[k]), "early-peak", "tentative", cats, series)

@@ -207,6 +207,8 @@ def test_edge_cases() -> None:
     with pytest.raises(ValueError, match="differ"):
         derive.break_even([0, 1], [1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="odd"):
+        derive.break_even([0], [1.0], 1.0, noise_window=2)
+    with pytest.raises(ValueError, match="odd"):
         derive.break_even([0], [1.0], 1.0, window=4)
 
 
@@ -215,6 +217,20 @@ def test_running_median_against_a_loop(n: int) -> None:
     lam = np.random.default_rng(n).standard_normal(n)
     ref = [float(np.median(lam[max(0, i - 2) : i + 3])) for i in range(n)]
     assert derive._smooth(lam, 2).tolist() == ref
+
+
+@pytest.mark.parametrize("n", [1, 3, 10, 16, 17, 40])
+def test_noise_against_a_loop(n: int) -> None:
+    lam = np.random.default_rng(n).standard_normal(n)
+    ref = [0.0] * min(n, 2)
+    for j in range(2, n):
+        win = lam[max(0, j - 15) : j + 1]
+        d2 = win[2:] - 2 * win[1:-1] + win[:-2]
+        ref.append(1.4826 * float(np.median(np.abs(d2))) / math.sqrt(6))
+    assert derive._noise(lam, 16) == pytest.approx(ref, rel=1e-12)
+    # white noise of σ = 1: the estimate is close to 1
+    big = np.random.default_rng(0).standard_normal(20_000)
+    assert derive._noise(big, 2000)[-1] == pytest.approx(1.0, rel=0.05)
 
 
 def test_mean_after() -> None:
