@@ -120,9 +120,8 @@ def _cmd_watch(args: argparse.Namespace) -> int:
             f"watch takes live endpoints; replay files with: stiffmon replay {resolved.files[0]}",
         )
     try:
-        StiffmonApp(
-            live=LiveSource(resolved.endpoints, _curve_client(args)), ascii=args.ascii
-        ).run()
+        live = LiveSource(resolved.endpoints, _curve_client(args), discover=not args.endpoints)
+        StiffmonApp(live=live, ascii=args.ascii).run()
     finally:
         resolved.close()
     return 0
