@@ -190,7 +190,9 @@ def test_explicit_endpoint_keeps_reconnecting(
 def test_bad_registry_entry_does_not_stop_discovery(
     tmp_path: Path, agents: Callable[..., FakeAgent], live: Callable[..., LiveSource]
 ) -> None:
-    register(RunEntry("bad", "bad", "tcp://nowhere", os.getpid(), socket.gethostname(), 0.0), tmp_path)
+    register(
+        RunEntry("bad", "bad", "tcp://nowhere", os.getpid(), socket.gethostname(), 0.0), tmp_path
+    )
     src = live([], discover=True, registry=tmp_path, rescan=0.2)
     store = Store()
     agent = agents(f"tcp://127.0.0.1:{free_port_pair()}", tmp_path)
