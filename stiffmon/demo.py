@@ -206,6 +206,7 @@ def run_demo(
         label_noise=label_noise,
         batch_size=batch_size,
         momentum=momentum,
+        every=every,
     )
     print(
         f"stiffmon demo: {len(children)} runs (η = {', '.join(f'{lr:g}' for lr in lr_list)}), "
