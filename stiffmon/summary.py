@@ -50,24 +50,38 @@ def fmt(v: Any, spec: str = ".4g") -> str:
     return str(v)
 
 
+SUMMARY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("η", "right"),
+    ("β", "right"),
+    ("B", "right"),
+    ("steps", "right"),
+    ("loss", "right"),
+    ("break\neven", "right"),
+    ("peak\nλ1_H", "right"),
+    ("bound", "right"),
+    ("peak\nλ1_K", "right"),
+    ("ξ", "right"),
+    ("status", "left"),
+)
+"""Column headers (two lines where that keeps the table within 80 columns)."""
+
+
 def summary_table(store: Store) -> Table:
-    """A Rich table with one row per run (all numbers, η/B and Tr K included, are in --json)."""
-    table = Table(title="stiffmon summary", header_style="bold", box=box.SIMPLE_HEAD)
-    table.add_column("run", justify="left", overflow="fold", min_width=8)
-    for col in (
-        "η",
-        "β",
-        "B",
-        "steps",
-        "loss",
-        "break-even",
-        "peak λ1_H",
-        "threshold",
-        "peak λ1_K",
-        "ξ",
-    ):
-        table.add_column(col, justify="right")
-    table.add_column("status", justify="left")
+    """A Rich table with one row per run (all numbers, η/B and Tr K included, are in --json).
+
+    It fits 80 columns without cutting words: two-line headers, one space between columns, run names
+    that wrap at spaces; the caption explains the abbreviations.
+    """
+    table = Table(
+        title="stiffmon summary",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0),  # the box draws one space between columns
+        pad_edge=False,
+    )
+    table.add_column("run", justify="left", overflow="fold", min_width=8, ratio=1)
+    for col, justify in SUMMARY_COLUMNS:
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for rd in store.runs.values():
         s = run_summary(rd)
         be = fmt(s["break_even_step"]) + ("ᵖ" if s["break_even_reason"] == "peak" else "")
@@ -85,7 +99,10 @@ def summary_table(store: Store) -> Table:
             fmt(s["xi"], ".2f"),
             s["status"],
         )
-    table.caption = "ᵖ: early-phase peak of λ1_H (the threshold was never reached)"
+    table.caption = (
+        "bound: stability threshold of λ1_H (2/η for SGD)\n"
+        "ᵖ: early-phase peak of λ1_H (the bound was never reached)"
+    )
     return table
 
 
