@@ -6,7 +6,7 @@ from rich.console import Console
 
 from stiffmon import protocol as p
 from stiffmon.store import Store
-from stiffmon.summary import summary_table
+from stiffmon.summary import run_summary, summary_table
 
 
 def test_summary_table_fits_80_columns_without_cutting_words() -> None:
@@ -55,3 +55,24 @@ def test_summary_table_fits_80_columns_without_cutting_words() -> None:
         assert value in words, value
     assert words.count("finished") == 3
     assert "stability threshold of λ1_H" in text and "early-phase peak" in text
+
+
+def test_batch_size_from_the_per_step_scalar() -> None:
+    store = Store()
+    store.apply(p.Hello(run="r", seq=0, step=0, t=0.0, optimizer={"lr": 0.1}), replay=True)
+    store.apply(
+        p.Scalars.from_dict({"loss": 1.0, "batch_size": 50.0}, run="r", seq=1, step=0, t=0.0),
+        replay=True,
+    )
+    store.apply(  # the last, smaller batch of an epoch
+        p.Scalars.from_dict({"loss": 1.0, "batch_size": 7.0}, run="r", seq=2, step=1, t=0.0),
+        replay=True,
+    )
+    row = run_summary(store.runs["r"])
+    assert row["batch_size"] == 50 and row["lr_over_batch"] == 0.1 / 50
+    store.apply(p.Hello(run="q", seq=0, step=0, t=0.0, batch_size=32), replay=True)
+    store.apply(
+        p.Scalars.from_dict({"loss": 1.0, "batch_size": 50.0}, run="q", seq=1, step=0, t=0.0),
+        replay=True,
+    )
+    assert run_summary(store.runs["q"])["batch_size"] == 32  # the hello's, when given
