@@ -171,9 +171,13 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         failed = _no_terminal(args, " (--screenshots DIR saves SVGs without one)")
         if failed is not None:
             return failed
-    speed = math.inf if args.speed <= 0 else args.speed
-    source = ReplaySource(files, follow=args.follow, speed=speed, at_end=bool(args.screenshots))
+    speed = math.inf if args.speed is not None and args.speed <= 0 else args.speed
+    source = ReplaySource(
+        files, follow=args.follow, speed=speed or 1.0, at_end=bool(args.screenshots)
+    )
     source.load()
+    if speed is None:
+        source.speed = source.auto_speed()
     if args.screenshots:
         out = Path(args.screenshots)
         out.mkdir(parents=True, exist_ok=True)
@@ -292,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--speed",
         type=float,
-        default=10.0,
-        help="replay speed, x recorded time (0: as fast as possible)",
+        default=None,
+        help="replay speed, x recorded time (default: the whole session in about 20 s, at "
+        "least 1x; 0: as fast as possible)",
     )
     replay.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
     replay.add_argument(

@@ -23,6 +23,7 @@ from stiffmon.store import Store
 from stiffmon.transport import CurveKeys, Endpoint
 
 HEAVY = ("matrix", "curve", "spectrum")
+AUTO_SPEEDS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 
 
 class LiveSource:
@@ -161,6 +162,14 @@ class ReplaySource:
         with self._lock:
             self.messages = msgs
 
+    def auto_speed(self, seconds: float = 20.0) -> float:
+        """The slowest of 1, 2, 5, 10, … 1000 × that plays the whole session in ``seconds``."""
+        duration = self.t_end - self.t0
+        for speed in AUTO_SPEEDS:
+            if duration / speed <= seconds:
+                return speed
+        return AUTO_SPEEDS[-1]
+
     def open(self, store: Store) -> None:
         """Initial timeline: the start, playing; or with :attr:`at_end`, the end, paused."""
         if self.at_end:
@@ -195,9 +204,13 @@ class ReplaySource:
         return self.messages[-1].t if self.messages else 0.0
 
     def advance(self, store: Store, dt: float, batch: int = 20_000) -> int:
-        """Move the timeline by ``dt`` seconds of wall time at the current speed; apply messages."""
+        """Move the timeline by ``dt`` seconds of wall time at the current speed; apply messages.
+
+        ``dt`` counts at most 0.5 s: a slow start or frame does not make the timeline jump.
+        """
         if not self.playing:
             return 0
+        dt = min(dt, 0.5)
         with self._lock:
             n = len(self.messages)
             if self.position >= n:

@@ -216,12 +216,15 @@ def test_replay_opens_at_the_start_and_plays_at_its_speed(tmp_path: Path) -> Non
     store = Store()
     src.open(store)
     assert src.playing and src.position == 0 and "▶" in src.describe()
-    src.advance(store, 1.0)  # 1 s of wall time at 2×: 2 s recorded, 9.8 of 49 intervals
+    src.advance(store, 0.5)  # 1 s of wall time at 2×: 2 s recorded, 9.8 of 49 intervals
+    src.advance(store, 0.5)
     assert store.runs["r"].last_step == 9
     assert src.describe().endswith("t+2.0s")
+    src.advance(store, 30.0)  # a stalled frame: counts as 0.5 s
+    assert src.describe().endswith("t+3.0s")
     src.speed = 10.0
-    for _ in range(10):
-        src.advance(store, 1.0)
+    for _ in range(20):
+        src.advance(store, 0.5)
     assert store.runs["r"].last_step == 49 and not src.playing
     assert src.clock == src.t_end  # the clock stops with the data
 
@@ -244,8 +247,8 @@ def test_follow_clock_never_runs_past_the_data(tmp_path: Path) -> None:
     src.load()
     store = Store()
     src.open(store)
-    for _ in range(100):  # 100 s of wall time at 10×: far past the 45 s recorded
-        src.advance(store, 1.0)
+    for _ in range(200):  # 100 s of wall time at 10×: far past the 45 s recorded
+        src.advance(store, 0.5)
         assert src.clock <= src.t_end
     assert src.playing  # following: waits for more
     with SessionWriter(path) as w:  # the writer adds a message 2 s later
@@ -255,3 +258,16 @@ def test_follow_clock_never_runs_past_the_data(tmp_path: Path) -> None:
     assert store.runs["r"].last_step == 49 and src.clock <= 1046.0 + 1e-9
     src.advance(store, 0.2)
     assert store.runs["r"].last_step == 50 and src.describe().endswith("t+47.0s  following")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "speed"), [(5.4, 1.0), (30.0, 2.0), (45.0, 5.0), (3600.0, 200.0), (1e6, 1000.0)]
+)
+def test_auto_speed_plays_a_session_in_about_20_seconds(
+    tmp_path: Path, seconds: float, speed: float
+) -> None:
+    path = tmp_path / "a.stiff"
+    _session(path, seconds=seconds, n=3)
+    src = ReplaySource([path])
+    src.load()
+    assert src.auto_speed() == speed
