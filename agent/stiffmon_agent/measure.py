@@ -5,7 +5,9 @@ Message names (the monitor relies on them):
 * ``matrix`` ``stiffness/{cos,sign}/{train-train,train-val,val-val}``: class stiffness, with
   ``attrs`` ``within`` and ``between``;
 * ``scalars`` (one message per measurement) with ``stiffness/{cos,sign}/<block>/{within,between}``,
-  ``noise/{trace_k,lambda1_k,trace_sigma,grad_sq,b_simple,conditioning}``, ``xi/<space>`` and
+  ``noise/{trace_k,lambda1_k,trace_sigma,grad_sq,b_simple,conditioning}``, the gradient tests
+  ``noise/{norm_test,inner_product_test,orthogonality_test}``, ``noise/suggested_batch/<test>``,
+  ``noise/theta/<test>`` (:mod:`~stiffmon_agent.measure_curvature`), ``xi/<space>`` and
   ``layer-stiffness/<layer>`` (mean cosine stiffness of train pairs i ≠ j from that layer's block);
 * ``spectrum`` ``grad-cov`` (top eigenvalues of the gradient covariance K);
 * ``curve`` ``stiffness-distance/<space>`` (space = ``input`` or a layer name), ``attrs.xi``;
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from stiffmon import protocol as p
+from stiffmon_agent.measure_curvature import gradient_test_scalars
 from stiffmon_agent.metrics import (
     capture_activations,
     cosine_stiffness,
@@ -110,8 +113,9 @@ def gram_messages(
     distance_bins: int = 20,
     noise_k: int = 5,
     chunk_size: int | None = 128,
+    batch_test_theta: tuple[float, float, float] = (0.9, 0.9, 5.84),
 ) -> list[Outgoing]:
-    """Stiffness, gradient noise and stiffness-vs-distance from one per-example Gram matrix."""
+    """Stiffness, gradient noise, gradient tests, stiffness-vs-distance from one Gram matrix."""
     t = time.time()
     gram = per_example_gram(
         model, probe.inputs, probe.targets, loss_fn, forward=forward, chunk_size=chunk_size
@@ -161,6 +165,12 @@ def gram_messages(
                 if noise.conditioning.numel()
                 else math.nan,
             }
+        )
+        theta_norm, theta_inner, nu_ortho = batch_test_theta
+        scalars.update(
+            gradient_test_scalars(
+                g[:nt, :nt], theta_norm=theta_norm, theta_inner=theta_inner, nu_ortho=nu_ortho
+            )
         )
         out.append(
             Outgoing(
