@@ -30,9 +30,10 @@ from stiffmon import protocol as p
 from stiffmon.registry import RunEntry, register, unregister
 from stiffmon.transport import CurveKeys, load_curve_server
 from stiffmon_agent.measure import ProbeSet, gram_messages, make_probe, sharpness_messages
+from stiffmon_agent.measure_curvature import density_messages
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
 from stiffmon_agent.publisher import Accuracy, Outgoing, Publisher
-from stiffmon_agent.schedules import Schedule, parse_schedule
+from stiffmon_agent.schedules import EveryK, Schedule, parse_schedule
 from stiffmon_agent.userlog import custom_scalars, log_spaced
 
 log = logging.getLogger("stiffmon_agent")
@@ -44,6 +45,7 @@ if not log.handlers and not logging.getLogger().handlers:
     log.propagate = False
 
 _LIVE_AGENTS: weakref.WeakSet[Agent] = weakref.WeakSet()
+DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step 0
 
 
 @atexit.register
@@ -96,6 +98,9 @@ class Agent:
         gram_every: Schedule of the stiffness / noise measurement (one Gram matrix): an int k,
             ``"every:k"``, ``"log:m"``, ``"first:n,every:k"`` or ``"never"``.
         sharpness_every: Schedule of the sharpness measurement.
+        density_every: Schedule of the Hessian trace + spectral density measurement (stochastic
+            Lanczos quadrature, ``density_runs × density_steps + trace_samples`` HVPs). Default:
+            every 500 steps from step 500, so that it never delays the start of training.
         overhead_cap: Largest fraction of wall time the agent may cost: heavy measurements plus
             the publisher thread's CPU time. Due measurements are skipped (and an ``event`` says
             so) to stay under it. None or 1: no cap. The first measurement (step 0) always runs.
@@ -105,6 +110,11 @@ class Agent:
         hessian_k: How many Hessian eigenvalues to track.
         hessian_tol: Lanczos tolerance (1e-2: each eigenvalue within 1 %).
         max_hvps: HVP budget per sharpness measurement.
+        density_runs: Lanczos runs of the density (each is also a trace sample).
+        density_steps: Lanczos steps per density run.
+        trace_samples: Extra Hutchinson samples for the trace, one HVP each.
+        batch_test_theta: θ of the norm and inner-product tests and ν of the orthogonality test
+            for the suggested batch sizes (Bollapragada et al.'s 0.9, 0.9, 5.84).
         chunk_size: Probe examples per forward/backward pass (bounds memory).
         batch_size: Training batch size. None: taken from the logits passed to :meth:`step`
             (their first dimension) and published with every step as the scalar ``batch_size``.
@@ -132,6 +142,7 @@ class Agent:
         forward: ForwardFn | None = None,
         gram_every: Schedule | int | str | None = "first:5,every:50",
         sharpness_every: Schedule | int | str | None = "first:5,every:50",
+        density_every: Schedule | int | str | None = DENSITY_EVERY,
         overhead_cap: float | None = 0.05,
         distance_layers: Sequence[str] = (),
         distance_bins: int = 20,
@@ -139,6 +150,10 @@ class Agent:
         hessian_k: int = 1,
         hessian_tol: float = 1e-2,
         max_hvps: int = 50,
+        density_runs: int = 2,
+        density_steps: int = 32,
+        trace_samples: int = 8,
+        batch_test_theta: tuple[float, float, float] = (0.9, 0.9, 5.84),
         chunk_size: int | None = 128,
         batch_size: int | None = None,
         rank0_only: bool = True,
@@ -161,6 +176,7 @@ class Agent:
         self.name = run or (f"{cfg['type']} lr={cfg['lr']:g}" if "lr" in cfg else cfg["type"])
         self._gram_schedule = parse_schedule(gram_every if probe is not None else None)
         self._sharp_schedule = parse_schedule(sharpness_every if probe is not None else None)
+        self._density_schedule = parse_schedule(density_every if probe is not None else None)
         self._overhead_cap = overhead_cap
         self._opts = {
             "distance_layers": tuple(distance_layers),
@@ -169,16 +185,20 @@ class Agent:
             "hessian_k": hessian_k,
             "hessian_tol": hessian_tol,
             "max_hvps": max_hvps,
+            "density_runs": density_runs,
+            "density_steps": density_steps,
+            "trace_samples": trace_samples,
+            "batch_test_theta": tuple(batch_test_theta),
             "chunk_size": chunk_size,
         }
         self._disabled: dict[str, str] = {}
         self._warm: Tensor | None = None
         self._gen = torch.Generator().manual_seed(0)
         self._measure_seconds = 0.0
-        self._last_cost = {"gram": 0.0, "sharpness": 0.0}
+        self._last_cost = {"gram": 0.0, "sharpness": 0.0, "density": 0.0}
         self._skipped = 0
         self._batch_size = batch_size
-        self._coverage = {"gram": [0, 0], "sharpness": [0, 0]}  # done, skipped
+        self._coverage = {"gram": [0, 0], "sharpness": [0, 0], "density": [0, 0]}  # done, skipped
         self._skips: dict[tuple[str, str], int] = {}  # (kind, reason) -> count
         self._log_warned: set[str] = set()
         self._start = time.perf_counter()
@@ -316,7 +336,11 @@ class Agent:
             Outgoing(p.Scalars, s, time.time(), {"values_names": names, "values_raw": values})
         )  # type: ignore[union-attr]
         if self.probe is not None:
-            schedules = (("gram", self._gram_schedule), ("sharpness", self._sharp_schedule))
+            schedules = (
+                ("gram", self._gram_schedule),
+                ("sharpness", self._sharp_schedule),
+                ("density", self._density_schedule),
+            )
             due = [kind for kind, schedule in schedules if schedule.due(s)]
             for kind in due:
                 self._measure(kind, s)
@@ -419,6 +443,20 @@ class Agent:
                     distance_bins=self._opts["distance_bins"],
                     noise_k=self._opts["noise_k"],
                     chunk_size=self._opts["chunk_size"],
+                    batch_test_theta=self._opts["batch_test_theta"],
+                )
+            elif kind == "density":
+                msgs = density_messages(
+                    self.model,
+                    self.loss_fn,
+                    self.probe,
+                    step,
+                    forward=self.forward,
+                    runs=self._opts["density_runs"],
+                    steps=self._opts["density_steps"],
+                    trace_samples=self._opts["trace_samples"],
+                    chunk_size=self._opts["chunk_size"],
+                    generator=self._gen,
                 )
             else:
                 msgs, self._warm = sharpness_messages(
