@@ -13,13 +13,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 
 from stiffmon.store import RunData, Snapshot
-from stiffmon.tui.renderables import FloatArray, HLine, Line, LineChart, fmt_tick, nice_ticks
+from stiffmon.tui.renderables import HLine, Line, LineChart, fmt_tick, nice_ticks
+
+FloatArray = npt.NDArray[np.float64]
 
 DENSITY = "hessian-density"
 TESTS = (

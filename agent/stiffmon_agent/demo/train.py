@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         class_names=data.class_names,
         gram_every=f"first:5,every:{args.every}",
         sharpness_every=f"first:5,every:{args.every}",
+        density_every=f"every:{5 * args.every}",
         overhead_cap=args.overhead_cap,
         batch_size=batch,
         distance_layers=("1",),
