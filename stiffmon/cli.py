@@ -94,7 +94,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
                 while time.monotonic() < deadline:
                     for msg, _ in client.poll(0.1):
                         store.apply(msg)
-                store.malformed += client.stats.malformed
+                store.source_malformed += client.stats.malformed
     finally:
         resolved.close()
     if args.json:
