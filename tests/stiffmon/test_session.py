@@ -408,7 +408,9 @@ def test_follow_restarts_on_a_truncated_or_replaced_file(
         # new content: other record sizes, more of them than were there before
         n = 300 if bigger else 20
         new = [
-            p.Scalars.from_dict({f"v{j}": 1.0 for j in range(i % 7)}, run="new", seq=i, step=i, t=1.0)
+            p.Scalars.from_dict(
+                {f"v{j}": 1.0 for j in range(i % 7)}, run="new", seq=i, step=i, t=1.0
+            )
             for i in range(n)
         ]
         with s.SessionWriter(path) as w:
