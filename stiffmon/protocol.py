@@ -30,8 +30,11 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 """Largest JSON header accepted (1 MiB)."""
 
-MAX_BUFFER_BYTES = 256 << 20
-"""Default largest single array buffer accepted (256 MiB); ``decode`` takes a tighter limit."""
+MAX_BUFFER_BYTES = 64 << 20
+"""Default largest single array buffer accepted (64 MiB); ``decode`` takes a tighter limit.
+
+The transport sets ``ZMQ_MAXMSGSIZE`` from this, so a larger frame is refused by the receiving
+socket before it is allocated."""
 
 MAX_TOPIC_BYTES = 512
 MAX_NDIM = 8
