@@ -107,7 +107,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
                 while time.monotonic() < deadline:
                     for msg, _ in client.poll(0.1):
                         store.apply(msg)
-                store.malformed += client.stats.malformed
+                store.source_malformed += client.stats.malformed
             if len(store.runs) == n:
                 where = ", ".join(map(str, resolved.endpoints))
                 dead.append(
@@ -250,7 +250,14 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 
     from stiffmon.relay import Relay
 
-    with Relay(args.upstream, args.bind).start() as relay:
+    curve_upstream = curve_bind = None
+    if args.curve_keys:
+        from stiffmon.transport import load_curve_client, load_curve_server
+
+        curve_upstream = load_curve_client(args.curve_keys, args.curve_name)
+        curve_bind = load_curve_server(args.curve_keys)
+    relay_ = Relay(args.upstream, args.bind, curve_upstream=curve_upstream, curve_bind=curve_bind)
+    with relay_.start() as relay:
         print(
             f"stiffmon relay: {len(relay.upstream)} upstream -> {relay.endpoint} (Ctrl+C stops)",
             file=sys.stderr,
@@ -352,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     relay.add_argument("upstream", nargs="+", metavar="ENDPOINT", help="agent tcp:// address")
     relay.add_argument("--bind", default="tcp://127.0.0.1:5655", help="address for monitors")
+    relay.add_argument(
+        "--curve-keys",
+        default=None,
+        help="directory from 'stiffmon keys': CURVE to the agents (client keys) and for "
+        "monitors (server key, authorized/)",
+    )
+    relay.add_argument("--curve-name", default="client", help="client key name in that directory")
     relay.set_defaults(handler=_cmd_relay)
 
     demo = sub.add_parser(
