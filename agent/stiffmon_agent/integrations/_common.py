@@ -32,11 +32,12 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer inside framework wrappers (accelerate's, Lightning's)."""
-    seen = 0
-    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and seen < 4:
-        optimizer = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-        seen += 1
+    """The innermost torch optimizer inside framework wrappers (accelerate's, Lightning's)."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
