@@ -175,6 +175,10 @@ def _cell(v: Any) -> Any:
     return v
 
 
+def _as_list(values: list[Any] | npt.NDArray[Any]) -> list[Any]:
+    return values.tolist() if isinstance(values, np.ndarray) else values
+
+
 def write_csv(store: Store, out: Path) -> list[Path]:
     """Write one ``<table>.csv`` per table into ``out``; return the paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -184,10 +188,7 @@ def write_csv(store: Store, out: Path) -> list[Path]:
         with path.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(SCHEMAS[name])
-            lists = [
-                cols[c].tolist() if isinstance(cols[c], np.ndarray) else cols[c]
-                for c in SCHEMAS[name]
-            ]  # type: ignore[union-attr]
+            lists = [_as_list(cols[c]) for c in SCHEMAS[name]]
             w.writerows([_cell(v) for v in row] for row in zip(*lists, strict=True))
         paths.append(path)
     return paths
