@@ -211,3 +211,10 @@ def test_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     SessionWriter(empty).close()
     assert main(["export", str(empty), "--out", str(tmp_path / "o")]) == 1
     assert "no run found" in capsys.readouterr().err
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--help"])
+    assert info.value.code == 0
+    assert "--format {csv,parquet,tensorboard}" in capsys.readouterr().out

@@ -227,3 +227,13 @@ def test_browser_shows_the_overview_with_the_run_names(tmp_path: Path) -> None:
                     proc.wait(10)
         if serve.stderr:
             serve.stderr.close()
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from stiffmon.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: stiffmon serve" in out and "--host HOST" in out

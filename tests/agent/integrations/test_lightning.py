@@ -140,3 +140,41 @@ def test_importing_stiffmon_does_not_import_frameworks() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.slow
+def test_under_ddp_only_rank_zero_publishes(tmp_path: Path) -> None:
+    """Two CPU processes (gloo): one run in the recording, one agent step per optimizer step."""
+    x, y = digits()
+    record = tmp_path / "ddp.stiff"
+    cb = StiffmonCallback(
+        probe=(x[:20], y[:20]),
+        run="ddp",
+        endpoint="",
+        record=str(record),
+        gram_every="every:3",
+        sharpness_every="every:3",
+        overhead_cap=None,
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x[:512], y[:512]), batch_size=32
+    )
+    trainer = pl.Trainer(
+        max_steps=6,
+        strategy="ddp_spawn",
+        accelerator="cpu",
+        devices=2,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Digits(), loader)
+    store = Store()
+    store.extend(SessionReader(record), replay=True)
+    (rd,) = store.runs.values()  # rank 1 built no agent
+    assert rd.finished and rd.batch_size == 32 * 2
+    assert rd.scalars["loss"].steps.tolist() == list(range(6))
+    assert len(rd.scalars["sharpness/lambda1_h"]) == 2 and len(rd.scalars["noise/trace_k"]) == 2
+    assert not [e for e in rd.events if e.level == "error"], [e.message for e in rd.events]
