@@ -12,7 +12,8 @@ import pytest
 
 from stiffmon import protocol as p
 from stiffmon.cli import main
-from stiffmon.export import SCHEMAS, heatmap, png
+from stiffmon.export import SCHEMAS
+from stiffmon.export_tensorboard import heatmap, png
 from stiffmon.session import SessionWriter
 
 LOSSES = {0: 2.0, 1: 1.5, 2: 1.25, 3: 1.0, 4: 0.75}
