@@ -22,6 +22,11 @@ VIEWS = {
     "4": "sharpness",
     "5": "noise",
     "6": "compare",
+    "7": "training",
+    "8": "layers",
+    "9": "spectra",
+    "0": "custom",
+    "g": "log",
 }
 
 
@@ -32,3 +37,11 @@ def test_view_snapshot(snap_compare: Any, tmp_path: Path, key: str, size: tuple[
     src.load()
     app = StiffmonApp(replay=src, clock=lambda: 0.0)
     assert snap_compare(app, terminal_size=size, press=[key])
+
+
+def test_run_health_snapshot(snap_compare: Any) -> None:
+    """A diverged run, a run that lost a metric and skipped measurements, a stalled run."""
+    from tests.stiffmon.tui.fixtures import troubled_store
+
+    app = StiffmonApp(store=troubled_store(), clock=lambda: 20.0)
+    assert snap_compare(app, terminal_size=(80, 24))
