@@ -53,7 +53,11 @@ class EventLog:
         t.add_column("level", no_wrap=True, max_width=7)
         t.add_column("step", justify="right", no_wrap=True)
         t.add_column("time", justify="right", no_wrap=True)
-        t.add_column("run", no_wrap=True, overflow=cut(self.ascii), max_width=12)
+        narrow = options.max_width < 90  # the run's colour only (the run list names it)
+        if narrow:
+            t.add_column("", no_wrap=True, width=1)
+        else:
+            t.add_column("run", no_wrap=True, overflow=cut(self.ascii), max_width=12)
         t.add_column("event", ratio=1, overflow="fold")  # long texts take two lines
         room = max(1, self.height - 3 - (1 if self.title else 0))
         for r in list(self.rows)[::-1][:room]:
@@ -61,7 +65,9 @@ class EventLog:
                 Text(r.level, style=LEVEL_STYLE.get(r.level, "")),
                 f"{r.step:,}",
                 f"+{r.seconds:.0f}s" if r.seconds == r.seconds else "",
-                Text(conv(r.run), style=r.color),
+                Text("#" if self.ascii else "■", style=r.color)
+                if narrow
+                else Text(conv(r.run), style=r.color),
                 conv(r.text),
             )
         yield t

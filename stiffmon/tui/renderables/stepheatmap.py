@@ -55,18 +55,21 @@ class StepHeatmap:
         idx = np.round(np.linspace(0, n - 1, ncols)).astype(np.int64) if n > ncols else np.arange(n)
         room = max(1, height - (1 if self.title else 0) - 3)
         shown = rows if rows <= room else room - 1
+        rh = max(1, min(3, room // max(1, rows)))  # lines per row when there is room
         for r in range(shown):
             lab = self.labels[r]
             lab = lab if len(lab) < lw else ("." if self.ascii else "…") + lab[-(lw - 2) :]
-            segs.append(Segment(lab.rjust(lw - 1) + " ", dim))
-            segs.append(Segment("|" if self.ascii else "│", dim))
-            for j in idx.tolist():
-                v = float(m[r, j])
-                if self.ascii:
-                    segs.append(Segment(ascii_level(v) * cw))
-                else:
-                    segs.append(Segment(" " * cw, Style(bgcolor=diverging(v))))
-            segs.append(Segment.line())
+            for k in range(rh):
+                text = lab if k == (rh - 1) // 2 else ""
+                segs.append(Segment(text.rjust(lw - 1) + " ", dim))
+                segs.append(Segment("|" if self.ascii else "│", dim))
+                for j in idx.tolist():
+                    v = float(m[r, j])
+                    if self.ascii:
+                        segs.append(Segment(ascii_level(v) * cw))
+                    else:
+                        segs.append(Segment(" " * cw, Style(bgcolor=diverging(v))))
+                segs.append(Segment.line())
         if shown < rows:
             segs += [Segment(f"+{rows - shown} more layers".rjust(lw + 10), dim), Segment.line()]
         # step axis

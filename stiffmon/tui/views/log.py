@@ -59,6 +59,6 @@ class Log(View):
         title = (
             f"events: {scope}, level ≥ {app.log_level}"
             + (f", text '{app.log_text}'" if app.log_text else "")
-            + "  (f level, r run, / text)"
+            + "  (keys f, r, /)"
         )
         return EventLog(self.rows(), height=height, ascii=app.ascii, title=title)

@@ -18,7 +18,7 @@ from stiffmon.tui.renderables.axes import cut
 from stiffmon.tui.views.base import Builder, ChartView, View, be_marker, run_color
 
 REASONS = {
-    "threshold": "crossed the threshold",
+    "threshold": "threshold",
     "early-peak": "early peak",
     "peak": "early peak",
     "catapult": "catapult",
@@ -40,7 +40,7 @@ def be_words(rd: RunData) -> str:
         return "no break-even yet" + extra
     why = REASONS.get(be.reason, be.reason)
     tent = ", tentative" if status == "tentative" else ""
-    return f"break-even at step {be.step:,} ({why}{tent}), λ1_H {be.value:.3g}{extra}"
+    return f"break-even {be.step:,} ({why}{tent}) λ1_H {be.value:.3g}{extra}"
 
 
 def sharpness_chart(view: View, compact: bool) -> Builder:

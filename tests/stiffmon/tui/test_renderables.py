@@ -176,7 +176,9 @@ def test_heatmap_values_and_short_labels() -> None:
 
 def test_step_heatmap_resamples_to_the_width() -> None:
     m = np.tile(np.linspace(-1, 1, 300), (2, 1))
-    out = render(StepHeatmap(m, ["conv1", "fc"], list(range(0, 3000, 10)), ascii=True), 40)
+    out = render(
+        StepHeatmap(m, ["conv1", "fc"], list(range(0, 3000, 10)), ascii=True, height=5), 40
+    )
     rows = out.splitlines()
     assert rows[0].startswith("conv1 |=") and rows[0].rstrip().endswith("#")
     assert len(rows[0].rstrip()) <= 40 and "step" in rows[2]
