@@ -231,6 +231,7 @@ class StiffmonApp(App[None]):
         self._drawn_version = self.store.version
         has_runs = bool(self.store.runs)
         self.query_one("#views").display = has_runs
+        self.query_one("#runs").display = has_runs
         self.query_one("#empty").display = not has_runs
         if not has_runs:
             self.query_one("#empty", Static).update(chrome.empty_message(self))

@@ -78,9 +78,9 @@ class Stiffness(View):
             values=True,
         )
         hint = Text(
-            "<-/-> measurement  shift+arrows cell  b block  c cos/sign  [ ] run"
+            "<-/-> scrub  shift+arrows cell  b block  c cos/sign  [ ] run"
             if app.ascii
-            else "←/→ measurement  shift+arrows cell  b block  c cos/sign  [ ] run",
+            else "←/→ scrub  shift+←→↑↓ cell  b block  c cos/sign  [ ] run",
             style="dim",
             no_wrap=True,
             overflow=cut(app.ascii),
