@@ -144,9 +144,8 @@ class StiffmonApp(App[None]):
         if self.replay is not None:
             if not self.replay.messages:
                 self.replay.load()
-            self.replay.seek(self.store, len(self.replay.messages))  # open at the end, paused
+            self.replay.open(self.store)  # the start, playing (at_end: the end, paused)
             if self.replay.follow:
-                self.replay.playing = True
                 self.run_worker(self.replay.follow_loop, thread=True, name="follow")
         self.set_interval(0.1, self.tick)
         self.tick()

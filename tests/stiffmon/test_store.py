@@ -110,6 +110,8 @@ def test_coverage_from_counters_and_from_events() -> None:
         st.apply(_ev("measurement-skipped", s, "", kind="sharpness", reason="overhead"), now=0.0)
     assert rd.coverage("sharpness") == (0, 2)
     assert rd.skip_reasons["sharpness"] == {"overhead": 2} and rd.skipped_at("sharpness") == [5, 15]
+    st.apply(_ev("measurement-skipped", 90, "", kind="sharpness", reason="overhead", skipped=10))
+    assert rd.skip_reasons["sharpness"] == {"overhead": 10}  # the agent's count: events thin out
 
 
 def test_events_are_bounded() -> None:

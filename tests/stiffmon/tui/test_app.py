@@ -28,7 +28,7 @@ def screen_text(app: StiffmonApp) -> str:
 
 
 def replay_app(tmp_path: Path, **kw: object) -> StiffmonApp:
-    src = ReplaySource(write_sessions(tmp_path))
+    src = ReplaySource(write_sessions(tmp_path), at_end=True)
     src.load()
     return StiffmonApp(replay=src, clock=lambda: 0.0, screenshot_dir=tmp_path, **kw)  # type: ignore[arg-type]
 
@@ -144,7 +144,7 @@ async def test_replay_of_a_truncated_file(tmp_path: Path) -> None:
     paths = write_sessions(tmp_path)
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[: len(data) - 1000])
-    src = ReplaySource(paths)
+    src = ReplaySource(paths, at_end=True)
     src.load()
     app = StiffmonApp(replay=src, clock=lambda: 0.0)
     async with app.run_test(size=(120, 30)) as pilot:
@@ -380,3 +380,12 @@ async def test_replay_follows_a_file_that_is_still_written(tmp_path: Path) -> No
                 break
         rd = app.store.runs["grow"]
         assert rd.finished and rd.last_step == 99 > first
+
+
+async def test_replay_opens_at_the_start_and_plays(tmp_path: Path) -> None:
+    src = ReplaySource(write_sessions(tmp_path), speed=1.0)
+    src.load()
+    app = StiffmonApp(replay=src, clock=lambda: 0.0)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause(0.2)
+        assert src.playing and 0 < src.position < len(src.messages)

@@ -33,7 +33,7 @@ VIEWS = {
 @pytest.mark.parametrize("size", [(80, 24), (160, 45)], ids=["80x24", "160x45"])
 @pytest.mark.parametrize("key", sorted(VIEWS), ids=[VIEWS[k] for k in sorted(VIEWS)])
 def test_view_snapshot(snap_compare: Any, tmp_path: Path, key: str, size: tuple[int, int]) -> None:
-    src = ReplaySource(write_sessions(tmp_path))
+    src = ReplaySource(write_sessions(tmp_path), at_end=True)
     src.load()
     app = StiffmonApp(replay=src, clock=lambda: 0.0)
     assert snap_compare(app, terminal_size=size, press=[key])
