@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +21,7 @@ import numpy.typing as npt
 from stiffmon import derive
 from stiffmon import protocol as p
 
+T = TypeVar("T")
 Status = Literal["live", "stalled", "finished", "replay"]
 STALL_SECONDS = 3.0
 LOST_SECONDS = 60.0  # stalled this long without a bye: the process is probably gone
@@ -152,6 +153,7 @@ class RunData:
     errors: dict[str, str] = field(default_factory=dict)  # metric -> last error message
     skip_reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> reason -> n
     skip_steps: dict[str, list[int]] = field(default_factory=dict)  # kind -> steps
+    memo: dict[str, tuple[object, object]] = field(default_factory=dict, repr=False, compare=False)
     last_seen: float = 0.0
     last_step: int = 0
     first_t: float = math.nan
@@ -268,6 +270,26 @@ class RunData:
             steps = self.skip_steps.setdefault(metric, [])
             if len(steps) < MAX_SKIP_STEPS:
                 steps.append(ev.step)
+
+    def data_key(self, *names: str) -> tuple[tuple[int, int, int], ...]:
+        """Changes whenever one of the named series gains (or thins) points: a memo key."""
+        out = []
+        for n in names:
+            s = self.scalars.get(n)
+            out.append(
+                (len(s), s.stride, int(s.steps[-1])) if s is not None and len(s) else (0, 0, 0)
+            )
+        return tuple(out)
+
+    def memoized(self, name: str, key: object, compute: Callable[[], T]) -> T:
+        """``compute()``, cached under ``name`` until ``key`` changes (views use it to run costly
+        derivations such as the break-even once per new measurement, not once per frame)."""
+        hit = self.memo.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]  # type: ignore[return-value]
+        value = compute()
+        self.memo[name] = (key, value)
+        return value
 
     def series(self, name: str) -> Series | None:
         return self.scalars.get(name)

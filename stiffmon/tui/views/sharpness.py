@@ -25,9 +25,17 @@ REASONS = {
 }
 
 
+SHARPNESS_SERIES = (
+    "sharpness/lambda1_h",
+    "sharpness/threshold",
+    "sharpness/lambda1_precond",
+    "sharpness/threshold_precond",
+)
+
+
 def break_even_of(rd: RunData) -> Any:
-    """The run's break-even (fields of the issue-9 detector read with defaults)."""
-    return rd.break_even()
+    """The run's break-even, computed again only when its sharpness series changed."""
+    return rd.memoized("break_even", rd.data_key(*SHARPNESS_SERIES), rd.break_even)
 
 
 def be_words(rd: RunData) -> str:
