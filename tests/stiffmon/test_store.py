@@ -120,3 +120,21 @@ def test_events_are_bounded() -> None:
         st.apply(_ev("schedule-stretched", i), now=0.0)
     rd = st.runs["r"]
     assert len(rd.events) <= MAX_EVENTS and rd.events_dropped + len(rd.events) == MAX_EVENTS + 10
+
+
+def test_memo_recomputes_only_when_the_series_changes() -> None:
+    st = Store()
+    st.apply(p.Scalars.from_dict({"sharpness/lambda1_h": 1.0}, run="r", seq=0, step=0, t=0.0))
+    rd = st.runs["r"]
+    calls = []
+
+    def compute() -> int:
+        calls.append(1)
+        return len(calls)
+
+    key = rd.data_key("sharpness/lambda1_h")
+    assert rd.memoized("x", key, compute) == 1 and rd.memoized("x", key, compute) == 1
+    st.apply(p.Scalars.from_dict({"loss": 1.0}, run="r", seq=1, step=1, t=0.0))
+    assert rd.data_key("sharpness/lambda1_h") == key  # another series: same key
+    st.apply(p.Scalars.from_dict({"sharpness/lambda1_h": 2.0}, run="r", seq=2, step=2, t=0.0))
+    assert rd.memoized("x", rd.data_key("sharpness/lambda1_h"), compute) == 2
