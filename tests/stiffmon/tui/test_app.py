@@ -383,7 +383,7 @@ async def test_replay_follows_a_file_that_is_still_written(tmp_path: Path) -> No
 
 
 async def test_replay_opens_at_the_start_and_plays(tmp_path: Path) -> None:
-    src = ReplaySource(write_sessions(tmp_path), speed=1.0)
+    src = ReplaySource(write_sessions(tmp_path), speed=1.0, at_end=False)
     src.load()
     app = StiffmonApp(replay=src, clock=lambda: 0.0)
     async with app.run_test(size=(80, 24)) as pilot:
