@@ -49,9 +49,12 @@ def app_command(sources: Sequence[str], *, ascii: bool = False, speed: float = 1
     """The shell command each browser session runs: replay for files, watch otherwise.
 
     Raises:
-        ServeError: Files and live endpoints mixed.
+        ServeError: Files and live endpoints mixed, or a file that does not exist.
     """
     files = [s for s in sources if Path(s).is_file()]
+    for s in sources:
+        if s not in files and "://" not in s and ":" not in s:
+            raise ServeError(f"no such session file: {s}")
     if files and len(files) != len(sources):
         raise ServeError("give either session files or live endpoints, not both")
     args = [sys.executable, "-m", "stiffmon"]

@@ -76,6 +76,8 @@ def test_app_command(tmp_path: Path) -> None:
     assert app_command([]).endswith(" -m stiffmon watch")
     with pytest.raises(ServeError, match="not both"):
         app_command([str(f), "tcp://127.0.0.1:5555"])
+    with pytest.raises(ServeError, match=r"no such session file: missing\.stiff"):
+        app_command(["missing.stiff"])
 
 
 def test_non_loopback_address_warns(capsys: pytest.CaptureFixture[str]) -> None:

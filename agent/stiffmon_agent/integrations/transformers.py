@@ -165,7 +165,11 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
         model: nn.Module = kwargs["model"]
         optimizer = unwrap_optimizer(kwargs.get("optimizer"))
         config = getattr(model, "config", None)
-        loss_fn = self.loss_fn or ModelLoss(config, causal=is_causal_lm(model))
+        loss_fn = (
+            self.loss_fn
+            if self.loss_fn is not None
+            else ModelLoss(config, causal=is_causal_lm(model))
+        )
         id2label = getattr(config, "id2label", None) or {}
         names = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
         defaults: dict[str, Any] = {
