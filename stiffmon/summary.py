@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 from rich import box
 from rich.console import Group
 from rich.table import Table
@@ -40,14 +41,21 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     thr_name = "sharpness/threshold_precond" if precond else "sharpness/threshold"
     opt = rd.optimizer
     xi = rd.last("xi/input")
+    batch = rd.batch_size
+    series = rd.scalars.get("batch_size")
+    if batch is None and series is not None and len(series):
+        # not in the hello: the agent took B from the logits, a per-step scalar; the largest
+        # (an epoch's last batch may be smaller)
+        b = float(np.nanmax(series.values))
+        batch = int(b) if math.isfinite(b) and b > 0 else None
     return {
         "run": rd.run,
         "name": rd.name,
         "optimizer": opt.get("type"),
         "lr": rd.lr,
         "momentum": rd.momentum,
-        "batch_size": rd.batch_size,
-        "lr_over_batch": derive.lr_over_batch(rd.lr, rd.batch_size),
+        "batch_size": batch,
+        "lr_over_batch": derive.lr_over_batch(rd.lr, batch),
         "steps": int(rd.scalars["loss"].steps[-1]) + 1 if len(rd.scalars.get("loss", ())) else 0,
         "final_loss": rd.last("loss"),
         "break_even_step": be.step,

@@ -197,3 +197,24 @@ def test_table_fits_80_columns_without_cutting_words() -> None:
     assert "200ᶜ" in text  # the catapult of the fourth run
     assert "ᵖ?" in text  # the third run: candidate, not yet confirmed
     assert "tentative" in text and "catapult" in text  # the legend
+
+
+def test_batch_size_from_the_per_step_scalar() -> None:
+    store = Store()
+    store.apply(p.Hello(run="r", seq=0, step=0, t=0.0, optimizer={"lr": 0.1}), replay=True)
+    store.apply(
+        p.Scalars.from_dict({"loss": 1.0, "batch_size": 50.0}, run="r", seq=1, step=0, t=0.0),
+        replay=True,
+    )
+    store.apply(  # the last, smaller batch of an epoch
+        p.Scalars.from_dict({"loss": 1.0, "batch_size": 7.0}, run="r", seq=2, step=1, t=0.0),
+        replay=True,
+    )
+    row = run_summary(store.runs["r"])
+    assert row["batch_size"] == 50 and row["lr_over_batch"] == 0.1 / 50
+    store.apply(p.Hello(run="q", seq=0, step=0, t=0.0, batch_size=32), replay=True)
+    store.apply(
+        p.Scalars.from_dict({"loss": 1.0, "batch_size": 50.0}, run="q", seq=1, step=0, t=0.0),
+        replay=True,
+    )
+    assert run_summary(store.runs["q"])["batch_size"] == 32  # the hello's, when given
