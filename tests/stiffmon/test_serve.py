@@ -208,7 +208,7 @@ def test_browser_shows_the_overview_with_the_run_names(tmp_path: Path) -> None:
         )  # fmt: skip
         devtools = _devtools_port(profile, browser, timeout=30)
         shot = tmp_path / "serve.png"
-        text = asyncio.run(_browse(devtools, url, shot, timeout=40))
+        text = asyncio.run(_browse(devtools, url, shot, timeout=60))
         for name in NAMES:
             served = (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
             assert name in text, f"{name!r} never reached the browser; serve said:\n{served}"
