@@ -231,7 +231,8 @@ class Relay:
 
     def close(self) -> None:
         self._stop.set()
-        self._snap.join(2 + self.snapshot_timeout)
+        if self._snap.is_alive():
+            self._snap.join(2 + self.snapshot_timeout)
         if self._proxy.is_alive():
             self._ctl.send(b"TERMINATE")
             self._proxy.join(2)
