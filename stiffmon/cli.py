@@ -102,6 +102,9 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     else:
         console = Console()
         console.print(summary_table(store))
+        for rd in store.runs.values():
+            if rd.dropped:
+                notes.append(f"{rd.name}: the agent dropped {rd.dropped} messages")
         for n in notes:
             console.print(f"[yellow]{n}[/]")
     return 0 if store.runs else 1

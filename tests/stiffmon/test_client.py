@@ -72,6 +72,7 @@ def test_a_1_gib_frame_costs_a_monitor_nothing() -> None:
         took = (pub.wait(), router.wait())
     assert all(0 <= t < 64 * MB for t in took), took  # both refused after the header
     assert rss.growth <= 64 * MB, f"RSS grew by {rss.growth / MB:.0f} MB"
+    print(f"1 GiB frames to SUB and DEALER: monitor RSS +{rss.growth / MB:.1f} MB")
 
 
 def test_a_1_gib_frame_costs_a_relay_nothing(ctx: Ctx) -> None:
@@ -91,6 +92,7 @@ def test_a_1_gib_frame_costs_a_relay_nothing(ctx: Ctx) -> None:
         asker.close(0)
     assert all(0 <= t < 64 * MB for t in took), took
     assert rss.growth <= 64 * MB, f"RSS grew by {rss.growth / MB:.0f} MB"
+    print(f"1 GiB frames to XSUB, DEALER, ROUTER, XPUB: relay RSS +{rss.growth / MB:.1f} MB")
 
 
 # ------------------------------------------------------------------ out-of-range and forged
@@ -192,17 +194,18 @@ def test_a_forged_seq_does_not_silence_a_genuine_run(ctx: Ctx) -> None:
 # ------------------------------------------------------------------ relay
 
 
-def _hung_upstreams(ctx: Ctx, n: int) -> list[str]:
+def _hung_upstreams(ctx: Ctx, n: int) -> tuple[list[str], list[zmq.Socket[bytes]]]:
     """Agents that accept connections and never answer (a stopped process, say)."""
-    eps = []
+    eps, socks = [], []
     for _ in range(n):
         port = free_port_pair()
         for kind, q in ((zmq.PUB, port), (zmq.ROUTER, port + 1)):
             s = ctx.socket(kind)
             s.setsockopt(zmq.LINGER, 0)
             s.bind(f"tcp://127.0.0.1:{q}")
+            socks.append(s)
         eps.append(f"tcp://127.0.0.1:{port}")
-    return eps
+    return eps, socks
 
 
 def _ask(ctx: Ctx, ep: str, timeout: float = 30.0) -> tuple[float, int]:
@@ -233,7 +236,7 @@ def test_relay_asks_upstreams_at_once_and_skips_dead_ones(ctx: Ctx) -> None:
         pub.start()
         pub.submit(Outgoing(p.Bye, 0, time.time(), {"reason": "x"}))
     dead = [f"tcp://127.0.0.1:{free_port_pair()}" for _ in range(10)]  # nobody there
-    hung = _hung_upstreams(ctx, 10)
+    hung, hung_sockets = _hung_upstreams(ctx, 10)
     bind = f"tcp://127.0.0.1:{free_port_pair()}"
     upstream = [str(pub.endpoint) for pub in live] + dead + hung
     try:
@@ -254,6 +257,9 @@ def test_relay_asks_upstreams_at_once_and_skips_dead_ones(ctx: Ctx) -> None:
     finally:
         for pub in live:
             pub.close(2)
+        for sock in hung_sockets:
+            sock.close(0)
+    print(f"relay, 2 live + 20 dead/hung upstreams: {first:.2f} s, then {second:.2f} s")
     assert n1 >= 4 and n2 >= 4  # 2 runs × (message, end marker): both live ones answered
     assert first <= 2.0 + 1.0  # one timeout for all 20 bad upstreams, not one each
     assert second <= 1.0  # then the dead and hung ones are not waited for
@@ -319,10 +325,14 @@ def test_summary_and_replay_skip_a_forged_record(
             [good[0], good[1].replace(b'"step": 5', b'"step": 18446744073709551616'), good[2]]
         )
         w.write_frames(_scalars("r", 1, p.MAX_INT))
-        w.write_frames(_bye("r", 2, p.MAX_INT))
+        w.write(p.Heartbeat(run="r", seq=2, step=p.MAX_INT, t=1.0, last_seq=1, dropped=3))
+        w.write_frames(_bye("r", 3, p.MAX_INT))
     assert main(["summary", "--json", str(path)]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert rows[0]["run"] == "r" and rows[0]["status"] == "finished"
+    assert rows[0]["run"] == "r" and rows[0]["status"] == "finished" and rows[0]["dropped"] == 3
+    assert main(["summary", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "dropped 3 messages" in out and "skipped 1 malformed" in out
     source = ReplaySource([path])
     source.load()
-    assert source.skipped == 1 and len(source.messages) == 3
+    assert source.skipped == 1 and len(source.messages) == 4
