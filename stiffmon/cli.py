@@ -125,6 +125,9 @@ def _cmd_summary(args: argparse.Namespace) -> int:
         else:
             console = Console()
             console.print(summary_table(store))
+            for rd in store.runs.values():
+                if rd.dropped:
+                    notes.append(f"{rd.name}: the agent dropped {rd.dropped} messages")
             for note in notes:
                 console.print(f"[yellow]{note}[/]")
     for d in dead:

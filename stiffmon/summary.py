@@ -78,6 +78,7 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
         "within_minus_between": rd.last("stiffness/cos/train-train/within")
         - rd.last("stiffness/cos/train-train/between"),
         "events": len(rd.events),
+        "dropped": rd.dropped,  # messages the agent lost (its last heartbeat says)
         "status": rd.status(now),
     }
 
