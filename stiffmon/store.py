@@ -188,7 +188,18 @@ class RunData:
 
     @property
     def batch_size(self) -> int | None:
-        return self.hello.batch_size if self.hello else None
+        """B from the hello; else the largest of the agent's per-step ``batch_size`` scalar.
+
+        The agent takes B from the logits passed to ``step()`` when ``Agent(batch_size=…)`` is not
+        given; the largest, since an epoch's last batch may be smaller.
+        """
+        if self.hello is not None and self.hello.batch_size is not None:
+            return self.hello.batch_size
+        series = self.scalars.get("batch_size")
+        if series is None or not len(series):
+            return None
+        b = float(np.nanmax(series.values)) if np.isfinite(series.values).any() else math.nan
+        return int(b) if math.isfinite(b) and b > 0 else None
 
     def status(self, now: float | None = None) -> Status:
         """live, stalled (no message for 3 s), finished (bye seen) or replay."""
