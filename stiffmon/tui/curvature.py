@@ -20,7 +20,7 @@ from rich.style import Style
 from rich.text import Text
 
 from stiffmon.store import RunData, Snapshot
-from stiffmon.tui.renderables import HLine, Line, LineChart, fmt_tick, nice_ticks
+from stiffmon.tui.renderables import HLine, Line, LineChart, asciify, fmt_tick, nice_ticks
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -98,7 +98,8 @@ class DensityMap:
 
     def render_lines(self, width: int) -> list[Segment]:
         segs: list[Segment] = []
-        for title_line in self.title.splitlines():
+        title = asciify(self.title) if self.ascii else self.title
+        for title_line in title.splitlines():
             segs += [Segment(title_line[:width], Style(bold=True)), Segment.line()]
         if not self.steps:
             return [*segs, Segment("no density measurement yet", Style(dim=True)), Segment.line()]
@@ -200,7 +201,11 @@ def density_chart(
         x_label="eigenvalue",
         empty_text="empty density",
     )
-    return Group(chart, Text(info, style="dim", no_wrap=True, overflow="ellipsis"))
+    if ascii:
+        info = asciify(info)
+    return Group(
+        chart, Text(info, style="dim", no_wrap=True, overflow="crop" if ascii else "ellipsis")
+    )
 
 
 def density_map(rd: RunData, *, ascii: bool, height: int) -> DensityMap:
@@ -324,7 +329,7 @@ def batch_chart(
     )
 
 
-def batch_table(runs: Sequence[RunColor]) -> RenderableType:
+def batch_table(runs: Sequence[RunColor], ascii: bool = False) -> RenderableType:
     """One line per run: the latest suggested batch sizes next to the actual one."""
     rows: list[RenderableType] = []
     for rd, color in runs:
@@ -339,7 +344,8 @@ def batch_table(runs: Sequence[RunColor]) -> RenderableType:
                 + (f" (θ={th:g})" if math.isfinite(th) else "")
             )
         actual = f"{rd.batch_size:,}" if rd.batch_size else "unknown"
+        line = "suggested batch " + " · ".join(parts) + f"   actual {actual}"
         t = Text(f"{rd.name}: ", style=color)
-        t.append("suggested batch " + " · ".join(parts) + f"   actual {actual}")
+        t.append(asciify(line) if ascii else line)
         rows.append(t)
     return Group(*rows) if rows else Text("no gradient tests yet", style="dim")

@@ -129,6 +129,10 @@ _ASCII = {
     "ᵖ": "p",
     "₁": "1",
     "̄": "",
+    "θ": "theta",
+    "ν": "nu",
+    "σ": "sigma",
+    "±": "+-",
 }
 _ASCII_TABLE = str.maketrans(_ASCII)
 

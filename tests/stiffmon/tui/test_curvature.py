@@ -116,19 +116,19 @@ def test_density_map_ascii_exact() -> None:
 def test_density_chart_and_batch_table_exact() -> None:
     rd = curvature_store().runs["r"]
     assert render(density_chart(rd, 0, log_y=False, ascii=True, height=10), 60) == (
-        "sgd — Hessian density 1/2, step 0                           \n"
+        "sgd - Hessian density 1/2, step 0                           \n"
         "  1 |           **                                          \n"
         "    |          ***                                          \n"
         "0.5 |          * **                                         \n"
         "    |         ** **                                         \n"
         "    |         *   **                            **          \n"
         "  0 |**********    *****************************************\n"
-        "    +-------------------------------------------------------\n"
+        "    +-----------+--------------------+---------------------+\n"
         "                0                    2                     4\n"
-        "trace 12.5 ± 0.5, σ 0.1, SLQ 2×32, 72 HVPs\n"
+        "trace 12.5 +- 0.5, sigma 0.1, SLQ 2x32, 72 HVPs\n"
     )
     latest = render(density_chart(rd, None, log_y=True, ascii=True, height=10), 60)
-    assert latest.startswith("sgd — Hessian density 2/2, step 100") and "trace 13.5" in latest
+    assert latest.startswith("sgd - Hessian density 2/2, step 100") and "trace 13.5" in latest
     assert render(batch_table([(rd, "red")]), 120) == (
         "sgd: suggested batch norm 301 (θ=0.9) · inner-product 21 (θ=0.9) · orthogonality 17 "
         "(θ=5.84)   actual 64\n"
@@ -139,10 +139,10 @@ def test_time_series_charts() -> None:
     rd = curvature_store().runs["r"]
     kw = {"x_time": False, "ascii": True, "height": 8}
     trace = render(trace_chart([(rd, "red")], log_y=False, **kw), 60)
-    assert trace.startswith("Hessian trace (Hutchinson), grey: ±2 standard errors")
+    assert trace.startswith("Hessian trace (Hutchinson), grey: +-2 standard errors")
     assert "14 |" in trace and "12 |" in trace  # the band reaches 13.5 + 2·0.5 and 12.5 − 1
     topk = render(topk_chart(rd, log_y=False, **kw), 60)
-    assert topk.startswith("sgd — top-3 Hessian eigenvalues") and "4 |" in topk
+    assert topk.startswith("sgd - top-3 Hessian eigenvalues") and "4 |" in topk
     tests = render(gradient_tests_chart(rd, log_y=True, **kw), 80)
     assert "gradient tests" in tests and "- - -" in tests  # dashed chosen θ
     batch = render(batch_chart([(rd, "red")], "norm_test", **kw), 60)
