@@ -291,14 +291,18 @@ class StiffmonApp(App[None]):
         self.redraw(force=True)
 
     def action_scrub(self, direction: int) -> None:
-        if self.replay is not None and self.view_name not in ("stiffness", "distance"):
+        if self.replay is not None and self.view_name not in ("stiffness", "distance", "curvature"):
             self.replay.playing = False
             self.replay.step_measurement(self.store, direction)
         else:
             rd = self.views["stiffness"].selected_run()
             if rd is None:
                 return
-            n = max((len(v) for v in (*rd.matrices.values(), *rd.curves.values())), default=0)
+            if self.view_name == "curvature":  # the density measurements
+                n = len(rd.curves.get("hessian-density", []))
+            else:
+                heavy = (*rd.matrices.items(), *rd.curves.items())
+                n = max((len(v) for k, v in heavy if k != "hessian-density"), default=0)
             cur = n - 1 if self.scrub is None else self.scrub
             nxt = max(0, min(n - 1, cur + direction))
             self.scrub = None if nxt >= n - 1 else nxt

@@ -150,7 +150,8 @@ class DensityMap:
         axis = first + last.rjust(max(len(last) + 1, span - len(first)))
         segs += [Segment(" " * label_w + axis[: max(0, width - label_w)], Style(dim=True))]
         segs.append(Segment.line())
-        bar = [Segment(" " * label_w + f"1e-{self.decades:g}×max ", Style(dim=True))]
+        low = f"1e-{self.decades:g}{'x' if self.ascii else '×'}max "
+        bar = [Segment(" " * label_w + low, Style(dim=True))]
         for i in range(12):
             f = i / 11
             bar.append(
@@ -179,12 +180,12 @@ def density_chart(
     snaps = density_snapshots(rd)
     if not snaps:
         return LineChart(
-            [], title=f"{rd.name} — Hessian density", height=height, empty_text="no density yet"
+            [], title=f"Hessian density — {rd.name}", height=height, empty_text="no density yet"
         )
     i = len(snaps) - 1 if index is None else max(0, min(index, len(snaps) - 1))
     m = snaps[i].msg
     a = dict(m.attrs)
-    title = f"{rd.name} — Hessian density {i + 1}/{len(snaps)}, step {snaps[i].step:,}"
+    title = f"density {i + 1}/{len(snaps)}, step {snaps[i].step:,} — {rd.name}"
     info = (
         f"trace {_f(a, 'trace', '.4g')} ± {_f(a, 'trace_stderr', '.2g')}, "
         f"σ {_f(a, 'sigma', '.3g')}, SLQ {_f(a, 'runs', 'd')}×{_f(a, 'steps', 'd')}, "
@@ -215,7 +216,7 @@ def density_map(rd: RunData, *, ascii: bool, height: int) -> DensityMap:
         [s.step for s in snaps],
         [np.asarray(getattr(s.msg, "x", ()), dtype=np.float64) for s in snaps],
         [np.asarray(getattr(s.msg, "y", ()), dtype=np.float64) for s in snaps],
-        title=f"{rd.name} — density over training (log colour)",
+        title=f"density by step (log colour) — {rd.name}",
         ascii=ascii,
         height=max(2, height - 3),
     )
@@ -270,7 +271,7 @@ def topk_chart(rd: RunData, *, x_time: bool, log_y: bool, ascii: bool, height: i
         )
     return LineChart(
         lines,
-        title=f"{rd.name} — top-{k} Hessian eigenvalues" if k else "top-k Hessian eigenvalues",
+        title=f"top-{k} Hessian eigenvalues — {rd.name}" if k else "top-k Hessian eigenvalues",
         log_y=log_y,
         ascii=ascii,
         height=height,
@@ -296,7 +297,8 @@ def gradient_tests_chart(
     return LineChart(
         lines,
         hlines,
-        title=f"{rd.name} — gradient tests: norm θ (blue), inner θ, ortho ν; dashed: θ",
+        title=f"gradient tests, dashed: chosen θ — {rd.name}",
+        legend=True,
         log_y=log_y,
         ascii=ascii,
         height=height,
@@ -320,7 +322,7 @@ def batch_chart(
     return LineChart(
         lines,
         hlines,
-        title=f"suggested batch size ({label} test), dashed: actual",
+        title=f"suggested batch ({label} test), dashed: actual",
         log_y=True,
         ascii=ascii,
         height=height,
@@ -330,22 +332,21 @@ def batch_chart(
 
 
 def batch_table(runs: Sequence[RunColor], ascii: bool = False) -> RenderableType:
-    """One line per run: the latest suggested batch sizes next to the actual one."""
+    """One line per run: the actual batch size, then the latest suggested ones and their θ."""
     rows: list[RenderableType] = []
     for rd, color in runs:
         if rd.series("noise/norm_test") is None:
             continue
         parts = []
-        for key, label in TESTS:
+        for key, _ in TESTS:
             b = rd.last(f"noise/suggested_batch/{key}")
-            th = rd.last(f"noise/theta/{key}")
-            parts.append(
-                f"{label.split()[0]} {'—' if not math.isfinite(b) else f'{math.ceil(b):,}'}"
-                + (f" (θ={th:g})" if math.isfinite(th) else "")
-            )
-        actual = f"{rd.batch_size:,}" if rd.batch_size else "unknown"
-        line = "suggested batch " + " · ".join(parts) + f"   actual {actual}"
-        t = Text(f"{rd.name}: ", style=color)
+            parts.append("—" if not math.isfinite(b) else f"{math.ceil(b):,}")
+        thetas = "/".join(f"{rd.last(f'noise/theta/{key}'):g}" for key, _ in TESTS)
+        actual = f"{rd.batch_size:,}" if rd.batch_size else "?"
+        line = f"B {actual}; suggested norm/inner/ortho {'/'.join(parts)} at θ {thetas}"
+        t = Text(
+            f"{rd.name}: ", style=color, no_wrap=True, overflow="crop" if ascii else "ellipsis"
+        )
         t.append(asciify(line) if ascii else line)
         rows.append(t)
     return Group(*rows) if rows else Text("no gradient tests yet", style="dim")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from stiffmon.tui.views.base import ChartView, View, run_color
 from stiffmon.tui.views.compare import Compare
+from stiffmon.tui.views.curvature import Curvature
 from stiffmon.tui.views.custom import Custom
 from stiffmon.tui.views.distance import Distance
 from stiffmon.tui.views.layers import Layers
@@ -25,6 +26,7 @@ VIEWS: tuple[type[View], ...] = (
     Training,
     Layers,
     Spectra,
+    Curvature,
     Custom,
     Log,
 )

@@ -36,7 +36,10 @@ class Distance(View):
         lines, markers = [], []
         step = None
         if rd is not None:
-            for j, (name, snaps) in enumerate(sorted(rd.curves.items())):
+            curves = sorted(
+                (k, v) for k, v in rd.curves.items() if k.startswith("stiffness-distance/")
+            )
+            for j, (name, snaps) in enumerate(curves):
                 snap, _ = scrubbed(snaps, self.app.scrub)
                 if snap is None:
                     continue

@@ -102,8 +102,60 @@ def run_messages(
         add(p.Scalars, s, names=tuple(layers), values=np.array(list(layers.values())))
         add(p.Spectrum, s, name="hessian", values=np.array([lam, lam / 2]), attrs={"hvps": 5})
         add(p.Spectrum, s, name="grad-cov", values=np.geomspace(2.0, 0.01, 8) * math.exp(-s / 300))
+        for cls, fields in curvature_fields(s, lam, every):
+            add(cls, s, **fields)
         add(p.Scalars, s, names=("custom/val_loss",), values=np.array([loss * 1.1]))
     add(p.Bye, steps - 1, reason="closed")
+    return out
+
+
+def curvature_fields(
+    s: int, lam: float, every: int
+) -> list[tuple[type[p.Message], dict[str, object]]]:
+    """Gradient tests at every measurement; the Hessian density and trace at every 4th."""
+    theta = 0.4 + 2.0 * math.exp(-s / 200)
+    tests = {
+        "noise/norm_test": theta,
+        "noise/inner_product_test": theta / 3,
+        "noise/orthogonality_test": 4 * theta,
+        "noise/suggested_batch/norm_test": 100 * theta**2 / 0.81,
+        "noise/suggested_batch/inner_product_test": 100 * theta**2 / 9 / 0.81,
+        "noise/suggested_batch/orthogonality_test": 1600 * theta**2 / 5.84**2,
+        "noise/theta/norm_test": 0.9,
+        "noise/theta/inner_product_test": 0.9,
+        "noise/theta/orthogonality_test": 5.84,
+    }
+    out: list[tuple[type[p.Message], dict[str, object]]] = [
+        (p.Scalars, {"names": tuple(tests), "values": np.array(list(tests.values()))})
+    ]
+    if s % (4 * every) == 0:
+        sig = 0.02 * lam
+        grid = np.linspace(-0.2 * lam, 1.1 * lam, 128)
+        dens = (
+            0.9 * np.exp(-0.5 * (grid / (5 * sig)) ** 2) / (5 * sig)
+            + 0.1 * np.exp(-0.5 * ((grid - lam) / sig) ** 2) / sig
+        )
+        dens /= math.sqrt(2 * math.pi)
+        trace = 3.0 * lam
+        attrs = {
+            "sigma": sig,
+            "grid": "linear",
+            "runs": 2,
+            "steps": 32,
+            "hvps": 72,
+            "trace": trace,
+            "trace_stderr": 0.1 * trace,
+        }
+        out.append((p.Curve, {"name": "hessian-density", "x": grid, "y": dens, "attrs": attrs}))
+        out.append(
+            (
+                p.Scalars,
+                {
+                    "names": ("curvature/trace", "curvature/trace_stderr"),
+                    "values": np.array([trace, 0.1 * trace]),
+                },
+            )
+        )
     return out
 
 

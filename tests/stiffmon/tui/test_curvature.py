@@ -104,7 +104,7 @@ def test_density_map_ascii_exact() -> None:
     dm = DensityMap([0, 50, 100], [grid] * 3, [low, low, high], ascii=True, height=4, decades=2)
     # bins of width 1: a full bin is the max ('@'), a half-filled one 10^-0.3 ('%')
     assert render(dm, 20) == (
-        "4       @@@\n3       %%%\n2 %%%%%%   \n0 @@@@@@   \n  step 0 100\n  1e-2×max   .:-=+*#\n"
+        "4       @@@\n3       %%%\n2 %%%%%%   \n0 @@@@@@   \n  step 0 100\n  1e-2xmax   .:-=+*#\n"
     )
     assert "no density measurement yet" in render(DensityMap([], [], []), 40)
     # more measurements than columns: thinned, the last kept
@@ -116,7 +116,7 @@ def test_density_map_ascii_exact() -> None:
 def test_density_chart_and_batch_table_exact() -> None:
     rd = curvature_store().runs["r"]
     assert render(density_chart(rd, 0, log_y=False, ascii=True, height=10), 60) == (
-        "sgd - Hessian density 1/2, step 0                           \n"
+        "density 1/2, step 0 - sgd                                   \n"
         "  1 |           **                                          \n"
         "    |          ***                                          \n"
         "0.5 |          * **                                         \n"
@@ -128,10 +128,12 @@ def test_density_chart_and_batch_table_exact() -> None:
         "trace 12.5 +- 0.5, sigma 0.1, SLQ 2x32, 72 HVPs\n"
     )
     latest = render(density_chart(rd, None, log_y=True, ascii=True, height=10), 60)
-    assert latest.startswith("sgd - Hessian density 2/2, step 100") and "trace 13.5" in latest
+    assert latest.startswith("density 2/2, step 100 - sgd") and "trace 13.5" in latest
     assert render(batch_table([(rd, "red")]), 120) == (
-        "sgd: suggested batch norm 301 (θ=0.9) · inner-product 21 (θ=0.9) · orthogonality 17 "
-        "(θ=5.84)   actual 64\n"
+        "sgd: B 64; suggested norm/inner/ortho 301/21/17 at θ 0.9/0.9/5.84\n"
+    )
+    assert render(batch_table([(rd, "red")], ascii=True), 40) == (
+        "sgd: B 64; suggested norm/inner/ortho 30\n"
     )
 
 
@@ -142,11 +144,11 @@ def test_time_series_charts() -> None:
     assert trace.startswith("Hessian trace (Hutchinson), grey: +-2 standard errors")
     assert "14 |" in trace and "12 |" in trace  # the band reaches 13.5 + 2·0.5 and 12.5 − 1
     topk = render(topk_chart(rd, log_y=False, **kw), 60)
-    assert topk.startswith("sgd - top-3 Hessian eigenvalues") and "4 |" in topk
+    assert topk.startswith("top-3 Hessian eigenvalues - sgd") and "4 |" in topk
     tests = render(gradient_tests_chart(rd, log_y=True, **kw), 80)
     assert "gradient tests" in tests and "- - -" in tests  # dashed chosen θ
     batch = render(batch_chart([(rd, "red")], "norm_test", **kw), 60)
-    assert batch.startswith("suggested batch size (norm test), dashed: actual")
+    assert batch.startswith("suggested batch (norm test), dashed: actual")
     assert "100 |" in batch and "- - -" in batch  # log axis; actual batch 64 dashed
     empty = curvature_store()
     empty.runs["r"].curves.clear()

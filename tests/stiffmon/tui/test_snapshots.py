@@ -27,6 +27,7 @@ VIEWS = {
     "9": "spectra",
     "0": "custom",
     "g": "log",
+    "h": "curvature",
 }
 
 
