@@ -26,9 +26,9 @@ VIEWS: tuple[type[View], ...] = (
     Training,
     Layers,
     Spectra,
-    Curvature,
     Custom,
     Log,
+    Curvature,
 )
 
 __all__ = ["BLOCKS", "VIEWS", "ChartView", "View", "run_color"]
