@@ -29,9 +29,10 @@ from stiffmon import __version__
 from stiffmon import protocol as p
 from stiffmon.registry import RunEntry, register, unregister
 from stiffmon.transport import CurveKeys, load_curve_server
+from stiffmon_agent.columns import Accuracy, ColumnBatcher, RawColumns
 from stiffmon_agent.measure import ProbeSet, gram_messages, make_probe, sharpness_messages
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
-from stiffmon_agent.publisher import Accuracy, Outgoing, Publisher
+from stiffmon_agent.publisher import Outgoing, Publisher
 from stiffmon_agent.schedules import Schedule, parse_schedule
 
 log = logging.getLogger("stiffmon_agent")
@@ -176,10 +177,10 @@ class Agent:
         self._last_cost = {"gram": 0.0, "sharpness": 0.0}
         self._skipped = 0
         self._start = time.perf_counter()
-        self._last_step_t: float | None = None
         self._registry_run: str | None = None
         self.probe: ProbeSet | None = None
         self.publisher: Publisher | None = None
+        self._columns = ColumnBatcher(self._submit_columns)
         if not self.enabled:
             return
         device = next((q.device for q in model.parameters()), None)
@@ -200,6 +201,7 @@ class Agent:
             curve=keys,
             warn=log.warning,
         )
+        self.publisher.on_wake = lambda: self._columns.flush(older_than=self._columns.interval)
         self.publisher.start()
         self.endpoint = self.publisher.endpoint
         names = tuple(class_names or (self.probe.class_names if self.probe else ()))
@@ -254,6 +256,13 @@ class Agent:
                 Outgoing(cls, self.step_count if step is None else step, time.time(), fields)
             )
 
+    def _submit_columns(self, raw: RawColumns) -> bool:
+        if self.publisher is None:
+            return False
+        return self.publisher.submit(
+            Outgoing(p.Columns, raw.steps[-1], raw.times[-1], {"raw": raw})
+        )
+
     def event(self, code: str, message: str, level: str = "info", **attrs: Any) -> None:
         """Publish an ``event`` message (shown by the monitor)."""
         self._submit(p.Event, {"level": level, "code": code, "message": message, "attrs": attrs})
@@ -265,8 +274,10 @@ class Agent:
     ) -> None:
         """Record one training step; run the heavy metrics when their schedule is due.
 
-        Call after ``optimizer.step()``. Cheap when nothing is due (a queue put): the loss is
-        converted to a number on the background thread, so a GPU loss causes no synchronisation.
+        Call after ``optimizer.step()``. Cheap when nothing is due: the step's values are
+        appended to the current columnar batch, which goes to the background thread every
+        ~50 ms or 8192 steps; the loss is converted to a number there, so a GPU loss causes no
+        synchronisation. Every step is kept.
 
         Args:
             loss: The step's loss (tensor or number).
@@ -276,7 +287,6 @@ class Agent:
         if not self.enabled or self.closed:
             return
         s = self.step_count
-        now = time.perf_counter()
         names = ["loss"]
         values: list[Any] = [loss.detach() if isinstance(loss, Tensor) else loss]
         opt = self.optimizer
@@ -296,16 +306,11 @@ class Agent:
                 if g.get("weight_decay"):
                     names.append(f"weight_decay/{i}")
                     values.append(g["weight_decay"])
-        if self._last_step_t is not None:
-            names.append("step_time")
-            values.append(now - self._last_step_t)
-        self._last_step_t = now
         if logits is not None and targets is not None:
             names.append("accuracy")  # computed on the publisher thread, off the training loop
             values.append(Accuracy(logits.detach(), targets.detach()))
-        self.publisher.submit(
-            Outgoing(p.Scalars, s, time.time(), {"values_names": names, "values_raw": values})
-        )  # type: ignore[union-attr]
+        # step_time is not sent: the monitor derives it from consecutive row times
+        self._columns.add(s, time.time(), tuple(names), values)
         if self.probe is not None:
             if "gram" not in self._disabled and self._gram_schedule.due(s):
                 self._measure("gram", s)
@@ -336,6 +341,7 @@ class Agent:
         if not self._within_budget(kind, step):
             return
         assert self.probe is not None
+        self._columns.flush()  # the steps so far go out before the measurement (seq order)
         t0 = time.perf_counter()
         try:
             if kind == "gram":
@@ -409,6 +415,7 @@ class Agent:
         self.closed = True
         _LIVE_AGENTS.discard(self)
         if self.publisher is not None:
+            self._columns.flush()
             self._submit(p.Bye, {"reason": reason}, step=max(self.step_count - 1, 0))
             if not self.publisher.close(timeout):
                 log.warning("stiffmon: could not flush everything before the timeout")

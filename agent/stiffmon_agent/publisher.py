@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
 from stiffmon import protocol as p
@@ -43,6 +44,7 @@ from stiffmon.transport import (
     encode_control,
     parse_endpoint,
 )
+from stiffmon_agent.columns import RawColumns, build_columns
 
 
 @dataclass(frozen=True)
@@ -57,17 +59,6 @@ class Outgoing:
     step: int
     t: float
     fields: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    """Deferred top-1 accuracy of a step's logits: evaluated by ``float()`` on this thread."""
-
-    logits: Any
-    targets: Any
-
-    def __float__(self) -> float:
-        return float((self.logits.argmax(-1) == self.targets).float().mean())
 
 
 @dataclass
@@ -139,6 +130,7 @@ class Publisher:
         self._nonfinite_streak = 0
         self.batch_interval = 0.05  # seconds between drains of the queue
         self.cpu_seconds = 0.0  # CPU time this thread spent publishing (counts in the budget)
+        self.on_wake: Callable[[], None] | None = None  # called at every wake (column batches)
 
     # ------------------------------------------------------------------ training-thread side
 
@@ -264,6 +256,11 @@ class Publisher:
             # hand-offs with the training thread (which only ever does a non-blocking put).
             self._stop.wait(self.batch_interval)
             started = time.thread_time()
+            if self.on_wake is not None:
+                try:
+                    self.on_wake()
+                except Exception as exc:  # never let it stop publishing
+                    self._warn(f"stiffmon: {exc}")
             batch: list[Outgoing | None] = []
             while len(batch) < 20_000:
                 try:
@@ -293,6 +290,11 @@ class Publisher:
                 finished = True
 
     def _build(self, item: Outgoing) -> p.Message:
+        if item.cls is p.Columns:
+            raw: RawColumns = item.fields["raw"]
+            msg = build_columns(raw, run=self.run, seq=self.seq + 1)
+            self.seq += 1
+            return msg
         fields = dict(item.fields)
         if item.cls is p.Scalars:
             names = tuple(fields.pop("values_names", ()))
@@ -334,30 +336,40 @@ class Publisher:
                         writer.close()
                     return None
         if isinstance(msg, p.Scalars):
-            self._check_finite(msg, pub, writer)
+            loss = msg.as_dict().get("loss")
+            if loss is not None:
+                self._check_finite([msg.step], [loss], pub, writer)
+        elif isinstance(msg, p.Columns) and "loss" in msg.names:
+            losses = msg.column("loss")
+            if not self._nonfinite_streak and bool(np.isfinite(losses).all()):
+                return writer  # the common case, vectorised
+            self._check_finite(msg.steps.tolist(), losses.tolist(), pub, writer)
         return writer
 
     def _check_finite(
-        self, msg: p.Scalars, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
+        self,
+        steps: list[int],
+        losses: list[float],
+        pub: zmq.Socket[bytes] | None,
+        writer: SessionWriter | None,
     ) -> None:
-        values = msg.as_dict()
-        loss = values.get("loss")
-        if loss is None:
-            return
-        if math.isfinite(loss):
-            self._nonfinite_streak = 0
-            return
-        self._nonfinite_streak += 1
-        if self._nonfinite_streak == 1:
-            self._warn(f"stiffmon: non-finite loss ({loss}) at step {msg.step}; training goes on")
+        """One ``nan-loss`` event at the start of every run of non-finite losses."""
+        for step, loss in zip(steps, losses, strict=True):
+            if math.isfinite(loss):
+                self._nonfinite_streak = 0
+                continue
+            self._nonfinite_streak += 1
+            if self._nonfinite_streak != 1:
+                continue
+            self._warn(f"stiffmon: non-finite loss ({loss}) at step {step}; training goes on")
             ev = Outgoing(
                 p.Event,
-                msg.step,
+                step,
                 time.time(),
                 {
                     "level": "warning",
                     "code": "nan-loss",
-                    "message": f"loss is {loss} at step {msg.step}",
+                    "message": f"loss is {loss} at step {step}",
                     "attrs": {},
                 },
             )
