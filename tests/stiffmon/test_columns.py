@@ -218,11 +218,11 @@ def test_index_finds_the_batch_holding_a_step(tmp_path: Path) -> None:
 
 
 # Figures of the committed demo sessions, read with the version-1 code before the columnar
-# stream existed: (steps of loss, sum of loss, sum of lr/0, break-even step and reason).
+# stream existed: (steps of loss, sum of loss, sum of lr/0, measurements and sum of λ1_H).
 DEMO = {
-    "lr0.01.stiff": (1500, 1148.2375984117389, 15.0, 940, "peak"),
-    "lr0.05.stiff": (1500, 310.09466643771157, 75.0, 300, "peak"),
-    "lr0.2.stiff": (1500, 98.31100600009086, 300.0, 80, "threshold"),
+    "lr0.01.stiff": (1500, 1148.2375984117389, 15.0, 79, 662.9005563855171),
+    "lr0.05.stiff": (1500, 310.09466643771157, 75.0, 79, 635.0996069908142),
+    "lr0.2.stiff": (1500, 98.31100600009086, 300.0, 79, 271.46330177783966),
 }
 
 
@@ -234,10 +234,11 @@ def test_committed_demo_sessions_replay_unchanged(name: str) -> None:
     store = Store()
     store.extend(msgs, replay=True)
     (rd,) = store.runs.values()
-    n, loss_sum, lr_sum, be_step, be_reason = DEMO[name]
+    n, loss_sum, lr_sum, measured, lam_sum = DEMO[name]
     assert len(rd.scalars["loss"]) == n and len(rd.scalars["step_time"]) == n - 1
     assert float(rd.scalars["loss"].values.sum()) == pytest.approx(loss_sum, rel=1e-12)
     assert float(rd.scalars["lr/0"].values.sum()) == pytest.approx(lr_sum, rel=1e-12)
-    be = rd.break_even()
-    assert (be.step, be.reason) == (be_step, be_reason)
-    assert rd.finished and rd.last_step == 1500
+    lam = rd.scalars["sharpness/lambda1_h"]
+    assert len(lam) == measured
+    assert float(lam.values.sum()) == pytest.approx(lam_sum, rel=1e-12)
+    assert len(rd.matrices) == 6 and rd.finished and rd.last_step == 1500
