@@ -155,3 +155,95 @@ def build_columns(raw: RawColumns, *, run: str, seq: int) -> p.Columns:
     cols = list(zip(*raw.rows, strict=True)) if raw.names else []
     values = {name: _as_float64(col) for name, col in zip(raw.names, cols, strict=True)}
     return p.Columns.from_columns(values, raw.steps, raw.times, run=run, seq=seq)
+
+
+HISTORY_CHUNK_ROWS = 1 << 16
+"""Steps per ``columns`` message in the history served to late joiners."""
+
+
+class ColumnHistory:
+    """Every step's scalars for late joiners, compacted into large ``columns`` messages.
+
+    Live batches are small (~50 ms of steps); kept as they are, a long run at a few ms per step
+    would hand a late joiner hundreds of thousands of messages. Here consecutive batches with
+    the same names are appended (vectorised, amortised O(rows)) to an open chunk of up to
+    ``chunk_rows`` steps; a full chunk is encoded once and kept as its frames. A chunk carries the
+    ``seq`` of its last batch, so a snapshot that merges chunks with the other kept messages by
+    ``seq`` is still in increasing ``seq`` order (the client relies on that). Nothing is ever
+    decimated: memory is the encoded size, about 16–40 bytes per step.
+
+    Args:
+        run: Run id of the messages.
+        chunk_rows: Steps per chunk at most.
+    """
+
+    def __init__(self, run: str, chunk_rows: int = HISTORY_CHUNK_ROWS) -> None:
+        self.run = run
+        self.chunk_rows = max(1, chunk_rows)
+        self.closed: list[tuple[int, list[bytes]]] = []  # (seq, frames), in seq order
+        self._names: tuple[str, ...] = ()
+        self._cols: list[npt.NDArray[Any]] = []  # steps, times, one array per name
+        self._n = 0
+        self._seq = -1
+        self._open_frames: tuple[int, list[bytes]] | None = None  # cache of the open chunk
+        self.rows = 0
+
+    def add(self, msg: p.Columns) -> None:
+        """Append a batch (its arrays are copied)."""
+        k = len(msg)
+        if self._n and (msg.names != self._names or self._n + k > self.chunk_rows):
+            self._close()
+        if not self._n:
+            self._names = msg.names
+            cap = min(max(k, 1024), max(self.chunk_rows, k))
+            self._cols = [np.empty(cap, np.int64)] + [
+                np.empty(cap, np.float64) for _ in range(1 + len(msg.names))
+            ]
+        need = self._n + k
+        if need > self._cols[0].shape[0]:
+            cap = max(need, min(2 * self._cols[0].shape[0], self.chunk_rows))
+            grown = []
+            for a in self._cols:
+                b = np.empty(cap, a.dtype)
+                b[: self._n] = a[: self._n]
+                grown.append(b)
+            self._cols = grown
+        for a, src in zip(self._cols, (msg.steps, msg.times, *msg.values), strict=True):
+            a[self._n : need] = src
+        self._n = need
+        self._seq = msg.seq
+        self._open_frames = None
+        self.rows += k
+        if self._n >= self.chunk_rows:
+            self._close()
+
+    def _encode_open(self) -> tuple[int, list[bytes]]:
+        if self._open_frames is None:
+            n = self._n
+            steps, times, *values = (a[:n] for a in self._cols)
+            msg = p.Columns.from_columns(
+                dict(zip(self._names, values, strict=True)),
+                steps,
+                times,
+                run=self.run,
+                seq=self._seq,
+            )
+            self._open_frames = (self._seq, p.encode(msg))
+        return self._open_frames
+
+    def _close(self) -> None:
+        if self._n:
+            self.closed.append(self._encode_open())
+        self._n = 0
+        self._cols = []
+        self._open_frames = None
+
+    def in_order(self) -> list[tuple[int, list[bytes]]]:
+        """``(seq, frames)`` of every chunk, oldest first (the open one encoded on demand)."""
+        return self.closed + ([self._encode_open()] if self._n else [])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the encoded chunks and the open chunk's arrays."""
+        held = sum(len(f) for _, frames in self.closed for f in frames)
+        return held + sum(a.nbytes for a in self._cols)

@@ -16,7 +16,13 @@ from stiffmon.client import Client
 from stiffmon.session import SessionReader, read_session
 from stiffmon.store import Store
 from stiffmon_agent import Agent
-from stiffmon_agent.columns import Accuracy, ColumnBatcher, RawColumns, build_columns
+from stiffmon_agent.columns import (
+    Accuracy,
+    ColumnBatcher,
+    ColumnHistory,
+    RawColumns,
+    build_columns,
+)
 from tests.conftest import free_port_pair
 
 
@@ -74,6 +80,36 @@ def test_build_converts_every_kind_of_value() -> None:
     mixed = msg.column("mixed")
     assert math.isnan(mixed[1]) and mixed[[0, 2, 3]].tolist() == [0.0, 2.0, 3.0]
     assert p.decode(p.encode(msg)) == msg
+
+
+def test_history_compacts_batches_and_keeps_every_row() -> None:
+    rng = np.random.default_rng(0)
+    hist = ColumnHistory("r", chunk_rows=1000)
+    sent: list[p.Columns] = []
+    step, seq = 0, 0
+    for i in range(120):
+        k = int(rng.integers(1, 60))
+        names = ("loss", "lr/0") if i < 70 or i >= 75 else ("loss", "lr/0", "accuracy")
+        st = np.arange(step, step + k)
+        cols = {n: rng.normal(size=k) for n in names}
+        cols["lr/0"] = np.full(k, 0.1)
+        seq += 1 + int(rng.integers(0, 3))  # heavy messages take seqs in between
+        msg = p.Columns.from_columns(cols, st, 1e9 + st * 0.01, run="r", seq=seq)
+        sent.append(msg)
+        hist.add(msg)
+        step += k
+    chunks = [(s, p.decode(frames)) for s, frames in hist.in_order()]
+    assert [s for s, _ in chunks] == sorted({s for s, _ in chunks})  # seq increasing
+    assert all(isinstance(m, p.Columns) and m.seq == s for s, m in chunks)
+    assert all(len(m) <= 1000 for _, m in chunks) and len(chunks) < 20
+    assert chunks[-1][0] == sent[-1].seq and hist.rows == step
+    got = [r for _, m in chunks for r in m.rows()]  # type: ignore[union-attr]
+    want = [r for m in sent for r in m.rows()]
+    assert [(r.step, r.t, r.names) for r in got] == [(r.step, r.t, r.names) for r in want]
+    np.testing.assert_array_equal(
+        np.concatenate([r.values for r in got]), np.concatenate([r.values for r in want])
+    )
+    assert hist.nbytes < 40 * step + 64 * 1024
 
 
 def test_tight_loop_of_100k_steps_loses_nothing(tmp_path: Path) -> None:
