@@ -189,29 +189,38 @@ def per_step_apply_rate(steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def store_memory(runs: int, steps: int, rows: int = 20) -> tuple[float, float]:
-    """(MiB held, steps/s applied) for ``runs`` × ``steps`` fed in columnar batches of ``rows``."""
+def columnar_batches(run: str, steps: int, rows: int) -> list[p.Columns]:
+    msgs = []
+    for seq, lo in enumerate(range(0, steps, rows)):
+        st = np.arange(lo, min(lo + rows, steps))
+        k = st.shape[0]
+        cols = {"loss": 1.0 / (1 + st), "lr/0": np.full(k, 0.1), "accuracy": np.full(k, 0.5)}
+        msgs.append(p.Columns.from_columns(cols, st, st * 1.0, run=run, seq=seq))
+    return msgs
+
+
+def columnar_apply_rate(steps: int, rows: int = 20) -> float:
+    """Steps/s into a store fed columnar batches of ``rows`` steps."""
+    store = Store(max_points=100_000)
+    msgs = columnar_batches("r", steps, rows)
+    t0 = time.perf_counter()
+    for m in msgs:
+        store.apply(m, now=0.0)
+    return steps / (time.perf_counter() - t0)
+
+
+def store_memory(runs: int, steps: int, rows: int = 20) -> float:
+    """MiB held by a store with ``runs`` × ``steps`` fed in columnar batches of ``rows``."""
     gc.collect()
     tracemalloc.start()
     store = Store(max_points=100_000)
-    elapsed = 0.0
     for r in range(runs):
-        run = f"run{r}"
-        msgs = []
-        for seq, lo in enumerate(range(0, steps, rows)):
-            st = np.arange(lo, min(lo + rows, steps))
-            k = st.shape[0]
-            cols = {"loss": 1.0 / (1 + st), "lr/0": np.full(k, 0.1), "accuracy": np.full(k, 0.5)}
-            msgs.append(p.Columns.from_columns(cols, st, st * 1.0, run=run, seq=seq))
-        t0 = time.perf_counter()
-        for m in msgs:
+        for m in columnar_batches(f"run{r}", steps, rows):
             store.apply(m, now=0.0)
-        elapsed += time.perf_counter() - t0
-        del msgs
     gc.collect()
     current, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return current / 2**20, runs * steps / elapsed
+    return current / 2**20
 
 
 def main() -> None:
@@ -260,10 +269,11 @@ def main() -> None:
             )
     n_steps = 100_000 if q else 1_000_000
     base_rate = per_step_apply_rate(n_steps // 10)
-    mem, apply_rate = store_memory(8, n_steps)
+    rate = columnar_apply_rate(n_steps)
+    mem = store_memory(8, n_steps)
     print(
         f"\n[4] store with 8 runs x {n_steps:,} steps of 3 scalars in columnar batches of 20: "
-        f"{mem:.0f} MiB (bound 100k points per series); applied at {apply_rate:,.0f} steps/s, "
+        f"{mem:.0f} MiB (bound 100k points per series); applied at {rate:,.0f} steps/s, "
         f"against {base_rate:,.0f} steps/s as one message per step"
     )
 
