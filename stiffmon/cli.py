@@ -107,7 +107,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
                 while time.monotonic() < deadline:
                     for msg, _ in client.poll(0.1):
                         store.apply(msg)
-                store.malformed += client.stats.malformed
+                store.source_malformed += client.stats.malformed
             if len(store.runs) == n:
                 where = ", ".join(map(str, resolved.endpoints))
                 dead.append(
@@ -250,7 +250,14 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 
     from stiffmon.relay import Relay
 
-    with Relay(args.upstream, args.bind).start() as relay:
+    curve_upstream = curve_bind = None
+    if args.curve_keys:
+        from stiffmon.transport import load_curve_client, load_curve_server
+
+        curve_upstream = load_curve_client(args.curve_keys, args.curve_name)
+        curve_bind = load_curve_server(args.curve_keys)
+    relay_ = Relay(args.upstream, args.bind, curve_upstream=curve_upstream, curve_bind=curve_bind)
+    with relay_.start() as relay:
         print(
             f"stiffmon relay: {len(relay.upstream)} upstream -> {relay.endpoint} (Ctrl+C stops)",
             file=sys.stderr,
@@ -260,6 +267,54 @@ def _cmd_relay(args: argparse.Namespace) -> int:
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stiffmon.export import ExportError, export, load
+    from stiffmon.sources import resolve
+
+    resolved = resolve(args.sources, discover=False, ssh_port=args.ssh_port)
+    notes: list[str] = []
+    try:
+        store = load(
+            resolved.files,
+            resolved.endpoints,
+            wait=args.wait,
+            curve=_curve_client(args),
+            notes=notes,
+        )
+    finally:
+        resolved.close()
+    for n in notes:
+        print(f"stiffmon export: {n}", file=sys.stderr)
+    if not store.runs:
+        return _fail(args, "no run found in the sources", code=1)
+    try:
+        paths = export(store, args.format, Path(args.out))
+    except ExportError as exc:
+        return _fail(args, str(exc))
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from stiffmon.serve import ServeError, serve
+
+    try:
+        serve(
+            args.sources,
+            host=args.host,
+            port=args.port,
+            public_url=args.public_url,
+            ascii=args.ascii,
+            speed=args.speed,
+        )
+    except ServeError as exc:
+        return _fail(args, str(exc))
     return 0
 
 
@@ -352,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     relay.add_argument("upstream", nargs="+", metavar="ENDPOINT", help="agent tcp:// address")
     relay.add_argument("--bind", default="tcp://127.0.0.1:5655", help="address for monitors")
+    relay.add_argument(
+        "--curve-keys",
+        default=None,
+        help="directory from 'stiffmon keys': CURVE to the agents (client keys) and for "
+        "monitors (server key, authorized/)",
+    )
+    relay.add_argument("--curve-name", default="client", help="client key name in that directory")
     relay.set_defaults(handler=_cmd_relay)
 
     demo = sub.add_parser(
@@ -372,6 +434,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--every", type=int, default=20, help="steps between heavy measurements")
     demo.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
     demo.set_defaults(handler=_cmd_demo)
+
+    export = sub.add_parser(
+        "export",
+        help="export runs to CSV, Parquet or TensorBoard event files",
+        description="Export session files or live runs: tidy tables (csv, parquet) or "
+        "TensorBoard event files (scalars, class-stiffness heatmaps, spectra as histograms).",
+    )
+    export.add_argument("sources", nargs="+", metavar="SOURCE", help=".stiff file or endpoint")
+    export.add_argument(
+        "--format", choices=("csv", "parquet", "tensorboard"), default="csv", help="output format"
+    )
+    export.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    export.add_argument("--wait", type=float, default=2.0, help="seconds to listen to endpoints")
+    _add_remote_options(export)
+    export.set_defaults(handler=_cmd_export)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the monitor to a browser tab",
+        description="Serve the monitor over HTTP with textual-serve: replay for session files, "
+        "watch for live endpoints (or the local runs). Loopback only unless --host says so.",
+    )
+    serve.add_argument("sources", nargs="*", metavar="SOURCE", help=".stiff files or endpoints")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--public-url", default=None, help="URL browsers use, behind a proxy")
+    serve.add_argument("--speed", type=float, default=10.0, help="replay speed")
+    serve.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
+    serve.set_defaults(handler=_cmd_serve)
     return parser
 
 

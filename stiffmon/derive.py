@@ -86,16 +86,19 @@ def no_break_even(series: str = LAMBDA1_H) -> BreakEven:
     return BreakEven(None, math.nan, "none", "none", (), series)
 
 
+def _medians(windows: FloatArray) -> FloatArray:
+    """Median of each row, ignoring NaN padding (every row holds at least one number)."""
+    rows = np.sort(windows, axis=1)  # NaN last
+    count = np.sum(~np.isnan(windows), axis=1)
+    r = np.arange(rows.shape[0])
+    med: FloatArray = 0.5 * (rows[r, (count - 1) // 2] + rows[r, count // 2])
+    return med
+
+
 def _smooth(lam: FloatArray, h: int) -> FloatArray:
     """Running median over 2h+1 measurements, truncated at both ends."""
-    n = lam.shape[0]
-    out = np.empty(n)
-    w = 2 * h + 1
-    if n >= w:
-        out[h : n - h] = np.median(sliding_window_view(lam, w), axis=1)
-    for i in [*range(min(h, n)), *range(max(h, n - h), n)]:
-        out[i] = np.median(lam[max(0, i - h) : i + h + 1])
-    return out
+    pad = np.full(h, np.nan)
+    return _medians(sliding_window_view(np.concatenate([pad, lam, pad]), 2 * h + 1))
 
 
 def _noise(lam: FloatArray, window: int) -> FloatArray:
@@ -107,10 +110,8 @@ def _noise(lam: FloatArray, window: int) -> FloatArray:
         return out
     d2 = np.abs(lam[2:] - 2.0 * lam[1:-1] + lam[:-2])  # d2[k] is known at measurement k + 2
     m = window - 2  # second differences inside a window of `window` measurements
-    for j in range(2, min(n, window)):
-        out[j] = np.median(d2[: j - 1])
-    if n >= window:
-        out[window - 1 :] = np.median(sliding_window_view(d2, m), axis=1)
+    padded = np.concatenate([np.full(m - 1, np.nan), d2])  # fewer of them at the start
+    out[2:] = _medians(sliding_window_view(padded, m))
     return out * (1.4826 / math.sqrt(6.0))
 
 
@@ -127,7 +128,9 @@ class _Peak:
         fall_persist: int,
         window: int,
     ) -> None:
-        self.s, self.noise = s, noise
+        self.arr = s  # the smoothed curve as an array (for slices) and as floats (per point)
+        self.s: list[float] = s.tolist()
+        self.noise: list[float] = noise.tolist()
         self.noise_k, self.rel, self.fall_persist = noise_k, rel, fall_persist
         self.median_se = 1.2533 / math.sqrt(window)  # σ of a median of `window` values, per σ
         self.base = 0  # lowest point before the candidate
@@ -141,7 +144,7 @@ class _Peak:
         """δ with the noise known at measurement j (the larger of that at p and at j)."""
         assert self.p is not None
         sigma = max(self.noise[self.p], self.noise[j])
-        self.delta = max(self.noise_k * sigma, self.rel * abs(float(self.s[self.p])))
+        self.delta = max(self.noise_k * sigma, self.rel * abs(self.s[self.p]))
 
     def real_rise(self) -> bool:
         return self.p is not None and self.s[self.p] - self.s[self.base] >= self.delta
@@ -152,9 +155,9 @@ class _Peak:
         if self._top is None:
             assert self.p is not None
             sigma_s = self.noise[self.p] * self.median_se
-            seg = self.s[self.base + 1 : self.p + 1]
+            seg = self.arr[self.base + 1 : self.p + 1]
             if not seg.size:
-                self._top = (self.p, float(self.s[self.p]))
+                self._top = (self.p, self.s[self.p])
             else:
                 k = int(np.argmax(seg >= self.s[self.p] - self.noise_k * sigma_s))
                 self._top = (self.base + 1 + k, float(seg[k:].mean()))
@@ -243,12 +246,15 @@ def break_even(
     run: int | None = None  # first measurement of the current run at the threshold (within tol)
     length = 0
     hit: int | None = None  # first measurement of that run at or above the threshold itself
+    lam_f: list[float] = lam.tolist()
+    band: list[float] = ((1.0 - tol) * thr).tolist()
+    thr_f: list[float] = thr.tolist()
     for j in range(n):
-        if lam[j] >= (1.0 - tol) * thr[j]:  # a NaN threshold compares False
+        if lam_f[j] >= band[j]:  # a NaN threshold compares False
             if run is None:
                 run, length, hit = j, 0, None
             length += 1
-            if hit is None and lam[j] >= thr[j]:
+            if hit is None and lam_f[j] >= thr_f[j]:
                 hit = j
             if found is None and length >= persist:
                 found = (run, "threshold")

@@ -21,7 +21,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Literal
@@ -42,6 +42,9 @@ _REC = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 _READ_BUFFER = 1 << 20
 _STEP_RE = re.compile(rb'"step":\s*(\d+)')
+_FIRST_STEP_RE = re.compile(rb'"first_step":\s*(\d+)')
+_COLUMNS_TOPIC_END = b"/columns"
+_MAX_STEP = (1 << 63) - 1
 
 TailState = Literal["clean", "truncated", "bad-crc", "oversized", "bad-frames"]
 FsyncPolicy = Literal["never", "always"] | float
@@ -136,16 +139,64 @@ class RecordScan:
         return self.size - self.end
 
 
+def _header_step(
+    mm: mmap.mmap,
+    start: int,
+    stop: int,
+    u32: Callable[..., tuple[int, ...]],
+    search: Callable[..., re.Match[bytes] | None],
+) -> int | None:
+    """The top-level ``"step"`` of the JSON header frame of the record payload at [start, stop).
+
+    The frame lengths are followed to the header frame, which is searched whole (JSON escapes
+    every quote inside strings, and ``encode`` writes ``step`` before any nested object, so the
+    first match is the header's own key). None for a record whose frames do not lead to a
+    header or whose step is not a valid int64.
+    """
+    if stop - start < 4:
+        return None
+    (topic_len,) = u32(mm, start)
+    header_len_at = start + 4 + topic_len
+    if header_len_at + 4 > stop:
+        return None
+    (header_len,) = u32(mm, header_len_at)
+    header_at = header_len_at + 4
+    header_end = header_at + header_len
+    if header_end > stop:
+        return None
+    m = search(mm, header_at, header_end)
+    if m is None or len(m.group(1)) > 19:
+        return None
+    step = int(m.group(1))
+    return step if step <= _MAX_STEP else None
+
+
+def _columns_first_step(mm: mmap.mmap, start: int, stop: int) -> int | None:
+    """``first_step`` of a ``columns`` record's header (None for other kinds or no match)."""
+    (topic_len,) = _U32.unpack_from(mm, start)
+    topic_end = start + 4 + topic_len
+    if topic_end + 4 > stop or mm[topic_end - len(_COLUMNS_TOPIC_END) : topic_end] != (
+        _COLUMNS_TOPIC_END
+    ):
+        return None
+    (header_len,) = _U32.unpack_from(mm, topic_end)
+    m = _FIRST_STEP_RE.search(mm, topic_end + 4, min(stop, topic_end + 4 + header_len))
+    if m is None or len(m.group(1)) > 19:
+        return None
+    return int(m.group(1))
+
+
 def _scan_index(
-    mm: mmap.mmap, size: int, offsets: list[int], steps: list[int]
+    mm: mmap.mmap, size: int, offsets: list[int], steps: list[int], firsts: list[int]
 ) -> tuple[int, TailState]:
-    """Fill ``offsets`` and ``steps`` from a mapped session; return (end, tail state)."""
+    """Fill ``offsets``, ``steps`` and ``firsts`` (a record's first step: ``first_step`` of a
+    ``columns`` batch, else its step) from a mapped session; return (end, tail state)."""
     view = memoryview(mm)
     unpack = _REC.unpack_from
     u32 = _U32.unpack_from
     crc32 = zlib.crc32
     search = _STEP_RE.search
-    add_offset, add_step = offsets.append, steps.append
+    add_offset, add_step, add_first = offsets.append, steps.append, firsts.append
     pos, last_step = HEADER_SIZE, 0
     state: TailState = "clean"
     try:
@@ -164,13 +215,14 @@ def _scan_index(
             if crc32(view[start:stop]) != crc:
                 state = "bad-crc"
                 break
-            (topic_len,) = u32(mm, start) if length >= 4 else (length,)
-            header_at = start + 4 + topic_len + 4
-            m = search(mm, header_at, min(stop, header_at + 256))
-            if m is not None:
-                last_step = int(m.group(1))
+            step = _header_step(mm, start, stop, u32, search)
+            first = None
+            if step is not None:
+                last_step = step
+                first = _columns_first_step(mm, start, stop)
             add_offset(pos)
             add_step(last_step)
+            add_first(last_step if first is None or first > last_step else first)
             pos = stop
     finally:
         view.release()
@@ -312,7 +364,10 @@ class SessionIndex:
 
     Attributes:
         offsets: Offset of every intact record, in file order.
-        steps: The ``step`` of every record.
+        steps: The ``step`` of every record (the last step of a ``columns`` batch).
+        first_steps: The first step of every record (of a ``columns`` batch: its
+            ``first_step``; of other records: ``steps``), so a batch spans
+            ``first_steps[i]..steps[i]``.
         reach: Running maximum of ``steps``; non-decreasing, so it can be bisected even when
             several runs interleave or a run restarts.
         end: Offset just past the last intact record.
@@ -322,6 +377,7 @@ class SessionIndex:
     steps: npt.NDArray[np.int64]
     reach: npt.NDArray[np.int64]
     end: int
+    first_steps: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0])
@@ -329,7 +385,8 @@ class SessionIndex:
     def offset_for_step(self, step: int) -> int:
         """Offset of the first record by which the session has reached ``step`` (O(log n)).
 
-        Returns :attr:`end` if no record reaches ``step``.
+        For a session of ``columns`` batches that is the batch holding ``step``. Returns
+        :attr:`end` if no record reaches ``step``.
         """
         i = int(np.searchsorted(self.reach, step, side="left"))
         return int(self.offsets[i]) if i < len(self) else self.end
@@ -352,20 +409,28 @@ class SessionReader:
             check_file_header(f.read(HEADER_SIZE), self.path)
         self.last_scan: RecordScan | None = None
         self.skipped_records = 0
+        self.restarts = 0  # times follow() started over on a replaced or rewritten file
 
     @property
     def ignored_bytes(self) -> int:
         """Bytes the last complete pass ignored after the last intact record (0 before one)."""
         return self.last_scan.ignored_bytes if self.last_scan else 0
 
-    def records(self, start: int = HEADER_SIZE) -> Iterator[tuple[int, list[bytes]]]:
+    def records(
+        self, start: int = HEADER_SIZE, *, on_error: Literal["raise", "skip"] = "raise"
+    ) -> Iterator[tuple[int, list[bytes]]]:
         """Yield ``(offset, frames)`` for each intact record from offset ``start``.
 
         Stops at the end of the file or at the first torn/corrupt record; afterwards
         :attr:`last_scan` says where and why.
 
+        Args:
+            start: Offset of a record.
+            on_error: What to do with an intact record (valid CRC) whose frames do not tile its
+                payload: raise, or skip it, count it in :attr:`skipped_records` and go on.
+
         Raises:
-            SessionError: A record with a valid CRC whose frames do not parse.
+            SessionError: Such a record, with ``on_error="raise"``.
         """
         start = max(start, HEADER_SIZE)
         with open(self.path, "rb", buffering=_READ_BUFFER) as f:
@@ -375,6 +440,9 @@ class SessionReader:
                 try:
                     frames = unpack_frames(payload)
                 except SessionError as exc:
+                    if on_error == "skip":
+                        self.skipped_records += 1
+                        continue
                     self.last_scan = RecordScan(offset, size, "bad-frames")
                     raise SessionError(f"{self.path}: record at offset {offset}: {exc}") from exc
                 yield offset, frames
@@ -387,10 +455,11 @@ class SessionReader:
 
         Args:
             start: Offset of a record (e.g. from :meth:`SessionIndex.offset_for_step`).
-            on_error: What to do with an intact record that is not a valid message: raise
-                :class:`SessionError`, or skip it and count it in :attr:`skipped_records`.
+            on_error: What to do with an intact record that is not a valid message (its frames
+                do not tile, or do not decode): raise :class:`SessionError`, or skip it, count
+                it in :attr:`skipped_records` and go on with the next record.
         """
-        for offset, frames in self.records(start):
+        for offset, frames in self.records(start, on_error=on_error):
             try:
                 yield decode(frames)
             except ProtocolError as exc:
@@ -410,13 +479,14 @@ class SessionReader:
         """
         offsets: list[int] = []
         steps: list[int] = []
+        firsts: list[int] = []
         end = HEADER_SIZE
         state: TailState = "clean"
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > HEADER_SIZE:
                 with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
-                    end, state = _scan_index(mm, size, offsets, steps)
+                    end, state = _scan_index(mm, size, offsets, steps, firsts)
         self.last_scan = RecordScan(end=end, size=max(size, end), state=state)
         step_arr = np.asarray(steps, dtype=np.int64)
         return SessionIndex(
@@ -424,6 +494,7 @@ class SessionReader:
             steps=step_arr,
             reach=np.maximum.accumulate(step_arr) if len(step_arr) else step_arr,
             end=end,
+            first_steps=np.asarray(firsts, dtype=np.int64),
         )
 
     def follow(
@@ -438,7 +509,11 @@ class SessionReader:
         """Yield messages as another process appends them (``tail -f``).
 
         At the end of the data, or at a torn record the writer may still be completing, it
-        sleeps ``poll_interval`` and reads again from the same offset.
+        sleeps ``poll_interval`` and reads again from the same offset. If the file is replaced
+        (another inode at the path: a rotation) or rewritten (it shrank below the offset, or the
+        last record read is no longer where it was), following restarts from the first record
+        of the new content and :attr:`restarts` counts it; content that is not a session
+        raises :class:`SessionError`.
 
         Args:
             start: Offset to start from.
@@ -449,22 +524,87 @@ class SessionReader:
         """
         pos = max(start, HEADER_SIZE)
         last_data = time.monotonic()
+        identity = _identity(self.path)
+        mark: tuple[int, bytes] | None = None  # (offset, 8-byte head) of the last record read
         while True:
             got = False
-            for msg in self.messages(pos, on_error=on_error):
+            last: tuple[int, list[bytes]] | None = None
+            for offset, frames in self.records(pos, on_error=on_error):
+                last = (offset, frames)
+                try:
+                    msg = decode(frames)
+                except ProtocolError as exc:
+                    if on_error == "raise":
+                        raise SessionError(
+                            f"{self.path}: record at offset {offset}: {exc}"
+                        ) from exc
+                    self.skipped_records += 1
+                    continue
                 got = True
                 yield msg
             assert self.last_scan is not None
+            if last is not None:  # the head it was read with: length and CRC of its payload
+                payload = pack_frames(last[1])
+                mark = (last[0], _REC.pack(len(payload), zlib.crc32(payload)))
             pos = self.last_scan.end
             now = time.monotonic()
             if got:
                 last_data = now
+                continue
+            if self._rewritten(identity, pos, mark):
+                identity = _identity(self.path)
+                if identity is None:  # gone for now (rotation in progress): wait for it
+                    time.sleep(poll_interval)
+                    continue
+                with open(self.path, "rb") as f:
+                    head = f.read(HEADER_SIZE)
+                if len(head) < HEADER_SIZE and head == FILE_HEADER[: len(head)]:
+                    time.sleep(poll_interval)  # the new writer has not written its header yet
+                    identity = None
+                    continue
+                check_file_header(head, self.path)
+                self.restarts += 1
+                pos, mark = HEADER_SIZE, None
                 continue
             if stop is not None and stop():
                 return
             if idle_timeout is not None and now - last_data >= idle_timeout:
                 return
             time.sleep(poll_interval)
+
+    def _rewritten(
+        self, identity: tuple[int, int] | None, pos: int, mark: tuple[int, bytes] | None
+    ) -> bool:
+        """Whether the followed file was replaced, truncated or rewritten under the reader."""
+        now = _identity(self.path)
+        if now is None or now != identity:
+            return True
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return True
+        if size < pos:
+            return True
+        return mark is not None and _read_at(self.path, mark[0], 8) != mark[1]
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None if it is not there."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _read_at(path: Path, offset: int, n: int) -> bytes:
+    """``n`` bytes of ``path`` at ``offset`` (fewer at the end; empty if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(n)
+    except OSError:
+        return b""
 
 
 def read_session(path: str | os.PathLike[str]) -> tuple[list[AnyMessage], RecordScan]:

@@ -241,14 +241,25 @@ class Store:
 
     Attributes:
         version: Increases with every change; views redraw only when it moved.
-        malformed: Bad frames counted by the sources feeding the store.
+        malformed: Bad frames counted by the sources feeding the store (assigning sets the
+            sources' count) plus the messages :meth:`apply` rejected.
     """
 
     def __init__(self, max_points: int = 100_000) -> None:
         self.runs: dict[str, RunData] = {}
         self.version = 0
-        self.malformed = 0
+        self.source_malformed = 0  # counted by the sources (sockets, files)
+        self.rejected = 0  # decoded messages that apply() could not take
         self.max_points = max_points
+
+    @property
+    def malformed(self) -> int:
+        """Bad frames counted by the sources plus messages the store rejected."""
+        return self.source_malformed + self.rejected
+
+    @malformed.setter
+    def malformed(self, value: int) -> None:  # a source reports its own running count
+        self.source_malformed = value
 
     def run(self, run_id: str) -> RunData:
         rd = self.runs.get(run_id)
@@ -258,7 +269,14 @@ class Store:
         return rd
 
     def apply(self, msg: p.Message, *, replay: bool = False, now: float | None = None) -> None:
-        """Add one message."""
+        """Add one message; one that cannot be stored is counted as malformed, never raised."""
+        try:
+            self._apply(msg, replay, now)
+        except Exception:
+            self.rejected += 1
+            self.version += 1
+
+    def _apply(self, msg: p.Message, replay: bool, now: float | None) -> None:
         rd = self.run(msg.run)
         rd.replay = rd.replay or replay
         rd.last_seen = time.monotonic() if now is None else now

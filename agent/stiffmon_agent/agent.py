@@ -113,7 +113,8 @@ class Agent:
         curve_keys: Directory from ``stiffmon keys``: require CURVE authentication.
         fsync: fsync policy of the session file (``"never"``, ``"always"`` or seconds).
         queue_size: Bound of the queue to the publisher thread.
-        max_scalar_history: Per-step scalar messages kept for late joiners (then decimated).
+        max_scalar_history: ``scalars`` messages (measurement results, coverage, ``Agent.log``)
+            kept for late joiners (then decimated); every step's per-step scalars are kept.
         registry: Register the run so ``stiffmon watch`` finds it.
     """
 
@@ -146,7 +147,7 @@ class Agent:
         curve_keys: str | os.PathLike[str] | CurveKeys | None = None,
         fsync: Any = "never",
         queue_size: int = 10_000,
-        max_scalar_history: int = 10_000,
+        max_scalar_history: int = 100_000,
         registry: bool = True,
     ) -> None:
         self.model = model

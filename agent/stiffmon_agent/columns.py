@@ -168,9 +168,10 @@ class ColumnHistory:
     would hand a late joiner hundreds of thousands of messages. Here consecutive batches with
     the same names are appended (vectorised, amortised O(rows)) to an open chunk of up to
     ``chunk_rows`` steps; a full chunk is encoded once and kept as its frames. A chunk carries the
-    ``seq`` of its last batch, so a snapshot that merges chunks with the other kept messages by
-    ``seq`` is still in increasing ``seq`` order (the client relies on that). Nothing is ever
-    decimated: memory is the encoded size, about 16–40 bytes per step.
+    ``seq`` of its first batch and takes that batch's place when a snapshot merges the chunks with
+    the other kept messages by ``seq``: the snapshot stays in increasing ``seq`` order (the client
+    relies on that; the end marker covers the later batches' seqs) and in the order of the session
+    file. Nothing is ever decimated: memory is the encoded size, about 16–40 bytes per step.
 
     Args:
         run: Run id of the messages.
@@ -184,7 +185,7 @@ class ColumnHistory:
         self._names: tuple[str, ...] = ()
         self._cols: list[npt.NDArray[Any]] = []  # steps, times, one array per name
         self._n = 0
-        self._seq = -1
+        self._seq = -1  # seq of the open chunk's first batch
         self._open_frames: tuple[int, list[bytes]] | None = None  # cache of the open chunk
         self.rows = 0
 
@@ -195,6 +196,7 @@ class ColumnHistory:
             self._close()
         if not self._n:
             self._names = msg.names
+            self._seq = msg.seq
             cap = min(max(k, 1024), max(self.chunk_rows, k))
             self._cols = [np.empty(cap, np.int64)] + [
                 np.empty(cap, np.float64) for _ in range(1 + len(msg.names))
@@ -211,7 +213,6 @@ class ColumnHistory:
         for a, src in zip(self._cols, (msg.steps, msg.times, *msg.values), strict=True):
             a[self._n : need] = src
         self._n = need
-        self._seq = msg.seq
         self._open_frames = None
         self.rows += k
         if self._n >= self.chunk_rows:

@@ -128,14 +128,15 @@ class ReplaySource:
 
     All messages of all files are merged by time. The timeline position is an index into that
     list; the store always holds exactly the messages before it (seeking back rebuilds it).
-    :meth:`open` puts the timeline at the start and plays it at :attr:`speed` (or, with
-    ``at_end``, shows everything, paused). The clock never runs past the last message read.
+    :meth:`open` shows everything, paused (``at_end``, the default), or puts the timeline at the
+    start and plays it at :attr:`speed` (``stiffmon replay``). The clock never runs past the last
+    message read.
     """
 
     files: Sequence[Path]
     follow: bool = False
     speed: float = 10.0  # ×, or math.inf: as fast as possible
-    at_end: bool = False  # open() shows everything at once, paused (screenshots)
+    at_end: bool = True  # open(): everything at once, paused (tests, screenshots); False: play
     messages: list[p.AnyMessage] = field(default_factory=list)
     position: int = 0
     playing: bool = False

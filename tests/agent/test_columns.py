@@ -102,7 +102,9 @@ def test_history_compacts_batches_and_keeps_every_row() -> None:
     assert [s for s, _ in chunks] == sorted({s for s, _ in chunks})  # seq increasing
     assert all(isinstance(m, p.Columns) and m.seq == s for s, m in chunks)
     assert all(len(m) <= 1000 for _, m in chunks) and len(chunks) < 20
-    assert chunks[-1][0] == sent[-1].seq and hist.rows == step
+    firsts = {m.seq for m in sent}  # a chunk takes the seq (and place) of its first batch
+    assert chunks[0][0] == sent[0].seq and all(s in firsts for s, _ in chunks)
+    assert hist.rows == step
     got = [r for _, m in chunks for r in m.rows()]  # type: ignore[union-attr]
     want = [r for m in sent for r in m.rows()]
     assert [(r.step, r.t, r.names) for r in got] == [(r.step, r.t, r.names) for r in want]

@@ -226,3 +226,35 @@ def test_demo_every_reaches_the_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(demo, "run_demo", fake_run_demo)
     assert main(["demo", "--no-tui", "--every", "7"]) == 0
     assert seen["every"] == 7
+
+
+def test_replay_plays_from_the_start_at_an_automatic_speed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stiffmon.tui.app as app_module
+
+    path = tmp_path / "a.stiff"
+    with SessionWriter(path) as w:
+        w.write(p.Hello(run="r", seq=0, step=0, t=0.0, name="r"))
+        w.write(p.Scalars.from_dict({"loss": 1.0}, run="r", seq=1, step=1, t=90.0))
+    seen: list[object] = []
+
+    class FakeApp:
+        def __init__(self, **kwargs: object) -> None:
+            seen.append(kwargs["replay"])
+
+        def run(self) -> None:
+            pass
+
+    class Tty:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(app_module, "StiffmonApp", FakeApp)
+    monkeypatch.setattr(sys, "stdin", Tty())
+    monkeypatch.setattr(sys, "stdout", Tty())
+    assert main(["replay", str(tmp_path)]) == 0
+    assert main(["replay", str(path), "--speed", "3"]) == 0
+    auto, given = seen
+    assert not auto.at_end and auto.speed == 5.0  # type: ignore[attr-defined]
+    assert given.speed == 3.0  # type: ignore[attr-defined]

@@ -210,6 +210,7 @@ def test_index_finds_the_batch_holding_a_step(tmp_path: Path) -> None:
     reader = SessionReader(path)
     index = reader.index()
     assert index.steps.tolist() == [0, *range(99, 1000, 100)]
+    assert index.first_steps.tolist() == [0, *range(0, 1000, 100)]  # each batch's step range
     assert isinstance(next(reader.messages(index.offset_for_step(0))), p.Hello)
     for step in (1, 99, 100, 250, 999):
         first = next(reader.messages(index.offset_for_step(step)))

@@ -260,6 +260,16 @@ def test_a_confirmed_marker_never_moves(lam: list[float], thr: float | str | Non
     assert_never_moves(prefixes(steps, arr, thresholds))
 
 
+def test_a_confirmed_marker_never_moves_on_random_walks() -> None:
+    # seeded walks long enough for the noise estimate to change after a marker is confirmed
+    rng = np.random.default_rng(1)
+    for k in range(240):
+        n = int(rng.integers(20, 90))
+        lam = np.exp(np.cumsum(rng.uniform(-0.4, 0.4, n))) * 5.0
+        thr = (None, float(rng.uniform(1.0, 40.0)))[k % 2]
+        assert_never_moves(prefixes(np.arange(n, dtype=np.int64) * 10, lam, thr))
+
+
 def test_recorded_digits_sweep() -> None:
     store = Store()
     for f in sorted(SESSIONS.glob("lr*.stiff")):

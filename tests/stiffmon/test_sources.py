@@ -211,7 +211,7 @@ def _session(path: Path, seconds: float, n: int = 50) -> None:
 def test_replay_opens_at_the_start_and_plays_at_its_speed(tmp_path: Path) -> None:
     path = tmp_path / "a.stiff"
     _session(path, seconds=10.0)
-    src = ReplaySource([path], speed=2.0)
+    src = ReplaySource([path], speed=2.0, at_end=False)
     src.load()
     store = Store()
     src.open(store)
@@ -232,7 +232,7 @@ def test_replay_opens_at_the_start_and_plays_at_its_speed(tmp_path: Path) -> Non
 def test_replay_at_end_for_screenshots(tmp_path: Path) -> None:
     path = tmp_path / "a.stiff"
     _session(path, seconds=10.0)
-    src = ReplaySource([path], at_end=True)
+    src = ReplaySource([path])
     src.load()
     store = Store()
     src.open(store)
@@ -243,7 +243,7 @@ def test_replay_at_end_for_screenshots(tmp_path: Path) -> None:
 def test_follow_clock_never_runs_past_the_data(tmp_path: Path) -> None:
     path = tmp_path / "a.stiff"
     _session(path, seconds=45.0)
-    src = ReplaySource([path], follow=True, speed=10.0)
+    src = ReplaySource([path], follow=True, speed=10.0, at_end=False)
     src.load()
     store = Store()
     src.open(store)
