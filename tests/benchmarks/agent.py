@@ -9,7 +9,8 @@ process):
    of interleaved pairs, on the demo CNN (digits, batch 64, ~2.5 ms steps; target ≤ 1.05) and
    on the same CNN with batch 2048, whose steps take ≥ 20 ms (the same probe, so measurements
    cost the same; target ≤ 1.02); the agent publishes (nobody subscribed) and records. Also the
-   publisher thread's CPU per step (heavy measurement messages included).
+   publisher thread's CPU per step (heavy measurement messages included). A third line has no
+   probe: what the per-step stream alone costs (``--only-stream``: just that line and [3]–[5]).
 3. A tight loop of 100k ``agent.step(loss)`` calls, recording on: steps in the file and bytes per
    step (targets: all of them, ≤ 42 B), against per-step messages through the same queue.
 4. Publisher CPU per step with a subscriber reading everything (target ≤ 10 µs), columnar
@@ -60,7 +61,13 @@ def step_cost(n: int) -> float:
 
 
 def train(
-    steps: int, with_agent: bool, record: Path | None, *, channels: int = 16, batch: int = 64
+    steps: int,
+    with_agent: bool,
+    record: Path | None,
+    *,
+    channels: int = 16,
+    batch: int = 64,
+    probe: bool = True,
 ) -> tuple[float, float]:
     """(wall seconds, publisher CPU seconds) for one training run on the digits."""
     torch.manual_seed(0)
@@ -73,8 +80,8 @@ def train(
             model,
             nn.CrossEntropyLoss(),
             opt,
-            probe=data.probe_train,
-            val_probe=data.probe_val,
+            probe=data.probe_train if probe else None,
+            val_probe=data.probe_val if probe else None,
             endpoint=f"tcp://127.0.0.1:{free_port_pair()}",
             record=record,
             batch_size=batch,
@@ -99,7 +106,7 @@ def train(
 
 
 def overhead(
-    steps: int, pairs: int, d: Path, *, channels: int = 16, batch: int = 64
+    steps: int, pairs: int, d: Path, *, channels: int = 16, batch: int = 64, probe: bool = True
 ) -> tuple[float, float, float, float]:
     """Median ratio over interleaved pairs (order alternating), median times, µs publisher/step."""
     ratios, bases, agents, pubs = [], [], [], []
@@ -113,6 +120,7 @@ def overhead(
                 d / f"r{channels}-{i}.stiff" if w else None,
                 channels=channels,
                 batch=batch,
+                probe=probe,
             )
             for w in order
         }
@@ -257,6 +265,7 @@ def main() -> None:
         default=0,
         help="torch threads (default: torch's choice); 1 is steadier on a busy machine",
     )
+    ap.add_argument("--only-stream", action="store_true", help="[2] without a probe only")
     args = ap.parse_args()
     q = args.quick
     if args.threads:
@@ -269,13 +278,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         pairs = 5
-        for label, steps, channels, batch, target in (
-            ("demo CNN on digits, batch 64", 300 if q else 2000, 16, 64, 1.05),
-            ("demo CNN on digits, batch 2048", 20 if q else 150, 16, 2048, 1.02),
+        for label, steps, channels, batch, target, probe in (
+            ("demo CNN on digits, batch 64", 300 if q else 2000, 16, 64, 1.05, True),
+            ("demo CNN on digits, batch 2048", 20 if q else 150, 16, 2048, 1.02, True),
+            ("demo CNN, batch 64, no probe", 300 if q else 1000, 16, 64, 1.05, False),
         ):
-            ratio, base, with_agent, pub = overhead(steps, pairs, d, channels=channels, batch=batch)
+            if args.only_stream and probe:
+                continue
+            ratio, base, with_agent, pub = overhead(
+                steps, pairs, d, channels=channels, batch=batch, probe=probe
+            )
+            what = "default schedule" if probe else "the per-step stream only"
             print(
-                f"\n[2] whole run, {label}, {steps} steps, default schedule, "
+                f"\n[2] whole run, {label}, {steps} steps, {what}, "
                 f"median of {pairs} interleaved pairs"
             )
             print(
