@@ -85,7 +85,7 @@ class SnapshotServer:
         slice_messages: int = 1000,
         stall_timeout: float = 5.0,
         ban_seconds: float = 30.0,
-        max_peers: int = 32,
+        max_peers: int = 8,
     ) -> None:
         self.router = router
         self.run = run

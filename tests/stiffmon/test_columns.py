@@ -243,3 +243,12 @@ def test_committed_demo_sessions_replay_unchanged(name: str) -> None:
     assert len(lam) == measured
     assert float(lam.values.sum()) == pytest.approx(lam_sum, rel=1e-12)
     assert len(rd.matrices) == 6 and rd.finished and rd.last_step == 1500
+
+
+def test_a_non_finite_loss_in_a_batch_marks_the_divergence() -> None:
+    store = Store()
+    store.apply(batch(np.arange(0, 4), loss=np.array([1.0, 0.9, 0.8, 0.7])))
+    assert store.runs["r"].diverged_step is None
+    store.apply(batch(np.arange(4, 8), seq=2, loss=np.array([0.6, np.inf, np.nan, 0.5])))
+    store.apply(batch(np.arange(8, 10), seq=3, loss=np.array([np.nan, np.nan])))
+    assert store.runs["r"].diverged_step == 5
