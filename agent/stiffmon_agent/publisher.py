@@ -312,7 +312,7 @@ class Publisher:
             if server is not None and not self._stop.is_set():
                 server.read_requests()
                 server.pump()
-                serving = server.busy  # a peer waits for more: come back soon (each try is cheap)
+                serving = server.busy  # a peer is reading: come back soon with more
             now = time.monotonic()
             if now >= next_heartbeat and pub is not None:
                 next_heartbeat = now + self._heartbeat_interval
