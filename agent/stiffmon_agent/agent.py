@@ -29,7 +29,15 @@ from stiffmon import __version__
 from stiffmon import protocol as p
 from stiffmon.registry import RunEntry, register, unregister
 from stiffmon.transport import CurveKeys, load_curve_server
-from stiffmon_agent.measure import ProbeSet, gram_messages, make_probe, sharpness_messages
+from stiffmon_agent.measure import (
+    MeasurementSkipped,
+    ProbeSet,
+    SharpnessState,
+    check_finite,
+    gram_messages,
+    make_probe,
+    sharpness_messages,
+)
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
 from stiffmon_agent.publisher import Accuracy, Outgoing, Publisher
 from stiffmon_agent.schedules import Schedule, parse_schedule
@@ -105,7 +113,9 @@ class Agent:
         hessian_tol: Lanczos tolerance (1e-2: each eigenvalue within 1 %).
         max_hvps: HVP budget per sharpness measurement.
         chunk_size: Probe examples per forward/backward pass (bounds memory).
-        batch_size: Training batch size, if the agent should report it.
+        batch_size: Training batch size B. Reported, and needed for the sharpness of a
+            sum-reduced loss (B × the per-example mean); default: the size of the ``logits``
+            passed to :meth:`step`.
         rank0_only: Under torch.distributed, only rank 0 measures and publishes.
         curve_keys: Directory from ``stiffmon keys``: require CURVE authentication.
         fsync: fsync policy of the session file (``"never"``, ``"always"`` or seconds).
@@ -171,6 +181,8 @@ class Agent:
         }
         self._disabled: dict[str, str] = {}
         self._warm: Tensor | None = None
+        self._batch_size = batch_size
+        self._sharp_state = SharpnessState(batch_size=batch_size)
         self._gen = torch.Generator().manual_seed(0)
         self._measure_seconds = 0.0
         self._last_cost = {"gram": 0.0, "sharpness": 0.0}
@@ -300,6 +312,8 @@ class Agent:
             names.append("step_time")
             values.append(now - self._last_step_t)
         self._last_step_t = now
+        if logits is not None and self._batch_size is None and logits.dim():
+            self._sharp_state.batch_size = int(logits.shape[0])
         if logits is not None and targets is not None:
             names.append("accuracy")  # computed on the publisher thread, off the training loop
             values.append(Accuracy(logits.detach(), targets.detach()))
@@ -338,6 +352,7 @@ class Agent:
         assert self.probe is not None
         t0 = time.perf_counter()
         try:
+            check_finite(self.model, self.loss_fn, self.probe, self.forward)
             if kind == "gram":
                 msgs = gram_messages(
                     self.model,
@@ -364,7 +379,17 @@ class Agent:
                     max_hvps=self._opts["max_hvps"],
                     chunk_size=self._opts["chunk_size"],
                     generator=self._gen,
+                    state=self._sharp_state,
                 )
+        except MeasurementSkipped as exc:
+            log.info(f"stiffmon: {kind} measurement at step {step} skipped: {exc}")
+            self.event(
+                "measurement-skipped",
+                f"{kind} at step {step} skipped: {exc}",
+                level="warning",
+                metric=kind,
+            )
+            return
         except Exception as exc:
             self._disable(kind, exc)
             return

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -30,7 +31,8 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
         p: (p.grad, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()
     }
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), ExitStack() as stack:
+        stack.enter_context(_math_attention())
         try:
             model.eval()
             yield model
@@ -46,3 +48,12 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
                     if grad is not None and values is not None:
                         grad.copy_(values)
                     p.grad = grad
+
+
+def _math_attention() -> contextlib.AbstractContextManager[None]:
+    """``sdpa_kernel(SDPBackend.MATH)`` where this torch has it, else nothing."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
