@@ -110,7 +110,7 @@ class HessianOperator:
         self.backend: str = backend
         self.calls = 0
         self._wrapper = ForwardModule(model, self.forward)
-        self._graph: tuple[Tensor, ...] | None = None
+        self._graph: tuple[Tensor | None, ...] | None = None
         self._backends = {
             "graph": self._hvp_graph,
             "func": self._hvp_func,
@@ -149,30 +149,33 @@ class HessianOperator:
         vs = self._split(v)
         for x, y, n in self.chunks:
             loss = self._mean_loss(x, y, n, self.forward(self.model, x))
-            g = torch.autograd.grad(loss, self.params, create_graph=True)
-            dot = sum((gi * vi).sum() for gi, vi in zip(g, vs, strict=True))
-            hv = torch.autograd.grad(dot, self.params, allow_unused=True)
-            flat = [
-                (h if h is not None else torch.zeros_like(p)).reshape(-1)
-                for h, p in zip(hv, self.params, strict=True)
-            ]
-            total += (n / self.n) * torch.cat(flat)
+            g = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            total += (n / self.n) * self._second(g, vs, retain=False)
         return total
 
-    def _hvp_graph(self, v: Tensor) -> Tensor:
-        """Double backward through a first-order graph built once and kept (one chunk only)."""
-        if self._graph is None:
-            ((x, y, n),) = self.chunks
-            loss = self._mean_loss(x, y, n, self.forward(self.model, x))
-            self._graph = torch.autograd.grad(loss, self.params, create_graph=True)
-        dot = sum((gi * vi).sum() for gi, vi in zip(self._graph, self._split(v), strict=True))
-        hv = torch.autograd.grad(dot, self.params, retain_graph=True, allow_unused=True)
+    def _second(self, g: tuple[Tensor | None, ...], vs: list[Tensor], retain: bool) -> Tensor:
+        """∇(g · v) flattened (zeros where a parameter does not enter the loss)."""
+        terms = [(gi * vi).sum() for gi, vi in zip(g, vs, strict=True) if gi is not None]
+        hv: tuple[Tensor | None, ...] = (None,) * len(self.params)
+        if terms and any(t.requires_grad for t in terms):
+            dot = torch.stack(terms).sum()
+            hv = torch.autograd.grad(dot, self.params, retain_graph=retain, allow_unused=True)
         return torch.cat(
             [
                 (h if h is not None else torch.zeros_like(p)).reshape(-1)
                 for h, p in zip(hv, self.params, strict=True)
             ]
         )
+
+    def _hvp_graph(self, v: Tensor) -> Tensor:
+        """Double backward through a first-order graph built once and kept (one chunk only)."""
+        if self._graph is None:
+            ((x, y, n),) = self.chunks
+            loss = self._mean_loss(x, y, n, self.forward(self.model, x))
+            self._graph = torch.autograd.grad(
+                loss, self.params, create_graph=True, allow_unused=True
+            )
+        return self._second(self._graph, self._split(v), retain=True)
 
     def __call__(self, v: Tensor) -> Tensor:
         """H v for a flat vector v of length :attr:`dim`."""

@@ -21,11 +21,19 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
 
     Inside: every module in eval mode (BatchNorm uses running statistics, dropout is off) and
     gradients enabled. Afterwards, also when the measurement raised: each module's ``training``
-    flag, every buffer's value, each parameter's ``.grad`` (the same tensor object and values),
+    flag, every buffer's value, the weights of ``Embedding(max_norm=…)`` (renormalised in place
+    by its forward), each parameter's ``.grad`` (the same tensor object and values),
     and the CPU and CUDA random-number-generator states are as they were. The optimizer is never
     touched.
     """
     modes = {m: m.training for m in model.modules()}
+    # Embedding(max_norm=…) renormalises rows of its weight in place during the forward: keep
+    # a copy of those weights so that a measurement never changes a parameter
+    renormed = {
+        m.weight: m.weight.detach().clone()
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) and m.max_norm is not None
+    }
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     grads = {
         p: (p.grad, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()
@@ -44,6 +52,8 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
                     saved = buffers.get(name)
                     if saved is not None and saved.shape == b.shape:
                         b.copy_(saved)
+                for w, saved_w in renormed.items():
+                    w.copy_(saved_w)
                 for p, (grad, values) in grads.items():
                     if grad is not None and values is not None:
                         grad.copy_(values)
