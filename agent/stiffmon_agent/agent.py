@@ -196,7 +196,8 @@ class Agent:
             return
         device = next((q.device for q in model.parameters()), None)
         if probe is not None:
-            self.probe = make_probe(probe, val_probe, device, num_classes, class_names)
+            dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
+            self.probe = make_probe(probe, val_probe, device, num_classes, class_names, dtype)
         keys = (
             load_curve_server(curve_keys)
             if isinstance(curve_keys, str | os.PathLike)

@@ -100,23 +100,54 @@ def make_probe(
     device: torch.device | None,
     num_classes: int | None,
     class_names: Sequence[str] | None,
+    dtype: torch.dtype | None = None,
 ) -> ProbeSet:
-    """Concatenate the train and val probes, move them to ``device`` and read the labels."""
+    """Concatenate the train and val probes, move them to ``device`` and read the labels.
+
+    Floating-point tensors are cast to ``dtype`` (the model's), so a float64 probe works with
+    a float32 model. Integer class labels that are not 0..K−1 (e.g. {10, 20, 30}) are mapped to
+    compact classes named after the original labels, unless ``class_names`` or ``num_classes``
+    say how to read them.
+
+    Raises:
+        ValueError: If a probe is empty or malformed.
+    """
 
     def move(t: Any) -> Any:
-        return t.detach().to(device) if isinstance(t, Tensor) else t
+        if not isinstance(t, Tensor):
+            return t
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device)
 
     xs, ys = tree_map(move, train[0]), tree_map(move, train[1])
     n_train = batch_size(ys)
+    if n_train == 0 or batch_size(xs) != n_train:
+        raise ValueError(
+            f"the probe needs at least one example and as many inputs as targets "
+            f"(got {batch_size(xs)} inputs, {n_train} targets)"
+        )
     if val is not None:
         vx, vy = tree_map(move, val[0]), tree_map(move, val[1])
+        if batch_size(vy) == 0 or batch_size(vx) != batch_size(vy):
+            raise ValueError("the validation probe is empty or has mismatched inputs and targets")
         xs = tree_map(lambda a, b: torch.cat([a, b]), xs, vx)
         ys = tree_map(lambda a, b: torch.cat([a, b]), ys, vy)
     labels = ys if isinstance(ys, Tensor) and ys.dim() == 1 and not ys.is_floating_point() else None
     names = tuple(class_names or ())
     k = num_classes or (len(names) if names else 0)
     if labels is not None and labels.numel():
-        k = max(k, int(labels.max()) + 1)
+        uniq = torch.unique(labels)
+        compact = int(uniq[0]) == 0 and int(uniq[-1]) == uniq.numel() - 1
+        if not names and not num_classes and not compact:
+            names = tuple(str(int(v)) for v in uniq)
+            labels = torch.searchsorted(uniq, labels)
+            k = uniq.numel()
+        else:
+            if int(uniq[0]) < 0:
+                raise ValueError(f"negative class label {int(uniq[0])} in the probe")
+            k = max(k, int(labels.max()) + 1)
     return ProbeSet(xs, ys, n_train, labels, k, names)
 
 
@@ -246,7 +277,22 @@ def check_finite(
             raise MeasurementSkipped(f"parameter {name} is not finite (the run has diverged)")
     x, y = probe.train()
     with measurement_mode(model), torch.no_grad():
-        out = (forward or default_forward)(model, x)
+        try:
+            out = (forward or default_forward)(model, x)
+        except Exception as exc:
+            how = (
+                "forward(model, inputs)"
+                if forward is not None
+                else "model(**inputs)"
+                if isinstance(x, dict)
+                else "model(*inputs)"
+                if isinstance(x, tuple | list)
+                else "model(inputs)"
+            )
+            raise ValueError(
+                f"the probe forward {how} failed ({type(exc).__name__}: {exc}); pass "
+                "forward=lambda model, inputs: ... to Agent for models called another way"
+            ) from exc
         losses = per_example_losses(unreduced(loss_fn), out, y, probe.n_train)
     if not bool(torch.isfinite(losses).all()):
         bad = int((~torch.isfinite(losses)).sum())
