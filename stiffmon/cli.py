@@ -17,6 +17,14 @@ def _fail(args: argparse.Namespace, message: str, code: int = 2) -> int:
     return code
 
 
+def _no_terminal(args: argparse.Namespace, hint: str = "") -> int | None:
+    """Exit status 2 and a message if stdin or stdout is not a terminal (the monitor needs one)."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return None
+    which = "stdin" if not sys.stdin.isatty() else "stdout"
+    return _fail(args, f"the monitor needs a terminal, and {which} is not one{hint}")
+
+
 def _curve_client(args: argparse.Namespace) -> Any:
     if not getattr(args, "curve_keys", None):
         return None
@@ -80,31 +88,45 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     store = Store()
     resolved = resolve(args.sources, discover=False, ssh_port=args.ssh_port)
     notes: list[str] = []
+    dead: list[str] = []
     try:
         for path in resolved.files:
             reader = SessionReader(path)
+            n = len(store.runs)
             store.extend(reader.messages(on_error="skip"), replay=True)
             if reader.ignored_bytes:
                 notes.append(f"{path}: ignored a torn tail of {reader.ignored_bytes} bytes")
             if reader.skipped_records:
                 notes.append(f"{path}: skipped {reader.skipped_records} malformed records")
+            if len(store.runs) == n:
+                dead.append(f"{path} holds no run")
         if resolved.endpoints:
+            n = len(store.runs)
             with Client(resolved.endpoints, curve=_curve_client(args)) as client:
                 deadline = time.monotonic() + args.wait
                 while time.monotonic() < deadline:
                     for msg, _ in client.poll(0.1):
                         store.apply(msg)
-                store.malformed += client.stats.malformed
+                store.source_malformed += client.stats.malformed
+            if len(store.runs) == n:
+                where = ", ".join(map(str, resolved.endpoints))
+                dead.append(
+                    f"no run answered on {where} within {args.wait:g} s "
+                    "(is the agent running? a longer --wait?)"
+                )
     finally:
         resolved.close()
-    if args.json:
-        print(json.dumps(summary_json(store), indent=2))
-    else:
-        console = Console()
-        console.print(summary_table(store))
-        for n in notes:
-            console.print(f"[yellow]{n}[/]")
-    return 0 if store.runs else 1
+    if store.runs:
+        if args.json:
+            print(json.dumps(summary_json(store), indent=2))
+        else:
+            console = Console()
+            console.print(summary_table(store))
+            for note in notes:
+                console.print(f"[yellow]{note}[/]")
+    for d in dead:
+        _fail(args, d)
+    return 2 if dead else 0
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
@@ -119,10 +141,15 @@ def _cmd_watch(args: argparse.Namespace) -> int:
             args,
             f"watch takes live endpoints; replay files with: stiffmon replay {resolved.files[0]}",
         )
+    failed = _no_terminal(
+        args, " (for a table without one: stiffmon summary ENDPOINT, or record -o FILE)"
+    )
+    if failed is not None:
+        resolved.close()
+        return failed
     try:
-        StiffmonApp(
-            live=LiveSource(resolved.endpoints, _curve_client(args)), ascii=args.ascii
-        ).run()
+        live = LiveSource(resolved.endpoints, _curve_client(args), discover=not args.endpoints)
+        StiffmonApp(live=live, ascii=args.ascii).run()
     finally:
         resolved.close()
     return 0
@@ -133,17 +160,24 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from stiffmon.session import SessionReader
+    from stiffmon.sources import resolve
     from stiffmon.tui.app import StiffmonApp
     from stiffmon.tui.sources import ReplaySource
 
-    files = [Path(f) for f in args.files]
+    files = resolve(args.files, discover=False, files_only=True).files
     for f in files:
-        if not f.is_file():
-            return _fail(args, f"no such session file: {f}")
         SessionReader(f)  # wrong magic / version: a clear error before the screen opens
-    speed = math.inf if args.speed <= 0 else args.speed
-    source = ReplaySource(files, follow=args.follow, speed=speed)
+    if not args.screenshots:
+        failed = _no_terminal(args, " (--screenshots DIR saves SVGs without one)")
+        if failed is not None:
+            return failed
+    speed = math.inf if args.speed is not None and args.speed <= 0 else args.speed
+    source = ReplaySource(
+        files, follow=args.follow, speed=speed or 1.0, at_end=bool(args.screenshots)
+    )
     source.load()
+    if speed is None:
+        source.speed = source.auto_speed()
     if args.screenshots:
         out = Path(args.screenshots)
         out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +197,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from stiffmon.demo import DemoError, run_demo
 
+    if not args.no_tui:
+        failed = _no_terminal(args, " (--no-tui trains with progress bars instead)")
+        if failed is not None:
+            return failed
     try:
         return run_demo(
             runs=args.runs,
@@ -175,14 +213,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             momentum=args.momentum,
             ascii=args.ascii,
+            every=args.every,
         )
     except DemoError as exc:
         return _fail(args, str(exc))
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from stiffmon.transport import make_keys
 
+    names = ["server", *args.clients]
+    existing = [
+        str(Path(args.directory) / f"{n}{ext}")
+        for n in names
+        for ext in (".key", ".key_secret")
+        if (Path(args.directory) / f"{n}{ext}").exists()
+    ]
+    if existing and not args.force:
+        return _fail(
+            args,
+            f"{existing[0]} already exists: agents and monitors using these keys would be locked "
+            "out. Use another directory, or --force to replace them",
+        )
     d = make_keys(args.directory, tuple(args.clients))
     print(
         f"CURVE keys written to {d}: give the agent Agent(..., curve_keys='{d}') and the monitor "
@@ -196,7 +250,14 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 
     from stiffmon.relay import Relay
 
-    with Relay(args.upstream, args.bind).start() as relay:
+    curve_upstream = curve_bind = None
+    if args.curve_keys:
+        from stiffmon.transport import load_curve_client, load_curve_server
+
+        curve_upstream = load_curve_client(args.curve_keys, args.curve_name)
+        curve_bind = load_curve_server(args.curve_keys)
+    relay_ = Relay(args.upstream, args.bind, curve_upstream=curve_upstream, curve_bind=curve_bind)
+    with relay_.start() as relay:
         print(
             f"stiffmon relay: {len(relay.upstream)} upstream -> {relay.endpoint} (Ctrl+C stops)",
             file=sys.stderr,
@@ -206,6 +267,54 @@ def _cmd_relay(args: argparse.Namespace) -> int:
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stiffmon.export import ExportError, export, load
+    from stiffmon.sources import resolve
+
+    resolved = resolve(args.sources, discover=False, ssh_port=args.ssh_port)
+    notes: list[str] = []
+    try:
+        store = load(
+            resolved.files,
+            resolved.endpoints,
+            wait=args.wait,
+            curve=_curve_client(args),
+            notes=notes,
+        )
+    finally:
+        resolved.close()
+    for n in notes:
+        print(f"stiffmon export: {n}", file=sys.stderr)
+    if not store.runs:
+        return _fail(args, "no run found in the sources", code=1)
+    try:
+        paths = export(store, args.format, Path(args.out))
+    except ExportError as exc:
+        return _fail(args, str(exc))
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from stiffmon.serve import ServeError, serve
+
+    try:
+        serve(
+            args.sources,
+            host=args.host,
+            port=args.port,
+            public_url=args.public_url,
+            ascii=args.ascii,
+            speed=args.speed,
+        )
+    except ServeError as exc:
+        return _fail(args, str(exc))
     return 0
 
 
@@ -235,13 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay recorded .stiff sessions in the monitor",
         description="Replay one or more .stiff session files; several files compare as runs.",
     )
-    replay.add_argument("files", nargs="+", metavar="FILE", help=".stiff session file")
+    replay.add_argument(
+        "files", nargs="+", metavar="FILE", help=".stiff session file or a directory of them"
+    )
     replay.add_argument("--follow", action="store_true", help="follow files still being written")
     replay.add_argument(
         "--speed",
         type=float,
-        default=10.0,
-        help="replay speed, x recorded time (0: as fast as possible)",
+        default=None,
+        help="replay speed, x recorded time (default: the whole session in about 20 s, at "
+        "least 1x; 0: as fast as possible)",
     )
     replay.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
     replay.add_argument(
@@ -270,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a table per run from session files or live endpoints",
         description="Print a summary table per run from .stiff files or live endpoints.",
     )
-    summary.add_argument("sources", nargs="+", metavar="SOURCE", help=".stiff file or endpoint")
+    summary.add_argument(
+        "sources", nargs="+", metavar="SOURCE", help=".stiff file, directory of them, or endpoint"
+    )
     summary.add_argument("--json", action="store_true", help="machine-readable JSON output")
     summary.add_argument("--wait", type=float, default=2.0, help="seconds to listen to endpoints")
     _add_remote_options(summary)
@@ -283,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keys.add_argument("directory", help="where to write the keys")
     keys.add_argument("--clients", nargs="+", default=["client"], help="client key names")
+    keys.add_argument("--force", action="store_true", help="replace existing keys")
     keys.set_defaults(handler=_cmd_keys)
 
     relay = sub.add_parser(
@@ -292,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     relay.add_argument("upstream", nargs="+", metavar="ENDPOINT", help="agent tcp:// address")
     relay.add_argument("--bind", default="tcp://127.0.0.1:5655", help="address for monitors")
+    relay.add_argument(
+        "--curve-keys",
+        default=None,
+        help="directory from 'stiffmon keys': CURVE to the agents (client keys) and for "
+        "monitors (server key, authorized/)",
+    )
+    relay.add_argument("--curve-name", default="client", help="client key name in that directory")
     relay.set_defaults(handler=_cmd_relay)
 
     demo = sub.add_parser(
@@ -312,6 +434,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--every", type=int, default=20, help="steps between heavy measurements")
     demo.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
     demo.set_defaults(handler=_cmd_demo)
+
+    export = sub.add_parser(
+        "export",
+        help="export runs to CSV, Parquet or TensorBoard event files",
+        description="Export session files or live runs: tidy tables (csv, parquet) or "
+        "TensorBoard event files (scalars, class-stiffness heatmaps, spectra as histograms).",
+    )
+    export.add_argument("sources", nargs="+", metavar="SOURCE", help=".stiff file or endpoint")
+    export.add_argument(
+        "--format", choices=("csv", "parquet", "tensorboard"), default="csv", help="output format"
+    )
+    export.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    export.add_argument("--wait", type=float, default=2.0, help="seconds to listen to endpoints")
+    _add_remote_options(export)
+    export.set_defaults(handler=_cmd_export)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the monitor to a browser tab",
+        description="Serve the monitor over HTTP with textual-serve: replay for session files, "
+        "watch for live endpoints (or the local runs). Loopback only unless --host says so.",
+    )
+    serve.add_argument("sources", nargs="*", metavar="SOURCE", help=".stiff files or endpoints")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--public-url", default=None, help="URL browsers use, behind a proxy")
+    serve.add_argument("--speed", type=float, default=10.0, help="replay speed")
+    serve.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
+    serve.set_defaults(handler=_cmd_serve)
     return parser
 
 
@@ -334,5 +485,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `stiffmon summary --json | head`: the reader left, so do we
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
     except (SessionError, EndpointError, TunnelError, FileNotFoundError, PermissionError) as exc:
         return _fail(args, str(exc))

@@ -19,6 +19,7 @@ import zmq
 
 from stiffmon import protocol as p
 from stiffmon.transport import (
+    MAX_DATA_FRAME_BYTES,
     SNAPSHOT_DONE,
     SNAPSHOT_END,
     SNAPSHOT_MESSAGE,
@@ -27,6 +28,7 @@ from stiffmon.transport import (
     Endpoint,
     decode_control,
     encode_control,
+    limit_frames,
     parse_endpoint,
 )
 
@@ -70,6 +72,10 @@ class Client:
         curve: Client CURVE keys, for agents that require authentication.
         snapshot_timeout: Seconds to wait for a snapshot before trying again later.
         max_buffer: Live messages buffered per run while a snapshot is pending.
+        max_seq_jump: A live message whose ``seq`` is further than this beyond what the client
+            has of its run is malformed (forged or corrupt), not the run's new position: it is
+            counted and dropped, and a snapshot, whose end marker is the authority on a run's
+            ``seq``, is asked for in case the run really did move on.
         context: ZeroMQ context (default: a private one).
     """
 
@@ -80,6 +86,7 @@ class Client:
         curve: CurveKeys | None = None,
         snapshot_timeout: float = 2.0,
         max_buffer: int = 100_000,
+        max_seq_jump: int = 1_000_000,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         self._own_ctx = context is None
@@ -87,6 +94,7 @@ class Client:
         self.curve = curve
         self.snapshot_timeout = snapshot_timeout
         self.max_buffer = max_buffer
+        self.max_seq_jump = max_seq_jump
         self.stats = ClientStats()
         self.sub = self._socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -102,6 +110,7 @@ class Client:
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
+        limit_frames(s, MAX_DATA_FRAME_BYTES)  # a bigger frame is refused before it is read
         if self.curve is not None:
             s.curve_secretkey = self.curve.secret
             s.curve_publickey = self.curve.public
@@ -156,10 +165,13 @@ class Client:
         elif tag == SNAPSHOT_END and len(frames) >= 2:
             info = decode_control(frames[1])
             run, seq = info.get("run"), info.get("seq")
-            if isinstance(run, str) and isinstance(seq, int):
+            if isinstance(run, str) and isinstance(seq, int) and not isinstance(seq, bool):
                 self._run_endpoint[run] = st
                 rs = self._runs[run]
-                rs.last_seq = max(rs.last_seq, seq)
+                if rs.syncing:
+                    rs.last_seq = seq  # the snapshot is the authority on where the run is
+                elif seq > rs.last_seq:  # a run already live only moves forward
+                    rs.last_seq = seq
                 rs.syncing = False
                 self._flush(run, out)
         elif tag == SNAPSHOT_DONE:
@@ -203,7 +215,10 @@ class Client:
     def _apply_live(self, msg: p.AnyMessage, frames: list[bytes], out: list[Received]) -> None:
         rs = self._runs[msg.run]
         if rs.syncing:
-            if len(rs.buffer) < self.max_buffer:
+            if rs.last_seq >= 0 and msg.seq - rs.last_seq > self.max_seq_jump:
+                self.stats.malformed += 1
+                self.stats.last_error = f"{msg.run}: seq jumps from {rs.last_seq} to {msg.seq}"
+            elif len(rs.buffer) < self.max_buffer:
                 rs.buffer.append((msg, frames))
             return
         if msg.seq <= rs.last_seq:
@@ -212,7 +227,11 @@ class Client:
         if msg.seq > rs.last_seq + 1:
             self.stats.gaps += 1
             rs.syncing = True
-            rs.buffer.append((msg, frames))
+            if rs.last_seq >= 0 and msg.seq - rs.last_seq > self.max_seq_jump:
+                self.stats.malformed += 1  # not believed: the snapshot will say
+                self.stats.last_error = f"{msg.run}: seq jumps from {rs.last_seq} to {msg.seq}"
+            else:
+                rs.buffer.append((msg, frames))
             st = self._run_endpoint.get(msg.run)
             if st is not None:
                 st.wanted = True

@@ -206,10 +206,11 @@ def run_demo(
         label_noise=label_noise,
         batch_size=batch_size,
         momentum=momentum,
+        every=every,
     )
     print(
         f"stiffmon demo: {len(children)} runs (η = {', '.join(f'{lr:g}' for lr in lr_list)}), "
-        f"{model}, {n_steps} steps, recording to {out_dir}/",
+        f"{model}, {n_steps} steps\n  recording to {out_dir}/",
         file=sys.stderr,
     )
     try:
@@ -229,7 +230,7 @@ def run_demo(
         print(f"stiffmon demo: {p}", file=sys.stderr)
     _print_summary([c.record for c in children if c.record.exists()])
     print(
-        f"stiffmon demo: sessions in {out_dir}/ — replay with: stiffmon replay {out_dir}/*.stiff",
+        f"stiffmon demo: sessions in {out_dir}/\n  replay with: stiffmon replay {out_dir}/*.stiff",
         file=sys.stderr,
     )
     return 1 if problems else 0

@@ -30,11 +30,20 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
 """Largest JSON header accepted (1 MiB)."""
 
-MAX_BUFFER_BYTES = 256 << 20
-"""Default largest single array buffer accepted (256 MiB); ``decode`` takes a tighter limit."""
+MAX_BUFFER_BYTES = 64 << 20
+"""Default largest single array buffer accepted (64 MiB); ``decode`` takes a tighter limit.
+
+The transport sets ``ZMQ_MAXMSGSIZE`` from this, so a larger frame is refused by the receiving
+socket before it is allocated."""
 
 MAX_TOPIC_BYTES = 512
 MAX_NDIM = 8
+
+MAX_INT = (1 << 63) - 1
+"""Largest integer accepted in any header field (int64, so numpy and the store never overflow)."""
+
+MAX_PID = (1 << 32) - 1
+"""Largest process id accepted in ``hello``."""
 
 ALLOWED_DTYPES: frozenset[str] = frozenset(
     {"|b1", "|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8"}
@@ -365,6 +374,8 @@ def encode(msg: Message) -> list[bytes]:
     header["kind"] = msg.KIND
     if not math.isfinite(header["t"]):
         raise ValueError("t must be finite")
+    if not (0 <= header["seq"] <= MAX_INT and 0 <= header["step"] <= MAX_INT):
+        raise ValueError(f"seq and step must be in [0, 2^63): {header['seq']}, {header['step']}")
     array_names = {name for name, _ in msg.ARRAY_FIELDS}
     buffers: list[bytes] = []
     specs: list[dict[str, Any]] = []
@@ -420,11 +431,22 @@ def _get_str_tuple(h: Mapping[str, Any], key: str, kind: str) -> tuple[str, ...]
     return tuple(value)
 
 
+def _check_range(value: int, what: str, kind: str, lo: int = 0, hi: int = MAX_INT) -> int:
+    """``value`` if ``lo <= value <= hi``; a :class:`ProtocolError` naming ``what`` otherwise."""
+    if not lo <= value <= hi:
+        raise ProtocolError(f"{kind}: {what} = {value} is out of range [{lo}, {hi}]")
+    return value
+
+
 def _get_attrs(h: Mapping[str, Any], key: str, kind: str) -> dict[str, JSONScalar]:
     value = _get(h, key, dict, kind)
     for k, v in value.items():
         if v is not None and not isinstance(v, str | int | float | bool):
             raise ProtocolError(f"{kind} header field {key}[{k!r}] is not a JSON scalar")
+        if isinstance(v, int) and not isinstance(v, bool):
+            _check_range(v, f"{key}[{k!r}]", kind, -MAX_INT - 1)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ProtocolError(f"{kind} header field {key}[{k!r}] is not a finite number")
     return dict(value)
 
 
@@ -439,7 +461,9 @@ def _decode_array(spec: Any, buf: bytes | bytearray | memoryview, index: int, ki
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_NDIM
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_INT for d in shape
+        )
     ):
         raise ProtocolError(f"{kind}: arrays[{index}] has an invalid shape {shape!r}")
     dtype = np.dtype(dtype_str)
@@ -537,6 +561,8 @@ def _decode(frames: Sequence[bytes | bytearray | memoryview], max_buffer_bytes: 
     t = _get(h, "t", (int, float), kind)
     if seq < 0 or step < 0:
         raise ProtocolError(f"{kind}: seq and step must be non-negative (seq={seq}, step={step})")
+    _check_range(seq, "seq", kind)
+    _check_range(step, "step", kind)
     if not math.isfinite(t):
         raise ProtocolError(f"{kind}: t must be finite")
     if not run or "/" in run:
@@ -601,9 +627,14 @@ def _decode_fields(cls: type[Message], h: Mapping[str, Any], kwargs: dict[str, A
             kwargs[f.name] = _get_str_tuple(h, f.name, kind)
         elif f.name == "batch_size":
             value = _get(h, f.name, (int, type(None)), kind)
+            if value is not None:
+                _check_range(value, f.name, kind)
             kwargs[f.name] = value
         else:
-            kwargs[f.name] = _get(h, f.name, _FIELD_TYPES[f.name], kind)
+            value = _get(h, f.name, _FIELD_TYPES[f.name], kind)
+            if isinstance(value, int):
+                _check_range(value, f.name, kind, hi=MAX_PID if f.name == "pid" else MAX_INT)
+            kwargs[f.name] = value
 
 
 def _check_consistency(msg: Message) -> None:

@@ -1,14 +1,16 @@
 """Local registry of running agents, so ``stiffmon watch`` with no argument finds them.
 
 Each agent writes one small JSON file ``<run_id>.json`` under :func:`registry_dir` while it runs
-and removes it on exit. Entries whose process is gone (a crashed or killed agent) are stale:
-:func:`list_runs` skips and deletes them.
+and removes it on exit. Entries whose process is gone (a crashed or killed agent) are stale, and
+entries that are not well-formed (a field missing or of the wrong type, an unusable endpoint) are
+corrupt: :func:`list_runs` skips and deletes both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -44,6 +46,30 @@ class RunEntry:
     pid: int
     host: str
     started: float
+
+
+def _entry(raw: object) -> RunEntry:
+    """A :class:`RunEntry` from parsed JSON, every field type-checked.
+
+    Raises:
+        ValueError: A missing or extra field, a field of the wrong type, or a bad endpoint.
+    """
+    from stiffmon.transport import parse_endpoint
+
+    if not isinstance(raw, dict) or set(raw) != set(RunEntry.__dataclass_fields__):
+        raise ValueError("not a registry entry")
+    for key in ("run", "name", "endpoint", "host"):
+        if not isinstance(raw[key], str):
+            raise ValueError(f"{key} is not a string")
+    pid, started = raw["pid"], raw["started"]
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 1 << 32:
+        raise ValueError(f"bad pid {pid!r}")
+    if not isinstance(started, int | float) or isinstance(started, bool):
+        raise ValueError(f"bad start time {started!r}")
+    if not math.isfinite(started):
+        raise ValueError(f"bad start time {started!r}")
+    parse_endpoint(raw["endpoint"])
+    return RunEntry(**raw)
 
 
 def _alive(pid: int) -> bool:
@@ -83,9 +109,8 @@ def list_runs(directory: Path | None = None) -> list[RunEntry]:
     here = socket.gethostname()
     for path in d.glob("*.json"):
         try:
-            raw = json.loads(path.read_text())
-            entry = RunEntry(**raw)
-        except (OSError, ValueError, TypeError):
+            entry = _entry(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, RecursionError):
             with contextlib.suppress(OSError):
                 path.unlink()
             continue

@@ -1,54 +1,100 @@
 """``stiffmon relay``: fan many agents in to one address (ZeroMQ's XSUB/XPUB proxy).
 
 Live updates pass through :func:`zmq.proxy` untouched. The relay's snapshot port (its port + 1)
-answers a snapshot request by asking every upstream agent for its snapshot and streaming all of
-their messages and per-run end markers back, followed by one final done marker.
+answers a snapshot request by asking every upstream agent for its snapshot, all at once, and
+streaming their messages and per-run end markers back, followed by one final done marker.
+
+Bounded in time and memory whatever the peers do:
+
+* upstreams are asked in parallel over one persistent DEALER each (``ZMQ_IMMEDIATE``: an upstream
+  that is not connected is skipped at once); the answer waits at most ``snapshot_timeout`` for
+  the slowest, and an upstream that timed out is not waited for again until it answers in full;
+* requests that arrive while an answer is being gathered coalesce: they are all answered by the
+  next gathering;
+* replies are streamed, not stored; a requester whose queue is full is dropped from the answer
+  (it asks again); every receiving socket has ``ZMQ_MAXMSGSIZE``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 
 from stiffmon.transport import (
+    MAX_CONTROL_FRAME_BYTES,
+    MAX_DATA_FRAME_BYTES,
     SNAPSHOT_DONE,
     SNAPSHOT_REQUEST,
+    CurveKeys,
     Endpoint,
     encode_control,
+    exposure_warning,
+    limit_frames,
     parse_endpoint,
 )
 
 
+def _warn_stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
 class Relay:
-    """Relay threads: one runs the proxy, one forwards snapshots.
+    """Relay threads: one runs the proxy, one gathers snapshots.
 
     Args:
         upstream: The agents' (or other relays') endpoints.
         bind: Where monitors connect (``tcp://host:port``; snapshot port = port + 1).
-        snapshot_timeout: Seconds to wait for each upstream snapshot.
+        snapshot_timeout: Seconds an answer waits for the slowest upstream.
+        curve_upstream: Client CURVE keys for upstreams that require authentication.
+        curve_bind: Server CURVE keys: monitors must present an authorised key.
+        warn: Called with warnings (binding a non-loopback address without CURVE).
     """
 
     def __init__(
-        self, upstream: Sequence[str | Endpoint], bind: str, *, snapshot_timeout: float = 5.0
+        self,
+        upstream: Sequence[str | Endpoint],
+        bind: str,
+        *,
+        snapshot_timeout: float = 5.0,
+        curve_upstream: CurveKeys | None = None,
+        curve_bind: CurveKeys | None = None,
+        warn: Callable[[str], None] = _warn_stderr,
     ) -> None:
         self.upstream = [u if isinstance(u, Endpoint) else parse_endpoint(u) for u in upstream]
         self.endpoint = parse_endpoint(bind)
         self.snapshot_timeout = snapshot_timeout
+        self.curve_upstream = curve_upstream
+        self.curve_bind = curve_bind
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._auth = None
+        if curve_bind is not None and curve_bind.authorized_dir is not None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(self.ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=str(curve_bind.authorized_dir))
         self._stop = threading.Event()
-        self.xsub = self.ctx.socket(zmq.XSUB)
-        self.xpub = self.ctx.socket(zmq.XPUB)
-        self.router = self.ctx.socket(zmq.ROUTER)
-        for s in (self.xsub, self.xpub, self.router):
-            s.setsockopt(zmq.LINGER, 0)
+        self.xsub = self._upstream_socket(zmq.XSUB)
+        self.xpub = self._bind_socket(zmq.XPUB)
+        self.router = self._bind_socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.SNDHWM, 1000)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full requester is EAGAIN, not a hang
         for u in self.upstream:
             self.xsub.connect(u.pub)
+        self._dealers: dict[Endpoint, zmq.Socket[bytes]] = {
+            u: self._dealer(u) for u in self.upstream
+        }
+        self.dead: set[Endpoint] = set()  # timed out: not waited for until they answer again
         self.xpub.bind(self.endpoint.pub)
         self.router.bind(self.endpoint.snapshot)
+        warning = exposure_warning("the relay", self.endpoint, self.endpoint.host, curve_bind)
+        if warning:
+            warn(warning)
         self._ctl_addr = f"inproc://stiffmon-relay-{id(self)}"
         self._ctl = self.ctx.socket(zmq.PAIR)
         self._ctl.bind(self._ctl_addr)
@@ -59,6 +105,38 @@ class Relay:
             target=self._run_snapshots, name="stiffmon-relay-snapshots", daemon=True
         )
         self.snapshots_served = 0
+        self.gatherings = 0
+
+    # ------------------------------------------------------------------ sockets
+
+    def _upstream_socket(self, kind: int) -> zmq.Socket[bytes]:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        limit_frames(s, MAX_DATA_FRAME_BYTES)
+        keys = self.curve_upstream
+        if keys is not None:
+            s.curve_secretkey = keys.secret
+            s.curve_publickey = keys.public
+            s.curve_serverkey = keys.server_public
+        return s
+
+    def _bind_socket(self, kind: int) -> zmq.Socket[bytes]:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        limit_frames(s, MAX_CONTROL_FRAME_BYTES)  # requests and subscriptions only
+        if self.curve_bind is not None:
+            s.curve_secretkey = self.curve_bind.secret
+            s.curve_publickey = self.curve_bind.public
+            s.curve_server = True
+        return s
+
+    def _dealer(self, u: Endpoint) -> zmq.Socket[bytes]:
+        d = self._upstream_socket(zmq.DEALER)
+        d.setsockopt(zmq.IMMEDIATE, 1)  # no connection, no queued request: skipped at once
+        d.connect(u.snapshot)
+        return d
+
+    # ------------------------------------------------------------------ threads
 
     def start(self) -> Relay:
         self._proxy.start()
@@ -74,53 +152,93 @@ class Relay:
         finally:
             ctl.close(0)
 
+    def _take_requests(self, waiters: list[bytes]) -> None:
+        """Move the requests waiting on the router into ``waiters`` (never blocks)."""
+        for _ in range(1000):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) >= 2 and frames[1] == SNAPSHOT_REQUEST and frames[0] not in waiters:
+                waiters.append(frames[0])
+
     def _run_snapshots(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        waiters: list[bytes] = []
         while not self._stop.is_set():
             try:
-                if not dict(poller.poll(100)):
+                if not waiters and not dict(poller.poll(100)):
                     continue
-                frames = self.router.recv_multipart()
+                self._take_requests(waiters)
+                if waiters:
+                    waiters = self._gather(waiters)
             except (zmq.ContextTerminated, zmq.ZMQError):
                 return
-            if len(frames) < 2 or frames[1] != SNAPSHOT_REQUEST:
-                continue
-            self._forward(frames[0])
 
-    def _forward(self, ident: bytes) -> None:
-        runs = 0
-        for u in self.upstream:
-            dealer = self.ctx.socket(zmq.DEALER)
-            dealer.setsockopt(zmq.LINGER, 0)
-            dealer.connect(u.snapshot)
+    def _send(self, ident: bytes, frames: list[bytes]) -> bool:
+        try:
+            self.router.send_multipart([ident, *frames], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError:  # full (a requester that does not read) or gone
+            return False
+
+    def _gather(self, waiters: list[bytes]) -> list[bytes]:
+        """Answer ``waiters`` from all upstreams at once; return requests that came meanwhile."""
+        self.gatherings += 1
+        later: list[bytes] = []
+        pending: dict[zmq.Socket[bytes], Endpoint] = {}
+        for u, d in self._dealers.items():
             try:
-                dealer.send_multipart(encode_control(SNAPSHOT_REQUEST, {"v": 1}))
-                deadline = time.monotonic() + self.snapshot_timeout
-                while time.monotonic() < deadline:
-                    if not dealer.poll(100):
-                        continue
-                    reply = dealer.recv_multipart()
-                    if reply and reply[0] == SNAPSHOT_DONE:
-                        runs += 1
-                        break
-                    self.router.send_multipart([ident, *reply])
+                d.send_multipart(encode_control(SNAPSHOT_REQUEST, {"v": 1}), zmq.NOBLOCK)
             except zmq.ZMQError:
-                pass
-            finally:
-                dealer.close(0)
-        with contextlib.suppress(zmq.ZMQError):
-            self.router.send_multipart([ident, *encode_control(SNAPSHOT_DONE, {"upstream": runs})])
-        self.snapshots_served += 1
+                self.dead.add(u)  # not connected
+                continue
+            pending[d] = u
+        poller = zmq.Poller()
+        for d in pending:
+            poller.register(d, zmq.POLLIN)
+        poller.register(self.router, zmq.POLLIN)
+        answered = 0
+        deadline = time.monotonic() + self.snapshot_timeout
+        while pending and time.monotonic() < deadline and not self._stop.is_set():
+            if all(u in self.dead for u in pending.values()):
+                break  # only the ones known dead are left: do not wait for them
+            events = dict(poller.poll(50))
+            if events.get(self.router):
+                self._take_requests(later)
+            for d in [d for d in events if d in pending]:
+                for _ in range(1000):
+                    try:
+                        reply = d.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if reply and reply[0] == SNAPSHOT_DONE:
+                        self.dead.discard(pending.pop(d))
+                        poller.unregister(d)
+                        answered += 1
+                        break
+                    waiters = [w for w in waiters if self._send(w, reply)]
+        for d, u in pending.items():  # drop a half-read answer: a fresh socket for next time
+            self.dead.add(u)
+            d.close(0)
+            self._dealers[u] = self._dealer(u)
+        done = encode_control(SNAPSHOT_DONE, {"upstream": answered})
+        for w in waiters:
+            if self._send(w, done):
+                self.snapshots_served += 1
+        return later
 
     def close(self) -> None:
         self._stop.set()
-        self._snap.join(2)
+        self._snap.join(2 + self.snapshot_timeout)
         if self._proxy.is_alive():
             self._ctl.send(b"TERMINATE")
             self._proxy.join(2)
-        for s in (self.xsub, self.xpub, self.router, self._ctl):
+        for s in (self.xsub, self.xpub, self.router, self._ctl, *self._dealers.values()):
             s.close(0)
+        if self._auth is not None:
+            self._auth.stop()
         self.ctx.term()
 
     def __enter__(self) -> Relay:

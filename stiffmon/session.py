@@ -42,6 +42,7 @@ _REC = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 _READ_BUFFER = 1 << 20
 _STEP_RE = re.compile(rb'"step":\s*(\d+)')
+_MAX_STEP = (1 << 63) - 1
 
 TailState = Literal["clean", "truncated", "bad-crc", "oversized", "bad-frames"]
 FsyncPolicy = Literal["never", "always"] | float
@@ -136,6 +137,38 @@ class RecordScan:
         return self.size - self.end
 
 
+def _header_step(
+    mm: mmap.mmap,
+    start: int,
+    stop: int,
+    u32: Callable[..., tuple[int, ...]],
+    search: Callable[..., re.Match[bytes] | None],
+) -> int | None:
+    """The top-level ``"step"`` of the JSON header frame of the record payload at [start, stop).
+
+    The frame lengths are followed to the header frame, which is searched whole (JSON escapes
+    every quote inside strings, and ``encode`` writes ``step`` before any nested object, so the
+    first match is the header's own key). None for a record whose frames do not lead to a
+    header or whose step is not a valid int64.
+    """
+    if stop - start < 4:
+        return None
+    (topic_len,) = u32(mm, start)
+    header_len_at = start + 4 + topic_len
+    if header_len_at + 4 > stop:
+        return None
+    (header_len,) = u32(mm, header_len_at)
+    header_at = header_len_at + 4
+    header_end = header_at + header_len
+    if header_end > stop:
+        return None
+    m = search(mm, header_at, header_end)
+    if m is None or len(m.group(1)) > 19:
+        return None
+    step = int(m.group(1))
+    return step if step <= _MAX_STEP else None
+
+
 def _scan_index(
     mm: mmap.mmap, size: int, offsets: list[int], steps: list[int]
 ) -> tuple[int, TailState]:
@@ -164,11 +197,9 @@ def _scan_index(
             if crc32(view[start:stop]) != crc:
                 state = "bad-crc"
                 break
-            (topic_len,) = u32(mm, start) if length >= 4 else (length,)
-            header_at = start + 4 + topic_len + 4
-            m = search(mm, header_at, min(stop, header_at + 256))
-            if m is not None:
-                last_step = int(m.group(1))
+            step = _header_step(mm, start, stop, u32, search)
+            if step is not None:
+                last_step = step
             add_offset(pos)
             add_step(last_step)
             pos = stop
@@ -352,20 +383,28 @@ class SessionReader:
             check_file_header(f.read(HEADER_SIZE), self.path)
         self.last_scan: RecordScan | None = None
         self.skipped_records = 0
+        self.restarts = 0  # times follow() started over on a replaced or rewritten file
 
     @property
     def ignored_bytes(self) -> int:
         """Bytes the last complete pass ignored after the last intact record (0 before one)."""
         return self.last_scan.ignored_bytes if self.last_scan else 0
 
-    def records(self, start: int = HEADER_SIZE) -> Iterator[tuple[int, list[bytes]]]:
+    def records(
+        self, start: int = HEADER_SIZE, *, on_error: Literal["raise", "skip"] = "raise"
+    ) -> Iterator[tuple[int, list[bytes]]]:
         """Yield ``(offset, frames)`` for each intact record from offset ``start``.
 
         Stops at the end of the file or at the first torn/corrupt record; afterwards
         :attr:`last_scan` says where and why.
 
+        Args:
+            start: Offset of a record.
+            on_error: What to do with an intact record (valid CRC) whose frames do not tile its
+                payload: raise, or skip it, count it in :attr:`skipped_records` and go on.
+
         Raises:
-            SessionError: A record with a valid CRC whose frames do not parse.
+            SessionError: Such a record, with ``on_error="raise"``.
         """
         start = max(start, HEADER_SIZE)
         with open(self.path, "rb", buffering=_READ_BUFFER) as f:
@@ -375,6 +414,9 @@ class SessionReader:
                 try:
                     frames = unpack_frames(payload)
                 except SessionError as exc:
+                    if on_error == "skip":
+                        self.skipped_records += 1
+                        continue
                     self.last_scan = RecordScan(offset, size, "bad-frames")
                     raise SessionError(f"{self.path}: record at offset {offset}: {exc}") from exc
                 yield offset, frames
@@ -387,10 +429,11 @@ class SessionReader:
 
         Args:
             start: Offset of a record (e.g. from :meth:`SessionIndex.offset_for_step`).
-            on_error: What to do with an intact record that is not a valid message: raise
-                :class:`SessionError`, or skip it and count it in :attr:`skipped_records`.
+            on_error: What to do with an intact record that is not a valid message (its frames
+                do not tile, or do not decode): raise :class:`SessionError`, or skip it, count
+                it in :attr:`skipped_records` and go on with the next record.
         """
-        for offset, frames in self.records(start):
+        for offset, frames in self.records(start, on_error=on_error):
             try:
                 yield decode(frames)
             except ProtocolError as exc:
@@ -438,7 +481,11 @@ class SessionReader:
         """Yield messages as another process appends them (``tail -f``).
 
         At the end of the data, or at a torn record the writer may still be completing, it
-        sleeps ``poll_interval`` and reads again from the same offset.
+        sleeps ``poll_interval`` and reads again from the same offset. If the file is replaced
+        (another inode at the path: a rotation) or rewritten (it shrank below the offset, or the
+        last record read is no longer where it was), following restarts from the first record
+        of the new content and :attr:`restarts` counts it; content that is not a session
+        raises :class:`SessionError`.
 
         Args:
             start: Offset to start from.
@@ -449,22 +496,87 @@ class SessionReader:
         """
         pos = max(start, HEADER_SIZE)
         last_data = time.monotonic()
+        identity = _identity(self.path)
+        mark: tuple[int, bytes] | None = None  # (offset, 8-byte head) of the last record read
         while True:
             got = False
-            for msg in self.messages(pos, on_error=on_error):
+            last: tuple[int, list[bytes]] | None = None
+            for offset, frames in self.records(pos, on_error=on_error):
+                last = (offset, frames)
+                try:
+                    msg = decode(frames)
+                except ProtocolError as exc:
+                    if on_error == "raise":
+                        raise SessionError(
+                            f"{self.path}: record at offset {offset}: {exc}"
+                        ) from exc
+                    self.skipped_records += 1
+                    continue
                 got = True
                 yield msg
             assert self.last_scan is not None
+            if last is not None:  # the head it was read with: length and CRC of its payload
+                payload = pack_frames(last[1])
+                mark = (last[0], _REC.pack(len(payload), zlib.crc32(payload)))
             pos = self.last_scan.end
             now = time.monotonic()
             if got:
                 last_data = now
+                continue
+            if self._rewritten(identity, pos, mark):
+                identity = _identity(self.path)
+                if identity is None:  # gone for now (rotation in progress): wait for it
+                    time.sleep(poll_interval)
+                    continue
+                with open(self.path, "rb") as f:
+                    head = f.read(HEADER_SIZE)
+                if len(head) < HEADER_SIZE and head == FILE_HEADER[: len(head)]:
+                    time.sleep(poll_interval)  # the new writer has not written its header yet
+                    identity = None
+                    continue
+                check_file_header(head, self.path)
+                self.restarts += 1
+                pos, mark = HEADER_SIZE, None
                 continue
             if stop is not None and stop():
                 return
             if idle_timeout is not None and now - last_data >= idle_timeout:
                 return
             time.sleep(poll_interval)
+
+    def _rewritten(
+        self, identity: tuple[int, int] | None, pos: int, mark: tuple[int, bytes] | None
+    ) -> bool:
+        """Whether the followed file was replaced, truncated or rewritten under the reader."""
+        now = _identity(self.path)
+        if now is None or now != identity:
+            return True
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return True
+        if size < pos:
+            return True
+        return mark is not None and _read_at(self.path, mark[0], 8) != mark[1]
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None if it is not there."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _read_at(path: Path, offset: int, n: int) -> bytes:
+    """``n`` bytes of ``path`` at ``offset`` (fewer at the end; empty if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(n)
+    except OSError:
+        return b""
 
 
 def read_session(path: str | os.PathLike[str]) -> tuple[list[AnyMessage], RecordScan]:

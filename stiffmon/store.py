@@ -163,12 +163,41 @@ class RunData:
         return self.scalars.get(name)
 
     def break_even(self) -> derive.BreakEven:
-        lam = self.scalars.get("sharpness/lambda1_h")
+        """The run's break-even marker (:func:`stiffmon.derive.break_even`).
+
+        Judged on the preconditioned sharpness and its threshold when the run publishes them
+        (adaptive optimizers), else on λ1_H and 2/η (or the momentum / Nesterov threshold).
+        """
+        name, thr_name = "sharpness/lambda1_precond", "sharpness/threshold_precond"
+        if not len(self.scalars.get(name, ())):
+            name, thr_name = derive.LAMBDA1_H, "sharpness/threshold"
+        lam = self.scalars.get(name)
         if lam is None or not len(lam):
-            return derive.BreakEven(None, math.nan, "none")
-        thr = self.scalars.get("sharpness/threshold")
-        thresholds = thr.values if thr is not None and len(thr) == len(lam) else math.nan
-        return derive.break_even(lam.steps, lam.values, thresholds)
+            return derive.no_break_even(name)
+        return derive.break_even(
+            lam.steps, lam.values, self.aligned(thr_name, lam.steps), series=name
+        )
+
+    def break_even_k(self) -> derive.BreakEven:
+        """The early-phase peak of λ1_K (no threshold applies to the noise covariance)."""
+        name = "noise/lambda1_k"
+        lam = self.scalars.get(name)
+        if lam is None or not len(lam):
+            return derive.no_break_even(name)
+        return derive.break_even(lam.steps, lam.values, None, series=name)
+
+    def aligned(self, name: str, steps: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        """Series ``name`` at ``steps``: its last value at or before each step (NaN before it)."""
+        s = self.scalars.get(name)
+        if s is None or not len(s):
+            return np.full(steps.shape, math.nan)
+        i = np.searchsorted(s.steps, steps, side="right") - 1
+        return np.where(i >= 0, s.values[np.maximum(i, 0)], math.nan)
+
+    def mean_after(self, name: str, be: derive.BreakEven) -> float:
+        """Mean of series ``name`` over the measurements after a confirmed break-even."""
+        s = self.scalars.get(name)
+        return derive.mean_after(s.steps, s.values, be) if s is not None else math.nan
 
     def peak(self, name: str) -> float:
         s = self.scalars.get(name)
@@ -184,14 +213,25 @@ class Store:
 
     Attributes:
         version: Increases with every change; views redraw only when it moved.
-        malformed: Bad frames counted by the sources feeding the store.
+        malformed: Bad frames counted by the sources feeding the store (assigning sets the
+            sources' count) plus the messages :meth:`apply` rejected.
     """
 
     def __init__(self, max_points: int = 100_000) -> None:
         self.runs: dict[str, RunData] = {}
         self.version = 0
-        self.malformed = 0
+        self.source_malformed = 0  # counted by the sources (sockets, files)
+        self.rejected = 0  # decoded messages that apply() could not take
         self.max_points = max_points
+
+    @property
+    def malformed(self) -> int:
+        """Bad frames counted by the sources plus messages the store rejected."""
+        return self.source_malformed + self.rejected
+
+    @malformed.setter
+    def malformed(self, value: int) -> None:  # a source reports its own running count
+        self.source_malformed = value
 
     def run(self, run_id: str) -> RunData:
         rd = self.runs.get(run_id)
@@ -201,7 +241,14 @@ class Store:
         return rd
 
     def apply(self, msg: p.Message, *, replay: bool = False, now: float | None = None) -> None:
-        """Add one message."""
+        """Add one message; one that cannot be stored is counted as malformed, never raised."""
+        try:
+            self._apply(msg, replay, now)
+        except Exception:
+            self.rejected += 1
+            self.version += 1
+
+    def _apply(self, msg: p.Message, replay: bool, now: float | None) -> None:
         rd = self.run(msg.run)
         rd.replay = rd.replay or replay
         rd.last_seen = time.monotonic() if now is None else now

@@ -1,37 +1,78 @@
-"""``stiffmon summary``: one row per run with the numbers that compare learning rates."""
+"""``stiffmon summary``: per run, the numbers that compare learning rates and batch sizes.
+
+Two tables, each within 80 columns: the run's settings and state, and its break-even point
+with the quantities Jastrzebski et al. (2020) compare across η and B (λ1_H there, the peaks of
+λ1_H and λ1_K, and the means of λ1_H, λ1_K and Tr K after a confirmed break-even).
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import numpy as np
 from rich import box
+from rich.console import Group
 from rich.table import Table
 
 from stiffmon import derive
 from stiffmon.store import RunData, Store
 
+REASON_MARK = {"threshold": "", "early-peak": "ᵖ", "catapult": "ᶜ", "none": ""}
+
+BREAK_EVEN_LEGEND = (
+    "break-even: first step where λ1_H reaches its stability threshold thr (2/η for SGD, "
+    "(2+2β)/η heavy ball) and stays within 5 %; ᵖ end of the rise to the early-phase peak "
+    "(thr not reached); ᶜ catapult (a one-measurement spike above thr); ? tentative (not "
+    "confirmed yet). after: mean over the measurements after a confirmed break-even. Adaptive "
+    "optimizers: judged on the preconditioned λ1 and its threshold."
+)
+
 
 def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
-    """The comparison numbers of one run (NaN / None where not measured)."""
+    """The comparison numbers of one run (NaN / None where not measured).
+
+    ``break_even_*`` describe :meth:`RunData.break_even`; ``mean_*_after`` are NaN unless it is
+    confirmed; ``break_even_k_*`` describe the early-phase peak of λ1_K.
+    """
     be = rd.break_even()
+    be_k = rd.break_even_k()
+    precond = be.series == "sharpness/lambda1_precond"
+    thr_name = "sharpness/threshold_precond" if precond else "sharpness/threshold"
     opt = rd.optimizer
     xi = rd.last("xi/input")
+    batch = rd.batch_size
+    series = rd.scalars.get("batch_size")
+    if batch is None and series is not None and len(series):
+        # not in the hello: the agent took B from the logits, a per-step scalar; the largest
+        # (an epoch's last batch may be smaller)
+        b = float(np.nanmax(series.values))
+        batch = int(b) if math.isfinite(b) and b > 0 else None
     return {
         "run": rd.run,
         "name": rd.name,
         "optimizer": opt.get("type"),
         "lr": rd.lr,
         "momentum": rd.momentum,
-        "batch_size": rd.batch_size,
-        "lr_over_batch": derive.lr_over_batch(rd.lr, rd.batch_size),
+        "batch_size": batch,
+        "lr_over_batch": derive.lr_over_batch(rd.lr, batch),
         "steps": int(rd.scalars["loss"].steps[-1]) + 1 if len(rd.scalars.get("loss", ())) else 0,
         "final_loss": rd.last("loss"),
         "break_even_step": be.step,
         "break_even_reason": be.reason,
+        "break_even_status": be.status,
+        "break_even_series": be.series,
+        "lambda1_at_break_even": be.value,
+        "break_even_threshold": rd.last(thr_name),
+        "catapults": list(be.catapults),
+        "break_even_k_step": be_k.step,
+        "break_even_k_status": be_k.status,
         "peak_lambda1_h": rd.peak("sharpness/lambda1_h"),
         "threshold": rd.last("sharpness/threshold"),
         "peak_lambda1_k": rd.peak("noise/lambda1_k"),
+        "mean_lambda1_h_after": rd.mean_after("sharpness/lambda1_h", be),
+        "mean_lambda1_k_after": rd.mean_after("noise/lambda1_k", be),
+        "mean_trace_k_after": rd.mean_after("noise/trace_k", be),
         "trace_k": rd.last("noise/trace_k"),
         "xi": xi,
         "within_minus_between": rd.last("stiffness/cos/train-train/within")
@@ -50,43 +91,68 @@ def fmt(v: Any, spec: str = ".4g") -> str:
     return str(v)
 
 
-def summary_table(store: Store) -> Table:
-    """A Rich table with one row per run (all numbers, η/B and Tr K included, are in --json)."""
-    table = Table(title="stiffmon summary", header_style="bold", box=box.SIMPLE_HEAD)
-    table.add_column("run", justify="left", overflow="fold", min_width=8)
-    for col in (
-        "η",
-        "β",
-        "B",
-        "steps",
-        "loss",
-        "break-even",
-        "peak λ1_H",
-        "threshold",
-        "peak λ1_K",
-        "ξ",
-    ):
-        table.add_column(col, justify="right")
-    table.add_column("status", justify="left")
-    for rd in store.runs.values():
-        s = run_summary(rd)
-        be = fmt(s["break_even_step"]) + ("ᵖ" if s["break_even_reason"] == "peak" else "")
-        table.add_row(
+def fmt_break_even(step: int | None, reason: str, status: str) -> str:
+    """Break-even cell: the step, ᵖ / ᶜ for an early peak / catapult, ? while tentative."""
+    if step is None:
+        return "none yet" if status == "none" else "—"
+    return f"{step:,}{REASON_MARK.get(reason, '')}{'?' if status == 'tentative' else ''}"
+
+
+def summary_table(store: Store) -> Group:
+    """Two Rich tables (settings, then break-even), each within 80 columns; --json has all."""
+    rows = [run_summary(rd) for rd in store.runs.values()]
+    runs = Table(
+        title="stiffmon summary", header_style="bold", box=box.SIMPLE_HEAD, caption_justify="left"
+    )
+    runs.add_column("run", justify="left", overflow="fold", min_width=8)
+    for col in ("η", "β", "B", "η/B", "steps", "loss", "ξ"):
+        runs.add_column(col, justify="right", no_wrap=True)
+    runs.add_column("status", justify="left", no_wrap=True)
+    for s in rows:
+        runs.add_row(
             s["name"],
             fmt(s["lr"], ".3g"),
             fmt(s["momentum"], ".2g"),
             fmt(s["batch_size"]),
+            fmt(s["lr_over_batch"], ".2g"),
             fmt(s["steps"]),
             fmt(s["final_loss"], ".3g"),
-            be,
-            fmt(s["peak_lambda1_h"], ".3g"),
-            fmt(s["threshold"], ".3g"),
-            fmt(s["peak_lambda1_k"], ".3g"),
             fmt(s["xi"], ".2f"),
             s["status"],
         )
-    table.caption = "ᵖ: early-phase peak of λ1_H (the threshold was never reached)"
-    return table
+    runs.caption = "η/B: learning rate over batch size; ξ: critical length in input space"
+    be = Table(
+        title="break-even (Jastrzebski et al. 2020)",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        caption_justify="left",
+    )
+    be.add_column("run", justify="left", overflow="fold", min_width=8)
+    for col in (
+        "break-\neven",
+        "thr",
+        "λ1_H\nthere",
+        "peak\nλ1_H",
+        "peak\nλ1_K",
+        "λ1_H\nafter",
+        "λ1_K\nafter",
+        "Tr K\nafter",
+    ):
+        be.add_column(col, justify="right", no_wrap=True)
+    for s in rows:
+        be.add_row(
+            s["name"],
+            fmt_break_even(s["break_even_step"], s["break_even_reason"], s["break_even_status"]),
+            fmt(s["break_even_threshold"], ".3g"),
+            fmt(s["lambda1_at_break_even"], ".3g"),
+            fmt(s["peak_lambda1_h"], ".3g"),
+            fmt(s["peak_lambda1_k"], ".3g"),
+            fmt(s["mean_lambda1_h_after"], ".3g"),
+            fmt(s["mean_lambda1_k_after"], ".3g"),
+            fmt(s["mean_trace_k_after"], ".3g"),
+        )
+    be.caption = BREAK_EVEN_LEGEND
+    return Group(runs, be)
 
 
 def summary_json(store: Store) -> list[dict[str, Any]]:

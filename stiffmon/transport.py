@@ -19,10 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stiffmon import protocol as p
+
 SNAPSHOT_REQUEST = b"stiffmon/snapshot?"
 SNAPSHOT_MESSAGE = b"stiffmon/snapshot-msg"
 SNAPSHOT_END = b"stiffmon/snapshot-end"
 SNAPSHOT_DONE = b"stiffmon/snapshot-done"
+
+MAX_DATA_FRAME_BYTES = max(p.MAX_TOPIC_BYTES, p.MAX_HEADER_BYTES, p.MAX_BUFFER_BYTES)
+"""``ZMQ_MAXMSGSIZE`` of every socket that receives wire messages (monitor SUB and DEALER,
+recorder, relay XSUB and upstream DEALERs): no frame of a valid message is larger, and libzmq
+refuses a larger one from its length field, before allocating it, and drops the connection."""
+
+MAX_CONTROL_FRAME_BYTES = 64 << 10
+"""``ZMQ_MAXMSGSIZE`` of sockets that only receive snapshot requests or subscriptions (agent
+ROUTER and PUB, relay ROUTER and XPUB)."""
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5555
@@ -98,6 +109,31 @@ def free_port_pair(host: str = DEFAULT_HOST, tries: int = 200) -> int:
             continue
         return port
     raise EndpointError(f"no free port pair on {host}")
+
+
+def limit_frames(sock: Any, max_bytes: int) -> None:
+    """Set ``ZMQ_MAXMSGSIZE``: a peer sending a larger frame is disconnected before it costs
+    memory (libzmq checks each frame's length field before allocating the frame)."""
+    import zmq
+
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (as in an endpoint) only accepts connections from this machine."""
+    h = host.strip("[]").lower()
+    return h == "localhost" or h == "::1" or h.startswith("127.")
+
+
+def exposure_warning(what: str, endpoint: object, host: str, curve: object) -> str | None:
+    """The warning for binding a non-loopback address without CURVE (None when there is none)."""
+    if curve is not None or is_loopback(host):
+        return None
+    return (
+        f"stiffmon: {what} binds {endpoint}, which is not loopback, without CURVE: any host "
+        "that can reach it can read every run and ask for its whole history. Bind 127.0.0.1 "
+        "and watch over ssh://, or use CURVE keys (stiffmon keys)."
+    )
 
 
 def encode_control(tag: bytes, payload: dict[str, Any]) -> list[bytes]:

@@ -36,10 +36,22 @@ class SshTarget:
 
 
 def parse_ssh(url: str) -> SshTarget:
+    """Parse ``ssh://[user@]host[:port]``.
+
+    Raises:
+        TunnelError: For anything else, and for a user or host starting with ``-`` (ssh would
+            read it as an option, e.g. ``-oProxyCommand=...``).
+    """
     m = _SSH.match(url.strip())
     if not m:
         raise TunnelError(f"not an ssh://[user@]host[:port] address: {url!r}")
-    return SshTarget(m.group("user"), m.group("host"), int(m.group("port") or DEFAULT_PORT))
+    user, host = m.group("user"), m.group("host")
+    if host.startswith("-") or (user or "").startswith("-"):
+        raise TunnelError(f"refusing an ssh user or host that starts with '-': {url!r}")
+    port = int(m.group("port") or DEFAULT_PORT)
+    if not 0 < port < 65535:
+        raise TunnelError(f"port {port} out of range in {url!r}")
+    return SshTarget(user, host, port)
 
 
 class Tunnel:
@@ -76,7 +88,7 @@ class Tunnel:
         ]
         if ssh_port:
             cmd += ["-p", str(ssh_port)]
-        cmd += [*extra_args, self.target.destination]
+        cmd += [*extra_args, "--", self.target.destination]  # never an option
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )

@@ -41,6 +41,7 @@ from stiffmon_agent.measure import (
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
 from stiffmon_agent.publisher import Accuracy, Outgoing, Publisher
 from stiffmon_agent.schedules import Schedule, parse_schedule
+from stiffmon_agent.userlog import custom_scalars, log_spaced
 
 log = logging.getLogger("stiffmon_agent")
 if not log.handlers and not logging.getLogger().handlers:
@@ -113,9 +114,10 @@ class Agent:
         hessian_tol: Lanczos tolerance (1e-2: each eigenvalue within 1 %).
         max_hvps: HVP budget per sharpness measurement.
         chunk_size: Probe examples per forward/backward pass (bounds memory).
-        batch_size: Training batch size B. Reported, and needed for the sharpness of a
-            sum-reduced loss (B × the per-example mean); default: the size of the ``logits``
-            passed to :meth:`step`.
+        batch_size: Training batch size B: reported, and needed for the sharpness of a
+            sum-reduced loss (B × the per-example mean). None: taken from the logits passed to
+            :meth:`step` (their first dimension) and published with every step as the scalar
+            ``batch_size``.
         rank0_only: Under torch.distributed, only rank 0 measures and publishes.
         curve_keys: Directory from ``stiffmon keys``: require CURVE authentication.
         fsync: fsync policy of the session file (``"never"``, ``"always"`` or seconds).
@@ -181,12 +183,15 @@ class Agent:
         }
         self._disabled: dict[str, str] = {}
         self._warm: Tensor | None = None
-        self._batch_size = batch_size
         self._sharp_state = SharpnessState(batch_size=batch_size)
         self._gen = torch.Generator().manual_seed(0)
         self._measure_seconds = 0.0
         self._last_cost = {"gram": 0.0, "sharpness": 0.0}
         self._skipped = 0
+        self._batch_size = batch_size
+        self._coverage = {"gram": [0, 0], "sharpness": [0, 0]}  # done, skipped
+        self._skips: dict[tuple[str, str], int] = {}  # (kind, reason) -> count
+        self._log_warned: set[str] = set()
         self._start = time.perf_counter()
         self._last_step_t: float | None = None
         self._registry_run: str | None = None
@@ -318,15 +323,60 @@ class Agent:
         if logits is not None and targets is not None:
             names.append("accuracy")  # computed on the publisher thread, off the training loop
             values.append(Accuracy(logits.detach(), targets.detach()))
+        if self._batch_size is None and isinstance(logits, Tensor) and logits.ndim >= 1:
+            names.append("batch_size")  # the hello went out before any batch was seen
+            values.append(logits.shape[0])
         self.publisher.submit(
             Outgoing(p.Scalars, s, time.time(), {"values_names": names, "values_raw": values})
         )  # type: ignore[union-attr]
         if self.probe is not None:
-            if "gram" not in self._disabled and self._gram_schedule.due(s):
-                self._measure("gram", s)
-            if "sharpness" not in self._disabled and self._sharp_schedule.due(s):
-                self._measure("sharpness", s)
+            schedules = (("gram", self._gram_schedule), ("sharpness", self._sharp_schedule))
+            due = [kind for kind, schedule in schedules if schedule.due(s)]
+            for kind in due:
+                self._measure(kind, s)
+            if due:
+                cov = {
+                    f"coverage/{k}/{w}": self._coverage[k][i]
+                    for k in due
+                    for i, w in enumerate(("done", "skipped"))
+                }
+                self.publisher.submit(  # type: ignore[union-attr]
+                    Outgoing(
+                        p.Scalars,
+                        s,
+                        time.time(),
+                        {"values_names": list(cov), "values_raw": list(cov.values())},
+                    )
+                )
         self.step_count = s + 1
+
+    def log(self, step: int | None = None, **values: Any) -> None:
+        """Publish scalars of your own (validation loss, accuracy, ...) as ``custom/<name>``.
+
+        Never raises and never blocks: a bad name (not matching ``userlog.CUSTOM_NAME``) or a value
+        that is not a number or a one-element tensor is dropped with a one-time warning; values
+        become floats on the publisher thread (no GPU synchronisation here), ±inf becomes NaN.
+
+        Args:
+            step: The step the values belong to (default: the last step recorded).
+            **values: ``name=value`` pairs, e.g. ``agent.log(val_loss=0.31, val_acc=0.9)``; names
+                with ``/``, ``.`` or ``-`` via ``**{"val/loss": v}``.
+        """
+        if not self.enabled or self.closed or self.publisher is None:
+            return
+        try:
+            names, raw = custom_scalars(values, self._log_warned, log.warning)
+            if not names:
+                return
+            if step is None or isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                step = max(self.step_count - 1, 0)
+            self.publisher.submit(
+                Outgoing(p.Scalars, step, time.time(), {"values_names": names, "values_raw": raw})
+            )
+        except Exception as exc:  # never into the training loop
+            if "" not in self._log_warned:
+                self._log_warned.add("")
+                log.warning(f"stiffmon: Agent.log failed: {exc}")
 
     def _within_budget(self, kind: str, step: int) -> bool:
         if step == 0 or self._overhead_cap is None or self._overhead_cap >= 1.0:
@@ -334,21 +384,40 @@ class Agent:
         elapsed = time.perf_counter() - self._start
         publishing = self.publisher.cpu_seconds if self.publisher is not None else 0.0
         predicted = self._measure_seconds + publishing + self._last_cost[kind]
-        if predicted <= self._overhead_cap * elapsed:
-            return True
-        self._skipped += 1
-        if self._skipped == 1 or self._skipped % 100 == 0:
-            msg = (
-                f"skipping due {kind} measurements to keep the overhead under "
-                f"{self._overhead_cap:.0%} of wall time ({self._skipped} skipped so far)"
-            )
-            self.event("schedule-stretched", msg, skipped=self._skipped, cap=self._overhead_cap)
-            if self._skipped == 1:
-                log.info(f"stiffmon: {msg}")
-        return False
+        return predicted <= self._overhead_cap * elapsed
+
+    def _skip(self, kind: str, reason: str) -> None:
+        """Count a due measurement not made; say so at 1, 2, 5, 10, 20, ... skips of a reason."""
+        self._coverage[kind][1] += 1
+        n = self._skips[(kind, reason)] = self._skips.get((kind, reason), 0) + 1
+        if not log_spaced(n):
+            return
+        done = self._coverage[kind][0]
+        if reason == "overhead-cap":
+            why = f"to keep the overhead under {self._overhead_cap:.0%} of wall time"
+        elif reason == "disabled":
+            why = f"because {kind} is disabled after an error"
+        else:
+            why = f"({reason})"
+        msg = f"skipping due {kind} measurements {why} ({n} skipped so far, {done} done)"
+        self.event(
+            "measurement-skipped",
+            msg,
+            level="warning",
+            kind=kind,
+            reason=reason,
+            skipped=n,
+            done=done,
+        )
+        log.info(f"stiffmon: {msg}")
 
     def _measure(self, kind: str, step: int) -> None:
+        if kind in self._disabled:
+            self._skip(kind, "disabled")
+            return
         if not self._within_budget(kind, step):
+            self._skipped += 1
+            self._skip(kind, "overhead-cap")
             return
         assert self.probe is not None
         t0 = time.perf_counter()
@@ -393,11 +462,13 @@ class Agent:
             return
         except Exception as exc:
             self._disable(kind, exc)
+            self._coverage[kind][1] += 1  # the metric-error event says why
             return
         finally:
             cost = time.perf_counter() - t0
             self._measure_seconds += cost
             self._last_cost[kind] = cost
+        self._coverage[kind][0] += 1
         for m in msgs:
             self.publisher.submit(m)  # type: ignore[union-attr]
 

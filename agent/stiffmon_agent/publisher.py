@@ -1,9 +1,20 @@
 """The agent's background thread: it owns the sockets, the history and the session file.
 
 The training thread only calls :meth:`Publisher.submit`, which never blocks: a full queue drops
-the item and counts it (the count goes out in every heartbeat). The thread assigns sequence
-numbers, encodes, publishes on PUB, appends to the ``.stiff`` file, keeps the history and answers
-snapshot requests on ROUTER (DESIGN §4).
+the item and counts it. The thread encodes, assigns sequence numbers (only to messages that could
+be encoded, so ``seq`` never skips), publishes on PUB, appends to the ``.stiff`` file, keeps the
+history and answers snapshot requests on ROUTER (DESIGN §4) through a
+:class:`~stiffmon_agent.snapshots.SnapshotServer`, in bounded slices between drains of the queue:
+no peer, however hostile, can stop publishing and recording or make memory grow without bound.
+
+Every message that reaches neither the socket nor the file (queue full, not encodable) is counted
+in :attr:`Publisher.dropped`, which every heartbeat carries. Heartbeats are not recorded, except
+one whenever ``dropped`` has grown and a last one just before ``bye``, so a session file says how
+many messages its run lost.
+
+Sockets never block the thread (every send is non-blocking), so :meth:`Publisher.close` writes
+everything queued to the session file even when no peer reads. A SIGKILL of the training process
+loses what is still queued: at most one drain interval (``batch_interval``, 50 ms) of messages.
 
 History bound: every heavy measurement (matrices, curves, spectra, events, hello) is kept; per-step
 ``scalars`` messages are kept up to ``max_scalar_history`` (default 10,000), beyond which every
@@ -18,7 +29,6 @@ import heapq
 import math
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -33,16 +43,15 @@ from stiffmon.session import SessionWriter
 from stiffmon.transport import (
     DEFAULT_HOST,
     DEFAULT_PORT,
+    MAX_CONTROL_FRAME_BYTES,
     PORT_SEARCH,
-    SNAPSHOT_DONE,
-    SNAPSHOT_END,
-    SNAPSHOT_MESSAGE,
-    SNAPSHOT_REQUEST,
     CurveKeys,
     Endpoint,
-    encode_control,
+    exposure_warning,
+    limit_frames,
     parse_endpoint,
 )
+from stiffmon_agent.snapshots import SnapshotServer
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,10 @@ class _History:
     def in_order(self) -> list[tuple[int, list[bytes]]]:
         return list(heapq.merge(self.heavy, self.scalars, key=lambda item: item[0]))
 
+    def frames(self) -> list[list[bytes]]:
+        """The encoded messages, oldest first (what a snapshot sends)."""
+        return [frames for _, frames in self.in_order()]
+
 
 class Publisher:
     """Background publisher thread.
@@ -130,11 +143,13 @@ class Publisher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name=f"stiffmon-{run}", daemon=True)
         self.endpoint: Endpoint | None = None
-        self.dropped = 0
+        self.dropped = 0  # messages that reached neither the socket nor the file
+        self.unrecorded = 0  # messages not written because recording stopped
+        self._recorded_dropped = 0  # ``dropped`` in the last heartbeat written to the file
         self.seq = -1
         self._last_step = 0  # highest step seen, for heartbeats
         self.published = 0
-        self.snapshots_served = 0
+        self.snapshots: SnapshotServer | None = None
         self.error: str | None = None
         self._nonfinite_streak = 0
         self.batch_interval = 0.05  # seconds between drains of the queue
@@ -170,6 +185,11 @@ class Publisher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def snapshots_served(self) -> int:
+        """Snapshots sent in full."""
+        return self.snapshots.stats.served if self.snapshots is not None else 0
+
     # ------------------------------------------------------------------ thread side
 
     def _bind(
@@ -187,13 +207,13 @@ class Publisher:
             router = ctx.socket(zmq.ROUTER)
             for s in (pub, router):
                 s.setsockopt(zmq.LINGER, 0)
+                limit_frames(s, MAX_CONTROL_FRAME_BYTES)  # they receive requests, subscriptions
                 if self._curve is not None:
                     s.curve_secretkey = self._curve.secret
                     s.curve_publickey = self._curve.public
                     s.curve_server = True
             pub.setsockopt(zmq.SNDHWM, 10_000)
-            router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-            router.setsockopt(zmq.SNDHWM, 0)  # snapshots are bounded by the history bound
+            SnapshotServer.configure(router)
             try:
                 pub.bind(ep.pub)
                 router.bind(ep.snapshot)
@@ -203,6 +223,9 @@ class Publisher:
                 router.close(0)
                 continue
             self.endpoint = ep
+            warning = exposure_warning("the agent", ep, ep.host, self._curve)
+            if warning:
+                self._warn(warning)
             return pub, router
         self.error = f"could not bind a port pair ({last_error})"
         self._warn(f"stiffmon: {self.error}; not publishing (training goes on)")
@@ -254,15 +277,19 @@ class Publisher:
         writer: SessionWriter | None,
     ) -> None:
         pub, router = sockets if sockets else (None, None)
-        poller = zmq.Poller()
+        server = None
         if router is not None:
-            poller.register(router, zmq.POLLIN)
+            server = self.snapshots = SnapshotServer(
+                router, self.run, lambda: (self._history.frames(), max(self.seq, -1))
+            )
         next_heartbeat = time.monotonic() + self._heartbeat_interval
         finished = False
+        serving = False
         while not finished:
             # Wake up at a fixed pace and drain in batches, rather than once per item: fewer GIL
-            # hand-offs with the training thread (which only ever does a non-blocking put).
-            self._stop.wait(self.batch_interval)
+            # hand-offs with the training thread (which only ever does a non-blocking put). While
+            # a snapshot is flowing, wake up sooner to send its next slice.
+            self._stop.wait(0.005 if serving else self.batch_interval)
             started = time.thread_time()
             batch: list[Outgoing | None] = []
             while len(batch) < 20_000:
@@ -275,24 +302,35 @@ class Publisher:
                     finished = True
                     continue
                 writer = self._emit(it, pub, writer)
-            if router is not None:
-                while dict(poller.poll(0)).get(router):
-                    self._serve_snapshot(router)
+            if server is not None and not self._stop.is_set():
+                server.read_requests()
+                serving = server.pump()
             now = time.monotonic()
             if now >= next_heartbeat and pub is not None:
                 next_heartbeat = now + self._heartbeat_interval
-                hb = Outgoing(
-                    p.Heartbeat,
-                    self._last_step,
-                    time.time(),
-                    {"last_seq": max(self.seq, 0), "dropped": self.dropped},
-                )
-                self._emit(hb, pub, None)
+                writer = self._heartbeat(pub, writer, record=self.dropped > self._recorded_dropped)
             self.cpu_seconds += time.thread_time() - started
             if self._stop.is_set() and self._queue.empty():
                 finished = True
+        if server is not None:
+            server.drop_all()
 
-    def _build(self, item: Outgoing) -> p.Message:
+    def _heartbeat(
+        self, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None, *, record: bool
+    ) -> SessionWriter | None:
+        hb = Outgoing(
+            p.Heartbeat,
+            self._last_step,
+            time.time(),
+            {"last_seq": max(self.seq, 0), "dropped": self.dropped},
+        )
+        if not record:
+            self._emit(hb, pub, None)
+            return writer
+        self._recorded_dropped = self.dropped
+        return self._emit(hb, pub, writer)
+
+    def _build(self, item: Outgoing, seq: int) -> p.Message:
         fields = dict(item.fields)
         if item.cls is p.Scalars:
             names = tuple(fields.pop("values_names", ()))
@@ -304,35 +342,47 @@ class Publisher:
                 except Exception:
                     values.append(math.nan)
             fields["names"], fields["values"] = names, values
-        self.seq += 1
-        return item.cls(run=self.run, seq=self.seq, step=item.step, t=item.t, **fields)
+        return item.cls(run=self.run, seq=seq, step=item.step, t=item.t, **fields)
 
     def _emit(
         self, item: Outgoing, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
     ) -> SessionWriter | None:
+        if item.cls is p.Bye:  # the file's last word on losses, just before the bye
+            writer = self._heartbeat(pub, writer, record=True)
         try:
-            msg = self._build(item)
+            msg = self._build(item, self.seq + 1)
             frames = p.encode(msg)
-        except Exception as exc:
+        except Exception as exc:  # the seq is not used up: clients see no gap
+            self.dropped += 1
             self._warn(f"stiffmon: dropped a {item.cls.KIND} message that cannot be encoded: {exc}")
             return writer
+        self.seq = msg.seq
         self._last_step = max(self._last_step, item.step)
+        sent = False
         if pub is not None:
             try:
                 pub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                sent = True
             except zmq.ZMQError:
-                self.dropped += 1
+                pass
         self.published += 1
         if msg.KIND != "heartbeat":
             self._history.add(msg.seq, frames, msg.KIND == "scalars")
-            if writer is not None:
-                try:
-                    writer.write_frames(frames)
-                except Exception as exc:
-                    self._warn(f"stiffmon: recording stopped: {exc}")
-                    with contextlib.suppress(Exception):
-                        writer.close()
-                    return None
+        if writer is not None:  # heartbeats only come with a writer when they are recorded
+            try:
+                writer.write_frames(frames)
+            except Exception as exc:
+                self._warn(f"stiffmon: recording stopped: {exc}")
+                with contextlib.suppress(Exception):
+                    writer.close()
+                writer = None
+                self.unrecorded += 1
+                if not sent:
+                    self.dropped += 1
+        elif self._record is not None and msg.KIND != "heartbeat":
+            self.unrecorded += 1
+            if not sent:
+                self.dropped += 1
         if isinstance(msg, p.Scalars):
             self._check_finite(msg, pub, writer)
         return writer
@@ -362,24 +412,3 @@ class Publisher:
                 },
             )
             self._emit(ev, pub, writer)
-
-    def _serve_snapshot(self, router: zmq.Socket[bytes]) -> None:
-        try:
-            frames = router.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        if len(frames) < 2 or frames[1] != SNAPSHOT_REQUEST:
-            return  # not for us: ignore, never crash
-        ident = frames[0]
-        try:
-            for _, msg_frames in self._history.in_order():
-                router.send_multipart([ident, SNAPSHOT_MESSAGE, *msg_frames], copy=False)
-            router.send_multipart(
-                [ident, *encode_control(SNAPSHOT_END, {"run": self.run, "seq": self.seq})]
-            )
-            router.send_multipart(
-                [ident, *encode_control(SNAPSHOT_DONE, {"runs": 1, "host": socket.gethostname()})]
-            )
-            self.snapshots_served += 1
-        except zmq.ZMQError:
-            pass

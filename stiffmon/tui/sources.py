@@ -8,7 +8,9 @@ never blocks drawing.
 from __future__ import annotations
 
 import bisect
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,18 +23,71 @@ from stiffmon.store import Store
 from stiffmon.transport import CurveKeys, Endpoint
 
 HEAVY = ("matrix", "curve", "spectrum")
+AUTO_SPEEDS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 
 
 class LiveSource:
-    """Polls a :class:`~stiffmon.client.Client` on a worker thread into a queue."""
+    """Polls a :class:`~stiffmon.client.Client` on a worker thread into a queue.
 
-    def __init__(self, endpoints: Sequence[Endpoint | str], curve: CurveKeys | None = None) -> None:
-        self.endpoints = list(endpoints)
+    Explicit endpoints are connected once and ZeroMQ reconnects to them for as long as the
+    monitor runs (an agent restarted on the same address is picked up: its new run id triggers a
+    snapshot). With ``discover``, the local registry is re-read every ``rescan`` seconds and every
+    endpoint that appears in it is added, so runs started after the monitor are attached, and a
+    restarted run (new run id, possibly a new port) is attached again.
+
+    Args:
+        endpoints: Addresses to subscribe to from the start.
+        curve: Client CURVE keys.
+        discover: Keep watching the local registry for new runs.
+        registry: Registry directory (default :func:`stiffmon.registry.registry_dir`).
+        rescan: Seconds between registry scans.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint | str],
+        curve: CurveKeys | None = None,
+        *,
+        discover: bool = False,
+        registry: Path | None = None,
+        rescan: float = 1.0,
+    ) -> None:
+        self.endpoints: list[Endpoint | str] = list(endpoints)
         self.curve = curve
+        self.discover = discover
+        self.registry = registry
+        self.rescan = rescan
         self.queue: deque[p.AnyMessage] = deque()
         self.stop = threading.Event()
         self.client: Client | None = None
         self.error = ""
+        self._known = {str(e) for e in self.endpoints}
+        self._last_scan = -math.inf
+
+    def scan(self) -> list[str]:
+        """Add the registry's endpoints not connected yet (to the client once it runs)."""
+        from stiffmon.registry import list_runs
+
+        self._last_scan = time.monotonic()
+        try:
+            entries = list_runs(self.registry)
+        except OSError as exc:
+            self.error = f"registry: {exc}"
+            return []
+        added = []
+        for entry in entries:
+            if entry.endpoint in self._known:
+                continue
+            try:
+                ep = self.client.add_endpoint(entry.endpoint) if self.client else entry.endpoint
+            except Exception as exc:  # a malformed entry: say so, keep watching the others
+                self.error = f"registry entry {entry.run}: {exc}"
+                self._known.add(entry.endpoint)
+                continue
+            self._known.add(entry.endpoint)
+            self.endpoints.append(ep)
+            added.append(entry.endpoint)
+        return added
 
     def run(self) -> None:
         """Worker body: until :attr:`stop` is set."""
@@ -43,6 +98,8 @@ class LiveSource:
             return
         try:
             while not self.stop.is_set():
+                if self.discover and time.monotonic() - self._last_scan >= self.rescan:
+                    self.scan()
                 for msg, _ in self.client.poll(0.1):
                     self.queue.append(msg)
         finally:
@@ -59,11 +116,10 @@ class LiveSource:
         return self.client.stats.malformed if self.client else 0
 
     def describe(self) -> str:
-        return (
-            f"live: {', '.join(map(str, self.endpoints))}"
-            if self.endpoints
-            else "live: no endpoint"
-        )
+        where = ", ".join(map(str, self.endpoints))
+        if self.discover:
+            return f"live: {where or 'no run yet'} (watching for local runs)"
+        return f"live: {where}" if where else "live: no endpoint"
 
 
 @dataclass
@@ -72,11 +128,15 @@ class ReplaySource:
 
     All messages of all files are merged by time. The timeline position is an index into that
     list; the store always holds exactly the messages before it (seeking back rebuilds it).
+    :meth:`open` shows everything, paused (``at_end``, the default), or puts the timeline at the
+    start and plays it at :attr:`speed` (``stiffmon replay``). The clock never runs past the last
+    message read.
     """
 
     files: Sequence[Path]
     follow: bool = False
     speed: float = 10.0  # ×, or math.inf: as fast as possible
+    at_end: bool = True  # open(): everything at once, paused (tests, screenshots); False: play
     messages: list[p.AnyMessage] = field(default_factory=list)
     position: int = 0
     playing: bool = False
@@ -103,6 +163,23 @@ class ReplaySource:
         with self._lock:
             self.messages = msgs
 
+    def auto_speed(self, seconds: float = 20.0) -> float:
+        """The slowest of 1, 2, 5, 10, … 1000 × that plays the whole session in ``seconds``."""
+        duration = self.t_end - self.t0
+        for speed in AUTO_SPEEDS:
+            if duration / speed <= seconds:
+                return speed
+        return AUTO_SPEEDS[-1]
+
+    def open(self, store: Store) -> None:
+        """Initial timeline: the start, playing; or with :attr:`at_end`, the end, paused."""
+        if self.at_end:
+            self.seek(store, len(self.messages))
+            self.playing = self.follow
+        else:
+            self.seek(store, 0)
+            self.playing = True
+
     def follow_loop(self) -> None:
         """Worker body for ``--follow``: append what the writers add."""
         readers = {path: SessionReader(path) for path in self.files}
@@ -128,9 +205,13 @@ class ReplaySource:
         return self.messages[-1].t if self.messages else 0.0
 
     def advance(self, store: Store, dt: float, batch: int = 20_000) -> int:
-        """Move the timeline by ``dt`` seconds of wall time at the current speed; apply messages."""
+        """Move the timeline by ``dt`` seconds of wall time at the current speed; apply messages.
+
+        ``dt`` counts at most 0.5 s: a slow start or frame does not make the timeline jump.
+        """
         if not self.playing:
             return 0
+        dt = min(dt, 0.5)
         with self._lock:
             n = len(self.messages)
             if self.position >= n:
@@ -147,9 +228,13 @@ class ReplaySource:
                 end = self.position + bisect.bisect_right(times, self.clock)
             chunk = self.messages[self.position : end]
             self.position = end
+            if chunk:
+                self.clock = max(self.clock, chunk[-1].t)
+            if self.position >= n:
+                self.clock = min(self.clock, self.messages[-1].t)  # never past the data
+            else:
+                self.clock = min(self.clock, self.messages[self.position].t)
         store.extend(chunk, replay=True)
-        if chunk:
-            self.clock = max(self.clock, chunk[-1].t)
         if self.position >= len(self.messages) and not self.follow:
             self.playing = False
         return len(chunk)

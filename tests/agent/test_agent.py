@@ -128,8 +128,10 @@ def test_exception_in_a_metric_disables_it_and_training_goes_on(
     assert "unsupported layer XYZ" in agent.disabled["gram"]
     msgs, _ = read_session(rec)
     events = [m for m in msgs if isinstance(m, p.Event)]
-    assert {e.code for e in events} == {"metric-error", "metric-disabled"}
+    assert {e.code for e in events} == {"metric-error", "metric-disabled", "measurement-skipped"}
     assert sum(1 for e in events if e.code == "metric-error") == 2  # once per metric
+    skipped = [e for e in events if e.code == "measurement-skipped"]  # at due steps 2, 4 (not 6)
+    assert {(e.step, e.attrs["reason"]) for e in skipped} == {(2, "disabled"), (4, "disabled")}
     assert len([m for m in msgs if isinstance(m, p.Scalars) and "loss" in m.names]) == 8
 
 
@@ -167,7 +169,7 @@ def test_overhead_cap_stretches_the_schedule(tmp_path: Path) -> None:
     msgs, _ = read_session(rec)
     measured = {m.step for m in msgs if isinstance(m, p.Matrix)}
     assert 0 in measured and len(measured) < 30
-    assert any(isinstance(m, p.Event) and m.code == "schedule-stretched" for m in msgs)
+    assert any(isinstance(m, p.Event) and m.code == "measurement-skipped" for m in msgs)
     assert (
         agent._measure_seconds
         <= 0.05 * (time.perf_counter() - agent._start)

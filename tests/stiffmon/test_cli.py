@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from stiffmon import __version__
 from stiffmon import protocol as p
 from stiffmon.cli import main
 from stiffmon.session import SessionWriter
+from stiffmon.transport import free_port_pair
 
 COMMANDS = ["watch", "replay", "record", "summary", "demo", "keys", "relay"]
 
@@ -135,3 +137,124 @@ def test_keys_command(tmp_path: Path) -> None:
     assert main(["keys", str(tmp_path / "k"), "--clients", "laptop"]) == 0
     assert (tmp_path / "k" / "authorized" / "laptop.key").exists()
     assert (tmp_path / "k" / "server.key_secret").stat().st_mode & 0o077 == 0
+
+
+def test_keys_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = tmp_path / "k"
+    assert main(["keys", str(d)]) == 0
+    secret = (d / "server.key_secret").read_bytes()
+    assert main(["keys", str(d)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (d / "server.key_secret").read_bytes() == secret
+    assert main(["keys", str(d), "--clients", "other"]) == 2  # the server key is there
+    assert main(["keys", str(d), "--force"]) == 0
+    assert (d / "server.key_secret").read_bytes() != secret
+
+
+def _session(path: Path, name: str, run: str) -> None:
+    with SessionWriter(path) as w:
+        w.write(p.Hello(run=run, seq=0, step=0, t=0.0, name=name, optimizer={"lr": 0.1}))
+        w.write(p.Scalars.from_dict({"loss": 0.5}, run=run, seq=1, step=0, t=0.0))
+
+
+def test_summary_of_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _session(tmp_path / "a.stiff", "first", "r1")
+    _session(tmp_path / "b.stiff", "second", "r2")
+    (tmp_path / "notes.txt").write_text("not a session")
+    assert main(["summary", f"{tmp_path}/", "--json"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["first", "second"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["summary", str(empty)]) == 2
+    assert "no .stiff session files in the directory" in capsys.readouterr().err
+
+
+def test_summary_of_a_dead_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
+    assert main(["summary", endpoint, "--wait", "0.3"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"no run answered on {endpoint} within 0.3 s" in err
+    _session(tmp_path / "a.stiff", "first", "r1")
+    empty = tmp_path / "empty.stiff"
+    SessionWriter(empty).close()
+    assert main(["summary", str(tmp_path / "a.stiff"), str(empty), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["name"] == "first" and "empty.stiff holds no run" in err
+
+
+@pytest.mark.parametrize("command", [["watch"], ["replay", "{file}"], ["demo"]])
+def test_monitor_without_a_terminal_exits_at_once(tmp_path: Path, command: list[str]) -> None:
+    _session(tmp_path / "a.stiff", "first", "r1")
+    argv = [c.format(file=tmp_path / "a.stiff") for c in command]
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "stiffmon", *argv],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2 and time.monotonic() - t0 < 30
+    assert "needs a terminal" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_summary_json_into_a_closed_pipe(tmp_path: Path) -> None:
+    for i in range(40):
+        _session(tmp_path / f"r{i:02d}.stiff", f"run {i}", f"r{i}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stiffmon", "summary", str(tmp_path), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # like `| head` that has already exited
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
+
+
+def test_demo_every_reaches_the_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stiffmon.demo as demo
+
+    seen: dict[str, object] = {}
+
+    def fake_run_demo(**kwargs: object) -> int:
+        seen.update(kwargs)
+        return 0
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--no-tui", "--every", "7"]) == 0
+    assert seen["every"] == 7
+
+
+def test_replay_plays_from_the_start_at_an_automatic_speed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stiffmon.tui.app as app_module
+
+    path = tmp_path / "a.stiff"
+    with SessionWriter(path) as w:
+        w.write(p.Hello(run="r", seq=0, step=0, t=0.0, name="r"))
+        w.write(p.Scalars.from_dict({"loss": 1.0}, run="r", seq=1, step=1, t=90.0))
+    seen: list[object] = []
+
+    class FakeApp:
+        def __init__(self, **kwargs: object) -> None:
+            seen.append(kwargs["replay"])
+
+        def run(self) -> None:
+            pass
+
+    class Tty:
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(app_module, "StiffmonApp", FakeApp)
+    monkeypatch.setattr(sys, "stdin", Tty())
+    monkeypatch.setattr(sys, "stdout", Tty())
+    assert main(["replay", str(tmp_path)]) == 0
+    assert main(["replay", str(path), "--speed", "3"]) == 0
+    auto, given = seen
+    assert not auto.at_end and auto.speed == 5.0  # type: ignore[attr-defined]
+    assert given.speed == 3.0  # type: ignore[attr-defined]

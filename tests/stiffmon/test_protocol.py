@@ -272,3 +272,73 @@ def test_fuzz_mutated_valid_frames(msg: p.Message, mutations: list[tuple[int, in
         return
     assert isinstance(out, p.Message)
     p.encode(out)  # whatever decodes is a well-formed message
+
+
+# ------------------------------------------------------------------ integer ranges
+
+
+_BIG = [2**63, 2**64 + 5, 10**30]
+
+
+@pytest.mark.parametrize("value", _BIG)
+@pytest.mark.parametrize(
+    ("msg", "field"),
+    [
+        (p.Bye(**COMMON, reason="x"), "seq"),
+        (p.Bye(**COMMON, reason="x"), "step"),
+        (p.Hello(**COMMON, name="h"), "pid"),
+        (p.Hello(**COMMON, name="h"), "param_count"),
+        (p.Hello(**COMMON, name="h"), "probe_train"),
+        (p.Hello(**COMMON, name="h"), "probe_val"),
+        (p.Hello(**COMMON, name="h", batch_size=8), "batch_size"),
+        (p.Heartbeat(**COMMON, last_seq=1, dropped=0), "last_seq"),
+        (p.Heartbeat(**COMMON, last_seq=1, dropped=0), "dropped"),
+    ],
+)
+def test_integers_beyond_int64_are_malformed(msg: p.Message, field: str, value: int) -> None:
+    frames = _with_header(p.encode(msg), **{field: value})
+    with pytest.raises(p.ProtocolError, match=f"{field} = {value} is out of range"):
+        p.decode(frames)
+
+
+def test_largest_int64_values_are_accepted() -> None:
+    frames = _with_header(p.encode(p.Bye(**COMMON, reason="x")), seq=p.MAX_INT, step=p.MAX_INT)
+    msg = p.decode(frames)
+    assert (msg.seq, msg.step) == (p.MAX_INT, p.MAX_INT)
+    np.array([msg.step], dtype=np.int64)  # fits the store's arrays
+
+
+def test_pid_beyond_u32_and_huge_attrs_are_malformed() -> None:
+    hello = p.encode(p.Hello(**COMMON, name="h"))
+    with pytest.raises(p.ProtocolError, match="pid"):
+        p.decode(_with_header(hello, pid=2**32))
+    with pytest.raises(p.ProtocolError, match="out of range"):
+        p.decode(_with_header(hello, optimizer={"lr": 10**400}))
+    h = _header(hello)
+    text = json.dumps(h).replace('"meta": {}', '"meta": {"x": 1e400}')
+    with pytest.raises(p.ProtocolError, match="finite"):
+        p.decode([hello[0], text.encode()])
+    spec = p.encode(p.Spectrum(**COMMON, name="s", values=np.zeros(0)))
+    with pytest.raises(p.ProtocolError, match="invalid shape"):
+        p.decode(_with_header(spec, arrays=[{"dtype": "<f8", "shape": [2**64]}]))
+
+
+def test_encode_refuses_steps_beyond_int64() -> None:
+    with pytest.raises(ValueError, match="2\\^63"):
+        p.encode(p.Bye(run="r", seq=0, step=2**63, t=0.0, reason="x"))
+
+
+_huge_ints = st.one_of(st.integers(-(2**70), -1), st.integers(2**63, 2**70))
+
+
+@settings(max_examples=200)
+@given(msg=any_message, value=_huge_ints, data=st.data())
+def test_fuzz_no_accepted_message_holds_an_integer_beyond_int64(
+    msg: p.Message, value: int, data: st.DataObject
+) -> None:
+    frames = p.encode(msg)
+    h = _header(frames)
+    int_keys = sorted(k for k, v in h.items() if isinstance(v, int) and not isinstance(v, bool))
+    key = data.draw(st.sampled_from([k for k in int_keys if k != "v"]))
+    with pytest.raises(p.ProtocolError):
+        p.decode(_with_header(frames, **{key: value}))

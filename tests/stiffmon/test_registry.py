@@ -32,3 +32,45 @@ def test_stale_and_corrupt_entries_are_ignored_and_removed(_registry: Path) -> N
     register(alive)
     assert list_runs() == [alive]
     assert sorted(p.name for p in _registry.glob("*.json")) == ["here.json"]
+
+
+def test_entries_with_wrong_field_types_are_skipped_and_removed(_registry: Path) -> None:
+    good = {
+        "run": "ok",
+        "name": "n",
+        "endpoint": "tcp://127.0.0.1:6004",
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": 3.0,
+    }
+    bad = {
+        "endpoint-int": {**good, "endpoint": 5},
+        "endpoint-junk": {**good, "endpoint": "not an endpoint"},
+        "pid-str": {**good, "pid": "1"},
+        "pid-bool": {**good, "pid": True},
+        "pid-huge": {**good, "pid": 2**70},
+        "name-list": {**good, "name": ["a"]},
+        "started-str": {**good, "started": "now"},
+        "extra": {**good, "extra": 1},
+        "list": [good],
+    }
+    for name, raw in bad.items():
+        (_registry / f"{name}.json").write_text(json.dumps(raw))
+    (_registry / "ok.json").write_text(json.dumps(good))
+    assert [e.run for e in list_runs()] == ["ok"]
+    assert [p.name for p in _registry.glob("*.json")] == ["ok.json"]
+
+
+def test_watch_with_a_corrupt_registry_entry_still_resolves(_registry: Path) -> None:
+    from stiffmon.sources import resolve
+
+    entry = {
+        "run": "r",
+        "name": "n",
+        "endpoint": {"host": "x"},
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": 1.0,
+    }
+    (_registry / "r.json").write_text(json.dumps(entry))
+    assert resolve([]).endpoints == []

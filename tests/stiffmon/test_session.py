@@ -319,3 +319,118 @@ def test_sigkill_mid_write_leaves_a_readable_prefix(tmp_path: Path, delay: float
         w.write(p.Bye(run="k", seq=len(got), step=len(got), t=0.0, reason="resumed"))
     again = list(s.SessionReader(path))
     assert again[:-1] == got and isinstance(again[-1], p.Bye)
+
+
+# ------------------------------------------------------------------ hostile and rewritten files
+
+
+def test_skip_goes_past_an_intact_record_whose_frames_do_not_tile(tmp_path: Path) -> None:
+    path = tmp_path / "a.stiff"
+    msgs = make_messages(40)
+    with s.SessionWriter(path) as w:
+        w.write(msgs[0])
+        payload = b"\x05\x00\x00\x00abc"  # says 5 bytes, holds 3: a valid CRC, untileable frames
+        w._f.write(s._REC.pack(len(payload), s.zlib.crc32(payload)) + payload)
+        for m in msgs[1:]:
+            w.write(m)
+    with pytest.raises(s.SessionError, match="overruns"):
+        list(s.SessionReader(path))
+    reader = s.SessionReader(path)
+    assert list(reader.messages(on_error="skip")) == msgs  # all 39 after it are reachable
+    assert reader.skipped_records == 1 and reader.last_scan is not None
+    assert reader.last_scan.state == "clean"
+
+
+def test_index_reads_the_step_after_a_256_byte_run_id(tmp_path: Path) -> None:
+    path = tmp_path / "long.stiff"
+    run = "r" * 256
+    msgs = [p.Bye(run=run, seq=i, step=10 * i, t=0.0, reason="x" * 300) for i in range(5)]
+    write_file(path, msgs)
+    index = s.SessionReader(path).index()
+    assert index.steps.tolist() == [0, 10, 20, 30, 40]
+    assert next(s.SessionReader(path).messages(index.offset_for_step(25))).step == 30
+
+
+def test_index_survives_a_record_with_a_step_beyond_int64(tmp_path: Path) -> None:
+    path = tmp_path / "big.stiff"
+    good = p.encode(p.Bye(run="r", seq=0, step=7, t=0.0, reason="x"))
+    forged = [good[0], good[1].replace(b'"step": 7', b'"step": 9223372036854775808')]
+    with s.SessionWriter(path) as w:
+        w.write_frames(good)
+        w.write_frames(forged)
+        w.write(p.Bye(run="r", seq=2, step=9, t=0.0, reason="x"))
+    reader = s.SessionReader(path)
+    assert reader.index().steps.tolist() == [7, 7, 9]  # the forged one inherits the last step
+    assert [m.step for m in reader.messages(on_error="skip")] == [7, 9]
+    assert reader.skipped_records == 1
+
+
+def _follow_in_thread(path: Path, got: list[p.AnyMessage]) -> tuple[threading.Thread, list[int]]:
+    done = threading.Event()
+    restarts: list[int] = []
+
+    def run() -> None:
+        reader = s.SessionReader(path)
+        for m in reader.follow(poll_interval=0.01, stop=done.is_set):
+            got.append(m)
+        restarts.append(reader.restarts)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.done = done  # type: ignore[attr-defined]
+    return t, restarts
+
+
+def _wait_for(cond: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["truncate", "rotate"])
+@pytest.mark.parametrize("bigger", [False, True])
+def test_follow_restarts_on_a_truncated_or_replaced_file(
+    tmp_path: Path, how: str, bigger: bool
+) -> None:
+    path = tmp_path / "live.stiff"
+    first = make_messages(30, run="old")
+    write_file(path, first)
+    got: list[p.AnyMessage] = []
+    t, restarts = _follow_in_thread(path, got)
+    try:
+        _wait_for(lambda: len(got) == 30)
+        if how == "rotate":
+            path.rename(tmp_path / "live.stiff.1")
+        else:
+            with open(path, "r+b") as f:
+                f.truncate(0)
+        # new content: other record sizes, more of them than were there before
+        n = 300 if bigger else 20
+        new = [
+            p.Scalars.from_dict(
+                {f"v{j}": 1.0 for j in range(i % 7)}, run="new", seq=i, step=i, t=1.0
+            )
+            for i in range(n)
+        ]
+        with s.SessionWriter(path) as w:
+            for m in new:
+                w.write(m)
+        _wait_for(lambda: len(got) == 30 + n)
+    finally:
+        t.done.set()  # type: ignore[attr-defined]
+        t.join(10)
+    assert got == [*first, *new]
+    assert restarts == [1]
+
+
+def test_follow_says_so_when_the_file_becomes_something_else(tmp_path: Path) -> None:
+    path = tmp_path / "live.stiff"
+    write_file(path, make_messages(3))
+    reader = s.SessionReader(path)
+    it = reader.follow(poll_interval=0.01, idle_timeout=5)
+    assert len([next(it) for _ in range(3)]) == 3
+    path.unlink()
+    path.write_bytes(b"GIF89a not a session at all")
+    with pytest.raises(s.SessionError, match="not a stiffmon session"):
+        next(it)

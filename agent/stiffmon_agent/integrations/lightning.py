@@ -1,0 +1,163 @@
+"""PyTorch Lightning (≥ 2) callback: the agent on the ``LightningModule`` and its optimizer.
+
+.. code-block:: python
+
+    from stiffmon_agent.integrations.lightning import StiffmonCallback
+
+    cb = StiffmonCallback(probe=(x_probe, y_probe), run="adam lr=1e-3", record="run.stiff")
+    trainer = lightning.Trainer(callbacks=[cb], max_epochs=5)
+    trainer.fit(module, train_loader)
+
+The callback builds an :class:`~stiffmon_agent.Agent` when fitting starts, on the module (called
+as ``module(inputs)`` unless ``forward=`` says otherwise) and the trainer's first optimizer (or
+``optimizer_index``), with the module's own loss: ``loss_fn=`` if given, else the module's
+``loss_fn``, ``criterion`` or ``loss_func`` attribute (a ``torch.nn`` loss module or a callable
+returning one loss per example). Without any loss only the per-step scalars are published.
+
+It steps the agent once per optimizer step (``trainer.global_step`` advanced), with the step's
+loss — the sum of the micro-batch losses Lightning reports, which it divides by
+``accumulate_grad_batches`` — so gradient accumulation is respected. Under multi-GPU / multi-node
+strategies only global rank 0 builds an agent and publishes. The agent is closed when fitting
+ends, or with the error's name when it fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import Tensor, nn
+
+from stiffmon_agent.agent import Agent
+from stiffmon_agent.integrations._common import (
+    LossAccumulator,
+    build_agent,
+    check_options,
+    unwrap_optimizer,
+)
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # the standalone distribution
+    try:
+        from pytorch_lightning.callbacks import Callback  # type: ignore[no-redef]
+    except ImportError as exc:
+        raise ImportError(
+            'the Lightning integration needs lightning: pip install "stiffmon[lightning]"'
+        ) from exc
+
+log = logging.getLogger("stiffmon_agent")
+
+LOSS_ATTRIBUTES = ("loss_fn", "criterion", "loss_func")
+
+
+def module_loss(module: nn.Module) -> Any:
+    """The module's own loss: its ``loss_fn``, ``criterion`` or ``loss_func`` attribute, or None."""
+    for name in LOSS_ATTRIBUTES:
+        fn = getattr(module, name, None)
+        if callable(fn):
+            return fn
+    return None
+
+
+class StiffmonCallback(Callback):  # type: ignore[misc]
+    """Attach a stiffmon :class:`~stiffmon_agent.Agent` to a Lightning ``Trainer``.
+
+    Args:
+        loss_fn: Per-example loss (``torch.nn`` loss module or callable). Default: the module's
+            ``loss_fn`` / ``criterion`` / ``loss_func`` attribute.
+        optimizer_index: Which of the trainer's optimizers the agent reads (lr, momentum, state).
+        **options: Any keyword option of :class:`~stiffmon_agent.Agent`: ``probe``,
+            ``val_probe``, ``run``, ``endpoint``, ``record``, ``class_names``, ``forward``,
+            ``gram_every``, ``sharpness_every``, ``overhead_cap``, … (``batch_size`` defaults to
+            the effective batch: loader batch × accumulation × world size).
+
+    Raises:
+        TypeError: An option :class:`~stiffmon_agent.Agent` does not take.
+    """
+
+    def __init__(self, loss_fn: Any = None, *, optimizer_index: int = 0, **options: Any) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.optimizer_index = optimizer_index
+        self.options = check_options(options)
+        self.agent: Agent | None = None
+        self._loss = LossAccumulator()
+        self._last_global_step = 0
+
+    # ------------------------------------------------------------------ life cycle
+
+    def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        if self.agent is not None or not trainer.is_global_zero:
+            return
+        optimizers = list(trainer.optimizers)
+        optimizer = (
+            unwrap_optimizer(optimizers[self.optimizer_index])
+            if len(optimizers) > self.optimizer_index
+            else None
+        )
+        loss_fn = self.loss_fn or module_loss(pl_module)
+        options = dict(self.options)
+        if loss_fn is None and options.get("probe") is not None:
+            log.warning(
+                "stiffmon: no per-example loss (give StiffmonCallback(loss_fn=...) or a "
+                f"{'/'.join(LOSS_ATTRIBUTES)} attribute on the module): per-step scalars only"
+            )
+            options["probe"] = options["val_probe"] = None
+        defaults = {"batch_size": _effective_batch(trainer)}
+        self._last_global_step = int(trainer.global_step)
+        self.agent = build_agent(
+            pl_module,
+            loss_fn or _no_loss,
+            optimizer,
+            options,
+            start_step=self._last_global_step,
+            defaults=defaults,
+        )
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.agent is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor | float | int):
+            self._loss.add(loss)
+        step = int(trainer.global_step)
+        if step == self._last_global_step:
+            return  # accumulating: no optimizer step yet
+        self._last_global_step = step
+        # Lightning divides each micro-batch loss by accumulate_grad_batches: the sum is the mean.
+        self.agent.step(self._loss.take(mean=False))
+
+    def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        self._close("closed")
+
+    def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
+        self._close(f"error: {type(exception).__name__}")
+
+    def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        self._close("closed")
+
+    def _close(self, reason: str) -> None:
+        if self.agent is not None:
+            self.agent.close(reason=reason)
+            self.agent = None
+
+
+def _no_loss(outputs: Any, targets: Any) -> Tensor:  # never called: no probe without a loss
+    raise RuntimeError("no loss function")
+
+
+def _effective_batch(trainer: Any) -> int | None:
+    """Examples per optimizer step: loader batch size × accumulation × world size (or None)."""
+    try:
+        loader = trainer.train_dataloader
+        bs = getattr(loader, "batch_size", None)
+        if bs is None and getattr(loader, "batch_sampler", None) is not None:
+            bs = getattr(loader.batch_sampler, "batch_size", None)
+        if not isinstance(bs, int):
+            return None
+        return bs * int(trainer.accumulate_grad_batches) * int(trainer.world_size)
+    except Exception:
+        return None

@@ -1,0 +1,220 @@
+"""Hugging Face ``Trainer`` callback: the agent on the Trainer's model and optimizer.
+
+.. code-block:: python
+
+    from stiffmon_agent.integrations.transformers import StiffmonCallback
+
+    cb = StiffmonCallback(probe=probe_batch, run="bert lr=5e-5", record="bert.stiff")
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
+    trainer.train()
+
+``probe`` (and ``val_probe``) is a batch as the model takes it: a dict of tensors with a
+``labels`` entry (what a data collator returns), or ``(inputs_dict, labels)``. The model is
+called as ``model(**inputs).logits`` (``forward=`` overrides that) and, unless ``loss_fn=`` is
+given, the loss is the model's own, per example: what ``…ForSequenceClassification`` computes
+for its ``config.problem_type`` (cross-entropy, MSE or BCE-with-logits), and token-level
+cross-entropy (ignoring label −100, averaged over each example's tokens; shifted by one token
+for causal language models) for per-token labels.
+
+The agent is built at ``on_train_begin`` on the world's main process only (multi-GPU: rank 0
+publishes) and stepped at ``on_step_end``, which the Trainer calls once per optimizer step, after
+all gradient-accumulation micro-batches. The step's loss is the mean of the model's training
+losses (``outputs.loss``) in that step, caught with a forward hook; the accuracy is added for
+classification outputs. The agent is closed at ``on_train_end``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stiffmon_agent.agent import Agent
+from stiffmon_agent.integrations._common import (
+    LossAccumulator,
+    build_agent,
+    check_options,
+    unwrap_optimizer,
+)
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:
+    raise ImportError(
+        'the Hugging Face integration needs transformers: pip install "stiffmon[transformers]"'
+    ) from exc
+
+log = logging.getLogger("stiffmon_agent")
+
+
+def logits_forward(model: nn.Module, inputs: Any) -> Tensor:
+    """``model(**inputs).logits`` (``model(inputs).logits`` for a tensor).
+
+    Explicit per-example ``position_ids`` (0 … T−1 for every example, what the model uses when
+    none are given) are passed to models that take them, so the position embedding sees batch-first
+    indices and its per-example gradients take the fast path instead of ``vmap``.
+    """
+    if isinstance(inputs, Mapping):
+        ids = inputs.get("input_ids")
+        if isinstance(ids, Tensor) and ids.dim() == 2 and "position_ids" not in inputs:
+            if "position_ids" in inspect.signature(model.forward).parameters:
+                pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+                inputs = {**inputs, "position_ids": pos}
+        out = model(**inputs)
+    else:
+        out = model(inputs)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+class ModelLoss:
+    """The model's own training loss, one value per example.
+
+    For ``(N, C)`` logits, by ``config.problem_type`` (inferred as Hugging Face does when
+    unset: regression for one label, single-label classification for integer labels, else
+    multi-label): ``CE(logits_i, y_i)``, ``MSE(logits_i, y_i)`` or ``mean_c BCE(logits_ic,
+    y_ic)``. For ``(N, T, V)`` logits with ``(N, T)`` labels: ``mean over t with y_it ≠ −100 of
+    CE(logits_it, y_it)``, with logits shifted (position t predicts token t + 1) for causal LMs.
+    """
+
+    def __init__(self, config: Any = None, causal: bool = False) -> None:
+        self.problem_type = getattr(config, "problem_type", None)
+        self.num_labels = int(getattr(config, "num_labels", 0) or 0)
+        self.causal = causal
+
+    def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
+        if logits.dim() == 3 and labels.dim() == 2:
+            if self.causal:
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            tok = F.cross_entropy(
+                logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
+            )
+            valid = (labels != -100).to(tok.dtype)
+            return (tok * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+        problem = self.problem_type
+        if problem is None:
+            if self.num_labels == 1 or logits.shape[-1] == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+        if problem == "regression":
+            n = logits.shape[0]
+            return F.mse_loss(
+                logits.reshape(n, -1).float(), labels.reshape(n, -1).float(), reduction="none"
+            ).mean(dim=1)
+        if problem == "single_label_classification":
+            return F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+            )
+        return F.binary_cross_entropy_with_logits(
+            logits, labels.to(logits.dtype), reduction="none"
+        ).mean(dim=1)
+
+
+def split_labels(batch: Any) -> Any:
+    """``{..., "labels": y}`` → ``({...}, y)``; anything else is returned as is."""
+    if isinstance(batch, Mapping) and "labels" in batch:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return inputs, batch["labels"]
+    return batch
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal language model (its logits predict the next token)."""
+    return type(model).__name__.endswith("ForCausalLM") or bool(
+        getattr(getattr(model, "config", None), "is_decoder", False)
+    )
+
+
+class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
+    """Attach a stiffmon :class:`~stiffmon_agent.Agent` to a Hugging Face ``Trainer``.
+
+    Args:
+        loss_fn: Per-example loss ``loss_fn(logits, labels)``. Default: the model's own loss
+            (:class:`ModelLoss`).
+        **options: Any keyword option of :class:`~stiffmon_agent.Agent`: ``probe``,
+            ``val_probe``, ``run``, ``endpoint``, ``record``, ``class_names``, ``forward``
+            (default ``model(**inputs).logits``), ``gram_every``, ``sharpness_every``, …
+            (``batch_size`` defaults to per-device batch × accumulation × world size;
+            ``class_names`` to the model's ``config.id2label``).
+
+    Raises:
+        TypeError: An option :class:`~stiffmon_agent.Agent` does not take.
+    """
+
+    def __init__(self, loss_fn: Any = None, **options: Any) -> None:
+        self.loss_fn = loss_fn
+        self.options = check_options(options)
+        for key in ("probe", "val_probe"):
+            if self.options.get(key) is not None:
+                self.options[key] = split_labels(self.options[key])
+        self.agent: Agent | None = None
+        self._loss = LossAccumulator()
+        self._hook: Any = None
+        self._last: tuple[Tensor, Tensor] | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.agent is not None or not state.is_world_process_zero:
+            return
+        model: nn.Module = kwargs["model"]
+        optimizer = unwrap_optimizer(kwargs.get("optimizer"))
+        config = getattr(model, "config", None)
+        loss_fn = self.loss_fn or ModelLoss(config, causal=is_causal_lm(model))
+        id2label = getattr(config, "id2label", None) or {}
+        names = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
+        defaults: dict[str, Any] = {
+            "forward": logits_forward,
+            "batch_size": int(args.per_device_train_batch_size)
+            * int(args.gradient_accumulation_steps)
+            * int(getattr(args, "world_size", 1) or 1),
+        }
+        if names and self.options.get("probe") is not None:
+            defaults["class_names"] = names
+        self.agent = build_agent(
+            model,
+            loss_fn,
+            optimizer,
+            self.options,
+            start_step=int(state.global_step),
+            defaults=defaults,
+        )
+        self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
+
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """Catch the training loss (and classification logits / labels) of each micro-batch."""
+        if not module.training or not torch.is_grad_enabled():
+            return  # evaluation, or the agent's own measurements
+        loss = getattr(output, "loss", None)
+        if isinstance(loss, Tensor):
+            self._loss.add(loss)
+        logits, labels = getattr(output, "logits", None), kwargs.get("labels")
+        if (
+            isinstance(logits, Tensor)
+            and isinstance(labels, Tensor)
+            and logits.dim() == 2
+            and labels.dim() == 1
+            and not labels.is_floating_point()
+        ):
+            self._last = (logits.detach(), labels.detach())
+        else:
+            self._last = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.agent is None:
+            return
+        last, self._last = self._last, None
+        self.agent.step(self._loss.take(mean=True), *(last or (None, None)))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None

@@ -1,0 +1,280 @@
+"""``stiffmon export``: session files or live runs to CSV, Parquet or TensorBoard event files.
+
+Layout of ``--format csv`` / ``--format parquet`` (one file per table in ``--out DIR``; ``run`` is
+the run id, the join key of every table):
+
+* ``scalars``: ``run, step, time, name, value`` — every per-step scalar (loss, lr/0, …) and every
+  heavy scalar (``sharpness/lambda1_h``, ``noise/trace_k``, ``stiffness/cos/train-train/within``,
+  ``xi/input`` …), tidy long form, one row per (run, step, name), nothing thinned;
+* ``runs``: ``run, name, host, pid, optimizer, lr, momentum, batch_size, param_count,
+  probe_train, probe_val, class_names, agent_version, status`` (``optimizer`` and
+  ``class_names`` as JSON text);
+* ``matrices``: ``run, step, time, name, row, col, row_label, col_label, value`` — one row per
+  cell of every measurement of every matrix (class stiffness blocks);
+* ``curves``: ``run, step, time, name, index, x, y`` — stiffness-vs-distance curves, one row per
+  bin (x: bin centre, y: mean stiffness; the curve's ξ is the ``xi/<space>`` scalar);
+* ``spectra``: ``run, step, time, name, rank, value`` — eigenvalues, rank 0 the largest;
+* ``events``: ``run, step, time, level, code, message``.
+
+``time`` is Unix time in seconds. Missing values (NaN) are empty cells in CSV and nulls in Parquet.
+
+``--format tensorboard`` writes one directory per run (``<name>`` or ``<name>-<run id>`` if
+names repeat) with one event file holding every scalar under its own name as tag, each matrix
+measurement as a heatmap image (tag = matrix name; blue −1 … white 0 … red +1 for stiffness,
+else scaled by the largest magnitude; grey for NaN) and each spectrum measurement as a histogram
+(tag ``spectrum/<name>``). Event files are written with TensorBoard's own event-file writer and
+protobufs, so neither TensorFlow nor torch is imported.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from stiffmon.store import RunData, Store
+
+FORMATS = ("csv", "parquet", "tensorboard")
+
+Columns = dict[str, list[Any] | npt.NDArray[Any]]
+
+SCHEMAS: dict[str, tuple[str, ...]] = {
+    "scalars": ("run", "step", "time", "name", "value"),
+    "runs": (
+        "run",
+        "name",
+        "host",
+        "pid",
+        "optimizer",
+        "lr",
+        "momentum",
+        "batch_size",
+        "param_count",
+        "probe_train",
+        "probe_val",
+        "class_names",
+        "agent_version",
+        "status",
+    ),
+    "matrices": ("run", "step", "time", "name", "row", "col", "row_label", "col_label", "value"),
+    "curves": ("run", "step", "time", "name", "index", "x", "y"),
+    "spectra": ("run", "step", "time", "name", "rank", "value"),
+    "events": ("run", "step", "time", "level", "code", "message"),
+}
+
+
+class ExportError(Exception):
+    """An export that cannot be done (missing optional package, nothing to export)."""
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def tables(store: Store) -> dict[str, Columns]:
+    """The store as tidy tables (column name → values), in the layout of the module docstring."""
+    out: dict[str, dict[str, list[Any]]] = {
+        name: {c: [] for c in cols} for name, cols in SCHEMAS.items()
+    }
+    scal: dict[str, list[npt.NDArray[Any]]] = {c: [] for c in SCHEMAS["scalars"]}
+    for rd in store.runs.values():
+        for name, s in rd.scalars.items():
+            n = len(s)
+            scal["run"].append(np.full(n, rd.run, dtype=object))
+            scal["step"].append(s.steps.copy())
+            scal["time"].append(s.times.copy())
+            scal["name"].append(np.full(n, name, dtype=object))
+            scal["value"].append(s.values.copy())
+        _run_row(out["runs"], rd)
+        m = out["matrices"]
+        for name, snaps in rd.matrices.items():
+            for snap in snaps:
+                mat = snap.msg
+                assert hasattr(mat, "data")
+                data = np.asarray(mat.data, dtype=np.float64)
+                rl, cl = mat.row_labels, mat.col_labels  # type: ignore[union-attr]
+                for (i, j), v in np.ndenumerate(data):
+                    _append(m, rd.run, snap.step, snap.t, name)
+                    m["row"].append(i)
+                    m["col"].append(j)
+                    m["row_label"].append(rl[i] if i < len(rl) else "")
+                    m["col_label"].append(cl[j] if j < len(cl) else "")
+                    m["value"].append(float(v))
+        c = out["curves"]
+        for name, snaps in rd.curves.items():
+            for snap in snaps:
+                cur = snap.msg
+                for k, (x, y) in enumerate(zip(cur.x.tolist(), cur.y.tolist(), strict=True)):  # type: ignore[union-attr]
+                    _append(c, rd.run, snap.step, snap.t, name)
+                    c["index"].append(k)
+                    c["x"].append(x)
+                    c["y"].append(y)
+        sp = out["spectra"]
+        for name, snaps in rd.spectra.items():
+            for snap in snaps:
+                for k, v in enumerate(snap.msg.values.tolist()):  # type: ignore[union-attr]
+                    _append(sp, rd.run, snap.step, snap.t, name)
+                    sp["rank"].append(k)
+                    sp["value"].append(v)
+        ev = out["events"]
+        for e in rd.events:
+            ev["run"].append(rd.run)
+            ev["step"].append(e.step)
+            ev["time"].append(e.t)
+            ev["level"].append(e.level)
+            ev["code"].append(e.code)
+            ev["message"].append(e.message)
+    result: dict[str, Columns] = dict(out)  # type: ignore[arg-type]
+    result["scalars"] = {
+        "run": np.concatenate(scal["run"]) if scal["run"] else np.zeros(0, dtype=object),
+        "step": np.concatenate(scal["step"]) if scal["step"] else np.zeros(0, dtype=np.int64),
+        "time": np.concatenate(scal["time"]) if scal["time"] else np.zeros(0, dtype=np.float64),
+        "name": np.concatenate(scal["name"]) if scal["name"] else np.zeros(0, dtype=object),
+        "value": np.concatenate(scal["value"]) if scal["value"] else np.zeros(0),
+    }
+    return result
+
+
+def _append(t: dict[str, list[Any]], run: str, step: int, when: float, name: str) -> None:
+    t["run"].append(run)
+    t["step"].append(step)
+    t["time"].append(when)
+    t["name"].append(name)
+
+
+def _run_row(t: dict[str, list[Any]], rd: RunData) -> None:
+    h = rd.hello
+    t["run"].append(rd.run)
+    t["name"].append(rd.name)
+    t["host"].append(h.host if h else "")
+    t["pid"].append(h.pid if h else None)
+    t["optimizer"].append(json.dumps(rd.optimizer, sort_keys=True))
+    t["lr"].append(rd.lr)
+    t["momentum"].append(rd.momentum)
+    t["batch_size"].append(rd.batch_size)
+    t["param_count"].append(h.param_count if h else None)
+    t["probe_train"].append(h.probe_train if h else None)
+    t["probe_val"].append(h.probe_val if h else None)
+    t["class_names"].append(json.dumps(list(h.class_names) if h else []))
+    t["agent_version"].append(h.agent_version if h else "")
+    t["status"].append(rd.status())
+
+
+def _cell(v: Any) -> Any:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return v
+
+
+def _as_list(values: list[Any] | npt.NDArray[Any]) -> list[Any]:
+    return values.tolist() if isinstance(values, np.ndarray) else values
+
+
+def write_csv(store: Store, out: Path) -> list[Path]:
+    """Write one ``<table>.csv`` per table into ``out``; return the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, cols in tables(store).items():
+        path = out / f"{name}.csv"
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(SCHEMAS[name])
+            lists = [_as_list(cols[c]) for c in SCHEMAS[name]]
+            w.writerows([_cell(v) for v in row] for row in zip(*lists, strict=True))
+        paths.append(path)
+    return paths
+
+
+def write_parquet(store: Store, out: Path) -> list[Path]:
+    """Write one ``<table>.parquet`` per table into ``out`` (needs ``pyarrow``)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ExportError('parquet export needs pyarrow: pip install "stiffmon[export]"') from exc
+    types = {
+        "run": pa.string(),
+        "step": pa.int64(),
+        "time": pa.float64(),
+        "name": pa.string(),
+        "value": pa.float64(),
+        "row": pa.int64(),
+        "col": pa.int64(),
+        "index": pa.int64(),
+        "rank": pa.int64(),
+        "x": pa.float64(),
+        "y": pa.float64(),
+        "lr": pa.float64(),
+        "momentum": pa.float64(),
+        "pid": pa.int64(),
+        "batch_size": pa.int64(),
+        "param_count": pa.int64(),
+        "probe_train": pa.int64(),
+        "probe_val": pa.int64(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, cols in tables(store).items():
+        arrays = []
+        for c in SCHEMAS[name]:
+            typ = types.get(c, pa.string())
+            values = cols[c]
+            if typ == pa.float64():
+                arr = pa.array(np.asarray(values, dtype=np.float64), type=typ, from_pandas=True)
+            else:
+                arr = pa.array(list(values), type=typ)
+            arrays.append(arr)
+        path = out / f"{name}.parquet"
+        pq.write_table(pa.Table.from_arrays(arrays, names=list(SCHEMAS[name])), path)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def load(
+    files: Iterable[Path],
+    endpoints: Sequence[Any] = (),
+    *,
+    wait: float = 2.0,
+    curve: Any = None,
+    notes: list[str] | None = None,
+) -> Store:
+    """Read session files and listen to live endpoints for ``wait`` seconds; nothing thinned."""
+    from stiffmon.session import SessionReader
+
+    store = Store(max_points=2**62)
+    for path in files:
+        reader = SessionReader(path)
+        store.extend(reader.messages(on_error="skip"), replay=True)
+        if notes is not None and reader.ignored_bytes:
+            notes.append(f"{path}: ignored a torn tail of {reader.ignored_bytes} bytes")
+    if endpoints:
+        from stiffmon.client import Client
+
+        with Client(list(endpoints), curve=curve) as client:
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                for msg, _ in client.poll(0.1):
+                    store.apply(msg)
+    return store
+
+
+def export(store: Store, fmt: str, out: Path) -> list[Path]:
+    """Export ``store`` in format ``fmt`` (csv, parquet or tensorboard) into ``out``."""
+    if fmt == "csv":
+        return write_csv(store, out)
+    if fmt == "parquet":
+        return write_parquet(store, out)
+    if fmt == "tensorboard":
+        from stiffmon.export_tensorboard import write_tensorboard
+
+        return write_tensorboard(store, out)
+    raise ExportError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")

@@ -1,0 +1,97 @@
+"""``stiffmon serve``: the monitor in a browser tab, served with textual-serve.
+
+Every browser tab that opens the page gets its own monitor process (``stiffmon replay`` for
+session files, ``stiffmon watch`` for live endpoints or the locally registered runs), drawn by
+textual-serve's terminal emulator; its JavaScript, CSS and fonts come from the installed package,
+so no internet is needed. The server binds the loopback address by default: anyone who can reach
+the port can look at the runs (and, with live sources, make this machine connect to them), so
+another address gets a warning; reach a remote box with ``ssh -L 8000:127.0.0.1:8000`` instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+class ServeError(Exception):
+    """serve cannot start (missing package, mixed sources)."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, port: int) -> str | None:
+    """The warning for a non-loopback address, None on loopback."""
+    if is_loopback(host):
+        return None
+    return (
+        f"stiffmon serve: WARNING: listening on {host}:{port}, not on loopback: anyone who can "
+        "reach this address sees the runs, with no authentication. Prefer the default "
+        f"{DEFAULT_HOST} and an SSH tunnel (ssh -L {port}:127.0.0.1:{port} host)."
+    )
+
+
+def app_command(sources: Sequence[str], *, ascii: bool = False, speed: float = 10.0) -> str:
+    """The shell command each browser session runs: replay for files, watch otherwise.
+
+    Raises:
+        ServeError: Files and live endpoints mixed.
+    """
+    files = [s for s in sources if Path(s).is_file()]
+    if files and len(files) != len(sources):
+        raise ServeError("give either session files or live endpoints, not both")
+    args = [sys.executable, "-m", "stiffmon"]
+    if files:
+        args += ["replay", *[str(Path(f).resolve()) for f in files], "--speed", f"{speed:g}"]
+    else:
+        args += ["watch", *sources]
+    if ascii:
+        args.append("--ascii")
+    return shlex.join(args)
+
+
+def serve(
+    sources: Sequence[str],
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    public_url: str | None = None,
+    ascii: bool = False,
+    speed: float = 10.0,
+) -> None:
+    """Serve the monitor on ``http://host:port`` until Ctrl+C.
+
+    Raises:
+        ServeError: textual-serve is not installed, or sources are mixed.
+    """
+    try:
+        from textual_serve.server import Server
+    except ImportError as exc:
+        raise ServeError('serve needs textual-serve: pip install "stiffmon[serve]"') from exc
+    command = app_command(sources, ascii=ascii, speed=speed)
+    warning = exposure_warning(host, port)
+    if warning:
+        print(warning, file=sys.stderr)
+    url_host = f"[{host}]" if ":" in host else host
+    server = Server(
+        command,
+        host=host,
+        port=port,
+        title="stiffmon",
+        public_url=public_url or f"http://{url_host}:{port}",
+    )
+    server.serve()
