@@ -41,6 +41,9 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices), torch.enable_grad(), ExitStack() as stack:
         stack.enter_context(_math_attention())
+        if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+            # cuDNN's RNN has no backward in eval mode and no double backward: native kernels
+            stack.enter_context(torch.backends.cudnn.flags(enabled=False))
         try:
             model.eval()
             yield model
