@@ -96,3 +96,31 @@ def test_sharpness_through_attention_and_rnns_matches_dense_hessian(name: str) -
     got = hessian_eigen(model, x[:6], y[:6], CE, k=2, tol=1e-9, max_hvps=400)
     assert got.converged
     torch.testing.assert_close(got.eigenvalues, ref[:2], rtol=1e-6, atol=0)
+
+
+class _PositionalBag(nn.Module):
+    """Token + positional embeddings (positions = arange(T)), as in every transformer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(11, 4)
+        self.pos = nn.Embedding(6, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.head(torch.tanh(self.tok(tokens) + self.pos(positions)).mean(dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_positional_embedding_with_t_equal_n_is_caught(dtype: torch.dtype) -> None:
+    """arange(T) with T == N looks like one token per example to the hook: the net catches it."""
+    torch.manual_seed(0)
+    model = _PositionalBag().to(dtype)
+    x = torch.randint(0, 11, (6, 6), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(1))
+    ref = loop_gram(model.double(), x, y, CE)
+    model.to(dtype)
+    with pytest.warns(RuntimeWarning, match="exact per-example path"):
+        got = per_example_gram(model, x, y, CE)
+    assert rel_err(got.total.double(), ref) < (1e-10 if dtype == torch.float64 else 1e-5)
