@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,6 +21,8 @@ def _fail(args: argparse.Namespace, message: str, code: int = 2) -> int:
 def _no_terminal(args: argparse.Namespace, hint: str = "") -> int | None:
     """Exit status 2 and a message if stdin or stdout is not a terminal (the monitor needs one)."""
     if sys.stdin.isatty() and sys.stdout.isatty():
+        return None
+    if os.environ.get("TEXTUAL_DRIVER"):  # another driver (stiffmon serve's web driver): no tty
         return None
     which = "stdin" if not sys.stdin.isatty() else "stdout"
     return _fail(args, f"the monitor needs a terminal, and {which} is not one{hint}")
@@ -122,6 +125,9 @@ def _cmd_summary(args: argparse.Namespace) -> int:
         else:
             console = Console()
             console.print(summary_table(store))
+            for rd in store.runs.values():
+                if rd.dropped:
+                    notes.append(f"{rd.name}: the agent dropped {rd.dropped} messages")
             for note in notes:
                 console.print(f"[yellow]{note}[/]")
     for d in dead:

@@ -200,11 +200,15 @@ class Relay:
             poller.register(d, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         answered = 0
-        deadline = time.monotonic() + self.snapshot_timeout
+        replying: set[Endpoint] = set()
+        start = time.monotonic()
+        deadline = start + self.snapshot_timeout
         while pending and time.monotonic() < deadline and not self._stop.is_set():
-            if all(u in self.dead for u in pending.values()):
-                break  # only the ones known dead are left: do not wait for them
-            events = dict(poller.poll(50))
+            if time.monotonic() - start > 0.1 and all(
+                u in self.dead and u not in replying for u in pending.values()
+            ):
+                break  # only the ones known dead are left, silent: do not wait for them
+            events = dict(poller.poll(20))
             if events.get(self.router):
                 self._take_requests(later)
             for d in [d for d in events if d in pending]:
@@ -218,6 +222,7 @@ class Relay:
                         poller.unregister(d)
                         answered += 1
                         break
+                    replying.add(pending[d])
                     waiters = [w for w in waiters if self._send(w, reply)]
         for d, u in pending.items():  # drop a half-read answer: a fresh socket for next time
             self.dead.add(u)
@@ -231,7 +236,8 @@ class Relay:
 
     def close(self) -> None:
         self._stop.set()
-        self._snap.join(2 + self.snapshot_timeout)
+        if self._snap.is_alive():
+            self._snap.join(2 + self.snapshot_timeout)
         if self._proxy.is_alive():
             self._ctl.send(b"TERMINATE")
             self._proxy.join(2)

@@ -10,11 +10,12 @@ another address gets a warning; reach a remote box with ``ssh -L 8000:127.0.0.1:
 
 from __future__ import annotations
 
-import ipaddress
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from stiffmon.transport import is_loopback
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -24,24 +25,14 @@ class ServeError(Exception):
     """serve cannot start (missing package, mixed sources)."""
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address (``localhost``, 127.0.0.0/8, ``::1``)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def exposure_warning(host: str, port: int) -> str | None:
-    """The warning for a non-loopback address, None on loopback."""
+    """The warning for a non-loopback address (worded as the agent's), None on loopback."""
     if is_loopback(host):
         return None
     return (
-        f"stiffmon serve: WARNING: listening on {host}:{port}, not on loopback: anyone who can "
-        "reach this address sees the runs, with no authentication. Prefer the default "
-        f"{DEFAULT_HOST} and an SSH tunnel (ssh -L {port}:127.0.0.1:{port} host)."
+        f"stiffmon: serve binds http://{host}:{port}, which is not loopback: any host that can "
+        "reach it sees every run, with no authentication. Bind 127.0.0.1 and reach it with "
+        f"ssh -L {port}:127.0.0.1:{port} from the machine with the browser."
     )
 
 
@@ -49,9 +40,12 @@ def app_command(sources: Sequence[str], *, ascii: bool = False, speed: float = 1
     """The shell command each browser session runs: replay for files, watch otherwise.
 
     Raises:
-        ServeError: Files and live endpoints mixed.
+        ServeError: Files and live endpoints mixed, or a file that does not exist.
     """
     files = [s for s in sources if Path(s).is_file()]
+    for s in sources:
+        if s not in files and "://" not in s and ":" not in s:
+            raise ServeError(f"no such session file: {s}")
     if files and len(files) != len(sources):
         raise ServeError("give either session files or live endpoints, not both")
     args = [sys.executable, "-m", "stiffmon"]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -21,8 +21,41 @@ import numpy.typing as npt
 from stiffmon import derive
 from stiffmon import protocol as p
 
+T = TypeVar("T")
 Status = Literal["live", "stalled", "finished", "replay"]
 STALL_SECONDS = 3.0
+LOST_SECONDS = 60.0  # stalled this long without a bye: the process is probably gone
+MAX_EVENTS = 10_000  # per run; older events are dropped (counted in events_dropped)
+MAX_SKIP_STEPS = 5_000  # per measurement kind
+MEASUREMENTS = ("gram", "sharpness")
+
+
+def duration(seconds: float) -> str:
+    """12s, 3m, 2h."""
+    if seconds < 100:
+        return f"{seconds:.0f}s"
+    if seconds < 6000:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
+@dataclass(frozen=True)
+class Health:
+    """A run's state in words.
+
+    Attributes:
+        state: live, stalled, lost (stalled > 60 s, no bye), finished, replay or ended
+            (a replay that reached its end without a bye).
+        text: Short words for the state: ``live``, ``stalled 12s``, ``no bye (lost 3m)``.
+        problems: What went wrong, worst first: ``diverged at step 19``,
+            ``sharpness disabled: …``.
+        level: ``ok``, ``warning`` or ``error``.
+    """
+
+    state: str
+    text: str
+    problems: tuple[str, ...] = ()
+    level: str = "ok"
 
 
 class Series:
@@ -114,6 +147,13 @@ class RunData:
     curves: dict[str, list[Snapshot]] = field(default_factory=dict)
     spectra: dict[str, list[Snapshot]] = field(default_factory=dict)
     events: list[p.Event] = field(default_factory=list)
+    events_dropped: int = 0
+    diverged_step: int | None = None
+    disabled: dict[str, str] = field(default_factory=dict)  # metric -> reason
+    errors: dict[str, str] = field(default_factory=dict)  # metric -> last error message
+    skip_reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> reason -> n
+    skip_steps: dict[str, list[int]] = field(default_factory=dict)  # kind -> steps
+    memo: dict[str, tuple[object, object]] = field(default_factory=dict, repr=False, compare=False)
     last_seen: float = 0.0
     last_step: int = 0
     first_t: float = math.nan
@@ -148,7 +188,18 @@ class RunData:
 
     @property
     def batch_size(self) -> int | None:
-        return self.hello.batch_size if self.hello else None
+        """B from the hello; else the largest of the agent's per-step ``batch_size`` scalar.
+
+        The agent takes B from the logits passed to ``step()`` when ``Agent(batch_size=…)`` is not
+        given; the largest, since an epoch's last batch may be smaller.
+        """
+        if self.hello is not None and self.hello.batch_size is not None:
+            return self.hello.batch_size
+        series = self.scalars.get("batch_size")
+        if series is None or not len(series):
+            return None
+        b = float(np.nanmax(series.values)) if np.isfinite(series.values).any() else math.nan
+        return int(b) if math.isfinite(b) and b > 0 else None
 
     def status(self, now: float | None = None) -> Status:
         """live, stalled (no message for 3 s), finished (bye seen) or replay."""
@@ -158,6 +209,98 @@ class RunData:
             return "replay"
         now = time.monotonic() if now is None else now
         return "live" if now - self.last_seen <= STALL_SECONDS else "stalled"
+
+    def health(self, now: float | None = None, *, ended: bool = False) -> Health:
+        """The run's state and problems in words (``ended``: its replay reached the end)."""
+        now = time.monotonic() if now is None else now
+        problems = []
+        if self.diverged_step is not None:
+            problems.append(f"diverged at step {self.diverged_step:,}")
+        problems += [f"{m} disabled: {why}" for m, why in self.disabled.items()]
+        status = self.status(now)
+        idle = now - self.last_seen
+        if status == "finished":
+            state, text = "finished", "finished" if self.bye_reason != "exit" else "exited"
+        elif status == "replay":
+            state, text = ("ended", "no bye (crashed?)") if ended else ("replay", "replay")
+        elif status == "stalled" and idle > LOST_SECONDS:
+            state, text = "lost", f"no bye (lost {duration(idle)})"
+        elif status == "stalled":
+            state, text = "stalled", f"stalled {duration(idle)}"
+        else:
+            state, text = "live", "live"
+        bad = self.diverged_step is not None or state in ("lost", "ended")
+        level = "error" if bad else ("warning" if problems or state == "stalled" else "ok")
+        return Health(state, text, tuple(problems), level)
+
+    def coverage(self, kind: str) -> tuple[int, int]:
+        """(done, skipped) measurements of ``kind`` (gram / sharpness) so far.
+
+        From the agent's cumulative ``coverage/<kind>/done|skipped`` scalars; without them, the
+        measurements received and the ``measurement-skipped`` events.
+        """
+        done, skipped = self.last(f"coverage/{kind}/done"), self.last(f"coverage/{kind}/skipped")
+        if math.isnan(done):
+            if kind == "gram":
+                done = max((len(v) for v in self.matrices.values()), default=0)
+            else:
+                s = self.scalars.get("sharpness/lambda1_h")
+                done = len(s) * (s.stride if s is not None else 1) if s is not None else 0
+        if math.isnan(skipped):
+            skipped = sum(self.skip_reasons.get(kind, {}).values())
+        return int(done), int(skipped)
+
+    def skipped_at(self, kind: str) -> list[int]:
+        """Steps at which a ``kind`` measurement was due and skipped."""
+        steps = list(self.skip_steps.get(kind, ()))
+        s = self.scalars.get(f"coverage/{kind}/skipped")
+        if s is not None and len(s) > 1:
+            grew = np.flatnonzero(np.diff(s.values) > 0) + 1
+            steps += s.steps[grew].tolist()
+        return sorted(set(steps))
+
+    def note_event(self, ev: p.Event) -> None:
+        """Keep an event (bounded) and what it says about the run's health."""
+        self.events.append(ev)
+        if len(self.events) > MAX_EVENTS:
+            del self.events[: MAX_EVENTS // 10]
+            self.events_dropped += MAX_EVENTS // 10
+        metric = str(ev.attrs.get("metric", ev.attrs.get("kind", "metric")))
+        if ev.code == "nan-loss":
+            if self.diverged_step is None or ev.step < self.diverged_step:
+                self.diverged_step = ev.step
+        elif ev.code == "metric-error":
+            self.errors[metric] = ev.message
+        elif ev.code == "metric-disabled":
+            self.disabled[metric] = self.errors.get(metric, ev.message)
+        elif ev.code == "measurement-skipped":
+            reason = str(ev.attrs.get("reason", "?"))
+            counts = self.skip_reasons.setdefault(metric, {})
+            n = ev.attrs.get("skipped")  # the agent's running count (events are log-spaced)
+            counts[reason] = int(n) if isinstance(n, int | float) else counts.get(reason, 0) + 1
+            steps = self.skip_steps.setdefault(metric, [])
+            if len(steps) < MAX_SKIP_STEPS:
+                steps.append(ev.step)
+
+    def data_key(self, *names: str) -> tuple[tuple[int, int, int], ...]:
+        """Changes whenever one of the named series gains (or thins) points: a memo key."""
+        out = []
+        for n in names:
+            s = self.scalars.get(n)
+            out.append(
+                (len(s), s.stride, int(s.steps[-1])) if s is not None and len(s) else (0, 0, 0)
+            )
+        return tuple(out)
+
+    def memoized(self, name: str, key: object, compute: Callable[[], T]) -> T:
+        """``compute()``, cached under ``name`` until ``key`` changes (views use it to run costly
+        derivations such as the break-even once per new measurement, not once per frame)."""
+        hit = self.memo.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]  # type: ignore[return-value]
+        value = compute()
+        self.memo[name] = (key, value)
+        return value
 
     def series(self, name: str) -> Series | None:
         return self.scalars.get(name)
@@ -262,6 +405,8 @@ class Store:
                 if s is None:
                     s = rd.scalars[name] = Series(self.max_points)
                 s.append(msg.step, msg.t, value)
+                if name == "loss" and not math.isfinite(value) and rd.diverged_step is None:
+                    rd.diverged_step = msg.step
         elif isinstance(msg, p.Matrix):
             rd.matrices.setdefault(msg.name, []).append(Snapshot(msg.step, msg.t, msg))
         elif isinstance(msg, p.Curve):
@@ -272,7 +417,7 @@ class Store:
             rd.hello = msg
             rd.finished = False
         elif isinstance(msg, p.Event):
-            rd.events.append(msg)
+            rd.note_event(msg)
         elif isinstance(msg, p.Heartbeat):
             rd.dropped = msg.dropped
         elif isinstance(msg, p.Bye):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 from rich import box
 from rich.console import Group
 from rich.table import Table
@@ -42,12 +41,6 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     opt = rd.optimizer
     xi = rd.last("xi/input")
     batch = rd.batch_size
-    series = rd.scalars.get("batch_size")
-    if batch is None and series is not None and len(series):
-        # not in the hello: the agent took B from the logits, a per-step scalar; the largest
-        # (an epoch's last batch may be smaller)
-        b = float(np.nanmax(series.values))
-        batch = int(b) if math.isfinite(b) and b > 0 else None
     return {
         "run": rd.run,
         "name": rd.name,
@@ -78,6 +71,7 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
         "within_minus_between": rd.last("stiffness/cos/train-train/within")
         - rd.last("stiffness/cos/train-train/between"),
         "events": len(rd.events),
+        "dropped": rd.dropped,  # messages the agent lost (its last heartbeat says)
         "status": rd.status(now),
     }
 

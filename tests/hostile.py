@@ -7,7 +7,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
 GIB = 1 << 30
@@ -59,11 +58,11 @@ def attack_connect(host: str, port: int, socket_type: str, size: int = GIB) -> i
 class Listener:
     """Listen on a port as ``socket_type``; every peer that connects is sent one huge frame."""
 
-    def __init__(self, socket_type: str, size: int = GIB) -> None:
+    def __init__(self, socket_type: str, size: int = GIB, port: int = 0) -> None:
         self.socket_type = socket_type
         self.size = size
         self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
+        self.server.bind(("127.0.0.1", port))
         self.server.listen(4)
         self.port = int(self.server.getsockname()[1])
         self.sent: list[int] = []
@@ -122,10 +121,3 @@ class PeakRss:
         time.sleep(self.interval * 3)
         self._stop.set()
         self._thread.join(5)
-
-
-@contextlib.contextmanager
-def settle(seconds: float = 0.3) -> Iterator[None]:
-    """Let background I/O threads finish what the attack started before measuring again."""
-    yield
-    time.sleep(seconds)

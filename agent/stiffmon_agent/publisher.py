@@ -304,7 +304,8 @@ class Publisher:
                 writer = self._emit(it, pub, writer)
             if server is not None and not self._stop.is_set():
                 server.read_requests()
-                serving = server.pump()
+                server.pump()
+                serving = server.busy  # a peer is reading: come back soon with more
             now = time.monotonic()
             if now >= next_heartbeat and pub is not None:
                 next_heartbeat = now + self._heartbeat_interval

@@ -28,6 +28,7 @@ from stiffmon.session import SessionReader, SessionWriter
 from stiffmon.store import Store
 from stiffmon.tui.app import StiffmonApp
 from stiffmon.tui.sources import LiveSource
+from stiffmon.tui.views.sharpness import sharpness_chart
 
 
 def scalars(run: str, step: int, lam: float | None = None) -> p.Scalars:
@@ -93,7 +94,7 @@ def big_store(runs: int, points: int) -> Store:
 def frame_time(runs: int, points: int, size: tuple[int, int]) -> tuple[float, float]:
     store = big_store(runs, points)
     app = StiffmonApp(store=store)
-    builder = app._sharpness_chart(compact=False)
+    builder = sharpness_chart(app.views["sharpness"], compact=False)
     console = Console(width=size[0], height=size[1], file=io.StringIO(), color_system="truecolor")
     times = []
     for _ in range(5):

@@ -62,7 +62,7 @@ def test_loopback_detection() -> None:
         assert is_loopback(host) and exposure_warning(host, 8000) is None
     for host in ("0.0.0.0", "192.168.1.5", "::", "example.org"):
         assert not is_loopback(host)
-        assert "not on loopback" in (exposure_warning(host, 8000) or "")
+        assert "which is not loopback" in (exposure_warning(host, 8000) or "")
 
 
 def test_app_command(tmp_path: Path) -> None:
@@ -76,6 +76,8 @@ def test_app_command(tmp_path: Path) -> None:
     assert app_command([]).endswith(" -m stiffmon watch")
     with pytest.raises(ServeError, match="not both"):
         app_command([str(f), "tcp://127.0.0.1:5555"])
+    with pytest.raises(ServeError, match=r"no such session file: missing\.stiff"):
+        app_command(["missing.stiff"])
 
 
 def test_non_loopback_address_warns(capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,7 +95,7 @@ def test_non_loopback_address_warns(capsys: pytest.CaptureFixture[str]) -> None:
 
         m.setattr(server.Server, "serve", refuse)
         assert main(["serve", "--host", "0.0.0.0", "--port", "8123"]) == 130
-    assert "WARNING: listening on 0.0.0.0:8123, not on loopback" in capsys.readouterr().err
+    assert "serve binds http://0.0.0.0:8123, which is not loopback" in capsys.readouterr().err
 
 
 def _free_port() -> int:
@@ -185,6 +187,7 @@ def test_browser_shows_the_overview_with_the_run_names(tmp_path: Path) -> None:
         pytest.skip("no chromium: apt-get install chromium (.ci/run installs it where it can)")
     assert len(SESSIONS) == 3
     port = _free_port()
+    log = (tmp_path / "serve.log").open("wb")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -192,8 +195,7 @@ def test_browser_shows_the_overview_with_the_run_names(tmp_path: Path) -> None:
     serve = subprocess.Popen(
         [sys.executable, "-m", "stiffmon", "serve", *map(str, SESSIONS), "--port", str(port),
          "--speed", "0"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        start_new_session=True,
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     profile = Path(tempfile.mkdtemp(prefix="stiffmon-chromium-", dir=tmp_path))
     browser: subprocess.Popen[bytes] | None = None
@@ -206,9 +208,10 @@ def test_browser_shows_the_overview_with_the_run_names(tmp_path: Path) -> None:
         )  # fmt: skip
         devtools = _devtools_port(profile, browser, timeout=30)
         shot = tmp_path / "serve.png"
-        text = asyncio.run(_browse(devtools, url, shot, timeout=40))
+        text = asyncio.run(_browse(devtools, url, shot, timeout=60))
         for name in NAMES:
-            assert name in text, f"{name!r} never reached the browser"
+            served = (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
+            assert name in text, f"{name!r} never reached the browser; serve said:\n{served}"
         assert "Overview" in text or "overview" in text
         img = image.open(io.BytesIO(shot.read_bytes())).convert("RGB")
         assert img.width == 1280 and img.height > 400
@@ -225,8 +228,7 @@ def test_browser_shows_the_overview_with_the_run_names(tmp_path: Path) -> None:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(10)
-        if serve.stderr:
-            serve.stderr.close()
+        log.close()
 
 
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
@@ -237,3 +239,19 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "usage: stiffmon serve" in out and "--host HOST" in out
+
+
+def test_the_monitor_runs_without_a_tty_under_another_driver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """textual-serve runs the app on pipes with TEXTUAL_DRIVER set to its web driver."""
+    import argparse
+
+    from stiffmon import cli
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO())  # not a tty
+    args = argparse.Namespace(command="replay")
+    monkeypatch.delenv("TEXTUAL_DRIVER", raising=False)
+    assert cli._no_terminal(args) == 2
+    monkeypatch.setenv("TEXTUAL_DRIVER", "textual.drivers.web_driver:WebDriver")
+    assert cli._no_terminal(args) is None

@@ -96,7 +96,7 @@ class StiffmonCallback(Callback):  # type: ignore[misc]
             if len(optimizers) > self.optimizer_index
             else None
         )
-        loss_fn = self.loss_fn or module_loss(pl_module)
+        loss_fn = self.loss_fn if self.loss_fn is not None else module_loss(pl_module)
         options = dict(self.options)
         if loss_fn is None and options.get("probe") is not None:
             log.warning(
@@ -108,7 +108,7 @@ class StiffmonCallback(Callback):  # type: ignore[misc]
         self._last_global_step = int(trainer.global_step)
         self.agent = build_agent(
             pl_module,
-            loss_fn or _no_loss,
+            loss_fn if loss_fn is not None else _no_loss,
             optimizer,
             options,
             start_step=self._last_global_step,

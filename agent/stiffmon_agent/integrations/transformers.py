@@ -25,7 +25,6 @@ classification outputs. The agent is closed at ``on_train_end``.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -52,19 +51,30 @@ except ImportError as exc:
 log = logging.getLogger("stiffmon_agent")
 
 
+#: Model types whose default position ids are 0 … T−1 for every example (learned absolute
+#: position embeddings). RoBERTa-style models derive them from the padding instead.
+ARANGE_POSITIONS = frozenset({"bert", "electra", "albert", "megatron-bert", "gpt2", "gpt_neo"})
+
+
 def logits_forward(model: nn.Module, inputs: Any) -> Tensor:
     """``model(**inputs).logits`` (``model(inputs).logits`` for a tensor).
 
-    Explicit per-example ``position_ids`` (0 … T−1 for every example, what the model uses when
-    none are given) are passed to models that take them, so the position embedding sees batch-first
-    indices and its per-example gradients take the fast path instead of ``vmap``.
+    For the model types in :data:`ARANGE_POSITIONS`, the default ``position_ids`` (0 … T−1 for
+    every example) are passed explicitly, so the position embedding sees batch-first indices and
+    its per-example gradients take the fast path instead of ``vmap`` (which cannot run through
+    the data-dependent mask checks of some models).
     """
     if isinstance(inputs, Mapping):
         ids = inputs.get("input_ids")
-        if isinstance(ids, Tensor) and ids.dim() == 2 and "position_ids" not in inputs:
-            if "position_ids" in inspect.signature(model.forward).parameters:
-                pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-                inputs = {**inputs, "position_ids": pos}
+        model_type = getattr(getattr(model, "config", None), "model_type", "")
+        if (
+            model_type in ARANGE_POSITIONS
+            and isinstance(ids, Tensor)
+            and ids.dim() == 2
+            and "position_ids" not in inputs
+        ):
+            pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+            inputs = {**inputs, "position_ids": pos}
         out = model(**inputs)
     else:
         out = model(inputs)
@@ -165,7 +175,11 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
         model: nn.Module = kwargs["model"]
         optimizer = unwrap_optimizer(kwargs.get("optimizer"))
         config = getattr(model, "config", None)
-        loss_fn = self.loss_fn or ModelLoss(config, causal=is_causal_lm(model))
+        loss_fn = (
+            self.loss_fn
+            if self.loss_fn is not None
+            else ModelLoss(config, causal=is_causal_lm(model))
+        )
         id2label = getattr(config, "id2label", None) or {}
         names = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
         defaults: dict[str, Any] = {

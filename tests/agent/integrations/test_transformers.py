@@ -23,6 +23,7 @@ transformers = pytest.importorskip(
 from stiffmon_agent.integrations.transformers import (  # noqa: E402
     ModelLoss,
     StiffmonCallback,
+    logits_forward,
     split_labels,
 )
 
@@ -178,3 +179,23 @@ def test_token_level_loss_ignores_padding_labels() -> None:
     keep = labels[0, 1:] != -100
     ref = torch.nn.functional.cross_entropy(logits[0, :-1][keep], labels[0, 1:][keep])
     assert causal[0].item() == pytest.approx(ref.item(), rel=1e-12)
+
+
+def test_explicit_positions_change_nothing_and_avoid_vmap() -> None:
+    from stiffmon_agent.metrics import per_example_gram
+
+    model = tiny_bert().eval()
+    inputs, labels = split_labels(TokenTask(6, seed=4).batch(6))
+    inputs["attention_mask"][0, -3:] = 0  # padding: a data-dependent mask
+    with torch.no_grad():
+        torch.testing.assert_close(logits_forward(model, inputs), model(**inputs).logits)
+    res = per_example_gram(model, inputs, labels, ModelLoss(model.config), forward=logits_forward)
+    assert "vmap" not in res.methods.values()
+    grads = []  # reference: one backward pass per example
+    for i in range(6):
+        model.zero_grad()
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
+        model(**one, labels=labels[i : i + 1]).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    g = torch.stack(grads).double()
+    torch.testing.assert_close(res.total.double(), g @ g.T, rtol=1e-4, atol=1e-7)

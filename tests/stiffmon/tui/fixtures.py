@@ -9,6 +9,7 @@ import numpy as np
 
 from stiffmon import protocol as p
 from stiffmon.session import SessionWriter
+from stiffmon.store import Store
 
 CLASSES = tuple(str(i) for i in range(10))
 
@@ -40,7 +41,12 @@ def run_messages(
     )
     for s in range(steps):
         loss = 2.3 * math.exp(-s * lr / 10) + 0.05 * float(rng.random())
-        add(p.Scalars, s, names=("loss", "lr/0"), values=np.array([loss, lr]))
+        add(
+            p.Scalars,
+            s,
+            names=("loss", "lr/0", "momentum/0", "accuracy", "step_time"),
+            values=np.array([loss, lr, 0.0, 1 - loss / 2.5, 0.05]),
+        )
         if s % every:
             continue
         lam = min(2 / lr * 1.1, 1 + s * lr * 0.8) * (1 + 0.02 * float(rng.standard_normal()))
@@ -92,7 +98,11 @@ def run_messages(
             y=0.6 * np.exp(-x * 2) - 0.1,
             attrs={"xi": math.log(6) / 2},
         )
-        add(p.Spectrum, s, name="hessian", values=np.array([lam]), attrs={"hvps": 5})
+        layers = {f"layer-stiffness/{n}": within * k for k, n in enumerate(("conv1", "fc1", "fc2"))}
+        add(p.Scalars, s, names=tuple(layers), values=np.array(list(layers.values())))
+        add(p.Spectrum, s, name="hessian", values=np.array([lam, lam / 2]), attrs={"hvps": 5})
+        add(p.Spectrum, s, name="grad-cov", values=np.geomspace(2.0, 0.01, 8) * math.exp(-s / 300))
+        add(p.Scalars, s, names=("custom/val_loss",), values=np.array([loss * 1.1]))
     add(p.Bye, steps - 1, reason="closed")
     return out
 
@@ -106,3 +116,61 @@ def write_sessions(directory: Path, lrs: tuple[float, ...] = (0.01, 0.05, 0.2)) 
                 w.write(m)
         paths.append(path)
     return paths
+
+
+def troubled_store() -> Store:
+    """Three live runs at monitor time 20: one diverged, one lost a metric and skips
+    measurements, one stalled since time 5."""
+    store = Store()
+    for i, (name, seen) in enumerate((("diverged", 20.0), ("no gram", 20.0), ("stalls", 5.0))):
+        run = f"r{i}"
+        msgs = [m for m in run_messages(0.05 * (i + 1), run, i, steps=120) if m.KIND != "bye"]
+        for m in msgs:
+            store.apply(m, now=seen)
+        rd = store.runs[run]
+        rd.hello = p.Hello(run=run, seq=0, step=0, t=0.0, name=name)
+
+    def event(run: str, step: int, code: str, level: str, msg: str, **attrs: object) -> None:
+        store.apply(
+            p.Event(
+                run=run,
+                seq=9999,
+                step=step,
+                t=1000.0 + step * 0.05,
+                level=level,
+                code=code,
+                message=msg,
+                attrs=attrs,
+            ),  # type: ignore[arg-type]
+            now=20.0,
+        )
+
+    store.apply(
+        p.Scalars(
+            run="r0", seq=9998, step=119, t=1006.0, names=("loss",), values=np.array([math.nan])
+        ),
+        now=20.0,
+    )
+    event("r0", 119, "nan-loss", "warning", "loss is nan at step 119")
+    event(
+        "r1", 60, "metric-error", "error", "gram failed: RuntimeError: out of memory", metric="gram"
+    )
+    event(
+        "r1",
+        60,
+        "metric-disabled",
+        "warning",
+        "gram disabled for the rest of the run",
+        metric="gram",
+    )
+    for s in (30, 40, 55, 90):
+        event(
+            "r1",
+            s,
+            "measurement-skipped",
+            "info",
+            "sharpness skipped (overhead cap)",
+            kind="sharpness",
+            reason="overhead",
+        )
+    return store

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import pytest
+from textual import events
 
 from stiffmon import protocol as p
 from stiffmon.store import Store
 from stiffmon.tui.app import StiffmonApp
 from stiffmon.tui.sources import LiveSource, ReplaySource
+from stiffmon.tui.views import ChartView
 from tests.stiffmon.tui.fixtures import write_sessions
 
 SIZES = [(80, 24), (160, 45)]
@@ -26,7 +28,7 @@ def screen_text(app: StiffmonApp) -> str:
 
 
 def replay_app(tmp_path: Path, **kw: object) -> StiffmonApp:
-    src = ReplaySource(write_sessions(tmp_path))
+    src = ReplaySource(write_sessions(tmp_path), at_end=True)
     src.load()
     return StiffmonApp(replay=src, clock=lambda: 0.0, screenshot_dir=tmp_path, **kw)  # type: ignore[arg-type]
 
@@ -45,6 +47,11 @@ async def test_every_view_and_key(tmp_path: Path, size: tuple[int, int]) -> None
             ("4", "sharpness", "λ1_H per run"),
             ("5", "noise", "λ1_K"),
             ("6", "compare", "break-even"),
+            ("7", "training", "learning rate"),
+            ("8", "layers", "stiffness per layer"),
+            ("9", "spectra", "Hessian eigenvalues"),
+            ("0", "custom", "val_loss"),
+            ("g", "log", "run appeared"),
         ]:
             await pilot.press(key)
             await pilot.pause()
@@ -59,7 +66,7 @@ async def test_every_view_and_key(tmp_path: Path, size: tuple[int, int]) -> None
         assert "sign stiffness" in screen_text(app)
         await pilot.press("shift+right", "shift+down")
         assert app.cursor == (1, 1)
-        await pilot.press("left")
+        await pilot.press("2", "left")
         await pilot.pause()
         assert "measurement 23/24" in screen_text(app)
         await pilot.press("right_square_bracket")
@@ -76,11 +83,25 @@ async def test_every_view_and_key(tmp_path: Path, size: tuple[int, int]) -> None
         assert app.metric_i == 1
         await pilot.press("question_mark")
         await pilot.pause()
-        assert "keys" in screen_text(app) and "SVG screenshot" in screen_text(app)
+        assert "keys" in screen_text(app) and "zoom" in screen_text(app)
         await pilot.press("escape")
         await pilot.press("e")
         await pilot.pause()
         assert list(tmp_path.glob("stiffmon-compare-*.svg"))
+        text = screen_text(app)
+        for words in (
+            "6 compare",
+            "sgd lr=0.01",
+            "sgd lr=0.05",
+            "sgd lr=0.2",
+            "finished",
+            "step 599",
+            "η/B",
+            "loss",
+            "palette",
+            "screenshot",
+        ):
+            assert words in text, words  # nothing meaningful cut at this size
         await pilot.press("ctrl+l")
         await pilot.press("q")
 
@@ -123,7 +144,7 @@ async def test_replay_of_a_truncated_file(tmp_path: Path) -> None:
     paths = write_sessions(tmp_path)
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[: len(data) - 1000])
-    src = ReplaySource(paths)
+    src = ReplaySource(paths, at_end=True)
     src.load()
     app = StiffmonApp(replay=src, clock=lambda: 0.0)
     async with app.run_test(size=(120, 30)) as pilot:
@@ -137,38 +158,179 @@ def _hello(run: str) -> p.Hello:
     return p.Hello(run=run, seq=0, step=0, t=100.0, name=f"live {run}", optimizer={"lr": 0.1})
 
 
-async def test_run_appears_stalls_and_finishes() -> None:
+def feed(
+    store: Store, run: str, steps: Iterable[int], now: float, loss: float = 0.5, **extra: float
+) -> None:
+    """A run's hello (once) and one scalars message per step, applied to the store directly."""
+    if run not in store.runs:
+        store.apply(_hello(run), now=now)
+    for s in steps:
+        values = {"loss": loss, **extra}
+        store.apply(p.Scalars.from_dict(values, run=run, seq=s + 1, step=s, t=100.0 + s), now=now)
+
+
+def _event(run: str, step: int, code: str, message: str, level: str, **attrs: object) -> p.Event:
+    return p.Event(
+        run=run,
+        seq=1000 + step,
+        step=step,
+        t=100.0 + step,
+        level=level,
+        code=code,
+        message=message,
+        attrs=attrs,
+    )  # type: ignore[arg-type]
+
+
+async def test_run_registers_later_stalls_on_the_timer_and_finishes() -> None:
     now = [0.0]
     store = Store()
     app = StiffmonApp(store=store, clock=lambda: now[0])
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
         assert "Nothing connected yet" in screen_text(app)
-        store.apply(_hello("a"), now=now[0])
-        for s in range(5):
-            store.apply(
-                p.Scalars(
-                    run="a",
-                    seq=s + 1,
-                    step=s,
-                    t=100.0 + s,
-                    names=("loss",),
-                    values=np.array([1.0 / (s + 1)]),
-                ),
-                now=now[0],
-            )
-        app.redraw(force=True)
+        feed(store, "a", range(5), now=0.0)  # a run that registers after the monitor started
+        await pilot.pause(0.3)  # no redraw asked for: the timer picks it up
+        text = screen_text(app)
+        assert "live a" in text and "● live" in text
+        now[0] = 10.0  # no message for 10 s: nothing arrives, the timer notices
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        assert "stalled 10s" in text  # the run list
+        assert "live a: stalled: no message for 3 s" in [n.message for n in app._notifications]
+        store.apply(p.Bye(run="a", seq=7, step=4, t=105.0, reason="closed"), now=now[0])
+        await pilot.pause(0.3)
+        assert "✓ finished" in screen_text(app)
+        assert [e.message for e in app.monitor_events["a"]][-1] == "finished"
+
+
+async def test_a_run_that_diverges_is_shown_and_notified() -> None:
+    store = Store()
+    app = StiffmonApp(store=store, clock=lambda: 0.0)
+    async with app.run_test(size=(100, 30)) as pilot:
+        feed(store, "a", range(19), now=0.0)
+        await pilot.pause(0.3)
+        feed(store, "a", [19], now=0.0, loss=float("nan"))
+        store.apply(_event("a", 19, "nan-loss", "loss is nan at step 19", "warning"), now=0.0)
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        assert "diverged @19" in text  # run list
+        assert "live a: diverged at step 19" in text  # overview health line
+        assert "live a: diverged at step 19" in [n.message for n in app._notifications]
+        await pilot.press("g")
         await pilot.pause()
         text = screen_text(app)
-        assert "live a" in text and "live" in text
-        now[0] = 10.0  # no message for 10 s
-        app.redraw(force=True)
+        assert "nan-loss: loss is nan at step 19" in text and "error" in text
+
+
+async def test_a_run_that_loses_a_metric_says_why() -> None:
+    store = Store()
+    app = StiffmonApp(store=store, clock=lambda: 0.0)
+    async with app.run_test(size=(100, 30)) as pilot:
+        feed(store, "a", range(3), now=0.0)
+        store.apply(
+            _event(
+                "a", 2, "metric-error", "gram failed: RuntimeError: boom", "error", metric="gram"
+            ),
+            now=0.0,
+        )
+        store.apply(
+            _event(
+                "a",
+                2,
+                "metric-disabled",
+                "gram disabled for the rest of the run",
+                "warning",
+                metric="gram",
+            ),
+            now=0.0,
+        )
+        for i, s in enumerate((50, 100, 150)):
+            store.apply(
+                _event(
+                    "a", s, "measurement-skipped", "", "info", kind="sharpness", reason="overhead"
+                ),
+                now=0.0,
+            )
+            feed(
+                store,
+                "a",
+                [s],
+                now=0.0,
+                **{"coverage/sharpness/done": 1.0, "coverage/sharpness/skipped": i + 1.0},
+            )
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        assert "gram disabled" in text and "sharpness 1/4 (cap)" in text  # run list
+        assert "gram disabled: gram failed: RuntimeError: boom" in text  # overview
+        assert any("gram disabled" in n.message for n in app._notifications)
+        await pilot.press("g", "f", "f")  # errors only
         await pilot.pause()
-        assert "stal" in screen_text(app)
-        store.apply(p.Bye(run="a", seq=7, step=4, t=105.0, reason="closed"), now=now[0])
-        app.redraw(force=True)
+        text = screen_text(app)
+        assert "metric-error" in text and "metric-disabled" not in text
+        await pilot.press("f", "slash")  # all levels, then a text filter
+        await pilot.press(*"skipped", "enter")
         await pilot.pause()
-        assert "fini" in screen_text(app)
+        text = screen_text(app)
+        assert "measurement-skipped" in text and "metric-error" not in text
+
+
+async def test_custom_scalars_get_a_view_and_join_the_overlay() -> None:
+    store = Store()
+    app = StiffmonApp(store=store, clock=lambda: 0.0)
+    async with app.run_test(size=(100, 30)) as pilot:
+        feed(store, "a", range(0, 100, 10), now=0.0, **{"custom/val_loss": 0.5})
+        await pilot.press("0")
+        await pilot.pause()
+        assert "val_loss" in screen_text(app)
+        await pilot.press("6")
+        n = len(app.views["compare"].metrics())  # type: ignore[attr-defined]
+        await pilot.press(*["m"] * (n - 1))
+        await pilot.pause()
+        assert "overlay: custom/val_loss" in screen_text(app)
+
+
+async def test_zoom_pan_and_cursor_read_out(tmp_path: Path) -> None:
+    app = replay_app(tmp_path)
+    async with app.run_test(size=(120, 36)) as pilot:
+        await pilot.press("4")
+        await pilot.pause()
+        await pilot.press("z")
+        await pilot.pause()
+        assert app.x_window is not None
+        lo, hi = app.x_window
+        assert 0 < lo < hi < 599 and "zoom" in screen_text(app)
+        await pilot.press("greater_than_sign")
+        assert app.x_window[0] > lo
+        await pilot.press("comma")
+        await pilot.pause()
+        assert app.cursor_x is not None and "step " in screen_text(app)
+        await pilot.press("escape")
+        assert app.x_window is None and app.cursor_x is None
+        await pilot.click(ChartView, offset=(60, 10))  # a click puts the cursor there
+        await pilot.pause()
+        assert app.cursor_x is not None and 200 < app.cursor_x < 599
+        chart = app.query_one("#sharpness").query_one(ChartView)
+        chart.on_mouse_scroll_up(events.MouseScrollUp(chart, 60, 10, 0, 0, 0, False, False, False))
+        assert app.x_window is not None
+
+
+async def test_ctrl_c_quits_and_the_palette_has_our_commands(tmp_path: Path) -> None:
+    app = replay_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        for t in (
+            "View: log",
+            "View: custom",
+            "Run: select sgd lr=0.2",
+            "Toggle: log-y axis",
+            "Screenshot (SVG)",
+        ):
+            assert t in titles
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert not app.is_running
 
 
 async def test_live_source_with_nothing_listening_shows_how_to_connect() -> None:
@@ -180,13 +342,18 @@ async def test_live_source_with_nothing_listening_shows_how_to_connect() -> None
         assert "malformed 0" in text
 
 
-async def test_ascii_mode(tmp_path: Path) -> None:
+async def test_ascii_mode_draws_only_ascii(tmp_path: Path) -> None:
     app = replay_app(tmp_path, ascii=True)
     async with app.run_test(size=(80, 24)) as pilot:
+        for key in "1234567890g":
+            await pilot.press(key)
+            await pilot.pause()
+            text = screen_text(app)
+            bad = sorted({ch for ch in text if not ch.isascii()})
+            assert not bad, (key, bad)
         await pilot.press("4")
         await pilot.pause()
-        text = screen_text(app)
-        assert "*" in text and not any(0x2800 <= ord(ch) <= 0x28FF for ch in text)
+        assert "*" in screen_text(app)
 
 
 async def test_replay_follows_a_file_that_is_still_written(tmp_path: Path) -> None:
@@ -213,3 +380,12 @@ async def test_replay_follows_a_file_that_is_still_written(tmp_path: Path) -> No
                 break
         rd = app.store.runs["grow"]
         assert rd.finished and rd.last_step == 99 > first
+
+
+async def test_replay_opens_at_the_start_and_plays(tmp_path: Path) -> None:
+    src = ReplaySource(write_sessions(tmp_path), speed=1.0, at_end=False)
+    src.load()
+    app = StiffmonApp(replay=src, clock=lambda: 0.0)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause(0.2)
+        assert src.playing and 0 < src.position < len(src.messages)

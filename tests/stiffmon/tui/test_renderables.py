@@ -11,11 +11,18 @@ from stiffmon.tui.renderables import (
     Line,
     LineChart,
     Marker,
+    StepHeatmap,
+    XMark,
+    asciify,
     diverging,
     fmt_tick,
     nice_ticks,
+    short_labels,
     thin_minmax,
 )
+from stiffmon.tui.renderables.comparetable import compare_table
+from stiffmon.tui.renderables.eventlog import EventLog, LogRow
+from stiffmon.tui.renderables.runlist import RunList, RunRow
 
 
 def render(renderable: object, width: int) -> str:
@@ -42,17 +49,17 @@ def test_ascii_line_chart_exact() -> None:
     chart = LineChart(
         [Line(np.array([0.0, 1, 2, 3, 4]), np.array([0.0, 1, 2, 3, 4]), "red")],
         hlines=[HLine(2.0, "blue")],
-        markers=[Marker(4.0, 4.0, "red")],
+        markers=[Marker(4.0, 4.0, "red", "◇")],
         ascii=True,
         height=7,
     )
     expected = (
-        "4 |                **#\n"
+        "4 |                **o\n"
         "  |            *****  \n"
         "2 |- - - -****** - - -\n"
         "  |   *****           \n"
         "0 |****               \n"
-        "  +-------------------\n"
+        "  ++--------+--------+\n"
         "   0        2        4\n"
     )
     assert render(chart, 22) == expected
@@ -63,7 +70,7 @@ def test_braille_line_chart_exact() -> None:
         [Line(np.array([0.0, 1.0]), np.array([0.0, 1.0]), "red")], height=5, x_label=""
     )
     assert render(chart, 12) == (
-        "  1 ┤    ⢀⣠⠞\n0.5 ┤  ⢀⡴⠋  \n  0 ┤⣠⠞⠉    \n    └───────\n     0 0.5 1\n"
+        "  1 ┤    ⢀⣠⠞\n0.5 ┤  ⢀⡴⠋  \n  0 ┤⣠⠞⠉    \n    └┬──┬──┬\n     0 0.5 1\n"
     )
 
 
@@ -92,7 +99,7 @@ def test_heatmap_ascii_exact() -> None:
         "a ###[=]",
         "b ...???",
         "  -1 ====----....++++#### +1",
-        "a → b: -1.000",
+        "a -> b: -1.000",
     ]
 
 
@@ -107,3 +114,124 @@ def test_diverging_colour_map() -> None:
     assert diverging(1.0) == "#b40426" and diverging(5.0) == "#b40426"
     assert diverging(-1.0) == "#3b4cc0"
     assert diverging(float("nan")) == "#303030"
+
+
+def test_axes_meet_and_ticks_sit_under_their_data() -> None:
+    """The corner is under the y axis, each x label is centred under its ┬, and a point at
+    x = 2 is drawn in the column of the "2" tick."""
+    x = np.array([0.0, 2.0, 4.0])
+    chart = LineChart([Line(x, np.array([0.0, 0.0, 0.0]), "red")], ascii=True, height=5)
+    lines = render(chart, 22).splitlines()
+    axis, labels = lines[-2], lines[-1]
+    bar = lines[0].index("|")
+    assert axis.index("+") == bar  # the corner meets the y axis
+    ticks = [i for i, ch in enumerate(axis) if ch == "+"][1:]
+    assert [labels[i] for i in ticks] == ["0", "2", "4"]
+    row = next(ln for ln in lines if "*" in ln)
+    assert row[ticks[1]] == "*" and row[ticks[0]] == "*" and row[ticks[2]] == "*"
+
+
+def test_legend_cursor_readout_and_marks() -> None:
+    x = np.arange(5.0)
+    chart = LineChart(
+        [Line(x, x, "red", "up"), Line(x, 4 - x, "blue", "down")],
+        title="t",
+        ascii=True,
+        height=9,
+        cursor_x=1.0,
+        x_marks=[XMark(3.0, "red")],
+    )
+    out = render(chart, 30).splitlines()
+    assert out[0].startswith("t # up  # down")
+    assert out[1].startswith("step 1: # 1 # 3")
+    assert "^" in out[-2] and "x" in out[-2]  # cursor and skipped-measurement marks on the axis
+    assert sum(ln.count(":") for ln in out[2:-2]) >= 2  # the cursor column, under the curves
+
+
+def test_single_curve_has_no_legend_and_zoom_clips() -> None:
+    x = np.arange(100.0)
+    chart = LineChart([Line(x, x, "red", "only")], ascii=True, height=6, x_range=(50.0, 60.0))
+    out = render(chart, 30)
+    assert "only" not in out
+    assert out.splitlines()[-1].split()[:3] == ["50", "55", "60"]
+    assert chart.plot_box is not None and chart.plot_box[2:] == (50.0, 60.0)
+
+
+def test_heatmap_values_and_short_labels() -> None:
+    m = np.array([[0.5, -0.25], [0.0, 1.0]])
+    hm = Heatmap(
+        m,
+        ["class_0", "class_1"],
+        ["class_0", "class_1"],
+        cell_width=7,
+        half_block=False,
+        values=True,
+        ascii=True,
+    )
+    out = render(hm, 60).splitlines()
+    assert out[0].split() == ["0", "1", "(class_…)"]
+    assert "+0.50" in out[1] and "-0.25" in out[1] and "+1.00" in out[2]
+    assert short_labels(["cat", "dog"]) == (["cat", "dog"], "")
+
+
+def test_step_heatmap_resamples_to_the_width() -> None:
+    m = np.tile(np.linspace(-1, 1, 300), (2, 1))
+    out = render(
+        StepHeatmap(m, ["conv1", "fc"], list(range(0, 3000, 10)), ascii=True, height=5), 40
+    )
+    rows = out.splitlines()
+    assert rows[0].startswith("conv1 |=") and rows[0].rstrip().endswith("#")
+    assert len(rows[0].rstrip()) <= 40 and "step" in rows[2]
+
+
+def test_asciify() -> None:
+    assert asciify("λ1_H — ◆ ξ η/B ✓ │") == "l1_H - * xi eta/B v |"
+    assert asciify("☃").isascii()
+
+
+def test_compare_table_fits_80_columns() -> None:
+    s = {
+        "lr": 0.05,
+        "batch_size": 64,
+        "momentum": 0.9,
+        "lr_over_batch": 0.05 / 64,
+        "break_even_step": 1250,
+        "break_even_reason": "early-peak",
+        "break_even_status": "tentative",
+        "peak_lambda1_h": 23.9,
+        "final_loss": 0.15,
+    }
+    runs = [(f"sgd lr={lr}", "red", s) for lr in (0.01, 0.05, 0.2)]
+    out = render(compare_table(runs, 56), 56)
+    assert all(len(ln) <= 56 for ln in out.splitlines())
+    assert "1,250 pk◇" in out and "sgd lr=0.05" in out and "break-even" in out
+    wide = render(compare_table(runs, 150), 150)
+    assert "status" in wide and wide.count("1,250 pk◇") == 3
+
+
+def test_run_list_and_event_log() -> None:
+    row = RunRow(
+        "sgd lr=0.2",
+        "red",
+        True,
+        True,
+        "stalled",
+        "stalled 12s",
+        "warning",
+        1234,
+        ["diverged @19", "gram disabled"],
+        ["sharpness 3/9 (cap)"],
+    )
+    out = render(RunList([row]), 22)
+    assert out.splitlines() == [
+        "■ sgd lr=0.2",
+        "  ◌ stalled 12s",
+        "    step 1,234",
+        "  ⚠ diverged @19",
+        "  ⚠ gram disabled",
+        "  sharpness 3/9 (cap)",
+    ]
+    assert render(RunList([row], ascii=True), 40).isascii()
+    log = EventLog([LogRow("error", 19, 2.0, "r", "red", "nan-loss: loss is nan at step 19")])
+    text = render(log, 80)
+    assert "error" in text and "19" in text and "+2s" in text and "nan-loss" in text

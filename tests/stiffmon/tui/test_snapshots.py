@@ -22,13 +22,26 @@ VIEWS = {
     "4": "sharpness",
     "5": "noise",
     "6": "compare",
+    "7": "training",
+    "8": "layers",
+    "9": "spectra",
+    "0": "custom",
+    "g": "log",
 }
 
 
 @pytest.mark.parametrize("size", [(80, 24), (160, 45)], ids=["80x24", "160x45"])
 @pytest.mark.parametrize("key", sorted(VIEWS), ids=[VIEWS[k] for k in sorted(VIEWS)])
 def test_view_snapshot(snap_compare: Any, tmp_path: Path, key: str, size: tuple[int, int]) -> None:
-    src = ReplaySource(write_sessions(tmp_path))
+    src = ReplaySource(write_sessions(tmp_path), at_end=True)
     src.load()
     app = StiffmonApp(replay=src, clock=lambda: 0.0)
     assert snap_compare(app, terminal_size=size, press=[key])
+
+
+def test_run_health_snapshot(snap_compare: Any) -> None:
+    """A diverged run, a run that lost a metric and skipped measurements, a stalled run."""
+    from tests.stiffmon.tui.fixtures import troubled_store
+
+    app = StiffmonApp(store=troubled_store(), clock=lambda: 20.0)
+    assert snap_compare(app, terminal_size=(80, 24))

@@ -1,0 +1,187 @@
+"""The app's chrome as pure functions of its state: title and status lines, the run list rows,
+the empty screen, the command palette's commands, and what changed in a run's health."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import TYPE_CHECKING
+
+from rich.text import Text
+from textual.app import SystemCommand
+
+from stiffmon.store import MEASUREMENTS, Health, RunData
+from stiffmon.tui.renderables.axes import asciify, cut, fmt_tick
+from stiffmon.tui.renderables.runlist import RunRow
+from stiffmon.tui.views import VIEWS, run_color
+from stiffmon.tui.views.base import SMOOTHING
+
+if TYPE_CHECKING:
+    from stiffmon.tui.app import StiffmonApp
+
+REASON_WORDS = {"overhead": "cap", "overhead-cap": "cap", "budget": "cap", "disabled": "off"}
+
+
+def title(app: StiffmonApp) -> Text:
+    """``stiffmon  4 sharpness   log-y  x: step  zoom 100-300  cursor 250``."""
+    flags = []
+    if app.log_y:
+        flags.append("log-y")
+    if SMOOTHING[app.smooth_i]:
+        flags.append(f"smoothing {SMOOTHING[app.smooth_i]:g}")
+    flags.append("x: time" if app.x_time else "x: step")
+    if app.x_window is not None:
+        flags.append(f"zoom {fmt_tick(app.x_window[0])}-{fmt_tick(app.x_window[1])}")
+    if app.cursor_x is not None:
+        flags.append(f"cursor {app.cursor_x:g}")
+    view = app.views[app.view_name]
+    return Text.assemble(
+        ("stiffmon", "bold"),
+        (" ascii" if app.ascii else "", "dim"),
+        ("  ", ""),
+        (f"{view.key} {view.name}", "bold cyan"),
+        ("   " + "  ".join(flags), "dim"),
+        no_wrap=True,
+        overflow=cut(app.ascii),
+    )
+
+
+def status(app: StiffmonApp) -> Text:
+    """Where the data come from, errors, malformed frames."""
+    parts = []
+    if app.live is not None:
+        parts.append(app.live.describe() + (" (paused)" if app.paused else ""))
+        if app.live.error:
+            parts.append(f"error: {app.live.error}")
+    if app.replay is not None:
+        parts.append(app.replay.describe())
+        parts += app.replay.notes[:1]
+    parts.append(f"malformed {app.store.malformed}")
+    text = (" | " if app.ascii else "  │  ").join(parts)
+    return Text(
+        asciify(text) if app.ascii else text, style="dim", no_wrap=True, overflow=cut(app.ascii)
+    )
+
+
+def empty_message(app: StiffmonApp) -> Text:
+    where = (
+        ", ".join(map(str, app.live.endpoints))
+        if app.live and app.live.endpoints
+        else "the local registry (no runs registered yet; new ones are picked up)"
+    )
+    return Text.assemble(
+        ("Nothing connected yet.\n\n", "bold"),
+        (f"Waiting for runs on: {where}\n\n", ""),
+        ("In your training script:\n", "dim"),
+        (
+            "    from stiffmon_agent import Agent\n"
+            "    agent = Agent(model, loss_fn, optimizer, probe=(x, y))\n"
+            "    ...\n    agent.step(loss)\n\n",
+            "cyan",
+        ),
+        (
+            "Then: stiffmon watch  |  stiffmon watch tcp://host:5555  |  stiffmon watch ssh://user@host\n",
+            "dim",
+        ),
+        ("Or try: stiffmon demo   /   stiffmon replay demos/sessions/*.stiff", "dim"),
+    )
+
+
+def short_problems(rd: RunData) -> list[str]:
+    out = []
+    if rd.diverged_step is not None:
+        out.append(f"diverged @{rd.diverged_step:,}")
+    out += [f"{m} disabled" for m in rd.disabled]
+    return out
+
+
+def coverage_lines(rd: RunData) -> list[str]:
+    """``sharpness 3/9 (cap)`` for every kind with a skipped measurement."""
+    out = []
+    for kind in MEASUREMENTS:
+        done, skipped = rd.coverage(kind)
+        if not skipped:
+            continue
+        reasons = rd.skip_reasons.get(kind, {})
+        top = max(reasons, key=lambda r: reasons[r]) if reasons else ""
+        why = f" ({REASON_WORDS.get(top, top)})" if top else ""
+        out.append(f"{kind} {done}/{done + skipped}{why}")
+    return out
+
+
+def run_rows(app: StiffmonApp) -> list[RunRow]:
+    now = app.clock()
+    rows = []
+    for i, rd in enumerate(app.store.runs.values()):
+        h = app.health(rd, now)
+        rows.append(
+            RunRow(
+                rd.name,
+                run_color(rd),
+                rd.visible,
+                i == app.selected % max(1, len(app.store.runs)),
+                h.state,
+                h.text,
+                h.level,
+                rd.last_step,
+                short_problems(rd),
+                coverage_lines(rd),
+            )
+        )
+    return rows
+
+
+def changes(old: Health | None, new: Health) -> Iterator[tuple[str, str]]:
+    """(level, words) for what is new in ``new``."""
+    if old is None:
+        yield "info", f"run appeared ({new.text})"
+    elif old.state != new.state:
+        level = {"stalled": "warning", "lost": "error", "ended": "error"}.get(new.state, "info")
+        if new.state == "stalled":
+            text = "stalled: no message for 3 s"
+        elif old.state == "stalled" and new.state == "live":
+            text = "live again"
+        else:
+            text = new.text
+        yield level, text
+    before = set(old.problems) if old is not None else set()
+    for prob in new.problems:
+        if prob not in before:
+            yield ("error" if prob.startswith("diverged") else "warning"), prob
+
+
+def commands(app: StiffmonApp) -> Iterator[SystemCommand]:
+    """The app's own commands for the palette."""
+    for v in VIEWS:
+        yield SystemCommand(
+            f"View: {v.title}",
+            f"show the {v.title} view (key {v.key})",
+            partial(app.action_view, v.name),
+        )
+    for i, rd in enumerate(app.store.runs.values()):
+        yield SystemCommand(
+            f"Run: select {rd.name}",
+            "select it (stiffness, distance, layers, spectra views)",
+            partial(_select, app, i),
+        )
+        yield SystemCommand(
+            f"Run: {'hide' if rd.visible else 'show'} {rd.name}",
+            "toggle it in the charts",
+            partial(_toggle_run, app, rd),
+        )
+    for attr, label in (("log_y", "log-y axis"), ("x_time", "x axis: step / wall time")):
+        yield SystemCommand(f"Toggle: {label}", label, partial(app.action_toggle, attr))
+    yield SystemCommand("Toggle: smoothing", "cycle the EMA smoothing", app.action_smoothing)
+    yield SystemCommand("Zoom: reset", "whole x range, no cursor", app.action_reset_zoom)
+    yield SystemCommand("Screenshot (SVG)", "save the screen as SVG", app.action_screenshot)
+    yield SystemCommand("Pause / play", "pause live ingest or play the replay", app.action_pause)
+
+
+def _select(app: StiffmonApp, i: int) -> None:
+    app.selected = i
+    app.redraw(force=True)
+
+
+def _toggle_run(app: StiffmonApp, rd: RunData) -> None:
+    rd.visible = not rd.visible
+    app.redraw(force=True)

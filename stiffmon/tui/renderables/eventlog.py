@@ -1,0 +1,73 @@
+"""The event log: one line per event (level, step, time since the run's start, run, text),
+newest first, as many as fit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rich import box
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.table import Table
+from rich.text import Text
+
+from stiffmon.tui.renderables.axes import asciify, cut
+
+LEVEL_STYLE = {"info": "dim", "warning": "yellow", "error": "bold red"}
+
+
+@dataclass(frozen=True)
+class LogRow:
+    """One event as shown."""
+
+    level: str
+    step: int
+    seconds: float  # since the run's first message
+    run: str
+    color: str
+    text: str
+
+
+@dataclass
+class EventLog:
+    """Rows (oldest first) drawn newest first in ``height`` lines."""
+
+    rows: Sequence[LogRow]
+    height: int = 20
+    ascii: bool = False
+    title: str = ""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        conv = asciify if self.ascii else str
+        if self.title:
+            yield Text(conv(self.title), style="bold", no_wrap=True, overflow=cut(self.ascii))
+        if not self.rows:
+            yield Text("no events", style="dim")
+            return
+        t = Table(
+            box=None if self.ascii else box.SIMPLE_HEAD,
+            header_style="bold underline" if self.ascii else "bold",
+            pad_edge=False,
+            expand=True,
+        )
+        t.add_column("level", no_wrap=True, max_width=7)
+        t.add_column("step", justify="right", no_wrap=True)
+        t.add_column("time", justify="right", no_wrap=True)
+        narrow = options.max_width < 90  # the run's colour only (the run list names it)
+        if narrow:
+            t.add_column("", no_wrap=True, width=1)
+        else:
+            t.add_column("run", no_wrap=True, overflow=cut(self.ascii), max_width=12)
+        t.add_column("event", ratio=1, overflow="fold")  # long texts take two lines
+        room = max(1, self.height - 3 - (1 if self.title else 0))
+        for r in list(self.rows)[::-1][:room]:
+            t.add_row(
+                Text(r.level, style=LEVEL_STYLE.get(r.level, "")),
+                f"{r.step:,}",
+                f"+{r.seconds:.0f}s" if r.seconds == r.seconds else "",
+                Text("#" if self.ascii else "■", style=r.color)
+                if narrow
+                else Text(conv(r.run), style=r.color),
+                conv(r.text),
+            )
+        yield t

@@ -1,0 +1,401 @@
+"""A multi-series line chart at braille resolution, as a pure Rich renderable.
+
+Hand-written rather than plotext / textual-plot: the chart thins 100k-point series to the column
+width with per-column min/max (so spikes survive), draws dashed per-run threshold lines, break-even
+markers (◆ confirmed, ◇ tentative, ▲ catapult), marks on the x axis (skipped measurements), a
+legend, a step cursor with the value of every curve there, switches to log-y, and falls back to
+plain ASCII — all inside one renderable that unit tests can render to an exact string.
+
+Layout: title (legend on the same line when it fits, else on its own line when there is room),
+the cursor read-out, the plot rows with the y axis, the x axis with ┬ at every tick, the tick
+labels centred under their ┬ and the x-axis caption.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.segment import Segment
+from rich.style import Style
+
+from stiffmon.tui.renderables.axes import (
+    FloatArray,
+    asciify,
+    fmt_tick,
+    fmt_value,
+    nice_ticks,
+    row_segments,
+    style_of,
+    thin_minmax,
+)
+
+# Braille dot bits, indexed [row 0..3][col 0..1]
+_BRAILLE = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
+ASCII_SYMBOLS = {"◆": "*", "◇": "o", "▲": "^", "×": "x", "●": "@"}
+
+
+@dataclass(frozen=True)
+class Line:
+    """One series: x (step or time) and y, drawn in ``color``."""
+
+    x: FloatArray
+    y: FloatArray
+    color: str
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class HLine:
+    """A dashed horizontal line (e.g. a run's stability threshold 2/η)."""
+
+    y: float
+    color: str
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A symbol at (x, y), e.g. ◆ at a run's break-even point (ASCII: see ``ASCII_SYMBOLS``)."""
+
+    x: float
+    y: float
+    color: str
+    symbol: str = "◆"
+
+
+@dataclass(frozen=True)
+class XMark:
+    """A symbol on the x axis at ``x`` (e.g. × where a measurement was skipped)."""
+
+    x: float
+    color: str
+    symbol: str = "×"
+
+
+@dataclass
+class LineChart:
+    """Multi-series line chart at braille resolution (2×4 dots per character).
+
+    Args:
+        lines: Series to draw, later ones on top.
+        hlines: Dashed horizontal lines.
+        markers: Symbols drawn last.
+        title: Title line (empty: none).
+        log_y: Logarithmic y axis (non-positive values are dropped).
+        ascii: Plain ASCII: ``*`` points, ``-`` dashes, ``|`` / ``-`` / ``+`` axes.
+        height: Rows including axes (default: what the console offers, else 12).
+        x_label: Caption under the x axis.
+        y_range: Fixed (lo, hi) for the y axis.
+        x_range: Fixed (lo, hi) for the x axis (zoom); data outside is not drawn.
+        empty_text: Shown when there is nothing to draw.
+        legend: Show a legend (label of every line) when there is more than one labelled line.
+        cursor_x: Draw a cursor at this x and the value of every line there.
+        x_marks: Symbols on the x axis.
+    """
+
+    lines: Sequence[Line]
+    hlines: Sequence[HLine] = ()
+    markers: Sequence[Marker] = ()
+    title: str = ""
+    log_y: bool = False
+    ascii: bool = False
+    height: int | None = None
+    x_label: str = "step"
+    y_range: tuple[float, float] | None = None
+    x_range: tuple[float, float] | None = None
+    empty_text: str = "no data yet"
+    legend: bool = True
+    cursor_x: float | None = None
+    x_marks: Sequence[XMark] = ()
+    plot_box: tuple[int, int, float, float] | None = None  # set when drawn: left, width, x0, x1
+
+    def _bounds(self) -> tuple[float, float, float, float] | None:
+        xs, ys = [], []
+        for ln in self.lines:
+            ok = np.isfinite(ln.x) & np.isfinite(ln.y)
+            if self.log_y:
+                ok &= ln.y > 0
+            if self.x_range is not None:
+                ok &= (ln.x >= self.x_range[0]) & (ln.x <= self.x_range[1])
+            if ok.any():
+                xs += [float(ln.x[ok].min()), float(ln.x[ok].max())]
+                ys += [float(ln.y[ok].min()), float(ln.y[ok].max())]
+        if not xs:
+            return None
+        data_top = max(ys)
+        for h in self.hlines:  # thresholds far above the data would flatten it: leave them off
+            if (
+                math.isfinite(h.y)
+                and (h.y > 0 or not self.log_y)
+                and h.y <= 2 * abs(data_top) + 1e-12
+            ):
+                ys.append(h.y)
+        for m in self.markers:
+            if math.isfinite(m.y) and (m.y > 0 or not self.log_y):
+                ys.append(m.y)
+        x0, x1 = (min(xs), max(xs)) if self.x_range is None else self.x_range
+        y0, y1 = (min(ys), max(ys)) if self.y_range is None else self.y_range
+        if self.log_y:
+            y0, y1 = math.log10(y0), math.log10(y1)
+        if y1 - y0 < 1e-12 * max(1.0, abs(y1)):
+            pad = abs(y0) * 0.1 or 1.0
+            y0, y1 = y0 - pad, y1 + pad
+        if x1 <= x0:
+            x1 = x0 + 1.0
+        return x0, x1, y0, y1
+
+    def __post_init__(self) -> None:
+        if self.ascii:
+            self.title, self.x_label = asciify(self.title), asciify(self.x_label)
+            self.empty_text = asciify(self.empty_text)
+            self.lines = [Line(ln.x, ln.y, ln.color, asciify(ln.label)) for ln in self.lines]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = max(8, options.max_width)
+        height = self.height or options.height or 12
+        yield from self.render_lines(width, max(5, height))
+
+    def _legend(self) -> list[tuple[str, str]]:
+        seen: dict[str, str] = {}
+        for ln in self.lines:
+            if ln.label and ln.label not in seen:
+                seen[ln.label] = ln.color
+        return list(seen.items()) if self.legend and len(seen) > 1 else []
+
+    def _header(self, width: int, rows: int) -> list[list[Segment]]:
+        """Title and legend lines (each a list of segments, without newline)."""
+        bold = Style(bold=True)
+        items = self._legend()
+        box = "#" if self.ascii else "■"
+        legend_len = sum(len(lab) + 3 for lab, _ in items)
+        legend = [
+            seg
+            for lab, color in items
+            for seg in (Segment(f" {box}", style_of(color)), Segment(f" {lab} "))
+        ]
+        out: list[list[Segment]] = []
+        if self.title:
+            title = self.title[:width]
+            if items and len(title) + legend_len <= width:
+                return [
+                    [
+                        Segment(title, bold),
+                        *legend,
+                        Segment(" " * (width - len(title) - legend_len)),
+                    ]
+                ]
+            out.append([Segment(title.ljust(width), bold)])
+        if items and rows >= 10:
+            if legend_len > width:  # drop labels from the end until it fits
+                keep, total = [], 0
+                for lab, color in items:
+                    if total + len(lab) + 3 > width:
+                        break
+                    keep.append((lab, color))
+                    total += len(lab) + 3
+                legend = [
+                    s
+                    for lab, color in keep
+                    for s in (Segment(f" {box}", style_of(color)), Segment(f" {lab} "))
+                ]
+                legend_len = total
+            out.append([*legend, Segment(" " * max(0, width - legend_len))])
+        return out
+
+    def render_lines(self, width: int, height: int) -> list[Segment]:
+        """Segments of the chart, ``height`` rows of ``width`` cells (newlines included)."""
+        segs: list[Segment] = []
+        rows = height
+        for row in self._header(width, height):
+            segs += [*row, Segment.line()]
+            rows -= 1
+        bounds = self._bounds()
+        if bounds is None:
+            for i in range(rows):
+                text = self.empty_text if i == rows // 2 else ""
+                segs += [Segment(text.center(width)[:width], Style(dim=True)), Segment.line()]
+            return segs
+        x0, x1, y0, y1 = bounds
+        if self.cursor_x is not None and rows >= 6:
+            segs += [*self._readout(width), Segment.line()]
+            rows -= 1
+        plot_rows = max(1, rows - 2)  # x axis line and x tick labels
+        yt = self._y_ticks(y0, y1, max(2, min(8, plot_rows // 4)))
+        labels = [fmt_tick(10**t if self.log_y else t) for t in yt]
+        lw = max((len(s) for s in labels), default=1) + 1
+        pw = max(4, width - lw - 1)
+        self.plot_box = (lw + 1, pw, x0, x1)
+        cells = self._raster(x0, x1, y0, y1, pw, plot_rows)
+        tick_rows = {
+            self._row_of(t, y0, y1, plot_rows): lab for t, lab in zip(yt, labels, strict=True)
+        }
+        axis = Style(dim=True)
+        vbar = "|" if self.ascii else "│"
+        for r in range(plot_rows):
+            lab = tick_rows.get(r, "")
+            segs.append(Segment(lab.rjust(lw - 1) + " ", axis))
+            segs.append(Segment("┤" if lab and not self.ascii else vbar, axis))
+            segs += row_segments(cells[r])
+            segs.append(Segment.line())
+        axis_row, label_row = self._x_axis(x0, x1, lw, pw, width)
+        segs += [*axis_row, Segment.line()]
+        segs += [Segment(label_row, axis), Segment.line()]
+        return segs
+
+    def _readout(self, width: int) -> list[Segment]:
+        """``step 120: ■ 0.123 ■ 4.56`` — the value of every line at the cursor."""
+        assert self.cursor_x is not None
+        cx = self.cursor_x
+        where = f"{self.x_label} {fmt_tick(cx) if abs(cx) >= 1e4 else f'{cx:g}'}:"
+        out = [Segment(where, Style(bold=True))]
+        used = len(where)
+        box = "#" if self.ascii else "■"
+        for ln in self.lines:
+            i = int(np.searchsorted(ln.x, cx, side="right")) - 1
+            v = float(ln.y[i]) if 0 <= i < len(ln.y) else math.nan
+            text = f" {fmt_value(v)}"
+            if used + len(text) + 2 > width:
+                break
+            out += [Segment(f" {box}", style_of(ln.color)), Segment(text)]
+            used += len(text) + 2
+        out.append(Segment(" " * max(0, width - used)))
+        return out
+
+    def _y_ticks(self, y0: float, y1: float, n: int) -> list[float]:
+        if self.log_y:
+            lo, hi = math.floor(y0), math.ceil(y1)
+            ticks = [float(d) for d in range(lo, hi + 1) if y0 - 1e-9 <= d <= y1 + 1e-9]
+            return ticks or [y0, y1]
+        return nice_ticks(y0, y1, n)
+
+    @staticmethod
+    def _row_of(y: float, y0: float, y1: float, rows: int) -> int:
+        f = (y - y0) / (y1 - y0)
+        return min(rows - 1, max(0, round((1 - f) * (rows - 1))))
+
+    def _x_axis(
+        self, x0: float, x1: float, lw: int, pw: int, width: int
+    ) -> tuple[list[Segment], str]:
+        """The axis line (┬ at each labelled tick, marks) and the tick labels under it."""
+        axis = Style(dim=True)
+        hbar, corner, tick = ("-", "+", "+") if self.ascii else ("─", "└", "┬")
+        line: list[tuple[str, str | None]] = [(hbar, None)] * pw
+        buf = [" "] * width
+        for t in nice_ticks(x0, x1, max(2, pw // 12)):
+            c = round((t - x0) / (x1 - x0) * (pw - 1))
+            col = lw + 1 + c
+            lab = fmt_tick(t)
+            start = min(max(lw, col - len(lab) // 2), width - len(lab))
+            if all(ch == " " for ch in buf[max(0, start - 1) : start + len(lab) + 1]):
+                buf[start : start + len(lab)] = list(lab)
+                line[c] = (tick, None)
+        for m in self.x_marks:
+            if math.isfinite(m.x) and x0 <= m.x <= x1:
+                c = round((m.x - x0) / (x1 - x0) * (pw - 1))
+                line[c] = (ASCII_SYMBOLS.get(m.symbol, "x") if self.ascii else m.symbol, m.color)
+        if self.cursor_x is not None and x0 <= self.cursor_x <= x1:
+            c = round((self.cursor_x - x0) / (x1 - x0) * (pw - 1))
+            line[c] = ("^" if self.ascii else "▲", "yellow")
+        row = [Segment(" " * lw + corner, axis)]
+        for seg in row_segments(line):
+            row.append(seg if seg.style is not None else Segment(seg.text, axis))
+        text = "".join(buf).rstrip()
+        cap = f" {self.x_label}" if self.x_label else ""
+        if len(text) + len(cap) <= width:
+            text = text.ljust(width - len(cap)) + cap
+        return row, text[:width].ljust(width)
+
+    def _raster(
+        self, x0: float, x1: float, y0: float, y1: float, pw: int, ph: int
+    ) -> list[list[tuple[str, str | None]]]:
+        sub_x, sub_y = (1, 1) if self.ascii else (2, 4)
+        gw, gh = pw * sub_x, ph * sub_y
+        bits = np.zeros((ph, pw), dtype=np.int64)
+        color_grid: list[list[str | None]] = [[None] * pw for _ in range(ph)]
+        text: list[list[str | None]] = [[None] * pw for _ in range(ph)]
+
+        def ypix(v: FloatArray) -> npt.NDArray[np.int64]:
+            f = (v - y0) / (y1 - y0)
+            return np.clip(np.round((1 - f) * (gh - 1)), 0, gh - 1).astype(np.int64)
+
+        def to_y(v: float) -> float:
+            if not self.log_y:
+                return v
+            return math.log10(v) if v > 0 else math.nan
+
+        for h in self.hlines:
+            hy = to_y(h.y)
+            if not math.isfinite(hy) or not (y0 <= hy <= y1):
+                continue
+            r = self._row_of(hy, y0, y1, ph)
+            for c in range(0, pw, 2):
+                if text[r][c] is None:
+                    text[r][c], color_grid[r][c] = ("-" if self.ascii else "╌"), h.color
+        if self.cursor_x is not None and x0 <= self.cursor_x <= x1:
+            c = round((self.cursor_x - x0) / (x1 - x0) * (pw - 1))
+            for r in range(ph):
+                text[r][c], color_grid[r][c] = (":" if self.ascii else "┊"), "grey50"
+        for ln in self.lines:
+            yv: FloatArray = ln.y.astype(np.float64)
+            if self.log_y:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    yv = np.where(yv > 0, np.log10(np.where(yv > 0, yv, 1.0)), np.nan)
+            cols, mins, maxs = thin_minmax(ln.x.astype(np.float64), yv, x0, x1, gw)
+            if not cols.size:
+                continue
+            top, bot = ypix(maxs), ypix(mins)
+
+            def plot(px: int, lo: int, hi: int, color: str = ln.color) -> None:
+                cc, sx = divmod(px, sub_x)
+                for py in range(min(lo, hi), max(lo, hi) + 1):
+                    rr, sy = divmod(py, sub_y)
+                    if self.ascii:
+                        text[rr][cc], color_grid[rr][cc] = "*", color
+                    else:
+                        bits[rr, cc] |= _BRAILLE[sy][sx]
+                        color_grid[rr][cc] = color
+                        text[rr][cc] = None
+
+            prev: tuple[int, int] | None = None
+            for cx, t, b in zip(
+                cols.astype(np.int64).tolist(), top.tolist(), bot.tolist(), strict=True
+            ):
+                mid = (t + b) // 2
+                if prev is not None:  # join to the previous point, whatever the gap
+                    px, py = prev
+                    gap = cx - px
+                    last = py
+                    for k in range(1, gap):
+                        yk = round(py + (mid - py) * k / gap)
+                        plot(px + k, last, yk)
+                        last = yk
+                    plot(cx, last, mid)
+                plot(cx, t, b)
+                prev = (cx, mid)
+        for m in self.markers:
+            my = to_y(m.y)
+            if not (math.isfinite(m.x) and math.isfinite(my)) or not (
+                x0 <= m.x <= x1 and y0 <= my <= y1
+            ):
+                continue
+            c = min(pw - 1, round((m.x - x0) / (x1 - x0) * (pw - 1)))
+            r = self._row_of(my, y0, y1, ph)
+            sym = ASCII_SYMBOLS.get(m.symbol, "#") if self.ascii else m.symbol
+            text[r][c], color_grid[r][c] = sym, m.color
+        out: list[list[tuple[str, str | None]]] = []
+        for r in range(ph):
+            row = []
+            for c in range(pw):
+                if text[r][c] is not None:
+                    row.append((text[r][c] or " ", color_grid[r][c]))
+                elif bits[r, c]:
+                    row.append((chr(0x2800 + int(bits[r, c])), color_grid[r][c]))
+                else:
+                    row.append((" ", None))
+            out.append(row)
+        return out

@@ -1,0 +1,217 @@
+"""What every view shares: run colours, the chart widget (mouse zoom, pan and cursor), and the
+functions that turn a run's series into chart lines under the app's toggles."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from rich.console import RenderableType
+from textual import events
+from textual.widget import Widget
+
+from stiffmon import derive
+from stiffmon.store import RunData
+from stiffmon.tui.renderables import HLine, Line, LineChart, Marker, XMark
+
+if TYPE_CHECKING:
+    from stiffmon.tui.app import StiffmonApp
+
+PALETTE = (
+    "#e45756",
+    "#4c78a8",
+    "#54a24b",
+    "#f58518",
+    "#b279a2",
+    "#72b7b2",
+    "#eeca3b",
+    "#ff9da6",
+    "#9d755d",
+    "#bab0ac",
+)
+SMOOTHING = (0.0, 0.6, 0.9, 0.99)
+Builder = Callable[[int, int], RenderableType]
+# which measurement produces a scalar (for the skipped-measurement marks on the x axis)
+MEASURED_BY = {"sharpness": "sharpness", "stiffness": "gram", "noise": "gram", "xi": "gram"}
+
+
+def run_color(rd: RunData) -> str:
+    """Stable colour of a run: by order of appearance."""
+    return PALETTE[rd.index % len(PALETTE)]
+
+
+class ChartView(Widget):
+    """A thin shell around a renderable built on demand; the mouse zooms, pans and points.
+
+    Wheel: zoom the step axis around the pointer; drag: pan; click: put the cursor there.
+    """
+
+    DEFAULT_CSS = "ChartView { height: 1fr; min-height: 5; }"
+
+    def __init__(self, build: Builder, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.build = build
+        self.last: RenderableType | None = None
+        self._drag: tuple[int, tuple[float, float]] | None = None
+
+    def render(self) -> RenderableType:
+        self.last = self.build(self.size.width, self.size.height)
+        return self.last
+
+    def data_x(self, col: int) -> float | None:
+        """The x value under screen column ``col`` of the last drawn chart (None: not a chart)."""
+        chart = self.last
+        if not isinstance(chart, LineChart) or chart.plot_box is None:
+            return None
+        left, width, x0, x1 = chart.plot_box
+        f = min(1.0, max(0.0, (col - left) / max(1, width - 1)))
+        return x0 + f * (x1 - x0)
+
+    def _app(self) -> StiffmonApp:
+        app: StiffmonApp = self.app  # type: ignore[assignment]
+        return app
+
+    def on_mouse_scroll_up(self, event: events.MouseScrollUp) -> None:
+        self._app().zoom(0.5, self.data_x(event.x), self.plot_range())
+        event.stop()
+
+    def on_mouse_scroll_down(self, event: events.MouseScrollDown) -> None:
+        self._app().zoom(2.0, self.data_x(event.x), self.plot_range())
+        event.stop()
+
+    def plot_range(self) -> tuple[float, float] | None:
+        chart = self.last
+        if isinstance(chart, LineChart) and chart.plot_box is not None:
+            return chart.plot_box[2], chart.plot_box[3]
+        return None
+
+    def on_mouse_down(self, event: events.MouseDown) -> None:
+        rng = self.plot_range()
+        if rng is not None:
+            self._drag = (event.x, rng)
+            self.capture_mouse()
+
+    def on_mouse_move(self, event: events.MouseMove) -> None:
+        if self._drag is None or not isinstance(self.last, LineChart):
+            return
+        x_start, (x0, x1) = self._drag
+        box = self.last.plot_box
+        if box is None or event.x == x_start:
+            return
+        shift = (x_start - event.x) / max(1, box[1] - 1) * (x1 - x0)
+        self._app().set_window((x0 + shift, x1 + shift))
+
+    def on_mouse_up(self, event: events.MouseUp) -> None:
+        if self._drag is not None:
+            moved = event.x != self._drag[0]
+            self._drag = None
+            self.release_mouse()
+            if not moved:
+                x = self.data_x(event.x)
+                if x is not None:
+                    self._app().set_cursor(x)
+
+
+class View:
+    """One screen of the monitor: a container of widgets and how to refresh them.
+
+    Subclasses set ``name``, ``key`` and ``title`` and build their widgets in :meth:`widget`.
+    """
+
+    name: ClassVar[str] = ""
+    key: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    zoomable: ClassVar[bool] = True  # the step axis zooms / pans / has a cursor
+
+    def __init__(self, app: StiffmonApp) -> None:
+        self.app = app
+
+    def widget(self) -> Widget:
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        """Redraw the view's charts (called when the store or a toggle changed)."""
+        for w in self.app.query_one(f"#{self.name}").query(ChartView):
+            w.refresh()
+
+    # -------------------------------------------------------------- helpers for the charts
+
+    def runs(self) -> list[RunData]:
+        return [rd for rd in self.app.store.runs.values() if rd.visible]
+
+    def xy(self, rd: RunData, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        s = rd.series(name)
+        if s is None or not len(s):
+            return None
+        x = (s.times - rd.first_t) if self.app.x_time else s.steps.astype(np.float64)
+        y = s.values
+        w = SMOOTHING[self.app.smooth_i]
+        if w:
+            y = np.asarray(derive.ema(y.tolist(), w))
+        return x, y
+
+    def x_of_step(self, rd: RunData, name: str, step: int) -> float:
+        """Where ``step`` sits on the x axis (wall time when x is time)."""
+        if not self.app.x_time:
+            return float(step)
+        s = rd.series(name)
+        if s is None or not len(s):
+            return math.nan
+        i = min(len(s) - 1, int(np.searchsorted(s.steps, step)))
+        return float(s.times[i] - rd.first_t)
+
+    def skip_marks(self, rd: RunData, kind: str, name: str) -> list[XMark]:
+        return [XMark(self.x_of_step(rd, name, st), "#e45756") for st in rd.skipped_at(kind)[-500:]]
+
+    def chart(self, lines: list[Line], title: str, height: int, **kw: Any) -> LineChart:
+        """A line chart under the app's toggles (log-y, ASCII, zoom window, cursor)."""
+        app = self.app
+        kw.setdefault("x_label", "seconds" if app.x_time else "step")
+        return LineChart(
+            lines,
+            title=title,
+            log_y=kw.pop("log_y", app.log_y),
+            ascii=app.ascii,
+            height=height,
+            x_range=app.x_window if self.zoomable else None,
+            cursor_x=app.cursor_x if self.zoomable else None,
+            **kw,
+        )
+
+    def metric_chart(
+        self, name: str, title: str, ref: float | None = None, legend: bool = False
+    ) -> Builder:
+        """A chart of scalar ``name`` for every visible run (the run list is the legend)."""
+        kind = MEASURED_BY.get(name.split("/", 1)[0])
+
+        def build(width: int, height: int) -> RenderableType:
+            lines, marks = [], []
+            for rd in self.runs():
+                xy = self.xy(rd, name)
+                if xy is not None:
+                    lines.append(Line(xy[0], xy[1], run_color(rd), rd.name))
+                    if kind is not None:
+                        marks += self.skip_marks(rd, kind, name)
+            hl = [HLine(ref, "grey50")] if ref is not None else []
+            return self.chart(
+                lines,
+                title,
+                height,
+                hlines=hl,
+                legend=legend,
+                x_marks=marks,
+                empty_text=f"no {title} yet",
+            )
+
+        return build
+
+    def selected_run(self) -> RunData | None:
+        runs = list(self.app.store.runs.values())
+        return runs[self.app.selected % len(runs)] if runs else None
+
+
+def be_marker(x: float, value: float, color: str, status: str) -> Marker:
+    """◆ confirmed / ◇ tentative break-even."""
+    return Marker(x, value, color, "◇" if status == "tentative" else "◆")

@@ -1,0 +1,83 @@
+"""Compare: the comparison table of every run and an overlay of one metric (``m`` cycles; the
+user's ``custom/…`` scalars are in the cycle)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import RenderableType
+from textual.containers import Vertical
+from textual.widget import Widget
+from textual.widgets import Static
+
+from stiffmon.store import RunData
+from stiffmon.summary import run_summary
+from stiffmon.tui.renderables.comparetable import compare_table
+from stiffmon.tui.views.base import ChartView, View, run_color
+from stiffmon.tui.views.custom import custom_names
+from stiffmon.tui.views.sharpness import SHARPNESS_SERIES
+
+if TYPE_CHECKING:
+    from stiffmon.tui.app import StiffmonApp
+
+COMPARE_METRICS = (
+    ("loss", "loss"),
+    ("accuracy", "accuracy"),
+    ("sharpness/lambda1_h", "λ1_H"),
+    ("noise/lambda1_k", "λ1_K"),
+    ("noise/trace_k", "Tr K"),
+    ("stiffness/cos/train-train/within", "within-class stiffness"),
+    ("stiffness/cos/train-val/within", "train–val stiffness"),
+    ("xi/input", "ξ (input)"),
+)
+
+
+SUMMARY_SERIES = (*SHARPNESS_SERIES, "noise/lambda1_k", "noise/trace_k", "xi/input")
+
+
+def summary_of(rd: RunData) -> dict[str, Any]:
+    """``summary.run_summary``, computed again only when a measured series changed."""
+    return rd.memoized("summary", rd.data_key(*SUMMARY_SERIES), lambda: run_summary(rd))
+
+
+def fresh(app: StiffmonApp, rd: RunData, now: float) -> dict[str, Any]:
+    """What changes every step: the last loss and the state."""
+    return {"final_loss": rd.last("loss"), "status": status_words(app, rd, now)}
+
+
+def status_words(app: StiffmonApp, rd: RunData, now: float) -> str:
+    """``live``, ``finished``, ``diverged @19``, … for the table's status column."""
+    if rd.diverged_step is not None:
+        return f"diverged @{rd.diverged_step:,}"
+    return app.health(rd, now).text
+
+
+class Compare(View):
+    name = "compare"
+    key = "6"
+    title = "compare"
+
+    def metrics(self) -> list[tuple[str, str]]:
+        return [*COMPARE_METRICS, *((n, n) for n in custom_names(self))]
+
+    def widget(self) -> Widget:
+        return Vertical(
+            Static(id="compare-table"), ChartView(self.overlay, classes="chart"), id=self.name
+        )
+
+    def refresh(self) -> None:
+        app = self.app
+        now = app.clock()
+        rows = [
+            (rd.name, run_color(rd), summary_of(rd) | fresh(app, rd, now))
+            for rd in app.store.runs.values()
+        ]
+        table = self.app.query_one("#compare-table", Static)
+        width = app.query_one("#views").size.width - 2  # the table's own width is its content's
+        table.update(compare_table(rows, width, ascii=app.ascii))
+        super().refresh()
+
+    def overlay(self, width: int, height: int) -> RenderableType:
+        metrics = self.metrics()
+        name, label = metrics[self.app.metric_i % len(metrics)]
+        return self.metric_chart(name, f"overlay: {label}   (m: next metric)")(width, height)

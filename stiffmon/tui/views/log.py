@@ -1,0 +1,64 @@
+"""Log: every event of every run (the agent's and the monitor's own: stalls, new runs), newest
+first; ``f`` cycles the level filter, ``/`` filters by text, ``r`` shows the selected run only."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import RenderableType
+from textual.containers import Vertical
+from textual.widget import Widget
+from textual.widgets import Input
+
+from stiffmon.tui.renderables.eventlog import EventLog, LogRow
+from stiffmon.tui.views.base import ChartView, View, run_color
+
+LEVELS = ("info", "warning", "error")
+
+
+class Log(View):
+    name = "log"
+    key = "g"
+    title = "log"
+    zoomable = False
+
+    def widget(self) -> Widget:
+        return Vertical(
+            Input(placeholder="filter text (press / to type, enter to return)", id="log-filter"),
+            ChartView(self.build, id="log-table"),
+            id=self.name,
+        )
+
+    def rows(self) -> list[LogRow]:
+        """Every event that passes the filters, oldest first."""
+        app = self.app
+        floor = LEVELS.index(app.log_level) if app.log_level in LEVELS else 0
+        needle = app.log_text.lower()
+        sel = self.selected_run() if app.log_selected_only else None
+        out = []
+        for rd in app.store.runs.values():
+            if sel is not None and rd is not sel:
+                continue
+            events = [*rd.events, *app.monitor_events.get(rd.run, ())]
+            for ev in events:
+                lvl = ev.level if ev.level in LEVELS else "info"
+                if LEVELS.index(lvl) < floor:
+                    continue
+                text = ev.message if ev.code in ("", "monitor") else f"{ev.code}: {ev.message}"
+                if needle and needle not in text.lower() and needle not in rd.name.lower():
+                    continue
+                secs = ev.t - rd.first_t if math.isfinite(rd.first_t) else math.nan
+                out.append(LogRow(lvl, ev.step, secs, rd.name, run_color(rd), text))
+        out.sort(key=lambda r: r.seconds if math.isfinite(r.seconds) else 0.0)
+        return out
+
+    def build(self, width: int, height: int) -> RenderableType:
+        app = self.app
+        sel = self.selected_run()
+        scope = f"run {sel.name}" if app.log_selected_only and sel is not None else "all runs"
+        title = (
+            f"events: {scope}, level ≥ {app.log_level}"
+            + (f", text '{app.log_text}'" if app.log_text else "")
+            + "  (keys f, r, /)"
+        )
+        return EventLog(self.rows(), height=height, ascii=app.ascii, title=title)

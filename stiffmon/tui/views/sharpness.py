@@ -1,0 +1,125 @@
+"""Sharpness: λ1_H per run with its stability threshold, break-even markers and their reasons;
+the preconditioned sharpness of adaptive runs when the agent measures it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import RenderableType
+from rich.text import Text
+from textual.containers import Vertical
+from textual.widget import Widget
+from textual.widgets import Static
+
+from stiffmon.store import RunData
+from stiffmon.tui.renderables import HLine, Line, Marker, asciify
+from stiffmon.tui.renderables.axes import cut
+from stiffmon.tui.views.base import Builder, ChartView, View, be_marker, run_color
+
+REASONS = {
+    "threshold": "threshold",
+    "early-peak": "early peak",
+    "peak": "early peak",
+    "catapult": "catapult",
+}
+
+
+SHARPNESS_SERIES = (
+    "sharpness/lambda1_h",
+    "sharpness/threshold",
+    "sharpness/lambda1_precond",
+    "sharpness/threshold_precond",
+)
+
+
+def break_even_of(rd: RunData) -> Any:
+    """The run's break-even, computed again only when its sharpness series changed."""
+    return rd.memoized("break_even", rd.data_key(*SHARPNESS_SERIES), rd.break_even)
+
+
+def be_words(rd: RunData) -> str:
+    """``break-even at step 280 (early peak, confirmed), λ1_H 1.96`` or ``no break-even yet``."""
+    be = break_even_of(rd)
+    status = getattr(be, "status", "confirmed")
+    cats = tuple(getattr(be, "catapults", ()))
+    extra = f"; catapult at {', '.join(f'{c:,}' for c in cats[:3])}" if cats else ""
+    if be.step is None or status == "none":
+        return "no break-even yet" + extra
+    why = REASONS.get(be.reason, be.reason)
+    tent = ", tentative" if status == "tentative" else ""
+    return f"break-even {be.step:,} ({why}{tent}) λ1_H {be.value:.3g}{extra}"
+
+
+def sharpness_chart(view: View, compact: bool) -> Builder:
+    """λ1_H of every visible run, dashed thresholds, ◆/◇ break-even, ▲ catapults."""
+
+    def build(width: int, height: int) -> RenderableType:
+        lines, hlines, markers, marks = [], [], [], []
+        for rd in view.runs():
+            c = run_color(rd)
+            for name, thr_name, label in (
+                ("sharpness/lambda1_h", "sharpness/threshold", rd.name),
+                ("sharpness/lambda1_precond", "sharpness/threshold_precond", f"{rd.name} precond"),
+            ):
+                xy = view.xy(rd, name)
+                if xy is None:
+                    continue
+                lines.append(Line(xy[0], xy[1], c, label))
+                thr = rd.last(thr_name)
+                if math.isfinite(thr):
+                    hlines.append(HLine(thr, c))
+            if not rd.series("sharpness/lambda1_h"):
+                continue
+            marks += view.skip_marks(rd, "sharpness", "sharpness/lambda1_h")
+            be = break_even_of(rd)
+            status = getattr(be, "status", "confirmed")
+            if be.step is not None and status != "none":
+                bx = view.x_of_step(rd, "sharpness/lambda1_h", be.step)
+                markers.append(be_marker(bx, be.value, c, status))
+            s = rd.series("sharpness/lambda1_h")
+            for cat in getattr(be, "catapults", ()):
+                if s is not None:
+                    i = min(len(s) - 1, int(s.steps.searchsorted(cat)))
+                    x = view.x_of_step(rd, "sharpness/lambda1_h", cat)
+                    markers.append(Marker(x, float(s.values[i]), c, "▲"))
+        title = "λ1_H (sharpness)" if compact else "λ1_H per run, ╌ stability threshold 2/η"
+        return view.chart(
+            lines,
+            title,
+            height,
+            hlines=hlines,
+            markers=markers,
+            x_marks=marks,
+            legend=any("precond" in ln.label for ln in lines),
+            empty_text="no sharpness measurement yet",
+        )
+
+    return build
+
+
+class Sharpness(View):
+    name = "sharpness"
+    key = "4"
+    title = "sharpness"
+
+    def widget(self) -> Widget:
+        return Vertical(
+            ChartView(sharpness_chart(self, compact=False), classes="chart"),
+            Static(id="sharpness-why"),
+            id=self.name,
+        )
+
+    def refresh(self) -> None:
+        lines = []
+        for rd in self.runs():
+            if not rd.series("sharpness/lambda1_h"):
+                continue
+            status = getattr(break_even_of(rd), "status", "confirmed")
+            sym = {"confirmed": "◆", "tentative": "◇"}.get(status, "·")
+            words = f"{sym} {rd.name}: {be_words(rd)}"
+            lines.append(Text(asciify(words) if self.app.ascii else words, style=run_color(rd)))
+        text = Text("\n").join(lines)
+        text.no_wrap, text.overflow = True, cut(self.app.ascii)
+        self.app.query_one("#sharpness-why", Static).update(text)
+        super().refresh()
