@@ -30,7 +30,15 @@ from stiffmon import protocol as p
 from stiffmon.registry import RunEntry, register, unregister
 from stiffmon.transport import CurveKeys, load_curve_server
 from stiffmon_agent.columns import Accuracy, ColumnBatcher, RawColumns
-from stiffmon_agent.measure import ProbeSet, gram_messages, make_probe, sharpness_messages
+from stiffmon_agent.measure import (
+    MeasurementSkipped,
+    ProbeSet,
+    SharpnessState,
+    check_finite,
+    gram_messages,
+    make_probe,
+    sharpness_messages,
+)
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
 from stiffmon_agent.publisher import Outgoing, Publisher
 from stiffmon_agent.schedules import Schedule, parse_schedule
@@ -107,8 +115,10 @@ class Agent:
         hessian_tol: Lanczos tolerance (1e-2: each eigenvalue within 1 %).
         max_hvps: HVP budget per sharpness measurement.
         chunk_size: Probe examples per forward/backward pass (bounds memory).
-        batch_size: Training batch size. None: taken from the logits passed to :meth:`step`
-            (their first dimension) and published with every step as the scalar ``batch_size``.
+        batch_size: Training batch size B: reported, and needed for the sharpness of a
+            sum-reduced loss (B × the per-example mean). None: taken from the logits passed to
+            :meth:`step` (their first dimension) and published with every step as the scalar
+            ``batch_size``.
         rank0_only: Under torch.distributed, only rank 0 measures and publishes.
         curve_keys: Directory from ``stiffmon keys``: require CURVE authentication.
         fsync: fsync policy of the session file (``"never"``, ``"always"`` or seconds).
@@ -175,6 +185,7 @@ class Agent:
         }
         self._disabled: dict[str, str] = {}
         self._warm: Tensor | None = None
+        self._sharp_state = SharpnessState(batch_size=batch_size)
         self._gen = torch.Generator().manual_seed(0)
         self._measure_seconds = 0.0
         self._last_cost = {"gram": 0.0, "sharpness": 0.0}
@@ -192,7 +203,8 @@ class Agent:
             return
         device = next((q.device for q in model.parameters()), None)
         if probe is not None:
-            self.probe = make_probe(probe, val_probe, device, num_classes, class_names)
+            dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
+            self.probe = make_probe(probe, val_probe, device, num_classes, class_names, dtype)
         keys = (
             load_curve_server(curve_keys)
             if isinstance(curve_keys, str | os.PathLike)
@@ -317,6 +329,7 @@ class Agent:
             names.append("accuracy")  # computed on the publisher thread, off the training loop
             values.append(Accuracy(logits.detach(), targets.detach()))
         if self._batch_size is None and isinstance(logits, Tensor) and logits.ndim >= 1:
+            self._sharp_state.batch_size = int(logits.shape[0])  # B of a sum-reduced objective
             names.append("batch_size")  # the hello went out before any batch was seen
             values.append(logits.shape[0])
         # step_time is not sent: the monitor derives it from consecutive row times
@@ -415,6 +428,7 @@ class Agent:
         self._columns.flush()  # the steps so far go out before the measurement (seq order)
         t0 = time.perf_counter()
         try:
+            check_finite(self.model, self.loss_fn, self.probe, self.forward)
             if kind == "gram":
                 msgs = gram_messages(
                     self.model,
@@ -441,7 +455,17 @@ class Agent:
                     max_hvps=self._opts["max_hvps"],
                     chunk_size=self._opts["chunk_size"],
                     generator=self._gen,
+                    state=self._sharp_state,
                 )
+        except MeasurementSkipped as exc:
+            log.info(f"stiffmon: {kind} measurement at step {step} skipped: {exc}")
+            self.event(
+                "measurement-skipped",
+                f"{kind} at step {step} skipped: {exc}",
+                level="warning",
+                metric=kind,
+            )
+            return
         except Exception as exc:
             self._disable(kind, exc)
             self._coverage[kind][1] += 1  # the metric-error event says why
