@@ -150,6 +150,7 @@ def run_headless(runs: Sequence[DemoRun], steps: int) -> None:
     """Progress bars from the recorded files until every child has finished."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from stiffmon.protocol import PER_STEP_KINDS
     from stiffmon.session import SessionError, SessionReader
 
     offsets = {r.record: 0 for r in runs}
@@ -166,7 +167,7 @@ def run_headless(runs: Sequence[DemoRun], steps: int) -> None:
                 try:
                     reader = SessionReader(r.record)
                     for m in reader.messages(offsets[r.record] or 12, on_error="skip"):
-                        if m.KIND == "scalars":
+                        if m.KIND in PER_STEP_KINDS:
                             done[r.record] = max(done[r.record], m.step + 1)
                     if reader.last_scan is not None:
                         offsets[r.record] = reader.last_scan.end

@@ -84,7 +84,7 @@ def tables(store: Store) -> dict[str, Columns]:
     }
     scal: dict[str, list[npt.NDArray[Any]]] = {c: [] for c in SCHEMAS["scalars"]}
     for rd in store.runs.values():
-        for name, s in rd.scalars.items():
+        for name, s in sorted(rd.scalars.items()):  # by name: independent of arrival order
             n = len(s)
             scal["run"].append(np.full(n, rd.run, dtype=object))
             scal["step"].append(s.steps.copy())

@@ -17,15 +17,26 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
-PROTOCOL_VERSION = 1
-"""Version written into every header; decoders refuse newer versions."""
+PROTOCOL_VERSION = 2
+"""Version written into every header; decoders refuse newer versions.
+
+Version 2 added the ``columns`` kind (per-step scalars of many steps in one message); every
+version-1 message is still a valid version-2 message, so version-1 frames and session files
+decode unchanged.
+"""
+
+MIN_PROTOCOL_VERSION = 1
+"""Oldest version decoders accept."""
+
+MAX_COLUMN_ROWS = 1 << 20
+"""Most steps one ``columns`` message may carry."""
 
 MAX_HEADER_BYTES = 1 << 20
 """Largest JSON header accepted (1 MiB)."""
@@ -206,6 +217,99 @@ class Scalars(Message):
 
 
 @dataclass(frozen=True, eq=False)
+class Columns(Message):
+    """Per-step scalars of many consecutive steps, one array per name (protocol version 2).
+
+    The agent sends the cheap every-step values (loss, lr, momentum, accuracy ...) this way: one
+    message per ~50 ms or per few thousand steps instead of one per step. ``step`` and ``t`` of
+    the message are those of its last row; ``first_step`` (in the header) is ``steps[0]``.
+
+    On the wire a column may be shortened to one element: a value column of length 1 stands for
+    that value at every row, a ``steps`` array of length 1 for consecutive steps from it. In
+    memory every array has one element per row.
+
+    Attributes:
+        names: Names of the columns, e.g. ``("loss", "lr/0")``.
+        steps: 1-D int64 array, the step of each row (non-decreasing).
+        times: 1-D float64 array, unix time of each row.
+        values: One 1-D float64 array per name, one value per row (NaN and ±Inf allowed).
+    """
+
+    KIND: ClassVar[str] = "columns"
+
+    names: tuple[str, ...] = ()
+    steps: Array = field(default_factory=lambda: np.zeros(0, np.int64))
+    times: Array = field(default_factory=lambda: np.zeros(0, np.float64))
+    values: tuple[Array, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "steps", np.asarray(self.steps, dtype=np.int64).reshape(-1))
+        object.__setattr__(self, "times", np.asarray(self.times, dtype=np.float64).reshape(-1))
+        object.__setattr__(
+            self,
+            "values",
+            tuple(np.asarray(v, dtype=np.float64).reshape(-1) for v in self.values),
+        )
+
+    def __len__(self) -> int:
+        return int(self.steps.shape[0])
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, Columns)
+        head = (self.run, self.seq, self.step, self.names)
+        if head != (other.run, other.seq, other.step, other.names) or not (
+            self.t == other.t or (math.isnan(self.t) and math.isnan(other.t))
+        ):
+            return False
+        pairs = [(self.steps, other.steps), (self.times, other.times)]
+        pairs += list(zip(self.values, other.values, strict=False))
+        return len(self.values) == len(other.values) and all(_arrays_equal(a, b) for a, b in pairs)
+
+    __hash__ = None
+
+    @classmethod
+    def from_columns(
+        cls,
+        columns: Mapping[str, npt.ArrayLike],
+        steps: npt.ArrayLike,
+        times: npt.ArrayLike,
+        *,
+        run: str,
+        seq: int,
+    ) -> Columns:
+        """Build a message from ``{name: values}``; ``step`` and ``t`` come from the last row."""
+        st = np.asarray(steps, dtype=np.int64).reshape(-1)
+        ts = np.asarray(times, dtype=np.float64).reshape(-1)
+        if st.shape[0] == 0:
+            raise ValueError("a columns message needs at least one row")
+        return cls(
+            run=run,
+            seq=seq,
+            step=int(st[-1]),
+            t=float(ts[-1]),
+            names=tuple(columns),
+            steps=st,
+            times=ts,
+            values=tuple(np.asarray(v, dtype=np.float64) for v in columns.values()),
+        )
+
+    def column(self, name: str) -> Array:
+        """The values of one column (KeyError if absent)."""
+        return self.values[self.names.index(name)]
+
+    def rows(self) -> list[Scalars]:
+        """The batch as one :class:`Scalars` message per row (all with this message's seq)."""
+        vals = np.stack(self.values, axis=1) if self.values else np.zeros((len(self), 0))
+        return [
+            Scalars(run=self.run, seq=self.seq, step=s, t=t, names=self.names, values=vals[i])
+            for i, (s, t) in enumerate(zip(self.steps.tolist(), self.times.tolist(), strict=True))
+        ]
+
+
+@dataclass(frozen=True, eq=False)
 class Matrix(Message):
     """A named 2-D array, e.g. a class stiffness matrix.
 
@@ -314,11 +418,29 @@ class Bye(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.KIND: cls for cls in (Hello, Scalars, Matrix, Curve, Spectrum, Event, Heartbeat, Bye)
+    cls.KIND: cls
+    for cls in (Hello, Scalars, Columns, Matrix, Curve, Spectrum, Event, Heartbeat, Bye)
 }
 """Message class for each kind."""
 
-AnyMessage: TypeAlias = Hello | Scalars | Matrix | Curve | Spectrum | Event | Heartbeat | Bye
+AnyMessage: TypeAlias = (
+    Hello | Scalars | Columns | Matrix | Curve | Spectrum | Event | Heartbeat | Bye
+)
+
+PER_STEP_KINDS = ("scalars", "columns")
+"""Kinds that carry per-step scalars: one step per ``scalars``, a batch per ``columns``."""
+
+
+def expand_columns(msgs: Iterable[AnyMessage]) -> list[AnyMessage]:
+    """The messages with every ``columns`` batch replaced by one ``scalars`` message per row."""
+    out: list[AnyMessage] = []
+    for m in msgs:
+        if isinstance(m, Columns):
+            out.extend(m.rows())
+        else:
+            out.append(m)
+    return out
+
 
 _COMMON = ("run", "seq", "step", "t")
 
@@ -376,6 +498,8 @@ def encode(msg: Message) -> list[bytes]:
         raise ValueError("t must be finite")
     if not (0 <= header["seq"] <= MAX_INT and 0 <= header["step"] <= MAX_INT):
         raise ValueError(f"seq and step must be in [0, 2^63): {header['seq']}, {header['step']}")
+    if isinstance(msg, Columns):
+        return _encode_columns(msg, header)
     array_names = {name for name, _ in msg.ARRAY_FIELDS}
     buffers: list[bytes] = []
     specs: list[dict[str, Any]] = []
@@ -400,6 +524,46 @@ def encode(msg: Message) -> list[bytes]:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"cannot encode {msg.KIND} header: {exc}") from exc
     return [msg.topic, header_bytes, *buffers]
+
+
+def _wire_column(a: Array, runs: bool) -> Array:
+    """Shorten a column to one element where the wire allows it (see :class:`Columns`)."""
+    n = a.shape[0]
+    if n > 1:
+        if runs and a[-1] - a[0] == n - 1 and bool((np.diff(a) == 1).all()):
+            return a[:1]
+        if not runs:
+            bits = a.view(np.int64)  # bitwise: keeps -0.0 and NaN payloads apart
+            if bool((bits == bits[0]).all()):
+                return a[:1]
+    return a
+
+
+def _encode_columns(msg: Columns, header: dict[str, Any]) -> list[bytes]:
+    n = len(msg)
+    if n == 0 or n > MAX_COLUMN_ROWS:
+        raise ValueError(f"columns: {n} rows, need 1 to {MAX_COLUMN_ROWS}")
+    if len(msg.values) != len(msg.names):
+        raise ValueError(f"columns: {len(msg.names)} names but {len(msg.values)} value arrays")
+    if msg.times.shape[0] != n or any(v.shape[0] != n for v in msg.values):
+        raise ValueError(f"columns: every array needs {n} elements (one per step)")
+    if int(msg.steps[0]) < 0 or bool((np.diff(msg.steps) < 0).any()):
+        raise ValueError("columns: steps must be non-negative and non-decreasing")
+    if int(msg.steps[-1]) != int(msg.step):
+        raise ValueError(f"columns: step {msg.step} is not the last row's step {msg.steps[-1]}")
+    if not bool(np.isfinite(msg.times).all()):
+        raise ValueError("columns: times must be finite")
+    arrays = [_wire_column(msg.steps, True), msg.times]
+    arrays += [_wire_column(v, False) for v in msg.values]
+    header["arrays"] = [{"dtype": a.dtype.str, "shape": [a.shape[0]]} for a in arrays]
+    header["names"] = list(msg.names)
+    header["first_step"] = int(msg.steps[0])
+    try:
+        text = json.dumps(header, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"cannot encode columns header: {exc}") from exc
+    header_bytes = text.encode("utf-8")
+    return [msg.topic, header_bytes, *(a.tobytes() for a in arrays)]
 
 
 # --------------------------------------------------------------------------- decoding
@@ -547,7 +711,7 @@ def _decode(frames: Sequence[bytes | bytearray | memoryview], max_buffer_bytes: 
             f"message uses protocol version {v}, but this stiffmon understands version "
             f"{PROTOCOL_VERSION}; upgrade stiffmon on this side"
         )
-    if v < 1:
+    if v < MIN_PROTOCOL_VERSION:
         raise ProtocolVersionError(f"message uses unknown protocol version {v}")
 
     kind = h.get("kind")
@@ -574,6 +738,10 @@ def _decode(frames: Sequence[bytes | bytearray | memoryview], max_buffer_bytes: 
     if bytes(topic) != expected_topic:
         raise ProtocolError(f"topic {bytes(topic)!r} does not match header ({expected_topic!r})")
 
+    if cls is Columns:
+        if v < 2:
+            raise ProtocolError(f"columns: kind needs protocol version 2, header says {v}")
+        return _decode_columns(h, buffers, run, seq, step, float(t))
     specs = _get(h, "arrays", list, kind)
     if len(specs) != len(cls.ARRAY_FIELDS):
         raise ProtocolError(
@@ -597,6 +765,63 @@ def _decode(frames: Sequence[bytes | bytearray | memoryview], max_buffer_bytes: 
     msg = cls(**kwargs)
     _check_consistency(msg)
     return msg  # type: ignore[return-value]
+
+
+def _decode_columns(
+    h: Mapping[str, Any],
+    buffers: Sequence[bytes | bytearray | memoryview],
+    run: str,
+    seq: int,
+    step: int,
+    t: float,
+) -> Columns:
+    kind = Columns.KIND
+    names = _get_str_tuple(h, "names", kind)
+    first_step = _check_range(_get(h, "first_step", int, kind), "first_step", kind)
+    specs = _get(h, "arrays", list, kind)
+    if len(specs) != 2 + len(names):
+        raise ProtocolError(
+            f"{kind}: header describes {len(specs)} arrays, steps + times + {len(names)} names "
+            f"need {2 + len(names)}"
+        )
+    if len(buffers) != len(specs):
+        raise ProtocolError(
+            f"{kind}: header describes {len(specs)} arrays, got {len(buffers)} buffers"
+        )
+    arrays = [
+        _decode_array(spec, buf, i, kind)
+        for i, (spec, buf) in enumerate(zip(specs, buffers, strict=True))
+    ]
+    for i, (a, want) in enumerate(zip(arrays, ["<i8"] + ["<f8"] * (len(arrays) - 1), strict=True)):
+        if a.ndim != 1 or a.dtype.str != want:
+            raise ProtocolError(
+                f"{kind}: arrays[{i}] must be 1-D {want}, got {a.dtype.str}{a.shape}"
+            )
+    times = arrays[1]
+    n = times.shape[0]
+    if not 1 <= n <= MAX_COLUMN_ROWS:
+        raise ProtocolError(f"{kind}: {n} rows, need 1 to {MAX_COLUMN_ROWS}")
+    if not bool(np.isfinite(times).all()):
+        raise ProtocolError(f"{kind}: times must be finite")
+    for i, a in enumerate(arrays):
+        if a.shape[0] not in (1, n):
+            raise ProtocolError(f"{kind}: arrays[{i}] has {a.shape[0]} elements for {n} rows")
+    steps = arrays[0]
+    if steps.shape[0] != n:  # consecutive steps from steps[0]
+        if int(steps[0]) > MAX_INT - n:
+            raise ProtocolError(f"{kind}: steps from {int(steps[0])} overflow int64")
+        steps = steps[0] + np.arange(n, dtype=np.int64)
+    if int(steps[0]) != first_step or int(steps[-1]) != step:
+        raise ProtocolError(
+            f"{kind}: steps run from {int(steps[0])} to {int(steps[-1])}, the header says "
+            f"{first_step} to {step}"
+        )
+    if int(steps[0]) < 0 or bool((np.diff(steps) < 0).any()):
+        raise ProtocolError(f"{kind}: steps must be non-negative and non-decreasing")
+    values = tuple(a if a.shape[0] == n else np.full(n, a[0]) for a in arrays[2:])
+    return Columns(
+        run=run, seq=seq, step=step, t=t, names=names, steps=steps, times=times, values=values
+    )
 
 
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {

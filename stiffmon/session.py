@@ -21,7 +21,7 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Literal
@@ -42,6 +42,8 @@ _REC = struct.Struct("<II")
 _U32 = struct.Struct("<I")
 _READ_BUFFER = 1 << 20
 _STEP_RE = re.compile(rb'"step":\s*(\d+)')
+_FIRST_STEP_RE = re.compile(rb'"first_step":\s*(\d+)')
+_COLUMNS_TOPIC_END = b"/columns"
 _MAX_STEP = (1 << 63) - 1
 
 TailState = Literal["clean", "truncated", "bad-crc", "oversized", "bad-frames"]
@@ -169,16 +171,32 @@ def _header_step(
     return step if step <= _MAX_STEP else None
 
 
+def _columns_first_step(mm: mmap.mmap, start: int, stop: int) -> int | None:
+    """``first_step`` of a ``columns`` record's header (None for other kinds or no match)."""
+    (topic_len,) = _U32.unpack_from(mm, start)
+    topic_end = start + 4 + topic_len
+    if topic_end + 4 > stop or mm[topic_end - len(_COLUMNS_TOPIC_END) : topic_end] != (
+        _COLUMNS_TOPIC_END
+    ):
+        return None
+    (header_len,) = _U32.unpack_from(mm, topic_end)
+    m = _FIRST_STEP_RE.search(mm, topic_end + 4, min(stop, topic_end + 4 + header_len))
+    if m is None or len(m.group(1)) > 19:
+        return None
+    return int(m.group(1))
+
+
 def _scan_index(
-    mm: mmap.mmap, size: int, offsets: list[int], steps: list[int]
+    mm: mmap.mmap, size: int, offsets: list[int], steps: list[int], firsts: list[int]
 ) -> tuple[int, TailState]:
-    """Fill ``offsets`` and ``steps`` from a mapped session; return (end, tail state)."""
+    """Fill ``offsets``, ``steps`` and ``firsts`` (a record's first step: ``first_step`` of a
+    ``columns`` batch, else its step) from a mapped session; return (end, tail state)."""
     view = memoryview(mm)
     unpack = _REC.unpack_from
     u32 = _U32.unpack_from
     crc32 = zlib.crc32
     search = _STEP_RE.search
-    add_offset, add_step = offsets.append, steps.append
+    add_offset, add_step, add_first = offsets.append, steps.append, firsts.append
     pos, last_step = HEADER_SIZE, 0
     state: TailState = "clean"
     try:
@@ -198,10 +216,13 @@ def _scan_index(
                 state = "bad-crc"
                 break
             step = _header_step(mm, start, stop, u32, search)
+            first = None
             if step is not None:
                 last_step = step
+                first = _columns_first_step(mm, start, stop)
             add_offset(pos)
             add_step(last_step)
+            add_first(last_step if first is None or first > last_step else first)
             pos = stop
     finally:
         view.release()
@@ -343,7 +364,10 @@ class SessionIndex:
 
     Attributes:
         offsets: Offset of every intact record, in file order.
-        steps: The ``step`` of every record.
+        steps: The ``step`` of every record (the last step of a ``columns`` batch).
+        first_steps: The first step of every record (of a ``columns`` batch: its
+            ``first_step``; of other records: ``steps``), so a batch spans
+            ``first_steps[i]..steps[i]``.
         reach: Running maximum of ``steps``; non-decreasing, so it can be bisected even when
             several runs interleave or a run restarts.
         end: Offset just past the last intact record.
@@ -353,6 +377,7 @@ class SessionIndex:
     steps: npt.NDArray[np.int64]
     reach: npt.NDArray[np.int64]
     end: int
+    first_steps: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0])
@@ -360,7 +385,8 @@ class SessionIndex:
     def offset_for_step(self, step: int) -> int:
         """Offset of the first record by which the session has reached ``step`` (O(log n)).
 
-        Returns :attr:`end` if no record reaches ``step``.
+        For a session of ``columns`` batches that is the batch holding ``step``. Returns
+        :attr:`end` if no record reaches ``step``.
         """
         i = int(np.searchsorted(self.reach, step, side="left"))
         return int(self.offsets[i]) if i < len(self) else self.end
@@ -453,13 +479,14 @@ class SessionReader:
         """
         offsets: list[int] = []
         steps: list[int] = []
+        firsts: list[int] = []
         end = HEADER_SIZE
         state: TailState = "clean"
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > HEADER_SIZE:
                 with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
-                    end, state = _scan_index(mm, size, offsets, steps)
+                    end, state = _scan_index(mm, size, offsets, steps, firsts)
         self.last_scan = RecordScan(end=end, size=max(size, end), state=state)
         step_arr = np.asarray(steps, dtype=np.int64)
         return SessionIndex(
@@ -467,6 +494,7 @@ class SessionReader:
             steps=step_arr,
             reach=np.maximum.accumulate(step_arr) if len(step_arr) else step_arr,
             end=end,
+            first_steps=np.asarray(firsts, dtype=np.int64),
         )
 
     def follow(

@@ -1,10 +1,12 @@
 """The monitor's store: per-run series of scalars, matrices, curves and spectra (no Textual here).
 
-Live messages and replayed ones take the same path: :meth:`Store.apply`. Heavy measurements are
-kept at full resolution; each scalar series keeps at most ``max_points`` points and beyond that
-halves itself, keeping the minimum and the maximum of every four consecutive points, so spikes
-survive decimation. Derived quantities (break-even, peaks, ξ) live in :mod:`stiffmon.derive` and
-are computed from the store, so they work on replays too.
+Live messages and replayed ones take the same path: :meth:`Store.apply`. A ``columns`` batch is
+appended column by column (vectorised), and ``step_time`` is derived from its row times when the
+batch does not carry it. Heavy measurements are kept at full resolution; each scalar series keeps
+at most ``max_points`` points and beyond that halves itself, keeping the minimum and the maximum
+of every four consecutive points, so spikes survive decimation. Derived quantities (break-even,
+peaks, ξ) live in :mod:`stiffmon.derive` and are computed from the store, so they work on replays
+too.
 """
 
 from __future__ import annotations
@@ -89,6 +91,31 @@ class Series:
         if self._n > self.max_points:
             self._decimate()
 
+    def extend(
+        self,
+        steps: npt.NDArray[np.int64],
+        times: npt.NDArray[np.float64],
+        values: npt.NDArray[np.float64],
+    ) -> None:
+        """Append many points at once (vectorised); decimates as :meth:`append` would."""
+        k = int(steps.shape[0])
+        if k == 0:
+            return
+        need = self._n + k
+        if need > self._steps.shape[0]:
+            cap = max(need, min(max(self._n * 2, 1024), self.max_points + 4))
+            for name in ("_steps", "_times", "_values"):
+                arr = getattr(self, name)
+                new = np.empty(cap, dtype=arr.dtype)
+                new[: self._n] = arr[: self._n]
+                setattr(self, name, new)
+        self._steps[self._n : need] = steps
+        self._times[self._n : need] = times
+        self._values[self._n : need] = values
+        self._n = need
+        while self._n > self.max_points:
+            self._decimate()
+
     def _decimate(self) -> None:
         """Keep the min and the max (in step order) of every group of four points, and the first."""
         n = self._n - self._n % 4
@@ -164,6 +191,7 @@ class RunData:
     replay: bool = False
     visible: bool = True
     max_points: int = 100_000
+    column_tail: tuple[int, float] | None = None  # (step, time) of the last columns row
 
     @property
     def name(self) -> str:
@@ -397,7 +425,8 @@ class Store:
         rd.last_seen = time.monotonic() if now is None else now
         if msg.KIND != "heartbeat":
             rd.last_step = max(rd.last_step, msg.step)
-            rd.first_t = msg.t if math.isnan(rd.first_t) else min(rd.first_t, msg.t)
+            t0 = float(msg.times[0]) if isinstance(msg, p.Columns) else msg.t
+            rd.first_t = t0 if math.isnan(rd.first_t) else min(rd.first_t, t0)
             rd.last_t = msg.t if math.isnan(rd.last_t) else max(rd.last_t, msg.t)
         if isinstance(msg, p.Scalars):
             for name, value in zip(msg.names, msg.values.tolist(), strict=True):
@@ -407,6 +436,8 @@ class Store:
                 s.append(msg.step, msg.t, value)
                 if name == "loss" and not math.isfinite(value) and rd.diverged_step is None:
                     rd.diverged_step = msg.step
+        elif isinstance(msg, p.Columns):
+            self._apply_columns(rd, msg)
         elif isinstance(msg, p.Matrix):
             rd.matrices.setdefault(msg.name, []).append(Snapshot(msg.step, msg.t, msg))
         elif isinstance(msg, p.Curve):
@@ -424,6 +455,35 @@ class Store:
             rd.finished = True
             rd.bye_reason = msg.reason
         self.version += 1
+
+    def _apply_columns(self, rd: RunData, msg: p.Columns) -> None:
+        """Append a batch of per-step scalars; ``step_time`` is derived from the row times."""
+        for name, values in zip(msg.names, msg.values, strict=True):
+            s = rd.scalars.get(name)
+            if s is None:
+                s = rd.scalars[name] = Series(self.max_points)
+            s.extend(msg.steps, msg.times, values)
+            if name == "loss" and rd.diverged_step is None:
+                bad = np.flatnonzero(~np.isfinite(values))
+                if bad.size:
+                    rd.diverged_step = int(msg.steps[bad[0]])
+        if "step_time" in msg.names:
+            return
+        # The wall time of step s is the time between its row and the row of step s - 1.
+        steps, times = msg.steps, msg.times
+        prev = rd.column_tail
+        if prev is not None and prev[0] == steps[0] - 1:
+            steps_all = np.concatenate(([prev[0]], steps))
+            times_all = np.concatenate(([prev[1]], times))
+        else:
+            steps_all, times_all = steps, times
+        rd.column_tail = (int(steps[-1]), float(times[-1]))
+        follows = np.diff(steps_all) == 1
+        if follows.any():
+            s = rd.scalars.get("step_time")
+            if s is None:
+                s = rd.scalars["step_time"] = Series(self.max_points)
+            s.extend(steps_all[1:][follows], times_all[1:][follows], np.diff(times_all)[follows])
 
     def extend(self, msgs: Iterable[p.Message], *, replay: bool = False) -> None:
         for m in msgs:

@@ -32,7 +32,9 @@ def test_demo_headless_end_to_end(tmp_path: Path) -> None:
         hello = msgs[0]
         assert isinstance(hello, p.Hello) and hello.class_names == tuple(str(i) for i in range(10))
         assert hello.probe_train == 100 and hello.probe_val == 100
-        steps = [m.step for m in msgs if isinstance(m, p.Scalars) and "loss" in m.names]
+        steps = [
+            m.step for m in p.expand_columns(msgs) if isinstance(m, p.Scalars) and "loss" in m.names
+        ]
         assert steps == list(range(60))
 
 
@@ -91,7 +93,7 @@ def test_demo_script_smoke_run(name: str, tmp_path: Path) -> None:
     files = list(tmp_path.glob("*.stiff"))
     assert files
     msgs, _ = read_session(files[0])
-    assert msgs[0].kind == "hello" and any(m.kind == "scalars" for m in msgs)
+    assert msgs[0].kind == "hello" and any(m.kind in p.PER_STEP_KINDS for m in msgs)
 
 
 def test_mnist_demo_without_data_is_a_clear_error(tmp_path: Path) -> None:

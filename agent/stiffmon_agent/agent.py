@@ -29,10 +29,19 @@ from stiffmon import __version__
 from stiffmon import protocol as p
 from stiffmon.registry import RunEntry, register, unregister
 from stiffmon.transport import CurveKeys, load_curve_server
-from stiffmon_agent.measure import ProbeSet, gram_messages, make_probe, sharpness_messages
+from stiffmon_agent.columns import Accuracy, ColumnBatcher, RawColumns
+from stiffmon_agent.measure import (
+    MeasurementSkipped,
+    ProbeSet,
+    SharpnessState,
+    check_finite,
+    gram_messages,
+    make_probe,
+    sharpness_messages,
+)
 from stiffmon_agent.measure_curvature import density_messages
-from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
-from stiffmon_agent.publisher import Accuracy, Outgoing, Publisher
+from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, loss_reduction
+from stiffmon_agent.publisher import Outgoing, Publisher
 from stiffmon_agent.schedules import EveryK, Schedule, parse_schedule
 from stiffmon_agent.userlog import custom_scalars, log_spaced
 
@@ -116,13 +125,16 @@ class Agent:
         batch_test_theta: θ of the norm and inner-product tests and ν of the orthogonality test
             for the suggested batch sizes (Bollapragada et al.'s 0.9, 0.9, 5.84).
         chunk_size: Probe examples per forward/backward pass (bounds memory).
-        batch_size: Training batch size. None: taken from the logits passed to :meth:`step`
-            (their first dimension) and published with every step as the scalar ``batch_size``.
+        batch_size: Training batch size B: reported, and needed for the sharpness of a
+            sum-reduced loss (B × the per-example mean). None: taken from the logits passed to
+            :meth:`step` (their first dimension) and published with every step as the scalar
+            ``batch_size``.
         rank0_only: Under torch.distributed, only rank 0 measures and publishes.
         curve_keys: Directory from ``stiffmon keys``: require CURVE authentication.
         fsync: fsync policy of the session file (``"never"``, ``"always"`` or seconds).
         queue_size: Bound of the queue to the publisher thread.
-        max_scalar_history: Per-step scalar messages kept for late joiners (then decimated).
+        max_scalar_history: ``scalars`` messages (measurement results, coverage, ``Agent.log``)
+            kept for late joiners (then decimated); every step's per-step scalars are kept.
         registry: Register the run so ``stiffmon watch`` finds it.
     """
 
@@ -160,7 +172,7 @@ class Agent:
         curve_keys: str | os.PathLike[str] | CurveKeys | None = None,
         fsync: Any = "never",
         queue_size: int = 10_000,
-        max_scalar_history: int = 10_000,
+        max_scalar_history: int = 100_000,
         registry: bool = True,
     ) -> None:
         self.model = model
@@ -193,6 +205,7 @@ class Agent:
         }
         self._disabled: dict[str, str] = {}
         self._warm: Tensor | None = None
+        self._sharp_state = SharpnessState(batch_size=batch_size)
         self._gen = torch.Generator().manual_seed(0)
         self._measure_seconds = 0.0
         self._last_cost = {"gram": 0.0, "sharpness": 0.0, "density": 0.0}
@@ -202,15 +215,16 @@ class Agent:
         self._skips: dict[tuple[str, str], int] = {}  # (kind, reason) -> count
         self._log_warned: set[str] = set()
         self._start = time.perf_counter()
-        self._last_step_t: float | None = None
         self._registry_run: str | None = None
         self.probe: ProbeSet | None = None
         self.publisher: Publisher | None = None
+        self._columns = ColumnBatcher(self._submit_columns)
         if not self.enabled:
             return
         device = next((q.device for q in model.parameters()), None)
         if probe is not None:
-            self.probe = make_probe(probe, val_probe, device, num_classes, class_names)
+            dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
+            self.probe = make_probe(probe, val_probe, device, num_classes, class_names, dtype)
         keys = (
             load_curve_server(curve_keys)
             if isinstance(curve_keys, str | os.PathLike)
@@ -226,6 +240,7 @@ class Agent:
             curve=keys,
             warn=log.warning,
         )
+        self.publisher.on_wake = lambda: self._columns.flush(older_than=self._columns.interval)
         self.publisher.start()
         self.endpoint = self.publisher.endpoint
         names = tuple(class_names or (self.probe.class_names if self.probe else ()))
@@ -280,6 +295,13 @@ class Agent:
                 Outgoing(cls, self.step_count if step is None else step, time.time(), fields)
             )
 
+    def _submit_columns(self, raw: RawColumns) -> bool:
+        if self.publisher is None:
+            return False
+        return self.publisher.submit(
+            Outgoing(p.Columns, raw.steps[-1], raw.times[-1], {"raw": raw})
+        )
+
     def event(self, code: str, message: str, level: str = "info", **attrs: Any) -> None:
         """Publish an ``event`` message (shown by the monitor)."""
         self._submit(p.Event, {"level": level, "code": code, "message": message, "attrs": attrs})
@@ -291,8 +313,10 @@ class Agent:
     ) -> None:
         """Record one training step; run the heavy metrics when their schedule is due.
 
-        Call after ``optimizer.step()``. Cheap when nothing is due (a queue put): the loss is
-        converted to a number on the background thread, so a GPU loss causes no synchronisation.
+        Call after ``optimizer.step()``. Cheap when nothing is due: the step's values are
+        appended to the current columnar batch, which goes to the background thread every
+        ~50 ms or 8192 steps; the loss is converted to a number there, so a GPU loss causes no
+        synchronisation. Every step is kept.
 
         Args:
             loss: The step's loss (tensor or number).
@@ -302,7 +326,6 @@ class Agent:
         if not self.enabled or self.closed:
             return
         s = self.step_count
-        now = time.perf_counter()
         names = ["loss"]
         values: list[Any] = [loss.detach() if isinstance(loss, Tensor) else loss]
         opt = self.optimizer
@@ -322,19 +345,15 @@ class Agent:
                 if g.get("weight_decay"):
                     names.append(f"weight_decay/{i}")
                     values.append(g["weight_decay"])
-        if self._last_step_t is not None:
-            names.append("step_time")
-            values.append(now - self._last_step_t)
-        self._last_step_t = now
         if logits is not None and targets is not None:
             names.append("accuracy")  # computed on the publisher thread, off the training loop
             values.append(Accuracy(logits.detach(), targets.detach()))
         if self._batch_size is None and isinstance(logits, Tensor) and logits.ndim >= 1:
+            self._sharp_state.batch_size = int(logits.shape[0])  # B of a sum-reduced objective
             names.append("batch_size")  # the hello went out before any batch was seen
             values.append(logits.shape[0])
-        self.publisher.submit(
-            Outgoing(p.Scalars, s, time.time(), {"values_names": names, "values_raw": values})
-        )  # type: ignore[union-attr]
+        # step_time is not sent: the monitor derives it from consecutive row times
+        self._columns.add(s, time.time(), tuple(names), values)
         if self.probe is not None:
             schedules = (
                 ("gram", self._gram_schedule),
@@ -430,8 +449,10 @@ class Agent:
             self._skip(kind, "overhead-cap")
             return
         assert self.probe is not None
+        self._columns.flush()  # the steps so far go out before the measurement (seq order)
         t0 = time.perf_counter()
         try:
+            check_finite(self.model, self.loss_fn, self.probe, self.forward)
             if kind == "gram":
                 msgs = gram_messages(
                     self.model,
@@ -457,6 +478,7 @@ class Agent:
                     trace_samples=self._opts["trace_samples"],
                     chunk_size=self._opts["chunk_size"],
                     generator=self._gen,
+                    scale=self._objective_scale(),
                 )
             else:
                 msgs, self._warm = sharpness_messages(
@@ -472,7 +494,17 @@ class Agent:
                     max_hvps=self._opts["max_hvps"],
                     chunk_size=self._opts["chunk_size"],
                     generator=self._gen,
+                    state=self._sharp_state,
                 )
+        except MeasurementSkipped as exc:
+            log.info(f"stiffmon: {kind} measurement at step {step} skipped: {exc}")
+            self.event(
+                "measurement-skipped",
+                f"{kind} at step {step} skipped: {exc}",
+                level="warning",
+                metric=kind,
+            )
+            return
         except Exception as exc:
             self._disable(kind, exc)
             self._coverage[kind][1] += 1  # the metric-error event says why
@@ -484,6 +516,11 @@ class Agent:
         self._coverage[kind][0] += 1
         for m in msgs:
             self.publisher.submit(m)  # type: ignore[union-attr]
+
+    def _objective_scale(self) -> float:
+        """B for a sum-reduced loss with a known batch size, else 1 (as the sharpness uses)."""
+        b = self._sharp_state.batch_size
+        return float(b) if loss_reduction(self.loss_fn) == "sum" and b else 1.0
 
     def _disable(self, kind: str, exc: BaseException) -> None:
         where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
@@ -519,6 +556,7 @@ class Agent:
         self.closed = True
         _LIVE_AGENTS.discard(self)
         if self.publisher is not None:
+            self._columns.flush()
             self._submit(p.Bye, {"reason": reason}, step=max(self.step_count - 1, 0))
             if not self.publisher.close(timeout):
                 log.warning("stiffmon: could not flush everything before the timeout")

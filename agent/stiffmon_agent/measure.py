@@ -11,8 +11,14 @@ Message names (the monitor relies on them):
   ``layer-stiffness/<layer>`` (mean cosine stiffness of train pairs i ≠ j from that layer's block);
 * ``spectrum`` ``grad-cov`` (top eigenvalues of the gradient covariance K);
 * ``curve`` ``stiffness-distance/<space>`` (space = ``input`` or a layer name), ``attrs.xi``;
-* after a sharpness measurement, ``spectrum`` ``hessian`` and ``scalars``
-  ``sharpness/{lambda1_h,threshold,hvps}`` (threshold NaN where none applies).
+* after a sharpness measurement, ``spectrum`` ``hessian`` (attrs ``threshold_rule``,
+  ``threshold_group`` — the most restrictive param group, −1 if none — ``hvps``, ``converged``,
+  ``objective``) and ``scalars`` ``sharpness/{lambda1_h,threshold,hvps}`` (λ1_H of the training
+  objective; threshold NaN where none applies or it cannot be known, with an ``event`` saying
+  why); for Adam / AdamW / RMSprop also ``sharpness/{lambda1_precond,threshold_precond}``
+  (λ1(P⁻¹H) and (2+2β1)/((1−β1)η)) and ``spectrum`` ``hessian-precond``;
+* a measurement due while the weights or the probe loss are not finite raises
+  :class:`MeasurementSkipped` (the agent turns it into an ``event`` ``measurement-skipped``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,18 +36,33 @@ from torch.utils._pytree import tree_map
 from stiffmon import protocol as p
 from stiffmon_agent.measure_curvature import gradient_test_scalars
 from stiffmon_agent.metrics import (
+    StabilityThreshold,
     capture_activations,
     cosine_stiffness,
+    diagonal_preconditioner,
     gradient_noise,
     hessian_eigen,
+    measurement_mode,
     pairwise_distances,
     per_example_gram,
+    preconditioned_threshold_for,
     sign_stiffness,
     stability_threshold_for,
     stiffness_blocks,
     stiffness_vs_distance,
+    trainable_parameters,
 )
-from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, batch_size, take
+from stiffmon_agent.metrics.probe import (
+    Batch,
+    ForwardFn,
+    LossFn,
+    batch_size,
+    default_forward,
+    loss_reduction,
+    per_example_losses,
+    take,
+    unreduced,
+)
 from stiffmon_agent.publisher import Outgoing
 
 BLOCKS = ("train-train", "train-val", "val-val")
@@ -82,23 +103,54 @@ def make_probe(
     device: torch.device | None,
     num_classes: int | None,
     class_names: Sequence[str] | None,
+    dtype: torch.dtype | None = None,
 ) -> ProbeSet:
-    """Concatenate the train and val probes, move them to ``device`` and read the labels."""
+    """Concatenate the train and val probes, move them to ``device`` and read the labels.
+
+    Floating-point tensors are cast to ``dtype`` (the model's), so a float64 probe works with
+    a float32 model. Integer class labels that are not 0..K−1 (e.g. {10, 20, 30}) are mapped to
+    compact classes named after the original labels, unless ``class_names`` or ``num_classes``
+    say how to read them.
+
+    Raises:
+        ValueError: If a probe is empty or malformed.
+    """
 
     def move(t: Any) -> Any:
-        return t.detach().to(device) if isinstance(t, Tensor) else t
+        if not isinstance(t, Tensor):
+            return t
+        t = t.detach()
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device)
 
     xs, ys = tree_map(move, train[0]), tree_map(move, train[1])
     n_train = batch_size(ys)
+    if n_train == 0 or batch_size(xs) != n_train:
+        raise ValueError(
+            f"the probe needs at least one example and as many inputs as targets "
+            f"(got {batch_size(xs)} inputs, {n_train} targets)"
+        )
     if val is not None:
         vx, vy = tree_map(move, val[0]), tree_map(move, val[1])
+        if batch_size(vy) == 0 or batch_size(vx) != batch_size(vy):
+            raise ValueError("the validation probe is empty or has mismatched inputs and targets")
         xs = tree_map(lambda a, b: torch.cat([a, b]), xs, vx)
         ys = tree_map(lambda a, b: torch.cat([a, b]), ys, vy)
     labels = ys if isinstance(ys, Tensor) and ys.dim() == 1 and not ys.is_floating_point() else None
     names = tuple(class_names or ())
     k = num_classes or (len(names) if names else 0)
     if labels is not None and labels.numel():
-        k = max(k, int(labels.max()) + 1)
+        uniq = torch.unique(labels)
+        compact = int(uniq[0]) == 0 and int(uniq[-1]) == uniq.numel() - 1
+        if not names and not num_classes and not compact:
+            names = tuple(str(int(v)) for v in uniq)
+            labels = torch.searchsorted(uniq, labels)
+            k = uniq.numel()
+        else:
+            if int(uniq[0]) < 0:
+                raise ValueError(f"negative class label {int(uniq[0])} in the probe")
+            k = max(k, int(labels.max()) + 1)
     return ProbeSet(xs, ys, n_train, labels, k, names)
 
 
@@ -222,6 +274,67 @@ def gram_messages(
     return out
 
 
+class MeasurementSkipped(Exception):
+    """A due measurement was not taken (non-finite weights or probe loss); the message says why."""
+
+
+def check_finite(
+    model: nn.Module, loss_fn: LossFn, probe: ProbeSet, forward: ForwardFn | None = None
+) -> None:
+    """Raise :class:`MeasurementSkipped` if a parameter or the train-probe loss is not finite."""
+    for name, q in model.named_parameters():
+        if q.requires_grad and not bool(torch.isfinite(q).all()):
+            raise MeasurementSkipped(f"parameter {name} is not finite (the run has diverged)")
+    x, y = probe.train()
+    with measurement_mode(model), torch.no_grad():
+        try:
+            out = (forward or default_forward)(model, x)
+        except Exception as exc:
+            how = (
+                "forward(model, inputs)"
+                if forward is not None
+                else "model(**inputs)"
+                if isinstance(x, dict)
+                else "model(*inputs)"
+                if isinstance(x, tuple | list)
+                else "model(inputs)"
+            )
+            raise ValueError(
+                f"the probe forward {how} failed ({type(exc).__name__}: {exc}); pass "
+                "forward=lambda model, inputs: ... to Agent for models called another way"
+            ) from exc
+        losses = per_example_losses(unreduced(loss_fn), out, y, probe.n_train)
+    if not bool(torch.isfinite(losses).all()):
+        bad = int((~torch.isfinite(losses)).sum())
+        raise MeasurementSkipped(
+            f"the probe loss is not finite for {bad} of {probe.n_train} examples"
+        )
+
+
+@dataclass
+class SharpnessState:
+    """What the sharpness measurement carries from one measurement to the next.
+
+    Attributes:
+        warm: Eigenvectors of the raw Hessian, for the next warm start.
+        warm_precond: Eigenvectors of P^{-1/2} H P^{-1/2} (adaptive optimizers).
+        batch_size: The training batch size B (from ``batch_size=`` or the logits of a step):
+            a sum-reduced objective's Hessian is B × that of the per-example mean.
+        reported: Event codes already published (each reason is said once).
+    """
+
+    warm: Tensor | None = None
+    warm_precond: Tensor | None = None
+    batch_size: int | None = None
+    reported: set[str] = field(default_factory=set)
+
+
+def _event(step: int, t: float, code: str, message: str, level: str = "info") -> Outgoing:
+    return Outgoing(
+        p.Event, step, t, {"level": level, "code": code, "message": message, "attrs": {}}
+    )
+
+
 def sharpness_messages(
     model: nn.Module,
     loss_fn: LossFn,
@@ -236,55 +349,126 @@ def sharpness_messages(
     max_hvps: int = 50,
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
+    state: SharpnessState | None = None,
 ) -> tuple[list[Outgoing], Tensor]:
-    """λ1_H (and top-k) on the train probe, warm-started; returns messages and eigenvectors."""
+    """λ1_H (and top-k) of the training objective on the train probe, warm-started.
+
+    The objective is the per-example mean for a mean-reduced loss and B × it for a sum-reduced
+    one (B from ``state.batch_size``; unknown B: the per-example mean, a NaN threshold and an
+    event). The threshold is the most restrictive param group's at the current learning rates.
+    For Adam / AdamW / RMSprop also λ1(P⁻¹H) against its preconditioned threshold.
+
+    Returns:
+        The messages (``spectrum`` ``hessian`` [and ``hessian-precond``], ``scalars``, and
+        ``event`` messages for reasons not said before) and the raw eigenvectors.
+    """
+    state = state if state is not None else SharpnessState(warm=warm_start)
+    if warm_start is not None:
+        state.warm = warm_start
     t = time.time()
     x, y = probe.train()
-    res = hessian_eigen(
-        model,
-        x,
-        y,
-        loss_fn,
-        k=k,
-        warm_start=warm_start,
-        tol=tol,
-        max_hvps=max_hvps,
-        forward=forward,
-        chunk_size=chunk_size,
-        generator=generator,
-    )
-    threshold = stability_threshold_for(optimizer) if optimizer is not None else None
+    out: list[Outgoing] = []
+
+    def note(code: str, message: str, level: str = "info") -> None:
+        if code not in state.reported:
+            state.reported.add(code)
+            out.append(_event(step, t, code, message, level))
+
+    scale, objective, scale_known = 1.0, "mean", True
+    if loss_reduction(loss_fn) == "sum":
+        if state.batch_size:
+            scale, objective = float(state.batch_size), f"sum over a batch of {state.batch_size}"
+        else:
+            scale_known, objective = False, "per-example mean (batch size unknown)"
+            note(
+                "threshold-unknown",
+                "the loss is sum-reduced and the training batch size is unknown (pass "
+                "batch_size= to Agent or the logits to step()): λ1_H is that of the per-example "
+                "mean and no threshold is published",
+                "warning",
+            )
+    common = {
+        "k": k,
+        "tol": tol,
+        "max_hvps": max_hvps,
+        "forward": forward,
+        "chunk_size": chunk_size,
+        "generator": generator,
+        "scale": scale,
+    }
+    res = hessian_eigen(model, x, y, loss_fn, warm_start=state.warm, **common)  # type: ignore[arg-type]
+    state.warm = res.eigenvectors.detach()
+    if optimizer is None:
+        threshold = StabilityThreshold(None, "none: no optimizer")
+    else:
+        threshold = stability_threshold_for(optimizer)
+    if not scale_known:
+        threshold = StabilityThreshold(None, f"none: batch size unknown; {threshold.rule}")
+    elif threshold.value is None:
+        note(
+            f"threshold-none:{threshold.rule}", f"no stability threshold on λ1_H: {threshold.rule}"
+        )
     values = res.eigenvalues.detach().double().cpu()
-    lam = float(values[0]) if values.numel() else math.nan
-    thr = threshold.value if threshold is not None and threshold.value is not None else math.nan
-    out = [
-        Outgoing(
-            p.Spectrum,
-            step,
-            t,
-            {
-                "name": "hessian",
-                "values": values.numpy(),
-                "attrs": {
-                    "hvps": res.matvecs,
-                    "converged": res.converged,
-                    "threshold_rule": threshold.rule
-                    if threshold is not None
-                    else "none: no optimizer",
-                },
-            },
-        ),
-        Outgoing(
-            p.Scalars,
-            step,
-            t,
-            {
-                "values_names": ["sharpness/lambda1_h", "sharpness/threshold", "sharpness/hvps"],
-                "values_raw": [lam, thr, float(res.matvecs)],
-            },
-        ),
+    names = ["sharpness/lambda1_h", "sharpness/threshold", "sharpness/hvps"]
+    raw = [
+        float(values[0]) if values.numel() else math.nan,
+        threshold.value if threshold.value is not None else math.nan,
+        float(res.matvecs),
     ]
-    return out, res.eigenvectors.detach()
+    attrs: dict[str, Any] = {
+        "hvps": res.matvecs,
+        "converged": res.converged,
+        "threshold_rule": threshold.rule,
+        "threshold_group": threshold.group if threshold.group is not None else -1,
+        "objective": objective,
+    }
+    out.append(
+        Outgoing(p.Spectrum, step, t, {"name": "hessian", "values": values.numpy(), "attrs": attrs})
+    )
+    if optimizer is not None and type(optimizer).__name__ in ("Adam", "AdamW", "RMSprop"):
+        pthr = preconditioned_threshold_for(optimizer)
+        params = list(trainable_parameters(model).values())
+        diag, why = diagonal_preconditioner(optimizer, params)
+        lam_p, hvps_p = math.nan, 0
+        if diag is None:
+            note(f"precond-unknown:{why}", f"no preconditioned sharpness yet: {why}")
+        else:
+            pres = hessian_eigen(
+                model,
+                x,
+                y,
+                loss_fn,
+                warm_start=state.warm_precond,
+                preconditioner=diag,
+                **common,  # type: ignore[arg-type]
+            )
+            state.warm_precond = pres.eigenvectors.detach()
+            pvals = pres.eigenvalues.detach().double().cpu()
+            lam_p, hvps_p = float(pvals[0]), pres.matvecs
+            out.append(
+                Outgoing(
+                    p.Spectrum,
+                    step,
+                    t,
+                    {
+                        "name": "hessian-precond",
+                        "values": pvals.numpy(),
+                        "attrs": {
+                            "hvps": pres.matvecs,
+                            "converged": pres.converged,
+                            "threshold_rule": pthr.rule,
+                            "threshold_group": pthr.group if pthr.group is not None else -1,
+                            "objective": objective,
+                        },
+                    },
+                )
+            )
+        names += ["sharpness/lambda1_precond", "sharpness/threshold_precond"]
+        ok = scale_known and pthr.value is not None
+        raw += [lam_p, pthr.value if ok else math.nan]  # type: ignore[list-item]
+        raw[2] += hvps_p
+    out.append(Outgoing(p.Scalars, step, t, {"values_names": names, "values_raw": raw}))
+    return out, state.warm
 
 
 def _json(x: float) -> float | None:

@@ -80,6 +80,7 @@ def density_messages(
     sigma_relative: float = 0.01,
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
+    scale: float = 1.0,
 ) -> list[Outgoing]:
     """Spectral density (SLQ) and Hutchinson trace of the train-probe Hessian.
 
@@ -99,11 +100,15 @@ def density_messages(
         sigma_relative: Broadening σ as a fraction of the Ritz values' spread.
         chunk_size: Examples per pass of the HVPs.
         generator: Random generator for the probe vectors.
+        scale: The objective is ``scale`` × the per-example mean (B for a sum-reduced loss,
+            as in the sharpness measurement).
     """
     t = time.time()
     x, y = probe.train()
     with measurement_mode(model):
-        op = HessianOperator(model, x, y, loss_fn, forward=forward, chunk_size=chunk_size)
+        op = HessianOperator(
+            model, x, y, loss_fn, forward=forward, chunk_size=chunk_size, scale=scale
+        )
         res = spectral_density(
             op,
             op.dim,

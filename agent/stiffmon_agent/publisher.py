@@ -16,10 +16,12 @@ Sockets never block the thread (every send is non-blocking), so :meth:`Publisher
 everything queued to the session file even when no peer reads. A SIGKILL of the training process
 loses what is still queued: at most one drain interval (``batch_interval``, 50 ms) of messages.
 
-History bound: every heavy measurement (matrices, curves, spectra, events, hello) is kept; per-step
-``scalars`` messages are kept up to ``max_scalar_history`` (default 10,000), beyond which every
-other one is dropped (the kept ones are then evenly spread over the whole run). With the default
-schedule that is a few MB for a run of any length.
+History: every heavy measurement (matrices, curves, spectra, events, hello) is kept, and every
+step's per-step scalars: the ``columns`` batches are appended into chunks of up to 65,536 steps
+(:class:`~stiffmon_agent.columns.ColumnHistory`, about 16–40 bytes per step), so a late joiner
+gets the whole run in a few messages, never decimated. ``scalars`` messages (measurement results,
+coverage counts, ``Agent.log`` values) are kept up to ``max_scalar_history`` (default 100,000),
+beyond which every other one is dropped (the kept ones then evenly spread over the run).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
 from stiffmon import protocol as p
@@ -51,6 +54,7 @@ from stiffmon.transport import (
     limit_frames,
     parse_endpoint,
 )
+from stiffmon_agent.columns import ColumnHistory, RawColumns, build_columns
 from stiffmon_agent.snapshots import SnapshotServer
 
 
@@ -68,33 +72,29 @@ class Outgoing:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Accuracy:
-    """Deferred top-1 accuracy of a step's logits: evaluated by ``float()`` on this thread."""
-
-    logits: Any
-    targets: Any
-
-    def __float__(self) -> float:
-        return float((self.logits.argmax(-1) == self.targets).float().mean())
-
-
-@dataclass
 class _History:
-    max_scalars: int
-    heavy: list[tuple[int, list[bytes]]] = field(default_factory=list)
-    scalars: list[tuple[int, list[bytes]]] = field(default_factory=list)
+    """What a late joiner gets: every message but heartbeats, per-step batches compacted."""
 
-    def add(self, seq: int, frames: list[bytes], is_scalars: bool) -> None:
-        if is_scalars:
-            self.scalars.append((seq, frames))
+    def __init__(self, run: str, max_scalars: int) -> None:
+        self.max_scalars = max_scalars
+        self.heavy: list[tuple[int, list[bytes]]] = []
+        self.scalars: list[tuple[int, list[bytes]]] = []
+        self.columns = ColumnHistory(run)
+
+    def add(self, msg: p.Message, frames: list[bytes]) -> None:
+        if isinstance(msg, p.Columns):
+            self.columns.add(msg)
+        elif isinstance(msg, p.Scalars):
+            self.scalars.append((msg.seq, frames))
             if len(self.scalars) > self.max_scalars:
                 self.scalars = self.scalars[::2]
         else:
-            self.heavy.append((seq, frames))
+            self.heavy.append((msg.seq, frames))
 
     def in_order(self) -> list[tuple[int, list[bytes]]]:
-        return list(heapq.merge(self.heavy, self.scalars, key=lambda item: item[0]))
+        return list(
+            heapq.merge(self.heavy, self.scalars, self.columns.in_order(), key=lambda item: item[0])
+        )
 
     def frames(self) -> list[list[bytes]]:
         """The encoded messages, oldest first (what a snapshot sends)."""
@@ -112,7 +112,8 @@ class Publisher:
         fsync: The session writer's fsync policy.
         queue_size: Bound of the queue from the training thread.
         heartbeat_interval: Seconds between heartbeats.
-        max_scalar_history: Bound on per-step scalar messages kept for snapshots.
+        max_scalar_history: Bound on ``scalars`` messages (measurement results, coverage,
+            ``Agent.log`` values) kept for snapshots; per-step ``columns`` are all kept.
         curve: Server CURVE keys: only clients whose public key is authorised get data.
         warn: Called with one-line warnings (never raises into training).
     """
@@ -126,7 +127,7 @@ class Publisher:
         fsync: Any = "never",
         queue_size: int = 10_000,
         heartbeat_interval: float = 1.0,
-        max_scalar_history: int = 10_000,
+        max_scalar_history: int = 100_000,
         curve: CurveKeys | None = None,
         warn: Callable[[str], None] = lambda s: None,
     ) -> None:
@@ -136,7 +137,7 @@ class Publisher:
         self._fsync = fsync
         self._queue: queue.Queue[Outgoing | None] = queue.Queue(maxsize=queue_size)
         self._heartbeat_interval = heartbeat_interval
-        self._history = _History(max_scalar_history)
+        self._history = _History(run, max_scalar_history)
         self._curve = curve
         self._warn = warn
         self._ready = threading.Event()
@@ -154,6 +155,7 @@ class Publisher:
         self._nonfinite_streak = 0
         self.batch_interval = 0.05  # seconds between drains of the queue
         self.cpu_seconds = 0.0  # CPU time this thread spent publishing (counts in the budget)
+        self.on_wake: Callable[[], None] | None = None  # called at every wake (column batches)
 
     # ------------------------------------------------------------------ training-thread side
 
@@ -291,6 +293,11 @@ class Publisher:
             # a snapshot is flowing, wake up sooner to send its next slice.
             self._stop.wait(0.005 if serving else self.batch_interval)
             started = time.thread_time()
+            if self.on_wake is not None:
+                try:
+                    self.on_wake()
+                except Exception as exc:  # never let it stop publishing
+                    self._warn(f"stiffmon: {exc}")
             batch: list[Outgoing | None] = []
             while len(batch) < 20_000:
                 try:
@@ -305,7 +312,7 @@ class Publisher:
             if server is not None and not self._stop.is_set():
                 server.read_requests()
                 server.pump()
-                serving = server.busy  # a peer waits for more: come back soon (each try is cheap)
+                serving = server.busy  # a peer is reading: come back soon with more
             now = time.monotonic()
             if now >= next_heartbeat and pub is not None:
                 next_heartbeat = now + self._heartbeat_interval
@@ -332,6 +339,9 @@ class Publisher:
         return self._emit(hb, pub, writer)
 
     def _build(self, item: Outgoing, seq: int) -> p.Message:
+        if item.cls is p.Columns:
+            raw: RawColumns = item.fields["raw"]
+            return build_columns(raw, run=self.run, seq=seq)
         fields = dict(item.fields)
         if item.cls is p.Scalars:
             names = tuple(fields.pop("values_names", ()))
@@ -368,7 +378,7 @@ class Publisher:
                 pass
         self.published += 1
         if msg.KIND != "heartbeat":
-            self._history.add(msg.seq, frames, msg.KIND == "scalars")
+            self._history.add(msg, frames)
         if writer is not None:  # heartbeats only come with a writer when they are recorded
             try:
                 writer.write_frames(frames)
@@ -385,30 +395,40 @@ class Publisher:
             if not sent:
                 self.dropped += 1
         if isinstance(msg, p.Scalars):
-            self._check_finite(msg, pub, writer)
+            loss = msg.as_dict().get("loss")
+            if loss is not None:
+                self._check_finite([msg.step], [loss], pub, writer)
+        elif isinstance(msg, p.Columns) and "loss" in msg.names:
+            losses = msg.column("loss")
+            if not self._nonfinite_streak and bool(np.isfinite(losses).all()):
+                return writer  # the common case, vectorised
+            self._check_finite(msg.steps.tolist(), losses.tolist(), pub, writer)
         return writer
 
     def _check_finite(
-        self, msg: p.Scalars, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
+        self,
+        steps: list[int],
+        losses: list[float],
+        pub: zmq.Socket[bytes] | None,
+        writer: SessionWriter | None,
     ) -> None:
-        values = msg.as_dict()
-        loss = values.get("loss")
-        if loss is None:
-            return
-        if math.isfinite(loss):
-            self._nonfinite_streak = 0
-            return
-        self._nonfinite_streak += 1
-        if self._nonfinite_streak == 1:
-            self._warn(f"stiffmon: non-finite loss ({loss}) at step {msg.step}; training goes on")
+        """One ``nan-loss`` event at the start of every run of non-finite losses."""
+        for step, loss in zip(steps, losses, strict=True):
+            if math.isfinite(loss):
+                self._nonfinite_streak = 0
+                continue
+            self._nonfinite_streak += 1
+            if self._nonfinite_streak != 1:
+                continue
+            self._warn(f"stiffmon: non-finite loss ({loss}) at step {step}; training goes on")
             ev = Outgoing(
                 p.Event,
-                msg.step,
+                step,
                 time.time(),
                 {
                     "level": "warning",
                     "code": "nan-loss",
-                    "message": f"loss is {loss} at step {msg.step}",
+                    "message": f"loss is {loss} at step {step}",
                     "attrs": {},
                 },
             )

@@ -107,8 +107,10 @@ class SnapshotServer:
 
     @property
     def busy(self) -> bool:
-        """Whether a snapshot is being served (the publisher then polls more often)."""
-        return bool(self._peers)
+        """Whether a peer took messages in the last 0.2 s (the publisher then polls more often;
+        a peer that does not read is only retried at the publisher's normal pace)."""
+        now = time.monotonic()
+        return any(now - peer.last_progress < 0.2 for peer in self._peers.values())
 
     def read_requests(self, limit: int = 1000) -> None:
         """Take the requests waiting on the socket (at most ``limit``); never blocks."""

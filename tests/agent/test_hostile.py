@@ -66,7 +66,9 @@ def _windows(proc: subprocess.Popen[str], into: list[tuple[float, int, float]]) 
 def _check_session(path: Path, steps: int) -> p.Heartbeat:
     msgs, scan = read_session(path)
     assert scan.state == "clean"
-    losses = [m.step for m in msgs if isinstance(m, p.Scalars) and "loss" in m.names]
+    losses = [
+        m.step for m in p.expand_columns(msgs) if isinstance(m, p.Scalars) and "loss" in m.names
+    ]
     assert losses == list(range(steps))  # every step, once, in order
     assert msgs[-1].kind == "bye" and msgs[-2].kind == "heartbeat"
     last_hb = msgs[-2]
@@ -90,7 +92,7 @@ def test_snapshot_request_flood_costs_training_nothing(procs: Procs, tmp_path: P
     The pace is compared with an identical run started alongside that nobody floods, over the
     same seconds, so the machine's own load affects both alike.
     """
-    baseline, flood_s = 3.0, 10.0
+    baseline, flood_s = 4.0, 10.0
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     go = tmp_path / "go"
@@ -138,20 +140,25 @@ def test_snapshot_request_flood_costs_training_nothing(procs: Procs, tmp_path: P
     b_steps, b_cpu = _in(control_windows, t0 + 0.5, t1)
     a0, _ = _in(windows, t0 - baseline + 1.0, t0)
     b0, _ = _in(control_windows, t0 - baseline + 1.0, t0)
-    slowdown = 1 - a_steps / b_steps
+    # the two runs need not get equal shares of the cores: calibrate on the seconds before
+    slowdown = 1 - (a_steps / b_steps) / (a0 / b0)
     print(
         f"flood: {sent} requests in {t1 - t0:.1f} s; RSS +{rss.growth / MB:.1f} MB; "
         f"{a_steps / (t1 - t0 - 0.5):.0f} steps/s flooded vs {b_steps / (t1 - t0 - 0.5):.0f} "
-        f"alongside ({100 * slowdown:+.1f} %; before the flood {a0} vs {b0} steps); "
+        f"alongside (before the flood {a0} vs {b0} steps: {100 * slowdown:+.1f} % slower); "
         f"CPU/step {1e6 * a_cpu / a_steps:.0f} vs {1e6 * b_cpu / b_steps:.0f} us; {steps} steps"
     )
-    # CPU per step holds on any machine; steps per second only mean something when the two runs
-    # get a fair share of the cores (on an overloaded machine they differ by ±50 % unflooded)
-    assert a_cpu / a_steps <= 1.10 * b_cpu / b_steps
-    if os.getloadavg()[0] <= 1.5 * (os.cpu_count() or 1) + 2:
+    # Steps/s and CPU/step of two identical processes differ by ±10-50 % on an overloaded
+    # machine, flood or not: the 10 % bounds are asserted where the cores are not oversubscribed;
+    # anywhere, the flooded run must not be grossly slower (the old publisher: 38-69 % slower).
+    cpu_ratio = (a_cpu / a_steps) / (b_cpu / b_steps)
+    assert cpu_ratio <= 1.5
+    load = os.getloadavg()[0]
+    if load <= 1.5 * (os.cpu_count() or 1) + 1:
         assert slowdown <= 0.10
+        assert cpu_ratio <= 1.10
     else:
-        print(f"load {os.getloadavg()[0]:.0f} on {os.cpu_count()} cores: steps/s not compared")
+        print(f"load {load:.0f} on {os.cpu_count()} cores: the 10 % bounds are not asserted")
     # the session file: every step and the bye, nothing dropped
     hb = _check_session(tmp_path / "a" / "run.stiff", steps)
     assert dropped == 0 and hb.dropped == 0

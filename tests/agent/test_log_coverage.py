@@ -70,7 +70,7 @@ def train(agent: Agent, model: nn.Module, opt: torch.optim.Optimizer, steps: int
 def scalars(msgs: list[p.AnyMessage], prefix: str) -> dict[tuple[int, str], float]:
     return {
         (m.step, n): v
-        for m in msgs
+        for m in p.expand_columns(msgs)
         if isinstance(m, p.Scalars)
         for n, v in m.as_dict().items()
         if n.startswith(prefix)

@@ -80,3 +80,29 @@ def test_gradient_test_scalars() -> None:
     assert got["noise/theta/norm_test"] == 0.5
     assert got["noise/theta/orthogonality_test"] == pytest.approx(5.84)
     assert all(math.isfinite(val) for val in got.values())
+
+
+def test_density_of_a_sum_objective_scales_with_b() -> None:
+    """scale = B (a sum-reduced loss): the same probe vectors give B × the trace and Ritz values."""
+    model, x, y = small_problem()
+    probe = make_probe((x, y), None, None, 3, None)
+
+    def run(scale: float) -> p.Curve:
+        msgs = density_messages(
+            model,
+            CE,
+            probe,
+            0,
+            runs=1,
+            steps=5,
+            trace_samples=2,
+            scale=scale,
+            generator=torch.Generator().manual_seed(3),
+        )
+        curve = wire(msgs[0])
+        assert isinstance(curve, p.Curve)
+        return curve
+
+    one, three = run(1.0), run(3.0)
+    assert three.attrs["trace"] == pytest.approx(3 * one.attrs["trace"], rel=1e-9)
+    assert three.attrs["ritz_max"] == pytest.approx(3 * one.attrs["ritz_max"], rel=1e-9)

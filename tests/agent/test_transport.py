@@ -75,7 +75,9 @@ def test_live_stream_end_to_end(procs: Procs, endpoint: str) -> None:
     assert {"hello", "scalars", "matrix", "curve", "spectrum", "bye"} <= kinds
     seqs = [m.seq for m in mine if m.kind != "heartbeat"]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-    steps = [m.step for m in mine if isinstance(m, p.Scalars) and "loss" in m.names]
+    steps = [
+        m.step for m in p.expand_columns(mine) if isinstance(m, p.Scalars) and "loss" in m.names
+    ]
     assert steps == list(range(40))  # every step, once, in order
     hello = next(m for m in mine if isinstance(m, p.Hello))
     assert hello.name == "script" and hello.optimizer["type"] == "SGD" and hello.probe_train == 15
@@ -103,12 +105,16 @@ def test_late_join_gets_the_full_history(procs: Procs, endpoint: str, tmp_path: 
     time.sleep(2.0)  # the run is well under way before anyone watches
     client = Client([endpoint])
     try:
-        msgs = collect(client, lambda ms: any(m.kind == "scalars" and m.step >= 150 for m in ms))
+        msgs = collect(
+            client, lambda ms: any(m.kind in p.PER_STEP_KINDS and m.step >= 150 for m in ms)
+        )
     finally:
         client.close()
     mine = [m for m in msgs if m.run == run and m.kind != "heartbeat"]
     assert mine[0].kind == "hello" and mine[0].seq == 0
-    loss_steps = [m.step for m in mine if isinstance(m, p.Scalars) and "loss" in m.names]
+    loss_steps = [
+        m.step for m in p.expand_columns(mine) if isinstance(m, p.Scalars) and "loss" in m.names
+    ]
     assert loss_steps[:50] == list(range(50))  # from the snapshot
     assert loss_steps == sorted(loss_steps) and len(set(loss_steps)) == len(loss_steps)
     assert loss_steps[-1] >= 150  # and live after it, without a hole
@@ -147,7 +153,9 @@ def test_agent_restart_and_monitor_restart(procs: Procs, endpoint: str) -> None:
         assert run2 != run1
         collect(
             client,
-            lambda ms: any(m.run == run2 and m.kind == "scalars" and m.step > 30 for m in ms),
+            lambda ms: any(
+                m.run == run2 and m.kind in p.PER_STEP_KINDS and m.step > 30 for m in ms
+            ),
             into=msgs,
         )
     finally:
@@ -161,13 +169,15 @@ def test_agent_restart_and_monitor_restart(procs: Procs, endpoint: str) -> None:
             again,
             lambda ms: (
                 any(m.run == run2 and m.kind == "hello" for m in ms)
-                and any(m.run == run2 and m.kind == "scalars" and m.step > 60 for m in ms)
+                and any(m.run == run2 and m.kind in p.PER_STEP_KINDS and m.step > 60 for m in ms)
             ),
         )
     finally:
         again.close()
     steps = [
-        m.step for m in msgs2 if m.run == run2 and isinstance(m, p.Scalars) and "loss" in m.names
+        m.step
+        for m in p.expand_columns(msgs2)
+        if m.run == run2 and isinstance(m, p.Scalars) and "loss" in m.names
     ]
     assert steps[0] == 0 and steps == list(range(steps[-1] + 1))
 
@@ -184,7 +194,9 @@ def test_sigkill_leaves_a_readable_session(procs: Procs, tmp_path: Path) -> None
     msgs, scan = read_session(rec)
     assert msgs and msgs[0].kind == "hello"
     assert any(m.kind == "matrix" for m in msgs)
-    steps = [m.step for m in msgs if isinstance(m, p.Scalars) and "loss" in m.names]
+    steps = [
+        m.step for m in p.expand_columns(msgs) if isinstance(m, p.Scalars) and "loss" in m.names
+    ]
     assert steps == list(range(len(steps))) and len(steps) > 10
     assert scan.state in ("clean", "truncated")
 
@@ -270,7 +282,7 @@ def test_curve_unauthorised_client_gets_nothing(
     bad = Client([endpoint], curve=mallory_keys, snapshot_timeout=1.0)
     plain = Client([endpoint], snapshot_timeout=1.0)
     try:
-        msgs = collect(good, lambda ms: any(m.kind == "scalars" for m in ms))
+        msgs = collect(good, lambda ms: any(m.kind in p.PER_STEP_KINDS for m in ms))
         assert any(m.run == run for m in msgs)
         deadline = time.monotonic() + 3
         leaked: Msgs = []
@@ -301,7 +313,7 @@ def test_relay_fans_in_two_agents(procs: Procs) -> None:
             msgs = collect(
                 client,
                 lambda ms: all(
-                    any(m.run == r and m.kind == "scalars" and m.step > 80 for m in ms)
+                    any(m.run == r and m.kind in p.PER_STEP_KINDS and m.step > 80 for m in ms)
                     for r in (run_a, run_b)
                 ),
             )
@@ -309,7 +321,9 @@ def test_relay_fans_in_two_agents(procs: Procs) -> None:
             client.close()
     for run in (run_a, run_b):
         steps = [
-            m.step for m in msgs if m.run == run and isinstance(m, p.Scalars) and "loss" in m.names
+            m.step
+            for m in p.expand_columns(msgs)
+            if m.run == run and isinstance(m, p.Scalars) and "loss" in m.names
         ]
         assert steps[0] == 0 and steps == list(range(steps[-1] + 1))  # snapshot through the relay
         assert any(m.run == run and m.kind == "hello" for m in msgs)
@@ -344,7 +358,9 @@ def test_record_command_survives_an_agent_restart(
     for run in (run1, run2):
         mine = [m for m in msgs if m.run == run]
         assert mine[0].kind == "hello" and mine[-1].kind == "bye"
-        steps = [m.step for m in mine if isinstance(m, p.Scalars) and "loss" in m.names]
+        steps = [
+            m.step for m in p.expand_columns(mine) if isinstance(m, p.Scalars) and "loss" in m.names
+        ]
         assert steps == list(range(30))
 
 
@@ -412,7 +428,9 @@ def test_ssh_tunnel_to_a_loopback_agent(
         try:
             msgs = collect(
                 client,
-                lambda ms: any(m.run == run and m.kind == "scalars" and m.step > 20 for m in ms),
+                lambda ms: any(
+                    m.run == run and m.kind in p.PER_STEP_KINDS and m.step > 20 for m in ms
+                ),
             )
         finally:
             client.close()

@@ -1,14 +1,22 @@
 """Agent benchmarks: ``python -m tests.benchmarks.agent [--quick]``.
 
-Prints, measured side by side in one run:
+Prints, measured side by side in one run (the per-step-message figures are the baseline: the
+publisher still accepts version-1 per-step ``scalars`` items, so the old path runs in the same
+process):
 
 1. ``agent.step()`` when nothing is due: median µs per call (target ≤ 20 µs).
-2. Whole-run overhead at the default schedule on the demo CNN (digits, batch 64): wall time with
-   the agent ÷ without (target ≤ 1.05). The agent publishes (nobody subscribed) and records.
-3. Publish cost: messages per second through the publisher thread to a subscriber that reads
-   everything, and µs per message.
-4. Snapshot time for a 100k-step history, with the default scalar-history bound (10,000 kept)
-   and with the bound raised to keep all 100k.
+2. Whole-run overhead at the default schedule: wall time with the agent ÷ without, the median
+   of interleaved pairs, on the demo CNN (digits, batch 64, ~2.5 ms steps; target ≤ 1.05) and
+   on the same CNN with batch 2048, whose steps take ≥ 20 ms (the same probe, so measurements
+   cost the same; target ≤ 1.02); the agent publishes (nobody subscribed) and records. Also the
+   publisher thread's CPU per step (heavy measurement messages included). A third line has no
+   probe: what the per-step stream alone costs (``--only-stream``: just that line and [3]–[5]).
+3. A tight loop of 100k ``agent.step(loss)`` calls, recording on: steps in the file and bytes per
+   step (targets: all of them, ≤ 42 B), against per-step messages through the same queue.
+4. Publisher CPU per step with a subscriber reading everything (target ≤ 10 µs), columnar
+   batches against one message per step.
+5. Snapshot for a late joiner: every step of a 1M-step history (target ≤ 1 s), against the old
+   per-step history of 100k messages.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from torch import nn
 
 from stiffmon import protocol as p
 from stiffmon.client import Client
+from stiffmon.session import SessionReader
 from stiffmon_agent import Agent
 from stiffmon_agent.demo.data import load_digits_split
 from stiffmon_agent.demo.models import digits_cnn
@@ -51,11 +60,19 @@ def step_cost(n: int) -> float:
     return statistics.median(samples) / 1e3
 
 
-def train(steps: int, with_agent: bool, record: Path | None) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the whole process) for one training run."""
+def train(
+    steps: int,
+    with_agent: bool,
+    record: Path | None,
+    *,
+    channels: int = 16,
+    batch: int = 64,
+    probe: bool = True,
+) -> tuple[float, float]:
+    """(wall seconds, publisher CPU seconds) for one training run on the digits."""
     torch.manual_seed(0)
     data = load_digits_split(seed=0)
-    model = digits_cnn()
+    model = digits_cnn(channels)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     agent = None
     if with_agent:
@@ -63,16 +80,17 @@ def train(steps: int, with_agent: bool, record: Path | None) -> tuple[float, flo
             model,
             nn.CrossEntropyLoss(),
             opt,
-            probe=data.probe_train,
-            val_probe=data.probe_val,
+            probe=data.probe_train if probe else None,
+            val_probe=data.probe_val if probe else None,
             endpoint=f"tcp://127.0.0.1:{free_port_pair()}",
             record=record,
-            batch_size=64,
+            batch_size=batch,
+            registry=False,
         )
     g = torch.Generator().manual_seed(1)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
     for _ in range(steps):
-        i = torch.randint(0, len(data.y_train), (64,), generator=g)
+        i = torch.randint(0, len(data.y_train), (batch,), generator=g)
         out = model(data.x_train[i])
         loss = nn.functional.cross_entropy(out, data.y_train[i])
         opt.zero_grad()
@@ -80,15 +98,82 @@ def train(steps: int, with_agent: bool, record: Path | None) -> tuple[float, flo
         opt.step()
         if agent is not None:
             agent.step(loss, out, data.y_train[i])
+    pub_cpu = 0.0
     if agent is not None:
         agent.close()
-    return time.perf_counter() - t0, time.process_time() - c0
+        pub_cpu = agent.publisher.cpu_seconds if agent.publisher else 0.0
+    return time.perf_counter() - t0, pub_cpu
 
 
-def publish_rate(n: int) -> tuple[float, float]:
+def overhead(
+    steps: int, pairs: int, d: Path, *, channels: int = 16, batch: int = 64, probe: bool = True
+) -> tuple[float, float, float, float]:
+    """Median ratio over interleaved pairs (order alternating), median times, µs publisher/step."""
+    ratios, bases, agents, pubs = [], [], [], []
+    train(max(steps // 10, 5), False, None, channels=channels, batch=batch)  # warm up
+    for i in range(pairs):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        got = {
+            w: train(
+                steps,
+                w,
+                d / f"r{channels}-{i}.stiff" if w else None,
+                channels=channels,
+                batch=batch,
+                probe=probe,
+            )
+            for w in order
+        }
+        bases.append(got[False][0])
+        agents.append(got[True][0])
+        pubs.append(got[True][1] / steps * 1e6)
+        ratios.append(got[True][0] / got[False][0])
+    return (
+        statistics.median(ratios),
+        statistics.median(bases),
+        statistics.median(agents),
+        statistics.median(pubs),
+    )
+
+
+def tight_loop(n: int, d: Path, per_step_messages: bool) -> tuple[int, float, float]:
+    """(steps in the file, bytes per step, loop seconds) for n back-to-back steps."""
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = d / f"tight-{per_step_messages}.stiff"
+    agent = Agent(model, nn.CrossEntropyLoss(), opt, endpoint="", record=rec, registry=False)
+    pub = agent.publisher
+    assert pub is not None
+    losses = torch.linspace(2.0, 0.1, n)
+    t0 = time.perf_counter()
+    if per_step_messages:  # the version-1 stream: one message per step through the queue
+        for i in range(n):
+            raw = [losses[i], 0.1]
+            pub.submit(
+                Outgoing(
+                    p.Scalars, i, time.time(), {"values_names": ["loss", "lr/0"], "values_raw": raw}
+                )
+            )
+    else:
+        for i in range(n):
+            agent.step(losses[i])
+    elapsed = time.perf_counter() - t0
+    agent.close(timeout=60)
+    steps = 0
+    for m in SessionReader(rec).messages():
+        if isinstance(m, p.Columns):
+            steps += len(m)
+        elif isinstance(m, p.Scalars) and "loss" in m.names:
+            steps += 1
+    return steps, rec.stat().st_size / n, elapsed
+
+
+def publish_cost(n: int, per_step_messages: bool) -> tuple[float, float, int]:
+    """(µs of publisher CPU per step, steps/s end to end, steps received) with a subscriber."""
     ep = f"tcp://127.0.0.1:{free_port_pair()}"
     model = nn.Linear(2, 2)
-    agent = Agent(model, nn.CrossEntropyLoss(), None, endpoint=ep, queue_size=n + 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = Agent(model, nn.CrossEntropyLoss(), opt, endpoint=ep, queue_size=n + 10, registry=False)
     client = Client([ep])
     got = 0
     deadline = time.monotonic() + 5
@@ -96,23 +181,34 @@ def publish_rate(n: int) -> tuple[float, float]:
         got += len(client.poll(0.1))  # the hello: connected
     pub = agent.publisher
     assert pub is not None
+    cpu0 = pub.cpu_seconds
     t0 = time.perf_counter()
     for i in range(n):
-        pub.submit(
-            Outgoing(
-                p.Scalars, i, 0.0, {"values_names": ["loss", "lr/0"], "values_raw": [1.0, 0.1]}
+        if per_step_messages:
+            pub.submit(
+                Outgoing(
+                    p.Scalars,
+                    i,
+                    time.time(),
+                    {"values_names": ["loss", "lr/0"], "values_raw": [1.0 / (i + 1), 0.1]},
+                )
             )
-        )
+        else:
+            agent.step(1.0 / (i + 1))
+    agent._columns.flush()
     seen = 0
-    while seen < n and time.perf_counter() - t0 < 60:
-        seen += sum(1 for m, _ in client.poll(0.05) if m.kind == "scalars")
+    while seen < n and time.perf_counter() - t0 < 120:
+        for m, _ in client.poll(0.05):
+            seen += len(m) if isinstance(m, p.Columns) else int(m.kind == "scalars")
     elapsed = time.perf_counter() - t0
+    cpu = pub.cpu_seconds - cpu0
     client.close()
     agent.close()
-    return seen / elapsed, elapsed / max(seen, 1) * 1e6
+    return cpu / n * 1e6, seen / elapsed, seen
 
 
-def snapshot_time(steps: int, keep: int) -> tuple[float, int]:
+def snapshot_time(steps: int, per_step_messages: bool) -> tuple[float, int, int]:
+    """(seconds, messages, steps) for a late joiner to receive the whole history."""
     ep = f"tcp://127.0.0.1:{free_port_pair()}"
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -122,23 +218,38 @@ def snapshot_time(steps: int, keep: int) -> tuple[float, int]:
         opt,
         endpoint=ep,
         queue_size=steps + 10,
-        max_scalar_history=keep,
+        max_scalar_history=steps,  # the old path keeps every per-step message too
+        registry=False,
     )
-    for _ in range(steps):
-        agent.step(0.5)
     pub = agent.publisher
     assert pub is not None
-    while pub.published < steps + 1:
+    for i in range(steps):
+        if per_step_messages:
+            pub.submit(
+                Outgoing(
+                    p.Scalars,
+                    i,
+                    time.time(),
+                    {"values_names": ["loss", "lr/0"], "values_raw": [0.5, 0.1]},
+                )
+            )
+        else:
+            agent.step(0.5)
+    agent._columns.flush()
+    while pub._queue.qsize():
         time.sleep(0.05)
+    time.sleep(0.2)
     t0 = time.perf_counter()
     client = Client([ep], snapshot_timeout=60)
-    n = 0
+    n = rows = 0
     while client.stats.snapshots == 0 and time.perf_counter() - t0 < 60:
-        n += len(client.poll(0.05))
+        for m, _ in client.poll(0.05):
+            n += 1
+            rows += len(m) if isinstance(m, p.Columns) else int(m.kind == "scalars")
     elapsed = time.perf_counter() - t0
     client.close()
     agent.close()
-    return elapsed, n
+    return elapsed, n, rows
 
 
 def main() -> None:
@@ -148,38 +259,73 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (default: torch's choice); 1 is steadier on a busy machine",
+    )
+    ap.add_argument("--only-stream", action="store_true", help="[2] without a probe only")
     args = ap.parse_args()
+    q = args.quick
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(
         f"stiffmon agent benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
-    us = step_cost(2_000 if args.quick else 20_000)
+    us = step_cost(2_000 if q else 20_000)
     print(f"\n[1] agent.step() with nothing due: median {us:.2f} µs  (target <= 20)")
-    steps = 300 if args.quick else 2000
-    with tempfile.TemporaryDirectory() as d:
-        base_runs, agent_runs = [], []
-        for i in range(5):  # interleaved, best of five each: the machine is noisy
-            base_runs.append(train(steps, False, None))
-            agent_runs.append(train(steps, True, Path(d) / f"r{i}.stiff"))
-        base, with_agent = min(r[0] for r in base_runs), min(r[0] for r in agent_runs)
-        base_cpu, agent_cpu = min(r[1] for r in base_runs), min(r[1] for r in agent_runs)
-    print(f"\n[2] whole run, demo CNN on digits, {steps} steps of batch 64, default schedule")
-    print(
-        f"    without agent {base:.2f} s, with agent {with_agent:.2f} s: "
-        f"ratio {with_agent / base:.3f}  (target <= 1.05)"
-    )
-    print(
-        f"    CPU time of the process: {base_cpu:.2f} s vs {agent_cpu:.2f} s: "
-        f"ratio {agent_cpu / base_cpu:.3f}"
-    )
-    rate, per = publish_rate(5_000 if args.quick else 50_000)
-    print(f"\n[3] publish: {rate:,.0f} messages/s end to end ({per:.1f} µs per message)")
-    n_steps = 10_000 if args.quick else 100_000
-    for keep in (10_000, n_steps):
-        t, n = snapshot_time(n_steps, keep)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        pairs = 5
+        for label, steps, channels, batch, target, probe in (
+            ("demo CNN on digits, batch 64", 300 if q else 2000, 16, 64, 1.05, True),
+            ("demo CNN on digits, batch 2048", 20 if q else 150, 16, 2048, 1.02, True),
+            ("demo CNN, batch 64, no probe", 300 if q else 1000, 16, 64, 1.05, False),
+        ):
+            if args.only_stream and probe:
+                continue
+            ratio, base, with_agent, pub = overhead(
+                steps, pairs, d, channels=channels, batch=batch, probe=probe
+            )
+            what = "default schedule" if probe else "the per-step stream only"
+            print(
+                f"\n[2] whole run, {label}, {steps} steps, {what}, "
+                f"median of {pairs} interleaved pairs"
+            )
+            print(
+                f"    without agent {base:.2f} s ({base / steps * 1e3:.1f} ms/step), "
+                f"with agent {with_agent:.2f} s: ratio {ratio:.3f}  (target <= {target}); "
+                f"publisher CPU {pub:.1f} µs/step"
+            )
+        n = 20_000 if q else 100_000
+        print(f"\n[3] tight loop of {n:,} agent.step(loss) calls, recording on")
+        for per_step, label in ((True, "per-step messages (v1)"), (False, "columnar batches")):
+            kept, per, loop = tight_loop(n, d, per_step)
+            print(
+                f"    {label:24s}: {kept:,} of {n:,} steps in the file, {per:.1f} bytes/step, "
+                f"loop {loop / n * 1e6:.1f} µs/step  (targets: all, <= 42 B)"
+            )
+    n = 10_000 if q else 100_000
+    print(f"\n[4] publisher with a subscriber reading everything, {n:,} steps")
+    for per_step, label in ((True, "per-step messages (v1)"), (False, "columnar batches")):
+        cpu, rate, seen = publish_cost(n, per_step)
         print(
-            f"\n[4] snapshot of a {n_steps:,}-step history, scalar bound {keep:,}: "
-            f"{t * 1e3:.0f} ms for {n:,} messages"
+            f"    {label:24s}: {cpu:.1f} µs publisher CPU/step, {rate:,.0f} steps/s end to end, "
+            f"{seen:,} received  (target <= 10 µs)"
         )
+    old = 10_000 if q else 100_000
+    t, msgs, rows = snapshot_time(old, True)
+    print(
+        f"\n[5] snapshot, per-step messages (v1), {old:,}-step history kept whole: "
+        f"{t * 1e3:.0f} ms for {msgs:,} messages ({rows:,} steps)"
+    )
+    big = 100_000 if q else 1_000_000
+    t, msgs, rows = snapshot_time(big, False)
+    print(
+        f"    snapshot, columnar, {big:,}-step history: {t * 1e3:.0f} ms for {msgs:,} messages "
+        f"({rows:,} steps)  (target <= 1 s)"
+    )
 
 
 if __name__ == "__main__":

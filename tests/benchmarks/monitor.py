@@ -4,8 +4,12 @@
    the app redrawing at 10 Hz; target ≥ 5,000/s).
 2. One frame of the Sharpness view, 8 runs × 100k points, 200×60 (target ≤ 50 ms): the
    renderable drawn to a Rich console, and a full Textual frame (Pilot) for comparison.
-3. Open and index a 1M-step session (target ≤ 2 s), and the reader's peak memory.
-4. App memory with 8 runs × 1M steps of scalars (store bound 100k points per series).
+3. A 1M-step session: size and open + index time, written as the agent writes it now (columnar
+   batches of per-step loss + lr, a λ1_H measurement every 100 steps), once with the batches of
+   a tight loop (8192 steps) and once with those of a 2.5 ms/step loop (20 steps per 50 ms);
+   targets ≤ 40 MiB, ≤ 1 s. The baseline is the same session as one message per step.
+4. Store memory with 8 runs × 1M steps of scalars (bound 100k points per series) fed as columnar
+   batches, and the apply rate against one message per step.
 """
 
 from __future__ import annotations
@@ -128,6 +132,36 @@ def write_big_session(path: Path, steps: int) -> None:
             w.write(scalars("big", s + 1) if s % 100 else scalars("big", s + 1, lam=1.0))
 
 
+def write_columnar_session(path: Path, steps: int, rows: int) -> None:
+    """1 + ``steps`` steps of loss + lr in batches of ``rows``; λ1_H every 100 steps."""
+    with SessionWriter(path) as w:
+        seq = 0
+        w.write(p.Hello(run="big", seq=seq, step=0, t=1e9, name="big"))
+        for lo in range(1, steps + 1, rows):
+            hi = min(lo + rows, steps + 1)
+            st = np.arange(lo, hi)
+            seq += 1
+            w.write(
+                p.Columns.from_columns(
+                    {"loss": 1.0 / (1 + st * 1e-3), "lr/0": np.full(hi - lo, 0.1)},
+                    st,
+                    1e9 + st * 0.0025,
+                    run="big",
+                    seq=seq,
+                )
+            )
+            for m in range(lo + (-lo) % 100, hi, 100):
+                seq += 1
+                lam = p.Scalars.from_dict(
+                    {"sharpness/lambda1_h": 1.0, "sharpness/threshold": 20.0},
+                    run="big",
+                    seq=seq,
+                    step=m,
+                    t=1e9 + m * 0.0025,
+                )
+                w.write(lam)
+
+
 def index_time(path: Path) -> tuple[float, int, float]:
     """Best of three timed runs; then one run under tracemalloc (which slows it) for memory."""
     times = []
@@ -142,30 +176,52 @@ def index_time(path: Path) -> tuple[float, int, float]:
     return min(times), len(index), peak / 2**20
 
 
-def store_memory(runs: int, steps: int) -> tuple[float, float]:
+def per_step_apply_rate(steps: int) -> float:
+    """Steps/s into a store, one ``scalars`` message per step (the version-1 stream)."""
+    store = Store(max_points=100_000)
+    names = ("loss", "lr/0", "accuracy")
+    msgs = [
+        p.Scalars(run="r", seq=s, step=s, t=float(s), names=names, values=np.array([1.0, 0.1, 0.5]))
+        for s in range(steps)
+    ]
+    t0 = time.perf_counter()
+    for m in msgs:
+        store.apply(m, now=0.0)
+    return steps / (time.perf_counter() - t0)
+
+
+def columnar_batches(run: str, steps: int, rows: int) -> list[p.Columns]:
+    msgs = []
+    for seq, lo in enumerate(range(0, steps, rows)):
+        st = np.arange(lo, min(lo + rows, steps))
+        k = st.shape[0]
+        cols = {"loss": 1.0 / (1 + st), "lr/0": np.full(k, 0.1), "accuracy": np.full(k, 0.5)}
+        msgs.append(p.Columns.from_columns(cols, st, st * 1.0, run=run, seq=seq))
+    return msgs
+
+
+def columnar_apply_rate(steps: int, rows: int = 20) -> float:
+    """Steps/s into a store fed columnar batches of ``rows`` steps."""
+    store = Store(max_points=100_000)
+    msgs = columnar_batches("r", steps, rows)
+    t0 = time.perf_counter()
+    for m in msgs:
+        store.apply(m, now=0.0)
+    return steps / (time.perf_counter() - t0)
+
+
+def store_memory(runs: int, steps: int, rows: int = 20) -> float:
+    """MiB held by a store with ``runs`` × ``steps`` fed in columnar batches of ``rows``."""
     gc.collect()
     tracemalloc.start()
     store = Store(max_points=100_000)
-    t0 = time.perf_counter()
     for r in range(runs):
-        run = f"run{r}"
-        names = ("loss", "lr/0", "accuracy")
-        for s in range(steps):
-            store.apply(
-                p.Scalars(
-                    run=run,
-                    seq=s,
-                    step=s,
-                    t=float(s),
-                    names=names,
-                    values=np.array([1.0, 0.1, 0.5]),
-                ),
-                now=0.0,
-            )
-    elapsed = time.perf_counter() - t0
+        for m in columnar_batches(f"run{r}", steps, rows):
+            store.apply(m, now=0.0)
+    gc.collect()
     current, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return current / 2**20, runs * steps / elapsed
+    return current / 2**20
 
 
 def main() -> None:
@@ -188,22 +244,38 @@ def main() -> None:
         f"full Textual frame {frame * 1e3:.1f} ms  (target <= 50 ms)"
     )
     steps = 100_000 if q else 1_000_000
+    print(f"\n[3] open + index a {steps:,}-step session  (targets <= 40 MiB, <= 1 s)")
     with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "big.stiff"
-        t0 = time.perf_counter()
-        write_big_session(path, steps)
-        wrote = time.perf_counter() - t0
-        size = path.stat().st_size / 2**20
-        elapsed, n, peak = index_time(path)
-    print(
-        f"\n[3] open + index a {steps:,}-step session ({size:.0f} MiB, written in {wrote:.1f} s): "
-        f"{elapsed:.2f} s for {n:,} records, peak {peak:.0f} MiB traced  (target <= 2 s)"
-    )
+        for label, write in (
+            ("one message per step (v1)", lambda path: write_big_session(path, steps)),
+            (
+                "columnar, tight loop (8192/batch)",
+                lambda path: write_columnar_session(path, steps, 8192),
+            ),
+            (
+                "columnar, 2.5 ms steps (20/batch)",
+                lambda path: write_columnar_session(path, steps, 20),
+            ),
+        ):
+            path = Path(d) / "big.stiff"
+            path.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            write(path)
+            wrote = time.perf_counter() - t0
+            size = path.stat().st_size / 2**20
+            elapsed, n, peak = index_time(path)
+            print(
+                f"    {label:34s}: {size:5.1f} MiB (written in {wrote:.1f} s), "
+                f"{elapsed:.2f} s for {n:,} records, peak {peak:.0f} MiB traced"
+            )
     n_steps = 100_000 if q else 1_000_000
-    mem, apply_rate = store_memory(8, n_steps)
+    base_rate = per_step_apply_rate(n_steps // 10)
+    rate = columnar_apply_rate(n_steps)
+    mem = store_memory(8, n_steps)
     print(
-        f"\n[4] store with 8 runs x {n_steps:,} steps of 3 scalars: {mem:.0f} MiB "
-        f"(bound 100k points per series); applied at {apply_rate:,.0f} messages/s"
+        f"\n[4] store with 8 runs x {n_steps:,} steps of 3 scalars in columnar batches of 20: "
+        f"{mem:.0f} MiB (bound 100k points per series); applied at {rate:,.0f} steps/s, "
+        f"against {base_rate:,.0f} steps/s as one message per step"
     )
 
 

@@ -58,6 +58,49 @@ def _scalars() -> st.SearchStrategy[p.Scalars]:
     )
 
 
+def _columns() -> st.SearchStrategy[p.Columns]:
+    """Batches of 1-40 rows; steps often consecutive and columns often constant, NaN/±Inf/-0.0
+    included, so the wire's shortened columns are exercised as much as the full ones."""
+
+    def build(nk: tuple[int, int]) -> st.SearchStrategy[p.Columns]:
+        n, k = nk
+        first = st.integers(0, 2**40)
+        consecutive = first.map(lambda s: np.arange(s, s + n, dtype=np.int64))
+        gaps = st.tuples(first, hnp.arrays(np.int64, n, elements=st.integers(0, 3))).map(
+            lambda fg: fg[0] + np.cumsum(fg[1])
+        )
+        column = st.one_of(
+            hnp.arrays(np.float64, n),
+            hnp.arrays(np.float64, 1).map(lambda a: np.repeat(a, n)),
+        )
+
+        def make(
+            run: str, seq: int, steps: np.ndarray, times: np.ndarray, names: list[str], vals: list
+        ) -> p.Columns:
+            return p.Columns(
+                run=run,
+                seq=seq,
+                step=int(steps[-1]),
+                t=float(times[-1]),
+                names=tuple(names),
+                steps=steps,
+                times=times,
+                values=tuple(vals),
+            )
+
+        return st.builds(
+            make,
+            run=run_ids,
+            seq=st.integers(0, 2**62),
+            steps=st.one_of(consecutive, gaps),
+            times=hnp.arrays(np.float64, n, elements=st.floats(0, 4e9)),
+            names=st.lists(text, min_size=k, max_size=k),
+            vals=st.lists(column, min_size=k, max_size=k),
+        )
+
+    return st.tuples(st.integers(1, 40), st.integers(0, 5)).flatmap(build)
+
+
 def _matrix() -> st.SearchStrategy[p.Matrix]:
     def build(data: np.ndarray) -> st.SearchStrategy[p.Matrix]:
         r, c = data.shape
@@ -104,6 +147,7 @@ MESSAGES: dict[str, st.SearchStrategy[Any]] = {
         **common(),
     ),
     "scalars": _scalars(),
+    "columns": _columns(),
     "matrix": _matrix(),
     "curve": _curve(),
     "spectrum": st.builds(p.Spectrum, name=text, values=arrays(1), attrs=attrs, **common()),

@@ -187,7 +187,7 @@ def test_intact_record_that_is_not_a_message(tmp_path: Path) -> None:
 def test_newer_protocol_inside_a_session_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "a.stiff"
     frames = p.encode(p.Bye(run="r", seq=0, step=0, t=0.0, reason="x"))
-    frames[1] = frames[1].replace(b'"v": 1', b'"v": 9')
+    frames[1] = frames[1].replace(f'"v": {p.PROTOCOL_VERSION}'.encode(), b'"v": 9')
     with s.SessionWriter(path) as w:
         w.write_frames(frames)
     with pytest.raises(s.SessionError, match="protocol version 9"):

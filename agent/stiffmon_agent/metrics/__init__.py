@@ -17,14 +17,7 @@ from stiffmon_agent.metrics.eigen import (
 from stiffmon_agent.metrics.gradient_tests import GradientTests, gradient_tests
 from stiffmon_agent.metrics.gram import GramResult, per_example_gradients, per_example_gram
 from stiffmon_agent.metrics.noise import GradientNoise, centred_gram, gradient_noise
-from stiffmon_agent.metrics.sharpness import (
-    HessianOperator,
-    StabilityThreshold,
-    hessian_eigen,
-    hessian_trace,
-    stability_threshold,
-    stability_threshold_for,
-)
+from stiffmon_agent.metrics.sharpness import HessianOperator, hessian_eigen, hessian_trace
 from stiffmon_agent.metrics.state import measurement_mode, trainable_parameters
 from stiffmon_agent.metrics.stiffness import (
     ClassStiffness,
@@ -38,6 +31,13 @@ from stiffmon_agent.metrics.stiffness import (
     sign_stiffness,
     stiffness_blocks,
     stiffness_vs_distance,
+)
+from stiffmon_agent.metrics.thresholds import (
+    StabilityThreshold,
+    diagonal_preconditioner,
+    preconditioned_threshold_for,
+    stability_threshold,
+    stability_threshold_for,
 )
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "cosine_block",
     "cosine_stiffness",
     "critical_length",
+    "diagonal_preconditioner",
     "gradient_noise",
     "gradient_tests",
     "hessian_eigen",
@@ -69,6 +70,7 @@ __all__ = [
     "per_example_gradients",
     "per_example_gram",
     "power_iteration",
+    "preconditioned_threshold_for",
     "sign_stiffness",
     "spectral_density",
     "stability_threshold",

@@ -4,13 +4,23 @@ A probe is ``(inputs, targets)`` where ``inputs`` and ``targets`` are tensors, o
 dicts of tensors, whose leading dimension indexes the N examples. Integer inputs (token ids) are
 fine. Unless a ``forward`` callable is given, the model is called as ``model(x)`` for a tensor,
 ``model(*x)`` for a tuple or list and ``model(**x)`` for a dict.
+
+Per-example losses are each example's contribution L_i to the objective the optimizer steps on
+(:func:`loss_reduction`). A ``torch.nn`` loss with ``reduction="mean"`` averages all elements, so
+L_i is the mean of example i's elements (tokens, target dimensions) and the objective over a
+batch of B is (1/B) Σ_i L_i; with ``reduction="sum"`` L_i is the sum of example i's elements and
+the objective is Σ_i L_i = B × (1/B) Σ_i L_i. A plain callable must return one loss per example
+(or per element, averaged per example); its objective is taken to be the mean over the batch,
+unless the callable has a ``reduction`` attribute equal to ``"sum"``. (Class ``weight`` and
+``ignore_index`` of a mean-reduced loss, which renormalise the mean by the batch's weights, are
+not modelled: the probe mean is unweighted.)
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import torch
 from torch import nn
@@ -65,24 +75,61 @@ def default_forward(model: nn.Module, inputs: Batch) -> Any:
     return model(inputs)
 
 
-def unreduced(loss_fn: LossFn) -> LossFn:
+Reduction: TypeAlias = Literal["mean", "sum"]
+
+
+def loss_reduction(loss_fn: LossFn) -> Reduction:
+    """How ``loss_fn`` combines per-example losses into the training objective.
+
+    ``"sum"`` for a loss whose ``reduction`` attribute is ``"sum"``; ``"mean"`` otherwise (a
+    ``torch.nn`` loss with ``reduction="mean"``, and by convention ``reduction="none"`` modules
+    and plain per-example callables, whose batch reduction the agent cannot see).
+    """
+    if isinstance(loss_fn, PerExampleLoss):
+        return loss_fn.objective
+    return "sum" if getattr(loss_fn, "reduction", "mean") == "sum" else "mean"
+
+
+class PerExampleLoss:
+    """An unreduced loss that remembers how the training objective reduces it.
+
+    Attributes:
+        fn: Returns per-example (or per-element) losses.
+        objective: ``"mean"`` or ``"sum"`` (see :func:`loss_reduction`).
+    """
+
+    def __init__(self, fn: LossFn, objective: Reduction) -> None:
+        self.fn = fn
+        self.objective: Reduction = objective
+
+    def __call__(self, outputs: Any, targets: Batch) -> torch.Tensor:
+        return self.fn(outputs, targets)
+
+
+def unreduced(loss_fn: LossFn) -> PerExampleLoss:
     """Return a version of ``loss_fn`` that gives one loss per example.
 
     A ``torch.nn`` loss module with a ``reduction`` attribute is copied with
     ``reduction="none"``; any other callable is used as is and must return per-example losses.
+    The objective's reduction (:func:`loss_reduction`) is kept on the result.
     """
+    if isinstance(loss_fn, PerExampleLoss):
+        return loss_fn
+    objective = loss_reduction(loss_fn)
     if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
         if loss_fn.reduction != "none":
             loss_fn = copy.copy(loss_fn)
             loss_fn.reduction = "none"
-    return loss_fn
+    return PerExampleLoss(loss_fn, objective)
 
 
 def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) -> torch.Tensor:
-    """Per-example losses, shape ``(n,)``.
+    """Per-example losses L_i, shape ``(n,)``: each example's contribution to the objective.
 
-    Non-batch dimensions of an unreduced loss (e.g. tokens of a sequence) are averaged, so each
-    example's loss equals what a mean-reduced loss gives for that example alone.
+    Non-batch dimensions of an unreduced loss (tokens of a sequence, target dimensions) are
+    averaged when the objective is a mean (L_i is what a mean-reduced loss gives for example i
+    alone) and summed when it is a sum (Σ_i L_i is the sum-reduced loss); see
+    :func:`loss_reduction`.
 
     Raises:
         ValueError: If ``loss_fn`` reduces over the batch (returns fewer than ``n`` values).
@@ -96,7 +143,8 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
             f"{tuple(losses.shape)}; pass a torch.nn loss module or use reduction='none'"
         )
     if losses.dim() > 1:
-        losses = losses.reshape(n, -1).mean(dim=1)
+        flat = losses.reshape(n, -1)
+        losses = flat.sum(dim=1) if loss_reduction(loss_fn) == "sum" else flat.mean(dim=1)
     return losses
 
 

@@ -1,22 +1,24 @@
 r"""Sharpness: top eigenvalues of the loss Hessian and the optimizer's stability threshold.
 
-The Hessian is that of the mean loss L(θ) = (1/N) Σ_i L(x_i, y_i; θ) on a fixed probe batch,
-over the trainable parameters. Hessian-vector products H v are computed forward-over-reverse,
+The Hessian is that of the training objective on a fixed probe batch, over the trainable
+parameters: ``scale`` × (1/N) Σ_i L_i(θ), with L_i each example's contribution
+(:mod:`~stiffmon_agent.metrics.probe`); ``scale`` is 1 for a mean-reduced loss and the training
+batch size B for a sum-reduced one (Σ over a batch of B = B × the per-example mean).
+Hessian-vector products H v are computed forward-over-reverse,
 ``jvp(grad(L), (θ,), (v,))`` with ``torch.func``, or by double backward
 ∇_θ (∇_θ L · v) when ``torch.func`` cannot trace the model. The top eigenvalue λ1_H is found by
 Lanczos or power iteration (:mod:`stiffmon_agent.metrics.eigen`), warm-started from the previous
 measurement's eigenvectors.
 
-Stability threshold (a quadratic with curvature λ is stable under the optimizer iff λ < it):
-2/η for SGD, (2 + 2β)/η for heavy-ball momentum β, (2 + 2β)/((1 + 2β) η) for Nesterov momentum.
-PyTorch's SGD ``dampening`` τ scales the gradient by (1 − τ), i.e. the step size to η(1 − τ).
-Adaptive optimizers (Adam, RMSprop, Adagrad, ...) precondition the gradient, so no threshold on
-λ1_H of the raw Hessian applies: :func:`stability_threshold_for` says so instead of inventing one.
+Stability thresholds live in :mod:`~stiffmon_agent.metrics.thresholds`. For Adam / AdamW /
+RMSprop the sharpness that matters is the *preconditioned* one, λ1(P⁻¹H) (Cohen et al. 2022),
+computed here by the same Lanczos on the symmetric D H D with D = P^{-1/2}
+(``preconditioner=`` of :func:`hessian_eigen`), which has the same eigenvalues as P⁻¹H.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -59,6 +61,7 @@ class HessianOperator:
         loss_fn: Loss module or per-example loss callable.
         forward: ``forward(model, inputs)``; default ``model(inputs)``.
         chunk_size: Examples per pass; H v = Σ_c (n_c / N) H_c v. None: one pass.
+        scale: The objective is ``scale`` × the per-example mean (B for a sum-reduced loss).
         backend: ``"graph"`` (double backward through a first-order graph built once and kept
             for the whole measurement: fastest, one chunk only), ``"func"``
             (forward-over-reverse with ``torch.func``), ``"double-backward"`` (rebuilds the graph
@@ -79,9 +82,11 @@ class HessianOperator:
         *,
         forward: ForwardFn | None = None,
         chunk_size: int | None = None,
+        scale: float = 1.0,
         backend: Backend = "auto",
     ) -> None:
         self.model = model
+        self.scale = float(scale)
         self.forward = forward or default_forward
         self.loss_fn = unreduced(loss_fn)
         self.n = batch_size(inputs)
@@ -105,7 +110,7 @@ class HessianOperator:
         self.backend: str = backend
         self.calls = 0
         self._wrapper = ForwardModule(model, self.forward)
-        self._graph: tuple[Tensor, ...] | None = None
+        self._graph: tuple[Tensor | None, ...] | None = None
         self._backends = {
             "graph": self._hvp_graph,
             "func": self._hvp_func,
@@ -123,7 +128,7 @@ class HessianOperator:
         return [c.view(s) for c, s in zip(v.split(self.sizes), self.shapes, strict=True)]
 
     def _mean_loss(self, x: Batch, y: Batch, n: int, out: Any) -> Tensor:
-        return per_example_losses(self.loss_fn, out, y, n).mean()
+        return self.scale * per_example_losses(self.loss_fn, out, y, n).mean()
 
     def _hvp_func(self, v: Tensor) -> Tensor:
         primals = {f"model.{k}": p.detach() for k, p in zip(self.names, self.params, strict=True)}
@@ -144,30 +149,33 @@ class HessianOperator:
         vs = self._split(v)
         for x, y, n in self.chunks:
             loss = self._mean_loss(x, y, n, self.forward(self.model, x))
-            g = torch.autograd.grad(loss, self.params, create_graph=True)
-            dot = sum((gi * vi).sum() for gi, vi in zip(g, vs, strict=True))
-            hv = torch.autograd.grad(dot, self.params, allow_unused=True)
-            flat = [
-                (h if h is not None else torch.zeros_like(p)).reshape(-1)
-                for h, p in zip(hv, self.params, strict=True)
-            ]
-            total += (n / self.n) * torch.cat(flat)
+            g = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            total += (n / self.n) * self._second(g, vs, retain=False)
         return total
 
-    def _hvp_graph(self, v: Tensor) -> Tensor:
-        """Double backward through a first-order graph built once and kept (one chunk only)."""
-        if self._graph is None:
-            ((x, y, n),) = self.chunks
-            loss = self._mean_loss(x, y, n, self.forward(self.model, x))
-            self._graph = torch.autograd.grad(loss, self.params, create_graph=True)
-        dot = sum((gi * vi).sum() for gi, vi in zip(self._graph, self._split(v), strict=True))
-        hv = torch.autograd.grad(dot, self.params, retain_graph=True, allow_unused=True)
+    def _second(self, g: tuple[Tensor | None, ...], vs: list[Tensor], retain: bool) -> Tensor:
+        """∇(g · v) flattened (zeros where a parameter does not enter the loss)."""
+        terms = [(gi * vi).sum() for gi, vi in zip(g, vs, strict=True) if gi is not None]
+        hv: tuple[Tensor | None, ...] = (None,) * len(self.params)
+        if terms and any(t.requires_grad for t in terms):
+            dot = torch.stack(terms).sum()
+            hv = torch.autograd.grad(dot, self.params, retain_graph=retain, allow_unused=True)
         return torch.cat(
             [
                 (h if h is not None else torch.zeros_like(p)).reshape(-1)
                 for h, p in zip(hv, self.params, strict=True)
             ]
         )
+
+    def _hvp_graph(self, v: Tensor) -> Tensor:
+        """Double backward through a first-order graph built once and kept (one chunk only)."""
+        if self._graph is None:
+            ((x, y, n),) = self.chunks
+            loss = self._mean_loss(x, y, n, self.forward(self.model, x))
+            self._graph = torch.autograd.grad(
+                loss, self.params, create_graph=True, allow_unused=True
+            )
+        return self._second(self._graph, self._split(v), retain=True)
 
     def __call__(self, v: Tensor) -> Tensor:
         """H v for a flat vector v of length :attr:`dim`."""
@@ -219,8 +227,10 @@ def hessian_eigen(
     chunk_size: int | None = None,
     backend: Backend = "auto",
     generator: torch.Generator | None = None,
+    scale: float = 1.0,
+    preconditioner: Tensor | None = None,
 ) -> EigenResult:
-    """Top-k Hessian eigenvalues λ1_H ≥ λ2_H ≥ … of the mean probe loss.
+    """Top-k Hessian eigenvalues λ1_H ≥ λ2_H ≥ … of the probe objective.
 
     Args:
         model: The network (measured in eval mode, restored afterwards).
@@ -237,17 +247,37 @@ def hessian_eigen(
         chunk_size: Examples per pass.
         backend: HVP backend (see :class:`HessianOperator`).
         generator: Random generator for cold starts (the global RNG is not touched anyway).
+        scale: The objective is ``scale`` × the per-example mean (see :class:`HessianOperator`).
+        preconditioner: Flat diagonal P (length P, positive; ``inf`` for parameters the
+            optimizer does not move): the eigenvalues are then those of P⁻¹H, computed on the
+            symmetric D H D with D = P^{-1/2}; the eigenvectors returned are those of D H D.
 
     Returns:
         Eigenvalues (largest first), eigenvectors for the next warm start, and the HVP count.
     """
     with measurement_mode(model):
         op = HessianOperator(
-            model, inputs, targets, loss_fn, forward=forward, chunk_size=chunk_size, backend=backend
+            model,
+            inputs,
+            targets,
+            loss_fn,
+            forward=forward,
+            chunk_size=chunk_size,
+            backend=backend,
+            scale=scale,
         )
+        matvec: Callable[[Tensor], Tensor] = op
+        if preconditioner is not None:
+            if preconditioner.shape != (op.dim,):
+                raise ValueError(f"preconditioner has shape {tuple(preconditioner.shape)}")
+            d = preconditioner.detach().to(op.like).rsqrt()
+
+            def matvec(v: Tensor) -> Tensor:
+                return d * op(d * v)
+
         solver = lanczos if method == "lanczos" else power_iteration
         return solver(
-            op,
+            matvec,
             op.dim,
             k,
             init=warm_start,
@@ -268,80 +298,11 @@ def hessian_trace(
     forward: ForwardFn | None = None,
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
+    scale: float = 1.0,
 ) -> TraceEstimate:
-    """Hutchinson estimate of tr(H) for the mean probe loss."""
+    """Hutchinson estimate of tr(H) for the probe objective (``scale`` × the mean loss)."""
     with measurement_mode(model):
         op = HessianOperator(
-            model, inputs, targets, loss_fn, forward=forward, chunk_size=chunk_size
+            model, inputs, targets, loss_fn, forward=forward, chunk_size=chunk_size, scale=scale
         )
         return hutchinson_trace(op, op.dim, samples, like=op.like.detach(), generator=generator)
-
-
-@dataclass(frozen=True)
-class StabilityThreshold:
-    """The largest stable curvature for an optimizer, or why there is none.
-
-    Attributes:
-        value: The threshold on λ1_H, or None when no threshold applies.
-        rule: How it was computed, e.g. ``"(2+2β)/η"``, or why there is none.
-    """
-
-    value: float | None
-    rule: str
-
-
-_ADAPTIVE = {
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "NAdam",
-    "RAdam",
-    "SparseAdam",
-    "Adagrad",
-    "Adadelta",
-    "RMSprop",
-    "Rprop",
-    "LBFGS",
-    "Adafactor",
-    "Lion",
-    "Adan",
-    "Shampoo",
-    "Muon",
-}
-
-
-def stability_threshold(
-    lr: float, momentum: float = 0.0, *, nesterov: bool = False, dampening: float = 0.0
-) -> StabilityThreshold:
-    """Stability threshold of (momentum) gradient descent with learning rate η = ``lr``.
-
-    2/η without momentum, (2 + 2β)/η with heavy-ball momentum β, (2 + 2β)/((1 + 2β) η) with
-    Nesterov momentum; with dampening τ, η is replaced by η (1 − τ).
-    """
-    eta = lr * (1.0 - dampening)
-    if eta <= 0:
-        return StabilityThreshold(None, f"none: non-positive effective learning rate {eta}")
-    beta = momentum
-    if beta == 0.0:
-        return StabilityThreshold(2.0 / eta, "2/η")
-    if nesterov:
-        return StabilityThreshold(
-            (2.0 + 2.0 * beta) / ((1.0 + 2.0 * beta) * eta), "(2+2β)/((1+2β)η)"
-        )
-    return StabilityThreshold((2.0 + 2.0 * beta) / eta, "(2+2β)/η")
-
-
-def stability_threshold_for(optimizer: torch.optim.Optimizer, group: int = 0) -> StabilityThreshold:
-    """Threshold for a torch optimizer's param group (None for adaptive optimizers)."""
-    name = type(optimizer).__name__
-    g = optimizer.param_groups[group]
-    if name == "SGD":
-        return stability_threshold(
-            float(g["lr"]),
-            float(g.get("momentum", 0.0)),
-            nesterov=bool(g.get("nesterov", False)),
-            dampening=float(g.get("dampening", 0.0)),
-        )
-    if name in _ADAPTIVE:
-        return StabilityThreshold(None, f"none: {name} is adaptive (preconditioned steps)")
-    return StabilityThreshold(None, f"none: no stability rule known for {name}")

@@ -43,6 +43,35 @@ class TinyTransformer(nn.Module):
         return out[:, :3]
 
 
+class Recurrent(nn.Module):
+    """Embedding → RNN / GRU / LSTM → Linear on the last hidden state."""
+
+    def __init__(self, kind: str, batch_first: bool = True, max_norm: float | None = None) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(11, 6, max_norm=max_norm)
+        self.rnn = getattr(nn, kind)(6, 5, batch_first=batch_first)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.emb(tokens)
+        out, _ = self.rnn(h if self.batch_first else h.transpose(0, 1))
+        last = out[:, -1] if self.batch_first else out[-1]
+        return self.head(last)
+
+
+class MaxNormBag(nn.Module):
+    """Embedding(max_norm) (renormalises rows in place) → mean → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 4, max_norm=0.5)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.emb(tokens).mean(dim=1))
+
+
 class DictModel(nn.Module):
     """Takes a dict batch with an integer and a float field."""
 
@@ -119,8 +148,15 @@ def make_cases() -> dict[str, tuple[nn.Module, Any, Tensor]]:
     cases["frozen"] = (frozen, rnd(n, 4), y)
     seq = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))  # Linear over (N, T, d)
     cases["sequence-linear"] = (_MeanOverTime(seq), rnd(n, 7, 4), y)
+    cases["gru"] = (Recurrent("GRU"), tokens, y)
+    cases["lstm-seq-first"] = (Recurrent("LSTM", batch_first=False), tokens, y)
+    cases["rnn-max-norm"] = (Recurrent("RNN", max_norm=0.7), tokens, y)
+    cases["embedding-max-norm"] = (MaxNormBag(), tokens, y)
     for model, _, _ in cases.values():
         model.double()
+    with torch.no_grad():  # rows well above max_norm, so that renormalisation really happens
+        for name in ("rnn-max-norm", "embedding-max-norm"):
+            cases[name][0].emb.weight.mul_(3.0)
     return cases
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -11,7 +12,12 @@ from torch import Tensor, nn
 def loop_gradients(
     model: nn.Module, inputs: Any, targets: Tensor, loss_fn: Any, forward: Any = None
 ) -> Tensor:
-    """N×P per-example gradients, one ``torch.autograd.grad`` call per example, in eval mode."""
+    """N×P per-example gradients, one ``torch.autograd.grad`` call per example, in eval mode.
+
+    Runs on a deep copy, so modules that change their weights in the forward
+    (``Embedding(max_norm=…)``) leave the model under test alone.
+    """
+    model = copy.deepcopy(model)
     was = model.training
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -165,7 +165,7 @@ def test_verification_catches_a_hidden_sequence_first_layer() -> None:
     x = torch.randn(5, 5, 4, dtype=torch.float64)  # T == N: shapes alone cannot tell
     y = torch.tensor([0, 1, 2, 0, 1])
     ref = loop_gram(model, x, y, CE)
-    with pytest.warns(RuntimeWarning, match="vmap"):
+    with pytest.warns(RuntimeWarning, match="exact per-example path"):
         got = per_example_gram(model, x, y, CE)
     assert rel_err(got.total, ref) < 1e-10
     assert set(got.methods.values()) == {"vmap"}

@@ -19,7 +19,9 @@ from stiffmon_agent.metrics import (
     stability_threshold,
     stability_threshold_for,
 )
+from stiffmon_agent.metrics.gram import per_example_gram
 from tests.agent.metrics.models import make_cases
+from tests.agent.metrics.reference import loop_gram, rel_err
 
 CE = nn.CrossEntropyLoss()
 
@@ -159,3 +161,58 @@ def test_stability_thresholds() -> None:
     adam = stability_threshold_for(torch.optim.Adam(p, lr=1e-3))
     assert adam.value is None and "Adam" in adam.rule and "adaptive" in adam.rule
     assert stability_threshold(0.0).value is None
+
+
+def test_sum_reduced_objective_is_batch_times_the_mean() -> None:
+    """MSE(sum) with 3-d targets: G and λ1_H of Σ over the batch, against dense references."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    mse_sum = nn.MSELoss(reduction="sum")
+    # Gram: per-example contributions are the per-example sums (d = 3 dimensions)
+    ref = loop_gram(model, x, y, mse_sum)
+    assert rel_err(per_example_gram(model, x, y, mse_sum).total, ref) < 1e-10
+    mean_ref = loop_gram(model, x, y, nn.MSELoss())
+    assert rel_err(per_example_gram(model, x, y, nn.MSELoss()).total, mean_ref) < 1e-10
+    # Hessian of the training objective Σ_i L_i over a batch of B = 9 (the probe itself)
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def loss(v: Tensor) -> Tensor:
+        parts = v.split([s.numel() for s in shapes])
+        pd = {n: c.view(s) for n, c, s in zip(names, parts, shapes, strict=True)}
+        return mse_sum(torch.func.functional_call(model, pd, (x,)), y)
+
+    lam = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))[-1])
+    got = hessian_eigen(model, x, y, mse_sum, scale=9, tol=1e-10, max_hvps=500)
+    assert float(got.eigenvalues[0]) == pytest.approx(lam, rel=1e-8)
+    mean = hessian_eigen(model, x, y, nn.MSELoss(), tol=1e-10, max_hvps=500)
+    assert float(mean.eigenvalues[0]) * 27 == pytest.approx(lam, rel=1e-8)  # B·d = 27
+
+
+def test_cold_start_finds_lambda1_when_lambda2_is_close() -> None:
+    """λ1 and λ2 3 % apart: a cold start must return λ1 (within 1 %), not λ2."""
+    gen = torch.Generator().manual_seed(0)
+    dim, misses = 2000, 0
+    for _ in range(40):
+        ev = torch.cat(
+            [
+                torch.tensor([1.0, 0.97], dtype=torch.float64),
+                torch.rand(8, generator=gen, dtype=torch.float64) * 0.6 + 0.2,
+                torch.randn(dim - 10, generator=gen, dtype=torch.float64) * 0.02,
+            ]
+        )
+        got = lanczos(lambda v, ev=ev: ev * v, dim, tol=1e-2, generator=gen)
+        misses += abs(float(got.eigenvalues[0]) - 1.0) > 0.01
+    one = sum(
+        abs(
+            float(lanczos(lambda v: ev * v, dim, tol=1e-2, block=1, generator=gen).eigenvalues[0])
+            - 1
+        )
+        > 0.01
+        for _ in range(40)
+    )
+    assert misses == 0 and one > 0, (misses, one)  # the single-vector start does miss it

@@ -1,0 +1,241 @@
+r"""Per-example gradient Gram matrix G[i, j] = g_i · g_j without materialising the N×P gradients.
+
+g_i = ∇_θ L_i is the gradient of example i's contribution to the training objective
+(:mod:`~stiffmon_agent.metrics.probe`) with respect to the trainable parameters θ. G = Σ_l G_l
+splits into one block per layer l.
+
+Layers with a registered rule (:mod:`.rules`: :mod:`.linear`, :mod:`.conv`, :mod:`.embedding`,
+:mod:`.norms`) take the hook path: one forward and one backward pass per chunk give each layer's
+inputs a_i[t] and output gradients b_i[t] (:mod:`.hooks`); per layer :mod:`.plan` takes the
+cheaper of the ghost form Σ_{t,s} (a_i[t]·a_j[s]) (b_i[t]·b_j[s]) and materialised per-layer
+gradients Σ_t b_i[t] a_i[t]ᵀ (Bu et al. 2022); :mod:`.contract` holds the contractions.
+
+Parameters of any other module (attention projections, GroupNorm, custom modules, raw
+parameters), parameters shared between modules (weight tying) and layers inside modules that are
+not batch-first get exact per-example gradients from ``torch.func.vmap(grad)`` restricted to
+just those parameters (:mod:`.vmap`), and where vmap cannot run (RNNs, ``Embedding(max_norm)``)
+from a per-example loop of backward passes (:mod:`.loop`). The safety net (:mod:`.verify`)
+checks several diagonal entries and an off-diagonal entry of a fast Gram against single-example
+backward passes and falls back to the exact paths on a mismatch, with a warning. The
+measurement runs in eval mode and leaves the model as it was
+(:func:`~stiffmon_agent.metrics.state.measurement_mode`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+# the per-family rules register themselves on import
+from stiffmon_agent.metrics.gram import conv, embedding, linear, norms  # noqa: F401
+from stiffmon_agent.metrics.gram.contract import cat, embedding_gram, ghost_gram
+from stiffmon_agent.metrics.gram.hooks import hook_pass
+from stiffmon_agent.metrics.gram.loop import loop_grads
+from stiffmon_agent.metrics.gram.plan import Block, Layer, Method, gram_flops_estimate, plan
+from stiffmon_agent.metrics.gram.verify import check_entries
+from stiffmon_agent.metrics.gram.vmap import vmap_grads
+from stiffmon_agent.metrics.probe import (
+    Batch,
+    ForwardFn,
+    LossFn,
+    batch_size,
+    default_forward,
+    take,
+    unreduced,
+)
+from stiffmon_agent.metrics.state import measurement_mode, trainable_parameters
+
+__all__ = ["GramResult", "gram_flops_estimate", "per_example_gradients", "per_example_gram"]
+
+
+@dataclass(frozen=True)
+class GramResult:
+    """Per-example gradient Gram matrix and its per-layer blocks.
+
+    Attributes:
+        total: G, shape (N, N), G[i, j] = g_i · g_j.
+        layers: Per-layer blocks G_l keyed by module name (``"(root)"`` for the model's own
+            parameters); they sum to ``total``.
+        methods: How each block was computed: ``"ghost"``, ``"materialise"``, ``"vmap"`` or
+            ``"loop"``.
+        notes: What fell back and why (also issued as warnings).
+    """
+
+    total: Tensor
+    layers: dict[str, Tensor] = field(default_factory=dict)
+    methods: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def norms(self) -> Tensor:
+        """Per-example gradient norms ‖g_i‖ = sqrt(G[i, i])."""
+        return self.total.diagonal().clamp_min(0).sqrt()
+
+
+def _module_prefix(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0] if "." in param_name else "(root)"
+
+
+def _block_gram(block: Block) -> Tensor:
+    if block.kind == "dense" or block.method == "materialise":
+        m = cat(block.grads)
+        return m @ m.T
+    a, b = cat(block.a), cat(block.b)
+    return embedding_gram(a, b) if block.kind == "embedding" else ghost_gram(a, b)
+
+
+def per_example_gram(
+    model: nn.Module,
+    inputs: Batch,
+    targets: Batch,
+    loss_fn: LossFn,
+    *,
+    forward: ForwardFn | None = None,
+    chunk_size: int | None = 128,
+    method: Method = "auto",
+    verify: bool = True,
+) -> GramResult:
+    r"""Gram matrix G[i, j] = g_i · g_j of per-example gradients, with per-layer blocks.
+
+    Args:
+        model: The network. Only parameters with ``requires_grad`` count (frozen ones are
+            excluded). Measured in eval mode; mode, buffers, ``.grad``, parameters and RNG
+            state are restored.
+        inputs: Probe inputs (tensor or tuple/list/dict of tensors), examples along dim 0.
+        targets: Probe targets, examples along dim 0.
+        loss_fn: ``loss_fn(outputs, targets)``; a ``torch.nn`` loss module (its reduction is
+            switched to ``"none"`` on a copy; a ``"sum"`` reduction sums each example's
+            elements) or a callable returning per-example losses.
+        forward: ``forward(model, inputs) -> outputs``; default ``model(inputs)``.
+        chunk_size: Examples per forward/backward pass (bounds activation memory); None: all.
+        method: ``"auto"`` picks ghost or materialised per layer; ``"ghost"`` /
+            ``"materialise"`` force one for every hooked layer; ``"vmap"`` uses
+            ``torch.func.vmap(grad)`` for every parameter (the slow baseline), ``"loop"`` a
+            per-example loop.
+        verify: Check diagonal and off-diagonal entries against single-example backward passes
+            (relative 1e-8 in float64, 1e-4 in float32) and redo everything exactly on a
+            mismatch, with a warning.
+
+    Returns:
+        G and its per-layer blocks; G's dtype and device are those of the parameters.
+
+    Raises:
+        ValueError: If the model has no trainable parameter or the probe is malformed.
+    """
+    forward = forward or default_forward
+    loss_fn = unreduced(loss_fn)
+    n_total = batch_size(inputs)
+    if batch_size(targets) != n_total:
+        raise ValueError("inputs and targets have different numbers of examples")
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    chunk = n_total if not chunk_size else max(1, min(chunk_size, n_total))
+    with measurement_mode(model):
+        args = (model, params, inputs, targets, forward, loss_fn, n_total, chunk)
+        result = _gram(*args, plan(model, method), method)
+        fast = any(m in ("ghost", "materialise") for m in result.methods.values())
+        if verify and fast:
+            bad = check_entries(model, list(params.values()), result.total, *args[2:6])
+            if bad is not None:
+                note = (
+                    f"per-example Gram fast path disagrees with single-example backward passes "
+                    f"({bad}); some layer does not take examples along dim 0 or the model couples "
+                    "examples. Using the exact per-example path."
+                )
+                warnings.warn(f"stiffmon: {note}", RuntimeWarning, stacklevel=2)
+                result = _gram(*args, {}, "vmap")
+                result = GramResult(result.total, result.layers, result.methods, (note,))
+        return result
+
+
+def _gram(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    inputs: Batch,
+    targets: Batch,
+    forward: ForwardFn,
+    loss_fn: LossFn,
+    n_total: int,
+    chunk: int,
+    layers: dict[str, Layer],
+    method: Method,
+) -> GramResult:
+    fallback: list[str] | None = None
+    exact = "loop" if method == "loop" else "vmap"
+    notes: list[str] = []
+    parts: dict[str, list[Tensor]] = defaultdict(list)
+    for start in range(0, n_total, chunk):
+        idx = slice(start, min(start + chunk, n_total))
+        x, y = take(inputs, idx), take(targets, idx)
+        n = min(start + chunk, n_total) - start
+        if layers:
+            failed = hook_pass(model, layers, x, y, forward, loss_fn, n, method)
+            if failed and fallback is not None:  # a layer changed behaviour between chunks
+                kept = {k: v.fresh() for k, v in layers.items() if k not in failed}
+                return _gram(
+                    model, params, inputs, targets, forward, loss_fn, n_total, chunk, kept, method
+                )
+            for name in failed:
+                layers.pop(name, None)
+        if fallback is None:
+            hooked = {id(p) for layer in layers.values() for p in layer.params.values()}
+            fallback = [name for name, p in params.items() if id(p) not in hooked]
+        if not fallback:
+            continue
+        if exact == "vmap":
+            try:
+                grads = vmap_grads(model, fallback, x, y, forward, loss_fn)
+            except Exception as exc:  # RNNs, in-place parameter updates, …: loop instead
+                exact = "loop"
+                notes.append(
+                    f"vmap(grad) cannot run this model ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:200]}); per-example loop for "
+                    f"{len(fallback)} parameter tensors"
+                )
+        if exact == "loop":
+            grads = loop_grads(model, fallback, x, y, forward, loss_fn)
+        for name, g in grads.items():
+            parts[name].append(g.detach().reshape(n, -1))
+
+    blocks: dict[str, Tensor] = {}
+    methods: dict[str, str] = {}
+    for name, layer in layers.items():
+        blocks[name] = torch.stack([_block_gram(b) for b in layer.blocks.values()]).sum(0)
+        w = layer.blocks.get("weight")
+        methods[name] = w.method if w is not None and w.method else "materialise"
+    for pname in fallback or []:
+        key = _module_prefix(pname)
+        m = cat(parts[pname])
+        blocks[key] = blocks[key] + m @ m.T if key in blocks else m @ m.T
+        methods[key] = exact
+    total = torch.stack(list(blocks.values())).sum(0)
+    return GramResult(total=total, layers=blocks, methods=methods, notes=tuple(notes))
+
+
+def per_example_gradients(
+    model: nn.Module,
+    inputs: Batch,
+    targets: Batch,
+    loss_fn: LossFn,
+    *,
+    forward: ForwardFn | None = None,
+) -> Tensor:
+    """The N×P matrix of flattened per-example gradients (``vmap(grad)``, else the loop).
+
+    Used by the gradient-noise helpers that need explicit gradients, and as a baseline.
+    """
+    forward = forward or default_forward
+    loss_fn = unreduced(loss_fn)
+    names = list(trainable_parameters(model))
+    with measurement_mode(model):
+        try:
+            grads = vmap_grads(model, names, inputs, targets, forward, loss_fn)
+        except Exception:
+            grads = loop_grads(model, names, inputs, targets, forward, loss_fn)
+    n = batch_size(inputs)
+    return torch.cat([grads[k].reshape(n, -1) for k in names], dim=1)

@@ -1,0 +1,101 @@
+r"""The plan: which modules take the hook path, and per layer ghost or materialised gradients.
+
+Per layer the cheaper of (Bu et al. 2022, mixed ghost clipping)
+
+* the *ghost* form ⟨∇W_i, ∇W_j⟩ = Σ_{t,s} (a_i[t]·a_j[s]) (b_i[t]·b_j[s]), which for T = 1 is
+  (A Aᵀ) ∘ (B Bᵀ), costing ~N²T²(d_in + d_out), and
+* *materialised* per-layer gradients ∇W_i (N × d_out d_in) and their Gram, costing
+  ~N T d_in d_out + N² d_in d_out.
+
+Modules whose parameters are shared with another module (weight tying), that live inside a
+module with ``batch_first=False``, or that have no registered rule take the fallbacks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import Tensor, nn
+
+from stiffmon_agent.metrics.gram.rules import LayerRule, rule_for
+
+Method = Literal["auto", "ghost", "materialise", "vmap", "loop"]
+
+
+@dataclass
+class Block:
+    """Accumulated per-example factors of one parameter of a hooked layer, over chunks.
+
+    ``kind`` is ``"linear"`` (a: (n, g, T, d_in), b: (n, g, T, d_out)), ``"embedding"``
+    (a: tokens (n, T), b: (n, T, d)) or ``"dense"`` (grads: (n, P) per-example gradients).
+    """
+
+    kind: str
+    method: str = ""
+    a: list[Tensor] = field(default_factory=list)
+    b: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Layer:
+    name: str
+    module: nn.Module
+    rule: LayerRule
+    params: dict[str, nn.Parameter]  # trainable direct parameters: "weight" and/or "bias"
+    blocks: dict[str, Block] = field(default_factory=dict)
+
+    def fresh(self) -> Layer:
+        return Layer(self.name, self.module, self.rule, self.params)
+
+
+def plan(model: nn.Module, method: Method) -> dict[str, Layer]:
+    """Choose the modules whose parameters take the hook path."""
+    if method in ("vmap", "loop"):
+        return {}
+    owners: dict[nn.Parameter, int] = defaultdict(int)
+    for _, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            owners[p] += 1
+    not_batch_first: set[str] = set()
+    for mname, mod in model.named_modules():
+        if getattr(mod, "batch_first", True) is False:
+            prefix = f"{mname}." if mname else ""
+            not_batch_first.update(n for n, _ in model.named_modules() if n.startswith(prefix))
+    layers: dict[str, Layer] = {}
+    for mname, mod in model.named_modules():
+        rule = rule_for(mod)
+        if rule is None or mname in not_batch_first:
+            continue
+        direct = dict(mod.named_parameters(recurse=False))
+        if any(owners[p] > 1 for p in direct.values()):
+            continue  # shared with another module: the fallbacks sum all of its uses exactly
+        trainable = {k: p for k, p in direct.items() if p.requires_grad and k in ("weight", "bias")}
+        if trainable and len(trainable) == sum(p.requires_grad for p in direct.values()):
+            layers[mname] = Layer(mname, mod, rule, trainable)
+    return layers
+
+
+def ghost_cost(n: int, t: int, d_in: int, d_out: int) -> tuple[float, float]:
+    ghost = float(n) * n * t * t * (d_in + d_out + 1)
+    materialise = float(n) * t * d_in * d_out + float(n) * n * d_in * d_out
+    return ghost, materialise
+
+
+def choose(kind: str, a: Tensor, b: Tensor, n: int, method: Method) -> str:
+    """``"ghost"`` or ``"materialise"`` for a block, by ``method`` or by the cost model."""
+    if kind == "embedding":
+        return "ghost"
+    if method in ("ghost", "materialise"):
+        return method
+    ghost, mat = ghost_cost(n, a.shape[2], a.shape[3], b.shape[3])
+    return "ghost" if ghost <= mat else "materialise"
+
+
+def gram_flops_estimate(n: int, t: int, d_in: int, d_out: int) -> dict[str, float]:
+    """FLOP estimates of the two per-layer forms (used to choose; exposed for benchmarks)."""
+    ghost, mat = ghost_cost(n, t, d_in, d_out)
+    return {"ghost": ghost, "materialise": mat, "log10_ratio": math.log10(ghost / mat)}

@@ -1,0 +1,72 @@
+r"""Per-layer Gram rules, registered by ``nn.Module`` type (as Opacus keeps ``grad_sample/``).
+
+A rule turns one call of a layer — its input x and the gradient gy of the summed per-example
+losses with respect to its output, both with the examples along dim 0 — into per-example
+*factors* of the layer's parameter gradients:
+
+* ``("linear", a, b)``: ∇W_i = Σ_t b_i[t] a_i[t]ᵀ, a (n, g, T, d_in), b (n, g, T, d_out) (groups g
+  of a grouped convolution, positions t of a sequence or of an unfolded convolution);
+* ``("embedding", tokens, b)``: ∇E_i = Σ_t e_{tok_i[t]} b_i[t]ᵀ, tokens (n, T), b (n, T, d);
+* ``("dense", grads, None)``: the per-example gradients themselves, (n, P) — for small parameters.
+
+One module per layer family (:mod:`.linear`, :mod:`.conv`, :mod:`.embedding`, :mod:`.norms`)
+registers its rule with :func:`register`; :func:`rule_for` finds the rule of a module through
+its type's MRO. Modules without a rule (or whose rule declines them) take the ``vmap`` or loop
+fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from torch import Tensor, nn
+
+Factors = dict[str, tuple[str, Tensor, Tensor | None]]
+
+
+class LayerRule(Protocol):
+    """How one layer family gives its per-example gradient factors."""
+
+    def native(self, mod: nn.Module) -> bool:
+        """Whether this module (with its configuration) can take the hook path at all."""
+        ...
+
+    def valid_call(self, mod: nn.Module, x: Any, out: Any, n: int) -> bool:
+        """Whether a call with input ``x`` and output ``out`` has the n examples along dim 0."""
+        ...
+
+    def factors(self, mod: nn.Module, x: Tensor, gy: Tensor, n: int) -> Factors:
+        """``{parameter name: (kind, a, b)}`` of one call (see the module docstring)."""
+        ...
+
+
+RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+def register(*types: type[nn.Module]) -> Callable[[type], type]:
+    """Class decorator: register an instance of the rule class for these module types."""
+
+    def deco(cls: type) -> type:
+        rule = cls()
+        for t in types:
+            RULES[t] = rule
+        return cls
+
+    return deco
+
+
+def rule_for(mod: nn.Module) -> LayerRule | None:
+    """The registered rule for ``mod``'s type (nearest in the MRO), if it accepts the module."""
+    for t in type(mod).__mro__:
+        rule = RULES.get(t)
+        if rule is not None:
+            return rule if rule.native(mod) else None
+    return None
+
+
+def batch_first_call(x: Any, out: Any, n: int) -> bool:
+    """Tensors in and out, both with n examples along dim 0."""
+    if not isinstance(x, Tensor) or not isinstance(out, Tensor) or x.dim() == 0:
+        return False
+    return x.shape[0] == n and out.dim() > 0 and out.shape[0] == n

@@ -1,0 +1,212 @@
+r"""Stability thresholds of optimizers, and the diagonal preconditioner of adaptive ones.
+
+A quadratic with curvature λ is stable under an optimizer iff λ is below its threshold. With
+learning rate η (of the param group, at the step being measured: schedules are followed):
+
+* SGD: 2/η; heavy-ball momentum β: (2 + 2β)/η; Nesterov momentum β: (2 + 2β)/((1 + 2β) η).
+  ``dampening`` τ scales the gradient by (1 − τ), i.e. η by (1 − τ). Coupled ``weight_decay``
+  wd adds wd·θ to the gradient, so the curvature the optimizer sees is λ + wd: the threshold on
+  λ1_H is the bound minus wd.
+* Adam / AdamW: the preconditioned sharpness λ1(P⁻¹H) with
+  P = (1 − β1^t)·diag(√(v_t / (1 − β2^t)) + ε) (``max_exp_avg_sq`` for amsgrad) against
+  (2 + 2β1)/((1 − β1) η) (Cohen et al. 2022, "Adaptive Gradient Methods at the Edge of
+  Stability"): with P frozen, Adam is EMA momentum on P⁻¹H. Weight decay (Adam's coupled L2 or
+  AdamW's decoupled shrinkage) is not included.
+* RMSprop: P = diag(√v_t + ε) (√(v_t − ḡ_t²) + ε when centred), heavy-ball momentum μ on P⁻¹H:
+  (2 + 2μ)/η.
+
+With several param groups the most restrictive group decides; ``group`` says which.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+_ADAPTIVE = {
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "NAdam",
+    "RAdam",
+    "SparseAdam",
+    "Adagrad",
+    "Adadelta",
+    "RMSprop",
+    "Rprop",
+    "LBFGS",
+    "Adafactor",
+    "Lion",
+    "Adan",
+    "Shampoo",
+    "Muon",
+}
+_PRECONDITIONED = {"Adam", "AdamW", "RMSprop"}
+
+
+@dataclass(frozen=True)
+class StabilityThreshold:
+    """The largest stable curvature for an optimizer, or why there is none.
+
+    Attributes:
+        value: The threshold, or None when no threshold applies or it cannot be known.
+        rule: How it was computed, e.g. ``"2/η - wd (SGD, group 1)"``, or why there is none.
+        group: Index of the most restrictive param group (None when there is no value).
+        preconditioned: The threshold applies to λ1(P⁻¹H) rather than to λ1_H.
+    """
+
+    value: float | None
+    rule: str
+    group: int | None = None
+    preconditioned: bool = False
+
+
+def _num(x: object) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)  # type: ignore[arg-type]
+
+
+def stability_threshold(
+    lr: float,
+    momentum: float = 0.0,
+    *,
+    nesterov: bool = False,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+) -> StabilityThreshold:
+    """Stability threshold on λ1_H of (momentum) SGD with learning rate η = ``lr``.
+
+    2/η without momentum, (2 + 2β)/η with heavy-ball momentum β, (2 + 2β)/((1 + 2β) η) with
+    Nesterov momentum; with dampening τ, η is replaced by η (1 − τ); coupled weight decay wd
+    is subtracted (the optimizer sees the curvature λ + wd).
+    """
+    eta = lr * (1.0 - dampening) if momentum else lr
+    if eta <= 0:
+        return StabilityThreshold(None, f"none: non-positive effective learning rate {eta}")
+    beta = momentum
+    if beta == 0.0:
+        value, rule = 2.0 / eta, "2/η"
+    elif nesterov:
+        value, rule = (2.0 + 2.0 * beta) / ((1.0 + 2.0 * beta) * eta), "(2+2β)/((1+2β)η)"
+    else:
+        value, rule = (2.0 + 2.0 * beta) / eta, "(2+2β)/η"
+    if dampening and momentum:
+        rule = rule.replace("η", "η(1-τ)")
+    if weight_decay:
+        value, rule = value - weight_decay, f"{rule} - wd"
+    return StabilityThreshold(value, rule)
+
+
+def _most_restrictive(
+    per_group: list[StabilityThreshold], name: str, preconditioned: bool = False
+) -> StabilityThreshold:
+    known = [(t.value, i, t.rule) for i, t in enumerate(per_group) if t.value is not None]
+    if len(known) < len(per_group):
+        i = next(i for i, t in enumerate(per_group) if t.value is None)
+        return StabilityThreshold(None, f"{per_group[i].rule} ({name}, group {i})")
+    value, i, rule = min(known)
+    return StabilityThreshold(value, f"{rule} ({name}, group {i})", i, preconditioned)
+
+
+def stability_threshold_for(
+    optimizer: torch.optim.Optimizer, group: int | None = None
+) -> StabilityThreshold:
+    """Threshold on the raw λ1_H for a torch optimizer: the most restrictive param group.
+
+    Args:
+        optimizer: The optimizer, read as it is now (the learning rate of this step).
+        group: Only this param group; None: all of them, the smallest threshold wins.
+
+    Returns:
+        The threshold (None for adaptive optimizers: see :func:`preconditioned_threshold_for`).
+    """
+    name = type(optimizer).__name__
+    groups = list(enumerate(optimizer.param_groups))
+    if group is not None:
+        groups = [groups[group]]
+    if name == "SGD":
+        per = [
+            stability_threshold(
+                _num(g["lr"]),
+                _num(g.get("momentum", 0.0)),
+                nesterov=bool(g.get("nesterov", False)),
+                dampening=_num(g.get("dampening", 0.0)),
+                weight_decay=_num(g.get("weight_decay", 0.0)),
+            )
+            for _, g in groups
+        ]
+        t = _most_restrictive(per, name)
+        if group is not None and t.group is not None:
+            return StabilityThreshold(t.value, t.rule.replace("group 0", f"group {group}"), group)
+        return t
+    if name in _ADAPTIVE:
+        return StabilityThreshold(
+            None, f"none: {name} is adaptive (preconditioned steps); see λ1(P⁻¹H)"
+        )
+    return StabilityThreshold(None, f"none: no stability rule known for {name}")
+
+
+def preconditioned_threshold_for(optimizer: torch.optim.Optimizer) -> StabilityThreshold:
+    """Threshold on λ1(P⁻¹H) for Adam / AdamW ((2+2β1)/((1−β1)η)) and RMSprop ((2+2μ)/η)."""
+    name = type(optimizer).__name__
+    if name not in _PRECONDITIONED:
+        return StabilityThreshold(None, f"none: no preconditioned rule known for {name}")
+    per = []
+    for g in optimizer.param_groups:
+        eta = _num(g["lr"])
+        if eta <= 0:
+            per.append(StabilityThreshold(None, f"none: non-positive learning rate {eta}"))
+        elif name == "RMSprop":
+            mu = _num(g.get("momentum", 0.0))
+            per.append(StabilityThreshold((2 + 2 * mu) / eta, "(2+2μ)/η" if mu else "2/η"))
+        else:
+            b1 = _num(g["betas"][0])
+            per.append(StabilityThreshold((2 + 2 * b1) / ((1 - b1) * eta), "(2+2β1)/((1-β1)η)"))
+    return _most_restrictive(per, name, preconditioned=True)
+
+
+def diagonal_preconditioner(
+    optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
+) -> tuple[Tensor | None, str]:
+    """The diagonal P of Adam / AdamW / RMSprop at its current step, flattened over ``params``.
+
+    Parameters the optimizer does not hold get P = ∞ (they do not move, so they drop out of
+    P⁻¹H).
+
+    Returns:
+        (P, "") or (None, why P cannot be read: another optimizer, no step taken yet, ...).
+    """
+    name = type(optimizer).__name__
+    if name not in _PRECONDITIONED:
+        return None, f"{name} has no diagonal preconditioner rule"
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    parts: list[Tensor] = []
+    for p in params:
+        g = group_of.get(id(p))
+        if g is None:
+            parts.append(torch.full((p.numel(),), math.inf, dtype=p.dtype, device=p.device))
+            continue
+        st = optimizer.state.get(p, {})
+        eps = _num(g["eps"])
+        if name == "RMSprop":
+            if "square_avg" not in st:
+                return None, "no optimizer state yet (before the first step)"
+            v = st["square_avg"]
+            if g.get("centered") and "grad_avg" in st:
+                v = v - st["grad_avg"] ** 2
+            d = v.clamp_min(0).sqrt() + eps
+        else:
+            key = "max_exp_avg_sq" if g.get("amsgrad") else "exp_avg_sq"
+            if key not in st or "step" not in st:
+                return None, "no optimizer state yet (before the first step)"
+            t = _num(st["step"])
+            if t < 1:
+                return None, "no optimizer state yet (before the first step)"
+            b1, b2 = _num(g["betas"][0]), _num(g["betas"][1])
+            d = (1 - b1**t) * ((st[key] / (1 - b2**t)).clamp_min(0).sqrt() + eps)
+        parts.append(d.detach().reshape(-1).to(p.dtype))
+    if not parts:
+        return None, "no parameters"
+    return torch.cat(parts), ""

@@ -1,0 +1,126 @@
+"""Fallbacks (vmap, per-example loop), the safety net, attention HVPs, and no side effects."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from stiffmon_agent.metrics import hessian_eigen, per_example_gram
+from tests.agent.metrics.models import make_cases
+from tests.agent.metrics.reference import loop_gram, rel_err
+
+CASES = make_cases()
+CE = nn.CrossEntropyLoss()
+
+
+@pytest.mark.parametrize("name", ["gru", "lstm-seq-first", "rnn-max-norm", "embedding-max-norm"])
+def test_recurrent_and_max_norm_gram_matches_loop(name: str) -> None:
+    model, x, y = CASES[name]
+    ref = loop_gram(model, x, y, CE)
+    got = per_example_gram(model, x, y, CE, chunk_size=4)
+    assert rel_err(got.total, ref) < 1e-10, got.methods
+    assert "loop" in got.methods.values() and got.notes
+
+
+def test_gru_float32() -> None:
+    model, x, y = CASES["gru"]
+    ref = loop_gram(model, x, y, CE)
+    try:
+        got = per_example_gram(model.float(), x, y, CE)
+        assert got.total.dtype == torch.float32
+        assert rel_err(got.total.double(), ref) < 1e-4
+    finally:
+        model.double()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_measurements_leave_parameters_bit_identical(name: str) -> None:
+    model, x, y = CASES[name]
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    per_example_gram(model, x, y, CE, chunk_size=4)
+    per_example_gram(model, x, y, CE, method="vmap")
+    hessian_eigen(model, x, y, CE, k=2, max_hvps=8, generator=torch.Generator().manual_seed(0))
+    hessian_eigen(model, x, y, CE, max_hvps=4, chunk_size=3, backend="double-backward")
+    for k, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[k]), k
+
+
+class _CoupleAllButFirst(nn.Module):
+    """Mixes examples 1..N-1 of a batch (not example 0): invisible to a batch of one."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.cat([h[:1], h[1:] + h[1:].mean(dim=0, keepdim=True)])
+
+
+def test_safety_net_checks_more_than_g00() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), _CoupleAllButFirst(), nn.Tanh(), nn.Linear(5, 3))
+    model = model.double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,))
+    ref = loop_gram(model, x, y, CE)  # the definition: each example as a batch of one
+    fast = per_example_gram(model, x, y, CE, verify=False)
+    assert float(fast.total[0, 0]) == pytest.approx(float(ref[0, 0]), rel=1e-9)  # G[0,0] passes
+    assert rel_err(fast.total, ref) > 1e-2
+    with pytest.warns(RuntimeWarning, match="exact per-example path"):
+        got = per_example_gram(model, x, y, CE)
+    assert rel_err(got.total, ref) < 1e-10 and got.notes
+
+
+def _dense_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def loss(v: Tensor) -> Tensor:
+        chunks = v.split([math.prod(s) for s in shapes])
+        p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        return CE(torch.func.functional_call(model, p, (x,), strict=False), y)
+
+    model.eval()
+    with sdpa_kernel(SDPBackend.MATH):  # the backend with a double backward
+        h = torch.autograd.functional.hessian(loss, flat, vectorize=True)
+    model.train()
+    return h
+
+
+@pytest.mark.parametrize("name", ["transformer", "gru"])
+def test_sharpness_through_attention_and_rnns_matches_dense_hessian(name: str) -> None:
+    model, x, y = CASES[name]
+    ref = torch.linalg.eigvalsh(_dense_hessian(model, x[:6], y[:6])).flip(0)
+    got = hessian_eigen(model, x[:6], y[:6], CE, k=2, tol=1e-9, max_hvps=400)
+    assert got.converged
+    torch.testing.assert_close(got.eigenvalues, ref[:2], rtol=1e-6, atol=0)
+
+
+class _PositionalBag(nn.Module):
+    """Token + positional embeddings (positions = arange(T)), as in every transformer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(11, 4)
+        self.pos = nn.Embedding(6, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.head(torch.tanh(self.tok(tokens) + self.pos(positions)).mean(dim=1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_positional_embedding_with_t_equal_n_is_caught(dtype: torch.dtype) -> None:
+    """arange(T) with T == N looks like one token per example to the hook: the net catches it."""
+    torch.manual_seed(0)
+    model = _PositionalBag().to(dtype)
+    x = torch.randint(0, 11, (6, 6), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(1))
+    ref = loop_gram(model.double(), x, y, CE)
+    model.to(dtype)
+    with pytest.warns(RuntimeWarning, match="exact per-example path"):
+        got = per_example_gram(model, x, y, CE)
+    assert rel_err(got.total.double(), ref) < (1e-10 if dtype == torch.float64 else 1e-5)

@@ -1,0 +1,182 @@
+"""What the agent publishes for sharpness and probes: objective, thresholds, hygiene, skips."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from stiffmon import protocol as p
+from stiffmon.session import read_session
+from stiffmon_agent import Agent
+from stiffmon_agent.measure import (
+    MeasurementSkipped,
+    SharpnessState,
+    check_finite,
+    gram_messages,
+    make_probe,
+    sharpness_messages,
+)
+from stiffmon_agent.metrics import hessian_eigen
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _data(n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _run(tmp_path: Path, opt_fn: Any, loss_fn: Any, steps: int = 2, **kw: Any) -> list[Any]:
+    model = _model()
+    opt = opt_fn(model.parameters())
+    x, y = _data()
+    rec = tmp_path / "r.stiff"
+    agent = Agent(
+        model,
+        loss_fn,
+        opt,
+        probe=(x[:12], y[:12]),
+        endpoint="",
+        record=rec,
+        gram_every="never",
+        sharpness_every=1,
+        overhead_cap=1.0,
+        registry=False,
+        **kw,
+    )
+    for _ in range(steps):
+        out = model(x[12:])
+        loss = loss_fn(out, y[12:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        agent.step(loss, out, y[12:])
+    agent.close()
+    msgs, _ = read_session(rec)
+    return msgs
+
+
+def _scalars(msgs: list[Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for m in msgs:
+        if isinstance(m, p.Scalars) and "sharpness/lambda1_h" in m.names:
+            out = m.as_dict()
+    return out
+
+
+def test_adamw_publishes_preconditioned_sharpness(tmp_path: Path) -> None:
+    msgs = _run(tmp_path, lambda ps: torch.optim.AdamW(ps, lr=0.01), nn.CrossEntropyLoss())
+    sc = _scalars(msgs)
+    assert math.isnan(sc["sharpness/threshold"])
+    assert sc["sharpness/threshold_precond"] == pytest.approx(38 / 0.01)
+    assert sc["sharpness/lambda1_precond"] > sc["sharpness/lambda1_h"] > 0
+    sp = next(m for m in msgs if isinstance(m, p.Spectrum) and m.name == "hessian-precond")
+    assert sp.attrs["threshold_group"] == 0 and "AdamW" in str(sp.attrs["threshold_rule"])
+    assert any(isinstance(m, p.Event) and "adaptive" in m.message for m in msgs)
+
+
+def test_param_groups_threshold_and_rule(tmp_path: Path) -> None:
+    def opt(ps: Any) -> torch.optim.Optimizer:
+        ps = list(ps)
+        return torch.optim.SGD(
+            [{"params": ps[:2], "lr": 0.01}, {"params": ps[2:], "lr": 0.1, "weight_decay": 1.0}]
+        )
+
+    msgs = _run(tmp_path, opt, nn.CrossEntropyLoss())
+    assert _scalars(msgs)["sharpness/threshold"] == pytest.approx(19.0)
+    sp = next(m for m in msgs if isinstance(m, p.Spectrum) and m.name == "hessian")
+    assert sp.attrs["threshold_group"] == 1
+    assert sp.attrs["threshold_rule"] == "2/η - wd (SGD, group 1)"
+
+
+def test_sum_reduction_uses_the_batch_size_from_the_logits(tmp_path: Path) -> None:
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.0)  # noqa: E731  (the model stays put)
+    mean = _scalars(_run(tmp_path, sgd, nn.CrossEntropyLoss()))["sharpness/lambda1_h"]
+    summed = _run(tmp_path, sgd, nn.CrossEntropyLoss(reduction="sum"))
+    assert _scalars(summed)["sharpness/lambda1_h"] == pytest.approx(12 * mean, rel=2e-2)
+    given = _run(tmp_path, sgd, nn.CrossEntropyLoss(reduction="sum"), batch_size=5)
+    assert _scalars(given)["sharpness/lambda1_h"] == pytest.approx(5 * mean, rel=2e-2)
+
+
+def test_sum_reduction_without_batch_size_publishes_nan_threshold() -> None:
+    model = _model()
+    x, y = _data()
+    probe = make_probe((x, y), None, None, None, None)
+    state = SharpnessState()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    msgs, _ = sharpness_messages(
+        model, nn.CrossEntropyLoss(reduction="sum"), probe, 0, opt, state=state
+    )
+    sc = next(m for m in msgs if m.cls is p.Scalars).fields
+    assert math.isnan(sc["values_raw"][1])
+    ev = [m.fields for m in msgs if m.cls is p.Event]
+    assert ev and ev[0]["code"] == "threshold-unknown" and "batch size" in ev[0]["message"]
+    again, _ = sharpness_messages(
+        model, nn.CrossEntropyLoss(reduction="sum"), probe, 1, opt, state=state
+    )
+    assert not [m for m in again if m.cls is p.Event]  # said once
+    ref = hessian_eigen(model, x, y, nn.CrossEntropyLoss(), tol=1e-8, max_hvps=200)
+    assert sc["values_raw"][0] == pytest.approx(float(ref.eigenvalues[0]), rel=2e-2)
+
+
+def test_probe_hygiene() -> None:
+    x, y = _data()
+    with pytest.raises(ValueError, match="at least one example"):
+        make_probe((x[:0], y[:0]), None, None, None, None)
+    with pytest.raises(ValueError, match="at least one example"):
+        Agent(_model(), nn.CrossEntropyLoss(), probe=(x[:0], y[:0]), endpoint="", registry=False)
+    probe = make_probe((x.double(), y), None, None, None, None, torch.float32)
+    assert probe.inputs.dtype == torch.float32
+    sparse = make_probe((x, y * 10 + 10), None, None, None, None)
+    assert sparse.num_classes == 3 and sparse.class_names == ("10", "20", "30")
+    assert torch.equal(sparse.labels, y)  # type: ignore[arg-type]
+    msgs = gram_messages(nn.Linear(4, 31), nn.CrossEntropyLoss(), sparse, 0)  # logits 0..30
+    mat = next(m for m in msgs if m.cls is p.Matrix)
+    assert mat.fields["data"].shape == (3, 3) and mat.fields["row_labels"] == ("10", "20", "30")
+
+
+def test_dict_probe_without_forward_names_forward() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    x, y = _data()
+    probe = make_probe(({"a": x}, y), None, None, None, None)
+    with pytest.raises(ValueError, match=r"model\(\*\*inputs\).*forward="):
+        check_finite(Two(), nn.CrossEntropyLoss(), probe)
+    check_finite(Two(), nn.CrossEntropyLoss(), probe, forward=lambda m, b: m(b["a"]))
+
+
+def test_non_finite_weights_skip_the_measurement(tmp_path: Path) -> None:
+    model = _model()
+    x, y = _data()
+    probe = make_probe((x, y), None, None, None, None)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(MeasurementSkipped, match="not finite"):
+        check_finite(model, nn.CrossEntropyLoss(), probe)
+    rec = tmp_path / "nan.stiff"
+    agent = Agent(
+        model, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+        probe=(x, y), endpoint="", record=rec, gram_every=1, sharpness_every=1,
+        overhead_cap=1.0, registry=False,
+    )  # fmt: skip
+    agent.step(1.0)
+    agent.step(1.0)
+    assert not agent.disabled
+    agent.close()
+    msgs, _ = read_session(rec)
+    skipped = [m for m in msgs if isinstance(m, p.Event) and m.code == "measurement-skipped"]
+    assert len(skipped) == 4 and "not finite" in skipped[0].message
