@@ -34,8 +34,10 @@ def test_wheel_contents(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in (
         "stiffmon/__init__.py",
-        "stiffmon/protocol.py",
-        "stiffmon/session.py",
+        "stiffmon/protocol/__init__.py",
+        "stiffmon/protocol/codec.py",
+        "stiffmon/session/__init__.py",
+        "stiffmon/session/reader.py",
         "stiffmon/py.typed",
         "stiffmon_agent/__init__.py",
         "stiffmon_agent/py.typed",

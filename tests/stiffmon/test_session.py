@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -330,7 +331,7 @@ def test_skip_goes_past_an_intact_record_whose_frames_do_not_tile(tmp_path: Path
     with s.SessionWriter(path) as w:
         w.write(msgs[0])
         payload = b"\x05\x00\x00\x00abc"  # says 5 bytes, holds 3: a valid CRC, untileable frames
-        w._f.write(s._REC.pack(len(payload), s.zlib.crc32(payload)) + payload)
+        w._f.write(s._REC.pack(len(payload), zlib.crc32(payload)) + payload)
         for m in msgs[1:]:
             w.write(m)
     with pytest.raises(s.SessionError, match="overruns"):
