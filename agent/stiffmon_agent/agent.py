@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stiffmon import __version__
 from stiffmon import protocol as p
-from stiffmon.registry import RunEntry, register, unregister
+from stiffmon.registry import unregister
 from stiffmon.transport import CurveKeys, load_curve_server
+from stiffmon_agent.announce import dist_rank, hello_fields, register_locally
 from stiffmon_agent.budget import MeasurementBudget
 from stiffmon_agent.columns import Accuracy, ColumnBatcher, RawColumns
 from stiffmon_agent.measure import (
@@ -41,6 +41,7 @@ from stiffmon_agent.measure import (
     sharpness_messages,
 )
 from stiffmon_agent.measure_curvature import density_messages
+from stiffmon_agent.measure_options import MeasureOptions
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, loss_reduction
 from stiffmon_agent.publisher import Outgoing, Publisher
 from stiffmon_agent.schedules import EveryK, Schedule, parse_schedule
@@ -63,15 +64,6 @@ DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step
 def _close_all() -> None:  # the user forgot close(): flush and leave cleanly
     for agent in list(_LIVE_AGENTS):
         agent.close(reason="exit", timeout=2.0)
-
-
-def _dist_rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    except Exception:
-        return 0
 
 
 class Agent:
@@ -166,7 +158,7 @@ class Agent:
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.forward = forward
-        self.rank = _dist_rank()
+        self.rank = dist_rank()
         self.enabled = not (rank0_only and self.rank != 0)
         self.step_count = 0
         self.closed = False
@@ -176,19 +168,19 @@ class Agent:
         self._gram_schedule = parse_schedule(gram_every if probe is not None else None)
         self._sharp_schedule = parse_schedule(sharpness_every if probe is not None else None)
         self._density_schedule = parse_schedule(density_every if probe is not None else None)
-        self._opts = {
-            "distance_layers": tuple(distance_layers),
-            "distance_bins": distance_bins,
-            "noise_k": noise_k,
-            "hessian_k": hessian_k,
-            "hessian_tol": hessian_tol,
-            "max_hvps": max_hvps,
-            "density_runs": density_runs,
-            "density_steps": density_steps,
-            "trace_samples": trace_samples,
-            "batch_test_theta": tuple(batch_test_theta),
-            "chunk_size": chunk_size,
-        }
+        self._opts = MeasureOptions(
+            tuple(distance_layers),
+            distance_bins,
+            noise_k,
+            hessian_k,
+            hessian_tol,
+            max_hvps,
+            density_runs,
+            density_steps,
+            trace_samples,
+            tuple(batch_test_theta),
+            chunk_size,
+        )
         self._disabled: dict[str, str] = {}
         self._warm: Tensor | None = None
         self._sharp_state = SharpnessState(batch_size=batch_size)
@@ -224,42 +216,12 @@ class Agent:
         self.publisher.on_wake = lambda: self._columns.flush(older_than=self._columns.interval)
         self.publisher.start()
         self.endpoint = self.publisher.endpoint
-        names = tuple(class_names or (self.probe.class_names if self.probe else ()))
-        n_params = sum(q.numel() for q in model.parameters() if q.requires_grad)
-        meta: dict[str, Any] = {"endpoint": str(self.endpoint) if self.endpoint else None}
-        if record:
-            meta["record"] = str(record)
-        self._submit(
-            p.Hello,
-            {
-                "name": self.name,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "param_count": n_params,
-                "optimizer": cfg,
-                "batch_size": batch_size,
-                "class_names": names,
-                "probe_train": self.probe.n_train if self.probe else 0,
-                "probe_val": (self.probe.n - self.probe.n_train) if self.probe else 0,
-                "agent_version": __version__,
-                "meta": meta,
-            },
+        fields = hello_fields(
+            self.name, model, cfg, batch_size, class_names, self.probe, self.endpoint, record
         )
+        self._submit(p.Hello, fields)
         if self.endpoint is not None and registry:
-            try:
-                register(
-                    RunEntry(
-                        self.run_id,
-                        self.name,
-                        str(self.endpoint),
-                        os.getpid(),
-                        socket.gethostname(),
-                        time.time(),
-                    )
-                )
-                self._registry_run = self.run_id
-            except OSError as exc:
-                log.warning(f"stiffmon: could not register the run locally: {exc}")
+            self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)
         where = f"publishing on {self.endpoint}" if self.endpoint else "not publishing"
         log.info(
@@ -390,11 +352,7 @@ class Agent:
                     self.probe,
                     step,
                     forward=self.forward,
-                    distance_layers=self._opts["distance_layers"],
-                    distance_bins=self._opts["distance_bins"],
-                    noise_k=self._opts["noise_k"],
-                    chunk_size=self._opts["chunk_size"],
-                    batch_test_theta=self._opts["batch_test_theta"],
+                    **self._opts.gram(),
                 )
             elif kind == "density":
                 msgs = density_messages(
@@ -403,11 +361,8 @@ class Agent:
                     self.probe,
                     step,
                     forward=self.forward,
-                    runs=self._opts["density_runs"],
-                    steps=self._opts["density_steps"],
-                    trace_samples=self._opts["trace_samples"],
-                    chunk_size=self._opts["chunk_size"],
                     generator=self._gen,
+                    **self._opts.density(),
                     scale=self._objective_scale(),
                 )
             else:
@@ -419,11 +374,8 @@ class Agent:
                     self.optimizer,
                     forward=self.forward,
                     warm_start=self._warm,
-                    k=self._opts["hessian_k"],
-                    tol=self._opts["hessian_tol"],
-                    max_hvps=self._opts["max_hvps"],
-                    chunk_size=self._opts["chunk_size"],
                     generator=self._gen,
+                    **self._opts.sharpness(),
                     state=self._sharp_state,
                 )
         except MeasurementSkipped as exc:
