@@ -294,14 +294,8 @@ class Agent:
                 self._measure(kind, s)
             if due:
                 cov = self._budget.coverage_scalars(due)
-                self.publisher.submit(  # type: ignore[union-attr]
-                    Outgoing(
-                        p.Scalars,
-                        s,
-                        time.time(),
-                        {"values_names": list(cov), "values_raw": list(cov.values())},
-                    )
-                )
+                fields = {"values_names": list(cov), "values_raw": list(cov.values())}
+                self._submit(p.Scalars, fields, step=s)
         self.step_count = s + 1
 
     def log(self, step: int | None = None, **values: Any) -> None:
