@@ -25,10 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stiffmon import __version__
 from stiffmon import protocol as p
-from stiffmon.registry import RunEntry, register, unregister
+from stiffmon.registry import unregister
 from stiffmon.transport import CurveKeys, load_curve_server
+from stiffmon_agent.announce import dist_rank, hello_fields, register_locally
+from stiffmon_agent.budget import MeasurementBudget
 from stiffmon_agent.columns import Accuracy, ColumnBatcher, RawColumns
 from stiffmon_agent.measure import (
     MeasurementSkipped,
@@ -40,10 +41,12 @@ from stiffmon_agent.measure import (
     sharpness_messages,
 )
 from stiffmon_agent.measure_curvature import density_messages
+from stiffmon_agent.measure_options import MeasureOptions
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, loss_reduction
 from stiffmon_agent.publisher import Outgoing, Publisher
 from stiffmon_agent.schedules import EveryK, Schedule, parse_schedule
-from stiffmon_agent.userlog import custom_scalars, log_spaced
+from stiffmon_agent.step_scalars import optimizer_columns, optimizer_config
+from stiffmon_agent.userlog import custom_scalars
 
 log = logging.getLogger("stiffmon_agent")
 if not log.handlers and not logging.getLogger().handlers:
@@ -61,30 +64,6 @@ DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step
 def _close_all() -> None:  # the user forgot close(): flush and leave cleanly
     for agent in list(_LIVE_AGENTS):
         agent.close(reason="exit", timeout=2.0)
-
-
-def _optimizer_config(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    if optimizer is None:
-        return {"type": "none"}
-    g = optimizer.param_groups[0]
-    cfg: dict[str, Any] = {"type": type(optimizer).__name__, "groups": len(optimizer.param_groups)}
-    for key in ("lr", "momentum", "dampening", "weight_decay", "eps"):
-        if isinstance(g.get(key), int | float) and not isinstance(g.get(key), bool):
-            cfg[key] = float(g[key])
-    if "nesterov" in g:
-        cfg["nesterov"] = bool(g["nesterov"])
-    if isinstance(g.get("betas"), tuple | list) and len(g["betas"]) == 2:
-        cfg["beta1"], cfg["beta2"] = float(g["betas"][0]), float(g["betas"][1])
-    return cfg
-
-
-def _dist_rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    except Exception:
-        return 0
 
 
 class Agent:
@@ -179,42 +158,36 @@ class Agent:
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.forward = forward
-        self.rank = _dist_rank()
+        self.rank = dist_rank()
         self.enabled = not (rank0_only and self.rank != 0)
         self.step_count = 0
         self.closed = False
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        cfg = _optimizer_config(optimizer)
+        cfg = optimizer_config(optimizer)
         self.name = run or (f"{cfg['type']} lr={cfg['lr']:g}" if "lr" in cfg else cfg["type"])
         self._gram_schedule = parse_schedule(gram_every if probe is not None else None)
         self._sharp_schedule = parse_schedule(sharpness_every if probe is not None else None)
         self._density_schedule = parse_schedule(density_every if probe is not None else None)
-        self._overhead_cap = overhead_cap
-        self._opts = {
-            "distance_layers": tuple(distance_layers),
-            "distance_bins": distance_bins,
-            "noise_k": noise_k,
-            "hessian_k": hessian_k,
-            "hessian_tol": hessian_tol,
-            "max_hvps": max_hvps,
-            "density_runs": density_runs,
-            "density_steps": density_steps,
-            "trace_samples": trace_samples,
-            "batch_test_theta": tuple(batch_test_theta),
-            "chunk_size": chunk_size,
-        }
+        self._opts = MeasureOptions(
+            tuple(distance_layers),
+            distance_bins,
+            noise_k,
+            hessian_k,
+            hessian_tol,
+            max_hvps,
+            density_runs,
+            density_steps,
+            trace_samples,
+            tuple(batch_test_theta),
+            chunk_size,
+        )
         self._disabled: dict[str, str] = {}
         self._warm: Tensor | None = None
         self._sharp_state = SharpnessState(batch_size=batch_size)
         self._gen = torch.Generator().manual_seed(0)
-        self._measure_seconds = 0.0
-        self._last_cost = {"gram": 0.0, "sharpness": 0.0, "density": 0.0}
-        self._skipped = 0
         self._batch_size = batch_size
-        self._coverage = {"gram": [0, 0], "sharpness": [0, 0], "density": [0, 0]}  # done, skipped
-        self._skips: dict[tuple[str, str], int] = {}  # (kind, reason) -> count
         self._log_warned: set[str] = set()
-        self._start = time.perf_counter()
+        self._budget = MeasurementBudget(overhead_cap, self._publishing_seconds, self.event)
         self._registry_run: str | None = None
         self.probe: ProbeSet | None = None
         self.publisher: Publisher | None = None
@@ -243,42 +216,12 @@ class Agent:
         self.publisher.on_wake = lambda: self._columns.flush(older_than=self._columns.interval)
         self.publisher.start()
         self.endpoint = self.publisher.endpoint
-        names = tuple(class_names or (self.probe.class_names if self.probe else ()))
-        n_params = sum(q.numel() for q in model.parameters() if q.requires_grad)
-        meta: dict[str, Any] = {"endpoint": str(self.endpoint) if self.endpoint else None}
-        if record:
-            meta["record"] = str(record)
-        self._submit(
-            p.Hello,
-            {
-                "name": self.name,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "param_count": n_params,
-                "optimizer": cfg,
-                "batch_size": batch_size,
-                "class_names": names,
-                "probe_train": self.probe.n_train if self.probe else 0,
-                "probe_val": (self.probe.n - self.probe.n_train) if self.probe else 0,
-                "agent_version": __version__,
-                "meta": meta,
-            },
+        fields = hello_fields(
+            self.name, model, cfg, batch_size, class_names, self.probe, self.endpoint, record
         )
+        self._submit(p.Hello, fields)
         if self.endpoint is not None and registry:
-            try:
-                register(
-                    RunEntry(
-                        self.run_id,
-                        self.name,
-                        str(self.endpoint),
-                        os.getpid(),
-                        socket.gethostname(),
-                        time.time(),
-                    )
-                )
-                self._registry_run = self.run_id
-            except OSError as exc:
-                log.warning(f"stiffmon: could not register the run locally: {exc}")
+            self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)
         where = f"publishing on {self.endpoint}" if self.endpoint else "not publishing"
         log.info(
@@ -328,23 +271,9 @@ class Agent:
         s = self.step_count
         names = ["loss"]
         values: list[Any] = [loss.detach() if isinstance(loss, Tensor) else loss]
-        opt = self.optimizer
-        if opt is not None:
-            for i, g in enumerate(opt.param_groups):
-                names.append(f"lr/{i}")
-                values.append(g["lr"])
-                if "momentum" in g:
-                    names.append(f"momentum/{i}")
-                    values.append(g["momentum"])
-                    if g.get("nesterov"):
-                        names.append(f"nesterov/{i}")
-                        values.append(1.0)
-                elif "betas" in g:
-                    names += [f"momentum/{i}", f"beta2/{i}"]
-                    values += [g["betas"][0], g["betas"][1]]
-                if g.get("weight_decay"):
-                    names.append(f"weight_decay/{i}")
-                    values.append(g["weight_decay"])
+        opt_names, opt_values = optimizer_columns(self.optimizer)
+        names += opt_names
+        values += opt_values
         if logits is not None and targets is not None:
             names.append("accuracy")  # computed on the publisher thread, off the training loop
             values.append(Accuracy(logits.detach(), targets.detach()))
@@ -364,19 +293,9 @@ class Agent:
             for kind in due:
                 self._measure(kind, s)
             if due:
-                cov = {
-                    f"coverage/{k}/{w}": self._coverage[k][i]
-                    for k in due
-                    for i, w in enumerate(("done", "skipped"))
-                }
-                self.publisher.submit(  # type: ignore[union-attr]
-                    Outgoing(
-                        p.Scalars,
-                        s,
-                        time.time(),
-                        {"values_names": list(cov), "values_raw": list(cov.values())},
-                    )
-                )
+                cov = self._budget.coverage_scalars(due)
+                fields = {"values_names": list(cov), "values_raw": list(cov.values())}
+                self._submit(p.Scalars, fields, step=s)
         self.step_count = s + 1
 
     def log(self, step: int | None = None, **values: Any) -> None:
@@ -407,46 +326,13 @@ class Agent:
                 self._log_warned.add("")
                 log.warning(f"stiffmon: Agent.log failed: {exc}")
 
-    def _within_budget(self, kind: str, step: int) -> bool:
-        if step == 0 or self._overhead_cap is None or self._overhead_cap >= 1.0:
-            return True
-        elapsed = time.perf_counter() - self._start
-        publishing = self.publisher.cpu_seconds if self.publisher is not None else 0.0
-        predicted = self._measure_seconds + publishing + self._last_cost[kind]
-        return predicted <= self._overhead_cap * elapsed
-
-    def _skip(self, kind: str, reason: str) -> None:
-        """Count a due measurement not made; say so at 1, 2, 5, 10, 20, ... skips of a reason."""
-        self._coverage[kind][1] += 1
-        n = self._skips[(kind, reason)] = self._skips.get((kind, reason), 0) + 1
-        if not log_spaced(n):
-            return
-        done = self._coverage[kind][0]
-        if reason == "overhead-cap":
-            why = f"to keep the overhead under {self._overhead_cap:.0%} of wall time"
-        elif reason == "disabled":
-            why = f"because {kind} is disabled after an error"
-        else:
-            why = f"({reason})"
-        msg = f"skipping due {kind} measurements {why} ({n} skipped so far, {done} done)"
-        self.event(
-            "measurement-skipped",
-            msg,
-            level="warning",
-            kind=kind,
-            reason=reason,
-            skipped=n,
-            done=done,
-        )
-        log.info(f"stiffmon: {msg}")
-
     def _measure(self, kind: str, step: int) -> None:
         if kind in self._disabled:
-            self._skip(kind, "disabled")
+            self._budget.skip(kind, "disabled")
             return
-        if not self._within_budget(kind, step):
-            self._skipped += 1
-            self._skip(kind, "overhead-cap")
+        if not self._budget.within(kind, step):
+            self._budget.skipped += 1
+            self._budget.skip(kind, "overhead-cap")
             return
         assert self.probe is not None
         self._columns.flush()  # the steps so far go out before the measurement (seq order)
@@ -460,11 +346,7 @@ class Agent:
                     self.probe,
                     step,
                     forward=self.forward,
-                    distance_layers=self._opts["distance_layers"],
-                    distance_bins=self._opts["distance_bins"],
-                    noise_k=self._opts["noise_k"],
-                    chunk_size=self._opts["chunk_size"],
-                    batch_test_theta=self._opts["batch_test_theta"],
+                    **self._opts.gram(),
                 )
             elif kind == "density":
                 msgs = density_messages(
@@ -473,11 +355,8 @@ class Agent:
                     self.probe,
                     step,
                     forward=self.forward,
-                    runs=self._opts["density_runs"],
-                    steps=self._opts["density_steps"],
-                    trace_samples=self._opts["trace_samples"],
-                    chunk_size=self._opts["chunk_size"],
                     generator=self._gen,
+                    **self._opts.density(),
                     scale=self._objective_scale(),
                 )
             else:
@@ -489,11 +368,8 @@ class Agent:
                     self.optimizer,
                     forward=self.forward,
                     warm_start=self._warm,
-                    k=self._opts["hessian_k"],
-                    tol=self._opts["hessian_tol"],
-                    max_hvps=self._opts["max_hvps"],
-                    chunk_size=self._opts["chunk_size"],
                     generator=self._gen,
+                    **self._opts.sharpness(),
                     state=self._sharp_state,
                 )
         except MeasurementSkipped as exc:
@@ -507,15 +383,16 @@ class Agent:
             return
         except Exception as exc:
             self._disable(kind, exc)
-            self._coverage[kind][1] += 1  # the metric-error event says why
+            self._budget.failed(kind)  # the metric-error event says why
             return
         finally:
-            cost = time.perf_counter() - t0
-            self._measure_seconds += cost
-            self._last_cost[kind] = cost
-        self._coverage[kind][0] += 1
+            self._budget.record_cost(kind, time.perf_counter() - t0)
+        self._budget.done(kind)
         for m in msgs:
             self.publisher.submit(m)  # type: ignore[union-attr]
+
+    def _publishing_seconds(self) -> float:
+        return self.publisher.cpu_seconds if self.publisher is not None else 0.0
 
     def _objective_scale(self) -> float:
         """B for a sum-reduced loss with a known batch size, else 1 (as the sharpness uses)."""
@@ -541,6 +418,19 @@ class Agent:
     def disabled(self) -> dict[str, str]:
         """Metrics disabled after an error, with the reason."""
         return dict(self._disabled)
+
+    # the budget's figures, under the names they had on the agent
+    @property
+    def _start(self) -> float:
+        return self._budget.start
+
+    @property
+    def _measure_seconds(self) -> float:
+        return self._budget.measure_seconds
+
+    @property
+    def _last_cost(self) -> dict[str, float]:
+        return self._budget.last_cost
 
     @property
     def dropped(self) -> int:

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 
 from stiffmon import protocol as p
 from stiffmon_agent.measure_curvature import gradient_test_scalars
@@ -42,7 +41,6 @@ from stiffmon_agent.metrics import (
     diagonal_preconditioner,
     gradient_noise,
     hessian_eigen,
-    measurement_mode,
     pairwise_distances,
     per_example_gram,
     preconditioned_threshold_for,
@@ -53,105 +51,25 @@ from stiffmon_agent.metrics import (
     trainable_parameters,
 )
 from stiffmon_agent.metrics.probe import (
-    Batch,
     ForwardFn,
     LossFn,
-    batch_size,
-    default_forward,
     loss_reduction,
-    per_example_losses,
-    take,
-    unreduced,
 )
+from stiffmon_agent.probe_set import MeasurementSkipped, ProbeSet, check_finite, make_probe
 from stiffmon_agent.publisher import Outgoing
 
+__all__ = [
+    "BLOCKS",
+    "MeasurementSkipped",
+    "ProbeSet",
+    "SharpnessState",
+    "check_finite",
+    "gram_messages",
+    "make_probe",
+    "sharpness_messages",
+]
+
 BLOCKS = ("train-train", "train-val", "val-val")
-
-
-@dataclass(frozen=True)
-class ProbeSet:
-    """The fixed probe: train part first, then the optional validation part.
-
-    Attributes:
-        inputs: Joint inputs (train ∪ val), examples along dim 0.
-        targets: Joint targets.
-        n_train: Number of train examples (the first ``n_train``).
-        labels: Integer class labels (N,) if the targets are class labels, else None.
-        num_classes: Number of classes (when ``labels`` is set).
-        class_names: Names of the classes, if known.
-    """
-
-    inputs: Batch
-    targets: Batch
-    n_train: int
-    labels: Tensor | None
-    num_classes: int
-    class_names: tuple[str, ...]
-
-    @property
-    def n(self) -> int:
-        return batch_size(self.targets)
-
-    def train(self) -> tuple[Batch, Batch]:
-        sl = slice(0, self.n_train)
-        return take(self.inputs, sl), take(self.targets, sl)
-
-
-def make_probe(
-    train: tuple[Batch, Batch],
-    val: tuple[Batch, Batch] | None,
-    device: torch.device | None,
-    num_classes: int | None,
-    class_names: Sequence[str] | None,
-    dtype: torch.dtype | None = None,
-) -> ProbeSet:
-    """Concatenate the train and val probes, move them to ``device`` and read the labels.
-
-    Floating-point tensors are cast to ``dtype`` (the model's), so a float64 probe works with
-    a float32 model. Integer class labels that are not 0..K−1 (e.g. {10, 20, 30}) are mapped to
-    compact classes named after the original labels, unless ``class_names`` or ``num_classes``
-    say how to read them.
-
-    Raises:
-        ValueError: If a probe is empty or malformed.
-    """
-
-    def move(t: Any) -> Any:
-        if not isinstance(t, Tensor):
-            return t
-        t = t.detach()
-        if dtype is not None and t.is_floating_point():
-            return t.to(device=device, dtype=dtype)
-        return t.to(device)
-
-    xs, ys = tree_map(move, train[0]), tree_map(move, train[1])
-    n_train = batch_size(ys)
-    if n_train == 0 or batch_size(xs) != n_train:
-        raise ValueError(
-            f"the probe needs at least one example and as many inputs as targets "
-            f"(got {batch_size(xs)} inputs, {n_train} targets)"
-        )
-    if val is not None:
-        vx, vy = tree_map(move, val[0]), tree_map(move, val[1])
-        if batch_size(vy) == 0 or batch_size(vx) != batch_size(vy):
-            raise ValueError("the validation probe is empty or has mismatched inputs and targets")
-        xs = tree_map(lambda a, b: torch.cat([a, b]), xs, vx)
-        ys = tree_map(lambda a, b: torch.cat([a, b]), ys, vy)
-    labels = ys if isinstance(ys, Tensor) and ys.dim() == 1 and not ys.is_floating_point() else None
-    names = tuple(class_names or ())
-    k = num_classes or (len(names) if names else 0)
-    if labels is not None and labels.numel():
-        uniq = torch.unique(labels)
-        compact = int(uniq[0]) == 0 and int(uniq[-1]) == uniq.numel() - 1
-        if not names and not num_classes and not compact:
-            names = tuple(str(int(v)) for v in uniq)
-            labels = torch.searchsorted(uniq, labels)
-            k = uniq.numel()
-        else:
-            if int(uniq[0]) < 0:
-                raise ValueError(f"negative class label {int(uniq[0])} in the probe")
-            k = max(k, int(labels.max()) + 1)
-    return ProbeSet(xs, ys, n_train, labels, k, names)
 
 
 def gram_messages(
@@ -272,43 +190,6 @@ def gram_messages(
         )
     )
     return out
-
-
-class MeasurementSkipped(Exception):
-    """A due measurement was not taken (non-finite weights or probe loss); the message says why."""
-
-
-def check_finite(
-    model: nn.Module, loss_fn: LossFn, probe: ProbeSet, forward: ForwardFn | None = None
-) -> None:
-    """Raise :class:`MeasurementSkipped` if a parameter or the train-probe loss is not finite."""
-    for name, q in model.named_parameters():
-        if q.requires_grad and not bool(torch.isfinite(q).all()):
-            raise MeasurementSkipped(f"parameter {name} is not finite (the run has diverged)")
-    x, y = probe.train()
-    with measurement_mode(model), torch.no_grad():
-        try:
-            out = (forward or default_forward)(model, x)
-        except Exception as exc:
-            how = (
-                "forward(model, inputs)"
-                if forward is not None
-                else "model(**inputs)"
-                if isinstance(x, dict)
-                else "model(*inputs)"
-                if isinstance(x, tuple | list)
-                else "model(inputs)"
-            )
-            raise ValueError(
-                f"the probe forward {how} failed ({type(exc).__name__}: {exc}); pass "
-                "forward=lambda model, inputs: ... to Agent for models called another way"
-            ) from exc
-        losses = per_example_losses(unreduced(loss_fn), out, y, probe.n_train)
-    if not bool(torch.isfinite(losses).all()):
-        bad = int((~torch.isfinite(losses)).sum())
-        raise MeasurementSkipped(
-            f"the probe loss is not finite for {bad} of {probe.n_train} examples"
-        )
 
 
 @dataclass

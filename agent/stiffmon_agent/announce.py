@@ -1,0 +1,83 @@
+"""What the agent says about itself when it starts: its rank, the ``hello`` and the local registry.
+
+* :func:`dist_rank`: the torch.distributed rank (0 when not distributed);
+* :func:`hello_fields`: the fields of the run's ``hello`` message;
+* :func:`register_locally`: a registry entry so ``stiffmon watch`` finds the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from stiffmon import __version__
+from stiffmon.registry import RunEntry, register
+from stiffmon_agent.probe_set import ProbeSet
+
+log = logging.getLogger("stiffmon_agent")
+
+
+def dist_rank() -> int:
+    """The torch.distributed rank of this process; 0 if not distributed (or on any error)."""
+    try:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    except Exception:
+        return 0
+
+
+def hello_fields(
+    name: str,
+    model: nn.Module,
+    optimizer: dict[str, Any],
+    batch_size: int | None,
+    class_names: Sequence[str] | None,
+    probe: ProbeSet | None,
+    endpoint: Any,
+    record: str | os.PathLike[str] | None,
+) -> dict[str, Any]:
+    """The ``hello`` fields: who runs, the model size, the optimizer config, the probe sizes."""
+    names = tuple(class_names or (probe.class_names if probe else ()))
+    n_params = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    meta: dict[str, Any] = {"endpoint": str(endpoint) if endpoint else None}
+    if record:
+        meta["record"] = str(record)
+    return {
+        "name": name,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "param_count": n_params,
+        "optimizer": optimizer,
+        "batch_size": batch_size,
+        "class_names": names,
+        "probe_train": probe.n_train if probe else 0,
+        "probe_val": (probe.n - probe.n_train) if probe else 0,
+        "agent_version": __version__,
+        "meta": meta,
+    }
+
+
+def register_locally(run_id: str, name: str, endpoint: Any) -> str | None:
+    """Register the run in the local registry; its id, or None (with a warning) if that failed."""
+    try:
+        register(
+            RunEntry(
+                run_id,
+                name,
+                str(endpoint),
+                os.getpid(),
+                socket.gethostname(),
+                time.time(),
+            )
+        )
+    except OSError as exc:
+        log.warning(f"stiffmon: could not register the run locally: {exc}")
+        return None
+    return run_id

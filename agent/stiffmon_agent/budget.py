@@ -1,0 +1,112 @@
+"""The agent's overhead budget: when a due measurement may run, and the coverage bookkeeping.
+
+A due heavy measurement runs only while the agent's cost stays under ``overhead_cap`` of the
+wall time since the agent started:
+
+    measure_seconds + publishing_seconds + last_cost[kind] <= overhead_cap × elapsed,
+
+where ``last_cost[kind]`` (the previous measurement of that kind) predicts the next one. The
+first measurement (step 0) always runs. Every due measurement counts as done or skipped
+(``coverage``); skips are said (an ``event`` and a log line) at 1, 2, 5, 10, 20, ... per reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from stiffmon_agent.userlog import log_spaced
+
+log = logging.getLogger("stiffmon_agent")
+
+KINDS = ("gram", "sharpness", "density")
+
+
+class MeasurementBudget:
+    """Overhead budget, measurement costs and coverage counters of one agent.
+
+    Args:
+        overhead_cap: Largest fraction of wall time the agent may cost; None or ≥ 1: no cap.
+        publishing_seconds: Returns the CPU time the publisher thread has spent so far.
+        event: Publishes an ``event`` message: ``event(code, message, level=..., **attrs)``.
+
+    Attributes:
+        start: ``time.perf_counter()`` when the budget (the agent) started.
+        measure_seconds: Wall time spent in heavy measurements so far.
+        last_cost: Seconds of the last measurement of each kind.
+        skipped: Measurements skipped to stay under the cap.
+        coverage: ``[done, skipped]`` due measurements of each kind.
+        skips: Skips per ``(kind, reason)``.
+    """
+
+    def __init__(
+        self,
+        overhead_cap: float | None,
+        publishing_seconds: Callable[[], float],
+        event: Callable[..., None],
+    ) -> None:
+        self.overhead_cap = overhead_cap
+        self._publishing_seconds = publishing_seconds
+        self._event = event
+        self.measure_seconds = 0.0
+        self.last_cost = dict.fromkeys(KINDS, 0.0)
+        self.skipped = 0
+        self.coverage = {kind: [0, 0] for kind in KINDS}  # done, skipped
+        self.skips: dict[tuple[str, str], int] = {}  # (kind, reason) -> count
+        self.start = time.perf_counter()
+
+    def within(self, kind: str, step: int) -> bool:
+        """Whether a ``kind`` measurement due at ``step`` fits in the budget."""
+        if step == 0 or self.overhead_cap is None or self.overhead_cap >= 1.0:
+            return True
+        elapsed = time.perf_counter() - self.start
+        predicted = self.measure_seconds + self._publishing_seconds() + self.last_cost[kind]
+        return predicted <= self.overhead_cap * elapsed
+
+    def record_cost(self, kind: str, seconds: float) -> None:
+        """Charge a measurement (made, skipped inside or failed) of ``seconds`` to the budget."""
+        self.measure_seconds += seconds
+        self.last_cost[kind] = seconds
+
+    def done(self, kind: str) -> None:
+        """Count a due measurement made."""
+        self.coverage[kind][0] += 1
+
+    def failed(self, kind: str) -> None:
+        """Count a due measurement lost to an error (the metric-error event says why)."""
+        self.coverage[kind][1] += 1
+
+    def skip(self, kind: str, reason: str) -> None:
+        """Count a due measurement not made; say so at 1, 2, 5, 10, 20, ... skips of a reason."""
+        self.coverage[kind][1] += 1
+        n = self.skips[(kind, reason)] = self.skips.get((kind, reason), 0) + 1
+        if not log_spaced(n):
+            return
+        done = self.coverage[kind][0]
+        if reason == "overhead-cap":
+            why = f"to keep the overhead under {self.overhead_cap:.0%} of wall time"
+        elif reason == "disabled":
+            why = f"because {kind} is disabled after an error"
+        else:
+            why = f"({reason})"
+        msg = f"skipping due {kind} measurements {why} ({n} skipped so far, {done} done)"
+        self._event(
+            "measurement-skipped",
+            msg,
+            level="warning",
+            kind=kind,
+            reason=reason,
+            skipped=n,
+            done=done,
+        )
+        log.info(f"stiffmon: {msg}")
+
+    def coverage_scalars(self, kinds: Iterable[str]) -> dict[str, Any]:
+        """``coverage/<kind>/{done,skipped}`` of ``kinds``, as published after a due step."""
+        return {
+            f"coverage/{k}/{w}": self.coverage[k][i]
+            for k in kinds
+            for i, w in enumerate(("done", "skipped"))
+        }

@@ -1,0 +1,328 @@
+"""The handlers of the ``stiffmon`` subcommands: one ``cmd_<name>(args) -> exit status`` each.
+
+:mod:`stiffmon.cli` builds the parser and dispatches to these. Every import a handler needs is
+made inside it, so ``stiffmon --help`` stays fast and no command pays for another's imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def fail(args: argparse.Namespace, message: str, code: int = 2) -> int:
+    """Print ``stiffmon <command>: <message>`` to stderr and return the exit status ``code``."""
+    print(f"stiffmon {args.command}: {message}", file=sys.stderr)
+    return code
+
+
+def no_terminal(args: argparse.Namespace, hint: str = "") -> int | None:
+    """Exit status 2 and a message if stdin or stdout is not a terminal (the monitor needs one)."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return None
+    if os.environ.get("TEXTUAL_DRIVER"):  # another driver (stiffmon serve's web driver): no tty
+        return None
+    which = "stdin" if not sys.stdin.isatty() else "stdout"
+    return fail(args, f"the monitor needs a terminal, and {which} is not one{hint}")
+
+
+def curve_client(args: argparse.Namespace) -> Any:
+    """The CURVE client keys named by ``--curve-keys``/``--curve-name``, or None without them."""
+    if not getattr(args, "curve_keys", None):
+        return None
+    from stiffmon.transport import load_curve_client
+
+    return load_curve_client(args.curve_keys, args.curve_name)
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    import signal
+
+    from stiffmon.recorder import record
+    from stiffmon.sources import resolve
+
+    stop = {"flag": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    resolved = resolve(args.endpoints, discover=False, ssh_port=args.ssh_port)
+    if resolved.files:
+        resolved.close()
+        return fail(args, f"record takes live endpoints, not files: {resolved.files[0]}")
+    where = ", ".join(map(str, resolved.endpoints))
+    print(f"stiffmon record: {where} -> {args.output} (Ctrl+C stops)", file=sys.stderr)
+    try:
+        written, runs, malformed = record(
+            resolved.endpoints,
+            args.output,
+            stop=lambda: stop["flag"],
+            duration=args.duration,
+            until_bye=args.until_bye,
+            curve=curve_client(args),
+        )
+    except KeyboardInterrupt:
+        written, runs, malformed = -1, set(), 0
+    finally:
+        resolved.close()
+    if written >= 0:
+        print(
+            f"stiffmon record: {written} messages from {len(runs)} run(s) written to {args.output}"
+            + (f"; {malformed} malformed frames dropped" if malformed else ""),
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from rich.console import Console
+
+    from stiffmon.client import Client
+    from stiffmon.session import SessionReader
+    from stiffmon.sources import resolve
+    from stiffmon.store import Store
+    from stiffmon.summary import summary_json, summary_table
+
+    store = Store()
+    resolved = resolve(args.sources, discover=False, ssh_port=args.ssh_port)
+    notes: list[str] = []
+    dead: list[str] = []
+    try:
+        for path in resolved.files:
+            reader = SessionReader(path)
+            n = len(store.runs)
+            store.extend(reader.messages(on_error="skip"), replay=True)
+            if reader.ignored_bytes:
+                notes.append(f"{path}: ignored a torn tail of {reader.ignored_bytes} bytes")
+            if reader.skipped_records:
+                notes.append(f"{path}: skipped {reader.skipped_records} malformed records")
+            if len(store.runs) == n:
+                dead.append(f"{path} holds no run")
+        if resolved.endpoints:
+            n = len(store.runs)
+            with Client(resolved.endpoints, curve=curve_client(args)) as client:
+                deadline = time.monotonic() + args.wait
+                while time.monotonic() < deadline:
+                    for msg, _ in client.poll(0.1):
+                        store.apply(msg)
+                store.source_malformed += client.stats.malformed
+            if len(store.runs) == n:
+                where = ", ".join(map(str, resolved.endpoints))
+                dead.append(
+                    f"no run answered on {where} within {args.wait:g} s "
+                    "(is the agent running? a longer --wait?)"
+                )
+    finally:
+        resolved.close()
+    if store.runs:
+        if args.json:
+            print(json.dumps(summary_json(store), indent=2))
+        else:
+            console = Console()
+            console.print(summary_table(store))
+            for rd in store.runs.values():
+                if rd.dropped:
+                    notes.append(f"{rd.name}: the agent dropped {rd.dropped} messages")
+            for note in notes:
+                console.print(f"[yellow]{note}[/]")
+    for d in dead:
+        fail(args, d)
+    return 2 if dead else 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from stiffmon.sources import resolve
+    from stiffmon.tui.app import StiffmonApp
+    from stiffmon.tui.sources import LiveSource
+
+    resolved = resolve(args.endpoints, discover=True, ssh_port=args.ssh_port)
+    if resolved.files:
+        resolved.close()
+        return fail(
+            args,
+            f"watch takes live endpoints; replay files with: stiffmon replay {resolved.files[0]}",
+        )
+    failed = no_terminal(
+        args, " (for a table without one: stiffmon summary ENDPOINT, or record -o FILE)"
+    )
+    if failed is not None:
+        resolved.close()
+        return failed
+    try:
+        live = LiveSource(resolved.endpoints, curve_client(args), discover=not args.endpoints)
+        StiffmonApp(live=live, ascii=args.ascii).run()
+    finally:
+        resolved.close()
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import math
+    from pathlib import Path
+
+    from stiffmon.session import SessionReader
+    from stiffmon.sources import resolve
+    from stiffmon.tui.app import StiffmonApp
+    from stiffmon.tui.sources import ReplaySource
+
+    files = resolve(args.files, discover=False, files_only=True).files
+    for f in files:
+        SessionReader(f)  # wrong magic / version: a clear error before the screen opens
+    if not args.screenshots:
+        failed = no_terminal(args, " (--screenshots DIR saves SVGs without one)")
+        if failed is not None:
+            return failed
+    speed = math.inf if args.speed is not None and args.speed <= 0 else args.speed
+    source = ReplaySource(
+        files, follow=args.follow, speed=speed or 1.0, at_end=bool(args.screenshots)
+    )
+    source.load()
+    if speed is None:
+        source.speed = source.auto_speed()
+    if args.screenshots:
+        out = Path(args.screenshots)
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            cols, rows = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            return fail(args, f"--size must look like 120x36, got {args.size!r}")
+        app = StiffmonApp(replay=source, ascii=args.ascii, screenshot_dir=out, shoot_views=True)
+        app.run(headless=True, size=(cols, rows))
+        for shot in app.shots:
+            print(shot)
+        return 0
+    StiffmonApp(replay=source, ascii=args.ascii).run()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stiffmon.demo import DemoError, run_demo
+
+    if not args.no_tui:
+        failed = no_terminal(args, " (--no-tui trains with progress bars instead)")
+        if failed is not None:
+            return failed
+    try:
+        return run_demo(
+            runs=args.runs,
+            lrs=args.lrs,
+            steps=args.steps,
+            model=args.model,
+            label_noise=args.label_noise,
+            no_tui=args.no_tui,
+            out=args.out,
+            batch_size=args.batch_size,
+            momentum=args.momentum,
+            ascii=args.ascii,
+            every=args.every,
+        )
+    except DemoError as exc:
+        return fail(args, str(exc))
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stiffmon.transport import make_keys
+
+    names = ["server", *args.clients]
+    existing = [
+        str(Path(args.directory) / f"{n}{ext}")
+        for n in names
+        for ext in (".key", ".key_secret")
+        if (Path(args.directory) / f"{n}{ext}").exists()
+    ]
+    if existing and not args.force:
+        return fail(
+            args,
+            f"{existing[0]} already exists: agents and monitors using these keys would be locked "
+            "out. Use another directory, or --force to replace them",
+        )
+    d = make_keys(args.directory, tuple(args.clients))
+    print(
+        f"CURVE keys written to {d}: give the agent Agent(..., curve_keys='{d}') and the monitor "
+        f"--curve-keys {d}; copy <client>.key_secret and server.key to each monitor machine."
+    )
+    return 0
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    import time
+
+    from stiffmon.relay import Relay
+
+    curve_upstream = curve_bind = None
+    if args.curve_keys:
+        from stiffmon.transport import load_curve_client, load_curve_server
+
+        curve_upstream = load_curve_client(args.curve_keys, args.curve_name)
+        curve_bind = load_curve_server(args.curve_keys)
+    relay_ = Relay(args.upstream, args.bind, curve_upstream=curve_upstream, curve_bind=curve_bind)
+    with relay_.start() as relay:
+        print(
+            f"stiffmon relay: {len(relay.upstream)} upstream -> {relay.endpoint} (Ctrl+C stops)",
+            file=sys.stderr,
+        )
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stiffmon.export import ExportError, export, load
+    from stiffmon.sources import resolve
+
+    resolved = resolve(args.sources, discover=False, ssh_port=args.ssh_port)
+    notes: list[str] = []
+    try:
+        store = load(
+            resolved.files,
+            resolved.endpoints,
+            wait=args.wait,
+            curve=curve_client(args),
+            notes=notes,
+        )
+    finally:
+        resolved.close()
+    for n in notes:
+        print(f"stiffmon export: {n}", file=sys.stderr)
+    if not store.runs:
+        return fail(args, "no run found in the sources", code=1)
+    try:
+        paths = export(store, args.format, Path(args.out))
+    except ExportError as exc:
+        return fail(args, str(exc))
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stiffmon.serve import ServeError, serve
+
+    try:
+        serve(
+            args.sources,
+            host=args.host,
+            port=args.port,
+            public_url=args.public_url,
+            ascii=args.ascii,
+            speed=args.speed,
+        )
+    except ServeError as exc:
+        return fail(args, str(exc))
+    return 0
