@@ -43,6 +43,8 @@ def be_words(rd: RunData) -> str:
     be = break_even_of(rd)
     status = getattr(be, "status", "confirmed")
     cats = tuple(getattr(be, "catapults", ()))
+    if be.reason == "catapult":  # the marker itself names the first one
+        cats = tuple(c for c in cats if c != be.step)
     extra = f"; catapult at {', '.join(f'{c:,}' for c in cats[:3])}" if cats else ""
     if be.step is None or status == "none":
         return "no break-even yet" + extra

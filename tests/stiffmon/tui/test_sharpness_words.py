@@ -1,0 +1,29 @@
+"""The break-even line under the sharpness chart names a catapult once."""
+
+from __future__ import annotations
+
+from stiffmon import protocol as p
+from stiffmon.store import Store
+from stiffmon.tui.views.sharpness import be_words
+
+
+def test_catapult_marker_is_not_repeated_as_an_extra_catapult() -> None:
+    store = Store()
+    lam = [1.0, 2.0, 4.0, 16.0, 5.0, 5.5, 5.2, 5.4, 5.1, 5.3]
+    for i, v in enumerate(lam):
+        store.apply(
+            p.Scalars.from_dict(
+                {"sharpness/lambda1_h": v, "sharpness/threshold": 10.0},
+                run="r",
+                seq=i,
+                step=20 * i,
+                t=float(i),
+            ),
+            replay=True,
+        )
+    rd = store.runs["r"]
+    be = rd.break_even()
+    assert be.reason == "catapult" and be.step == 60 and be.catapults == (60,)
+    words = be_words(rd)
+    assert words.startswith("break-even 60 (") and "catapult" in words
+    assert "catapult at" not in words  # the marker already says it
