@@ -39,7 +39,10 @@ def break_even_of(rd: RunData) -> Any:
 
 
 def be_words(rd: RunData) -> str:
-    """``break-even at step 280 (early peak, confirmed), λ1_H 1.96`` or ``no break-even yet``."""
+    """``break-even 280 (early peak) λ1_H 1.96``, or ``no break-even yet``.
+
+    Once the run said bye, ``no break-even``: it ended without one.
+    """
     be = break_even_of(rd)
     status = getattr(be, "status", "confirmed")
     cats = tuple(getattr(be, "catapults", ()))
@@ -47,7 +50,7 @@ def be_words(rd: RunData) -> str:
         cats = tuple(c for c in cats if c != be.step)
     extra = f"; catapult at {', '.join(f'{c:,}' for c in cats[:3])}" if cats else ""
     if be.step is None or status == "none":
-        return "no break-even yet" + extra
+        return ("no break-even" if rd.finished else "no break-even yet") + extra
     why = REASONS.get(be.reason, be.reason)
     tent = ", tentative" if status == "tentative" else ""
     return f"break-even {be.step:,} ({why}{tent}) λ1_H {be.value:.3g}{extra}"

@@ -27,3 +27,22 @@ def test_catapult_marker_is_not_repeated_as_an_extra_catapult() -> None:
     words = be_words(rd)
     assert words.startswith("break-even 60 (") and "catapult" in words
     assert "catapult at" not in words  # the marker already says it
+
+
+def test_no_break_even_yet_while_running_and_none_once_finished() -> None:
+    store = Store()
+    for i in range(6):  # still rising
+        store.apply(
+            p.Scalars.from_dict(
+                {"sharpness/lambda1_h": 1.0 + i, "sharpness/threshold": 100.0},
+                run="r",
+                seq=i,
+                step=10 * i,
+                t=float(i),
+            ),
+            replay=True,
+        )
+    rd = store.runs["r"]
+    assert be_words(rd) == "no break-even yet"
+    store.apply(p.Bye(run="r", seq=6, step=50, t=6.0, reason="closed"), replay=True)
+    assert be_words(rd) == "no break-even"
