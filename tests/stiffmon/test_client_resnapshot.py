@@ -86,7 +86,11 @@ def _drain(client: Client, got: list[p.AnyMessage], seconds: float = 0.5) -> Non
 
 
 def _steps(got: list[p.AnyMessage], run: str) -> list[int]:
-    return [m.step for m in p.expand_columns(got) if m.run == run and isinstance(m, p.Scalars)]
+    return [
+        m.step
+        for m in p.expand_columns(got)
+        if m.run == run and isinstance(m, p.Scalars) and "loss" in m.names
+    ]
 
 
 def _live(agent: FakeAgent, client: Client, got: list[p.AnyMessage], msg: p.AnyMessage) -> None:
@@ -97,7 +101,9 @@ def _live(agent: FakeAgent, client: Client, got: list[p.AnyMessage], msg: p.AnyM
         got += [m for m, _ in client.poll(0.05)]
 
 
-def test_a_second_snapshot_of_a_live_run_leaves_no_hole(agent: FakeAgent) -> None:
+@pytest.mark.parametrize("last", ["end", "scalars"])
+def test_a_second_snapshot_of_a_live_run_leaves_no_hole(agent: FakeAgent, last: str) -> None:
+    """The cut is beyond what the client has: via the end marker or a later message."""
     client = Client([agent.endpoint], snapshot_timeout=5.0)
     got: list[p.AnyMessage] = []
     try:
@@ -108,7 +114,10 @@ def test_a_second_snapshot_of_a_live_run_leaves_no_hole(agent: FakeAgent) -> Non
         assert _steps(got, "a") == list(range(20))
         agent.publish(p.Bye(run="b", seq=0, step=0, t=1.0, reason="x"))  # a new run: re-snapshot
         # the agent published batches 2 and 3 before the cut; the client gets them only after
-        agent.answer(client, got, [_cols("a", 0, range(40))], {"a": 3, "b": 0})
+        history: list[p.AnyMessage] = [_cols("a", 0, range(40))]
+        if last == "scalars":  # a later message of another kind moves the run's seq on
+            history.append(p.Scalars.from_dict({"x": 1.0}, run="a", seq=3, step=39, t=1.0))
+        agent.answer(client, got, history, {"a": 3, "b": 0})
         _drain(client, got, 0.3)
         agent.publish(_cols("a", 2, range(20, 30)))
         agent.publish(_cols("a", 3, range(30, 40)))
