@@ -53,6 +53,7 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
     agent.close()
     if rank == 0:
         print(f"done: {args.steps} steps on {world} ranks")
+    dist.barrier()  # every rank done before the group goes (gloo aborts on a one-sided teardown)
     dist.destroy_process_group()
 
 

@@ -285,6 +285,7 @@ _DDP = textwrap.dedent(
         agent.step(loss)
     agent.close()
     print("rank", rank, "enabled", agent.enabled, flush=True)
+    dist.barrier()  # both ranks done before the group goes: gloo aborts on a one-sided teardown
     dist.destroy_process_group()
     """
 )
