@@ -6,11 +6,6 @@ endpoint's snapshot service for the history; apply snapshot messages, then live 
 publisher's high-water mark) or a run never seen before (an agent restarted) triggers a new
 snapshot; messages that arrive meanwhile wait in a buffer, so every run's messages come out once,
 in ``seq`` order. Malformed frames are counted and dropped.
-
-A history chunk of per-step ``columns`` carries the ``seq`` of its first batch but the rows of
-the later ones too, so for a run the client already has, a snapshot's chunks are cut by row count
-(every row comes once), not by ``seq``; a live run's updates wait while its snapshot is under way.
-A snapshot that times out is abandoned with its DEALER, so its rest cannot mix with the next one.
 """
 
 from __future__ import annotations
@@ -67,9 +62,6 @@ class _RunState:
     last_seq: int = -1
     syncing: bool = True
     buffer: list[Received] = field(default_factory=list)
-    col_rows: int | None = 0  # ``columns`` rows delivered, a prefix of the run's; None: unknown
-    snap_rows: int = 0  # ``columns`` rows seen in the snapshot under way
-    was_live: bool = False  # syncing only because a snapshot of a live run is under way
 
 
 class Client:
@@ -142,9 +134,6 @@ class Client:
     # ------------------------------------------------------------------ snapshots
 
     def _request(self, st: _EndpointState, now: float) -> None:
-        for run, rs in self._runs.items():  # a new answer counts its rows from the start
-            if self._run_endpoint.get(run, st) is st:
-                rs.snap_rows = 0
         try:
             st.dealer.send_multipart(
                 encode_control(SNAPSHOT_REQUEST, {"v": p.PROTOCOL_VERSION}), zmq.NOBLOCK
@@ -155,16 +144,6 @@ class Client:
         st.pending_since = now
         st.wanted = False
         st.last_request = now
-
-    def _renew(self, st: _EndpointState) -> None:
-        """A fresh DEALER for ``st``: the rest of an abandoned answer never arrives."""
-        self.poller.unregister(st.dealer)
-        del self._eps[st.dealer]
-        st.dealer.close(0)
-        st.dealer = self._socket(zmq.DEALER)
-        st.dealer.connect(st.endpoint.snapshot)
-        self.poller.register(st.dealer, zmq.POLLIN)
-        self._eps[st.dealer] = st
 
     def _want_all(self) -> None:
         for st in self._eps.values():
@@ -178,11 +157,7 @@ class Client:
                 return
             self._run_endpoint[msg.run] = st
             rs = self._runs[msg.run]
-            if not rs.syncing:  # live updates wait until the end marker says what it covers
-                rs.syncing = rs.was_live = True
-            if isinstance(msg, p.Columns) and rs.col_rows is not None:
-                self._snapshot_columns(rs, msg, frames[1:], out)
-            elif msg.seq > rs.last_seq:
+            if msg.seq > rs.last_seq:
                 rs.last_seq = msg.seq
                 out.append((msg, frames[1:]))
             else:
@@ -193,12 +168,11 @@ class Client:
             if isinstance(run, str) and isinstance(seq, int) and not isinstance(seq, bool):
                 self._run_endpoint[run] = st
                 rs = self._runs[run]
-                rs.snap_rows = 0
-                if rs.syncing and not rs.was_live:
+                if rs.syncing:
                     rs.last_seq = seq  # the snapshot is the authority on where the run is
                 elif seq > rs.last_seq:  # a run already live only moves forward
                     rs.last_seq = seq
-                rs.syncing = rs.was_live = False
+                rs.syncing = False
                 self._flush(run, out)
         elif tag == SNAPSHOT_DONE:
             st.pending_since = None
@@ -206,37 +180,6 @@ class Client:
             self._release_stuck(out)
         else:
             self.stats.malformed += 1
-
-    def _snapshot_columns(
-        self, rs: _RunState, msg: p.Columns, frames: list[bytes], out: list[Received]
-    ) -> None:
-        """Deliver the rows of a history chunk that the client does not have yet.
-
-        A chunk carries the ``seq`` of its *first* batch but holds the rows of the later ones
-        too (up to the end marker's ``seq``), so ``seq`` cannot tell which of its rows are new.
-        Rows can: the history keeps every ``columns`` row in order, and the client has delivered
-        a prefix of them (``col_rows``); the chunks of one answer follow each other
-        (``snap_rows`` is where this one starts).
-        """
-        assert rs.col_rows is not None
-        start, n = rs.snap_rows, len(msg)
-        rs.snap_rows += n
-        skip = max(0, rs.col_rows - start)
-        if skip >= n:
-            self.stats.duplicates += 1
-            return
-        if skip:
-            msg = p.Columns.from_columns(
-                {name: v[skip:] for name, v in zip(msg.names, msg.values, strict=True)},
-                msg.steps[skip:],
-                msg.times[skip:],
-                run=msg.run,
-                seq=max(msg.seq, rs.last_seq),
-            )
-            frames = p.encode(msg)
-        rs.col_rows = start + n
-        rs.last_seq = max(rs.last_seq, msg.seq)
-        out.append((msg, frames))
 
     def _release_stuck(self, out: list[Received]) -> None:
         """Once no snapshot is pending, runs no snapshot covered go live from what arrived."""
@@ -249,11 +192,8 @@ class Client:
     def _go_live(self, run: str, out: list[Received]) -> None:
         """Stop waiting for a snapshot of ``run``: deliver its buffer from the oldest message."""
         rs = self._runs[run]
-        rs.syncing = rs.was_live = False
-        first = min(m.seq for m, _ in rs.buffer) - 1
-        if first > rs.last_seq:  # rows may be skipped: the row count no longer holds
-            rs.col_rows = None
-        rs.last_seq = max(rs.last_seq, first)
+        rs.syncing = False
+        rs.last_seq = max(rs.last_seq, min(m.seq for m, _ in rs.buffer) - 1)
         self._flush(run, out)
 
     def _flush(self, run: str, out: list[Received]) -> None:
@@ -299,8 +239,6 @@ class Client:
                 self._want_all()
             return
         rs.last_seq = msg.seq
-        if isinstance(msg, p.Columns) and rs.col_rows is not None:
-            rs.col_rows += len(msg)
         out.append((msg, frames))
 
     def _on_live(self, frames: list[bytes], out: list[Received]) -> None:
@@ -319,9 +257,8 @@ class Client:
         """Wait up to ``timeout`` seconds; return the messages that became available, in order."""
         out: list[Received] = []
         now = time.monotonic()
-        for st in list(self._eps.values()):
+        for st in self._eps.values():
             if st.pending_since is not None and now - st.pending_since > self.snapshot_timeout:
-                self._renew(st)
                 st.pending_since = None
                 st.wanted = True
                 self.stats.snapshot_timeouts += 1
