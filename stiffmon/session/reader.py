@@ -164,37 +164,48 @@ class SessionReader:
         identity = _identity(self.path)
         mark: tuple[int, bytes] | None = None  # (offset, 8-byte head) of the last record read
         while True:
-            got = False
+            got = missing = False
             last: tuple[int, list[bytes]] | None = None
-            for offset, frames in self.records(pos, on_error=on_error):
-                last = (offset, frames)
-                try:
-                    msg = decode(frames)
-                except ProtocolError as exc:
-                    if on_error == "raise":
-                        raise SessionError(
-                            f"{self.path}: record at offset {offset}: {exc}"
-                        ) from exc
-                    self.skipped_records += 1
-                    continue
-                got = True
-                yield msg
-            assert self.last_scan is not None
-            if last is not None:  # the head it was read with: length and CRC of its payload
-                payload = pack_frames(last[1])
-                mark = (last[0], _REC.pack(len(payload), zlib.crc32(payload)))
-            pos = self.last_scan.end
+            try:
+                for offset, frames in self.records(pos, on_error=on_error):
+                    last = (offset, frames)
+                    try:
+                        msg = decode(frames)
+                    except ProtocolError as exc:
+                        if on_error == "raise":
+                            raise SessionError(
+                                f"{self.path}: record at offset {offset}: {exc}"
+                            ) from exc
+                        self.skipped_records += 1
+                        continue
+                    got = True
+                    yield msg
+            except FileNotFoundError:  # rotated away, the new file not there yet
+                missing = True
+            if not missing:
+                assert self.last_scan is not None
+                if last is not None:  # the head it was read with: length and CRC of its payload
+                    payload = pack_frames(last[1])
+                    mark = (last[0], _REC.pack(len(payload), zlib.crc32(payload)))
+                pos = self.last_scan.end
             now = time.monotonic()
             if got:
                 last_data = now
                 continue
-            if self._rewritten(identity, pos, mark):
+            if missing or self._rewritten(identity, pos, mark):
                 identity = _identity(self.path)
+                head = b""
+                if identity is not None:
+                    try:
+                        with open(self.path, "rb") as f:
+                            head = f.read(HEADER_SIZE)
+                    except FileNotFoundError:
+                        identity = None
                 if identity is None:  # gone for now (rotation in progress): wait for it
+                    if stop is not None and stop():
+                        return
                     time.sleep(poll_interval)
                     continue
-                with open(self.path, "rb") as f:
-                    head = f.read(HEADER_SIZE)
                 if len(head) < HEADER_SIZE and head == FILE_HEADER[: len(head)]:
                     time.sleep(poll_interval)  # the new writer has not written its header yet
                     identity = None

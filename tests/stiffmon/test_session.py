@@ -435,3 +435,26 @@ def test_follow_says_so_when_the_file_becomes_something_else(tmp_path: Path) -> 
     path.write_bytes(b"GIF89a not a session at all")
     with pytest.raises(s.SessionError, match="not a stiffmon session"):
         next(it)
+
+
+def test_follow_waits_while_the_file_is_gone_and_picks_up_its_successor(tmp_path: Path) -> None:
+    path = tmp_path / "live.stiff"
+    first = make_messages(5, run="old")
+    write_file(path, first)
+    reader = s.SessionReader(path)
+    follower = reader.follow(poll_interval=0.01, idle_timeout=5)
+    assert [next(follower) for _ in first] == first
+    path.unlink()  # rotated away; the successor does not exist yet
+    second = make_messages(3, run="new")
+
+    def recreate() -> None:
+        time.sleep(0.2)  # the follower polls the missing path meanwhile
+        write_file(path, second)
+
+    t = threading.Thread(target=recreate)
+    t.start()
+    try:
+        assert [next(follower) for _ in second] == second  # no FileNotFoundError
+    finally:
+        t.join()
+    assert reader.restarts == 1
