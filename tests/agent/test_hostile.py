@@ -138,8 +138,8 @@ def test_snapshot_request_flood_costs_training_nothing(procs: Procs, tmp_path: P
     # of the flooded run against the control run over the same seconds
     a_steps, a_cpu = _in(windows, t0 + 0.5, t1)
     b_steps, b_cpu = _in(control_windows, t0 + 0.5, t1)
-    a0, _ = _in(windows, t0 - baseline + 1.0, t0)
-    b0, _ = _in(control_windows, t0 - baseline + 1.0, t0)
+    a0, a0_cpu = _in(windows, t0 - baseline + 1.0, t0)
+    b0, b0_cpu = _in(control_windows, t0 - baseline + 1.0, t0)
     # the two runs need not get equal shares of the cores: calibrate on the seconds before
     slowdown = 1 - (a_steps / b_steps) / (a0 / b0)
     print(
@@ -148,10 +148,13 @@ def test_snapshot_request_flood_costs_training_nothing(procs: Procs, tmp_path: P
         f"alongside (before the flood {a0} vs {b0} steps: {100 * slowdown:+.1f} % slower); "
         f"CPU/step {1e6 * a_cpu / a_steps:.0f} vs {1e6 * b_cpu / b_steps:.0f} us; {steps} steps"
     )
-    # Steps/s and CPU/step of two identical processes differ by ±10-50 % on an overloaded
-    # machine, flood or not: the 10 % bounds are asserted where the cores are not oversubscribed;
-    # anywhere, the flooded run must not be grossly slower (the old publisher: 38-69 % slower).
-    cpu_ratio = (a_cpu / a_steps) / (b_cpu / b_steps)
+    # Steps/s and CPU/step of two identical processes sharing two cores with a flooder differ by
+    # up to ±30 % flood or not (which one shares a core with the flooder): both ratios are
+    # calibrated on the seconds before the flood. The 10 % bounds are asserted where the cores
+    # are not oversubscribed; anywhere, the flooded run must not be grossly slower (the old
+    # publisher: 38-69 % slower).
+    cpu_ratio = (a_cpu / a_steps) / (b_cpu / b_steps) / ((a0_cpu / a0) / (b0_cpu / b0))
+    print(f"calibrated CPU/step ratio {cpu_ratio:.3f}")
     assert cpu_ratio <= 1.5
     load = os.getloadavg()[0]
     if load <= 1.5 * (os.cpu_count() or 1) + 1:
