@@ -197,8 +197,9 @@ class SharpnessState:
     """What the sharpness measurement carries from one measurement to the next.
 
     Attributes:
-        warm: Eigenvectors of the raw Hessian, for the next warm start.
-        warm_precond: Eigenvectors of P^{-1/2} H P^{-1/2} (adaptive optimizers).
+        warm: Ritz vectors of the raw Hessian (``EigenResult.warm_start``), for the next
+            warm start.
+        warm_precond: The same for P^{-1/2} H P^{-1/2} (adaptive optimizers).
         batch_size: The training batch size B (from ``batch_size=`` or the logits of a step):
             a sum-reduced objective's Hessian is B × that of the per-example mean.
         reported: Event codes already published (each reason is said once).
@@ -241,7 +242,8 @@ def sharpness_messages(
 
     Returns:
         The messages (``spectrum`` ``hessian`` [and ``hessian-precond``], ``scalars``, and
-        ``event`` messages for reasons not said before) and the raw eigenvectors.
+        ``event`` messages for reasons not said before) and the warm-start block (Ritz
+        vectors of the raw Hessian).
     """
     state = state if state is not None else SharpnessState(warm=warm_start)
     if warm_start is not None:
@@ -278,7 +280,7 @@ def sharpness_messages(
         "scale": scale,
     }
     res = hessian_eigen(model, x, y, loss_fn, warm_start=state.warm, **common)  # type: ignore[arg-type]
-    state.warm = res.eigenvectors.detach()
+    state.warm = res.warm_start.detach()
     if optimizer is None:
         threshold = StabilityThreshold(None, "none: no optimizer")
     else:
@@ -323,7 +325,7 @@ def sharpness_messages(
                 preconditioner=diag,
                 **common,  # type: ignore[arg-type]
             )
-            state.warm_precond = pres.eigenvectors.detach()
+            state.warm_precond = pres.warm_start.detach()
             pvals = pres.eigenvalues.detach().double().cpu()
             lam_p, hvps_p = float(pvals[0]), pres.matvecs
             out.append(

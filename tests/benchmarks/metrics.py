@@ -265,7 +265,7 @@ def sharpness_benchmark(
         cold = hessian_eigen(
             model, px, py, CE, method="power", tol=1e-3, max_hvps=300, generator=gen
         )
-        warm_vecs = warm.eigenvectors
+        warm_vecs = warm.warm_start
         warm_counts.append(warm.matvecs)
         cold_counts.append(cold.matvecs)
         warm_err.append(abs(float(warm.eigenvalues[0]) - lam) / abs(lam))

@@ -240,7 +240,8 @@ def hessian_eigen(
         k: Number of eigenvalues.
         method: ``"lanczos"`` (tolerance on the Ritz residual relative to |λ1|) or ``"power"``
             (tolerance on the relative change of the estimate, as PyHessian).
-        warm_start: Previous result's ``eigenvectors`` (P, m); ignored if P changed.
+        warm_start: Previous result's ``warm_start`` (P, m) (its ``eigenvectors`` work too,
+            without the extra vector that catches a crossing of λ1 and λ2); ignored if P changed.
         tol: Convergence tolerance (see ``method``).
         max_hvps: Budget of Hessian-vector products.
         forward: ``forward(model, inputs)``.
@@ -253,7 +254,8 @@ def hessian_eigen(
             symmetric D H D with D = P^{-1/2}; the eigenvectors returned are those of D H D.
 
     Returns:
-        Eigenvalues (largest first), eigenvectors for the next warm start, and the HVP count.
+        Eigenvalues (largest first), eigenvectors, the start block for the next warm start
+        (``warm_start``), and the HVP count.
     """
     with measurement_mode(model):
         op = HessianOperator(

@@ -216,3 +216,31 @@ def test_cold_start_finds_lambda1_when_lambda2_is_close() -> None:
         for _ in range(40)
     )
     assert misses == 0 and one > 0, (misses, one)  # the single-vector start does miss it
+
+
+def test_warm_sequence_along_training_matches_dense_hessian() -> None:
+    """Warm-started λ1_H (raw and preconditioned D H D) along SGD steps, each within 1 % of
+    ``eigvalsh`` of the dense float64 Hessian; the start block carries k + 1 vectors."""
+    model, x, y = make_cases()["mlp"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(0)
+    warm = warm_p = None
+    counts = []
+    for step in range(6):
+        h = dense_hessian(model, x, y)
+        d = torch.rand(h.shape[0], generator=gen, dtype=torch.float64) + 0.5  # P changes too
+        ref = float(torch.linalg.eigvalsh(h)[-1])
+        ref_p = float(torch.linalg.eigvalsh(h * torch.outer(d, d).rsqrt())[-1])
+        got = hessian_eigen(model, x, y, CE, warm_start=warm, generator=gen)
+        got_p = hessian_eigen(model, x, y, CE, warm_start=warm_p, generator=gen, preconditioner=d)
+        assert got.converged and got_p.converged
+        assert got.warm_start.shape[1] == 2 and got.eigenvectors.shape[1] == 1
+        assert float(got.eigenvalues[0]) == pytest.approx(ref, rel=1e-2)
+        assert float(got_p.eigenvalues[0]) == pytest.approx(ref_p, rel=1e-2)
+        warm, warm_p = got.warm_start, got_p.warm_start
+        if step:
+            counts.append(got.matvecs)
+        opt.zero_grad()
+        CE(model(x), y).backward()
+        opt.step()
+    assert max(counts) <= 6, counts
