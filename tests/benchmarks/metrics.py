@@ -8,8 +8,10 @@ Prints, for one run on this machine, ratios against baselines measured side by s
 2. The same for a small transformer classifier (target ≤ 0.3 time, ≤ 0.25 memory in issue 14;
    attention projections still take the vmap fallback, so it is not reached yet).
 3. Sharpness along 20 measurements of a short training run: mean HVPs per measurement for
-   warm-started Lanczos (residual within 1 % of λ1; the first measurement is a cold
-   start from a block of 3 random vectors) to be within 1 % of the converged λ1_H (target ≤ 5)
+   warm-started Lanczos (start block: the previous top two Ritz vectors; stop: residual within
+   1 % of λ1, or extrapolated error within 1 % with the residual within 3 %; the first
+   measurement is a cold start from a block of 3 random vectors) to be within 1 % of the
+   converged λ1_H (target ≤ 5)
    vs cold-start power iteration at tol 1e-3 (PyHessian's method, ≈ 11), and HVP time ÷
    gradient time.
 4. Hessian trace and spectral density (:mod:`tests.benchmarks.curvature`): HVPs and seconds per
