@@ -269,7 +269,7 @@ def _with_batches(f: list[bytes], seqs: list[int], ends: list[int]) -> list[byte
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
-        (lambda f: _with_batches(f, [3, 4, 8], [2, 3, 6]), "up to the message's seq 9"),
+        (lambda f: _with_batches(f, [3, 4, 8], [2, 3, 6]), "up to the seq 9"),
         (lambda f: _with_batches(f, [4, 4, 9], [2, 3, 6]), "batch seqs must increase"),
         (lambda f: _with_batches(f, [3, 4, 9], [2, 2, 6]), "batch ends must increase"),
         (lambda f: _with_batches(f, [3, 4, 9], [2, 3, 5]), "up to the 6 rows"),
