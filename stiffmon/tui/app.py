@@ -81,6 +81,7 @@ class StiffmonApp(App[None]):
         self.log_level, self.log_text, self.log_selected_only = "info", "", False
         self.monitor_events: dict[str, list[p.Event]] = {}  # stalls, new runs… per run
         self._health: dict[str, Health] = {}
+        self._health_of: dict[str, RunData] = {}  # the run data each health was judged on
         self._checked = False
         self._drawn_version = -1
         self._last_tick = time.monotonic()
@@ -163,6 +164,10 @@ class StiffmonApp(App[None]):
         now = self.clock()
         changed = False
         for rd in self.store.runs.values():
+            if self._health_of.get(rd.run) is not rd:  # new, or rebuilt by a replay seek back:
+                self._health_of[rd.run] = rd  # its monitor log restarts with the data
+                self._health.pop(rd.run, None)
+                self.monitor_events.pop(rd.run, None)
             h, old = self.health(rd, now), self._health.get(rd.run)
             if old == h:
                 continue
