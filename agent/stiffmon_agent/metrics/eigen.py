@@ -38,7 +38,7 @@ class EigenResult:
 
     Attributes:
         eigenvalues: (k,) largest first.
-        eigenvectors: (P, k) unit columns, for warm-starting the next measurement.
+        eigenvectors: (P, k) unit columns (Ritz vectors for Lanczos).
         matvecs: Matrix-vector products used.
         converged: Whether the tolerance was met within the product budget.
         residuals: (k,) ‖A y − θ y‖ of each pair (Lanczos) or relative change (power).
