@@ -33,10 +33,14 @@ def test_fast_path_is_used_where_it_applies() -> None:
     assert got.methods["head"] == "ghost"
     assert got.methods["enc.linear1"] in ("ghost", "materialise")
     assert got.methods["emb"] == "ghost" and got.methods["norm"] == "materialise"
-    assert got.methods["enc.self_attn"] == "vmap"  # MultiheadAttention: functional projections
-    # not batch-first: every layer inside the encoder goes through vmap, still exact
+    # MultiheadAttention: its projections re-expressed during the hook pass
+    assert got.methods["enc.self_attn"] in ("ghost", "materialise")
+    assert got.methods["enc.self_attn.out_proj"] in ("ghost", "materialise")
+    # not batch-first: the Linear layers inside the encoder go through vmap, still exact; the
+    # attention reads its own layout
     got = per_example_gram(*CASES["transformer-seq-first"], CE)
     assert got.methods["enc.linear1"] == "vmap"
+    assert got.methods["enc.self_attn"] in ("ghost", "materialise")
     # a parameter tied across modules is handled by vmap, which sums all its uses
     got = per_example_gram(*CASES["shared-weights"], CE)
     assert got.methods["shared"] in ("ghost", "materialise")  # one module called twice

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 # the per-family rules register themselves on import
-from stiffmon_agent.metrics.gram import conv, embedding, linear, norms  # noqa: F401
+from stiffmon_agent.metrics.gram import attention, conv, embedding, linear, norms  # noqa: F401
 from stiffmon_agent.metrics.gram.contract import cat, embedding_gram, ghost_gram
 from stiffmon_agent.metrics.gram.hooks import hook_pass
 from stiffmon_agent.metrics.gram.loop import loop_grads
@@ -205,9 +205,12 @@ def _gram(
     blocks: dict[str, Tensor] = {}
     methods: dict[str, str] = {}
     for name, layer in layers.items():
-        blocks[name] = torch.stack([_block_gram(b) for b in layer.blocks.values()]).sum(0)
-        w = layer.blocks.get("weight")
-        methods[name] = w.method if w is not None and w.method else "materialise"
+        for pname, block in layer.blocks.items():  # keyed by the module owning the parameter
+            key = _module_prefix(f"{name}.{pname}" if name else pname)
+            g = _block_gram(block)
+            blocks[key] = blocks[key] + g if key in blocks else g
+            if block.method or key not in methods:
+                methods[key] = block.method or "materialise"
     for pname in fallback or []:
         key = _module_prefix(pname)
         m = cat(parts[pname])

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from stiffmon_agent.metrics.gram.contract import cat, materialise
-from stiffmon_agent.metrics.gram.plan import Block, Layer, Method, choose
+from stiffmon_agent.metrics.gram.plan import Block, Layer, Method, choose, is_capture
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, per_example_losses
 
 
@@ -31,7 +32,7 @@ def hook_pass(
     Returns the layers that cannot take the hook path (called with another batch layout, or never
     called: their parameters may be used functionally); their factors are not added.
     """
-    calls: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+    calls: list[tuple[str, Any, dict[str, Tensor]]] = []  # (layer, context, nodes) per call
     failed: set[str] = set()
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
@@ -39,42 +40,68 @@ def hook_pass(
 
         def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
             x = args[0] if args else None
-            if name in failed or not rule.valid_call(mod, x, out, n):
+            if name in failed or not rule.valid_call(mod, x, out, n):  # type: ignore[union-attr]
                 failed.add(name)
                 return None
-            calls[name].append((x.detach(), out))  # type: ignore[union-attr]
+            calls.append((name, x.detach(), {"out": out}))  # type: ignore[union-attr]
             # the network continues on a copy: in-place ops after the layer (ReLU(inplace=True))
             # must not turn `out` into a different node of the graph
             return out.clone()
 
         return hook
 
-    handles = [
-        layer.module.register_forward_hook(make_hook(name)) for name, layer in layers.items()
-    ]
+    def recorder(name: str) -> Callable[[Any, dict[str, Tensor]], None]:
+        def record(context: Any, nodes: dict[str, Tensor]) -> None:
+            if name not in failed:
+                calls.append((name, context, nodes))
+
+        return record
+
+    handles: list[Any] = []
     try:
+        for name, layer in layers.items():
+            if is_capture(layer.rule):
+                install = layer.rule.install  # type: ignore[union-attr]
+                handles.append(install(layer.module, n, recorder(name), partial(failed.add, name)))
+            else:
+                handles.append(layer.module.register_forward_hook(make_hook(name)))
         outputs = forward(model, chunk_inputs)
     finally:
         for h in handles:
             h.remove()
-    failed |= {name for name in layers if name not in calls}
+    failed |= set(layers) - {c[0] for c in calls}
     loss = per_example_losses(loss_fn, outputs, chunk_targets, n).sum()
-    flat = [(name, x, out) for name, cs in calls.items() if name not in failed for x, out in cs]
-    gouts = torch.autograd.grad(loss, [o for _, _, o in flat], allow_unused=True) if flat else ()
+    kept = [c for c in calls if c[0] not in failed]
+    nodes = [node for _, _, ns in kept for node in ns.values()]
+    gouts = torch.autograd.grad(loss, nodes, allow_unused=True) if nodes else ()
     merged: dict[str, dict[str, list[tuple[str, Tensor, Tensor | None]]]] = defaultdict(
         lambda: defaultdict(list)
     )
+    pos = 0
     with torch.no_grad():
-        for (name, x, out), gy in zip(flat, gouts, strict=True):
-            gy = torch.zeros_like(out) if gy is None else gy
+        for name, context, ns in kept:
+            got = gouts[pos : pos + len(ns)]
+            pos += len(ns)
+            grads = {
+                k: torch.zeros_like(v) if g is None else g
+                for (k, v), g in zip(ns.items(), got, strict=True)
+            }
             layer = layers[name]
-            for pname, fac in layer.rule.factors(layer.module, x, gy, n).items():
+            rule = layer.rule
+            if is_capture(rule):
+                facs = rule.call_factors(layer.module, context, grads, n)  # type: ignore[union-attr]
+            else:
+                facs = rule.factors(layer.module, context, grads["out"], n)  # type: ignore[union-attr]
+            for pname, fac in facs.items():
                 if pname in layer.params:
                     merged[name][pname].append(fac)
         for name, per_param in merged.items():
             layer = layers[name]
-            for pname, facs in per_param.items():
-                _add(layer, pname, facs, n, method)
+            try:
+                for pname, facs in per_param.items():
+                    _add(layer, pname, facs, n, method)
+            except RuntimeError:  # calls whose factors do not stack (a layer used two ways)
+                failed.add(name)
     return failed
 
 
