@@ -201,3 +201,40 @@ def test_embedding_padding_idx() -> None:
     got = per_example_gram(model, x, y, CE)
     assert got.methods["0"] == "ghost"
     assert rel_err(got.total, loop_gram(model, x, y, CE)) < 1e-10
+
+
+class _Positions(nn.Module):
+    """Token + positional embeddings; ``use`` says how the shared positional output is used."""
+
+    def __init__(self, use: str) -> None:
+        super().__init__()
+        self.use = use
+        self.tok, self.pos, self.head = nn.Embedding(9, 4), nn.Embedding(5, 4), nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        p = self.pos(torch.arange(tokens.shape[1]))
+        h = self.tok(tokens)
+        if self.use == "broadcast":  # (T, d) + (N, T, d)
+            return self.head(torch.tanh(h + p).mean(dim=1))
+        if self.use == "unsqueeze":  # expanded, the shapes no longer work out
+            return self.head(torch.tanh(h + p.unsqueeze(0)).mean(dim=1))
+        # reduced over everything: the same value expanded, but the gradients mix the examples
+        return self.head(torch.tanh(h).mean(dim=1)) * (1 + p.square().mean())
+
+
+@pytest.mark.parametrize("use", ["broadcast", "unsqueeze", "reduced"])
+def test_shared_positional_embedding(use: str) -> None:
+    torch.manual_seed(0)
+    model = _Positions(use).double()
+    x = torch.randint(0, 9, (7, 5), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (7,), generator=torch.Generator().manual_seed(1))
+    ref = loop_gram(model, x, y, CE)
+    if use == "reduced":  # expanding changes the value: the safety net sees it
+        with pytest.warns(RuntimeWarning, match="exact per-example path"):
+            got = per_example_gram(model, x, y, CE)
+    else:
+        got = per_example_gram(model, x, y, CE)
+    assert rel_err(got.total, ref) < 1e-10
+    expected = {"broadcast": "ghost", "unsqueeze": "vmap", "reduced": "vmap"}[use]
+    assert got.methods["pos"] == expected, got.methods
+    assert got.methods["tok"] == ("vmap" if use == "reduced" else "ghost")

@@ -226,8 +226,8 @@ def test_demo_tiny_transformer() -> None:
     x, y = demo.make_data(8, seed=0)
     for i in range(2):
         _check(model, x, y, f"encoder.layers.{i}.self_attn")
-    got = per_example_gram(model, x, y, CE)
-    assert "vmap" not in {m for k, m in got.methods.items() if k != "pos"}, got.methods
+    got = per_example_gram(model, x, y, CE)  # positions: a shared Embedding call, expanded
+    assert set(got.methods.values()) <= set(FAST), got.methods
 
 
 class LinearAttention(nn.Module):

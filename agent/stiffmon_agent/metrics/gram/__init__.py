@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 # the per-family rules register themselves on import
 from stiffmon_agent.metrics.gram import attention, conv, embedding, linear, norms  # noqa: F401
-from stiffmon_agent.metrics.gram.contract import cat, embedding_gram, ghost_gram
+from stiffmon_agent.metrics.gram.contract import cat, embedding_gram, ghost_gram, rows_gram
 from stiffmon_agent.metrics.gram.hooks import hook_pass
 from stiffmon_agent.metrics.gram.loop import loop_grads
 from stiffmon_agent.metrics.gram.plan import Block, Layer, Method, gram_flops_estimate, plan
@@ -82,8 +82,7 @@ def _module_prefix(param_name: str) -> str:
 
 def _block_gram(block: Block) -> Tensor:
     if block.kind == "dense" or block.method == "materialise":
-        m = cat(block.grads)
-        return m @ m.T
+        return rows_gram(block.grads)
     a, b = cat(block.a), cat(block.b)
     return embedding_gram(a, b) if block.kind == "embedding" else ghost_gram(a, b)
 
@@ -213,8 +212,8 @@ def _gram(
                 methods[key] = block.method or "materialise"
     for pname in fallback or []:
         key = _module_prefix(pname)
-        m = cat(parts[pname])
-        blocks[key] = blocks[key] + m @ m.T if key in blocks else m @ m.T
+        g = rows_gram(parts[pname])
+        blocks[key] = blocks[key] + g if key in blocks else g
         methods[key] = exact
     total = torch.stack(list(blocks.values())).sum(0)
     return GramResult(total=total, layers=blocks, methods=methods, notes=tuple(notes))

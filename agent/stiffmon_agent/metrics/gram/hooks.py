@@ -1,6 +1,14 @@
 r"""The hook pass: one forward and one backward pass of a chunk collects every planned layer's
 inputs a and output gradients b (the gradient of the summed per-example losses; example i's loss
-depends only on example i's activations, so ∂(Σ_k L_k)/∂out_i = ∂L_i/∂out_i)."""
+depends only on example i's activations, so ∂(Σ_k L_k)/∂out_i = ∂L_i/∂out_i).
+
+A call that shows no example dimension at all (a positional ``Embedding`` on ``arange(T)``, whose
+output is broadcast over the batch) computes something every example shares: the network
+continues on its output expanded to n identical copies, out_i = out, which broadcasting
+downstream leaves unchanged in value, so that b_i = ∂L_i/∂out_i is each example's own gradient.
+If the model does not broadcast it (the forward or the loss fails), the pass is redone without
+expanding and those layers take the fallbacks; a silent difference is caught by :mod:`.verify`.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ def hook_pass(
     loss_fn: LossFn,
     n: int,
     method: Method,
+    broadcast: bool = True,
 ) -> set[str]:
     """One forward and backward pass of a chunk; add every hooked layer's factors.
 
@@ -34,15 +43,22 @@ def hook_pass(
     """
     calls: list[tuple[str, Any, dict[str, Tensor]]] = []  # (layer, context, nodes) per call
     failed: set[str] = set()
+    expanded: set[str] = set()
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
         rule = layers[name].rule
 
         def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
             x = args[0] if args else None
-            if name in failed or not rule.valid_call(mod, x, out, n):  # type: ignore[union-attr]
-                failed.add(name)
+            if name in failed:
                 return None
+            if not rule.valid_call(mod, x, out, n):  # type: ignore[union-attr]
+                if broadcast and _shared(x, out, n):
+                    x, out = _expand(x, n), _expand(out, n)
+                if not rule.valid_call(mod, x, out, n):  # type: ignore[union-attr]
+                    failed.add(name)
+                    return None
+                expanded.add(name)
             calls.append((name, x.detach(), {"out": out}))  # type: ignore[union-attr]
             # the network continues on a copy: in-place ops after the layer (ReLU(inplace=True))
             # must not turn `out` into a different node of the graph
@@ -66,14 +82,27 @@ def hook_pass(
             else:
                 handles.append(layer.module.register_forward_hook(make_hook(name)))
         outputs = forward(model, chunk_inputs)
+    except Exception:
+        if not expanded:
+            raise
+        outputs = None
     finally:
         for h in handles:
             h.remove()
     failed |= set(layers) - {c[0] for c in calls}
-    loss = per_example_losses(loss_fn, outputs, chunk_targets, n).sum()
     kept = [c for c in calls if c[0] not in failed]
     nodes = [node for _, _, ns in kept for node in ns.values()]
-    gouts = torch.autograd.grad(loss, nodes, allow_unused=True) if nodes else ()
+    try:
+        if outputs is None:
+            raise RuntimeError("the forward failed on an expanded shared output")
+        loss = per_example_losses(loss_fn, outputs, chunk_targets, n).sum()
+        gouts = torch.autograd.grad(loss, nodes, allow_unused=True) if nodes else ()
+    except Exception:
+        if not expanded:
+            raise
+        # the model does not broadcast a shared output: again, without expanding
+        args = (model, layers, chunk_inputs, chunk_targets, forward, loss_fn, n, method)
+        return hook_pass(*args, broadcast=False)
     merged: dict[str, dict[str, list[tuple[str, Tensor, Tensor | None]]]] = defaultdict(
         lambda: defaultdict(list)
     )
@@ -124,3 +153,13 @@ def _add(
     else:
         block.a.append(a)
         block.b.append(b)
+
+
+def _shared(x: Any, out: Any, n: int) -> bool:
+    """A call whose input and output show no dimension of size n: shared by every example."""
+    tensors = isinstance(x, Tensor) and isinstance(out, Tensor)
+    return tensors and x.dim() > 0 and n > 1 and n not in x.shape and n not in out.shape
+
+
+def _expand(t: Tensor, n: int) -> Tensor:
+    return t.unsqueeze(0).expand(n, *t.shape)
