@@ -5,19 +5,20 @@ g_i = ∇_θ L_i is the gradient of example i's contribution to the training obj
 splits into one block per layer l.
 
 Layers with a registered rule (:mod:`.rules`: :mod:`.linear`, :mod:`.conv`, :mod:`.embedding`,
-:mod:`.norms`) take the hook path: one forward and one backward pass per chunk give each layer's
-inputs a_i[t] and output gradients b_i[t] (:mod:`.hooks`); per layer :mod:`.plan` takes the
-cheaper of the ghost form Σ_{t,s} (a_i[t]·a_j[s]) (b_i[t]·b_j[s]) and materialised per-layer
-gradients Σ_t b_i[t] a_i[t]ᵀ (Bu et al. 2022); :mod:`.contract` holds the contractions.
+:mod:`.norms`, :mod:`.attention`) take the hook path: one forward and one backward pass per
+chunk give each layer's inputs a_i[t] and output gradients b_i[t] (:mod:`.hooks`); per layer
+:mod:`.plan` takes the cheaper of the ghost form Σ_{t,s} (a_i[t]·a_j[s]) (b_i[t]·b_j[s]) and
+materialised per-layer gradients Σ_t b_i[t] a_i[t]ᵀ (Bu et al. 2022); :mod:`.contract` holds the
+contractions.
 
-Parameters of any other module (attention projections, GroupNorm, custom modules, raw
-parameters), parameters shared between modules (weight tying) and layers inside modules that are
-not batch-first get exact per-example gradients from ``torch.func.vmap(grad)`` restricted to
-just those parameters (:mod:`.vmap`), and where vmap cannot run (RNNs, ``Embedding(max_norm)``)
-from a per-example loop of backward passes (:mod:`.loop`). The safety net (:mod:`.verify`)
-checks several diagonal entries and an off-diagonal entry of a fast Gram against single-example
-backward passes and falls back to the exact paths on a mismatch, with a warning. The
-measurement runs in eval mode and leaves the model as it was
+Parameters of any other module (GroupNorm, custom modules, raw parameters), parameters shared
+between modules (weight tying) and layers inside modules that are not batch-first get exact
+per-example gradients from ``torch.func.vmap(grad)`` restricted to just those parameters
+(:mod:`.vmap`), and where vmap cannot run (RNNs, ``Embedding(max_norm)``) from a per-example
+loop of backward passes (:mod:`.loop`). The safety net (:mod:`.verify`) checks several diagonal
+entries and an off-diagonal entry of a fast Gram against single-example backward passes and
+falls back to the exact paths on a mismatch, with a warning. The measurement runs in eval mode
+and leaves the model as it was
 (:func:`~stiffmon_agent.metrics.state.measurement_mode`).
 """
 

@@ -87,7 +87,7 @@ class MultiheadAttentionRule:
                 return own(query, key, value, *args, **kwargs)
             return _forward(mod, query, key, value, record, **kw)
 
-        mod.forward = forward
+        mod.forward = forward  # type: ignore[method-assign]
         return _Restore(mod, forward)
 
     def call_factors(

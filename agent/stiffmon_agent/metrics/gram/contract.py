@@ -105,9 +105,9 @@ def rows_gram(parts: list[Tensor]) -> Tensor:
     ``SYRK_ROWS``: about (k + 1) / 2k of the multiply-adds of M Mᵀ for k blocks, and M itself is
     never concatenated.
     """
-    blocks = [b for p in parts for b in p.split(SYRK_ROWS)]
+    blocks = [b for p in parts for b in torch.split(p, SYRK_ROWS)]
     if len(blocks) == 1:
-        return blocks[0] @ blocks[0].T
+        return torch.mm(blocks[0], blocks[0].T)
     n = sum(b.shape[0] for b in blocks)
     out = blocks[0].new_empty(n, n)
     starts = [0]
@@ -117,7 +117,7 @@ def rows_gram(parts: list[Tensor]) -> Tensor:
         ri = slice(starts[i], starts[i + 1])
         for j in range(i, len(blocks)):
             rj = slice(starts[j], starts[j + 1])
-            g = bi @ blocks[j].T
+            g = torch.mm(bi, blocks[j].T)
             out[ri, rj] = g
             if j > i:
                 out[rj, ri] = g.T

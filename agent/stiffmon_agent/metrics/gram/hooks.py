@@ -12,6 +12,7 @@ expanding and those layers take the fallbacks; a silent difference is caught by 
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
@@ -53,7 +54,7 @@ def hook_pass(
             if name in failed:
                 return None
             if not rule.valid_call(mod, x, out, n):  # type: ignore[union-attr]
-                if broadcast and _shared(x, out, n):
+                if broadcast and isinstance(x, Tensor) and _shared(x, out, n):
                     x, out = _expand(x, n), _expand(out, n)
                 if not rule.valid_call(mod, x, out, n):  # type: ignore[union-attr]
                     failed.add(name)
@@ -81,7 +82,8 @@ def hook_pass(
                 handles.append(install(layer.module, n, recorder(name), partial(failed.add, name)))
             else:
                 handles.append(layer.module.register_forward_hook(make_hook(name)))
-        outputs = forward(model, chunk_inputs)
+        with _any_attention():  # first derivatives only: the fused kernels may run
+            outputs = forward(model, chunk_inputs)
     except Exception:
         if not expanded:
             raise
@@ -97,6 +99,7 @@ def hook_pass(
             raise RuntimeError("the forward failed on an expanded shared output")
         loss = per_example_losses(loss_fn, outputs, chunk_targets, n).sum()
         gouts = torch.autograd.grad(loss, nodes, allow_unused=True) if nodes else ()
+        del loss, outputs
     except Exception:
         if not expanded:
             raise
@@ -153,6 +156,17 @@ def _add(
     else:
         block.a.append(a)
         block.b.append(b)
+
+
+def _any_attention() -> contextlib.AbstractContextManager[None]:
+    """Every ``scaled_dot_product_attention`` backend this torch has (the measurement selects the
+    math backend, whose double backward sharpness needs; the hook pass differentiates once)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    names = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+    return sdpa_kernel([getattr(SDPBackend, k) for k in names if hasattr(SDPBackend, k)])
 
 
 def _shared(x: Any, out: Any, n: int) -> bool:
