@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 GHOST_BLOCK_ELEMENTS = 1 << 24  # bound on r·N·T² for the blocked ghost contractions
+PAIR_BLOCK_ELEMENTS = 1 << 20  # bound on pairs·d for the token pairs of the embedding Gram
 
 
 def ghost_gram(a: Tensor, b: Tensor) -> Tensor:
@@ -74,7 +75,7 @@ def _pair_gram(rows: Tensor, row_ex: Tensor, counts: Tensor, out: Tensor) -> Non
     starts = torch.cumsum(counts, 0) - counts
     group = torch.repeat_interleave(torch.arange(counts.shape[0], device=device), counts)
     per_row = counts[group]  # partners of each row: every row with the same token
-    budget = max(1, GHOST_BLOCK_ELEMENTS // max(1, d))
+    budget = max(1, PAIR_BLOCK_ELEMENTS // max(1, d))
     r, total_rows = 0, rows.shape[0]
     while r < total_rows:  # chunk over rows so the pair buffer stays bounded
         cum = torch.cumsum(per_row[r:], 0)

@@ -98,7 +98,9 @@ def hook_pass(
         if outputs is None:
             raise RuntimeError("the forward failed on an expanded shared output")
         loss = per_example_losses(loss_fn, outputs, chunk_targets, n).sum()
-        gouts = torch.autograd.grad(loss, nodes, allow_unused=True) if nodes else ()
+        gouts: list[Tensor | None] = (
+            list(torch.autograd.grad(loss, nodes, allow_unused=True)) if nodes else []
+        )
         del loss, outputs
     except Exception:
         if not expanded:
@@ -106,18 +108,27 @@ def hook_pass(
         # the model does not broadcast a shared output: again, without expanding
         args = (model, layers, chunk_inputs, chunk_targets, forward, loss_fn, n, method)
         return hook_pass(*args, broadcast=False)
+    # the recorded outputs are not needed any more, only their gradients (less memory)
+    for i, g in enumerate(gouts):
+        if g is None:
+            gouts[i] = torch.zeros_like(nodes[i])
+    sites = [(name, context, list(ns)) for name, context, ns in kept]
+    calls.clear()
+    kept.clear()
+    nodes.clear()
     merged: dict[str, dict[str, list[tuple[str, Tensor, Tensor | None]]]] = defaultdict(
         lambda: defaultdict(list)
     )
     pos = 0
     with torch.no_grad():
-        for name, context, ns in kept:
-            got = gouts[pos : pos + len(ns)]
-            pos += len(ns)
+        for name, context, keys in sites:
             grads = {
-                k: torch.zeros_like(v) if g is None else g
-                for (k, v), g in zip(ns.items(), got, strict=True)
+                k: g
+                for k, g in zip(keys, gouts[pos : pos + len(keys)], strict=True)
+                if g is not None
             }
+            gouts[pos : pos + len(keys)] = [None] * len(keys)
+            pos += len(keys)
             layer = layers[name]
             rule = layer.rule
             if is_capture(rule):
@@ -127,7 +138,8 @@ def hook_pass(
             for pname, fac in facs.items():
                 if pname in layer.params:
                     merged[name][pname].append(fac)
-        for name, per_param in merged.items():
+        for name in list(merged):  # popped: each layer's gradients go once it is added
+            per_param = merged.pop(name)
             layer = layers[name]
             try:
                 for pname, facs in per_param.items():
