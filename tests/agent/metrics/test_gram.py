@@ -238,3 +238,15 @@ def test_shared_positional_embedding(use: str) -> None:
     expected = {"broadcast": "ghost", "unsqueeze": "vmap", "reduced": "vmap"}[use]
     assert got.methods["pos"] == expected, got.methods
     assert got.methods["tok"] == ("vmap" if use == "reduced" else "ghost")
+
+
+def test_shared_call_stays_shared_when_a_chunk_has_t_examples() -> None:
+    """Chunks of 8 and 5 examples with T = 5: the last chunk's positional call looks
+    per-example by its shape, but it was shared in the first chunk and stays so."""
+    torch.manual_seed(0)
+    model = _Positions("broadcast").double()
+    x = torch.randint(0, 9, (13, 5), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (13,), generator=torch.Generator().manual_seed(1))
+    got = per_example_gram(model, x, y, CE, chunk_size=8)
+    assert rel_err(got.total, loop_gram(model, x, y, CE)) < 1e-10
+    assert got.methods["pos"] == "ghost", got.methods

@@ -48,13 +48,15 @@ def hook_pass(
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
         rule = layers[name].rule
+        # shared in an earlier chunk: still shared when the chunk size happens to equal T
+        shared = layers[name].shared
 
         def hook(mod: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
             x = args[0] if args else None
             if name in failed:
                 return None
-            if not rule.valid_call(mod, x, out, n):  # type: ignore[union-attr]
-                if broadcast and isinstance(x, Tensor) and _shared(x, out, n):
+            if shared or not rule.valid_call(mod, x, out, n):  # type: ignore[union-attr]
+                if broadcast and isinstance(x, Tensor) and (shared or _shared(x, out, n)):
                     x, out = _expand(x, n), _expand(out, n)
                 if not rule.valid_call(mod, x, out, n):  # type: ignore[union-attr]
                     failed.add(name)
@@ -146,6 +148,8 @@ def hook_pass(
                     _add(layer, pname, facs, n, method)
             except RuntimeError:  # calls whose factors do not stack (a layer used two ways)
                 failed.add(name)
+    for name in expanded - failed:
+        layers[name].shared = True
     return failed
 
 
@@ -154,20 +158,28 @@ def _add(
 ) -> None:
     kind = facs[0][0]
     block = layer.blocks.setdefault(pname, Block(kind))
+    if block.kind != kind or any(f[0] != kind for f in facs):
+        raise RuntimeError(f"{layer.name}.{pname}: factors of different kinds")
     if kind == "dense":
-        block.grads.append(
-            facs[0][1] if len(facs) == 1 else torch.stack([f[1] for f in facs]).sum(0)
-        )
+        g = facs[0][1] if len(facs) == 1 else torch.stack([f[1] for f in facs]).sum(0)
+        _append(block.grads, g, layer, pname)
         return
     a = cat([f[1] for f in facs], dim=2 if kind == "linear" else 1)
     b = cat([f[2] for f in facs], dim=2 if kind == "linear" else 1)  # type: ignore[misc]
     if not block.method:
         block.method = choose(kind, a, b, n, method)
     if block.method == "materialise":
-        block.grads.append(materialise(a, b))
+        _append(block.grads, materialise(a, b), layer, pname)
     else:
-        block.a.append(a)
-        block.b.append(b)
+        _append(block.a, a, layer, pname)
+        _append(block.b, b, layer, pname)
+
+
+def _append(parts: list[Tensor], t: Tensor, layer: Layer, pname: str) -> None:
+    """Add a chunk's tensor; chunks are concatenated along the examples, so the rest must agree."""
+    if parts and parts[0].shape[1:] != t.shape[1:]:
+        raise RuntimeError(f"{layer.name}.{pname}: chunks of shapes {parts[0].shape}, {t.shape}")
+    parts.append(t)
 
 
 def _any_attention() -> contextlib.AbstractContextManager[None]:

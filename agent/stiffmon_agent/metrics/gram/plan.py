@@ -50,6 +50,7 @@ class Layer:
     rule: LayerRule | CaptureRule
     params: dict[str, nn.Parameter]  # trainable parameters by name relative to the module
     blocks: dict[str, Block] = field(default_factory=dict)
+    shared: bool = False  # its calls were shared by the examples of an earlier chunk (expanded)
 
     def fresh(self) -> Layer:
         return Layer(self.name, self.module, self.rule, self.params)
