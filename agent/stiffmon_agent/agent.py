@@ -16,7 +16,6 @@ import logging
 import os
 import socket
 import time
-import traceback
 import uuid
 import weakref
 from collections.abc import Sequence
@@ -27,23 +26,23 @@ from torch import Tensor, nn
 
 from stiffmon import protocol as p
 from stiffmon.registry import unregister
-from stiffmon.transport import CurveKeys, load_curve_server
-from stiffmon_agent.announce import dist_rank, hello_fields, register_locally
+from stiffmon.transport import CurveKeys
+from stiffmon_agent.announce import dist_rank, hello_fields, register_locally, start_publisher
 from stiffmon_agent.budget import MeasurementBudget
 from stiffmon_agent.columns import Accuracy, ColumnBatcher, RawColumns
-from stiffmon_agent.measure import (
-    MeasurementSkipped,
+from stiffmon_agent.distributed import check_measurable, check_same_probe, current_shard, unwrap
+from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from here: patchable)
     ProbeSet,
     SharpnessState,
-    check_finite,
     gram_messages,
     make_probe,
     sharpness_messages,
 )
-from stiffmon_agent.measure_curvature import density_messages
+from stiffmon_agent.measure_curvature import density_messages  # noqa: F401
 from stiffmon_agent.measure_options import MeasureOptions
-from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, loss_reduction
+from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
 from stiffmon_agent.publisher import Outgoing, Publisher
+from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, Schedule, parse_schedule
 from stiffmon_agent.step_scalars import optimizer_columns, optimizer_config
 from stiffmon_agent.userlog import custom_scalars
@@ -108,7 +107,13 @@ class Agent:
             sum-reduced loss (B × the per-example mean). None: taken from the logits passed to
             :meth:`step` (their first dimension) and published with every step as the scalar
             ``batch_size``.
-        rank0_only: Under torch.distributed, only rank 0 measures and publishes.
+        rank0_only: Under torch.distributed, only rank 0 publishes (and, unless
+            ``distributed``, measures: the other ranks' agents are no-ops).
+        distributed: Shard the heavy measurements over the torch.distributed ranks (needs the
+            process group initialised, the same arguments — the same global probe — on every
+            rank, and ``step()`` called on every rank): each rank computes its share of the
+            probe, rank 0 assembles and publishes. Off by default (an agent created on rank 0
+            only must not wait for the others); with one process it changes nothing.
         curve_keys: Directory from ``stiffmon keys``: require CURVE authentication.
         fsync: fsync policy of the session file (``"never"``, ``"always"`` or seconds).
         queue_size: Bound of the queue to the publisher thread.
@@ -148,18 +153,21 @@ class Agent:
         chunk_size: int | None = 128,
         batch_size: int | None = None,
         rank0_only: bool = True,
+        distributed: bool = False,
         curve_keys: str | os.PathLike[str] | CurveKeys | None = None,
         fsync: Any = "never",
         queue_size: int = 10_000,
         max_scalar_history: int = 100_000,
         registry: bool = True,
     ) -> None:
-        self.model = model
+        self.model = unwrap(model)  # measurements never run DDP's gradient all-reduce hooks
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.forward = forward
         self.rank = dist_rank()
-        self.enabled = not (rank0_only and self.rank != 0)
+        self.enabled = not (rank0_only and self.rank != 0)  # publishes
+        self.shard = current_shard(distributed)
+        check_measurable(self.model, probe is not None, self.shard, rank0_only)
         self.step_count = 0
         self.closed = False
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -181,10 +189,7 @@ class Agent:
             tuple(batch_test_theta),
             chunk_size,
         )
-        self._disabled: dict[str, str] = {}
-        self._warm: Tensor | None = None
         self._sharp_state = SharpnessState(batch_size=batch_size)
-        self._gen = torch.Generator().manual_seed(0)
         self._batch_size = batch_size
         self._log_warned: set[str] = set()
         self._budget = MeasurementBudget(overhead_cap, self._publishing_seconds, self.event)
@@ -192,26 +197,33 @@ class Agent:
         self.probe: ProbeSet | None = None
         self.publisher: Publisher | None = None
         self._columns = ColumnBatcher(self._submit_columns)
-        if not self.enabled:
+        self._runner: MeasurementRunner | None = None
+        if not self.enabled and self.shard is None:
             return
         device = next((q.device for q in model.parameters()), None)
         if probe is not None:
             dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
             self.probe = make_probe(probe, val_probe, device, num_classes, class_names, dtype)
-        keys = (
-            load_curve_server(curve_keys)
-            if isinstance(curve_keys, str | os.PathLike)
-            else curve_keys
-        )
-        self.publisher = Publisher(
-            self.run_id,
-            endpoint=endpoint,
-            record=record,
-            fsync=fsync,
-            queue_size=queue_size,
-            max_scalar_history=max_scalar_history,
-            curve=keys,
-            warn=log.warning,
+            if self.shard is not None:
+                check_same_probe(self.model, self.probe, None if device is None else device)
+            self._runner = MeasurementRunner(
+                self.model,
+                loss_fn,
+                optimizer,
+                self.probe,
+                forward,
+                self._opts,
+                self._budget,
+                self._sharp_state,
+                lambda m: self.publisher.submit(m) if self.publisher is not None else None,
+                self.event,
+                self._columns.flush,
+                self.shard,
+            )
+        if not self.enabled:
+            return
+        self.publisher = start_publisher(
+            self.run_id, endpoint, record, fsync, queue_size, max_scalar_history, curve_keys
         )
         self.publisher.on_wake = lambda: self._columns.flush(older_than=self._columns.interval)
         self.publisher.start()
@@ -224,9 +236,9 @@ class Agent:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)
         where = f"publishing on {self.endpoint}" if self.endpoint else "not publishing"
-        log.info(
-            f"stiffmon: run '{self.name}' {where}" + (f", recording to {record}" if record else "")
-        )
+        where += f", recording to {record}" if record else ""
+        where += f", measuring over {self.shard.world} ranks" if self.shard else ""
+        log.info(f"stiffmon: run '{self.name}' {where}")
 
     # ------------------------------------------------------------------ helpers
 
@@ -266,7 +278,13 @@ class Agent:
             logits: Optional model outputs of the step, for the accuracy.
             targets: Optional class targets matching ``logits``.
         """
-        if not self.enabled or self.closed:
+        if self.closed:
+            return
+        if not self.enabled:  # a non-zero rank: its share of the sharded measurements only
+            if self._runner is not None:
+                for kind in self._due(self.step_count):
+                    self._runner.measure(kind, self.step_count)
+            self.step_count += 1
             return
         s = self.step_count
         names = ["loss"]
@@ -283,20 +301,23 @@ class Agent:
             values.append(logits.shape[0])
         # step_time is not sent: the monitor derives it from consecutive row times
         self._columns.add(s, time.time(), tuple(names), values)
-        if self.probe is not None:
-            schedules = (
-                ("gram", self._gram_schedule),
-                ("sharpness", self._sharp_schedule),
-                ("density", self._density_schedule),
-            )
-            due = [kind for kind, schedule in schedules if schedule.due(s)]
+        if self._runner is not None:
+            due = self._due(s)
             for kind in due:
-                self._measure(kind, s)
+                self._runner.measure(kind, s)
             if due:
                 cov = self._budget.coverage_scalars(due)
                 fields = {"values_names": list(cov), "values_raw": list(cov.values())}
                 self._submit(p.Scalars, fields, step=s)
         self.step_count = s + 1
+
+    def _due(self, step: int) -> list[str]:
+        schedules = (
+            ("gram", self._gram_schedule),
+            ("sharpness", self._sharp_schedule),
+            ("density", self._density_schedule),
+        )
+        return [kind for kind, schedule in schedules if schedule.due(step)]
 
     def log(self, step: int | None = None, **values: Any) -> None:
         """Publish scalars of your own (validation loss, accuracy, ...) as ``custom/<name>``.
@@ -326,98 +347,13 @@ class Agent:
                 self._log_warned.add("")
                 log.warning(f"stiffmon: Agent.log failed: {exc}")
 
-    def _measure(self, kind: str, step: int) -> None:
-        if kind in self._disabled:
-            self._budget.skip(kind, "disabled")
-            return
-        if not self._budget.within(kind, step):
-            self._budget.skipped += 1
-            self._budget.skip(kind, "overhead-cap")
-            return
-        assert self.probe is not None
-        self._columns.flush()  # the steps so far go out before the measurement (seq order)
-        t0 = time.perf_counter()
-        try:
-            check_finite(self.model, self.loss_fn, self.probe, self.forward)
-            if kind == "gram":
-                msgs = gram_messages(
-                    self.model,
-                    self.loss_fn,
-                    self.probe,
-                    step,
-                    forward=self.forward,
-                    **self._opts.gram(),
-                )
-            elif kind == "density":
-                msgs = density_messages(
-                    self.model,
-                    self.loss_fn,
-                    self.probe,
-                    step,
-                    forward=self.forward,
-                    generator=self._gen,
-                    **self._opts.density(),
-                    scale=self._objective_scale(),
-                )
-            else:
-                msgs, self._warm = sharpness_messages(
-                    self.model,
-                    self.loss_fn,
-                    self.probe,
-                    step,
-                    self.optimizer,
-                    forward=self.forward,
-                    warm_start=self._warm,
-                    generator=self._gen,
-                    **self._opts.sharpness(),
-                    state=self._sharp_state,
-                )
-        except MeasurementSkipped as exc:
-            log.info(f"stiffmon: {kind} measurement at step {step} skipped: {exc}")
-            self.event(
-                "measurement-skipped",
-                f"{kind} at step {step} skipped: {exc}",
-                level="warning",
-                metric=kind,
-            )
-            return
-        except Exception as exc:
-            self._disable(kind, exc)
-            self._budget.failed(kind)  # the metric-error event says why
-            return
-        finally:
-            self._budget.record_cost(kind, time.perf_counter() - t0)
-        self._budget.done(kind)
-        for m in msgs:
-            self.publisher.submit(m)  # type: ignore[union-attr]
-
     def _publishing_seconds(self) -> float:
         return self.publisher.cpu_seconds if self.publisher is not None else 0.0
-
-    def _objective_scale(self) -> float:
-        """B for a sum-reduced loss with a known batch size, else 1 (as the sharpness uses)."""
-        b = self._sharp_state.batch_size
-        return float(b) if loss_reduction(self.loss_fn) == "sum" and b else 1.0
-
-    def _disable(self, kind: str, exc: BaseException) -> None:
-        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        detail = f"{type(exc).__name__}: {exc}" + (
-            f" ({where.filename}:{where.lineno})" if where else ""
-        )
-        self._disabled[kind] = detail
-        log.warning(f"stiffmon: {kind} metric failed and is disabled, training goes on: {detail}")
-        self.event("metric-error", f"{kind} failed: {detail}", level="error", metric=kind)
-        self.event(
-            "metric-disabled",
-            f"{kind} disabled for the rest of the run",
-            level="warning",
-            metric=kind,
-        )
 
     @property
     def disabled(self) -> dict[str, str]:
         """Metrics disabled after an error, with the reason."""
-        return dict(self._disabled)
+        return dict(self._runner.disabled) if self._runner is not None else {}
 
     # the budget's figures, under the names they had on the agent
     @property
