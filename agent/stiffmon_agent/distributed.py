@@ -4,10 +4,11 @@ Every rank passes the *same* global probe (the same code on every rank, as under
 W takes the contiguous examples ``[⌊rN/W⌋, ⌊(r+1)N/W⌋)`` (:func:`bounds`), of the joint
 train ∪ val probe for the Gram matrix and of the train probe for Hessian-vector products.
 
-* **Gram matrix** (:func:`sharded_gram`): each rank materialises its examples' per-layer
-  gradients D_l^r (n_r × P_l, :mod:`~stiffmon_agent.metrics.grad_blocks`); layer by layer the
-  blocks are all-gathered and rank r computes its rows G_l[I_r, :] = D_l^r D_lᵀ; the rows are
-  all-gathered into G_l and G = Σ_l G_l. Memory per rank: N × the largest layer's P_l.
+* **Gram matrix** (:func:`sharded_gram`): each rank computes its examples' per-layer gradients
+  in the cheaper of two forms (dense per-example gradients, or the ghost factors of a linear /
+  conv weight, :mod:`~stiffmon_agent.metrics.grad_blocks`); layer by layer these are
+  all-gathered and rank r computes its rows G_l[I_r, :]; the rows are all-gathered into G_l and
+  G = Σ_l G_l. Memory per rank: N × the largest layer's per-example size.
 * **Hessian-vector products** (:class:`HvpLeader`, :func:`serve_hvps`): rank 0 runs the solver
   (Lanczos, SLQ, Hutchinson) unchanged and alone decides when to stop; each product broadcasts
   v, every rank computes (n_r/N) H_r v on its shard and the sum is reduced to rank 0:
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from stiffmon_agent.metrics import capture_activations, measurement_mode
-from stiffmon_agent.metrics.grad_blocks import per_example_grad_blocks
+from stiffmon_agent.metrics.grad_blocks import LayerGrads, per_example_grad_blocks
 from stiffmon_agent.metrics.gram import GramResult
 from stiffmon_agent.metrics.probe import (
     Batch,
@@ -235,6 +236,27 @@ def _gather_rows(t: Tensor, counts: Sequence[int]) -> Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
 
 
+def _same_everywhere(values: list[int], device: torch.device | None) -> bool:
+    """Whether every rank passed the same list of integers."""
+    n = torch.tensor([len(values), -len(values)], dtype=torch.float64, device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    if n[0] != -n[1]:
+        return False
+    v = torch.tensor(values, dtype=torch.float64, device=device)
+    both = torch.cat([v, -v])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(both[: len(values)], -both[len(values) :]))
+
+
+def _layout(blocks: dict[str, LayerGrads]) -> list[int]:
+    out: list[int] = []
+    for grads in blocks.values():
+        for shape in grads.shapes():
+            out += [-1, *shape]
+        out.append(-2)
+    return out
+
+
 def sharded_gram(
     model: nn.Module,
     loss_fn: LossFn,
@@ -253,33 +275,47 @@ def sharded_gram(
     device = _device(model)
     counts = shard.counts(probe.n)
     a, b = shard.bounds(probe.n)
-    blocks: dict[str, Tensor] = {}
+    x, y = take(probe.inputs, slice(a, b)), take(probe.targets, slice(a, b))
+    blocks: dict[str, LayerGrads] = {}
     notes: tuple[str, ...] = ()
     error: BaseException | None = None
-    try:
-        x, y = take(probe.inputs, slice(a, b)), take(probe.targets, slice(a, b))
-        blocks, notes = per_example_grad_blocks(
-            model, x, y, loss_fn, forward=forward, chunk_size=chunk_size
-        )
-    except Exception as exc:
-        error = exc
-    agree(error, "the per-example gradients", device)
-    rows: list[Tensor] = []
-    for d in blocks.values():  # the same keys in the same order on every rank
-        full = _gather_rows(d.to(device) if device is not None else d, counts)
+    for exact in (False, True):  # every rank dense and exact if the forms differ between ranks
         try:
-            if error is None:
-                rows.append(d @ full.to(d).T)
+            blocks, notes = per_example_grad_blocks(
+                model,
+                x,
+                y,
+                loss_fn,
+                forward=forward,
+                chunk_size=chunk_size,
+                n_global=probe.n,
+                exact=exact,
+            )
         except Exception as exc:
             error = exc
-        del full
+        agree(error, "the per-example gradients", device)
+        if _same_everywhere(_layout(blocks), device):
+            break
+        notes = (*notes, "the ranks chose different gradient forms: exact dense gradients")
+    rows: list[Tensor] = []
+    for local in blocks.values():  # the same keys, forms and shapes on every rank
+        parts = [
+            _gather_rows(t.to(device) if device is not None else t, counts) for t in local.tensors()
+        ]
+        try:
+            if error is None:
+                whole = LayerGrads.from_tensors([p.to(local.dense) for p in parts])
+                rows.append(local.cross(whole))
+        except Exception as exc:
+            error = exc
+        del parts
     agree(error, "the Gram rows", device)
     stacked = torch.stack(rows, dim=1)  # (n_r, K, N)
     gathered = _gather_rows(stacked.to(device) if device is not None else stacked, counts)
     gathered = gathered.to(stacked)
     layers = {k: gathered[:, i] for i, k in enumerate(blocks)}
     total = gathered.sum(dim=1)
-    return GramResult(total, layers, dict.fromkeys(layers, "materialise"), notes)
+    return GramResult(total, layers, dict.fromkeys(layers, "sharded"), notes)
 
 
 def sharded_activations(
