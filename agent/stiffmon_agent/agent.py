@@ -6,7 +6,8 @@ The agent composes *when* (:mod:`~stiffmon_agent.schedules`), *what*
 thread). It never blocks, crashes or noticeably slows the training loop: socket work happens on
 the background thread behind a bounded queue; an exception inside a metric becomes an ``event``
 and disables that metric; a NaN loss becomes an ``event``; heavy measurements are skipped when
-they would take more than ``overhead_cap`` of the wall time.
+they would take more than ``overhead_cap`` of the wall time. Under torch.distributed with
+``distributed=True`` every rank measures its share of the probe (:mod:`~stiffmon_agent.runner`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from torch import Tensor, nn
 from stiffmon import protocol as p
 from stiffmon.registry import unregister
 from stiffmon.transport import CurveKeys
+from stiffmon_agent import distributed as sharding
 from stiffmon_agent.announce import dist_rank, hello_fields, register_locally, start_publisher
 from stiffmon_agent.budget import MeasurementBudget
 from stiffmon_agent.columns import Accuracy, ColumnBatcher, RawColumns
-from stiffmon_agent.distributed import check_measurable, check_same_probe, current_shard, unwrap
 from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from here: patchable)
     ProbeSet,
     SharpnessState,
@@ -109,11 +110,10 @@ class Agent:
             ``batch_size``.
         rank0_only: Under torch.distributed, only rank 0 publishes (and, unless
             ``distributed``, measures: the other ranks' agents are no-ops).
-        distributed: Shard the heavy measurements over the torch.distributed ranks (needs the
-            process group initialised, the same arguments — the same global probe — on every
-            rank, and ``step()`` called on every rank): each rank computes its share of the
-            probe, rank 0 assembles and publishes. Off by default (an agent created on rank 0
-            only must not wait for the others); with one process it changes nothing.
+        distributed: Shard the heavy measurements over the torch.distributed ranks: every rank
+            creates the agent with the same arguments (the same global probe) and calls
+            ``step()``; each measures its share, rank 0 assembles and publishes. Off by default
+            (an agent made on rank 0 only must not wait); one process: no change.
         curve_keys: Directory from ``stiffmon keys``: require CURVE authentication.
         fsync: fsync policy of the session file (``"never"``, ``"always"`` or seconds).
         queue_size: Bound of the queue to the publisher thread.
@@ -160,14 +160,14 @@ class Agent:
         max_scalar_history: int = 100_000,
         registry: bool = True,
     ) -> None:
-        self.model = unwrap(model)  # measurements never run DDP's gradient all-reduce hooks
+        self.model = sharding.unwrap(model)  # measuring never runs DDP's all-reduce hooks
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.forward = forward
         self.rank = dist_rank()
         self.enabled = not (rank0_only and self.rank != 0)  # publishes
-        self.shard = current_shard(distributed)
-        check_measurable(self.model, probe is not None, self.shard, rank0_only)
+        self.shard = sharding.current_shard(distributed)
+        sharding.check_measurable(self.model, probe is not None, self.shard, rank0_only)
         self.step_count = 0
         self.closed = False
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -203,9 +203,11 @@ class Agent:
         device = next((q.device for q in model.parameters()), None)
         if probe is not None:
             dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
-            self.probe = make_probe(probe, val_probe, device, num_classes, class_names, dtype)
-            if self.shard is not None:
-                check_same_probe(self.model, self.probe, None if device is None else device)
+            args = (probe, val_probe, device, num_classes, class_names, dtype)
+            self.probe = sharding.agreed(make_probe, args, self.shard, self.model)
+        if self.shard is not None:  # every rank: a rank without the probe must not hang
+            sharding.check_same_setup(self.model, self.probe, self._schedules())
+        if self.probe is not None:
             self._runner = MeasurementRunner(
                 self.model,
                 loss_fn,
@@ -311,13 +313,12 @@ class Agent:
                 self._submit(p.Scalars, fields, step=s)
         self.step_count = s + 1
 
+    def _schedules(self) -> tuple[Schedule, Schedule, Schedule]:
+        return self._gram_schedule, self._sharp_schedule, self._density_schedule
+
     def _due(self, step: int) -> list[str]:
-        schedules = (
-            ("gram", self._gram_schedule),
-            ("sharpness", self._sharp_schedule),
-            ("density", self._density_schedule),
-        )
-        return [kind for kind, schedule in schedules if schedule.due(step)]
+        kinds = ("gram", "sharpness", "density")
+        return [k for k, s in zip(kinds, self._schedules(), strict=True) if s.due(step)]
 
     def log(self, step: int | None = None, **values: Any) -> None:
         """Publish scalars of your own (validation loss, accuracy, ...) as ``custom/<name>``.
@@ -356,17 +357,9 @@ class Agent:
         return dict(self._runner.disabled) if self._runner is not None else {}
 
     # the budget's figures, under the names they had on the agent
-    @property
-    def _start(self) -> float:
-        return self._budget.start
-
-    @property
-    def _measure_seconds(self) -> float:
-        return self._budget.measure_seconds
-
-    @property
-    def _last_cost(self) -> dict[str, float]:
-        return self._budget.last_cost
+    _start = property(lambda self: self._budget.start)
+    _measure_seconds = property(lambda self: self._budget.measure_seconds)
+    _last_cost = property(lambda self: self._budget.last_cost)
 
     @property
     def dropped(self) -> int:

@@ -24,14 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from stiffmon_agent.budget import MeasurementBudget
-from stiffmon_agent.distributed import (
-    HvpLeader,
-    Shard,
-    serve_hvps,
-    sharded_activations,
-    sharded_check_finite,
-    sharded_gram,
-)
+from stiffmon_agent.distributed import Shard, sharded_check_finite
 from stiffmon_agent.measure import (
     MeasurementSkipped,
     ProbeSet,
@@ -41,6 +34,7 @@ from stiffmon_agent.measure import (
 from stiffmon_agent.measure_options import MeasureOptions
 from stiffmon_agent.metrics.probe import ForwardFn, LossFn, loss_reduction, take
 from stiffmon_agent.publisher import Outgoing
+from stiffmon_agent.sharded import HvpLeader, serve_hvps, sharded_activations, sharded_gram
 
 log = logging.getLogger("stiffmon_agent")
 

@@ -58,7 +58,8 @@ def main() -> None:
     net = nn.parallel.DistributedDataParallel(model) if mode == "sharded" else model
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     if mode == "fail" and rank == 1:
-        import stiffmon_agent.distributed as d
+        import stiffmon_agent.distributed as dd
+        import stiffmon_agent.sharded as d
 
         def broken(*args: object, **kwargs: object) -> object:
             raise RuntimeError("rank 1 broke")
@@ -66,14 +67,14 @@ def main() -> None:
         d.per_example_grad_blocks = broken  # type: ignore[assignment]
         d.HessianOperator.__call__ = broken  # type: ignore[method-assign]
         calls = [0]
-        losses = d.per_example_losses
+        losses = dd.per_example_losses
 
         def nan_first(*args: object, **kwargs: object) -> torch.Tensor:
             calls[0] += 1  # the three checks of step 0 see a NaN loss on rank 1 only
             out = losses(*args, **kwargs)  # type: ignore[arg-type]
             return out * float("nan") if calls[0] <= 3 else out
 
-        d.per_example_losses = nan_first  # type: ignore[assignment]
+        dd.per_example_losses = nan_first  # type: ignore[assignment]
     agent = Agent(
         net,
         nn.CrossEntropyLoss(),
