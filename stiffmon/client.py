@@ -2,10 +2,11 @@
 
 Late join follows the ZeroMQ guide's Clone pattern (DESIGN §4): subscribe first, then ask each
 endpoint's snapshot service for the history; apply snapshot messages, then live updates whose
-``seq`` is above the snapshot's. A gap in a run's ``seq`` (a slow subscriber lost messages at the
-publisher's high-water mark) or a run never seen before (an agent restarted) triggers a new
-snapshot; messages that arrive meanwhile wait in a buffer, so every run's messages come out once,
-in ``seq`` order. Malformed frames are counted and dropped.
+``seq`` is above the snapshot's. A history chunk that joins many batches (``columns`` with
+``batch_seqs``) is trimmed to the batches the client does not have yet. A gap in a run's ``seq``
+(a slow subscriber lost messages at the publisher's high-water mark) or a run never seen before
+(an agent restarted) triggers a new snapshot; messages that arrive meanwhile wait in a buffer, so
+every run's messages come out once, in ``seq`` order. Malformed frames are counted and dropped.
 """
 
 from __future__ import annotations
@@ -157,11 +158,16 @@ class Client:
                 return
             self._run_endpoint[msg.run] = st
             rs = self._runs[msg.run]
-            if msg.seq > rs.last_seq:
-                rs.last_seq = msg.seq
-                out.append((msg, frames[1:]))
-            else:
+            if msg.seq <= rs.last_seq:
                 self.stats.duplicates += 1
+                return
+            body = frames[1:]
+            if isinstance(msg, p.Columns):  # a history chunk: only the batches not yet had
+                rest = msg.after(rs.last_seq)
+                if rest is not msg and rest is not None:
+                    msg, body = rest, p.encode(rest)
+            rs.last_seq = msg.seq
+            out.append((msg, body))
         elif tag == SNAPSHOT_END and len(frames) >= 2:
             info = decode_control(frames[1])
             run, seq = info.get("run"), info.get("seq")

@@ -47,7 +47,11 @@ class Procs:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "agent")]),
+                **(env or {}),
+            },
         )
         self.procs.append(proc)
         return proc

@@ -167,11 +167,14 @@ class ColumnHistory:
     Live batches are small (~50 ms of steps); kept as they are, a long run at a few ms per step
     would hand a late joiner hundreds of thousands of messages. Here consecutive batches with
     the same names are appended (vectorised, amortised O(rows)) to an open chunk of up to
-    ``chunk_rows`` steps; a full chunk is encoded once and kept as its frames. A chunk carries the
-    ``seq`` of its first batch and takes that batch's place when a snapshot merges the chunks with
-    the other kept messages by ``seq``: the snapshot stays in increasing ``seq`` order (the client
-    relies on that; the end marker covers the later batches' seqs) and in the order of the session
-    file. Nothing is ever decimated: memory is the encoded size, about 16–40 bytes per step.
+    ``chunk_rows`` steps; a full chunk is encoded once and kept as its frames. A chunk is a
+    ``columns`` message joining its batches: its ``seq`` is its last batch's and it lists every
+    batch's ``seq`` and last row, so a client that already has some of them takes only the rest
+    (:meth:`stiffmon.protocol.Columns.after`). The history's other messages must not fall inside
+    a chunk's ``seq`` range (:meth:`cut` closes the open chunk before one is kept), so a snapshot
+    that merges the chunks with them by ``seq`` is in increasing ``seq`` order and in the order
+    of the session file. Nothing is ever decimated: memory is the encoded size, about 16–40 bytes
+    per step (and 16 per batch).
 
     Args:
         run: Run id of the messages.
@@ -185,7 +188,8 @@ class ColumnHistory:
         self._names: tuple[str, ...] = ()
         self._cols: list[npt.NDArray[Any]] = []  # steps, times, one array per name
         self._n = 0
-        self._seq = -1  # seq of the open chunk's first batch
+        self._batch_seqs: list[int] = []  # seq of each batch in the open chunk
+        self._batch_ends: list[int] = []  # its end row
         self._open_frames: tuple[int, list[bytes]] | None = None  # cache of the open chunk
         self.rows = 0
 
@@ -193,10 +197,9 @@ class ColumnHistory:
         """Append a batch (its arrays are copied)."""
         k = len(msg)
         if self._n and (msg.names != self._names or self._n + k > self.chunk_rows):
-            self._close()
+            self.cut()
         if not self._n:
             self._names = msg.names
-            self._seq = msg.seq
             cap = min(max(k, 1024), max(self.chunk_rows, k))
             self._cols = [np.empty(cap, np.int64)] + [
                 np.empty(cap, np.float64) for _ in range(1 + len(msg.names))
@@ -212,31 +215,40 @@ class ColumnHistory:
             self._cols = grown
         for a, src in zip(self._cols, (msg.steps, msg.times, *msg.values), strict=True):
             a[self._n : need] = src
+        seqs, ends = msg.batches()
+        self._batch_seqs += seqs.tolist()
+        self._batch_ends += (ends + self._n).tolist()
         self._n = need
         self._open_frames = None
         self.rows += k
         if self._n >= self.chunk_rows:
-            self._close()
+            self.cut()
 
     def _encode_open(self) -> tuple[int, list[bytes]]:
         if self._open_frames is None:
             n = self._n
             steps, times, *values = (a[:n] for a in self._cols)
+            seq = self._batch_seqs[-1]
             msg = p.Columns.from_columns(
                 dict(zip(self._names, values, strict=True)),
                 steps,
                 times,
                 run=self.run,
-                seq=self._seq,
+                seq=seq,
+                batch_seqs=self._batch_seqs,
+                batch_ends=self._batch_ends,
             )
-            self._open_frames = (self._seq, p.encode(msg))
+            self._open_frames = (seq, p.encode(msg))
         return self._open_frames
 
-    def _close(self) -> None:
+    def cut(self) -> None:
+        """Close the open chunk: later batches go to a new one (call before keeping a message
+        of another kind, so that it falls between chunks)."""
         if self._n:
             self.closed.append(self._encode_open())
         self._n = 0
         self._cols = []
+        self._batch_seqs, self._batch_ends = [], []
         self._open_frames = None
 
     def in_order(self) -> list[tuple[int, list[bytes]]]:
@@ -247,4 +259,4 @@ class ColumnHistory:
     def nbytes(self) -> int:
         """Bytes held by the encoded chunks and the open chunk's arrays."""
         held = sum(len(f) for _, frames in self.closed for f in frames)
-        return held + sum(a.nbytes for a in self._cols)
+        return held + sum(a.nbytes for a in self._cols) + 16 * len(self._batch_seqs)

@@ -84,10 +84,15 @@ class _History:
     def add(self, msg: p.Message, frames: list[bytes]) -> None:
         if isinstance(msg, p.Columns):
             self.columns.add(msg)
-        elif isinstance(msg, p.Scalars):
+            return
+        self.columns.cut()  # no chunk spans this message's seq
+        if isinstance(msg, p.Scalars):
             self.scalars.append((msg.seq, frames))
             if len(self.scalars) > self.max_scalars:
-                self.scalars = self.scalars[::2]
+                # thin the older half only: the newest may still be on their way to a live
+                # client, which a snapshot's end marker tells that it has them
+                half = len(self.scalars) // 2
+                self.scalars = self.scalars[:half:2] + self.scalars[half:]
         else:
             self.heavy.append((msg.seq, frames))
 

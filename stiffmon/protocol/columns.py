@@ -39,11 +39,19 @@ class Columns(Message):
     that value at every row, a ``steps`` array of length 1 for consecutive steps from it. In
     memory every array has one element per row.
 
+    A message may join several batches the agent published (its history served to late joiners
+    does): ``batch_seqs`` holds each batch's ``seq`` (increasing, the last one is the message's
+    ``seq``) and ``batch_ends`` the row where each ends. A client that already has some of them
+    keeps only the rest (:meth:`after`), so no row is delivered twice and none is skipped. Both
+    empty (the usual live batch) means one batch: the message itself.
+
     Attributes:
         names: Names of the columns, e.g. ``("loss", "lr/0")``.
         steps: 1-D int64 array, the step of each row (non-decreasing).
         times: 1-D float64 array, unix time of each row.
         values: One 1-D float64 array per name, one value per row (NaN and ±Inf allowed).
+        batch_seqs: 1-D int64 array, the ``seq`` of each joined batch (empty: one batch).
+        batch_ends: 1-D int64 array, the row after each joined batch's last (empty: one batch).
     """
 
     KIND: ClassVar[str] = "columns"
@@ -52,6 +60,8 @@ class Columns(Message):
     steps: Array = field(default_factory=lambda: np.zeros(0, np.int64))
     times: Array = field(default_factory=lambda: np.zeros(0, np.float64))
     values: tuple[Array, ...] = ()
+    batch_seqs: Array = field(default_factory=lambda: np.zeros(0, np.int64))
+    batch_ends: Array = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "names", tuple(self.names))
@@ -62,6 +72,10 @@ class Columns(Message):
             "values",
             tuple(np.asarray(v, dtype=np.float64).reshape(-1) for v in self.values),
         )
+        for name in ("batch_seqs", "batch_ends"):
+            object.__setattr__(
+                self, name, np.asarray(getattr(self, name), dtype=np.int64).reshape(-1)
+            )
 
     def __len__(self) -> int:
         return int(self.steps.shape[0])
@@ -77,6 +91,7 @@ class Columns(Message):
             return False
         pairs = [(self.steps, other.steps), (self.times, other.times)]
         pairs += list(zip(self.values, other.values, strict=False))
+        pairs += list(zip(self.batches(), other.batches(), strict=True))
         return len(self.values) == len(other.values) and all(_arrays_equal(a, b) for a, b in pairs)
 
     __hash__ = None
@@ -90,12 +105,20 @@ class Columns(Message):
         *,
         run: str,
         seq: int,
+        batch_seqs: npt.ArrayLike = (),
+        batch_ends: npt.ArrayLike = (),
     ) -> Columns:
-        """Build a message from ``{name: values}``; ``step`` and ``t`` come from the last row."""
+        """Build a message from ``{name: values}``; ``step`` and ``t`` come from the last row.
+
+        ``batch_seqs``/``batch_ends`` describe joined batches (see the class); a single batch
+        is stored as none.
+        """
         st = np.asarray(steps, dtype=np.int64).reshape(-1)
         ts = np.asarray(times, dtype=np.float64).reshape(-1)
         if st.shape[0] == 0:
             raise ValueError("a columns message needs at least one row")
+        bs = np.asarray(batch_seqs, dtype=np.int64).reshape(-1)
+        be = np.asarray(batch_ends, dtype=np.int64).reshape(-1)
         return cls(
             run=run,
             seq=seq,
@@ -105,6 +128,37 @@ class Columns(Message):
             steps=st,
             times=ts,
             values=tuple(np.asarray(v, dtype=np.float64) for v in columns.values()),
+            batch_seqs=bs if bs.shape[0] > 1 else np.zeros(0, np.int64),
+            batch_ends=be if bs.shape[0] > 1 else np.zeros(0, np.int64),
+        )
+
+    def batches(self) -> tuple[Array, Array]:
+        """``(seqs, ends)`` of the joined batches (one batch: ``([seq], [len])``)."""
+        if self.batch_seqs.shape[0]:
+            return self.batch_seqs, self.batch_ends
+        return np.array([self.seq], np.int64), np.array([len(self)], np.int64)
+
+    def after(self, seq: int) -> Columns | None:
+        """The rows of the batches whose ``seq`` is above ``seq`` (None if there are none).
+
+        Returns ``self`` when every batch is above it; the result keeps this message's ``seq``
+        (its last batch's), so it comes out once, in ``seq`` order, whatever a client had.
+        """
+        if seq >= self.seq:
+            return None
+        seqs, ends = self.batches()
+        keep = int(np.searchsorted(seqs, seq, side="right"))  # first batch above seq
+        if keep == 0:
+            return self
+        start = int(ends[keep - 1])
+        return Columns.from_columns(
+            {n: v[start:] for n, v in zip(self.names, self.values, strict=True)},
+            self.steps[start:],
+            self.times[start:],
+            run=self.run,
+            seq=self.seq,
+            batch_seqs=seqs[keep:],
+            batch_ends=ends[keep:] - start,
         )
 
     def column(self, name: str) -> Array:
@@ -133,6 +187,19 @@ def _wire_column(a: Array, runs: bool) -> Array:
     return a
 
 
+def _check_batches(
+    seqs: Array, ends: Array, seq: int, n: int, error: type[Exception] = ProtocolError
+) -> None:
+    """Raise ``error`` unless ``seqs``/``ends`` describe batches tiling ``n`` rows up to ``seq``."""
+    kind = Columns.KIND
+    if seqs.shape != ends.shape or seqs.shape[0] < 1:
+        raise error(f"{kind}: batch_seqs and batch_ends need the same number (1+) of batches")
+    if int(seqs[-1]) != seq or int(seqs[0]) < 0 or bool((np.diff(seqs) <= 0).any()):
+        raise error(f"{kind}: batch seqs must increase from 0 or more up to the seq {seq}")
+    if int(ends[-1]) != n or int(ends[0]) < 1 or bool((np.diff(ends) <= 0).any()):
+        raise error(f"{kind}: batch ends must increase from 1 or more up to the {n} rows")
+
+
 def _encode_columns(msg: Columns, header: dict[str, Any]) -> list[bytes]:
     n = len(msg)
     if n == 0 or n > MAX_COLUMN_ROWS:
@@ -149,6 +216,10 @@ def _encode_columns(msg: Columns, header: dict[str, Any]) -> list[bytes]:
         raise ValueError("columns: times must be finite")
     arrays = [_wire_column(msg.steps, True), msg.times]
     arrays += [_wire_column(v, False) for v in msg.values]
+    if msg.batch_seqs.shape[0]:
+        _check_batches(msg.batch_seqs, msg.batch_ends, msg.seq, n, ValueError)
+        arrays += [msg.batch_seqs, msg.batch_ends]
+        header["batches"] = int(msg.batch_seqs.shape[0])
     header["arrays"] = [{"dtype": a.dtype.str, "shape": [a.shape[0]]} for a in arrays]
     header["names"] = list(msg.names)
     header["first_step"] = int(msg.steps[0])
@@ -172,10 +243,14 @@ def _decode_columns(
     names = _get_str_tuple(h, "names", kind)
     first_step = _check_range(_get(h, "first_step", int, kind), "first_step", kind)
     specs = _get(h, "arrays", list, kind)
-    if len(specs) != 2 + len(names):
+    nbatches = 0
+    if "batches" in h:
+        nbatches = _check_range(_get(h, "batches", int, kind), "batches", kind, 1)
+    extra = 2 if nbatches else 0
+    if len(specs) != 2 + len(names) + extra:
         raise ProtocolError(
             f"{kind}: header describes {len(specs)} arrays, steps + times + {len(names)} names "
-            f"need {2 + len(names)}"
+            f"{'+ 2 batch arrays ' if extra else ''}need {2 + len(names) + extra}"
         )
     if len(buffers) != len(specs):
         raise ProtocolError(
@@ -185,6 +260,13 @@ def _decode_columns(
         _decode_array(spec, buf, i, kind)
         for i, (spec, buf) in enumerate(zip(specs, buffers, strict=True))
     ]
+    batch_arrays = arrays[len(arrays) - extra :]
+    arrays = arrays[: len(arrays) - extra]
+    for a in batch_arrays:
+        if a.ndim != 1 or a.dtype.str != "<i8" or a.shape[0] != nbatches:
+            raise ProtocolError(
+                f"{kind}: batch arrays must be 1-D <i8 of {nbatches}, got {a.dtype.str}{a.shape}"
+            )
     for i, (a, want) in enumerate(zip(arrays, ["<i8"] + ["<f8"] * (len(arrays) - 1), strict=True)):
         if a.ndim != 1 or a.dtype.str != want:
             raise ProtocolError(
@@ -212,6 +294,17 @@ def _decode_columns(
     if int(steps[0]) < 0 or bool((np.diff(steps) < 0).any()):
         raise ProtocolError(f"{kind}: steps must be non-negative and non-decreasing")
     values = tuple(a if a.shape[0] == n else np.full(n, a[0]) for a in arrays[2:])
+    if batch_arrays:
+        _check_batches(batch_arrays[0], batch_arrays[1], seq, n)
     return Columns(
-        run=run, seq=seq, step=step, t=t, names=names, steps=steps, times=times, values=values
+        run=run,
+        seq=seq,
+        step=step,
+        t=t,
+        names=names,
+        steps=steps,
+        times=times,
+        values=values,
+        batch_seqs=batch_arrays[0] if batch_arrays else np.zeros(0, np.int64),
+        batch_ends=batch_arrays[1] if batch_arrays else np.zeros(0, np.int64),
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from textual.app import App, ComposeResult, SystemCommand
-from textual.binding import Binding, BindingType
+from textual.binding import BindingType
 from textual.containers import Horizontal
 from textual.css.query import NoMatches
 from textual.notifications import SeverityLevel
@@ -28,6 +28,7 @@ from stiffmon import protocol as p
 from stiffmon.store import Health, RunData, Store
 from stiffmon.tui import chrome
 from stiffmon.tui.help import HelpScreen
+from stiffmon.tui.keys import BINDINGS
 from stiffmon.tui.renderables.runlist import RunList
 from stiffmon.tui.sources import LiveSource, ReplaySource
 from stiffmon.tui.views import BLOCKS, VIEWS, ChartView, View
@@ -49,44 +50,7 @@ class StiffmonApp(App[None]):
     CSS_PATH = "app.tcss"
     TITLE = "stiffmon"
     AUTO_FOCUS = None  # the app's keys stay the app's until "/" focuses the log filter
-    BINDINGS: ClassVar[list[BindingType]] = [
-        *(Binding(v.key, f"view('{v.name}')", v.title, show=False) for v in VIEWS),
-        Binding("question_mark", "help", "help"),
-        Binding("q", "quit", "quit"),
-        Binding("ctrl+c", "quit", "quit", show=False, priority=True),
-        Binding("space", "pause", "pause/play"),
-        Binding("left", "scrub(-1)", "earlier measurement", show=False),
-        Binding("right", "scrub(1)", "later measurement", show=False),
-        Binding("home", "seek_end(0)", "replay: start", show=False),
-        Binding("end", "seek_end(1)", "replay: end", show=False),
-        Binding("plus,equals_sign", "speed(1)", "replay faster", show=False),
-        Binding("minus", "speed(-1)", "replay slower", show=False),
-        Binding("z", "zoom(0.5)", "zoom"),
-        Binding("Z", "zoom(2)", "zoom out", show=False),
-        Binding("less_than_sign", "pan(-1)", "pan left", show=False),
-        Binding("greater_than_sign", "pan(1)", "pan right", show=False),
-        Binding("comma", "move_cursor(-1)", "cursor left", show=False),
-        Binding("full_stop", "move_cursor(1)", "cursor right", show=False),
-        Binding("escape", "reset_zoom", "reset zoom / cursor", show=False),
-        Binding("l", "flip('log_y')", "log-y", show=False),
-        Binding("s", "smoothing", "smoothing", show=False),
-        Binding("x", "flip('x_time')", "x: step/time", show=False),
-        Binding("b", "block", "stiffness block", show=False),
-        Binding("c", "cos_sign", "cosine / sign", show=False),
-        Binding("m", "metric", "compare metric", show=False),
-        Binding("f", "log_level", "log: level filter", show=False),
-        Binding("r", "flip('log_selected_only')", "log: this run / all", show=False),
-        Binding("slash", "log_filter", "log: text filter", show=False),
-        Binding("shift+left", "cursor(0,-1)", "heatmap cell left", show=False),
-        Binding("shift+right", "cursor(0,1)", "heatmap cell right", show=False),
-        Binding("shift+up", "cursor(-1,0)", "heatmap cell up", show=False),
-        Binding("shift+down", "cursor(1,0)", "heatmap cell down", show=False),
-        Binding("left_square_bracket", "select_run(-1)", "previous run", show=False),
-        Binding("right_square_bracket", "select_run(1)", "next run", show=False),
-        Binding("t", "toggle_run", "show / hide run", show=False),
-        Binding("e", "screenshot", "screenshot"),
-        Binding("ctrl+l", "redraw", "redraw", show=False),
-    ]
+    BINDINGS: ClassVar[list[BindingType]] = BINDINGS
 
     def __init__(
         self,
@@ -117,6 +81,7 @@ class StiffmonApp(App[None]):
         self.log_level, self.log_text, self.log_selected_only = "info", "", False
         self.monitor_events: dict[str, list[p.Event]] = {}  # stalls, new runs… per run
         self._health: dict[str, Health] = {}
+        self._health_of: dict[str, RunData] = {}  # the run data each health was judged on
         self._checked = False
         self._drawn_version = -1
         self._last_tick = time.monotonic()
@@ -199,6 +164,10 @@ class StiffmonApp(App[None]):
         now = self.clock()
         changed = False
         for rd in self.store.runs.values():
+            if self._health_of.get(rd.run) is not rd:  # new, or rebuilt by a replay seek back:
+                self._health_of[rd.run] = rd  # its monitor log restarts with the data
+                self._health.pop(rd.run, None)
+                self.monitor_events.pop(rd.run, None)
             h, old = self.health(rd, now), self._health.get(rd.run)
             if old == h:
                 continue

@@ -102,8 +102,25 @@ def test_history_compacts_batches_and_keeps_every_row() -> None:
     assert [s for s, _ in chunks] == sorted({s for s, _ in chunks})  # seq increasing
     assert all(isinstance(m, p.Columns) and m.seq == s for s, m in chunks)
     assert all(len(m) <= 1000 for _, m in chunks) and len(chunks) < 20
-    firsts = {m.seq for m in sent}  # a chunk takes the seq (and place) of its first batch
-    assert chunks[0][0] == sent[0].seq and all(s in firsts for s, _ in chunks)
+    # a chunk takes the seq (and place) of its last batch and lists its batches' seqs and ends
+    lasts = {m.seq for m in sent}
+    assert chunks[-1][0] == sent[-1].seq and all(s in lasts for s, _ in chunks)
+    joined = [int(s) for _, m in chunks for s in m.batches()[0]]  # type: ignore[union-attr]
+    assert joined == [m.seq for m in sent]
+    # a client that has every batch up to some seq gets exactly the rest from a chunk
+    by_seq = {m.seq: m for m in sent}
+    for _, m in chunks:
+        assert isinstance(m, p.Columns)
+        seqs = m.batches()[0].tolist()
+        for have in [seqs[0] - 1, *seqs]:
+            rest = m.after(have)
+            want_rows = [r for s in seqs if s > have for r in by_seq[s].rows()]
+            if not want_rows:
+                assert rest is None
+                continue
+            assert rest is not None and rest.seq == m.seq
+            assert rest.steps.tolist() == [r.step for r in want_rows]
+            assert p.decode(p.encode(rest)) == rest
     assert hist.rows == step
     got = [r for _, m in chunks for r in m.rows()]  # type: ignore[union-attr]
     want = [r for m in sent for r in m.rows()]
@@ -111,7 +128,23 @@ def test_history_compacts_batches_and_keeps_every_row() -> None:
     np.testing.assert_array_equal(
         np.concatenate([r.values for r in got]), np.concatenate([r.values for r in want])
     )
-    assert hist.nbytes < 40 * step + 64 * 1024
+    assert hist.nbytes < 40 * step + 16 * len(sent) + 64 * 1024
+
+
+def test_history_chunks_never_span_another_kept_message() -> None:
+    """A message of another kind kept between batches cuts the chunk: the snapshot, merged by
+    seq, is then in seq order and in the order the messages were published."""
+    hist = ColumnHistory("r", chunk_rows=1000)
+    order: list[int] = []
+    for i in range(6):
+        st = np.arange(10 * i, 10 * i + 10)
+        hist.add(p.Columns.from_columns({"loss": st * 1.0}, st, st * 1.0, run="r", seq=2 * i))
+        order.append(2 * i)
+        if i in (1, 4):
+            hist.cut()  # what the publisher does before keeping a heavy message (seq 2i+1)
+    chunks = [p.decode(f) for _, f in hist.in_order()]
+    spans = [m.batches()[0].tolist() for m in chunks]  # type: ignore[union-attr]
+    assert spans == [[0, 2], [4, 6, 8], [10]]
 
 
 def test_tight_loop_of_100k_steps_loses_nothing(tmp_path: Path) -> None:

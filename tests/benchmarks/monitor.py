@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import gc
 import io
+import os
 import tempfile
 import threading
 import time
@@ -95,7 +96,15 @@ def big_store(runs: int, points: int) -> Store:
     return store
 
 
-def frame_time(runs: int, points: int, size: tuple[int, int]) -> tuple[float, float]:
+def frame_time(runs: int, points: int, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """Renderable time, and a full Textual frame's CPU time, wall time and idle wall time.
+
+    A frame is ``redraw()`` plus one ``pilot.pause()`` (Textual lays out, renders every widget
+    and composites the screen). Its wall time includes the test harness's latency (the pause
+    waits for the screen's next refresh tick), measured on its own as a pause with nothing to
+    redraw; the process CPU time of a frame is the work the monitor does for it, and the figure
+    the target applies to (on a loaded machine wall time stretches, CPU time much less).
+    """
     store = big_store(runs, points)
     app = StiffmonApp(store=store)
     builder = sharpness_chart(app.views["sharpness"], compact=False)
@@ -112,17 +121,21 @@ def frame_time(runs: int, points: int, size: tuple[int, int]) -> tuple[float, fl
         async with app.run_test(size=size) as pilot:
             await pilot.press("4")
             await pilot.pause()
-            ts = []
-            for _ in range(5):
-                store.version += 1
-                t0 = time.perf_counter()
-                app.redraw()
-                await pilot.pause()
-                ts.append(time.perf_counter() - t0)
-            result["frame"] = min(ts)
+            for label, bump in (("idle", False), ("frame", True)):
+                walls, cpus = [], []
+                for _ in range(7):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    if bump:
+                        store.version += 1
+                        app.redraw()
+                    await pilot.pause()
+                    walls.append(time.perf_counter() - t0)
+                    cpus.append(time.process_time() - c0)
+                result[label] = float(np.median(walls))
+                result[label + "_cpu"] = float(np.median(cpus))
 
     asyncio.run(main())
-    return renderable, result["frame"]
+    return renderable, result["frame_cpu"], result["frame"], result["idle"]
 
 
 def write_big_session(path: Path, steps: int) -> None:
@@ -237,11 +250,12 @@ def main() -> None:
     rate = ingest_rate(5_000 if q else 50_000)
     print(f"\n[1] ingest while drawing: {rate:,.0f} messages/s  (target >= 5,000)")
     points = 10_000 if q else 100_000
-    rend, frame = frame_time(8, points, (200, 60))
+    rend, cpu, wall, idle = frame_time(8, points, (200, 60))
     print(
         f"\n[2] Sharpness view, 8 runs x {points:,} points, 200x60: "
-        f"renderable {rend * 1e3:.1f} ms, "
-        f"full Textual frame {frame * 1e3:.1f} ms  (target <= 50 ms)"
+        f"renderable {rend * 1e3:.1f} ms; full Textual frame {cpu * 1e3:.1f} ms CPU "
+        f"(target <= 50 ms; wall {wall * 1e3:.1f} ms, of which the harness's idle pause "
+        f"{idle * 1e3:.1f} ms; load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
     )
     steps = 100_000 if q else 1_000_000
     print(f"\n[3] open + index a {steps:,}-step session  (targets <= 40 MiB, <= 1 s)")

@@ -75,8 +75,21 @@ def _columns() -> st.SearchStrategy[p.Columns]:
         )
 
         def make(
-            run: str, seq: int, steps: np.ndarray, times: np.ndarray, names: list[str], vals: list
+            run: str,
+            seq: int,
+            steps: np.ndarray,
+            times: np.ndarray,
+            names: list[str],
+            vals: list,
+            cuts: list[int],
+            seq_gaps: list[int],
         ) -> p.Columns:
+            # joined batches (a history chunk): ends at distinct rows, seqs increasing to seq
+            ends = sorted({c for c in cuts if 0 < c < n} | {n}) if cuts else []
+            gaps = (seq_gaps * len(ends))[: len(ends) - 1] if seq_gaps else [1] * (len(ends) - 1)
+            seqs = (seq - np.cumsum([0, *gaps[::-1]]))[::-1] if ends else []
+            if ends and int(seqs[0]) < 0:
+                ends, seqs = [], []
             return p.Columns(
                 run=run,
                 seq=seq,
@@ -86,6 +99,8 @@ def _columns() -> st.SearchStrategy[p.Columns]:
                 steps=steps,
                 times=times,
                 values=tuple(vals),
+                batch_seqs=np.asarray(seqs, np.int64),
+                batch_ends=np.asarray(ends, np.int64),
             )
 
         return st.builds(
@@ -96,6 +111,8 @@ def _columns() -> st.SearchStrategy[p.Columns]:
             times=hnp.arrays(np.float64, n, elements=st.floats(0, 4e9)),
             names=st.lists(text, min_size=k, max_size=k),
             vals=st.lists(column, min_size=k, max_size=k),
+            cuts=st.lists(st.integers(0, n), max_size=6),
+            seq_gaps=st.lists(st.integers(1, 5), max_size=3),
         )
 
     return st.tuples(st.integers(1, 40), st.integers(0, 5)).flatmap(build)

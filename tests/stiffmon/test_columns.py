@@ -252,3 +252,52 @@ def test_a_non_finite_loss_in_a_batch_marks_the_divergence() -> None:
     store.apply(batch(np.arange(4, 8), seq=2, loss=np.array([0.6, np.inf, np.nan, 0.5])))
     store.apply(batch(np.arange(8, 10), seq=3, loss=np.array([np.nan, np.nan])))
     assert store.runs["r"].diverged_step == 5
+
+
+def _joined() -> list[bytes]:
+    st = np.arange(10, 16)
+    msg = p.Columns.from_columns(
+        {"loss": st * 1.0}, st, st * 1.0, run="r", seq=9, batch_seqs=[3, 4, 9], batch_ends=[2, 3, 6]
+    )
+    return p.encode(msg)
+
+
+def _with_batches(f: list[bytes], seqs: list[int], ends: list[int]) -> list[bytes]:
+    return [*f[:-2], np.array(seqs, np.int64).tobytes(), np.array(ends, np.int64).tobytes()]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda f: _with_batches(f, [3, 4, 8], [2, 3, 6]), "up to the seq 9"),
+        (lambda f: _with_batches(f, [4, 4, 9], [2, 3, 6]), "batch seqs must increase"),
+        (lambda f: _with_batches(f, [3, 4, 9], [2, 2, 6]), "batch ends must increase"),
+        (lambda f: _with_batches(f, [3, 4, 9], [2, 3, 5]), "up to the 6 rows"),
+        (lambda f: _with_batches(f, [3, 4, 9], [0, 3, 6]), "from 1 or more"),
+        (lambda f: _reheader(f, batches=2), "1-D <i8 of 2"),
+        (lambda f: _reheader(f, batches=0), "out of range"),
+        (lambda f: f[:-2], "got 3 buffers"),
+    ],
+)
+def test_decode_validates_joined_batches(mutate, match: str) -> None:  # type: ignore[no-untyped-def]
+    msg = p.decode(_joined())
+    assert isinstance(msg, p.Columns) and msg.batch_seqs.tolist() == [3, 4, 9]
+    with pytest.raises(p.ProtocolError, match=match):
+        p.decode(mutate(_joined()))
+
+
+def test_after_keeps_the_batches_a_client_does_not_have() -> None:
+    msg = p.decode(_joined())
+    assert isinstance(msg, p.Columns)
+    assert msg.after(2) is msg and msg.after(9) is None and msg.after(100) is None
+    rest = msg.after(3)
+    assert rest is not None
+    assert (rest.seq, rest.steps.tolist(), rest.batch_seqs.tolist(), rest.batch_ends.tolist()) == (
+        9,
+        [12, 13, 14, 15],
+        [4, 9],
+        [1, 4],
+    )
+    last = msg.after(5)  # between batches 4 and 9: batch 9 alone, stored as a plain batch
+    assert last is not None and last.steps.tolist() == [13, 14, 15] and len(last.batch_seqs) == 0
+    assert p.decode(p.encode(last)) == last

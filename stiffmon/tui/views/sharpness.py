@@ -38,6 +38,21 @@ def break_even_of(rd: RunData) -> Any:
     return rd.memoized("break_even", rd.data_key(*SHARPNESS_SERIES), rd.break_even)
 
 
+def threshold_rule(rd: RunData, spectrum: str = "hessian") -> str:
+    """The rule of the run's latest stability threshold, e.g. ``2/η - wd (SGD, group 1)``."""
+    snaps = rd.spectra.get(spectrum, [])
+    rule = snaps[-1].msg.attrs.get("threshold_rule") if snaps else None
+    return rule if isinstance(rule, str) else ""
+
+
+def rules_title(rules: list[str]) -> str:
+    """``2/η`` when every run's rule has the same formula, else ``per run (below)``."""
+    formulas = {r.split(" (", 1)[0] for r in rules if r and not r.startswith("none")}
+    if len(formulas) == 1:
+        return formulas.pop()
+    return "per run (below)" if formulas else "2/η"
+
+
 def be_words(rd: RunData) -> str:
     """``break-even 280 (early peak) λ1_H 1.96``, or ``no break-even yet``.
 
@@ -88,7 +103,12 @@ def sharpness_chart(view: View, compact: bool) -> Builder:
                     i = min(len(s) - 1, int(s.steps.searchsorted(cat)))
                     x = view.x_of_step(rd, "sharpness/lambda1_h", cat)
                     markers.append(Marker(x, float(s.values[i]), c, "▲"))
-        title = "λ1_H (sharpness)" if compact else "λ1_H per run, ╌ stability threshold 2/η"
+        rules = [threshold_rule(rd) for rd in view.runs() if rd.series("sharpness/lambda1_h")]
+        title = (
+            "λ1_H (sharpness)"
+            if compact
+            else f"λ1_H per run, ╌ stability threshold {rules_title(rules)}"
+        )
         return view.chart(
             lines,
             title,
@@ -123,6 +143,11 @@ class Sharpness(View):
             status = getattr(break_even_of(rd), "status", "confirmed")
             sym = {"confirmed": "◆", "tentative": "◇"}.get(status, "·")
             words = f"{sym} {rd.name}: {be_words(rd)}"
+            rule, prule = threshold_rule(rd), threshold_rule(rd, "hessian-precond")
+            if rule:
+                words += f"; threshold {rule}"
+            if prule:
+                words += f"; preconditioned {prule}"
             lines.append(Text(asciify(words) if self.app.ascii else words, style=run_color(rd)))
         text = Text("\n").join(lines)
         text.no_wrap, text.overflow = True, cut(self.app.ascii)

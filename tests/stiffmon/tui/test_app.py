@@ -389,3 +389,23 @@ async def test_replay_opens_at_the_start_and_plays(tmp_path: Path) -> None:
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.pause(0.2)
         assert src.playing and 0 < src.position < len(src.messages)
+
+
+async def test_seeking_back_in_a_replay_does_not_log_events_twice(tmp_path: Path) -> None:
+    """The store is rebuilt on a seek back; the monitor's own log restarts with it."""
+    app = replay_app(tmp_path)
+    replay = app.replay
+    assert replay is not None
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        app.check_health()
+        for _ in range(3):
+            replay.seek(app.store, len(replay.messages) // 2)  # back to the middle
+            app.check_health()
+            await pilot.press("end")  # and to the end again
+            await pilot.pause()
+            app.check_health()
+        logged = {run: [e.message for e in evs] for run, evs in app.monitor_events.items()}
+    assert logged
+    for run, msgs in logged.items():
+        assert sum("finished" in m for m in msgs) == 1, (run, msgs)

@@ -1,0 +1,163 @@
+"""Re-snapshots of runs the client already has: history chunks vs live batches (Clone pattern).
+
+The agent's history keeps per-step ``columns`` batches compacted into chunks. They used to carry
+the ``seq`` of their *first* batch: a second snapshot (a new run appeared, or a gap) dropped such
+a chunk as a duplicate by ``seq``, then took the end marker's ``seq``, so the live batches between
+what the client had and the snapshot's cut were dropped as duplicates too: a hole. A chunk now
+carries its last batch's ``seq`` and every batch's ``seq`` and end row; the client keeps the
+batches it does not have.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import zmq
+
+from stiffmon import protocol as p
+from stiffmon.client import Client
+from stiffmon.transport import (
+    SNAPSHOT_DONE,
+    SNAPSHOT_END,
+    SNAPSHOT_MESSAGE,
+    SNAPSHOT_REQUEST,
+    encode_control,
+    free_port_pair,
+)
+
+Ctx = zmq.Context[zmq.Socket[bytes]]
+
+
+def _cols(run: str, seq: int, steps: range) -> p.Columns:
+    s = np.arange(steps.start, steps.stop)
+    return p.Columns.from_columns({"loss": s * 0.5}, s, s * 1.0, run=run, seq=seq)
+
+
+def _chunk(run: str, seqs: list[int], steps: range, per_batch: int = 10) -> p.Columns:
+    """Batches ``seqs`` of ``per_batch`` steps each, joined as the agent's history does."""
+    s = np.arange(steps.start, steps.stop)
+    ends = [per_batch * (i + 1) for i in range(len(seqs))]
+    assert ends[-1] == len(s)
+    return p.Columns.from_columns(
+        {"loss": s * 0.5}, s, s * 1.0, run=run, seq=seqs[-1], batch_seqs=seqs, batch_ends=ends
+    )
+
+
+class FakeAgent:
+    """A PUB and a ROUTER on loopback that the test drives message by message."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        port = free_port_pair()
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.bind(f"tcp://127.0.0.1:{port}")
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.bind(f"tcp://127.0.0.1:{port + 1}")
+        self.router.setsockopt(zmq.RCVTIMEO, 10_000)
+
+    def publish(self, msg: p.AnyMessage) -> None:
+        self.pub.send_multipart(p.encode(msg))
+
+    def answer(
+        self,
+        client: Client,
+        got: list[p.AnyMessage],
+        history: list[p.AnyMessage],
+        ends: dict[str, int],
+    ) -> None:
+        """Wait for the client's request (polling it), then answer it with ``history``."""
+        deadline = time.monotonic() + 10
+        while not self.router.poll(0):
+            assert time.monotonic() < deadline, "no snapshot request"
+            got += [m for m, _ in client.poll(0.05)]
+        ident, tag, *_ = self.router.recv_multipart()
+        assert tag == SNAPSHOT_REQUEST
+        for msg in history:
+            self.router.send_multipart([ident, SNAPSHOT_MESSAGE, *p.encode(msg)])
+        for run, seq in ends.items():
+            self.router.send_multipart(
+                [ident, *encode_control(SNAPSHOT_END, {"run": run, "seq": seq})]
+            )
+        self.router.send_multipart([ident, *encode_control(SNAPSHOT_DONE, {"runs": len(ends)})])
+
+
+@pytest.fixture
+def agent() -> Iterator[FakeAgent]:
+    ctx: Ctx = zmq.Context()
+    yield FakeAgent(ctx)
+    ctx.destroy(linger=0)
+
+
+def _drain(client: Client, got: list[p.AnyMessage], seconds: float = 0.5) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got += [m for m, _ in client.poll(0.05)]
+
+
+def _steps(got: list[p.AnyMessage], run: str) -> list[int]:
+    return [
+        m.step
+        for m in p.expand_columns(got)
+        if m.run == run and isinstance(m, p.Scalars) and "loss" in m.names
+    ]
+
+
+def _live(agent: FakeAgent, client: Client, got: list[p.AnyMessage], msg: p.AnyMessage) -> None:
+    """Publish ``msg`` until the client has it (the SUB may still be connecting)."""
+    deadline = time.monotonic() + 10
+    while client.stats.received == 0 and time.monotonic() < deadline:
+        agent.publish(msg)
+        got += [m for m, _ in client.poll(0.05)]
+
+
+@pytest.mark.parametrize("last", ["end", "scalars"])
+def test_a_second_snapshot_of_a_live_run_leaves_no_hole(agent: FakeAgent, last: str) -> None:
+    """The cut is beyond what the client has: via the end marker or a later message."""
+    client = Client([agent.endpoint], snapshot_timeout=5.0)
+    got: list[p.AnyMessage] = []
+    try:
+        agent.answer(client, got, [_cols("a", 0, range(10))], {"a": 0})
+        _drain(client, got, 0.2)
+        _live(agent, client, got, _cols("a", 1, range(10, 20)))
+        _drain(client, got, 0.2)
+        assert _steps(got, "a") == list(range(20))
+        agent.publish(p.Bye(run="b", seq=0, step=0, t=1.0, reason="x"))  # a new run: re-snapshot
+        # the agent published batches 2 and 3 before the cut; the client gets them only after
+        history: list[p.AnyMessage] = [_chunk("a", [0, 1, 2, 3], range(40))]
+        if last == "scalars":  # a later message of another kind moves the run's seq on
+            history.append(p.Scalars.from_dict({"x": 1.0}, run="a", seq=4, step=39, t=1.0))
+        agent.answer(client, got, history, {"a": 4 if last == "scalars" else 3, "b": 0})
+        _drain(client, got, 0.3)
+        agent.publish(_cols("a", 2, range(20, 30)))
+        agent.publish(_cols("a", 3, range(30, 40)))
+        nxt = 5 if last == "scalars" else 4
+        agent.publish(_cols("a", nxt, range(40, 50)))
+        _drain(client, got)
+    finally:
+        client.close()
+    assert _steps(got, "a") == list(range(50))
+    seqs = [m.seq for m in got if m.run == "a"]
+    assert seqs == sorted(set(seqs))  # each seq once, in order
+
+
+def test_a_gap_is_filled_from_the_chunk_that_starts_before_it(agent: FakeAgent) -> None:
+    client = Client([agent.endpoint], snapshot_timeout=5.0)
+    got: list[p.AnyMessage] = []
+    try:
+        agent.answer(client, got, [_cols("a", 0, range(10))], {"a": 0})
+        _drain(client, got, 0.2)
+        _live(agent, client, got, _cols("a", 1, range(10, 20)))
+        _drain(client, got, 0.2)
+        agent.publish(_cols("a", 3, range(30, 40)))  # batch 2 was lost: a gap
+        agent.answer(client, got, [_chunk("a", [0, 1, 2, 3], range(40))], {"a": 3})
+        agent.publish(_cols("a", 4, range(40, 50)))
+        _drain(client, got)
+    finally:
+        client.close()
+    assert client.stats.gaps == 1
+    assert _steps(got, "a") == list(range(50))
+    seqs = [m.seq for m in got if m.run == "a"]
+    assert seqs == sorted(set(seqs))
