@@ -5,6 +5,7 @@ split of the probe, the agreement rules and what each rank computes).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,38 @@ def _layout(blocks: dict[str, LayerGrads]) -> list[int]:
             out += [-1, *shape]
         out.append(-2)
     return out
+
+
+GATHER_BYTES = 64 << 20  # bound on one all-gather's buffer per rank: layers go in groups
+
+
+def _groups(layers: list[LayerGrads], rows: int) -> list[list[LayerGrads]]:
+    """Consecutive layers whose gathered rows fit in :data:`GATHER_BYTES` (one all-gather each;
+    a bigger layer alone)."""
+    out: list[list[LayerGrads]] = []
+    size = 0
+    for layer in layers:
+        n = sum(t[:1].numel() * t.element_size() for t in layer.tensors()) * rows
+        if not out or size + n > GATHER_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(layer)
+        size += n
+    return out
+
+
+def _gather_many(
+    ts: list[Tensor], counts: Sequence[int], device: torch.device | None
+) -> list[Tensor]:
+    """:func:`_gather_rows` of several tensors (same dtype) in one all-gather."""
+    n = ts[0].shape[0]
+    flat = torch.cat([t.reshape(n, -1) for t in ts], dim=1)
+    whole = _gather_rows(flat.to(device) if device is not None else flat, counts)
+    widths = [math.prod(t.shape[1:]) for t in ts]
+    return [
+        part.reshape(whole.shape[0], *t.shape[1:])
+        for part, t in zip(whole.split(widths, dim=1), ts, strict=True)
+    ]
 
 
 def sharded_gram(
@@ -85,16 +118,16 @@ def sharded_gram(
             break
         notes = (*notes, "the ranks chose different gradient forms: exact dense gradients")
     rows: list[Tensor] = []
-    for local in blocks.values():  # the same keys, forms and shapes on every rank
-        parts = [
-            _gather_rows(t.to(device) if device is not None else t, counts) for t in local.tensors()
-        ]
-        try:
-            if error is None:
-                whole = LayerGrads.from_tensors([p.to(local.dense) for p in parts])
-                rows.append(local.cross(whole))
-        except Exception as exc:
-            error = exc
+    for group in _groups(list(blocks.values()), max(counts)):  # the same on every rank
+        flat = [t for local in group for t in local.tensors()]
+        parts = iter(_gather_many(flat, counts, device))
+        for local in group:
+            whole = [next(parts).to(local.dense) for _ in local.tensors()]
+            try:
+                if error is None:
+                    rows.append(local.cross(LayerGrads.from_tensors(whole)))
+            except Exception as exc:
+                error = exc
         del parts
     agree(error, "the Gram rows", device)
     stacked = torch.stack(rows, dim=1)  # (n_r, K, N)

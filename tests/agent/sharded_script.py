@@ -57,6 +57,11 @@ def main() -> None:
     model, (x, y) = build()
     net = nn.parallel.DistributedDataParallel(model) if mode == "sharded" else model
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    if mode == "sharded":
+        import stiffmon_agent.sharded as sh
+
+        sh.GATHER_BYTES = 4000  # layers gathered alone and in groups
+
     if mode == "fail" and rank == 1:
         import stiffmon_agent.distributed as dd
         import stiffmon_agent.sharded as d
