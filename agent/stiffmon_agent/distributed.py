@@ -164,7 +164,7 @@ def agreed(fn: Callable[..., T], args: Sequence[Any], shard: Shard | None, model
         result = fn(*args)
     except Exception as exc:
         error = exc
-    agree(error, getattr(fn, "__name__", "a step"), _device(model))
+    agree(error, getattr(fn, "__name__", "a step"), collective_device(model))
     return result  # type: ignore[return-value]
 
 
@@ -187,7 +187,7 @@ def check_same_setup(
         sum(k for k in range(1, 1001) if schedule.due(k - 1)) for schedule in schedules
     ]  # which of the first 1000 steps each schedule measures
     v = torch.tensor([n, n_train, n_params, checksum, *due], dtype=torch.float64)
-    both = torch.cat([v, -v]).to(_device(model))
+    both = torch.cat([v, -v]).to(collective_device(model))
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     hi, lo = both[: v.numel()].cpu(), -both[v.numel() :].cpu()
     if not torch.allclose(hi, lo, rtol=1e-9, atol=0.0):
@@ -219,7 +219,7 @@ def sharded_check_finite(
         MeasurementSkipped: On every rank, if a weight or a train-probe loss is not finite.
         Exception: On every rank, if the probe forward failed on one.
     """
-    device = _device(model)
+    device = collective_device(model)
     a, b = shard.bounds(probe.n_train)
     bad_params, bad, error = 0.0, 0.0, None
     try:
@@ -247,7 +247,8 @@ def sharded_check_finite(
         )
 
 
-def _device(model: nn.Module) -> torch.device | None:
+def collective_device(model: nn.Module) -> torch.device | None:
+    """Where collective tensors live: the parameters' device under NCCL, else the CPU."""
     q = next(iter(model.parameters()), None)
     if q is None or not dist.is_initialized():
         return None

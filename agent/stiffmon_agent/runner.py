@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from stiffmon_agent.budget import MeasurementBudget
-from stiffmon_agent.distributed import Shard, sharded_check_finite
+from stiffmon_agent.distributed import Shard, collective_device, sharded_check_finite
 from stiffmon_agent.measure import (
     MeasurementSkipped,
     ProbeSet,
@@ -90,13 +90,14 @@ class MeasurementRunner:
 
     def measure(self, kind: str, step: int) -> None:
         """Run the due ``kind`` measurement of ``step`` (every rank calls this when sharded)."""
+        device = collective_device(self.model)
         if self.shard is not None and not self.shard.leader:
-            if self.shard.broadcast_int(0):
+            if self.shard.broadcast_int(0, device):
                 self._follow(kind)
             return
         go = self._decide(kind, step)
         if self.shard is not None:
-            self.shard.broadcast_int(int(go))
+            self.shard.broadcast_int(int(go), device)
         if not go:
             return
         self.flush()  # the steps so far go out before the measurement (seq order)

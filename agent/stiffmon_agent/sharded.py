@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stiffmon_agent.distributed import MatVec, Shard, _device, _gather_rows, agree
+from stiffmon_agent.distributed import MatVec, Shard, _gather_rows, agree, collective_device
 from stiffmon_agent.metrics import capture_activations, measurement_mode
 from stiffmon_agent.metrics.grad_blocks import LayerGrads, per_example_grad_blocks
 from stiffmon_agent.metrics.gram import GramResult
@@ -92,7 +92,7 @@ def sharded_gram(
         The whole G (N × N) on every rank, as :func:`~stiffmon_agent.metrics.per_example_gram`
         gives it in one process (up to rounding).
     """
-    device = _device(model)
+    device = collective_device(model)
     counts = shard.counts(probe.n)
     a, b = shard.bounds(probe.n)
     x, y = take(probe.inputs, slice(a, b)), take(probe.targets, slice(a, b))
@@ -147,7 +147,7 @@ def sharded_activations(
 ) -> dict[str, Tensor]:
     """Activations of ``layers`` on the whole train probe (float64, flattened), each rank
     computing its shard's."""
-    device = _device(model)
+    device = collective_device(model)
     counts = shard.counts(probe.n_train)
     a, b = shard.bounds(probe.n_train)
     acts: dict[str, Tensor] = {}
@@ -194,7 +194,7 @@ class HvpLeader:
         self.like = params[0].detach()
         a, b = shard.bounds(n_train)
         self.weight = (b - a) / n_train
-        self.device = _device(model)
+        self.device = collective_device(model)
         self.finished = False
 
     def _buffer(self, cmd: float, scale: float, v: Tensor | None) -> Tensor:
@@ -253,7 +253,7 @@ def serve_hvps(
     params = list(trainable_parameters(model).values())
     dim = sum(q.numel() for q in params)
     like = params[0].detach()
-    device = _device(model)
+    device = collective_device(model)
     a, b = shard.bounds(probe.n_train)
     weight = (b - a) / probe.n_train
     op: HessianOperator | None = None
