@@ -96,6 +96,8 @@ class LineChart:
         legend: Show a legend (label of every line) when there is more than one labelled line.
         cursor_x: Draw a cursor at this x and the value of every line there.
         x_marks: Symbols on the x axis.
+        x_span: The x range the data belong to (e.g. the runs' steps so far): the axis spans it
+            when the data alone have no extent (a single measurement).
     """
 
     lines: Sequence[Line]
@@ -112,6 +114,7 @@ class LineChart:
     legend: bool = True
     cursor_x: float | None = None
     x_marks: Sequence[XMark] = ()
+    x_span: tuple[float, float] | None = None
     plot_box: tuple[int, int, float, float] | None = None  # set when drawn: left, width, x0, x1
 
     def _bounds(self) -> tuple[float, float, float, float] | None:
@@ -145,6 +148,8 @@ class LineChart:
         if y1 - y0 < 1e-12 * max(1.0, abs(y1)):
             pad = abs(y0) * 0.1 or 1.0
             y0, y1 = y0 - pad, y1 + pad
+        if x1 <= x0 and self.x_span is not None and self.x_span[0] <= x0 <= self.x_span[1]:
+            x0, x1 = self.x_span
         if x1 <= x0:
             x1 = x0 + 1.0
         return x0, x1, y0, y1

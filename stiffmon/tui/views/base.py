@@ -169,6 +169,10 @@ class View:
         """A line chart under the app's toggles (log-y, ASCII, zoom window, cursor)."""
         app = self.app
         kw.setdefault("x_label", "seconds" if app.x_time else "step")
+        runs = self.runs()
+        if runs and "x_span" not in kw:  # one measurement so far: the axis spans the run
+            last = max((rd.last_t - rd.first_t) if app.x_time else rd.last_step for rd in runs)
+            kw["x_span"] = (0.0, float(last))
         return LineChart(
             lines,
             title=title,

@@ -49,8 +49,18 @@ def rules_title(rules: list[str]) -> str:
     """``2/η`` when every run's rule has the same formula, else ``per run (below)``."""
     formulas = {r.split(" (", 1)[0] for r in rules if r and not r.startswith("none")}
     if len(formulas) == 1:
-        return formulas.pop()
-    return "per run (below)" if formulas else "2/η"
+        return f" {formulas.pop()}"
+    if formulas:
+        return " per run (below)"
+    return "" if any(rules) else " 2/η"  # sessions from before rules were sent: SGD's 2/η
+
+
+def deciding_rule(rd: RunData) -> str:
+    """The rule of the threshold the run is judged on: λ1_H's, or the preconditioned one."""
+    rule = threshold_rule(rd)
+    if not rule or rule.startswith("none"):
+        return threshold_rule(rd, "hessian-precond") or rule
+    return rule
 
 
 def be_words(rd: RunData) -> str:
@@ -68,7 +78,8 @@ def be_words(rd: RunData) -> str:
         return ("no break-even" if rd.finished else "no break-even yet") + extra
     why = REASONS.get(be.reason, be.reason)
     tent = ", tentative" if status == "tentative" else ""
-    return f"break-even {be.step:,} ({why}{tent}) λ1_H {be.value:.3g}{extra}"
+    lam = "λ1(P⁻¹H)" if str(getattr(be, "series", "")).endswith("precond") else "λ1_H"
+    return f"break-even {be.step:,} ({why}{tent}) {lam} {be.value:.3g}{extra}"
 
 
 def sharpness_chart(view: View, compact: bool) -> Builder:
@@ -103,11 +114,11 @@ def sharpness_chart(view: View, compact: bool) -> Builder:
                     i = min(len(s) - 1, int(s.steps.searchsorted(cat)))
                     x = view.x_of_step(rd, "sharpness/lambda1_h", cat)
                     markers.append(Marker(x, float(s.values[i]), c, "▲"))
-        rules = [threshold_rule(rd) for rd in view.runs() if rd.series("sharpness/lambda1_h")]
+        rules = [deciding_rule(rd) for rd in view.runs() if rd.series("sharpness/lambda1_h")]
         title = (
             "λ1_H (sharpness)"
             if compact
-            else f"λ1_H per run, ╌ stability threshold {rules_title(rules)}"
+            else f"λ1_H per run, ╌ stability threshold{rules_title(rules)}"
         )
         return view.chart(
             lines,
@@ -144,7 +155,7 @@ class Sharpness(View):
             sym = {"confirmed": "◆", "tentative": "◇"}.get(status, "·")
             words = f"{sym} {rd.name}: {be_words(rd)}"
             rule, prule = threshold_rule(rd), threshold_rule(rd, "hessian-precond")
-            if rule:
+            if rule and not (rule.startswith("none") and prule):
                 words += f"; threshold {rule}"
             if prule:
                 words += f"; preconditioned {prule}"

@@ -101,3 +101,10 @@ async def test_the_threshold_rule_is_shown_in_the_title_and_per_run() -> None:
         await pilot.press("4")
         await pilot.pause()
         assert "stability threshold per run (below)" in screen_text(app)
+    store3 = Store()  # AdamW: no rule for λ1_H, the preconditioned one decides
+    _sharp_run(store3, "a", "none: AdamW is adaptive", "(2+2β1)/((1-β1)η) (AdamW, group 0)")
+    app = StiffmonApp(store=store3, clock=lambda: 0.0)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await pilot.press("4")
+        await pilot.pause()
+        assert "stability threshold (2+2β1)/((1-β1)η)" in screen_text(app)
