@@ -296,7 +296,8 @@ def test_ddp_two_gloo_processes(procs: Procs, tmp_path: Path) -> None:
     script.write_text(_DDP)
     port = free_port_pair()
     rec = tmp_path / "ddp.stiff"
-    ps = [procs.start(str(script), str(r), str(port), str(rec)) for r in (0, 1)]
+    env = {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'agent'}"}  # this tree's agent
+    ps = [procs.start(str(script), str(r), str(port), str(rec), env=env) for r in (0, 1)]
     outs = []
     for proc in ps:
         out, err = proc.communicate(timeout=120)
