@@ -12,7 +12,7 @@ smaller of two forms (:class:`LayerGrads`), which are exchanged layer by layer:
   cost model as the one-process Gram (:mod:`~stiffmon_agent.metrics.gram.plan`) at the global N,
   from shapes alone, so every process makes the same choice.
 
-Layers with a hook rule (linear, conv, norms) get them from one forward and backward pass per
+Layers with a hook rule (linear, conv, norms, attention) get them from one forward and backward pass per
 chunk; embeddings and every other parameter get exact ``vmap(grad)`` gradients (else the
 per-example loop). The same safety net as the Gram's checks diagonal and off-diagonal entries
 against single-example backward passes and redoes everything exactly (dense) on a mismatch, with
@@ -123,14 +123,11 @@ def _is_embedding(mod: nn.Module) -> bool:
 
 
 def block_keys(model: nn.Module) -> dict[str, str]:
-    """Parameter name → layer key: the hooked module's name, else the parameter's module prefix
-    (``"(root)"`` for the model's own parameters). Static: the same in every process."""
-    hooked: dict[str, str] = {}
-    for mname, layer in _hookable(model).items():
-        for pname in layer.params:
-            hooked[f"{mname}.{pname}" if mname else pname] = mname
+    """Parameter name → layer key: the name of the module owning the parameter (``"(root)"`` for
+    the model's own parameters; ``out_proj`` apart from its ``MultiheadAttention``, as in
+    :func:`~stiffmon_agent.metrics.gram.per_example_gram`). Static: the same in every process."""
     return {
-        name: hooked.get(name, name.rsplit(".", 1)[0] if "." in name else "(root)")
+        name: name.rsplit(".", 1)[0] if "." in name else "(root)"
         for name in trainable_parameters(model)
     }
 
