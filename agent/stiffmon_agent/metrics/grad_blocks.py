@@ -12,8 +12,8 @@ smaller of two forms (:class:`LayerGrads`), which are exchanged layer by layer:
   cost model as the one-process Gram (:mod:`~stiffmon_agent.metrics.gram.plan`) at the global N,
   from shapes alone, so every process makes the same choice.
 
-Layers with a hook rule (linear, conv, norms, attention) get them from one forward and backward pass per
-chunk; embeddings and every other parameter get exact ``vmap(grad)`` gradients (else the
+Layers with a hook rule (linear, conv, norms, attention) get them from one forward and backward
+pass per chunk; embeddings and every other parameter get exact ``vmap(grad)`` gradients (else the
 per-example loop). The same safety net as the Gram's checks diagonal and off-diagonal entries
 against single-example backward passes and redoes everything exactly (dense) on a mismatch, with
 a warning. Keys are those of :func:`~stiffmon_agent.metrics.gram.per_example_gram`'s ``layers``.
