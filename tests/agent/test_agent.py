@@ -301,7 +301,10 @@ def test_ddp_two_gloo_processes(procs: Procs, tmp_path: Path) -> None:
     outs = []
     for proc in ps:
         out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
+        # gloo may abort a rank in destroy_process_group after all the work (under load, rarely,
+        # even after a barrier); the work itself must be done and is checked below
+        teardown = "enabled" in out and "terminate called without an active exception" in err
+        assert proc.returncode == 0 or teardown, err
         outs.append(out)
     assert "rank 0 enabled True" in outs[0] and "rank 1 enabled False" in outs[1]
     assert not Path(f"{rec}.1").exists()  # rank 1 is a no-op

@@ -77,8 +77,21 @@ def group() -> Iterator[Group]:
         proc.communicate(timeout=10)
 
 
-def finish(proc: subprocess.Popen[str], timeout: float = 150) -> str:
+GLOO_TEARDOWN = "terminate called without an active exception"
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 150, ranks: int = 0) -> str:
+    """Wait for ``proc``; it must succeed.
+
+    With ``ranks``, one known failure is tolerated: gloo aborting a rank in
+    ``destroy_process_group`` after every rank printed ``rank r done`` (under load, rarely, even
+    after a barrier: one rank tears its connections down while the other is still leaving the
+    barrier). All the work is done and checked by then; anything else fails the test.
+    """
     out, err = proc.communicate(timeout=timeout)
+    done = all(f"rank {r} done" in out for r in range(ranks)) if ranks else False
+    if proc.returncode != 0 and done and GLOO_TEARDOWN in err:
+        return out
     assert proc.returncode == 0, err[-3000:]
     return out
 
@@ -110,7 +123,7 @@ def test_two_processes_measure_what_one_process_measures(group: Group, tmp_path:
         group.torchrun(str(SCRIPT), str(sharded), "sharded"),
         group.start(str(SCRIPT), str(ref), "reference"),
     ]
-    outs = [finish(proc) for proc in runs]
+    outs = [finish(proc, ranks=r) for proc, r in zip(runs, (2, 1), strict=True)]
     assert "rank 0 done, disabled: []" in outs[0] and "rank 1 done, disabled: []" in outs[0]
     got, want = heavy(sharded), heavy(ref)
     assert set(got) == set(want)
@@ -144,7 +157,7 @@ def test_two_processes_measure_what_one_process_measures(group: Group, tmp_path:
 
 def test_a_rank_failing_leaves_nobody_waiting(group: Group, tmp_path: Path) -> None:
     rec = tmp_path / "fail.stiff"
-    out = finish(group.torchrun(str(SCRIPT), str(rec), "fail"))
+    out = finish(group.torchrun(str(SCRIPT), str(rec), "fail"), ranks=2)
     assert "rank 0 done, disabled: ['density', 'gram', 'sharpness']" in out
     events = [m for m in read_session(rec)[0] if isinstance(m, p.Event)]
     skipped = [(e.step, e.attrs.get("metric")) for e in events if e.code == "measurement-skipped"]
