@@ -2,9 +2,11 @@
 
     torchrun --nproc_per_node 2 demos/ddp_run.py --steps 300       # then: stiffmon watch
 
-Only rank 0 measures and publishes (``Agent(..., rank0_only=True)``, the default); the other
-ranks' agents are no-ops, so the same script runs unchanged on every rank. Without torchrun the
-script starts its two processes itself (``--spawn``).
+Every rank builds the same agent with the same global probe and ``distributed=True``: each rank
+measures its share of the probe (its rows of the Gram matrix, its part of every Hessian-vector
+product), rank 0 assembles the results and alone publishes. ``--rank0-only`` measures on rank 0
+alone instead (the other ranks' agents are no-ops and wait in their next all-reduce). Without
+torchrun the script starts its two processes itself (``--spawn``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
         record=args.record,
         class_names=data.class_names,
         batch_size=args.batch_size * world,
+        distributed=not args.rank0_only,
     )
     g = torch.Generator().manual_seed(rank)
     for _ in range(args.steps):
@@ -71,6 +74,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="per rank")
     ap.add_argument("--endpoint", default=None)
     ap.add_argument("--record", default=None)
+    ap.add_argument("--rank0-only", action="store_true", help="measure on rank 0 alone")
     ap.add_argument("--spawn", type=int, default=0, help="start N processes without torchrun")
     args = ap.parse_args()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

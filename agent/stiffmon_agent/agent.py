@@ -6,7 +6,8 @@ The agent composes *when* (:mod:`~stiffmon_agent.schedules`), *what*
 thread). It never blocks, crashes or noticeably slows the training loop: socket work happens on
 the background thread behind a bounded queue; an exception inside a metric becomes an ``event``
 and disables that metric; a NaN loss becomes an ``event``; heavy measurements are skipped when
-they would take more than ``overhead_cap`` of the wall time.
+they would take more than ``overhead_cap`` of the wall time. Under torch.distributed with
+``distributed=True`` every rank measures its share of the probe (:mod:`~stiffmon_agent.runner`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import os
 import socket
 import time
-import traceback
 import uuid
 import weakref
 from collections.abc import Sequence
@@ -27,23 +27,23 @@ from torch import Tensor, nn
 
 from stiffmon import protocol as p
 from stiffmon.registry import unregister
-from stiffmon.transport import CurveKeys, load_curve_server
-from stiffmon_agent.announce import dist_rank, hello_fields, register_locally
+from stiffmon.transport import CurveKeys
+from stiffmon_agent import distributed as sharding
+from stiffmon_agent.announce import dist_rank, hello_fields, register_locally, start_publisher
 from stiffmon_agent.budget import MeasurementBudget
 from stiffmon_agent.columns import Accuracy, ColumnBatcher, RawColumns
-from stiffmon_agent.measure import (
-    MeasurementSkipped,
+from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from here: patchable)
     ProbeSet,
     SharpnessState,
-    check_finite,
     gram_messages,
     make_probe,
     sharpness_messages,
 )
-from stiffmon_agent.measure_curvature import density_messages
+from stiffmon_agent.measure_curvature import density_messages  # noqa: F401
 from stiffmon_agent.measure_options import MeasureOptions
-from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, loss_reduction
+from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
 from stiffmon_agent.publisher import Outgoing, Publisher
+from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, Schedule, parse_schedule
 from stiffmon_agent.step_scalars import optimizer_columns, optimizer_config
 from stiffmon_agent.userlog import custom_scalars
@@ -108,7 +108,12 @@ class Agent:
             sum-reduced loss (B × the per-example mean). None: taken from the logits passed to
             :meth:`step` (their first dimension) and published with every step as the scalar
             ``batch_size``.
-        rank0_only: Under torch.distributed, only rank 0 measures and publishes.
+        rank0_only: Under torch.distributed, only rank 0 publishes (and, unless
+            ``distributed``, measures: the other ranks' agents are no-ops).
+        distributed: Shard the heavy measurements over the torch.distributed ranks: every rank
+            creates the agent with the same arguments (the same global probe) and calls
+            ``step()``; each measures its share, rank 0 assembles and publishes. Off by default
+            (an agent made on rank 0 only must not wait); one process: no change.
         curve_keys: Directory from ``stiffmon keys``: require CURVE authentication.
         fsync: fsync policy of the session file (``"never"``, ``"always"`` or seconds).
         queue_size: Bound of the queue to the publisher thread.
@@ -148,18 +153,21 @@ class Agent:
         chunk_size: int | None = 128,
         batch_size: int | None = None,
         rank0_only: bool = True,
+        distributed: bool = False,
         curve_keys: str | os.PathLike[str] | CurveKeys | None = None,
         fsync: Any = "never",
         queue_size: int = 10_000,
         max_scalar_history: int = 100_000,
         registry: bool = True,
     ) -> None:
-        self.model = model
+        self.model = sharding.unwrap(model)  # measuring never runs DDP's all-reduce hooks
         self.loss_fn = loss_fn
         self.optimizer = optimizer
         self.forward = forward
         self.rank = dist_rank()
-        self.enabled = not (rank0_only and self.rank != 0)
+        self.enabled = not (rank0_only and self.rank != 0)  # publishes
+        self.shard = sharding.current_shard(distributed)
+        sharding.check_measurable(self.model, probe is not None, self.shard, rank0_only)
         self.step_count = 0
         self.closed = False
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -181,10 +189,7 @@ class Agent:
             tuple(batch_test_theta),
             chunk_size,
         )
-        self._disabled: dict[str, str] = {}
-        self._warm: Tensor | None = None
         self._sharp_state = SharpnessState(batch_size=batch_size)
-        self._gen = torch.Generator().manual_seed(0)
         self._batch_size = batch_size
         self._log_warned: set[str] = set()
         self._budget = MeasurementBudget(overhead_cap, self._publishing_seconds, self.event)
@@ -192,26 +197,35 @@ class Agent:
         self.probe: ProbeSet | None = None
         self.publisher: Publisher | None = None
         self._columns = ColumnBatcher(self._submit_columns)
-        if not self.enabled:
+        self._runner: MeasurementRunner | None = None
+        if not self.enabled and self.shard is None:
             return
         device = next((q.device for q in model.parameters()), None)
         if probe is not None:
             dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
-            self.probe = make_probe(probe, val_probe, device, num_classes, class_names, dtype)
-        keys = (
-            load_curve_server(curve_keys)
-            if isinstance(curve_keys, str | os.PathLike)
-            else curve_keys
-        )
-        self.publisher = Publisher(
-            self.run_id,
-            endpoint=endpoint,
-            record=record,
-            fsync=fsync,
-            queue_size=queue_size,
-            max_scalar_history=max_scalar_history,
-            curve=keys,
-            warn=log.warning,
+            args = (probe, val_probe, device, num_classes, class_names, dtype)
+            self.probe = sharding.agreed(make_probe, args, self.shard, self.model)
+        if self.shard is not None:  # every rank: a rank without the probe must not hang
+            sharding.check_same_setup(self.model, self.probe, self._schedules())
+        if self.probe is not None:
+            self._runner = MeasurementRunner(
+                self.model,
+                loss_fn,
+                optimizer,
+                self.probe,
+                forward,
+                self._opts,
+                self._budget,
+                self._sharp_state,
+                lambda m: self.publisher.submit(m) if self.publisher is not None else None,
+                self.event,
+                self._columns.flush,
+                self.shard,
+            )
+        if not self.enabled:
+            return
+        self.publisher = start_publisher(
+            self.run_id, endpoint, record, fsync, queue_size, max_scalar_history, curve_keys
         )
         self.publisher.on_wake = lambda: self._columns.flush(older_than=self._columns.interval)
         self.publisher.start()
@@ -224,9 +238,9 @@ class Agent:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)
         where = f"publishing on {self.endpoint}" if self.endpoint else "not publishing"
-        log.info(
-            f"stiffmon: run '{self.name}' {where}" + (f", recording to {record}" if record else "")
-        )
+        where += f", recording to {record}" if record else ""
+        where += f", measuring over {self.shard.world} ranks" if self.shard else ""
+        log.info(f"stiffmon: run '{self.name}' {where}")
 
     # ------------------------------------------------------------------ helpers
 
@@ -266,7 +280,13 @@ class Agent:
             logits: Optional model outputs of the step, for the accuracy.
             targets: Optional class targets matching ``logits``.
         """
-        if not self.enabled or self.closed:
+        if self.closed:
+            return
+        if not self.enabled:  # a non-zero rank: its share of the sharded measurements only
+            if self._runner is not None:
+                for kind in self._due(self.step_count):
+                    self._runner.measure(kind, self.step_count)
+            self.step_count += 1
             return
         s = self.step_count
         names = ["loss"]
@@ -283,20 +303,22 @@ class Agent:
             values.append(logits.shape[0])
         # step_time is not sent: the monitor derives it from consecutive row times
         self._columns.add(s, time.time(), tuple(names), values)
-        if self.probe is not None:
-            schedules = (
-                ("gram", self._gram_schedule),
-                ("sharpness", self._sharp_schedule),
-                ("density", self._density_schedule),
-            )
-            due = [kind for kind, schedule in schedules if schedule.due(s)]
+        if self._runner is not None:
+            due = self._due(s)
             for kind in due:
-                self._measure(kind, s)
+                self._runner.measure(kind, s)
             if due:
                 cov = self._budget.coverage_scalars(due)
                 fields = {"values_names": list(cov), "values_raw": list(cov.values())}
                 self._submit(p.Scalars, fields, step=s)
         self.step_count = s + 1
+
+    def _schedules(self) -> tuple[Schedule, Schedule, Schedule]:
+        return self._gram_schedule, self._sharp_schedule, self._density_schedule
+
+    def _due(self, step: int) -> list[str]:
+        kinds = ("gram", "sharpness", "density")
+        return [k for k, s in zip(kinds, self._schedules(), strict=True) if s.due(step)]
 
     def log(self, step: int | None = None, **values: Any) -> None:
         """Publish scalars of your own (validation loss, accuracy, ...) as ``custom/<name>``.
@@ -326,111 +348,18 @@ class Agent:
                 self._log_warned.add("")
                 log.warning(f"stiffmon: Agent.log failed: {exc}")
 
-    def _measure(self, kind: str, step: int) -> None:
-        if kind in self._disabled:
-            self._budget.skip(kind, "disabled")
-            return
-        if not self._budget.within(kind, step):
-            self._budget.skipped += 1
-            self._budget.skip(kind, "overhead-cap")
-            return
-        assert self.probe is not None
-        self._columns.flush()  # the steps so far go out before the measurement (seq order)
-        t0 = time.perf_counter()
-        try:
-            check_finite(self.model, self.loss_fn, self.probe, self.forward)
-            if kind == "gram":
-                msgs = gram_messages(
-                    self.model,
-                    self.loss_fn,
-                    self.probe,
-                    step,
-                    forward=self.forward,
-                    **self._opts.gram(),
-                )
-            elif kind == "density":
-                msgs = density_messages(
-                    self.model,
-                    self.loss_fn,
-                    self.probe,
-                    step,
-                    forward=self.forward,
-                    generator=self._gen,
-                    **self._opts.density(),
-                    scale=self._objective_scale(),
-                )
-            else:
-                msgs, self._warm = sharpness_messages(
-                    self.model,
-                    self.loss_fn,
-                    self.probe,
-                    step,
-                    self.optimizer,
-                    forward=self.forward,
-                    warm_start=self._warm,
-                    generator=self._gen,
-                    **self._opts.sharpness(),
-                    state=self._sharp_state,
-                )
-        except MeasurementSkipped as exc:
-            log.info(f"stiffmon: {kind} measurement at step {step} skipped: {exc}")
-            self.event(
-                "measurement-skipped",
-                f"{kind} at step {step} skipped: {exc}",
-                level="warning",
-                metric=kind,
-            )
-            return
-        except Exception as exc:
-            self._disable(kind, exc)
-            self._budget.failed(kind)  # the metric-error event says why
-            return
-        finally:
-            self._budget.record_cost(kind, time.perf_counter() - t0)
-        self._budget.done(kind)
-        for m in msgs:
-            self.publisher.submit(m)  # type: ignore[union-attr]
-
     def _publishing_seconds(self) -> float:
         return self.publisher.cpu_seconds if self.publisher is not None else 0.0
-
-    def _objective_scale(self) -> float:
-        """B for a sum-reduced loss with a known batch size, else 1 (as the sharpness uses)."""
-        b = self._sharp_state.batch_size
-        return float(b) if loss_reduction(self.loss_fn) == "sum" and b else 1.0
-
-    def _disable(self, kind: str, exc: BaseException) -> None:
-        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        detail = f"{type(exc).__name__}: {exc}" + (
-            f" ({where.filename}:{where.lineno})" if where else ""
-        )
-        self._disabled[kind] = detail
-        log.warning(f"stiffmon: {kind} metric failed and is disabled, training goes on: {detail}")
-        self.event("metric-error", f"{kind} failed: {detail}", level="error", metric=kind)
-        self.event(
-            "metric-disabled",
-            f"{kind} disabled for the rest of the run",
-            level="warning",
-            metric=kind,
-        )
 
     @property
     def disabled(self) -> dict[str, str]:
         """Metrics disabled after an error, with the reason."""
-        return dict(self._disabled)
+        return dict(self._runner.disabled) if self._runner is not None else {}
 
     # the budget's figures, under the names they had on the agent
-    @property
-    def _start(self) -> float:
-        return self._budget.start
-
-    @property
-    def _measure_seconds(self) -> float:
-        return self._budget.measure_seconds
-
-    @property
-    def _last_cost(self) -> dict[str, float]:
-        return self._budget.last_cost
+    _start = property(lambda self: self._budget.start)
+    _measure_seconds = property(lambda self: self._budget.measure_seconds)
+    _last_cost = property(lambda self: self._budget.last_cost)
 
     @property
     def dropped(self) -> int:

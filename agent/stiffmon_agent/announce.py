@@ -2,7 +2,8 @@
 
 * :func:`dist_rank`: the torch.distributed rank (0 when not distributed);
 * :func:`hello_fields`: the fields of the run's ``hello`` message;
-* :func:`register_locally`: a registry entry so ``stiffmon watch`` finds the run.
+* :func:`register_locally`: a registry entry so ``stiffmon watch`` finds the run;
+* :func:`start_publisher`: the publisher (sockets, session file), not yet started.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from torch import nn
 
 from stiffmon import __version__
 from stiffmon.registry import RunEntry, register
+from stiffmon.transport import CurveKeys, load_curve_server
 from stiffmon_agent.probe_set import ProbeSet
+from stiffmon_agent.publisher import Publisher
 
 log = logging.getLogger("stiffmon_agent")
 
@@ -81,3 +84,28 @@ def register_locally(run_id: str, name: str, endpoint: Any) -> str | None:
         log.warning(f"stiffmon: could not register the run locally: {exc}")
         return None
     return run_id
+
+
+def start_publisher(
+    run_id: str,
+    endpoint: str | None,
+    record: str | os.PathLike[str] | None,
+    fsync: Any,
+    queue_size: int,
+    max_scalar_history: int,
+    curve_keys: str | os.PathLike[str] | CurveKeys | None,
+) -> Publisher:
+    """The run's publisher, with the CURVE keys loaded from a directory if one is given."""
+    keys = (
+        load_curve_server(curve_keys) if isinstance(curve_keys, str | os.PathLike) else curve_keys
+    )
+    return Publisher(
+        run_id,
+        endpoint=endpoint,
+        record=record,
+        fsync=fsync,
+        queue_size=queue_size,
+        max_scalar_history=max_scalar_history,
+        curve=keys,
+        warn=log.warning,
+    )

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from stiffmon import protocol as p
 from stiffmon_agent.measure_curvature import gradient_test_scalars
 from stiffmon_agent.metrics import (
+    HessianOperator,
     StabilityThreshold,
     capture_activations,
     cosine_stiffness,
@@ -50,7 +51,9 @@ from stiffmon_agent.metrics import (
     stiffness_vs_distance,
     trainable_parameters,
 )
+from stiffmon_agent.metrics.gram import GramResult
 from stiffmon_agent.metrics.probe import (
+    Batch,
     ForwardFn,
     LossFn,
     loss_reduction,
@@ -84,12 +87,19 @@ def gram_messages(
     noise_k: int = 5,
     chunk_size: int | None = 128,
     batch_test_theta: tuple[float, float, float] = (0.9, 0.9, 5.84),
+    gram: GramResult | None = None,
+    activations: dict[str, Tensor] | None = None,
 ) -> list[Outgoing]:
-    """Stiffness, gradient noise, gradient tests, stiffness-vs-distance from one Gram matrix."""
+    """Stiffness, gradient noise, gradient tests, stiffness-vs-distance from one Gram matrix.
+
+    ``gram`` and ``activations`` (of ``distance_layers`` on the train probe) are computed here
+    unless given (the sharded measurement assembles them over the ranks).
+    """
     t = time.time()
-    gram = per_example_gram(
-        model, probe.inputs, probe.targets, loss_fn, forward=forward, chunk_size=chunk_size
-    )
+    if gram is None:
+        gram = per_example_gram(
+            model, probe.inputs, probe.targets, loss_fn, forward=forward, chunk_size=chunk_size
+        )
     g = gram.total.detach().double().cpu()
     out: list[Outgoing] = []
     scalars: dict[str, float] = {}
@@ -161,7 +171,9 @@ def gram_messages(
     if isinstance(train_x, Tensor) and train_x.is_floating_point():
         spaces["input"] = train_x.detach().double().cpu()
     if distance_layers:
-        acts = capture_activations(model, train_x, list(distance_layers), forward=forward)
+        acts = activations
+        if acts is None:
+            acts = capture_activations(model, train_x, list(distance_layers), forward=forward)
         spaces.update({k: v.double().cpu() for k, v in acts.items()})
     for space, feats in spaces.items():
         curve = stiffness_vs_distance(
@@ -232,6 +244,8 @@ def sharpness_messages(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     state: SharpnessState | None = None,
+    train: tuple[Batch, Batch] | None = None,
+    wrap: Callable[[HessianOperator], Callable[[Tensor], Tensor]] | None = None,
 ) -> tuple[list[Outgoing], Tensor]:
     """λ1_H (and top-k) of the training objective on the train probe, warm-started.
 
@@ -239,6 +253,10 @@ def sharpness_messages(
     one (B from ``state.batch_size``; unknown B: the per-example mean, a NaN threshold and an
     event). The threshold is the most restrictive param group's at the current learning rates.
     For Adam / AdamW / RMSprop also λ1(P⁻¹H) against its preconditioned threshold.
+
+    ``train`` is the examples this process computes (default: the train probe) and ``wrap``
+    turns its Hessian operator into the H v solved for (sharded measurement:
+    :class:`~stiffmon_agent.distributed.HvpLeader`).
 
     Returns:
         The messages (``spectrum`` ``hessian`` [and ``hessian-precond``], ``scalars``, and
@@ -249,7 +267,7 @@ def sharpness_messages(
     if warm_start is not None:
         state.warm = warm_start
     t = time.time()
-    x, y = probe.train()
+    x, y = train if train is not None else probe.train()
     out: list[Outgoing] = []
 
     def note(code: str, message: str, level: str = "info") -> None:
@@ -278,6 +296,7 @@ def sharpness_messages(
         "chunk_size": chunk_size,
         "generator": generator,
         "scale": scale,
+        "wrap": wrap,
     }
     res = hessian_eigen(model, x, y, loss_fn, warm_start=state.warm, **common)  # type: ignore[arg-type]
     state.warm = res.warm_start.detach()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,12 +28,13 @@ from torch import Tensor, nn
 from stiffmon import protocol as p
 from stiffmon_agent.metrics import HessianOperator, gradient_tests, measurement_mode
 from stiffmon_agent.metrics.density import spectral_density
+from stiffmon_agent.metrics.eigen import MatVec
 from stiffmon_agent.metrics.gradient_tests import (
     DEFAULT_NU_ORTHO,
     DEFAULT_THETA_INNER,
     DEFAULT_THETA_NORM,
 )
-from stiffmon_agent.metrics.probe import ForwardFn, LossFn
+from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
 from stiffmon_agent.publisher import Outgoing
 
 if TYPE_CHECKING:  # measure imports this module for the gradient tests
@@ -81,6 +83,8 @@ def density_messages(
     chunk_size: int | None = None,
     generator: torch.Generator | None = None,
     scale: float = 1.0,
+    train: tuple[Batch, Batch] | None = None,
+    wrap: Callable[[HessianOperator], MatVec] | None = None,
 ) -> list[Outgoing]:
     """Spectral density (SLQ) and Hutchinson trace of the train-probe Hessian.
 
@@ -102,15 +106,18 @@ def density_messages(
         generator: Random generator for the probe vectors.
         scale: The objective is ``scale`` × the per-example mean (B for a sum-reduced loss,
             as in the sharpness measurement).
+        train: The examples this process computes (sharded: its shard); default the train probe.
+        wrap: Turns the operator into the H v measured (see
+            :func:`~stiffmon_agent.metrics.sharpness.hessian_eigen`).
     """
     t = time.time()
-    x, y = probe.train()
+    x, y = train if train is not None else probe.train()
     with measurement_mode(model):
         op = HessianOperator(
             model, x, y, loss_fn, forward=forward, chunk_size=chunk_size, scale=scale
         )
         res = spectral_density(
-            op,
+            op if wrap is None else wrap(op),
             op.dim,
             runs=runs,
             steps=steps,

@@ -17,12 +17,20 @@ process):
    batches against one message per step.
 5. Snapshot for a late joiner: every step of a 1M-step history (target ≤ 1 s), against the old
    per-step history of 100k messages.
+6. Sharded measurement: the median wall time of each heavy measurement (Gram, sharpness,
+   density) on the demo CNN with its probe, under ``torchrun`` with 1 process (the one-process
+   agent: the baseline) and with 2 gloo processes sharing the probe (``distributed=True``;
+   target ~1/2 of the time where the machine has a core per process).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -252,6 +260,21 @@ def snapshot_time(steps: int, per_step_messages: bool) -> tuple[float, int, int]
     return elapsed, n, rows
 
 
+def sharded_times(world: int, repeats: int, per_class: int, channels: int) -> dict[str, float]:
+    """Median seconds of each measurement kind with ``world`` processes (rank 0's wall time)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'agent'}"}
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
+    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port_pair())]
+    cmd += ["-m", "tests.benchmarks.sharded_worker", str(repeats), str(per_class), str(channels)]
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    line = next((x for x in run.stdout.splitlines() if x.startswith("{")), None)
+    if run.returncode or line is None:
+        raise RuntimeError(f"sharded benchmark failed: {run.stderr[-2000:]}")
+    return json.loads(line)  # type: ignore[no-any-return]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         prog="python -m tests.benchmarks.agent",
@@ -326,6 +349,19 @@ def main() -> None:
         f"    snapshot, columnar, {big:,}-step history: {t * 1e3:.0f} ms for {msgs:,} messages "
         f"({rows:,} steps)  (target <= 1 s)"
     )
+    repeats = 2 if q else 5
+    for per_class, channels in ((20, 16),) if q else ((20, 16), (50, 32)):
+        one = sharded_times(1, repeats, per_class, channels)
+        two = sharded_times(2, repeats, per_class, channels)
+        print(
+            f"\n[6] sharded measurement, demo CNN ({channels} channels), probe of {one['n']} "
+            f"examples, median of {repeats}, 1 process vs 2 gloo processes (OMP threads 1 each)"
+        )
+        for kind in ("gram", "sharpness", "density"):
+            print(
+                f"    {kind:9s}: {one[kind] * 1e3:8.0f} ms  vs  {two[kind] * 1e3:8.0f} ms: "
+                f"ratio {two[kind] / one[kind]:.2f}  (target ~0.5 with a core per process)"
+            )
 
 
 if __name__ == "__main__":

@@ -229,6 +229,7 @@ def hessian_eigen(
     generator: torch.Generator | None = None,
     scale: float = 1.0,
     preconditioner: Tensor | None = None,
+    wrap: Callable[[HessianOperator], Callable[[Tensor], Tensor]] | None = None,
 ) -> EigenResult:
     """Top-k Hessian eigenvalues λ1_H ≥ λ2_H ≥ … of the probe objective.
 
@@ -252,6 +253,9 @@ def hessian_eigen(
         preconditioner: Flat diagonal P (length P, positive; ``inf`` for parameters the
             optimizer does not move): the eigenvalues are then those of P⁻¹H, computed on the
             symmetric D H D with D = P^{-1/2}; the eigenvectors returned are those of D H D.
+        wrap: Turns the operator into the H v that is solved for (sharded measurement: the
+            operator holds this process's examples and ``wrap`` sums the products of every
+            process, :class:`~stiffmon_agent.distributed.HvpLeader`); None: the operator itself.
 
     Returns:
         Eigenvalues (largest first), eigenvectors, the start block for the next warm start
@@ -268,14 +272,15 @@ def hessian_eigen(
             backend=backend,
             scale=scale,
         )
-        matvec: Callable[[Tensor], Tensor] = op
+        hv: Callable[[Tensor], Tensor] = op if wrap is None else wrap(op)
+        matvec = hv
         if preconditioner is not None:
             if preconditioner.shape != (op.dim,):
                 raise ValueError(f"preconditioner has shape {tuple(preconditioner.shape)}")
             d = preconditioner.detach().to(op.like).rsqrt()
 
             def matvec(v: Tensor) -> Tensor:
-                return d * op(d * v)
+                return d * hv(d * v)
 
         solver = lanczos if method == "lanczos" else power_iteration
         return solver(

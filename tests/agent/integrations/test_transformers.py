@@ -89,8 +89,8 @@ def tiny_bert() -> torch.nn.Module:
         label2id={"one": 0, "two": 1, "three": 2},
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        # Sharpness needs double backward, which torch's CPU flash attention lacks.
-        attn_implementation="eager",
+        # the default attention implementation (SDPA): measurements select its math backend,
+        # which has the double backward that sharpness needs
     )
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(config)

@@ -5,19 +5,20 @@ g_i = ∇_θ L_i is the gradient of example i's contribution to the training obj
 splits into one block per layer l.
 
 Layers with a registered rule (:mod:`.rules`: :mod:`.linear`, :mod:`.conv`, :mod:`.embedding`,
-:mod:`.norms`) take the hook path: one forward and one backward pass per chunk give each layer's
-inputs a_i[t] and output gradients b_i[t] (:mod:`.hooks`); per layer :mod:`.plan` takes the
-cheaper of the ghost form Σ_{t,s} (a_i[t]·a_j[s]) (b_i[t]·b_j[s]) and materialised per-layer
-gradients Σ_t b_i[t] a_i[t]ᵀ (Bu et al. 2022); :mod:`.contract` holds the contractions.
+:mod:`.norms`, :mod:`.attention`) take the hook path: one forward and one backward pass per
+chunk give each layer's inputs a_i[t] and output gradients b_i[t] (:mod:`.hooks`); per layer
+:mod:`.plan` takes the cheaper of the ghost form Σ_{t,s} (a_i[t]·a_j[s]) (b_i[t]·b_j[s]) and
+materialised per-layer gradients Σ_t b_i[t] a_i[t]ᵀ (Bu et al. 2022); :mod:`.contract` holds the
+contractions.
 
-Parameters of any other module (attention projections, GroupNorm, custom modules, raw
-parameters), parameters shared between modules (weight tying) and layers inside modules that are
-not batch-first get exact per-example gradients from ``torch.func.vmap(grad)`` restricted to
-just those parameters (:mod:`.vmap`), and where vmap cannot run (RNNs, ``Embedding(max_norm)``)
-from a per-example loop of backward passes (:mod:`.loop`). The safety net (:mod:`.verify`)
-checks several diagonal entries and an off-diagonal entry of a fast Gram against single-example
-backward passes and falls back to the exact paths on a mismatch, with a warning. The
-measurement runs in eval mode and leaves the model as it was
+Parameters of any other module (GroupNorm, custom modules, raw parameters), parameters shared
+between modules (weight tying) and layers inside modules that are not batch-first get exact
+per-example gradients from ``torch.func.vmap(grad)`` restricted to just those parameters
+(:mod:`.vmap`), and where vmap cannot run (RNNs, ``Embedding(max_norm)``) from a per-example
+loop of backward passes (:mod:`.loop`). The safety net (:mod:`.verify`) checks several diagonal
+entries and an off-diagonal entry of a fast Gram against single-example backward passes and
+falls back to the exact paths on a mismatch, with a warning. The measurement runs in eval mode
+and leaves the model as it was
 (:func:`~stiffmon_agent.metrics.state.measurement_mode`).
 """
 
@@ -31,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 # the per-family rules register themselves on import
-from stiffmon_agent.metrics.gram import conv, embedding, linear, norms  # noqa: F401
-from stiffmon_agent.metrics.gram.contract import cat, embedding_gram, ghost_gram
+from stiffmon_agent.metrics.gram import attention, conv, embedding, linear, norms  # noqa: F401
+from stiffmon_agent.metrics.gram.contract import cat, embedding_gram, ghost_gram, rows_gram
 from stiffmon_agent.metrics.gram.hooks import hook_pass
 from stiffmon_agent.metrics.gram.loop import loop_grads
 from stiffmon_agent.metrics.gram.plan import Block, Layer, Method, gram_flops_estimate, plan
@@ -82,8 +83,7 @@ def _module_prefix(param_name: str) -> str:
 
 def _block_gram(block: Block) -> Tensor:
     if block.kind == "dense" or block.method == "materialise":
-        m = cat(block.grads)
-        return m @ m.T
+        return rows_gram(block.grads)
     a, b = cat(block.a), cat(block.b)
     return embedding_gram(a, b) if block.kind == "embedding" else ghost_gram(a, b)
 
@@ -205,13 +205,16 @@ def _gram(
     blocks: dict[str, Tensor] = {}
     methods: dict[str, str] = {}
     for name, layer in layers.items():
-        blocks[name] = torch.stack([_block_gram(b) for b in layer.blocks.values()]).sum(0)
-        w = layer.blocks.get("weight")
-        methods[name] = w.method if w is not None and w.method else "materialise"
+        for pname, block in layer.blocks.items():  # keyed by the module owning the parameter
+            key = _module_prefix(f"{name}.{pname}" if name else pname)
+            g = _block_gram(block)
+            blocks[key] = blocks[key] + g if key in blocks else g
+            if block.method or key not in methods:
+                methods[key] = block.method or "materialise"
     for pname in fallback or []:
         key = _module_prefix(pname)
-        m = cat(parts[pname])
-        blocks[key] = blocks[key] + m @ m.T if key in blocks else m @ m.T
+        g = rows_gram(parts[pname])
+        blocks[key] = blocks[key] + g if key in blocks else g
         methods[key] = exact
     total = torch.stack(list(blocks.values())).sum(0)
     return GramResult(total=total, layers=blocks, methods=methods, notes=tuple(notes))

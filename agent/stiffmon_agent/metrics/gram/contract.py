@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 GHOST_BLOCK_ELEMENTS = 1 << 24  # bound on r·N·T² for the blocked ghost contractions
+PAIR_BLOCK_ELEMENTS = 1 << 20  # bound on pairs·d for the token pairs of the embedding Gram
 
 
 def ghost_gram(a: Tensor, b: Tensor) -> Tensor:
@@ -33,7 +34,8 @@ def embedding_gram(tokens: Tensor, b: Tensor) -> Tensor:
     Each example's gradient has one row per distinct token v, r_i[v] = Σ_{t: tok_i[t] = v} b_i[t],
     and G[i, j] = Σ_v r_i[v] · r_j[v] runs over the pairs of rows that share a token: about
     d Σ_v c_v² multiply-adds for c_v examples holding token v, instead of N²T²d for the ghost
-    form or N²Vd for dense gradients.
+    form or N²Vd for dense gradients. Tokens held by at least N/4 of the examples (positions,
+    frequent words) are cheaper as dense per-example rows and one matrix product, N²d per token.
     """
     n, t = tokens.shape
     d = b.shape[-1]
@@ -43,31 +45,84 @@ def embedding_gram(tokens: Tensor, b: Tensor) -> Tensor:
     uniq, inverse = torch.unique(key, return_inverse=True)
     rows = b.new_zeros(uniq.shape[0], d).index_add_(0, inverse, b.reshape(-1, d))
     row_tok, row_ex = uniq // n, uniq % n
-    _, counts = torch.unique_consecutive(row_tok, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    group = torch.repeat_interleave(torch.arange(counts.shape[0], device=tokens.device), counts)
-    per_row = counts[group]  # partners of each row: every row with the same token
+    _, tok_of_row, counts = torch.unique_consecutive(
+        row_tok, return_inverse=True, return_counts=True
+    )
     out = b.new_zeros(n, n)
-    budget = max(1, GHOST_BLOCK_ELEMENTS // max(1, d))
+    dense = counts[tok_of_row] * DENSE_TOKEN_SHARE >= n
+    if bool(dense.any()):
+        _, col = torch.unique(tok_of_row[dense], return_inverse=True)
+        m = b.new_zeros(n, int(col.max()) + 1, d)
+        m[row_ex[dense], col] = rows[dense]
+        m = m.reshape(n, -1)
+        out += m @ m.T
+        sparse = ~dense
+        rows, row_tok, row_ex = rows[sparse], row_tok[sparse], row_ex[sparse]
+        _, counts = torch.unique_consecutive(row_tok, return_counts=True)
+    if rows.shape[0]:
+        _pair_gram(rows, row_ex, counts, out)
+    return out
+
+
+DENSE_TOKEN_SHARE = 4  # tokens held by ≥ N/4 examples: dense rows
+
+
+def _pair_gram(rows: Tensor, row_ex: Tensor, counts: Tensor, out: Tensor) -> None:
+    """Add Σ_v r_i[v] · r_j[v] over the pairs of rows with the same token (rows sorted by token,
+    ``counts`` rows per token) to ``out``."""
+    device = rows.device
+    d = rows.shape[1]
+    starts = torch.cumsum(counts, 0) - counts
+    group = torch.repeat_interleave(torch.arange(counts.shape[0], device=device), counts)
+    per_row = counts[group]  # partners of each row: every row with the same token
+    budget = max(1, PAIR_BLOCK_ELEMENTS // max(1, d))
     r, total_rows = 0, rows.shape[0]
     while r < total_rows:  # chunk over rows so the pair buffer stays bounded
         cum = torch.cumsum(per_row[r:], 0)
         stop = r + max(1, int(torch.searchsorted(cum, torch.tensor(budget, device=cum.device))))
         stop = min(stop, total_rows)
-        left = torch.repeat_interleave(torch.arange(r, stop, device=tokens.device), per_row[r:stop])
-        offs = torch.arange(left.shape[0], device=tokens.device) - torch.repeat_interleave(
+        left = torch.repeat_interleave(torch.arange(r, stop, device=device), per_row[r:stop])
+        offs = torch.arange(left.shape[0], device=device) - torch.repeat_interleave(
             torch.cumsum(per_row[r:stop], 0) - per_row[r:stop], per_row[r:stop]
         )
         right = starts[group[left]] + offs
         dots = (rows[left] * rows[right]).sum(dim=1)
         out.index_put_((row_ex[left], row_ex[right]), dots, accumulate=True)
         r = stop
-    return out
 
 
 def materialise(a: Tensor, b: Tensor) -> Tensor:
     """Per-example weight gradients Σ_t b_i[t] a_i[t]ᵀ, flattened to (n, g·d_out·d_in)."""
     return torch.matmul(b.transpose(-1, -2), a).reshape(a.shape[0], -1)
+
+
+SYRK_ROWS = 64  # row blocks of the symmetric product
+
+
+def rows_gram(parts: list[Tensor]) -> Tensor:
+    """M Mᵀ for M the row-concatenation of ``parts`` (per-example gradients, chunk by chunk).
+
+    Only the blocks on and above the diagonal are multiplied (G is symmetric), in row blocks of
+    ``SYRK_ROWS``: about (k + 1) / 2k of the multiply-adds of M Mᵀ for k blocks, and M itself is
+    never concatenated.
+    """
+    blocks = [b for p in parts for b in torch.split(p, SYRK_ROWS)]
+    if len(blocks) == 1:
+        return torch.mm(blocks[0], blocks[0].T)
+    n = sum(b.shape[0] for b in blocks)
+    out = blocks[0].new_empty(n, n)
+    starts = [0]
+    for b in blocks:
+        starts.append(starts[-1] + b.shape[0])
+    for i, bi in enumerate(blocks):
+        ri = slice(starts[i], starts[i + 1])
+        for j in range(i, len(blocks)):
+            rj = slice(starts[j], starts[j + 1])
+            g = torch.mm(bi, blocks[j].T)
+            out[ri, rj] = g
+            if j > i:
+                out[rj, ri] = g.T
+    return out
 
 
 def cat(parts: list[Tensor], dim: int = 0) -> Tensor:

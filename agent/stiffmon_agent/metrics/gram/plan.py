@@ -8,7 +8,10 @@ Per layer the cheaper of (Bu et al. 2022, mixed ghost clipping)
   ~N T d_in d_out + N² d_in d_out.
 
 Modules whose parameters are shared with another module (weight tying), that live inside a
-module with ``batch_first=False``, or that have no registered rule take the fallbacks.
+module with ``batch_first=False`` (unless their rule reads the layout of each call itself, as
+:mod:`.attention` does), or that have no registered rule take the fallbacks. A capturing rule
+(:class:`~.rules.CaptureRule`) claims the parameters of its sub-modules (``out_proj``), which
+then take no rule of their own.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from stiffmon_agent.metrics.gram.rules import LayerRule, rule_for
+from stiffmon_agent.metrics.gram.rules import CaptureRule, LayerRule, rule_for
 
 Method = Literal["auto", "ghost", "materialise", "vmap", "loop"]
 
@@ -44,9 +47,10 @@ class Block:
 class Layer:
     name: str
     module: nn.Module
-    rule: LayerRule
-    params: dict[str, nn.Parameter]  # trainable direct parameters: "weight" and/or "bias"
+    rule: LayerRule | CaptureRule
+    params: dict[str, nn.Parameter]  # trainable parameters by name relative to the module
     blocks: dict[str, Block] = field(default_factory=dict)
+    shared: bool = False  # its calls were shared by the examples of an earlier chunk (expanded)
 
     def fresh(self) -> Layer:
         return Layer(self.name, self.module, self.rule, self.params)
@@ -66,17 +70,34 @@ def plan(model: nn.Module, method: Method) -> dict[str, Layer]:
             prefix = f"{mname}." if mname else ""
             not_batch_first.update(n for n, _ in model.named_modules() if n.startswith(prefix))
     layers: dict[str, Layer] = {}
+    claimed: set[int] = set()  # parameters of a capturing layer's sub-modules
     for mname, mod in model.named_modules():
         rule = rule_for(mod)
-        if rule is None or mname in not_batch_first:
+        if rule is None:
             continue
-        direct = dict(mod.named_parameters(recurse=False))
+        capture = is_capture(rule)
+        if mname in not_batch_first and not capture:
+            continue
+        if capture:
+            direct = rule.parameters(mod)  # type: ignore[union-attr]
+            names = set(direct)
+        else:
+            direct = dict(mod.named_parameters(recurse=False))
+            names = {"weight", "bias"}
+        if any(id(p) in claimed for p in direct.values()):
+            continue
+        claimed.update(id(p) for p in direct.values())
         if any(owners[p] > 1 for p in direct.values()):
             continue  # shared with another module: the fallbacks sum all of its uses exactly
-        trainable = {k: p for k, p in direct.items() if p.requires_grad and k in ("weight", "bias")}
+        trainable = {k: p for k, p in direct.items() if p.requires_grad and k in names}
         if trainable and len(trainable) == sum(p.requires_grad for p in direct.values()):
             layers[mname] = Layer(mname, mod, rule, trainable)
     return layers
+
+
+def is_capture(rule: LayerRule | CaptureRule) -> bool:
+    """Whether the rule records its own calls (:class:`~.rules.CaptureRule`)."""
+    return hasattr(rule, "install")
 
 
 def ghost_cost(n: int, t: int, d_in: int, d_out: int) -> tuple[float, float]:

@@ -9,10 +9,17 @@ losses with respect to its output, both with the examples along dim 0 — into p
 * ``("embedding", tokens, b)``: ∇E_i = Σ_t e_{tok_i[t]} b_i[t]ᵀ, tokens (n, T), b (n, T, d);
 * ``("dense", grads, None)``: the per-example gradients themselves, (n, P) — for small parameters.
 
-One module per layer family (:mod:`.linear`, :mod:`.conv`, :mod:`.embedding`, :mod:`.norms`)
-registers its rule with :func:`register`; :func:`rule_for` finds the rule of a module through
-its type's MRO. Modules without a rule (or whose rule declines them) take the ``vmap`` or loop
-fallback.
+One module per layer family (:mod:`.linear`, :mod:`.conv`, :mod:`.embedding`, :mod:`.norms`,
+:mod:`.attention`) registers its rule with :func:`register`; :func:`rule_for` finds the rule of a
+module through its type's MRO. Modules without a rule (or whose rule declines them) take the
+``vmap`` or loop fallback.
+
+A rule whose layer does its work through functional calls on its parameters
+(``nn.MultiheadAttention``) is a :class:`CaptureRule`: it owns parameters of its sub-modules too
+(:meth:`CaptureRule.parameters`), records its own calls during the hook pass
+(:meth:`CaptureRule.install`: each call gives a context of detached inputs and the graph nodes
+whose gradients it needs) and turns a call's context and node gradients into factors
+(:meth:`CaptureRule.call_factors`).
 """
 
 from __future__ import annotations
@@ -41,7 +48,36 @@ class LayerRule(Protocol):
         ...
 
 
-RULES: dict[type[nn.Module], LayerRule] = {}
+Record = Callable[[Any, dict[str, Tensor]], None]
+"""``record(context, nodes)``: one call of a capturing layer (see :class:`CaptureRule`)."""
+
+
+class Handle(Protocol):
+    def remove(self) -> None: ...
+
+
+class CaptureRule(Protocol):
+    """A layer family that records its own calls (instead of a forward hook on the module)."""
+
+    def native(self, mod: nn.Module) -> bool: ...
+
+    def parameters(self, mod: nn.Module) -> dict[str, nn.Parameter]:
+        """Parameters it gives factors for, by name relative to ``mod`` (``"out_proj.weight"``)."""
+        ...
+
+    def install(self, mod: nn.Module, n: int, record: Record, fail: Callable[[], None]) -> Handle:
+        """Record every call of ``mod`` until the handle is removed; ``fail()`` for a call it
+        cannot take (the call then runs unchanged and the layer takes the fallbacks)."""
+        ...
+
+    def call_factors(
+        self, mod: nn.Module, context: Any, grads: dict[str, Tensor], n: int
+    ) -> Factors:
+        """Factors of one recorded call from its context and the gradients of its nodes."""
+        ...
+
+
+RULES: dict[type[nn.Module], LayerRule | CaptureRule] = {}
 
 
 def register(*types: type[nn.Module]) -> Callable[[type], type]:
@@ -56,7 +92,7 @@ def register(*types: type[nn.Module]) -> Callable[[type], type]:
     return deco
 
 
-def rule_for(mod: nn.Module) -> LayerRule | None:
+def rule_for(mod: nn.Module) -> LayerRule | CaptureRule | None:
     """The registered rule for ``mod``'s type (nearest in the MRO), if it accepts the module."""
     for t in type(mod).__mro__:
         rule = RULES.get(t)

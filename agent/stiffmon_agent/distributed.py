@@ -1,0 +1,265 @@
+r"""Sharded measurement under torch.distributed: every rank measures its share of the probe.
+
+Every rank passes the *same* global probe (the same code on every rank, as under DDP); rank r of
+W takes the contiguous examples ``[⌊rN/W⌋, ⌊(r+1)N/W⌋)`` (:func:`bounds`), of the joint
+train ∪ val probe for the Gram matrix and of the train probe for Hessian-vector products.
+
+The measurements live in :mod:`~stiffmon_agent.sharded`.
+
+* **Gram matrix** (:func:`~stiffmon_agent.sharded.sharded_gram`): each rank computes its
+  examples' per-layer gradients in the cheaper of two forms (dense per-example gradients, or
+  the ghost factors of a linear / conv weight, :mod:`~stiffmon_agent.metrics.grad_blocks`);
+  layer by layer these are all-gathered and rank r computes its rows G_l[I_r, :]; the rows are
+  all-gathered into G_l and G = Σ_l G_l. Memory per rank: N × the largest layer's per-example
+  size.
+* **Hessian-vector products** (:class:`~stiffmon_agent.sharded.HvpLeader`,
+  :func:`~stiffmon_agent.sharded.serve_hvps`): rank 0 runs the solver (Lanczos, SLQ,
+  Hutchinson) unchanged and alone decides when to stop; each product broadcasts v, every rank
+  computes (n_r/N) H_r v on its shard and the sum is reduced to rank 0:
+  Σ_r (n_r/N) H_r v = H v, the Hessian of the mean over the whole probe.
+* **Agreement**: every step that can fail on one rank is followed by :func:`agree` (an
+  all-reduce of a failure flag) before the next collective, so a failing rank never leaves the
+  others waiting; the measurement then fails on every rank together.
+
+:func:`sharded_parameters` finds FSDP / DTensor parameters, which the agent cannot measure (it
+needs every rank to hold the full weights); :func:`unwrap` takes a model out of DDP so that the
+measurement's forward and backward passes never reach DDP's gradient all-reduce hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from stiffmon_agent.metrics import measurement_mode
+from stiffmon_agent.metrics.probe import (
+    Batch,
+    ForwardFn,
+    LossFn,
+    default_forward,
+    per_example_losses,
+    take,
+    unreduced,
+)
+from stiffmon_agent.metrics.state import trainable_parameters
+from stiffmon_agent.probe_set import MeasurementSkipped, ProbeSet
+
+log = logging.getLogger("stiffmon_agent")
+
+MatVec = Callable[[Tensor], Tensor]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel``; else ``model``."""
+    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+        model = model.module
+    return model
+
+
+def sharded_parameters(model: nn.Module) -> str | None:
+    """Why the model's parameters are sharded across ranks (FSDP, DTensor), or None."""
+    for name, mod in model.named_modules():
+        cls = type(mod)
+        if cls.__name__.startswith("FullyShardedDataParallel") or cls.__name__.startswith("FSDP"):
+            return f"module {name or '(root)'} is {cls.__name__}"
+    for name, q in model.named_parameters():
+        kind = type(q).__name__
+        if kind in ("DTensor", "FlatParameter") or type(getattr(q, "data", None)).__name__ == (
+            "DTensor"
+        ):
+            return f"parameter {name} is a {kind}"
+        if getattr(q, "_is_flat_param", False):
+            return f"parameter {name} is an FSDP flat parameter"
+    return None
+
+
+def check_measurable(
+    model: nn.Module, has_probe: bool, shard: Shard | None, rank0_only: bool
+) -> None:
+    """Refuse, at construction, what would fail or hang later.
+
+    Raises:
+        ValueError: If the model's parameters are sharded (FSDP, DTensor) and a probe is given
+            (every measurement needs the full weights), or if sharded measurement is asked with
+            ``rank0_only=False``.
+    """
+    if shard is not None and not rank0_only:
+        raise ValueError("Agent(distributed=True) publishes from rank 0 only: rank0_only=True")
+    if has_probe and (why := sharded_parameters(model)) is not None:
+        raise ValueError(
+            f"stiffmon measures with the full weights on every rank, but {why}: FSDP / DTensor "
+            "sharded parameters are not supported (pass probe=None for the per-step scalars only)"
+        )
+
+
+def bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous examples ``[start, stop)`` of rank ``rank`` among ``world`` (sizes differ ≤ 1)."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's place in the sharded measurement.
+
+    Attributes:
+        rank: Rank in the default process group.
+        world: World size W (> 1).
+    """
+
+    rank: int
+    world: int
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 runs the solvers, assembles the results and publishes."""
+        return self.rank == 0
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        return bounds(n, self.rank, self.world)
+
+    def counts(self, n: int) -> list[int]:
+        return [b - a for a, b in (bounds(n, r, self.world) for r in range(self.world))]
+
+    def broadcast_int(self, value: int, device: torch.device | None = None) -> int:
+        """Rank 0's ``value`` on every rank."""
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.broadcast(t, 0)
+        return int(t.item())
+
+
+def current_shard(distributed: bool) -> Shard | None:
+    """A :class:`Shard` when ``distributed`` and torch.distributed runs more than one process."""
+    if not distributed or not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size()
+    return Shard(dist.get_rank(), world) if world > 1 else None
+
+
+def agree(error: BaseException | None, what: str, device: torch.device | None = None) -> None:
+    """Raise on every rank if ``what`` failed on any (this rank's own error where it failed)."""
+    t = torch.tensor([1.0 if error is not None else 0.0], device=device)
+    dist.all_reduce(t)
+    if error is not None:
+        raise error
+    if float(t.item()) > 0:
+        raise RuntimeError(f"{what} failed on {int(t.item())} other rank(s) (see their log)")
+
+
+T = TypeVar("T")
+
+
+def agreed(fn: Callable[..., T], args: Sequence[Any], shard: Shard | None, model: nn.Module) -> T:
+    """``fn(*args)``; sharded, an error on any rank raises on every rank (nobody is left in the
+    next collective)."""
+    if shard is None:
+        return fn(*args)
+    result, error = None, None
+    try:
+        result = fn(*args)
+    except Exception as exc:
+        error = exc
+    agree(error, getattr(fn, "__name__", "a step"), collective_device(model))
+    return result  # type: ignore[return-value]
+
+
+def check_same_setup(
+    model: nn.Module, probe: ProbeSet | None, schedules: Sequence[Any] = ()
+) -> None:
+    """Check that every rank holds the same model size, global probe and schedules.
+
+    Raises:
+        ValueError: On every rank, if they differ between ranks, or if the train probe has fewer
+            examples than there are ranks.
+    """
+    n_params = sum(q.numel() for q in trainable_parameters(model).values())
+    checksum, n, n_train = 0.0, 0, 0
+    if probe is not None:
+        for t in _leaves((probe.inputs, probe.targets)):
+            checksum += float(t.double().sum()) + float(t.double().abs().sum())
+        n, n_train = probe.n, probe.n_train
+    due = [
+        sum(k for k in range(1, 1001) if schedule.due(k - 1)) for schedule in schedules
+    ]  # which of the first 1000 steps each schedule measures
+    v = torch.tensor([n, n_train, n_params, checksum, *due], dtype=torch.float64)
+    both = torch.cat([v, -v]).to(collective_device(model))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    hi, lo = both[: v.numel()].cpu(), -both[v.numel() :].cpu()
+    if not torch.allclose(hi, lo, rtol=1e-9, atol=0.0):
+        raise ValueError(
+            "Agent(distributed=True) needs the same model, the same global probe and the same "
+            "schedules on every rank (probe size, train size, parameters, probe checksum, "
+            f"schedules range from {lo.tolist()} to {hi.tolist()}); each rank measures its "
+            "share of the probe"
+        )
+    if probe is not None and probe.n_train < dist.get_world_size():
+        raise ValueError(
+            f"Agent(distributed=True): the train probe ({probe.n_train} examples) needs at least "
+            f"one example per rank ({dist.get_world_size()} ranks)"
+        )
+
+
+def _leaves(batch: Batch) -> list[Tensor]:
+    from torch.utils._pytree import tree_flatten
+
+    return [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
+
+
+def sharded_check_finite(
+    model: nn.Module, loss_fn: LossFn, probe: ProbeSet, shard: Shard, forward: ForwardFn | None
+) -> None:
+    """:func:`~stiffmon_agent.probe_set.check_finite` over the shards, agreed on every rank.
+
+    Raises:
+        MeasurementSkipped: On every rank, if a weight or a train-probe loss is not finite.
+        Exception: On every rank, if the probe forward failed on one.
+    """
+    device = collective_device(model)
+    a, b = shard.bounds(probe.n_train)
+    bad_params, bad, error = 0.0, 0.0, None
+    try:
+        for q in trainable_parameters(model).values():
+            if not bool(torch.isfinite(q).all()):
+                bad_params += 1
+        x, y = take(probe.inputs, slice(a, b)), take(probe.targets, slice(a, b))
+        with measurement_mode(model), torch.no_grad():
+            out = (forward or default_forward)(model, x)
+            losses = per_example_losses(unreduced(loss_fn), out, y, b - a)
+        bad = float((~torch.isfinite(losses)).sum())
+    except Exception as exc:
+        error = exc
+    t = torch.tensor([bad_params, bad, 1.0 if error else 0.0], device=device)
+    dist.all_reduce(t)
+    if error is not None:
+        raise error
+    if t[2] > 0:
+        raise RuntimeError(f"the probe forward failed on {int(t[2])} other rank(s) (see their log)")
+    if t[0] > 0:
+        raise MeasurementSkipped("a parameter is not finite (the run has diverged)")
+    if t[1] > 0:
+        raise MeasurementSkipped(
+            f"the probe loss is not finite for {int(t[1])} of {probe.n_train} examples"
+        )
+
+
+def collective_device(model: nn.Module) -> torch.device | None:
+    """Where collective tensors live: the parameters' device under NCCL, else the CPU."""
+    q = next(iter(model.parameters()), None)
+    if q is None or not dist.is_initialized():
+        return None
+    return q.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _gather_rows(t: Tensor, counts: Sequence[int]) -> Tensor:
+    """All-gather the rows (dim 0) of every rank's ``t``: (Σ counts, …), in rank order."""
+    top = max(counts)
+    buf = t.new_zeros((top, *t.shape[1:]))
+    buf[: t.shape[0]] = t
+    parts = [torch.empty_like(buf) for _ in counts]
+    dist.all_gather(parts, buf.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])

@@ -1,0 +1,282 @@
+r"""Per-example gradients grouped by layer: what a sharded Gram matrix is assembled from.
+
+G = Σ_l G_l with G_l[i, j] = g_{i,l} · g_{j,l}, where g_{i,l} is example i's gradient restricted
+to the trainable parameters of layer l. When the examples of a probe live in different processes
+(:mod:`~stiffmon_agent.distributed`), a cross term G_l[i, j] needs what example j contributes
+next to what example i does, so each process describes its examples' per-layer gradients in the
+smaller of two forms (:class:`LayerGrads`), which are exchanged layer by layer:
+
+* dense: D_l, the (n, P_l) matrix of per-example gradients, G_l[I, J] = D_l[I] D_l[J]ᵀ;
+* ghost factors of a linear / conv weight (inputs a_i[t], output gradients b_i[t]),
+  G[I, J] = Σ_{t,s} (a_i[t]·a_j[s]) (b_i[t]·b_j[s]) (:func:`ghost_cross`), chosen by the same
+  cost model as the one-process Gram (:mod:`~stiffmon_agent.metrics.gram.plan`) at the global N,
+  from shapes alone, so every process makes the same choice.
+
+Layers with a hook rule (linear, conv, norms, attention) get them from one forward and backward
+pass per chunk; embeddings and every other parameter get exact ``vmap(grad)`` gradients (else the
+per-example loop). The same safety net as the Gram's checks diagonal and off-diagonal entries
+against single-example backward passes and redoes everything exactly (dense) on a mismatch, with
+a warning. Keys are those of :func:`~stiffmon_agent.metrics.gram.per_example_gram`'s ``layers``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from stiffmon_agent.metrics.gram import GramResult
+from stiffmon_agent.metrics.gram.contract import GHOST_BLOCK_ELEMENTS, cat, materialise
+from stiffmon_agent.metrics.gram.hooks import hook_pass
+from stiffmon_agent.metrics.gram.loop import loop_grads
+from stiffmon_agent.metrics.gram.plan import Layer, ghost_cost, plan
+from stiffmon_agent.metrics.gram.verify import check_entries
+from stiffmon_agent.metrics.gram.vmap import vmap_grads
+from stiffmon_agent.metrics.probe import (
+    Batch,
+    ForwardFn,
+    LossFn,
+    batch_size,
+    default_forward,
+    take,
+    unreduced,
+)
+from stiffmon_agent.metrics.state import measurement_mode, trainable_parameters
+
+__all__ = [
+    "LayerGrads",
+    "block_keys",
+    "blocks_gram_result",
+    "ghost_cross",
+    "per_example_grad_blocks",
+]
+
+
+@dataclass
+class LayerGrads:
+    """Per-example gradients of one layer's parameters, for n examples.
+
+    Attributes:
+        dense: (n, P_dense) explicit per-example gradients (P_dense may be 0).
+        factors: Ghost factors ``(a, b)`` of weights, a (n, g, T, d_in), b (n, g, T, d_out).
+    """
+
+    dense: Tensor
+    factors: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Every tensor's shape without the example dimension (equal in every process)."""
+        out = [tuple(self.dense.shape[1:])]
+        for a, b in self.factors:
+            out += [tuple(a.shape[1:]), tuple(b.shape[1:])]
+        return out
+
+    def tensors(self) -> list[Tensor]:
+        return [self.dense, *(t for pair in self.factors for t in pair)]
+
+    @staticmethod
+    def from_tensors(ts: list[Tensor]) -> LayerGrads:
+        return LayerGrads(ts[0], [(ts[i], ts[i + 1]) for i in range(1, len(ts), 2)])
+
+    def take(self, index: Tensor) -> LayerGrads:
+        """The gradients of examples ``index``."""
+        return LayerGrads.from_tensors([t[index] for t in self.tensors()])
+
+    def cross(self, other: LayerGrads) -> Tensor:
+        """G_l[I, J] = g_{i,l} · g_{j,l} for i in these examples, j in ``other``'s."""
+        out = self.dense @ other.dense.T
+        for (a1, b1), (a2, b2) in zip(self.factors, other.factors, strict=True):
+            out = out + ghost_cross(a1, b1, a2, b2)
+        return out
+
+
+def ghost_cross(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
+    """Σ_g Σ_{t,s} (a1_i[t]·a2_j[s]) (b1_i[t]·b2_j[s]): the weight-gradient products of the
+    examples of (a1, b1) with those of (a2, b2); a (n, g, T, d_in), b (n, g, T, d_out)."""
+    n1, groups, t, _ = a1.shape
+    n2 = a2.shape[0]
+    if t == 1:
+        p, q, u, v = (z[:, :, 0] for z in (a1, a2, b1, b2))
+        if groups == 1:
+            return (p[:, 0] @ q[:, 0].T) * (u[:, 0] @ v[:, 0].T)
+        return torch.einsum("igd,jgd,ige,jge->ij", p, q, u, v)
+    out = a1.new_zeros(n1, n2)
+    rows = max(1, GHOST_BLOCK_ELEMENTS // max(1, n2 * t * t))
+    for g in range(groups):
+        for start in range(0, n1, rows):
+            aa = torch.einsum("itd,jsd->ijts", a1[start : start + rows, g], a2[:, g])
+            bb = torch.einsum("itd,jsd->ijts", b1[start : start + rows, g], b2[:, g])
+            out[start : start + rows] += (aa * bb).sum(dim=(2, 3))
+    return out
+
+
+def _hookable(model: nn.Module) -> dict[str, Layer]:
+    # embeddings' dense per-example gradients come from vmap (their hook form is sparse)
+    return {k: v for k, v in plan(model, "ghost").items() if not _is_embedding(v.module)}
+
+
+def _is_embedding(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Embedding | nn.EmbeddingBag)
+
+
+def block_keys(model: nn.Module) -> dict[str, str]:
+    """Parameter name → layer key: the name of the module owning the parameter (``"(root)"`` for
+    the model's own parameters; ``out_proj`` apart from its ``MultiheadAttention``, as in
+    :func:`~stiffmon_agent.metrics.gram.per_example_gram`). Static: the same in every process."""
+    return {
+        name: name.rsplit(".", 1)[0] if "." in name else "(root)"
+        for name in trainable_parameters(model)
+    }
+
+
+def blocks_gram_result(blocks: dict[str, LayerGrads], notes: tuple[str, ...] = ()) -> GramResult:
+    """A :class:`~stiffmon_agent.metrics.gram.GramResult` of the examples of ``blocks``."""
+    layers = {k: d.cross(d) for k, d in blocks.items()}
+    total = torch.stack(list(layers.values())).sum(0)
+    return GramResult(total, layers, dict.fromkeys(layers, "materialise"), notes)
+
+
+def per_example_grad_blocks(
+    model: nn.Module,
+    inputs: Batch,
+    targets: Batch,
+    loss_fn: LossFn,
+    *,
+    forward: ForwardFn | None = None,
+    chunk_size: int | None = 128,
+    verify: bool = True,
+    n_global: int | None = None,
+    exact: bool = False,
+) -> tuple[dict[str, LayerGrads], tuple[str, ...]]:
+    """Per-example gradients of the trainable parameters, one :class:`LayerGrads` per layer key.
+
+    Args:
+        model: The network (measured in eval mode; its state is restored).
+        inputs: Examples along dim 0.
+        targets: Targets, examples along dim 0.
+        loss_fn: Loss module or per-example loss callable (see :mod:`.probe`).
+        forward: ``forward(model, inputs)``; default ``model(inputs)``.
+        chunk_size: Examples per forward/backward pass; None: all.
+        verify: Check entries of the Gram against single-example backward passes; on a mismatch
+            recompute every layer exactly and densely (warning).
+        n_global: Examples of the whole (sharded) probe, for the choice of form (default: n).
+        exact: Dense ``vmap(grad)`` (else loop) gradients for every parameter.
+
+    Returns:
+        The layers, keyed as :func:`block_keys` (every key present, in its order), and notes on
+        what fell back.
+    """
+    forward = forward or default_forward
+    loss_fn = unreduced(loss_fn)
+    n_total = batch_size(inputs)
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    keys = block_keys(model)
+    chunk = n_total if not chunk_size else max(1, min(chunk_size, n_total))
+    n_choose = n_global or n_total
+    with measurement_mode(model):
+        args = (model, params, inputs, targets, forward, loss_fn, n_total, chunk, keys, n_choose)
+        blocks, notes = _blocks(*args, exact_only=exact)
+        if verify and not exact and len(_hookable(model)):
+            g = _checked_entries(blocks, n_total)
+            bad = check_entries(model, list(params.values()), g, inputs, targets, forward, loss_fn)
+            if bad is not None:
+                note = (
+                    f"per-example gradient blocks disagree with single-example backward passes "
+                    f"({bad}); using the exact per-example path"
+                )
+                warnings.warn(f"stiffmon: {note}", RuntimeWarning, stacklevel=2)
+                blocks, more = _blocks(*args, exact_only=True)
+                notes = (*notes, *more, note)
+    return blocks, notes
+
+
+def _checked_entries(blocks: dict[str, LayerGrads], n: int) -> Tensor:
+    """An (n, n) matrix holding the Gram entries :func:`check_entries` reads (the first, middle
+    and last examples' products), zeros elsewhere: the whole local Gram is not needed."""
+    idx = torch.tensor(sorted({0, n // 2, n - 1}))
+    some = {k: g.take(idx) for k, g in blocks.items()}
+    sub = torch.stack([g.cross(g) for g in some.values()]).sum(0)
+    out = sub.new_zeros(n, n)
+    out[idx[:, None], idx[None, :]] = sub
+    return out
+
+
+def _blocks(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    inputs: Batch,
+    targets: Batch,
+    forward: ForwardFn,
+    loss_fn: LossFn,
+    n_total: int,
+    chunk: int,
+    keys: dict[str, str],
+    n_choose: int,
+    *,
+    exact_only: bool,
+) -> tuple[dict[str, LayerGrads], tuple[str, ...]]:
+    layers = {} if exact_only else _hookable(model)
+    while True:  # a layer that fails the hook path in a later chunk: start again without it
+        parts: dict[str, list[Tensor]] = defaultdict(list)
+        notes: list[str] = []
+        fallback: list[str] | None = None
+        exact = "vmap"
+        restart = False
+        for start in range(0, n_total, chunk):
+            stop = min(start + chunk, n_total)
+            sl, n = slice(start, stop), stop - start
+            x, y = take(inputs, sl), take(targets, sl)
+            if layers:
+                failed = hook_pass(model, layers, x, y, forward, loss_fn, n, "ghost")
+                if failed and fallback is not None:
+                    layers = {k: v.fresh() for k, v in layers.items() if k not in failed}
+                    restart = True
+                    break
+                for name in failed:
+                    layers.pop(name, None)
+            if fallback is None:
+                hooked = {id(p) for layer in layers.values() for p in layer.params.values()}
+                fallback = [name for name, p in params.items() if id(p) not in hooked]
+            if fallback:
+                if exact == "vmap":
+                    try:
+                        grads = vmap_grads(model, fallback, x, y, forward, loss_fn)
+                    except Exception as exc:  # RNNs, in-place parameter updates, …
+                        exact = "loop"
+                        notes.append(f"vmap(grad) cannot run this model ({type(exc).__name__})")
+                if exact == "loop":
+                    grads = loop_grads(model, fallback, x, y, forward, loss_fn)
+                for name, g in grads.items():
+                    parts[name].append(g.detach().reshape(n, -1))
+        if not restart:
+            break
+    factors: dict[str, tuple[Tensor, Tensor]] = {}
+    for mname, layer in layers.items():
+        for pname, block in layer.blocks.items():
+            full = f"{mname}.{pname}" if mname else pname
+            if block.grads:
+                parts[full] = list(block.grads)
+            elif block.kind == "linear":
+                a, b = cat(block.a), cat(block.b)
+                ghost, mat = ghost_cost(n_choose, a.shape[2], a.shape[3], b.shape[3])
+                if ghost <= mat:
+                    factors[full] = (a, b)
+                else:
+                    parts[full] = [materialise(a, b)]
+            else:
+                raise ValueError(f"no per-example gradients for a {block.kind!r} block of {mname}")
+    out: dict[str, LayerGrads] = {}
+    like = next(iter(params.values()))
+    for key in dict.fromkeys(keys.values()):
+        names = [k for k in params if keys[k] == key]
+        dense = [cat(parts[k]).reshape(n_total, -1) for k in names if k not in factors]
+        out[key] = LayerGrads(
+            cat(dense, dim=1) if dense else like.new_zeros(n_total, 0),
+            [factors[k] for k in names if k in factors],
+        )
+    return out, tuple(notes)

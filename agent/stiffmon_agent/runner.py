@@ -1,0 +1,256 @@
+"""Running one due heavy measurement: the budget's say, the metric call, its failure path.
+
+:class:`MeasurementRunner` is the agent's *what happens when a measurement is due*: skip it if
+its metric is disabled or the overhead budget says no, skip it (with an ``event``) while the run
+is not finite, turn an exception into ``metric-error`` / ``metric-disabled`` events, and hand
+the messages to the publisher.
+
+Sharded (``Agent(distributed=True)`` under torch.distributed with W > 1 ranks,
+:mod:`~stiffmon_agent.distributed`): every rank calls :meth:`MeasurementRunner.measure` at the
+same due steps; rank 0 decides (disabled? within the budget?) and broadcasts the decision, the
+finiteness check is agreed over the ranks, then every rank computes its share — its rows of the
+Gram matrix, its shard's Hessian-vector products — and rank 0 assembles and publishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from stiffmon_agent.budget import MeasurementBudget
+from stiffmon_agent.distributed import Shard, collective_device, sharded_check_finite
+from stiffmon_agent.measure import (
+    MeasurementSkipped,
+    ProbeSet,
+    SharpnessState,
+    check_finite,
+)
+from stiffmon_agent.measure_options import MeasureOptions
+from stiffmon_agent.metrics.probe import ForwardFn, LossFn, loss_reduction, take
+from stiffmon_agent.publisher import Outgoing
+from stiffmon_agent.sharded import HvpLeader, serve_hvps, sharded_activations, sharded_gram
+
+log = logging.getLogger("stiffmon_agent")
+
+
+class MeasurementRunner:
+    """Runs the due heavy measurements of one agent (see the module docstring).
+
+    Args:
+        model: The (unwrapped) network.
+        loss_fn: The training loss.
+        optimizer: The optimizer (thresholds, preconditioner).
+        probe: The probe set (the same global probe on every rank when sharded).
+        forward: ``forward(model, inputs)`` or None.
+        opts: The measurements' settings.
+        budget: The overhead budget (rank 0's decides for every rank).
+        sharp_state: What the sharpness measurement carries over.
+        submit: Hands a message to the publisher.
+        event: Publishes an ``event``.
+        flush: Sends the steps so far before a measurement's messages.
+        shard: This rank's place when sharded; None: one process measures alone.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        optimizer: torch.optim.Optimizer | None,
+        probe: ProbeSet,
+        forward: ForwardFn | None,
+        opts: MeasureOptions,
+        budget: MeasurementBudget,
+        sharp_state: SharpnessState,
+        submit: Callable[[Outgoing], Any],
+        event: Callable[..., None],
+        flush: Callable[[], Any],
+        shard: Shard | None = None,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.probe = probe
+        self.forward = forward
+        self.opts = opts
+        self.budget = budget
+        self.sharp_state = sharp_state
+        self.submit = submit
+        self.event = event
+        self.flush = flush
+        self.shard = shard
+        self.disabled: dict[str, str] = {}
+        self.warm: Tensor | None = None
+        self.generator = torch.Generator().manual_seed(0)
+
+    def measure(self, kind: str, step: int) -> None:
+        """Run the due ``kind`` measurement of ``step`` (every rank calls this when sharded)."""
+        device = collective_device(self.model)
+        if self.shard is not None and not self.shard.leader:
+            if self.shard.broadcast_int(0, device):
+                self._follow(kind)
+            return
+        go = self._decide(kind, step)
+        if self.shard is not None:
+            self.shard.broadcast_int(int(go), device)
+        if not go:
+            return
+        self.flush()  # the steps so far go out before the measurement (seq order)
+        t0 = time.perf_counter()
+        try:
+            if self.shard is not None:
+                sharded_check_finite(self.model, self.loss_fn, self.probe, self.shard, self.forward)
+            else:
+                check_finite(self.model, self.loss_fn, self.probe, self.forward)
+            msgs = self._messages(kind, step)
+        except MeasurementSkipped as exc:
+            log.info(f"stiffmon: {kind} measurement at step {step} skipped: {exc}")
+            self.event(
+                "measurement-skipped",
+                f"{kind} at step {step} skipped: {exc}",
+                level="warning",
+                metric=kind,
+            )
+            return
+        except Exception as exc:
+            self._disable(kind, exc)
+            self.budget.failed(kind)  # the metric-error event says why
+            return
+        finally:
+            self.budget.record_cost(kind, time.perf_counter() - t0)
+        self.budget.done(kind)
+        for m in msgs:
+            self.submit(m)
+
+    def _decide(self, kind: str, step: int) -> bool:
+        if kind in self.disabled:
+            self.budget.skip(kind, "disabled")
+            return False
+        if not self.budget.within(kind, step):
+            self.budget.skipped += 1
+            self.budget.skip(kind, "overhead-cap")
+            return False
+        return True
+
+    def objective_scale(self) -> float:
+        """B for a sum-reduced loss with a known batch size, else 1 (as the sharpness uses)."""
+        b = self.sharp_state.batch_size
+        return float(b) if loss_reduction(self.loss_fn) == "sum" and b else 1.0
+
+    def _messages(self, kind: str, step: int) -> list[Outgoing]:
+        # looked up on the agent module, where tests patch them
+        from stiffmon_agent import agent as agent_module
+
+        common = {"forward": self.forward}
+        shard = self.shard
+        if kind == "gram":
+            extra: dict[str, Any] = {}
+            if shard is not None:
+                extra["gram"] = sharded_gram(
+                    self.model,
+                    self.loss_fn,
+                    self.probe,
+                    shard,
+                    forward=self.forward,
+                    chunk_size=self.opts.chunk_size,
+                )
+                if self.opts.distance_layers:
+                    extra["activations"] = sharded_activations(
+                        self.model, self.probe, self.opts.distance_layers, shard, self.forward
+                    )
+            return agent_module.gram_messages(
+                self.model, self.loss_fn, self.probe, step, **common, **self.opts.gram(), **extra
+            )
+        leader = HvpLeader(self.model, shard, self.probe.n_train) if shard is not None else None
+        if leader is not None and shard is not None:
+            a, b = shard.bounds(self.probe.n_train)
+            sl = slice(a, b)
+            common["train"] = (take(self.probe.inputs, sl), take(self.probe.targets, sl))
+            common["wrap"] = leader.wrap
+        try:
+            if kind == "density":
+                return agent_module.density_messages(
+                    self.model,
+                    self.loss_fn,
+                    self.probe,
+                    step,
+                    generator=self.generator,
+                    **self.opts.density(),
+                    scale=self.objective_scale(),
+                    **common,
+                )
+            msgs, self.warm = agent_module.sharpness_messages(
+                self.model,
+                self.loss_fn,
+                self.probe,
+                step,
+                self.optimizer,
+                warm_start=self.warm,
+                generator=self.generator,
+                **self.opts.sharpness(),
+                state=self.sharp_state,
+                **common,
+            )
+            return msgs
+        finally:
+            if leader is not None:
+                leader.finish()  # always: the other ranks wait for it
+
+    def _follow(self, kind: str) -> None:
+        """A non-zero rank's share of a measurement rank 0 has decided to run."""
+        assert self.shard is not None
+        try:
+            sharded_check_finite(self.model, self.loss_fn, self.probe, self.shard, self.forward)
+        except Exception:  # agreed on every rank: rank 0 says why
+            return
+        error: BaseException | None = None
+        try:
+            if kind == "gram":
+                sharded_gram(
+                    self.model,
+                    self.loss_fn,
+                    self.probe,
+                    self.shard,
+                    forward=self.forward,
+                    chunk_size=self.opts.chunk_size,
+                )
+                if self.opts.distance_layers:
+                    sharded_activations(
+                        self.model, self.probe, self.opts.distance_layers, self.shard, self.forward
+                    )
+            else:
+                error = serve_hvps(
+                    self.model,
+                    self.loss_fn,
+                    self.probe,
+                    self.shard,
+                    forward=self.forward,
+                    chunk_size=self.opts.chunk_size,
+                )
+        except Exception as exc:  # agreed: rank 0's measurement fails too
+            error = exc
+        if error is not None:
+            log.warning(
+                f"stiffmon: rank {self.shard.rank}: {kind} share failed: "
+                f"{type(error).__name__}: {error}"
+            )
+
+    def _disable(self, kind: str, exc: BaseException) -> None:
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        detail = f"{type(exc).__name__}: {exc}" + (
+            f" ({where.filename}:{where.lineno})" if where else ""
+        )
+        self.disabled[kind] = detail
+        log.warning(f"stiffmon: {kind} metric failed and is disabled, training goes on: {detail}")
+        self.event("metric-error", f"{kind} failed: {detail}", level="error", metric=kind)
+        self.event(
+            "metric-disabled",
+            f"{kind} disabled for the rest of the run",
+            level="warning",
+            metric=kind,
+        )

@@ -1,0 +1,281 @@
+r"""The sharded measurements themselves: the Gram matrix by rows, activations, and
+Hessian-vector products summed over the ranks (see :mod:`~stiffmon_agent.distributed` for the
+split of the probe, the agreement rules and what each rank computes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from stiffmon_agent.distributed import MatVec, Shard, _gather_rows, agree, collective_device
+from stiffmon_agent.metrics import capture_activations, measurement_mode
+from stiffmon_agent.metrics.grad_blocks import LayerGrads, per_example_grad_blocks
+from stiffmon_agent.metrics.gram import GramResult
+from stiffmon_agent.metrics.probe import ForwardFn, LossFn, take
+from stiffmon_agent.metrics.sharpness import HessianOperator
+from stiffmon_agent.metrics.state import trainable_parameters
+from stiffmon_agent.probe_set import ProbeSet
+
+__all__ = ["HvpLeader", "serve_hvps", "sharded_activations", "sharded_gram"]
+
+
+def _same_everywhere(values: list[int], device: torch.device | None) -> bool:
+    """Whether every rank passed the same list of integers."""
+    n = torch.tensor([len(values), -len(values)], dtype=torch.float64, device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    if n[0] != -n[1]:
+        return False
+    v = torch.tensor(values, dtype=torch.float64, device=device)
+    both = torch.cat([v, -v])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(both[: len(values)], -both[len(values) :]))
+
+
+def _layout(blocks: dict[str, LayerGrads]) -> list[int]:
+    out: list[int] = []
+    for grads in blocks.values():
+        for shape in grads.shapes():
+            out += [-1, *shape]
+        out.append(-2)
+    return out
+
+
+GATHER_BYTES = 64 << 20  # bound on one all-gather's buffer per rank: layers go in groups
+
+
+def _groups(layers: list[LayerGrads], rows: int) -> list[list[LayerGrads]]:
+    """Consecutive layers whose gathered rows fit in :data:`GATHER_BYTES` (one all-gather each;
+    a bigger layer alone)."""
+    out: list[list[LayerGrads]] = []
+    size = 0
+    for layer in layers:
+        n = sum(t[:1].numel() * t.element_size() for t in layer.tensors()) * rows
+        if not out or size + n > GATHER_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(layer)
+        size += n
+    return out
+
+
+def _gather_many(
+    ts: list[Tensor], counts: Sequence[int], device: torch.device | None
+) -> list[Tensor]:
+    """:func:`_gather_rows` of several tensors (same dtype) in one all-gather."""
+    n = ts[0].shape[0]
+    flat = torch.cat([t.reshape(n, -1) for t in ts], dim=1)
+    whole = _gather_rows(flat.to(device) if device is not None else flat, counts)
+    widths = [math.prod(t.shape[1:]) for t in ts]
+    return [
+        part.reshape(whole.shape[0], *t.shape[1:])
+        for part, t in zip(whole.split(widths, dim=1), ts, strict=True)
+    ]
+
+
+def sharded_gram(
+    model: nn.Module,
+    loss_fn: LossFn,
+    probe: ProbeSet,
+    shard: Shard,
+    *,
+    forward: ForwardFn | None = None,
+    chunk_size: int | None = 128,
+) -> GramResult:
+    """The probe's Gram matrix G and its per-layer blocks, computed by rows on every rank.
+
+    Returns:
+        The whole G (N × N) on every rank, as :func:`~stiffmon_agent.metrics.per_example_gram`
+        gives it in one process (up to rounding).
+    """
+    device = collective_device(model)
+    counts = shard.counts(probe.n)
+    a, b = shard.bounds(probe.n)
+    x, y = take(probe.inputs, slice(a, b)), take(probe.targets, slice(a, b))
+    blocks: dict[str, LayerGrads] = {}
+    notes: tuple[str, ...] = ()
+    error: BaseException | None = None
+    for exact in (False, True):  # every rank dense and exact if the forms differ between ranks
+        try:
+            blocks, notes = per_example_grad_blocks(
+                model,
+                x,
+                y,
+                loss_fn,
+                forward=forward,
+                chunk_size=chunk_size,
+                n_global=probe.n,
+                exact=exact,
+            )
+        except Exception as exc:
+            error = exc
+        agree(error, "the per-example gradients", device)
+        if _same_everywhere(_layout(blocks), device):
+            break
+        notes = (*notes, "the ranks chose different gradient forms: exact dense gradients")
+    rows: list[Tensor] = []
+    for group in _groups(list(blocks.values()), max(counts)):  # the same on every rank
+        flat = [t for local in group for t in local.tensors()]
+        parts = iter(_gather_many(flat, counts, device))
+        for local in group:
+            whole = [next(parts).to(local.dense) for _ in local.tensors()]
+            try:
+                if error is None:
+                    rows.append(local.cross(LayerGrads.from_tensors(whole)))
+            except Exception as exc:
+                error = exc
+        del parts
+    agree(error, "the Gram rows", device)
+    stacked = torch.stack(rows, dim=1)  # (n_r, K, N)
+    gathered = _gather_rows(stacked.to(device) if device is not None else stacked, counts)
+    gathered = gathered.to(stacked)
+    layers = {k: gathered[:, i] for i, k in enumerate(blocks)}
+    total = gathered.sum(dim=1)
+    return GramResult(total, layers, dict.fromkeys(layers, "sharded"), notes)
+
+
+def sharded_activations(
+    model: nn.Module,
+    probe: ProbeSet,
+    layers: Sequence[str],
+    shard: Shard,
+    forward: ForwardFn | None = None,
+) -> dict[str, Tensor]:
+    """Activations of ``layers`` on the whole train probe (float64, flattened), each rank
+    computing its shard's."""
+    device = collective_device(model)
+    counts = shard.counts(probe.n_train)
+    a, b = shard.bounds(probe.n_train)
+    acts: dict[str, Tensor] = {}
+    error: BaseException | None = None
+    try:
+        x = take(probe.inputs, slice(a, b))
+        got = capture_activations(model, x, list(layers), forward=forward)
+        missing = [k for k in layers if k not in got]
+        if missing:
+            raise ValueError(f"no activations captured for {missing}")
+        acts = {k: got[k].detach().double().reshape(b - a, -1) for k in layers}
+    except Exception as exc:
+        error = exc
+    widths = torch.tensor([acts[k].shape[1] if k in acts else 0 for k in layers], device=device)
+    hi, lo = widths.clone(), widths.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    if error is None and not torch.equal(hi, lo):
+        error = ValueError("activation sizes differ between ranks")
+    agree(error, "the activations", device)
+    out = {}
+    for k in layers:
+        t = acts[k].to(device) if device is not None else acts[k]
+        out[k] = _gather_rows(t, counts).cpu()
+    return out
+
+
+class HvpLeader:
+    """Rank 0's side of distributed Hessian-vector products.
+
+    :meth:`wrap` turns rank 0's :class:`~stiffmon_agent.metrics.sharpness.HessianOperator` (on
+    its shard of the train probe) into the whole probe's H v; :meth:`finish` (always, once per
+    measurement) releases the other ranks' :func:`serve_hvps`.
+
+    Args:
+        model: The network (for the parameter count, dtype and device).
+        shard: Rank 0's shard.
+        n_train: Examples of the whole train probe.
+    """
+
+    def __init__(self, model: nn.Module, shard: Shard, n_train: int) -> None:
+        params = list(trainable_parameters(model).values())
+        self.dim = sum(q.numel() for q in params)
+        self.like = params[0].detach()
+        a, b = shard.bounds(n_train)
+        self.weight = (b - a) / n_train
+        self.device = collective_device(model)
+        self.finished = False
+
+    def _buffer(self, cmd: float, scale: float, v: Tensor | None) -> Tensor:
+        buf = torch.zeros(self.dim + 2, dtype=self.like.dtype, device=self.device)
+        buf[0], buf[1] = cmd, scale
+        if v is not None:
+            buf[2:] = v.to(buf)
+        return buf
+
+    def wrap(self, op: HessianOperator) -> MatVec:
+        """v ↦ Σ_r (n_r/N) H_r v, computed with every rank."""
+
+        def matvec(v: Tensor) -> Tensor:
+            dist.broadcast(self._buffer(1.0, op.scale, v), 0)
+            error: BaseException | None = None
+            try:
+                own = self.weight * op(v)
+            except Exception as exc:
+                error, own = exc, torch.zeros(self.dim, dtype=self.like.dtype)
+            red = torch.zeros(self.dim + 1, dtype=self.like.dtype, device=self.device)
+            red[:-1] = own.to(red)
+            red[-1] = 1.0 if error is not None else 0.0
+            dist.reduce(red, 0)
+            if error is not None:
+                raise error
+            if float(red[-1]) > 0:
+                raise RuntimeError(
+                    f"a Hessian-vector product failed on {int(red[-1])} other rank(s) "
+                    "(see their log)"
+                )
+            return red[:-1].to(self.like.device)
+
+        return matvec
+
+    def finish(self) -> None:
+        """Tell the other ranks that the measurement is over."""
+        if not self.finished:
+            self.finished = True
+            dist.broadcast(self._buffer(0.0, 0.0, None), 0)
+
+
+def serve_hvps(
+    model: nn.Module,
+    loss_fn: LossFn,
+    probe: ProbeSet,
+    shard: Shard,
+    *,
+    forward: ForwardFn | None = None,
+    chunk_size: int | None = None,
+) -> BaseException | None:
+    """A non-zero rank's side: compute (n_r/N) · scale · H_r v for every v rank 0 sends.
+
+    Returns when rank 0 calls :meth:`HvpLeader.finish`; an error here is sent to rank 0 with
+    each product (whose measurement then fails) and returned, never raised.
+    """
+    params = list(trainable_parameters(model).values())
+    dim = sum(q.numel() for q in params)
+    like = params[0].detach()
+    device = collective_device(model)
+    a, b = shard.bounds(probe.n_train)
+    weight = (b - a) / probe.n_train
+    op: HessianOperator | None = None
+    error: BaseException | None = None
+    buf = torch.zeros(dim + 2, dtype=like.dtype, device=device)
+    with measurement_mode(model):
+        while True:
+            dist.broadcast(buf, 0)
+            if float(buf[0]) == 0.0:
+                return error
+            h = torch.zeros(dim, dtype=like.dtype, device=like.device)
+            if error is None:
+                try:
+                    if op is None:
+                        x, y = take(probe.inputs, slice(a, b)), take(probe.targets, slice(a, b))
+                        op = HessianOperator(
+                            model, x, y, loss_fn, forward=forward, chunk_size=chunk_size
+                        )
+                    h = (weight * float(buf[1])) * op(buf[2:].to(like.device))
+                except Exception as exc:
+                    error = exc
+            red = torch.zeros(dim + 1, dtype=like.dtype, device=device)
+            red[:-1] = h.to(red)
+            red[-1] = 1.0 if error is not None else 0.0
+            dist.reduce(red, 0)

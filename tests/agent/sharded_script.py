@@ -1,0 +1,119 @@
+"""A training script for the sharded-measurement tests: run under torchrun, or alone (reference).
+
+    torchrun --nproc_per_node 2 tests/agent/sharded_script.py OUT MODE
+
+MODE: ``sharded`` (DDP-wrapped model, ``Agent(distributed=True)``), ``reference`` (one process,
+the same global probe and the same training steps), ``fail`` (unwrapped model; at step 0 rank 1
+alone sees a NaN probe loss, at step 1 its share of the Gram and of the Hessian-vector products
+raises: rank 0 must skip, then report the errors, and nobody may hang).
+Float64 throughout; every rank trains on the same batch, so DDP's averaged gradient equals the
+one-process gradient and the weights stay those of the reference run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class Scale(nn.Module):  # a raw parameter: the exact (vmap) path
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s
+
+
+def build() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 10),
+        nn.LayerNorm(10),
+        Scale(),
+        nn.Tanh(),
+        nn.Linear(10, 3),
+    )
+    x = torch.randn(40, 1, 6, 6)
+    y = torch.randint(0, 3, (40,))
+    return model, (x, y)
+
+
+def main() -> None:
+    from stiffmon_agent import Agent
+
+    torch.set_default_dtype(torch.float64)
+    out, mode = sys.argv[1], sys.argv[2]
+    sharded = mode != "reference"
+    if sharded:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if sharded else 0
+    model, (x, y) = build()
+    net = nn.parallel.DistributedDataParallel(model) if mode == "sharded" else model
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    if mode == "sharded":
+        import stiffmon_agent.sharded as sh
+
+        sh.GATHER_BYTES = 4000  # layers gathered alone and in groups
+
+    if mode == "fail" and rank == 1:
+        import stiffmon_agent.distributed as dd
+        import stiffmon_agent.sharded as d
+
+        def broken(*args: object, **kwargs: object) -> object:
+            raise RuntimeError("rank 1 broke")
+
+        d.per_example_grad_blocks = broken  # type: ignore[assignment]
+        d.HessianOperator.__call__ = broken  # type: ignore[method-assign]
+        calls = [0]
+        losses = dd.per_example_losses
+
+        def nan_first(*args: object, **kwargs: object) -> torch.Tensor:
+            calls[0] += 1  # the three checks of step 0 see a NaN loss on rank 1 only
+            out = losses(*args, **kwargs)  # type: ignore[arg-type]
+            return out * float("nan") if calls[0] <= 3 else out
+
+        dd.per_example_losses = nan_first  # type: ignore[assignment]
+    agent = Agent(
+        net,
+        nn.CrossEntropyLoss(),
+        opt,
+        probe=(x[:13], y[:13]),  # 13 train + 7 val: uneven shards
+        val_probe=(x[13:20], y[13:20]),
+        endpoint="",
+        record=out if rank == 0 else None,
+        registry=False,
+        distributed=sharded,
+        gram_every="first:3,every:100",
+        sharpness_every="first:3,every:100",
+        density_every="first:3,every:100",
+        overhead_cap=None,
+        distance_layers=["3"],
+        hessian_k=2,
+        density_runs=1,
+        density_steps=6,
+        trace_samples=2,
+        chunk_size=4,
+        batch_size=16,
+    )
+    for _ in range(4):
+        loss = nn.functional.cross_entropy(net(x[20:36]), y[20:36])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        agent.step(loss)
+    agent.close()
+    print(f"rank {rank} done, disabled: {sorted(agent.disabled)}", flush=True)
+    if sharded:
+        dist.barrier()  # every rank done before the group goes
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
