@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from stiffmon_agent.metrics.gram import GramResult
-from stiffmon_agent.metrics.gram.contract import GHOST_BLOCK_ELEMENTS, cat, materialise
+from stiffmon_agent.metrics.gram.contract import cat, ghost_cross, materialise
 from stiffmon_agent.metrics.gram.hooks import hook_pass
 from stiffmon_agent.metrics.gram.loop import loop_grads
 from stiffmon_agent.metrics.gram.plan import Layer, ghost_cost, plan
@@ -91,26 +91,6 @@ class LayerGrads:
         for (a1, b1), (a2, b2) in zip(self.factors, other.factors, strict=True):
             out = out + ghost_cross(a1, b1, a2, b2)
         return out
-
-
-def ghost_cross(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
-    """Σ_g Σ_{t,s} (a1_i[t]·a2_j[s]) (b1_i[t]·b2_j[s]): the weight-gradient products of the
-    examples of (a1, b1) with those of (a2, b2); a (n, g, T, d_in), b (n, g, T, d_out)."""
-    n1, groups, t, _ = a1.shape
-    n2 = a2.shape[0]
-    if t == 1:
-        p, q, u, v = (z[:, :, 0] for z in (a1, a2, b1, b2))
-        if groups == 1:
-            return (p[:, 0] @ q[:, 0].T) * (u[:, 0] @ v[:, 0].T)
-        return torch.einsum("igd,jgd,ige,jge->ij", p, q, u, v)
-    out = a1.new_zeros(n1, n2)
-    rows = max(1, GHOST_BLOCK_ELEMENTS // max(1, n2 * t * t))
-    for g in range(groups):
-        for start in range(0, n1, rows):
-            aa = torch.einsum("itd,jsd->ijts", a1[start : start + rows, g], a2[:, g])
-            bb = torch.einsum("itd,jsd->ijts", b1[start : start + rows, g], b2[:, g])
-            out[start : start + rows] += (aa * bb).sum(dim=(2, 3))
-    return out
 
 
 def _hookable(model: nn.Module) -> dict[str, Layer]:

@@ -11,19 +11,25 @@ PAIR_BLOCK_ELEMENTS = 1 << 20  # bound on pairs·d for the token pairs of the em
 
 def ghost_gram(a: Tensor, b: Tensor) -> Tensor:
     """Σ_g Σ_{t,s} (a_i[t]·a_j[s]) (b_i[t]·b_j[s]) for a (N, g, T, d_in), b (N, g, T, d_out)."""
-    n, groups, t, _ = a.shape
+    return ghost_cross(a, b, a, b)
+
+
+def ghost_cross(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
+    """Σ_g Σ_{t,s} (a1_i[t]·a2_j[s]) (b1_i[t]·b2_j[s]): the weight-gradient products of the
+    examples of (a1, b1) with those of (a2, b2); a (n, g, T, d_in), b (n, g, T, d_out)."""
+    n1, groups, t, _ = a1.shape
+    n2 = a2.shape[0]
     if t == 1:
-        a1, b1 = a[:, :, 0], b[:, :, 0]
+        p, q, u, v = (z[:, :, 0] for z in (a1, a2, b1, b2))
         if groups == 1:
-            return (a1[:, 0] @ a1[:, 0].T) * (b1[:, 0] @ b1[:, 0].T)
-        return torch.einsum("igd,jgd,ige,jge->ij", a1, a1, b1, b1)
-    out = a.new_zeros(n, n)
-    rows = max(1, GHOST_BLOCK_ELEMENTS // max(1, n * t * t))
+            return (p[:, 0] @ q[:, 0].T) * (u[:, 0] @ v[:, 0].T)
+        return torch.einsum("igd,jgd,ige,jge->ij", p, q, u, v)
+    out = a1.new_zeros(n1, n2)
+    rows = max(1, GHOST_BLOCK_ELEMENTS // max(1, n2 * t * t))
     for g in range(groups):
-        ag, bg = a[:, g], b[:, g]
-        for start in range(0, n, rows):
-            aa = torch.einsum("itd,jsd->ijts", ag[start : start + rows], ag)
-            bb = torch.einsum("itd,jsd->ijts", bg[start : start + rows], bg)
+        for start in range(0, n1, rows):
+            aa = torch.einsum("itd,jsd->ijts", a1[start : start + rows, g], a2[:, g])
+            bb = torch.einsum("itd,jsd->ijts", b1[start : start + rows, g], b2[:, g])
             out[start : start + rows] += (aa * bb).sum(dim=(2, 3))
     return out
 
