@@ -22,26 +22,22 @@ a warning. Keys are those of :func:`~stiffmon_agent.metrics.gram.per_example_gra
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from stiffmon_agent.metrics.gram import GramResult
+from stiffmon_agent.metrics.gram.chunks import chunked_pass
 from stiffmon_agent.metrics.gram.contract import cat, ghost_cross, materialise
-from stiffmon_agent.metrics.gram.hooks import hook_pass
-from stiffmon_agent.metrics.gram.loop import loop_grads
 from stiffmon_agent.metrics.gram.plan import Layer, ghost_cost, plan
 from stiffmon_agent.metrics.gram.verify import check_entries
-from stiffmon_agent.metrics.gram.vmap import vmap_grads
 from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
     LossFn,
     batch_size,
     default_forward,
-    take,
     unreduced,
 )
 from stiffmon_agent.metrics.state import measurement_mode, trainable_parameters
@@ -201,40 +197,10 @@ def _blocks(
     exact_only: bool,
 ) -> tuple[dict[str, LayerGrads], tuple[str, ...]]:
     layers = {} if exact_only else _hookable(model)
-    while True:  # a layer that fails the hook path in a later chunk: start again without it
-        parts: dict[str, list[Tensor]] = defaultdict(list)
-        notes: list[str] = []
-        fallback: list[str] | None = None
-        exact = "vmap"
-        restart = False
-        for start in range(0, n_total, chunk):
-            stop = min(start + chunk, n_total)
-            sl, n = slice(start, stop), stop - start
-            x, y = take(inputs, sl), take(targets, sl)
-            if layers:
-                failed = hook_pass(model, layers, x, y, forward, loss_fn, n, "ghost")
-                if failed and fallback is not None:
-                    layers = {k: v.fresh() for k, v in layers.items() if k not in failed}
-                    restart = True
-                    break
-                for name in failed:
-                    layers.pop(name, None)
-            if fallback is None:
-                hooked = {id(p) for layer in layers.values() for p in layer.params.values()}
-                fallback = [name for name, p in params.items() if id(p) not in hooked]
-            if fallback:
-                if exact == "vmap":
-                    try:
-                        grads = vmap_grads(model, fallback, x, y, forward, loss_fn)
-                    except Exception as exc:  # RNNs, in-place parameter updates, …
-                        exact = "loop"
-                        notes.append(f"vmap(grad) cannot run this model ({type(exc).__name__})")
-                if exact == "loop":
-                    grads = loop_grads(model, fallback, x, y, forward, loss_fn)
-                for name, g in grads.items():
-                    parts[name].append(g.detach().reshape(n, -1))
-        if not restart:
-            break
+    done = chunked_pass(
+        model, params, inputs, targets, forward, loss_fn, n_total, chunk, layers, "ghost"
+    )
+    layers, parts, notes = done.layers, done.parts, done.notes
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     for mname, layer in layers.items():
         for pname, block in layer.blocks.items():

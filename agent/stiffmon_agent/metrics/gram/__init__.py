@@ -25,7 +25,6 @@ and leaves the model as it was
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -33,8 +32,8 @@ from torch import Tensor, nn
 
 # the per-family rules register themselves on import
 from stiffmon_agent.metrics.gram import attention, conv, embedding, linear, norms  # noqa: F401
+from stiffmon_agent.metrics.gram.chunks import chunked_pass
 from stiffmon_agent.metrics.gram.contract import cat, embedding_gram, ghost_gram, rows_gram
-from stiffmon_agent.metrics.gram.hooks import hook_pass
 from stiffmon_agent.metrics.gram.loop import loop_grads
 from stiffmon_agent.metrics.gram.plan import Block, Layer, Method, gram_flops_estimate, plan
 from stiffmon_agent.metrics.gram.verify import check_entries
@@ -45,7 +44,6 @@ from stiffmon_agent.metrics.probe import (
     LossFn,
     batch_size,
     default_forward,
-    take,
     unreduced,
 )
 from stiffmon_agent.metrics.state import measurement_mode, trainable_parameters
@@ -165,42 +163,11 @@ def _gram(
     layers: dict[str, Layer],
     method: Method,
 ) -> GramResult:
-    fallback: list[str] | None = None
-    exact = "loop" if method == "loop" else "vmap"
-    notes: list[str] = []
-    parts: dict[str, list[Tensor]] = defaultdict(list)
-    for start in range(0, n_total, chunk):
-        idx = slice(start, min(start + chunk, n_total))
-        x, y = take(inputs, idx), take(targets, idx)
-        n = min(start + chunk, n_total) - start
-        if layers:
-            failed = hook_pass(model, layers, x, y, forward, loss_fn, n, method)
-            if failed and fallback is not None:  # a layer changed behaviour between chunks
-                kept = {k: v.fresh() for k, v in layers.items() if k not in failed}
-                return _gram(
-                    model, params, inputs, targets, forward, loss_fn, n_total, chunk, kept, method
-                )
-            for name in failed:
-                layers.pop(name, None)
-        if fallback is None:
-            hooked = {id(p) for layer in layers.values() for p in layer.params.values()}
-            fallback = [name for name, p in params.items() if id(p) not in hooked]
-        if not fallback:
-            continue
-        if exact == "vmap":
-            try:
-                grads = vmap_grads(model, fallback, x, y, forward, loss_fn)
-            except Exception as exc:  # RNNs, in-place parameter updates, …: loop instead
-                exact = "loop"
-                notes.append(
-                    f"vmap(grad) cannot run this model ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0][:200]}); per-example loop for "
-                    f"{len(fallback)} parameter tensors"
-                )
-        if exact == "loop":
-            grads = loop_grads(model, fallback, x, y, forward, loss_fn)
-        for name, g in grads.items():
-            parts[name].append(g.detach().reshape(n, -1))
+    done = chunked_pass(
+        model, params, inputs, targets, forward, loss_fn, n_total, chunk, layers, method
+    )
+    layers, fallback, parts, exact = done.layers, done.fallback, done.parts, done.exact
+    notes = done.notes
 
     blocks: dict[str, Tensor] = {}
     methods: dict[str, str] = {}
@@ -211,7 +178,7 @@ def _gram(
             blocks[key] = blocks[key] + g if key in blocks else g
             if block.method or key not in methods:
                 methods[key] = block.method or "materialise"
-    for pname in fallback or []:
+    for pname in fallback:
         key = _module_prefix(pname)
         g = rows_gram(parts[pname])
         blocks[key] = blocks[key] + g if key in blocks else g
