@@ -27,7 +27,7 @@ from stiffmon.session import read_session
 from stiffmon.transport import free_port_pair
 from stiffmon_agent import Agent
 from stiffmon_agent.distributed import bounds, sharded_parameters, unwrap
-from tests.conftest import ROOT
+from tests.conftest import GLOO_TEARDOWN, ROOT
 
 SCRIPT = ROOT / "tests" / "agent" / "sharded_script.py"
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'agent'}", "OMP_NUM_THREADS": "1"}
@@ -75,9 +75,6 @@ def group() -> Iterator[Group]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=10)
-
-
-GLOO_TEARDOWN = "terminate called without an active exception"
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 150, ranks: int = 0) -> str:
