@@ -141,6 +141,13 @@ def current_shard(distributed: bool) -> Shard | None:
     return Shard(dist.get_rank(), world) if world > 1 else None
 
 
+def extremes(v: Tensor, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """(max, min) over the ranks of every element of ``v`` (on the CPU), in one all-reduce."""
+    both = torch.cat([v, -v]).to(device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return both[: v.numel()].cpu(), -both[v.numel() :].cpu()
+
+
 def agree(error: BaseException | None, what: str, device: torch.device | None = None) -> None:
     """Raise on every rank if ``what`` failed on any (this rank's own error where it failed)."""
     t = torch.tensor([1.0 if error is not None else 0.0], device=device)
@@ -187,9 +194,7 @@ def check_same_setup(
         sum(k for k in range(1, 1001) if schedule.due(k - 1)) for schedule in schedules
     ]  # which of the first 1000 steps each schedule measures
     v = torch.tensor([n, n_train, n_params, checksum, *due], dtype=torch.float64)
-    both = torch.cat([v, -v]).to(collective_device(model))
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    hi, lo = both[: v.numel()].cpu(), -both[v.numel() :].cpu()
+    hi, lo = extremes(v, collective_device(model))
     if not torch.allclose(hi, lo, rtol=1e-9, atol=0.0):
         raise ValueError(
             "Agent(distributed=True) needs the same model, the same global probe and the same "

@@ -12,7 +12,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stiffmon_agent.distributed import MatVec, Shard, _gather_rows, agree, collective_device
+from stiffmon_agent.distributed import (
+    MatVec,
+    Shard,
+    _gather_rows,
+    agree,
+    collective_device,
+    extremes,
+)
 from stiffmon_agent.metrics import capture_activations, measurement_mode
 from stiffmon_agent.metrics.grad_blocks import LayerGrads, per_example_grad_blocks
 from stiffmon_agent.metrics.gram import GramResult
@@ -26,14 +33,11 @@ __all__ = ["HvpLeader", "serve_hvps", "sharded_activations", "sharded_gram"]
 
 def _same_everywhere(values: list[int], device: torch.device | None) -> bool:
     """Whether every rank passed the same list of integers."""
-    n = torch.tensor([len(values), -len(values)], dtype=torch.float64, device=device)
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    if n[0] != -n[1]:
+    hi, lo = extremes(torch.tensor([len(values)], dtype=torch.float64), device)
+    if not torch.equal(hi, lo):
         return False
-    v = torch.tensor(values, dtype=torch.float64, device=device)
-    both = torch.cat([v, -v])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    return bool(torch.equal(both[: len(values)], -both[len(values) :]))
+    hi, lo = extremes(torch.tensor(values, dtype=torch.float64), device)
+    return bool(torch.equal(hi, lo))
 
 
 def _layout(blocks: dict[str, LayerGrads]) -> list[int]:
