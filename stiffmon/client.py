@@ -105,8 +105,12 @@ class Client:
         self._eps: dict[zmq.Socket[bytes], _EndpointState] = {}
         self._runs: dict[str, _RunState] = defaultdict(_RunState)
         self._run_endpoint: dict[str, _EndpointState] = {}
-        for ep in endpoints:
-            self.add_endpoint(ep)
+        try:
+            for ep in endpoints:
+                self.add_endpoint(ep)
+        except BaseException:
+            self.close()  # a context left to the garbage collector with open sockets can hang
+            raise
 
     def _socket(self, kind: int) -> zmq.Socket[bytes]:
         s = self.ctx.socket(kind)

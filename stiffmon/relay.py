@@ -72,29 +72,36 @@ class Relay:
         self.curve_bind = curve_bind
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._auth = None
-        if curve_bind is not None and curve_bind.authorized_dir is not None:
-            from zmq.auth.thread import ThreadAuthenticator
+        try:
+            if curve_bind is not None and curve_bind.authorized_dir is not None:
+                from zmq.auth.thread import ThreadAuthenticator
 
-            self._auth = ThreadAuthenticator(self.ctx)
-            self._auth.start()
-            self._auth.configure_curve(domain="*", location=str(curve_bind.authorized_dir))
-        self._stop = threading.Event()
-        self.xsub = self._upstream_socket(zmq.XSUB)
-        self.xpub = self._bind_socket(zmq.XPUB)
-        self.router = self._bind_socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.SNDHWM, 1000)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a full requester is EAGAIN, not a hang
-        for u in self.upstream:
-            self.xsub.connect(u.pub)
-        self._dealers: dict[Endpoint, zmq.Socket[bytes]] = {
-            u: self._dealer(u) for u in self.upstream
-        }
-        self.dead: set[Endpoint] = set()  # timed out: not waited for until they answer again
-        self.xpub.bind(self.endpoint.pub)
-        self.router.bind(self.endpoint.snapshot)
-        warning = exposure_warning("the relay", self.endpoint, self.endpoint.host, curve_bind)
-        if warning:
-            warn(warning)
+                self._auth = ThreadAuthenticator(self.ctx)
+                self._auth.start()
+                self._auth.configure_curve(domain="*", location=str(curve_bind.authorized_dir))
+            self._stop = threading.Event()
+            self.xsub = self._upstream_socket(zmq.XSUB)
+            self.xpub = self._bind_socket(zmq.XPUB)
+            self.router = self._bind_socket(zmq.ROUTER)
+            self.router.setsockopt(zmq.SNDHWM, 1000)
+            # a full requester is EAGAIN, not a hang
+            self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            for u in self.upstream:
+                self.xsub.connect(u.pub)
+            self._dealers: dict[Endpoint, zmq.Socket[bytes]] = {
+                u: self._dealer(u) for u in self.upstream
+            }
+            self.dead: set[Endpoint] = set()  # timed out: not waited for until they answer again
+            self.xpub.bind(self.endpoint.pub)
+            self.router.bind(self.endpoint.snapshot)
+            warning = exposure_warning("the relay", self.endpoint, self.endpoint.host, curve_bind)
+            if warning:
+                warn(warning)
+        except BaseException:  # nothing left open for the garbage collector (it could hang)
+            if self._auth is not None:
+                self._auth.stop()
+            self.ctx.destroy(linger=0)
+            raise
         self._ctl_addr = f"inproc://stiffmon-relay-{id(self)}"
         self._ctl = self.ctx.socket(zmq.PAIR)
         self._ctl.bind(self._ctl_addr)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zmq
 from hypothesis import settings
 
 from stiffmon.transport import free_port_pair
@@ -23,6 +26,44 @@ GLOO_TEARDOWN = "terminate called without an active exception"
 load, rarely, even after a barrier); the distributed tests tolerate only that."""
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A zmq Context left to the garbage collector in a reference cycle with its sockets hangs the
+# process: the cycle's weak references (the context's socket set) are cleared before the
+# finalizers run, so ``Context.__del__`` terminates a context whose sockets are still open, and
+# ``zmq_ctx_term`` waits for them forever, in C, where no test timeout reaches. In the tests an
+# unclosed context is never terminated by the collector: it is reported, naming where it was
+# made, and fails the test during which it was collected.
+_ZMQ_ORIGIN: dict[int, str] = {}
+_ZMQ_LEAKS: list[str] = []
+_zmq_init = zmq.Context.__init__
+
+
+def _tracked_init(self: zmq.Context[Any], *args: Any, **kwargs: Any) -> None:
+    _zmq_init(self, *args, **kwargs)
+    _ZMQ_ORIGIN[id(self)] = (
+        os.environ.get("PYTEST_CURRENT_TEST", "?")
+        + "\n"
+        + "".join(traceback.format_stack(limit=8)[:-1])
+    )
+
+
+def _reported_del(self: zmq.Context[Any]) -> None:
+    origin = _ZMQ_ORIGIN.pop(id(self), "?")
+    if not getattr(self, "_shadow", True) and not self.closed:
+        _ZMQ_LEAKS.append(f"a zmq Context left unclosed to the garbage collector, made in {origin}")
+
+
+zmq.Context.__init__ = _tracked_init  # type: ignore[method-assign]
+zmq.Context.__del__ = _reported_del  # type: ignore[method-assign]
+
+
+@pytest.fixture(autouse=True)
+def _no_zmq_context_to_the_collector() -> Iterator[None]:
+    yield
+    if _ZMQ_LEAKS:
+        leaks = _ZMQ_LEAKS[:]
+        _ZMQ_LEAKS.clear()
+        pytest.fail("\n\n".join(leaks), pytrace=False)
 
 
 @pytest.fixture
@@ -72,3 +113,13 @@ def procs() -> Iterator[Procs]:
         for f in (proc.stdout, proc.stderr):
             if f:
                 f.close()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A context still in a cycle at the end is collected here, and reported too."""
+    import gc
+
+    gc.collect()
+    if _ZMQ_LEAKS:
+        print("\n\n".join(_ZMQ_LEAKS), file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

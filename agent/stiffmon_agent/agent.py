@@ -6,8 +6,8 @@ The agent composes *when* (:mod:`~stiffmon_agent.schedules`), *what*
 thread). It never blocks, crashes or noticeably slows the training loop: socket work happens on
 the background thread behind a bounded queue; an exception inside a metric becomes an ``event``
 and disables that metric; a NaN loss becomes an ``event``; heavy measurements are skipped when
-they would take more than ``overhead_cap`` of the wall time. Under torch.distributed with
-``distributed=True`` every rank measures its share of the probe (:mod:`~stiffmon_agent.runner`).
+the agent's whole cost would slow the run by more than ``overhead_cap``. Under torch.distributed
+with ``distributed=True`` every rank measures its share of the probe (:mod:`~.runner`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from stiffmon.transport import CurveKeys
 from stiffmon_agent import distributed as sharding
 from stiffmon_agent.announce import dist_rank, hello_fields, register_locally, start_publisher
 from stiffmon_agent.budget import MeasurementBudget
-from stiffmon_agent.columns import Accuracy, ColumnBatcher, RawColumns
+from stiffmon_agent.columns import ColumnBatcher, RawColumns
 from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from here: patchable)
     ProbeSet,
     SharpnessState,
@@ -45,7 +45,7 @@ from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
 from stiffmon_agent.publisher import Outgoing, Publisher
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, Schedule, parse_schedule
-from stiffmon_agent.step_scalars import optimizer_columns, optimizer_config
+from stiffmon_agent.step_scalars import optimizer_columns, optimizer_config, step_accuracy
 from stiffmon_agent.userlog import custom_scalars
 
 log = logging.getLogger("stiffmon_agent")
@@ -89,9 +89,11 @@ class Agent:
         density_every: Schedule of the Hessian trace + spectral density measurement (stochastic
             Lanczos quadrature, ``density_runs × density_steps + trace_samples`` HVPs). Default:
             every 500 steps from step 500, so that it never delays the start of training.
-        overhead_cap: Largest fraction of wall time the agent may cost: heavy measurements plus
-            the publisher thread's CPU time. Due measurements are skipped (and an ``event`` says
-            so) to stay under it. None or 1: no cap. The first measurement (step 0) always runs.
+        overhead_cap: Largest slowdown the agent may cause, as a fraction of the training's own
+            time (0.05: the run takes at most 1.05 × as long). It counts the heavy measurements,
+            the time ``step()`` itself takes and the publisher thread's CPU time. Due
+            measurements are skipped (and an ``event`` says so) to stay under it. None or 1: no
+            cap. The first measurement (step 0) always runs, and counts.
         distance_layers: Module names whose activations get a stiffness-vs-distance curve.
         distance_bins: Bins of the stiffness-vs-distance curves.
         noise_k: How many eigenvalues of the gradient covariance to publish.
@@ -282,6 +284,7 @@ class Agent:
         """
         if self.closed:
             return
+        t0 = time.perf_counter()
         if not self.enabled:  # a non-zero rank: its share of the sharded measurements only
             if self._runner is not None:
                 for kind in self._due(self.step_count):
@@ -295,14 +298,15 @@ class Agent:
         names += opt_names
         values += opt_values
         if logits is not None and targets is not None:
-            names.append("accuracy")  # computed on the publisher thread, off the training loop
-            values.append(Accuracy(logits.detach(), targets.detach()))
+            names.append("accuracy")
+            values.append(step_accuracy(logits, targets, self._log_warned))
         if self._batch_size is None and isinstance(logits, Tensor) and logits.ndim >= 1:
             self._sharp_state.batch_size = int(logits.shape[0])  # B of a sum-reduced objective
             names.append("batch_size")  # the hello went out before any batch was seen
             values.append(logits.shape[0])
         # step_time is not sent: the monitor derives it from consecutive row times
         self._columns.add(s, time.time(), tuple(names), values)
+        self._budget.step_seconds += time.perf_counter() - t0
         if self._runner is not None:
             due = self._due(s)
             for kind in due:

@@ -1,18 +1,24 @@
 """The agent's overhead budget: when a due measurement may run, and the coverage bookkeeping.
 
-A due heavy measurement runs only while the agent's cost stays under ``overhead_cap`` of the
-wall time since the agent started:
+``overhead_cap`` c bounds the whole run's slowdown: with the agent, training takes at most
+(1 + c) × its own time. The agent's cost so far is everything it spent on the training thread
+and beside it: the heavy measurements' wall time, the time ``Agent.step()`` itself took (the
+per-step stream) and the publisher thread's CPU time. Since the training's own time is the
+elapsed time less that cost, a due heavy measurement runs only while
 
-    measure_seconds + publishing_seconds + last_cost[kind] <= overhead_cap × elapsed,
+    measure_seconds + step_seconds + publishing_seconds + last_cost[kind] <= c / (1 + c) × elapsed,
 
-where ``last_cost[kind]`` (the previous measurement of that kind) predicts the next one. The
-first measurement (step 0) always runs. Every due measurement counts as done or skipped
-(``coverage``); skips are said (an ``event`` and a log line) at 1, 2, 5, 10, 20, ... per reason.
+where ``last_cost[kind]`` (the previous measurement of that kind) predicts the next one and
+``elapsed`` is the wall time since the agent started. The first measurement (step 0) always
+runs; its cost counts, so the next ones wait until the run has paid for it. Every due
+measurement counts as done or skipped (``coverage``); skips are said (an ``event`` and a log
+line) at 1, 2, 5, 10, 20, ... per reason.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -28,13 +34,14 @@ class MeasurementBudget:
     """Overhead budget, measurement costs and coverage counters of one agent.
 
     Args:
-        overhead_cap: Largest fraction of wall time the agent may cost; None or ≥ 1: no cap.
+        overhead_cap: Largest slowdown of the run (a fraction of its own time); None or ≥ 1: no cap.
         publishing_seconds: Returns the CPU time the publisher thread has spent so far.
         event: Publishes an ``event`` message: ``event(code, message, level=..., **attrs)``.
 
     Attributes:
         start: ``time.perf_counter()`` when the budget (the agent) started.
         measure_seconds: Wall time spent in heavy measurements so far.
+        step_seconds: Wall time spent in ``Agent.step()`` outside the measurements so far.
         last_cost: Seconds of the last measurement of each kind.
         skipped: Measurements skipped to stay under the cap.
         coverage: ``[done, skipped]`` due measurements of each kind.
@@ -51,6 +58,7 @@ class MeasurementBudget:
         self._publishing_seconds = publishing_seconds
         self._event = event
         self.measure_seconds = 0.0
+        self.step_seconds = 0.0
         self.last_cost = dict.fromkeys(KINDS, 0.0)
         self.skipped = 0
         self.coverage = {kind: [0, 0] for kind in KINDS}  # done, skipped
@@ -61,9 +69,18 @@ class MeasurementBudget:
         """Whether a ``kind`` measurement due at ``step`` fits in the budget."""
         if step == 0 or self.overhead_cap is None or self.overhead_cap >= 1.0:
             return True
-        elapsed = time.perf_counter() - self.start
-        predicted = self.measure_seconds + self._publishing_seconds() + self.last_cost[kind]
-        return predicted <= self.overhead_cap * elapsed
+        return self.spent() + self.last_cost[kind] <= self.allowance()
+
+    def spent(self) -> float:
+        """Seconds the agent has cost so far: measurements, ``step()`` and the publisher."""
+        return self.measure_seconds + self.step_seconds + self._publishing_seconds()
+
+    def allowance(self) -> float:
+        """Seconds the agent may have cost by now: c / (1 + c) of the elapsed time."""
+        cap = self.overhead_cap
+        if cap is None:
+            return math.inf
+        return cap / (1.0 + cap) * (time.perf_counter() - self.start)
 
     def record_cost(self, kind: str, seconds: float) -> None:
         """Charge a measurement (made, skipped inside or failed) of ``seconds`` to the budget."""
@@ -86,7 +103,7 @@ class MeasurementBudget:
             return
         done = self.coverage[kind][0]
         if reason == "overhead-cap":
-            why = f"to keep the overhead under {self.overhead_cap:.0%} of wall time"
+            why = f"to keep the agent's slowdown of the run under {self.overhead_cap:.0%}"
         elif reason == "disabled":
             why = f"because {kind} is disabled after an error"
         else:

@@ -336,3 +336,26 @@ def test_summary_and_replay_skip_a_forged_record(
     source = ReplaySource([path])
     source.load()
     assert source.skipped == 1 and len(source.messages) == 4
+
+
+# ------------------------------------------------------------------ nothing left to the collector
+
+
+def test_a_client_or_relay_that_fails_to_start_leaves_no_context_open(ctx: Ctx) -> None:
+    """A context left to the garbage collector with open sockets can hang the process (in
+    ``zmq_ctx_term``); a constructor that fails part-way closes what it opened."""
+    import gc
+
+    from tests import conftest
+
+    busy = ctx.socket(zmq.XPUB)
+    port = free_port_pair()
+    busy.bind(f"tcp://127.0.0.1:{port}")  # the relay's bind below fails on it
+    with pytest.raises(ValueError):
+        Client([f"tcp://127.0.0.1:{free_port_pair()}", "tcp://127.0.0.1:notaport"])
+    with pytest.raises(zmq.ZMQError):
+        Relay([f"tcp://127.0.0.1:{free_port_pair()}"], f"tcp://127.0.0.1:{port}")
+    gc.collect()
+    leaks, conftest._ZMQ_LEAKS[:] = conftest._ZMQ_LEAKS[:], []
+    busy.close(0)
+    assert leaks == []

@@ -1,0 +1,58 @@
+"""The overhead budget: what it counts and the bound it keeps (the whole-run slowdown)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from stiffmon_agent import Agent
+from stiffmon_agent.budget import MeasurementBudget
+
+
+def _budget(cap: float | None, publishing: list[float]) -> MeasurementBudget:
+    events: list[Any] = []
+    return MeasurementBudget(cap, lambda: publishing[0], lambda *a, **k: events.append(a))
+
+
+def test_the_allowance_is_the_slowdown_bound_not_a_share_of_wall_time() -> None:
+    """With cost C after wall time T the training's own time is T − C, and C ≤ c (T − C) is
+    C ≤ c / (1 + c) T: 5 % of a 10.5 s run is 0.525 s, but a 1.05 × slowdown allows 0.5 s."""
+    b = _budget(0.05, [0.0])
+    b.start = time.perf_counter() - 10.5
+    assert b.allowance() == pytest.approx(0.5, rel=1e-3)
+    assert _budget(None, [0.0]).allowance() == float("inf")
+
+
+@pytest.mark.parametrize("part", ["measure", "step", "publisher"])
+def test_every_cost_counts_against_the_cap(part: str) -> None:
+    publishing = [0.0]
+    b = _budget(0.05, publishing)
+    b.start = time.perf_counter() - 21.0  # allowance 1.0 s
+    b.last_cost["gram"] = 0.3
+    assert b.within("gram", 5)
+    if part == "measure":
+        b.record_cost("sharpness", 0.75)
+    elif part == "step":
+        b.step_seconds = 0.75
+    else:
+        publishing[0] = 0.75
+    assert b.spent() == pytest.approx(0.75)
+    assert not b.within("gram", 5)  # 0.75 + 0.3 > 1.0
+    assert b.within("gram", 0)  # the step-0 measurement always runs
+
+
+def test_agent_charges_its_step_time_to_the_budget() -> None:
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = Agent(model, nn.CrossEntropyLoss(), opt, endpoint="", registry=False)
+    before = agent._budget.step_seconds
+    t0 = time.perf_counter()
+    for _ in range(200):
+        agent.step(torch.tensor(0.5), torch.randn(8, 3), torch.randint(0, 3, (8,)))
+    wall = time.perf_counter() - t0
+    agent.close()
+    assert 0.0 < agent._budget.step_seconds - before <= wall
