@@ -29,6 +29,7 @@ from stiffmon import protocol as p
 from stiffmon.registry import unregister
 from stiffmon.transport import CurveKeys
 from stiffmon_agent import distributed as sharding
+from stiffmon_agent.accuracy import step_accuracy
 from stiffmon_agent.announce import dist_rank, hello_fields, register_locally, start_publisher
 from stiffmon_agent.budget import MeasurementBudget
 from stiffmon_agent.columns import ColumnBatcher, RawColumns
@@ -45,7 +46,7 @@ from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
 from stiffmon_agent.publisher import Outgoing, Publisher
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, Schedule, parse_schedule
-from stiffmon_agent.step_scalars import optimizer_columns, optimizer_config, step_accuracy
+from stiffmon_agent.step_scalars import optimizer_columns, optimizer_config
 from stiffmon_agent.userlog import custom_scalars
 
 log = logging.getLogger("stiffmon_agent")

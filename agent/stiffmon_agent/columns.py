@@ -7,9 +7,8 @@ the bounded queue. Now the training thread only appends the step's raw values to
 and hands the batch over as *one* queue item when it holds ``max_rows`` steps or is
 ``interval`` seconds old (the publisher thread also takes a batch that has gone stale because the
 loop paused). The publisher thread turns a batch into one :class:`~stiffmon.protocol.Columns`
-message (:func:`build_columns`): the scalar tensors of a column (losses, the accuracies' hit
-counts) are stacked and converted in one go. Only scalars reach that thread: see
-:class:`Accuracy`.
+message (:func:`build_columns`): the tensors of a column are stacked and converted in one go,
+the accuracies of a batch in a few small kernels (:mod:`~stiffmon_agent.accuracy`).
 """
 
 from __future__ import annotations
@@ -26,42 +25,10 @@ import numpy.typing as npt
 import torch
 
 from stiffmon import protocol as p
+from stiffmon_agent.accuracy import Accuracy, accuracies
 
 DEFAULT_MAX_ROWS = 8192
 DEFAULT_INTERVAL = 0.05
-
-
-class Accuracy:
-    """A step's top-1 accuracy as a hit count on the logits' device: ``float()`` reads it.
-
-    :meth:`of` runs on the training thread: ``count_nonzero(argmax(logits) == targets)`` (two
-    small kernels, ~4 µs on a CPU; asynchronous on a GPU, so no synchronisation) and the number of
-    comparisons from the shapes. Counting there, rather than keeping the logits for the publisher
-    thread, holds no logits alive (a language model's are the size of a layer per step) and keeps
-    the publisher thread's tensors scalars: a batch of stacked logits is big enough for torch to
-    start a second OpenMP team on that thread, which fights the training's own threads for the
-    cores (measured: a 0.2 s batch made the digits loop 2.1 × slower).
-
-    Attributes:
-        hits: 0-dim integer tensor, the correct predictions.
-        n: Predictions compared.
-    """
-
-    __slots__ = ("hits", "n")
-
-    def __init__(self, hits: Any, n: int) -> None:
-        self.hits = hits
-        self.n = n
-
-    @classmethod
-    def of(cls, logits: torch.Tensor, targets: torch.Tensor) -> Accuracy:
-        """Count the hits of a step (raises on shapes that do not compare)."""
-        with torch.no_grad():
-            same = logits.detach().argmax(-1) == targets.detach()
-            return cls(torch.count_nonzero(same), same.numel())
-
-    def __float__(self) -> float:
-        return float(self.hits) / self.n if self.n else math.nan
 
 
 @dataclass(frozen=True)
@@ -158,9 +125,7 @@ def _as_float64(column: Sequence[Any]) -> npt.NDArray[np.float64]:
             if stacked.numel() == len(column):
                 return stacked.reshape(-1).to(torch.float64).cpu().numpy()
         if isinstance(first, Accuracy) and all(isinstance(v, Accuracy) for v in column):
-            hits = torch.stack([v.hits for v in column]).to(torch.float64).cpu().numpy()
-            with np.errstate(divide="ignore", invalid="ignore"):
-                return hits / np.array([v.n for v in column], dtype=np.float64)
+            return accuracies(column)
     except Exception:  # shapes or devices differ: one by one below
         pass
     out = np.empty(len(column), dtype=np.float64)

@@ -7,7 +7,10 @@ whatever the peer does:
 
 * the ROUTER has a finite send high-water mark and ``ROUTER_MANDATORY``: a send that would go
   beyond a peer's queue fails at once (``EAGAIN``) instead of queueing without limit;
-* a peer has at most one snapshot outstanding; its repeat requests coalesce into it;
+* a peer has at most one snapshot outstanding; its repeat requests coalesce into it, and one
+  that comes within ``min_interval`` (0.5 s) of the start of its last snapshot waits until then
+  (a flood of requests from a peer costs the publisher thread two snapshots a second, not one
+  per request);
 * the publisher thread calls :meth:`SnapshotServer.pump` between drains of its queue and each
   call sends at most ``slice_messages`` per peer, so live publishing and recording never wait
   for a snapshot;
@@ -52,6 +55,7 @@ class SnapshotStats:
     refused: int = 0
     dropped_peers: int = 0
     ignored: int = 0
+    deferred: int = 0
 
 
 @dataclass
@@ -74,6 +78,7 @@ class SnapshotServer:
         stall_timeout: Seconds a peer may leave its queue full before it is dropped.
         ban_seconds: How long a dropped peer's requests are ignored.
         max_peers: Snapshots served at the same time; more requests are refused (ignored).
+        min_interval: Seconds between the starts of two snapshots for one peer.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class SnapshotServer:
         stall_timeout: float = 5.0,
         ban_seconds: float = 30.0,
         max_peers: int = 8,
+        min_interval: float = 0.5,
     ) -> None:
         self.router = router
         self.run = run
@@ -94,7 +100,10 @@ class SnapshotServer:
         self.stall_timeout = stall_timeout
         self.ban_seconds = ban_seconds
         self.max_peers = max_peers
+        self.min_interval = min_interval
         self.stats = SnapshotStats()
+        self._started: dict[bytes, float] = {}  # when each peer's last snapshot started
+        self._waiting: dict[bytes, float] = {}  # a deferred request: when it may start
         self._peers: dict[bytes, _Peer] = {}
         self._banned: dict[bytes, float] = {}
         self._host = socket.gethostname()
@@ -134,8 +143,13 @@ class SnapshotServer:
                 self.stats.ignored += 1
                 return
             del self._banned[ident]
-        if ident in self._peers:
-            self.stats.coalesced += 1  # the snapshot under way answers this one too
+        if ident in self._peers or ident in self._waiting:
+            self.stats.coalesced += 1  # the snapshot under way (or waiting) answers this one too
+            return
+        last = self._started.get(ident)
+        if last is not None and now - last < self.min_interval:
+            self._waiting[ident] = last + self.min_interval
+            self.stats.deferred += 1
             return
         if len(self._peers) >= self.max_peers:
             self.stats.refused += 1
@@ -146,12 +160,20 @@ class SnapshotServer:
             encode_control(SNAPSHOT_DONE, {"runs": 1, "host": self._host}),
         ]
         self._peers[ident] = _Peer(ident, todo, tail, last_progress=now)
+        self._started[ident] = now
 
     def pump(self) -> bool:
         """Send the next slice to every peer; True if some peer took messages (more may follow)."""
+        now = time.monotonic()
+        for ident, when in list(self._waiting.items()):
+            if when <= now:
+                del self._waiting[ident]
+                self._request(ident, now)
+        for ident, when in list(self._started.items()):
+            if now - when >= self.min_interval:
+                del self._started[ident]
         if not self._peers:
             return False
-        now = time.monotonic()
         progressed = False
         for ident, peer in list(self._peers.items()):
             sent, state = self._send_slice(peer)
@@ -193,3 +215,4 @@ class SnapshotServer:
     def drop_all(self) -> None:
         """Forget every snapshot under way (the publisher is closing)."""
         self._peers.clear()
+        self._waiting.clear()

@@ -4,21 +4,14 @@
 * :func:`optimizer_columns`: per-step column names and values of every param group ``i``:
   ``lr/i``; ``momentum/i`` (SGD's momentum, or β1 of Adam-like ``betas``) and ``beta2/i``;
   ``nesterov/i`` (1.0 when set); ``weight_decay/i`` when non-zero. The values are read as they
-  are (numbers or tensors); the publisher thread converts them;
-* :func:`step_accuracy`: the step's accuracy as a hit count (never raises).
+  are (numbers or tensors); the publisher thread converts them.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 from typing import Any
 
 import torch
-
-from stiffmon_agent.columns import Accuracy
-
-log = logging.getLogger("stiffmon_agent")
 
 
 def optimizer_config(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -59,14 +52,3 @@ def optimizer_columns(optimizer: torch.optim.Optimizer | None) -> tuple[list[str
             names.append(f"weight_decay/{i}")
             values.append(g["weight_decay"])
     return names, values
-
-
-def step_accuracy(logits: Any, targets: Any, warned: set[str]) -> Accuracy | float:
-    """The step's hit count (:meth:`Accuracy.of`); NaN, said once, if they do not compare."""
-    try:
-        return Accuracy.of(logits, targets)
-    except Exception as exc:  # never into the training loop
-        if "accuracy" not in warned:
-            warned.add("accuracy")
-            log.warning(f"stiffmon: no accuracy from these logits and targets: {exc}")
-        return math.nan

@@ -222,35 +222,3 @@ def test_late_joiner_gets_every_step_without_decimation() -> None:
         if client is not None:
             client.close()
         agent.close()
-
-
-def test_accuracy_is_counted_on_the_training_thread_and_holds_no_logits(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The batch keeps a hit count per step, not the logits (an LM's logits are the size of a
-    layer), and logits that do not compare with the targets give NaN and one warning."""
-    import gc
-    import weakref
-
-    from stiffmon_agent import Agent
-
-    model = torch.nn.Linear(4, 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    agent = Agent(model, torch.nn.CrossEntropyLoss(), opt, endpoint="", registry=False)
-    agent._columns.interval = 1e9  # every row stays in the open batch
-    logits = torch.tensor([[0.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
-    alive = weakref.ref(logits)
-    agent.step(torch.tensor(0.5), logits, torch.tensor([1, 0, 0, 1]))
-    row = agent._columns._rows[-1]
-    acc = row[list(agent._columns._names).index("accuracy")]
-    assert isinstance(acc, Accuracy) and acc.hits.ndim == 0 and acc.n == 4 and float(acc) == 0.5
-    del logits, row, acc
-    gc.collect()
-    assert alive() is None
-    with caplog.at_level("WARNING", logger="stiffmon_agent"):
-        for _ in range(3):
-            agent.step(torch.tensor(0.5), torch.randn(4, 3), torch.zeros(5, dtype=torch.long))
-    nans = [r[list(agent._columns._names).index("accuracy")] for r in agent._columns._rows[-3:]]
-    assert all(math.isnan(v) for v in nans)
-    assert sum("no accuracy" in r.message for r in caplog.records) == 1
-    agent.close()

@@ -334,7 +334,10 @@ def test_record_command_survives_an_agent_restart(
 ) -> None:
     out = tmp_path / "rec.stiff"
     rec = procs.start("-m", "stiffmon", "record", endpoint, "-o", str(out), "--duration", "120")
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60  # the file is made once the recorder's client is connected
+    while not out.exists() and rec.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert out.exists(), "stiffmon record did not start"
     first = procs.start(
         "-m", "tests.agent.train_script", "--endpoint", endpoint, "--steps", "30", "--delay", "0.05"
     )
@@ -357,6 +360,8 @@ def test_record_command_survives_an_agent_restart(
     assert scan.state == "clean"
     for run in (run1, run2):
         mine = [m for m in msgs if m.run == run]
+        seen = {m.run: m.kind for m in msgs}
+        assert mine, f"run {run} not recorded; last kind per run recorded: {seen}"
         assert mine[0].kind == "hello" and mine[-1].kind == "bye"
         steps = [
             m.step for m in p.expand_columns(mine) if isinstance(m, p.Scalars) and "loss" in m.names

@@ -101,13 +101,14 @@ def train(
     t0 = time.perf_counter()
     for _ in range(steps):
         i = torch.randint(0, len(data.y_train), (batch,), generator=g)
-        out = model(data.x_train[i])
-        loss = nn.functional.cross_entropy(out, data.y_train[i])
+        x, y = data.x_train[i], data.y_train[i]
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if agent is not None:
-            agent.step(loss, out, data.y_train[i])
+            agent.step(loss, out, y)
     pub_cpu = 0.0
     if agent is not None:
         agent.close()

@@ -1,0 +1,152 @@
+"""A step's top-1 accuracy, without slowing the training loop or holding big logits.
+
+The accuracy of a step is ``mean(argmax(logits, -1) == targets)``. Where it is computed matters:
+
+* On the training thread every small kernel costs 10–20 µs in a real loop (caches cold after the
+  step; measured on the digits CNN: argmax 17 µs, the whole count 31 µs, 1.5 % of a 2 ms step).
+  So logits of at most :data:`DEFER_MAX_ELEMENTS` elements are only kept (detached), and the
+  publisher thread counts the hits of a whole batch of steps in a few kernels.
+* There the stacked logits must stay below torch's parallel grain (32,768 elements): above it a
+  kernel starts a second OpenMP team on the publisher thread, which fights the training's own
+  threads for the cores (measured: stacking 0.2 s of digits steps at once made the loop 2.1 ×
+  slower). :func:`accuracies` stacks at most :data:`STACK_MAX_ELEMENTS` elements per kernel.
+* Bigger logits (a language model's are the size of a layer per step), and logits on a GPU, are
+  counted on the training thread, where those kernels are small beside the step (on a GPU they
+  are queued on the training stream, in order, without synchronising; CUDA graphs may reuse the
+  output buffer), and only the 0-dim hit count is kept.
+
+Kept tensors remember their version counter: a step whose logits or targets were changed in place
+before the publisher thread got to them (a reused target buffer) is NaN, not a wrong number.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+log = logging.getLogger("stiffmon_agent")
+
+DEFER_MAX_ELEMENTS = 8192
+STACK_MAX_ELEMENTS = 32_768
+
+
+class Accuracy:
+    """One step's accuracy: kept logits (small) or a hit count (big); ``float()`` evaluates it.
+
+    Attributes:
+        logits: The detached logits, or None when counted already.
+        targets: The targets, or None when counted already.
+        hits: 0-dim integer tensor of correct predictions, or None when deferred.
+        n: Predictions compared (when counted).
+        versions: The kept tensors' version counters when kept.
+    """
+
+    __slots__ = ("hits", "logits", "n", "targets", "versions")
+
+    def __init__(self, logits: Any, targets: Any, hits: Any = None, n: int = 0) -> None:
+        self.logits, self.targets, self.hits, self.n = logits, targets, hits, n
+        self.versions = (logits._version, targets._version) if hits is None else (0, 0)
+
+    @property
+    def intact(self) -> bool:
+        """Whether kept tensors are as they were (always true once counted)."""
+        if self.hits is not None:
+            return True
+        return (self.logits._version, self.targets._version) == self.versions
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, targets: torch.Tensor) -> Accuracy:
+        """On the training thread: keep small logits, count big ones (raises if the shapes
+        do not compare)."""
+        logits = logits.detach()
+        if targets.requires_grad:
+            targets = targets.detach()
+        if logits.numel() <= DEFER_MAX_ELEMENTS and logits.device.type == "cpu":
+            _check_comparable(logits.shape[:-1], targets.shape)
+            return cls(logits, targets)
+        with torch.no_grad():
+            same = logits.argmax(-1) == targets
+        return cls(None, None, torch.count_nonzero(same), same.numel())
+
+    def __float__(self) -> float:
+        if not self.intact:
+            return math.nan
+        if self.hits is None:
+            return float((self.logits.argmax(-1) == self.targets).double().mean())
+        return float(self.hits) / self.n if self.n else math.nan
+
+
+def _check_comparable(a: tuple[int, ...], b: tuple[int, ...]) -> None:
+    """Raise unless the shapes broadcast (``torch.broadcast_shapes`` costs ~40 µs in a loop)."""
+    for x, y in zip(reversed(a), reversed(b), strict=False):
+        if x != y and x != 1 and y != 1:
+            raise ValueError(f"logits {tuple(a)} + classes and targets {tuple(b)} do not compare")
+
+
+def step_accuracy(logits: Any, targets: Any, warned: set[str]) -> Accuracy | float:
+    """:meth:`Accuracy.of`, never raising: NaN, and one warning, if the two do not compare."""
+    try:
+        return Accuracy.of(logits, targets)
+    except Exception as exc:  # never into the training loop
+        if "accuracy" not in warned:
+            warned.add("accuracy")
+            log.warning(f"stiffmon: no accuracy from these logits and targets: {exc}")
+        return math.nan
+
+
+def accuracies(column: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
+    """Evaluate a batch's accuracies (on the publisher thread) in a few small kernels.
+
+    Runs of deferred steps with logits and targets of one shape are stacked, at most
+    :data:`STACK_MAX_ELEMENTS` logits per kernel; counted steps are stacked at once; anything
+    that does not stack is evaluated alone, and what fails is NaN.
+    """
+    out = np.full(len(column), math.nan)
+    counted = [i for i, a in enumerate(column) if a.hits is not None]
+    if counted:
+        try:
+            hits = torch.stack([column[i].hits for i in counted]).to(torch.float64).cpu().numpy()
+            n = np.array([column[i].n for i in counted], dtype=np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[counted] = np.where(n > 0, hits / np.maximum(n, 1), math.nan)
+        except Exception:
+            out[counted] = [_alone(column[i]) for i in counted]
+    i = 0
+    while i < len(column):
+        a = column[i]
+        if a.hits is not None:
+            i += 1
+            continue
+        k = max(1, STACK_MAX_ELEMENTS // max(1, a.logits.numel()))
+        j = i + 1
+        while (
+            j < len(column)
+            and j - i < k
+            and column[j].hits is None
+            and column[j].logits.shape == a.logits.shape
+            and column[j].targets.shape == a.targets.shape
+        ):
+            j += 1
+        intact = [column[m].intact for m in range(i, j)]
+        try:
+            logits = torch.stack([column[m].logits for m in range(i, j)])
+            targets = torch.stack([column[m].targets for m in range(i, j)])
+            same = (logits.argmax(-1) == targets).reshape(j - i, -1)
+            out[i:j] = np.where(intact, same.to(torch.float64).mean(dim=1).cpu().numpy(), math.nan)
+        except Exception:
+            out[i:j] = [_alone(column[m]) for m in range(i, j)]
+        i = j
+    return out
+
+
+def _alone(a: Accuracy) -> float:
+    try:
+        return float(a)
+    except Exception:
+        return math.nan
