@@ -9,7 +9,8 @@ The accuracy of a step is ``mean(argmax(logits, -1) == targets)``. Where it is c
 * There the stacked logits must stay below torch's parallel grain (32,768 elements): above it a
   kernel starts a second OpenMP team on the publisher thread, which fights the training's own
   threads for the cores (measured: stacking 0.2 s of digits steps at once made the loop 2.1 ×
-  slower). :func:`accuracies` stacks at most :data:`STACK_MAX_ELEMENTS` elements per kernel.
+  slower). :func:`accuracies` stacks at most :data:`STACK_MAX_ELEMENTS` elements at a time,
+  and counts in numpy (on the tensors' memory, single-threaded), torch only for bfloat16.
 * Bigger logits (a language model's are the size of a layer per step), and logits on a GPU, are
   counted on the training thread, where those kernels are small beside the step (on a GPU they
   are queued on the training stream, in order, without synchronising; CUDA graphs may reuse the
@@ -135,14 +136,26 @@ def accuracies(column: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
             j += 1
         intact = [column[m].intact for m in range(i, j)]
         try:
-            logits = torch.stack([column[m].logits for m in range(i, j)])
-            targets = torch.stack([column[m].targets for m in range(i, j)])
-            same = (logits.argmax(-1) == targets).reshape(j - i, -1)
-            out[i:j] = np.where(intact, same.to(torch.float64).mean(dim=1).cpu().numpy(), math.nan)
+            out[i:j] = np.where(intact, _hit_rates([column[m] for m in range(i, j)]), math.nan)
         except Exception:
             out[i:j] = [_alone(column[m]) for m in range(i, j)]
         i = j
     return out
+
+
+def _hit_rates(run: list[Accuracy]) -> npt.NDArray[np.float64]:
+    """Hit rates of kept steps of one shape: in numpy (a few µs a call, never a thread team) on
+    the tensors' own memory; in torch for dtypes numpy lacks (bfloat16)."""
+    try:
+        logits = np.stack([a.logits.numpy() for a in run])
+        targets = np.stack([a.targets.numpy() for a in run])
+        same = np.equal(logits.argmax(-1), targets).reshape(len(run), -1)
+        return same.mean(axis=1, dtype=np.float64)
+    except TypeError:
+        t_logits = torch.stack([a.logits for a in run])
+        t_targets = torch.stack([a.targets for a in run])
+        t_same = (t_logits.argmax(-1) == t_targets).reshape(len(run), -1)
+        return t_same.to(torch.float64).mean(dim=1).numpy()
 
 
 def _alone(a: Accuracy) -> float:

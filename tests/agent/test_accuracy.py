@@ -54,7 +54,15 @@ def test_a_batch_of_accuracies_matches_a_loop_and_never_stacks_past_the_grain(
         stacked.append(out.numel())
         return out
 
+    real_np_stack = np.stack
+
+    def np_spy(arrays: Any, *args: Any, **kwargs: Any) -> Any:
+        out = real_np_stack(arrays, *args, **kwargs)
+        stacked.append(out.size)
+        return out
+
     monkeypatch.setattr(acc_mod.torch, "stack", spy)
+    monkeypatch.setattr(acc_mod.np, "stack", np_spy)
     got = accuracies(column)
     np.testing.assert_allclose(got, [_reference(lg, t) for lg, t in steps], rtol=0, atol=1e-15)
     assert max(stacked) <= STACK_MAX_ELEMENTS <= 32_768 and len(stacked) < 20  # torch's grain
@@ -99,3 +107,14 @@ def test_logits_and_targets_that_do_not_compare_are_nan_and_said_once(
     assert sum("no accuracy" in r.message for r in caplog.records) == 1
     assert math.isnan(step_accuracy(torch.randn(2, 3), torch.zeros(3), set()))  # type: ignore[arg-type]
     agent.close()
+
+
+def test_bfloat16_logits_are_counted_in_torch() -> None:
+    """numpy has no bfloat16: those steps take the torch path and still match the loop."""
+    g = torch.Generator().manual_seed(1)
+    steps = [
+        (torch.randn(32, 7, generator=g).bfloat16(), torch.randint(0, 7, (32,), generator=g))
+        for _ in range(5)
+    ]
+    got = accuracies([Accuracy.of(lg, t) for lg, t in steps])
+    np.testing.assert_allclose(got, [_reference(lg, t) for lg, t in steps], rtol=0, atol=1e-15)
