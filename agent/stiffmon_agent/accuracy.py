@@ -79,7 +79,7 @@ class Accuracy:
         if not self.intact:
             return math.nan
         if self.hits is None:
-            return float((self.logits.argmax(-1) == self.targets).double().mean())
+            return float(_hit_rates([self])[0])
         return float(self.hits) / self.n if self.n else math.nan
 
 
@@ -117,7 +117,7 @@ def accuracies(column: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[counted] = np.where(n > 0, hits / np.maximum(n, 1), math.nan)
         except Exception:
-            out[counted] = [_alone(column[i]) for i in counted]
+            out[counted] = [float_or_nan(column[i]) for i in counted]
     i = 0
     while i < len(column):
         a = column[i]
@@ -138,28 +138,29 @@ def accuracies(column: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
         try:
             out[i:j] = np.where(intact, _hit_rates([column[m] for m in range(i, j)]), math.nan)
         except Exception:
-            out[i:j] = [_alone(column[m]) for m in range(i, j)]
+            out[i:j] = [float_or_nan(column[m]) for m in range(i, j)]
         i = j
     return out
 
 
 def _hit_rates(run: list[Accuracy]) -> npt.NDArray[np.float64]:
     """Hit rates of kept steps of one shape: in numpy (a few µs a call, never a thread team) on
-    the tensors' own memory; in torch for dtypes numpy lacks (bfloat16)."""
+    the tensors' own memory; in torch where numpy has no view of them (bfloat16)."""
     try:
         logits = np.stack([a.logits.numpy() for a in run])
         targets = np.stack([a.targets.numpy() for a in run])
         same = np.equal(logits.argmax(-1), targets).reshape(len(run), -1)
         return same.mean(axis=1, dtype=np.float64)
-    except TypeError:
+    except (TypeError, RuntimeError):  # no numpy view of this tensor
         t_logits = torch.stack([a.logits for a in run])
         t_targets = torch.stack([a.targets for a in run])
         t_same = (t_logits.argmax(-1) == t_targets).reshape(len(run), -1)
         return t_same.to(torch.float64).mean(dim=1).numpy()
 
 
-def _alone(a: Accuracy) -> float:
+def float_or_nan(value: Any) -> float:
+    """``float(value)``, or NaN for what does not convert (a column's values one by one)."""
     try:
-        return float(a)
+        return float(value)
     except Exception:
         return math.nan

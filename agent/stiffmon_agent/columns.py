@@ -13,7 +13,6 @@ the accuracies of a batch in a few small kernels (:mod:`~stiffmon_agent.accuracy
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ import numpy.typing as npt
 import torch
 
 from stiffmon import protocol as p
-from stiffmon_agent.accuracy import Accuracy, accuracies
+from stiffmon_agent.accuracy import Accuracy, accuracies, float_or_nan
 
 DEFAULT_MAX_ROWS = 8192
 DEFAULT_INTERVAL = 0.05
@@ -128,13 +127,7 @@ def _as_float64(column: Sequence[Any]) -> npt.NDArray[np.float64]:
             return accuracies(column)
     except Exception:  # shapes or devices differ: one by one below
         pass
-    out = np.empty(len(column), dtype=np.float64)
-    for i, v in enumerate(column):
-        try:
-            out[i] = float(v)
-        except Exception:
-            out[i] = math.nan
-    return out
+    return np.array([float_or_nan(v) for v in column], dtype=np.float64)
 
 
 def build_columns(raw: RawColumns, *, run: str, seq: int) -> p.Columns:
