@@ -285,13 +285,13 @@ class Agent:
         """
         if self.closed:
             return
-        t0 = time.perf_counter()
         if not self.enabled:  # a non-zero rank: its share of the sharded measurements only
             if self._runner is not None:
                 for kind in self._due(self.step_count):
                     self._runner.measure(kind, self.step_count)
             self.step_count += 1
             return
+        t0 = time.perf_counter()
         s = self.step_count
         names = ["loss"]
         values: list[Any] = [loss.detach() if isinstance(loss, Tensor) else loss]
