@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import socket
 import time
@@ -32,7 +33,7 @@ from stiffmon_agent import distributed as sharding
 from stiffmon_agent.accuracy import step_accuracy
 from stiffmon_agent.announce import dist_rank, hello_fields, register_locally, start_publisher
 from stiffmon_agent.budget import MeasurementBudget
-from stiffmon_agent.columns import ColumnBatcher, RawColumns
+from stiffmon_agent.columns import DEFAULT_INTERVAL, ColumnBatcher, RawColumns
 from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from here: patchable)
     ProbeSet,
     SharpnessState,
@@ -45,8 +46,8 @@ from stiffmon_agent.measure_options import MeasureOptions
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
 from stiffmon_agent.publisher import Outgoing, Publisher
 from stiffmon_agent.runner import MeasurementRunner
-from stiffmon_agent.schedules import EveryK, Schedule, parse_schedule
-from stiffmon_agent.step_scalars import optimizer_columns, optimizer_config
+from stiffmon_agent.schedules import EveryK, Schedule, next_due, parse_schedule
+from stiffmon_agent.step_scalars import OptimizerColumns, optimizer_config
 from stiffmon_agent.userlog import custom_scalars
 
 log = logging.getLogger("stiffmon_agent")
@@ -91,10 +92,10 @@ class Agent:
             Lanczos quadrature, ``density_runs × density_steps + trace_samples`` HVPs). Default:
             every 500 steps from step 500, so that it never delays the start of training.
         overhead_cap: Largest slowdown the agent may cause, as a fraction of the training's own
-            time (0.05: the run takes at most 1.05 × as long). It counts the heavy measurements,
+            time (0.02: the run takes at most 1.02 × as long). It counts the heavy measurements,
             the time ``step()`` itself takes and the publisher thread's CPU time. Due
             measurements are skipped (and an ``event`` says so) to stay under it. None or 1: no
-            cap. The first measurement (step 0) always runs, and counts.
+            cap. The step-0 Gram measurement always runs, and counts.
         distance_layers: Module names whose activations get a stiffness-vs-distance curve.
         distance_bins: Bins of the stiffness-vs-distance curves.
         noise_k: How many eigenvalues of the gradient covariance to publish.
@@ -120,6 +121,9 @@ class Agent:
         curve_keys: Directory from ``stiffmon keys``: require CURVE authentication.
         fsync: fsync policy of the session file (``"never"``, ``"always"`` or seconds).
         queue_size: Bound of the queue to the publisher thread.
+        batch_interval: Seconds between the per-step batches sent (and drains of the queue):
+            the live stream's latency, and at most what a SIGKILL of the process loses. Shorter
+            costs more publisher CPU per step.
         max_scalar_history: ``scalars`` messages (measurement results, coverage, ``Agent.log``)
             kept for late joiners (then decimated); every step's per-step scalars are kept.
         registry: Register the run so ``stiffmon watch`` finds it.
@@ -142,7 +146,7 @@ class Agent:
         gram_every: Schedule | int | str | None = "first:5,every:50",
         sharpness_every: Schedule | int | str | None = "first:5,every:50",
         density_every: Schedule | int | str | None = DENSITY_EVERY,
-        overhead_cap: float | None = 0.05,
+        overhead_cap: float | None = 0.02,
         distance_layers: Sequence[str] = (),
         distance_bins: int = 20,
         noise_k: int = 5,
@@ -160,6 +164,7 @@ class Agent:
         curve_keys: str | os.PathLike[str] | CurveKeys | None = None,
         fsync: Any = "never",
         queue_size: int = 10_000,
+        batch_interval: float = DEFAULT_INTERVAL,
         max_scalar_history: int = 100_000,
         registry: bool = True,
     ) -> None:
@@ -199,8 +204,12 @@ class Agent:
         self._registry_run: str | None = None
         self.probe: ProbeSet | None = None
         self.publisher: Publisher | None = None
-        self._columns = ColumnBatcher(self._submit_columns)
+        self._columns = ColumnBatcher(self._submit_columns, interval=batch_interval)
+        self._optimizer_columns = OptimizerColumns(optimizer)
+        self._names: tuple[str, ...] = ()
+        self._names_key: tuple[tuple[str, ...] | None, int] = (None, 0)
         self._runner: MeasurementRunner | None = None
+        self._next_due: float = math.inf
         if not self.enabled and self.shard is None:
             return
         device = next((q.device for q in model.parameters()), None)
@@ -225,11 +234,13 @@ class Agent:
                 self._columns.flush,
                 self.shard,
             )
+            self._next_due = self._next_due_after(-1)
         if not self.enabled:
             return
         self.publisher = start_publisher(
             self.run_id, endpoint, record, fsync, queue_size, max_scalar_history, curve_keys
         )
+        self.publisher.batch_interval = batch_interval
         self.publisher.on_wake = lambda: self._columns.flush(older_than=self._columns.interval)
         self.publisher.start()
         self.endpoint = self.publisher.endpoint
@@ -258,9 +269,8 @@ class Agent:
     def _submit_columns(self, raw: RawColumns) -> bool:
         if self.publisher is None:
             return False
-        return self.publisher.submit(
-            Outgoing(p.Columns, raw.steps[-1], raw.times[-1], {"raw": raw})
-        )
+        step, t, _ = raw.rows[-1]
+        return self.publisher.submit(Outgoing(p.Columns, step, t, {"raw": raw}))
 
     def event(self, code: str, message: str, level: str = "info", **attrs: Any) -> None:
         """Publish an ``event`` message (shown by the monitor)."""
@@ -275,7 +285,7 @@ class Agent:
 
         Call after ``optimizer.step()``. Cheap when nothing is due: the step's values are
         appended to the current columnar batch, which goes to the background thread every
-        ~50 ms or 8192 steps; the loss is converted to a number there, so a GPU loss causes no
+        ~0.1 s or 8192 steps; the loss is converted to a number there, so a GPU loss causes no
         synchronisation. Every step is kept.
 
         Args:
@@ -286,28 +296,43 @@ class Agent:
         if self.closed:
             return
         if not self.enabled:  # a non-zero rank: its share of the sharded measurements only
-            if self._runner is not None:
+            if self._runner is not None and self.step_count >= self._next_due:
                 for kind in self._due(self.step_count):
                     self._runner.measure(kind, self.step_count)
+                self._next_due = self._next_due_after(self.step_count)
             self.step_count += 1
             return
         t0 = time.perf_counter()
         s = self.step_count
-        names = ["loss"]
-        values: list[Any] = [loss.detach() if isinstance(loss, Tensor) else loss]
-        opt_names, opt_values = optimizer_columns(self.optimizer)
-        names += opt_names
-        values += opt_values
+        row: list[Any] = [loss.detach() if isinstance(loss, Tensor) else loss]
+        row += self._optimizer_columns.values()
+        extra = 0
         if logits is not None and targets is not None:
-            names.append("accuracy")
-            values.append(step_accuracy(logits, targets, self._log_warned))
+            row.append(step_accuracy(logits, targets, self._log_warned))
+            extra = 1
         if self._batch_size is None and isinstance(logits, Tensor) and logits.ndim >= 1:
-            self._sharp_state.batch_size = int(logits.shape[0])  # B of a sum-reduced objective
-            names.append("batch_size")  # the hello went out before any batch was seen
-            values.append(logits.shape[0])
+            self._sharp_state.batch_size = b = int(logits.shape[0])  # B of a sum-reduced loss
+            row.append(b)  # the hello went out before any batch was seen
+            extra |= 2
         # step_time is not sent: the monitor derives it from consecutive row times
-        self._columns.add(s, time.time(), tuple(names), values)
+        self._columns.add(s, time.time(), self._row_names(extra), row)
         self._budget.step_seconds += time.perf_counter() - t0
+        if s >= self._next_due:
+            self._measure_due(s)
+        self.step_count = s + 1
+
+    def _row_names(self, extra: int) -> tuple[str, ...]:
+        """The step's column names: loss, the optimizer's, then accuracy (extra & 1) and
+        batch_size (extra & 2); made again only when one of them changes."""
+        opt = self._optimizer_columns.names
+        if opt is not self._names_key[0] or extra != self._names_key[1]:
+            more = ("accuracy",) * (extra & 1) + ("batch_size",) * (extra >> 1)
+            self._names = ("loss", *opt, *more)
+            self._names_key = (opt, extra)
+        return self._names
+
+    def _measure_due(self, s: int) -> None:
+        """Run what is due at step ``s``, publish the coverage, and find the next due step."""
         if self._runner is not None:
             due = self._due(s)
             for kind in due:
@@ -316,7 +341,14 @@ class Agent:
                 cov = self._budget.coverage_scalars(due)
                 fields = {"values_names": list(cov), "values_raw": list(cov.values())}
                 self._submit(p.Scalars, fields, step=s)
-        self.step_count = s + 1
+        self._next_due = self._next_due_after(s)
+
+    def _next_due_after(self, s: int) -> float:
+        """The first step after ``s`` at which a schedule may be due (inf: none ever)."""
+        if self._runner is None:
+            return math.inf
+        nxt = [next_due(sched, s + 1) for sched in self._schedules()]
+        return min((n for n in nxt if n is not None), default=math.inf)
 
     def _schedules(self) -> tuple[Schedule, Schedule, Schedule]:
         return self._gram_schedule, self._sharp_schedule, self._density_schedule

@@ -8,9 +8,12 @@ elapsed time less that cost, a due heavy measurement runs only while
 
     measure_seconds + step_seconds + publishing_seconds + last_cost[kind] <= c / (1 + c) × elapsed,
 
-where ``last_cost[kind]`` (the previous measurement of that kind) predicts the next one and
-``elapsed`` is the wall time since the agent started. The first measurement (step 0) always
-runs; its cost counts, so the next ones wait until the run has paid for it. Every due
+where ``last_cost[kind]`` (the previous measurement of that kind; before the first one, the
+costliest measurement made so far) predicts the next one and ``elapsed`` is the wall time since
+the agent started. The step-0 Gram measurement (stiffness and noise at initialisation, the
+cheapest kind) always runs; its cost counts, so the next measurements wait until the run has paid
+for it. The other kinds due at step 0 wait for the budget like any later one: a cold-start
+sharpness costs ~10 × a Gram, which would alone be several percent of a short run. Every due
 measurement counts as done or skipped (``coverage``); skips are said (an ``event`` and a log
 line) at 1, 2, 5, 10, 20, ... per reason.
 """
@@ -60,6 +63,7 @@ class MeasurementBudget:
         self.measure_seconds = 0.0
         self.step_seconds = 0.0
         self.last_cost = dict.fromkeys(KINDS, 0.0)
+        self._measured: set[str] = set()
         self.skipped = 0
         self.coverage = {kind: [0, 0] for kind in KINDS}  # done, skipped
         self.skips: dict[tuple[str, str], int] = {}  # (kind, reason) -> count
@@ -67,9 +71,16 @@ class MeasurementBudget:
 
     def within(self, kind: str, step: int) -> bool:
         """Whether a ``kind`` measurement due at ``step`` fits in the budget."""
-        if step == 0 or self.overhead_cap is None or self.overhead_cap >= 1.0:
+        if (step == 0 and kind == "gram") or self.overhead_cap is None or self.overhead_cap >= 1.0:
             return True
-        return self.spent() + self.last_cost[kind] <= self.allowance()
+        return self.spent() + self.predicted_cost(kind) <= self.allowance()
+
+    def predicted_cost(self, kind: str) -> float:
+        """The last cost of ``kind``; before its first, the costliest measurement so far (0 before
+        any: the run's first measurement is not held back by a guess)."""
+        if kind in self._measured:
+            return self.last_cost[kind]
+        return max(self.last_cost.values(), default=0.0)
 
     def spent(self) -> float:
         """Seconds the agent has cost so far: measurements, ``step()`` and the publisher."""
@@ -86,6 +97,7 @@ class MeasurementBudget:
         """Charge a measurement (made, skipped inside or failed) of ``seconds`` to the budget."""
         self.measure_seconds += seconds
         self.last_cost[kind] = seconds
+        self._measured.add(kind)
 
     def done(self, kind: str) -> None:
         """Count a due measurement made."""

@@ -27,24 +27,31 @@ from stiffmon import protocol as p
 from stiffmon_agent.accuracy import Accuracy, accuracies, float_or_nan
 
 DEFAULT_MAX_ROWS = 8192
-DEFAULT_INTERVAL = 0.05
+DEFAULT_INTERVAL = 0.1
 
 
 @dataclass(frozen=True)
 class RawColumns:
-    """A batch as the training thread collected it: one row of raw values per step.
+    """A batch as the training thread collected it: one ``(step, time, values)`` row per step.
 
     Attributes:
         names: Column names, the same for every row.
-        steps: Step of each row.
-        times: Unix time of each row.
-        rows: Raw values of each row (numbers, tensors, :class:`Accuracy`), one per name.
+        rows: ``(step, unix time, raw values)`` of each step; the values (numbers, tensors,
+            :class:`Accuracy`) one per name.
     """
 
     names: tuple[str, ...]
-    steps: list[int]
-    times: list[float]
-    rows: list[Sequence[Any]]
+    rows: list[tuple[int, float, Sequence[Any]]]
+
+    @property
+    def steps(self) -> list[int]:
+        """Step of each row."""
+        return [r[0] for r in self.rows]
+
+    @property
+    def times(self) -> list[float]:
+        """Unix time of each row."""
+        return [r[1] for r in self.rows]
 
 
 class ColumnBatcher:
@@ -71,46 +78,45 @@ class ColumnBatcher:
         self.interval = interval
         self._lock = threading.Lock()
         self._names: tuple[str, ...] = ()
-        self._steps: list[int] = []
-        self._times: list[float] = []
-        self._rows: list[Sequence[Any]] = []
+        self._rows: list[tuple[int, float, Sequence[Any]]] = []
         self._started = 0.0
         self.batches = 0
         self.dropped_steps = 0
 
     def add(self, step: int, t: float, names: tuple[str, ...], values: Sequence[Any]) -> None:
-        """Append one step (amortised O(1)); hand the batch over when it is full or old.
+        """Append one step (amortised O(1), a few µs in a real loop); hand the batch over when
+        it is full or old.
 
         A change of ``names`` (a new param group, accuracy passed or not) closes the batch first.
         """
         with self._lock:
-            if names != self._names:
-                if self._steps:
+            rows = self._rows
+            if names is not self._names and names != self._names:
+                if rows:
                     self._hand_over()
+                    rows = self._rows
                 self._names = names
-            if not self._steps:
+            if not rows:
                 self._started = t
-            self._steps.append(step)
-            self._times.append(t)
-            self._rows.append(values)
-            if len(self._steps) >= self.max_rows or t - self._started >= self.interval:
+            rows.append((step, t, values))
+            if len(rows) >= self.max_rows or t - self._started >= self.interval:
                 self._hand_over()
 
     def flush(self, older_than: float | None = None) -> None:
         """Hand the current batch over now, or only if it is ``older_than`` seconds old."""
         with self._lock:
-            if self._steps and (older_than is None or time.time() - self._started >= older_than):
+            if self._rows and (older_than is None or time.time() - self._started >= older_than):
                 self._hand_over()
 
     def __len__(self) -> int:
-        return len(self._steps)
+        return len(self._rows)
 
     def _hand_over(self) -> None:
-        batch = RawColumns(self._names, self._steps, self._times, self._rows)
-        self._steps, self._times, self._rows = [], [], []
+        batch = RawColumns(self._names, self._rows)
+        self._rows = []
         self.batches += 1
         if not self._submit(batch):
-            self.dropped_steps += len(batch.steps)
+            self.dropped_steps += len(batch.rows)
 
 
 def _as_float64(column: Sequence[Any]) -> npt.NDArray[np.float64]:
@@ -132,9 +138,10 @@ def _as_float64(column: Sequence[Any]) -> npt.NDArray[np.float64]:
 
 def build_columns(raw: RawColumns, *, run: str, seq: int) -> p.Columns:
     """Turn a collected batch into a ``columns`` message (on the publisher thread)."""
-    cols = list(zip(*raw.rows, strict=True)) if raw.names else []
+    steps, times, rows = zip(*raw.rows, strict=True)
+    cols = list(zip(*rows, strict=True)) if raw.names else []
     values = {name: _as_float64(col) for name, col in zip(raw.names, cols, strict=True)}
-    return p.Columns.from_columns(values, raw.steps, raw.times, run=run, seq=seq)
+    return p.Columns.from_columns(values, steps, times, run=run, seq=seq)
 
 
 HISTORY_CHUNK_ROWS = 1 << 16
@@ -144,7 +151,7 @@ HISTORY_CHUNK_ROWS = 1 << 16
 class ColumnHistory:
     """Every step's scalars for late joiners, compacted into large ``columns`` messages.
 
-    Live batches are small (~50 ms of steps); kept as they are, a long run at a few ms per step
+    Live batches are small (~0.1 s of steps); kept as they are, a long run at a few ms per step
     would hand a late joiner hundreds of thousands of messages. Here consecutive batches with
     the same names are appended (vectorised, amortised O(rows)) to an open chunk of up to
     ``chunk_rows`` steps; a full chunk is encoded once and kept as its frames. A chunk is a

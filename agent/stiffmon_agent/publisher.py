@@ -14,7 +14,7 @@ many messages its run lost.
 
 Sockets never block the thread (every send is non-blocking), so :meth:`Publisher.close` writes
 everything queued to the session file even when no peer reads. A SIGKILL of the training process
-loses what is still queued: at most one drain interval (``batch_interval``, 50 ms) of messages.
+loses what is still queued: at most one drain interval (``batch_interval``, 100 ms) of messages.
 
 History: every heavy measurement (matrices, curves, spectra, events, hello) is kept, and every
 step's per-step scalars: the ``columns`` batches are appended into chunks of up to 65,536 steps
@@ -158,7 +158,7 @@ class Publisher:
         self.snapshots: SnapshotServer | None = None
         self.error: str | None = None
         self._nonfinite_streak = 0
-        self.batch_interval = 0.05  # seconds between drains of the queue
+        self.batch_interval = 0.1  # seconds between drains of the queue
         self.cpu_seconds = 0.0  # CPU time this thread spent publishing (counts in the budget)
         self.on_wake: Callable[[], None] | None = None  # called at every wake (column batches)
 

@@ -16,12 +16,26 @@ class Schedule(Protocol):
         ...
 
 
+def next_due(schedule: Schedule, step: int) -> int | None:
+    """The first step at or after ``step`` that ``schedule`` is due at (None: never again).
+
+    The agent asks only at that step, so a step with nothing due costs one comparison. The
+    built-in schedules answer in O(1); another object without a ``next_due`` method is asked
+    :meth:`Schedule.due` at every step (it answers ``step`` itself).
+    """
+    ask = getattr(schedule, "next_due", None)
+    return step if ask is None else ask(step)
+
+
 @dataclass(frozen=True)
 class Never:
     """Never measure."""
 
     def due(self, step: int) -> bool:
         return False
+
+    def next_due(self, step: int) -> int | None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,11 @@ class EveryK:
 
     def due(self, step: int) -> bool:
         return step >= self.start and (step - self.start) % self.k == 0
+
+    def next_due(self, step: int) -> int:
+        if step <= self.start:
+            return self.start
+        return self.start + -(-(step - self.start) // self.k) * self.k
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,14 @@ class LogSpaced:
             for i in range(math.floor(centre) - 1, math.ceil(centre) + 2)
         )
 
+    def next_due(self, step: int) -> int:
+        if step <= 1:
+            return max(step, 0)
+        i = max(math.floor(self.per_decade * math.log10(step)) - 1, 0)
+        while round(10 ** (i / self.per_decade)) < step:  # non-decreasing in i
+            i += 1
+        return round(10 ** (i / self.per_decade))
+
 
 @dataclass(frozen=True)
 class FirstNThenEveryK:
@@ -75,6 +102,10 @@ class FirstNThenEveryK:
 
     def due(self, step: int) -> bool:
         return step < self.n or step % self.k == 0
+
+    def next_due(self, step: int) -> int:
+        step = max(step, 0)
+        return step if step < self.n else -(-step // self.k) * self.k
 
 
 def parse_schedule(spec: Schedule | int | str | None) -> Schedule:

@@ -101,7 +101,8 @@ def test_logits_and_targets_that_do_not_compare_are_nan_and_said_once(
         for _ in range(3):
             agent.step(torch.tensor(0.5), torch.randn(4, 3), torch.zeros(5, dtype=torch.long))
         agent.step(torch.tensor(0.5), torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
-    col = [r[list(agent._columns._names).index("accuracy")] for r in agent._columns._rows[-4:]]
+    at = list(agent._columns._names).index("accuracy")
+    col = [values[at] for _, _, values in agent._columns._rows[-4:]]
     assert all(isinstance(v, float) and math.isnan(v) for v in col[:3])
     assert isinstance(col[3], Accuracy) and col[3].logits is not None
     assert sum("no accuracy" in r.message for r in caplog.records) == 1

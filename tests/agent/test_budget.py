@@ -56,3 +56,24 @@ def test_agent_charges_its_step_time_to_the_budget() -> None:
     wall = time.perf_counter() - t0
     agent.close()
     assert 0.0 < agent._budget.step_seconds - before <= wall
+
+
+def test_only_the_step0_gram_runs_regardless_of_the_budget() -> None:
+    """A cold-start sharpness costs ~10 Grams: at step 0 (allowance ~0) it waits for the budget."""
+    b = _budget(0.02, [0.0])
+    assert b.within("gram", 0)
+    b.record_cost("gram", 0.02)  # the Gram is first at a step
+    assert not b.within("sharpness", 0) and not b.within("density", 0)
+    assert _budget(None, [0.0]).within("sharpness", 0)  # no cap: everything runs
+
+
+def test_a_kind_never_measured_is_predicted_at_the_costliest_so_far() -> None:
+    """Not at 0 s: the first density (72 HVPs) used to run on any headroom at all."""
+    b = _budget(0.05, [0.0])
+    assert b.predicted_cost("density") == 0.0  # nothing known yet
+    b.record_cost("gram", 0.05)
+    b.record_cost("sharpness", 0.25)
+    assert b.predicted_cost("density") == 0.25
+    assert b.predicted_cost("gram") == 0.05  # a kind measured before: its own last cost
+    b.start = time.perf_counter() - 8.0  # allowance 0.381 s, spent 0.30 s
+    assert b.within("gram", 9) and not b.within("density", 9)

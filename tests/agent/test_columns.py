@@ -38,7 +38,7 @@ def test_batcher_closes_on_rows_names_and_age() -> None:
     b.flush(older_than=60.0)  # not old enough
     assert len(got) == 3
     b.flush()
-    assert got[-1].steps == [7] and got[-1].rows == [[7.0, 0.5]] and len(b) == 0
+    assert got[-1].steps == [7] and got[-1].rows == [(7, now, [7.0, 0.5])] and len(b) == 0
     aged = ColumnBatcher(lambda raw: got.append(raw) is None, interval=0.5)
     aged.add(0, 10.0, ("loss",), [1.0])
     aged.add(1, 10.2, ("loss",), [1.0])
@@ -69,7 +69,8 @@ def test_build_converts_every_kind_of_value() -> None:
         for s in range(4)
     ]
     names = ("loss", "lr/0", "accuracy", "odd", "mixed")
-    msg = build_columns(RawColumns(names, [5, 6, 7, 8], [1.0, 2.0, 3.0, 4.0], rows), run="r", seq=4)
+    raw = RawColumns(names, [(s + 5, s + 1.0, row) for s, row in enumerate(rows)])
+    msg = build_columns(raw, run="r", seq=4)
     assert (msg.step, msg.t, msg.seq) == (8, 4.0, 4)
     np.testing.assert_array_equal(msg.column("loss"), [0.0, 0.5, 1.0, 1.5])
     np.testing.assert_array_equal(msg.column("lr/0"), [0.1] * 4)
@@ -168,7 +169,7 @@ def test_tight_loop_of_100k_steps_loses_nothing(tmp_path: Path) -> None:
     np.testing.assert_array_equal(steps, np.arange(n))  # every step, once, in order
     loss = np.concatenate([m.column("loss") for m in batches])
     np.testing.assert_array_equal(loss, losses)
-    assert all(m.names == ("loss", "lr/0", "momentum/0") for m in batches)
+    assert all(m.names == ("loss", "lr/0", "momentum/0", "weight_decay/0") for m in batches)
     per_step = rec.stat().st_size / n
     assert per_step <= 42, f"{per_step:.1f} bytes per step"  # loss + lr (+ momentum)
     index = SessionReader(rec).index()

@@ -62,7 +62,7 @@ def _stream(pub: Publisher, steps: int, stop: threading.Event) -> None:
         if stop.is_set():
             return
         rows = list(range(first, first + 5))
-        raw = RawColumns(("loss",), rows, [time.time()] * 5, [(float(s),) for s in rows])
+        raw = RawColumns(("loss",), [(s, time.time(), (float(s),)) for s in rows])
         pub.submit(Outgoing(p.Columns, rows[-1], time.time(), {"raw": raw}))
         if first % 40 == 0:
             fields = {"values_names": ["stiffness/mean"], "values_raw": [0.5]}

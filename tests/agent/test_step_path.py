@@ -1,0 +1,153 @@
+"""The per-step path's shortcuts give what the long way gave: the next due step of each schedule,
+the optimizer's columns read from where they live, and a custom schedule asked at every step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from stiffmon import protocol as p
+from stiffmon.session import read_session
+from stiffmon_agent import Agent, EveryK, FirstNThenEveryK, LogSpaced, Never
+from stiffmon_agent.schedules import Schedule, next_due
+from stiffmon_agent.step_scalars import RECHECK_STEPS, OptimizerColumns, optimizer_columns
+
+SCHEDULES = st.one_of(
+    st.builds(EveryK, st.integers(1, 60), st.integers(0, 200)),
+    st.builds(LogSpaced, st.integers(1, 25)),
+    st.builds(FirstNThenEveryK, st.integers(0, 30), st.integers(1, 60)),
+    st.just(Never()),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(SCHEDULES, st.integers(0, 5000))
+def test_next_due_is_the_first_due_step_found_one_by_one(sched: Schedule, step: int) -> None:
+    expected = next((t for t in range(step, step + 20_000) if sched.due(t)), None)
+    assert next_due(sched, step) == expected
+
+
+@dataclass
+class Asked:
+    """A schedule of the user's own (no ``next_due``): due at steps 3 and 7, records the asks."""
+
+    asked: list[int] = field(default_factory=list)
+
+    def due(self, step: int) -> bool:
+        self.asked.append(step)
+        return step in (3, 7)
+
+
+def test_a_schedule_without_next_due_is_asked_at_every_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from stiffmon_agent import agent as agent_module
+
+    made: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        agent_module.MeasurementRunner, "measure", lambda self, kind, s: made.append((kind, s))
+    )
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    probe = (torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    sched = Asked()
+    agent = Agent(
+        model,
+        nn.CrossEntropyLoss(),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        probe=probe,
+        endpoint="",
+        registry=False,
+        gram_every=sched,
+        sharpness_every=EveryK(4, start=2),
+        density_every="never",
+    )
+    for _ in range(10):
+        agent.step(0.5)
+    agent.close()
+    assert sched.asked == list(range(10))
+    assert made == [("sharpness", 2), ("gram", 3), ("sharpness", 6), ("gram", 7)]
+
+
+def _columns_by_step(
+    opt: torch.optim.Optimizer, steps: int, change: object
+) -> list[dict[str, float]]:
+    cols = OptimizerColumns(opt)
+    out = []
+    for s in range(steps):
+        change(s)  # type: ignore[operator]
+        values = cols.values()
+        names, expected = optimizer_columns(opt)
+        assert cols.names == tuple(names) and values == expected, f"step {s}"
+        out.append(dict(zip(cols.names, values, strict=True)))
+    return out
+
+
+def test_optimizer_columns_follow_every_change() -> None:
+    w = [nn.Parameter(torch.zeros(2)) for _ in range(3)]
+    opt = torch.optim.SGD([w[0]], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+    def change(s: int) -> None:
+        if s:
+            opt.step()
+            sched.step()  # a new lr every step, in place
+        if s == 3:
+            opt.param_groups[0]["weight_decay"] = 0.01  # raised by a schedule: seen at once
+        if s == 5:
+            opt.add_param_group({"params": [w[1]], "lr": 0.3})  # a new group: new columns
+
+    rows = _columns_by_step(opt, 8, change)
+    assert [r["lr/0"] for r in rows] == pytest.approx([0.1 * 0.5**s for s in range(8)])
+    assert [r["weight_decay/0"] for r in rows] == [0.0] * 3 + [0.01] * 5
+    assert "lr/1" not in rows[4] and rows[5]["lr/1"] == 0.3
+
+
+def test_optimizer_columns_notice_a_group_edited_in_place_within_recheck_steps() -> None:
+    w = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([w], lr=1e-3, betas=(0.8, 0.95))
+    cols = OptimizerColumns(opt)
+    assert cols.values() == [1e-3, 0.8, 0.95, 0.0] and cols.names[1:3] == ("momentum/0", "beta2/0")
+    opt.param_groups[0]["betas"] = (0.7, 0.9)  # a new tuple: read at the next step
+    assert cols.values()[1:3] == [0.7, 0.9]
+    del opt.param_groups[0]["weight_decay"]  # a key removed (nobody does this): noticed later
+    for _ in range(RECHECK_STEPS):
+        cols.values()
+    assert "weight_decay/0" not in cols.names
+
+
+def test_an_lr_schedule_reaches_the_file_step_by_step(tmp_path: object) -> None:
+    model = nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=200)
+    rec = tmp_path / "lr.stiff"  # type: ignore[operator]
+    agent = Agent(model, nn.CrossEntropyLoss(), opt, endpoint="", record=rec, registry=False)
+    lrs = []
+    for _ in range(200):
+        opt.step()
+        sched.step() if len(lrs) < 199 else None
+        lrs.append(opt.param_groups[0]["lr"])
+        agent.step(0.5)
+    agent.close()
+    batches = [m for m in read_session(rec)[0] if isinstance(m, p.Columns)]
+    np.testing.assert_array_equal(np.concatenate([m.column("lr/0") for m in batches]), lrs)
+    assert all("weight_decay/0" in m.names and "beta2/0" in m.names for m in batches)
+
+
+def test_an_optimizer_that_cannot_be_read_gives_no_columns_not_a_crash() -> None:
+    w = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    cols = OptimizerColumns(opt)
+    assert cols.values() == [0.1, 0.0, 0.0]
+    del opt.param_groups[0]["lr"]  # an optimizer of the user's own without an lr
+    assert cols.values() == [] and cols.names == ()
+    agent = Agent(nn.Linear(2, 2), nn.MSELoss(), opt, endpoint="", registry=False)
+    agent.step(0.5)  # the training loop goes on
+    assert agent.step_count == 1
+    agent.close()
