@@ -210,6 +210,7 @@ class Agent:
         self._names_key: tuple[tuple[str, ...] | None, int] = (None, 0)
         self._runner: MeasurementRunner | None = None
         self._next_due: float = math.inf
+        self._last_run: dict[str, int] = {}  # step each kind last went ahead (same on every rank)
         if not self.enabled and self.shard is None:
             return
         device = next((q.device for q in model.parameters()), None)
@@ -297,9 +298,7 @@ class Agent:
             return
         if not self.enabled:  # a non-zero rank: its share of the sharded measurements only
             if self._runner is not None and self.step_count >= self._next_due:
-                for kind in self._due(self.step_count):
-                    self._runner.measure(kind, self.step_count)
-                self._next_due = self._next_due_after(self.step_count)
+                self._measure_due(self.step_count)
             self.step_count += 1
             return
         t0 = time.perf_counter()
@@ -335,9 +334,10 @@ class Agent:
         """Run what is due at step ``s``, publish the coverage, and find the next due step."""
         if self._runner is not None:
             due = self._due(s)
-            for kind in due:
-                self._runner.measure(kind, s)
-            if due:
+            for kind in sorted(due, key=lambda k: self._last_run.get(k, -1)):  # longest waiting
+                if self._runner.measure(kind, s):
+                    self._last_run[kind] = s
+            if due and self.enabled:
                 cov = self._budget.coverage_scalars(due)
                 fields = {"values_names": list(cov), "values_raw": list(cov.values())}
                 self._submit(p.Scalars, fields, step=s)

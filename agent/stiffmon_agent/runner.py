@@ -85,21 +85,28 @@ class MeasurementRunner:
         self.flush = flush
         self.shard = shard
         self.disabled: dict[str, str] = {}
+        self._blocked = -1  # the step at which a due kind did not fit the budget
         self.warm: Tensor | None = None
         self.generator = torch.Generator().manual_seed(0)
 
-    def measure(self, kind: str, step: int) -> None:
-        """Run the due ``kind`` measurement of ``step`` (every rank calls this when sharded)."""
+    def measure(self, kind: str, step: int) -> bool:
+        """Run the due ``kind`` measurement of ``step`` (every rank calls this when sharded);
+        True if it went ahead (the same answer on every rank)."""
         device = collective_device(self.model)
         if self.shard is not None and not self.shard.leader:
             if self.shard.broadcast_int(0, device):
                 self._follow(kind)
-            return
+                return True
+            return False
         go = self._decide(kind, step)
         if self.shard is not None:
             self.shard.broadcast_int(int(go), device)
         if not go:
-            return
+            return False
+        self._run(kind, step)
+        return True
+
+    def _run(self, kind: str, step: int) -> None:
         self.flush()  # the steps so far go out before the measurement (seq order)
         t0 = time.perf_counter()
         try:
@@ -131,7 +138,10 @@ class MeasurementRunner:
         if kind in self.disabled:
             self.budget.skip(kind, "disabled")
             return False
-        if not self.budget.within(kind, step):
+        # a kind that did not fit blocks the rest of its step: cheaper kinds must not overtake
+        # it, or a Gram would spend the headroom at every due step and the sharpness never run
+        if self._blocked == step or not self.budget.within(kind, step):
+            self._blocked = step
             self.budget.skipped += 1
             self.budget.skip(kind, "overhead-cap")
             return False

@@ -77,3 +77,53 @@ def test_a_kind_never_measured_is_predicted_at_the_costliest_so_far() -> None:
     assert b.predicted_cost("gram") == 0.05  # a kind measured before: its own last cost
     b.start = time.perf_counter() - 8.0  # allowance 0.381 s, spent 0.30 s
     assert b.within("gram", 9) and not b.within("density", 9)
+
+
+def test_the_longest_waiting_kind_goes_first_and_cheaper_ones_do_not_overtake_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: at every due step the Gram (20 ms) went first and spent the headroom, so the
+    sharpness (240 ms) never ran after step 0. Now the kind that waited longest goes first, and
+    if it does not fit, the rest of its step waits with it."""
+
+    model = nn.Linear(4, 3)
+    probe = (torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    agent = Agent(
+        model,
+        nn.CrossEntropyLoss(),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        probe=probe,
+        endpoint="",
+        registry=False,
+        gram_every=2,
+        sharpness_every=2,
+        density_every="never",
+    )
+    runner = agent._runner
+    assert runner is not None
+    asked: list[tuple[int, str]] = []
+    fits = {0: {"gram"}, 2: {"gram"}, 4: {"gram", "sharpness"}, 6: {"gram", "sharpness"}}
+
+    def within(kind: str, step: int) -> bool:
+        asked.append((step, kind))
+        return kind in fits[step]
+
+    monkeypatch.setattr(runner.budget, "within", within)
+    monkeypatch.setattr(runner, "_run", lambda kind, step: None)
+    for _ in range(7):
+        agent.step(0.5)
+    agent.close()
+    # step 0: both new, gram first; the sharpness does not fit. Step 2: the sharpness has waited
+    # longer, does not fit, and the gram is not asked: it would overtake it.
+    assert asked == [
+        (0, "gram"),
+        (0, "sharpness"),
+        (2, "sharpness"),
+        (4, "sharpness"),
+        (4, "gram"),
+        (6, "gram"),  # both ran at 4: the order of the due list again
+        (6, "sharpness"),
+    ]
+    skipped = {k: v[1] for k, v in agent._budget.coverage.items()}
+    assert skipped == {"gram": 1, "sharpness": 2, "density": 0}
+    assert agent._last_run == {"gram": 6, "sharpness": 6}
