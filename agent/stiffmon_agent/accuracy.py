@@ -115,8 +115,7 @@ def accuracies(column: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
         try:
             for i in range(0, len(column), k):
                 run = column[i : i + k]
-                intact = [(a.logits._version, a.targets._version) == a.versions for a in run]
-                out[i : i + len(run)] = np.where(intact, _hit_rates(run), math.nan)
+                out[i : i + len(run)] = _kept_rates(run)
             return out
         except Exception:  # a counted step, another shape: step by step below
             out[:] = math.nan
@@ -145,13 +144,17 @@ def accuracies(column: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
             and column[j].targets.shape == a.targets.shape
         ):
             j += 1
-        intact = [column[m].intact for m in range(i, j)]
         try:
-            out[i:j] = np.where(intact, _hit_rates([column[m] for m in range(i, j)]), math.nan)
+            out[i:j] = _kept_rates(column[i:j])
         except Exception:
             out[i:j] = [float_or_nan(column[m]) for m in range(i, j)]
         i = j
     return out
+
+
+def _kept_rates(run: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
+    """:func:`_hit_rates` of kept steps of one shape, NaN where a kept tensor changed since."""
+    return np.where([a.intact for a in run], _hit_rates(run), math.nan)
 
 
 def _hit_rates(run: Sequence[Accuracy]) -> npt.NDArray[np.float64]:

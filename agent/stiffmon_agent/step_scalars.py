@@ -34,28 +34,35 @@ def optimizer_config(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     return cfg
 
 
+Place = tuple[str, dict[str, Any], str, int]
+"""A column: its name, the param group, the key, and the index in the key's value (-1: none)."""
+
+
+def column_places(optimizer: torch.optim.Optimizer | None) -> list[Place]:
+    """Where each column of :func:`optimizer_columns` lives (names follow the module docstring)."""
+    places: list[Place] = []
+    for i, g in enumerate(optimizer.param_groups if optimizer is not None else ()):
+        places.append((f"lr/{i}", g, "lr", -1))
+        if "momentum" in g:
+            places.append((f"momentum/{i}", g, "momentum", -1))
+            if g.get("nesterov"):
+                places.append((f"nesterov/{i}", g, "nesterov", -1))
+        elif "betas" in g:
+            places += [(f"momentum/{i}", g, "betas", 0), (f"beta2/{i}", g, "betas", 1)]
+        if "weight_decay" in g:
+            places.append((f"weight_decay/{i}", g, "weight_decay", -1))
+    return places
+
+
+def read_places(places: list[Place]) -> list[Any]:
+    """The current values at ``places`` (raises if a key has gone)."""
+    return [g[k] if i < 0 else g[k][i] for _, g, k, i in places]
+
+
 def optimizer_columns(optimizer: torch.optim.Optimizer | None) -> tuple[list[str], list[Any]]:
     """Column names and values of the param groups' lr, momentum / betas and weight decay."""
-    names: list[str] = []
-    values: list[Any] = []
-    if optimizer is None:
-        return names, values
-    for i, g in enumerate(optimizer.param_groups):
-        names.append(f"lr/{i}")
-        values.append(g["lr"])
-        if "momentum" in g:
-            names.append(f"momentum/{i}")
-            values.append(g["momentum"])
-            if g.get("nesterov"):
-                names.append(f"nesterov/{i}")
-                values.append(1.0)
-        elif "betas" in g:
-            names += [f"momentum/{i}", f"beta2/{i}"]
-            values += [g["betas"][0], g["betas"][1]]
-        if "weight_decay" in g:
-            names.append(f"weight_decay/{i}")
-            values.append(g["weight_decay"])
-    return names, values
+    places = column_places(optimizer)
+    return [name for name, *_ in places], read_places(places)
 
 
 RECHECK_STEPS = 256
@@ -77,7 +84,7 @@ class OptimizerColumns:
         self.names: tuple[str, ...] = ()
         self._groups: list[dict[str, Any]] | None = None
         self._count = -1
-        self._where: list[tuple[dict[str, Any], str, int]] = []  # group, key, index or -1
+        self._places: list[Place] = []
         self._age = 0
 
     def values(self) -> list[Any]:
@@ -90,31 +97,19 @@ class OptimizerColumns:
         if groups is not self._groups or len(groups) != self._count or self._age >= RECHECK_STEPS:
             self._rebuild(groups)
         try:
-            return [g[k] if i < 0 else g[k][i] for g, k, i in self._where]
+            return read_places(self._places)
         except Exception:  # a key removed, a group replaced: work it out again
             self._rebuild(groups)
             try:
-                return [g[k] if i < 0 else g[k][i] for g, k, i in self._where]
+                return read_places(self._places)
             except Exception:  # not an optimizer we can read: no columns rather than a crash
-                self.names, self._where = (), []
+                self.names, self._places = (), []
                 return []
 
     def _rebuild(self, groups: list[dict[str, Any]]) -> None:
         try:
-            names, _ = optimizer_columns(self.optimizer)
+            places = column_places(self.optimizer)
         except Exception:
-            names = []
-            groups = []
-        where: list[tuple[dict[str, Any], str, int]] = []
-        for g in groups:
-            where.append((g, "lr", -1))
-            if "momentum" in g:
-                where.append((g, "momentum", -1))
-                if g.get("nesterov"):
-                    where.append((g, "nesterov", -1))
-            elif "betas" in g:
-                where += [(g, "betas", 0), (g, "betas", 1)]
-            if "weight_decay" in g:
-                where.append((g, "weight_decay", -1))
-        self.names, self._where = tuple(names), where
+            places, groups = [], []
+        self.names, self._places = tuple(name for name, *_ in places), places
         self._groups, self._count, self._age = groups, len(groups), 0

@@ -11,6 +11,7 @@ from torch import nn
 
 from stiffmon_agent import Agent
 from stiffmon_agent.budget import MeasurementBudget
+from tests.agent.test_step_path import probe_agent
 
 
 def _budget(cap: float | None, publishing: list[float]) -> MeasurementBudget:
@@ -85,20 +86,7 @@ def test_the_longest_waiting_kind_goes_first_and_cheaper_ones_do_not_overtake_it
     """Before: at every due step the Gram (20 ms) went first and spent the headroom, so the
     sharpness (240 ms) never ran after step 0. Now the kind that waited longest goes first, and
     if it does not fit, the rest of its step waits with it."""
-
-    model = nn.Linear(4, 3)
-    probe = (torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
-    agent = Agent(
-        model,
-        nn.CrossEntropyLoss(),
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        probe=probe,
-        endpoint="",
-        registry=False,
-        gram_every=2,
-        sharpness_every=2,
-        density_every="never",
-    )
+    agent = probe_agent(gram_every=2, sharpness_every=2)
     runner = agent._runner
     assert runner is not None
     asked: list[tuple[int, str]] = []

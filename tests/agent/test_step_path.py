@@ -33,6 +33,23 @@ def test_next_due_is_the_first_due_step_found_one_by_one(sched: Schedule, step: 
     assert next_due(sched, step) == expected
 
 
+def probe_agent(gram_every: Schedule | int, sharpness_every: Schedule | int) -> Agent:
+    """A linear model with a 6-example probe, not publishing; no density measurements."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    return Agent(
+        model,
+        nn.CrossEntropyLoss(),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        probe=(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])),
+        endpoint="",
+        registry=False,
+        gram_every=gram_every,
+        sharpness_every=sharpness_every,
+        density_every="never",
+    )
+
+
 @dataclass
 class Asked:
     """A schedule of the user's own (no ``next_due``): due at steps 3 and 7, records the asks."""
@@ -53,21 +70,8 @@ def test_a_schedule_without_next_due_is_asked_at_every_step(
     monkeypatch.setattr(
         agent_module.MeasurementRunner, "measure", lambda self, kind, s: made.append((kind, s))
     )
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    probe = (torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
     sched = Asked()
-    agent = Agent(
-        model,
-        nn.CrossEntropyLoss(),
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        probe=probe,
-        endpoint="",
-        registry=False,
-        gram_every=sched,
-        sharpness_every=EveryK(4, start=2),
-        density_every="never",
-    )
+    agent = probe_agent(gram_every=sched, sharpness_every=EveryK(4, start=2))
     for _ in range(10):
         agent.step(0.5)
     agent.close()
