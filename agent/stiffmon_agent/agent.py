@@ -93,7 +93,8 @@ class Agent:
             every 500 steps from step 500, so that it never delays the start of training.
         overhead_cap: Largest slowdown the agent may cause, as a fraction of the training's own
             time (0.02: the run takes at most 1.02 × as long). It counts the heavy measurements,
-            the time ``step()`` itself takes and the publisher thread's CPU time. Due
+            and twice the time ``step()`` itself takes and the publisher thread's CPU time
+            (what the stream costs the training beside its own time). Due
             measurements are skipped (and an ``event`` says so) to stay under it. None or 1: no
             cap. The step-0 Gram measurement always runs, and counts.
         distance_layers: Module names whose activations get a stiffness-vs-distance curve.

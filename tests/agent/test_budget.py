@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from stiffmon_agent import Agent
-from stiffmon_agent.budget import MeasurementBudget
+from stiffmon_agent.budget import STREAM_WEIGHT, MeasurementBudget
 from tests.agent.test_step_path import probe_agent
 
 
@@ -38,12 +38,27 @@ def test_every_cost_counts_against_the_cap(part: str) -> None:
     if part == "measure":
         b.record_cost("sharpness", 0.75)
     elif part == "step":
-        b.step_seconds = 0.75
+        b.step_seconds = 0.75 / STREAM_WEIGHT
     else:
-        publishing[0] = 0.75
+        publishing[0] = 0.75 / STREAM_WEIGHT
     assert b.spent() == pytest.approx(0.75)
     assert not b.within("gram", 5)  # 0.75 + 0.3 > 1.0
     assert b.within("gram", 0)  # the step-0 measurement always runs
+
+
+def test_the_stream_is_charged_at_its_weight_and_measurements_at_their_time() -> None:
+    """0.1 s of ``step()`` and 0.05 s of publisher CPU cost the run 2 × 0.15 s; a 0.2 s
+    measurement 0.2 s."""
+    publishing = [0.05]
+    b = _budget(0.05, publishing)
+    b.step_seconds = 0.1
+    b.record_cost("gram", 0.2)
+    assert STREAM_WEIGHT == 2.0
+    assert b.spent() == pytest.approx(0.2 + 2.0 * 0.15)
+    b.start = time.perf_counter() - 14.7  # allowance 0.7 s: spent 0.5 + gram 0.2 fits
+    assert b.within("gram", 7)
+    b.step_seconds = 0.11  # 0.02 s more charged: no longer
+    assert not b.within("gram", 7)
 
 
 def test_agent_charges_its_step_time_to_the_budget() -> None:
@@ -115,3 +130,22 @@ def test_the_longest_waiting_kind_goes_first_and_cheaper_ones_do_not_overtake_it
     skipped = {k: v[1] for k, v in agent._budget.coverage.items()}
     assert skipped == {"gram": 1, "sharpness": 2, "density": 0}
     assert agent._last_run == {"gram": 6, "sharpness": 6}
+
+
+def test_a_cap_skip_says_what_the_stream_and_the_measurements_cost() -> None:
+    """On a fast CPU loop the stream alone can fill the cap: the skip event says so in numbers
+    (each a fraction of the training's own time, the elapsed time less what the agent cost)."""
+    events: list[tuple[Any, ...]] = []
+    b = MeasurementBudget(0.02, lambda: 0.1, lambda *a, **k: events.append((a, k)))
+    b.step_seconds = 0.15  # stream 0.25 s, charged 0.5 s
+    b.record_cost("gram", 0.5)
+    b.start = time.perf_counter() - 10.0  # training's own time ~9.0 s
+    stream, measure = b.shares()
+    assert stream == pytest.approx(0.5 / 9.0, rel=1e-3)
+    assert measure == pytest.approx(0.5 / 9.0, rel=1e-3)
+    b.skip("sharpness", "overhead-cap")
+    (code, msg), attrs = events[0]
+    assert code == "measurement-skipped"
+    assert "per-step stream costs 5.6% and the measurements 5.6%" in msg
+    assert attrs["stream_share"] == pytest.approx(stream, rel=1e-3)
+    assert attrs["reason"] == "overhead-cap" and attrs["kind"] == "sharpness"

@@ -282,6 +282,9 @@ def snapshot_time(steps: int, per_step_messages: bool) -> tuple[float, int, int]
     return elapsed, n, rows
 
 
+_WORKER_ERRORS = ("terminate", "what()", "Error", "error:", "Abort", "Traceback", "Signal")
+
+
 def sharded_times(world: int, repeats: int, per_class: int, channels: int) -> dict[str, float]:
     """Median seconds of each measurement kind with ``world`` processes (rank 0's wall time)."""
     root = Path(__file__).resolve().parents[2]
@@ -292,8 +295,13 @@ def sharded_times(world: int, repeats: int, per_class: int, channels: int) -> di
     cmd += ["-m", "tests.benchmarks.sharded_worker", str(repeats), str(per_class), str(channels)]
     run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     line = next((x for x in run.stdout.splitlines() if x.startswith("{")), None)
-    if run.returncode or line is None:
-        raise RuntimeError(f"sharded benchmark failed: {run.stderr[-2000:]}")
+    if run.returncode or line is None:  # the workers' own errors first, then the launcher's
+        said = [x for x in run.stderr.splitlines() if any(w in x for w in _WORKER_ERRORS)]
+        raise RuntimeError(
+            f"sharded benchmark failed (exit {run.returncode}):\n"
+            + "\n".join(said[:40])
+            + f"\n...\n{run.stderr[-2000:]}"
+        )
     return json.loads(line)  # type: ignore[no-any-return]
 
 
