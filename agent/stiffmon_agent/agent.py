@@ -46,9 +46,9 @@ from stiffmon_agent.measure_options import MeasureOptions
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
 from stiffmon_agent.publisher import Outgoing, Publisher
 from stiffmon_agent.runner import MeasurementRunner
-from stiffmon_agent.schedules import EveryK, Schedule, next_due, parse_schedule
+from stiffmon_agent.schedules import EveryK, MeasurementPlan, Schedule, parse_schedule
 from stiffmon_agent.step_scalars import OptimizerColumns, optimizer_config
-from stiffmon_agent.userlog import custom_scalars
+from stiffmon_agent.userlog import custom_fields
 
 log = logging.getLogger("stiffmon_agent")
 if not log.handlers and not logging.getLogger().handlers:
@@ -182,9 +182,12 @@ class Agent:
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         cfg = optimizer_config(optimizer)
         self.name = run or (f"{cfg['type']} lr={cfg['lr']:g}" if "lr" in cfg else cfg["type"])
-        self._gram_schedule = parse_schedule(gram_every if probe is not None else None)
-        self._sharp_schedule = parse_schedule(sharpness_every if probe is not None else None)
-        self._density_schedule = parse_schedule(density_every if probe is not None else None)
+        self._plan = MeasurementPlan(
+            *(
+                parse_schedule(e if probe is not None else None)
+                for e in (gram_every, sharpness_every, density_every)
+            )
+        )
         self._opts = MeasureOptions(
             tuple(distance_layers),
             distance_bins,
@@ -211,7 +214,6 @@ class Agent:
         self._names_key: tuple[tuple[str, ...] | None, int] = (None, 0)
         self._runner: MeasurementRunner | None = None
         self._next_due: float = math.inf
-        self._last_run: dict[str, int] = {}  # step each kind last went ahead (same on every rank)
         if not self.enabled and self.shard is None:
             return
         device = next((q.device for q in model.parameters()), None)
@@ -220,7 +222,7 @@ class Agent:
             args = (probe, val_probe, device, num_classes, class_names, dtype)
             self.probe = sharding.agreed(make_probe, args, self.shard, self.model)
         if self.shard is not None:  # every rank: a rank without the probe must not hang
-            sharding.check_same_setup(self.model, self.probe, self._schedules())
+            sharding.check_same_setup(self.model, self.probe, self._plan.schedules)
         if self.probe is not None:
             self._runner = MeasurementRunner(
                 self.model,
@@ -236,7 +238,7 @@ class Agent:
                 self._columns.flush,
                 self.shard,
             )
-            self._next_due = self._next_due_after(-1)
+            self._next_due = self._plan.next_after(-1)
         if not self.enabled:
             return
         self.publisher = start_publisher(
@@ -333,30 +335,18 @@ class Agent:
 
     def _measure_due(self, s: int) -> None:
         """Run what is due at step ``s``, publish the coverage, and find the next due step."""
-        if self._runner is not None:
-            due = self._due(s)
-            for kind in sorted(due, key=lambda k: self._last_run.get(k, -1)):  # longest waiting
-                if self._runner.measure(kind, s):
-                    self._last_run[kind] = s
-            if due and self.enabled:
-                cov = self._budget.coverage_scalars(due)
-                fields = {"values_names": list(cov), "values_raw": list(cov.values())}
-                self._submit(p.Scalars, fields, step=s)
-        self._next_due = self._next_due_after(s)
-
-    def _next_due_after(self, s: int) -> float:
-        """The first step after ``s`` at which a schedule may be due (inf: none ever)."""
         if self._runner is None:
-            return math.inf
-        nxt = [next_due(sched, s + 1) for sched in self._schedules()]
-        return min((n for n in nxt if n is not None), default=math.inf)
-
-    def _schedules(self) -> tuple[Schedule, Schedule, Schedule]:
-        return self._gram_schedule, self._sharp_schedule, self._density_schedule
-
-    def _due(self, step: int) -> list[str]:
-        kinds = ("gram", "sharpness", "density")
-        return [k for k, s in zip(kinds, self._schedules(), strict=True) if s.due(step)]
+            self._next_due = math.inf
+            return
+        due = self._plan.due(s)
+        for kind in due:
+            if self._runner.measure(kind, s):
+                self._plan.ran(kind, s)
+        if due and self.enabled:
+            cov = self._budget.coverage_scalars(due)
+            fields = {"values_names": list(cov), "values_raw": list(cov.values())}
+            self._submit(p.Scalars, fields, step=s)
+        self._next_due = self._plan.next_after(s)
 
     def log(self, step: int | None = None, **values: Any) -> None:
         """Publish scalars of your own (validation loss, accuracy, ...) as ``custom/<name>``.
@@ -373,14 +363,10 @@ class Agent:
         if not self.enabled or self.closed or self.publisher is None:
             return
         try:
-            names, raw = custom_scalars(values, self._log_warned, log.warning)
-            if not names:
-                return
-            if step is None or isinstance(step, bool) or not isinstance(step, int) or step < 0:
-                step = max(self.step_count - 1, 0)
-            self.publisher.submit(
-                Outgoing(p.Scalars, step, time.time(), {"values_names": names, "values_raw": raw})
-            )
+            last = max(self.step_count - 1, 0)
+            got = custom_fields(values, step, last, self._log_warned, log.warning)
+            if got is not None:
+                self.publisher.submit(Outgoing(p.Scalars, got[0], time.time(), got[1]))
         except Exception as exc:  # never into the training loop
             if "" not in self._log_warned:
                 self._log_warned.add("")
@@ -393,11 +379,6 @@ class Agent:
     def disabled(self) -> dict[str, str]:
         """Metrics disabled after an error, with the reason."""
         return dict(self._runner.disabled) if self._runner is not None else {}
-
-    # the budget's figures, under the names they had on the agent
-    _start = property(lambda self: self._budget.start)
-    _measure_seconds = property(lambda self: self._budget.measure_seconds)
-    _last_cost = property(lambda self: self._budget.last_cost)
 
     @property
     def dropped(self) -> int:

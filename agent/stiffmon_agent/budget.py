@@ -33,11 +33,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from stiffmon_agent.schedules import KINDS
 from stiffmon_agent.userlog import log_spaced
 
 log = logging.getLogger("stiffmon_agent")
 
-KINDS = ("gram", "sharpness", "density")
 
 STREAM_WEIGHT = 2.0
 """Seconds charged per second of the per-step stream's own cost (``step()`` + publisher CPU)."""

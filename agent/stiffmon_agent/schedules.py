@@ -142,3 +142,39 @@ def parse_schedule(spec: Schedule | int | str | None) -> Schedule:
     raise ValueError(
         f"unknown schedule {spec!r}: use an int, 'every:K', 'log:M', 'first:N,every:K' or 'never'"
     )
+
+
+KINDS = ("gram", "sharpness", "density")
+
+
+class MeasurementPlan:
+    """The three heavy kinds' schedules: what is due at a step, in which order, and when next.
+
+    The order is fair: the kind that last went ahead longest ago is asked first (one never
+    measured first of all), so that a cheap kind cannot spend the headroom at every due step
+    while a costly one waits. It depends only on which measurements went ahead, which is the
+    same on every rank of a sharded agent.
+
+    Args:
+        gram: Schedule of the Gram measurement (stiffness, noise).
+        sharpness: Schedule of the sharpness measurement.
+        density: Schedule of the Hessian density measurement.
+    """
+
+    def __init__(self, gram: Schedule, sharpness: Schedule, density: Schedule) -> None:
+        self.schedules = (gram, sharpness, density)
+        self.last_run: dict[str, int] = {}
+
+    def due(self, step: int) -> list[str]:
+        """The kinds due at ``step``, longest waiting first."""
+        due = [k for k, s in zip(KINDS, self.schedules, strict=True) if s.due(step)]
+        return sorted(due, key=lambda k: self.last_run.get(k, -1))
+
+    def ran(self, kind: str, step: int) -> None:
+        """Note that a ``kind`` measurement went ahead at ``step``."""
+        self.last_run[kind] = step
+
+    def next_after(self, step: int) -> float:
+        """The first step after ``step`` at which a kind may be due (inf: none ever)."""
+        nxt = [next_due(s, step + 1) for s in self.schedules]
+        return min((n for n in nxt if n is not None), default=math.inf)

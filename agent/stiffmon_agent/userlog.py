@@ -68,3 +68,20 @@ def custom_scalars(
         names.append(f"custom/{name}")
         raw.append(FiniteOrNaN(value))
     return names, raw
+
+
+def custom_fields(
+    values: Mapping[str, Any],
+    step: Any,
+    last_step: int,
+    warned: set[str],
+    warn: Callable[[str], None],
+) -> tuple[int, dict[str, Any]] | None:
+    """``Agent.log``'s message: its step (``last_step`` unless ``step`` is an int ≥ 0) and the
+    ``scalars`` fields of :func:`custom_scalars`; None when no value is left."""
+    names, raw = custom_scalars(values, warned, warn)
+    if not names:
+        return None
+    if step is None or isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        step = last_step
+    return step, {"values_names": names, "values_raw": raw}

@@ -181,10 +181,10 @@ def test_overhead_cap_stretches_the_schedule(tmp_path: Path) -> None:
     assert 0 in measured and len(measured) < 30
     assert any(isinstance(m, p.Event) and m.code == "measurement-skipped" for m in msgs)
     assert (
-        agent._measure_seconds
-        <= 0.05 * (time.perf_counter() - agent._start)
-        + agent._last_cost["gram"]
-        + agent._last_cost["sharpness"]
+        agent._budget.measure_seconds
+        <= 0.05 * (time.perf_counter() - agent._budget.start)
+        + agent._budget.last_cost["gram"]
+        + agent._budget.last_cost["sharpness"]
         + 0.5
     )
 

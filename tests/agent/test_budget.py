@@ -129,7 +129,7 @@ def test_the_longest_waiting_kind_goes_first_and_cheaper_ones_do_not_overtake_it
     ]
     skipped = {k: v[1] for k, v in agent._budget.coverage.items()}
     assert skipped == {"gram": 1, "sharpness": 2, "density": 0}
-    assert agent._last_run == {"gram": 6, "sharpness": 6}
+    assert agent._plan.last_run == {"gram": 6, "sharpness": 6}
 
 
 def test_a_cap_skip_says_what_the_stream_and_the_measurements_cost() -> None:
