@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -24,8 +24,8 @@ from stiffmon_agent.demo.data import load_digits_split
 from stiffmon_agent.demo.models import digits_mlp
 
 
-def train(rank: int, world: int, args: argparse.Namespace) -> None:
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def train(rank: int, world: int, args: argparse.Namespace, init: str = "env://") -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.manual_seed(0)
     data = load_digits_split(image=False)
     model = nn.parallel.DistributedDataParallel(digits_mlp())
@@ -60,9 +60,9 @@ def train(rank: int, world: int, args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def _spawned(rank: int, world: int, args: argparse.Namespace) -> None:
+def _spawned(rank: int, world: int, args: argparse.Namespace, init: str) -> None:
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
-    train(rank, world, args)
+    train(rank, world, args, init)
 
 
 def main() -> None:
@@ -81,11 +81,11 @@ def main() -> None:
         train(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
         return
     world = args.spawn or 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
-    torch.multiprocessing.spawn(_spawned, args=(world, args), nprocs=world)
+    # rendezvous through a file, not a port picked here and released: another process could
+    # take that port before the group binds it
+    with tempfile.TemporaryDirectory() as tmp:
+        init = f"file://{os.path.join(tmp, 'rendezvous')}"
+        torch.multiprocessing.spawn(_spawned, args=(world, args, init), nprocs=world)
 
 
 if __name__ == "__main__":

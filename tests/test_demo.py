@@ -14,7 +14,7 @@ from stiffmon import protocol as p
 from stiffmon.cli import main
 from stiffmon.session import SessionReader, read_session
 from stiffmon.store import Store
-from tests.conftest import ROOT
+from tests.conftest import GLOO_TEARDOWN, ROOT
 
 DEMOS = sorted((ROOT / "demos").glob("*.py"))
 
@@ -89,7 +89,9 @@ def test_demo_script_smoke_run(name: str, tmp_path: Path) -> None:
         cwd=tmp_path,
         timeout=300,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    # gloo may abort a rank in destroy_process_group after all the work (see GLOO_TEARDOWN)
+    teardown = name == "ddp_run" and "done:" in out.stdout and GLOO_TEARDOWN in out.stderr
+    assert out.returncode == 0 or teardown, out.stderr[-3000:]
     files = list(tmp_path.glob("*.stiff"))
     assert files
     msgs, _ = read_session(files[0])

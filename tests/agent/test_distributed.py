@@ -53,17 +53,9 @@ class Group:
         return proc
 
     def torchrun(self, *args: str) -> subprocess.Popen[str]:
-        port = str(free_port_pair())
+        # --standalone: the rendezvous binds a free port itself, no port picked and released here
         return self.start(
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            port,
-            *args,
+            "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args
         )
 
 

@@ -48,7 +48,7 @@ from stiffmon_agent import Agent
 from stiffmon_agent.demo.data import load_digits_split
 from stiffmon_agent.demo.models import digits_cnn
 from stiffmon_agent.publisher import Outgoing
-from tests.conftest import free_port_pair
+from tests.conftest import GLOO_TEARDOWN, free_port_pair
 
 
 def step_cost(n: int) -> float:
@@ -290,12 +290,15 @@ def sharded_times(world: int, repeats: int, per_class: int, channels: int) -> di
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'agent'}"}
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world)]
-    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(free_port_pair())]
+    # --standalone: the rendezvous binds a free port itself (a port picked here and released
+    # could be taken by another process before the group binds it)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc_per_node", str(world)]
     cmd += ["-m", "tests.benchmarks.sharded_worker", str(repeats), str(per_class), str(channels)]
     run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     line = next((x for x in run.stdout.splitlines() if x.startswith("{")), None)
-    if run.returncode or line is None:  # the workers' own errors first, then the launcher's
+    teardown = line is not None and GLOO_TEARDOWN in run.stderr  # gloo's, after all the work
+    if (run.returncode and not teardown) or line is None:  # the workers' errors, the launcher's
         said = [x for x in run.stderr.splitlines() if any(w in x for w in _WORKER_ERRORS)]
         raise RuntimeError(
             f"sharded benchmark failed (exit {run.returncode}):\n"
