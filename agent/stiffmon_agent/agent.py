@@ -300,7 +300,7 @@ class Agent:
         if self.closed:
             return
         if not self.enabled:  # a non-zero rank: its share of the sharded measurements only
-            if self._runner is not None and self.step_count >= self._next_due:
+            if self.step_count >= self._next_due:
                 self._measure_due(self.step_count)
             self.step_count += 1
             return
@@ -335,12 +335,12 @@ class Agent:
 
     def _measure_due(self, s: int) -> None:
         """Run what is due at step ``s``, publish the coverage, and find the next due step."""
-        if self._runner is None:
-            self._next_due = math.inf
+        runner = self._runner
+        if runner is None:  # never: without a runner nothing is ever due (_next_due is inf)
             return
         due = self._plan.due(s)
         for kind in due:
-            if self._runner.measure(kind, s):
+            if runner.measure(kind, s):
                 self._plan.ran(kind, s)
         if due and self.enabled:
             cov = self._budget.coverage_scalars(due)

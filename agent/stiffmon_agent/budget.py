@@ -101,9 +101,9 @@ class MeasurementBudget:
     def shares(self) -> tuple[float, float]:
         """What the stream (at its weight) and the measurements have cost so far, as fractions
         of the training's own time (the elapsed time less :meth:`spent`)."""
-        stream = self.spent() - self.measure_seconds
-        own = max(time.perf_counter() - self.start - self.spent(), 1e-9)
-        return stream / own, self.measure_seconds / own
+        spent = self.spent()
+        own = max(time.perf_counter() - self.start - spent, 1e-9)
+        return (spent - self.measure_seconds) / own, self.measure_seconds / own
 
     def allowance(self) -> float:
         """Seconds the agent may have cost by now: c / (1 + c) of the elapsed time."""
