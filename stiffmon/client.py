@@ -2,8 +2,11 @@
 
 Late join follows the ZeroMQ guide's Clone pattern (DESIGN §4): subscribe first, then ask each
 endpoint's snapshot service for the history; apply snapshot messages, then live updates whose
-``seq`` is above the snapshot's. A history chunk that joins many batches (``columns`` with
-``batch_seqs``) is trimmed to the batches the client does not have yet. A gap in a run's ``seq``
+``seq`` is above the snapshot's. A snapshot is not in ``seq`` order (the agent's history joins
+many messages into chunks whose ``seq`` ranges interleave), so while its messages for a run
+arrive, what is new is judged against what the client had when they started, and the run's live
+messages wait. A history chunk that joins many batches (``columns`` with ``batch_seqs``) is
+trimmed to the batches the client does not have yet. A gap in a run's ``seq``
 (a slow subscriber lost messages at the publisher's high-water mark) or a run never seen before
 (an agent restarted) triggers a new snapshot; messages that arrive meanwhile wait in a buffer, so
 every run's messages come out once, in ``seq`` order. Malformed frames are counted and dropped.
@@ -24,13 +27,12 @@ from stiffmon.transport import (
     SNAPSHOT_DONE,
     SNAPSHOT_END,
     SNAPSHOT_MESSAGE,
-    SNAPSHOT_REQUEST,
     CurveKeys,
     Endpoint,
     decode_control,
-    encode_control,
     limit_frames,
     parse_endpoint,
+    snapshot_request,
 )
 
 Received = tuple[p.AnyMessage, list[bytes]]
@@ -60,9 +62,12 @@ class _EndpointState:
 
 @dataclass
 class _RunState:
-    last_seq: int = -1
-    syncing: bool = True
+    last_seq: int = -1  # every message up to here is delivered (while a snapshot arrives: had)
+    syncing: bool = True  # live messages wait in ``buffer``
     buffer: list[Received] = field(default_factory=list)
+    in_snapshot: bool = False  # a snapshot's messages for the run are arriving
+    was_live: bool = False  # ... and the run was live when they started
+    snapshot_top: int = -1  # the highest seq they delivered
 
 
 class Client:
@@ -140,9 +145,7 @@ class Client:
 
     def _request(self, st: _EndpointState, now: float) -> None:
         try:
-            st.dealer.send_multipart(
-                encode_control(SNAPSHOT_REQUEST, {"v": p.PROTOCOL_VERSION}), zmq.NOBLOCK
-            )
+            st.dealer.send_multipart(snapshot_request(), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self.stats.last_error = f"snapshot request to {st.endpoint}: {exc}"
             return
@@ -162,7 +165,10 @@ class Client:
                 return
             self._run_endpoint[msg.run] = st
             rs = self._runs[msg.run]
-            if msg.seq <= rs.last_seq:
+            if not rs.in_snapshot:  # its live messages wait until the snapshot's are out
+                rs.in_snapshot, rs.was_live, rs.snapshot_top = True, not rs.syncing, -1
+                rs.syncing = True
+            if msg.seq <= rs.last_seq:  # had before the snapshot (its order is not seq order)
                 self.stats.duplicates += 1
                 return
             body = frames[1:]
@@ -170,7 +176,7 @@ class Client:
                 rest = msg.after(rs.last_seq)
                 if rest is not msg and rest is not None:
                     msg, body = rest, p.encode(rest)
-            rs.last_seq = msg.seq
+            rs.snapshot_top = max(rs.snapshot_top, msg.seq)
             out.append((msg, body))
         elif tag == SNAPSHOT_END and len(frames) >= 2:
             info = decode_control(frames[1])
@@ -178,18 +184,32 @@ class Client:
             if isinstance(run, str) and isinstance(seq, int) and not isinstance(seq, bool):
                 self._run_endpoint[run] = st
                 rs = self._runs[run]
-                if rs.syncing:
+                if rs.syncing and not rs.was_live:
                     rs.last_seq = seq  # the snapshot is the authority on where the run is
-                elif seq > rs.last_seq:  # a run already live only moves forward
-                    rs.last_seq = seq
-                rs.syncing = False
+                else:  # a run that was live only moves forward
+                    rs.last_seq = max(rs.last_seq, seq, rs.snapshot_top)
+                self._end_snapshot(rs)
                 self._flush(run, out)
         elif tag == SNAPSHOT_DONE:
             st.pending_since = None
             self.stats.snapshots += 1
+            for run, rs in self._runs.items():  # an answer without a run's end marker
+                if rs.in_snapshot and self._run_endpoint.get(run) is st:
+                    rs.last_seq = max(rs.last_seq, rs.snapshot_top)
+                    live = rs.was_live
+                    self._end_snapshot(rs)
+                    if live:
+                        self._flush(run, out)
+                    else:
+                        rs.syncing = True
             self._release_stuck(out)
         else:
             self.stats.malformed += 1
+
+    @staticmethod
+    def _end_snapshot(rs: _RunState) -> None:
+        rs.in_snapshot = rs.was_live = rs.syncing = False
+        rs.snapshot_top = -1
 
     def _release_stuck(self, out: list[Received]) -> None:
         """Once no snapshot is pending, runs no snapshot covered go live from what arrived."""
@@ -202,8 +222,9 @@ class Client:
     def _go_live(self, run: str, out: list[Received]) -> None:
         """Stop waiting for a snapshot of ``run``: deliver its buffer from the oldest message."""
         rs = self._runs[run]
-        rs.syncing = False
-        rs.last_seq = max(rs.last_seq, min(m.seq for m, _ in rs.buffer) - 1)
+        top = rs.snapshot_top
+        self._end_snapshot(rs)
+        rs.last_seq = max(rs.last_seq, top, min(m.seq for m, _ in rs.buffer) - 1)
         self._flush(run, out)
 
     def _flush(self, run: str, out: list[Received]) -> None:

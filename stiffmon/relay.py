@@ -36,6 +36,8 @@ from stiffmon.transport import (
     exposure_warning,
     limit_frames,
     parse_endpoint,
+    snapshot_request,
+    takes_first_seq_order,
 )
 
 
@@ -113,6 +115,7 @@ class Relay:
         )
         self.snapshots_served = 0
         self.gatherings = 0
+        self._first_seq: dict[bytes, bool] = {}  # each waiting requester's order
 
     # ------------------------------------------------------------------ sockets
 
@@ -168,6 +171,7 @@ class Relay:
                 return
             if len(frames) >= 2 and frames[1] == SNAPSHOT_REQUEST and frames[0] not in waiters:
                 waiters.append(frames[0])
+                self._first_seq[frames[0]] = takes_first_seq_order(frames[2:])
 
     def _run_snapshots(self) -> None:
         poller = zmq.Poller()
@@ -195,9 +199,11 @@ class Relay:
         self.gatherings += 1
         later: list[bytes] = []
         pending: dict[zmq.Socket[bytes], Endpoint] = {}
+        # the order every waiter takes: first-seq only if all of them do
+        request = snapshot_request(all([self._first_seq.pop(w, False) for w in waiters]))
         for u, d in self._dealers.items():
             try:
-                d.send_multipart(encode_control(SNAPSHOT_REQUEST, {"v": 1}), zmq.NOBLOCK)
+                d.send_multipart(request, zmq.NOBLOCK)
             except zmq.ZMQError:
                 self.dead.add(u)  # not connected
                 continue

@@ -388,7 +388,7 @@ class Store:
                 bad = np.flatnonzero(~np.isfinite(values))
                 if bad.size:
                     rd.diverged_step = int(msg.steps[bad[0]])
-        if "step_time" in msg.names:
+        if msg.sparse or "step_time" in msg.names:  # sparse: values logged at some steps
             return
         # The wall time of step s is the time between its row and the row of step s - 1.
         steps, times = msg.steps, msg.times

@@ -26,6 +26,25 @@ SNAPSHOT_MESSAGE = b"stiffmon/snapshot-msg"
 SNAPSHOT_END = b"stiffmon/snapshot-end"
 SNAPSHOT_DONE = b"stiffmon/snapshot-done"
 
+FIRST_SEQ_ORDER = "first-seq"
+"""``"order"`` of a snapshot request from a client that takes a snapshot in first-``seq`` order
+(chunks whose ``seq`` ranges interleave, sparse ``columns``); a request without it gets the
+history in strictly increasing ``seq``, as monitors of before the sparse chunks need it."""
+
+
+def snapshot_request(first_seq_order: bool = True) -> list[bytes]:
+    """The frames of a snapshot request."""
+    body: dict[str, Any] = {"v": p.PROTOCOL_VERSION}
+    if first_seq_order:
+        body["order"] = FIRST_SEQ_ORDER
+    return encode_control(SNAPSHOT_REQUEST, body)
+
+
+def takes_first_seq_order(frames: list[bytes]) -> bool:
+    """Whether a request's frames (after the tag) ask for a snapshot in first-``seq`` order."""
+    return bool(frames) and decode_control(frames[0]).get("order") == FIRST_SEQ_ORDER
+
+
 MAX_DATA_FRAME_BYTES = max(p.MAX_TOPIC_BYTES, p.MAX_HEADER_BYTES, p.MAX_BUFFER_BYTES)
 """``ZMQ_MAXMSGSIZE`` of every socket that receives wire messages (monitor SUB and DEALER,
 recorder, relay XSUB and upstream DEALERs): no frame of a valid message is larger, and libzmq

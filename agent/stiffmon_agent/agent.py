@@ -125,8 +125,9 @@ class Agent:
         batch_interval: Seconds between the per-step batches sent (and drains of the queue):
             the live stream's latency, and at most what a SIGKILL of the process loses. Shorter
             costs more publisher CPU per step.
-        max_scalar_history: ``scalars`` messages (measurement results, coverage, ``Agent.log``)
-            kept for late joiners (then decimated); every step's per-step scalars are kept.
+        max_scalar_history: Values of ``scalars`` messages (measurement results, coverage,
+            ``Agent.log``) kept for late joiners, over all names (then the older half of the
+            busiest name is thinned); every step's per-step scalars are kept.
         registry: Register the run so ``stiffmon watch`` finds it.
     """
 
@@ -166,7 +167,7 @@ class Agent:
         fsync: Any = "never",
         queue_size: int = 10_000,
         batch_interval: float = DEFAULT_INTERVAL,
-        max_scalar_history: int = 100_000,
+        max_scalar_history: int = 1_000_000,
         registry: bool = True,
     ) -> None:
         self.model = sharding.unwrap(model)  # measuring never runs DDP's all-reduce hooks

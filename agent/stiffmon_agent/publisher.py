@@ -16,18 +16,17 @@ Sockets never block the thread (every send is non-blocking), so :meth:`Publisher
 everything queued to the session file even when no peer reads. A SIGKILL of the training process
 loses what is still queued: at most one drain interval (``batch_interval``, 100 ms) of messages.
 
-History: every heavy measurement (matrices, curves, spectra, events, hello) is kept, and every
-step's per-step scalars: the ``columns`` batches are appended into chunks of up to 65,536 steps
-(:class:`~stiffmon_agent.columns.ColumnHistory`, about 16–40 bytes per step), so a late joiner
-gets the whole run in a few messages, never decimated. ``scalars`` messages (measurement results,
-coverage counts, ``Agent.log`` values) are kept up to ``max_scalar_history`` (default 100,000),
-beyond which every other one is dropped (the kept ones then evenly spread over the run).
+History (:mod:`~stiffmon_agent.history`): every heavy measurement (matrices, curves, spectra,
+events, hello), every step's per-step scalars (the ``columns`` batches appended into chunks of
+up to 65,536 steps, about 16–40 bytes per step) and the values of ``scalars`` messages
+(measurement results, coverage counts, ``Agent.log`` values: one sparse column per name, up to
+``max_scalar_history`` values, default 1,000,000, beyond which the older half of the busiest
+name is thinned to every other value). A late joiner gets the whole run in a few messages.
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import math
 import os
 import queue
@@ -54,7 +53,9 @@ from stiffmon.transport import (
     limit_frames,
     parse_endpoint,
 )
-from stiffmon_agent.columns import ColumnHistory, RawColumns, build_columns
+from stiffmon_agent.columns import RawColumns, build_columns
+from stiffmon_agent.history import History
+from stiffmon_agent.history_seq_order import seq_ordered
 from stiffmon_agent.snapshots import SnapshotServer
 
 
@@ -72,40 +73,6 @@ class Outgoing:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-class _History:
-    """What a late joiner gets: every message but heartbeats, per-step batches compacted."""
-
-    def __init__(self, run: str, max_scalars: int) -> None:
-        self.max_scalars = max_scalars
-        self.heavy: list[tuple[int, list[bytes]]] = []
-        self.scalars: list[tuple[int, list[bytes]]] = []
-        self.columns = ColumnHistory(run)
-
-    def add(self, msg: p.Message, frames: list[bytes]) -> None:
-        if isinstance(msg, p.Columns):
-            self.columns.add(msg)
-            return
-        self.columns.cut()  # no chunk spans this message's seq
-        if isinstance(msg, p.Scalars):
-            self.scalars.append((msg.seq, frames))
-            if len(self.scalars) > self.max_scalars:
-                # thin the older half only: the newest may still be on their way to a live
-                # client, which a snapshot's end marker tells that it has them
-                half = len(self.scalars) // 2
-                self.scalars = self.scalars[:half:2] + self.scalars[half:]
-        else:
-            self.heavy.append((msg.seq, frames))
-
-    def in_order(self) -> list[tuple[int, list[bytes]]]:
-        return list(
-            heapq.merge(self.heavy, self.scalars, self.columns.in_order(), key=lambda item: item[0])
-        )
-
-    def frames(self) -> list[list[bytes]]:
-        """The encoded messages, oldest first (what a snapshot sends)."""
-        return [frames for _, frames in self.in_order()]
-
-
 class Publisher:
     """Background publisher thread.
 
@@ -117,8 +84,9 @@ class Publisher:
         fsync: The session writer's fsync policy.
         queue_size: Bound of the queue from the training thread.
         heartbeat_interval: Seconds between heartbeats.
-        max_scalar_history: Bound on ``scalars`` messages (measurement results, coverage,
-            ``Agent.log`` values) kept for snapshots; per-step ``columns`` are all kept.
+        max_scalar_history: Bound on the values of ``scalars`` messages (measurement results,
+            coverage, ``Agent.log``; one per name per message) kept for snapshots; per-step
+            ``columns`` are all kept.
         curve: Server CURVE keys: only clients whose public key is authorised get data.
         warn: Called with one-line warnings (never raises into training).
     """
@@ -132,7 +100,7 @@ class Publisher:
         fsync: Any = "never",
         queue_size: int = 10_000,
         heartbeat_interval: float = 1.0,
-        max_scalar_history: int = 100_000,
+        max_scalar_history: int = 1_000_000,
         curve: CurveKeys | None = None,
         warn: Callable[[str], None] = lambda s: None,
     ) -> None:
@@ -142,7 +110,7 @@ class Publisher:
         self._fsync = fsync
         self._queue: queue.Queue[Outgoing | None] = queue.Queue(maxsize=queue_size)
         self._heartbeat_interval = heartbeat_interval
-        self._history = _History(run, max_scalar_history)
+        self._history = History(run, max_scalar_history)
         self._curve = curve
         self._warn = warn
         self._ready = threading.Event()
@@ -278,6 +246,11 @@ class Publisher:
                 auth.stop()
             ctx.term()
 
+    def _history_frames(self, first_seq: bool) -> list[list[bytes]]:
+        if first_seq:
+            return self._history.frames()
+        return [frames for _, frames in seq_ordered(self._history)]
+
     def _loop(
         self,
         sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None,
@@ -287,7 +260,7 @@ class Publisher:
         server = None
         if router is not None:
             server = self.snapshots = SnapshotServer(
-                router, self.run, lambda: (self._history.frames(), max(self.seq, -1))
+                router, self.run, lambda first_seq: (self._history_frames(first_seq), self.seq)
             )
         next_heartbeat = time.monotonic() + self._heartbeat_interval
         finished = False

@@ -36,11 +36,13 @@ from stiffmon.transport import (
     SNAPSHOT_MESSAGE,
     SNAPSHOT_REQUEST,
     encode_control,
+    takes_first_seq_order,
 )
 
 Frames = list[bytes]
-Cut = Callable[[], tuple[list[Frames], int]]
-"""Returns (encoded messages of the history, oldest first; the last seq the history covers)."""
+Cut = Callable[[bool], tuple[list[Frames], int]]
+"""Given whether the peer takes first-``seq`` order (:func:`~stiffmon.transport.snapshot_request`),
+returns (encoded messages of the history, oldest first; the last seq the history covers)."""
 
 SNDHWM = 1000
 """Messages queued per snapshot peer at most (each a small encoded message)."""
@@ -103,7 +105,7 @@ class SnapshotServer:
         self.min_interval = min_interval
         self.stats = SnapshotStats()
         self._started: dict[bytes, float] = {}  # when each peer's last snapshot started
-        self._waiting: dict[bytes, float] = {}  # a deferred request: when it may start
+        self._waiting: dict[bytes, tuple[float, bool]] = {}  # deferred: when it may start, order
         self._peers: dict[bytes, _Peer] = {}
         self._banned: dict[bytes, float] = {}
         self._host = socket.gethostname()
@@ -134,9 +136,9 @@ class SnapshotServer:
             if len(frames) < 2 or frames[1] != SNAPSHOT_REQUEST:
                 self.stats.ignored += 1  # not for us: ignore, never crash
                 continue
-            self._request(frames[0], now)
+            self._request(frames[0], now, takes_first_seq_order(frames[2:]))
 
-    def _request(self, ident: bytes, now: float) -> None:
+    def _request(self, ident: bytes, now: float, first_seq: bool) -> None:
         until = self._banned.get(ident)
         if until is not None:
             if now < until:
@@ -148,13 +150,13 @@ class SnapshotServer:
             return
         last = self._started.get(ident)
         if last is not None and now - last < self.min_interval:
-            self._waiting[ident] = last + self.min_interval
+            self._waiting[ident] = (last + self.min_interval, first_seq)
             self.stats.deferred += 1
             return
         if len(self._peers) >= self.max_peers:
             self.stats.refused += 1
             return
-        todo, seq = self.cut()
+        todo, seq = self.cut(first_seq)
         tail = [
             encode_control(SNAPSHOT_END, {"run": self.run, "seq": seq}),
             encode_control(SNAPSHOT_DONE, {"runs": 1, "host": self._host}),
@@ -165,10 +167,10 @@ class SnapshotServer:
     def pump(self) -> bool:
         """Send the next slice to every peer; True if some peer took messages (more may follow)."""
         now = time.monotonic()
-        for ident, when in list(self._waiting.items()):
+        for ident, (when, first_seq) in list(self._waiting.items()):
             if when <= now:
                 del self._waiting[ident]
-                self._request(ident, now)
+                self._request(ident, now, first_seq)
         for ident, when in list(self._started.items()):
             if now - when >= self.min_interval:
                 del self._started[ident]

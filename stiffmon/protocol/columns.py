@@ -45,6 +45,10 @@ class Columns(Message):
     keeps only the rest (:meth:`after`), so no row is delivered twice and none is skipped. Both
     empty (the usual live batch) means one batch: the message itself.
 
+    A ``sparse`` message (``"sparse": true`` in the header) holds values logged at some steps
+    only, not a per-step stream: the history joins ``scalars`` messages of one name this way, one
+    batch per message. A monitor derives no step times from its rows.
+
     Attributes:
         names: Names of the columns, e.g. ``("loss", "lr/0")``.
         steps: 1-D int64 array, the step of each row (non-decreasing).
@@ -52,6 +56,7 @@ class Columns(Message):
         values: One 1-D float64 array per name, one value per row (NaN and ±Inf allowed).
         batch_seqs: 1-D int64 array, the ``seq`` of each joined batch (empty: one batch).
         batch_ends: 1-D int64 array, the row after each joined batch's last (empty: one batch).
+        sparse: The rows are values at some steps, not every step's.
     """
 
     KIND: ClassVar[str] = "columns"
@@ -62,6 +67,7 @@ class Columns(Message):
     values: tuple[Array, ...] = ()
     batch_seqs: Array = field(default_factory=lambda: np.zeros(0, np.int64))
     batch_ends: Array = field(default_factory=lambda: np.zeros(0, np.int64))
+    sparse: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "names", tuple(self.names))
@@ -84,8 +90,8 @@ class Columns(Message):
         if type(other) is not type(self):
             return NotImplemented
         assert isinstance(other, Columns)
-        head = (self.run, self.seq, self.step, self.names)
-        if head != (other.run, other.seq, other.step, other.names) or not (
+        head = (self.run, self.seq, self.step, self.names, self.sparse)
+        if head != (other.run, other.seq, other.step, other.names, other.sparse) or not (
             self.t == other.t or (math.isnan(self.t) and math.isnan(other.t))
         ):
             return False
@@ -107,11 +113,12 @@ class Columns(Message):
         seq: int,
         batch_seqs: npt.ArrayLike = (),
         batch_ends: npt.ArrayLike = (),
+        sparse: bool = False,
     ) -> Columns:
         """Build a message from ``{name: values}``; ``step`` and ``t`` come from the last row.
 
         ``batch_seqs``/``batch_ends`` describe joined batches (see the class); a single batch
-        is stored as none.
+        is stored as none. ``sparse``: values at some steps only (see the class).
         """
         st = np.asarray(steps, dtype=np.int64).reshape(-1)
         ts = np.asarray(times, dtype=np.float64).reshape(-1)
@@ -130,6 +137,7 @@ class Columns(Message):
             values=tuple(np.asarray(v, dtype=np.float64) for v in columns.values()),
             batch_seqs=bs if bs.shape[0] > 1 else np.zeros(0, np.int64),
             batch_ends=be if bs.shape[0] > 1 else np.zeros(0, np.int64),
+            sparse=sparse,
         )
 
     def batches(self) -> tuple[Array, Array]:
@@ -159,6 +167,7 @@ class Columns(Message):
             seq=self.seq,
             batch_seqs=seqs[keep:],
             batch_ends=ends[keep:] - start,
+            sparse=self.sparse,
         )
 
     def column(self, name: str) -> Array:
@@ -220,6 +229,8 @@ def _encode_columns(msg: Columns, header: dict[str, Any]) -> list[bytes]:
         _check_batches(msg.batch_seqs, msg.batch_ends, msg.seq, n, ValueError)
         arrays += [msg.batch_seqs, msg.batch_ends]
         header["batches"] = int(msg.batch_seqs.shape[0])
+    if msg.sparse:
+        header["sparse"] = True
     header["arrays"] = [{"dtype": a.dtype.str, "shape": [a.shape[0]]} for a in arrays]
     header["names"] = list(msg.names)
     header["first_step"] = int(msg.steps[0])
@@ -247,6 +258,7 @@ def _decode_columns(
     if "batches" in h:
         nbatches = _check_range(_get(h, "batches", int, kind), "batches", kind, 1)
     extra = 2 if nbatches else 0
+    sparse = _get(h, "sparse", bool, kind) if "sparse" in h else False
     if len(specs) != 2 + len(names) + extra:
         raise ProtocolError(
             f"{kind}: header describes {len(specs)} arrays, steps + times + {len(names)} names "
@@ -307,4 +319,5 @@ def _decode_columns(
         values=values,
         batch_seqs=batch_arrays[0] if batch_arrays else np.zeros(0, np.int64),
         batch_ends=batch_arrays[1] if batch_arrays else np.zeros(0, np.int64),
+        sparse=sparse,
     )

@@ -1,7 +1,9 @@
-"""The snapshot server's limits, on a real ROUTER over loopback: repeat requests from one peer."""
+"""The snapshot server on a real ROUTER over loopback: repeat requests from one peer, and the
+order each peer asks for."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Iterator
@@ -9,8 +11,20 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from stiffmon.transport import SNAPSHOT_DONE, SNAPSHOT_REQUEST, encode_control
+from stiffmon import protocol as p
+from stiffmon.relay import Relay
+from stiffmon.transport import (
+    SNAPSHOT_DONE,
+    SNAPSHOT_MESSAGE,
+    SNAPSHOT_REQUEST,
+    encode_control,
+    parse_endpoint,
+    snapshot_request,
+)
+from stiffmon_agent.columns import RawColumns
+from stiffmon_agent.publisher import Outgoing, Publisher
 from stiffmon_agent.snapshots import SnapshotServer
+from tests.conftest import free_port_pair
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
 
@@ -49,7 +63,7 @@ def test_a_peer_asking_fast_gets_a_snapshot_per_interval_and_its_last_request_an
     cuts: list[float] = []
     history = [[b"m%d" % i] for i in range(50)]
 
-    def cut() -> tuple[list[list[bytes]], int]:
+    def cut(first_seq: bool) -> tuple[list[list[bytes]], int]:
         cuts.append(time.monotonic())
         return history, 49
 
@@ -74,7 +88,7 @@ def test_other_peers_are_not_held_back_by_one_peers_interval(
     sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]],
 ) -> None:
     router, dealer = sockets
-    server = SnapshotServer(router, "run", lambda: ([[b"x"]], 0), min_interval=10.0)
+    server = SnapshotServer(router, "run", lambda first_seq: ([[b"x"]], 0), min_interval=10.0)
     other = router.context.socket(zmq.DEALER)
     other.setsockopt(zmq.LINGER, 0)
     other.connect(router.getsockopt_string(zmq.LAST_ENDPOINT))
@@ -87,3 +101,58 @@ def test_other_peers_are_not_held_back_by_one_peers_interval(
         assert server.stats.served == 2 and server.stats.deferred == 1
     finally:
         other.close(0)
+
+
+def _snapshot(ep: str, request: list[bytes]) -> list[p.AnyMessage]:
+    """The messages of one snapshot from ``ep`` (an agent or a relay) for ``request``."""
+    ctx: Ctx = zmq.Context()
+    d = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.setsockopt(zmq.RCVTIMEO, 10_000)
+    d.connect(parse_endpoint(ep).snapshot)
+    got: list[p.AnyMessage] = []
+    try:
+        d.send_multipart(request)
+        while (frames := d.recv_multipart())[0] != SNAPSHOT_DONE:
+            if frames[0] == SNAPSHOT_MESSAGE:
+                got.append(p.decode(frames[1:]))
+    finally:
+        d.close(0)
+        ctx.term()
+    return got
+
+
+@pytest.mark.parametrize("via_relay", [False, True])
+def test_each_peer_gets_the_order_it_asks_for(via_relay: bool) -> None:
+    """A monitor of today takes chunks in first-seq order (few messages); one of before the
+    sparse chunks (no ``"order"`` in its request) gets strictly increasing seqs. A relay asks
+    its upstreams for the order that every requester it answers takes."""
+    pub = Publisher("r", endpoint=f"tcp://127.0.0.1:{free_port_pair()}", heartbeat_interval=3600)
+    pub.start()
+    try:
+        for i in range(40):
+            rows = list(range(10 * i, 10 * i + 10))
+            raw = RawColumns(("loss",), [(s, time.time(), (float(s),)) for s in rows])
+            pub.submit(Outgoing(p.Columns, rows[-1], time.time(), {"raw": raw}))
+            fields = {"values_names": ["coverage/gram/done"], "values_raw": [float(i)]}
+            pub.submit(Outgoing(p.Scalars, rows[-1], time.time(), fields))
+        while pub.seq < 79:
+            time.sleep(0.05)
+        assert pub.endpoint is not None
+        ep = str(pub.endpoint)
+        with contextlib.ExitStack() as stack:
+            if via_relay:
+                ep = f"tcp://127.0.0.1:{free_port_pair()}"
+                stack.enter_context(Relay([str(pub.endpoint)], ep, snapshot_timeout=5).start())
+                time.sleep(0.3)
+            new = _snapshot(ep, snapshot_request())
+            old = _snapshot(ep, encode_control(SNAPSHOT_REQUEST, {"v": 2}))
+    finally:
+        pub.close()
+    assert len(new) == 2  # the per-step chunk and the coverage column
+    assert len(old) == 80 and [m.seq for m in old] == list(range(80))
+    for got in (new, old):
+        rows = p.expand_columns(got)
+        assert [m.step for m in rows if "loss" in m.names] == list(range(400))  # type: ignore[attr-defined]
+        cov = [m for m in rows if "coverage/gram/done" in m.names]  # type: ignore[attr-defined]
+        assert [m.step for m in cov] == list(range(9, 400, 10))

@@ -254,11 +254,12 @@ def snapshot_time(
         opt,
         endpoint=ep,
         queue_size=steps + 10,
-        max_scalar_history=steps,  # the old path keeps every per-step message too
         registry=False,
     )
     pub = agent.publisher
     assert pub is not None
+    if per_step_messages:  # the version-1 history: every scalars message kept as it came
+        pub._history.scalars.accepts = lambda msg: False  # type: ignore[method-assign]
     for i in range(steps):
         if per_step_messages:
             pub.submit(
@@ -275,9 +276,10 @@ def snapshot_time(
                 agent._columns.flush()
                 agent.log(val=1.0)
     agent._columns.flush()
-    while pub._queue.qsize():
-        time.sleep(0.05)
-    time.sleep(0.2)
+    seq = -2
+    while pub._queue.qsize() or pub.seq != seq:  # until the publisher has handled everything
+        seq = pub.seq
+        time.sleep(0.3)
     t0 = time.perf_counter()
     client = Client([ep], snapshot_timeout=60)
     n = rows = 0

@@ -83,6 +83,7 @@ def _columns() -> st.SearchStrategy[p.Columns]:
             vals: list,
             cuts: list[int],
             seq_gaps: list[int],
+            sparse: bool,
         ) -> p.Columns:
             # joined batches (a history chunk): ends at distinct rows, seqs increasing to seq
             ends = sorted({c for c in cuts if 0 < c < n} | {n}) if cuts else []
@@ -101,6 +102,7 @@ def _columns() -> st.SearchStrategy[p.Columns]:
                 values=tuple(vals),
                 batch_seqs=np.asarray(seqs, np.int64),
                 batch_ends=np.asarray(ends, np.int64),
+                sparse=sparse,
             )
 
         return st.builds(
@@ -113,6 +115,7 @@ def _columns() -> st.SearchStrategy[p.Columns]:
             vals=st.lists(column, min_size=k, max_size=k),
             cuts=st.lists(st.integers(0, n), max_size=6),
             seq_gaps=st.lists(st.integers(1, 5), max_size=3),
+            sparse=st.booleans(),
         )
 
     return st.tuples(st.integers(1, 40), st.integers(0, 5)).flatmap(build)

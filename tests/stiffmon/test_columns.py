@@ -3,6 +3,7 @@ that version-1 frames and the committed demo sessions still read unchanged."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -177,6 +178,41 @@ def test_step_time_only_between_consecutive_steps() -> None:
     store.apply(batch(np.array([0, 1, 5, 6]), loss=np.ones(4)))
     store.apply(batch(np.array([7, 9, 10]), seq=2, loss=np.ones(3)))
     assert store.runs["r"].scalars["step_time"].steps.tolist() == [1, 6, 7, 10]
+
+
+def test_sparse_columns_are_values_at_some_steps_not_step_times() -> None:
+    """A history chunk of logged values (``sparse``): stored like its rows, no step time from it,
+    and it leaves the per-step stream's step times as they were."""
+    store = Store()
+    store.apply(batch(np.array([0, 1, 2]), loss=np.ones(3)))
+    logged = p.Columns.from_columns(
+        {"custom/val": [0.5, 0.4, 0.3]}, [3, 4, 5], [9.0, 9.5, 10.0], run="r", seq=2, sparse=True
+    )
+    assert p.decode(p.encode(logged)) == logged
+    assert logged != dataclasses.replace(logged, sparse=False)
+    assert b'"sparse":true' in p.encode(logged)[1]
+    assert b"sparse" not in p.encode(batch(np.arange(2)))[1]  # the per-step stream: unchanged
+    store.apply(logged)
+    store.apply(batch(np.array([3, 4]), seq=3, loss=np.ones(2)))
+    run = store.runs["r"]
+    assert run.scalars["custom/val"].steps.tolist() == [3, 4, 5]
+    assert run.scalars["custom/val"].values.tolist() == [0.5, 0.4, 0.3]
+    assert run.scalars["step_time"].steps.tolist() == [1, 2, 3, 4]
+    np.testing.assert_allclose(run.scalars["step_time"].values, 0.01, rtol=1e-4)
+    joined = p.Columns.from_columns(
+        {"x": [1.0, 2.0]},
+        [3, 8],
+        [1.0, 2.0],
+        run="r",
+        seq=7,
+        batch_seqs=[4, 7],
+        batch_ends=[1, 2],
+        sparse=True,
+    )
+    rest = joined.after(4)  # what a client that had seq 4 keeps is sparse too
+    assert rest is not None and rest.sparse and rest.steps.tolist() == [8]
+    with pytest.raises(p.ProtocolError, match="sparse"):
+        p.decode(_reheader(p.encode(logged), sparse=1))
 
 
 def test_series_extend_matches_append_and_decimates() -> None:
