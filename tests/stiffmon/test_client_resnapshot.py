@@ -161,3 +161,66 @@ def test_a_gap_is_filled_from_the_chunk_that_starts_before_it(agent: FakeAgent) 
     assert _steps(got, "a") == list(range(50))
     seqs = [m.seq for m in got if m.run == "a"]
     assert seqs == sorted(set(seqs))
+
+
+def _values(got: list[p.AnyMessage], name: str) -> list[tuple[int, float]]:
+    return [
+        (m.step, m.as_dict()[name])
+        for m in p.expand_columns(got)
+        if isinstance(m, p.Scalars) and name in m.names
+    ]
+
+
+def test_a_snapshot_out_of_seq_order_fills_a_gap_exactly(agent: FakeAgent) -> None:
+    """The history serves chunks by first seq: the per-step chunk (batches 0, 1, 2, 4) comes
+    before the logged value of seq 3 that lies inside its range. A client that moved its
+    position to the chunk's seq would drop that value as had; judged against what it had
+    before the snapshot (seq 1), both come once."""
+    client = Client([agent.endpoint], snapshot_timeout=5.0)
+    got: list[p.AnyMessage] = []
+    logged = p.Columns.from_columns(
+        {"custom/val": [0.25]}, [29], [1.0], run="a", seq=3, sparse=True
+    )
+    try:
+        agent.answer(client, got, [_cols("a", 0, range(10))], {"a": 0})
+        _drain(client, got, 0.2)
+        _live(agent, client, got, _cols("a", 1, range(10, 20)))
+        _drain(client, got, 0.2)
+        agent.publish(_cols("a", 5, range(40, 50)))  # 2, 3 and 4 were lost: a gap
+        chunk = p.Columns.from_columns(
+            {"loss": np.arange(40) * 0.5},
+            np.arange(40),
+            np.arange(40) * 1.0,
+            run="a",
+            seq=4,
+            batch_seqs=[0, 1, 2, 4],
+            batch_ends=[10, 20, 30, 40],
+        )
+        agent.answer(client, got, [chunk, logged], {"a": 4})
+        agent.publish(_cols("a", 6, range(50, 60)))
+        _drain(client, got)
+    finally:
+        client.close()
+    assert client.stats.gaps == 1
+    assert _steps(got, "a") == list(range(60))
+    assert _values(got, "custom/val") == [(29, 0.25)]
+
+
+def test_an_answer_without_the_runs_end_marker_leaves_it_live(agent: FakeAgent) -> None:
+    """A peer that stops short of a run's end marker: what it sent counts, the run goes on."""
+    client = Client([agent.endpoint], snapshot_timeout=5.0)
+    got: list[p.AnyMessage] = []
+    try:
+        agent.answer(client, got, [_cols("a", 0, range(10))], {"a": 0})
+        _drain(client, got, 0.2)
+        _live(agent, client, got, _cols("a", 1, range(10, 20)))
+        _drain(client, got, 0.2)
+        agent.publish(p.Bye(run="b", seq=0, step=0, t=1.0, reason="x"))  # a new run: re-snapshot
+        agent.answer(client, got, [_chunk("a", [0, 1, 2], range(30))], {"b": 0})  # no "a" end
+        _drain(client, got, 0.3)
+        for seq, first in ((2, 20), (3, 30), (4, 40)):
+            agent.publish(_cols("a", seq, range(first, first + 10)))
+        _drain(client, got)
+    finally:
+        client.close()
+    assert _steps(got, "a") == list(range(50))
