@@ -297,7 +297,17 @@ _WORKER_ERRORS = ("terminate", "what()", "Error", "error:", "Abort", "Traceback"
 
 
 def sharded_times(world: int, repeats: int, per_class: int, channels: int) -> dict[str, float]:
-    """Median seconds of each measurement kind with ``world`` processes (rank 0's wall time)."""
+    """Median seconds of each measurement kind with ``world`` processes (rank 0's wall time),
+    one launch per kind."""
+    out: dict[str, float] = {}
+    for kind in ("gram", "sharpness", "density"):
+        out.update(_sharded_time(world, repeats, per_class, channels, kind))
+    return out
+
+
+def _sharded_time(
+    world: int, repeats: int, per_class: int, channels: int, kind: str
+) -> dict[str, float]:
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'agent'}"}
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
@@ -306,6 +316,7 @@ def sharded_times(world: int, repeats: int, per_class: int, channels: int) -> di
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += ["--nproc_per_node", str(world)]
     cmd += ["-m", "tests.benchmarks.sharded_worker", str(repeats), str(per_class), str(channels)]
+    cmd.append(kind)
     run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     line = next((x for x in run.stdout.splitlines() if x.startswith("{")), None)
     teardown = line is not None and GLOO_TEARDOWN in run.stderr  # gloo's, after all the work
@@ -409,7 +420,8 @@ def main() -> None:
         two = sharded_times(2, repeats, per_class, channels)
         print(
             f"\n[6] sharded measurement, demo CNN ({channels} channels), probe of {one['n']} "
-            f"examples, median of {repeats}, 1 process vs 2 gloo processes (OMP threads 1 each)"
+            f"examples, median of {repeats}, 1 process vs 2 gloo processes (OMP threads 1 each), "
+            "one kind per launch"
         )
         for kind in ("gram", "sharpness", "density"):
             print(

@@ -1,10 +1,12 @@
 """One side of the sharded-measurement benchmark (run by ``tests.benchmarks.agent`` [6]).
 
-    torchrun --nproc_per_node W -m tests.benchmarks.sharded_worker REPEATS PER_CLASS CHANNELS
+    torchrun --nproc_per_node W -m tests.benchmarks.sharded_worker REPEATS PER_CLASS CHANNELS KIND
 
 W = 1 is the one-process agent (the baseline: ``distributed=True`` with one process changes
-nothing); W = 2 shards the probe. Rank 0 prints one JSON line: the median seconds of each
-measurement kind (rank 0's wall time of the whole measurement, collectives included).
+nothing); W = 2 shards the probe. Only ``KIND`` (gram, sharpness or density) is measured, at
+every step: with several kinds due at one step, what one rank still had to do of one
+measurement was counted in rank 0's time of the next. Rank 0 prints one JSON line: the median
+seconds of the measurement (rank 0's wall time of the whole measurement, collectives included).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from stiffmon_agent.demo.models import digits_cnn
 
 def main() -> None:
     repeats, per_class, channels = (int(a) for a in sys.argv[1:4])
+    kind = sys.argv[4]
+    every = {k: 1 if k == kind else "never" for k in ("gram", "sharpness", "density")}
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     data = load_digits_split(seed=0, per_class=per_class)
@@ -38,13 +42,13 @@ def main() -> None:
         endpoint="",
         registry=False,
         distributed=True,
-        gram_every=1,
-        sharpness_every=1,
-        density_every=1,
+        gram_every=every["gram"],
+        sharpness_every=every["sharpness"],
+        density_every=every["density"],
         overhead_cap=None,
         batch_size=64,
     )
-    costs: dict[str, list[float]] = {"gram": [], "sharpness": [], "density": []}
+    costs: list[float] = []
     x, y = data.x_train[:64], data.y_train[:64]
     for s in range(repeats + 1):
         loss = nn.functional.cross_entropy(model(x), y)
@@ -53,11 +57,10 @@ def main() -> None:
         opt.step()
         agent.step(loss)
         if s:  # the first measurement warms up
-            for kind in costs:
-                costs[kind].append(agent._budget.last_cost[kind])
+            costs.append(agent._budget.last_cost[kind])
     agent.close()
     if dist.get_rank() == 0:
-        med = {k: statistics.median(v) for k, v in costs.items()}
+        med = {kind: statistics.median(costs)}
         print(json.dumps({"world": dist.get_world_size(), "n": agent.probe.n, **med}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
