@@ -8,10 +8,12 @@ The measurements live in :mod:`~stiffmon_agent.sharded`.
 
 * **Gram matrix** (:func:`~stiffmon_agent.sharded.sharded_gram`): each rank computes its
   examples' per-layer gradients in the cheaper of two forms (dense per-example gradients, or
-  the ghost factors of a linear / conv weight, :mod:`~stiffmon_agent.metrics.grad_blocks`);
-  layer by layer these are all-gathered and rank r computes its rows G_l[I_r, :]; the rows are
-  all-gathered into G_l and G = Σ_l G_l. Memory per rank: N × the largest layer's per-example
-  size.
+  the ghost factors of a linear / conv weight, :mod:`~stiffmon_agent.metrics.grad_blocks`).
+  Each pair of shards belongs to one of its two ranks, which receives the other's gradients
+  (one way, point to point) and computes that off-diagonal block; every rank computes its
+  diagonal block, and rank 0 receives the blocks and assembles G_l and G = Σ_l G_l
+  (:mod:`~stiffmon_agent.block_exchange`). Memory per rank: its partners' examples × the
+  largest layer group's per-example size.
 * **Hessian-vector products** (:class:`~stiffmon_agent.sharded.HvpLeader`,
   :func:`~stiffmon_agent.sharded.serve_hvps`): rank 0 runs the solver (Lanczos, SLQ,
   Hutchinson) unchanged and alone decides when to stop; each product broadcasts v, every rank
@@ -260,11 +262,14 @@ def collective_device(model: nn.Module) -> torch.device | None:
     return q.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _gather_rows(t: Tensor, counts: Sequence[int]) -> Tensor:
-    """All-gather the rows (dim 0) of every rank's ``t``: (Σ counts, …), in rank order."""
+def _gather_rows(t: Tensor, counts: Sequence[int]) -> Tensor | None:
+    """The rows (dim 0) of every rank's ``t`` on rank 0: (Σ counts, …), in rank order; None on
+    the other ranks (only rank 0 assembles and publishes)."""
     top = max(counts)
     buf = t.new_zeros((top, *t.shape[1:]))
     buf[: t.shape[0]] = t
-    parts = [torch.empty_like(buf) for _ in counts]
-    dist.all_gather(parts, buf.contiguous())
+    parts = [torch.empty_like(buf) for _ in counts] if dist.get_rank() == 0 else None
+    dist.gather(buf.contiguous(), parts, dst=0)
+    if parts is None:
+        return None
     return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])

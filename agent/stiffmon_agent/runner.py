@@ -161,7 +161,7 @@ class MeasurementRunner:
         if kind == "gram":
             extra: dict[str, Any] = {}
             if shard is not None:
-                extra["gram"] = sharded_gram(
+                gram = sharded_gram(
                     self.model,
                     self.loss_fn,
                     self.probe,
@@ -169,6 +169,8 @@ class MeasurementRunner:
                     forward=self.forward,
                     chunk_size=self.opts.chunk_size,
                 )
+                assert gram is not None  # rank 0 assembles it
+                extra["gram"] = gram
                 if self.opts.distance_layers:
                     extra["activations"] = sharded_activations(
                         self.model, self.probe, self.opts.distance_layers, shard, self.forward

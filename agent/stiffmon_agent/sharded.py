@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from stiffmon_agent.block_exchange import collect, exchange, flatten_blocks, partners
 from stiffmon_agent.distributed import (
     MatVec,
     Shard,
@@ -49,11 +50,11 @@ def _layout(blocks: dict[str, LayerGrads]) -> list[int]:
     return out
 
 
-GATHER_BYTES = 64 << 20  # bound on one all-gather's buffer per rank: layers go in groups
+GATHER_BYTES = 64 << 20  # bound on one exchange's rows per shard: layers go in groups
 
 
 def _groups(layers: list[LayerGrads], rows: int) -> list[list[LayerGrads]]:
-    """Consecutive layers whose gathered rows fit in :data:`GATHER_BYTES` (one all-gather each;
+    """Consecutive layers whose rows of one shard fit in :data:`GATHER_BYTES` (one exchange each;
     a bigger layer alone)."""
     out: list[list[LayerGrads]] = []
     size = 0
@@ -67,20 +68,6 @@ def _groups(layers: list[LayerGrads], rows: int) -> list[list[LayerGrads]]:
     return out
 
 
-def _gather_many(
-    ts: list[Tensor], counts: Sequence[int], device: torch.device | None
-) -> list[Tensor]:
-    """:func:`_gather_rows` of several tensors (same dtype) in one all-gather."""
-    n = ts[0].shape[0]
-    flat = torch.cat([t.reshape(n, -1) for t in ts], dim=1)
-    whole = _gather_rows(flat.to(device) if device is not None else flat, counts)
-    widths = [math.prod(t.shape[1:]) for t in ts]
-    return [
-        part.reshape(whole.shape[0], *t.shape[1:])
-        for part, t in zip(whole.split(widths, dim=1), ts, strict=True)
-    ]
-
-
 def sharded_gram(
     model: nn.Module,
     loss_fn: LossFn,
@@ -89,12 +76,15 @@ def sharded_gram(
     *,
     forward: ForwardFn | None = None,
     chunk_size: int | None = 128,
-) -> GramResult:
-    """The probe's Gram matrix G and its per-layer blocks, computed by rows on every rank.
+) -> GramResult | None:
+    """The probe's Gram matrix G and its per-layer blocks, computed in blocks on every rank.
+
+    Each rank computes its diagonal block and the off-diagonal blocks it owns
+    (:mod:`~stiffmon_agent.block_exchange`); rank 0 assembles them.
 
     Returns:
-        The whole G (N × N) on every rank, as :func:`~stiffmon_agent.metrics.per_example_gram`
-        gives it in one process (up to rounding).
+        On rank 0, the whole G (N × N) as :func:`~stiffmon_agent.metrics.per_example_gram`
+        gives it in one process (up to rounding); None on the other ranks.
     """
     device = collective_device(model)
     counts = shard.counts(probe.n)
@@ -121,25 +111,50 @@ def sharded_gram(
         if _same_everywhere(_layout(blocks), device):
             break
         notes = (*notes, "the ranks chose different gradient forms: exact dense gradients")
-    rows: list[Tensor] = []
+    rank, world = shard.rank, shard.world
+    mine: list[list[Tensor]] = []  # per layer: its blocks (rank, j), j in owned(rank)
     for group in _groups(list(blocks.values()), max(counts)):  # the same on every rank
         flat = [t for local in group for t in local.tensors()]
-        parts = iter(_gather_many(flat, counts, device))
+        joined = torch.cat([t.reshape(t.shape[0], -1) for t in flat], dim=1)
+        joined = joined.to(device) if device is not None else joined
+        got = {
+            j: iter(_split_like(rows, flat))
+            for j, rows in exchange(joined, counts, rank, world).items()
+        }
         for local in group:
-            whole = [next(parts).to(local.dense) for _ in local.tensors()]
+            theirs = {
+                j: [next(ts).to(local.dense) for _ in local.tensors()] for j, ts in got.items()
+            }
             try:
                 if error is None:
-                    rows.append(local.cross(LayerGrads.from_tensors(whole)))
+                    layer = [local.cross(local)]
+                    layer += [
+                        local.cross(LayerGrads.from_tensors(theirs[j]))
+                        for j in partners(rank, world)
+                    ]
+                    mine.append(layer)
             except Exception as exc:
                 error = exc
-        del parts
-    agree(error, "the Gram rows", device)
-    stacked = torch.stack(rows, dim=1)  # (n_r, K, N)
-    gathered = _gather_rows(stacked.to(device) if device is not None else stacked, counts)
-    gathered = gathered.to(stacked)
-    layers = {k: gathered[:, i] for i, k in enumerate(blocks)}
-    total = gathered.sum(dim=1)
-    return GramResult(total, layers, dict.fromkeys(layers, "sharded"), notes)
+        del got
+    agree(error, "the Gram blocks", device)
+    flat_blocks = flatten_blocks(mine)
+    moved = flat_blocks.to(device) if device is not None else flat_blocks
+    whole = collect(moved, counts, rank, world)
+    if whole is None:
+        return None
+    whole = whole.to(flat_blocks)
+    layers = {k: whole[i] for i, k in enumerate(blocks)}
+    return GramResult(whole.sum(dim=0), layers, dict.fromkeys(layers, "sharded"), notes)
+
+
+def _split_like(rows: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """``rows`` (m, Σ widths) cut back into tensors shaped as ``like``'s (m, …)."""
+    widths = [math.prod(t.shape[1:]) for t in like]
+    m = rows.shape[0]
+    return [
+        part.reshape(m, *t.shape[1:])
+        for part, t in zip(rows.split(widths, dim=1), like, strict=True)
+    ]
 
 
 def sharded_activations(
@@ -150,7 +165,7 @@ def sharded_activations(
     forward: ForwardFn | None = None,
 ) -> dict[str, Tensor]:
     """Activations of ``layers`` on the whole train probe (float64, flattened), each rank
-    computing its shard's."""
+    computing its shard's; on rank 0 (empty on the other ranks)."""
     device = collective_device(model)
     counts = shard.counts(probe.n_train)
     a, b = shard.bounds(probe.n_train)
@@ -175,7 +190,9 @@ def sharded_activations(
     out = {}
     for k in layers:
         t = acts[k].to(device) if device is not None else acts[k]
-        out[k] = _gather_rows(t, counts).cpu()
+        whole = _gather_rows(t, counts)
+        if whole is not None:
+            out[k] = whole.cpu()
     return out
 
 

@@ -26,6 +26,7 @@ from stiffmon import protocol as p
 from stiffmon.session import read_session
 from stiffmon.transport import free_port_pair
 from stiffmon_agent import Agent
+from stiffmon_agent.block_exchange import audience, owned, owner, partners
 from stiffmon_agent.distributed import bounds, sharded_parameters, unwrap
 from tests.conftest import GLOO_TEARDOWN, ROOT
 
@@ -52,10 +53,10 @@ class Group:
         self.procs.append(proc)
         return proc
 
-    def torchrun(self, *args: str) -> subprocess.Popen[str]:
+    def torchrun(self, *args: str, world: int = 2) -> subprocess.Popen[str]:
         # --standalone: the rendezvous binds a free port itself, no port picked and released here
         return self.start(
-            "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args
+            "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), *args
         )
 
 
@@ -106,14 +107,19 @@ def heavy(path: Path) -> dict[tuple[str, str, int], np.ndarray]:
 
 
 @pytest.mark.slow
-def test_two_processes_measure_what_one_process_measures(group: Group, tmp_path: Path) -> None:
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_processes_measure_what_one_process_measures(
+    group: Group, tmp_path: Path, world: int
+) -> None:
+    """With 3 ranks each owns one off-diagonal pair of shards and rank 0 assembles blocks of
+    unequal shapes from two others (the 20 Gram examples split 6/7/7, the 13 train ones 4/4/5)."""
     sharded, ref = tmp_path / "sharded.stiff", tmp_path / "ref.stiff"
     runs = [
-        group.torchrun(str(SCRIPT), str(sharded), "sharded"),
+        group.torchrun(str(SCRIPT), str(sharded), "sharded", world=world),
         group.start(str(SCRIPT), str(ref), "reference"),
     ]
-    outs = [finish(proc, ranks=r) for proc, r in zip(runs, (2, 1), strict=True)]
-    assert "rank 0 done, disabled: []" in outs[0] and "rank 1 done, disabled: []" in outs[0]
+    outs = [finish(proc, ranks=r) for proc, r in zip(runs, (world, 1), strict=True)]
+    assert all(f"rank {r} done, disabled: []" in outs[0] for r in range(world))
     got, want = heavy(sharded), heavy(ref)
     assert set(got) == set(want)
     names = {k[1] for k in want}
@@ -198,6 +204,23 @@ def test_sharded_parameters_are_refused_at_construction(group: Group, tmp_path: 
     assert len(refused) == 3, out
     assert "FullyShardedDataParallel" in refused[0] and "FSDP" in refused[1]
     assert "DTensor" in refused[2] and "scalars only: ok" in out
+
+
+@pytest.mark.parametrize("world", range(2, 10))
+def test_every_pair_of_shards_is_computed_once_and_the_work_is_shared(world: int) -> None:
+    pairs = [(i, j) for i in range(world) for j in range(i + 1, world)]
+    for i, j in pairs:
+        assert owner(i, j) == owner(j, i) in (i, j)
+        other = j if owner(i, j) == i else i
+        assert other in partners(owner(i, j), world) and owner(i, j) in audience(other, world)
+    owned_pairs = sorted(tuple(sorted((r, j))) for r in range(world) for j in partners(r, world))
+    assert owned_pairs == pairs  # each off-diagonal block once
+    loads = [len(partners(r, world)) for r in range(world)]
+    assert max(loads) - min(loads) <= 1 + (world % 2 == 0)  # about (W - 1) / 2 each
+    for r in range(world):
+        assert owned(r, world)[0] == r and sorted(audience(r, world) + partners(r, world)) == [
+            j for j in range(world) if j != r
+        ]
 
 
 def test_bounds_split_every_example_once() -> None:
