@@ -73,10 +73,20 @@ def test_live_stream_end_to_end(procs: Procs, endpoint: str) -> None:
     mine = [m for m in msgs if m.run == run]
     kinds = {m.kind for m in mine}
     assert {"hello", "scalars", "matrix", "curve", "spectrum", "bye"} <= kinds
-    # A snapshot may answer the early join: its sparse columns (one per name of a scalars message)
-    # share that message's seq. Every other message arrives once, in seq order ...
-    seqs = [m.seq for m in mine if m.kind != "heartbeat" and not getattr(m, "sparse", False)]
-    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    # A snapshot may answer the early join, in first-seq order: a columns message joins batches
+    # (its seq is the last one's), sparse columns (one per name) share a scalars message's seq.
+    # Every batch of every name arrives once, the other messages in seq order ...
+    units: list[tuple[int, str]] = []
+    others: list[int] = []
+    for m in mine:
+        if isinstance(m, p.Columns):
+            seqs, _ = m.batches()
+            units += [(int(q), name) for q in seqs for name in m.names]
+        elif m.kind != "heartbeat":
+            others.append(m.seq)
+            units.append((m.seq, m.kind))
+    assert others == sorted(others)
+    assert len(units) == len(set(units))
     # ... and no logged value twice.
     values = [
         (m.step, name)
