@@ -1,18 +1,25 @@
-r"""Who computes which block of the sharded Gram matrix, and the point-to-point traffic for it.
+r"""Who computes which part of the sharded Gram matrix, and the point-to-point traffic for it.
 
-The examples are split in W contiguous shards; G_l's block (i, j) needs the per-example
-gradients of shards i and j. An all-gather sends every rank's gradients to every other rank,
-both ways, and each rank then computes its whole row of blocks: every off-diagonal block is
-computed twice (once as (i, j), once as (j, i) = (i, j)ᵀ) and every byte crosses twice. Here
-each pair {i, j} belongs to one rank (:func:`owner`), the other sends it its gradients, one
-way; each rank computes its diagonal block and the blocks it owns, and sends them to rank 0,
-which alone assembles G (only rank 0 publishes). Half the gradient bytes, half the products,
-and no other rank receives G.
+The examples are split in W contiguous shards I_0 … I_{W-1}; G_l's block (i, j) needs the
+per-example gradients of shards i and j. An all-gather sends every rank's gradients to every
+other rank and each rank computes its whole row of blocks: every off-diagonal block is computed
+twice (as (i, j) and as (j, i) = (i, j)ᵀ). Here each pair {i, j} is split between its two ranks.
+With a = :func:`owner` (i, j) and b the other, and I_a = I_a' ∪ I_a'' its first and second half:
+
+* a computes G[I_a', I_b] and so receives all of b's rows;
+* b computes G[I_b, I_a''] (= G[I_a'', I_b]ᵀ) and so receives a's second half.
+
+Every rank computes its diagonal block and one half block per other rank: the products are
+shared evenly and each is computed once. Per pair 1.5 shards of rows cross (an all-gather: 2),
+and alternating the owner by parity spreads what each rank receives. The diagonal block is
+computed while the rows travel. Each rank sends its blocks to rank 0, which alone assembles
+G (only rank 0 publishes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -20,60 +27,112 @@ from torch import Tensor
 
 
 def owner(i: int, j: int) -> int:
-    """The rank that computes the blocks (i, j) and (j, i), i ≠ j: the lower one when i + j is
-    odd, else the higher, so each rank owns about half of its W - 1 pairs."""
+    """The rank of the pair {i, j}, i ≠ j, that receives all of the other's rows: the lower
+    one when i + j is odd, else the higher."""
     lo, hi = min(i, j), max(i, j)
     return lo if (lo + hi) % 2 else hi
 
 
-def partners(rank: int, world: int) -> list[int]:
-    """The ranks whose gradients ``rank`` needs: those of the pairs it owns, increasing."""
-    return [j for j in range(world) if j != rank and owner(rank, j) == rank]
+@dataclass(frozen=True)
+class Task:
+    """A block one rank computes: its own rows [lo, hi) × rows [other_lo, other_hi) of shard
+    ``other`` (``other`` is the rank itself for the diagonal block). Rows count within a shard.
+    """
+
+    lo: int
+    hi: int
+    other: int
+    other_lo: int
+    other_hi: int
+
+    @property
+    def size(self) -> int:
+        """Elements of the block."""
+        return (self.hi - self.lo) * (self.other_hi - self.other_lo)
 
 
-def audience(rank: int, world: int) -> list[int]:
-    """The ranks that need ``rank``'s gradients (they own a pair with it), increasing."""
-    return [j for j in range(world) if j != rank and owner(rank, j) == j]
+def tasks(rank: int, counts: Sequence[int]) -> list[Task]:
+    """The blocks ``rank`` computes, given the examples per shard: its diagonal block first,
+    then one per other rank, increasing (the same list on every rank)."""
+    n = counts[rank]
+    out = [Task(0, n, rank, 0, n)]
+    for j in range(len(counts)):
+        if j == rank:
+            continue
+        if owner(rank, j) == rank:  # my first half × all of theirs
+            out.append(Task(0, n // 2, j, 0, counts[j]))
+        else:  # all of mine × the owner's second half
+            out.append(Task(0, n, j, counts[j] // 2, counts[j]))
+    return out
 
 
-def owned(rank: int, world: int) -> list[int]:
-    """The column shards of the blocks ``rank`` computes: its own, then its partners'."""
-    return [rank, *partners(rank, world)]
+def needed(by: int, of: int, counts: Sequence[int]) -> tuple[int, int]:
+    """The rows [lo, hi) of shard ``of`` that rank ``by`` needs (``by`` ≠ ``of``)."""
+    t = tasks(by, counts)[1:][of if of < by else of - 1]
+    return t.other_lo, t.other_hi
 
 
-def exchange(flat: Tensor, counts: Sequence[int], rank: int, world: int) -> dict[int, Tensor]:
-    """Send this rank's rows ``flat`` (n_rank, width) to its :func:`audience`; receive each
-    partner's rows (counts[j], width). Every send and receive is posted before any is waited
-    for, so the order between ranks does not matter."""
+class Pending:
+    """Rows on their way (:func:`post_exchange`): :meth:`wait` returns them."""
+
+    def __init__(
+        self, got: dict[int, Tensor], works: list[dist.Work | None], sent: list[Tensor]
+    ) -> None:
+        self._got, self._works, self._sent = got, works, sent
+
+    def wait(self) -> dict[int, Tensor]:
+        """Each other rank's rows this rank needs, once its sends and receives are done."""
+        for w in self._works:
+            if w is not None:  # None only off the group, which every rank here is in
+                w.wait()
+        self._works, self._sent = [], []
+        return self._got
+
+
+def post_exchange(flat: Tensor, counts: Sequence[int], rank: int) -> Pending:
+    """Start sending this rank's rows ``flat`` (n_rank, width) where other ranks need them and
+    receiving the rows it needs of theirs (see :func:`tasks`); the caller computes meanwhile and
+    then waits. Every send and receive is posted before any is waited for, so the order between
+    ranks does not matter; empty ranges are not sent."""
     flat = flat.contiguous()
-    got = {j: flat.new_empty((counts[j], *flat.shape[1:])) for j in partners(rank, world)}
-    works = [dist.irecv(buf, src=j) for j, buf in got.items()]
-    works += [dist.isend(flat, dst=j) for j in audience(rank, world)]
-    for w in works:
-        if w is not None:  # None only off the group, which every rank here is in
-            w.wait()
-    return got
+    got: dict[int, Tensor] = {}
+    works: list[dist.Work | None] = []
+    sent: list[Tensor] = []
+    for j in range(len(counts)):
+        if j == rank:
+            continue
+        lo, hi = needed(rank, j, counts)
+        got[j] = flat.new_empty((hi - lo, *flat.shape[1:]))
+        if hi > lo:
+            works.append(dist.irecv(got[j], src=j))
+        lo, hi = needed(j, rank, counts)
+        if hi > lo:
+            sent.append(flat[lo:hi].contiguous())
+            works.append(dist.isend(sent[-1], dst=j))
+    return Pending(got, works, sent)
 
 
-def collect(mine: Tensor, counts: Sequence[int], rank: int, world: int) -> Tensor | None:
+def collect(mine: Tensor, counts: Sequence[int], rank: int) -> Tensor | None:
     """Assemble G's layers on rank 0 from every rank's blocks; None on the other ranks.
 
     Args:
-        mine: (K, Σ_{j in owned(rank)} n_rank n_j): this rank's K layer blocks, flattened in
-            the order of :func:`owned`.
+        mine: (K, Σ sizes): this rank's K layer blocks, flattened in the order of
+            :func:`tasks`.
         counts: Examples per shard.
 
     Returns:
-        On rank 0, (K, N, N) with block (i, j) and its transpose (j, i) in place.
+        On rank 0, (K, N, N) with each block and the transpose of each off-diagonal one in
+        place.
     """
+    world = len(counts)
     k = mine.shape[0]
-    size = [sum(counts[r] * counts[j] for j in owned(r, world)) for r in range(world)]
     if rank:
         dist.send(mine.contiguous(), dst=0)
         return None
+    plans = [tasks(r, counts) for r in range(world)]
     parts = {0: mine}
     for r in range(1, world):
-        parts[r] = mine.new_empty((k, size[r]))
+        parts[r] = mine.new_empty((k, sum(t.size for t in plans[r])))
     works = [dist.irecv(parts[r], src=r) for r in range(1, world)]
     for w in works:
         if w is not None:
@@ -81,21 +140,20 @@ def collect(mine: Tensor, counts: Sequence[int], rank: int, world: int) -> Tenso
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
-    n = starts[-1]
-    out = mine.new_zeros((k, n, n))
+    out = mine.new_zeros((k, starts[-1], starts[-1]))
     for r in range(world):
         at = 0
-        for j in owned(r, world):
-            m = counts[r] * counts[j]
-            block = parts[r][:, at : at + m].reshape(k, counts[r], counts[j])
-            at += m
-            rows, cols = slice(starts[r], starts[r + 1]), slice(starts[j], starts[j + 1])
+        for t in plans[r]:
+            block = parts[r][:, at : at + t.size].reshape(k, t.hi - t.lo, t.other_hi - t.other_lo)
+            at += t.size
+            rows = slice(starts[r] + t.lo, starts[r] + t.hi)
+            cols = slice(starts[t.other] + t.other_lo, starts[t.other] + t.other_hi)
             out[:, rows, cols] = block
-            if j != r:
+            if t.other != r:
                 out[:, cols, rows] = block.transpose(1, 2)
     return out
 
 
 def flatten_blocks(blocks: list[list[Tensor]]) -> Tensor:
-    """(K, …) from ``blocks[layer][b]``, each (n_rank, n_j) in the order of :func:`owned`."""
+    """(K, …) from ``blocks[layer][b]``, each (rows, cols) in the order of :func:`tasks`."""
     return torch.stack([torch.cat([b.reshape(-1) for b in layer]) for layer in blocks])

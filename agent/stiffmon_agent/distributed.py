@@ -9,11 +9,11 @@ The measurements live in :mod:`~stiffmon_agent.sharded`.
 * **Gram matrix** (:func:`~stiffmon_agent.sharded.sharded_gram`): each rank computes its
   examples' per-layer gradients in the cheaper of two forms (dense per-example gradients, or
   the ghost factors of a linear / conv weight, :mod:`~stiffmon_agent.metrics.grad_blocks`).
-  Each pair of shards belongs to one of its two ranks, which receives the other's gradients
-  (one way, point to point) and computes that off-diagonal block; every rank computes its
-  diagonal block, and rank 0 receives the blocks and assembles G_l and G = Σ_l G_l
-  (:mod:`~stiffmon_agent.block_exchange`). Memory per rank: its partners' examples × the
-  largest layer group's per-example size.
+  Every rank computes its diagonal block while the rows the other ranks need travel point to
+  point; each off-diagonal block is split between its two ranks, so every product is computed
+  once and the work is even; rank 0 receives the blocks and assembles G_l and G = Σ_l G_l
+  (:mod:`~stiffmon_agent.block_exchange`). Memory per rank: the other ranks' rows it needs ×
+  the largest layer group's per-example size.
 * **Hessian-vector products** (:class:`~stiffmon_agent.sharded.HvpLeader`,
   :func:`~stiffmon_agent.sharded.serve_hvps`): rank 0 runs the solver (Lanczos, SLQ,
   Hutchinson) unchanged and alone decides when to stop; each product broadcasts v, every rank

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stiffmon_agent.block_exchange import collect, exchange, flatten_blocks, partners
+from stiffmon_agent.block_exchange import collect, flatten_blocks, post_exchange, tasks
 from stiffmon_agent.distributed import (
     MatVec,
     Shard,
@@ -79,7 +79,7 @@ def sharded_gram(
 ) -> GramResult | None:
     """The probe's Gram matrix G and its per-layer blocks, computed in blocks on every rank.
 
-    Each rank computes its diagonal block and the off-diagonal blocks it owns
+    Each rank computes its diagonal block and its half of each off-diagonal block
     (:mod:`~stiffmon_agent.block_exchange`); rank 0 assembles them.
 
     Returns:
@@ -111,27 +111,33 @@ def sharded_gram(
         if _same_everywhere(_layout(blocks), device):
             break
         notes = (*notes, "the ranks chose different gradient forms: exact dense gradients")
-    rank, world = shard.rank, shard.world
-    mine: list[list[Tensor]] = []  # per layer: its blocks (rank, j), j in owned(rank)
+    rank = shard.rank
+    plan = tasks(rank, counts)
+    mine: list[list[Tensor]] = []  # per layer: its blocks, in the order of the plan
     for group in _groups(list(blocks.values()), max(counts)):  # the same on every rank
         flat = [t for local in group for t in local.tensors()]
         joined = torch.cat([t.reshape(t.shape[0], -1) for t in flat], dim=1)
         joined = joined.to(device) if device is not None else joined
-        got = {
-            j: iter(_split_like(rows, flat))
-            for j, rows in exchange(joined, counts, rank, world).items()
-        }
+        pending = post_exchange(joined, counts, rank)
+        diagonal: list[Tensor] = []  # computed while the rows travel
         for local in group:
+            try:
+                if error is None:
+                    diagonal.append(local.cross(local))
+            except Exception as exc:
+                error = exc
+        got = {j: iter(_split_like(rows, flat)) for j, rows in pending.wait().items()}
+        for local, diag in zip(group, diagonal, strict=False):
             theirs = {
-                j: [next(ts).to(local.dense) for _ in local.tensors()] for j, ts in got.items()
+                j: LayerGrads.from_tensors([next(ts).to(local.dense) for _ in local.tensors()])
+                for j, ts in got.items()
             }
             try:
                 if error is None:
-                    layer = [local.cross(local)]
-                    layer += [
-                        local.cross(LayerGrads.from_tensors(theirs[j]))
-                        for j in partners(rank, world)
-                    ]
+                    layer = [diag]
+                    for t in plan[1:]:
+                        rows = LayerGrads.from_tensors([x[t.lo : t.hi] for x in local.tensors()])
+                        layer.append(rows.cross(theirs[t.other]))
                     mine.append(layer)
             except Exception as exc:
                 error = exc
@@ -139,7 +145,7 @@ def sharded_gram(
     agree(error, "the Gram blocks", device)
     flat_blocks = flatten_blocks(mine)
     moved = flat_blocks.to(device) if device is not None else flat_blocks
-    whole = collect(moved, counts, rank, world)
+    whole = collect(moved, counts, rank)
     if whole is None:
         return None
     whole = whole.to(flat_blocks)
