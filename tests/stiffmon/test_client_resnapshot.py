@@ -113,16 +113,21 @@ def _live(agent: FakeAgent, client: Client, got: list[p.AnyMessage], msg: p.AnyM
         got += [m for m, _ in client.poll(0.05)]
 
 
+def _join_then_live(agent: FakeAgent, client: Client, got: list[p.AnyMessage]) -> None:
+    """Run "a": batch 0 from the join's snapshot, batch 1 live."""
+    agent.answer(client, got, [_cols("a", 0, range(10))], {"a": 0})
+    _drain(client, got, 0.2)
+    _live(agent, client, got, _cols("a", 1, range(10, 20)))
+    _drain(client, got, 0.2)
+
+
 @pytest.mark.parametrize("last", ["end", "scalars"])
 def test_a_second_snapshot_of_a_live_run_leaves_no_hole(agent: FakeAgent, last: str) -> None:
     """The cut is beyond what the client has: via the end marker or a later message."""
     client = Client([agent.endpoint], snapshot_timeout=5.0)
     got: list[p.AnyMessage] = []
     try:
-        agent.answer(client, got, [_cols("a", 0, range(10))], {"a": 0})
-        _drain(client, got, 0.2)
-        _live(agent, client, got, _cols("a", 1, range(10, 20)))
-        _drain(client, got, 0.2)
+        _join_then_live(agent, client, got)
         assert _steps(got, "a") == list(range(20))
         agent.publish(p.Bye(run="b", seq=0, step=0, t=1.0, reason="x"))  # a new run: re-snapshot
         # the agent published batches 2 and 3 before the cut; the client gets them only after
@@ -147,10 +152,7 @@ def test_a_gap_is_filled_from_the_chunk_that_starts_before_it(agent: FakeAgent) 
     client = Client([agent.endpoint], snapshot_timeout=5.0)
     got: list[p.AnyMessage] = []
     try:
-        agent.answer(client, got, [_cols("a", 0, range(10))], {"a": 0})
-        _drain(client, got, 0.2)
-        _live(agent, client, got, _cols("a", 1, range(10, 20)))
-        _drain(client, got, 0.2)
+        _join_then_live(agent, client, got)
         agent.publish(_cols("a", 3, range(30, 40)))  # batch 2 was lost: a gap
         agent.answer(client, got, [_chunk("a", [0, 1, 2, 3], range(40))], {"a": 3})
         agent.publish(_cols("a", 4, range(40, 50)))
@@ -182,10 +184,7 @@ def test_a_snapshot_out_of_seq_order_fills_a_gap_exactly(agent: FakeAgent) -> No
         {"custom/val": [0.25]}, [29], [1.0], run="a", seq=3, sparse=True
     )
     try:
-        agent.answer(client, got, [_cols("a", 0, range(10))], {"a": 0})
-        _drain(client, got, 0.2)
-        _live(agent, client, got, _cols("a", 1, range(10, 20)))
-        _drain(client, got, 0.2)
+        _join_then_live(agent, client, got)
         agent.publish(_cols("a", 5, range(40, 50)))  # 2, 3 and 4 were lost: a gap
         chunk = p.Columns.from_columns(
             {"loss": np.arange(40) * 0.5},
@@ -211,10 +210,7 @@ def test_an_answer_without_the_runs_end_marker_leaves_it_live(agent: FakeAgent) 
     client = Client([agent.endpoint], snapshot_timeout=5.0)
     got: list[p.AnyMessage] = []
     try:
-        agent.answer(client, got, [_cols("a", 0, range(10))], {"a": 0})
-        _drain(client, got, 0.2)
-        _live(agent, client, got, _cols("a", 1, range(10, 20)))
-        _drain(client, got, 0.2)
+        _join_then_live(agent, client, got)
         agent.publish(p.Bye(run="b", seq=0, step=0, t=1.0, reason="x"))  # a new run: re-snapshot
         agent.answer(client, got, [_chunk("a", [0, 1, 2], range(30))], {"b": 0})  # no "a" end
         _drain(client, got, 0.3)
