@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 demos/ddp_run.py --steps 300       # then: stiffmon watch
 
 Every rank builds the same agent with the same global probe and ``distributed=True``: each rank
-measures its share of the probe (its rows of the Gram matrix, its part of every Hessian-vector
+measures its share of the probe (its blocks of the Gram matrix, its part of every Hessian-vector
 product), rank 0 assembles the results and alone publishes. ``--rank0-only`` measures on rank 0
 alone instead (the other ranks' agents are no-ops and wait in their next all-reduce). Without
 torchrun the script starts its two processes itself (``--spawn``).
@@ -43,6 +43,7 @@ def train(rank: int, world: int, args: argparse.Namespace, init: str = "env://")
         class_names=data.class_names,
         batch_size=args.batch_size * world,
         distributed=not args.rank0_only,
+        overhead_cap=args.overhead_cap,
     )
     g = torch.Generator().manual_seed(rank)
     for _ in range(args.steps):
@@ -75,6 +76,12 @@ def main() -> None:
     ap.add_argument("--endpoint", default=None)
     ap.add_argument("--record", default=None)
     ap.add_argument("--rank0-only", action="store_true", help="measure on rank 0 alone")
+    ap.add_argument(
+        "--overhead-cap",
+        type=float,
+        default=1.0,
+        help="agent overhead cap (default 1: none, a demo to watch; training keeps 0.02)",
+    )
     ap.add_argument("--spawn", type=int, default=0, help="start N processes without torchrun")
     args = ap.parse_args()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
