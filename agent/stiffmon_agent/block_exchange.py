@@ -89,21 +89,33 @@ class Pending:
         return self._got
 
 
-def post_exchange(flat: Tensor, counts: Sequence[int], rank: int) -> Pending:
+def receive_buffers(flat: Tensor, counts: Sequence[int], rank: int) -> dict[int, Tensor]:
+    """Empty buffers for the rows ``rank`` needs of each other rank (like ``flat``'s rows).
+
+    Allocated before the exchange is posted, so that a rank that cannot allocate fails before
+    any other rank waits for it."""
+    out = {}
+    for j in range(len(counts)):
+        if j != rank:
+            lo, hi = needed(rank, j, counts)
+            out[j] = flat.new_empty((hi - lo, *flat.shape[1:]))
+    return out
+
+
+def post_exchange(
+    flat: Tensor, got: dict[int, Tensor], counts: Sequence[int], rank: int
+) -> Pending:
     """Start sending this rank's rows ``flat`` (n_rank, width) where other ranks need them and
-    receiving the rows it needs of theirs (see :func:`tasks`); the caller computes meanwhile and
-    then waits. Every send and receive is posted before any is waited for, so the order between
-    ranks does not matter; empty ranges are not sent."""
+    receiving the rows it needs of theirs into ``got`` (:func:`receive_buffers`); the caller
+    computes meanwhile and then waits. Every send and receive is posted before any is waited
+    for, so the order between ranks does not matter; empty ranges are not sent."""
     flat = flat.contiguous()
-    got: dict[int, Tensor] = {}
     works: list[dist.Work | None] = []
     sent: list[Tensor] = []
     for j in range(len(counts)):
         if j == rank:
             continue
-        lo, hi = needed(rank, j, counts)
-        got[j] = flat.new_empty((hi - lo, *flat.shape[1:]))
-        if hi > lo:
+        if got[j].shape[0]:
             works.append(dist.irecv(got[j], src=j))
         lo, hi = needed(j, rank, counts)
         if hi > lo:
@@ -112,12 +124,26 @@ def post_exchange(flat: Tensor, counts: Sequence[int], rank: int) -> Pending:
     return Pending(got, works, sent)
 
 
-def collect(mine: Tensor, counts: Sequence[int], rank: int) -> Tensor | None:
+def block_buffers(mine: Tensor, counts: Sequence[int], rank: int) -> dict[int, Tensor]:
+    """On rank 0, empty buffers for every other rank's blocks (like ``mine``, (K, Σ sizes));
+    empty elsewhere. Allocated before any rank sends, like :func:`receive_buffers`."""
+    if rank:
+        return {}
+    k = mine.shape[0]
+    return {
+        r: mine.new_empty((k, sum(t.size for t in tasks(r, counts)))) for r in range(1, len(counts))
+    }
+
+
+def collect(
+    mine: Tensor, parts: dict[int, Tensor], counts: Sequence[int], rank: int
+) -> Tensor | None:
     """Assemble G's layers on rank 0 from every rank's blocks; None on the other ranks.
 
     Args:
         mine: (K, Σ sizes): this rank's K layer blocks, flattened in the order of
             :func:`tasks`.
+        parts: On rank 0, :func:`block_buffers`.
         counts: Examples per shard.
 
     Returns:
@@ -129,21 +155,18 @@ def collect(mine: Tensor, counts: Sequence[int], rank: int) -> Tensor | None:
     if rank:
         dist.send(mine.contiguous(), dst=0)
         return None
-    plans = [tasks(r, counts) for r in range(world)]
-    parts = {0: mine}
-    for r in range(1, world):
-        parts[r] = mine.new_empty((k, sum(t.size for t in plans[r])))
     works = [dist.irecv(parts[r], src=r) for r in range(1, world)]
     for w in works:
         if w is not None:
             w.wait()
+    parts = {0: mine, **parts}
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)
     out = mine.new_zeros((k, starts[-1], starts[-1]))
     for r in range(world):
         at = 0
-        for t in plans[r]:
+        for t in tasks(r, counts):
             block = parts[r][:, at : at + t.size].reshape(k, t.hi - t.lo, t.other_hi - t.other_lo)
             at += t.size
             rows = slice(starts[r] + t.lo, starts[r] + t.hi)

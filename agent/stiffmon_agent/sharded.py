@@ -12,7 +12,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stiffmon_agent.block_exchange import collect, flatten_blocks, post_exchange, tasks
+from stiffmon_agent.block_exchange import (
+    Task,
+    block_buffers,
+    collect,
+    flatten_blocks,
+    post_exchange,
+    receive_buffers,
+    tasks,
+)
 from stiffmon_agent.distributed import (
     MatVec,
     Shard,
@@ -114,43 +122,75 @@ def sharded_gram(
     rank = shard.rank
     plan = tasks(rank, counts)
     mine: list[list[Tensor]] = []  # per layer: its blocks, in the order of the plan
+    # Every allocation a rank may fail at comes before the collective that waits for it, and
+    # the failure is agreed there: nobody is left waiting on a rank that gave up.
     for group in _groups(list(blocks.values()), max(counts)):  # the same on every rank
         flat = [t for local in group for t in local.tensors()]
-        joined = torch.cat([t.reshape(t.shape[0], -1) for t in flat], dim=1)
-        joined = joined.to(device) if device is not None else joined
-        pending = post_exchange(joined, counts, rank)
+        joined, buffers = flat[0], {}
+        try:
+            if error is None:  # else an earlier group failed: the agreement below raises
+                joined = _rows_of(flat, device)
+                buffers = receive_buffers(joined, counts, rank)
+        except Exception as exc:
+            error = exc
+        agree(error, "the Gram blocks", device)
+        pending = post_exchange(joined, buffers, counts, rank)
         diagonal: list[Tensor] = []  # computed while the rows travel
-        for local in group:
-            try:
-                if error is None:
-                    diagonal.append(local.cross(local))
-            except Exception as exc:
-                error = exc
-        got = {j: iter(_split_like(rows, flat)) for j, rows in pending.wait().items()}
-        for local, diag in zip(group, diagonal, strict=False):
-            theirs = {
-                j: LayerGrads.from_tensors([next(ts).to(local.dense) for _ in local.tensors()])
-                for j, ts in got.items()
-            }
-            try:
-                if error is None:
-                    layer = [diag]
-                    for t in plan[1:]:
-                        rows = LayerGrads.from_tensors([x[t.lo : t.hi] for x in local.tensors()])
-                        layer.append(rows.cross(theirs[t.other]))
-                    mine.append(layer)
-            except Exception as exc:
-                error = exc
-        del got
+        try:
+            diagonal = [local.cross(local) for local in group]
+        except Exception as exc:
+            error = exc
+        received = pending.wait()
+        try:
+            if error is None:
+                mine += _off_diagonal(group, diagonal, received, flat, plan)
+        except Exception as exc:
+            error = exc
+    moved, parts = torch.empty(0), {}
+    try:
+        if error is None:
+            flat_blocks = flatten_blocks(mine)
+            moved = flat_blocks.to(device) if device is not None else flat_blocks
+            parts = block_buffers(moved, counts, rank)
+    except Exception as exc:
+        error = exc
     agree(error, "the Gram blocks", device)
-    flat_blocks = flatten_blocks(mine)
-    moved = flat_blocks.to(device) if device is not None else flat_blocks
-    whole = collect(moved, counts, rank)
+    whole = collect(moved, parts, counts, rank)
     if whole is None:
         return None
-    whole = whole.to(flat_blocks)
+    whole = whole.to(mine[0][0])
     layers = {k: whole[i] for i, k in enumerate(blocks)}
     return GramResult(whole.sum(dim=0), layers, dict.fromkeys(layers, "sharded"), notes)
+
+
+def _rows_of(flat: list[Tensor], device: torch.device | None) -> Tensor:
+    """A layer group's tensors (n, …) as one (n, Σ widths) matrix, on ``device``."""
+    joined = torch.cat([t.reshape(t.shape[0], -1) for t in flat], dim=1)
+    return joined.to(device) if device is not None else joined
+
+
+def _off_diagonal(
+    group: list[LayerGrads],
+    diagonal: list[Tensor],
+    received: dict[int, Tensor],
+    flat: list[Tensor],
+    plan: list[Task],
+) -> list[list[Tensor]]:
+    """Per layer of ``group``: its diagonal block, then the blocks of ``plan[1:]`` against the
+    rows ``received`` from the other ranks."""
+    got = {j: iter(_split_like(rows, flat)) for j, rows in received.items()}
+    out = []
+    for local, diag in zip(group, diagonal, strict=True):
+        theirs = {
+            j: LayerGrads.from_tensors([next(ts).to(local.dense) for _ in local.tensors()])
+            for j, ts in got.items()
+        }
+        layer = [diag]
+        for t in plan[1:]:
+            rows = LayerGrads.from_tensors([x[t.lo : t.hi] for x in local.tensors()])
+            layer.append(rows.cross(theirs[t.other]))
+        out.append(layer)
+    return out
 
 
 def _split_like(rows: Tensor, like: list[Tensor]) -> list[Tensor]:

@@ -5,7 +5,9 @@
 MODE: ``sharded`` (DDP-wrapped model, ``Agent(distributed=True)``), ``reference`` (one process,
 the same global probe and the same training steps), ``fail`` (unwrapped model; at step 0 rank 1
 alone sees a NaN probe loss, at step 1 its share of the Gram and of the Hessian-vector products
-raises: rank 0 must skip, then report the errors, and nobody may hang).
+raises: rank 0 must skip, then report the errors, and nobody may hang), ``fail-rows`` (rank 1
+cannot lay out its Gram rows for the exchange, as if out of memory: the Gram fails on every
+rank, and nobody may wait for rows that never come).
 Float64 throughout; every rank trains on the same batch, so DDP's averaged gradient equals the
 one-process gradient and the weights stay those of the reference run.
 """
@@ -62,6 +64,13 @@ def main() -> None:
 
         sh.GATHER_BYTES = 4000  # layers gathered alone and in groups
 
+    if mode == "fail-rows" and rank == 1:
+        import stiffmon_agent.sharded as sh
+
+        def no_memory(*args: object, **kwargs: object) -> object:
+            raise RuntimeError("rank 1 is out of memory")
+
+        sh._rows_of = no_memory  # type: ignore[assignment]
     if mode == "fail" and rank == 1:
         import stiffmon_agent.distributed as dd
         import stiffmon_agent.sharded as d

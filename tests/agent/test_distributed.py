@@ -6,6 +6,7 @@ The 2-process runs use ``tests/agent/sharded_script.py`` under ``torchrun --npro
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -60,13 +61,33 @@ class Group:
         )
 
 
+def _kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and every process below it: torchrun starts its workers in sessions of
+    their own, so killing the launcher's process group would leave a hung worker running,
+    holding the pipes."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    todo, tree = [root], []
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += parents.get(pid, [])
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture
 def group() -> Iterator[Group]:
     g = Group()
     yield g
     for proc in g.procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)  # with a hung worker, the launcher is still waiting for it
         proc.communicate(timeout=10)
 
 
@@ -162,6 +183,20 @@ def test_a_rank_failing_leaves_nobody_waiting(group: Group, tmp_path: Path) -> N
     assert set(errors) == {"gram", "sharpness", "density"}
     assert all("1 other rank" in msg for msg in errors.values())
     assert all(e.step == 1 for e in events if e.code == "metric-error")
+
+
+def test_a_rank_that_cannot_send_its_rows_leaves_nobody_waiting(
+    group: Group, tmp_path: Path
+) -> None:
+    rec = tmp_path / "fail-rows.stiff"
+    out = finish(group.torchrun(str(SCRIPT), str(rec), "fail-rows"), ranks=2)
+    assert "rank 0 done, disabled: ['gram']" in out and "rank 1 done" in out
+    events = [m for m in read_session(rec)[0] if isinstance(m, p.Event)]
+    errors = [e for e in events if e.code == "metric-error"]
+    assert [(e.step, e.attrs["metric"]) for e in errors] == [(0, "gram")]
+    assert "the Gram blocks failed on 1 other rank" in errors[0].message
+    msgs = read_session(rec)[0]
+    assert any(isinstance(m, p.Spectrum) for m in msgs)  # the Hessian measurements go on
 
 
 _FSDP = textwrap.dedent(
