@@ -18,6 +18,7 @@ G (only rank 0 publishes).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,11 +77,11 @@ class Pending:
     """Rows on their way (:func:`post_exchange`): :meth:`wait` returns them."""
 
     def __init__(
-        self, got: dict[int, Tensor], works: list[dist.Work | None], sent: list[Tensor]
+        self, got: dict[int, list[Tensor]], works: list[dist.Work | None], sent: list[Tensor]
     ) -> None:
         self._got, self._works, self._sent = got, works, sent
 
-    def wait(self) -> dict[int, Tensor]:
+    def wait(self) -> dict[int, list[Tensor]]:
         """Each other rank's rows this rank needs, once its sends and receives are done."""
         for w in self._works:
             if w is not None:  # None only off the group, which every rank here is in
@@ -89,8 +90,11 @@ class Pending:
         return self._got
 
 
-def receive_buffers(flat: Tensor, counts: Sequence[int], rank: int) -> dict[int, Tensor]:
-    """Empty buffers for the rows ``rank`` needs of each other rank (like ``flat``'s rows).
+def receive_buffers(
+    flat: Sequence[Tensor], counts: Sequence[int], rank: int
+) -> dict[int, list[Tensor]]:
+    """Empty buffers for the rows ``rank`` needs of each other rank: per rank, one like each of
+    ``flat``'s tensors (n_rank, …).
 
     Allocated before the exchange is posted, so that a rank that cannot allocate fails before
     any other rank waits for it."""
@@ -98,29 +102,34 @@ def receive_buffers(flat: Tensor, counts: Sequence[int], rank: int) -> dict[int,
     for j in range(len(counts)):
         if j != rank:
             lo, hi = needed(rank, j, counts)
-            out[j] = flat.new_empty((hi - lo, *flat.shape[1:]))
+            out[j] = [t.new_empty((hi - lo, *t.shape[1:])) for t in flat]
     return out
 
 
 def post_exchange(
-    flat: Tensor, got: dict[int, Tensor], counts: Sequence[int], rank: int
+    flat: Sequence[Tensor], got: dict[int, list[Tensor]], counts: Sequence[int], rank: int
 ) -> Pending:
-    """Start sending this rank's rows ``flat`` (n_rank, width) where other ranks need them and
-    receiving the rows it needs of theirs into ``got`` (:func:`receive_buffers`); the caller
-    computes meanwhile and then waits. Every send and receive is posted before any is waited
-    for, so the order between ranks does not matter; empty ranges are not sent."""
-    flat = flat.contiguous()
+    """Start sending this rank's rows of the tensors ``flat`` (each (n_rank, …)) where other
+    ranks need them, and receiving the rows it needs of theirs into ``got``
+    (:func:`receive_buffers`); the caller computes meanwhile and then waits.
+
+    Each tensor travels alone (a row range of a contiguous tensor is sent in place, nothing is
+    copied into one buffer first), tagged with its index. Every send and receive is posted
+    before any is waited for, so the order between ranks does not matter; empty ranges are not
+    sent."""
     works: list[dist.Work | None] = []
     sent: list[Tensor] = []
     for j in range(len(counts)):
         if j == rank:
             continue
-        if got[j].shape[0]:
-            works.append(dist.irecv(got[j], src=j))
+        for tag, buf in enumerate(got[j]):
+            if buf.numel():
+                works.append(dist.irecv(buf, src=j, tag=tag))
         lo, hi = needed(j, rank, counts)
-        if hi > lo:
-            sent.append(flat[lo:hi].contiguous())
-            works.append(dist.isend(sent[-1], dst=j))
+        for tag, t in enumerate(flat):
+            if (hi - lo) * math.prod(t.shape[1:]):  # the receiver's buffer is not empty
+                sent.append(t[lo:hi].contiguous())
+                works.append(dist.isend(sent[-1], dst=j, tag=tag))
     return Pending(got, works, sent)
 
 

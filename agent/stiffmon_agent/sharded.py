@@ -5,7 +5,6 @@ split of the probe, the agreement rules and what each rank computes).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -125,16 +124,16 @@ def sharded_gram(
     # Every allocation a rank may fail at comes before the collective that waits for it, and
     # the failure is agreed there: nobody is left waiting on a rank that gave up.
     for group in _groups(list(blocks.values()), max(counts)):  # the same on every rank
-        flat = [t for local in group for t in local.tensors()]
-        joined, buffers = flat[0], {}
+        flat: list[Tensor] = []
+        buffers: dict[int, list[Tensor]] = {}
         try:
             if error is None:  # else an earlier group failed: the agreement below raises
-                joined = _rows_of(flat, device)
-                buffers = receive_buffers(joined, counts, rank)
+                flat = _on(device, [t for local in group for t in local.tensors()])
+                buffers = receive_buffers(flat, counts, rank)
         except Exception as exc:
             error = exc
         agree(error, "the Gram blocks", device)
-        pending = post_exchange(joined, buffers, counts, rank)
+        pending = post_exchange(flat, buffers, counts, rank)
         diagonal: list[Tensor] = []  # computed while the rows travel
         try:
             diagonal = [local.cross(local) for local in group]
@@ -143,7 +142,7 @@ def sharded_gram(
         received = pending.wait()
         try:
             if error is None:
-                mine += _off_diagonal(group, diagonal, received, flat, plan)
+                mine += _off_diagonal(group, diagonal, received, plan)
         except Exception as exc:
             error = exc
     moved, parts = torch.empty(0), {}
@@ -163,44 +162,34 @@ def sharded_gram(
     return GramResult(whole.sum(dim=0), layers, dict.fromkeys(layers, "sharded"), notes)
 
 
-def _rows_of(flat: list[Tensor], device: torch.device | None) -> Tensor:
-    """A layer group's tensors (n, …) as one (n, Σ widths) matrix, on ``device``."""
-    joined = torch.cat([t.reshape(t.shape[0], -1) for t in flat], dim=1)
-    return joined.to(device) if device is not None else joined
+def _on(device: torch.device | None, ts: list[Tensor]) -> list[Tensor]:
+    """``ts`` contiguous and on the collectives' ``device`` (moved only where they are not)."""
+    return [(t.to(device) if device is not None else t).contiguous() for t in ts]
 
 
 def _off_diagonal(
     group: list[LayerGrads],
     diagonal: list[Tensor],
-    received: dict[int, Tensor],
-    flat: list[Tensor],
+    received: dict[int, list[Tensor]],
     plan: list[Task],
 ) -> list[list[Tensor]]:
     """Per layer of ``group``: its diagonal block, then the blocks of ``plan[1:]`` against the
-    rows ``received`` from the other ranks."""
-    got = {j: iter(_split_like(rows, flat)) for j, rows in received.items()}
+    rows ``received`` from the other ranks (their tensors in the order of ``group``'s)."""
     out = []
+    at = 0
     for local, diag in zip(group, diagonal, strict=True):
+        k = len(local.tensors())
         theirs = {
-            j: LayerGrads.from_tensors([next(ts).to(local.dense) for _ in local.tensors()])
-            for j, ts in got.items()
+            j: LayerGrads.from_tensors([t.to(local.dense) for t in ts[at : at + k]])
+            for j, ts in received.items()
         }
+        at += k
         layer = [diag]
         for t in plan[1:]:
             rows = LayerGrads.from_tensors([x[t.lo : t.hi] for x in local.tensors()])
             layer.append(rows.cross(theirs[t.other]))
         out.append(layer)
     return out
-
-
-def _split_like(rows: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """``rows`` (m, Σ widths) cut back into tensors shaped as ``like``'s (m, …)."""
-    widths = [math.prod(t.shape[1:]) for t in like]
-    m = rows.shape[0]
-    return [
-        part.reshape(m, *t.shape[1:])
-        for part, t in zip(rows.split(widths, dim=1), like, strict=True)
-    ]
 
 
 def sharded_activations(

@@ -70,7 +70,7 @@ def main() -> None:
         def no_memory(*args: object, **kwargs: object) -> object:
             raise RuntimeError("rank 1 is out of memory")
 
-        sh._rows_of = no_memory  # type: ignore[assignment]
+        sh._on = no_memory  # type: ignore[assignment]
     if mode == "fail" and rank == 1:
         import stiffmon_agent.distributed as dd
         import stiffmon_agent.sharded as d

@@ -220,9 +220,29 @@ def _blocks(
     like = next(iter(params.values()))
     for key in dict.fromkeys(keys.values()):
         names = [k for k in params if keys[k] == key]
-        dense = [cat(parts[k]).reshape(n_total, -1) for k in names if k not in factors]
+        dense = [parts[k] for k in names if k not in factors]
         out[key] = LayerGrads(
-            cat(dense, dim=1) if dense else like.new_zeros(n_total, 0),
+            _joined(dense, n_total) if dense else like.new_zeros(n_total, 0),
             [factors[k] for k in names if k in factors],
         )
     return out, tuple(notes)
+
+
+def _joined(params: list[list[Tensor]], n: int) -> Tensor:
+    """(n, Σ sizes): each parameter's per-example gradients (chunks of rows, (c, *shape))
+    side by side, copied once into place (a single chunk of a single parameter: not at all)."""
+    if len(params) == 1 and len(params[0]) == 1:
+        return params[0][0].reshape(n, -1)
+    widths = [chunks[0][0].numel() for chunks in params]
+    dtype = params[0][0].dtype
+    for chunks in params:
+        dtype = torch.promote_types(dtype, chunks[0].dtype)  # as torch.cat would
+    out = params[0][0].new_empty((n, sum(widths)), dtype=dtype)
+    col = 0
+    for chunks, width in zip(params, widths, strict=True):
+        row = 0
+        for c in chunks:
+            out[row : row + c.shape[0], col : col + width] = c.reshape(c.shape[0], -1)
+            row += c.shape[0]
+        col += width
+    return out
