@@ -208,12 +208,12 @@ def _blocks(
             if block.grads:
                 parts[full] = list(block.grads)
             elif block.kind == "linear":
-                a, b = cat(block.a), cat(block.b)
-                ghost, mat = ghost_cost(n_choose, a.shape[2], a.shape[3], b.shape[3])
+                a0, b0 = block.a[0], block.b[0]  # every chunk's factors have these shapes
+                ghost, mat = ghost_cost(n_choose, a0.shape[2], a0.shape[3], b0.shape[3])
                 if ghost <= mat:
-                    factors[full] = (a, b)
-                else:
-                    parts[full] = [materialise(a, b)]
+                    factors[full] = (cat(block.a), cat(block.b))
+                else:  # chunk by chunk: the factors (often the bigger) are never joined
+                    parts[full] = [materialise(a, b) for a, b in zip(block.a, block.b, strict=True)]
             else:
                 raise ValueError(f"no per-example gradients for a {block.kind!r} block of {mname}")
     out: dict[str, LayerGrads] = {}
