@@ -114,22 +114,25 @@ def post_exchange(
     (:func:`receive_buffers`); the caller computes meanwhile and then waits.
 
     Each tensor travels alone (a row range of a contiguous tensor is sent in place, nothing is
-    copied into one buffer first), tagged with its index. Every send and receive is posted
-    before any is waited for, so the order between ranks does not matter; empty ranges are not
-    sent."""
-    works: list[dist.Work | None] = []
+    copied into one buffer first), tagged with its index. Every send and receive is posted in
+    one batch (``batch_isend_irecv``) before any is waited for, so the order between ranks does
+    not matter; empty ranges are not sent."""
+    ops: list[dist.P2POp] = []
     sent: list[Tensor] = []
     for j in range(len(counts)):
         if j == rank:
             continue
         for tag, buf in enumerate(got[j]):
             if buf.numel():
-                works.append(dist.irecv(buf, src=j, tag=tag))
+                ops.append(dist.P2POp(dist.irecv, buf, j, tag=tag))
         lo, hi = needed(j, rank, counts)
         for tag, t in enumerate(flat):
             if (hi - lo) * math.prod(t.shape[1:]):  # the receiver's buffer is not empty
                 sent.append(t[lo:hi].contiguous())
-                works.append(dist.isend(sent[-1], dst=j, tag=tag))
+                ops.append(dist.P2POp(dist.isend, sent[-1], j, tag=tag))
+    # One batch: NCCL runs single point-to-point calls in order on one stream, where two ranks
+    # each receiving before sending to the other would wait for each other for ever.
+    works: list[dist.Work | None] = list(dist.batch_isend_irecv(ops)) if ops else []
     return Pending(got, works, sent)
 
 
