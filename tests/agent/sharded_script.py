@@ -1,6 +1,6 @@
 """A training script for the sharded-measurement tests: run under torchrun, or alone (reference).
 
-    torchrun --nproc_per_node 2 tests/agent/sharded_script.py OUT MODE
+    torchrun --nproc_per_node 2 tests/agent/sharded_script.py OUT MODE [MODEL]
 
 MODE: ``sharded`` (DDP-wrapped model, ``Agent(distributed=True)``), ``reference`` (one process,
 the same global probe and the same training steps), ``fail`` (unwrapped model; at step 0 rank 1
@@ -8,8 +8,10 @@ alone sees a NaN probe loss, at step 1 its share of the Gram and of the Hessian-
 raises: rank 0 must skip, then report the errors, and nobody may hang), ``fail-rows`` (rank 1
 cannot lay out its Gram rows for the exchange, as if out of memory: the Gram fails on every
 rank, and nobody may wait for rows that never come).
-Float64 throughout; every rank trains on the same batch, so DDP's averaged gradient equals the
-one-process gradient and the weights stay those of the reference run.
+MODEL: ``cnn`` (default: conv, linear, layer norm, a raw parameter) or ``tokens`` (embedding,
+linear layers over 3 positions). Float64 throughout; every rank trains on the same batch, so
+DDP's averaged gradient equals the one-process gradient and the weights stay those of the
+reference run.
 """
 
 from __future__ import annotations
@@ -30,8 +32,26 @@ class Scale(nn.Module):  # a raw parameter: the exact (vmap) path
         return x * self.s
 
 
-def build() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+class Tokens(nn.Module):
+    """A sequence model: an embedding, linear layers applied at every one of 3 positions (ghost
+    factors with T > 1, or materialised), mean pooling, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 8)
+        self.proj = nn.Linear(8, 32)
+        self.mix = nn.Linear(32, 64)  # wide enough for its ghost factors to be the cheaper form
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.proj(self.emb(x)))
+        return self.head(torch.tanh(self.mix(h)).mean(dim=1))
+
+
+def build(kind: str = "cnn") -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     torch.manual_seed(0)
+    if kind == "tokens":
+        return Tokens(), (torch.randint(0, 12, (40, 3)), torch.randint(0, 3, (40,)))
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3),
         nn.ReLU(),
@@ -52,11 +72,12 @@ def main() -> None:
 
     torch.set_default_dtype(torch.float64)
     out, mode = sys.argv[1], sys.argv[2]
+    kind = sys.argv[3] if len(sys.argv) > 3 else "cnn"
     sharded = mode != "reference"
     if sharded:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if sharded else 0
-    model, (x, y) = build()
+    model, (x, y) = build(kind)
     net = nn.parallel.DistributedDataParallel(model) if mode == "sharded" else model
     opt = torch.optim.Adam(net.parameters(), lr=0.01)
     if mode == "sharded":
@@ -103,7 +124,7 @@ def main() -> None:
         sharpness_every="first:3,every:100",
         density_every="first:3,every:100",
         overhead_cap=None,
-        distance_layers=["3"],
+        distance_layers=["3" if kind == "cnn" else "mix"],
         hessian_k=2,
         density_runs=1,
         density_steps=6,

@@ -128,36 +128,40 @@ def heavy(path: Path) -> dict[tuple[str, str, int], np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize(("world", "model"), [(2, "cnn"), (3, "cnn"), (2, "tokens")])
 def test_sharded_processes_measure_what_one_process_measures(
-    group: Group, tmp_path: Path, world: int
+    group: Group, tmp_path: Path, world: int, model: str
 ) -> None:
-    """With 3 ranks each owns one off-diagonal pair of shards and rank 0 assembles blocks of
-    unequal shapes from two others (the 20 Gram examples split 6/7/7, the 13 train ones 4/4/5)."""
+    """With 3 ranks each pair of shards is split between its ranks and rank 0 assembles blocks
+    of unequal shapes from two others (the 20 Gram examples split 6/7/7, the 13 train ones
+    4/4/5). The token model sends ghost factors of several positions and an embedding's rows."""
     sharded, ref = tmp_path / "sharded.stiff", tmp_path / "ref.stiff"
     runs = [
-        group.torchrun(str(SCRIPT), str(sharded), "sharded", world=world),
-        group.start(str(SCRIPT), str(ref), "reference"),
+        group.torchrun(str(SCRIPT), str(sharded), "sharded", model, world=world),
+        group.start(str(SCRIPT), str(ref), "reference", model),
     ]
     outs = [finish(proc, ranks=r) for proc, r in zip(runs, (world, 1), strict=True)]
     assert all(f"rank {r} done, disabled: []" in outs[0] for r in range(world))
     got, want = heavy(sharded), heavy(ref)
     assert set(got) == set(want)
     names = {k[1] for k in want}
-    for needed in (
+    common = (
         "stiffness/cos/train-train",
         "stiffness/cos/train-val",
         "stiffness/sign/val-val",
         "grad-cov",
         "noise/b_simple",
-        "layer-stiffness/5",  # the raw parameter: the exact path
-        "stiffness-distance/3",
         "hessian",
         "hessian-precond",
         "hessian-density",
         "curvature/trace",
         "sharpness/lambda1_precond",
-    ):
+    )
+    specific = {
+        "cnn": ("layer-stiffness/5", "stiffness-distance/3"),  # 5: a raw parameter, exact path
+        "tokens": ("layer-stiffness/emb", "layer-stiffness/proj", "stiffness-distance/mix"),
+    }
+    for needed in (*common, *specific[model]):
         assert needed in names, needed
     for key, w in want.items():
         g = got[key]
