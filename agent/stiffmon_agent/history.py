@@ -37,6 +37,13 @@ Item = tuple[int, list[bytes]]
 """A kept message: (its first ``seq``, its frames)."""
 
 
+def _grown(a: npt.NDArray[Any], n: int, cap: int) -> npt.NDArray[Any]:
+    """A new array of ``cap`` elements holding ``a``'s first ``n``."""
+    b = np.empty(cap, a.dtype)
+    b[:n] = a[:n]
+    return b
+
+
 class ColumnHistory:
     """Every step's scalars for late joiners, compacted into large ``columns`` messages.
 
@@ -84,12 +91,7 @@ class ColumnHistory:
         need = self._n + k
         if need > self._cols[0].shape[0]:
             cap = max(need, min(2 * self._cols[0].shape[0], self.chunk_rows))
-            grown = []
-            for a in self._cols:
-                b = np.empty(cap, a.dtype)
-                b[: self._n] = a[: self._n]
-                grown.append(b)
-            self._cols = grown
+            self._cols = [_grown(a, self._n, cap) for a in self._cols]
         for a, src in zip(self._cols, (msg.steps, msg.times, *msg.values), strict=True):
             a[self._n : need] = src
         seqs, ends = msg.batches()
@@ -155,10 +157,7 @@ class _Values:
         if n == self.steps.shape[0]:
             cap = n + max(16, n // 2)
             for name in self.__slots__[1:]:
-                a = getattr(self, name)
-                b = np.empty(cap, a.dtype)
-                b[:n] = a[:n]
-                setattr(self, name, b)
+                setattr(self, name, _grown(getattr(self, name), n, cap))
         self.steps[n] = step
         self.times[n] = t
         self.values[n] = value
