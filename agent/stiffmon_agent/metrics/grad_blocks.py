@@ -21,6 +21,7 @@ a warning. Keys are those of :func:`~stiffmon_agent.metrics.gram.per_example_gra
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -233,7 +234,7 @@ def _joined(params: list[list[Tensor]], n: int) -> Tensor:
     side by side, copied once into place (a single chunk of a single parameter: not at all)."""
     if len(params) == 1 and len(params[0]) == 1:
         return params[0][0].reshape(n, -1)
-    widths = [chunks[0][0].numel() for chunks in params]
+    widths = [math.prod(chunks[0].shape[1:]) for chunks in params]
     dtype = params[0][0].dtype
     for chunks in params:
         dtype = torch.promote_types(dtype, chunks[0].dtype)  # as torch.cat would
