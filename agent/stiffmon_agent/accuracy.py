@@ -31,6 +31,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from stiffmon_agent.gpu_readback import stacked_float64
+
 log = logging.getLogger("stiffmon_agent")
 
 DEFER_MAX_ELEMENTS = 8192
@@ -74,7 +76,7 @@ class Accuracy:
             return cls(logits, targets)
         with torch.no_grad():
             same = logits.argmax(-1) == targets
-        return cls(None, None, torch.count_nonzero(same), same.numel())
+        return cls(None, None, same.sum(), same.numel())  # count_nonzero may synchronise
 
     def __float__(self) -> float:
         if not self.intact:
@@ -102,11 +104,12 @@ def step_accuracy(logits: Any, targets: Any, warned: set[str]) -> Accuracy | flo
         return math.nan
 
 
-def accuracies(column: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
+def accuracies(column: Sequence[Accuracy], stream: Any = None) -> npt.NDArray[np.float64]:
     """Evaluate a batch's accuracies (on the publisher thread) in a few small kernels.
 
     Runs of deferred steps with logits and targets of one shape are stacked, at most
-    :data:`STACK_MAX_ELEMENTS` logits per kernel; counted steps are stacked at once; anything
+    :data:`STACK_MAX_ELEMENTS` logits per kernel; counted steps are stacked at once (GPU hit
+    counts read on ``stream`` without blocking, :mod:`~stiffmon_agent.gpu_readback`); anything
     that does not stack is evaluated alone, and what fails is NaN.
     """
     out = np.full(len(column), math.nan)
@@ -122,7 +125,7 @@ def accuracies(column: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
     counted = [i for i, a in enumerate(column) if a.hits is not None]
     if counted:
         try:
-            hits = torch.stack([column[i].hits for i in counted]).to(torch.float64).cpu().numpy()
+            hits = stacked_float64([column[i].hits for i in counted], stream)
             n = np.array([column[i].n for i in counted], dtype=np.float64)
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[counted] = np.where(n > 0, hits / np.maximum(n, 1), math.nan)

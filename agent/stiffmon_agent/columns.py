@@ -25,6 +25,7 @@ import torch
 
 from stiffmon import protocol as p
 from stiffmon_agent.accuracy import Accuracy, accuracies, float_or_nan
+from stiffmon_agent.gpu_readback import cuda_stream_of, stacked_float64
 
 DEFAULT_MAX_ROWS = 8192
 DEFAULT_INTERVAL = 0.1
@@ -38,10 +39,13 @@ class RawColumns:
         names: Column names, the same for every row.
         rows: ``(step, unix time, raw values)`` of each step; the values (numbers, tensors,
             :class:`Accuracy`) one per name.
+        stream: The CUDA stream the batch's first GPU values came from (None: no GPU values),
+            on which they are read (:mod:`~stiffmon_agent.gpu_readback`).
     """
 
     names: tuple[str, ...]
     rows: list[tuple[int, float, Sequence[Any]]]
+    stream: Any = None
 
     @property
     def steps(self) -> list[int]:
@@ -80,6 +84,7 @@ class ColumnBatcher:
         self._names: tuple[str, ...] = ()
         self._rows: list[tuple[int, float, Sequence[Any]]] = []
         self._started = 0.0
+        self._stream: Any = None
         self.batches = 0
         self.dropped_steps = 0
 
@@ -98,6 +103,7 @@ class ColumnBatcher:
                 self._names = names
             if not rows:
                 self._started = t
+                self._stream = cuda_stream_of(values)
             rows.append((step, t, values))
             if len(rows) >= self.max_rows or t - self._started >= self.interval:
                 self._hand_over()
@@ -112,25 +118,25 @@ class ColumnBatcher:
         return len(self._rows)
 
     def _hand_over(self) -> None:
-        batch = RawColumns(self._names, self._rows)
+        batch = RawColumns(self._names, self._rows, self._stream)
         self._rows = []
         self.batches += 1
         if not self._submit(batch):
             self.dropped_steps += len(batch.rows)
 
 
-def _as_float64(column: Sequence[Any]) -> npt.NDArray[np.float64]:
-    """Convert one column of raw values, vectorised where the values allow it."""
+def _as_float64(column: Sequence[Any], stream: Any = None) -> npt.NDArray[np.float64]:
+    """Convert one column of raw values, vectorised where the values allow it (GPU values on
+    ``stream``, without blocking)."""
     first = column[0]
     try:
         if isinstance(first, float | int) and all(type(v) is type(first) for v in column):
             return np.array(column, dtype=np.float64)
         if isinstance(first, torch.Tensor):
-            stacked = torch.stack(list(column))  # raises if shapes differ: one by one below
-            if stacked.numel() == len(column):
-                return stacked.reshape(-1).to(torch.float64).cpu().numpy()
+            if first.numel() == 1:  # raises below if shapes or devices differ: one by one
+                return stacked_float64(column, stream)
         if isinstance(first, Accuracy) and all(isinstance(v, Accuracy) for v in column):
-            return accuracies(column)
+            return accuracies(column, stream)
     except Exception:  # shapes or devices differ: one by one below
         pass
     return np.array([float_or_nan(v) for v in column], dtype=np.float64)
@@ -140,5 +146,5 @@ def build_columns(raw: RawColumns, *, run: str, seq: int) -> p.Columns:
     """Turn a collected batch into a ``columns`` message (on the publisher thread)."""
     steps, times, rows = zip(*raw.rows, strict=True)
     cols = list(zip(*rows, strict=True)) if raw.names else []
-    values = {name: _as_float64(col) for name, col in zip(raw.names, cols, strict=True)}
+    values = {name: _as_float64(col, raw.stream) for name, col in zip(raw.names, cols, strict=True)}
     return p.Columns.from_columns(values, steps, times, run=run, seq=seq)
