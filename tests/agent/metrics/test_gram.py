@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from stiffmon_agent.metrics import per_example_gradients, per_example_gram
+from stiffmon_agent.metrics.gram.conv import unfold
 from tests.agent.metrics.models import dict_case, make_cases
 from tests.agent.metrics.reference import loop_gradients, loop_gram, rel_err
 
@@ -65,6 +66,27 @@ def test_per_layer_blocks_match_reference(name: str) -> None:
         ]
         g = torch.cat([grads[:, c] for c in cols], dim=1)
         assert rel_err(block, g @ g.T) < 1e-10, layer
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel", "dilation", "stride"),
+    [
+        ((3, 4, 9, 9), (3, 3), (1, 1), (1, 1)),
+        ((2, 6, 9, 10), (3, 2), (2, 1), (2, 1)),
+        ((2, 3, 10, 11), (2, 3), (1, 2), (1, 3)),
+        ((2, 2, 1, 12), (1, 4), (1, 3), (1, 2)),  # a Conv1d as a Conv2d of height 1
+        ((1, 1, 3, 3), (3, 3), (1, 1), (2, 2)),  # one patch
+    ],
+)
+def test_strided_unfold_equals_f_unfold(
+    shape: tuple[int, ...],
+    kernel: tuple[int, int],
+    dilation: tuple[int, int],
+    stride: tuple[int, int],
+) -> None:
+    x = torch.randn(*shape, dtype=torch.float64)
+    ref = nn.functional.unfold(x, kernel, dilation=dilation, stride=stride)
+    assert torch.equal(unfold(x, kernel, dilation, stride), ref)
 
 
 def test_vmap_baseline_and_chunking_agree() -> None:

@@ -109,10 +109,11 @@ def rows_gram(parts: list[Tensor]) -> Tensor:
     """M Mᵀ for M the row-concatenation of ``parts`` (per-example gradients, chunk by chunk).
 
     Only the blocks on and above the diagonal are multiplied (G is symmetric), in row blocks of
-    ``SYRK_ROWS``: about (k + 1) / 2k of the multiply-adds of M Mᵀ for k blocks, and M itself is
-    never concatenated.
+    ``SYRK_ROWS`` on the CPU: about (k + 1) / 2k of the multiply-adds of M Mᵀ for k blocks, and
+    M itself is never concatenated. On a GPU the blocks are the parts themselves: there small
+    products cost a kernel launch each (~6 µs) and leave the device idle.
     """
-    blocks = [b for p in parts for b in torch.split(p, SYRK_ROWS)]
+    blocks = [b for p in parts for b in (torch.split(p, SYRK_ROWS) if p.is_cpu else (p,))]
     if len(blocks) == 1:
         return torch.mm(blocks[0], blocks[0].T)
     n = sum(b.shape[0] for b in blocks)
