@@ -82,12 +82,19 @@ def train(
     batch: int = 64,
     probe: bool = True,
     cap: float | None = None,
+    device: str = "cpu",
 ) -> tuple[float, float, str]:
     """(wall seconds, publisher CPU seconds, measurements done) for one run on the digits;
-    ``cap``: the agent's ``overhead_cap`` (None: its default)."""
+    ``cap``: the agent's ``overhead_cap`` (None: its default); on ``device`` (data, probe and
+    batch indices there, the time taken after the device has finished)."""
     torch.manual_seed(0)
     data = load_digits_split(seed=0)
-    model = digits_cnn(channels)
+    model = digits_cnn(channels).to(device)
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    probes = [
+        tuple(t.to(device) for t in pr) if probe else None
+        for pr in (data.probe_train, data.probe_val)
+    ]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     agent = None
     if with_agent:
@@ -95,19 +102,20 @@ def train(
             model,
             nn.CrossEntropyLoss(),
             opt,
-            probe=data.probe_train if probe else None,
-            val_probe=data.probe_val if probe else None,
+            probe=probes[0],  # type: ignore[arg-type]
+            val_probe=probes[1],  # type: ignore[arg-type]
             endpoint=f"tcp://127.0.0.1:{free_port_pair()}",
             record=record,
             batch_size=batch,
             registry=False,
             **({} if cap is None else {"overhead_cap": cap}),
         )
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(device=device).manual_seed(1)
+    _synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        i = torch.randint(0, len(data.y_train), (batch,), generator=g)
-        x, y = data.x_train[i], data.y_train[i]
+        i = torch.randint(0, len(y_train), (batch,), generator=g, device=device)
+        x, y = x_train[i], y_train[i]
         out = model(x)
         loss = nn.functional.cross_entropy(out, y)
         opt.zero_grad()
@@ -115,6 +123,7 @@ def train(
         opt.step()
         if agent is not None:
             agent.step(loss, out, y)
+    _synchronize(device)
     pub_cpu = 0.0
     done = ""
     if agent is not None:
@@ -123,6 +132,11 @@ def train(
         cov = agent._budget.coverage
         done = ", ".join(f"{k} {d}/{d + sk}" for k, (d, sk) in cov.items() if d + sk)
     return time.perf_counter() - t0, pub_cpu, done
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def overhead(
@@ -134,12 +148,15 @@ def overhead(
     batch: int = 64,
     probe: bool = True,
     cap: float | None = None,
+    device: str = "cpu",
 ) -> tuple[float, float, float, float, str]:
     """Median ratio over interleaved pairs (order alternating), median times, µs publisher/step,
     the measurements done in the last run."""
     ratios, bases, agents, pubs = [], [], [], []
     done = ""
-    train(max(steps // 10, 5), False, None, channels=channels, batch=batch)  # warm up
+    kw = {"channels": channels, "batch": batch, "device": device}
+    train(max(steps // 10, 5), False, None, **kw)  # type: ignore[arg-type]  # warm up
+    train(max(steps // 10, 5), True, d / "warm.stiff", probe=probe, cap=cap, **kw)  # type: ignore[arg-type]
     for i in range(pairs):
         order = (False, True) if i % 2 == 0 else (True, False)
         got = {
@@ -147,10 +164,9 @@ def overhead(
                 steps,
                 w,
                 d / f"r{channels}-{i}.stiff" if w else None,
-                channels=channels,
-                batch=batch,
                 probe=probe,
                 cap=cap,
+                **kw,  # type: ignore[arg-type]
             )
             for w in order
         }
@@ -344,12 +360,19 @@ def main() -> None:
         help="torch threads (default: torch's choice); 1 is steadier on a busy machine",
     )
     ap.add_argument("--only-stream", action="store_true", help="[2] without a probe only")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="where [2] trains (e.g. cuda); with a GPU only [1] and [2] (not its 10,000-step "
+        "lines) run, the rest is CPU work",
+    )
     args = ap.parse_args()
     q = args.quick
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
-        f"stiffmon agent benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"stiffmon agent benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {args.device}"
     )
     us = step_cost(2_000 if q else 20_000)
     print(f"\n[1] agent.step() with nothing due: median {us:.2f} µs  (target <= 20)")
@@ -365,8 +388,17 @@ def main() -> None:
         ):
             if (args.only_stream and probe) or not steps:
                 continue
+            if args.device != "cpu" and steps == 10_000:  # the 2,000-step line says it there
+                continue
             ratio, base, with_agent, pub, done = overhead(
-                steps, pairs, d, channels=channels, batch=batch, probe=probe, cap=cap
+                steps,
+                pairs,
+                d,
+                channels=channels,
+                batch=batch,
+                probe=probe,
+                cap=cap,
+                device=args.device,
             )
             what = "default schedule" if probe else "the per-step stream only"
             what += "" if cap is None else f", overhead_cap={cap:g}"
@@ -381,6 +413,8 @@ def main() -> None:
             )
             if done:
                 print(f"    measurements made (done/due): {done}")
+        if args.device != "cpu":
+            return
         n = 20_000 if q else 100_000
         print(f"\n[3] tight loop of {n:,} agent.step(loss) calls, recording on")
         for per_step, label in ((True, "per-step messages (v1)"), (False, "columnar batches")):
