@@ -76,7 +76,7 @@ class Accuracy:
             return cls(logits, targets)
         with torch.no_grad():
             same = logits.argmax(-1) == targets
-        return cls(None, None, same.sum(), same.numel())  # count_nonzero may synchronise
+        return cls(None, None, same.sum(), same.numel())
 
     def __float__(self) -> float:
         if not self.intact:
