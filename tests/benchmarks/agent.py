@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -154,20 +155,13 @@ def overhead(
     the measurements done in the last run."""
     ratios, bases, agents, pubs = [], [], [], []
     done = ""
-    kw = {"channels": channels, "batch": batch, "device": device}
-    train(max(steps // 10, 5), False, None, **kw)  # type: ignore[arg-type]  # warm up
-    train(max(steps // 10, 5), True, d / "warm.stiff", probe=probe, cap=cap, **kw)  # type: ignore[arg-type]
+    run = partial(train, channels=channels, batch=batch, device=device)
+    run(max(steps // 10, 5), False, None)  # warm up
+    run(max(steps // 10, 5), True, d / "warm.stiff", probe=probe, cap=cap)
     for i in range(pairs):
         order = (False, True) if i % 2 == 0 else (True, False)
         got = {
-            w: train(
-                steps,
-                w,
-                d / f"r{channels}-{i}.stiff" if w else None,
-                probe=probe,
-                cap=cap,
-                **kw,  # type: ignore[arg-type]
-            )
+            w: run(steps, w, d / f"r{channels}-{i}.stiff" if w else None, probe=probe, cap=cap)
             for w in order
         }
         done = got[True][2]
