@@ -125,8 +125,12 @@ def test_late_join_gets_the_full_history(procs: Procs, endpoint: str, tmp_path: 
     time.sleep(2.0)  # the run is well under way before anyone watches
     client = Client([endpoint])
     try:
+        # A history chunk's step is its last row's, so a step >= 150 can arrive inside the
+        # snapshot, before the measurements that follow it in first-seq order: wait for the end.
         msgs = collect(
-            client, lambda ms: any(m.kind in p.PER_STEP_KINDS and m.step >= 150 for m in ms)
+            client,
+            lambda ms: client.stats.snapshots >= 1
+            and any(m.kind in p.PER_STEP_KINDS and m.step >= 150 for m in ms),
         )
     finally:
         client.close()
