@@ -42,6 +42,7 @@ from stiffmon_agent.metrics import (
     diagonal_preconditioner,
     gradient_noise,
     hessian_eigen,
+    mean_pair_cosine,
     pairwise_distances,
     per_example_gram,
     preconditioned_threshold_for,
@@ -161,11 +162,9 @@ def gram_messages(
             )
         )
     train_cos = s_cos[:nt, :nt]
-    off = ~torch.eye(nt, dtype=torch.bool)
     for layer, block in gram.layers.items():
-        lc = cosine_stiffness(block.detach().double().cpu()[:nt, :nt])[off]
-        lc = lc[~torch.isnan(lc)]
-        scalars[f"layer-stiffness/{layer}"] = float(lc.mean()) if lc.numel() else math.nan
+        g_layer = block.detach()[:nt, :nt].double().cpu()
+        scalars[f"layer-stiffness/{layer}"] = mean_pair_cosine(g_layer)
     spaces: dict[str, Tensor] = {}
     train_x, _ = probe.train()
     if isinstance(train_x, Tensor) and train_x.is_floating_point():

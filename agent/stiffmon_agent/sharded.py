@@ -136,7 +136,7 @@ def sharded_gram(
         pending = post_exchange(flat, buffers, counts, rank)
         diagonal: list[Tensor] = []  # computed while the rows travel
         try:
-            diagonal = [local.cross(local) for local in group]
+            diagonal = [local.gram() for local in group]
         except Exception as exc:
             error = exc
         received = pending.wait()

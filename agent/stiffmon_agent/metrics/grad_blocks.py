@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from stiffmon_agent.metrics.gram import GramResult
 from stiffmon_agent.metrics.gram.chunks import chunked_pass
-from stiffmon_agent.metrics.gram.contract import cat, ghost_cross, materialise
+from stiffmon_agent.metrics.gram.contract import cat, ghost_cross, materialise, rows_gram
 from stiffmon_agent.metrics.gram.plan import Layer, ghost_cost, plan
 from stiffmon_agent.metrics.gram.verify import check_entries
 from stiffmon_agent.metrics.probe import (
@@ -89,6 +89,17 @@ class LayerGrads:
             out = out + ghost_cross(a1, b1, a2, b2)
         return out
 
+    def gram(self) -> Tensor:
+        """G_l[I, I] = ``self.cross(self)``, multiplying only the blocks on and above the
+        diagonal of the dense part (:func:`~stiffmon_agent.metrics.gram.contract.rows_gram`):
+        about half the multiply-adds of ``cross``, which a sharded Gram's diagonal blocks
+        would otherwise spend."""
+        n = self.dense.shape[0]
+        out = rows_gram([self.dense]) if self.dense.shape[1] else self.dense.new_zeros(n, n)
+        for a, b in self.factors:
+            out = out + ghost_cross(a, b, a, b)
+        return out
+
 
 def _hookable(model: nn.Module) -> dict[str, Layer]:
     # embeddings' dense per-example gradients come from vmap (their hook form is sparse)
@@ -111,7 +122,7 @@ def block_keys(model: nn.Module) -> dict[str, str]:
 
 def blocks_gram_result(blocks: dict[str, LayerGrads], notes: tuple[str, ...] = ()) -> GramResult:
     """A :class:`~stiffmon_agent.metrics.gram.GramResult` of the examples of ``blocks``."""
-    layers = {k: d.cross(d) for k, d in blocks.items()}
+    layers = {k: d.gram() for k, d in blocks.items()}
     total = torch.stack(list(layers.values())).sum(0)
     return GramResult(total, layers, dict.fromkeys(layers, "materialise"), notes)
 
@@ -177,7 +188,7 @@ def _checked_entries(blocks: dict[str, LayerGrads], n: int) -> Tensor:
     and last examples' products), zeros elsewhere: the whole local Gram is not needed."""
     idx = torch.tensor(sorted({0, n // 2, n - 1}))
     some = {k: g.take(idx) for k, g in blocks.items()}
-    sub = torch.stack([g.cross(g) for g in some.values()]).sum(0)
+    sub = torch.stack([g.gram() for g in some.values()]).sum(0)
     out = sub.new_zeros(n, n)
     out[idx[:, None], idx[None, :]] = sub
     return out

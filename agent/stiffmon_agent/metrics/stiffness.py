@@ -14,6 +14,7 @@ All functions take G[i, j] = g_i · g_j (see :mod:`stiffmon_agent.metrics.gram`)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,30 @@ def cosine_block(cross: Tensor, row_norms: Tensor, col_norms: Tensor) -> Tensor:
     denom = row_norms[:, None] * col_norms[None, :]
     out = cross / denom
     return torch.where(denom > 0, out, torch.full_like(out, float("nan")))
+
+
+def mean_pair_cosine(gram: Tensor) -> float:
+    r"""Mean cosine stiffness over the pairs i ≠ j whose gradients are both non-zero.
+
+    With v_i = 1/‖g_i‖ (0 for a zero gradient) and k such examples,
+
+        mean = (vᵀ G v − Σ_i G_ii v_i²) / (k (k − 1)),
+
+    two matrix-vector products instead of the N × N cosine matrix and a mask: the same number
+    as ``nanmean`` of :func:`cosine_stiffness` off the diagonal (NaN if fewer than two
+    gradients are non-zero).
+
+    Args:
+        gram: (N, N) Gram matrix (float64 recommended).
+    """
+    d = gram.diagonal()
+    ok = d > 0
+    k = int(ok.sum())
+    if k < 2:
+        return math.nan
+    v = torch.where(ok, d.clamp_min(torch.finfo(d.dtype).tiny).rsqrt(), torch.zeros_like(d))
+    total = v @ (gram @ v) - (d * v * v).sum()
+    return float(total) / (k * (k - 1))
 
 
 def sign_stiffness(gram: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from stiffmon_agent.metrics import (
     class_stiffness,
     cosine_stiffness,
     critical_length,
+    mean_pair_cosine,
     pairwise_distances,
     per_example_gram,
     sign_stiffness,
@@ -21,7 +22,7 @@ from stiffmon_agent.metrics import (
     stiffness_vs_distance,
 )
 from tests.agent.metrics.models import make_cases
-from tests.agent.metrics.reference import loop_gram
+from tests.agent.metrics.reference import loop_gradients, loop_gram
 
 CE = nn.CrossEntropyLoss()
 
@@ -72,6 +73,52 @@ def test_zero_gradient_gives_nan_cosine() -> None:
     s = cosine_stiffness(g)
     assert torch.isnan(s[0]).all() and torch.isnan(s[:, 0]).all()
     assert float(s[1, 2]) == pytest.approx(-1.0)
+
+
+def brute_mean_pair_cosine(grads: torch.Tensor) -> float:
+    """Mean of cos(g_i, g_j) over pairs i != j of non-zero gradients, from the vectors."""
+    rows = [g for g in grads.double() if float(g.norm()) > 0]
+    vals = [
+        float(a @ b) / (float(a.norm()) * float(b.norm()))
+        for i, a in enumerate(rows)
+        for j, b in enumerate(rows)
+        if i != j
+    ]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def test_mean_pair_cosine_against_the_vectors() -> None:
+    torch.manual_seed(0)
+    grads = torch.randn(9, 5, dtype=torch.float64)
+    grads[3] = 0.0  # a zero gradient: its pairs are left out, not counted as 0
+    grads[7] *= 1e-6  # tiny but non-zero: in
+    got = mean_pair_cosine(grads @ grads.T)
+    assert got == pytest.approx(brute_mean_pair_cosine(grads), rel=1e-12, abs=1e-15)
+    one = torch.zeros(3, 5, dtype=torch.float64)
+    one[1] = 1.0
+    assert math.isnan(mean_pair_cosine(one @ one.T))  # fewer than two non-zero gradients
+
+
+def test_layer_stiffness_of_a_measurement_against_per_example_loops() -> None:
+    from stiffmon_agent.measure import gram_messages
+    from stiffmon_agent.probe_set import make_probe
+
+    model, x, y = make_cases()["cnn"]
+    probe = make_probe((x, y), None, None, None, None, torch.float64)
+    msgs = gram_messages(model, CE, probe, 0)
+    got = next(m.fields for m in msgs if m.cls.KIND == "scalars")
+    published = dict(zip(got["values_names"], got["values_raw"], strict=True))
+    grads = loop_gradients(model, x, y, CE)  # columns: the parameters in order
+    layers: dict[str, list[torch.Tensor]] = {}
+    start = 0
+    for name, q in model.named_parameters():
+        key = name.rsplit(".", 1)[0] if "." in name else "(root)"
+        layers.setdefault(key, []).append(grads[:, start : start + q.numel()])
+        start += q.numel()
+    assert len(layers) >= 2
+    for key, cols in layers.items():
+        ref = brute_mean_pair_cosine(torch.cat(cols, dim=1))
+        assert published[f"layer-stiffness/{key}"] == pytest.approx(ref, rel=1e-10)
 
 
 def test_class_stiffness_blocks(probe: tuple) -> None:
