@@ -122,9 +122,11 @@ class Agent:
         curve_keys: Directory from ``stiffmon keys``: require CURVE authentication.
         fsync: fsync policy of the session file (``"never"``, ``"always"`` or seconds).
         queue_size: Bound of the queue to the publisher thread.
-        batch_interval: Seconds between the per-step batches sent (and drains of the queue):
-            the live stream's latency, and at most what a SIGKILL of the process loses. Shorter
-            costs more publisher CPU per step.
+        batch_interval: Seconds between the per-step batches sent (and drains of the queue)
+            while a monitor subscribes: the live stream's latency, and at most what a SIGKILL
+            of the process loses. Shorter costs more publisher CPU per step.
+        idle_batch_interval: The same while no monitor subscribes (the session file alone
+            takes the batches; never shorter than ``batch_interval``); None: ``batch_interval``.
         max_scalar_history: Values of ``scalars`` messages (measurement results, coverage,
             ``Agent.log``) kept for late joiners, over all names (then the older half of the
             busiest name is thinned); every step's per-step scalars are kept.
@@ -167,6 +169,7 @@ class Agent:
         fsync: Any = "never",
         queue_size: int = 10_000,
         batch_interval: float = DEFAULT_INTERVAL,
+        idle_batch_interval: float | None = 0.5,
         max_scalar_history: int = 1_000_000,
         registry: bool = True,
     ) -> None:
@@ -246,7 +249,9 @@ class Agent:
             self.run_id, endpoint, record, fsync, queue_size, max_scalar_history, curve_keys
         )
         self.publisher.batch_interval = batch_interval
-        self.publisher.on_wake = lambda: self._columns.flush(older_than=self._columns.interval)
+        self.publisher.idle_interval = idle_batch_interval or batch_interval
+        self.publisher.on_wake = self._on_wake
+        self._columns.interval = self.publisher.interval
         self.publisher.start()
         self.endpoint = self.publisher.endpoint
         fields = hello_fields(
@@ -323,6 +328,13 @@ class Agent:
         if s >= self._next_due:
             self._measure_due(s)
         self.step_count = s + 1
+
+    def _on_wake(self) -> None:
+        """At each wake of the publisher thread: batches at its pace (slower while nobody
+        subscribes), and the current one sent if it is older."""
+        if self.publisher is not None:
+            self._columns.interval = self.publisher.interval
+        self._columns.flush(older_than=self._columns.interval)
 
     def _row_names(self, extra: int) -> tuple[str, ...]:
         """The step's column names: loss, the optimizer's, then accuracy (extra & 1) and

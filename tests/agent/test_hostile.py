@@ -213,6 +213,40 @@ def test_a_1_gib_frame_costs_the_agent_nothing(procs: Procs, tmp_path: Path) -> 
     print(f"1 GiB frames to ROUTER and PUB: agent RSS +{rss.growth / MB:.1f} MB")
 
 
+def test_a_flood_of_frames_upstream_on_the_pub_socket_is_bounded(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """The PUB socket is an XPUB (it counts subscribers): what an XSUB peer sends it, junk or
+    subscriptions to one topic, must neither grow memory nor stop the agent."""
+    proc, endpoint = _start_agent(procs, tmp_path, 30.0)
+    ep = parse_endpoint(endpoint)
+    time.sleep(1.0)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        peer = ctx.socket(zmq.XSUB)
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.connect(ep.pub)
+        time.sleep(0.3)
+        with PeakRss(proc.pid) as rss:
+            for i in range(300_000):
+                peer.send(b"junk" * 25 if i % 2 else b"\x01topic")
+            time.sleep(1.5)
+        assert rss.growth <= 64 * MB, f"RSS grew by {rss.growth / MB:.0f} MB"
+    finally:
+        ctx.destroy(linger=0)
+    client = Client([endpoint])
+    try:
+        deadline = time.monotonic() + 20
+        got: list[p.AnyMessage] = []
+        while time.monotonic() < deadline and not any(m.kind == "hello" for m in got):
+            got += [m for m, _ in client.poll(0.1)]
+        assert any(m.kind == "hello" for m in got)
+    finally:
+        client.close()
+    assert proc.poll() is None
+    print(f"300k frames upstream on PUB: agent RSS +{rss.growth / MB:.1f} MB")
+
+
 # ------------------------------------------------------------------ in-process publisher
 
 

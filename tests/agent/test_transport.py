@@ -129,8 +129,10 @@ def test_late_join_gets_the_full_history(procs: Procs, endpoint: str, tmp_path: 
         # snapshot, before the measurements that follow it in first-seq order: wait for the end.
         msgs = collect(
             client,
-            lambda ms: client.stats.snapshots >= 1
-            and any(m.kind in p.PER_STEP_KINDS and m.step >= 150 for m in ms),
+            lambda ms: (
+                client.stats.snapshots >= 1
+                and any(m.kind in p.PER_STEP_KINDS and m.step >= 150 for m in ms)
+            ),
         )
     finally:
         client.close()

@@ -242,6 +242,7 @@ def _stalls(tmp_path: Path, accuracy: bool) -> tuple[list[float], list[float], l
         registry=False,
         gram_every="never",
         batch_interval=0.0,  # every step is a batch: the publisher reads while the GPU is busy
+        idle_batch_interval=None,  # also with nobody subscribed
     )
     x, y = torch.randn(16, 8, device=GPU), torch.randint(0, 3, (16,), device=GPU)
     w = torch.randn(256, 256, device=GPU)

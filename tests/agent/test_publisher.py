@@ -1,0 +1,128 @@
+"""The publisher thread's pace: per-step batches every 0.1 s while a monitor subscribes, slower
+while nobody does (its XPUB socket says which)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+from torch import nn
+
+from stiffmon import protocol as p
+from stiffmon.client import Client
+from stiffmon.session import read_session
+from stiffmon_agent import Agent
+from stiffmon_agent.publisher import Publisher
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    c: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+@pytest.fixture
+def publisher(endpoint: str) -> Iterator[Publisher]:
+    pub = Publisher("pace", endpoint=endpoint)
+    pub.batch_interval, pub.idle_interval = 0.02, 0.5
+    pub.start()
+    yield pub
+    pub.close()
+
+
+def test_the_pace_follows_the_subscribers(
+    publisher: Publisher, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    assert publisher.endpoint is not None
+    assert publisher.subscriptions == 0 and publisher.interval == 0.5  # nobody watches yet
+    subs = []
+    for _ in range(2):  # a second subscriber to the same topic changes nothing
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(publisher.endpoint.pub)
+        subs.append(sub)
+    assert wait_for(lambda: publisher.subscriptions == 1)
+    assert publisher.interval == 0.02
+    subs[0].close()
+    time.sleep(1.2)  # two idle wakes at least: still watched by the other one
+    assert publisher.subscriptions == 1
+    subs[1].close()  # the last one goes: the XPUB passes its unsubscription up
+    assert wait_for(lambda: publisher.subscriptions == 0)
+    assert publisher.interval == 0.5
+
+
+def test_frames_that_are_not_subscriptions_are_ignored(
+    publisher: Publisher, ctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    assert publisher.endpoint is not None
+    raw = ctx.socket(zmq.XSUB)  # an XSUB may send any frame upstream
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(publisher.endpoint.pub)
+    for frame in (b"", b"\x02junk", b"hello", b"\x00never-subscribed", b"\x00again"):
+        raw.send(frame)
+    raw.send(b"\x01topic")
+    assert wait_for(lambda: publisher.subscriptions == 1)
+    time.sleep(0.6)
+    assert publisher.subscriptions == 1  # never negative, nothing else counted
+    assert publisher.alive
+    raw.send(b"\x00topic")
+    assert wait_for(lambda: publisher.subscriptions == 0)
+
+
+def _columns(path: Path) -> list[p.Columns]:
+    return [m for m in read_session(path)[0] if isinstance(m, p.Columns)]
+
+
+def test_batches_are_slower_while_nobody_watches_and_every_step_is_kept(
+    tmp_path: Path, endpoint: str
+) -> None:
+    rec = tmp_path / "pace.stiff"
+    agent = Agent(
+        nn.Linear(2, 2), nn.MSELoss(), None, endpoint=endpoint, record=rec, registry=False
+    )
+    step = 0
+
+    def run_for(seconds: float) -> None:
+        nonlocal step
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            agent.step(float(step))
+            step += 1
+            time.sleep(0.002)
+
+    client = None
+    try:
+        run_for(2.0)
+        assert agent._columns.interval == 0.5
+        alone = step
+        client = Client([endpoint])
+        assert wait_for(lambda: bool(client.poll(0.05)) and agent._columns.interval == 0.1)
+        first_watched = step
+        run_for(2.0)
+    finally:
+        if client is not None:
+            client.close()
+        agent.close()
+    batches = _columns(rec)
+    steps = [int(s) for b in batches for s in b.steps]
+    assert steps == list(range(step))  # nothing lost at either pace
+    # unwatched, a batch spans up to 0.5 s (0.1 s batches would be ~20 in 2 s; a busy machine
+    # only makes them fewer), watched 0.1 s (the slowest machine still sends more than 5)
+    unwatched = [b for b in batches if int(b.steps[-1]) < alone]
+    watched = [b for b in batches if int(b.steps[0]) >= first_watched]
+    assert 1 <= len(unwatched) <= 6, [len(b) for b in unwatched]
+    assert len(watched) > 6, [len(b) for b in watched]
