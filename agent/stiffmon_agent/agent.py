@@ -280,7 +280,8 @@ class Agent:
         if self.publisher is None:
             return False
         step, t, _ = raw.rows[-1]
-        return self.publisher.submit(Outgoing(p.Columns, step, t, {"raw": raw}))
+        full = len(raw.rows) >= self._columns.max_rows
+        return self.publisher.submit(Outgoing(p.Columns, step, t, {"raw": raw}), wake=full)
 
     def event(self, code: str, message: str, level: str = "info", **attrs: Any) -> None:
         """Publish an ``event`` message (shown by the monitor)."""

@@ -119,6 +119,7 @@ class Publisher:
         self._warn = warn
         self._ready = threading.Event()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # ends the thread's wait early (stop, a full batch)
         self._thread = threading.Thread(target=self._main, name=f"stiffmon-{run}", daemon=True)
         self.endpoint: Endpoint | None = None
         self.dropped = 0  # messages that reached neither the socket nor the file
@@ -143,14 +144,18 @@ class Publisher:
         self._thread.start()
         self._ready.wait(timeout)
 
-    def submit(self, item: Outgoing) -> bool:
-        """Queue an item without blocking; False (and counted) if the queue is full."""
+    def submit(self, item: Outgoing, wake: bool = False) -> bool:
+        """Queue an item without blocking; False (and counted) if the queue is full.
+        ``wake``: drain the queue now rather than at the next interval (a full batch of a
+        fast loop: waiting 0.5 s would let batches pile up)."""
         try:
             self._queue.put_nowait(item)
-            return True
         except queue.Full:
             self.dropped += 1
             return False
+        if wake:
+            self._wake.set()
+        return True
 
     def close(self, timeout: float = 5.0) -> bool:
         """Flush what is queued (up to ``timeout`` seconds), then stop; True if fully flushed."""
@@ -159,6 +164,7 @@ class Publisher:
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
@@ -283,7 +289,8 @@ class Publisher:
             # Wake up at a fixed pace and drain in batches, rather than once per item: fewer GIL
             # hand-offs with the training thread (which only ever does a non-blocking put). While
             # a snapshot is flowing, wake up sooner to send its next slice.
-            self._stop.wait(0.005 if serving else self.interval)
+            self._wake.wait(0.005 if serving else self.interval)
+            self._wake.clear()
             started = time.thread_time()
             if pub is not None:
                 self._read_subscriptions(pub)

@@ -126,3 +126,24 @@ def test_batches_are_slower_while_nobody_watches_and_every_step_is_kept(
     watched = [b for b in batches if int(b.steps[0]) >= first_watched]
     assert 1 <= len(unwatched) <= 6, [len(b) for b in unwatched]
     assert len(watched) > 6, [len(b) for b in watched]
+
+
+def test_a_full_batch_is_written_at_once_not_at_the_idle_pace(tmp_path: Path) -> None:
+    rec = tmp_path / "full.stiff"
+    agent = Agent(
+        nn.Linear(2, 2),
+        nn.MSELoss(),
+        None,
+        endpoint="",
+        record=rec,
+        registry=False,
+        idle_batch_interval=60.0,  # nobody watches and the thread would sleep for a minute
+    )
+    try:
+        n = agent._columns.max_rows
+        time.sleep(0.3)  # the thread is in its long wait
+        for i in range(n):
+            agent.step(float(i))
+        assert wait_for(lambda: rec.exists() and sum(len(b) for b in _columns(rec)) == n, 20)
+    finally:
+        agent.close()

@@ -201,7 +201,17 @@ def tight_loop(n: int, d: Path, per_step_messages: bool) -> tuple[int, float, fl
     model = nn.Linear(4, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = d / f"tight-{per_step_messages}.stiff"
-    agent = Agent(model, nn.CrossEntropyLoss(), opt, endpoint="", record=rec, registry=False)
+    # the version-1 publisher drained its queue every 0.1 s, watched or not
+    idle = None if per_step_messages else 0.5
+    agent = Agent(
+        model,
+        nn.CrossEntropyLoss(),
+        opt,
+        endpoint="",
+        record=rec,
+        registry=False,
+        idle_batch_interval=idle,
+    )
     pub = agent.publisher
     assert pub is not None
     losses = torch.linspace(2.0, 0.1, n)
