@@ -48,6 +48,19 @@ def _start_agent(
     return proc, endpoint
 
 
+def _serves_a_monitor(endpoint: str) -> None:
+    """The agent still gives a genuine monitor its run's hello."""
+    client = Client([endpoint])
+    try:
+        deadline = time.monotonic() + 20
+        got: list[p.AnyMessage] = []
+        while time.monotonic() < deadline and not any(m.kind == "hello" for m in got):
+            got += [m for m, _ in client.poll(0.1)]
+        assert any(m.kind == "hello" for m in got)
+    finally:
+        client.close()
+
+
 def _windows(proc: subprocess.Popen[str], into: list[tuple[float, int, float]]) -> threading.Thread:
     def read() -> None:
         assert proc.stdout is not None
@@ -199,16 +212,7 @@ def test_a_1_gib_frame_costs_the_agent_nothing(procs: Procs, tmp_path: Path) -> 
         took_pub = attack_connect(ep.host, ep.port, "SUB", GIB)  # subscriptions on PUB
     assert took_router < 64 * MB and took_pub < 64 * MB  # refused after the header
     assert rss.growth <= 64 * MB, f"RSS grew by {rss.growth / MB:.0f} MB"
-    # and it still serves a genuine monitor
-    client = Client([endpoint])
-    try:
-        deadline = time.monotonic() + 20
-        got: list[p.AnyMessage] = []
-        while time.monotonic() < deadline and not any(m.kind == "hello" for m in got):
-            got += [m for m, _ in client.poll(0.1)]
-        assert any(m.kind == "hello" for m in got)
-    finally:
-        client.close()
+    _serves_a_monitor(endpoint)
     assert proc.poll() is None
     print(f"1 GiB frames to ROUTER and PUB: agent RSS +{rss.growth / MB:.1f} MB")
 
@@ -234,15 +238,7 @@ def test_a_flood_of_frames_upstream_on_the_pub_socket_is_bounded(
         assert rss.growth <= 64 * MB, f"RSS grew by {rss.growth / MB:.0f} MB"
     finally:
         ctx.destroy(linger=0)
-    client = Client([endpoint])
-    try:
-        deadline = time.monotonic() + 20
-        got: list[p.AnyMessage] = []
-        while time.monotonic() < deadline and not any(m.kind == "hello" for m in got):
-            got += [m for m, _ in client.poll(0.1)]
-        assert any(m.kind == "hello" for m in got)
-    finally:
-        client.close()
+    _serves_a_monitor(endpoint)
     assert proc.poll() is None
     print(f"300k frames upstream on PUB: agent RSS +{rss.growth / MB:.1f} MB")
 
