@@ -161,6 +161,7 @@ class Publisher:
         """Flush what is queued (up to ``timeout`` seconds), then stop; True if fully flushed."""
         if not self._thread.is_alive():
             return True
+        self._wake.set()  # drain now, not at the end of an idle wait
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
         self._stop.set()
