@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from textual import events
+from textual.pilot import Pilot
 
 from stiffmon import protocol as p
 from stiffmon.store import Store
@@ -25,6 +26,16 @@ def screen_text(app: StiffmonApp) -> str:
     svg = app.export_screenshot()
     parts = re.findall(r"<text[^>]*>(.*?)</text>", svg)
     return html.unescape("".join(parts)).replace("\xa0", " ")
+
+
+async def notified(app: StiffmonApp, pilot: Pilot[None], words: str, timeout: float = 5.0) -> bool:
+    """Whether a notification containing ``words`` arrives within ``timeout`` seconds: ``notify``
+    posts a message, so a tick that raised one may be processed before its message is."""
+    for _ in range(int(timeout / 0.05)):
+        if any(words in n.message for n in app._notifications):
+            return True
+        await pilot.pause(0.05)
+    return any(words in n.message for n in app._notifications)
 
 
 def replay_app(tmp_path: Path, **kw: object) -> StiffmonApp:
@@ -197,7 +208,7 @@ async def test_run_registers_later_stalls_on_the_timer_and_finishes() -> None:
         await pilot.pause(0.3)
         text = screen_text(app)
         assert "stalled 10s" in text  # the run list
-        assert "live a: stalled: no message for 3 s" in [n.message for n in app._notifications]
+        assert await notified(app, pilot, "live a: stalled: no message for 3 s")
         store.apply(p.Bye(run="a", seq=7, step=4, t=105.0, reason="closed"), now=now[0])
         await pilot.pause(0.3)
         assert "✓ finished" in screen_text(app)
@@ -216,7 +227,7 @@ async def test_a_run_that_diverges_is_shown_and_notified() -> None:
         text = screen_text(app)
         assert "diverged @19" in text  # run list
         assert "live a: diverged at step 19" in text  # overview health line
-        assert "live a: diverged at step 19" in [n.message for n in app._notifications]
+        assert await notified(app, pilot, "live a: diverged at step 19")
         await pilot.press("g")
         await pilot.pause()
         text = screen_text(app)
@@ -263,7 +274,7 @@ async def test_a_run_that_loses_a_metric_says_why() -> None:
         text = screen_text(app)
         assert "gram disabled" in text and "sharpness 1/4 (cap)" in text  # run list
         assert "gram disabled: gram failed: RuntimeError: boom" in text  # overview
-        assert any("gram disabled" in n.message for n in app._notifications)
+        assert await notified(app, pilot, "gram disabled")
         await pilot.press("g", "f", "f")  # errors only
         await pilot.pause()
         text = screen_text(app)
