@@ -30,7 +30,13 @@ from torch import Tensor, nn
 
 from stiffmon_agent.metrics.gram import GramResult
 from stiffmon_agent.metrics.gram.chunks import chunked_pass
-from stiffmon_agent.metrics.gram.contract import cat, ghost_cross, materialise, rows_gram
+from stiffmon_agent.metrics.gram.contract import (
+    cat,
+    ghost_cross,
+    ghost_gram,
+    materialise,
+    rows_gram,
+)
 from stiffmon_agent.metrics.gram.plan import Layer, ghost_cost, plan
 from stiffmon_agent.metrics.gram.verify import check_entries
 from stiffmon_agent.metrics.probe import (
@@ -97,7 +103,7 @@ class LayerGrads:
         n = self.dense.shape[0]
         out = rows_gram([self.dense]) if self.dense.shape[1] else self.dense.new_zeros(n, n)
         for a, b in self.factors:
-            out = out + ghost_cross(a, b, a, b)
+            out = out + ghost_gram(a, b)
         return out
 
 
