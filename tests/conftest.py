@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,17 @@ def _no_zmq_context_to_the_collector() -> Iterator[None]:
         leaks = _ZMQ_LEAKS[:]
         _ZMQ_LEAKS.clear()
         pytest.fail("\n\n".join(leaks), pytrace=False)
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Poll ``cond`` every 10 ms until it is true or ``timeout`` seconds have passed; whether it
+    became true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return bool(cond())
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ while nobody does (its XPUB socket says which)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,15 +16,7 @@ from stiffmon.client import Client
 from stiffmon.session import read_session
 from stiffmon_agent import Agent
 from stiffmon_agent.publisher import Publisher
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
+from tests.conftest import wait_for
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from stiffmon import protocol as p
 from stiffmon import session as s
+from tests.conftest import wait_for
 from tests.stiffmon.strategies import any_message
 
 
@@ -382,13 +383,6 @@ def _follow_in_thread(path: Path, got: list[p.AnyMessage]) -> tuple[threading.Th
     return t, restarts
 
 
-def _wait_for(cond: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("how", ["truncate", "rotate"])
 @pytest.mark.parametrize("bigger", [False, True])
 def test_follow_restarts_on_a_truncated_or_replaced_file(
@@ -400,7 +394,7 @@ def test_follow_restarts_on_a_truncated_or_replaced_file(
     got: list[p.AnyMessage] = []
     t, restarts = _follow_in_thread(path, got)
     try:
-        _wait_for(lambda: len(got) == 30)
+        assert wait_for(lambda: len(got) == 30)
         if how == "rotate":
             path.rename(tmp_path / "live.stiff.1")
         else:
@@ -417,7 +411,7 @@ def test_follow_restarts_on_a_truncated_or_replaced_file(
         with s.SessionWriter(path) as w:
             for m in new:
                 w.write(m)
-        _wait_for(lambda: len(got) == 30 + n)
+        assert wait_for(lambda: len(got) == 30 + n)
     finally:
         t.done.set()  # type: ignore[attr-defined]
         t.join(10)
