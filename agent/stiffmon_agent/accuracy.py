@@ -1,6 +1,11 @@
 """A step's top-1 accuracy, without slowing the training loop or holding big logits.
 
-The accuracy of a step is ``mean(argmax(logits, -1) == targets)``. Where it is computed matters:
+The accuracy of a step is ``mean(argmax(logits, -1) == targets)`` over the targets ≥ 0: a
+negative target (cross-entropy's ``ignore_index``, -100 by default: padding) is no prediction,
+so it counts neither as a hit nor as a miss; a step with none is NaN. There must be one target
+per prediction, ``targets.shape == logits.shape[:-1]`` with at least two classes (no
+broadcasting; a binary classifier's single logit has no argmax): otherwise the step is NaN and
+a warning ``event`` says why. Where it is computed matters:
 
 * On the training thread every small kernel costs 10–20 µs in a real loop (caches cold after the
   step; measured on the digits CNN: argmax 17 µs, the whole count 31 µs, 1.5 % of a 2 ms step).
@@ -14,7 +19,7 @@ The accuracy of a step is ``mean(argmax(logits, -1) == targets)``. Where it is c
 * Bigger logits (a language model's are the size of a layer per step), and logits on a GPU, are
   counted on the training thread, where those kernels are small beside the step (on a GPU they
   are queued on the training stream, in order, without synchronising; CUDA graphs may reuse the
-  output buffer), and only the 0-dim hit count is kept.
+  output buffer), and only the counts (hits, targets ≥ 0) are kept.
 
 Kept tensors remember their version counter: a step whose logits or targets were changed in place
 before the publisher thread got to them (a reused target buffer) is NaN, not a wrong number.
@@ -45,15 +50,14 @@ class Accuracy:
     Attributes:
         logits: The detached logits, or None when counted already.
         targets: The targets, or None when counted already.
-        hits: 0-dim integer tensor of correct predictions, or None when deferred.
-        n: Predictions compared (when counted).
+        hits: When counted: a tensor ``[correct predictions, targets ≥ 0]`` (None when kept).
         versions: The kept tensors' version counters when kept.
     """
 
-    __slots__ = ("hits", "logits", "n", "targets", "versions")
+    __slots__ = ("hits", "logits", "targets", "versions")
 
-    def __init__(self, logits: Any, targets: Any, hits: Any = None, n: int = 0) -> None:
-        self.logits, self.targets, self.hits, self.n = logits, targets, hits, n
+    def __init__(self, logits: Any, targets: Any, hits: Any = None) -> None:
+        self.logits, self.targets, self.hits = logits, targets, hits
         self.versions = (logits._version, targets._version) if hits is None else (0, 0)
 
     @property
@@ -71,26 +75,41 @@ class Accuracy:
         if targets.requires_grad:
             targets = targets.detach()
         if logits.is_cpu and logits.numel() <= DEFER_MAX_ELEMENTS:
-            if logits.shape[:-1] != targets.shape:  # the common case costs one comparison
-                _check_comparable(logits.shape[:-1], targets.shape)
-            return cls(logits, targets)
-        with torch.no_grad():
+            return cls(logits, targets)  # shapes checked on the publisher thread (4 µs here)
+        check_comparable(logits, targets)
+        with torch.no_grad():  # a negative target never equals an argmax: no hit
             same = logits.argmax(-1) == targets
-        return cls(None, None, same.sum(), same.numel())
+            return cls(None, None, torch.stack((same.sum(), (targets >= 0).sum())))
 
     def __float__(self) -> float:
         if not self.intact:
             return math.nan
         if self.hits is None:
             return float(_hit_rates([self])[0])
-        return float(self.hits) / self.n if self.n else math.nan
+        hits, valid = self.hits.tolist()
+        return hits / valid if valid else math.nan
 
 
-def _check_comparable(a: tuple[int, ...], b: tuple[int, ...]) -> None:
-    """Raise unless the shapes broadcast (``torch.broadcast_shapes`` costs ~40 µs in a loop)."""
-    for x, y in zip(reversed(a), reversed(b), strict=False):
-        if x != y and x != 1 and y != 1:
-            raise ValueError(f"logits {tuple(a)} + classes and targets {tuple(b)} do not compare")
+def check_comparable(logits: Any, targets: Any) -> None:
+    """Raise unless there is one target per prediction, ``logits.shape[:-1] == targets.shape``
+    (no broadcasting: targets of shape (B, 1) against (B, C) logits would compare every
+    prediction with every target), and at least two classes (a binary classifier's one logit
+    per example, shape (B,) or (B, 1), has no argmax)."""
+    if logits.ndim < 1 or logits.shape[-1] < 2:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} have no class dimension of two or more classes "
+            "(a binary classifier's single logit has no argmax accuracy)"
+        )
+    if tuple(logits.shape) == tuple(targets.shape):
+        raise ValueError(
+            f"logits and targets have the same shape {tuple(logits.shape)} (probability "
+            "targets, a binary classifier's or a regression's outputs): no class-index accuracy"
+        )
+    if tuple(logits.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not compare "
+            "(need targets of the logits' shape without the class dimension)"
+        )
 
 
 def step_accuracy(logits: Any, targets: Any, warned: set[str]) -> Accuracy | float:
@@ -104,13 +123,16 @@ def step_accuracy(logits: Any, targets: Any, warned: set[str]) -> Accuracy | flo
         return math.nan
 
 
-def accuracies(column: Sequence[Accuracy], stream: Any = None) -> npt.NDArray[np.float64]:
+def accuracies(
+    column: Sequence[Accuracy], stream: Any = None, problems: set[str] | None = None
+) -> npt.NDArray[np.float64]:
     """Evaluate a batch's accuracies (on the publisher thread) in a few small kernels.
 
     Runs of deferred steps with logits and targets of one shape are stacked, at most
     :data:`STACK_MAX_ELEMENTS` logits per kernel; counted steps are stacked at once (GPU hit
     counts read on ``stream`` without blocking, :mod:`~stiffmon_agent.gpu_readback`); anything
-    that does not stack is evaluated alone, and what fails is NaN.
+    that does not stack is evaluated alone, and what fails is NaN. Why a kept step failed (its
+    shapes do not compare) is added to ``problems``.
     """
     out = np.full(len(column), math.nan)
     if column and column[0].hits is None:  # the usual batch: every step kept, one shape
@@ -125,8 +147,8 @@ def accuracies(column: Sequence[Accuracy], stream: Any = None) -> npt.NDArray[np
     counted = [i for i, a in enumerate(column) if a.hits is not None]
     if counted:
         try:
-            hits = stacked_float64([column[i].hits for i in counted], stream)
-            n = np.array([column[i].n for i in counted], dtype=np.float64)
+            counts = stacked_float64([column[i].hits for i in counted], stream).reshape(-1, 2)
+            hits, n = counts[:, 0], counts[:, 1]
             with np.errstate(divide="ignore", invalid="ignore"):
                 out[counted] = np.where(n > 0, hits / np.maximum(n, 1), math.nan)
         except Exception:
@@ -149,8 +171,10 @@ def accuracies(column: Sequence[Accuracy], stream: Any = None) -> npt.NDArray[np
             j += 1
         try:
             out[i:j] = _kept_rates(column[i:j])
-        except Exception:
+        except Exception as exc:
             out[i:j] = [float_or_nan(column[m]) for m in range(i, j)]
+            if problems is not None:
+                problems.add(str(exc))
         i = j
     return out
 
@@ -161,17 +185,22 @@ def _kept_rates(run: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
 
 
 def _hit_rates(run: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
-    """Hit rates of kept steps of one shape, stacked in one torch call each (below the parallel
-    grain: no thread team), counted in numpy (a few µs, single-threaded) on the stacked memory;
-    in torch where numpy has no view of it (bfloat16)."""
+    """Hit rates (hits over targets ≥ 0) of kept steps of one shape, stacked in one torch call
+    each (below the parallel grain: no thread team), counted in numpy (a few µs,
+    single-threaded) on the stacked memory; in torch where numpy has no view of it (bfloat16)."""
     t_logits = torch.stack([a.logits for a in run])  # one call; raises if shapes differ
     t_targets = torch.stack([a.targets for a in run])
+    check_comparable(run[0].logits, run[0].targets)
+    k = len(run)
     try:
-        same = np.equal(t_logits.numpy().argmax(-1), t_targets.numpy()).reshape(len(run), -1)
-        return same.mean(axis=1, dtype=np.float64)
+        targets = t_targets.numpy()
+        same = np.equal(t_logits.numpy().argmax(-1), targets).reshape(k, -1)
     except (TypeError, RuntimeError):  # no numpy view of this tensor
-        t_same = (t_logits.argmax(-1) == t_targets).reshape(len(run), -1)
-        return t_same.to(torch.float64).mean(dim=1).numpy()
+        targets = t_targets.numpy()
+        same = (t_logits.argmax(-1) == t_targets).reshape(k, -1).numpy()
+    n = (targets >= 0).reshape(k, -1).sum(axis=1)  # a negative target is padding
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(n > 0, same.sum(axis=1) / np.maximum(n, 1), math.nan)
 
 
 def float_or_nan(value: Any) -> float:

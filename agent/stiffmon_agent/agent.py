@@ -13,7 +13,6 @@ with ``distributed=True`` every rank measures its share of the probe (:mod:`~.ru
 from __future__ import annotations
 
 import atexit
-import logging
 import math
 import os
 import socket
@@ -31,7 +30,14 @@ from stiffmon.registry import unregister
 from stiffmon.transport import CurveKeys
 from stiffmon_agent import distributed as sharding
 from stiffmon_agent.accuracy import step_accuracy
-from stiffmon_agent.announce import dist_rank, hello_fields, register_locally, start_publisher
+from stiffmon_agent.announce import (
+    dist_rank,
+    hello_fields,
+    log,
+    probe_notes,
+    register_locally,
+    start_publisher,
+)
 from stiffmon_agent.budget import MeasurementBudget
 from stiffmon_agent.columns import DEFAULT_INTERVAL, ColumnBatcher, RawColumns
 from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from here: patchable)
@@ -44,19 +50,12 @@ from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from 
 from stiffmon_agent.measure_curvature import density_messages  # noqa: F401
 from stiffmon_agent.measure_options import MeasureOptions
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
-from stiffmon_agent.publisher import Outgoing, Publisher
+from stiffmon_agent.outgoing import Outgoing
+from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, MeasurementPlan, Schedule, parse_schedule
 from stiffmon_agent.step_scalars import OptimizerColumns, optimizer_config
 from stiffmon_agent.userlog import custom_fields
-
-log = logging.getLogger("stiffmon_agent")
-if not log.handlers and not logging.getLogger().handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(_handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
 
 _LIVE_AGENTS: weakref.WeakSet[Agent] = weakref.WeakSet()
 DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step 0
@@ -214,8 +213,6 @@ class Agent:
         self.publisher: Publisher | None = None
         self._columns = ColumnBatcher(self._submit_columns, interval=batch_interval)
         self._optimizer_columns = OptimizerColumns(optimizer)
-        self._names: tuple[str, ...] = ()
-        self._names_key: tuple[tuple[str, ...] | None, int] = (None, 0)
         self._runner: MeasurementRunner | None = None
         self._next_due: float = math.inf
         if not self.enabled and self.shard is None:
@@ -258,6 +255,8 @@ class Agent:
             self.name, model, cfg, batch_size, class_names, self.probe, self.endpoint, record
         )
         self._submit(p.Hello, fields)
+        for code, note in probe_notes(self.probe):
+            self.event(code, note)
         if self.endpoint is not None and registry:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)
@@ -324,7 +323,7 @@ class Agent:
             row.append(b)  # the hello went out before any batch was seen
             extra |= 2
         # step_time is not sent: the monitor derives it from consecutive row times
-        self._columns.add(s, time.time(), self._row_names(extra), row)
+        self._columns.add(s, time.time(), self._optimizer_columns.row_names(extra), row)
         self._budget.step_seconds += time.perf_counter() - t0
         if s >= self._next_due:
             self._measure_due(s)
@@ -336,16 +335,6 @@ class Agent:
         if self.publisher is not None:
             self._columns.interval = self.publisher.interval
         self._columns.flush(older_than=self._columns.interval)
-
-    def _row_names(self, extra: int) -> tuple[str, ...]:
-        """The step's column names: loss, the optimizer's, then accuracy (extra & 1) and
-        batch_size (extra & 2); made again only when one of them changes."""
-        opt = self._optimizer_columns.names
-        if opt is not self._names_key[0] or extra != self._names_key[1]:
-            more = ("accuracy",) * (extra & 1) + ("batch_size",) * (extra >> 1)
-            self._names = ("loss", *opt, *more)
-            self._names_key = (opt, extra)
-        return self._names
 
     def _measure_due(self, s: int) -> None:
         """Run what is due at step ``s``, publish the coverage, and find the next due step."""

@@ -1,7 +1,10 @@
 """What the agent says about itself when it starts: its rank, the ``hello`` and the local registry.
 
+* :data:`log`: the ``stiffmon_agent`` logger (printing plain lines unless logging is set up);
+
 * :func:`dist_rank`: the torch.distributed rank (0 when not distributed);
 * :func:`hello_fields`: the fields of the run's ``hello`` message;
+* :func:`probe_notes`: what the start says about the probe (no class labels);
 * :func:`register_locally`: a registry entry so ``stiffmon watch`` finds the run;
 * :func:`start_publisher`: the publisher (sockets, session file), not yet started.
 """
@@ -24,6 +27,12 @@ from stiffmon_agent.probe_set import ProbeSet
 from stiffmon_agent.publisher import Publisher
 
 log = logging.getLogger("stiffmon_agent")
+if not log.handlers and not logging.getLogger().handlers:  # say it even if nothing configures
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def dist_rank() -> int:
@@ -65,6 +74,15 @@ def hello_fields(
         "agent_version": __version__,
         "meta": meta,
     }
+
+
+def probe_notes(probe: ProbeSet | None) -> list[tuple[str, str]]:
+    """``(code, message)`` of the info events a probe calls for at the start: a probe whose
+    targets are not integer class labels gets no class stiffness (the rest is measured)."""
+    if probe is None or probe.labels is not None:
+        return []
+    what = "no class stiffness: the probe's targets are not integer class labels of shape (N,)"
+    return [("no-class-labels", f"{what}; layer stiffness, gradient noise and sharpness go on")]
 
 
 def register_locally(run_id: str, name: str, endpoint: Any) -> str | None:

@@ -13,6 +13,7 @@ the accuracies of a batch in a few small kernels (:mod:`~stiffmon_agent.accuracy
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -125,9 +126,11 @@ class ColumnBatcher:
             self.dropped_steps += len(batch.rows)
 
 
-def _as_float64(column: Sequence[Any], stream: Any = None) -> npt.NDArray[np.float64]:
+def _as_float64(
+    column: Sequence[Any], stream: Any = None, problems: set[str] | None = None
+) -> npt.NDArray[np.float64]:
     """Convert one column of raw values, vectorised where the values allow it (GPU values on
-    ``stream``, without blocking)."""
+    ``stream``, without blocking); why accuracies failed goes to ``problems``."""
     first = column[0]
     try:
         if isinstance(first, float | int) and all(type(v) is type(first) for v in column):
@@ -135,16 +138,29 @@ def _as_float64(column: Sequence[Any], stream: Any = None) -> npt.NDArray[np.flo
         if isinstance(first, torch.Tensor):
             if first.numel() == 1:  # raises below if shapes or devices differ: one by one
                 return stacked_float64(column, stream)
-        if isinstance(first, Accuracy) and all(isinstance(v, Accuracy) for v in column):
-            return accuracies(column, stream)
+        kept = [i for i, v in enumerate(column) if isinstance(v, Accuracy)]
+        if len(kept) == len(column):
+            return accuracies(column, stream, problems)
+        if kept:  # some steps' accuracies were NaN on the training thread already
+            out = np.array(
+                [math.nan if isinstance(v, Accuracy) else float_or_nan(v) for v in column]
+            )
+            out[kept] = accuracies([column[i] for i in kept], stream, problems)
+            return out
     except Exception:  # shapes or devices differ: one by one below
         pass
     return np.array([float_or_nan(v) for v in column], dtype=np.float64)
 
 
-def build_columns(raw: RawColumns, *, run: str, seq: int) -> p.Columns:
-    """Turn a collected batch into a ``columns`` message (on the publisher thread)."""
+def build_columns(
+    raw: RawColumns, *, run: str, seq: int, problems: set[str] | None = None
+) -> p.Columns:
+    """Turn a collected batch into a ``columns`` message (on the publisher thread); why values
+    could not be computed (an accuracy's shapes) is added to ``problems``."""
     steps, times, rows = zip(*raw.rows, strict=True)
     cols = list(zip(*rows, strict=True)) if raw.names else []
-    values = {name: _as_float64(col, raw.stream) for name, col in zip(raw.names, cols, strict=True)}
+    values = {
+        name: _as_float64(col, raw.stream, problems)
+        for name, col in zip(raw.names, cols, strict=True)
+    }
     return p.Columns.from_columns(values, steps, times, run=run, seq=seq)

@@ -59,8 +59,8 @@ from stiffmon_agent.metrics.probe import (
     LossFn,
     loss_reduction,
 )
+from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.probe_set import MeasurementSkipped, ProbeSet, check_finite, make_probe
-from stiffmon_agent.publisher import Outgoing
 
 __all__ = [
     "BLOCKS",

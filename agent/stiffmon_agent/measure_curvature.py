@@ -35,7 +35,7 @@ from stiffmon_agent.metrics.gradient_tests import (
     DEFAULT_THETA_NORM,
 )
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
-from stiffmon_agent.publisher import Outgoing
+from stiffmon_agent.outgoing import Outgoing
 
 if TYPE_CHECKING:  # measure imports this module for the gradient tests
     from stiffmon_agent.measure import ProbeSet

@@ -37,7 +37,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,35 +45,12 @@ import zmq
 
 from stiffmon import protocol as p
 from stiffmon.session import SessionWriter
-from stiffmon.transport import (
-    DEFAULT_HOST,
-    DEFAULT_PORT,
-    MAX_CONTROL_FRAME_BYTES,
-    PORT_SEARCH,
-    CurveKeys,
-    Endpoint,
-    exposure_warning,
-    limit_frames,
-    parse_endpoint,
-)
-from stiffmon_agent.columns import RawColumns, build_columns
+from stiffmon.transport import CurveKeys, Endpoint
+from stiffmon_agent.agent_sockets import bind_pair, read_subscriptions
 from stiffmon_agent.history import History
 from stiffmon_agent.history_seq_order import seq_ordered
+from stiffmon_agent.outgoing import Outgoing, build_message
 from stiffmon_agent.snapshots import SnapshotServer
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message without its run id and sequence number, made on the training thread.
-
-    ``fields`` may hold tensors for the scalars of a step (``.item()`` runs on this thread, so a
-    GPU loss never forces the training thread to synchronise).
-    """
-
-    cls: type[p.Message]
-    step: int
-    t: float
-    fields: dict[str, Any] = field(default_factory=dict)
 
 
 class Publisher:
@@ -131,6 +107,8 @@ class Publisher:
         self.snapshots: SnapshotServer | None = None
         self.error: str | None = None
         self._nonfinite_streak = 0
+        self._problems: set[str] = set()  # why a batch's values failed (build_columns)
+        self._problems_said: set[str] = set()
         self.batch_interval = 0.1  # seconds between drains of the queue while watched
         self.idle_interval = 0.1  # ... while no monitor subscribes
         self.subscriptions = 0  # topics subscribed to on the PUB socket (0: nobody watches)
@@ -188,45 +166,6 @@ class Publisher:
 
     # ------------------------------------------------------------------ thread side
 
-    def _bind(
-        self, ctx: zmq.Context[zmq.Socket[bytes]]
-    ) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None:
-        if self._endpoint_req == "":
-            return None
-        if self._endpoint_req:
-            candidates = [parse_endpoint(self._endpoint_req)]
-        else:
-            candidates = [Endpoint(DEFAULT_HOST, DEFAULT_PORT + 2 * i) for i in range(PORT_SEARCH)]
-        last_error = ""
-        for ep in candidates:
-            pub = ctx.socket(zmq.XPUB)  # a PUB that tells who subscribes (see the module)
-            router = ctx.socket(zmq.ROUTER)
-            for s in (pub, router):
-                s.setsockopt(zmq.LINGER, 0)
-                limit_frames(s, MAX_CONTROL_FRAME_BYTES)  # they receive requests, subscriptions
-                if self._curve is not None:
-                    s.curve_secretkey = self._curve.secret
-                    s.curve_publickey = self._curve.public
-                    s.curve_server = True
-            pub.setsockopt(zmq.SNDHWM, 10_000)
-            SnapshotServer.configure(router)
-            try:
-                pub.bind(ep.pub)
-                router.bind(ep.snapshot)
-            except zmq.ZMQError as exc:
-                last_error = f"{ep}: {exc}"
-                pub.close(0)
-                router.close(0)
-                continue
-            self.endpoint = ep
-            warning = exposure_warning("the agent", ep, ep.host, self._curve)
-            if warning:
-                self._warn(warning)
-            return pub, router
-        self.error = f"could not bind a port pair ({last_error})"
-        self._warn(f"stiffmon: {self.error}; not publishing (training goes on)")
-        return None
-
     def _main(self) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         auth = None
@@ -240,7 +179,13 @@ class Publisher:
                 auth.start()
                 auth.configure_curve(domain="*", location=str(self._curve.authorized_dir))
             try:
-                sockets = self._bind(ctx)
+                if self._endpoint_req != "":
+                    bound = bind_pair(ctx, self._endpoint_req, self._curve, self._warn)
+                    if isinstance(bound, str):
+                        self.error = bound
+                        self._warn(f"stiffmon: {bound}; not publishing (training goes on)")
+                    else:
+                        sockets, self.endpoint = bound
             except Exception as exc:  # never let transport problems reach training
                 self.error = f"transport failed: {exc}"
                 self._warn(f"stiffmon: {self.error}; not publishing (training goes on)")
@@ -294,7 +239,7 @@ class Publisher:
             self._wake.clear()
             started = time.thread_time()
             if pub is not None:
-                self._read_subscriptions(pub)
+                self.subscriptions = read_subscriptions(pub, self.subscriptions)
             if self.on_wake is not None:
                 try:
                     self.on_wake()
@@ -325,20 +270,6 @@ class Publisher:
         if server is not None:
             server.drop_all()
 
-    def _read_subscriptions(self, pub: zmq.Socket[bytes], limit: int = 1000) -> None:
-        """Count the (un)subscriptions the XPUB passes up: one per topic, the first subscribe
-        and the last unsubscribe (a peer that goes away unsubscribes); anything else is
-        ignored."""
-        for _ in range(limit):
-            try:
-                frame = pub.recv(zmq.NOBLOCK)
-            except zmq.ZMQError:  # nothing more (or the socket is gone)
-                return
-            if frame[:1] == b"\x01":
-                self.subscriptions += 1
-            elif frame[:1] == b"\x00":
-                self.subscriptions = max(0, self.subscriptions - 1)
-
     def _heartbeat(
         self, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None, *, record: bool
     ) -> SessionWriter | None:
@@ -354,30 +285,13 @@ class Publisher:
         self._recorded_dropped = self.dropped
         return self._emit(hb, pub, writer)
 
-    def _build(self, item: Outgoing, seq: int) -> p.Message:
-        if item.cls is p.Columns:
-            raw: RawColumns = item.fields["raw"]
-            return build_columns(raw, run=self.run, seq=seq)
-        fields = dict(item.fields)
-        if item.cls is p.Scalars:
-            names = tuple(fields.pop("values_names", ()))
-            raw = fields.pop("values_raw", ())
-            values = []
-            for v in raw:
-                try:
-                    values.append(float(v))
-                except Exception:
-                    values.append(math.nan)
-            fields["names"], fields["values"] = names, values
-        return item.cls(run=self.run, seq=seq, step=item.step, t=item.t, **fields)
-
     def _emit(
         self, item: Outgoing, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
     ) -> SessionWriter | None:
         if item.cls is p.Bye:  # the file's last word on losses, just before the bye
             writer = self._heartbeat(pub, writer, record=True)
         try:
-            msg = self._build(item, self.seq + 1)
+            msg = build_message(item, self.run, self.seq + 1, self._problems)
             frames = p.encode(msg)
         except Exception as exc:  # the seq is not used up: clients see no gap
             self.dropped += 1
@@ -410,6 +324,8 @@ class Publisher:
             self.unrecorded += 1
             if not sent:
                 self.dropped += 1
+        if self._problems:
+            self._say_problems(msg.step, pub, writer)
         if isinstance(msg, p.Scalars):
             loss = msg.as_dict().get("loss")
             if loss is not None:
@@ -420,6 +336,20 @@ class Publisher:
                 return writer  # the common case, vectorised
             self._check_finite(msg.steps.tolist(), losses.tolist(), pub, writer)
         return writer
+
+    def _say_problems(
+        self, step: int, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
+    ) -> None:
+        """One warning ``event`` (and log line) per new reason a batch's values failed."""
+        new = sorted(self._problems - self._problems_said)[: max(0, 20 - len(self._problems_said))]
+        self._problems.clear()
+        for text in new:
+            self._problems_said.add(text)
+            self._warn(f"stiffmon: no accuracy for some steps (NaN): {text}")
+            what = f"accuracy is NaN at some steps of the batch up to step {step}: {text}"
+            fields = {"level": "warning", "code": "accuracy-unavailable", "message": what}
+            fields["attrs"] = {}
+            self._emit(Outgoing(p.Event, step, time.time(), fields), pub, writer)
 
     def _check_finite(
         self,

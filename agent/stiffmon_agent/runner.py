@@ -33,7 +33,7 @@ from stiffmon_agent.measure import (
 )
 from stiffmon_agent.measure_options import MeasureOptions
 from stiffmon_agent.metrics.probe import ForwardFn, LossFn, loss_reduction, take
-from stiffmon_agent.publisher import Outgoing
+from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.sharded import HvpLeader, serve_hvps, sharded_activations, sharded_gram
 
 log = logging.getLogger("stiffmon_agent")

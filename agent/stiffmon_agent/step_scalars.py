@@ -86,6 +86,17 @@ class OptimizerColumns:
         self._count = -1
         self._places: list[Place] = []
         self._age = 0
+        self._row: tuple[str, ...] = ()
+        self._row_key: tuple[tuple[str, ...] | None, int] = (None, 0)
+
+    def row_names(self, extra: int) -> tuple[str, ...]:
+        """A step's column names: ``loss``, :attr:`names`, then ``accuracy`` (``extra & 1``)
+        and ``batch_size`` (``extra & 2``); made again only when one of them changes."""
+        if self.names is not self._row_key[0] or extra != self._row_key[1]:
+            more = ("accuracy",) * (extra & 1) + ("batch_size",) * (extra >> 1)
+            self._row = ("loss", *self.names, *more)
+            self._row_key = (self.names, extra)
+        return self._row
 
     def values(self) -> list[Any]:
         """The current values, in the order of :attr:`names` (which may change at this call)."""

@@ -5,12 +5,15 @@ from __future__ import annotations
 import gc
 import math
 import weakref
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from stiffmon import protocol as p
+from stiffmon.session import read_session
 from stiffmon_agent import Agent
 from stiffmon_agent import accuracy as acc_mod
 from stiffmon_agent.accuracy import (
@@ -23,11 +26,13 @@ from stiffmon_agent.accuracy import (
 
 
 def _reference(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Hits over the targets that are not padding (negative), one prediction at a time."""
     hits = [
         int(a) == int(b)
         for a, b in zip(logits.argmax(-1).reshape(-1), targets.reshape(-1), strict=True)
+        if int(b) >= 0
     ]
-    return sum(hits) / len(hits)
+    return sum(hits) / len(hits) if hits else math.nan
 
 
 def test_a_batch_of_accuracies_matches_a_loop_and_never_stacks_past_the_grain(
@@ -73,7 +78,7 @@ def test_big_logits_are_counted_at_once_and_not_kept() -> None:
     targets = torch.tensor([0, 1, 2, 3])
     alive = weakref.ref(logits)
     a = Accuracy.of(logits, targets)
-    assert a.logits is None and a.hits is not None and a.hits.ndim == 0 and a.n == 4
+    assert a.logits is None and a.hits is not None and a.hits.tolist()[1] == 4
     expected = _reference(logits, targets)
     del logits
     gc.collect()
@@ -91,23 +96,38 @@ def test_targets_changed_in_place_before_counting_give_nan_not_a_wrong_number() 
 
 
 def test_logits_and_targets_that_do_not_compare_are_nan_and_said_once(
-    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Mismatched shapes (no broadcasting: (B, 1) targets against (B, C) logits would compare
+    every prediction with every target) are NaN in the recording, with one warning event and
+    one log line per reason; the steps around them keep their accuracy."""
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    agent = Agent(model, torch.nn.CrossEntropyLoss(), opt, endpoint="", registry=False)
-    agent._columns.interval = 1e9  # every row stays in the open batch
+    rec = tmp_path / "acc.stiff"
+    agent = Agent(model, torch.nn.CrossEntropyLoss(), opt, endpoint="", record=rec, registry=False)
+    good = (torch.tensor([[0.0, 1.0, 0.0]] * 4), torch.tensor([1, 1, 0, 1]))  # 3 of 4
+    steps = [good, (torch.randn(4, 3), torch.zeros(5, dtype=torch.long))] * 2
+    steps += [(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long)), good]
+    steps += [(torch.randn(4, DEFER_MAX_ELEMENTS), torch.zeros(5, dtype=torch.long))]  # counted
+    binary = (torch.tensor([2.0, -1.0, 3.0, 1.0]), torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    steps += [binary, (binary[0][:, None], binary[1][:, None]), good]  # BCE logits: no argmax
     with caplog.at_level("WARNING", logger="stiffmon_agent"):
-        for _ in range(3):
-            agent.step(torch.tensor(0.5), torch.randn(4, 3), torch.zeros(5, dtype=torch.long))
-        agent.step(torch.tensor(0.5), torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
-    at = list(agent._columns._names).index("accuracy")
-    col = [values[at] for _, _, values in agent._columns._rows[-4:]]
-    assert all(isinstance(v, float) and math.isnan(v) for v in col[:3])
-    assert isinstance(col[3], Accuracy) and col[3].logits is not None
-    assert sum("no accuracy" in r.message for r in caplog.records) == 1
-    assert math.isnan(step_accuracy(torch.randn(2, 3), torch.zeros(3), set()))  # type: ignore[arg-type]
-    agent.close()
+        for logits, targets in steps:
+            agent.step(torch.tensor(0.5), logits, targets)
+        agent.close()
+    msgs = read_session(rec)[0]
+    got = np.concatenate([m.column("accuracy") for m in msgs if isinstance(m, p.Columns)])
+    nan = math.nan
+    np.testing.assert_array_equal(got, [0.75, nan, 0.75, nan, nan, 0.75, nan, nan, nan, 0.75])
+    events = [m.message for m in msgs if isinstance(m, p.Event)]
+    assert all(m.code == "accuracy-unavailable" for m in msgs if isinstance(m, p.Event))
+    assert len(events) == 4  # (4,)/(5,), (4, 1) targets, (4,) and (4, 1) binary logits
+    assert sum("do not compare" in e for e in events) == 2
+    assert any("(4, 3)" in e and "(4, 1)" in e for e in events)
+    assert sum("no class dimension" in e or "same shape (4,)" in e for e in events) == 2
+    said = [r.message for r in caplog.records if "accuracy" in r.message]
+    assert len(said) == 5  # the four above, and the counted step's, said on the training thread
+    assert math.isnan(step_accuracy(torch.randn(9000, 3), torch.zeros(3), set()))  # type: ignore[arg-type]
 
 
 def test_bfloat16_logits_are_counted_in_torch() -> None:
@@ -119,3 +139,25 @@ def test_bfloat16_logits_are_counted_in_torch() -> None:
     ]
     got = accuracies([Accuracy.of(lg, t) for lg, t in steps])
     np.testing.assert_allclose(got, [_reference(lg, t) for lg, t in steps], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("counted", [False, True])
+def test_padding_targets_are_not_predictions(counted: bool) -> None:
+    """Per-token logits (B, T, V) with ``ignore_index`` padding (-100): hits over the real
+    tokens only, kept or counted on the training thread; a step of padding alone is NaN."""
+    g = torch.Generator().manual_seed(3)
+    vocab = DEFER_MAX_ELEMENTS if counted else 7
+    steps = []
+    for pad in (0, 3, 6, 8):  # padded tokens at the end of each of the 2 sequences of 8
+        logits = torch.randn(2, 8, vocab, generator=g)
+        targets = logits.argmax(-1)  # every real token predicted right ...
+        targets[0, :2] = (targets[0, :2] + 1) % vocab  # ... but two
+        targets[:, 8 - pad :] = -100
+        steps.append((logits, targets))
+    column = [Accuracy.of(lg, t) for lg, t in steps]
+    assert all((a.hits is not None) == counted for a in column)
+    got = accuracies(column)
+    expected = [_reference(lg, t) for lg, t in steps]
+    assert math.isnan(expected[-1]) and expected[1] == (10 - 2) / 10
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
+    assert [float(a) for a in column[:3]] == expected[:3]

@@ -312,3 +312,27 @@ def test_ddp_two_gloo_processes(procs: Procs, tmp_path: Path) -> None:
     msgs, _ = read_session(f"{rec}.0")
     assert msgs[0].kind == "hello" and any(m.kind == "matrix" for m in msgs)
     assert os.path.exists(ROOT / "pyproject.toml") and sys.executable
+
+
+def test_a_probe_without_class_labels_says_so_at_the_start(tmp_path: Path) -> None:
+    """Float targets (a regression) get no class stiffness: an info event says so at once;
+    class-label probes get no such event. The other measurements go on."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(8, 4)
+    notes = {}
+    for kind, targets in (("float", torch.randn(8, 2)), ("labels", torch.arange(8) % 2)):
+        rec = tmp_path / f"{kind}.stiff"
+        loss_fn: nn.Module = nn.MSELoss() if kind == "float" else nn.CrossEntropyLoss()
+        agent = Agent(model, loss_fn, opt, probe=(x, targets), endpoint="", record=rec)
+        agent.step(torch.tensor(1.0))
+        agent.close()
+        msgs = read_session(rec)[0]
+        notes[kind] = [m.message for m in msgs if isinstance(m, p.Event) and m.level == "info"]
+        assert any(isinstance(m, p.Scalars) and "noise/trace_k" in m.names for m in msgs)
+    assert notes["float"] == [
+        "no class stiffness: the probe's targets are not integer class labels of shape (N,); "
+        "layer stiffness, gradient noise and sharpness go on"
+    ]
+    assert not any("class" in n for n in notes["labels"])

@@ -23,7 +23,8 @@ from stiffmon.transport import (
     encode_control,
     parse_endpoint,
 )
-from stiffmon_agent.publisher import Outgoing, Publisher
+from stiffmon_agent.outgoing import Outgoing
+from stiffmon_agent.publisher import Publisher
 from tests.conftest import ROOT, Procs, free_port_pair
 from tests.hostile import GIB, PeakRss, attack_connect
 

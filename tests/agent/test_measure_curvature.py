@@ -12,7 +12,7 @@ import torch
 from stiffmon import protocol as p
 from stiffmon_agent.measure import make_probe
 from stiffmon_agent.measure_curvature import density_messages, gradient_test_scalars
-from stiffmon_agent.publisher import Outgoing
+from stiffmon_agent.outgoing import Outgoing
 from tests.agent.metrics.reference import loop_gradients
 from tests.agent.metrics.test_density import CE, dense_hessian, small_problem
 

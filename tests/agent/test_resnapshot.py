@@ -19,7 +19,8 @@ from stiffmon import protocol as p
 from stiffmon.client import Client
 from stiffmon.transport import Endpoint
 from stiffmon_agent.columns import RawColumns
-from stiffmon_agent.publisher import Outgoing, Publisher
+from stiffmon_agent.outgoing import Outgoing
+from stiffmon_agent.publisher import Publisher
 from tests.conftest import free_port_pair
 
 

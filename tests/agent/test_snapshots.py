@@ -22,7 +22,8 @@ from stiffmon.transport import (
     snapshot_request,
 )
 from stiffmon_agent.columns import RawColumns
-from stiffmon_agent.publisher import Outgoing, Publisher
+from stiffmon_agent.outgoing import Outgoing
+from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.snapshots import SnapshotServer
 from tests.conftest import free_port_pair
 

@@ -53,7 +53,7 @@ from stiffmon.session import SessionReader
 from stiffmon_agent import Agent
 from stiffmon_agent.demo.data import load_digits_split
 from stiffmon_agent.demo.models import digits_cnn
-from stiffmon_agent.publisher import Outgoing
+from stiffmon_agent.outgoing import Outgoing
 from tests.conftest import GLOO_TEARDOWN, free_port_pair
 
 

@@ -152,7 +152,8 @@ def test_store_counts_what_it_cannot_apply() -> None:
 
 def test_a_forged_seq_does_not_silence_a_genuine_run(ctx: Ctx) -> None:
     """A rogue publisher claims seq 10^15 for a genuine run; the run's messages still come."""
-    from stiffmon_agent.publisher import Outgoing, Publisher
+    from stiffmon_agent.outgoing import Outgoing
+    from stiffmon_agent.publisher import Publisher
 
     genuine = Publisher("gen", endpoint=f"tcp://127.0.0.1:{free_port_pair()}")
     genuine.start()
@@ -233,7 +234,8 @@ def _ask(ctx: Ctx, ep: str, timeout: float = 30.0) -> tuple[float, int]:
 
 
 def test_relay_asks_upstreams_at_once_and_skips_dead_ones(ctx: Ctx) -> None:
-    from stiffmon_agent.publisher import Outgoing, Publisher
+    from stiffmon_agent.outgoing import Outgoing
+    from stiffmon_agent.publisher import Publisher
 
     live = [Publisher(f"run{i}", endpoint=f"tcp://127.0.0.1:{free_port_pair()}") for i in (0, 1)]
     for pub in live:
@@ -272,7 +274,8 @@ def test_relay_asks_upstreams_at_once_and_skips_dead_ones(ctx: Ctx) -> None:
 
 
 def test_relay_curve_both_sides_and_exposure_warning(tmp_path: Path) -> None:
-    from stiffmon_agent.publisher import Outgoing, Publisher
+    from stiffmon_agent.outgoing import Outgoing
+    from stiffmon_agent.publisher import Publisher
 
     keys = make_keys(tmp_path / "keys", ("client",))
     agent = Publisher(

@@ -141,9 +141,13 @@ def stability_threshold_for(
         if group is not None and t.group is not None:
             return StabilityThreshold(t.value, t.rule.replace("group 0", f"group {group}"), group)
         return t
-    if name in _ADAPTIVE:
+    if name in _PRECONDITIONED:
         return StabilityThreshold(
             None, f"none: {name} is adaptive (preconditioned steps); see λ1(P⁻¹H)"
+        )
+    if name in _ADAPTIVE:  # no λ1(P⁻¹H) for it either (preconditioned_threshold_for)
+        return StabilityThreshold(
+            None, f"none: {name} is adaptive (preconditioned steps); no stability rule known"
         )
     return StabilityThreshold(None, f"none: no stability rule known for {name}")
 

@@ -42,6 +42,9 @@ class Stiffness(View):
         snaps = rd.matrices.get(f"stiffness/{app.kind}/{block}", [])
         snap, i = scrubbed(snaps, app.scrub)
         if snap is None:
+            why = next((e.message for e in rd.events if e.code == "no-class-labels"), "")
+            if why:  # it will never come: say why, not "yet"
+                return Text(f"{rd.name}: {why}", style="dim")
             return Text(
                 f"{rd.name}: no {app.kind} stiffness for {block} yet (b: block, c: cos/sign)",
                 style="dim",
