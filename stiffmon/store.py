@@ -7,6 +7,9 @@ at most ``max_points`` points and beyond that halves itself, keeping the minimum
 of every four consecutive points, so spikes survive decimation. Derived quantities (break-even,
 peaks, ξ) live in :mod:`stiffmon.derive` and are computed from the store, so they work on replays
 too.
+
+A run's state in words (live, stalled, lost …) is :class:`~stiffmon.run_health.Health`; how a
+hung training loop is told from a gone agent, :class:`~stiffmon.run_health.Progress`.
 """
 
 from __future__ import annotations
@@ -22,13 +25,25 @@ import numpy.typing as npt
 
 from stiffmon import derive
 from stiffmon import protocol as p
+from stiffmon.run_health import (
+    LOST_SECONDS,
+    STALL_SECONDS,
+    STEP_STALL_FACTOR,
+    STEP_STALL_FLOOR,
+    Health,
+    Progress,
+    duration,
+)
 from stiffmon.series import Series
 
 __all__ = [
     "LOST_SECONDS",
     "MEASUREMENTS",
     "STALL_SECONDS",
+    "STEP_STALL_FACTOR",
+    "STEP_STALL_FLOOR",
     "Health",
+    "Progress",
     "RunData",
     "Series",
     "Snapshot",
@@ -39,39 +54,9 @@ __all__ = [
 
 T = TypeVar("T")
 Status = Literal["live", "stalled", "finished", "replay"]
-STALL_SECONDS = 3.0
-LOST_SECONDS = 60.0  # stalled this long without a bye: the process is probably gone
 MAX_EVENTS = 10_000  # per run; older events are dropped (counted in events_dropped)
 MAX_SKIP_STEPS = 5_000  # per measurement kind
 MEASUREMENTS = ("gram", "sharpness")
-
-
-def duration(seconds: float) -> str:
-    """12s, 3m, 2h."""
-    if seconds < 100:
-        return f"{seconds:.0f}s"
-    if seconds < 6000:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.0f}h"
-
-
-@dataclass(frozen=True)
-class Health:
-    """A run's state in words.
-
-    Attributes:
-        state: live, stalled, lost (stalled > 60 s, no bye), finished, replay or ended
-            (a replay that reached its end without a bye).
-        text: Short words for the state: ``live``, ``stalled 12s``, ``no bye (lost 3m)``.
-        problems: What went wrong, worst first: ``diverged at step 19``,
-            ``sharpness disabled: …``.
-        level: ``ok``, ``warning`` or ``error``.
-    """
-
-    state: str
-    text: str
-    problems: tuple[str, ...] = ()
-    level: str = "ok"
 
 
 @dataclass
@@ -113,6 +98,7 @@ class RunData:
     visible: bool = True
     max_points: int = 100_000
     column_tail: tuple[int, float] | None = None  # (step, time) of the last columns row
+    progress: Progress = field(default_factory=Progress)
 
     @property
     def name(self) -> str:
@@ -151,13 +137,16 @@ class RunData:
         return int(b) if math.isfinite(b) and b > 0 else None
 
     def status(self, now: float | None = None) -> Status:
-        """live, stalled (no message for 3 s), finished (bye seen) or replay."""
+        """live, stalled (no message for 3 s, or no new step for long while heartbeats still
+        come: see the module), finished (bye seen) or replay."""
         if self.finished:
             return "finished"
         if self.replay:
             return "replay"
         now = time.monotonic() if now is None else now
-        return "live" if now - self.last_seen <= STALL_SECONDS else "stalled"
+        if now - self.last_seen > STALL_SECONDS or self.progress.hung(now):
+            return "stalled"
+        return "live"
 
     def health(self, now: float | None = None, *, ended: bool = False) -> Health:
         """The run's state and problems in words (``ended``: its replay reached the end)."""
@@ -168,19 +157,25 @@ class RunData:
         problems += [f"{m} disabled: {why}" for m, why in self.disabled.items()]
         status = self.status(now)
         idle = now - self.last_seen
+        why = ""  # why a run is stalled
         if status == "finished":
             state, text = "finished", "finished" if self.bye_reason != "exit" else "exited"
         elif status == "replay":
             state, text = ("ended", "no bye (crashed?)") if ended else ("replay", "replay")
         elif status == "stalled" and idle > LOST_SECONDS:
             state, text = "lost", f"no bye (lost {duration(idle)})"
-        elif status == "stalled":
+        elif status == "stalled" and idle > STALL_SECONDS:
             state, text = "stalled", f"stalled {duration(idle)}"
+            why = f"no message for {STALL_SECONDS:g} s"
+        elif status == "stalled":  # heartbeats come, steps do not: the training loop hangs
+            since, step = duration(self.progress.since_step(now)), f"{self.progress.step:,}"
+            state, text = "stalled", f"stalled {since} (no step since {step}; agent alive)"
+            why = f"no step since {step} for {since}; agent alive"
         else:
             state, text = "live", "live"
         bad = self.diverged_step is not None or state in ("lost", "ended")
         level = "error" if bad else ("warning" if problems or state == "stalled" else "ok")
-        return Health(state, text, tuple(problems), level)
+        return Health(state, text, tuple(problems), level, why)
 
     def coverage(self, kind: str) -> tuple[int, int]:
         """(done, skipped) measurements of ``kind`` (gram / sharpness) so far.
@@ -349,6 +344,7 @@ class Store:
             t0 = float(msg.times[0]) if isinstance(msg, p.Columns) else msg.t
             rd.first_t = t0 if math.isnan(rd.first_t) else min(rd.first_t, t0)
             rd.last_t = msg.t if math.isnan(rd.last_t) else max(rd.last_t, msg.t)
+        self._note_progress(rd.progress, msg, rd.last_seen)
         if isinstance(msg, p.Scalars):
             for name, value in zip(msg.names, msg.values.tolist(), strict=True):
                 s = rd.scalars.get(name)
@@ -376,6 +372,20 @@ class Store:
             rd.finished = True
             rd.bye_reason = msg.reason
         self.version += 1
+
+    @staticmethod
+    def _note_progress(prog: Progress, msg: p.Message, now: float) -> None:
+        """The agent's clock and the loop's progress (a heartbeat's step: the highest the agent
+        has published; it counts once a step came, a hello's never)."""
+        if isinstance(msg, p.Columns) and msg.steps.size:
+            last = float(msg.times[-1])
+            prog.note_time(max(msg.t, last), now)
+            prog.advance(int(msg.steps[-1]), last, (int(msg.steps[0]), float(msg.times[0])))
+            return
+        prog.note_time(msg.t, now)
+        if isinstance(msg, p.Hello | p.Bye) or (isinstance(msg, p.Heartbeat) and prog.step < 0):
+            return
+        prog.advance(msg.step, msg.t)
 
     def _apply_columns(self, rd: RunData, msg: p.Columns) -> None:
         """Append a batch of per-step scalars; ``step_time`` is derived from the row times."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 from rich import box
 from rich.console import Group
 from rich.table import Table
@@ -31,8 +32,11 @@ BREAK_EVEN_LEGEND = (
 def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     """The comparison numbers of one run (NaN / None where not measured).
 
-    ``break_even_*`` describe :meth:`RunData.break_even`; ``mean_*_after`` are NaN unless it is
-    confirmed; ``break_even_k_*`` describe the early-phase peak of λ1_K.
+    ``break_even_*`` describe :meth:`RunData.break_even`; ``break_even_threshold`` and
+    ``lr_at_break_even`` are the threshold and η (param group 0) in force at its step (the last
+    published at or before it, as the marker was judged), NaN without a marker; ``lr`` and
+    ``threshold`` are the last ones (a schedule moves them); ``mean_*_after`` are NaN unless the
+    marker is confirmed; ``break_even_k_*`` describe the early-phase peak of λ1_K.
     """
     be = rd.break_even()
     be_k = rd.break_even_k()
@@ -41,6 +45,11 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     opt = rd.optimizer
     xi = rd.last("xi/input")
     batch = rd.batch_size
+    thr_at_be = lr_at_be = math.nan
+    if be.step is not None:  # the values the marker was judged with (RunData.aligned)
+        at = np.array([be.step], dtype=np.int64)
+        thr_at_be = float(rd.aligned(thr_name, at)[0])
+        lr_at_be = float(rd.aligned("lr/0", at)[0]) if "lr/0" in rd.scalars else rd.lr
     return {
         "run": rd.run,
         "name": rd.name,
@@ -56,7 +65,8 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
         "break_even_status": be.status,
         "break_even_series": be.series,
         "lambda1_at_break_even": be.value,
-        "break_even_threshold": rd.last(thr_name),
+        "break_even_threshold": thr_at_be,
+        "lr_at_break_even": lr_at_be,
         "catapults": list(be.catapults),
         "break_even_k_step": be_k.step,
         "break_even_k_status": be_k.status,
@@ -99,7 +109,7 @@ def summary_table(store: Store) -> Group:
         title="stiffmon summary", header_style="bold", box=box.SIMPLE_HEAD, caption_justify="left"
     )
     runs.add_column("run", justify="left", overflow="fold", min_width=8)
-    for col in ("η", "β", "B", "η/B", "steps", "loss", "ξ"):
+    for col in ("last η", "β", "B", "η/B", "steps", "loss", "ξ"):
         runs.add_column(col, justify="right", no_wrap=True)
     runs.add_column("status", justify="left", no_wrap=True)
     for s in rows:
@@ -114,7 +124,10 @@ def summary_table(store: Store) -> Group:
             fmt(s["xi"], ".2f"),
             s["status"],
         )
-    runs.caption = "η/B: learning rate over batch size; ξ: critical length in input space"
+    runs.caption = (
+        "last η: learning rate at the last step (a schedule moves it); η/B: it over the batch "
+        "size; ξ: critical length in input space"
+    )
     be = Table(
         title="break-even (Jastrzebski et al. 2020)",
         header_style="bold",

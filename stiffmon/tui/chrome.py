@@ -138,7 +138,7 @@ def changes(old: Health | None, new: Health) -> Iterator[tuple[str, str]]:
     elif old.state != new.state:
         level = {"stalled": "warning", "lost": "error", "ended": "error"}.get(new.state, "info")
         if new.state == "stalled":
-            text = "stalled: no message for 3 s"
+            text = f"stalled: {new.why or 'no message for 3 s'}"
         elif old.state == "stalled" and new.state == "live":
             text = "live again"
         else:

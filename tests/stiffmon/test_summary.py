@@ -218,3 +218,34 @@ def test_batch_size_from_the_per_step_scalar() -> None:
         replay=True,
     )
     assert run_summary(store.runs["q"])["batch_size"] == 32  # the hello's, when given
+
+
+def test_threshold_and_lr_at_an_early_break_even_under_a_schedule() -> None:
+    """η decays from 0.1 to 0.01 after step 400 (thr 2/η: 20 → 200); λ1_H rides the edge of
+    stability from step 180: the break-even is early, the last threshold ten times higher."""
+
+    def lr(s: int) -> float:
+        return 0.1 if s <= 400 else 0.1 - 0.09 * min(1.0, (s - 400) / 1000)
+
+    msgs: list[p.Message] = [
+        p.Hello(run="r", seq=0, step=0, t=0.0, optimizer={"type": "SGD", "lr": 0.1})
+    ]
+    for k, s in enumerate(range(0, 2001, 20)):
+        thr = 2 / lr(s)
+        vals = {
+            "lr/0": lr(s),
+            "sharpness/threshold": thr,
+            "sharpness/lambda1_h": min(1 + 0.1 * s, thr),
+        }
+        msgs.append(p.Scalars.from_dict(vals, run="r", seq=k + 1, step=s, t=float(s)))
+    rd = store_of(msgs).runs["r"]
+    be = rd.break_even()
+    assert (be.step, be.reason) == (180, "threshold")
+    row = run_summary(rd)
+    assert row["break_even_threshold"] == pytest.approx(20.0)  # not the last, 200
+    assert row["lr_at_break_even"] == pytest.approx(0.1)
+    assert row["threshold"] == pytest.approx(200.0) and row["lr"] == pytest.approx(0.01)
+    text = "\n".join(render(store_of(msgs)))
+    assert "last η" in text and "0.01" in text
+    none_yet = run_summary(store_of(messages(until=300)).runs["r"])
+    assert math.isnan(none_yet["break_even_threshold"]) and math.isnan(none_yet["lr_at_break_even"])

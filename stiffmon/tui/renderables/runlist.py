@@ -58,12 +58,20 @@ class RunList:
             state_style = LEVEL_STYLE["error" if r.state in ("lost", "ended") else "ok"]
             if r.state == "stalled":
                 state_style = LEVEL_STYLE["warning"]
-            state = "  " + conv(SYMBOL.get(r.state, "?")) + " " + conv(r.text)
+            symbol = "  " + conv(SYMBOL.get(r.state, "?")) + " "
+            state = symbol + conv(r.text)
             step = f"step {r.step:,}"
             if len(state) + len(step) + 2 <= options.max_width:
                 yield Text.assemble((state, state_style), ("  " + step, "dim"), no_wrap=True)
             else:
-                yield Text(state, style=state_style, no_wrap=True, overflow=cut(self.ascii))
+                words, _, detail = r.text.partition(" (")
+                lines = [state]
+                if len(state) > options.max_width and detail:
+                    # "stalled 12s (no step since 149; agent alive)": the bracket on lines below
+                    lines = [symbol + conv(words)]
+                    lines += ["    " + conv(w) for w in detail.removesuffix(")").split("; ")]
+                for line in lines:
+                    yield Text(line, style=state_style, no_wrap=True, overflow=cut(self.ascii))
                 yield Text("    " + step, style="dim", no_wrap=True, overflow=cut(self.ascii))
             for p in r.problems:
                 yield Text(

@@ -16,6 +16,7 @@ from stiffmon.store import Store
 from stiffmon.tui.app import StiffmonApp
 from stiffmon.tui.sources import LiveSource, ReplaySource
 from stiffmon.tui.views import ChartView
+from tests.stiffmon.timeline import FakeAgent
 from tests.stiffmon.tui.fixtures import write_sessions
 
 SIZES = [(80, 24), (160, 45)]
@@ -213,6 +214,28 @@ async def test_run_registers_later_stalls_on_the_timer_and_finishes() -> None:
         await pilot.pause(0.3)
         assert "✓ finished" in screen_text(app)
         assert [e.message for e in app.monitor_events["a"]][-1] == "finished"
+
+
+async def test_a_hung_loop_with_a_live_agent_is_shown_and_notified() -> None:
+    store = Store()
+    agent = FakeAgent(store, "a")
+    app = StiffmonApp(store=store, clock=lambda: agent.now)
+    async with app.run_test(size=(100, 30)) as pilot:
+        agent.steps(0.05 * (k + 1) for k in range(150))  # step 149 at 7.5 s, then it hangs
+        agent.advance(7.5)
+        await pilot.pause(0.3)
+        assert "● live" in screen_text(app)
+        agent.advance(19.5)  # heartbeats keep coming: no message stall, but no step for 12 s
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        assert "live a: stalled 12s (no step since 149; agent alive)" in text  # overview
+        assert "no step since 149" in text and "agent alive" in text  # the run list
+        assert await notified(app, pilot, "live a: stalled: no step since 149 for")
+        agent.steps([19.55, 19.6])
+        agent.advance(19.6)
+        await pilot.pause(0.3)
+        assert "● live" in screen_text(app)
+        assert [e.message for e in app.monitor_events["a"]][-1] == "live again"
 
 
 async def test_a_run_that_diverges_is_shown_and_notified() -> None:

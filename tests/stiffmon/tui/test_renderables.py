@@ -232,6 +232,24 @@ def test_run_list_and_event_log() -> None:
         "  sharpness 3/9 (cap)",
     ]
     assert render(RunList([row], ascii=True), 40).isascii()
+    hung = RunRow(
+        "sgd",
+        "red",
+        True,
+        False,
+        "stalled",
+        "stalled 12s (no step since 149; agent alive)",
+        "warning",
+        149,
+    )
+    assert render(RunList([hung]), 24).splitlines() == [  # the run list is 24 wide
+        "■ sgd",
+        "  ◌ stalled 12s",
+        "    no step since 149",
+        "    agent alive",
+        "    step 149",
+    ]
+    assert "agent alive)  step 149" in render(RunList([hung]), 80)
     log = EventLog([LogRow("error", 19, 2.0, "r", "red", "nan-loss: loss is nan at step 19")])
     text = render(log, 80)
     assert "error" in text and "19" in text and "+2s" in text and "nan-loss" in text
