@@ -195,10 +195,11 @@ def _hit_rates(run: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
     try:
         targets = t_targets.numpy()
         same = np.equal(t_logits.numpy().argmax(-1), targets).reshape(k, -1)
+        valid = (targets >= 0).reshape(k, -1)  # a negative target is padding
     except (TypeError, RuntimeError):  # no numpy view of this tensor
-        targets = t_targets.numpy()
         same = (t_logits.argmax(-1) == t_targets).reshape(k, -1).numpy()
-    n = (targets >= 0).reshape(k, -1).sum(axis=1)  # a negative target is padding
+        valid = (t_targets >= 0).reshape(k, -1).numpy()
+    n = valid.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(n > 0, same.sum(axis=1) / np.maximum(n, 1), math.nan)
 
