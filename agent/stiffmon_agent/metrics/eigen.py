@@ -5,9 +5,10 @@ products for sharpness, but nothing here knows about models.
 
 * :func:`lanczos`: (block) Lanczos with full reorthogonalisation. After m products the basis
   Q_m and T_m = Q_mᵀ A Q_m give Ritz pairs (θ, Q_m s) with residuals ‖A y − θ y‖, and
-  |θ − λ| ≤ that residual for some eigenvalue λ of A. A cold start stops when the top-k
-  residuals are ≤ ``tol`` · |θ_1|; a warm start also when the error extrapolated from the
-  Ritz values' convergence is ≤ ``tol`` · |θ_1| and the residual ≤ 3 ``tol`` · |θ_1|.
+  |θ − λ| ≤ that residual for some eigenvalue λ of A, and θ_i ≤ λ_i always. A cold start stops
+  when the top-k residuals are ≤ ``tol`` · |θ_1|; a warm start also when the error extrapolated
+  from the Ritz values' convergence is ≤ ``tol`` · |θ_1| (consistently over two windows) and the
+  residual ≤ 3 ``tol`` · |θ_1|, and only once the (k+1)-th Ritz pair no longer reaches θ_k.
 * :func:`power_iteration`: the method of PyHessian: v ← Av / ‖Av‖, λ = vᵀAv, stop when
   |λ − λ_prev| / |λ_prev| < ``tol``; further eigenpairs by orthogonalising against the found ones.
   It converges to the largest-magnitude eigenvalue.
@@ -30,6 +31,8 @@ MatVec = Callable[[Tensor], Tensor]
 
 # A warm start accepts an extrapolated error only while the residual is within this many tol.
 RESIDUAL_FACTOR = 3.0
+# A warm start stops only when the (k+1)-th Ritz pair has θ + REACH_FACTOR · r ≤ θ_k + tol · |θ1|.
+REACH_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class EigenResult:
         eigenvalues: (k,) largest first.
         eigenvectors: (P, k) unit columns (Ritz vectors for Lanczos).
         matvecs: Matrix-vector products used.
-        converged: Whether the tolerance was met within the product budget.
+        converged: Whether the stopping rule was met within the product budget (what that
+            does and does not guarantee: :func:`lanczos`).
         residuals: (k,) ‖A y − θ y‖ of each pair (Lanczos) or relative change (power).
         warm_start: (P, ≤ k + 1) the start block for the next measurement: the top k + 1 Ritz
             vectors (Lanczos; the extra one holds the next eigenvector, in case λ1 and λ2
@@ -112,6 +116,18 @@ def _extrapolated_error(history: list[float]) -> float:
     return d1 * rho / (1.0 - rho)
 
 
+def _consistent_extrapolation(history: list[float], slack: float) -> float:
+    """:func:`_extrapolated_error` e_m of the last three Ritz values, or ``inf`` unless the limit
+    θ_m + e_m agrees within ``slack`` with θ_{m-1} + e_{m-1} predicted from the three before (a
+    plateau near a lower eigenvalue, then a jump, can look geometric for one window)."""
+    if len(history) < 4:
+        return math.inf
+    last, before = _extrapolated_error(history[-3:]), _extrapolated_error(history[-4:-1])
+    if not abs(history[-1] + last - history[-2] - before) <= slack:  # inf or nan: no evidence
+        return math.inf
+    return last
+
+
 def lanczos(
     matvec: MatVec,
     dim: int,
@@ -136,7 +152,7 @@ def lanczos(
     residual of one of the top k + 1 Ritz pairs: the one whose interval θ_i + r_i reaches
     highest (an eigenvalue above θ_1 would hide there). From one vector this is plain Lanczos;
     from a block, mostly the Krylov space of the current best vector, augmented; and when λ1 and
-    λ2 have crossed, the poorly resolved extra vector gets expanded.
+    λ2 have crossed, the poorly resolved extra vector gets expanded (see the (k+1)-th pair below).
 
     Stopping. Some eigenvalue of A lies within r_i of θ_i (and within r_i² / δ when the rest of
     the spectrum is δ away: Kato–Temple). The i-th pair is accepted when r_i ≤ ``tol`` · |θ_1|
@@ -144,18 +160,26 @@ def lanczos(
 
     * the remaining error extrapolated from the Ritz value's history (θ_i only increases with
       m, by interlacing; with increases Δ shrinking at the ratio ρ the rest sums to
-      Δ ρ / (1 − ρ), counted from the products after the start block) is ≤ ``tol`` · |θ_1|, and
+      Δ ρ / (1 − ρ), counted after the start block) is ≤ ``tol`` · |θ_1|, and the limit so
+      predicted moved by ≤ ``tol`` · |θ_1| since the previous product (a Ritz value that slows
+      down near a lower eigenvalue, then jumps, fails this), and
     * r_i ≤ 3 · ``tol`` · |θ_1|: by Kato–Temple the error is then within ``tol`` · |θ_1| on its
-      own whenever the gap to the rest of the spectrum is at least 9 · ``tol`` · |θ_1|, so the
-      extrapolation is only relied upon for close eigenvalues, and a Ritz value that has
-      stalled on a lower eigenvalue while still far from converged is not accepted.
+      own whenever the gap to the rest of the spectrum is at least 9 · ``tol`` · |θ_1|.
 
-    Neither rule can prove that θ_1 approximates λ1 rather than a lower eigenvalue: a start
-    orthogonal to the top eigenvector never sees it. That is what the start is for: a cold
-    start uses a block of ``block`` random vectors (all of them must miss the top eigenvector;
-    one random vector misses it in about one cold start in ten when λ1 and λ2 are a few per
-    cent apart), and a warm start the previous top k + 1 Ritz vectors, so that when λ1 and λ2
-    cross between measurements the new top eigenvector is already in the start block.
+    A warm start also waits for the (k+1)-th pair, if any: θ_{k+1} + 2 r_{k+1} ≤ θ_k +
+    ``tol`` · |θ_1|. The spectral weights of its Ritz vector have mean θ_{k+1} and variance
+    r_{k+1}², so (Cantelli) at most 1/5 of them lies more than ``tol`` · |θ_1| above θ_k: the
+    direction of the basis most likely to hold an eigenvector that moved into the top k since
+    the previous measurement has been resolved (its residual is expanded until then).
+
+    Guarantees of ``converged``: θ_i ≤ λ_i (interlacing: never an overestimate), and θ_i is
+    within r_i ≤ ``tol`` · |θ_1| of *some* eigenvalue (or so estimated by the extrapolation).
+    That it is λ_i, not a lower one, no rule on products can prove (a basis orthogonal to an
+    eigenvector never sees it); the start makes it likely: a cold start uses ``block`` random
+    vectors (a single one misses λ1 in about one start in ten when λ1 and λ2 are a few per cent
+    apart), a warm start the previous top k + 1 Ritz vectors and the (k+1)-th pair's check,
+    which find an eigenvector that the start block holds in part (λ1 and λ2 crossing, a
+    direction rising into the top k), not one it lacks entirely: cold-start now and then.
 
     Args:
         matvec: v ↦ A v for v of shape (dim,).
@@ -239,11 +263,13 @@ def lanczos(
         for i in range(k):
             err = float(res_all[i])
             if extrapolate and warm and err <= RESIDUAL_FACTOR * tol * scale:
-                err = min(err, _extrapolated_error(history[i]))
+                err = min(err, _consistent_extrapolation(history[i], tol * scale))
             if err <= tol * scale:
                 reach[i] = -math.inf  # accepted: not expanded further
             else:
                 ok = False
+        if ok and warm and top > k:  # the (k+1)-th pair must not reach above θ_k
+            ok = float(theta[k] + REACH_FACTOR * res_all[k]) <= float(theta[k - 1]) + tol * scale
         if ok and (warm or m >= 2 * b):
             converged = True
             break

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from stiffmon_agent.metrics import lanczos
-from stiffmon_agent.metrics.eigen import _extrapolated_error
+from stiffmon_agent.metrics.eigen import _consistent_extrapolation, _extrapolated_error
 
 DIM = 300
 ROT = 60  # directions turned by the drift
@@ -79,10 +79,16 @@ def test_extrapolated_error_is_exact_on_a_geometric_sequence() -> None:
     assert _extrapolated_error([0.5, 0.75]) == math.inf  # one increase: no ratio yet
     assert _extrapolated_error([0.5, 0.6, 0.8]) == math.inf  # increases do not shrink
     assert _extrapolated_error([0.5, 0.7, 0.7]) == math.inf  # a stall is no evidence
+    # both windows of 1 − 2^-m predict 1; θ3 of the tiny transformer (0.409 with a dense
+    # Hessian): the last window predicts 0.346 (accepted alone), the one before 0.530
+    assert _consistent_extrapolation([0.5, 0.75, 0.875, 0.9375], 1e-9) == pytest.approx(0.0625)
+    assert _consistent_extrapolation([0.0647, 0.1977, 0.2927, 0.3268], 0.0232) == math.inf
+    assert _consistent_extrapolation([0.75, 0.875, 0.9375], 1.0) == math.inf  # one window
 
 
 def test_warm_sequence_on_a_drifting_spectrum() -> None:
-    """λ1 well separated, eigenvectors turning: within 1 %, in few products."""
+    """λ1 well separated, eigenvectors turning: within 1 %, in few products (4.73 on average;
+    4.00 before the extrapolated stop needed two consistent windows and the (k+1)-th pair)."""
     steps = 12
     tops = [
         line(1.0, 1.3, steps),
@@ -94,8 +100,8 @@ def test_warm_sequence_on_a_drifting_spectrum() -> None:
     errs, counts = warm_run(mats)
     assert max(errs) <= 1e-2, errs
     _, plain = warm_run(mats, extrapolate=False)  # the residual rule alone
-    assert sum(counts) < sum(plain), (counts, plain)
-    assert sum(counts) / len(counts) <= 4.5, counts  # deterministic: seeds fixed
+    assert sum(counts) <= sum(plain), (counts, plain)
+    assert sum(counts) / len(counts) <= 5.0, counts  # deterministic: seeds fixed
 
 
 @pytest.mark.parametrize("rotation", [0.0, 0.3])
@@ -136,4 +142,71 @@ def test_warm_start_with_k_eigenpairs() -> None:
         assert got.converged and got.warm_start.shape == (DIM, 3)
         ref = np.linalg.eigvalsh(a.numpy())[::-1][:2]
         np.testing.assert_allclose(got.eigenvalues.numpy(), ref, rtol=1e-2)
+        warm = got.warm_start
+
+
+def risen_third(part: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(A, start block, top 3 of A by ``eigvalsh``): since the previous measurement v3 rose from
+    the bulk (0.2) to 0.6, above v4 (0.5); spectrum 1, 0.8, 0.6, 0.5, 0.45, bulk ≤ 0.35.
+
+    The start block is the previous matrix's top 4 eigenvectors: v1, v2, v4 (still exact
+    eigenvectors of A) and x = √(1 − part²) v5 + part · v3.
+    """
+    gen = torch.Generator().manual_seed(5)
+    q, _ = torch.linalg.qr(torch.randn(DIM, DIM, generator=gen, dtype=torch.float64))
+    bulk = 0.35 * torch.linspace(1.0, 0.0, DIM - 5, dtype=torch.float64) ** 2
+    ev = torch.cat([torch.tensor([1.0, 0.8, 0.6, 0.5, 0.45], dtype=torch.float64), bulk])
+    a = (q * ev) @ q.T
+    c = math.sqrt(1.0 - part**2)
+    x, x_low = c * q[:, 4] + part * q[:, 2], c * q[:, 2] - part * q[:, 4]
+    prev_vecs = torch.stack([q[:, 0], q[:, 1], q[:, 3], x, x_low], dim=1)
+    prev_ev = torch.tensor([1.0, 0.8, 0.5, 0.45, 0.2], dtype=torch.float64)
+    prev = (prev_vecs * prev_ev) @ prev_vecs.T + (q[:, 5:] * bulk) @ q[:, 5:].T
+    warm = torch.linalg.eigh(prev).eigenvectors.flip(1)[:, :4]
+    ref = torch.from_numpy(np.linalg.eigvalsh(a.numpy())[::-1][:3].copy())
+    return a, warm, ref
+
+
+@pytest.mark.parametrize("part", [0.3, 0.5])
+def test_warm_start_holding_part_of_the_new_third_eigenvector(part: float) -> None:
+    """k = 3: stopping on the top 3 alone reports λ4 = 0.5 as λ3 with ``converged`` (residuals
+    0); the (k+1)-th pair (x: θ ≈ 0.46, r ≈ 0.15 part) reaches above θ3, so its residual is
+    expanded and v3 found."""
+    a, warm, ref = risen_third(part)
+    got = lanczos(lambda v: a @ v, DIM, k=3, init=warm, tol=1e-2)
+    assert got.converged
+    torch.testing.assert_close(got.eigenvalues, ref, rtol=0, atol=1e-2 * float(ref[0]))
+
+
+def test_warm_start_lacking_an_eigenvector_entirely() -> None:
+    """The limit stated by ``lanczos``: a start block orthogonal to v3 hides it from a warm
+    start (θ3 = λ4, exact, ``converged``); a cold start finds it."""
+    a, warm, ref = risen_third(0.0)
+    got = lanczos(lambda v: a @ v, DIM, k=3, init=warm, tol=1e-2)
+    assert got.converged and float(got.eigenvalues[2]) == pytest.approx(0.5)
+    gen = torch.Generator().manual_seed(6)
+    cold = lanczos(lambda v: a @ v, DIM, k=3, tol=1e-2, generator=gen)
+    assert cold.converged
+    torch.testing.assert_close(cold.eigenvalues, ref, rtol=0, atol=1e-2 * float(ref[0]))
+
+
+def test_warm_k3_sequence_through_crossings_below_lambda2() -> None:
+    """k = 3 along a drift where λ3 … λ5 cross (turning 0.4 rad per step): every converged top 3
+    within 1 % of ``eigvalsh``. The old stop put θ3 next to λ4, 2.5 % and 5.3 % low at steps 6
+    and 7: on the residual alone with the 4th pair unresolved, then on an extrapolated plateau."""
+    steps = 8
+    tops = [
+        line(1.0, 0.95, steps),
+        line(0.8, 0.9, steps),
+        line(0.8, 0.7, steps),
+        line(0.65, 0.75, steps),
+        line(0.6, 0.7, steps),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    warm: Tensor | None = None
+    for a, _ in drifting(tops, steps, 0.4, 235):
+        got = lanczos(lambda v, a=a: a @ v, DIM, k=3, tol=1e-2, init=warm, generator=gen)
+        assert got.converged
+        ref = np.linalg.eigvalsh(a.numpy())[::-1][:3]
+        np.testing.assert_allclose(got.eigenvalues.numpy(), ref, rtol=0, atol=1e-2 * ref[0])
         warm = got.warm_start
