@@ -78,10 +78,13 @@ def hello_fields(
 
 def probe_notes(probe: ProbeSet | None) -> list[tuple[str, str]]:
     """``(code, message)`` of the info events a probe calls for at the start: a probe whose
-    targets are not integer class labels gets no class stiffness (the rest is measured)."""
+    targets are not class labels gets no class stiffness (the rest is measured)."""
     if probe is None or probe.labels is not None:
         return []
-    what = "no class stiffness: the probe's targets are not integer class labels of shape (N,)"
+    what = (
+        "no class stiffness: the probe's targets are not class labels (integers of shape (N,), "
+        "or a binary classifier's 0/1)"
+    )
     return [("no-class-labels", f"{what}; layer stiffness, gradient noise and sharpness go on")]
 
 

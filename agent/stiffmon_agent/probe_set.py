@@ -37,7 +37,8 @@ class ProbeSet:
         inputs: Joint inputs (train ∪ val), examples along dim 0.
         targets: Joint targets.
         n_train: Number of train examples (the first ``n_train``).
-        labels: Integer class labels (N,) if the targets are class labels, else None.
+        labels: Integer class labels (N,) if the targets are class labels (integers of shape
+            (N,), or a binary classifier's 0/1 floats of shape (N,) or (N, 1)), else None.
         num_classes: Number of classes (when ``labels`` is set).
         class_names: Names of the classes, if known.
     """
@@ -71,7 +72,7 @@ def make_probe(
     Floating-point tensors are cast to ``dtype`` (the model's), so a float64 probe works with
     a float32 model. Integer class labels that are not 0..K−1 (e.g. {10, 20, 30}) are mapped to
     compact classes named after the original labels, unless ``class_names`` or ``num_classes``
-    say how to read them.
+    say how to read them. A binary classifier's 0/1 float targets are classes 0 and 1.
 
     Raises:
         ValueError: If a probe is empty or malformed.
@@ -98,10 +99,12 @@ def make_probe(
             raise ValueError("the validation probe is empty or has mismatched inputs and targets")
         xs = tree_map(lambda a, b: torch.cat([a, b]), xs, vx)
         ys = tree_map(lambda a, b: torch.cat([a, b]), ys, vy)
-    labels = ys if isinstance(ys, Tensor) and ys.dim() == 1 and not ys.is_floating_point() else None
+    labels = _class_labels(ys)
     names = tuple(class_names or ())
     k = num_classes or (len(names) if names else 0)
-    if labels is not None and labels.numel():
+    if labels is not None and labels is not ys:  # a binary classifier's 0/1: classes 0 and 1
+        k = max(k, 2)
+    elif labels is not None and labels.numel():
         uniq = torch.unique(labels)
         compact = int(uniq[0]) == 0 and int(uniq[-1]) == uniq.numel() - 1
         if not names and not num_classes and not compact:
@@ -113,6 +116,21 @@ def make_probe(
                 raise ValueError(f"negative class label {int(uniq[0])} in the probe")
             k = max(k, int(labels.max()) + 1)
     return ProbeSet(xs, ys, n_train, labels, k, names)
+
+
+def _class_labels(ys: Batch) -> Tensor | None:
+    """Integer targets (N,), or the 0/1 float targets (N,) or (N, 1) of a binary classifier
+    (``BCEWithLogitsLoss``) read as classes 0 and 1; else None (soft, multi-label, regression)."""
+    if not isinstance(ys, Tensor) or ys.dim() not in (1, 2):
+        return None
+    if not ys.is_floating_point():
+        return ys if ys.dim() == 1 else None
+    if ys.dim() == 2 and ys.shape[1] != 1:
+        return None
+    flat = ys.reshape(-1)
+    if flat.numel() and bool(((flat == 0) | (flat == 1)).all()):
+        return flat.long()
+    return None
 
 
 class MeasurementSkipped(Exception):

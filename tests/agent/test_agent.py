@@ -332,7 +332,7 @@ def test_a_probe_without_class_labels_says_so_at_the_start(tmp_path: Path) -> No
         notes[kind] = [m.message for m in msgs if isinstance(m, p.Event) and m.level == "info"]
         assert any(isinstance(m, p.Scalars) and "noise/trace_k" in m.names for m in msgs)
     assert notes["float"] == [
-        "no class stiffness: the probe's targets are not integer class labels of shape (N,); "
-        "layer stiffness, gradient noise and sharpness go on"
+        "no class stiffness: the probe's targets are not class labels (integers of shape (N,), "
+        "or a binary classifier's 0/1); layer stiffness, gradient noise and sharpness go on"
     ]
     assert not any("class" in n for n in notes["labels"])

@@ -44,8 +44,8 @@ FIELDS: tuple[Field, ...] = (
     ("loss", lambda s, a: fmt(s.get("final_loss"), ".3g")),
 )
 LEGEND = (
-    "BE break-even step: thr crossed 2/η, pk early peak, cat catapult, ◇ tentative; "
-    "pk peak; aft mean after BE"
+    "η latest learning rate; BE break-even step: thr crossed 2/η, pk early peak, cat catapult, "
+    "◇ tentative; pk peak; aft mean after BE"
 )
 
 

@@ -180,3 +180,46 @@ def test_non_finite_weights_skip_the_measurement(tmp_path: Path) -> None:
     msgs, _ = read_session(rec)
     skipped = [m for m in msgs if isinstance(m, p.Event) and m.code == "measurement-skipped"]
     assert len(skipped) == 4 and "not finite" in skipped[0].message
+
+
+@pytest.mark.parametrize("shape", [(16,), (16, 1)])
+def test_binary_classifier_float_targets_get_class_stiffness(shape: tuple[int, ...]) -> None:
+    """BCEWithLogitsLoss with 0/1 float targets: classes 0 and 1, each entry of the 2 × 2 class
+    stiffness the mean cosine over pairs i ≠ j of per-example gradients from a naive float64
+    loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    y = (torch.arange(16) % 3 == 0).double().reshape(shape)
+    loss_fn = nn.BCEWithLogitsLoss()
+    probe = make_probe((x, y), None, None, None, None)
+    assert probe.num_classes == 2 and torch.equal(probe.labels, y.reshape(-1).long())  # type: ignore[arg-type]
+    fwd = lambda m, b: m(b).reshape(b.shape[0], *shape[1:])  # noqa: E731  (logits like y)
+    msgs = gram_messages(model, loss_fn, probe, 0, forward=fwd)
+    mat = next(m for m in msgs if m.cls is p.Matrix)
+    grads = []
+    for i in range(16):
+        model.zero_grad()
+        loss_fn(fwd(model, x[i : i + 1]), y[i : i + 1]).backward()
+        grads.append(torch.cat([q.grad.reshape(-1) for q in model.parameters()]))  # type: ignore[union-attr]
+    g = torch.stack(grads)
+    cos = (g @ g.T) / (g.norm(dim=1)[:, None] * g.norm(dim=1)[None, :])
+    labels = y.reshape(-1).long()
+    ref = torch.zeros(2, 2, dtype=torch.float64)
+    for a in range(2):
+        for b in range(2):
+            pairs = [
+                cos[i, j]
+                for i in range(16)
+                for j in range(16)
+                if i != j and labels[i] == a and labels[j] == b
+            ]
+            ref[a, b] = torch.stack(pairs).mean()
+    assert mat.fields["name"] == "stiffness/cos/train-train"
+    assert torch.allclose(torch.as_tensor(mat.fields["data"]), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_soft_and_multi_label_float_targets_are_not_classes() -> None:
+    x = torch.randn(6, 4)
+    for y in (torch.rand(6), torch.randint(0, 2, (6, 3)).float(), torch.full((6,), 0.5)):
+        assert make_probe((x, y), None, None, None, None).labels is None
