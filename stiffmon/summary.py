@@ -25,8 +25,20 @@ BREAK_EVEN_LEGEND = (
     "(2+2β)/η heavy ball) and stays within 5 %; ᵖ end of the rise to the early-phase peak "
     "(thr not reached); ᶜ catapult (a one-measurement spike above thr); ? tentative (not "
     "confirmed yet). after: mean over the measurements after a confirmed break-even. Adaptive "
-    "optimizers: judged on the preconditioned λ1 and its threshold."
+    "optimizers: judged on the preconditioned λ1 and its threshold, marked ᴾ (λ1(P⁻¹H))."
 )
+
+
+def precond_mark(s: dict[str, Any], key: str, ascii: bool = False) -> str:
+    """``s[key]`` formatted, with ``ᴾ`` when a :func:`run_summary`'s break-even was judged on
+    λ1(P⁻¹H) (an adaptive run) and there is a value."""
+    text = fmt(s.get(key), ".3g")
+    value = s.get(key)
+    if s.get("break_even_series") != "sharpness/lambda1_precond" or value is None:
+        return text
+    if isinstance(value, float) and math.isnan(value):
+        return text
+    return text + ("P" if ascii else "ᴾ")
 
 
 def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
@@ -150,8 +162,8 @@ def summary_table(store: Store) -> Group:
         be.add_row(
             s["name"],
             fmt_break_even(s["break_even_step"], s["break_even_reason"], s["break_even_status"]),
-            fmt(s["break_even_threshold"], ".3g"),
-            fmt(s["lambda1_at_break_even"], ".3g"),
+            precond_mark(s, "break_even_threshold"),
+            precond_mark(s, "lambda1_at_break_even"),
             fmt(s["peak_lambda1_h"], ".3g"),
             fmt(s["peak_lambda1_k"], ".3g"),
             fmt(s["mean_lambda1_h_after"], ".3g"),

@@ -5,7 +5,11 @@ negative target (cross-entropy's ``ignore_index``, -100 by default: padding) is 
 so it counts neither as a hit nor as a miss; a step with none is NaN. There must be one target
 per prediction, ``targets.shape == logits.shape[:-1]`` with at least two classes (no
 broadcasting; a binary classifier's single logit has no argmax): otherwise the step is NaN and
-a warning ``event`` says why. Where it is computed matters:
+a warning ``event`` says why. With a binary loss (:func:`binary_threshold`: ``BCEWithLogitsLoss``
+or ``BCELoss``) it is instead Keras' ``binary_accuracy``: ``mean((logits > t) == (targets > 0.5))``
+over every element, with t = 0 for logits and 0.5 for probabilities, and targets of the logits'
+shape ((B,), (B, 1), or (B, C) multi-label: the fraction of labels right). Where it is computed
+matters:
 
 * On the training thread every small kernel costs 10–20 µs in a real loop (caches cold after the
   step; measured on the digits CNN: argmax 17 µs, the whole count 31 µs, 1.5 % of a 2 ms step).
@@ -51,13 +55,18 @@ class Accuracy:
         logits: The detached logits, or None when counted already.
         targets: The targets, or None when counted already.
         hits: When counted: a tensor ``[correct predictions, targets ≥ 0]`` (None when kept).
+        threshold: A binary loss's decision threshold (:func:`binary_threshold`), else None
+            (argmax over the last dimension).
         versions: The kept tensors' version counters when kept.
     """
 
-    __slots__ = ("hits", "logits", "targets", "versions")
+    __slots__ = ("hits", "logits", "targets", "threshold", "versions")
 
-    def __init__(self, logits: Any, targets: Any, hits: Any = None) -> None:
+    def __init__(
+        self, logits: Any, targets: Any, hits: Any = None, threshold: float | None = None
+    ) -> None:
         self.logits, self.targets, self.hits = logits, targets, hits
+        self.threshold = threshold
         self.versions = (logits._version, targets._version) if hits is None else (0, 0)
 
     @property
@@ -68,18 +77,24 @@ class Accuracy:
         return (self.logits._version, self.targets._version) == self.versions
 
     @classmethod
-    def of(cls, logits: torch.Tensor, targets: torch.Tensor) -> Accuracy:
+    def of(
+        cls, logits: torch.Tensor, targets: torch.Tensor, threshold: float | None = None
+    ) -> Accuracy:
         """On the training thread: keep small logits, count big ones (raises if the shapes
         do not compare)."""
         logits = logits.detach()
         if targets.requires_grad:
             targets = targets.detach()
         if logits.is_cpu and logits.numel() <= DEFER_MAX_ELEMENTS:
-            return cls(logits, targets)  # shapes checked on the publisher thread (4 µs here)
-        check_comparable(logits, targets)
-        with torch.no_grad():  # a negative target never equals an argmax: no hit
-            same = logits.argmax(-1) == targets
-            return cls(None, None, torch.stack((same.sum(), (targets >= 0).sum())))
+            return cls(logits, targets, None, threshold)  # checked on the publisher thread
+        check_comparable(logits, targets, threshold)
+        with torch.no_grad():
+            if threshold is not None:
+                same = (logits > threshold) == (targets > 0.5)
+                valid = torch.ones_like(same).sum()
+            else:  # a negative target never equals an argmax: no hit
+                same, valid = logits.argmax(-1) == targets, (targets >= 0).sum()
+            return cls(None, None, torch.stack((same.sum(), valid)), threshold)
 
     def __float__(self) -> float:
         if not self.intact:
@@ -90,11 +105,29 @@ class Accuracy:
         return hits / valid if valid else math.nan
 
 
-def check_comparable(logits: Any, targets: Any) -> None:
+def binary_threshold(loss_fn: Any) -> float | None:
+    """The decision threshold of a binary loss's outputs: 0 for ``BCEWithLogitsLoss`` (logits),
+    0.5 for ``BCELoss`` (probabilities); None for any other loss (argmax accuracy)."""
+    if isinstance(loss_fn, torch.nn.BCEWithLogitsLoss):
+        return 0.0
+    if isinstance(loss_fn, torch.nn.BCELoss):
+        return 0.5
+    return None
+
+
+def check_comparable(logits: Any, targets: Any, threshold: float | None = None) -> None:
     """Raise unless there is one target per prediction, ``logits.shape[:-1] == targets.shape``
     (no broadcasting: targets of shape (B, 1) against (B, C) logits would compare every
     prediction with every target), and at least two classes (a binary classifier's one logit
-    per example, shape (B,) or (B, 1), has no argmax)."""
+    per example, shape (B,) or (B, 1), has no argmax). With a binary loss's ``threshold``: one
+    target per output, ``logits.shape == targets.shape``."""
+    if threshold is not None:
+        if tuple(logits.shape) != tuple(targets.shape):
+            raise ValueError(
+                f"outputs {tuple(logits.shape)} and targets {tuple(targets.shape)} of a binary "
+                "loss do not compare (need one 0/1 target per output, the same shape)"
+            )
+        return
     if logits.ndim < 1 or logits.shape[-1] < 2:
         raise ValueError(
             f"logits {tuple(logits.shape)} have no class dimension of two or more classes "
@@ -112,10 +145,12 @@ def check_comparable(logits: Any, targets: Any) -> None:
         )
 
 
-def step_accuracy(logits: Any, targets: Any, warned: set[str]) -> Accuracy | float:
+def step_accuracy(
+    logits: Any, targets: Any, warned: set[str], threshold: float | None = None
+) -> Accuracy | float:
     """:meth:`Accuracy.of`, never raising: NaN, and one warning, if the two do not compare."""
     try:
-        return Accuracy.of(logits, targets)
+        return Accuracy.of(logits, targets, threshold)
     except Exception as exc:  # never into the training loop
         if "accuracy" not in warned:
             warned.add("accuracy")
@@ -190,8 +225,12 @@ def _hit_rates(run: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
     single-threaded) on the stacked memory; in torch where numpy has no view of it (bfloat16)."""
     t_logits = torch.stack([a.logits for a in run])  # one call; raises if shapes differ
     t_targets = torch.stack([a.targets for a in run])
-    check_comparable(run[0].logits, run[0].targets)
+    threshold = run[0].threshold
+    check_comparable(run[0].logits, run[0].targets, threshold)
     k = len(run)
+    if threshold is not None:  # a binary loss: every output element is a prediction
+        same_t = (t_logits > threshold) == (t_targets > 0.5)
+        return same_t.reshape(k, -1).double().mean(dim=1).numpy()
     try:
         targets = t_targets.numpy()
         same = np.equal(t_logits.numpy().argmax(-1), targets).reshape(k, -1)

@@ -29,7 +29,7 @@ from stiffmon import protocol as p
 from stiffmon.registry import unregister
 from stiffmon.transport import CurveKeys
 from stiffmon_agent import distributed as sharding
-from stiffmon_agent.accuracy import step_accuracy
+from stiffmon_agent.accuracy import binary_threshold, step_accuracy
 from stiffmon_agent.announce import (
     dist_rank,
     hello_fields,
@@ -207,6 +207,7 @@ class Agent:
         self._sharp_state = SharpnessState(batch_size=batch_size)
         self._batch_size = batch_size
         self._log_warned: set[str] = set()
+        self._binary = binary_threshold(loss_fn)  # BCE: thresholded, not argmax, accuracy
         self._budget = MeasurementBudget(overhead_cap, self._publishing_seconds, self.event)
         self._registry_run: str | None = None
         self.probe: ProbeSet | None = None
@@ -239,6 +240,7 @@ class Agent:
                 self._columns.flush,
                 self.shard,
             )
+            self._runner.stepped_groups = self._optimizer_columns.stepped_groups
             self._next_due = self._plan.next_after(-1)
         if not self.enabled:
             return
@@ -260,6 +262,7 @@ class Agent:
         if self.endpoint is not None and registry:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)
+        self._optimizer_columns.attach()  # last: a failed construction leaves no hook behind
         where = f"publishing on {self.endpoint}" if self.endpoint else "not publishing"
         where += f", recording to {record}" if record else ""
         where += f", measuring over {self.shard.world} ranks" if self.shard else ""
@@ -301,7 +304,8 @@ class Agent:
         Args:
             loss: The step's loss (tensor or number).
             logits: Optional model outputs of the step, for the accuracy.
-            targets: Optional class targets matching ``logits``.
+            targets: Optional targets matching ``logits`` (class indices; 0/1 per output with a
+                BCE loss).
         """
         if self.closed:
             return
@@ -316,7 +320,7 @@ class Agent:
         row += self._optimizer_columns.values()
         extra = 0
         if logits is not None and targets is not None:
-            row.append(step_accuracy(logits, targets, self._log_warned))
+            row.append(step_accuracy(logits, targets, self._log_warned, self._binary))
             extra = 1
         if self._batch_size is None and isinstance(logits, Tensor) and logits.ndim >= 1:
             self._sharp_state.batch_size = b = int(logits.shape[0])  # B of a sum-reduced loss
@@ -396,6 +400,7 @@ class Agent:
             return
         self.closed = True
         _LIVE_AGENTS.discard(self)
+        self._optimizer_columns.remove_hook()
         if self.publisher is not None:
             self._columns.flush()
             self._submit(p.Bye, {"reason": reason}, step=max(self.step_count - 1, 0))

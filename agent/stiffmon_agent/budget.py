@@ -126,8 +126,9 @@ class MeasurementBudget:
         """Count a due measurement lost to an error (the metric-error event says why)."""
         self.coverage[kind][1] += 1
 
-    def skip(self, kind: str, reason: str) -> None:
-        """Count a due measurement not made; say so at 1, 2, 5, 10, 20, ... skips of a reason."""
+    def skip(self, kind: str, reason: str, detail: str = "") -> None:
+        """Count a due measurement not made; say so at 1, 2, 5, 10, 20, ... skips of a reason
+        (``detail``: what the last one said, e.g. which weight is not finite)."""
         self.coverage[kind][1] += 1
         n = self.skips[(kind, reason)] = self.skips.get((kind, reason), 0) + 1
         if not log_spaced(n):
@@ -144,6 +145,8 @@ class MeasurementBudget:
             )
         elif reason == "disabled":
             why = f"because {kind} is disabled after an error"
+        elif detail:
+            why = f"because {detail}"
         else:
             why = f"({reason})"
         msg = f"skipping due {kind} measurements {why} ({n} skipped so far, {done} done)"
@@ -152,6 +155,7 @@ class MeasurementBudget:
             msg,
             level="warning",
             kind=kind,
+            metric=kind,
             reason=reason,
             skipped=n,
             done=done,

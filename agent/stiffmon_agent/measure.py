@@ -43,6 +43,7 @@ from stiffmon_agent.metrics import (
     gradient_noise,
     hessian_eigen,
     mean_pair_cosine,
+    momentum_warmup,
     pairwise_distances,
     per_example_gram,
     preconditioned_threshold_for,
@@ -245,12 +246,14 @@ def sharpness_messages(
     state: SharpnessState | None = None,
     train: tuple[Batch, Batch] | None = None,
     wrap: Callable[[HessianOperator], Callable[[Tensor], Tensor]] | None = None,
+    groups: Sequence[dict[str, Any]] | None = None,
 ) -> tuple[list[Outgoing], Tensor]:
     """λ1_H (and top-k) of the training objective on the train probe, warm-started.
 
     The objective is the per-example mean for a mean-reduced loss and B × it for a sum-reduced
     one (B from ``state.batch_size``; unknown B: the per-example mean, a NaN threshold and an
-    event). The threshold is the most restrictive param group's at the current learning rates.
+    event). The threshold is the most restrictive param group's, at the learning rates of
+    ``groups`` (those the step just taken used) or else the optimizer's current ones.
     For Adam / AdamW / RMSprop also λ1(P⁻¹H) against its preconditioned threshold.
 
     ``train`` is the examples this process computes (default: the train probe) and ``wrap``
@@ -302,7 +305,7 @@ def sharpness_messages(
     if optimizer is None:
         threshold = StabilityThreshold(None, "none: no optimizer")
     else:
-        threshold = stability_threshold_for(optimizer)
+        threshold = stability_threshold_for(optimizer, groups=groups)
     if not scale_known:
         threshold = StabilityThreshold(None, f"none: batch size unknown; {threshold.rule}")
     elif threshold.value is None:
@@ -327,7 +330,7 @@ def sharpness_messages(
         Outgoing(p.Spectrum, step, t, {"name": "hessian", "values": values.numpy(), "attrs": attrs})
     )
     if optimizer is not None and type(optimizer).__name__ in ("Adam", "AdamW", "RMSprop"):
-        pthr = preconditioned_threshold_for(optimizer)
+        pthr = preconditioned_threshold_for(optimizer, groups)
         params = list(trainable_parameters(model).values())
         diag, why = diagonal_preconditioner(optimizer, params)
         lam_p, hvps_p = math.nan, 0
@@ -365,7 +368,10 @@ def sharpness_messages(
                 )
             )
         names += ["sharpness/lambda1_precond", "sharpness/threshold_precond"]
-        ok = scale_known and pthr.value is not None
+        early = momentum_warmup(optimizer, groups)
+        if early:
+            note("precond-warmup", f"no threshold on λ1(P⁻¹H) yet: {early}")
+        ok = scale_known and pthr.value is not None and not early
         raw += [lam_p, pthr.value if ok else math.nan]  # type: ignore[list-item]
         raw[2] += hvps_p
     out.append(Outgoing(p.Scalars, step, t, {"values_names": names, "values_raw": raw}))

@@ -87,6 +87,8 @@ class MeasurementRunner:
         self.disabled: dict[str, str] = {}
         self._blocked = -1  # the step at which a due kind did not fit the budget
         self.warm: Tensor | None = None
+        # the param groups as the last optimizer step used them (None: the optimizer's own)
+        self.stepped_groups: Callable[[], list[dict[str, Any]] | None] = lambda: None
         self.generator = torch.Generator().manual_seed(0)
 
     def measure(self, kind: str, step: int) -> bool:
@@ -115,14 +117,8 @@ class MeasurementRunner:
             else:
                 check_finite(self.model, self.loss_fn, self.probe, self.forward)
             msgs = self._messages(kind, step)
-        except MeasurementSkipped as exc:
-            log.info(f"stiffmon: {kind} measurement at step {step} skipped: {exc}")
-            self.event(
-                "measurement-skipped",
-                f"{kind} at step {step} skipped: {exc}",
-                level="warning",
-                metric=kind,
-            )
+        except MeasurementSkipped as exc:  # said at the 1st, 2nd, 5th, 10th, ... such skip
+            self.budget.skip(kind, "not-finite", str(exc))
             return
         except Exception as exc:
             self._disable(kind, exc)
@@ -206,6 +202,7 @@ class MeasurementRunner:
                 generator=self.generator,
                 **self.opts.sharpness(),
                 state=self.sharp_state,
+                groups=self.stepped_groups(),
                 **common,
             )
             return msgs

@@ -9,6 +9,9 @@
 * :class:`OptimizerColumns`: the same at every step for a few µs: the names and where each value
   lives are worked out once and again whenever the param groups change (or every
   :data:`RECHECK_STEPS` steps, for a group edited in place), then each step only reads the values.
+  They are read as ``optimizer.step()`` starts (a step pre-hook), so a step's ``lr/i`` is the
+  learning rate that step used whether ``scheduler.step()`` comes before ``agent.step()`` or
+  after it.
 """
 
 from __future__ import annotations
@@ -88,6 +91,53 @@ class OptimizerColumns:
         self._age = 0
         self._row: tuple[str, ...] = ()
         self._row_key: tuple[tuple[str, ...] | None, int] = (None, 0)
+        self._stepped: tuple[list[Place], list[Any]] | None = None  # the last step's values
+        self._fresh = False  # an optimizer step since the last values()
+        self._hook: Any = None
+
+    def attach(self) -> None:
+        """Read the values as each ``optimizer.step()`` starts (a step pre-hook; optimizers
+        without ``register_step_pre_hook`` are read at :meth:`values`)."""
+        register = getattr(self.optimizer, "register_step_pre_hook", None)
+        if self._hook is None and callable(register):
+            try:
+                self._hook = register(self._on_optimizer_step)
+            except Exception:  # read at values() instead
+                self._hook = None
+
+    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        try:
+            got = self._read()
+            # a tensor lr (capturable, fused) may be changed in place by the scheduler next
+            got = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in got]
+            self._stepped, self._fresh = (self._places, got), True
+        except Exception:  # never into the user's optimizer step
+            self._fresh = False
+
+    def remove_hook(self) -> None:
+        """Stop reading at ``optimizer.step()`` (the agent is closed)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def stepped_groups(self) -> list[dict[str, Any]] | None:
+        """Copies of the param groups with the values the last ``optimizer.step()`` used (for
+        the stability thresholds of a measurement after it); None before any hooked step."""
+        if self._stepped is None or self.optimizer is None:
+            return None
+        places, got = self._stepped
+        copies = {id(g): dict(g) for g in self.optimizer.param_groups}
+        for (_, g, key, i), v in zip(places, got, strict=True):
+            c = copies.get(id(g))
+            if c is None:  # a group removed since
+                continue
+            if i < 0:
+                c[key] = v
+            else:
+                seq = list(c[key])
+                seq[i] = v
+                c[key] = tuple(seq)
+        return list(copies.values())
 
     def row_names(self, extra: int) -> tuple[str, ...]:
         """A step's column names: ``loss``, :attr:`names`, then ``accuracy`` (``extra & 1``)
@@ -99,7 +149,14 @@ class OptimizerColumns:
         return self._row
 
     def values(self) -> list[Any]:
-        """The current values, in the order of :attr:`names` (which may change at this call)."""
+        """The values the optimizer step since the last call used, else the current values, in
+        the order of :attr:`names` (which may change at this call)."""
+        if self._fresh and self._stepped is not None:
+            self._fresh = False
+            return self._stepped[1]
+        return self._read()
+
+    def _read(self) -> list[Any]:
         opt = self.optimizer
         if opt is None:
             return []

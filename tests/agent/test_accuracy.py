@@ -21,6 +21,7 @@ from stiffmon_agent.accuracy import (
     STACK_MAX_ELEMENTS,
     Accuracy,
     accuracies,
+    binary_threshold,
     step_accuracy,
 )
 
@@ -161,3 +162,50 @@ def test_padding_targets_are_not_predictions(counted: bool) -> None:
     assert math.isnan(expected[-1]) and expected[1] == (10 - 2) / 10
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
     assert [float(a) for a in column[:3]] == expected[:3]
+
+
+@pytest.mark.parametrize("counted", [False, True])
+@pytest.mark.parametrize("loss", ["logits", "probabilities"])
+def test_a_binary_loss_gets_the_thresholded_accuracy(counted: bool, loss: str) -> None:
+    """BCEWithLogitsLoss (threshold 0) and BCELoss (0.5): the fraction of outputs on the side of
+    their 0/1 target, one element at a time, for (B,), (B, 1) and multi-label (B, C) outputs;
+    targets of another shape are NaN with a reason."""
+    fn = torch.nn.BCEWithLogitsLoss() if loss == "logits" else torch.nn.BCELoss()
+    t = binary_threshold(fn)
+    assert t == (0.0 if loss == "logits" else 0.5)
+    assert binary_threshold(torch.nn.CrossEntropyLoss()) is None
+    g = torch.Generator().manual_seed(5)
+    big = DEFER_MAX_ELEMENTS + 1 if counted else 3
+    for shape in ((16,), (16, 1), (4, big)):
+        outs = torch.randn(*shape, generator=g)
+        outs = outs if loss == "logits" else torch.sigmoid(outs)
+        targets = (torch.rand(*shape, generator=g) > 0.5).float()
+        ref = (
+            sum(
+                (float(o) > t) == (float(y) == 1.0)
+                for o, y in zip(outs.reshape(-1), targets.reshape(-1), strict=True)
+            )
+            / targets.numel()
+        )
+        a = Accuracy.of(outs, targets, t)
+        assert (a.hits is not None) == (counted and shape[-1] == big)
+        assert float(a) == pytest.approx(ref, abs=1e-15)
+        np.testing.assert_allclose(accuracies([a, a]), [ref, ref], rtol=0, atol=1e-15)
+    problems: set[str] = set()
+    bad = Accuracy.of(torch.randn(16, 1), torch.ones(16), t)
+    assert math.isnan(accuracies([bad], problems=problems)[0])
+    assert any("binary loss do not compare" in x for x in problems)
+
+
+def test_an_agent_with_a_bce_loss_publishes_the_binary_accuracy(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = tmp_path / "bce.stiff"
+    agent = Agent(model, torch.nn.BCEWithLogitsLoss(), opt, endpoint="", record=rec, registry=False)
+    logits = torch.tensor([[2.0], [-1.0], [3.0], [-0.5]])
+    agent.step(torch.tensor(0.5), logits, torch.tensor([[1.0], [0.0], [0.0], [1.0]]))
+    agent.close()
+    msgs = read_session(rec)[0]
+    got = np.concatenate([m.column("accuracy") for m in msgs if isinstance(m, p.Columns)])
+    np.testing.assert_array_equal(got, [0.5])
+    assert not [m for m in msgs if isinstance(m, p.Event) and m.code == "accuracy-unavailable"]

@@ -4,6 +4,7 @@ the optimizer's columns read from where they live, and a custom schedule asked a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,22 +127,70 @@ def test_optimizer_columns_notice_a_group_edited_in_place_within_recheck_steps()
     assert "weight_decay/0" not in cols.names
 
 
-def test_an_lr_schedule_reaches_the_file_step_by_step(tmp_path: object) -> None:
+@pytest.mark.parametrize("order", ["scheduler-first", "agent-first"])
+def test_an_lr_schedule_reaches_the_file_step_by_step(tmp_path: Path, order: str) -> None:
+    """Each step's ``lr/0`` is the learning rate its ``optimizer.step()`` used, and so is the
+    stability threshold of a measurement at that step, whether ``scheduler.step()`` comes
+    before ``agent.step()`` or after it."""
+    torch.manual_seed(0)
     model = nn.Linear(4, 3)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=200)
-    rec = tmp_path / "lr.stiff"  # type: ignore[operator]
-    agent = Agent(model, nn.CrossEntropyLoss(), opt, endpoint="", record=rec, registry=False)
-    lrs = []
-    for _ in range(200):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=60)
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    rec = tmp_path / "lr.stiff"
+    agent = Agent(
+        model, nn.CrossEntropyLoss(), opt, probe=(x, y), endpoint="", record=rec,
+        registry=False, gram_every="never", sharpness_every=10, overhead_cap=None,
+    )  # fmt: skip
+    used, momenta = [], []
+    for i in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        used.append(opt.param_groups[0]["lr"])
+        momenta.append(opt.param_groups[0]["momentum"])  # OneCycle cycles it too
         opt.step()
-        sched.step() if len(lrs) < 199 else None
-        lrs.append(opt.param_groups[0]["lr"])
-        agent.step(0.5)
+        if order == "agent-first":
+            agent.step(0.5)
+        if i < 59:
+            sched.step()
+        if order == "scheduler-first":
+            agent.step(0.5)
     agent.close()
-    batches = [m for m in read_session(rec)[0] if isinstance(m, p.Columns)]
-    np.testing.assert_array_equal(np.concatenate([m.column("lr/0") for m in batches]), lrs)
-    assert all("weight_decay/0" in m.names and "beta2/0" in m.names for m in batches)
+    msgs = read_session(rec)[0]
+    batches = [m for m in msgs if isinstance(m, p.Columns)]
+    np.testing.assert_array_equal(np.concatenate([m.column("lr/0") for m in batches]), used)
+    np.testing.assert_array_equal(
+        np.concatenate([m.column("momentum/0") for m in batches]), momenta
+    )
+    assert all("weight_decay/0" in m.names for m in batches)
+    thresholds = {
+        m.step: m.as_dict()["sharpness/threshold"]
+        for m in msgs
+        if isinstance(m, p.Scalars) and "sharpness/threshold" in m.names
+    }
+    assert sorted(thresholds) == list(range(0, 60, 10))
+    for s, thr in thresholds.items():  # (2 + 2β) / η of the step's own η and β
+        assert thr == pytest.approx((2 + 2 * momenta[s]) / used[s], rel=1e-12)
+
+
+def test_steps_without_an_optimizer_step_read_the_values_as_they_are() -> None:
+    """Gradient accumulation: agent.step() at micro-steps without an optimizer step reads the
+    current values; a closed agent leaves no hook on the optimizer."""
+    w = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    cols = OptimizerColumns(opt)
+    cols.attach()
+    w.grad = torch.zeros(2)
+    opt.step()
+    opt.param_groups[0]["lr"] = 0.2
+    assert cols.values()[0] == 0.1  # the step's
+    assert cols.values()[0] == 0.2  # no step since: as it is now
+    assert cols.stepped_groups()[0]["lr"] == 0.1  # type: ignore[index]
+    agent = Agent(nn.Linear(2, 2), nn.MSELoss(), opt, endpoint="", registry=False)
+    assert len(opt._optimizer_step_pre_hooks) == 2
+    agent.close()
+    cols.remove_hook()
+    assert not opt._optimizer_step_pre_hooks
 
 
 def test_an_optimizer_that_cannot_be_read_gives_no_columns_not_a_crash() -> None:

@@ -17,6 +17,7 @@ from stiffmon import protocol as p
 from stiffmon.session import SessionReader, SessionWriter
 from stiffmon.store import Store
 from stiffmon.summary import run_summary, summary_json, summary_table
+from stiffmon.tui.renderables.comparetable import FIELDS
 
 STEPS = [*range(5), *range(20, 2001, 20)]
 
@@ -109,6 +110,14 @@ def test_adaptive_runs_use_the_preconditioned_sharpness() -> None:
     row = run_summary(rd)
     assert row["break_even_series"] == "sharpness/lambda1_precond"
     assert row["break_even_threshold"] == 38.0 and row["threshold"] == 40.0
+    sgd = store_of(messages(run="s"))
+    adam = store_of(messages(optimizer="Adam", precond=True))
+    text = "\n".join(render(adam))  # the threshold and λ there are λ1(P⁻¹H)'s: marked
+    assert "38ᴾ" in text and f"{row['lambda1_at_break_even']:.3g}ᴾ" in text
+    assert "ᴾ" not in "\n".join(render(sgd)).split("break-even:")[0]
+    cell = dict(FIELDS)["λH@BE"]
+    assert cell(row, False).endswith("ᴾ") and cell(row, True).endswith("P")
+    assert not cell(run_summary(sgd.runs["s"]), False).endswith("ᴾ")
 
 
 def test_threshold_follows_a_schedule_published_on_change() -> None:

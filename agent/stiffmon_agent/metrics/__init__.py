@@ -36,6 +36,7 @@ from stiffmon_agent.metrics.stiffness import (
 from stiffmon_agent.metrics.thresholds import (
     StabilityThreshold,
     diagonal_preconditioner,
+    momentum_warmup,
     preconditioned_threshold_for,
     stability_threshold,
     stability_threshold_for,
@@ -68,6 +69,7 @@ __all__ = [
     "lanczos",
     "mean_pair_cosine",
     "measurement_mode",
+    "momentum_warmup",
     "pairwise_distances",
     "per_example_gradients",
     "per_example_gram",

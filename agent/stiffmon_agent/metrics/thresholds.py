@@ -21,7 +21,9 @@ With several param groups the most restrictive group decides; ``group`` says whi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -111,21 +113,25 @@ def _most_restrictive(
 
 
 def stability_threshold_for(
-    optimizer: torch.optim.Optimizer, group: int | None = None
+    optimizer: torch.optim.Optimizer,
+    group: int | None = None,
+    groups: Sequence[dict[str, Any]] | None = None,
 ) -> StabilityThreshold:
     """Threshold on the raw λ1_H for a torch optimizer: the most restrictive param group.
 
     Args:
-        optimizer: The optimizer, read as it is now (the learning rate of this step).
+        optimizer: The optimizer (its type decides the rule).
         group: Only this param group; None: all of them, the smallest threshold wins.
+        groups: The param groups' values to use (e.g. as the last step used them); None: the
+            optimizer's as they are now.
 
     Returns:
         The threshold (None for adaptive optimizers: see :func:`preconditioned_threshold_for`).
     """
     name = type(optimizer).__name__
-    groups = list(enumerate(optimizer.param_groups))
+    numbered = list(enumerate(groups if groups is not None else optimizer.param_groups))
     if group is not None:
-        groups = [groups[group]]
+        numbered = [numbered[group]]
     if name == "SGD":
         per = [
             stability_threshold(
@@ -135,7 +141,7 @@ def stability_threshold_for(
                 dampening=_num(g.get("dampening", 0.0)),
                 weight_decay=_num(g.get("weight_decay", 0.0)),
             )
-            for _, g in groups
+            for _, g in numbered
         ]
         t = _most_restrictive(per, name)
         if group is not None and t.group is not None:
@@ -152,13 +158,16 @@ def stability_threshold_for(
     return StabilityThreshold(None, f"none: no stability rule known for {name}")
 
 
-def preconditioned_threshold_for(optimizer: torch.optim.Optimizer) -> StabilityThreshold:
-    """Threshold on λ1(P⁻¹H) for Adam / AdamW ((2+2β1)/((1−β1)η)) and RMSprop ((2+2μ)/η)."""
+def preconditioned_threshold_for(
+    optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]] | None = None
+) -> StabilityThreshold:
+    """Threshold on λ1(P⁻¹H) for Adam / AdamW ((2+2β1)/((1−β1)η)) and RMSprop ((2+2μ)/η);
+    ``groups`` as in :func:`stability_threshold_for`."""
     name = type(optimizer).__name__
     if name not in _PRECONDITIONED:
         return StabilityThreshold(None, f"none: no preconditioned rule known for {name}")
     per = []
-    for g in optimizer.param_groups:
+    for g in groups if groups is not None else optimizer.param_groups:
         eta = _num(g["lr"])
         if eta <= 0:
             per.append(StabilityThreshold(None, f"none: non-positive learning rate {eta}"))
@@ -169,6 +178,37 @@ def preconditioned_threshold_for(optimizer: torch.optim.Optimizer) -> StabilityT
             b1 = _num(g["betas"][0])
             per.append(StabilityThreshold((2 + 2 * b1) / ((1 - b1) * eta), "(2+2β1)/((1-β1)η)"))
     return _most_restrictive(per, name, preconditioned=True)
+
+
+def momentum_warmup(
+    optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]] | None = None
+) -> str:
+    """Why λ1(P⁻¹H) of Adam / AdamW is not yet compared with (2+2β1)/((1−β1)η), or "".
+
+    That threshold is for a steady momentum average m ← β1 m + (1−β1) g. Adam's first steps
+    divide it by 1 − β1^t instead (at t = 1 the step is η g / |g|), and P folds that factor in
+    (:func:`diagonal_preconditioner`), so before t ≈ 1/(1−β1) steps λ1(P⁻¹H) overstates the
+    steady-state criterion (up to 1/(1−β1) = 10× at t = 1, β1 = 0.9): a spike above the
+    threshold there is no edge of stability. t is the fewest steps any parameter has taken.
+    """
+    name = type(optimizer).__name__
+    if name not in ("Adam", "AdamW"):
+        return ""
+    gs = list(groups if groups is not None else optimizer.param_groups)
+    need = max(math.ceil(round(1 / (1 - _num(g["betas"][0])), 6)) for g in gs) if gs else 0
+    steps = [
+        _num(optimizer.state[q]["step"])
+        for g in optimizer.param_groups
+        for q in g["params"]
+        if "step" in optimizer.state.get(q, {})
+    ]
+    t = int(min(steps)) if steps else 0
+    if t >= need:
+        return ""
+    return (
+        f"{name} has taken {t} step(s); its momentum average reaches the steady state that "
+        f"(2+2β1)/((1-β1)η) assumes after about 1/(1-β1) = {need}"
+    )
 
 
 def diagonal_preconditioner(

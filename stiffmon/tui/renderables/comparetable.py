@@ -11,7 +11,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from stiffmon.summary import fmt
+from stiffmon.summary import fmt, precond_mark
 from stiffmon.tui.renderables.axes import asciify, cut
 
 WHY = {"threshold": "thr", "early-peak": "pk", "peak": "pk", "catapult": "cat"}
@@ -35,7 +35,7 @@ FIELDS: tuple[Field, ...] = (
     ("β", lambda s, a: fmt(s.get("momentum"), ".2g")),
     ("η/B", lambda s, a: fmt(s.get("lr_over_batch"), ".2g")),
     ("BE", be_cell),
-    ("λH@BE", lambda s, a: fmt(s.get("lambda1_at_break_even"), ".3g")),
+    ("λH@BE", lambda s, a: precond_mark(s, "lambda1_at_break_even", a)),
     ("λH pk", lambda s, a: fmt(s.get("peak_lambda1_h"), ".3g")),
     ("λK pk", lambda s, a: fmt(s.get("peak_lambda1_k"), ".3g")),
     ("λH aft", lambda s, a: fmt(s.get("mean_lambda1_h_after"), ".3g")),
@@ -45,7 +45,7 @@ FIELDS: tuple[Field, ...] = (
 )
 LEGEND = (
     "η latest learning rate; BE break-even step: thr crossed 2/η, pk early peak, cat catapult, "
-    "◇ tentative; pk peak; aft mean after BE"
+    "◇ tentative; ᴾ λ1(P⁻¹H) of an adaptive run; pk peak; aft mean after BE"
 )
 
 

@@ -73,10 +73,23 @@ def _scalars(msgs: list[Any]) -> dict[str, float]:
 
 
 def test_adamw_publishes_preconditioned_sharpness(tmp_path: Path) -> None:
-    msgs = _run(tmp_path, lambda ps: torch.optim.AdamW(ps, lr=0.01), nn.CrossEntropyLoss())
+    """λ1(P⁻¹H) at every step; its threshold 38/η only from Adam's step t = 1/(1−β1) = 10 on
+    (measured at agent step 9), before which an info event says why (the spike of t = 1 is no
+    edge of stability)."""
+    adamw = lambda ps: torch.optim.AdamW(ps, lr=0.01)  # noqa: E731
+    msgs = _run(tmp_path, adamw, nn.CrossEntropyLoss(), steps=11)
+    per_step = [
+        m.as_dict() for m in msgs if isinstance(m, p.Scalars) and "sharpness/lambda1_h" in m.names
+    ]
+    assert len(per_step) == 11 and all(sc["sharpness/lambda1_precond"] > 0 for sc in per_step)
+    early = [sc["sharpness/threshold_precond"] for sc in per_step[:9]]
+    assert all(math.isnan(v) for v in early)
+    warmup = [m for m in msgs if isinstance(m, p.Event) and m.code == "precond-warmup"]
+    assert len(warmup) == 1 and "1/(1-β1) = 10" in warmup[0].message and warmup[0].step == 0
     sc = _scalars(msgs)
     assert math.isnan(sc["sharpness/threshold"])
     assert sc["sharpness/threshold_precond"] == pytest.approx(38 / 0.01)
+    assert per_step[9]["sharpness/threshold_precond"] == pytest.approx(38 / 0.01)
     assert sc["sharpness/lambda1_precond"] > sc["sharpness/lambda1_h"] > 0
     sp = next(m for m in msgs if isinstance(m, p.Spectrum) and m.name == "hessian-precond")
     assert sp.attrs["threshold_group"] == 0 and "AdamW" in str(sp.attrs["threshold_rule"])
@@ -173,13 +186,20 @@ def test_non_finite_weights_skip_the_measurement(tmp_path: Path) -> None:
         probe=(x, y), endpoint="", record=rec, gram_every=1, sharpness_every=1,
         overhead_cap=1.0, registry=False,
     )  # fmt: skip
-    agent.step(1.0)
-    agent.step(1.0)
+    for _ in range(25):  # a diverged run: every due measurement skipped, said log-spaced
+        agent.step(1.0)
     assert not agent.disabled
     agent.close()
     msgs, _ = read_session(rec)
     skipped = [m for m in msgs if isinstance(m, p.Event) and m.code == "measurement-skipped"]
-    assert len(skipped) == 4 and "not finite" in skipped[0].message
+    for kind in ("gram", "sharpness"):
+        said = [m for m in skipped if m.attrs["kind"] == kind]
+        assert [m.attrs["skipped"] for m in said] == [1, 2, 5, 10, 20]
+        assert all(m.attrs["reason"] == "not-finite" for m in said)
+        assert "because parameter 0.weight is not finite" in said[0].message
+        counts = [m.as_dict() for m in msgs if isinstance(m, p.Scalars)]
+        last = [c[f"coverage/{kind}/skipped"] for c in counts if f"coverage/{kind}/skipped" in c]
+        assert last[-1] == 25
 
 
 @pytest.mark.parametrize("shape", [(16,), (16, 1)])
