@@ -66,7 +66,7 @@ def deciding_rule(rd: RunData) -> str:
 def be_words(rd: RunData) -> str:
     """``break-even 280 (early peak) λ1_H 1.96``, or ``no break-even yet``.
 
-    Once the run said bye, ``no break-even``: it ended without one.
+    Once the run said bye, ``no break-even``: it ended without one. A diverged run says so.
     """
     be = break_even_of(rd)
     status = getattr(be, "status", "confirmed")
@@ -74,6 +74,8 @@ def be_words(rd: RunData) -> str:
     if be.reason == "catapult":  # the marker itself names the first one
         cats = tuple(c for c in cats if c != be.step)
     extra = f"; catapult at {', '.join(f'{c:,}' for c in cats[:3])}" if cats else ""
+    if rd.diverged_step is not None:  # later measurements are skipped: say why it stops
+        extra += f"; ⚠ diverged at step {rd.diverged_step:,}"
     if be.step is None or status == "none":
         return ("no break-even" if rd.finished else "no break-even yet") + extra
     why = REASONS.get(be.reason, be.reason)

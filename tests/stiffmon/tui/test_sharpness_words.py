@@ -50,6 +50,10 @@ def test_no_break_even_yet_while_running_and_none_once_finished() -> None:
     assert be_words(rd) == "no break-even yet"
     store.apply(p.Bye(run="r", seq=6, step=50, t=6.0, reason="closed"), replay=True)
     assert be_words(rd) == "no break-even"
+    store.apply(
+        p.Scalars.from_dict({"loss": float("nan")}, run="r", seq=7, step=3, t=7.0), replay=True
+    )
+    assert be_words(rd) == "no break-even; ⚠ diverged at step 3"
 
 
 def _sharp_run(store: Store, run: str, rule: str, precond_rule: str | None = None) -> None:
