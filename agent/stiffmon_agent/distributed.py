@@ -58,9 +58,18 @@ MatVec = Callable[[Tensor], Tensor]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel``; else ``model``."""
-    while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile``
+    (whose compiled graph runs no forward hooks, which the per-example gradients need: the
+    measurements run the original module, on the same parameters); else ``model``."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = model._orig_mod
+        else:
+            break
     return model
 
 

@@ -103,7 +103,10 @@ def gram_messages(
             model, probe.inputs, probe.targets, loss_fn, forward=forward, chunk_size=chunk_size
         )
     g = gram.total.detach().double().cpu()
-    out: list[Outgoing] = []
+    out: list[Outgoing] = [  # the runner says each once
+        _event(step, t, "gram-fallback", f"per-example gradients: {note}", "warning")
+        for note in gram.notes
+    ]
     scalars: dict[str, float] = {}
     nt = probe.n_train
     s_cos = cosine_stiffness(g)

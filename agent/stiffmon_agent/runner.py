@@ -15,6 +15,7 @@ Gram matrix, its shard's Hessian-vector products — and rank 0 assembles and pu
 from __future__ import annotations
 
 import logging
+import re
 import time
 import traceback
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stiffmon import protocol as p
 from stiffmon_agent.budget import MeasurementBudget
 from stiffmon_agent.distributed import Shard, collective_device, sharded_check_finite
 from stiffmon_agent.measure import (
@@ -85,6 +87,7 @@ class MeasurementRunner:
         self.flush = flush
         self.shard = shard
         self.disabled: dict[str, str] = {}
+        self._said: set[tuple[str, str]] = set()  # events published (each once)
         self._blocked = -1  # the step at which a due kind did not fit the budget
         self.warm: Tensor | None = None
         # the param groups as the last optimizer step used them (None: the optimizer's own)
@@ -128,6 +131,11 @@ class MeasurementRunner:
             self.budget.record_cost(kind, time.perf_counter() - t0)
         self.budget.done(kind)
         for m in msgs:
+            if m.cls is p.Event:  # a reason is said once, not at every measurement
+                said = (m.fields["code"], re.sub(r"\d[\d.e+-]*", "#", m.fields["message"]))
+                if said in self._said:
+                    continue
+                self._said.add(said)
             self.submit(m)
 
     def _decide(self, kind: str, step: int) -> bool:

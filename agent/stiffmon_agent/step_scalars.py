@@ -91,7 +91,7 @@ class OptimizerColumns:
         self._age = 0
         self._row: tuple[str, ...] = ()
         self._row_key: tuple[tuple[str, ...] | None, int] = (None, 0)
-        self._stepped: tuple[list[Place], list[Any]] | None = None  # the last step's values
+        self._stepped: tuple[list[Place], list[Any]] | None = None  # the last row's values
         self._fresh = False  # an optimizer step since the last values()
         self._hook: Any = None
 
@@ -121,8 +121,9 @@ class OptimizerColumns:
             self._hook = None
 
     def stepped_groups(self) -> list[dict[str, Any]] | None:
-        """Copies of the param groups with the values the last ``optimizer.step()`` used (for
-        the stability thresholds of a measurement after it); None before any hooked step."""
+        """Copies of the param groups with the values of the last :meth:`values` (those the
+        last ``optimizer.step()`` used, or as they were at a step without one), for the
+        stability thresholds of a measurement at that step; None before any."""
         if self._stepped is None or self.optimizer is None:
             return None
         places, got = self._stepped
@@ -154,7 +155,9 @@ class OptimizerColumns:
         if self._fresh and self._stepped is not None:
             self._fresh = False
             return self._stepped[1]
-        return self._read()
+        got = self._read()
+        self._stepped = (self._places, got)  # what this step's row says: its thresholds too
+        return got
 
     def _read(self) -> list[Any]:
         opt = self.optimizer

@@ -18,6 +18,7 @@ from stiffmon import protocol as p
 from stiffmon.registry import list_runs
 from stiffmon.session import read_session
 from stiffmon_agent import Agent, EveryK, FirstNThenEveryK, LogSpaced, Never, parse_schedule
+from stiffmon_agent.distributed import unwrap
 from tests.conftest import GLOO_TEARDOWN, ROOT, Procs, free_port_pair
 
 
@@ -336,3 +337,35 @@ def test_a_probe_without_class_labels_says_so_at_the_start(tmp_path: Path) -> No
         "or a binary classifier's 0/1); layer stiffness, gradient noise and sharpness go on"
     ]
     assert not any("class" in n for n in notes["labels"])
+
+
+def test_a_gram_fallback_reaches_the_session_once(tmp_path: Path) -> None:
+    """A model that mixes examples makes the safety net fall back to the exact path: one
+    warning event says so (not one per measurement), and the Gram is still measured."""
+    from tests.agent.metrics.test_fallbacks import _CoupleAllButFirst
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), _CoupleAllButFirst(), nn.Tanh(), nn.Linear(5, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
+    rec = tmp_path / "fallback.stiff"
+    agent = Agent(
+        model, nn.CrossEntropyLoss(), opt, probe=(x, y), endpoint="", record=rec,
+        registry=False, gram_every=1, sharpness_every="never", overhead_cap=None,
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="exact per-example path"):
+        for _ in range(3):
+            agent.step(torch.tensor(1.0))
+    agent.close()
+    msgs = read_session(rec)[0]
+    said = [m for m in msgs if isinstance(m, p.Event) and m.code == "gram-fallback"]
+    assert len(said) == 1 and said[0].level == "warning"
+    assert "exact per-example path" in said[0].message
+    assert sum(isinstance(m, p.Spectrum) and m.name == "grad-cov" for m in msgs) == 3
+
+
+def test_a_compiled_model_is_measured_through_its_original_module() -> None:
+    inner = nn.Linear(2, 2)
+    compiled = torch.compile(inner)  # compiles lazily, at the first call: none here
+    assert unwrap(compiled) is inner
+    assert unwrap(nn.DataParallel(compiled)) is inner  # type: ignore[arg-type]

@@ -184,8 +184,9 @@ def test_steps_without_an_optimizer_step_read_the_values_as_they_are() -> None:
     opt.step()
     opt.param_groups[0]["lr"] = 0.2
     assert cols.values()[0] == 0.1  # the step's
-    assert cols.values()[0] == 0.2  # no step since: as it is now
     assert cols.stepped_groups()[0]["lr"] == 0.1  # type: ignore[index]
+    assert cols.values()[0] == 0.2  # no step since: as it is now, and so the threshold
+    assert cols.stepped_groups()[0]["lr"] == 0.2  # type: ignore[index]
     agent = Agent(nn.Linear(2, 2), nn.MSELoss(), opt, endpoint="", registry=False)
     assert len(opt._optimizer_step_pre_hooks) == 2
     agent.close()

@@ -15,8 +15,9 @@ as ``module(inputs)`` unless ``forward=`` says otherwise) and the trainer's firs
 returning one loss per example). Without any loss only the per-step scalars are published.
 
 It steps the agent once per optimizer step (``trainer.global_step`` advanced), with the step's
-loss — the sum of the micro-batch losses Lightning reports, which it divides by
-``accumulate_grad_batches`` — so gradient accumulation is respected. Under multi-GPU / multi-node
+loss — the mean of its micro-batch losses (Lightning reports each divided by
+``accumulate_grad_batches``, also on an epoch's last, shorter accumulation) — so gradient
+accumulation is respected. Under multi-GPU / multi-node
 strategies only global rank 0 builds an agent and publishes. The agent is closed when fitting
 ends, or with the error's name when it fails.
 """
@@ -127,8 +128,14 @@ class StiffmonCallback(Callback):  # type: ignore[misc]
         if step == self._last_global_step:
             return  # accumulating: no optimizer step yet
         self._last_global_step = step
-        # Lightning divides each micro-batch loss by accumulate_grad_batches: the sum is the mean.
-        self.agent.step(self._loss.take(mean=False))
+        # Lightning divides each micro-batch loss by accumulate_grad_batches, also on an epoch's
+        # last step with fewer micro-batches: the mean is the sum × accumulate / micro-batches.
+        accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1)))
+        count = self._loss.count
+        loss = self._loss.take(mean=False)
+        if count and count != accumulate:
+            loss = loss * (accumulate / count)
+        self.agent.step(loss)
 
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
         self._close("closed")

@@ -124,6 +124,43 @@ def test_lightning_run_is_recorded_and_summarised(tmp_path: Path) -> None:
     assert len(rd.scalars["sharpness/lambda1_h"]) == 3  # steps 0, 4, 8
 
 
+def test_an_epochs_last_short_accumulation_gets_the_mean_loss(tmp_path: Path) -> None:
+    """5 batches an epoch, accumulate 2: each epoch's third step has one micro-batch, which
+    Lightning still divides by 2; the published loss is the mean of the step's micro-batches."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
+    micro: list[float] = []
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 2)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], i: int) -> torch.Tensor:
+            loss = nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+            micro.append(float(loss))
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    record = tmp_path / "short.stiff"
+    cb = StiffmonCallback(endpoint="", record=str(record), registry=False)
+    trainer = pl.Trainer(
+        max_epochs=2, accumulate_grad_batches=2, callbacks=[cb], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", devices=1,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=8)
+    trainer.fit(Tiny(), loader)
+    store = Store()
+    store.extend(SessionReader(record), replay=True)
+    (rd,) = store.runs.values()
+    groups = [micro[0:2], micro[2:4], micro[4:5], micro[5:7], micro[7:9], micro[9:10]]
+    assert rd.scalars["loss"].steps.tolist() == list(range(6))
+    np.testing.assert_allclose(rd.scalars["loss"].values, [np.mean(g) for g in groups], rtol=1e-6)
+
+
 def test_unknown_option_is_a_clear_error() -> None:
     with pytest.raises(TypeError, match="unknown Agent option 'prob'"):
         StiffmonCallback(prob=None)
