@@ -318,6 +318,9 @@ class Agent:
         s = self.step_count
         row: list[Any] = [loss.detach() if isinstance(loss, Tensor) else loss]
         row += self._optimizer_columns.values()
+        if self._optimizer_columns.note:  # said once, at the fourth step
+            self.event("step-order", self._optimizer_columns.note, level="warning")
+            self._optimizer_columns.note = ""
         extra = 0
         if logits is not None and targets is not None:
             row.append(step_accuracy(logits, targets, self._log_warned, self._binary))

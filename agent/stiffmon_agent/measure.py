@@ -168,7 +168,9 @@ def gram_messages(
     train_cos = s_cos[:nt, :nt]
     for layer, block in gram.layers.items():
         g_layer = block.detach()[:nt, :nt].double().cpu()
-        scalars[f"layer-stiffness/{layer}"] = mean_pair_cosine(g_layer)
+        # a submodule compiled with torch.compile: named as it is uncompiled
+        name = ".".join(part for part in layer.split(".") if part != "_orig_mod") or "(root)"
+        scalars[f"layer-stiffness/{name}"] = mean_pair_cosine(g_layer)
     spaces: dict[str, Tensor] = {}
     train_x, _ = probe.train()
     if isinstance(train_x, Tensor) and train_x.is_floating_point():

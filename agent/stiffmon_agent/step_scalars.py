@@ -94,6 +94,12 @@ class OptimizerColumns:
         self._stepped: tuple[list[Place], list[Any]] | None = None  # the last row's values
         self._fresh = False  # an optimizer step since the last values()
         self._hook: Any = None
+        self._tensors = False  # a value is a tensor (a scheduler may change it in place)
+        self._steps_since = 0  # optimizer steps since the last values()
+        self._calls = 0
+        self._judging = True  # whether agent.step() comes before optimizer.step(): not known yet
+        self.read_now = False  # values() reads them as they are (agent.step() comes first)
+        self.note = ""  # for the agent to publish once (why read_now was set)
 
     def attach(self) -> None:
         """Read the values as each ``optimizer.step()`` starts (a step pre-hook; optimizers
@@ -106,10 +112,9 @@ class OptimizerColumns:
                 self._hook = None
 
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._steps_since += 1
         try:
-            got = self._read()
-            # a tensor lr (capturable, fused) may be changed in place by the scheduler next
-            got = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in got]
+            got = self._read()  # first: it may work the places out again
             self._stepped, self._fresh = (self._places, got), True
         except Exception:  # never into the user's optimizer step
             self._fresh = False
@@ -152,12 +157,33 @@ class OptimizerColumns:
     def values(self) -> list[Any]:
         """The values the optimizer step since the last call used, else the current values, in
         the order of :attr:`names` (which may change at this call)."""
-        if self._fresh and self._stepped is not None:
+        if self._judging:
+            self._judge_order()
+        if self._fresh and self._stepped is not None and not self.read_now:
             self._fresh = False
             return self._stepped[1]
+        self._fresh = False
         got = self._read()
         self._stepped = (self._places, got)  # what this step's row says: its thresholds too
         return got
+
+    def _judge_order(self) -> None:
+        """Over the first calls: ``agent.step()`` before ``optimizer.step()`` (the first call
+        before any optimizer step, then exactly one between each of the next three calls)
+        makes every row read the values as they are (those the coming step uses)."""
+        n, self._steps_since = self._steps_since, 0
+        self._calls += 1
+        if self._calls == 1:  # after an optimizer step, or no hook: the usual order
+            self._judging = self._hook is not None and n == 0
+        elif n != 1:  # accumulation, or the usual order: the hook's values are right
+            self._judging = False
+        elif self._calls == 4:
+            self._judging, self.read_now = False, True
+            self.note = (
+                "agent.step() is called before optimizer.step(): each row's lr, momentum and "
+                "weight decay are read at agent.step(), as the coming optimizer step will use "
+                "them (call agent.step() after optimizer.step() to measure the weights it made)"
+            )
 
     def _read(self) -> list[Any]:
         opt = self.optimizer
@@ -168,14 +194,17 @@ class OptimizerColumns:
         if groups is not self._groups or len(groups) != self._count or self._age >= RECHECK_STEPS:
             self._rebuild(groups)
         try:
-            return read_places(self._places)
+            got = read_places(self._places)
         except Exception:  # a key removed, a group replaced: work it out again
             self._rebuild(groups)
             try:
-                return read_places(self._places)
+                got = read_places(self._places)
             except Exception:  # not an optimizer we can read: no columns rather than a crash
                 self.names, self._places = (), []
                 return []
+        if self._tensors:  # a tensor lr (fused, capturable): a scheduler changes it in place
+            got = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in got]
+        return got
 
     def _rebuild(self, groups: list[dict[str, Any]]) -> None:
         try:
@@ -184,3 +213,7 @@ class OptimizerColumns:
             places, groups = [], []
         self.names, self._places = tuple(name for name, *_ in places), places
         self._groups, self._count, self._age = groups, len(groups), 0
+        try:
+            self._tensors = any(isinstance(v, torch.Tensor) for v in read_places(places))
+        except Exception:
+            self._tensors = False

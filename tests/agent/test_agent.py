@@ -369,3 +369,31 @@ def test_a_compiled_model_is_measured_through_its_original_module() -> None:
     compiled = torch.compile(inner)  # compiles lazily, at the first call: none here
     assert unwrap(compiled) is inner
     assert unwrap(nn.DataParallel(compiled)) is inner  # type: ignore[arg-type]
+
+
+def test_a_compiled_submodule_keeps_its_layer_name() -> None:
+    """``model[0] = torch.compile(model[0])``: layer stiffness under ``0``, not ``0._orig_mod``
+    (compiled graphs skip the hooks; the safety net takes the exact path, same values)."""
+    from stiffmon_agent.measure import gram_messages, make_probe
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    nested = nn.Sequential(*plain)
+    nested[0] = torch.compile(nested[0], backend="eager")
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    probe = make_probe((x, y), None, None, None, None)
+    names = []
+    for model in (plain, nested):
+        (sc,) = [
+            m for m in gram_messages(model, nn.CrossEntropyLoss(), probe, 0) if m.cls is p.Scalars
+        ]
+        names.append(
+            {
+                k: v
+                for k, v in zip(sc.fields["values_names"], sc.fields["values_raw"], strict=True)
+                if k.startswith("layer-stiffness/")
+            }
+        )
+    assert set(names[0]) == set(names[1]) == {"layer-stiffness/0", "layer-stiffness/2"}
+    for k, v in names[0].items():
+        assert names[1][k] == pytest.approx(v, rel=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -205,3 +206,77 @@ def test_an_optimizer_that_cannot_be_read_gives_no_columns_not_a_crash() -> None
     agent.step(0.5)  # the training loop goes on
     assert agent.step_count == 1
     agent.close()
+
+
+def test_agent_step_before_optimizer_step_is_noticed(tmp_path: Path) -> None:
+    """``agent.step(); optimizer.step(); scheduler.step()``: from the fourth step on each row
+    reads the values as they are (those the coming step uses), with one warning event; rows 1
+    and 2 carry the previous step's (the hook's, read for the usual order)."""
+    w = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    rec = tmp_path / "before.stiff"
+    agent = Agent(nn.Linear(2, 2), nn.MSELoss(), opt, endpoint="", record=rec, registry=False)
+    used = []
+    for _ in range(7):
+        w.grad = torch.ones(2)
+        agent.step(0.5)
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    agent.close()
+    msgs = read_session(rec)[0]
+    got = np.concatenate([m.column("lr/0") for m in msgs if isinstance(m, p.Columns)])
+    np.testing.assert_array_equal(got[[0, 3, 4, 5, 6]], np.asarray(used)[[0, 3, 4, 5, 6]])
+    np.testing.assert_array_equal(got[1:3], used[:2])
+    said = [m for m in msgs if isinstance(m, p.Event) and m.code == "step-order"]
+    assert len(said) == 1 and said[0].step == 3 and "before optimizer.step()" in said[0].message
+
+
+def test_tensor_lr_rows_are_copies_and_unreadable_values_are_nan(tmp_path: Path) -> None:
+    """A tensor lr changed in place by the scheduler: each row keeps the value of its step, at
+    micro-steps too; an optimizer whose group has ``lr=None`` gives NaN, and its measurements
+    go on."""
+    model = nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3))
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    rec = tmp_path / "tensor.stiff"
+    agent = Agent(model, nn.CrossEntropyLoss(), opt, endpoint="", record=rec, registry=False)
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    expected = []
+    for s in range(6):
+        nn.functional.cross_entropy(model(x), y).backward()
+        expected.append(float(opt.param_groups[0]["lr"]))
+        if s % 2:
+            opt.step()
+            opt.zero_grad()
+        agent.step(0.5)
+        if s % 2:
+            sched.step()
+    agent.close()
+    got = np.concatenate(
+        [m.column("lr/0") for m in read_session(rec)[0] if isinstance(m, p.Columns)]
+    )
+    np.testing.assert_array_equal(got, expected)
+
+    class NoLR(torch.optim.Optimizer):
+        def __init__(self, params: Any) -> None:
+            super().__init__(params, {"lr": None, "momentum": None, "weight_decay": 0.0})
+
+        def step(self, closure: Any = None) -> None:
+            return None
+
+    opt2 = NoLR(model.parameters())
+    rec2 = tmp_path / "nolr.stiff"
+    agent = Agent(
+        model, nn.CrossEntropyLoss(), opt2, probe=(x, y), endpoint="", record=rec2,
+        registry=False, gram_every="never", sharpness_every=1, overhead_cap=None,
+    )  # fmt: skip
+    for _ in range(3):
+        opt2.step()
+        agent.step(0.5)
+    assert not agent.disabled
+    agent.close()
+    msgs = read_session(rec2)[0]
+    assert all(np.isnan(m.column("lr/0")).all() for m in msgs if isinstance(m, p.Columns))
+    assert sum(isinstance(m, p.Scalars) and "sharpness/lambda1_h" in m.names for m in msgs) == 3
