@@ -83,6 +83,8 @@ class StiffmonApp(App[None]):
         self._health: dict[str, Health] = {}
         self._health_of: dict[str, RunData] = {}  # the run data each health was judged on
         self._checked = False
+        self._events_seen: dict[str, int] = {}  # per run: events looked at for notifications
+        self._said: dict[str, set[str]] = {}  # per run: event codes notified
         self._drawn_version = -1
         self._last_tick = time.monotonic()
         self.shoot_views = shoot_views  # save an SVG of every view into screenshot_dir, then exit
@@ -168,6 +170,13 @@ class StiffmonApp(App[None]):
                 self._health_of[rd.run] = rd  # its monitor log restarts with the data
                 self._health.pop(rd.run, None)
                 self.monitor_events.pop(rd.run, None)
+                self._events_seen.pop(rd.run, None)
+            seen, news = chrome.event_news(
+                rd, self._events_seen.get(rd.run, 0), self._said.setdefault(rd.run, set())
+            )
+            self._events_seen[rd.run] = seen
+            for level, text in news:  # the agent's own warnings: each kind once per run
+                self.notify(f"{rd.name}: {text}", title="stiffmon", severity=SEVERITY[level])
             h, old = self.health(rd, now), self._health.get(rd.run)
             if old == h:
                 continue

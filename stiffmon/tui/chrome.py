@@ -150,6 +150,23 @@ def changes(old: Health | None, new: Health) -> Iterator[tuple[str, str]]:
             yield ("error" if prob.startswith("diverged") else "warning"), prob
 
 
+# said by the run's health (diverged, disabled) or its coverage markers (skips)
+HEALTH_CODES = frozenset({"nan-loss", "metric-error", "metric-disabled", "measurement-skipped"})
+
+
+def event_news(rd: RunData, seen: int, said: set[str]) -> tuple[int, list[tuple[str, str]]]:
+    """The run's warning and error events after the first ``seen``, each code once per run
+    (``said`` grows), but those its health already says: (events seen now, [(level, text)])."""
+    total = rd.events_dropped + len(rd.events)
+    fresh = rd.events[max(0, len(rd.events) - (total - seen)) :] if total > seen else []
+    out = []
+    for ev in fresh:
+        if ev.level in ("warning", "error") and ev.code not in HEALTH_CODES | said:
+            said.add(ev.code)
+            out.append((ev.level, ev.message))
+    return total, out
+
+
 def commands(app: StiffmonApp) -> Iterator[SystemCommand]:
     """The app's own commands for the palette."""
     for v in VIEWS:

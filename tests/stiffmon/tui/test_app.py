@@ -257,6 +257,27 @@ async def test_a_run_that_diverges_is_shown_and_notified() -> None:
         assert "nan-loss: loss is nan at step 19" in text and "error" in text
 
 
+async def test_an_agent_warning_is_notified_once_per_kind() -> None:
+    """A warning event of the agent (here ``step-order``) pops up once per run and code, not
+    at every repeat; ones the run's health already says (nan-loss) do not pop up twice."""
+    store = Store()
+    app = StiffmonApp(store=store, clock=lambda: 0.0)
+    async with app.run_test(size=(100, 30)) as pilot:
+        feed(store, "a", range(5), now=0.0)
+        for step in (3, 4):
+            store.apply(
+                _event("a", step, "step-order", "agent.step() is called before", "warning"),
+                now=0.0,
+            )
+        store.apply(_event("a", 4, "precond-warmup", "no threshold yet", "info"), now=0.0)
+        assert await notified(app, pilot, "live a: agent.step() is called before")
+        await pilot.pause(0.3)
+        app.check_health()
+        said = [n.message for n in app._notifications]
+        assert sum("agent.step() is called before" in m for m in said) == 1
+        assert not any("no threshold yet" in m for m in said)  # info: the log view only
+
+
 async def test_a_run_that_loses_a_metric_says_why() -> None:
     store = Store()
     app = StiffmonApp(store=store, clock=lambda: 0.0)
