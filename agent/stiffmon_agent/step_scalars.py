@@ -105,6 +105,9 @@ class OptimizerColumns:
         """Read the values as each ``optimizer.step()`` starts (a step pre-hook; optimizers
         without ``register_step_pre_hook`` are read at :meth:`values`)."""
         register = getattr(self.optimizer, "register_step_pre_hook", None)
+        # the order is judged from the first step on: not for an agent made mid-run (an
+        # optimizer with state has stepped already: the first call may follow its last step)
+        self._judging = not getattr(self.optimizer, "state", None)
         if self._hook is None and callable(register):
             try:
                 self._hook = register(self._on_optimizer_step)

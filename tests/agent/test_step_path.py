@@ -280,3 +280,31 @@ def test_tensor_lr_rows_are_copies_and_unreadable_values_are_nan(tmp_path: Path)
     msgs = read_session(rec2)[0]
     assert all(np.isnan(m.column("lr/0")).all() for m in msgs if isinstance(m, p.Columns))
     assert sum(isinstance(m, p.Scalars) and "sharpness/lambda1_h" in m.names for m in msgs) == 3
+
+
+def test_an_agent_made_mid_run_is_not_taken_for_the_wrong_order(tmp_path: Path) -> None:
+    """Made between an optimizer step and its ``agent.step()`` (lazily, in the loop): the first
+    call sees no optimizer step, then one per call, like ``agent.step()`` before
+    ``optimizer.step()``; the optimizer's state says it has stepped, so nothing is judged."""
+    w = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+    rec = tmp_path / "lazy.stiff"
+    agent = None
+    used = []
+    for _ in range(7):
+        w.grad = torch.ones(2)
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        if agent is None:
+            agent = Agent(
+                nn.Linear(2, 2), nn.MSELoss(), opt, endpoint="", record=rec, registry=False
+            )
+        agent.step(0.5)
+    assert agent is not None
+    agent.close()
+    msgs = read_session(rec)[0]
+    got = np.concatenate([m.column("lr/0") for m in msgs if isinstance(m, p.Columns)])
+    np.testing.assert_array_equal(got[1:], used[1:])  # the first: read as it is (no hook yet)
+    assert not [m for m in msgs if isinstance(m, p.Event) and m.code == "step-order"]
