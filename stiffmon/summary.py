@@ -32,11 +32,10 @@ BREAK_EVEN_LEGEND = (
 def precond_mark(s: dict[str, Any], key: str, ascii: bool = False) -> str:
     """``s[key]`` formatted, with ``ᴾ`` when a :func:`run_summary`'s break-even was judged on
     λ1(P⁻¹H) (an adaptive run) and there is a value."""
-    text = fmt(s.get(key), ".3g")
     value = s.get(key)
-    if s.get("break_even_series") != "sharpness/lambda1_precond" or value is None:
-        return text
-    if isinstance(value, float) and math.isnan(value):
+    text = fmt(value, ".3g")
+    precond = s.get("break_even_series") == "sharpness/lambda1_precond"
+    if not precond or value is None or (isinstance(value, float) and math.isnan(value)):
         return text
     return text + ("P" if ascii else "ᴾ")
 

@@ -92,12 +92,11 @@ class OptimizerColumns:
         self._row: tuple[str, ...] = ()
         self._row_key: tuple[tuple[str, ...] | None, int] = (None, 0)
         self._stepped: tuple[list[Place], list[Any]] | None = None  # the last row's values
-        self._fresh = False  # an optimizer step since the last values()
         self._hook: Any = None
         self._tensors = False  # a value is a tensor (a scheduler may change it in place)
-        self._steps_since = 0  # optimizer steps since the last values()
+        self._steps_since = 0  # optimizer steps read by the hook since the last values()
         self._calls = 0
-        self._judging = True  # whether agent.step() comes before optimizer.step(): not known yet
+        self._judging = False  # whether agent.step() comes before optimizer.step(): see attach
         self.read_now = False  # values() reads them as they are (agent.step() comes first)
         self.note = ""  # for the agent to publish once (why read_now was set)
 
@@ -115,12 +114,12 @@ class OptimizerColumns:
                 self._hook = None
 
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._steps_since += 1
         try:
             got = self._read()  # first: it may work the places out again
-            self._stepped, self._fresh = (self._places, got), True
-        except Exception:  # never into the user's optimizer step
-            self._fresh = False
+        except Exception:  # never into the user's optimizer step; values() reads them then
+            return
+        self._stepped = (self._places, got)
+        self._steps_since += 1
 
     def remove_hook(self) -> None:
         """Stop reading at ``optimizer.step()`` (the agent is closed)."""
@@ -160,21 +159,20 @@ class OptimizerColumns:
     def values(self) -> list[Any]:
         """The values the optimizer step since the last call used, else the current values, in
         the order of :attr:`names` (which may change at this call)."""
+        n, self._steps_since = self._steps_since, 0
         if self._judging:
-            self._judge_order()
-        if self._fresh and self._stepped is not None and not self.read_now:
-            self._fresh = False
+            self._judge_order(n)
+        if n and self._stepped is not None and not self.read_now:
             return self._stepped[1]
-        self._fresh = False
         got = self._read()
         self._stepped = (self._places, got)  # what this step's row says: its thresholds too
         return got
 
-    def _judge_order(self) -> None:
-        """Over the first calls: ``agent.step()`` before ``optimizer.step()`` (the first call
-        before any optimizer step, then exactly one between each of the next three calls)
-        makes every row read the values as they are (those the coming step uses)."""
-        n, self._steps_since = self._steps_since, 0
+    def _judge_order(self, n: int) -> None:
+        """Over the first calls (``n`` optimizer steps since the last): ``agent.step()`` before
+        ``optimizer.step()`` (the first call before any optimizer step, then exactly one between
+        each of the next three calls) makes every row read the values as they are (those the
+        coming step uses)."""
         self._calls += 1
         if self._calls == 1:  # after an optimizer step, or no hook: the usual order
             self._judging = self._hook is not None and n == 0
