@@ -29,7 +29,7 @@ from stiffmon_agent.accuracy import Accuracy, accuracies, float_or_nan
 from stiffmon_agent.gpu_readback import cuda_stream_of, stacked_float64
 
 DEFAULT_MAX_ROWS = 8192
-DEFAULT_INTERVAL = 0.1
+DEFAULT_INTERVAL = 0.25
 
 
 @dataclass(frozen=True)

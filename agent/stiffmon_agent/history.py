@@ -47,7 +47,7 @@ def _grown(a: npt.NDArray[Any], n: int, cap: int) -> npt.NDArray[Any]:
 class ColumnHistory:
     """Every step's scalars for late joiners, compacted into large ``columns`` messages.
 
-    Live batches are small (~0.1 s of steps); kept as they are, a long run at a few ms per step
+    Live batches are small (~0.25 s of steps); kept as they are, a long run at a few ms per step
     would hand a late joiner hundreds of thousands of messages. Here consecutive batches with
     the same names are appended (vectorised, amortised O(rows)) to an open chunk of up to
     ``chunk_rows`` steps; a full chunk is encoded once and kept as its frames. A chunk is a

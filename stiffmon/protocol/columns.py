@@ -32,7 +32,7 @@ class Columns(Message):
     """Per-step scalars of many consecutive steps, one array per name (protocol version 2).
 
     The agent sends the cheap every-step values (loss, lr, momentum, accuracy ...) this way: one
-    message per ~0.1 s or per few thousand steps instead of one per step. ``step`` and ``t`` of
+    message per ~0.25 s or per few thousand steps instead of one per step. ``step`` and ``t`` of
     the message are those of its last row; ``first_step`` (in the header) is ``steps[0]``.
 
     On the wire a column may be shortened to one element: a value column of length 1 stands for

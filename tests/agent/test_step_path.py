@@ -308,3 +308,31 @@ def test_an_agent_made_mid_run_is_not_taken_for_the_wrong_order(tmp_path: Path) 
     got = np.concatenate([m.column("lr/0") for m in msgs if isinstance(m, p.Columns)])
     np.testing.assert_array_equal(got[1:], used[1:])  # the first: read as it is (no hook yet)
     assert not [m for m in msgs if isinstance(m, p.Event) and m.code == "step-order"]
+
+
+def test_every_kind_of_loss_reaches_the_file_as_its_value_at_the_step(tmp_path: Path) -> None:
+    """A CPU scalar loss is read at ``step()`` (later in-place changes do not reach the row),
+    with or without grad, in float32, float64 and bfloat16; a number as it is; a loss that is
+    no scalar (a per-example vector passed by mistake) is NaN, and the run goes on."""
+    x = torch.tensor([0.1, 0.2], requires_grad=True)
+    reused = torch.tensor(1.5)
+    losses: list[Any] = [
+        (x**2).sum(),  # requires grad
+        torch.tensor(2.25, dtype=torch.float64),
+        torch.tensor(3.5, dtype=torch.bfloat16),
+        reused,
+        7,
+        torch.tensor([1.0, 2.0]),  # not a scalar
+        torch.tensor([[4.75]]),  # one element, not 0-d
+    ]
+    expected = [0.05, 2.25, 3.5, 1.5, 7.0, np.nan, 4.75]
+    rec = tmp_path / "losses.stiff"
+    agent = Agent(nn.Linear(2, 2), nn.MSELoss(), None, endpoint="", record=rec, registry=False)
+    for loss in losses:
+        agent.step(loss)
+    reused.fill_(99.0)  # the row of its step keeps 1.5
+    agent.close()
+    got = np.concatenate(
+        [m.column("loss") for m in read_session(rec)[0] if isinstance(m, p.Columns)]
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-7)
