@@ -300,7 +300,8 @@ class Agent:
         appended to the current columnar batch, which goes to the background thread every
         ~0.25 s (0.5 s while no monitor subscribes) or 8192 steps. A CPU loss is read now (as
         cheap as ``detach()``: a stack of tensors on the background thread cost more); a GPU
-        loss is converted there, so it causes no synchronisation. Every step is kept.
+        loss is copied (one small kernel: the loop may reuse its buffer, as CUDA graphs do) and
+        converted there, so it causes no synchronisation. Every step is kept.
 
         Args:
             loss: The step's loss (tensor or number).
@@ -317,8 +318,10 @@ class Agent:
             return
         t0 = time.perf_counter()
         s = self.step_count
-        if isinstance(loss, Tensor):  # a CPU scalar is read now: cheaper than detach()
-            loss = loss.item() if loss.is_cpu and loss.numel() == 1 else loss.detach()
+        if isinstance(loss, Tensor):  # a CPU scalar is read now (cheaper than detach()), any
+            # other copied on its stream: a loss buffer the loop reuses (CUDA graphs, compile's
+            # "reduce-overhead") is overwritten before the background thread reads it
+            loss = loss.item() if loss.is_cpu and loss.numel() == 1 else loss.detach().clone()
         row: list[Any] = [loss]
         row += self._optimizer_columns.values()
         if self._optimizer_columns.note:  # said once, at the fourth step

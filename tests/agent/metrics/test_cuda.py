@@ -310,3 +310,42 @@ def test_the_per_step_stream_never_makes_training_wait_for_the_gpu(tmp_path: Pat
 )
 def test_the_accuracy_never_makes_training_wait_for_the_gpu(tmp_path: Path) -> None:
     _assert_no_stall(*_stalls(tmp_path, accuracy=True))
+
+
+def test_a_cuda_graph_s_static_loss_reaches_the_file_step_by_step(tmp_path: Path) -> None:
+    """A whole training step captured in a CUDA graph (the PyTorch docs' recipe) writes every
+    replay's loss into the same static tensor: each row keeps its own step's value (the agent
+    copies a GPU loss at ``step()``; a kept view would read whatever the last replay wrote)."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 3).to(GPU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    static_x = torch.randn(16, 8, device=GPU)
+    static_y = torch.randint(0, 3, (16,), device=GPU)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as the recipe says
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(static_x), static_y).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = nn.functional.cross_entropy(model(static_x), static_y)
+        static_loss.backward()
+        opt.step()
+    rec = tmp_path / "graph.stiff"
+    agent = Agent(model, CE, opt, endpoint="", record=rec, registry=False)
+    expected = []
+    for _ in range(20):
+        static_x.copy_(torch.randn(16, 8, device=GPU))
+        graph.replay()
+        agent.step(static_loss)
+        expected.append(static_loss.item())  # in the test only: waits for the replay
+    agent.close()
+    got = np.concatenate(
+        [m.column("loss") for m in read_session(rec)[0] if isinstance(m, p.Columns)]
+    )
+    assert len(set(expected)) == 20
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
