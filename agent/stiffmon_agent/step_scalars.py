@@ -71,6 +71,18 @@ def optimizer_columns(optimizer: torch.optim.Optimizer | None) -> tuple[list[str
 RECHECK_STEPS = 256
 
 
+def _has_grads(optimizer: Any) -> bool:
+    """Whether a parameter of ``optimizer`` has a gradient (False for what cannot be read)."""
+    try:
+        return any(
+            getattr(q, "grad", None) is not None
+            for g in optimizer.param_groups
+            for q in g.get("params", ())
+        )
+    except Exception:
+        return False
+
+
 class OptimizerColumns:
     """:func:`optimizer_columns` at every step, without working the names out again.
 
@@ -104,9 +116,12 @@ class OptimizerColumns:
         """Read the values as each ``optimizer.step()`` starts (a step pre-hook; optimizers
         without ``register_step_pre_hook`` are read at :meth:`values`)."""
         register = getattr(self.optimizer, "register_step_pre_hook", None)
-        # the order is judged from the first step on: not for an agent made mid-run (an
-        # optimizer with state has stepped already: the first call may follow its last step)
-        self._judging = not getattr(self.optimizer, "state", None)
+        # the order is judged from the first step on: not for an agent made mid-run (the first
+        # call may follow the last optimizer step), which an optimizer's state says, or, for one
+        # that keeps none (plain SGD), gradients on its parameters
+        self._judging = not getattr(self.optimizer, "state", None) and not _has_grads(
+            self.optimizer
+        )
         if self._hook is None and callable(register):
             try:
                 self._hook = register(self._on_optimizer_step)

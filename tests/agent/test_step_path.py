@@ -282,12 +282,16 @@ def test_tensor_lr_rows_are_copies_and_unreadable_values_are_nan(tmp_path: Path)
     assert sum(isinstance(m, p.Scalars) and "sharpness/lambda1_h" in m.names for m in msgs) == 3
 
 
-def test_an_agent_made_mid_run_is_not_taken_for_the_wrong_order(tmp_path: Path) -> None:
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_an_agent_made_mid_run_is_not_taken_for_the_wrong_order(
+    tmp_path: Path, momentum: float
+) -> None:
     """Made between an optimizer step and its ``agent.step()`` (lazily, in the loop): the first
     call sees no optimizer step, then one per call, like ``agent.step()`` before
-    ``optimizer.step()``; the optimizer's state says it has stepped, so nothing is judged."""
+    ``optimizer.step()``; the optimizer's state (momentum) or its parameters' gradients (plain
+    SGD keeps no state) say it has stepped, so nothing is judged."""
     w = nn.Parameter(torch.zeros(2))
-    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD([w], lr=0.1, momentum=momentum)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
     rec = tmp_path / "lazy.stiff"
     agent = None
