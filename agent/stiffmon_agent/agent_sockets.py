@@ -4,12 +4,24 @@
   subscribes) and the snapshot ROUTER on ``port``/``port + 1``, with the frame size limits and
   CURVE keys set before binding; the first free pair from :data:`~stiffmon.transport.DEFAULT_PORT`
   when no endpoint is asked for.
-* :func:`read_subscriptions`: the subscriptions an XPUB has passed up since the last read.
+* :class:`Subscriptions`: who subscribes, from what the XPUB passes up, and whether a peer is
+  flooding it. libzmq keeps every distinct topic a peer subscribes to (a trie node per byte,
+  ~19 KB per random 1–1000-byte topic, measured: 20,000 of them grew an agent by 380 MB) for as
+  long as the peer stays connected, and queues every frame a peer sends upstream until it is
+  read; neither has a limit. So a PUB socket that has been sent more distinct topics or topic
+  bytes than any monitor needs (monitors subscribe to everything, one empty topic), or more
+  frames than one read takes, is closed and bound again (:func:`bind_pub`): every peer is
+  dropped, genuine monitors reconnect by themselves and ask for what they missed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq
 
@@ -48,14 +60,8 @@ def bind_pair(
     for ep in candidates:
         pub = ctx.socket(zmq.XPUB)  # a PUB that tells who subscribes
         router = ctx.socket(zmq.ROUTER)
-        for s in (pub, router):
-            s.setsockopt(zmq.LINGER, 0)
-            limit_frames(s, MAX_CONTROL_FRAME_BYTES)  # they receive requests, subscriptions
-            if curve is not None:
-                s.curve_secretkey = curve.secret
-                s.curve_publickey = curve.public
-                s.curve_server = True
-        pub.setsockopt(zmq.SNDHWM, 10_000)
+        _configure_pub(pub, curve)
+        _configure(router, curve, MAX_CONTROL_FRAME_BYTES)
         SnapshotServer.configure(router)
         try:
             pub.bind(ep.pub)
@@ -72,20 +78,150 @@ def bind_pair(
     return f"could not bind a port pair ({last_error})"
 
 
-def read_subscriptions(pub: zmq.Socket[bytes], count: int, limit: int = 1000) -> int:
-    """``count`` (topics subscribed to) updated by what the XPUB passed up since the last call
-    (at most ``limit`` frames): +1 per first subscription to a topic, -1 per last
-    unsubscription (a peer that goes away unsubscribes), never below 0; anything else is
-    ignored. Never blocks."""
-    for _ in range(limit):
-        try:  # EVENTS first: a ZMQError per empty read costs ~50 µs on a cold thread
-            if not pub.get(zmq.EVENTS) & zmq.POLLIN:
+MAX_SUBSCRIPTION_FRAME_BYTES = 128
+"""``ZMQ_MAXMSGSIZE`` of the agent's XPUB without CURVE: a subscription is a flag byte and a
+topic (a monitor's is empty), the handshake's READY ~30 bytes; a bigger frame disconnects its
+peer. With CURVE the handshake needs ~400 bytes, and only authorised peers get that far:
+:data:`~stiffmon.transport.MAX_CONTROL_FRAME_BYTES` then."""
+
+MAX_TOPICS = 64
+MAX_TOPIC_BYTES = 4096
+"""Distinct topics, and their bytes, subscribed to at once beyond which the XPUB is replaced."""
+
+UPSTREAM_HWM = 100
+"""``ZMQ_RCVHWM`` of the XPUB: frames a peer may have queued upstream (the rest wait in the
+kernel's socket buffers)."""
+
+
+def _configure(sock: zmq.Socket[bytes], curve: CurveKeys | None, max_frame: int) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    limit_frames(sock, max_frame)
+    if curve is not None:
+        sock.curve_secretkey = curve.secret
+        sock.curve_publickey = curve.public
+        sock.curve_server = True
+
+
+def _configure_pub(pub: zmq.Socket[bytes], curve: CurveKeys | None) -> None:
+    limit = MAX_SUBSCRIPTION_FRAME_BYTES if curve is None else MAX_CONTROL_FRAME_BYTES
+    _configure(pub, curve, limit)
+    pub.setsockopt(zmq.SNDHWM, 10_000)
+    # libzmq takes a peer's whole inbound pipe into its topics at once: keep it short
+    pub.setsockopt(zmq.RCVHWM, UPSTREAM_HWM)
+
+
+def bind_pub(
+    ctx: zmq.Context[zmq.Socket[bytes]], ep: Endpoint, curve: CurveKeys | None, wait: float = 5.0
+) -> zmq.Socket[bytes]:
+    """A fresh XPUB bound at ``ep`` (retried for up to ``wait`` seconds while the port of the
+    one just closed is released); raises ``zmq.ZMQError`` if it cannot be bound."""
+    deadline = time.monotonic() + wait
+    while True:
+        pub = ctx.socket(zmq.XPUB)
+        _configure_pub(pub, curve)
+        try:
+            pub.bind(ep.pub)
+            return pub
+        except zmq.ZMQError:
+            pub.close(0)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+@dataclass
+class Subscriptions:
+    """Who subscribes to an XPUB, from what it passes up (a first subscription to a topic, a
+    last unsubscription), and whether a peer floods it.
+
+    Attributes:
+        topics: Distinct topics subscribed to now (0: nobody watches).
+        topic_bytes: Their bytes.
+        flooded: Why the socket must be replaced (empty: it need not).
+    """
+
+    topics: int = 0
+    topic_bytes: int = 0
+    flooded: str = ""
+
+    def read(self, pub: zmq.Socket[bytes], limit: int = 1000) -> None:
+        """Take in what ``pub`` passed up since the last call (at most ``limit`` frames; more
+        pending is a flood). Anything but (un)subscriptions is ignored. Never blocks."""
+        n = 0
+        while n < limit:
+            try:  # EVENTS first: a ZMQError per empty read costs ~50 µs on a cold thread
+                if not pub.get(zmq.EVENTS) & zmq.POLLIN:
+                    break
+                frame = pub.recv(zmq.NOBLOCK)
+            except zmq.ZMQError:  # nothing more (or the socket is gone)
                 break
-            frame = pub.recv(zmq.NOBLOCK)
-        except zmq.ZMQError:  # nothing more (or the socket is gone)
-            break
-        if frame[:1] == b"\x01":
-            count += 1
-        elif frame[:1] == b"\x00":
-            count = max(0, count - 1)
-    return count
+            n += 1
+            if frame[:1] == b"\x01":
+                self.topics += 1
+                self.topic_bytes += len(frame) - 1
+            elif frame[:1] == b"\x00" and self.topics:
+                self.topics -= 1
+                self.topic_bytes = max(0, self.topic_bytes - (len(frame) - 1))
+            if self.topics > MAX_TOPICS or self.topic_bytes > MAX_TOPIC_BYTES:
+                break  # no more into libzmq's topics: the socket goes
+        if n >= limit:
+            self.flooded = f"more than {limit} frames sent upstream between two reads"
+        elif self.topics > MAX_TOPICS or self.topic_bytes > MAX_TOPIC_BYTES:
+            self.flooded = (
+                f"{self.topics} distinct topics ({self.topic_bytes} bytes) subscribed to "
+                f"(a monitor subscribes to one, empty)"
+            )
+
+    def reset(self) -> None:
+        """A fresh socket: nobody subscribes yet."""
+        self.topics = self.topic_bytes = 0
+        self.flooded = ""
+
+
+class Wakeup:
+    """The publisher thread's wait: until :meth:`set` (from any thread), a frame on the watched
+    XPUB, or a timeout. Subscriptions are taken in as they arrive: libzmq moves everything a peer
+    has queued into its topics at the next call on the socket, so a thread that only looked every
+    0.5 s would let a flood pile up between two looks (20,000 topics: +124 MB at once)."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._lock = threading.Lock()  # no write to a descriptor closed (and reused) meanwhile
+        self._open = True
+        self._poller = zmq.Poller()
+        self._poller.register(self._r, zmq.POLLIN)
+        self._pub: zmq.Socket[bytes] | None = None
+
+    def watch(self, pub: zmq.Socket[bytes] | None) -> None:
+        """Also wake for frames on ``pub`` (None: no socket), instead of the previous one."""
+        if self._pub is not None:
+            self._poller.unregister(self._pub)
+        self._pub = pub
+        if pub is not None:
+            self._poller.register(pub, zmq.POLLIN)
+
+    def set(self) -> None:
+        """End the current (or next) wait now; never blocks."""
+        with self._lock:
+            if self._open:
+                with contextlib.suppress(OSError):  # full: a wake is pending anyway
+                    os.write(self._w, b"!")
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a wake, a frame on the XPUB or the timeout."""
+        self._poller.poll(max(0, int(timeout * 1000)))
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except OSError:  # drained
+            pass
+
+    def close(self) -> None:
+        """Release the descriptors (later :meth:`set` calls do nothing)."""
+        with self._lock:
+            if self._open:
+                self._open = False
+                os.close(self._r)
+                os.close(self._w)

@@ -48,11 +48,12 @@ import zmq
 from stiffmon import protocol as p
 from stiffmon.session import SessionWriter
 from stiffmon.transport import CurveKeys, Endpoint
-from stiffmon_agent.agent_sockets import bind_pair, read_subscriptions
+from stiffmon_agent.agent_sockets import Subscriptions, Wakeup, bind_pair, bind_pub
 from stiffmon_agent.history import History
 from stiffmon_agent.history_seq_order import seq_ordered
 from stiffmon_agent.outgoing import Outgoing, build_message
 from stiffmon_agent.snapshots import SnapshotServer
+from stiffmon_agent.userlog import log_spaced
 
 
 class Publisher:
@@ -97,7 +98,7 @@ class Publisher:
         self._warn = warn
         self._ready = threading.Event()
         self._stop = threading.Event()
-        self._wake = threading.Event()  # ends the thread's wait early (stop, a full batch)
+        self._wake = Wakeup()  # ends the thread's wait early (stop, a full batch, a subscriber)
         self._thread = threading.Thread(target=self._main, name=f"stiffmon-{run}", daemon=True)
         self.endpoint: Endpoint | None = None
         self.dropped = 0  # messages that reached neither the socket nor the file
@@ -113,7 +114,8 @@ class Publisher:
         self._problems_said: set[str] = set()
         self.batch_interval = 0.25  # seconds between drains of the queue while watched
         self.idle_interval = 0.25  # ... while no monitor subscribes
-        self.subscriptions = 0  # topics subscribed to on the PUB socket (0: nobody watches)
+        self._subs = Subscriptions()
+        self.pub_resets = 0  # times the PUB socket was replaced because a peer flooded it
         self.cpu_seconds = 0.0  # CPU time this thread spent publishing (counts in the budget)
         self.on_wake: Callable[[], None] | None = None  # called at every wake (column batches)
 
@@ -158,6 +160,11 @@ class Publisher:
         return max(self.batch_interval, self.idle_interval)
 
     @property
+    def subscriptions(self) -> int:
+        """Topics subscribed to on the PUB socket (0: nobody watches)."""
+        return self._subs.topics
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -187,7 +194,8 @@ class Publisher:
                         self.error = bound
                         self._warn(f"stiffmon: {bound}; not publishing (training goes on)")
                     else:
-                        sockets, self.endpoint = bound
+                        pair, self.endpoint = bound
+                        sockets = list(pair)
             except Exception as exc:  # never let transport problems reach training
                 self.error = f"transport failed: {exc}"
                 self._warn(f"stiffmon: {self.error}; not publishing (training goes on)")
@@ -198,7 +206,7 @@ class Publisher:
                 except Exception as exc:
                     self._warn(f"stiffmon: cannot record to {self._record}: {exc}")
             self._ready.set()
-            self._loop(sockets, writer)
+            self._loop(ctx, sockets, writer)
         except Exception as exc:  # pragma: no cover - last resort, keep training alive
             self.error = f"publisher thread failed: {exc}"
             self._warn(f"stiffmon: {self.error}")
@@ -207,12 +215,15 @@ class Publisher:
             if writer is not None:
                 with contextlib.suppress(Exception):
                     writer.close()
+            with contextlib.suppress(Exception):
+                self._wake.watch(None)
             if sockets is not None:
                 for s in sockets:
                     s.close(linger=200)
             if auth is not None:
                 auth.stop()
             ctx.term()
+            self._wake.close()
 
     def _history_frames(self, first_seq: bool) -> list[list[bytes]]:
         if first_seq:
@@ -221,10 +232,12 @@ class Publisher:
 
     def _loop(
         self,
-        sockets: tuple[zmq.Socket[bytes], zmq.Socket[bytes]] | None,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        sockets: list[zmq.Socket[bytes]] | None,
         writer: SessionWriter | None,
     ) -> None:
         pub, router = sockets if sockets else (None, None)
+        self._wake.watch(pub)
         server = None
         if router is not None:
             server = self.snapshots = SnapshotServer(
@@ -238,10 +251,12 @@ class Publisher:
             # hand-offs with the training thread (which only ever does a non-blocking put). While
             # a snapshot is flowing, wake up sooner to send its next slice.
             self._wake.wait(0.005 if serving else self.interval)
-            self._wake.clear()
             started = time.thread_time()
-            if pub is not None:
-                self.subscriptions = read_subscriptions(pub, self.subscriptions)
+            if pub is not None and sockets is not None:
+                self._subs.read(pub)
+                if self._subs.flooded:
+                    pub = sockets[0] = self._replace_pub(ctx, pub, writer)
+                    self._wake.watch(pub)
             if self.on_wake is not None:
                 try:
                     self.on_wake()
@@ -271,6 +286,31 @@ class Publisher:
                 finished = True
         if server is not None:
             server.drop_all()
+
+    def _replace_pub(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        pub: zmq.Socket[bytes],
+        writer: SessionWriter | None,
+    ) -> zmq.Socket[bytes]:
+        """Close a flooded PUB socket (dropping every peer and what they queued) and bind a
+        fresh one at the same address; say so at the 1st, 2nd, 5th, 10th ... time."""
+        why = self._subs.flooded
+        self._subs.reset()
+        self.pub_resets += 1
+        pub.close(0)
+        assert self.endpoint is not None
+        fresh = bind_pub(ctx, self.endpoint, self._curve)  # raises: the thread's last resort
+        if log_spaced(self.pub_resets):
+            text = (
+                f"a peer flooded the publish port ({why}): the socket was bound again, every "
+                f"peer dropped (monitors reconnect); {self.pub_resets} time(s) so far"
+            )
+            self._warn(f"stiffmon: {text}")
+            fields = {"level": "warning", "code": "publish-reset", "message": text, "attrs": {}}
+            fields["attrs"] = {"resets": self.pub_resets}
+            self._emit(Outgoing(p.Event, self._last_step, time.time(), fields), fresh, writer)
+        return fresh
 
     def _heartbeat(
         self, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None, *, record: bool

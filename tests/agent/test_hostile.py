@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import threading
 import time
@@ -242,6 +243,57 @@ def test_a_flood_of_frames_upstream_on_the_pub_socket_is_bounded(
     _serves_a_monitor(endpoint)
     assert proc.poll() is None
     print(f"300k frames upstream on PUB: agent RSS +{rss.growth / MB:.1f} MB")
+
+
+def test_a_flood_of_distinct_subscriptions_is_bounded_and_monitors_come_back(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """libzmq keeps every distinct topic a peer subscribes to (~19 KB per random topic of up to
+    1,000 bytes: 20,000 grew an agent by 380 MB; the frame limit now refuses those): past what a
+    monitor needs, the agent binds its PUB socket again, which drops the flooding peer with its
+    topics; a genuine monitor connected all along reconnects and gets the run's messages."""
+    proc, endpoint = _start_agent(procs, tmp_path, 15.0)
+    ep = parse_endpoint(endpoint)
+    watcher = Client([endpoint])
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not watcher.poll(0.1):
+            pass
+        time.sleep(1.5)  # past the first measurements' one-off allocations
+        rnd = random.Random(0)
+        with PeakRss(proc.pid) as big:  # long topics: the frame limit hangs up at the first
+            peer = ctx.socket(zmq.XSUB)
+            peer.setsockopt(zmq.LINGER, 0)
+            peer.connect(ep.pub)
+            time.sleep(0.3)
+            for _ in range(20_000):
+                peer.send(b"\x01" + rnd.randbytes(rnd.randint(128, 1000)))
+            time.sleep(1.0)
+            peer.close()
+        assert big.growth <= 16 * MB, f"RSS grew by {big.growth / MB:.0f} MB"
+        with PeakRss(proc.pid) as rss:  # short ones: the socket is bound again
+            peer = ctx.socket(zmq.XSUB)
+            peer.setsockopt(zmq.LINGER, 0)
+            peer.connect(ep.pub)
+            time.sleep(0.3)
+            for _ in range(10_000):  # all at once in libzmq's topics: ~35 MB at worst
+                peer.send(b"\x01" + rnd.randbytes(rnd.randint(1, 127)))
+            time.sleep(2.0)
+        assert rss.growth <= 64 * MB, f"RSS grew by {rss.growth / MB:.0f} MB"
+        seen = watcher.stats.received
+        deadline = time.monotonic() + 20  # the watcher is back: it gets the run's messages
+        while time.monotonic() < deadline and watcher.stats.received < seen + 5:
+            watcher.poll(0.1)
+        assert watcher.stats.received >= seen + 5
+    finally:
+        watcher.close()
+        ctx.destroy(linger=0)
+    assert proc.poll() is None
+    proc.wait(60)
+    said = [m for m in read_session(tmp_path / "run.stiff")[0] if m.kind == "event"]
+    assert any(m.code == "publish-reset" for m in said), "the run never said it"
+    print(f"distinct subscriptions on PUB: +{big.growth / MB:.1f}, +{rss.growth / MB:.1f} MB")
 
 
 # ------------------------------------------------------------------ in-process publisher

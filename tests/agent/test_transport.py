@@ -310,6 +310,10 @@ def test_curve_unauthorised_client_gets_nothing(
     try:
         msgs = collect(good, lambda ms: any(m.kind in p.PER_STEP_KINDS for m in ms))
         assert any(m.run == run for m in msgs)
+        deadline = time.monotonic() + 10  # live too, not only the snapshot: the PUB's handshake
+        while time.monotonic() < deadline and good.stats.received == 0:
+            good.poll(0.1)
+        assert good.stats.received > 0
         deadline = time.monotonic() + 3
         leaked: Msgs = []
         while time.monotonic() < deadline:
