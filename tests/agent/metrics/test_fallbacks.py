@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -124,3 +128,25 @@ def test_positional_embedding_with_t_equal_n_is_caught(dtype: torch.dtype) -> No
     with pytest.warns(RuntimeWarning, match="exact per-example path"):
         got = per_example_gram(model, x, y, CE)
     assert rel_err(got.total.double(), ref) < (1e-10 if dtype == torch.float64 else 1e-5)
+
+
+def test_a_well_fit_float32_mlp_is_not_taken_for_a_layer_that_couples_examples() -> None:
+    """A plain float32 MLP 120 SGD steps into a run on separable data (weights and probe saved
+    from the reporting user's script): example 0's loss is 1e-3, and its float32 single-example
+    G_00 is 1.4e-4 off the float64 value (1 - p_y cancels), the fast path's 1.7e-5. The net
+    confirms a float32 mismatch in float64 before it falls back, so no false alarm, and the
+    Gram stays the fast one, equal to the float64 loop to 1e-4."""
+    data = np.load(Path(__file__).with_name("well_fit_mlp.npz"), allow_pickle=False)
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
+    model.load_state_dict(
+        {k[2:].replace("_", "."): torch.from_numpy(data[k]) for k in data.files if k[:2] == "w_"}
+    )
+    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback warns
+        got = per_example_gram(model, x, y, CE)
+    assert set(got.methods.values()) != {"vmap"}
+    ref = loop_gram(copy.deepcopy(model).double(), x.double(), y, CE)
+    assert rel_err(got.total.double(), ref) < 1e-4
