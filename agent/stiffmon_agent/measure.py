@@ -374,10 +374,10 @@ def sharpness_messages(
             )
         names += ["sharpness/lambda1_precond", "sharpness/threshold_precond"]
         early = momentum_warmup(optimizer, groups)
-        if early:
-            note("precond-warmup", f"no threshold on λ1(P⁻¹H) yet: {early}")
+        if early:  # its spectrum still goes out (and warm-starts the next measurement)
+            note("precond-warmup", f"no λ1(P⁻¹H) or threshold on it yet: {early}")
         ok = scale_known and pthr.value is not None and not early
-        raw += [lam_p, pthr.value if ok else math.nan]  # type: ignore[list-item]
+        raw += [math.nan if early else lam_p, pthr.value if ok else math.nan]  # type: ignore[list-item]
         raw[2] += hvps_p
     out.append(Outgoing(p.Scalars, step, t, {"values_names": names, "values_raw": raw}))
     return out, state.warm
