@@ -85,9 +85,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
     import time
 
     from rich.console import Console
+    from rich.markup import escape
 
     from stiffmon.client import Client
-    from stiffmon.session import SessionReader
+    from stiffmon.session import read_sessions
     from stiffmon.sources import resolve
     from stiffmon.store import Store
     from stiffmon.summary import summary_json, summary_table
@@ -97,16 +98,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
     notes: list[str] = []
     dead: list[str] = []
     try:
-        for path in resolved.files:
-            reader = SessionReader(path)
-            n = len(store.runs)
-            store.extend(reader.messages(on_error="skip"), replay=True)
-            if reader.ignored_bytes:
-                notes.append(f"{path}: ignored a torn tail of {reader.ignored_bytes} bytes")
-            if reader.skipped_records:
-                notes.append(f"{path}: skipped {reader.skipped_records} malformed records")
-            if len(store.runs) == n:
-                dead.append(f"{path} holds no run")
+        msgs, merge = read_sessions(resolved.files)
+        store.extend(msgs, replay=True)
+        del msgs
+        notes += merge.notes()
+        for report in merge.reports.values():
+            if report.newer_version is not None and not report.runs:
+                dead.append(
+                    f"{report.path} holds no run this stiffmon can read (protocol version "
+                    f"{report.newer_version}: upgrade stiffmon)"
+                )
+            elif not report.runs:
+                dead.append(f"{report.path} holds no run")
+        if store.rejected:
+            notes.append(f"{store.rejected} messages could not be stored (malformed)")
         if resolved.endpoints:
             n = len(store.runs)
             with Client(resolved.endpoints, curve=curve_client(args)) as client:
@@ -123,17 +128,25 @@ def cmd_summary(args: argparse.Namespace) -> int:
                 )
     finally:
         resolved.close()
+    for rd in store.runs.values():
+        if rd.dropped:
+            notes.append(f"{rd.name}: the agent dropped {rd.dropped} messages")
     if store.runs:
         if args.json:
-            print(json.dumps(summary_json(store), indent=2))
+            rows = summary_json(store)
+            for row in rows:
+                row["files"] = [str(p) for p in merge.files_of(row["run"])]
+            print(json.dumps(rows, indent=2))
+            for note in notes:  # stdout stays valid JSON
+                print(f"stiffmon summary: {note}", file=sys.stderr)
         else:
             console = Console()
             console.print(summary_table(store))
-            for rd in store.runs.values():
-                if rd.dropped:
-                    notes.append(f"{rd.name}: the agent dropped {rd.dropped} messages")
             for note in notes:
-                console.print(f"[yellow]{note}[/]")
+                console.print(f"[yellow]{escape(note)}[/]")
+    else:
+        for note in notes:
+            print(f"stiffmon summary: {note}", file=sys.stderr)
     for d in dead:
         fail(args, d)
     return 2 if dead else 0
@@ -186,6 +199,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
         files, follow=args.follow, speed=speed or 1.0, at_end=bool(args.screenshots)
     )
     source.load()
+    if not source.messages and not args.follow:
+        for note in source.notes:
+            print(f"stiffmon replay: {note}", file=sys.stderr)
+        return fail(args, "no message could be read from " + ", ".join(map(str, files)))
+    if args.screenshots:  # no screen to show them on: say them here too
+        for note in source.notes:
+            print(f"stiffmon replay: {note}", file=sys.stderr)
     if speed is None:
         source.speed = source.auto_speed()
     if args.screenshots:

@@ -8,7 +8,8 @@ the run id, the join key of every table):
   ``xi/input`` …), tidy long form, one row per (run, step, name), nothing thinned;
 * ``runs``: ``run, name, host, pid, optimizer, lr, momentum, batch_size, param_count,
   probe_train, probe_val, class_names, agent_version, status`` (``optimizer`` and
-  ``class_names`` as JSON text);
+  ``class_names`` as JSON text; ``status`` in the monitor's words: ``finished``,
+  ``no bye (crashed?)`` …, see :func:`stiffmon.summary.run_status`);
 * ``matrices``: ``run, step, time, name, row, col, row_label, col_label, value`` — one row per
   cell of every measurement of every matrix (class stiffness blocks);
 * ``curves``: ``run, step, time, name, index, x, y`` — stiffness-vs-distance curves, one row per
@@ -40,6 +41,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stiffmon.store import RunData, Store
+from stiffmon.summary import run_status
 
 FORMATS = ("csv", "parquet", "tensorboard")
 
@@ -163,7 +165,7 @@ def _run_row(t: dict[str, list[Any]], rd: RunData) -> None:
     t["probe_val"].append(h.probe_val if h else None)
     t["class_names"].append(json.dumps(list(h.class_names) if h else []))
     t["agent_version"].append(h.agent_version if h else "")
-    t["status"].append(rd.status())
+    t["status"].append(run_status(rd))
 
 
 def _cell(v: Any) -> Any:
@@ -247,15 +249,24 @@ def load(
     curve: Any = None,
     notes: list[str] | None = None,
 ) -> Store:
-    """Read session files and listen to live endpoints for ``wait`` seconds; nothing thinned."""
-    from stiffmon.session import SessionReader
+    """Read session files and listen to live endpoints for ``wait`` seconds; nothing thinned.
+
+    Files are merged (:func:`stiffmon.session.read_sessions`): a message of a run found in
+    several files is kept once. What was skipped (damaged records, torn tails, invalid records, a
+    newer protocol version) is appended to ``notes`` in words.
+    """
+    from stiffmon.session import read_sessions
 
     store = Store(max_points=2**62)
-    for path in files:
-        reader = SessionReader(path)
-        store.extend(reader.messages(on_error="skip"), replay=True)
-        if notes is not None and reader.ignored_bytes:
-            notes.append(f"{path}: ignored a torn tail of {reader.ignored_bytes} bytes")
+    msgs, merge = read_sessions(list(files))
+    store.extend(msgs, replay=True)
+    if notes is not None:
+        notes += merge.notes()
+        for report in merge.reports.values():
+            if not report.runs and not report.newer_version:
+                notes.append(f"{report.path}: holds no run")
+        if store.rejected:
+            notes.append(f"{store.rejected} messages could not be stored (malformed)")
     if endpoints:
         from stiffmon.client import Client
 

@@ -40,6 +40,16 @@ def precond_mark(s: dict[str, Any], key: str, ascii: bool = False) -> str:
     return text + ("P" if ascii else "ᴾ")
 
 
+def run_status(rd: RunData, now: float | None = None) -> str:
+    """The run's state in the app's words (:meth:`RunData.health`): ``finished``, ``exited``,
+    ``no bye (crashed?)`` for a recorded run that ended without a bye, ``live``, ``stalled 12s``
+    …; with ``, diverged @N`` when its loss diverged."""
+    h = rd.health(now, ended=True)
+    if rd.diverged_step is not None:
+        return f"{h.text}, diverged @{rd.diverged_step:,}"
+    return h.text
+
+
 def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     """The comparison numbers of one run (NaN / None where not measured).
 
@@ -47,7 +57,9 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     ``lr_at_break_even`` are the threshold and η (param group 0) in force at its step (the last
     published at or before it, as the marker was judged), NaN without a marker; ``lr`` and
     ``threshold`` are the last ones (a schedule moves them); ``mean_*_after`` are NaN unless the
-    marker is confirmed; ``break_even_k_*`` describe the early-phase peak of λ1_K.
+    marker is confirmed; ``break_even_k_*`` describe the early-phase peak of λ1_K. ``status``
+    is :func:`run_status`, ``state`` and ``problems`` those of :meth:`RunData.health` (a recorded
+    run without a bye has ended: ``no bye (crashed?)``).
     """
     be = rd.break_even()
     be_k = rd.break_even_k()
@@ -93,7 +105,9 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
         - rd.last("stiffness/cos/train-train/between"),
         "events": len(rd.events),
         "dropped": rd.dropped,  # messages the agent lost (its last heartbeat says)
-        "status": rd.status(now),
+        "status": run_status(rd, now),
+        "state": rd.health(now, ended=True).state,
+        "problems": list(rd.health(now, ended=True).problems),
     }
 
 
@@ -122,7 +136,7 @@ def summary_table(store: Store) -> Group:
     runs.add_column("run", justify="left", overflow="fold", min_width=8)
     for col in ("last η", "β", "B", "η/B", "steps", "loss", "ξ"):
         runs.add_column(col, justify="right", no_wrap=True)
-    runs.add_column("status", justify="left", no_wrap=True)
+    runs.add_column("status", justify="left", min_width=6)  # "no bye (crashed?)" may wrap
     for s in rows:
         runs.add_row(
             s["name"],

@@ -21,6 +21,7 @@ from stiffmon.session.records import (
     HEADER_SIZE,
     MAX_RECORD_BYTES,
     TailState,
+    find_record,
 )
 
 
@@ -72,17 +73,48 @@ def _columns_first_step(mm: mmap.mmap, start: int, stop: int) -> int | None:
 
 
 def _scan_index(
-    mm: mmap.mmap, size: int, offsets: list[int], steps: list[int], firsts: list[int]
+    mm: mmap.mmap,
+    size: int,
+    offsets: list[int],
+    steps: list[int],
+    firsts: list[int],
+    damaged: list[tuple[int, int]] | None = None,
 ) -> tuple[int, TailState]:
     """Fill ``offsets``, ``steps`` and ``firsts`` (a record's first step: ``first_step`` of a
-    ``columns`` batch, else its step) from a mapped session; return (end, tail state)."""
+    ``columns`` batch, else its step) from a mapped session; return (end, tail state).
+
+    A damaged record with an intact one after it is skipped and ``(offset, bytes skipped)``
+    appended to ``damaged``; the scan stops at one without (the torn tail)."""
+    pos, last_step = HEADER_SIZE, 0
+    while True:
+        pos, last_step, state = _scan_run(mm, size, pos, last_step, offsets, steps, firsts)
+        if state == "clean":
+            return pos, state
+        nxt = find_record(mm, pos + 1, size)
+        if nxt is None:
+            return pos, state
+        if damaged is not None:
+            damaged.append((pos, nxt - pos))
+        pos = nxt
+
+
+def _scan_run(
+    mm: mmap.mmap,
+    size: int,
+    pos: int,
+    last_step: int,
+    offsets: list[int],
+    steps: list[int],
+    firsts: list[int],
+) -> tuple[int, int, TailState]:
+    """The hot loop of :func:`_scan_index`: intact records from ``pos`` up to the first bad
+    one; return (where it stopped, the last step, why)."""
     view = memoryview(mm)
     unpack = _REC.unpack_from
     u32 = _U32.unpack_from
     crc32 = zlib.crc32
     search = _STEP_RE.search
     add_offset, add_step, add_first = offsets.append, steps.append, firsts.append
-    pos, last_step = HEADER_SIZE, 0
     state: TailState = "clean"
     try:
         while pos < size:
@@ -111,7 +143,7 @@ def _scan_index(
             pos = stop
     finally:
         view.release()
-    return pos, state
+    return pos, last_step, state
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import time
@@ -12,7 +13,8 @@ from typing import Literal
 
 import numpy as np
 
-from stiffmon.protocol import AnyMessage, ProtocolError, decode
+from stiffmon.protocol import AnyMessage, ProtocolError, ProtocolVersionError, decode
+from stiffmon.protocol.limits import PROTOCOL_VERSION
 from stiffmon.session.index import SessionIndex, _scan_index
 from stiffmon.session.records import (
     _READ_BUFFER,
@@ -23,10 +25,13 @@ from stiffmon.session.records import (
     SessionError,
     TailState,
     _iter_records,
+    _resync,
     check_file_header,
     pack_frames,
     unpack_frames,
 )
+
+MAX_SKIP_REASONS = 5
 
 
 class SessionReader:
@@ -46,7 +51,26 @@ class SessionReader:
             check_file_header(f.read(HEADER_SIZE), self.path)
         self.last_scan: RecordScan | None = None
         self.skipped_records = 0
+        self.skip_reasons: list[str] = []  # the first few, "offset N: why"
+        self.newer_version: int | None = None  # the newest too-new protocol version skipped
+        self.damaged: dict[int, int] = {}  # offset of a damaged record -> bytes skipped there
         self.restarts = 0  # times follow() started over on a replaced or rewritten file
+
+    def _note_damage(self, scan: RecordScan) -> None:
+        self.damaged.update(scan.damaged)
+
+    def _skip(self, offset: int, exc: Exception, frames: list[bytes] | None = None) -> None:
+        """Count a skipped record and remember why (the first few reasons)."""
+        self.skipped_records += 1
+        if len(self.skip_reasons) < MAX_SKIP_REASONS:
+            self.skip_reasons.append(f"offset {offset}: {exc}")
+        if isinstance(exc, ProtocolVersionError) and frames is not None and len(frames) > 1:
+            try:
+                v = json.loads(frames[1]).get("v")
+            except (ValueError, AttributeError):
+                return
+            if isinstance(v, int) and v > PROTOCOL_VERSION:
+                self.newer_version = max(v, self.newer_version or v)
 
     @property
     def ignored_bytes(self) -> int:
@@ -54,12 +78,17 @@ class SessionReader:
         return self.last_scan.ignored_bytes if self.last_scan else 0
 
     def records(
-        self, start: int = HEADER_SIZE, *, on_error: Literal["raise", "skip"] = "raise"
+        self,
+        start: int = HEADER_SIZE,
+        *,
+        on_error: Literal["raise", "skip"] = "raise",
+        resync: bool = True,
     ) -> Iterator[tuple[int, list[bytes]]]:
         """Yield ``(offset, frames)`` for each intact record from offset ``start``.
 
-        Stops at the end of the file or at the first torn/corrupt record; afterwards
-        :attr:`last_scan` says where and why.
+        A damaged record followed by intact ones is skipped (its offset and size are noted in
+        :attr:`damaged` and in :attr:`last_scan`); reading stops at the end of the file or at a
+        torn tail. Afterwards :attr:`last_scan` says where and why.
 
         Args:
             start: Offset of a record.
@@ -73,17 +102,18 @@ class SessionReader:
         with open(self.path, "rb", buffering=_READ_BUFFER) as f:
             size = os.fstat(f.fileno()).st_size
             scan: list[RecordScan] = []
-            for offset, payload in _iter_records(f, start, size, scan):
+            for offset, payload in _iter_records(f, start, size, scan, resync=resync):
                 try:
                     frames = unpack_frames(payload)
                 except SessionError as exc:
                     if on_error == "skip":
-                        self.skipped_records += 1
+                        self._skip(offset, exc)
                         continue
                     self.last_scan = RecordScan(offset, size, "bad-frames")
                     raise SessionError(f"{self.path}: record at offset {offset}: {exc}") from exc
                 yield offset, frames
             self.last_scan = scan[0]
+            self._note_damage(scan[0])
 
     def messages(
         self, start: int = HEADER_SIZE, *, on_error: Literal["raise", "skip"] = "raise"
@@ -102,7 +132,7 @@ class SessionReader:
             except ProtocolError as exc:
                 if on_error == "raise":
                     raise SessionError(f"{self.path}: record at offset {offset}: {exc}") from exc
-                self.skipped_records += 1
+                self._skip(offset, exc, frames)
 
     def __iter__(self) -> Iterator[AnyMessage]:
         return self.messages()
@@ -117,14 +147,18 @@ class SessionReader:
         offsets: list[int] = []
         steps: list[int] = []
         firsts: list[int] = []
+        damaged: list[tuple[int, int]] = []
         end = HEADER_SIZE
         state: TailState = "clean"
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size > HEADER_SIZE:
                 with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
-                    end, state = _scan_index(mm, size, offsets, steps, firsts)
-        self.last_scan = RecordScan(end=end, size=max(size, end), state=state)
+                    end, state = _scan_index(mm, size, offsets, steps, firsts, damaged)
+        self.last_scan = RecordScan(
+            end=end, size=max(size, end), state=state, damaged=tuple(damaged)
+        )
+        self._note_damage(self.last_scan)
         step_arr = np.asarray(steps, dtype=np.int64)
         return SessionIndex(
             offsets=np.asarray(offsets, dtype=np.int64),
@@ -150,7 +184,8 @@ class SessionReader:
         (another inode at the path: a rotation) or rewritten (it shrank below the offset, or the
         last record read is no longer where it was), following restarts from the first record
         of the new content and :attr:`restarts` counts it; content that is not a session
-        raises :class:`SessionError`.
+        raises :class:`SessionError`. A damaged record with intact ones after it, in a file that
+        was not rewritten, is skipped and noted in :attr:`damaged`.
 
         Args:
             start: Offset to start from.
@@ -167,7 +202,7 @@ class SessionReader:
             got = missing = False
             last: tuple[int, list[bytes]] | None = None
             try:
-                for offset, frames in self.records(pos, on_error=on_error):
+                for offset, frames in self.records(pos, on_error=on_error, resync=False):
                     last = (offset, frames)
                     try:
                         msg = decode(frames)
@@ -176,7 +211,7 @@ class SessionReader:
                             raise SessionError(
                                 f"{self.path}: record at offset {offset}: {exc}"
                             ) from exc
-                        self.skipped_records += 1
+                        self._skip(offset, exc, frames)
                         continue
                     got = True
                     yield msg
@@ -214,6 +249,12 @@ class SessionReader:
                 self.restarts += 1
                 pos, mark = HEADER_SIZE, None
                 continue
+            if self.last_scan is not None and self.last_scan.state != "clean":
+                nxt = _next_record(self.path, pos)  # damaged, not torn: intact records follow
+                if nxt is not None:
+                    self.damaged[pos] = nxt - pos
+                    pos = nxt
+                    continue
             if stop is not None and stop():
                 return
             if idle_timeout is not None and now - last_data >= idle_timeout:
@@ -243,6 +284,15 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _next_record(path: Path, pos: int) -> int | None:
+    """Offset of the first intact record after the damaged one at ``pos`` (None: none yet)."""
+    try:
+        with open(path, "rb") as f:
+            return _resync(f, pos, os.fstat(f.fileno()).st_size)
+    except OSError:
+        return None
 
 
 def _read_at(path: Path, offset: int, n: int) -> bytes:

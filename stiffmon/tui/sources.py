@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stiffmon import protocol as p
 from stiffmon.client import Client
-from stiffmon.session import SessionReader
+from stiffmon.session import SessionMerge
 from stiffmon.store import Store
 from stiffmon.transport import CurveKeys, Endpoint
 
@@ -145,23 +145,27 @@ class ReplaySource:
     skipped: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _offsets: dict[Path, int] = field(default_factory=dict)
+    _merge: SessionMerge = field(default_factory=SessionMerge)
 
     def load(self) -> None:
-        """Read every intact message; note torn tails."""
+        """Read every intact message, each message of a run once (files holding the same run are
+        merged by ``seq``); note damaged records, torn tails, skipped records and a newer
+        protocol version, worst first."""
+        merge = self._merge = SessionMerge()
         msgs: list[p.AnyMessage] = []
         for path in self.files:
-            reader = SessionReader(path)
-            msgs.extend(reader.messages(on_error="skip"))
-            self.skipped += reader.skipped_records
-            if reader.ignored_bytes:
-                self.notes.append(
-                    f"{path.name}: ignored a torn tail of {reader.ignored_bytes} bytes"
-                )
-            self._offsets[path] = reader.last_scan.end if reader.last_scan else 0
+            msgs.extend(merge.read_more(path))
+        self._note(merge)
         msgs.sort(key=lambda m: m.t)
         with self._lock:
             self.messages = msgs
+
+    def _note(self, merge: SessionMerge) -> None:
+        """Refresh :attr:`notes` and :attr:`skipped` from the merge's reports."""
+        notes = merge.notes(names=True)
+        notes.sort(key=lambda n: 0 if "upgrade stiffmon" in n else 1)  # the status line shows one
+        self.notes = notes
+        self.skipped = sum(r.skipped for r in merge.reports.values())
 
     def auto_speed(self, seconds: float = 20.0) -> float:
         """The slowest of 1, 2, 5, 10, … 1000 × that plays the whole session in ``seconds``."""
@@ -181,15 +185,13 @@ class ReplaySource:
             self.playing = True
 
     def follow_loop(self) -> None:
-        """Worker body for ``--follow``: append what the writers add."""
-        readers = {path: SessionReader(path) for path in self.files}
+        """Worker body for ``--follow``: append what the writers add (each message once)."""
+        merge = self._merge
         while not self.stop.is_set():
             new: list[p.AnyMessage] = []
-            for path, reader in readers.items():
-                start = self._offsets.get(path, 0)
-                new.extend(reader.messages(start, on_error="skip"))
-                if reader.last_scan is not None:
-                    self._offsets[path] = reader.last_scan.end
+            for path in self.files:
+                new.extend(merge.read_more(path))
+            self._note(merge)
             if new:
                 new.sort(key=lambda m: m.t)
                 with self._lock:
@@ -234,6 +236,7 @@ class ReplaySource:
                 self.clock = min(self.clock, self.messages[-1].t)  # never past the data
             else:
                 self.clock = min(self.clock, self.messages[self.position].t)
+        store.source_malformed = self.skipped  # records skipped in the files: "malformed N"
         store.extend(chunk, replay=True)
         if self.position >= len(self.messages) and not self.follow:
             self.playing = False
@@ -249,6 +252,7 @@ class ReplaySource:
                 self.position = 0
             chunk = self.messages[self.position : position]
             self.position = position
+        store.source_malformed = self.skipped  # records skipped in the files: "malformed N"
         store.extend(chunk, replay=True)
         self.clock = self.messages[position - 1].t if position else self.t0
 

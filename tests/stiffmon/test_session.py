@@ -94,7 +94,9 @@ def test_every_truncation_reads_the_intact_prefix(tmp_path: Path) -> None:
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_bit_flips_read_the_intact_prefix(tmp_path: Path, data: st.DataObject) -> None:
+def test_bit_flips_skip_only_the_damaged_record(tmp_path: Path, data: st.DataObject) -> None:
+    """A flipped bit damages one record: the others are read, the damage said (a flip in the
+    last record is a torn tail)."""
     msgs = make_messages(8)
     path = tmp_path / "flip.stiff"
     path.unlink(missing_ok=True)
@@ -110,9 +112,16 @@ def test_bit_flips_read_the_intact_prefix(tmp_path: Path, data: st.DataObject) -
         return
     reader = s.SessionReader(path)
     got = list(reader)
-    n_intact = sum(1 for e in ends if e <= byte)  # records entirely before the flipped byte
-    assert got == msgs[:n_intact]
-    assert reader.ignored_bytes == len(raw) - (ends[n_intact - 1] if n_intact else s.HEADER_SIZE)
+    k = sum(1 for e in ends if e <= byte)  # the damaged record
+    start = ends[k - 1] if k else s.HEADER_SIZE
+    if k == len(msgs) - 1:  # nothing intact after it: a torn tail
+        assert got == msgs[:k] and reader.ignored_bytes == len(raw) - start
+        assert reader.damaged == {}
+    else:
+        assert got == msgs[:k] + msgs[k + 1 :] and reader.ignored_bytes == 0
+        assert reader.damaged == {start: ends[k] - start}
+    index = s.SessionReader(path).index()
+    assert len(index) == len(got)
 
 
 def test_wrong_magic_and_version(tmp_path: Path) -> None:
