@@ -86,6 +86,7 @@ class RunData:
     errors: dict[str, str] = field(default_factory=dict)  # metric -> last error message
     skip_reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> reason -> n
     skip_steps: dict[str, list[int]] = field(default_factory=dict)  # kind -> steps
+    nonfinite_steps: dict[str, list[int]] = field(default_factory=dict)  # kind -> steps
     memo: dict[str, tuple[object, object]] = field(default_factory=dict, repr=False, compare=False)
     last_seen: float = 0.0
     last_step: int = 0
@@ -203,6 +204,17 @@ class RunData:
             steps += s.steps[grew].tolist()
         return sorted(set(steps))
 
+    def stale_steps(self, kind: str | None = None) -> list[int]:
+        """Steps from which the run's earlier values are no longer current (sorted): where it
+        diverged and, for a measurement ``kind``, where that measurement was skipped because
+        the model was not finite (every skip of ``kind`` when that was the only reason)."""
+        steps = {self.diverged_step} if self.diverged_step is not None else set()
+        if kind is not None:
+            steps.update(self.nonfinite_steps.get(kind, ()))
+            if set(self.skip_reasons.get(kind, {})) == {"not-finite"}:
+                steps.update(self.skipped_at(kind))
+        return sorted(steps)
+
     def note_event(self, ev: p.Event) -> None:
         """Keep an event (bounded) and what it says about the run's health."""
         self.events.append(ev)
@@ -225,6 +237,10 @@ class RunData:
             steps = self.skip_steps.setdefault(metric, [])
             if len(steps) < MAX_SKIP_STEPS:
                 steps.append(ev.step)
+            if reason == "not-finite":
+                bad = self.nonfinite_steps.setdefault(metric, [])
+                if len(bad) < MAX_SKIP_STEPS:
+                    bad.append(ev.step)
 
     def data_key(self, *names: str) -> tuple[tuple[int, int, int], ...]:
         """Changes whenever one of the named series gains (or thins) points: a memo key."""

@@ -183,12 +183,13 @@ class StiffmonApp(App[None]):
             changed = True
             self._health[rd.run] = h
             for level, text in chrome.changes(old, h):
+                step, t = chrome.when(rd, text)
                 self.monitor_events.setdefault(rd.run, []).append(
                     p.Event(
                         rd.run,
                         0,
-                        rd.last_step,
-                        rd.last_t,
+                        step,
+                        t,
                         level=level,
                         code="monitor",
                         message=text,

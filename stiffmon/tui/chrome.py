@@ -64,6 +64,15 @@ def status(app: StiffmonApp) -> Text:
 
 
 def empty_message(app: StiffmonApp) -> Text:
+    """What the screen says while the store has no run: a replay's position, or how to connect."""
+    if app.replay is not None:
+        files = ", ".join(f.name for f in app.replay.files)
+        state = "playing" if app.replay.playing else "paused"
+        return Text.assemble(
+            (f"Replay at its start ({state}): no message replayed yet.\n\n", "bold"),
+            (f"Files: {files}\n\n", ""),
+            ("space: play   End: jump to the end   ← / →: previous / next measurement", "dim"),
+        )
     where = (
         ", ".join(map(str, app.live.endpoints))
         if app.live and app.live.endpoints
@@ -85,6 +94,17 @@ def empty_message(app: StiffmonApp) -> Text:
         ),
         ("Or try: stiffmon demo   /   stiffmon replay demos/sessions/*.stiff", "dim"),
     )
+
+
+def when(rd: RunData, text: str) -> tuple[int, float]:
+    """(step, time) a health change happened: a divergence at its own step, else now."""
+    if rd.diverged_step is not None and "diverged at step" in text:
+        loss = rd.series("loss")
+        if loss is not None and len(loss):
+            i = min(len(loss) - 1, int(loss.steps.searchsorted(rd.diverged_step)))
+            return rd.diverged_step, float(loss.times[i])
+        return rd.diverged_step, rd.last_t
+    return rd.last_step, rd.last_t
 
 
 def short_problems(rd: RunData) -> list[str]:

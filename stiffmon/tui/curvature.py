@@ -21,6 +21,7 @@ from rich.text import Text
 
 from stiffmon.store import RunData, Snapshot
 from stiffmon.tui.renderables import HLine, Line, LineChart, asciify, fmt_tick, nice_ticks
+from stiffmon.tui.runlines import run_line, span_of
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -147,7 +148,8 @@ class DensityMap:
             segs.append(Segment.line())
         first, last = f"step {self.steps[idx[0]]:,}", f"{self.steps[idx[-1]]:,}"
         span = len(idx) * cw
-        axis = first + last.rjust(max(len(last) + 1, span - len(first)))
+        one = self.steps[idx[0]] == self.steps[idx[-1]]  # one measurement: one label
+        axis = first if one else first + last.rjust(max(len(last) + 1, span - len(first)))
         segs += [Segment(" " * label_w + axis[: max(0, width - label_w)], Style(dim=True))]
         segs.append(Segment.line())
         low = f"1e-{self.decades:g}{'x' if self.ascii else '×'}max "
@@ -243,10 +245,11 @@ def trace_chart(
                 Line(x, s.values - band, "grey42", ""),
                 Line(x, s.values + band, "grey42", ""),
             ]
-        lines.append(Line(x, s.values, color, rd.name))
+        lines.append(run_line(rd, "curvature/trace", x, s.values, color, rd.name, x_time=x_time))
     return LineChart(
         lines,
         title="Hessian trace (Hutchinson), grey: ±2 standard errors",
+        x_span=span_of([rd for rd, _ in runs], x_time),
         log_y=log_y,
         ascii=ascii,
         height=height,
@@ -272,6 +275,7 @@ def topk_chart(rd: RunData, *, x_time: bool, log_y: bool, ascii: bool, height: i
     return LineChart(
         lines,
         title=f"top-{k} Hessian eigenvalues — {rd.name}" if k else "top-k Hessian eigenvalues",
+        x_span=span_of([rd], x_time),
         log_y=log_y,
         ascii=ascii,
         height=height,
@@ -290,7 +294,8 @@ def gradient_tests_chart(
         if s is None or not len(s):
             continue
         c = TOPK_COLORS[(2 * j) % len(TOPK_COLORS)] if j else "#3182bd"
-        lines.append(Line(_x(rd, s.steps, s.times, x_time), s.values, c, label))
+        x = _x(rd, s.steps, s.times, x_time)
+        lines.append(run_line(rd, f"noise/{key}", x, s.values, c, label, x_time=x_time))
         theta = rd.last(f"noise/theta/{key}")
         if math.isfinite(theta):
             hlines.append(HLine(theta, c))
@@ -298,6 +303,7 @@ def gradient_tests_chart(
         lines,
         hlines,
         title=f"gradient tests, dashed: chosen θ — {rd.name}",
+        x_span=span_of([rd], x_time),
         legend=True,
         log_y=log_y,
         ascii=ascii,
@@ -316,13 +322,16 @@ def batch_chart(
     for rd, color in runs:
         s = rd.series(f"noise/suggested_batch/{test}")
         if s is not None and len(s):
-            lines.append(Line(_x(rd, s.steps, s.times, x_time), s.values, color, rd.name))
+            x = _x(rd, s.steps, s.times, x_time)
+            name = f"noise/suggested_batch/{test}"
+            lines.append(run_line(rd, name, x, s.values, color, rd.name, x_time=x_time))
         if rd.batch_size:
             hlines.append(HLine(float(rd.batch_size), color))
     return LineChart(
         lines,
         hlines,
         title=f"suggested batch ({label} test), dashed: actual",
+        x_span=span_of([rd for rd, _ in runs], x_time),
         log_y=True,
         ascii=ascii,
         height=height,

@@ -25,6 +25,8 @@ def be_cell(s: dict[str, Any], ascii: bool = False) -> str:
     if step is None or status == "none":
         return "not yet"
     mark = ("o" if ascii else "◇") if status == "tentative" else ""
+    if status == "tentative" and s.get("diverged"):  # no later measurement will confirm it
+        mark = "x" if ascii else "✕"
     return f"{step:,} {WHY.get(str(s.get('break_even_reason')), '?')}{mark}"
 
 
@@ -34,6 +36,7 @@ FIELDS: tuple[Field, ...] = (
     ("B", lambda s, a: fmt(s.get("batch_size"))),
     ("β", lambda s, a: fmt(s.get("momentum"), ".2g")),
     ("η/B", lambda s, a: fmt(s.get("lr_over_batch"), ".2g")),
+    ("thr", lambda s, a: precond_mark(s, "threshold_now", a)),
     ("BE", be_cell),
     ("λH@BE", lambda s, a: precond_mark(s, "lambda1_at_break_even", a)),
     ("λH pk", lambda s, a: fmt(s.get("peak_lambda1_h"), ".3g")),
@@ -44,8 +47,9 @@ FIELDS: tuple[Field, ...] = (
     ("loss", lambda s, a: fmt(s.get("final_loss"), ".3g")),
 )
 LEGEND = (
-    "η latest learning rate; BE break-even step: thr crossed 2/η, pk early peak, cat catapult, "
-    "◇ tentative; ᴾ λ1(P⁻¹H) of an adaptive run; pk peak; aft mean after BE"
+    "BE break-even step: thr λ1 reached the run's stability threshold (row thr: 2/η SGD, "
+    "(2+2β)/η momentum), pk early peak, cat catapult, ◇ tentative, ✕ diverged before confirmed; "
+    "η latest learning rate; ᴾ λ1(P⁻¹H) of an adaptive run; pk peak; aft mean after BE"
 )
 
 

@@ -13,6 +13,7 @@ labels centred under their ┬ and the x-axis caption.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,12 +28,12 @@ from stiffmon.tui.renderables.axes import (
     FloatArray,
     asciify,
     fmt_tick,
-    fmt_value,
     nice_ticks,
     row_segments,
     style_of,
     thin_minmax,
 )
+from stiffmon.tui.renderables.readout import cursor_readout
 
 # Braille dot bits, indexed [row 0..3][col 0..1]
 _BRAILLE = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
@@ -41,21 +42,45 @@ ASCII_SYMBOLS = {"◆": "*", "◇": "o", "▲": "^", "×": "x", "●": "@"}
 
 @dataclass(frozen=True)
 class Line:
-    """One series: x (step or time) and y, drawn in ``color``."""
+    """One series: x (step or time) and y, drawn in ``color``.
+
+    ``end`` and ``stale`` say when a value stops being current, for the cursor read-out: past
+    ``end`` (the run's last step) the line has no value, and a value measured before an x in
+    ``stale`` (sorted; e.g. the run diverged, or the measurement was skipped as not finite) is
+    not shown at a cursor at or after that x.
+    """
 
     x: FloatArray
     y: FloatArray
     color: str
     label: str = ""
+    end: float = math.inf
+    stale: tuple[float, ...] = ()
+
+    def value_at(self, cx: float) -> float:
+        """The current value at ``cx``: the latest at or before it, NaN when there is none or
+        it is no longer current (past ``end``, or a ``stale`` x lies after it)."""
+        if cx > self.end:
+            return math.nan
+        i = int(np.searchsorted(self.x, cx, side="right")) - 1
+        if not 0 <= i < len(self.y):
+            return math.nan
+        j = bisect.bisect_right(self.stale, cx)
+        if j and self.stale[j - 1] > float(self.x[i]):
+            return math.nan
+        return float(self.y[i])
 
 
 @dataclass(frozen=True)
 class HLine:
-    """A dashed horizontal line (e.g. a run's stability threshold 2/η)."""
+    """A dashed horizontal line (e.g. a run's stability threshold 2/η), drawn up to ``x_end``
+    (its run's last step). A labelled one above the y range is named at the top right:
+    ``↑thr 190``."""
 
     y: float
     color: str
     label: str = ""
+    x_end: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -96,8 +121,8 @@ class LineChart:
         legend: Show a legend (label of every line) when there is more than one labelled line.
         cursor_x: Draw a cursor at this x and the value of every line there.
         x_marks: Symbols on the x axis.
-        x_span: The x range the data belong to (e.g. the runs' steps so far): the axis spans it
-            when the data alone have no extent (a single measurement).
+        x_span: The x range the data belong to (e.g. the runs' steps so far): the axis spans
+            it, so that charts of series that stop early (or one measurement) line up.
     """
 
     lines: Sequence[Line]
@@ -148,10 +173,12 @@ class LineChart:
         if y1 - y0 < 1e-12 * max(1.0, abs(y1)):
             pad = abs(y0) * 0.1 or 1.0
             y0, y1 = y0 - pad, y1 + pad
-        if x1 <= x0 and self.x_span is not None and self.x_span[0] <= x0 <= self.x_span[1]:
-            x0, x1 = self.x_span
-        if x1 <= x0:
-            x1 = x0 + 1.0
+        span = self.x_span
+        if self.x_range is None and span is not None and span[0] <= x0 <= span[1]:
+            x0, x1 = min(x0, span[0]), max(x1, span[1])  # the runs' steps, like the other charts
+        if x1 <= x0:  # one point: a range around it, not 500 500 501
+            pad = abs(x0) * 0.1 or 1.0
+            x0, x1 = x0 - pad, x1 + pad
         return x0, x1, y0, y1
 
     def __post_init__(self) -> None:
@@ -227,8 +254,9 @@ class LineChart:
             return segs
         x0, x1, y0, y1 = bounds
         if self.cursor_x is not None and rows >= 6:
-            segs += [*self._readout(width), Segment.line()]
-            rows -= 1
+            for row in self._readout(width, max(1, min(3, rows - 8))):
+                segs += [*row, Segment.line()]
+                rows -= 1
         plot_rows = max(1, rows - 2)  # x axis line and x tick labels
         yt = self._y_ticks(y0, y1, max(2, min(8, plot_rows // 4)))
         labels = [fmt_tick(10**t if self.log_y else t) for t in yt]
@@ -252,24 +280,14 @@ class LineChart:
         segs += [Segment(label_row, axis), Segment.line()]
         return segs
 
-    def _readout(self, width: int) -> list[Segment]:
-        """``step 120: ■ 0.123 ■ 4.56`` — the value of every line at the cursor."""
+    def _readout(self, width: int, max_rows: int) -> list[list[Segment]]:
+        """``step 120: ■ 0.123 ■ 4.56``: the value of every line at the cursor
+        (:func:`~stiffmon.tui.renderables.readout.cursor_readout`)."""
         assert self.cursor_x is not None
         cx = self.cursor_x
         where = f"{self.x_label} {fmt_tick(cx) if abs(cx) >= 1e4 else f'{cx:g}'}:"
-        out = [Segment(where, Style(bold=True))]
-        used = len(where)
-        box = "#" if self.ascii else "■"
-        for ln in self.lines:
-            i = int(np.searchsorted(ln.x, cx, side="right")) - 1
-            v = float(ln.y[i]) if 0 <= i < len(ln.y) else math.nan
-            text = f" {fmt_value(v)}"
-            if used + len(text) + 2 > width:
-                break
-            out += [Segment(f" {box}", style_of(ln.color)), Segment(text)]
-            used += len(text) + 2
-        out.append(Segment(" " * max(0, width - used)))
-        return out
+        values = [(ln.value_at(cx), ln.color) for ln in self.lines]
+        return cursor_readout(where, values, width, max_rows, ascii_only=self.ascii)
 
     def _y_ticks(self, y0: float, y1: float, n: int) -> list[float]:
         if self.log_y:
@@ -333,12 +351,16 @@ class LineChart:
                 return v
             return math.log10(v) if v > 0 else math.nan
 
+        above: list[HLine] = []
         for h in self.hlines:
             hy = to_y(h.y)
-            if not math.isfinite(hy) or not (y0 <= hy <= y1):
+            if h.label and math.isfinite(hy) and hy > y1 and h.x_end >= x0:
+                above.append(h)
+            if not math.isfinite(hy) or not (y0 <= hy <= y1) or h.x_end < x0:
                 continue
             r = self._row_of(hy, y0, y1, ph)
-            for c in range(0, pw, 2):
+            last = pw - 1 if h.x_end >= x1 else round((h.x_end - x0) / (x1 - x0) * (pw - 1))
+            for c in range(0, last + 1, 2):
                 if text[r][c] is None:
                     text[r][c], color_grid[r][c] = ("-" if self.ascii else "╌"), h.color
         if self.cursor_x is not None and x0 <= self.cursor_x <= x1:
@@ -392,6 +414,14 @@ class LineChart:
             r = self._row_of(my, y0, y1, ph)
             sym = ASCII_SYMBOLS.get(m.symbol, "#") if self.ascii else m.symbol
             text[r][c], color_grid[r][c] = sym, m.color
+        right = pw  # thresholds above the y range: named at the top right, ``↑thr 190``
+        for h in above:
+            lab = f"{'^' if self.ascii else '↑'}{h.label + ' ' if h.label else ''}{fmt_tick(h.y)}"
+            if right - len(lab) < pw // 3:
+                break
+            for i, ch in enumerate(lab):
+                text[0][right - len(lab) + i], color_grid[0][right - len(lab) + i] = ch, h.color
+            right -= len(lab) + 1
         out: list[list[tuple[str, str | None]]] = []
         for r in range(ph):
             row = []

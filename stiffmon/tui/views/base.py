@@ -15,6 +15,7 @@ from textual.widget import Widget
 from stiffmon import derive
 from stiffmon.store import RunData
 from stiffmon.tui.renderables import HLine, Line, LineChart, Marker, XMark
+from stiffmon.tui.runlines import run_line
 
 if TYPE_CHECKING:
     from stiffmon.tui.app import StiffmonApp
@@ -162,6 +163,13 @@ class View:
         i = min(len(s) - 1, int(np.searchsorted(s.steps, step)))
         return float(s.times[i] - rd.first_t)
 
+    def run_line(
+        self, rd: RunData, name: str, xy: tuple[np.ndarray, np.ndarray], color: str, label: str
+    ) -> Line:
+        """Series ``name`` of ``rd`` as a line whose read-out stops where the run's values stop
+        being current (:func:`stiffmon.tui.runlines.run_line`)."""
+        return run_line(rd, name, xy[0], xy[1], color, label, x_time=self.app.x_time)
+
     def skip_marks(self, rd: RunData, kind: str, name: str) -> list[XMark]:
         return [XMark(self.x_of_step(rd, name, st), "#e45756") for st in rd.skipped_at(kind)[-500:]]
 
@@ -195,7 +203,7 @@ class View:
             for rd in self.runs():
                 xy = self.xy(rd, name)
                 if xy is not None:
-                    lines.append(Line(xy[0], xy[1], run_color(rd), rd.name))
+                    lines.append(self.run_line(rd, name, xy, run_color(rd), rd.name))
                     if kind is not None:
                         marks += self.skip_marks(rd, kind, name)
             hl = [HLine(ref, "grey50")] if ref is not None else []

@@ -42,7 +42,14 @@ def summary_of(rd: RunData) -> dict[str, Any]:
 
 def fresh(app: StiffmonApp, rd: RunData, now: float) -> dict[str, Any]:
     """What changes every step: the last loss and the state."""
-    return {"final_loss": rd.last("loss"), "status": status_words(app, rd, now)}
+    precond = len(rd.scalars.get("sharpness/lambda1_precond", ())) > 0
+    thr = rd.last("sharpness/threshold_precond" if precond else "sharpness/threshold")
+    return {
+        "final_loss": rd.last("loss"),
+        "status": status_words(app, rd, now),
+        "threshold_now": thr,
+        "diverged": rd.diverged_step is not None,
+    }
 
 
 def status_words(app: StiffmonApp, rd: RunData, now: float) -> str:

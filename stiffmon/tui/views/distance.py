@@ -76,6 +76,6 @@ class Distance(View):
             for j, name in enumerate(names):
                 xy = self.xy(rd, name)
                 if xy is not None:
-                    lines.append(Line(xy[0], xy[1], space_color(j), name.split("/", 1)[1]))
+                    lines.append(self.run_line(rd, name, xy, space_color(j), name.split("/", 1)[1]))
         title = f"{rd.name}: critical length ξ per space over training" if rd else "ξ"
         return self.chart(lines, title, height, legend=True, empty_text="no ξ yet")

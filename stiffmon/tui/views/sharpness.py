@@ -13,8 +13,9 @@ from textual.widget import Widget
 from textual.widgets import Static
 
 from stiffmon.store import RunData
-from stiffmon.tui.renderables import HLine, Line, Marker, asciify
+from stiffmon.tui.renderables import HLine, Marker, asciify
 from stiffmon.tui.renderables.axes import cut
+from stiffmon.tui.runlines import run_end
 from stiffmon.tui.views.base import Builder, ChartView, View, be_marker, run_color
 
 REASONS = {
@@ -63,6 +64,14 @@ def deciding_rule(rd: RunData) -> str:
     return rule
 
 
+def with_value(rule: str, value: float) -> str:
+    """``(2+2β)/η = 190 (SGD, group 0)``: the rule's formula with its current value."""
+    if rule.startswith("none") or not math.isfinite(value):
+        return rule
+    formula, sep, rest = rule.partition(" (")
+    return f"{formula} = {value:.4g}{sep}{rest}"
+
+
 def be_words(rd: RunData) -> str:
     """``break-even 280 (early peak) λ1_H 1.96``, or ``no break-even yet``.
 
@@ -80,6 +89,8 @@ def be_words(rd: RunData) -> str:
         return ("no break-even" if rd.finished else "no break-even yet") + extra
     why = REASONS.get(be.reason, be.reason)
     tent = ", tentative" if status == "tentative" else ""
+    if status == "tentative" and rd.diverged_step is not None:
+        tent = ", never confirmed: the run diverged"
     lam = "λ1(P⁻¹H)" if str(getattr(be, "series", "")).endswith("precond") else "λ1_H"
     return f"break-even {be.step:,} ({why}{tent}) {lam} {be.value:.3g}{extra}"
 
@@ -98,10 +109,10 @@ def sharpness_chart(view: View, compact: bool) -> Builder:
                 xy = view.xy(rd, name)
                 if xy is None:
                     continue
-                lines.append(Line(xy[0], xy[1], c, label))
+                lines.append(view.run_line(rd, name, xy, c, label))
                 thr = rd.last(thr_name)
-                if math.isfinite(thr):
-                    hlines.append(HLine(thr, c))
+                if math.isfinite(thr):  # up to the run's end; named when above the chart
+                    hlines.append(HLine(thr, c, "thr", x_end=run_end(rd, view.app.x_time)))
             if not rd.series("sharpness/lambda1_h"):
                 continue
             marks += view.skip_marks(rd, "sharpness", "sharpness/lambda1_h")
@@ -154,13 +165,18 @@ class Sharpness(View):
             if not rd.series("sharpness/lambda1_h"):
                 continue
             status = getattr(break_even_of(rd), "status", "confirmed")
-            sym = {"confirmed": "◆", "tentative": "◇"}.get(status, "·")
+            if status == "tentative" and rd.diverged_step is not None:
+                status = "diverged"
+            sym = {"confirmed": "◆", "tentative": "◇", "diverged": "✕"}.get(status, "·")
             words = f"{sym} {rd.name}: {be_words(rd)}"
             rule, prule = threshold_rule(rd), threshold_rule(rd, "hessian-precond")
             if rule and not (rule.startswith("none") and prule):
-                words += f"; threshold {rule}"
+                words += f"; threshold {with_value(rule, rd.last('sharpness/threshold'))}"
+            elif not rule and math.isfinite(rd.last("sharpness/threshold")):
+                words += f"; threshold {rd.last('sharpness/threshold'):.4g}"
             if prule:
-                words += f"; preconditioned {prule}"
+                thr = rd.last("sharpness/threshold_precond")
+                words += f"; preconditioned {with_value(prule, thr)}"
             lines.append(Text(asciify(words) if self.app.ascii else words, style=run_color(rd)))
         text = Text("\n").join(lines)
         text.no_wrap, text.overflow = True, cut(self.app.ascii)
