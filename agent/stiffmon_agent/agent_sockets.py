@@ -89,8 +89,9 @@ MAX_TOPIC_BYTES = 4096
 """Distinct topics, and their bytes, subscribed to at once beyond which the XPUB is replaced."""
 
 UPSTREAM_HWM = 100
-"""``ZMQ_RCVHWM`` of the XPUB: frames a peer may have queued upstream (the rest wait in the
-kernel's socket buffers)."""
+"""``ZMQ_RCVHWM`` of the XPUB. It does not bound the subscriptions libzmq takes in at once
+(measured at 100: one ``getsockopt(EVENTS)`` took all 20,000 queued ones); what does is
+:class:`Wakeup` reading them as they arrive and :class:`Subscriptions` replacing the socket."""
 
 
 def _configure(sock: zmq.Socket[bytes], curve: CurveKeys | None, max_frame: int) -> None:
@@ -106,7 +107,6 @@ def _configure_pub(pub: zmq.Socket[bytes], curve: CurveKeys | None) -> None:
     limit = MAX_SUBSCRIPTION_FRAME_BYTES if curve is None else MAX_CONTROL_FRAME_BYTES
     _configure(pub, curve, limit)
     pub.setsockopt(zmq.SNDHWM, 10_000)
-    # libzmq takes a peer's whole inbound pipe into its topics at once: keep it short
     pub.setsockopt(zmq.RCVHWM, UPSTREAM_HWM)
 
 
@@ -162,15 +162,19 @@ class Subscriptions:
             elif frame[:1] == b"\x00" and self.topics:
                 self.topics -= 1
                 self.topic_bytes = max(0, self.topic_bytes - (len(frame) - 1))
-            if self.topics > MAX_TOPICS or self.topic_bytes > MAX_TOPIC_BYTES:
+            if self._too_many:
                 break  # no more into libzmq's topics: the socket goes
         if n >= limit:
             self.flooded = f"more than {limit} frames sent upstream between two reads"
-        elif self.topics > MAX_TOPICS or self.topic_bytes > MAX_TOPIC_BYTES:
+        elif self._too_many:
             self.flooded = (
                 f"{self.topics} distinct topics ({self.topic_bytes} bytes) subscribed to "
                 f"(a monitor subscribes to one, empty)"
             )
+
+    @property
+    def _too_many(self) -> bool:
+        return self.topics > MAX_TOPICS or self.topic_bytes > MAX_TOPIC_BYTES
 
     def reset(self) -> None:
         """A fresh socket: nobody subscribes yet."""

@@ -307,9 +307,8 @@ class Publisher:
                 f"peer dropped (monitors reconnect); {self.pub_resets} time(s) so far"
             )
             self._warn(f"stiffmon: {text}")
-            fields = {"level": "warning", "code": "publish-reset", "message": text, "attrs": {}}
-            fields["attrs"] = {"resets": self.pub_resets}
-            self._emit(Outgoing(p.Event, self._last_step, time.time(), fields), fresh, writer)
+            attrs = {"resets": self.pub_resets}
+            self._warning(self._last_step, "publish-reset", text, attrs, fresh, writer)
         return fresh
 
     def _heartbeat(
@@ -389,9 +388,7 @@ class Publisher:
             self._problems_said.add(text)
             self._warn(f"stiffmon: no accuracy for some steps (NaN): {text}")
             what = f"accuracy is NaN at some steps of the batch up to step {step}: {text}"
-            fields = {"level": "warning", "code": "accuracy-unavailable", "message": what}
-            fields["attrs"] = {}
-            self._emit(Outgoing(p.Event, step, time.time(), fields), pub, writer)
+            self._warning(step, "accuracy-unavailable", what, {}, pub, writer)
 
     def _check_finite(
         self,
@@ -409,15 +406,17 @@ class Publisher:
             if self._nonfinite_streak != 1:
                 continue
             self._warn(f"stiffmon: non-finite loss ({loss}) at step {step}; training goes on")
-            ev = Outgoing(
-                p.Event,
-                step,
-                time.time(),
-                {
-                    "level": "warning",
-                    "code": "nan-loss",
-                    "message": f"loss is {loss} at step {step}",
-                    "attrs": {},
-                },
-            )
-            self._emit(ev, pub, writer)
+            self._warning(step, "nan-loss", f"loss is {loss} at step {step}", {}, pub, writer)
+
+    def _warning(
+        self,
+        step: int,
+        code: str,
+        message: str,
+        attrs: dict[str, Any],
+        pub: zmq.Socket[bytes] | None,
+        writer: SessionWriter | None,
+    ) -> None:
+        """Publish (and record) a warning ``event`` of the thread's own."""
+        fields = {"level": "warning", "code": code, "message": message, "attrs": attrs}
+        self._emit(Outgoing(p.Event, step, time.time(), fields), pub, writer)

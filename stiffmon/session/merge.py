@@ -155,11 +155,9 @@ class SessionMerge:
     def _unique_of(self, report: FileReport, msgs: Iterable[AnyMessage]) -> Iterator[AnyMessage]:
         for msg in msgs:
             report.messages += 1
-            if msg.run not in self._files_of:
-                self._files_of[msg.run] = set()
             if msg.run not in report.runs:
                 report.runs.append(msg.run)
-            self._files_of[msg.run].add(report.path)
+            self._files_of.setdefault(msg.run, set()).add(report.path)
             kept = self.unique(msg)
             if kept is None:
                 report.duplicates += 1
