@@ -1,0 +1,132 @@
+"""The plot area of :class:`~stiffmon.tui.renderables.linechart.LineChart` as a grid of cells:
+braille dots (2 × 4 per character) for the series, joined column to column so gaps and spikes
+stay visible, dashed threshold lines, markers and the cursor column on top.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from stiffmon.tui.renderables.axes import FloatArray, fmt_tick, thin_minmax
+
+if TYPE_CHECKING:
+    from stiffmon.tui.renderables.linechart import HLine, LineChart
+
+# Braille dot bits, indexed [row 0..3][col 0..1]
+_BRAILLE = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
+ASCII_SYMBOLS = {"◆": "*", "◇": "o", "▲": "^", "×": "x", "●": "@"}
+
+
+def row_of(y: float, y0: float, y1: float, rows: int) -> int:
+    """The plot row (0 at the top) of the value ``y`` on the axis ``[y0, y1]``."""
+    f = (y - y0) / (y1 - y0)
+    return min(rows - 1, max(0, round((1 - f) * (rows - 1))))
+
+
+def raster(
+    chart: LineChart, x0: float, x1: float, y0: float, y1: float, pw: int, ph: int
+) -> list[list[tuple[str, str | None]]]:
+    """The plot area's cells (character, colour), top row first: threshold lines, the cursor,
+    the series in braille (or ``*``), the markers, and the labels of thresholds above the range."""
+    sub_x, sub_y = (1, 1) if chart.ascii else (2, 4)
+    gw, gh = pw * sub_x, ph * sub_y
+    bits = np.zeros((ph, pw), dtype=np.int64)
+    color_grid: list[list[str | None]] = [[None] * pw for _ in range(ph)]
+    text: list[list[str | None]] = [[None] * pw for _ in range(ph)]
+
+    def ypix(v: FloatArray) -> npt.NDArray[np.int64]:
+        f = (v - y0) / (y1 - y0)
+        return np.clip(np.round((1 - f) * (gh - 1)), 0, gh - 1).astype(np.int64)
+
+    def to_y(v: float) -> float:
+        if not chart.log_y:
+            return v
+        return math.log10(v) if v > 0 else math.nan
+
+    above: list[HLine] = []
+    for h in chart.hlines:
+        hy = to_y(h.y)
+        if h.label and math.isfinite(hy) and hy > y1 and h.x_end >= x0:
+            above.append(h)
+        if not math.isfinite(hy) or not (y0 <= hy <= y1) or h.x_end < x0:
+            continue
+        r = row_of(hy, y0, y1, ph)
+        last = pw - 1 if h.x_end >= x1 else round((h.x_end - x0) / (x1 - x0) * (pw - 1))
+        for c in range(0, last + 1, 2):
+            if text[r][c] is None:
+                text[r][c], color_grid[r][c] = ("-" if chart.ascii else "╌"), h.color
+    if chart.cursor_x is not None and x0 <= chart.cursor_x <= x1:
+        c = round((chart.cursor_x - x0) / (x1 - x0) * (pw - 1))
+        for r in range(ph):
+            text[r][c], color_grid[r][c] = (":" if chart.ascii else "┊"), "grey50"
+    for ln in chart.lines:
+        yv: FloatArray = ln.y.astype(np.float64)
+        if chart.log_y:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                yv = np.where(yv > 0, np.log10(np.where(yv > 0, yv, 1.0)), np.nan)
+        cols, mins, maxs = thin_minmax(ln.x.astype(np.float64), yv, x0, x1, gw)
+        if not cols.size:
+            continue
+        top, bot = ypix(maxs), ypix(mins)
+
+        def plot(px: int, lo: int, hi: int, color: str = ln.color) -> None:
+            cc, sx = divmod(px, sub_x)
+            for py in range(min(lo, hi), max(lo, hi) + 1):
+                rr, sy = divmod(py, sub_y)
+                if chart.ascii:
+                    text[rr][cc], color_grid[rr][cc] = "*", color
+                else:
+                    bits[rr, cc] |= _BRAILLE[sy][sx]
+                    color_grid[rr][cc] = color
+                    text[rr][cc] = None
+
+        prev: tuple[int, int] | None = None
+        for cx, t, b in zip(
+            cols.astype(np.int64).tolist(), top.tolist(), bot.tolist(), strict=True
+        ):
+            mid = (t + b) // 2
+            if prev is not None:  # join to the previous point, whatever the gap
+                px, py = prev
+                gap = cx - px
+                last = py
+                for k in range(1, gap):
+                    yk = round(py + (mid - py) * k / gap)
+                    plot(px + k, last, yk)
+                    last = yk
+                plot(cx, last, mid)
+            plot(cx, t, b)
+            prev = (cx, mid)
+    for m in chart.markers:
+        my = to_y(m.y)
+        if not (math.isfinite(m.x) and math.isfinite(my)) or not (
+            x0 <= m.x <= x1 and y0 <= my <= y1
+        ):
+            continue
+        c = min(pw - 1, round((m.x - x0) / (x1 - x0) * (pw - 1)))
+        r = row_of(my, y0, y1, ph)
+        sym = ASCII_SYMBOLS.get(m.symbol, "#") if chart.ascii else m.symbol
+        text[r][c], color_grid[r][c] = sym, m.color
+    right = pw  # thresholds above the y range: named at the top right, ``↑thr 190``
+    for h in above:
+        lab = f"{'^' if chart.ascii else '↑'}{h.label + ' ' if h.label else ''}{fmt_tick(h.y)}"
+        if right - len(lab) < pw // 3:
+            break
+        for i, ch in enumerate(lab):
+            text[0][right - len(lab) + i], color_grid[0][right - len(lab) + i] = ch, h.color
+        right -= len(lab) + 1
+    out: list[list[tuple[str, str | None]]] = []
+    for r in range(ph):
+        row = []
+        for c in range(pw):
+            if text[r][c] is not None:
+                row.append((text[r][c] or " ", color_grid[r][c]))
+            elif bits[r, c]:
+                row.append((chr(0x2800 + int(bits[r, c])), color_grid[r][c]))
+            else:
+                row.append((" ", None))
+        out.append(row)
+    return out
