@@ -10,18 +10,23 @@ trimmed to the batches the client does not have yet. A gap in a run's ``seq``
 (a slow subscriber lost messages at the publisher's high-water mark) or a run never seen before
 (an agent restarted) triggers a new snapshot; messages that arrive meanwhile wait in a buffer, so
 every run's messages come out once, in ``seq`` order. Malformed frames are counted and dropped.
+
+An address whose peer sent a frame over the size limit is dropped by libzmq for good; the client
+connects to it again (:mod:`stiffmon.reconnect`), says so in :attr:`ClientStats.warnings`, and asks
+for a snapshot whenever a live connection comes back, so no message is lost from its view.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import zmq
 
 from stiffmon import protocol as p
+from stiffmon.reconnect import Links
 from stiffmon.transport import (
     MAX_DATA_FRAME_BYTES,
     SNAPSHOT_DONE,
@@ -48,7 +53,9 @@ class ClientStats:
     gaps: int = 0
     snapshots: int = 0
     snapshot_timeouts: int = 0
+    reconnects: int = 0  # connections libzmq gave up (an oversized frame) and the client remade
     last_error: str = ""
+    warnings: deque[str] = field(default_factory=lambda: deque(maxlen=20))  # newest last
 
 
 @dataclass
@@ -110,7 +117,10 @@ class Client:
         self._eps: dict[zmq.Socket[bytes], _EndpointState] = {}
         self._runs: dict[str, _RunState] = defaultdict(_RunState)
         self._run_endpoint: dict[str, _EndpointState] = {}
+        self._warned = self._taken = 0  # warnings made, handed out by take_warnings()
         try:
+            self._links = Links(self.sub, self._warn)
+            self.poller.register(self._links.monitor, zmq.POLLIN)
             for ep in endpoints:
                 self.add_endpoint(ep)
         except BaseException:
@@ -134,18 +144,50 @@ class Client:
     def add_endpoint(self, endpoint: str | Endpoint) -> Endpoint:
         """Connect to another agent or relay; its history is fetched."""
         ep = endpoint if isinstance(endpoint, Endpoint) else parse_endpoint(endpoint)
+        self._links.add(ep.pub)
         self.sub.connect(ep.pub)
+        dealer = self._dealer(ep)
+        self._eps[dealer] = _EndpointState(ep, dealer)
+        return ep
+
+    def _dealer(self, ep: Endpoint) -> zmq.Socket[bytes]:
         dealer = self._socket(zmq.DEALER)
         dealer.connect(ep.snapshot)
         self.poller.register(dealer, zmq.POLLIN)
-        self._eps[dealer] = _EndpointState(ep, dealer)
-        return ep
+        return dealer
+
+    def _new_dealer(self, st: _EndpointState) -> None:
+        """A fresh snapshot socket for ``st`` (libzmq gave the old one's connection up)."""
+        self.poller.unregister(st.dealer)
+        del self._eps[st.dealer]
+        st.dealer.close(0)
+        st.dealer = self._dealer(st.endpoint)
+        self._eps[st.dealer] = st
+        st.pending_since = None
+        self.stats.reconnects += 1
+
+    def _warn(self, text: str) -> None:
+        self.stats.last_error = text
+        self.stats.warnings.append(text)
+        self._warned += 1
+
+    def take_warnings(self) -> list[str]:
+        """The warnings (connections dropped and made again) since the last call, oldest first
+        (at most the last 20)."""
+        kept = list(self.stats.warnings)
+        new, self._taken = min(self._warned - self._taken, len(kept)), self._warned
+        return kept[len(kept) - new :]
 
     # ------------------------------------------------------------------ snapshots
 
     def _request(self, st: _EndpointState, now: float) -> None:
         try:
             st.dealer.send_multipart(snapshot_request(), zmq.NOBLOCK)
+        except zmq.Again:  # no connection left: libzmq dropped it (an oversized frame?)
+            st.last_request = now
+            self._new_dealer(st)
+            self._warn(f"{st.endpoint.snapshot} dropped the snapshot connection; reconnecting")
+            return
         except zmq.ZMQError as exc:
             self.stats.last_error = f"snapshot request to {st.endpoint}: {exc}"
             return
@@ -288,7 +330,8 @@ class Client:
         """Wait up to ``timeout`` seconds; return the messages that became available, in order."""
         out: list[Received] = []
         now = time.monotonic()
-        for st in self._eps.values():
+        self._check_links(now)
+        for st in list(self._eps.values()):
             if st.pending_since is not None and now - st.pending_since > self.snapshot_timeout:
                 st.pending_since = None
                 st.wanted = True
@@ -300,9 +343,13 @@ class Client:
                 self._request(st, now)
         deadline = now + max(timeout, 0.0)
         while len(out) < max_messages:
-            remaining = max(0.0, deadline - time.monotonic())
+            now = time.monotonic()
+            remaining = min(max(0.0, deadline - now), self._links.wait(now))
             events = dict(self.poller.poll(int(remaining * 1000) if not out else 0))
-            if not events:
+            if self._links.monitor in events or self._links.wait(time.monotonic()) == 0.0:
+                self._check_links(time.monotonic())
+                events.pop(self._links.monitor, None)
+            elif not events:
                 break
             for sock in events:
                 for _ in range(1000):
@@ -316,6 +363,15 @@ class Client:
                         self._on_snapshot(self._eps[sock], frames, out)
         return out
 
+    def _check_links(self, now: float) -> None:
+        """Connect again what libzmq gave up; a snapshot for each live connection that came back."""
+        back = self._links.read(now)
+        again = self._links.tick(now)
+        self.stats.reconnects += len(again)
+        for st in self._eps.values():
+            if st.endpoint.pub in back:
+                st.wanted = True
+
     def flush_pending(self) -> list[Received]:
         """Give up waiting for snapshots: return every buffered message, per run in seq order."""
         out: list[Received] = []
@@ -326,6 +382,8 @@ class Client:
 
     def close(self) -> None:
         """Close the sockets (and the context if it is ours)."""
+        if hasattr(self, "_links"):
+            self._links.close()
         self.sub.close(0)
         for st in self._eps.values():
             st.dealer.close(0)

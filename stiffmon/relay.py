@@ -1,6 +1,7 @@
-"""``stiffmon relay``: fan many agents in to one address (ZeroMQ's XSUB/XPUB proxy).
+"""``stiffmon relay``: fan many agents in to one address (an XSUB/XPUB proxy).
 
-Live updates pass through :func:`zmq.proxy` untouched. The relay's snapshot port (its port + 1)
+Live updates pass through untouched, in a small loop that also keeps subscription floods from the
+relay and its agents (:mod:`stiffmon.relay_proxy`). The relay's snapshot port (its port + 1)
 answers a snapshot request by asking every upstream agent for its snapshot, all at once, and
 streaming their messages and per-run end markers back, followed by one final done marker.
 
@@ -17,7 +18,6 @@ Bounded in time and memory whatever the peers do:
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import time
@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 
 import zmq
 
+from stiffmon.reconnect import Links
+from stiffmon.relay_proxy import Proxy
 from stiffmon.transport import (
     MAX_CONTROL_FRAME_BYTES,
     MAX_DATA_FRAME_BYTES,
@@ -54,7 +56,8 @@ class Relay:
         snapshot_timeout: Seconds an answer waits for the slowest upstream.
         curve_upstream: Client CURVE keys for upstreams that require authentication.
         curve_bind: Server CURVE keys: monitors must present an authorised key.
-        warn: Called with warnings (binding a non-loopback address without CURVE).
+        warn: Called with warnings (binding a non-loopback address without CURVE, a flood, an
+            upstream connection made again).
     """
 
     def __init__(
@@ -83,32 +86,37 @@ class Relay:
                 self._auth.configure_curve(domain="*", location=str(curve_bind.authorized_dir))
             self._stop = threading.Event()
             self.xsub = self._upstream_socket(zmq.XSUB)
-            self.xpub = self._bind_socket(zmq.XPUB)
+            self.links = Links(self.xsub, lambda text: warn(f"stiffmon relay: upstream {text}"))
             self.router = self._bind_socket(zmq.ROUTER)
             self.router.setsockopt(zmq.SNDHWM, 1000)
             # a full requester is EAGAIN, not a hang
             self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             for u in self.upstream:
+                self.links.add(u.pub)
                 self.xsub.connect(u.pub)
             self._dealers: dict[Endpoint, zmq.Socket[bytes]] = {
                 u: self._dealer(u) for u in self.upstream
             }
             self.dead: set[Endpoint] = set()  # timed out: not waited for until they answer again
-            self.xpub.bind(self.endpoint.pub)
+            self._ctl_addr = f"inproc://stiffmon-relay-{id(self)}"
+            self.proxy = Proxy(
+                self.ctx, self.xsub, self.links, self.endpoint, curve_bind, warn, self._ctl_addr
+            )
             self.router.bind(self.endpoint.snapshot)
             warning = exposure_warning("the relay", self.endpoint, self.endpoint.host, curve_bind)
             if warning:
                 warn(warning)
         except BaseException:  # nothing left open for the garbage collector (it could hang)
+            if hasattr(self, "links"):
+                self.links.close()
             if self._auth is not None:
                 self._auth.stop()
             self.ctx.destroy(linger=0)
             raise
-        self._ctl_addr = f"inproc://stiffmon-relay-{id(self)}"
         self._ctl = self.ctx.socket(zmq.PAIR)
         self._ctl.bind(self._ctl_addr)
         self._proxy = threading.Thread(
-            target=self._run_proxy, name="stiffmon-relay-proxy", daemon=True
+            target=self.proxy.run, name="stiffmon-relay-proxy", daemon=True
         )
         self._snap = threading.Thread(
             target=self._run_snapshots, name="stiffmon-relay-snapshots", daemon=True
@@ -133,7 +141,7 @@ class Relay:
     def _bind_socket(self, kind: int) -> zmq.Socket[bytes]:
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
-        limit_frames(s, MAX_CONTROL_FRAME_BYTES)  # requests and subscriptions only
+        limit_frames(s, MAX_CONTROL_FRAME_BYTES)  # requests only
         if self.curve_bind is not None:
             s.curve_secretkey = self.curve_bind.secret
             s.curve_publickey = self.curve_bind.public
@@ -152,15 +160,6 @@ class Relay:
         self._proxy.start()
         self._snap.start()
         return self
-
-    def _run_proxy(self) -> None:
-        ctl = self.ctx.socket(zmq.PAIR)
-        ctl.connect(self._ctl_addr)
-        try:
-            with contextlib.suppress(zmq.ContextTerminated, zmq.ZMQError):
-                zmq.proxy_steerable(self.xsub, self.xpub, None, ctl)
-        finally:
-            ctl.close(0)
 
     def _take_requests(self, waiters: list[bytes]) -> None:
         """Move the requests waiting on the router into ``waiters`` (never blocks)."""
@@ -254,7 +253,9 @@ class Relay:
         if self._proxy.is_alive():
             self._ctl.send(b"TERMINATE")
             self._proxy.join(2)
-        for s in (self.xsub, self.xpub, self.router, self._ctl, *self._dealers.values()):
+        self.links.close()
+        self.proxy.close()
+        for s in (self.xsub, self.router, self._ctl, *self._dealers.values()):
             s.close(0)
         if self._auth is not None:
             self._auth.stop()

@@ -146,6 +146,8 @@ class StiffmonApp(App[None]):
             if self.live is not None and not self.paused:
                 self.store.extend(self.live.drain())
                 self.store.malformed = self.live.malformed
+                for text in self.live.take_warnings():  # a peer's connection dropped, remade
+                    self.notify(text, title="stiffmon", severity="warning")
             if self.replay is not None:
                 self.replay.advance(self.store, dt)
             self.redraw(force=self.check_health())

@@ -53,6 +53,8 @@ def status(app: StiffmonApp) -> Text:
         parts.append(app.live.describe() + (" (paused)" if app.paused else ""))
         if app.live.error:
             parts.append(f"error: {app.live.error}")
+        if app.live.reconnects:
+            parts.append(f"reconnects {app.live.reconnects}")
     if app.replay is not None:
         parts.append(app.replay.describe())
         parts += app.replay.notes[:1]

@@ -61,6 +61,7 @@ class LiveSource:
         self.stop = threading.Event()
         self.client: Client | None = None
         self.error = ""
+        self.warnings: deque[str] = deque(maxlen=20)  # connections dropped and made again
         self._known = {str(e) for e in self.endpoints}
         self._last_scan = -math.inf
 
@@ -102,6 +103,7 @@ class LiveSource:
                     self.scan()
                 for msg, _ in self.client.poll(0.1):
                     self.queue.append(msg)
+                self.warnings.extend(self.client.take_warnings())
         finally:
             self.client.close()
 
@@ -114,6 +116,18 @@ class LiveSource:
     @property
     def malformed(self) -> int:
         return self.client.stats.malformed if self.client else 0
+
+    @property
+    def reconnects(self) -> int:
+        """Connections the client made again after libzmq gave them up (an oversized frame)."""
+        return self.client.stats.reconnects if self.client else 0
+
+    def take_warnings(self) -> list[str]:
+        """The connection warnings since the last call, oldest first."""
+        out = []
+        while self.warnings:
+            out.append(self.warnings.popleft())
+        return out
 
     def describe(self) -> str:
         where = ", ".join(map(str, self.endpoints))
