@@ -183,6 +183,7 @@ class Agent:
         self.step_count = 0
         self.closed = False
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        appending = record is not None and os.path.isfile(record) and os.path.getsize(record) > 0
         cfg = optimizer_config(optimizer)
         self.name = run or (f"{cfg['type']} lr={cfg['lr']:g}" if "lr" in cfg else cfg["type"])
         self._plan = MeasurementPlan(
@@ -257,14 +258,19 @@ class Agent:
             self.name, model, cfg, batch_size, class_names, self.probe, self.endpoint, record
         )
         self._submit(p.Hello, fields)
-        for code, note in probe_notes(self.probe):
+        for code, note in probe_notes(self.probe, self._opts.distance_layers):
             self.event(code, note)
         if self.endpoint is not None and registry:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)
         self._optimizer_columns.attach()  # last: a failed construction leaves no hook behind
         where = f"publishing on {self.endpoint}" if self.endpoint else "not publishing"
-        where += f", recording to {record}" if record else ""
+        if record:
+            where += f", recording to {record}" + (
+                " (appending: the file already holds a session; its runs stay apart by run id)"
+                if appending
+                else ""
+            )
         where += f", measuring over {self.shard.world} ranks" if self.shard else ""
         log.info(f"stiffmon: run '{self.name}' {where}")
 

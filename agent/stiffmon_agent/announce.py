@@ -4,7 +4,7 @@
 
 * :func:`dist_rank`: the torch.distributed rank (0 when not distributed);
 * :func:`hello_fields`: the fields of the run's ``hello`` message;
-* :func:`probe_notes`: what the start says about the probe (no class labels);
+* :func:`probe_notes`: what the start says about the probe (no class labels, no distances);
 * :func:`register_locally`: a registry entry so ``stiffmon watch`` finds the run;
 * :func:`start_publisher`: the publisher (sockets, session file), not yet started.
 """
@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from stiffmon import __version__
@@ -76,16 +77,35 @@ def hello_fields(
     }
 
 
-def probe_notes(probe: ProbeSet | None) -> list[tuple[str, str]]:
+def probe_notes(
+    probe: ProbeSet | None, distance_layers: Sequence[str] = ()
+) -> list[tuple[str, str]]:
     """``(code, message)`` of the info events a probe calls for at the start: a probe whose
-    targets are not class labels gets no class stiffness (the rest is measured)."""
-    if probe is None or probe.labels is not None:
+    targets are not class labels gets no class stiffness, and one whose inputs are not one
+    floating-point tensor no stiffness-vs-distance curve (unless layers are named); the rest is
+    measured."""
+    if probe is None:
         return []
-    what = (
-        "no class stiffness: the probe's targets are not class labels (integers of shape (N,), "
-        "or a binary classifier's 0/1)"
-    )
-    return [("no-class-labels", f"{what}; layer stiffness, gradient noise and sharpness go on")]
+    out = []
+    if probe.labels is None:
+        what = (
+            "no class stiffness: the probe's targets are not class labels (integers of shape "
+            "(N,), or a binary classifier's 0/1)"
+        )
+        out.append(
+            ("no-class-labels", f"{what}; layer stiffness, gradient noise and sharpness go on")
+        )
+    x, _ = probe.train()
+    if not distance_layers and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        out.append(
+            (
+                "no-distance-curve",
+                "no stiffness-vs-distance curve: the probe inputs are not one floating-point "
+                "tensor (token ids, a tuple or a dict), so there is no input-space distance; "
+                "pass distance_layers=[...] for curves in a layer's activation space",
+            )
+        )
+    return out
 
 
 def register_locally(run_id: str, name: str, endpoint: Any) -> str | None:

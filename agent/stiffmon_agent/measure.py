@@ -277,9 +277,9 @@ def sharpness_messages(
     x, y = train if train is not None else probe.train()
     out: list[Outgoing] = []
 
-    def note(code: str, message: str, level: str = "info") -> None:
-        if code not in state.reported:
-            state.reported.add(code)
+    def note(code: str, message: str, level: str = "info", key: str | None = None) -> None:
+        if (key or code) not in state.reported:  # each reason once
+            state.reported.add(key or code)
             out.append(_event(step, t, code, message, level))
 
     scale, objective, scale_known = 1.0, "mean", True
@@ -314,9 +314,8 @@ def sharpness_messages(
     if not scale_known:
         threshold = StabilityThreshold(None, f"none: batch size unknown; {threshold.rule}")
     elif threshold.value is None:
-        note(
-            f"threshold-none:{threshold.rule}", f"no stability threshold on λ1_H: {threshold.rule}"
-        )
+        why = threshold.rule.removeprefix("none: ")
+        note("threshold-none", f"no stability threshold on λ1_H: {why}", key=threshold.rule)
     values = res.eigenvalues.detach().double().cpu()
     names = ["sharpness/lambda1_h", "sharpness/threshold", "sharpness/hvps"]
     raw = [
@@ -340,7 +339,7 @@ def sharpness_messages(
         diag, why = diagonal_preconditioner(optimizer, params)
         lam_p, hvps_p = math.nan, 0
         if diag is None:
-            note(f"precond-unknown:{why}", f"no preconditioned sharpness yet: {why}")
+            note("precond-unknown", f"no preconditioned sharpness yet: {why}", key=f"precond:{why}")
         else:
             pres = hessian_eigen(
                 model,

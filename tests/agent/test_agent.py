@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -337,6 +338,53 @@ def test_a_probe_without_class_labels_says_so_at_the_start(tmp_path: Path) -> No
         "or a binary classifier's 0/1); layer stiffness, gradient noise and sharpness go on"
     ]
     assert not any("class" in n for n in notes["labels"])
+
+
+def test_a_probe_of_token_ids_says_at_the_start_that_it_gets_no_distance_curve(
+    tmp_path: Path,
+) -> None:
+    """Token-id inputs have no input-space distance: an info event says so at once (and how to
+    get a curve); with ``distance_layers`` there is no such event, and a curve comes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(12, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randint(0, 5, (9, 3)), torch.arange(9) % 3
+    got = {}
+    for layers in ((), ("2",)):
+        rec = tmp_path / f"tokens{len(layers)}.stiff"
+        agent = Agent(
+            model, nn.CrossEntropyLoss(), opt, probe=(x, y), endpoint="", record=rec,
+            registry=False, distance_layers=layers, gram_every=1, sharpness_every="never",
+        )  # fmt: skip
+        agent.step(torch.tensor(1.0))
+        agent.close()
+        msgs = read_session(rec)[0]
+        got[layers] = (
+            [m.message for m in msgs if isinstance(m, p.Event) and m.code == "no-distance-curve"],
+            [m.name for m in msgs if isinstance(m, p.Curve)],
+        )
+    (note,), curves = got[()]
+    assert "not one floating-point tensor" in note and "distance_layers" in note
+    assert curves == []
+    assert got[("2",)] == ([], ["stiffness-distance/2"])
+
+
+def test_recording_into_a_file_that_holds_a_session_says_it_appends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = tmp_path / "twice.stiff"
+    with caplog.at_level(logging.INFO, logger="stiffmon_agent"):
+        for _ in range(2):
+            agent = Agent(
+                model, nn.CrossEntropyLoss(), opt, endpoint="", record=rec, registry=False
+            )
+            agent.step(torch.tensor(1.0))
+            agent.close()
+    said = [r.getMessage() for r in caplog.records if "recording to" in r.getMessage()]
+    assert len(said) == 2 and "appending" not in said[0] and "(appending:" in said[1], said
+    assert len({m.run for m in read_session(rec)[0]}) == 2
 
 
 def test_a_gram_fallback_reaches_the_session_once(tmp_path: Path) -> None:

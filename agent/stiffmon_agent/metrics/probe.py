@@ -11,9 +11,18 @@ L_i is the mean of example i's elements (tokens, target dimensions) and the obje
 batch of B is (1/B) Σ_i L_i; with ``reduction="sum"`` L_i is the sum of example i's elements and
 the objective is Σ_i L_i = B × (1/B) Σ_i L_i. A plain callable must return one loss per example
 (or per element, averaged per example); its objective is taken to be the mean over the batch,
-unless the callable has a ``reduction`` attribute equal to ``"sum"``. (Class ``weight`` and
-``ignore_index`` of a mean-reduced loss, which renormalise the mean by the batch's weights, are
-not modelled: the probe mean is unweighted.)
+unless the callable has a ``reduction`` attribute equal to ``"sum"``.
+
+Class-index targets with one class per element ((B, T) token targets): positions whose target
+is the ignore index (a ``CrossEntropyLoss`` / ``NLLLoss``'s ``ignore_index``; -100 for a plain
+callable) are left out of example i's mean, and a class ``weight`` weighs it, so L_i is what the
+mean-reduced loss gives for example i alone: Σ_t w_t ℓ_it / Σ_t w_t over its counted positions
+(0 for an example with none). The batch's own mean divides by the whole batch's count instead,
+so the probe objective (1/B) Σ_i L_i is the mean of the examples' token means: the same when
+every example counts as many positions. A loss that flattens (B, T) to B·T values (a wrapper
+calling ``CrossEntropyLoss`` on ``logits.reshape(-1, V)``) is read back as (B, T) when the targets
+have that shape. (A class ``weight`` with one target per example is not modelled: the probe mean
+is unweighted.)
 """
 
 from __future__ import annotations
@@ -137,6 +146,15 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
     losses = loss_fn(outputs, targets)
     if not isinstance(losses, torch.Tensor):
         raise ValueError(f"loss_fn returned {type(losses).__name__}, expected a tensor")
+    if (  # a wrapper that flattened (B, T) targets and their logits: read back as (B, T)
+        losses.dim() == 1
+        and losses.shape[0] != n
+        and isinstance(targets, torch.Tensor)
+        and targets.dim() > 1
+        and targets.shape[0] == n
+        and targets.numel() == losses.numel()
+    ):
+        losses = losses.reshape(targets.shape)
     if losses.dim() == 0 or losses.shape[0] != n:
         raise ValueError(
             f"loss_fn must return one loss per example (shape ({n},)), got shape "
@@ -144,8 +162,39 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
         )
     if losses.dim() > 1:
         flat = losses.reshape(n, -1)
-        losses = flat.sum(dim=1) if loss_reduction(loss_fn) == "sum" else flat.mean(dim=1)
+        if loss_reduction(loss_fn) == "sum":
+            return flat.sum(dim=1)
+        counted = _counted(loss_fn, targets, losses.shape)
+        if counted is None:
+            return flat.mean(dim=1)
+        total = counted.reshape(n, -1).sum(dim=1).to(flat.dtype)
+        return torch.where(total > 0, flat.sum(dim=1) / total.clamp_min(1e-30), 0.0)
     return losses
+
+
+IGNORE_INDEX = -100
+"""The ignore index assumed for a plain callable (torch's and Hugging Face's default)."""
+
+
+def _counted(loss_fn: LossFn, targets: Batch, shape: torch.Size) -> torch.Tensor | None:
+    """Each element's weight in a mean-reduced class-index loss (0 where the target is ignored),
+    shaped like the losses; None when every element counts alike (not class-index targets)."""
+    if not isinstance(targets, torch.Tensor) or targets.shape != shape:
+        return None
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        return None
+    fn = loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
+    if isinstance(fn, nn.CrossEntropyLoss | nn.NLLLoss):
+        ignore, weight = fn.ignore_index, fn.weight
+    elif isinstance(fn, nn.Module) and hasattr(fn, "reduction"):
+        return None  # another torch.nn loss: its elements count alike
+    else:
+        ignore, weight = IGNORE_INDEX, None
+    valid = targets != ignore  # no data-dependent branch: this runs under torch.func.vmap too
+    if weight is None:
+        return valid
+    w = weight.to(targets.device)[targets.clamp(0, weight.shape[0] - 1)]
+    return torch.where(valid, w, torch.zeros_like(w))
 
 
 class ForwardModule(nn.Module):

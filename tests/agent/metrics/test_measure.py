@@ -143,6 +143,24 @@ def test_sum_reduction_without_batch_size_publishes_nan_threshold() -> None:
     assert sc["values_raw"][0] == pytest.approx(float(ref.eigenvalues[0]), rel=2e-2)
 
 
+def test_an_adaptive_optimizer_s_missing_threshold_is_said_once_with_a_short_code() -> None:
+    """The event's code is a code (the reason is in the message, without a "none:" prefix)."""
+    model = _model()
+    x, y = _data()
+    probe = make_probe((x, y), None, None, None, None)
+    state = SharpnessState()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    events = []
+    for step in range(2):
+        msgs, _ = sharpness_messages(model, nn.CrossEntropyLoss(), probe, step, opt, state=state)
+        events += [m.fields for m in msgs if m.cls is p.Event]
+    codes = [e["code"] for e in events]
+    assert codes.count("threshold-none") == 1 and all(":" not in c for c in codes), codes
+    assert events[codes.index("threshold-none")]["message"] == (
+        "no stability threshold on λ1_H: AdamW is adaptive (preconditioned steps); see λ1(P⁻¹H)"
+    )
+
+
 def test_probe_hygiene() -> None:
     x, y = _data()
     with pytest.raises(ValueError, match="at least one example"):

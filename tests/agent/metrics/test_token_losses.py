@@ -1,0 +1,148 @@
+"""Token-level class targets with padding: each example's loss is its own mean over the positions
+the loss counts (not over the padding), in the per-example losses, the Gram matrix and the
+sharpness; checked against each example's loss computed alone, in float64."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stiffmon_agent.metrics import hessian_eigen
+from stiffmon_agent.metrics.gram import per_example_gram
+from stiffmon_agent.metrics.probe import per_example_losses, unreduced
+from tests.agent.metrics.reference import loop_gram, rel_err
+
+V, T, B = 7, 6, 5
+
+
+class TokenLM(nn.Module):
+    """(B, T) token ids to (B, T, V) logits, each position seeing the ones before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, V)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.emb(tokens)
+        steps = torch.arange(1, tokens.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        return self.head(torch.tanh(self.mix(h.cumsum(dim=1) / steps)))
+
+
+def _data() -> tuple[TokenLM, Tensor, Tensor, Tensor]:
+    torch.manual_seed(0)
+    model = TokenLM().double()
+    x = torch.randint(0, V, (B, T))
+    y = torch.randint(0, V, (B, T))
+    for i, length in enumerate((6, 4, 2, 5, 1)):  # padded to T: lengths differ
+        y[i, length:] = -100
+    weight = torch.rand(V, dtype=torch.float64) + 0.5
+    return model, x, y, weight
+
+
+def _alone(weight: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """The mean-reduced loss of one example on its own, (1, T, V) logits: the reference."""
+    return lambda out, y: F.cross_entropy(out.transpose(1, 2), y, weight=weight)
+
+
+class FlatCE(nn.CrossEntropyLoss):
+    """The usual training-loop wrapper: flattens tokens into the batch dimension."""
+
+    def forward(self, out: Tensor, y: Tensor) -> Tensor:
+        return super().forward(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def _transposed(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x).transpose(1, 2)  # (B, V, T), as nn.CrossEntropyLoss takes it
+
+
+LOSSES: dict[str, tuple[Any, Any]] = {  # loss_fn, forward
+    "module": (nn.CrossEntropyLoss(), _transposed),
+    "module-ignore-7": (nn.CrossEntropyLoss(ignore_index=-7), _transposed),
+    "flattening-wrapper": (FlatCE(), None),
+    "callable": (lambda out, y: F.cross_entropy(out.transpose(1, 2), y, reduction="none"), None),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_each_example_loss_is_its_own_mean_over_counted_positions(name: str) -> None:
+    model, x, y, _ = _data()
+    loss_fn, forward = LOSSES[name]
+    if name == "module-ignore-7":
+        y = torch.where(y == -100, -7, y)
+    out = (forward or (lambda m, t: m(t)))(model, x)
+    got = per_example_losses(unreduced(loss_fn), out, y, B)
+    ignore = -7 if name == "module-ignore-7" else -100
+    ref = torch.stack(
+        [
+            F.cross_entropy(model(x[i : i + 1]).transpose(1, 2), y[i : i + 1], ignore_index=ignore)
+            for i in range(B)
+        ]
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+
+
+def test_class_weights_weigh_each_example_mean() -> None:
+    model, x, y, weight = _data()
+    got = per_example_losses(
+        unreduced(nn.CrossEntropyLoss(weight=weight)), model(x).transpose(1, 2), y, B
+    )
+    ref = torch.stack([_alone(weight)(model(x[i : i + 1]), y[i : i + 1]) for i in range(B)])
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+
+
+def test_an_example_with_every_position_ignored_adds_nothing() -> None:
+    model, x, y, _ = _data()
+    y[2] = -100
+    got = per_example_losses(unreduced(nn.CrossEntropyLoss()), model(x).transpose(1, 2), y, B)
+    assert float(got[2].detach()) == 0.0 and bool(torch.isfinite(got).all())
+
+
+def test_gram_matches_single_example_gradients_of_each_example_alone() -> None:
+    model, x, y, _ = _data()
+    got = per_example_gram(model, x, y, nn.CrossEntropyLoss(), forward=_transposed).total
+    ref = loop_gram(model, x, y, _alone())
+    assert rel_err(got, ref) < 1e-10
+
+
+def _dense_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Dense Hessian of (1/B) Σ_i (example i's mean-reduced loss alone)."""
+    names = [n for n, q in model.named_parameters()]
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def objective(v: Tensor) -> Tensor:
+        chunks = v.split([math.prod(s) for s in shapes])
+        p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        out = torch.func.functional_call(model, p, (x,))
+        return torch.stack([_alone()(out[i : i + 1], y[i : i + 1]) for i in range(B)]).mean()
+
+    return torch.autograd.functional.hessian(objective, flat)
+
+
+@pytest.mark.parametrize("name", ["module", "flattening-wrapper"])
+def test_sharpness_is_that_of_the_examples_own_means(name: str) -> None:
+    model, x, y, _ = _data()
+    loss_fn, forward = LOSSES[name]
+    ref = torch.linalg.eigvalsh(_dense_hessian(model, x, y)).flip(0)
+    got = hessian_eigen(
+        model,
+        x,
+        y,
+        loss_fn,
+        k=2,
+        forward=forward,
+        tol=1e-10,
+        max_hvps=2000,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert got.converged
+    torch.testing.assert_close(got.eigenvalues, ref[:2], rtol=1e-6, atol=0)
