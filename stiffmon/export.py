@@ -8,7 +8,8 @@ the run id, the join key of every table):
   ``xi/input`` …), tidy long form, one row per (run, step, name), nothing thinned;
 * ``runs``: ``run, name, host, pid, optimizer, lr, momentum, batch_size, param_count,
   probe_train, probe_val, class_names, agent_version, status`` (``optimizer`` and
-  ``class_names`` as JSON text; ``status`` in the monitor's words: ``finished``,
+  ``class_names`` as JSON text; ``lr`` and ``momentum`` those of param group 0 at the last
+  step, the hello's without per-step values; ``status`` in the monitor's words: ``finished``,
   ``no bye (crashed?)`` …, see :func:`stiffmon.summary.run_status`);
 * ``matrices``: ``run, step, time, name, row, col, row_label, col_label, value`` — one row per
   cell of every measurement of every matrix (class stiffness blocks);

@@ -99,3 +99,10 @@ class Series:
     def last(self) -> float:
         """Last value (NaN if empty)."""
         return float(self._values[self._n - 1]) if self._n else math.nan
+
+
+def last_or(series: Series | None, fallback: object) -> float:
+    """The series' last value when it has one; else ``fallback`` (NaN when not a number)."""
+    if series is not None and len(series):
+        return series.last()
+    return float(fallback) if isinstance(fallback, int | float) else math.nan

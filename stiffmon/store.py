@@ -34,7 +34,7 @@ from stiffmon.run_health import (
     Progress,
     duration,
 )
-from stiffmon.series import Series
+from stiffmon.series import Series, last_or
 
 __all__ = [
     "LOST_SECONDS",
@@ -111,16 +111,15 @@ class RunData:
 
     @property
     def lr(self) -> float:
-        s = self.scalars.get("lr/0")
-        if s is not None and len(s):
-            return s.last()
-        v = self.optimizer.get("lr")
-        return float(v) if isinstance(v, int | float) else math.nan
+        """η of param group 0 at the last step (the agent's ``lr/0``); else the hello's."""
+        return last_or(self.scalars.get("lr/0"), self.optimizer.get("lr"))
 
     @property
     def momentum(self) -> float:
-        v = self.optimizer.get("momentum", self.optimizer.get("beta1"))
-        return float(v) if isinstance(v, int | float) else math.nan
+        """β of param group 0 at the last step, as ``lr``: the agent's ``momentum/0`` (SGD's
+        momentum or β1 of Adam's betas); else the hello's ``momentum`` or ``beta1``."""
+        opt = self.optimizer
+        return last_or(self.scalars.get("momentum/0"), opt.get("momentum", opt.get("beta1")))
 
     @property
     def batch_size(self) -> int | None:

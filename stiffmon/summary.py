@@ -150,8 +150,8 @@ def summary_table(store: Store) -> Group:
             s["status"],
         )
     runs.caption = (
-        "last η: learning rate at the last step (a schedule moves it); η/B: it over the batch "
-        "size; ξ: critical length in input space"
+        "last η, β: learning rate and momentum (Adam: β1) at the last step (a schedule moves "
+        "them); η/B: η over the batch size; ξ: critical length in input space"
     )
     be = Table(
         title="break-even (Jastrzebski et al. 2020)",

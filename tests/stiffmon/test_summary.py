@@ -17,7 +17,7 @@ from stiffmon import protocol as p
 from stiffmon.session import SessionReader, SessionWriter
 from stiffmon.store import Store
 from stiffmon.summary import run_summary, summary_json, summary_table
-from stiffmon.tui.renderables.comparetable import FIELDS
+from stiffmon.tui.renderables.comparetable import FIELDS, compare_table
 
 STEPS = [*range(5), *range(20, 2001, 20)]
 
@@ -259,3 +259,42 @@ def test_threshold_and_lr_at_an_early_break_even_under_a_schedule() -> None:
     assert "last η" in text and "0.01" in text
     none_yet = run_summary(store_of(messages(until=300)).runs["r"])
     assert math.isnan(none_yet["break_even_threshold"]) and math.isnan(none_yet["lr_at_break_even"])
+
+
+def scheduled(run: str, optimizer: dict[str, object], steps: int = 40) -> list[p.Message]:
+    """A OneCycle-like run: η rises from 0.02 and β falls from the hello's 0.95 to 0.85 (for
+    Adam the agent's ``momentum/0`` is β1 of ``betas``), as per-step columns."""
+    hello = p.Hello(run=run, seq=0, step=0, t=0.0, name=run, optimizer=optimizer, batch_size=32)
+    s = np.arange(steps, dtype=np.int64)
+    cols = p.Columns(
+        run=run,
+        seq=1,
+        step=steps - 1,
+        t=float(steps),
+        names=("loss", "lr/0", "momentum/0"),
+        steps=s,
+        times=s.astype(np.float64),
+        values=(np.full(steps, 0.5), 0.02 + 0.01 * s, 0.95 - 0.1 * s / (steps - 1)),
+    )
+    return [hello, cols]
+
+
+def test_momentum_is_the_last_steps_next_to_the_last_lr() -> None:
+    """β is the per-step ``momentum/0`` at the step of "last η", not the hello's (which a
+    scheduler that cycles momentum leaves behind); the hello's only without the column."""
+    st = store_of(
+        scheduled("sgd", {"type": "SGD", "lr": 0.02, "momentum": 0.95}),
+        scheduled("adam", {"type": "AdamW", "lr": 0.02, "beta1": 0.95, "beta2": 0.999}),
+        messages(run="plain"),  # no momentum/0: the hello's 0.9
+    )
+    rows = {r["run"]: r for r in summary_json(st)}
+    for run in ("sgd", "adam"):
+        assert rows[run]["lr"] == pytest.approx(0.41)
+        assert rows[run]["momentum"] == pytest.approx(0.85)
+    assert rows["plain"]["momentum"] == 0.9
+    text = "\n".join(render(st))
+    assert "0.41" in text and "0.85" in text and "0.95" not in text
+    table = Console(width=150, file=io.StringIO(), record=True, color_system=None)
+    table.print(compare_table([(r["name"], "red", r) for r in rows.values()], 150))
+    line = next(ln for ln in table.export_text().splitlines() if ln.strip().startswith("sgd"))
+    assert "0.41" in line and "0.85" in line and "0.95" not in line

@@ -18,9 +18,12 @@ for causal language models) for per-token labels.
 
 The agent is built at ``on_train_begin`` on the world's main process only (multi-GPU: rank 0
 publishes) and stepped at ``on_step_end``, which the Trainer calls once per optimizer step, after
-all gradient-accumulation micro-batches. The step's loss is the mean of the model's training
-losses (``outputs.loss``) in that step, caught with a forward hook; the accuracy is added for
-classification outputs. The agent is closed at ``on_train_end``.
+all gradient-accumulation micro-batches. The step's loss is the model's own mean loss over the
+step's micro-batches, from their training losses (``outputs.loss``) caught with a forward hook:
+the token mean over the step where the Trainer passes ``num_items_in_batch`` and the model divides
+by it, else the mean of the micro-batch losses (see :class:`StepLoss`); the accuracy is added for
+classification outputs. Causal LMs are recognised by :func:`detect_causal_lm` (a warning event
+where it cannot tell). The agent is closed at ``on_train_end``.
 """
 
 from __future__ import annotations
@@ -35,10 +38,16 @@ from torch import Tensor, nn
 
 from stiffmon_agent.agent import Agent
 from stiffmon_agent.integrations._common import (
-    LossAccumulator,
     build_agent,
     check_options,
     unwrap_optimizer,
+)
+from stiffmon_agent.integrations.hf_lm import (  # noqa: F401  (re-exported)
+    CAUSAL_LOSS_TYPES,
+    StepLoss,
+    detect_causal_lm,
+    is_causal_lm,
+    unwrap_model,
 )
 
 try:
@@ -135,13 +144,6 @@ def split_labels(batch: Any) -> Any:
     return batch
 
 
-def is_causal_lm(model: nn.Module) -> bool:
-    """Whether ``model`` is a causal language model (its logits predict the next token)."""
-    return type(model).__name__.endswith("ForCausalLM") or bool(
-        getattr(getattr(model, "config", None), "is_decoder", False)
-    )
-
-
 class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
     """Attach a stiffmon :class:`~stiffmon_agent.Agent` to a Hugging Face ``Trainer``.
 
@@ -165,7 +167,7 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
             if self.options.get(key) is not None:
                 self.options[key] = split_labels(self.options[key])
         self.agent: Agent | None = None
-        self._loss = LossAccumulator()
+        self._loss = StepLoss(causal=False)
         self._hook: Any = None
         self._last: tuple[Tensor, Tensor] | None = None
 
@@ -174,11 +176,10 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
             return
         model: nn.Module = kwargs["model"]
         optimizer = unwrap_optimizer(kwargs.get("optimizer"))
-        config = getattr(model, "config", None)
+        config = getattr(unwrap_model(model), "config", None)
+        causal = detect_causal_lm(model)
         loss_fn = (
-            self.loss_fn
-            if self.loss_fn is not None
-            else ModelLoss(config, causal=is_causal_lm(model))
+            self.loss_fn if self.loss_fn is not None else ModelLoss(config, causal=bool(causal))
         )
         id2label = getattr(config, "id2label", None) or {}
         names = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
@@ -198,6 +199,24 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
             start_step=int(state.global_step),
             defaults=defaults,
         )
+        agent = self.agent
+        self._loss = StepLoss(bool(causal), note=lambda m: agent.event("step-loss", m, "warning"))
+        probe = self.options.get("probe")
+        labels = probe[1] if isinstance(probe, tuple) and len(probe) == 2 else None
+        if (
+            causal is None
+            and self.loss_fn is None
+            and isinstance(labels, Tensor)
+            and labels.dim() >= 2
+            and not labels.is_floating_point()
+        ):
+            message = (
+                f"cannot tell whether {type(unwrap_model(model)).__name__} is a causal language "
+                "model: its token labels are taken unshifted (logits at t against label t); for "
+                "next-token prediction pass loss_fn=ModelLoss(model.config, causal=True)"
+            )
+            log.warning("stiffmon: %s", message)
+            agent.event("causal-lm-unknown", message, "warning")
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -205,9 +224,9 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
         if not module.training or not torch.is_grad_enabled():
             return  # evaluation, or the agent's own measurements
         loss = getattr(output, "loss", None)
-        if isinstance(loss, Tensor):
-            self._loss.add(loss)
         logits, labels = getattr(output, "logits", None), kwargs.get("labels")
+        if isinstance(loss, Tensor):
+            self._loss.add(loss, kwargs, logits)
         if (
             isinstance(logits, Tensor)
             and isinstance(labels, Tensor)
@@ -223,7 +242,7 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
         if self.agent is None:
             return
         last, self._last = self._last, None
-        self.agent.step(self._loss.take(mean=True), *(last or (None, None)))
+        self.agent.step(self._loss.take(), *(last or (None, None)))
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._hook is not None:

@@ -49,7 +49,8 @@ FIELDS: tuple[Field, ...] = (
 LEGEND = (
     "BE break-even step: thr λ1 reached the run's stability threshold (row thr: 2/η SGD, "
     "(2+2β)/η momentum), pk early peak, cat catapult, ◇ tentative, ✕ diverged before confirmed; "
-    "η latest learning rate; ᴾ λ1(P⁻¹H) of an adaptive run; pk peak; aft mean after BE"
+    "η, β latest learning rate, momentum (Adam β1); ᴾ λ1(P⁻¹H) of an adaptive run; pk peak; "
+    "aft mean after BE"
 )
 
 

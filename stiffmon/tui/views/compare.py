@@ -10,6 +10,7 @@ from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import Static
 
+from stiffmon import derive
 from stiffmon.store import RunData
 from stiffmon.summary import run_summary
 from stiffmon.tui.renderables.comparetable import compare_table
@@ -41,11 +42,14 @@ def summary_of(rd: RunData) -> dict[str, Any]:
 
 
 def fresh(app: StiffmonApp, rd: RunData, now: float) -> dict[str, Any]:
-    """What changes every step: the last loss and the state."""
+    """What changes every step: the last loss, η and β (a schedule moves them) and the state."""
     precond = len(rd.scalars.get("sharpness/lambda1_precond", ())) > 0
     thr = rd.last("sharpness/threshold_precond" if precond else "sharpness/threshold")
     return {
         "final_loss": rd.last("loss"),
+        "lr": rd.lr,
+        "momentum": rd.momentum,
+        "lr_over_batch": derive.lr_over_batch(rd.lr, rd.batch_size),
         "status": status_words(app, rd, now),
         "threshold_now": thr,
         "diverged": rd.diverged_step is not None,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 from rich.console import RenderableType
+from rich.text import Text
 from textual.containers import Vertical
 from textual.widget import Widget
 
+from stiffmon.store import RunData
 from stiffmon.tui.renderables import HLine, Line, LineChart, Marker
 from stiffmon.tui.views.base import ChartView, View
 from stiffmon.tui.views.stiffness import scrubbed
@@ -15,8 +17,37 @@ from stiffmon.tui.views.stiffness import scrubbed
 SPACE_COLORS = ("#4c78a8", "#f58518", "#54a24b", "#b279a2", "#72b7b2", "#eeca3b")
 
 
+NO_CURVE = (
+    "no stiffness-vs-distance curve is made for this run (the agent makes one in input space "
+    "only when the probe inputs are one float tensor; distance_layers=[...] gives curves in a "
+    "layer's activation space)"
+)
+
+
 def space_color(j: int) -> str:
     return SPACE_COLORS[j % len(SPACE_COLORS)]
+
+
+def curve_names(rd: RunData) -> list[str]:
+    return sorted(k for k in rd.curves if k.startswith("stiffness-distance/"))
+
+
+def no_curve(rd: RunData) -> str | None:
+    """Why the run will get no stiffness-vs-distance curve, or None while one may still come.
+
+    The agent's ``no-distance-curve`` event says why; without one, a Gram measurement that came
+    without a curve says so (a measurement's curves precede its ``stiffness/…`` and
+    ``layer-stiffness/…`` scalars, so those mark a complete one; two matrices of a kind do too).
+    """
+    if curve_names(rd):
+        return None
+    why = next((e.message for e in rd.events if e.code == "no-distance-curve"), "")
+    if why:
+        return why
+    measured = any(n.startswith(("stiffness/", "layer-stiffness/")) for n in rd.scalars)
+    if measured or any(len(v) > 1 for v in rd.matrices.values()):
+        return NO_CURVE
+    return None
 
 
 class Distance(View):
@@ -35,12 +66,12 @@ class Distance(View):
         rd = self.selected_run()
         lines, markers = [], []
         step = None
+        why = no_curve(rd) if rd is not None else None
+        if rd is not None and why is not None:  # it will never come: say why, not "yet"
+            return Text(f"{rd.name}: {why}", style="dim")
         if rd is not None:
-            curves = sorted(
-                (k, v) for k, v in rd.curves.items() if k.startswith("stiffness-distance/")
-            )
-            for j, (name, snaps) in enumerate(curves):
-                snap, _ = scrubbed(snaps, self.app.scrub)
+            for j, name in enumerate(curve_names(rd)):
+                snap, _ = scrubbed(rd.curves[name], self.app.scrub)
                 if snap is None:
                     continue
                 c = space_color(j)
@@ -78,4 +109,6 @@ class Distance(View):
                 if xy is not None:
                     lines.append(self.run_line(rd, name, xy, space_color(j), name.split("/", 1)[1]))
         title = f"{rd.name}: critical length ξ per space over training" if rd else "ξ"
-        return self.chart(lines, title, height, legend=True, empty_text="no ξ yet")
+        none = rd is not None and no_curve(rd) is not None
+        empty = "no ξ for this run (no curve is made)" if none else "no ξ yet"
+        return self.chart(lines, title, height, legend=True, empty_text=empty)
