@@ -27,14 +27,9 @@ from collections.abc import Callable
 import zmq
 
 from stiffmon.reconnect import Links
+from stiffmon.subscriptions import MAX_SUBSCRIPTION_FRAME_BYTES, Subscriptions
 from stiffmon.transport import MAX_CONTROL_FRAME_BYTES, CurveKeys, Endpoint, limit_frames
 
-MAX_SUBSCRIPTION_FRAME_BYTES = 128
-"""``ZMQ_MAXMSGSIZE`` of the XPUB without CURVE: a subscription is a flag byte and a topic (a
-monitor's is empty), the handshake's READY ~30 bytes."""
-MAX_TOPICS = 64
-MAX_TOPIC_BYTES = 4096
-"""Distinct topics, and their bytes, subscribed to at once beyond which the XPUB is replaced."""
 READ_LIMIT = 1000
 """Frames taken from the XPUB in one go; more waiting is a flood."""
 FORWARD_BATCH = 1000
@@ -71,7 +66,7 @@ class Proxy:
         self.ctx, self.xsub, self.links = ctx, xsub, links
         self.endpoint, self.curve, self.warn, self.control = endpoint, curve, warn, control
         self.xpub: zmq.Socket[bytes] | None = self._bind()
-        self.topics = self.topic_bytes = 0
+        self.subs = Subscriptions()
         self.resets = 0
         self._upstream = False  # subscribed upstream
         self._hold_until = 0.0
@@ -118,10 +113,10 @@ class Proxy:
             if self.xsub in events:
                 self._forward()
             if self.xpub is not None and self.xpub in events:
-                flooded = self._read_subscriptions(self.xpub)
-                if flooded:
+                self.subs.read(self.xpub, READ_LIMIT)
+                if self.subs.flooded:
                     poller.unregister(self.xpub)
-                    self._replace(flooded)
+                    self._replace(self.subs.flooded)
                     if self.xpub is not None:
                         poller.register(self.xpub, zmq.POLLIN)
             elif self.xpub is None and self._rebind():
@@ -142,38 +137,13 @@ class Proxy:
                 with contextlib.suppress(zmq.Again):  # an XPUB drops for a full peer anyway
                     xpub.send_multipart(frames, zmq.NOBLOCK, copy=False)
 
-    def _read_subscriptions(self, xpub: zmq.Socket[bytes]) -> str:
-        """Count what the XPUB passes up (a first subscription to a topic, a last
-        unsubscription); return why it must be replaced ("": it need not). Never blocks."""
-        n = 0
-        while n < READ_LIMIT:
-            try:  # EVENTS first: a ZMQError per empty read costs more
-                if not int(xpub.get(zmq.EVENTS)) & zmq.POLLIN:
-                    break
-                frame = xpub.recv(zmq.NOBLOCK)
-            except zmq.ZMQError:
-                break
-            n += 1
-            if frame[:1] == b"\x01":
-                self.topics += 1
-                self.topic_bytes += len(frame) - 1
-            elif frame[:1] == b"\x00" and self.topics:
-                self.topics -= 1
-                self.topic_bytes = max(0, self.topic_bytes - (len(frame) - 1))
-            if self.topics > MAX_TOPICS or self.topic_bytes > MAX_TOPIC_BYTES:
-                return (
-                    f"{self.topics} distinct topics ({self.topic_bytes} bytes) subscribed to; "
-                    "a monitor subscribes to one, empty"
-                )
-        return f"more than {READ_LIMIT} frames sent up at once" if n >= READ_LIMIT else ""
-
     def _replace(self, why: str) -> None:
         """Close the XPUB (its peers and their topics go with it) and bind it again."""
         assert self.xpub is not None
         self.xpub.close(0)
         self.xpub = None
         self.resets += 1
-        self.topics = self.topic_bytes = 0
+        self.subs.reset()
         self._hold_until = time.monotonic() + UPSTREAM_HOLD
         self.warn(
             f"stiffmon relay: a peer flooded {self.endpoint} ({why}): bound it again; "
@@ -192,7 +162,7 @@ class Proxy:
 
     def _sync_upstream(self, now: float) -> None:
         """Subscribe upstream to everything while anyone downstream subscribes (or just did)."""
-        want = self.topics > 0 or now < self._hold_until
+        want = self.subs.topics > 0 or now < self._hold_until
         if want != self._upstream:
             with contextlib.suppress(zmq.Again):
                 self.xsub.send(b"\x01" if want else b"\x00", zmq.NOBLOCK)

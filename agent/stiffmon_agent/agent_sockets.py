@@ -1,17 +1,16 @@
-"""The agent's two sockets: binding the XPUB/ROUTER pair, and counting who subscribes.
+"""The agent's two sockets: binding the XPUB/ROUTER pair, and binding the XPUB again.
 
 * :func:`bind_pair`: the PUB socket (an XPUB, so that the publisher knows whether anyone
   subscribes) and the snapshot ROUTER on ``port``/``port + 1``, with the frame size limits and
   CURVE keys set before binding; the first free pair from :data:`~stiffmon.transport.DEFAULT_PORT`
   when no endpoint is asked for.
-* :class:`Subscriptions`: who subscribes, from what the XPUB passes up, and whether a peer is
-  flooding it. libzmq keeps every distinct topic a peer subscribes to (a trie node per byte,
-  ~19 KB per random 1–1000-byte topic, measured: 20,000 of them grew an agent by 380 MB) for as
-  long as the peer stays connected, and queues every frame a peer sends upstream until it is
-  read; neither has a limit. So a PUB socket that has been sent more distinct topics or topic
-  bytes than any monitor needs (monitors subscribe to everything, one empty topic), or more
-  frames than one read takes, is closed and bound again (:func:`bind_pub`): every peer is
-  dropped, genuine monitors reconnect by themselves and ask for what they missed.
+* :func:`bind_pub`: a fresh XPUB, for the publisher to replace one that
+  :class:`~stiffmon.subscriptions.Subscriptions` (shared with ``stiffmon relay``) finds flooded:
+  libzmq keeps every distinct topic a peer subscribes to (~19 KB per random 1–1000-byte topic,
+  measured: 20,000 of them grew an agent by 380 MB) and every frame a peer sends upstream until
+  it is read, so a PUB socket sent more distinct topics or topic bytes than any monitor needs, or
+  more frames than one read takes, is closed and bound again: every peer is dropped, genuine
+  monitors reconnect by themselves and ask for what they missed.
 """
 
 from __future__ import annotations
@@ -21,10 +20,10 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import zmq
 
+from stiffmon.subscriptions import MAX_SUBSCRIPTION_FRAME_BYTES
 from stiffmon.transport import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -78,16 +77,6 @@ def bind_pair(
     return f"could not bind a port pair ({last_error})"
 
 
-MAX_SUBSCRIPTION_FRAME_BYTES = 128
-"""``ZMQ_MAXMSGSIZE`` of the agent's XPUB without CURVE: a subscription is a flag byte and a
-topic (a monitor's is empty), the handshake's READY ~30 bytes; a bigger frame disconnects its
-peer. With CURVE the handshake needs ~400 bytes, and only authorised peers get that far:
-:data:`~stiffmon.transport.MAX_CONTROL_FRAME_BYTES` then."""
-
-MAX_TOPICS = 64
-MAX_TOPIC_BYTES = 4096
-"""Distinct topics, and their bytes, subscribed to at once beyond which the XPUB is replaced."""
-
 UPSTREAM_HWM = 100
 """``ZMQ_RCVHWM`` of the XPUB. It does not bound the subscriptions libzmq takes in at once
 (measured at 100: one ``getsockopt(EVENTS)`` took all 20,000 queued ones); what does is
@@ -127,59 +116,6 @@ def bind_pub(
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
-
-
-@dataclass
-class Subscriptions:
-    """Who subscribes to an XPUB, from what it passes up (a first subscription to a topic, a
-    last unsubscription), and whether a peer floods it.
-
-    Attributes:
-        topics: Distinct topics subscribed to now (0: nobody watches).
-        topic_bytes: Their bytes.
-        flooded: Why the socket must be replaced (empty: it need not).
-    """
-
-    topics: int = 0
-    topic_bytes: int = 0
-    flooded: str = ""
-
-    def read(self, pub: zmq.Socket[bytes], limit: int = 1000) -> None:
-        """Take in what ``pub`` passed up since the last call (at most ``limit`` frames; more
-        pending is a flood). Anything but (un)subscriptions is ignored. Never blocks."""
-        n = 0
-        while n < limit:
-            try:  # EVENTS first: a ZMQError per empty read costs ~50 µs on a cold thread
-                if not pub.get(zmq.EVENTS) & zmq.POLLIN:
-                    break
-                frame = pub.recv(zmq.NOBLOCK)
-            except zmq.ZMQError:  # nothing more (or the socket is gone)
-                break
-            n += 1
-            if frame[:1] == b"\x01":
-                self.topics += 1
-                self.topic_bytes += len(frame) - 1
-            elif frame[:1] == b"\x00" and self.topics:
-                self.topics -= 1
-                self.topic_bytes = max(0, self.topic_bytes - (len(frame) - 1))
-            if self._too_many:
-                break  # no more into libzmq's topics: the socket goes
-        if n >= limit:
-            self.flooded = f"more than {limit} frames sent upstream between two reads"
-        elif self._too_many:
-            self.flooded = (
-                f"{self.topics} distinct topics ({self.topic_bytes} bytes) subscribed to "
-                f"(a monitor subscribes to one, empty)"
-            )
-
-    @property
-    def _too_many(self) -> bool:
-        return self.topics > MAX_TOPICS or self.topic_bytes > MAX_TOPIC_BYTES
-
-    def reset(self) -> None:
-        """A fresh socket: nobody subscribes yet."""
-        self.topics = self.topic_bytes = 0
-        self.flooded = ""
 
 
 class Wakeup:

@@ -47,8 +47,9 @@ import zmq
 
 from stiffmon import protocol as p
 from stiffmon.session import SessionWriter
+from stiffmon.subscriptions import Subscriptions
 from stiffmon.transport import CurveKeys, Endpoint
-from stiffmon_agent.agent_sockets import Subscriptions, Wakeup, bind_pair, bind_pub
+from stiffmon_agent.agent_sockets import Wakeup, bind_pair, bind_pub
 from stiffmon_agent.history import History
 from stiffmon_agent.history_seq_order import seq_ordered
 from stiffmon_agent.outgoing import Outgoing, build_message

@@ -74,6 +74,18 @@ class HistoryAgent:
             self.router.send_multipart([ident, *encode_control(SNAPSHOT_DONE, {})])
 
 
+def settle(agent: HistoryAgent, client: Client) -> list[p.AnyMessage]:
+    """Publish and answer for 1.5 s (up to 10 s until a first message): the first snapshots
+    answered and messages live; what the client got meanwhile."""
+    got: list[p.AnyMessage] = []
+    start = time.monotonic()
+    while time.monotonic() - start < 1.5 or (not got and time.monotonic() - start < 10):
+        agent.publish()
+        agent.answer()
+        got += [m for m, _ in client.poll(0.05)]
+    return got
+
+
 def _steps(got: list[p.AnyMessage]) -> list[int]:
     return [m.step for m in p.expand_columns(got) if m.kind == "scalars"]
 
@@ -83,13 +95,8 @@ def test_an_oversized_frame_does_not_silence_an_address(ctx: Ctx) -> None:
     messages within seconds, and through a snapshot the ones sent while it was away: every step
     once, in order; and the drop is reported."""
     agent = HistoryAgent(ctx)
-    got: list[p.AnyMessage] = []
     with Client([agent.endpoint], snapshot_timeout=0.5) as client:
-        start = time.monotonic()  # settled: first snapshots answered, messages live
-        while time.monotonic() - start < 1.5 or (not got and time.monotonic() - start < 10):
-            agent.publish()
-            agent.answer()
-            got += [m for m, _ in client.poll(0.05)]
+        got = settle(agent, client)
         assert got, "no message before the oversized frame"
         agent.pub.send_multipart([b"r/scalars", b"\x00" * (MAX_DATA_FRAME_BYTES + 1)])
         t0 = time.monotonic()

@@ -18,19 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stiffmon_agent.distributed import unwrap
+from stiffmon_agent.metrics.probe import IGNORE_INDEX
+
 log = logging.getLogger("stiffmon_agent")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile`` (``_orig_mod``), PEFT (``get_base_model()``) and
-    ``DistributedDataParallel`` / ``DataParallel`` (``module``) wrappers."""
+    """The model inside DDP / DataParallel and ``torch.compile`` wrappers
+    (:func:`~stiffmon_agent.distributed.unwrap`) and PEFT's (``get_base_model()``)."""
     for _ in range(4):
-        inner: Any = getattr(model, "_orig_mod", None)
-        if inner is None and isinstance(
-            model, (nn.parallel.DistributedDataParallel, nn.DataParallel)
-        ):
-            inner = model.module
-        if inner is None and callable(getattr(model, "get_base_model", None)):
+        model = unwrap(model)
+        inner: Any = None
+        if callable(getattr(model, "get_base_model", None)):
             try:
                 inner = model.get_base_model()  # type: ignore[operator]
             except Exception:  # not PEFT's method after all
@@ -113,15 +113,15 @@ def _micro_sum(logits: Tensor, targets: Tensor, causal: bool) -> tuple[Tensor, T
         total = logits.new_zeros((), dtype=torch.float32)
         for row, tgt in zip(logits, targets, strict=True):
             total = total + F.cross_entropy(
-                row.float(), tgt.to(row.device), ignore_index=-100, reduction="sum"
+                row.float(), tgt.to(row.device), ignore_index=IGNORE_INDEX, reduction="sum"
             )
     elif logits.dim() == 2 and targets.dim() == 1 and logits.shape[0] == targets.shape[0]:
         total = F.cross_entropy(
-            logits.float(), targets.to(logits.device), ignore_index=-100, reduction="sum"
+            logits.float(), targets.to(logits.device), ignore_index=IGNORE_INDEX, reduction="sum"
         )
     else:
         return None
-    return total, targets.ne(-100).sum().to(total.device)
+    return total, targets.ne(IGNORE_INDEX).sum().to(total.device)
 
 
 class StepLoss:
@@ -163,7 +163,7 @@ class StepLoss:
             self._parts.append((loss, None, None))
             return
         n_items = torch.as_tensor(n_items, device=loss.device).float().reshape(-1)[0]
-        count = targets.ne(-100).sum().to(loss.device).float()
+        count = targets.ne(IGNORE_INDEX).sum().to(loss.device).float()
         if self.normalised is None and self._tries < self.TRIES and isinstance(logits, Tensor):
             self._tries += 1
             self._calibrate(loss, float(n_items), float(count), logits.detach(), targets)

@@ -42,11 +42,10 @@ from stiffmon_agent.integrations._common import (
     check_options,
     unwrap_optimizer,
 )
-from stiffmon_agent.integrations.hf_lm import (  # noqa: F401  (re-exported)
-    CAUSAL_LOSS_TYPES,
+from stiffmon_agent.integrations.hf_lm import (
     StepLoss,
     detect_causal_lm,
-    is_causal_lm,
+    is_causal_lm,  # noqa: F401  (public here since the first release)
     unwrap_model,
 )
 
