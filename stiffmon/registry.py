@@ -108,6 +108,8 @@ def list_runs(directory: Path | None = None) -> list[RunEntry]:
         return out
     here = socket.gethostname()
     for path in d.glob("*.json"):
+        if path.name.startswith("."):  # a register() still writing it (its .tmp- file)
+            continue
         try:
             entry = _entry(json.loads(path.read_text()))
         except (OSError, ValueError, TypeError, RecursionError):

@@ -34,6 +34,15 @@ def test_stale_and_corrupt_entries_are_ignored_and_removed(_registry: Path) -> N
     assert sorted(p.name for p in _registry.glob("*.json")) == ["here.json"]
 
 
+def test_an_entry_being_written_is_neither_listed_nor_removed(_registry: Path) -> None:
+    """register() writes a ``.tmp-`` file then renames it: a monitor scanning in between must
+    leave it alone (it removed it as corrupt, and the agent's register failed)."""
+    writing = _registry / ".tmp-abc123.json"
+    writing.write_text("")  # mkstemp made it, json.dump has not written yet
+    assert list_runs(_registry) == []
+    assert writing.exists()
+
+
 def test_entries_with_wrong_field_types_are_skipped_and_removed(_registry: Path) -> None:
     good = {
         "run": "ok",
