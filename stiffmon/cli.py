@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 from stiffmon import __version__
 from stiffmon.commands import (
@@ -134,8 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a learning-rate sweep on bundled data (scikit-learn digits) with "
         "agents attached, record every run and show them live in the monitor.",
     )
-    demo.add_argument("--runs", type=int, default=3, help="number of runs")
-    demo.add_argument("--lrs", type=str, default=None, help="comma-separated learning rates")
+    demo.add_argument(
+        "--runs", type=int, default=None, help="number of runs (default 3, or one per --lrs)"
+    )
+    demo.add_argument(
+        "--lrs", type=str, default=None, help="comma-separated learning rates, one run each"
+    )
     demo.add_argument("--steps", type=int, default=None, help="steps per run (mlp 3000, cnn 1200)")
     demo.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="model family")
     demo.add_argument("--label-noise", type=float, default=0.0, help="fraction of random labels")
@@ -145,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum")
     demo.add_argument("--every", type=int, default=20, help="steps between heavy measurements")
     demo.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
-    demo.set_defaults(handler=cmd_demo)
+    demo.set_defaults(handler=cmd_demo, check=partial(check_demo_args, demo))
 
     export = sub.add_parser(
         "export",
@@ -184,6 +189,23 @@ def _add_remote_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ssh-port", type=int, default=None, help="SSH port for ssh:// sources")
 
 
+def check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject ``--runs`` and ``--lrs`` that disagree, as a usage error (exit 2).
+
+    Args:
+        parser: The ``demo`` sub-parser (its usage is printed with the error).
+        args: The parsed arguments.
+    """
+    if args.runs is None or not args.lrs:
+        return
+    n = len([x for x in args.lrs.split(",") if x.strip()])  # the numbers are checked later
+    if n != args.runs:
+        parser.error(
+            f"--runs {args.runs} but --lrs gives {n} learning rate{'s' * (n != 1)} ({args.lrs}): "
+            "--lrs makes one run per rate, so give only one of them, or make them agree"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``stiffmon`` command; return its exit status."""
     from stiffmon.session import SessionError
@@ -192,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    check: Callable[[argparse.Namespace], None] | None = getattr(args, "check", None)
+    if check is not None:  # what argparse cannot say: options that contradict each other
+        check(args)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -46,7 +46,12 @@ def check_requirements() -> None:
         )
 
 
-def parse_lrs(text: str | None, runs: int) -> list[float]:
+def parse_lrs(text: str | None, runs: int | None = None) -> list[float]:
+    """The learning rates of the sweep: ``text``'s, else ``runs`` (default 3) spread ones.
+
+    Raises:
+        DemoError: Bad numbers, fewer than one run, or ``runs`` and ``text`` that disagree.
+    """
     if text:
         try:
             lrs = [float(x) for x in text.split(",") if x.strip()]
@@ -54,7 +59,11 @@ def parse_lrs(text: str | None, runs: int) -> list[float]:
             raise DemoError(f"--lrs must be comma-separated numbers: {text!r}") from exc
         if not lrs or any(lr <= 0 for lr in lrs):
             raise DemoError("--lrs needs positive learning rates")
+        if runs is not None and runs != len(lrs):
+            raise DemoError(f"--runs {runs} but --lrs gives {len(lrs)} learning rates")
         return lrs
+    if runs is None:
+        runs = len(DEFAULT_LRS)
     if runs < 1:
         raise DemoError("--runs must be at least 1")
     if runs <= len(DEFAULT_LRS):
@@ -181,7 +190,7 @@ def run_headless(runs: Sequence[DemoRun], steps: int) -> None:
 
 def run_demo(
     *,
-    runs: int = 3,
+    runs: int | None = None,
     lrs: str | None = None,
     steps: int | None = None,
     model: str = "mlp",

@@ -50,6 +50,8 @@ import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
 LAMBDA1_H = "sharpness/lambda1_h"
+OPTIMIZER_SKIPPED = "optimizer/skipped"
+"""Scalars: how many training steps so far had no optimizer step (``GradScaler`` skipped them)."""
 
 FloatArray = npt.NDArray[np.float64]
 

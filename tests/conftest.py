@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -83,9 +85,44 @@ def endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port_pair()}"
 
 
+USER_REGISTRY = os.environ.get("STIFFMON_REGISTRY")
+"""``$STIFFMON_REGISTRY`` as the session found it (None: unset, the default under the cache)."""
+
+_SESSION_REGISTRY: list[Path] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point ``$STIFFMON_REGISTRY`` at a private directory for the whole session.
+
+    Set here, before any test module is imported, it also reaches what runs outside a test
+    (collection, module- and session-scoped fixtures, environments copied at import time) and
+    every subprocess: no agent a test starts shows up in the user's ``stiffmon watch``.
+    """
+    d = Path(tempfile.mkdtemp(prefix="stiffmon-test-registry-"))
+    _SESSION_REGISTRY.append(d)
+    os.environ["STIFFMON_REGISTRY"] = str(d)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the session's registry and give ``$STIFFMON_REGISTRY`` back."""
+    if not _SESSION_REGISTRY:
+        return
+    shutil.rmtree(_SESSION_REGISTRY.pop(), ignore_errors=True)
+    if USER_REGISTRY is None:
+        os.environ.pop("STIFFMON_REGISTRY", None)
+    else:
+        os.environ["STIFFMON_REGISTRY"] = USER_REGISTRY
+
+
+@pytest.fixture(scope="session")
+def session_registry() -> Path:
+    """The session's private registry directory (see :func:`pytest_configure`)."""
+    return _SESSION_REGISTRY[-1]
+
+
 @pytest.fixture(autouse=True)
 def _registry(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own agent registry."""
+    """Every test gets its own agent registry (inside a test, this one, not the session's)."""
     d = tmp_path_factory.mktemp("registry")
     monkeypatch.setenv("STIFFMON_REGISTRY", str(d))
     return d

@@ -29,7 +29,9 @@ from stiffmon import protocol as p
 from stiffmon.registry import unregister
 from stiffmon.transport import CurveKeys
 from stiffmon_agent import distributed as sharding
+from stiffmon_agent import termination
 from stiffmon_agent.accuracy import binary_threshold, step_accuracy
+from stiffmon_agent.agent_output import AgentOutput
 from stiffmon_agent.announce import (
     dist_rank,
     hello_fields,
@@ -39,7 +41,7 @@ from stiffmon_agent.announce import (
     start_publisher,
 )
 from stiffmon_agent.budget import MeasurementBudget
-from stiffmon_agent.columns import DEFAULT_INTERVAL, ColumnBatcher, RawColumns
+from stiffmon_agent.columns import DEFAULT_INTERVAL, ColumnBatcher
 from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from here: patchable)
     ProbeSet,
     SharpnessState,
@@ -50,12 +52,11 @@ from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from 
 from stiffmon_agent.measure_curvature import density_messages  # noqa: F401
 from stiffmon_agent.measure_options import MeasureOptions
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
-from stiffmon_agent.outgoing import Outgoing
+from stiffmon_agent.optimizer_skips import OptimizerSkips
 from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, MeasurementPlan, Schedule, parse_schedule
 from stiffmon_agent.step_scalars import OptimizerColumns, optimizer_config
-from stiffmon_agent.userlog import custom_fields
 
 _LIVE_AGENTS: weakref.WeakSet[Agent] = weakref.WeakSet()
 DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step 0
@@ -67,7 +68,7 @@ def _close_all() -> None:  # the user forgot close(): flush and leave cleanly
         agent.close(reason="exit", timeout=2.0)
 
 
-class Agent:
+class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
     """Measure stiffness, sharpness and gradient noise inside a training loop and publish them.
 
     Args:
@@ -215,6 +216,7 @@ class Agent:
         self.publisher: Publisher | None = None
         self._columns = ColumnBatcher(self._submit_columns, interval=batch_interval)
         self._optimizer_columns = OptimizerColumns(optimizer)
+        self._skips = OptimizerSkips(self._submit, self.event)
         self._runner: MeasurementRunner | None = None
         self._next_due: float = math.inf
         if not self.enabled and self.shard is None:
@@ -263,6 +265,7 @@ class Agent:
         if self.endpoint is not None and registry:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)
+        termination.install(lambda: list(_LIVE_AGENTS))  # SIGTERM: flush, bye, then die
         self._optimizer_columns.attach()  # last: a failed construction leaves no hook behind
         where = f"publishing on {self.endpoint}" if self.endpoint else "not publishing"
         if record:
@@ -273,27 +276,6 @@ class Agent:
             )
         where += f", measuring over {self.shard.world} ranks" if self.shard else ""
         log.info(f"stiffmon: run '{self.name}' {where}")
-
-    # ------------------------------------------------------------------ helpers
-
-    def _submit(
-        self, cls: type[p.Message], fields: dict[str, Any], step: int | None = None
-    ) -> None:
-        if self.publisher is not None:
-            self.publisher.submit(
-                Outgoing(cls, self.step_count if step is None else step, time.time(), fields)
-            )
-
-    def _submit_columns(self, raw: RawColumns) -> bool:
-        if self.publisher is None:
-            return False
-        step, t, _ = raw.rows[-1]
-        full = len(raw.rows) >= self._columns.max_rows
-        return self.publisher.submit(Outgoing(p.Columns, step, t, {"raw": raw}), wake=full)
-
-    def event(self, code: str, message: str, level: str = "info", **attrs: Any) -> None:
-        """Publish an ``event`` message (shown by the monitor)."""
-        self._submit(p.Event, {"level": level, "code": code, "message": message, "attrs": attrs})
 
     # ------------------------------------------------------------------ the training loop
 
@@ -329,10 +311,17 @@ class Agent:
             # "reduce-overhead") is overwritten before the background thread reads it
             loss = loss.item() if loss.is_cpu and loss.numel() == 1 else loss.detach().clone()
         row: list[Any] = [loss]
-        row += self._optimizer_columns.values()
-        if self._optimizer_columns.note:  # said once, at the fourth step
-            self.event("step-order", self._optimizer_columns.note, level="warning")
-            self._optimizer_columns.note = ""
+        oc = self._optimizer_columns
+        row += oc.values()
+        now = time.time()
+        if oc.skipped_back:  # steps without an optimizer step (GradScaler), told now
+            for back in oc.skipped_back:
+                self._skips.note(s - back, now)
+        elif self._skips.pending is not None:
+            self._skips.tick(now)
+        if oc.note:  # said once, at the fourth step
+            self.event("step-order", oc.note, level="warning")
+            oc.note = ""
         extra = 0
         if logits is not None and targets is not None:
             row.append(step_accuracy(logits, targets, self._log_warned, self._binary))
@@ -342,18 +331,11 @@ class Agent:
             row.append(b)  # the hello went out before any batch was seen
             extra |= 2
         # step_time is not sent: the monitor derives it from consecutive row times
-        self._columns.add(s, time.time(), self._optimizer_columns.row_names(extra), row)
+        self._columns.add(s, now, oc.row_names(extra), row)
         self._budget.step_seconds += time.perf_counter() - t0
         if s >= self._next_due:
             self._measure_due(s)
         self.step_count = s + 1
-
-    def _on_wake(self) -> None:
-        """At each wake of the publisher thread: batches at its pace (slower while nobody
-        subscribes), and the current one sent if it is older."""
-        if self.publisher is not None:
-            self._columns.interval = self.publisher.interval
-        self._columns.flush(older_than=self._columns.interval)
 
     def _measure_due(self, s: int) -> None:
         """Run what is due at step ``s``, publish the coverage, and find the next due step."""
@@ -370,42 +352,10 @@ class Agent:
             self._submit(p.Scalars, fields, step=s)
         self._next_due = self._plan.next_after(s)
 
-    def log(self, step: int | None = None, **values: Any) -> None:
-        """Publish scalars of your own (validation loss, accuracy, ...) as ``custom/<name>``.
-
-        Never raises and never blocks: a bad name (not matching ``userlog.CUSTOM_NAME``) or a value
-        that is not a number or a one-element tensor is dropped with a one-time warning; values
-        become floats on the publisher thread (no GPU synchronisation here), ±inf becomes NaN.
-
-        Args:
-            step: The step the values belong to (default: the last step recorded).
-            **values: ``name=value`` pairs, e.g. ``agent.log(val_loss=0.31, val_acc=0.9)``; names
-                with ``/``, ``.`` or ``-`` via ``**{"val/loss": v}``.
-        """
-        if not self.enabled or self.closed or self.publisher is None:
-            return
-        try:
-            last = max(self.step_count - 1, 0)
-            got = custom_fields(values, step, last, self._log_warned, log.warning)
-            if got is not None:
-                self.publisher.submit(Outgoing(p.Scalars, got[0], time.time(), got[1]))
-        except Exception as exc:  # never into the training loop
-            if "" not in self._log_warned:
-                self._log_warned.add("")
-                log.warning(f"stiffmon: Agent.log failed: {exc}")
-
-    def _publishing_seconds(self) -> float:
-        return self.publisher.cpu_seconds if self.publisher is not None else 0.0
-
     @property
     def disabled(self) -> dict[str, str]:
         """Metrics disabled after an error, with the reason."""
         return dict(self._runner.disabled) if self._runner is not None else {}
-
-    @property
-    def dropped(self) -> int:
-        """Messages dropped because the publish queue was full."""
-        return self.publisher.dropped if self.publisher is not None else 0
 
     # ------------------------------------------------------------------ shutdown
 
@@ -418,6 +368,7 @@ class Agent:
         self._optimizer_columns.remove_hook()
         if self.publisher is not None:
             self._columns.flush()
+            self._skips.send(time.time())
             self._submit(p.Bye, {"reason": reason}, step=max(self.step_count - 1, 0))
             if not self.publisher.close(timeout):
                 log.warning("stiffmon: could not flush everything before the timeout")

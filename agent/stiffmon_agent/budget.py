@@ -8,8 +8,12 @@ elapsed time less that cost, a due heavy measurement runs only while
 
     m + w × (s + u) + last_cost[kind] <= c / (1 + c) × elapsed,
 
-where ``last_cost[kind]`` (the previous measurement of that kind; before the first one, the
-costliest measurement made so far) predicts the next one and ``elapsed`` is the wall time since
+where ``last_cost[kind]`` (the previous measurement of that kind) predicts the next one. Before
+the first one of a kind, a Hessian measurement whose products are counted in advance (the
+density: runs × steps + trace samples) is priced at that many products at the cost of one in the
+last Hessian measurement (a density costs 3–20 × a warm sharpness: priced at the costliest
+measurement so far, the first one overshot a 5 % cap's 10,000-step run by ~1 %); anything
+else at the costliest measurement made so far and ``elapsed`` is the wall time since
 the agent started. The stream's weight w = :data:`STREAM_WEIGHT` charges what the stream costs
 the training beside its own time: ``step()`` runs between the training's steps and leaves their
 caches cold, and the publisher thread's bursts take a core from the training's threads. On the
@@ -74,22 +78,27 @@ class MeasurementBudget:
         self.step_seconds = 0.0
         self.last_cost = dict.fromkeys(KINDS, 0.0)
         self._measured: set[str] = set()
+        self.hvp_seconds: float | None = None  # one Hessian-vector product, last measured
         self.skipped = 0
         self.coverage = {kind: [0, 0] for kind in KINDS}  # done, skipped
         self.skips: dict[tuple[str, str], int] = {}  # (kind, reason) -> count
         self.start = time.perf_counter()
 
-    def within(self, kind: str, step: int) -> bool:
-        """Whether a ``kind`` measurement due at ``step`` fits in the budget."""
+    def within(self, kind: str, step: int, hvps: int = 0) -> bool:
+        """Whether a ``kind`` measurement due at ``step`` fits in the budget (``hvps``: the
+        Hessian-vector products it will use at most, 0 if not known in advance)."""
         if (step == 0 and kind == "gram") or self.overhead_cap is None or self.overhead_cap >= 1.0:
             return True
-        return self.spent() + self.predicted_cost(kind) <= self.allowance()
+        return self.spent() + self.predicted_cost(kind, hvps) <= self.allowance()
 
-    def predicted_cost(self, kind: str) -> float:
-        """The last cost of ``kind``; before its first, the costliest measurement so far (0 before
-        any: the run's first measurement is not held back by a guess)."""
+    def predicted_cost(self, kind: str, hvps: int = 0) -> float:
+        """The last cost of ``kind``; before its first, ``hvps`` products at the last measured
+        cost of one, else the costliest measurement so far (0 before any: the run's first
+        measurement is not held back by a guess)."""
         if kind in self._measured:
             return self.last_cost[kind]
+        if hvps > 0 and self.hvp_seconds is not None:
+            return hvps * self.hvp_seconds
         return max(self.last_cost.values(), default=0.0)
 
     def spent(self) -> float:
@@ -112,11 +121,14 @@ class MeasurementBudget:
             return math.inf
         return cap / (1.0 + cap) * (time.perf_counter() - self.start)
 
-    def record_cost(self, kind: str, seconds: float) -> None:
-        """Charge a measurement (made, skipped inside or failed) of ``seconds`` to the budget."""
+    def record_cost(self, kind: str, seconds: float, hvps: int = 0) -> None:
+        """Charge a measurement (made, skipped inside or failed) of ``seconds`` to the budget;
+        ``hvps``: the Hessian-vector products it used (prices the next kinds' first ones)."""
         self.measure_seconds += seconds
         self.last_cost[kind] = seconds
         self._measured.add(kind)
+        if hvps > 0:
+            self.hvp_seconds = seconds / hvps
 
     def done(self, kind: str) -> None:
         """Count a due measurement made."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,6 +61,7 @@ from stiffmon_agent.metrics.probe import (
 )
 from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.probe_set import MeasurementSkipped, ProbeSet, check_finite, make_probe
+from stiffmon_agent.sharpness_state import SharpnessState, check_products
 
 __all__ = [
     "BLOCKS",
@@ -103,6 +103,11 @@ def gram_messages(
             model, probe.inputs, probe.targets, loss_fn, forward=forward, chunk_size=chunk_size
         )
     g = gram.total.detach().double().cpu()
+    if not bool(torch.isfinite(g).all()):  # finite weights and loss, overflowing gradients
+        raise MeasurementSkipped(
+            f"the probe's per-example gradients are not finite ({int((~torch.isfinite(g)).sum())}"
+            f" of {g.numel()} Gram entries: the run is diverging)"
+        )
     out: list[Outgoing] = [  # the runner says each once
         _event(step, t, "gram-fallback", f"per-example gradients: {note}", "warning")
         for note in gram.notes
@@ -209,25 +214,6 @@ def gram_messages(
     return out
 
 
-@dataclass
-class SharpnessState:
-    """What the sharpness measurement carries from one measurement to the next.
-
-    Attributes:
-        warm: Ritz vectors of the raw Hessian (``EigenResult.warm_start``), for the next
-            warm start.
-        warm_precond: The same for P^{-1/2} H P^{-1/2} (adaptive optimizers).
-        batch_size: The training batch size B (from ``batch_size=`` or the logits of a step):
-            a sum-reduced objective's Hessian is B × that of the per-example mean.
-        reported: Event codes already published (each reason is said once).
-    """
-
-    warm: Tensor | None = None
-    warm_precond: Tensor | None = None
-    batch_size: int | None = None
-    reported: set[str] = field(default_factory=set)
-
-
 def _event(step: int, t: float, code: str, message: str, level: str = "info") -> Outgoing:
     return Outgoing(
         p.Event, step, t, {"level": level, "code": code, "message": message, "attrs": {}}
@@ -305,8 +291,19 @@ def sharpness_messages(
         "scale": scale,
         "wrap": wrap,
     }
-    res = hessian_eigen(model, x, y, loss_fn, warm_start=state.warm, **common)  # type: ignore[arg-type]
+    check = state.check_below("raw") if state.warm is not None else None
+    res = hessian_eigen(
+        model,
+        x,
+        y,
+        loss_fn,
+        warm_start=state.warm,
+        check_below=check,
+        **common,  # type: ignore[arg-type]
+    )
+    check_products(res, "λ1_H")
     state.warm = res.warm_start.detach()
+    state.note("raw", res)
     if optimizer is None:
         threshold = StabilityThreshold(None, "none: no optimizer")
     else:
@@ -341,6 +338,7 @@ def sharpness_messages(
         if diag is None:
             note("precond-unknown", f"no preconditioned sharpness yet: {why}", key=f"precond:{why}")
         else:
+            pcheck = state.check_below("precond") if state.warm_precond is not None else None
             pres = hessian_eigen(
                 model,
                 x,
@@ -348,9 +346,12 @@ def sharpness_messages(
                 loss_fn,
                 warm_start=state.warm_precond,
                 preconditioner=diag,
+                check_below=pcheck,
                 **common,  # type: ignore[arg-type]
             )
+            check_products(pres, "λ1(P⁻¹H)")
             state.warm_precond = pres.warm_start.detach()
+            state.note("precond", pres)
             pvals = pres.eigenvalues.detach().double().cpu()
             lam_p, hvps_p = float(pvals[0]), pres.matvecs
             out.append(

@@ -45,6 +45,10 @@ class MeasureOptions:
             "chunk_size": self.chunk_size,
         }
 
+    def density_hvps(self) -> int:
+        """Hessian-vector products a density measurement uses at most."""
+        return self.density_runs * self.density_steps + self.trace_samples
+
     def sharpness(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~stiffmon_agent.measure.sharpness_messages`."""
         return {

@@ -6,6 +6,8 @@ be encoded, so ``seq`` never skips), publishes on PUB, appends to the ``.stiff``
 history and answers snapshot requests on ROUTER (DESIGN §4) through a
 :class:`~stiffmon_agent.snapshots.SnapshotServer`, in bounded slices between drains of the queue:
 no peer, however hostile, can stop publishing and recording or make memory grow without bound.
+The path of one message (encode, number, send, record, keep, check) is
+:class:`~stiffmon_agent.emitter.Emitter`, a base of :class:`Publisher`.
 
 Every message that reaches neither the socket nor the file (queue full, not encodable) is counted
 in :attr:`Publisher.dropped`, which every heartbeat carries. Heartbeats are not recorded, except
@@ -33,7 +35,6 @@ name is thinned to every other value). A late joiner gets the whole run in a few
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import queue
 import threading
@@ -42,22 +43,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zmq
 
-from stiffmon import protocol as p
 from stiffmon.session import SessionWriter
 from stiffmon.subscriptions import Subscriptions
 from stiffmon.transport import CurveKeys, Endpoint
 from stiffmon_agent.agent_sockets import Wakeup, bind_pair, bind_pub
+from stiffmon_agent.emitter import Emitter
 from stiffmon_agent.history import History
 from stiffmon_agent.history_seq_order import seq_ordered
-from stiffmon_agent.outgoing import Outgoing, build_message
+from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.snapshots import SnapshotServer
 from stiffmon_agent.userlog import log_spaced
 
 
-class Publisher:
+class Publisher(Emitter):
     """Background publisher thread.
 
     Args:
@@ -311,113 +311,3 @@ class Publisher:
             attrs = {"resets": self.pub_resets}
             self._warning(self._last_step, "publish-reset", text, attrs, fresh, writer)
         return fresh
-
-    def _heartbeat(
-        self, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None, *, record: bool
-    ) -> SessionWriter | None:
-        hb = Outgoing(
-            p.Heartbeat,
-            self._last_step,
-            time.time(),
-            {"last_seq": max(self.seq, 0), "dropped": self.dropped},
-        )
-        if not record:
-            self._emit(hb, pub, None)
-            return writer
-        self._recorded_dropped = self.dropped
-        return self._emit(hb, pub, writer)
-
-    def _emit(
-        self, item: Outgoing, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
-    ) -> SessionWriter | None:
-        if item.cls is p.Bye:  # the file's last word on losses, just before the bye
-            writer = self._heartbeat(pub, writer, record=True)
-        try:
-            msg = build_message(item, self.run, self.seq + 1, self._problems)
-            frames = p.encode(msg)
-        except Exception as exc:  # the seq is not used up: clients see no gap
-            self.dropped += 1
-            self._warn(f"stiffmon: dropped a {item.cls.KIND} message that cannot be encoded: {exc}")
-            return writer
-        self.seq = msg.seq
-        self._last_step = max(self._last_step, item.step)
-        sent = False
-        if pub is not None:
-            try:
-                pub.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-                sent = True
-            except zmq.ZMQError:
-                pass
-        self.published += 1
-        if msg.KIND != "heartbeat":
-            self._history.add(msg, frames)
-        if writer is not None:  # heartbeats only come with a writer when they are recorded
-            try:
-                writer.write_frames(frames)
-            except Exception as exc:
-                self._warn(f"stiffmon: recording stopped: {exc}")
-                with contextlib.suppress(Exception):
-                    writer.close()
-                writer = None
-                self.unrecorded += 1
-                if not sent:
-                    self.dropped += 1
-        elif self._record is not None and msg.KIND != "heartbeat":
-            self.unrecorded += 1
-            if not sent:
-                self.dropped += 1
-        if self._problems:
-            self._say_problems(msg.step, pub, writer)
-        if isinstance(msg, p.Scalars):
-            loss = msg.as_dict().get("loss")
-            if loss is not None:
-                self._check_finite([msg.step], [loss], pub, writer)
-        elif isinstance(msg, p.Columns) and "loss" in msg.names:
-            losses = msg.column("loss")
-            if not self._nonfinite_streak and bool(np.isfinite(losses).all()):
-                return writer  # the common case, vectorised
-            self._check_finite(msg.steps.tolist(), losses.tolist(), pub, writer)
-        return writer
-
-    def _say_problems(
-        self, step: int, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
-    ) -> None:
-        """One warning ``event`` (and log line) per new reason a batch's values failed."""
-        new = sorted(self._problems - self._problems_said)[: max(0, 20 - len(self._problems_said))]
-        self._problems.clear()
-        for text in new:
-            self._problems_said.add(text)
-            self._warn(f"stiffmon: no accuracy for some steps (NaN): {text}")
-            what = f"accuracy is NaN at some steps of the batch up to step {step}: {text}"
-            self._warning(step, "accuracy-unavailable", what, {}, pub, writer)
-
-    def _check_finite(
-        self,
-        steps: list[int],
-        losses: list[float],
-        pub: zmq.Socket[bytes] | None,
-        writer: SessionWriter | None,
-    ) -> None:
-        """One ``nan-loss`` event at the start of every run of non-finite losses."""
-        for step, loss in zip(steps, losses, strict=True):
-            if math.isfinite(loss):
-                self._nonfinite_streak = 0
-                continue
-            self._nonfinite_streak += 1
-            if self._nonfinite_streak != 1:
-                continue
-            self._warn(f"stiffmon: non-finite loss ({loss}) at step {step}; training goes on")
-            self._warning(step, "nan-loss", f"loss is {loss} at step {step}", {}, pub, writer)
-
-    def _warning(
-        self,
-        step: int,
-        code: str,
-        message: str,
-        attrs: dict[str, Any],
-        pub: zmq.Socket[bytes] | None,
-        writer: SessionWriter | None,
-    ) -> None:
-        """Publish (and record) a warning ``event`` of the thread's own."""
-        fields = {"level": "warning", "code": code, "message": message, "attrs": attrs}
-        self._emit(Outgoing(p.Event, step, time.time(), fields), pub, writer)

@@ -15,6 +15,7 @@ Gram matrix, its shard's Hessian-vector products — and rank 0 assembles and pu
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import traceback
@@ -114,6 +115,7 @@ class MeasurementRunner:
     def _run(self, kind: str, step: int) -> None:
         self.flush()  # the steps so far go out before the measurement (seq order)
         t0 = time.perf_counter()
+        msgs: list[Outgoing] = []
         try:
             if self.shard is not None:
                 sharded_check_finite(self.model, self.loss_fn, self.probe, self.shard, self.forward)
@@ -128,7 +130,7 @@ class MeasurementRunner:
             self.budget.failed(kind)  # the metric-error event says why
             return
         finally:
-            self.budget.record_cost(kind, time.perf_counter() - t0)
+            self.budget.record_cost(kind, time.perf_counter() - t0, _hvps_used(msgs))
         self.budget.done(kind)
         for m in msgs:
             if m.cls is p.Event:  # a reason is said once, not at every measurement
@@ -144,7 +146,8 @@ class MeasurementRunner:
             return False
         # a kind that did not fit blocks the rest of its step: cheaper kinds must not overtake
         # it, or a Gram would spend the headroom at every due step and the sharpness never run
-        if self._blocked == step or not self.budget.within(kind, step):
+        planned = self.opts.density_hvps() if kind == "density" else 0
+        if self._blocked == step or not self.budget.within(kind, step, planned):
             self._blocked = step
             self.budget.skipped += 1
             self.budget.skip(kind, "overhead-cap")
@@ -271,3 +274,15 @@ class MeasurementRunner:
             level="warning",
             metric=kind,
         )
+
+
+def _hvps_used(msgs: list[Outgoing]) -> int:
+    """Hessian-vector products a measurement's ``scalars`` say it used (0 for a Gram)."""
+    for m in msgs:
+        if m.cls is p.Scalars:
+            values = dict(zip(m.fields["values_names"], m.fields["values_raw"], strict=True))
+            for name in ("sharpness/hvps", "curvature/hvps"):
+                used = values.get(name)
+                if isinstance(used, int | float) and math.isfinite(used):
+                    return int(used)
+    return 0

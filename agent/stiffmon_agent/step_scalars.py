@@ -11,7 +11,8 @@
   :data:`RECHECK_STEPS` steps, for a group edited in place), then each step only reads the values.
   They are read as ``optimizer.step()`` starts (a step pre-hook), so a step's ``lr/i`` is the
   learning rate that step used whether ``scheduler.step()`` comes before ``agent.step()`` or
-  after it.
+  after it. The same hook tells a step with no optimizer step (``GradScaler`` skipped it on
+  inf/NaN gradients): :attr:`OptimizerColumns.skipped_back`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,16 @@ def optimizer_columns(optimizer: torch.optim.Optimizer | None) -> tuple[list[str
 RECHECK_STEPS = 256
 
 
+def _smallest_with_grad(optimizer: Any) -> Any:
+    """The smallest parameter of ``optimizer`` with a gradient (the hook keeps a reference to
+    that gradient: small), or None."""
+    try:
+        params = [q for g in optimizer.param_groups for q in g["params"] if q.grad is not None]
+        return min(params, key=lambda q: q.numel(), default=None)
+    except Exception:
+        return None
+
+
 def _has_grads(optimizer: Any) -> bool:
     """Whether a parameter of ``optimizer`` has a gradient (False for what cannot be read)."""
     try:
@@ -111,6 +122,13 @@ class OptimizerColumns:
         self._judging = False  # whether agent.step() comes before optimizer.step(): see attach
         self.read_now = False  # values() reads them as they are (agent.step() comes first)
         self.note = ""  # for the agent to publish once (why read_now was set)
+        self._watched: Any = None  # a small parameter: was there a backward since a step?
+        self._grad_mark: tuple[Any, int] | None = None  # its grad at the last optimizer step
+        self._values_calls = 0
+        self._fired = False  # the hook has seen an optimizer step
+        self._hook_blind = False  # 64 calls and no step seen: a wrapper's steps miss the hook
+        self._quiet: list[int] = []  # calls with no optimizer step since the last, not told yet
+        self.skipped_back: list[int] = []  # told at this call: skipped steps, calls back (0: now)
 
     def attach(self) -> None:
         """Read the values as each ``optimizer.step()`` starts (a step pre-hook; optimizers
@@ -135,6 +153,22 @@ class OptimizerColumns:
             return
         self._stepped = (self._places, got)
         self._steps_since += 1
+        try:
+            grad = getattr(self._watched, "grad", None)
+            if grad is None:  # the first step, or a parameter that got no gradient this time
+                self._watched = _smallest_with_grad(optimizer)
+                grad = getattr(self._watched, "grad", None)
+            self._grad_mark = (grad, grad._version) if grad is not None else None
+        except Exception:
+            self._grad_mark = None
+
+    def _backward_since_step(self) -> bool:
+        """Whether a backward pass has written the watched gradient since the last optimizer
+        step (its tensor replaced or changed in place; None: zeroed to None, no backward)."""
+        grad = getattr(self._watched, "grad", None)
+        if grad is None or self._grad_mark is None:
+            return grad is not None
+        return grad is not self._grad_mark[0] or grad._version != self._grad_mark[1]
 
     def remove_hook(self) -> None:
         """Stop reading at ``optimizer.step()`` (the agent is closed)."""
@@ -175,13 +209,34 @@ class OptimizerColumns:
         """The values the optimizer step since the last call used, else the current values, in
         the order of :attr:`names` (which may change at this call)."""
         n, self._steps_since = self._steps_since, 0
+        self._values_calls += 1
+        self._note_quiet(n)
         if self._judging:
             self._judge_order(n)
+        self.skipped_back = []
+        if self._quiet and self._fired and not self._judging:
+            # a call with no optimizer step since the last: that step was skipped, or, with
+            # agent.step() first, the one before
+            shift = 1 if self.read_now else 0
+            self.skipped_back = [self._values_calls - q + shift for q in self._quiet]
+            self._quiet.clear()
         if n and self._stepped is not None and not self.read_now:
             return self._stepped[1]
         got = self._read()
         self._stepped = (self._places, got)  # what this step's row says: its thresholds too
         return got
+
+    def _note_quiet(self, n: int) -> None:
+        """Remember a call (not the first: ambiguous) with no optimizer step since the last one,
+        told once the hook has seen a step (a wrapper whose steps never reach the hook: never;
+        64 such calls before any step: the hook is taken for one that never sees them)."""
+        if n:
+            self._fired, self._hook_blind = True, False
+        elif self._hook is not None and self._values_calls > 1 and not self._hook_blind:
+            self._quiet.append(self._values_calls)
+            if not self._fired and len(self._quiet) >= 64:
+                self._quiet.clear()
+                self._hook_blind = True
 
     def _judge_order(self, n: int) -> None:
         """Over the first calls (``n`` optimizer steps since the last): ``agent.step()`` before
@@ -193,6 +248,13 @@ class OptimizerColumns:
             self._judging = self._hook is not None and n == 0
         elif n != 1:  # accumulation, or the usual order: the hook's values are right
             self._judging = False
+            if n == 0:  # the usual order with skipped steps: the first call's too
+                self._quiet.insert(0, 1)
+        elif self._calls == 4 and not self._backward_since_step():
+            # the same counts as agent.step() first, but no backward since the optimizer step:
+            # the usual order, and the first step was skipped (GradScaler's first steps often are)
+            self._judging = False
+            self._quiet.insert(0, 1)
         elif self._calls == 4:
             self._judging, self.read_now = False, True
             self.note = (

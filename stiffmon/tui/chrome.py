@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 from textual.app import SystemCommand
 
+from stiffmon.derive import OPTIMIZER_SKIPPED
+from stiffmon.series import last_or
 from stiffmon.store import MEASUREMENTS, Health, RunData
 from stiffmon.tui.renderables.axes import asciify, cut, fmt_tick
 from stiffmon.tui.renderables.runlist import RunRow
@@ -118,8 +120,12 @@ def short_problems(rd: RunData) -> list[str]:
 
 
 def coverage_lines(rd: RunData) -> list[str]:
-    """``sharpness 3/9 (cap)`` for every kind with a skipped measurement."""
+    """``sharpness 3/9 (cap)`` for every kind with a skipped measurement, and ``optimizer
+    skips: 12`` when training steps had no optimizer step (``GradScaler`` on inf/NaN grads)."""
     out = []
+    skips = last_or(rd.series(OPTIMIZER_SKIPPED), 0.0)
+    if skips > 0:
+        out.append(f"optimizer skips: {int(skips):,}")
     for kind in MEASUREMENTS:
         done, skipped = rd.coverage(kind)
         if not skipped:

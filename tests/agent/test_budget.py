@@ -95,6 +95,46 @@ def test_a_kind_never_measured_is_predicted_at_the_costliest_so_far() -> None:
     assert b.within("gram", 9) and not b.within("density", 9)
 
 
+def test_a_first_density_is_priced_at_its_products_once_one_product_has_a_price() -> None:
+    """On the benchmark's CNN the first density (72 HVPs, 0.45 s) was priced at the last warm
+    sharpness (0.14 s) and overshot a 5 % cap's 10,000-step run by ~1 %."""
+    b = _budget(0.05, [0.0])
+    b.record_cost("gram", 0.05)
+    b.record_cost("sharpness", 0.14, hvps=20)  # 7 ms per product
+    assert b.hvp_seconds == pytest.approx(0.007)
+    assert b.predicted_cost("density", 72) == pytest.approx(0.504)
+    assert b.predicted_cost("density") == 0.14  # products unknown: the costliest so far
+    assert b.predicted_cost("sharpness", 72) == 0.14  # measured before: its own last cost
+    b.start = time.perf_counter() - 12.0  # allowance 0.571 s, spent 0.19 s
+    assert b.within("density", 9) and not b.within("density", 9, 72)
+    b.record_cost("gram", 0.05)  # a Gram uses no products: the price stays
+    assert b.hvp_seconds == pytest.approx(0.007)
+
+
+def test_the_agent_prices_products_from_its_sharpness_and_asks_with_the_density_plan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    agent = probe_agent(gram_every="never", sharpness_every=1)
+    runner = agent._runner
+    assert runner is not None
+    agent.step(0.5)  # the step-0 sharpness waits for the budget at the default cap
+    runner.budget.start -= 1000.0  # an allowance of 20 s
+    agent.step(0.5)
+    assert runner.budget.coverage["sharpness"][0] == 1
+    used = runner.budget.hvp_seconds
+    assert used is not None and 0 < used < runner.budget.last_cost["sharpness"]
+    asked: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        runner.budget, "within", lambda kind, step, hvps=0: asked.append((kind, hvps)) or False
+    )
+    runner.measure("density", 2)
+    runner.measure("sharpness", 2)
+    agent.close()
+    o = runner.opts
+    assert asked == [("density", o.density_runs * o.density_steps + o.trace_samples)]
+    assert asked[0][1] > 0
+
+
 def test_the_longest_waiting_kind_goes_first_and_cheaper_ones_do_not_overtake_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -107,7 +147,7 @@ def test_the_longest_waiting_kind_goes_first_and_cheaper_ones_do_not_overtake_it
     asked: list[tuple[int, str]] = []
     fits = {0: {"gram"}, 2: {"gram"}, 4: {"gram", "sharpness"}, 6: {"gram", "sharpness"}}
 
-    def within(kind: str, step: int) -> bool:
+    def within(kind: str, step: int, hvps: int = 0) -> bool:
         asked.append((step, kind))
         return kind in fits[step]
 

@@ -258,3 +258,58 @@ def test_replay_plays_from_the_start_at_an_automatic_speed(
     auto, given = seen
     assert not auto.at_end and auto.speed == 5.0  # type: ignore[attr-defined]
     assert given.speed == 3.0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("argv", "runs", "lrs"),
+    [
+        (["--runs", "2"], 2, None),
+        (["--lrs", "0.01,0.05,0.2"], None, "0.01,0.05,0.2"),
+        (["--runs", "3", "--lrs", "0.01,0.05,0.2"], 3, "0.01,0.05,0.2"),
+        ([], None, None),
+    ],
+)
+def test_demo_runs_and_lrs_that_agree_reach_the_demo(
+    argv: list[str], runs: int | None, lrs: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stiffmon.demo as demo
+
+    seen: dict[str, object] = {}
+
+    def fake_run_demo(**kwargs: object) -> int:
+        seen.update(kwargs)
+        return 0
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--no-tui", *argv]) == 0
+    assert (seen["runs"], seen["lrs"]) == (runs, lrs)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--runs", "2", "--lrs", "0.01,0.05,0.2"], ["--lrs", "0.1", "--runs", "3"]],
+)
+def test_demo_runs_and_lrs_that_disagree_are_a_usage_error(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import stiffmon.demo as demo
+
+    def no_demo(**kwargs: object) -> int:
+        raise AssertionError("the demo ran")
+
+    monkeypatch.setattr(demo, "run_demo", no_demo)
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--no-tui", *argv, "--steps", "60", "--out", "unused"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: stiffmon demo" in err and "--runs" in err and "--lrs" in err
+
+
+def test_demo_learning_rates_follow_runs_or_lrs() -> None:
+    from stiffmon.demo import DEFAULT_LRS, DemoError, parse_lrs
+
+    assert parse_lrs(None) == list(DEFAULT_LRS)
+    assert parse_lrs(None, 2) == [0.01, 0.05]
+    assert parse_lrs("0.1,0.2") == parse_lrs("0.1,0.2", 2) == [0.1, 0.2]
+    with pytest.raises(DemoError, match="--runs 3 but --lrs gives 2"):
+        parse_lrs("0.1,0.2", 3)

@@ -49,6 +49,9 @@ class EigenResult:
         warm_start: (P, ≤ k + 1) the start block for the next measurement: the top k + 1 Ritz
             vectors (Lanczos; the extra one holds the next eigenvector, in case λ1 and λ2
             cross before then) or the eigenvectors (power iteration).
+        cold_checked: A warm result that a cold start checked as well
+            (:func:`~stiffmon_agent.metrics.eigen_checked.checked_lanczos`).
+        nonfinite: A product was not finite (the iteration stopped there, not converged).
     """
 
     eigenvalues: Tensor
@@ -57,6 +60,8 @@ class EigenResult:
     converged: bool
     residuals: Tensor
     warm_start: Tensor
+    cold_checked: bool = False
+    nonfinite: bool = False
 
 
 def _random_unit(dim: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -212,7 +217,7 @@ def lanczos(
     history: list[list[float]] = [[] for _ in range(k)]  # θ_i after the start block
     r_vecs: Tensor | None = None  # residuals A y_i − θ_i y_i of the top k + 1 Ritz pairs
     reach = torch.zeros(0, dtype=torch.float64)
-    converged = False
+    converged = nonfinite = False
     while m < cap:
         if not pending:
             nxt = None
@@ -235,6 +240,9 @@ def lanczos(
             pending.append(nxt)
         q = pending.pop(0)
         w = matvec(q).to(like)
+        if not bool(torch.isfinite(w).all()):  # overflow: nothing below would mean anything
+            nonfinite = True
+            break
         qs[:, m] = q
         ws[:, m] = w
         m += 1
@@ -276,7 +284,9 @@ def lanczos(
     top = min(k, m)
     if m == 0:
         empty = torch.zeros(dim, 0, dtype=like.dtype, device=like.device)
-        return EigenResult(theta[:0].to(like), empty, 0, False, residuals[:0], empty)
+        return EigenResult(
+            theta[:0].to(like), empty, 0, False, residuals[:0], empty, nonfinite=nonfinite
+        )
     vecs = qs[:, :m] @ s[:, : min(k + 1, m)].to(like)
     vecs = vecs / vecs.norm(dim=0).clamp_min(1e-300)
     return EigenResult(
@@ -286,6 +296,7 @@ def lanczos(
         converged=converged,
         residuals=residuals[:top],
         warm_start=vecs,
+        nonfinite=nonfinite,
     )
 
 

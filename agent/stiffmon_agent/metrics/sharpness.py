@@ -29,9 +29,9 @@ from stiffmon_agent.metrics.eigen import (
     EigenResult,
     TraceEstimate,
     hutchinson_trace,
-    lanczos,
     power_iteration,
 )
+from stiffmon_agent.metrics.eigen_checked import checked_lanczos
 from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
@@ -230,8 +230,12 @@ def hessian_eigen(
     scale: float = 1.0,
     preconditioner: Tensor | None = None,
     wrap: Callable[[HessianOperator], Callable[[Tensor], Tensor]] | None = None,
+    check_below: float | None = None,
 ) -> EigenResult:
     """Top-k Hessian eigenvalues λ1_H ≥ λ2_H ≥ … of the probe objective.
+
+    With ``check_below`` a warm Lanczos result below it is checked by a cold start
+    (:func:`~stiffmon_agent.metrics.eigen_checked.checked_lanczos`).
 
     Args:
         model: The network (measured in eval mode, restored afterwards).
@@ -256,6 +260,8 @@ def hessian_eigen(
         wrap: Turns the operator into the H v that is solved for (sharded measurement: the
             operator holds this process's examples and ``wrap`` sums the products of every
             process, :class:`~stiffmon_agent.distributed.HvpLeader`); None: the operator itself.
+        check_below: Check a warm (Lanczos) result whose θ1 is below this by a cold start
+            (``math.inf``: always); None: never.
 
     Returns:
         Eigenvalues (largest first), eigenvectors, the start block for the next warm start
@@ -282,12 +288,23 @@ def hessian_eigen(
             def matvec(v: Tensor) -> Tensor:
                 return d * hv(d * v)
 
-        solver = lanczos if method == "lanczos" else power_iteration
-        return solver(
+        if method == "power":
+            return power_iteration(
+                matvec,
+                op.dim,
+                k,
+                init=warm_start,
+                tol=tol,
+                max_matvecs=max_hvps,
+                like=op.like.detach(),
+                generator=generator,
+            )
+        return checked_lanczos(
             matvec,
             op.dim,
             k,
             init=warm_start,
+            check_below=check_below,
             tol=tol,
             max_matvecs=max_hvps,
             like=op.like.detach(),

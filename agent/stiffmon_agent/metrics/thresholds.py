@@ -183,19 +183,24 @@ def preconditioned_threshold_for(
 def momentum_warmup(
     optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]] | None = None
 ) -> str:
-    """Why λ1(P⁻¹H) of Adam / AdamW is not yet compared with (2+2β1)/((1−β1)η), or "".
+    """Why λ1(P⁻¹H) of Adam / AdamW / RMSprop is not yet compared with its threshold, or "".
 
-    That threshold is for a steady momentum average m ← β1 m + (1−β1) g. Adam's first steps
-    divide it by 1 − β1^t instead (at t = 1 the step is η g / |g|), and P folds that factor in
-    (:func:`diagonal_preconditioner`), so before t ≈ 1/(1−β1) steps λ1(P⁻¹H) overstates the
-    steady-state criterion (up to 1/(1−β1) = 10× at t = 1, β1 = 0.9): a spike above the
-    threshold there is no edge of stability. t is the fewest steps any parameter has taken.
+    Adam's threshold (2+2β1)/((1−β1)η) is for a steady momentum average m ← β1 m + (1−β1) g.
+    Adam's first steps divide it by 1 − β1^t instead (at t = 1 the step is η g / |g|), and P
+    folds that factor in (:func:`diagonal_preconditioner`), so before t ≈ 1/(1−β1) steps
+    λ1(P⁻¹H) overstates the steady-state criterion (up to 1/(1−β1) = 10× at t = 1, β1 = 0.9):
+    a spike above the threshold there is no edge of stability. RMSprop has no bias correction:
+    v ← α v + (1−α) g² from 0 is (1 − α^t) of its steady value, so P = √v + ε is small at first
+    and λ1(P⁻¹H) up to 1/√(1−α) = 10× at t = 1, α = 0.99 (a false step-0 catapult on a run
+    whose λ1_H rose steadily); it waits t ≈ 1/(1−α) steps. t is the fewest steps any parameter
+    has taken.
     """
     name = type(optimizer).__name__
-    if name not in ("Adam", "AdamW"):
+    if name not in ("Adam", "AdamW", "RMSprop"):
         return ""
     gs = list(groups if groups is not None else optimizer.param_groups)
-    need = max(math.ceil(round(1 / (1 - _num(g["betas"][0])), 6)) for g in gs) if gs else 0
+    key = (lambda g: _num(g["alpha"])) if name == "RMSprop" else (lambda g: _num(g["betas"][0]))
+    need = max(math.ceil(round(1 / (1 - key(g)), 6)) for g in gs) if gs else 0
     steps = [
         _num(optimizer.state[q]["step"])
         for g in optimizer.param_groups
@@ -205,6 +210,12 @@ def momentum_warmup(
     t = int(min(steps)) if steps else 0
     if t >= need:
         return ""
+    if name == "RMSprop":
+        return (
+            f"RMSprop has taken {t} step(s); its average of squared gradients (no bias "
+            f"correction) reaches the steady state the threshold assumes after about "
+            f"1/(1-α) = {need}"
+        )
     return (
         f"{name} has taken {t} step(s); its momentum average reaches the steady state that "
         f"(2+2β1)/((1-β1)η) assumes after about 1/(1-β1) = {need}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,6 +98,22 @@ class XMark:
     symbol: str = "×"
 
 
+NO_POSITIVE = "no positive values to draw on a log axis (l: linear y axis)"
+"""What a log-y chart says when its data are all zero or negative."""
+
+
+def _centred(text: str, width: int, rows: int) -> list[str]:
+    """``rows`` lines of ``width`` cells, ``text`` centred in the middle one; a text too wide
+    wraps onto the rows around it (cut only when even those are too few)."""
+    wrapped = textwrap.wrap(text, width) if len(text) > width else [text]
+    wrapped = wrapped[:rows]
+    top = rows // 2 - (len(wrapped) - 1) // 2
+    out = [""] * rows
+    for i, line in enumerate(wrapped):
+        out[min(rows - len(wrapped), max(0, top)) + i] = line
+    return [line.center(width)[:width] for line in out]
+
+
 @dataclass
 class LineChart:
     """Multi-series line chart at braille resolution (2×4 dots per character).
@@ -113,6 +130,8 @@ class LineChart:
         y_range: Fixed (lo, hi) for the y axis.
         x_range: Fixed (lo, hi) for the x axis (zoom); data outside is not drawn.
         empty_text: Shown when there is nothing to draw.
+        log_empty_text: Shown instead when there is data but log-y cannot draw it (every value
+            is zero or negative).
         legend: Show a legend (label of every line) when there is more than one labelled line.
         cursor_x: Draw a cursor at this x and the value of every line there.
         x_marks: Symbols on the x axis.
@@ -131,11 +150,22 @@ class LineChart:
     y_range: tuple[float, float] | None = None
     x_range: tuple[float, float] | None = None
     empty_text: str = "no data yet"
+    log_empty_text: str = NO_POSITIVE
     legend: bool = True
     cursor_x: float | None = None
     x_marks: Sequence[XMark] = ()
     x_span: tuple[float, float] | None = None
     plot_box: tuple[int, int, float, float] | None = None  # set when drawn: left, width, x0, x1
+
+    def _has_points(self) -> bool:
+        """Whether any line has a finite point (in the zoom window), drawable or not."""
+        for ln in self.lines:
+            ok = np.isfinite(ln.x) & np.isfinite(ln.y)
+            if self.x_range is not None:
+                ok &= (ln.x >= self.x_range[0]) & (ln.x <= self.x_range[1])
+            if ok.any():
+                return True
+        return False
 
     def _bounds(self) -> tuple[float, float, float, float] | None:
         xs, ys = [], []
@@ -180,6 +210,7 @@ class LineChart:
         if self.ascii:
             self.title, self.x_label = asciify(self.title), asciify(self.x_label)
             self.empty_text = asciify(self.empty_text)
+            self.log_empty_text = asciify(self.log_empty_text)
             self.lines = [Line(ln.x, ln.y, ln.color, asciify(ln.label)) for ln in self.lines]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
@@ -243,9 +274,10 @@ class LineChart:
             rows -= 1
         bounds = self._bounds()
         if bounds is None:
-            for i in range(rows):
-                text = self.empty_text if i == rows // 2 else ""
-                segs += [Segment(text.center(width)[:width], Style(dim=True)), Segment.line()]
+            # data that log-y cannot draw is not "no data yet": say what is true
+            text = self.log_empty_text if self.log_y and self._has_points() else self.empty_text
+            for line in _centred(text, width, rows):
+                segs += [Segment(line, Style(dim=True)), Segment.line()]
             return segs
         x0, x1, y0, y1 = bounds
         if self.cursor_x is not None and rows >= 6:

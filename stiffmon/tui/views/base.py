@@ -15,6 +15,7 @@ from textual.widget import Widget
 from stiffmon import derive
 from stiffmon.store import RunData
 from stiffmon.tui.renderables import HLine, Line, LineChart, Marker, XMark
+from stiffmon.tui.renderables.linechart import NO_POSITIVE
 from stiffmon.tui.runlines import run_line
 
 if TYPE_CHECKING:
@@ -215,6 +216,7 @@ class View:
                 legend=legend,
                 x_marks=marks,
                 empty_text=f"no {title} yet",
+                log_empty_text=f"{title}: {NO_POSITIVE}",
             )
 
         return build

@@ -99,6 +99,26 @@ def test_adamw_publishes_preconditioned_sharpness(tmp_path: Path) -> None:
     assert any(isinstance(m, p.Event) and "adaptive" in m.message for m in msgs)
 
 
+def test_rmsprop_waits_for_its_squared_gradient_average(tmp_path: Path) -> None:
+    """RMSprop has no bias correction: after t steps v is (1 − α^t) of its steady value, so P is
+    small and λ1(P⁻¹H) inflated (a user's run: 6,186 against a threshold of 1,000 at step 0, a
+    false catapult, while λ1_H rose steadily). No λ1(P⁻¹H) or threshold before t = 1/(1−α)."""
+    rms = lambda ps: torch.optim.RMSprop(ps, lr=0.01, alpha=0.8, momentum=0.5)  # noqa: E731
+    msgs = _run(tmp_path, rms, nn.CrossEntropyLoss(), steps=7)
+    per_step = [
+        m.as_dict() for m in msgs if isinstance(m, p.Scalars) and "sharpness/lambda1_h" in m.names
+    ]
+    assert len(per_step) == 7
+    for name in ("sharpness/threshold_precond", "sharpness/lambda1_precond"):
+        assert all(math.isnan(sc[name]) for sc in per_step[:4])  # t = 1 … 4
+        assert all(sc[name] > 0 for sc in per_step[4:])  # t = 5 = 1/(1−α) on
+    assert per_step[4]["sharpness/threshold_precond"] == pytest.approx((2 + 2 * 0.5) / 0.01)
+    warmup = [m for m in msgs if isinstance(m, p.Event) and m.code == "precond-warmup"]
+    assert len(warmup) == 1 and "1/(1-α) = 5" in warmup[0].message and warmup[0].step == 0
+    spectra = [m for m in msgs if isinstance(m, p.Spectrum) and m.name == "hessian-precond"]
+    assert len(spectra) == 7  # still published (and warm-starting the next)
+
+
 def test_param_groups_threshold_and_rule(tmp_path: Path) -> None:
     def opt(ps: Any) -> torch.optim.Optimizer:
         ps = list(ps)

@@ -467,3 +467,21 @@ async def test_seeking_back_in_a_replay_does_not_log_events_twice(tmp_path: Path
     assert logged
     for run, msgs in logged.items():
         assert sum("finished" in m for m in msgs) == 1, (run, msgs)
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_log_y_of_an_all_zero_series_is_not_no_data_yet(
+    tmp_path: Path, size: tuple[int, int]
+) -> None:
+    app = replay_app(tmp_path)  # plain SGD: momentum 0 at every step
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("7")
+        await pilot.pause()
+        assert "no momentum β (group 0) yet" not in screen_text(app)
+        await pilot.press("l")
+        await pilot.pause()
+        text = screen_text(app)
+        assert "no momentum β (group 0) yet" not in text
+        # wrapped in the narrow chart: the words, not the lines
+        for words in ("momentum β (group 0): no", "positive values", "log axis", "(l:", "linear y"):
+            assert words in text, words

@@ -90,6 +90,31 @@ def test_log_y_drops_non_positive_values() -> None:
     assert "1k" in out and "10" in out
 
 
+def test_log_y_with_only_non_positive_values_says_so_not_yet() -> None:
+    def chart(lines: list[Line], log_y: bool) -> str:
+        c = LineChart(
+            lines, log_y=log_y, height=8, empty_text="no β yet", log_empty_text="β: none > 0"
+        )
+        return render(c, 40)
+
+    zeros = Line(np.arange(4.0), np.zeros(4), "red")
+    assert "yet" not in chart([zeros], log_y=False) and "0" in chart([zeros], log_y=False)
+    out = chart([zeros], log_y=True)
+    assert "β: none > 0" in out and "yet" not in out
+    # a series that is really empty is still "not yet"
+    assert "no β yet" in chart([Line(np.array([]), np.array([]), "red")], log_y=True)
+    assert "no β yet" in chart([], log_y=True)
+    # the default says what is wrong and which key draws it
+    default = render(LineChart([zeros], log_y=True, ascii=True, height=8), 40)
+    assert "no positive values to draw on a" in default and "(l: linear y axis)" in default
+    assert "no data yet" not in default
+
+
+def test_a_long_empty_text_wraps_instead_of_being_cut() -> None:
+    out = render(LineChart([], height=7, empty_text="word " * 12), 20).splitlines()
+    assert len(out) == 7 and sum("word" in row for row in out) == 3
+
+
 def test_heatmap_ascii_exact() -> None:
     m = np.array([[1.0, -1.0], [0.0, np.nan]])
     hm = Heatmap(m, ["a", "b"], ["a", "b"], cursor=(0, 1), ascii=True, cell_width=3)

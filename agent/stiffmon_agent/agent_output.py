@@ -1,0 +1,88 @@
+"""What the agent hands to its publisher thread: events, ``Agent.log`` values, column batches.
+
+:class:`AgentOutput` is a base of :class:`~stiffmon_agent.agent.Agent` (which sets the attributes
+declared here). None of it blocks or raises into the training loop: items go to the publisher's
+bounded queue (:meth:`~stiffmon_agent.publisher.Publisher.submit`), and without a publisher (a
+rank that does not publish, or ``endpoint=""`` without ``record``) they go nowhere.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from stiffmon import protocol as p
+from stiffmon_agent.announce import log
+from stiffmon_agent.columns import ColumnBatcher, RawColumns
+from stiffmon_agent.outgoing import Outgoing
+from stiffmon_agent.publisher import Publisher
+from stiffmon_agent.userlog import custom_fields
+
+
+class AgentOutput:
+    """The agent's messages to its publisher thread; ``Agent`` sets the attributes below."""
+
+    publisher: Publisher | None
+    step_count: int
+    enabled: bool  # publishes (False: a rank other than 0)
+    closed: bool
+    _columns: ColumnBatcher
+    _log_warned: set[str]  # names (and "") already warned about by log()
+
+    def _submit(
+        self, cls: type[p.Message], fields: dict[str, Any], step: int | None = None
+    ) -> None:
+        if self.publisher is not None:
+            self.publisher.submit(
+                Outgoing(cls, self.step_count if step is None else step, time.time(), fields)
+            )
+
+    def _submit_columns(self, raw: RawColumns) -> bool:
+        if self.publisher is None:
+            return False
+        step, t, _ = raw.rows[-1]
+        full = len(raw.rows) >= self._columns.max_rows
+        return self.publisher.submit(Outgoing(p.Columns, step, t, {"raw": raw}), wake=full)
+
+    def event(self, code: str, message: str, level: str = "info", **attrs: Any) -> None:
+        """Publish an ``event`` message (shown by the monitor)."""
+        self._submit(p.Event, {"level": level, "code": code, "message": message, "attrs": attrs})
+
+    def _on_wake(self) -> None:
+        """At each wake of the publisher thread: batches at its pace (slower while nobody
+        subscribes), and the current one sent if it is older."""
+        if self.publisher is not None:
+            self._columns.interval = self.publisher.interval
+        self._columns.flush(older_than=self._columns.interval)
+
+    def log(self, step: int | None = None, **values: Any) -> None:
+        """Publish scalars of your own (validation loss, accuracy, ...) as ``custom/<name>``.
+
+        Never raises and never blocks: a bad name (not matching ``userlog.CUSTOM_NAME``) or a value
+        that is not a number or a one-element tensor is dropped with a one-time warning; values
+        become floats on the publisher thread (no GPU synchronisation here), ±inf becomes NaN.
+
+        Args:
+            step: The step the values belong to (default: the last step recorded).
+            **values: ``name=value`` pairs, e.g. ``agent.log(val_loss=0.31, val_acc=0.9)``; names
+                with ``/``, ``.`` or ``-`` via ``**{"val/loss": v}``.
+        """
+        if not self.enabled or self.closed or self.publisher is None:
+            return
+        try:
+            last = max(self.step_count - 1, 0)
+            got = custom_fields(values, step, last, self._log_warned, log.warning)
+            if got is not None:
+                self.publisher.submit(Outgoing(p.Scalars, got[0], time.time(), got[1]))
+        except Exception as exc:  # never into the training loop
+            if "" not in self._log_warned:
+                self._log_warned.add("")
+                log.warning(f"stiffmon: Agent.log failed: {exc}")
+
+    def _publishing_seconds(self) -> float:
+        return self.publisher.cpu_seconds if self.publisher is not None else 0.0
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because the publish queue was full."""
+        return self.publisher.dropped if self.publisher is not None else 0

@@ -1,0 +1,66 @@
+"""What the sharpness measurement carries from one measurement to the next, and when a warm
+start is checked by a cold one (:func:`~stiffmon_agent.metrics.eigen_checked.checked_lanczos`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from stiffmon_agent.metrics import EigenResult
+from stiffmon_agent.probe_set import MeasurementSkipped
+
+__all__ = ["CHECK_DROP", "CHECK_EVERY", "SharpnessState", "check_products"]
+
+
+@dataclass
+class SharpnessState:
+    """What the sharpness measurement carries from one measurement to the next.
+
+    Attributes:
+        warm: Ritz vectors of the raw Hessian (``EigenResult.warm_start``), for the next
+            warm start.
+        warm_precond: The same for P^{-1/2} H P^{-1/2} (adaptive optimizers).
+        batch_size: The training batch size B (from ``batch_size=`` or the logits of a step):
+            a sum-reduced objective's Hessian is B × that of the per-example mean.
+        reported: Event codes already published (each reason is said once).
+        last: The last λ1 of each operator (``"raw"``, ``"precond"``).
+        unchecked: Warm measurements of each operator since the last cold start.
+    """
+
+    warm: Tensor | None = None
+    warm_precond: Tensor | None = None
+    batch_size: int | None = None
+    reported: set[str] = field(default_factory=set)
+    last: dict[str, float] = field(default_factory=dict)
+    unchecked: dict[str, int] = field(default_factory=dict)
+
+    def check_below(self, which: str) -> float | None:
+        """``check_below`` of the next warm measurement of ``which``: a θ1 more than
+        :data:`CHECK_DROP` below the last λ1 is checked by a cold start, and every
+        :data:`CHECK_EVERY`-th warm measurement is (None before any λ1)."""
+        last = self.last.get(which)
+        if last is None or not math.isfinite(last):
+            return None
+        if self.unchecked.get(which, 0) + 1 >= CHECK_EVERY:
+            return math.inf
+        return last - CHECK_DROP * abs(last)
+
+    def note(self, which: str, res: EigenResult) -> None:
+        """Remember a measurement's λ1 and whether a cold start checked it."""
+        self.unchecked[which] = 0 if res.cold_checked else self.unchecked.get(which, 0) + 1
+        self.last[which] = float(res.eigenvalues[0]) if res.eigenvalues.numel() else math.nan
+
+
+CHECK_DROP = 0.1
+CHECK_EVERY = 10
+
+
+def check_products(res: EigenResult, what: str) -> None:
+    """Raise :class:`MeasurementSkipped` if a Hessian-vector product was not finite."""
+    if res.nonfinite:
+        raise MeasurementSkipped(
+            f"a Hessian-vector product for {what} is not finite (the run is diverging)"
+        )

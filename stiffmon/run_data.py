@@ -1,0 +1,284 @@
+"""One run as the monitor knows it: :class:`RunData` and its measurements (:class:`Snapshot`).
+
+:class:`~stiffmon.store.Store` fills one :class:`RunData` per run from the messages it applies;
+the views read the run's series, events and health from it. Derived quantities (break-even,
+peaks, ξ) live in :mod:`stiffmon.derive`; :class:`RunData` computes them from its series, so they
+work on replays too.
+
+A run's state in words (live, stalled, lost …) is :class:`~stiffmon.run_health.Health`; how a
+hung training loop is told from a gone agent, :class:`~stiffmon.run_health.Progress`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from stiffmon import derive
+from stiffmon import protocol as p
+from stiffmon.run_health import LOST_SECONDS, STALL_SECONDS, Health, Progress, duration
+from stiffmon.series import Series, last_or
+
+T = TypeVar("T")
+Status = Literal["live", "stalled", "finished", "replay"]
+MAX_EVENTS = 10_000  # per run; older events are dropped (counted in events_dropped)
+MAX_SKIP_STEPS = 5_000  # per measurement kind
+MEASUREMENTS = ("gram", "sharpness")
+
+
+@dataclass
+class Snapshot:
+    """One heavy measurement (matrix, curve or spectrum message) of a run."""
+
+    step: int
+    t: float
+    msg: p.Matrix | p.Curve | p.Spectrum
+
+
+@dataclass
+class RunData:
+    """Everything the monitor knows about one run."""
+
+    run: str
+    index: int
+    hello: p.Hello | None = None
+    scalars: dict[str, Series] = field(default_factory=dict)
+    matrices: dict[str, list[Snapshot]] = field(default_factory=dict)
+    curves: dict[str, list[Snapshot]] = field(default_factory=dict)
+    spectra: dict[str, list[Snapshot]] = field(default_factory=dict)
+    events: list[p.Event] = field(default_factory=list)
+    events_dropped: int = 0
+    diverged_step: int | None = None
+    disabled: dict[str, str] = field(default_factory=dict)  # metric -> reason
+    errors: dict[str, str] = field(default_factory=dict)  # metric -> last error message
+    skip_reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> reason -> n
+    skip_steps: dict[str, list[int]] = field(default_factory=dict)  # kind -> steps
+    nonfinite_steps: dict[str, list[int]] = field(default_factory=dict)  # kind -> steps
+    memo: dict[str, tuple[object, object]] = field(default_factory=dict, repr=False, compare=False)
+    last_seen: float = 0.0
+    last_step: int = 0
+    first_t: float = math.nan
+    last_t: float = math.nan
+    dropped: int = 0
+    finished: bool = False
+    bye_reason: str = ""
+    replay: bool = False
+    visible: bool = True
+    max_points: int = 100_000
+    column_tail: tuple[int, float] | None = None  # (step, time) of the last columns row
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def name(self) -> str:
+        return self.hello.name if self.hello and self.hello.name else self.run
+
+    @property
+    def optimizer(self) -> dict[str, object]:
+        return dict(self.hello.optimizer) if self.hello else {}
+
+    @property
+    def lr(self) -> float:
+        """η of param group 0 at the last step (the agent's ``lr/0``); else the hello's."""
+        return last_or(self.scalars.get("lr/0"), self.optimizer.get("lr"))
+
+    @property
+    def momentum(self) -> float:
+        """β of param group 0 at the last step, as ``lr``: the agent's ``momentum/0`` (SGD's
+        momentum or β1 of Adam's betas); else the hello's ``momentum`` or ``beta1``."""
+        opt = self.optimizer
+        return last_or(self.scalars.get("momentum/0"), opt.get("momentum", opt.get("beta1")))
+
+    @property
+    def batch_size(self) -> int | None:
+        """B from the hello; else the largest of the agent's per-step ``batch_size`` scalar.
+
+        The agent takes B from the logits passed to ``step()`` when ``Agent(batch_size=…)`` is not
+        given; the largest, since an epoch's last batch may be smaller.
+        """
+        if self.hello is not None and self.hello.batch_size is not None:
+            return self.hello.batch_size
+        series = self.scalars.get("batch_size")
+        if series is None or not len(series):
+            return None
+        b = float(np.nanmax(series.values)) if np.isfinite(series.values).any() else math.nan
+        return int(b) if math.isfinite(b) and b > 0 else None
+
+    def status(self, now: float | None = None) -> Status:
+        """live, stalled (no message for 3 s, or no new step for long while heartbeats still
+        come: see the module), finished (bye seen) or replay."""
+        if self.finished:
+            return "finished"
+        if self.replay:
+            return "replay"
+        now = time.monotonic() if now is None else now
+        if now - self.last_seen > STALL_SECONDS or self.progress.hung(now):
+            return "stalled"
+        return "live"
+
+    def health(self, now: float | None = None, *, ended: bool = False) -> Health:
+        """The run's state and problems in words (``ended``: its replay reached the end)."""
+        now = time.monotonic() if now is None else now
+        problems = []
+        if self.diverged_step is not None:
+            problems.append(f"diverged at step {self.diverged_step:,}")
+        problems += [f"{m} disabled: {why}" for m, why in self.disabled.items()]
+        status = self.status(now)
+        idle = now - self.last_seen
+        why = ""  # why a run is stalled
+        if status == "finished":
+            ended_as = {"exit": "exited", "terminated": "terminated (SIGTERM)"}
+            state, text = "finished", ended_as.get(self.bye_reason, "finished")
+        elif status == "replay":
+            state, text = ("ended", "no bye (crashed?)") if ended else ("replay", "replay")
+        elif status == "stalled" and idle > LOST_SECONDS:
+            state, text = "lost", f"no bye (lost {duration(idle)})"
+        elif status == "stalled" and idle > STALL_SECONDS:
+            state, text = "stalled", f"stalled {duration(idle)}"
+            why = f"no message for {STALL_SECONDS:g} s"
+        elif status == "stalled":  # heartbeats come, steps do not: the training loop hangs
+            since, step = duration(self.progress.since_step(now)), f"{self.progress.step:,}"
+            state, text = "stalled", f"stalled {since} (no step since {step}; agent alive)"
+            why = f"no step since {step} for {since}; agent alive"
+        else:
+            state, text = "live", "live"
+        bad = self.diverged_step is not None or state in ("lost", "ended")
+        level = "error" if bad else ("warning" if problems or state == "stalled" else "ok")
+        return Health(state, text, tuple(problems), level, why)
+
+    def coverage(self, kind: str) -> tuple[int, int]:
+        """(done, skipped) measurements of ``kind`` (gram / sharpness) so far.
+
+        From the agent's cumulative ``coverage/<kind>/done|skipped`` scalars; without them, the
+        measurements received and the ``measurement-skipped`` events.
+        """
+        done, skipped = self.last(f"coverage/{kind}/done"), self.last(f"coverage/{kind}/skipped")
+        if math.isnan(done):
+            if kind == "gram":
+                done = max((len(v) for v in self.matrices.values()), default=0)
+            else:
+                s = self.scalars.get("sharpness/lambda1_h")
+                done = len(s) * (s.stride if s is not None else 1) if s is not None else 0
+        if math.isnan(skipped):
+            skipped = sum(self.skip_reasons.get(kind, {}).values())
+        return int(done), int(skipped)
+
+    def skipped_at(self, kind: str) -> list[int]:
+        """Steps at which a ``kind`` measurement was due and skipped."""
+        steps = list(self.skip_steps.get(kind, ()))
+        s = self.scalars.get(f"coverage/{kind}/skipped")
+        if s is not None and len(s) > 1:
+            grew = np.flatnonzero(np.diff(s.values) > 0) + 1
+            steps += s.steps[grew].tolist()
+        return sorted(set(steps))
+
+    def stale_steps(self, kind: str | None = None) -> list[int]:
+        """Steps from which the run's earlier values are no longer current (sorted): where it
+        diverged and, for a measurement ``kind``, where that measurement was skipped because
+        the model was not finite (every skip of ``kind`` when that was the only reason)."""
+        steps = {self.diverged_step} if self.diverged_step is not None else set()
+        if kind is not None:
+            steps.update(self.nonfinite_steps.get(kind, ()))
+            if set(self.skip_reasons.get(kind, {})) == {"not-finite"}:
+                steps.update(self.skipped_at(kind))
+        return sorted(steps)
+
+    def note_event(self, ev: p.Event) -> None:
+        """Keep an event (bounded) and what it says about the run's health."""
+        self.events.append(ev)
+        if len(self.events) > MAX_EVENTS:
+            del self.events[: MAX_EVENTS // 10]
+            self.events_dropped += MAX_EVENTS // 10
+        metric = str(ev.attrs.get("metric", ev.attrs.get("kind", "metric")))
+        if ev.code == "nan-loss":
+            if self.diverged_step is None or ev.step < self.diverged_step:
+                self.diverged_step = ev.step
+        elif ev.code == "metric-error":
+            self.errors[metric] = ev.message
+        elif ev.code == "metric-disabled":
+            self.disabled[metric] = self.errors.get(metric, ev.message)
+        elif ev.code == "measurement-skipped":
+            reason = str(ev.attrs.get("reason", "?"))
+            counts = self.skip_reasons.setdefault(metric, {})
+            n = ev.attrs.get("skipped")  # the agent's running count (events are log-spaced)
+            counts[reason] = int(n) if isinstance(n, int | float) else counts.get(reason, 0) + 1
+            steps = self.skip_steps.setdefault(metric, [])
+            if len(steps) < MAX_SKIP_STEPS:
+                steps.append(ev.step)
+            if reason == "not-finite":
+                bad = self.nonfinite_steps.setdefault(metric, [])
+                if len(bad) < MAX_SKIP_STEPS:
+                    bad.append(ev.step)
+
+    def data_key(self, *names: str) -> tuple[tuple[int, int, int], ...]:
+        """Changes whenever one of the named series gains (or thins) points: a memo key."""
+        out = []
+        for n in names:
+            s = self.scalars.get(n)
+            out.append(
+                (len(s), s.stride, int(s.steps[-1])) if s is not None and len(s) else (0, 0, 0)
+            )
+        return tuple(out)
+
+    def memoized(self, name: str, key: object, compute: Callable[[], T]) -> T:
+        """``compute()``, cached under ``name`` until ``key`` changes (views use it to run costly
+        derivations such as the break-even once per new measurement, not once per frame)."""
+        hit = self.memo.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]  # type: ignore[return-value]
+        value = compute()
+        self.memo[name] = (key, value)
+        return value
+
+    def series(self, name: str) -> Series | None:
+        return self.scalars.get(name)
+
+    def break_even(self) -> derive.BreakEven:
+        """The run's break-even marker (:func:`stiffmon.derive.break_even`).
+
+        Judged on the preconditioned sharpness and its threshold when the run publishes them
+        (adaptive optimizers), else on λ1_H and 2/η (or the momentum / Nesterov threshold).
+        """
+        name, thr_name = "sharpness/lambda1_precond", "sharpness/threshold_precond"
+        if not len(self.scalars.get(name, ())):
+            name, thr_name = derive.LAMBDA1_H, "sharpness/threshold"
+        lam = self.scalars.get(name)
+        if lam is None or not len(lam):
+            return derive.no_break_even(name)
+        return derive.break_even(
+            lam.steps, lam.values, self.aligned(thr_name, lam.steps), series=name
+        )
+
+    def break_even_k(self) -> derive.BreakEven:
+        """The early-phase peak of λ1_K (no threshold applies to the noise covariance)."""
+        name = "noise/lambda1_k"
+        lam = self.scalars.get(name)
+        if lam is None or not len(lam):
+            return derive.no_break_even(name)
+        return derive.break_even(lam.steps, lam.values, None, series=name)
+
+    def aligned(self, name: str, steps: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        """Series ``name`` at ``steps``: its last value at or before each step (NaN before it)."""
+        s = self.scalars.get(name)
+        if s is None or not len(s):
+            return np.full(steps.shape, math.nan)
+        i = np.searchsorted(s.steps, steps, side="right") - 1
+        return np.where(i >= 0, s.values[np.maximum(i, 0)], math.nan)
+
+    def mean_after(self, name: str, be: derive.BreakEven) -> float:
+        """Mean of series ``name`` over the measurements after a confirmed break-even."""
+        s = self.scalars.get(name)
+        return derive.mean_after(s.steps, s.values, be) if s is not None else math.nan
+
+    def peak(self, name: str) -> float:
+        s = self.scalars.get(name)
+        return derive.peak(s.values) if s is not None else math.nan
+
+    def last(self, name: str) -> float:
+        s = self.scalars.get(name)
+        return s.last() if s is not None else math.nan
