@@ -288,28 +288,16 @@ def hessian_eigen(
             def matvec(v: Tensor) -> Tensor:
                 return d * hv(d * v)
 
+        kw: dict[str, Any] = {
+            "init": warm_start,
+            "tol": tol,
+            "max_matvecs": max_hvps,
+            "like": op.like.detach(),
+            "generator": generator,
+        }
         if method == "power":
-            return power_iteration(
-                matvec,
-                op.dim,
-                k,
-                init=warm_start,
-                tol=tol,
-                max_matvecs=max_hvps,
-                like=op.like.detach(),
-                generator=generator,
-            )
-        return checked_lanczos(
-            matvec,
-            op.dim,
-            k,
-            init=warm_start,
-            check_below=check_below,
-            tol=tol,
-            max_matvecs=max_hvps,
-            like=op.like.detach(),
-            generator=generator,
-        )
+            return power_iteration(matvec, op.dim, k, **kw)
+        return checked_lanczos(matvec, op.dim, k, check_below=check_below, **kw)
 
 
 def hessian_trace(
