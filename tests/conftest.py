@@ -81,6 +81,14 @@ def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> bool:
 
 
 @pytest.fixture
+def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    """A ZeroMQ context, destroyed (linger 0) after the test."""
+    c: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+@pytest.fixture
 def endpoint() -> str:
     return f"tcp://127.0.0.1:{free_port_pair()}"
 

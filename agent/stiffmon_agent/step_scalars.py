@@ -82,18 +82,6 @@ def _smallest_with_grad(optimizer: Any) -> Any:
         return None
 
 
-def _has_grads(optimizer: Any) -> bool:
-    """Whether a parameter of ``optimizer`` has a gradient (False for what cannot be read)."""
-    try:
-        return any(
-            getattr(q, "grad", None) is not None
-            for g in optimizer.param_groups
-            for q in g.get("params", ())
-        )
-    except Exception:
-        return False
-
-
 class OptimizerColumns:
     """:func:`optimizer_columns` at every step, without working the names out again.
 
@@ -137,8 +125,9 @@ class OptimizerColumns:
         # the order is judged from the first step on: not for an agent made mid-run (the first
         # call may follow the last optimizer step), which an optimizer's state says, or, for one
         # that keeps none (plain SGD), gradients on its parameters
-        self._judging = not getattr(self.optimizer, "state", None) and not _has_grads(
-            self.optimizer
+        self._judging = (
+            not getattr(self.optimizer, "state", None)
+            and _smallest_with_grad(self.optimizer) is None
         )
         if self._hook is None and callable(register):
             try:
@@ -213,7 +202,8 @@ class OptimizerColumns:
         self._note_quiet(n)
         if self._judging:
             self._judge_order(n)
-        self.skipped_back = []
+        if self.skipped_back:  # told at the last call (a new list only then: the hot path)
+            self.skipped_back = []
         if self._quiet and self._fired and not self._judging:
             # a call with no optimizer step since the last: that step was skipped, or, with
             # agent.step() first, the one before

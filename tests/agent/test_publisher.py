@@ -20,13 +20,6 @@ from tests.conftest import wait_for
 
 
 @pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    c: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
-@pytest.fixture
 def publisher(endpoint: str) -> Iterator[Publisher]:
     pub = Publisher("pace", endpoint=endpoint)
     pub.batch_interval, pub.idle_interval = 0.02, 0.5

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,13 +29,6 @@ from tests.hostile import GIB, Listener, PeakRss, attack_connect
 
 MB = 1 << 20
 Ctx = zmq.Context[zmq.Socket[bytes]]
-
-
-@pytest.fixture
-def ctx() -> Iterator[Ctx]:
-    c: Ctx = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 def _bye(run: str, seq: int, step: int = 0) -> list[bytes]:

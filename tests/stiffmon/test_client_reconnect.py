@@ -7,9 +7,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
-import pytest
 import zmq
 
 from stiffmon import protocol as p
@@ -26,13 +24,6 @@ from stiffmon.transport import (
 from tests.hostile import GIB, _greet
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
-
-
-@pytest.fixture
-def ctx() -> Iterator[Ctx]:
-    c: Ctx = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 class HistoryAgent:
