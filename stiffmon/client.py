@@ -14,6 +14,8 @@ every run's messages come out once, in ``seq`` order. Malformed frames are count
 An address whose peer sent a frame over the size limit is dropped by libzmq for good; the client
 connects to it again (:mod:`stiffmon.reconnect`), says so in :attr:`ClientStats.warnings`, and asks
 for a snapshot whenever a live connection comes back, so no message is lost from its view.
+A snapshot request left unanswered past the timeout is asked again on a fresh socket: a late
+answer never lands among the next one's (its end markers would move a run back).
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class Client:
     Args:
         endpoints: ``tcp://host:port`` addresses (strings or :class:`Endpoint`).
         curve: Client CURVE keys, for agents that require authentication.
-        snapshot_timeout: Seconds to wait for a snapshot before trying again later.
+        snapshot_timeout: Seconds to wait for a snapshot (for its next frame, once it comes)
+            before asking again on a fresh socket.
         max_buffer: Live messages buffered per run while a snapshot is pending.
         max_seq_jump: A live message whose ``seq`` is further than this beyond what the client
             has of its run is malformed (forged or corrupt), not the run's new position: it is
@@ -156,15 +159,18 @@ class Client:
         self.poller.register(dealer, zmq.POLLIN)
         return dealer
 
-    def _new_dealer(self, st: _EndpointState) -> None:
-        """A fresh snapshot socket for ``st`` (libzmq gave the old one's connection up)."""
+    def _new_dealer(self, st: _EndpointState, lost: bool) -> None:
+        """A fresh snapshot socket for ``st``: libzmq gave the old one's connection up
+        (``lost``: said as a warning), or its answer is given up on."""
         self.poller.unregister(st.dealer)
         del self._eps[st.dealer]
         st.dealer.close(0)
         st.dealer = self._dealer(st.endpoint)
         self._eps[st.dealer] = st
         st.pending_since = None
-        self.stats.reconnects += 1
+        if lost:
+            self.stats.reconnects += 1
+            self._warn(f"{st.endpoint.snapshot} dropped the snapshot connection; reconnecting")
 
     def _warn(self, text: str) -> None:
         self.stats.last_error = text
@@ -185,8 +191,7 @@ class Client:
             st.dealer.send_multipart(snapshot_request(), zmq.NOBLOCK)
         except zmq.Again:  # no connection left: libzmq dropped it (an oversized frame?)
             st.last_request = now
-            self._new_dealer(st)
-            self._warn(f"{st.endpoint.snapshot} dropped the snapshot connection; reconnecting")
+            self._new_dealer(st, lost=True)
             return
         except zmq.ZMQError as exc:
             self.stats.last_error = f"snapshot request to {st.endpoint}: {exc}"
@@ -333,8 +338,10 @@ class Client:
         self._check_links(now)
         for st in list(self._eps.values()):
             if st.pending_since is not None and now - st.pending_since > self.snapshot_timeout:
-                st.pending_since = None
-                st.wanted = True
+                # a fresh socket: a late answer to this request must not land among the next
+                # one's (its end markers would move a run back past what was delivered)
+                # no pipe to send on: libzmq dropped the connection (an oversized frame?)
+                self._new_dealer(st, lost=not int(st.dealer.get(zmq.EVENTS)) & zmq.POLLOUT)
                 self.stats.snapshot_timeouts += 1
                 # the agent may have died with our request: ask again while runs wait for one
                 st.wanted = any(rs.syncing for rs in self._runs.values())
@@ -361,6 +368,9 @@ class Client:
                         self._on_live(frames, out)
                     else:
                         self._on_snapshot(self._eps[sock], frames, out)
+                answering = self._eps.get(sock)
+                if answering is not None and answering.pending_since is not None:
+                    answering.pending_since = time.monotonic()  # still coming: not late
         return out
 
     def _check_links(self, now: float) -> None:

@@ -75,6 +75,10 @@ class FakeAgent:
             got += [m for m, _ in client.poll(0.05)]
         ident, tag, *_ = self.router.recv_multipart()
         assert tag == SNAPSHOT_REQUEST
+        self.send_answer(ident, history, ends)
+
+    def send_answer(self, ident: bytes, history: list[p.AnyMessage], ends: dict[str, int]) -> None:
+        """Send the requester ``ident`` ``history``, the runs' end markers and the done marker."""
         for msg in history:
             self.router.send_multipart([ident, SNAPSHOT_MESSAGE, *p.encode(msg)])
         for run, seq in ends.items():
@@ -220,3 +224,45 @@ def test_an_answer_without_the_runs_end_marker_leaves_it_live(agent: FakeAgent) 
     finally:
         client.close()
     assert _steps(got, "a") == list(range(50))
+
+
+def _answer_all(agent: FakeAgent, history: list[p.AnyMessage], ends: dict[str, int]) -> None:
+    """Answer every request waiting on the agent's router with ``history``."""
+    while agent.router.poll(0):
+        ident, tag, *_ = agent.router.recv_multipart()
+        if tag == SNAPSHOT_REQUEST:
+            agent.send_answer(ident, history, ends)
+
+
+def test_a_late_answer_to_a_request_given_up_on_moves_no_run_back(agent: FakeAgent) -> None:
+    """The client gives up on a snapshot (a busy relay or agent), the run goes on live, then the
+    old answer comes: its end marker must not move the run back to where it was when asked
+    (every step after it was delivered a second time, out of order, on a loaded CI machine)."""
+    client = Client([agent.endpoint], snapshot_timeout=0.3)
+    got: list[p.AnyMessage] = []
+    try:
+        _join_then_live(agent, client, got)  # run "a": seq 0 from the join, seq 1 live
+        agent.publish(p.Bye(run="b", seq=0, step=0, t=1.0, reason="x"))  # new run: a snapshot
+        deadline = time.monotonic() + 10
+        while not agent.router.poll(0):
+            assert time.monotonic() < deadline, "no snapshot request"
+            got += [m for m, _ in client.poll(0.05)]
+        stale, tag, *_ = agent.router.recv_multipart()  # held past the client's timeout
+        assert tag == SNAPSHOT_REQUEST
+        for seq in (2, 3, 4):
+            agent.publish(_cols("a", seq, range(10 * seq, 10 * seq + 10)))
+        _drain(client, got, 0.8)
+        assert client.stats.snapshot_timeouts >= 1
+        agent.publish(_cols("a", 6, range(60, 70)))  # seq 5 lost: a gap, "a" waits for a snapshot
+        _drain(client, got, 0.1)
+        agent.send_answer(stale, [_chunk("a", [0, 1], range(20))], {"a": 1, "b": 0})
+        bye = p.Bye(run="b", seq=0, step=0, t=1.0, reason="x")
+        whole = [_chunk("a", list(range(7)), range(70)), bye]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(_steps(got, "a")) < 70:
+            _answer_all(agent, whole, {"a": 6, "b": 0})
+            got += [m for m, _ in client.poll(0.05)]
+        _drain(client, got, 0.3)
+    finally:
+        client.close()
+    assert _steps(got, "a") == list(range(70))
