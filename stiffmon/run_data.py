@@ -56,6 +56,7 @@ class RunData:
     events_dropped: int = 0
     diverged_step: int | None = None
     disabled: dict[str, str] = field(default_factory=dict)  # metric -> reason
+    disabled_at: dict[str, tuple[int, float]] = field(default_factory=dict)  # (step, time)
     errors: dict[str, str] = field(default_factory=dict)  # metric -> last error message
     skip_reasons: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> reason -> n
     skip_steps: dict[str, list[int]] = field(default_factory=dict)  # kind -> steps
@@ -127,7 +128,7 @@ class RunData:
         problems = []
         if self.diverged_step is not None:
             problems.append(f"diverged at step {self.diverged_step:,}")
-        problems += [f"{m} disabled: {why}" for m, why in self.disabled.items()]
+        problems += [self._disabled_text(m) for m in self.disabled]
         status = self.status(now)
         idle = now - self.last_seen
         why = ""  # why a run is stalled
@@ -150,6 +151,22 @@ class RunData:
         bad = self.diverged_step is not None or state in ("lost", "ended")
         level = "error" if bad else ("warning" if problems or state == "stalled" else "ok")
         return Health(state, text, tuple(problems), level, why)
+
+    def _disabled_text(self, metric: str) -> str:
+        return f"{metric} disabled: {self.disabled[metric]}"
+
+    def problem_at(self, problem: str) -> tuple[int, float] | None:
+        """(step, time) of what made one of :meth:`health`'s ``problems`` (None: not one)."""
+        if self.diverged_step is not None and problem.startswith("diverged at step"):
+            loss = self.series("loss")
+            if loss is not None and len(loss):
+                i = min(len(loss) - 1, int(loss.steps.searchsorted(self.diverged_step)))
+                return self.diverged_step, float(loss.times[i])
+            return self.diverged_step, self.last_t
+        for metric, at in self.disabled_at.items():
+            if problem == self._disabled_text(metric):
+                return at
+        return None
 
     def coverage(self, kind: str) -> tuple[int, int]:
         """(done, skipped) measurements of ``kind`` (gram / sharpness) so far.
@@ -202,6 +219,7 @@ class RunData:
             self.errors[metric] = ev.message
         elif ev.code == "metric-disabled":
             self.disabled[metric] = self.errors.get(metric, ev.message)
+            self.disabled_at[metric] = (ev.step, ev.t)
         elif ev.code == "measurement-skipped":
             reason = str(ev.attrs.get("reason", "?"))
             counts = self.skip_reasons.setdefault(metric, {})

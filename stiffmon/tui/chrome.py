@@ -101,14 +101,9 @@ def empty_message(app: StiffmonApp) -> Text:
 
 
 def when(rd: RunData, text: str) -> tuple[int, float]:
-    """(step, time) a health change happened: a divergence at its own step, else now."""
-    if rd.diverged_step is not None and "diverged at step" in text:
-        loss = rd.series("loss")
-        if loss is not None and len(loss):
-            i = min(len(loss) - 1, int(loss.steps.searchsorted(rd.diverged_step)))
-            return rd.diverged_step, float(loss.times[i])
-        return rd.diverged_step, rd.last_t
-    return rd.last_step, rd.last_t
+    """(step, time) a health change happened: a problem at the step its event gave, else now."""
+    at = rd.problem_at(text)
+    return (rd.last_step, rd.last_t) if at is None else at
 
 
 def short_problems(rd: RunData) -> list[str]:

@@ -143,6 +143,27 @@ async def test_divergence_is_logged_at_the_step_it_happened() -> None:
     assert chrome.when(store.runs["d"], "diverged at step 9") == (9, 109.0)
 
 
+async def test_a_disabled_metric_is_logged_at_the_step_it_was_disabled() -> None:
+    """The whole run is in the store before the app first looks (a replay read at once): the
+    log dates "gram disabled" at its event (step 30), not at the run's last step."""
+    store = Store()
+    store.apply(p.Hello(run="g", seq=0, step=0, t=100.0, name="g"))
+    for s in range(200):
+        store.apply(p.Scalars.from_dict({"loss": 1.0}, run="g", seq=1 + s, step=s, t=100.0 + s))
+    attrs = {"metric": "gram"}
+    store.apply(
+        p.Event(
+            "g", 300, 30, 130.0, level="error", code="metric-disabled", message="oom", attrs=attrs
+        )
+    )
+    app = StiffmonApp(store=store, clock=lambda: 0.0)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.pause(0.3)
+        said = [e for e in app.monitor_events.get("g", []) if "disabled" in e.message]
+    assert said and (said[0].step, said[0].t) == (30, 130.0), said
+    assert store.runs["g"].last_step == 199
+
+
 def test_one_measurement_axes_are_not_degenerate() -> None:
     dm = DensityMap([500], [np.linspace(0, 0.05, 50)], [np.ones(50)], title="d", height=4)
     assert "500 500" not in render(dm, 40)
