@@ -14,8 +14,8 @@ every run's messages come out once, in ``seq`` order. Malformed frames are count
 An address whose peer sent a frame over the size limit is dropped by libzmq for good; the client
 connects to it again (:mod:`stiffmon.reconnect`), says so in :attr:`ClientStats.warnings`, and asks
 for a snapshot whenever a live connection comes back, so no message is lost from its view.
-A snapshot request left unanswered past the timeout is asked again on a fresh socket: a late
-answer never lands among the next one's (its end markers would move a run back).
+A snapshot request left unanswered past the timeout is asked again; a late answer to the old
+one still counts for what it brings, but no end marker moves a run back past what was delivered.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class _RunState:
     in_snapshot: bool = False  # a snapshot's messages for the run are arriving
     was_live: bool = False  # ... and the run was live when they started
     snapshot_top: int = -1  # the highest seq they delivered
+    delivered: int = -1  # the highest seq ever delivered
 
 
 class Client:
@@ -86,7 +87,7 @@ class Client:
         endpoints: ``tcp://host:port`` addresses (strings or :class:`Endpoint`).
         curve: Client CURVE keys, for agents that require authentication.
         snapshot_timeout: Seconds to wait for a snapshot (for its next frame, once it comes)
-            before asking again on a fresh socket.
+            before asking again.
         max_buffer: Live messages buffered per run while a snapshot is pending.
         max_seq_jump: A live message whose ``seq`` is further than this beyond what the client
             has of its run is malformed (forged or corrupt), not the run's new position: it is
@@ -159,18 +160,16 @@ class Client:
         self.poller.register(dealer, zmq.POLLIN)
         return dealer
 
-    def _new_dealer(self, st: _EndpointState, lost: bool) -> None:
-        """A fresh snapshot socket for ``st``: libzmq gave the old one's connection up
-        (``lost``: said as a warning), or its answer is given up on."""
+    def _new_dealer(self, st: _EndpointState) -> None:
+        """A fresh snapshot socket for ``st`` (libzmq gave the old one's connection up)."""
         self.poller.unregister(st.dealer)
         del self._eps[st.dealer]
         st.dealer.close(0)
         st.dealer = self._dealer(st.endpoint)
         self._eps[st.dealer] = st
         st.pending_since = None
-        if lost:
-            self.stats.reconnects += 1
-            self._warn(f"{st.endpoint.snapshot} dropped the snapshot connection; reconnecting")
+        self.stats.reconnects += 1
+        self._warn(f"{st.endpoint.snapshot} dropped the snapshot connection; reconnecting")
 
     def _warn(self, text: str) -> None:
         self.stats.last_error = text
@@ -191,7 +190,7 @@ class Client:
             st.dealer.send_multipart(snapshot_request(), zmq.NOBLOCK)
         except zmq.Again:  # no connection left: libzmq dropped it (an oversized frame?)
             st.last_request = now
-            self._new_dealer(st, lost=True)
+            self._new_dealer(st)
             return
         except zmq.ZMQError as exc:
             self.stats.last_error = f"snapshot request to {st.endpoint}: {exc}"
@@ -224,6 +223,7 @@ class Client:
                 if rest is not msg and rest is not None:
                     msg, body = rest, p.encode(rest)
             rs.snapshot_top = max(rs.snapshot_top, msg.seq)
+            rs.delivered = max(rs.delivered, msg.seq)
             out.append((msg, body))
         elif tag == SNAPSHOT_END and len(frames) >= 2:
             info = decode_control(frames[1])
@@ -231,8 +231,8 @@ class Client:
             if isinstance(run, str) and isinstance(seq, int) and not isinstance(seq, bool):
                 self._run_endpoint[run] = st
                 rs = self._runs[run]
-                if rs.syncing and not rs.was_live:
-                    rs.last_seq = seq  # the snapshot is the authority on where the run is
+                if rs.syncing and not rs.was_live:  # the snapshot is the authority on where
+                    rs.last_seq = max(seq, rs.delivered)  # the run is (a late one: not behind)
                 else:  # a run that was live only moves forward
                     rs.last_seq = max(rs.last_seq, seq, rs.snapshot_top)
                 self._end_snapshot(rs)
@@ -317,6 +317,7 @@ class Client:
                 self._want_all()
             return
         rs.last_seq = msg.seq
+        rs.delivered = max(rs.delivered, msg.seq)
         out.append((msg, frames))
 
     def _on_live(self, frames: list[bytes], out: list[Received]) -> None:
@@ -337,11 +338,9 @@ class Client:
         now = time.monotonic()
         self._check_links(now)
         for st in list(self._eps.values()):
-            if st.pending_since is not None and now - st.pending_since > self.snapshot_timeout:
-                # a fresh socket: a late answer to this request must not land among the next
-                # one's (its end markers would move a run back past what was delivered)
-                # no pipe to send on: libzmq dropped the connection (an oversized frame?)
-                self._new_dealer(st, lost=not int(st.dealer.get(zmq.EVENTS)) & zmq.POLLOUT)
+            late = st.pending_since is not None and now - st.pending_since > self.snapshot_timeout
+            if late and not int(st.dealer.get(zmq.EVENTS)) & zmq.POLLIN:  # none waits unread
+                st.pending_since = None
                 self.stats.snapshot_timeouts += 1
                 # the agent may have died with our request: ask again while runs wait for one
                 st.wanted = any(rs.syncing for rs in self._runs.values())
@@ -381,6 +380,15 @@ class Client:
         for st in self._eps.values():
             if st.endpoint.pub in back:
                 st.wanted = True
+
+    def cut_off(self) -> dict[str, str]:
+        """Runs whose address (agent or relay) lost its connection, not back yet: run -> address."""
+        down = self._links.down()
+        if not down:
+            return {}
+        return {
+            r: st.endpoint.pub for r, st in self._run_endpoint.items() if st.endpoint.pub in down
+        }
 
     def flush_pending(self) -> list[Received]:
         """Give up waiting for snapshots: return every buffered message, per run in seq order."""

@@ -266,3 +266,19 @@ def test_a_late_answer_to_a_request_given_up_on_moves_no_run_back(agent: FakeAge
     finally:
         client.close()
     assert _steps(got, "a") == list(range(70))
+
+
+def test_an_answer_waiting_unread_past_the_timeout_is_not_late(agent: FakeAgent) -> None:
+    """The monitor's process is descheduled past the timeout while the answer sits in its socket:
+    it reads that answer instead of asking again."""
+    client = Client([agent.endpoint], snapshot_timeout=0.3)
+    got: list[p.AnyMessage] = []
+    try:
+        agent.answer(client, got, [_cols("a", 0, range(10))], {"a": 0})
+        time.sleep(0.2)  # the answer arrives in the socket
+        time.sleep(0.5)  # ... and waits there past the timeout
+        _drain(client, got, 0.8)
+    finally:
+        client.close()
+    assert client.stats.snapshot_timeouts == 0 and not agent.router.poll(0)
+    assert _steps(got, "a") == list(range(10))
