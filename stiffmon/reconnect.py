@@ -42,6 +42,7 @@ MAX_EVENTS = 10_000
 @dataclass
 class _Link:
     handshakes: int = 0
+    down: bool = False  # disconnected, no handshake since (the peer or the path is gone)
     dropped: float | None = None  # when libzmq dropped it, no retry seen (yet)
     broke_handshake: bool = False
     due: float | None = None  # when to connect again
@@ -89,6 +90,7 @@ class Links:
             kind = event["event"]
             if kind == zmq.EVENT_DISCONNECTED:
                 link.dropped = now
+                link.down = True
             elif kind == zmq.EVENT_CONNECT_RETRIED:  # libzmq goes on by itself
                 link.dropped = None
                 link.broke_handshake = False
@@ -96,6 +98,7 @@ class Links:
                 link.broke_handshake = True
             elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 link.handshakes += 1
+                link.down = False
                 link.broke_handshake = False
                 if link.handshakes > 1:
                     back.append(address)
@@ -128,6 +131,10 @@ class Links:
                 self.reconnects += 1
                 again.append(address)
         return again
+
+    def down(self) -> set[str]:
+        """The addresses whose connection was lost and is not back (as of the last :meth:`read`)."""
+        return {address for address, link in self._links.items() if link.down}
 
     def wait(self, now: float) -> float:
         """Seconds until :meth:`tick` has something to do (``math.inf``: nothing pending)."""

@@ -22,7 +22,15 @@ import numpy.typing as npt
 
 from stiffmon import derive
 from stiffmon import protocol as p
-from stiffmon.run_health import LOST_SECONDS, STALL_SECONDS, Health, Progress, duration
+from stiffmon.process_check import WriterState
+from stiffmon.run_health import (
+    FOLLOW_QUIET_SECONDS,
+    LOST_SECONDS,
+    STALL_SECONDS,
+    Health,
+    Progress,
+    duration,
+)
 from stiffmon.series import Series, last_or
 
 T = TypeVar("T")
@@ -74,6 +82,7 @@ class RunData:
     max_points: int = 100_000
     column_tail: tuple[int, float] | None = None  # (step, time) of the last columns row
     progress: Progress = field(default_factory=Progress)
+    cut_off: str = ""  # the address it comes through, while its connection is lost
 
     @property
     def name(self) -> str:
@@ -122,8 +131,16 @@ class RunData:
             return "stalled"
         return "live"
 
-    def health(self, now: float | None = None, *, ended: bool = False) -> Health:
-        """The run's state and problems in words (``ended``: its replay reached the end)."""
+    def health(
+        self, now: float | None = None, *, ended: bool = False, writer: WriterState | None = None
+    ) -> Health:
+        """The run's state and problems in words.
+
+        Args:
+            now: Monotonic time (default: now).
+            ended: Its replay reached the end (a file, not followed).
+            writer: For a followed file at its end, whether the process writing it runs.
+        """
         now = time.monotonic() if now is None else now
         problems = []
         if self.diverged_step is not None:
@@ -135,8 +152,21 @@ class RunData:
         if status == "finished":
             ended_as = {"exit": "exited", "terminated": "terminated (SIGTERM)"}
             state, text = "finished", ended_as.get(self.bye_reason, "finished")
+        elif status == "replay" and ended:
+            state, text = "ended", "no bye (crashed?)"
+        elif status == "replay" and writer == "gone":
+            pid = self.hello.pid if self.hello is not None else 0
+            state, text = "ended", f"no bye (writer pid {pid} gone)"
+        elif status == "replay" and writer is not None and idle > FOLLOW_QUIET_SECONDS:
+            alive = "; writer alive" if writer == "alive" else ""
+            state, text = "stalled", f"no new record for {duration(idle)}{alive}"
+            why = f"the file has not grown for {duration(idle)}{alive}"
         elif status == "replay":
-            state, text = ("ended", "no bye (crashed?)") if ended else ("replay", "replay")
+            state, text = "replay", "replay"
+        elif status == "stalled" and self.cut_off and idle > STALL_SECONDS:
+            state = "lost" if idle > LOST_SECONDS else "stalled"  # the run may go on: no "no bye"
+            text = f"connection lost {duration(idle)} ({self.cut_off})"
+            why = f"connection to {self.cut_off} lost"
         elif status == "stalled" and idle > LOST_SECONDS:
             state, text = "lost", f"no bye (lost {duration(idle)})"
         elif status == "stalled" and idle > STALL_SECONDS:

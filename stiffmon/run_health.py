@@ -16,6 +16,7 @@ import numpy as np
 
 STALL_SECONDS = 3.0
 LOST_SECONDS = 60.0  # stalled this long without a bye: the process is probably gone
+FOLLOW_QUIET_SECONDS = 10.0  # a followed file that has not grown this long is stalled
 STEP_STALL_FLOOR = 10.0  # seconds without a new step (agent alive) before a run is stalled ...
 STEP_STALL_FACTOR = 5.0  # ... or this many typical step intervals, whichever is longer
 STEP_INTERVALS = 16  # recent seconds-per-step estimates the typical interval is the median of

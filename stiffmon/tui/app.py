@@ -25,6 +25,7 @@ from textual.screen import Screen
 from textual.widgets import ContentSwitcher, Footer, Input, Static
 
 from stiffmon import protocol as p
+from stiffmon.process_check import writer_state
 from stiffmon.store import Health, RunData, Store
 from stiffmon.tui import chrome
 from stiffmon.tui.help import HelpScreen
@@ -144,24 +145,25 @@ class StiffmonApp(App[None]):
             now = time.monotonic()
             dt, self._last_tick = now - self._last_tick, now
             if self.live is not None and not self.paused:
-                self.store.extend(self.live.drain())
-                self.store.malformed = self.live.malformed
-                for text in self.live.take_warnings():  # a peer's connection dropped, remade
+                for text in self.live.feed(self.store):  # a peer's connection dropped, remade
                     self.notify(text, title="stiffmon", severity="warning")
             if self.replay is not None:
                 self.replay.advance(self.store, dt)
             self.redraw(force=self.check_health())
 
     def health(self, rd: RunData, now: float | None = None) -> Health:
-        """A run's health; a replayed run without a bye has ended when its replay has."""
+        """A run's health; a replayed run without a bye has ended when its replay has (a
+        followed one: when the process writing it is gone)."""
         replay = self.replay
-        ended = (
-            replay is not None
-            and not replay.follow
-            and replay.position >= len(replay.messages)
-            and bool(replay.messages)
-        )
-        return rd.health(self.clock() if now is None else now, ended=ended)
+        at_end = replay is not None and 0 < len(replay.messages) <= replay.position
+        follow = at_end and replay is not None and replay.follow
+        writer = None
+        if follow and rd.hello is not None:
+            writer = writer_state(rd.hello.host, rd.hello.pid, rd.hello.t)
+        elif follow:
+            writer = "unknown"
+        now = self.clock() if now is None else now
+        return rd.health(now, ended=at_end and not follow, writer=writer)
 
     def check_health(self) -> bool:
         """Log and notify state changes and new problems; True when anything changed."""

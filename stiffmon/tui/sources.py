@@ -62,6 +62,7 @@ class LiveSource:
         self.client: Client | None = None
         self.error = ""
         self.warnings: deque[str] = deque(maxlen=20)  # connections dropped and made again
+        self.cut_off: dict[str, str] = {}  # run -> address whose connection is lost
         self._known = {str(e) for e in self.endpoints}
         self._last_scan = -math.inf
 
@@ -104,8 +105,19 @@ class LiveSource:
                 for msg, _ in self.client.poll(0.1):
                     self.queue.append(msg)
                 self.warnings.extend(self.client.take_warnings())
+                self.cut_off = self.client.cut_off()
         finally:
             self.client.close()
+
+    def feed(self, store: Store) -> list[str]:
+        """Apply what arrived to ``store``, with the counts and lost connections; return the
+        connection warnings since the last call."""
+        store.extend(self.drain())
+        store.malformed = self.malformed
+        cut_off = self.cut_off
+        for run, rd in store.runs.items():
+            rd.cut_off = cut_off.get(run, "")
+        return self.take_warnings()
 
     def drain(self, limit: int = 50_000) -> list[p.AnyMessage]:
         out: list[p.AnyMessage] = []

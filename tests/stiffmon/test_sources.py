@@ -272,3 +272,15 @@ def test_auto_speed_plays_a_session_in_about_20_seconds(
     src = ReplaySource([path])
     src.load()
     assert src.auto_speed() == speed
+
+
+def test_feed_marks_the_runs_whose_connection_is_lost() -> None:
+    src = LiveSource([])
+    src.queue.append(p.Hello(run="r", seq=0, step=0, t=1.0, name="r"))
+    src.cut_off = {"r": "tcp://10.0.0.5:5555"}
+    store = Store()
+    assert src.feed(store) == []
+    assert store.runs["r"].cut_off == "tcp://10.0.0.5:5555"
+    src.cut_off = {}
+    src.feed(store)
+    assert store.runs["r"].cut_off == ""

@@ -1,0 +1,76 @@
+"""A run whose connection is lost (its agent or the relay it comes through died) says so, instead
+of reading as an agent that went quiet."""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from stiffmon import protocol as p
+from stiffmon.client import Client
+from stiffmon.relay import Relay
+from stiffmon.store import Store
+from stiffmon.transport import free_port_pair
+from tests.stiffmon.test_client_reconnect import HistoryAgent, settle
+
+Ctx = zmq.Context[zmq.Socket[bytes]]
+
+
+def _until(client: Client, want: bool, seconds: float = 10.0) -> dict[str, str]:
+    """Poll until ``client.cut_off()`` is non-empty (``want``) or empty; return it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        client.poll(0.05)
+        if bool(client.cut_off()) == want:
+            break
+    return client.cut_off()
+
+
+def test_a_dead_agent_cuts_its_runs_off_and_a_restarted_one_restores_them(ctx: Ctx) -> None:
+    agent = HistoryAgent(ctx)
+    with Client([agent.endpoint], snapshot_timeout=0.5) as client:
+        assert settle(agent, client), "nothing from the agent"
+        assert client.cut_off() == {}
+        agent.pub.close(0)
+        agent.router.close(0)
+        assert _until(client, True) == {"r": agent.endpoint}
+        again = ctx.socket(zmq.PUB)  # the same address comes back
+        again.bind(agent.endpoint)
+        try:
+            assert _until(client, False) == {}
+        finally:
+            again.close(0)
+
+
+def test_a_dead_relay_cuts_off_every_run_behind_it(ctx: Ctx) -> None:
+    agent = HistoryAgent(ctx)
+    bind = f"tcp://127.0.0.1:{free_port_pair()}"
+    relay = Relay([agent.endpoint], bind).start()
+    try:
+        with Client([bind], snapshot_timeout=0.5) as client:
+            assert settle(agent, client), "nothing through the relay"
+            relay.close()
+            cut = _until(client, True)
+    finally:
+        relay.close()
+    assert cut == {"r": bind}
+
+
+def test_a_cut_off_run_in_words() -> None:
+    st = Store()
+    st.apply(p.Hello(run="r", seq=0, step=0, t=10.0, name="sgd"), now=0.0)
+    rd = st.runs["r"]
+    rd.cut_off = "tcp://10.0.0.5:5555"
+    assert rd.health(now=1.0).text == "live"  # a message 1 s ago: not yet
+    h = rd.health(now=15.0)
+    assert (h.state, h.text) == ("stalled", "connection lost 15s (tcp://10.0.0.5:5555)")
+    assert h.why == "connection to tcp://10.0.0.5:5555 lost" and h.level == "warning"
+    h = rd.health(now=200.0)
+    assert (h.state, h.text, h.level) == (
+        "lost",
+        "connection lost 3m (tcp://10.0.0.5:5555)",
+        "error",
+    )
+    rd.cut_off = ""
+    assert rd.health(now=15.0).text == "stalled 15s"
