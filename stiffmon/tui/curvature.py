@@ -20,7 +20,15 @@ from rich.style import Style
 from rich.text import Text
 
 from stiffmon.store import RunData, Snapshot
-from stiffmon.tui.renderables import HLine, Line, LineChart, asciify, fmt_tick, nice_ticks
+from stiffmon.tui.renderables import (
+    HLine,
+    Line,
+    LineChart,
+    asciify,
+    fit_title,
+    fmt_tick,
+    nice_ticks,
+)
 from stiffmon.tui.runlines import run_line, span_of
 
 FloatArray = npt.NDArray[np.float64]
@@ -99,9 +107,9 @@ class DensityMap:
 
     def render_lines(self, width: int) -> list[Segment]:
         segs: list[Segment] = []
-        title = asciify(self.title) if self.ascii else self.title
-        for title_line in title.splitlines():
-            segs += [Segment(title_line[:width], Style(bold=True)), Segment.line()]
+        for title_line in self.title.splitlines():  # shortened to fit, never cut mid-word
+            title = fit_title(title_line, width, self.ascii)
+            segs += [Segment(title, Style(bold=True)), Segment.line()]
         if not self.steps:
             return [*segs, Segment("no density measurement yet", Style(dim=True)), Segment.line()]
         lo = min(float(g[0]) for g in self.grids)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from stiffmon.tui.renderables.axes import asciify, fmt_tick, fmt_value, nice_ticks, thin_minmax
+from stiffmon.tui.renderables.axes import (
+    asciify,
+    fit_title,
+    fmt_tick,
+    fmt_value,
+    log_labels,
+    log_ticks,
+    nice_ticks,
+    thin_minmax,
+)
 from stiffmon.tui.renderables.heatmap import Heatmap, ascii_level, diverging, short_labels
 from stiffmon.tui.renderables.linechart import HLine, Line, LineChart, Marker, XMark
 from stiffmon.tui.renderables.stepheatmap import StepHeatmap
@@ -18,8 +27,11 @@ __all__ = [
     "ascii_level",
     "asciify",
     "diverging",
+    "fit_title",
     "fmt_tick",
     "fmt_value",
+    "log_labels",
+    "log_ticks",
     "nice_ticks",
     "short_labels",
     "thin_minmax",

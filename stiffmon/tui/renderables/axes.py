@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -27,15 +30,48 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def fmt_tick(v: float) -> str:
-    """Short tick label: 0.05, 1.2k, 3e-05 ..."""
+    """Short tick label: 0.05, 1.2k, 3e-5, 1e29 ..."""
     if v == 0:
         return "0"
     a = abs(v)
     if a >= 1e5 or a < 1e-3:
-        return f"{v:.0e}".replace("e+0", "e").replace("e-0", "e-")
+        mantissa, exponent = f"{v:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
     if a >= 1e3:
         return f"{v / 1e3:g}k"
     return f"{v:.3g}"
+
+
+def _decade_steps() -> Iterator[int]:
+    """1, 2, 3, 5, 10, 20, 50, 100, 200, 500 ... decades between log-axis ticks."""
+    yield from (1, 2, 3, 5)
+    for j in itertools.count(1):
+        yield from (10**j, 2 * 10**j, 5 * 10**j)
+
+
+def log_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Decades (integer powers of ten, in log10 units) in [lo, hi]: every one, or every k-th
+    (k = 1, 2, 3, 5, 10, 20, 50 ...) so that at most ``n`` remain, all multiples of k."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    d0, d1 = math.ceil(lo - 1e-9), math.floor(hi + 1e-9)
+    if d1 < d0:
+        return []
+    for k in _decade_steps():
+        first = -(-d0 // k) * k
+        ticks = [float(d) for d in range(first, d1 + 1, k)]
+        if len(ticks) <= max(1, n) or k > d1 - d0:
+            return ticks
+    return []  # pragma: no cover - the loop always returns
+
+
+def log_labels(ticks: list[float]) -> list[str]:
+    """Labels of log-axis ticks (log10 units): all plain (0.01, 1, 1k) when every tick is a
+    decade from 1e-3 to 1e4, else all as powers of ten (1e0, 1e5, 1e10), never a mixture."""
+    decades = all(t == int(t) for t in ticks)
+    if decades and any(not -3 <= t <= 4 for t in ticks):
+        return [f"1e{int(t)}" for t in ticks]
+    return [fmt_tick(10**t) for t in ticks]
 
 
 def fmt_value(v: float) -> str:
@@ -138,6 +174,48 @@ _ASCII = {
     "±": "+-",
 }
 _ASCII_TABLE = str.maketrans(_ASCII)
+
+
+_CLAUSE = re.compile(r"[,;] (?![^(]*\))")  # a clause break outside parentheses
+_LAST_PAREN = re.compile(r" ?\([^()]*\)$")
+_PAREN = re.compile(r" ?\([^()]*\)")
+
+
+def _shorter_titles(title: str) -> list[str]:
+    """``title`` and shorter forms of it, most complete first: without the ``— run`` part,
+    then without its trailing clauses (``, …`` / ``; …``), then without its parentheses, the
+    last first."""
+    head, sep, _run = title.rpartition(" — ")
+    if not sep:
+        head = title
+    out = [title, head]
+    out += [head[: m.start()] for m in reversed(list(_CLAUSE.finditer(head)))]
+    short = out[-1]
+    while (m := _LAST_PAREN.search(short)) is not None and m.start() > 0:
+        short = short[: m.start()]
+        out.append(short)
+    out.append(_PAREN.sub("", short))
+    return out
+
+
+def fit_title(title: str, width: int, ascii: bool = False) -> str:
+    """A title in at most ``width`` cells that never ends in a word cut short.
+
+    Shortened the way titles are written (``main, detail — run``): the run is dropped first,
+    then trailing clauses, then parentheses; when even the main part is too long it is cut
+    with ``…`` (``...`` in ASCII), so that two titles side by side never run into each other.
+    """
+    if width <= 0:
+        return ""
+    fix = asciify if ascii else str
+    candidates = [fix(t).strip() for t in _shorter_titles(title)]
+    for t in candidates:
+        if len(t) <= width:
+            return t
+    dots = "..." if ascii else "…"
+    if width <= len(dots):
+        return candidates[-1][:width]
+    return candidates[-1][: width - len(dots)].rstrip() + dots
 
 
 def cut(ascii: bool) -> Literal["crop", "ellipsis"]:

@@ -6,7 +6,8 @@ markers (◆ confirmed, ◇ tentative, ▲ catapult), marks on the x axis (skipp
 legend, a step cursor with the value of every curve there, switches to log-y, and falls back to
 plain ASCII — all inside one renderable that unit tests can render to an exact string.
 
-Layout: title (legend on the same line when it fits, else on its own line when there is room),
+Layout: title (shortened to fit, :func:`~stiffmon.tui.renderables.axes.fit_title`; legend on
+the same line when it fits, else on its own line when there is room),
 the cursor read-out, the plot rows with the y axis, the x axis with ┬ at every tick, the tick
 labels centred under their ┬ and the x-axis caption.
 """
@@ -17,7 +18,7 @@ import bisect
 import math
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from rich.console import Console, ConsoleOptions, RenderResult
@@ -27,7 +28,10 @@ from rich.style import Style
 from stiffmon.tui.renderables.axes import (
     FloatArray,
     asciify,
+    fit_title,
     fmt_tick,
+    log_labels,
+    log_ticks,
     nice_ticks,
     row_segments,
     style_of,
@@ -70,8 +74,8 @@ class Line:
 @dataclass(frozen=True)
 class HLine:
     """A dashed horizontal line (e.g. a run's stability threshold 2/η), drawn up to ``x_end``
-    (its run's last step). A labelled one above the y range is named at the top right:
-    ``↑thr 190``."""
+    (its run's last step). A labelled one above the y range is named near the top right, on
+    cells no curve, dash or marker covers: ``↑thr 190`` (``↑190`` where only that fits)."""
 
     y: float
     color: str
@@ -156,6 +160,7 @@ class LineChart:
     x_marks: Sequence[XMark] = ()
     x_span: tuple[float, float] | None = None
     plot_box: tuple[int, int, float, float] | None = None  # set when drawn: left, width, x0, x1
+    _title: str = field(default="", init=False, repr=False)  # the title before asciify
 
     def _has_points(self) -> bool:
         """Whether any line has a finite point (in the zoom window), drawable or not."""
@@ -207,6 +212,7 @@ class LineChart:
         return x0, x1, y0, y1
 
     def __post_init__(self) -> None:
+        self._title = self.title
         if self.ascii:
             self.title, self.x_label = asciify(self.title), asciify(self.x_label)
             self.empty_text = asciify(self.empty_text)
@@ -238,7 +244,7 @@ class LineChart:
         ]
         out: list[list[Segment]] = []
         if self.title:
-            title = self.title[:width]
+            title = fit_title(self._title, width, self.ascii)  # whole when it fits
             if items and len(title) + legend_len <= width:
                 return [
                     [
@@ -249,10 +255,12 @@ class LineChart:
                 ]
             out.append([Segment(title.ljust(width), bold)])
         if items and rows >= 10:
-            if legend_len > width:  # drop labels from the end until it fits
+            if legend_len > width:  # drop labels from the end until it fits, say how many
                 keep, total = [], 0
-                for lab, color in items:
-                    if total + len(lab) + 3 > width:
+                for i, (lab, color) in enumerate(items):
+                    rest = len(items) - i - 1
+                    more = len(f"+{rest}") if rest else 0
+                    if total + len(lab) + 3 + more > width:
                         break
                     keep.append((lab, color))
                     total += len(lab) + 3
@@ -261,6 +269,10 @@ class LineChart:
                     for lab, color in keep
                     for s in (Segment(f" {box}", style_of(color)), Segment(f" {lab} "))
                 ]
+                if len(keep) < len(items):
+                    dropped = f"+{len(items) - len(keep)}"
+                    legend.append(Segment(dropped, Style(dim=True)))
+                    total += len(dropped)
                 legend_len = total
             out.append([*legend, Segment(" " * max(0, width - legend_len))])
         return out
@@ -286,7 +298,7 @@ class LineChart:
                 rows -= 1
         plot_rows = max(1, rows - 2)  # x axis line and x tick labels
         yt = self._y_ticks(y0, y1, max(2, min(8, plot_rows // 4)))
-        labels = [fmt_tick(10**t if self.log_y else t) for t in yt]
+        labels = log_labels(yt) if self.log_y else [fmt_tick(t) for t in yt]
         lw = max((len(s) for s in labels), default=1) + 1
         pw = max(4, width - lw - 1)
         self.plot_box = (lw + 1, pw, x0, x1)
@@ -315,10 +327,8 @@ class LineChart:
         return cursor_readout(where, values, width, max_rows, ascii_only=self.ascii)
 
     def _y_ticks(self, y0: float, y1: float, n: int) -> list[float]:
-        if self.log_y:
-            lo, hi = math.floor(y0), math.ceil(y1)
-            ticks = [float(d) for d in range(lo, hi + 1) if y0 - 1e-9 <= d <= y1 + 1e-9]
-            return ticks or [y0, y1]
+        if self.log_y:  # whole decades, every k-th when there are many
+            return log_ticks(y0, y1, n + 1) or [y0, y1]  # nice_ticks gives n + 1 too
         return nice_ticks(y0, y1, n)
 
     def _x_axis(

@@ -27,11 +27,33 @@ def row_of(y: float, y0: float, y1: float, rows: int) -> int:
     return min(rows - 1, max(0, round((1 - f) * (rows - 1))))
 
 
+def free_span(
+    text: list[list[str | None]], bits: npt.NDArray[np.int64], length: int, rows: int
+) -> tuple[int, int] | None:
+    """Where ``length`` cells in a row carry nothing (no dot, no dash, no symbol), with an empty
+    cell or the edge on both sides: (row, first column), the top ``rows`` rows searched from
+    the top and each from the right; None when there is no such place."""
+    rows = min(rows, len(text))
+    if rows <= 0 or length <= 0:
+        return None
+    free = np.array([[c is None for c in row] for row in text[:rows]]) & (bits[:rows] == 0)
+    padded = np.pad(free, ((0, 0), (1, 1)), constant_values=True)  # the edges count as empty
+    sums = np.concatenate([np.zeros((rows, 1), np.int64), np.cumsum(padded, axis=1)], axis=1)
+    need = length + 2
+    fits = sums[:, need:] - sums[:, :-need] == need  # [r, j]: cells j-1 … j+length all empty
+    for r in range(rows):
+        starts = np.flatnonzero(fits[r])
+        if len(starts):
+            return r, int(starts[-1])
+    return None
+
+
 def raster(
     chart: LineChart, x0: float, x1: float, y0: float, y1: float, pw: int, ph: int
 ) -> list[list[tuple[str, str | None]]]:
     """The plot area's cells (character, colour), top row first: threshold lines, the cursor,
-    the series in braille (or ``*``), the markers, and the labels of thresholds above the range."""
+    the series in braille (or ``*``), the markers, and the labels of thresholds above the range
+    (on empty cells near the top, :func:`free_span`)."""
     sub_x, sub_y = (1, 1) if chart.ascii else (2, 4)
     gw, gh = pw * sub_x, ph * sub_y
     bits = np.zeros((ph, pw), dtype=np.int64)
@@ -110,14 +132,17 @@ def raster(
         r = row_of(my, y0, y1, ph)
         sym = ASCII_SYMBOLS.get(m.symbol, "#") if chart.ascii else m.symbol
         text[r][c], color_grid[r][c] = sym, m.color
-    right = pw  # thresholds above the y range: named at the top right, ``↑thr 190``
+    # thresholds above the y range: named near the top right, ``↑thr 190``, on empty cells only
+    arrow = "^" if chart.ascii else "↑"
     for h in above:
-        lab = f"{'^' if chart.ascii else '↑'}{h.label + ' ' if h.label else ''}{fmt_tick(h.y)}"
-        if right - len(lab) < pw // 3:
-            break
-        for i, ch in enumerate(lab):
-            text[0][right - len(lab) + i], color_grid[0][right - len(lab) + i] = ch, h.color
-        right -= len(lab) + 1
+        named = f"{arrow}{h.label + ' ' if h.label else ''}{fmt_tick(h.y)}"
+        for lab in dict.fromkeys((named, f"{arrow}{fmt_tick(h.y)}")):
+            spot = free_span(text, bits, len(lab), max(1, ph // 3))
+            if spot is not None:
+                r, start = spot
+                for i, ch in enumerate(lab):
+                    text[r][start + i], color_grid[r][start + i] = ch, h.color
+                break
     out: list[list[tuple[str, str | None]]] = []
     for r in range(ph):
         row = []
