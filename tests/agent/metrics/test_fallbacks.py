@@ -150,3 +150,55 @@ def test_a_well_fit_float32_mlp_is_not_taken_for_a_layer_that_couples_examples()
     assert set(got.methods.values()) != {"vmap"}
     ref = loop_gram(copy.deepcopy(model).double(), x.double(), y, CE)
     assert rel_err(got.total.double(), ref) < 1e-4
+
+
+def _very_well_fit_mlp() -> tuple[nn.Module, Tensor, Tensor]:
+    """A float32 ReLU MLP trained until its examples' losses are 1e-4 to 1e-6."""
+    torch.manual_seed(1)
+    x = torch.randn(64, 16)
+    y = (x @ torch.randn(16, 3)).argmax(1)
+    model = nn.Sequential(
+        nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    for _ in range(1500):
+        loss = CE(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, x[:20], y[:20]
+
+
+def test_the_safety_net_holds_a_float32_gram_to_what_float32_can_do() -> None:
+    """At a well-fit example (1 − p_y cancels) even a float32 single-example backward pass is
+    far off the float64 G_ii (here ~1e-3 relative): a fast Gram off by 3× that is float32 doing
+    its best, not a layer that couples examples (it used to fall back to the exact path), while
+    30× that, or 1e-3 at a better-conditioned entry, is still caught."""
+    from stiffmon_agent.metrics.gram.verify import _references, check_entries
+
+    model, x, y = _very_well_fit_mlp()
+    per = nn.CrossEntropyLoss(reduction="none")
+    params = list(model.parameters())
+
+    def forward(m: nn.Module, a: Tensor) -> Tensor:
+        return m(a)
+
+    exact = copy.deepcopy(model).double()
+    g64 = loop_gram(exact, x.double(), y, CE)
+    r32 = _references(model, params, 20, x, y, forward, per)
+    errors = {ij: abs(r32[ij][0] - float(g64[ij])) / r32[ij][1] for ij in r32}
+    worst = max(errors, key=errors.__getitem__)
+    best = min(errors, key=errors.__getitem__)
+    assert errors[worst] > 3e-4 and errors[best] < 3e-5, errors
+
+    def check(at: tuple[int, int], off: float) -> str | None:
+        total = g64.clone()
+        sign = -1.0 if r32[at][0] > float(g64[at]) else 1.0  # away from the float32 value too
+        total[at] += sign * off
+        return check_entries(model, params, total.float(), x, y, forward, per)
+
+    assert check(worst, 0.0) is None
+    float32_error = abs(r32[worst][0] - float(g64[worst]))
+    assert check(worst, 3 * float32_error) is None
+    assert check(worst, 30 * float32_error) is not None
+    assert check(best, 1e-3 * r32[best][1]) is not None

@@ -15,7 +15,9 @@ for cross-entropy), so at a loss of 1e-3 its float32 G_ii was 1.4e-4 off the flo
 the fast path's was 1.7e-5 off (a plain MLP, reported as a layer "that couples examples"). So a
 mismatch found below float64 is checked again against float64 single-example gradients (a
 float64 copy of the model, up to :data:`RECHECK_MAX_PARAMS` parameters; the copy only exists
-while a mismatch is being confirmed), and only a mismatch that remains counts.
+while a mismatch is being confirmed), and only a mismatch that remains counts. Where the float32
+single-example value itself is far off (an example fit to a loss of 1e-4), the fast path cannot
+be held to 1e-4 either: it may be off by up to :data:`OWN_ROUNDING` times that error.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, take, to
 
 VERIFY_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 RECHECK_MAX_PARAMS = 50_000_000
+OWN_ROUNDING = 10.0
+"""How many times the single-example error in the Gram's dtype a confirmed entry may be off."""
 """Largest model whose float32 mismatches are checked again in float64 (a 400 MB copy)."""
 
 
@@ -50,9 +54,15 @@ def check_entries(
     rtol: float | None = None,
 ) -> str | None:
     """None if the checked entries of ``total`` match, else a description of the first mismatch
-    (below float64, one that float64 single-example gradients confirm)."""
+    (below float64, one that float64 single-example gradients confirm).
+
+    Confirmed in float64, an entry may still differ from the float64 value by up to
+    :data:`OWN_ROUNDING` times the error of the same entry from single-example gradients in the
+    Gram's own dtype: no computation in that dtype can be asked to do much better.
+    """
     rtol = tolerance(total.dtype) if rtol is None else rtol
-    bad = _mismatch(model, params, total, inputs, targets, forward, loss_fn, rtol)
+    first = _references(model, params, total.shape[0], inputs, targets, forward, loss_fn)
+    bad = _mismatch(total, first, rtol)
     if bad is None or total.dtype == torch.float64:
         return bad
     if sum(p.numel() for p in params) > RECHECK_MAX_PARAMS:
@@ -62,32 +72,34 @@ def check_entries(
         exact = copy.deepcopy(model).double()
         by_name = dict(exact.named_parameters())
         exact_params = [by_name[names[id(q)]] for q in params]
-        again = _mismatch(
+        refs = _references(
             exact,
             exact_params,
-            total,
+            total.shape[0],
             to(inputs, dtype=torch.float64),
             to(targets, dtype=torch.float64),
             forward,
             loss_fn,
-            rtol,
         )
     except Exception:  # not a model that runs in float64 (a loss with float32 weights ...)
         return bad
+    own = {ij: OWN_ROUNDING * abs(first[ij][0] - ref) for ij, (ref, _) in refs.items()}
+    again = _mismatch(total, refs, rtol, own)
     return None if again is None else f"{again} (in float64)"
 
 
-def _mismatch(
+def _references(
     model: nn.Module,
     params: list[nn.Parameter],
-    total: Tensor,
+    n: int,
     inputs: Batch,
     targets: Batch,
     forward: ForwardFn,
     loss_fn: LossFn,
-    rtol: float,
-) -> str | None:
-    n = total.shape[0]
+) -> dict[tuple[int, int], tuple[float, float]]:
+    """(G_ij, √(G_ii G_jj)) from single-example backward passes (in float64 arithmetic for the
+    dot products) at the checked entries: the diagonal at the first, middle and last example,
+    and the entry between the first and the last."""
     idx = sorted({0, n // 2, n - 1})
     grads = {
         i: example_gradient(
@@ -103,12 +115,26 @@ def _mismatch(
         for i in idx
     }
     pairs = [(i, i) for i in idx] + ([(idx[0], idx[-1])] if len(idx) > 1 else [])
+    out = {}
     for i, j in pairs:
-        ref = float(grads[i] @ grads[j])
-        got = float(total[i, j])
         scale = math.sqrt(abs(float(grads[i] @ grads[i]) * float(grads[j] @ grads[j])))
+        out[i, j] = (float(grads[i] @ grads[j]), scale)
+    return out
+
+
+def _mismatch(
+    total: Tensor,
+    refs: dict[tuple[int, int], tuple[float, float]],
+    rtol: float,
+    slack: dict[tuple[int, int], float] | None = None,
+) -> str | None:
+    """The first checked entry of ``total`` off its reference by more than ``rtol`` × its scale
+    (or the entry's ``slack``, when larger)."""
+    for (i, j), (ref, scale) in refs.items():
+        got = float(total[i, j])
         if not math.isfinite(ref):
             continue
-        if abs(got - ref) > rtol * max(scale, 1e-30):
+        allowed = max(rtol * max(scale, 1e-30), (slack or {}).get((i, j), 0.0))
+        if abs(got - ref) > allowed:
             return f"G[{i},{j}] = {got:.6g} vs {ref:.6g} from single-example backward passes"
     return None
