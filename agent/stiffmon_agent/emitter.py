@@ -101,29 +101,31 @@ class Emitter:
             if not sent:
                 self.dropped += 1
         if self._problems:
-            self._say_problems(msg.step, pub, writer)
+            writer = self._say_problems(msg.step, pub, writer)
         if isinstance(msg, p.Scalars):
             loss = msg.as_dict().get("loss")
             if loss is not None:
-                self._check_finite([msg.step], [loss], pub, writer)
+                writer = self._check_finite([msg.step], [loss], pub, writer)
         elif isinstance(msg, p.Columns) and "loss" in msg.names:
             losses = msg.column("loss")
             if not self._nonfinite_streak and bool(np.isfinite(losses).all()):
                 return writer  # the common case, vectorised
-            self._check_finite(msg.steps.tolist(), losses.tolist(), pub, writer)
+            writer = self._check_finite(msg.steps.tolist(), losses.tolist(), pub, writer)
         return writer
 
     def _say_problems(
         self, step: int, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
-    ) -> None:
-        """One warning ``event`` (and log line) per new reason a batch's values failed."""
+    ) -> SessionWriter | None:
+        """One warning ``event`` (and log line) per new reason a batch's values failed; the
+        writer still recording (None once a write failed)."""
         new = sorted(self._problems - self._problems_said)[: max(0, 20 - len(self._problems_said))]
         self._problems.clear()
         for text in new:
             self._problems_said.add(text)
             self._warn(f"stiffmon: no accuracy for some steps (NaN): {text}")
             what = f"accuracy is NaN at some steps of the batch up to step {step}: {text}"
-            self._warning(step, "accuracy-unavailable", what, {}, pub, writer)
+            writer = self._warning(step, "accuracy-unavailable", what, {}, pub, writer)
+        return writer
 
     def _check_finite(
         self,
@@ -131,8 +133,9 @@ class Emitter:
         losses: list[float],
         pub: zmq.Socket[bytes] | None,
         writer: SessionWriter | None,
-    ) -> None:
-        """One ``nan-loss`` event at the start of every run of non-finite losses."""
+    ) -> SessionWriter | None:
+        """One ``nan-loss`` event at the start of every run of non-finite losses; the writer
+        still recording."""
         for step, loss in zip(steps, losses, strict=True):
             if math.isfinite(loss):
                 self._nonfinite_streak = 0
@@ -141,7 +144,9 @@ class Emitter:
             if self._nonfinite_streak != 1:
                 continue
             self._warn(f"stiffmon: non-finite loss ({loss}) at step {step}; training goes on")
-            self._warning(step, "nan-loss", f"loss is {loss} at step {step}", {}, pub, writer)
+            text = f"loss is {loss} at step {step}"
+            writer = self._warning(step, "nan-loss", text, {}, pub, writer)
+        return writer
 
     def _warning(
         self,
@@ -151,7 +156,8 @@ class Emitter:
         attrs: dict[str, Any],
         pub: zmq.Socket[bytes] | None,
         writer: SessionWriter | None,
-    ) -> None:
-        """Publish (and record) a warning ``event`` of the thread's own."""
+    ) -> SessionWriter | None:
+        """Publish (and record) a warning ``event`` of the thread's own; the writer still
+        recording."""
         fields = {"level": "warning", "code": code, "message": message, "attrs": attrs}
-        self._emit(Outgoing(p.Event, step, time.time(), fields), pub, writer)
+        return self._emit(Outgoing(p.Event, step, time.time(), fields), pub, writer)

@@ -256,7 +256,8 @@ class Publisher(Emitter):
             if pub is not None and sockets is not None:
                 self._subs.read(pub)
                 if self._subs.flooded:
-                    pub = sockets[0] = self._replace_pub(ctx, pub, writer)
+                    pub, writer = self._replace_pub(ctx, pub, writer)
+                    sockets[0] = pub
                     self._wake.watch(pub)
             if self.on_wake is not None:
                 try:
@@ -293,9 +294,10 @@ class Publisher(Emitter):
         ctx: zmq.Context[zmq.Socket[bytes]],
         pub: zmq.Socket[bytes],
         writer: SessionWriter | None,
-    ) -> zmq.Socket[bytes]:
+    ) -> tuple[zmq.Socket[bytes], SessionWriter | None]:
         """Close a flooded PUB socket (dropping every peer and what they queued) and bind a
-        fresh one at the same address; say so at the 1st, 2nd, 5th, 10th ... time."""
+        fresh one at the same address; say so at the 1st, 2nd, 5th, 10th ... time. Returns the
+        fresh socket and the writer still recording."""
         why = self._subs.flooded
         self._subs.reset()
         self.pub_resets += 1
@@ -309,5 +311,5 @@ class Publisher(Emitter):
             )
             self._warn(f"stiffmon: {text}")
             attrs = {"resets": self.pub_resets}
-            self._warning(self._last_step, "publish-reset", text, attrs, fresh, writer)
-        return fresh
+            writer = self._warning(self._last_step, "publish-reset", text, attrs, fresh, writer)
+        return fresh, writer

@@ -132,3 +132,31 @@ def test_a_full_batch_is_written_at_once_not_at_the_idle_pace(tmp_path: Path) ->
         assert wait_for(lambda: rec.exists() and sum(len(b) for b in _columns(rec)) == n, 20)
     finally:
         agent.close()
+
+
+def test_a_write_that_fails_inside_a_warning_stops_the_recording_once() -> None:
+    """The writer fails on the nan-loss event that a non-finite loss makes while its scalars are
+    being emitted: the emit returns no writer (recording stopped), so later messages are not
+    written to a closed file, and the failure is said once."""
+    from stiffmon_agent.outgoing import Outgoing
+
+    class FailsSecond:
+        def __init__(self) -> None:
+            self.writes = 0
+            self.closed = False
+
+        def write_frames(self, frames: list[bytes]) -> None:
+            self.writes += 1
+            if self.writes >= 2:
+                raise OSError("disk full")
+
+        def close(self) -> None:
+            self.closed = True
+
+    warned: list[str] = []
+    pub = Publisher("r", endpoint="", warn=warned.append)
+    writer = FailsSecond()
+    item = Outgoing(p.Scalars, 3, 1.0, {"values_names": ["loss"], "values_raw": [float("nan")]})
+    out = pub._emit(item, None, writer)  # type: ignore[arg-type]
+    assert writer.writes == 2 and writer.closed and out is None
+    assert sum("recording stopped" in w for w in warned) == 1
