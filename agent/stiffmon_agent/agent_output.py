@@ -44,9 +44,19 @@ class AgentOutput:
         full = len(raw.rows) >= self._columns.max_rows
         return self.publisher.submit(Outgoing(p.Columns, step, t, {"raw": raw}), wake=full)
 
-    def event(self, code: str, message: str, level: str = "info", **attrs: Any) -> None:
-        """Publish an ``event`` message (shown by the monitor)."""
-        self._submit(p.Event, {"level": level, "code": code, "message": message, "attrs": attrs})
+    def event(
+        self,
+        code: str,
+        message: str,
+        level: str = "info",
+        *,
+        at_step: int | None = None,
+        **attrs: Any,
+    ) -> None:
+        """Publish an ``event`` message (shown by the monitor), at the current step or
+        ``at_step``."""
+        fields = {"level": level, "code": code, "message": message, "attrs": attrs}
+        self._submit(p.Event, fields, step=at_step)
 
     def _on_wake(self) -> None:
         """At each wake of the publisher thread: batches at its pace (slower while nobody

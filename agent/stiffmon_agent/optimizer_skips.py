@@ -14,6 +14,7 @@ count is sent at the next step past the interval, or at ``close``.
 from __future__ import annotations
 
 import logging
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,73 @@ from stiffmon_agent.userlog import log_spaced
 log = logging.getLogger("stiffmon_agent")
 
 MIN_INTERVAL = 0.5
+CYCLES_KNOWN = 4  # cycles seen before the usual one is trusted
+HOLD_MAX = 128  # calls without an optimizer step held while the usual cycle is not known yet
+
+
+class Cycles:
+    """Which ``agent.step()`` calls without an optimizer step are skipped steps.
+
+    Gradient accumulation with ``agent.step()`` per micro-batch makes ``k − 1`` such calls before
+    every optimizer step, by design; a skipped step makes a cycle (calls from one optimizer step
+    to the next) longer than the usual one: the most common of the last 16, once
+    :data:`CYCLES_KNOWN` are seen (calls before that are held, up to :data:`HOLD_MAX`). A cycle
+    of ``L > k`` calls made ``L − k`` skipped ones first (``k = 1``: every such call): told as
+    soon as the cycle is that long.
+    """
+
+    def __init__(self) -> None:
+        self.lengths: deque[int] = deque(maxlen=16)
+        self.held: list[tuple[list[int], int]] = []  # whole cycles (calls, told) to judge later
+        self.told = 0  # calls of the current cycle told already
+        self._usual: int | None = None  # the last judged
+
+    def usual(self) -> int | None:
+        """The usual cycle length (1 without accumulation); None while too few are seen."""
+        if len(self.lengths) >= CYCLES_KNOWN:
+            counts = Counter(self.lengths)  # a tie goes to the shorter cycle
+            self._usual = max(counts, key=lambda length: (counts[length], -length))
+        return self._usual
+
+    def forget_first(self, quiet: list[int]) -> None:
+        """The first call (``1``, held while the loop's order was judged) had no optimizer step
+        before it because ``agent.step()`` comes first: not a skipped step."""
+        if quiet[:1] == [1]:
+            del quiet[0]
+        elif self.held and self.held[0][0][:1] == [1]:
+            del self.held[0][0][0]
+            if self.lengths:
+                self.lengths[0] -= 1
+
+    def tell(self, quiet: list[int], stepped: bool, sure: bool) -> list[int]:
+        """The calls of ``quiet`` (the current cycle's calls without an optimizer step, in call
+        order; cleared when the cycle ends) that are skipped steps, told at this call.
+
+        Args:
+            quiet: The current cycle's calls without an optimizer step.
+            stepped: This call had an optimizer step since the last one (the cycle ends).
+            sure: Calls may be told (the order is judged; the hook sees steps).
+        """
+        if stepped:
+            self.lengths.append(len(quiet) + 1)
+            cycle, told = quiet[:], self.told
+            quiet.clear()
+            self.told = 0
+            k = self.usual() if sure else None
+            if k is None:
+                self.held.append((cycle, told))
+                return []
+            out = [q for c, t in self.held for q in c[t : len(c) - (k - 1)]]
+            self.held.clear()
+            return out + cycle[told : len(cycle) - (k - 1)]
+        k = self.usual() if sure else None
+        if k is None and sure and len(quiet) > HOLD_MAX:
+            k = 1  # not accumulation: told now (and bounded)
+        if k is None or len(quiet) - (k - 1) <= self.told:
+            return []
+        out = quiet[self.told : len(quiet) - (k - 1)]
+        self.told = len(quiet) - (k - 1)
+        return out
 
 
 class OptimizerSkips:
@@ -50,7 +118,8 @@ class OptimizerSkips:
                 f"no optimizer step at step {step}: the weights did not change (GradScaler skips "
                 f"a step whose gradients are inf/NaN); {self.count} such step(s) so far"
             )
-            self._event("optimizer-step-skipped", msg, level="warning", skipped=self.count)
+            code = "optimizer-step-skipped"
+            self._event(code, msg, level="warning", at_step=step, skipped=self.count)
             log.info(f"stiffmon: {msg}")
         self.pending = step
         if said or now - self._sent_at >= MIN_INTERVAL:

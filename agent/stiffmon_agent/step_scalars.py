@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from stiffmon_agent.optimizer_skips import Cycles
+
 
 def optimizer_config(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Type, group count and the numeric hyper-parameters of the first param group."""
@@ -115,7 +117,8 @@ class OptimizerColumns:
         self._values_calls = 0
         self._fired = False  # the hook has seen an optimizer step
         self._hook_blind = False  # 64 calls and no step seen: a wrapper's steps miss the hook
-        self._quiet: list[int] = []  # calls with no optimizer step since the last, not told yet
+        self._quiet: list[int] = []  # calls with no optimizer step in the current cycle
+        self._cycles = Cycles()  # which of them are skipped steps (not accumulation)
         self.skipped_back: list[int] = []  # told at this call: skipped steps, calls back (0: now)
 
     def attach(self) -> None:
@@ -204,12 +207,15 @@ class OptimizerColumns:
             self._judge_order(n)
         if self.skipped_back:  # told at the last call (a new list only then: the hot path)
             self.skipped_back = []
-        if self._quiet and self._fired and not self._judging:
-            # a call with no optimizer step since the last: that step was skipped, or, with
-            # agent.step() first, the one before
+        if self._quiet or (n and self._cycles.held):
+            # calls with no optimizer step since the last: skipped steps (or, with agent.step()
+            # first, the ones before), past those gradient accumulation makes
+            told = self._cycles.tell(self._quiet, n > 0, self._fired and not self._judging)
             shift = 1 if self.read_now else 0
-            self.skipped_back = [self._values_calls - q + shift for q in self._quiet]
-            self._quiet.clear()
+            if told:
+                self.skipped_back = [self._values_calls - q + shift for q in told]
+        elif n:
+            self._cycles.lengths.append(1)  # the common case, without a call
         if n and self._stepped is not None and not self.read_now:
             return self._stepped[1]
         got = self._read()
@@ -236,16 +242,18 @@ class OptimizerColumns:
         self._calls += 1
         if self._calls == 1:  # after an optimizer step, or no hook: the usual order
             self._judging = self._hook is not None and n == 0
+            if self._judging:  # skipped, or agent.step() first: held until that is judged
+                self._quiet.append(1)
         elif n != 1:  # accumulation, or the usual order: the hook's values are right
             self._judging = False
-            if n == 0:  # the usual order with skipped steps: the first call's too
-                self._quiet.insert(0, 1)
+            if n > 1:  # fewer agent.step() calls than optimizer steps: the first call is not
+                self._cycles.forget_first(self._quiet)  # a skip
         elif self._calls == 4 and not self._backward_since_step():
             # the same counts as agent.step() first, but no backward since the optimizer step:
             # the usual order, and the first step was skipped (GradScaler's first steps often are)
             self._judging = False
-            self._quiet.insert(0, 1)
         elif self._calls == 4:
+            self._cycles.forget_first(self._quiet)
             self._judging, self.read_now = False, True
             self.note = (
                 "agent.step() is called before optimizer.step(): each row's lr, momentum and "

@@ -109,6 +109,7 @@ def test_a_gradscaler_run_records_its_skips_right_lrs_and_no_false_order_warning
     said = [m for m in events if m.code == "optimizer-step-skipped"]
     assert [m.attrs["skipped"] for m in said] == [1, 2]  # the 1st and 2nd (then the 5th, ...)
     assert said[0].level == "warning" and "no optimizer step at step 0" in said[0].message
+    assert [m.step for m in said] == [0, 3]  # dated at the skipped steps, as their words say
     counts = {
         m.step: m.as_dict()[OPTIMIZER_SKIPPED]
         for m in msgs
@@ -126,7 +127,7 @@ def test_the_count_goes_out_at_most_every_interval_and_the_last_one_always() -> 
     events: list[int] = []
     skips = OptimizerSkips(
         lambda cls, fields, step: sent.append((step, fields["values_raw"][0])),
-        lambda code, msg, level, skipped: events.append(skipped),
+        lambda code, msg, level, at_step, skipped: events.append(skipped),
     )
     for s in range(30):  # every step skipped, 10 ms apart
         skips.note(s, 100.0 + 0.01 * s)
@@ -152,8 +153,82 @@ def test_steps_the_hook_never_sees_are_not_taken_for_skips() -> None:
         cols.values()
         assert cols.skipped_back == []
     assert len(cols._quiet) < 64
-    opt.step()  # from its first step on, the hook counts
-    cols.values()
+    for _ in range(4):  # from its first step on, the hook counts (and the cycles are known)
+        opt.step()
+        cols.values()
     cols.values()
     assert cols.skipped_back == [0]
     cols.remove_hook()
+
+
+def _accumulating(k: int, skipped_cycles: set[int], cycles: int = 12) -> list[int]:
+    """Calls found skipped in a loop calling ``agent.step()`` (here ``values()``) after every
+    micro-batch and ``optimizer.step()`` after every ``k``-th, but not in ``skipped_cycles``."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cols = OptimizerColumns(opt)
+    cols.attach()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    found, call = [], 0
+    for c in range(cycles):
+        for micro in range(k):
+            nn.functional.cross_entropy(model(x), y).backward()
+            if micro == k - 1:
+                if c not in skipped_cycles:
+                    opt.step()
+                opt.zero_grad()
+            cols.values()
+            found += [call - back for back in cols.skipped_back]
+            call += 1
+    cols.remove_hook()
+    return sorted(found)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_gradient_accumulation_with_a_step_per_micro_batch_is_not_a_skip(k: int) -> None:
+    """The README allows agent.step() per micro-batch: k - 1 calls of every k have no optimizer
+    step by design (they were all counted as GradScaler skips, with a warning each)."""
+    assert _accumulating(k, set()) == []
+
+
+def test_a_skipped_step_under_gradient_accumulation_is_found() -> None:
+    """A cycle of 8 calls where 4 are usual: the 4 calls past the usual 3 are the skipped ones,
+    told once the usual cycle is known (after 4 cycles) or as they come after that."""
+    assert _accumulating(4, {1}) == [4, 5, 6, 7]
+    assert _accumulating(4, {6}) == [24, 25, 26, 27]
+    assert _accumulating(1, {0, 7}, cycles=12) == [0, 7]
+
+
+def test_an_agent_stepped_per_micro_batch_reports_no_skips(tmp_path: Path) -> None:
+    """Gradient accumulation over 4 micro-batches, ``agent.step()`` after each (as the README
+    allows), one real GradScaler skip (inf at cycle 6): that one cycle is counted, not the 3
+    micro-batches of every cycle."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    rec = tmp_path / "accum.stiff"
+    agent = Agent(model, nn.CrossEntropyLoss(), opt, endpoint="", record=rec, registry=False)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for cycle in range(10):
+        for micro in range(4):
+            loss = nn.functional.cross_entropy(model(x), y) / 4
+            scaler.scale(loss).backward()
+            if micro == 3:
+                if cycle == 6:
+                    model.bias.grad[0] = float("inf")  # type: ignore[index]
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+            agent.step(loss)
+    agent.close()
+    msgs = read_session(rec)[0]
+    said = [m for m in msgs if isinstance(m, p.Event) and m.code == "optimizer-step-skipped"]
+    assert [m.step for m in said] == [24, 25]  # cycle 6 = calls 24..27: the 1st and 2nd said
+    counts = [
+        m.as_dict()[OPTIMIZER_SKIPPED]
+        for m in msgs
+        if isinstance(m, p.Scalars) and OPTIMIZER_SKIPPED in m.names
+    ]
+    assert counts and max(counts) == 4  # the 4 calls of the skipped cycle
