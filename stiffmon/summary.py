@@ -112,11 +112,17 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
 
 
 def fmt(v: Any, spec: str = ".4g") -> str:
-    """A number for a table: "—" for None / NaN."""
+    """A number for a table: "—" for None / NaN; exponents short (1.27e4, 3e-5)."""
     if v is None:
         return "—"
     if isinstance(v, float):
-        return "—" if math.isnan(v) else format(v, spec)
+        if math.isnan(v):
+            return "—"
+        text = format(v, spec)
+        if "e" not in text:
+            return text
+        mantissa, exponent = text.split("e")
+        return f"{mantissa}e{int(exponent)}"
     return str(v)
 
 
@@ -127,6 +133,15 @@ def fmt_break_even(step: int | None, reason: str, status: str) -> str:
     return f"{step:,}{REASON_MARK.get(reason, '')}{'?' if status == 'tentative' else ''}"
 
 
+AFTER_KEYS = (
+    "peak_lambda1_h",
+    "peak_lambda1_k",
+    "mean_lambda1_h_after",
+    "mean_lambda1_k_after",
+    "mean_trace_k_after",
+)
+
+
 def summary_table(store: Store) -> Group:
     """Two Rich tables (settings, then break-even), each within 80 columns; --json has all."""
     rows = [run_summary(rd) for rd in store.runs.values()]
@@ -135,7 +150,7 @@ def summary_table(store: Store) -> Group:
     )
     runs.add_column("run", justify="left", overflow="fold", min_width=8)
     for col in ("last η", "β", "B", "η/B", "steps", "loss", "ξ"):
-        runs.add_column(col, justify="right", no_wrap=True)
+        runs.add_column(col, justify="right", overflow="fold")  # folded, not cut, if need be
     runs.add_column("status", justify="left", min_width=6)  # "no bye (crashed?)" may wrap
     for s in rows:
         runs.add_row(
@@ -158,31 +173,24 @@ def summary_table(store: Store) -> Group:
         header_style="bold",
         box=box.SIMPLE_HEAD,
         caption_justify="left",
+        pad_edge=False,  # two more columns for the numbers
     )
-    be.add_column("run", justify="left", overflow="fold", min_width=8)
-    for col in (
-        "break-\neven",
-        "thr",
-        "λ1_H\nthere",
-        "peak\nλ1_H",
-        "peak\nλ1_K",
-        "λ1_H\nafter",
-        "λ1_K\nafter",
-        "Tr K\nafter",
-    ):
-        be.add_column(col, justify="right", no_wrap=True)
-    for s in rows:
-        be.add_row(
-            s["name"],
+    be.add_column("run", justify="left", overflow="fold", min_width=6)
+    cells = [
+        [
             fmt_break_even(s["break_even_step"], s["break_even_reason"], s["break_even_status"]),
             precond_mark(s, "break_even_threshold"),
             precond_mark(s, "lambda1_at_break_even"),
-            fmt(s["peak_lambda1_h"], ".3g"),
-            fmt(s["peak_lambda1_k"], ".3g"),
-            fmt(s["mean_lambda1_h_after"], ".3g"),
-            fmt(s["mean_lambda1_k_after"], ".3g"),
-            fmt(s["mean_trace_k_after"], ".3g"),
-        )
+            *(fmt(s[key], ".3g") for key in AFTER_KEYS),
+        ]
+        for s in rows
+    ]
+    for col in ("break-\neven", "thr", "λ1_H\nthere", "peak\nλ1_H", "peak\nλ1_K"):
+        be.add_column(col, justify="right", overflow="fold")  # folded, never cut
+    for col in ("λ1_H\nafter", "λ1_K\nafter", "Tr K\nafter"):
+        be.add_column(col, justify="right", overflow="fold")
+    for s, row in zip(rows, cells, strict=True):
+        be.add_row(s["name"], *row)
     be.caption = BREAK_EVEN_LEGEND
     return Group(runs, be)
 

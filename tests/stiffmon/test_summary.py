@@ -209,6 +209,34 @@ def test_table_fits_80_columns_without_cutting_words() -> None:
     assert "tentative" in text and "catapult" in text  # the legend
 
 
+def test_big_numbers_are_folded_not_cut_at_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three runs with preconditioned thresholds of 1e4 and λ1_K of 3e4 (an AdamW run and a
+    diverged one): the break-even table was cut at its last column, its legend mid-word."""
+    from stiffmon import summary
+
+    rd = store_of(messages()).runs["r"]
+    row = run_summary(rd) | {
+        "break_even_step": None,
+        "break_even_status": "none",
+        "break_even_threshold": 12666.7,
+        "break_even_series": "sharpness/lambda1_precond",
+        "lambda1_at_break_even": 974.0,
+        "peak_lambda1_h": 25.43,
+        "peak_lambda1_k": 34931.0,
+        "mean_lambda1_h_after": -1.234e-5,
+        "mean_lambda1_k_after": 13.8,
+        "mean_trace_k_after": 123456.0,
+    }
+    monkeypatch.setattr(summary, "run_summary", lambda rd: row)
+    three = store_of(messages(), messages(run="q"), messages(run="w"))
+    lines = render(three)
+    text = "\n".join(lines)
+    assert max(cell_len(line) for line in lines) <= 80
+    for word in ("Tr K", "after", "1.27e4ᴾ", "3.49e4", "1.23e5", "(λ1(P⁻¹H))."):
+        assert word in text, word
+    assert "-1.23e" in text  # the widest number may fold (-1.23e / -5), never cut
+
+
 def test_batch_size_from_the_per_step_scalar() -> None:
     store = Store()
     store.apply(p.Hello(run="r", seq=0, step=0, t=0.0, optimizer={"lr": 0.1}), replay=True)
