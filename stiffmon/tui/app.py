@@ -187,7 +187,7 @@ class StiffmonApp(App[None]):
             changed = True
             self._health[rd.run] = h
             for level, text in chrome.changes(old, h):
-                step, t = chrome.when(rd, text)
+                step, t = chrome.when(rd, text, now)
                 self.monitor_events.setdefault(rd.run, []).append(
                     p.Event(
                         rd.run,

@@ -100,10 +100,14 @@ def empty_message(app: StiffmonApp) -> Text:
     )
 
 
-def when(rd: RunData, text: str) -> tuple[int, float]:
-    """(step, time) a health change happened: a problem at the step its event gave, else now."""
+def when(rd: RunData, text: str, now: float | None = None) -> tuple[int, float]:
+    """(step, time) a health change happened: a problem at the step its event gave, else now
+    (``now``, monotonic: a live run's last time plus how long it has been quiet since)."""
     at = rd.problem_at(text)
-    return (rd.last_step, rd.last_t) if at is None else at
+    if at is not None:
+        return at
+    quiet = 0.0 if now is None or rd.replay else max(0.0, now - rd.last_seen)
+    return rd.last_step, rd.last_t + quiet
 
 
 def short_problems(rd: RunData) -> list[str]:

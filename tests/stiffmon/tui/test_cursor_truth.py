@@ -164,6 +164,17 @@ async def test_a_disabled_metric_is_logged_at_the_step_it_was_disabled() -> None
     assert store.runs["g"].last_step == 199
 
 
+def test_a_live_state_change_is_dated_by_how_long_the_run_was_quiet() -> None:
+    """ "connection lost 60s" is logged 60 s after the last data, not at the last data's time."""
+    store = Store()
+    store.apply(p.Hello(run="q", seq=0, step=0, t=1000.0, name="q"), now=100.0)
+    rd = store.runs["q"]
+    assert chrome.when(rd, "connection lost 60s (tcp://x:1)", 160.0) == (0, 1060.0)
+    assert chrome.when(rd, "live", 90.0) == (0, 1000.0)  # never before the last data
+    rd.replay = True  # a replay's times are the recorded ones
+    assert chrome.when(rd, "no bye (crashed?)", 160.0) == (0, 1000.0)
+
+
 def test_one_measurement_axes_are_not_degenerate() -> None:
     dm = DensityMap([500], [np.linspace(0, 0.05, 50)], [np.ones(50)], title="d", height=4)
     assert "500 500" not in render(dm, 40)
