@@ -165,7 +165,7 @@ class RunData:
             state, text = "replay", "replay"
         elif status == "stalled" and self.cut_off and idle > STALL_SECONDS:
             state = "lost" if idle > LOST_SECONDS else "stalled"  # the run may go on: no "no bye"
-            text = f"connection lost {duration(idle)} ({self.cut_off})"
+            text = f"disconnected {duration(idle)} ({self.cut_off})"
             why = f"connection to {self.cut_off} lost"
         elif status == "stalled" and idle > LOST_SECONDS:
             state, text = "lost", f"no bye (lost {duration(idle)})"

@@ -64,12 +64,12 @@ def test_a_cut_off_run_in_words() -> None:
     rd.cut_off = "tcp://10.0.0.5:5555"
     assert rd.health(now=1.0).text == "live"  # a message 1 s ago: not yet
     h = rd.health(now=15.0)
-    assert (h.state, h.text) == ("stalled", "connection lost 15s (tcp://10.0.0.5:5555)")
+    assert (h.state, h.text) == ("stalled", "disconnected 15s (tcp://10.0.0.5:5555)")
     assert h.why == "connection to tcp://10.0.0.5:5555 lost" and h.level == "warning"
     h = rd.health(now=200.0)
     assert (h.state, h.text, h.level) == (
         "lost",
-        "connection lost 3m (tcp://10.0.0.5:5555)",
+        "disconnected 3m (tcp://10.0.0.5:5555)",
         "error",
     )
     rd.cut_off = ""

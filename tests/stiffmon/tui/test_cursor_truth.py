@@ -165,11 +165,11 @@ async def test_a_disabled_metric_is_logged_at_the_step_it_was_disabled() -> None
 
 
 def test_a_live_state_change_is_dated_by_how_long_the_run_was_quiet() -> None:
-    """ "connection lost 60s" is logged 60 s after the last data, not at the last data's time."""
+    """ "disconnected 60s" is logged 60 s after the last data, not at the last data's time."""
     store = Store()
     store.apply(p.Hello(run="q", seq=0, step=0, t=1000.0, name="q"), now=100.0)
     rd = store.runs["q"]
-    assert chrome.when(rd, "connection lost 60s (tcp://x:1)", 160.0) == (0, 1060.0)
+    assert chrome.when(rd, "disconnected 60s (tcp://x:1)", 160.0) == (0, 1060.0)
     assert chrome.when(rd, "live", 90.0) == (0, 1000.0)  # never before the last data
     rd.replay = True  # a replay's times are the recorded ones
     assert chrome.when(rd, "no bye (crashed?)", 160.0) == (0, 1000.0)
