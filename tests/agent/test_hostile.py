@@ -186,18 +186,22 @@ def test_snapshot_request_flood_costs_training_nothing(procs: Procs, tmp_path: P
     runs shares a core with the flooding test process): a second flood is measured when the
     first is above a 10 % bound, and the better one must be within both.
     """
+    # the test's own three processes fill two cores: any other busy process makes the steps/s
+    # of the two runs depend on which shares a core with whom (±15 % seen at a load of 1 more),
+    # so the pace bound needs a machine quiet before the test; CPU per step holds anywhere
+    load = os.getloadavg()[0]
+    quiet = load < 0.5 * (os.cpu_count() or 1)
     tries = []
     for attempt in range(2):
         slowdown, cpu_ratio = _flood_once(procs, tmp_path / f"try{attempt}")
         tries.append((slowdown, cpu_ratio))
-        if slowdown <= 0.10 and cpu_ratio <= 1.10:
+        if (slowdown <= 0.10 or not quiet) and cpu_ratio <= 1.10:
             break
-    load = os.getloadavg()[0]
-    if load <= 1.5 * (os.cpu_count() or 1) + 1:
+    assert min(t[1] for t in tries) <= 1.10, tries
+    if quiet:
         assert min(t[0] for t in tries) <= 0.10, tries
-        assert min(t[1] for t in tries) <= 1.10, tries
     else:
-        print(f"load {load:.0f} on {os.cpu_count()} cores: the 10 % bounds are not asserted")
+        print(f"load {load:.1f} on {os.cpu_count()} cores before: the pace bound is not asserted")
 
 
 # ------------------------------------------------------------------ huge frames (major defect 3)

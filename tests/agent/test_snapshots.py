@@ -75,7 +75,9 @@ def test_a_peer_asking_fast_gets_a_snapshot_per_interval_and_its_last_request_an
         _serve_for(server, 0.005)
     _serve_for(server, 0.7)  # the last waiting request starts and is sent
     assert 3 <= len(cuts) <= 4, cuts
-    assert all(b - a >= 0.5 - 1e-3 for a, b in itertools.pairwise(cuts))
+    # the server holds 0.5 s between its own clock readings; the callback reads the clock a
+    # little later, by as much as a busy machine delays it
+    assert all(b - a >= 0.5 - 0.05 for a, b in itertools.pairwise(cuts)), cuts
     assert server.stats.deferred >= 1 and server.stats.coalesced > 100
     done = 0
     while dealer.poll(200):

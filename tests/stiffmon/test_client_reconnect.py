@@ -99,7 +99,7 @@ def test_an_oversized_frame_does_not_silence_an_address(ctx: Ctx) -> None:
             got += [m for m, _ in client.poll(0.05)]
             if latency is None and _steps(got) and max(_steps(got)) >= after:
                 latency = time.monotonic() - t0
-        assert latency is not None and latency < 5.0, "the address stayed silent"
+        assert latency is not None and latency < 10.0, "the address stayed silent"
         for _ in range(20):  # what is still on its way
             agent.answer()
             got += [m for m, _ in client.poll(0.05)]
