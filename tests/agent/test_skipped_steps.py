@@ -20,15 +20,22 @@ from stiffmon_agent.optimizer_skips import OptimizerSkips
 from stiffmon_agent.step_scalars import OptimizerColumns
 
 
-def _found(order: str, skips: set[int], steps: int = 9, zero_after: bool = False) -> tuple:
-    """(steps found skipped, read_now) for a loop in ``order`` whose optimizer steps at
-    ``skips`` do not happen; ``zero_after``: ``zero_grad()`` right after ``optimizer.step()``."""
+def _loop() -> tuple[
+    nn.Module, torch.optim.Optimizer, OptimizerColumns, torch.Tensor, torch.Tensor
+]:
+    """A tiny model, its SGD, the columns watching it, and a batch."""
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cols = OptimizerColumns(opt)
     cols.attach()
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    return model, opt, cols, torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+
+def _found(order: str, skips: set[int], steps: int = 9, zero_after: bool = False) -> tuple:
+    """(steps found skipped, read_now) for a loop in ``order`` whose optimizer steps at
+    ``skips`` do not happen; ``zero_after``: ``zero_grad()`` right after ``optimizer.step()``."""
+    model, opt, cols, x, y = _loop()
     found = []
     for s in range(steps):
         opt.zero_grad()
@@ -164,12 +171,7 @@ def test_steps_the_hook_never_sees_are_not_taken_for_skips() -> None:
 def _accumulating(k: int, skipped_cycles: set[int], cycles: int = 12) -> list[int]:
     """Calls found skipped in a loop calling ``agent.step()`` (here ``values()``) after every
     micro-batch and ``optimizer.step()`` after every ``k``-th, but not in ``skipped_cycles``."""
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cols = OptimizerColumns(opt)
-    cols.attach()
-    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model, opt, cols, x, y = _loop()
     found, call = [], 0
     for c in range(cycles):
         for micro in range(k):
