@@ -44,14 +44,14 @@ class Cycles:
         self.lengths: deque[int] = deque(maxlen=16)
         self.held: list[tuple[list[int], int]] = []  # whole cycles (calls, told) to judge later
         self.told = 0  # calls of the current cycle told already
-        self._usual: int | None = None  # the last judged
+        self._usual: int | None = None  # judged at the current cycle's first such call
 
     def usual(self) -> int | None:
         """The usual cycle length (1 without accumulation); None while too few are seen."""
-        if len(self.lengths) >= CYCLES_KNOWN:
-            counts = Counter(self.lengths)  # a tie goes to the shorter cycle
-            self._usual = max(counts, key=lambda length: (counts[length], -length))
-        return self._usual
+        if len(self.lengths) < CYCLES_KNOWN:
+            return None
+        counts = Counter(self.lengths)  # a tie goes to the shorter cycle
+        return max(counts, key=lambda length: (counts[length], -length))
 
     def forget_first(self, quiet: list[int]) -> None:
         """The first call (``1``, held while the loop's order was judged) had no optimizer step
@@ -84,7 +84,9 @@ class Cycles:
             out = [q for c, t in self.held for q in c[t : len(c) - (k - 1)]]
             self.held.clear()
             return out + cycle[told : len(cycle) - (k - 1)]
-        k = self.usual() if sure else None
+        if len(quiet) == 1:  # a new cycle: the lengths stay as they are until it ends
+            self._usual = self.usual()
+        k = self._usual if sure else None
         if k is None and sure and len(quiet) > HOLD_MAX:
             k = 1  # not accumulation: told now (and bounded)
         if k is None or len(quiet) - (k - 1) <= self.told:
