@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -49,3 +50,25 @@ def writer_state(host: str, pid: int, hello_t: float) -> WriterState:
     if started is not None and started > hello_t + START_SLACK:
         return "gone"  # the pid was given to a later process
     return "alive"
+
+
+class WriterWatch:
+    """:func:`writer_state` at most once every ``every`` seconds per writer (the monitor asks at
+    every redraw, for every run).
+
+    Args:
+        every: Seconds an answer is kept.
+    """
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self._seen: dict[tuple[str, int, float], tuple[float, WriterState]] = {}
+
+    def state(self, host: str, pid: int, hello_t: float) -> WriterState:
+        """:func:`writer_state`, or its answer of less than ``every`` seconds ago."""
+        now = time.monotonic()
+        key = (host, pid, hello_t)
+        seen = self._seen.get(key)
+        if seen is None or now - seen[0] >= self.every:
+            seen = self._seen[key] = (now, writer_state(host, pid, hello_t))
+        return seen[1]

@@ -25,7 +25,7 @@ from textual.screen import Screen
 from textual.widgets import ContentSwitcher, Footer, Input, Static
 
 from stiffmon import protocol as p
-from stiffmon.process_check import writer_state
+from stiffmon.process_check import WriterWatch
 from stiffmon.store import Health, RunData, Store
 from stiffmon.tui import chrome
 from stiffmon.tui.help import HelpScreen
@@ -82,6 +82,7 @@ class StiffmonApp(App[None]):
         self.log_level, self.log_text, self.log_selected_only = "info", "", False
         self.monitor_events: dict[str, list[p.Event]] = {}  # stalls, new runs… per run
         self._health: dict[str, Health] = {}
+        self._writers = WriterWatch()  # a followed file's writer: alive or gone
         self._health_of: dict[str, RunData] = {}  # the run data each health was judged on
         self._checked = False
         self._events_seen: dict[str, int] = {}  # per run: events looked at for notifications
@@ -159,7 +160,7 @@ class StiffmonApp(App[None]):
         follow = at_end and replay is not None and replay.follow
         writer = None
         if follow and rd.hello is not None:
-            writer = writer_state(rd.hello.host, rd.hello.pid, rd.hello.t)
+            writer = self._writers.state(rd.hello.host, rd.hello.pid, rd.hello.t)
         elif follow:
             writer = "unknown"
         now = self.clock() if now is None else now

@@ -63,3 +63,19 @@ def test_a_followed_run_in_words() -> None:
     assert rd.health(now=130.0).text == "replay"  # not followed: the file is what it is
     done = dataclasses.replace(rd, finished=True, bye_reason="closed")
     assert done.health(now=130.0, writer="gone").state == "finished"
+
+
+def test_the_watch_asks_once_a_second_per_writer() -> None:
+    from stiffmon.process_check import WriterWatch
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        watch, t = WriterWatch(every=0.3), time.time()
+        assert watch.state(HOST, child.pid, t) == "alive"
+        child.kill()
+        child.wait(30)
+        assert watch.state(HOST, child.pid, t) == "alive"  # the answer of < 0.3 s ago
+        time.sleep(0.35)
+        assert watch.state(HOST, child.pid, t) == "gone"
+    finally:
+        child.kill()
