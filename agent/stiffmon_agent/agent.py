@@ -51,7 +51,7 @@ from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from 
 )
 from stiffmon_agent.measure_curvature import density_messages  # noqa: F401
 from stiffmon_agent.measure_options import MeasureOptions
-from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
+from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, loss_reduction
 from stiffmon_agent.optimizer_skips import OptimizerSkips
 from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.runner import MeasurementRunner
@@ -266,7 +266,8 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)
         termination.install(lambda: list(_LIVE_AGENTS))  # SIGTERM: flush, bye, then die
-        self._optimizer_columns.attach()  # last: a failed construction leaves no hook behind
+        # last: a failed construction leaves no hook behind
+        self._optimizer_columns.attach(count_backwards=batch_size is None)
         where = f"publishing on {self.endpoint}" if self.endpoint else "not publishing"
         if record:
             where += f", recording to {record}" + (
@@ -322,6 +323,9 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         if oc.note:  # said once, at the fourth step
             self.event("step-order", oc.note, level="warning")
             oc.note = ""
+        if oc.accumulation:  # said once, at about the ninth optimizer step
+            self._say_accumulation(oc.accumulation)
+            oc.accumulation = 0
         extra = 0
         if logits is not None and targets is not None:
             row.append(step_accuracy(logits, targets, self._log_warned, self._binary))
@@ -336,6 +340,24 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         if s >= self._next_due:
             self._measure_due(s)
         self.step_count = s + 1
+
+    def _say_accumulation(self, k: int) -> None:
+        """Warn that B read from the logits is one micro-batch's when ``k`` backward passes
+        reach the parameters per optimizer step (said only where B comes from the logits)."""
+        b = self._sharp_state.batch_size
+        if self._batch_size is not None or not b:
+            return
+        uses = "η/B"
+        if loss_reduction(self.loss_fn) == "sum":
+            uses += " and the sharpness of the sum-reduced loss (B × the mean loss's)"
+        message = (
+            f"{k} backward passes per optimizer step (gradient accumulation?): the batch size "
+            f"B = {b} read from the logits passed to step() is then one micro-batch's, and {uses} "
+            f"use it; pass Agent(batch_size=...) the examples per optimizer step ({k} × {b} = "
+            f"{k * b} if every micro-batch has {b})"
+        )
+        log.warning("stiffmon: %s", message)
+        self.event("batch-size-accumulation", message, level="warning", backwards=k, batch_size=b)
 
     def _measure_due(self, s: int) -> None:
         """Run what is due at step ``s``, publish the coverage, and find the next due step."""

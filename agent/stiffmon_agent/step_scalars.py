@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from stiffmon_agent.backward_count import BackwardCount
 from stiffmon_agent.optimizer_skips import Cycles
 
 
@@ -120,10 +121,14 @@ class OptimizerColumns:
         self._quiet: list[int] = []  # calls with no optimizer step in the current cycle
         self._cycles = Cycles()  # which of them are skipped steps (not accumulation)
         self.skipped_back: list[int] = []  # told at this call: skipped steps, calls back (0: now)
+        self.backwards = BackwardCount()
+        self.accumulation = 0  # backward passes per optimizer step, once judged ≥ 2 (to say)
 
-    def attach(self) -> None:
+    def attach(self, count_backwards: bool = False) -> None:
         """Read the values as each ``optimizer.step()`` starts (a step pre-hook; optimizers
-        without ``register_step_pre_hook`` are read at :meth:`values`)."""
+        without ``register_step_pre_hook`` are read at :meth:`values`); with
+        ``count_backwards``, also learn the backward passes per optimizer step
+        (:attr:`accumulation`)."""
         register = getattr(self.optimizer, "register_step_pre_hook", None)
         # the order is judged from the first step on: not for an agent made mid-run (the first
         # call may follow the last optimizer step), which an optimizer's state says, or, for one
@@ -137,8 +142,15 @@ class OptimizerColumns:
                 self._hook = register(self._on_optimizer_step)
             except Exception:  # read at values() instead
                 self._hook = None
+        if self._hook is not None and count_backwards:
+            self.backwards.attach(self.optimizer)
 
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        backwards = self.backwards
+        if backwards.usual is None:
+            backwards.on_optimizer_step()
+            if backwards.usual is not None and backwards.usual > 1:
+                self.accumulation = backwards.usual
         try:
             got = self._read()  # first: it may work the places out again
         except Exception:  # never into the user's optimizer step; values() reads them then
@@ -167,6 +179,7 @@ class OptimizerColumns:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        self.backwards.remove()
 
     def stepped_groups(self) -> list[dict[str, Any]] | None:
         """Copies of the param groups with the values of the last :meth:`values` (those the
