@@ -227,9 +227,16 @@ def _leaves(batch: Batch) -> list[Tensor]:
 
 
 def sharded_check_finite(
-    model: nn.Module, loss_fn: LossFn, probe: ProbeSet, shard: Shard, forward: ForwardFn | None
+    model: nn.Module,
+    loss_fn: LossFn,
+    probe: ProbeSet,
+    shard: Shard,
+    forward: ForwardFn | None,
+    *,
+    losses: bool = True,
 ) -> None:
-    """:func:`~stiffmon_agent.probe_set.check_finite` over the shards, agreed on every rank.
+    """:func:`~stiffmon_agent.probe_set.check_finite` over the shards, agreed on every rank
+    (``losses`` may differ between ranks: the forward pass is local).
 
     Raises:
         MeasurementSkipped: On every rank, if a weight or a train-probe loss is not finite.
@@ -242,11 +249,12 @@ def sharded_check_finite(
         for q in trainable_parameters(model).values():
             if not bool(torch.isfinite(q).all()):
                 bad_params += 1
-        x, y = take(probe.inputs, slice(a, b)), take(probe.targets, slice(a, b))
-        with measurement_mode(model), torch.no_grad():
-            out = (forward or default_forward)(model, x)
-            losses = per_example_losses(unreduced(loss_fn), out, y, b - a)
-        bad = float((~torch.isfinite(losses)).sum())
+        if losses:
+            x, y = take(probe.inputs, slice(a, b)), take(probe.targets, slice(a, b))
+            with measurement_mode(model), torch.no_grad():
+                out = (forward or default_forward)(model, x)
+                values = per_example_losses(unreduced(loss_fn), out, y, b - a)
+            bad = float((~torch.isfinite(values)).sum())
     except Exception as exc:
         error = exc
     t = torch.tensor([bad_params, bad, 1.0 if error else 0.0], device=device)

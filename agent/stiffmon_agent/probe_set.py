@@ -138,12 +138,24 @@ class MeasurementSkipped(Exception):
 
 
 def check_finite(
-    model: nn.Module, loss_fn: LossFn, probe: ProbeSet, forward: ForwardFn | None = None
+    model: nn.Module,
+    loss_fn: LossFn,
+    probe: ProbeSet,
+    forward: ForwardFn | None = None,
+    *,
+    losses: bool = True,
 ) -> None:
-    """Raise :class:`MeasurementSkipped` if a parameter or the train-probe loss is not finite."""
+    """Raise :class:`MeasurementSkipped` if a parameter or (with ``losses``) the train-probe
+    loss is not finite.
+
+    Without ``losses`` only the parameters are checked: a measurement that finds non-finite
+    values itself (the Gram matrix of the per-example gradients) is spared a forward pass.
+    """
     for name, q in model.named_parameters():
         if q.requires_grad and not bool(torch.isfinite(q).all()):
             raise MeasurementSkipped(f"parameter {name} is not finite (the run has diverged)")
+    if not losses:
+        return
     x, y = probe.train()
     with measurement_mode(model), torch.no_grad():
         try:

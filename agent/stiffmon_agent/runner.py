@@ -89,6 +89,9 @@ class MeasurementRunner:
         self.shard = shard
         self.disabled: dict[str, str] = {}
         self._said: set[tuple[str, str]] = set()  # events published (each once)
+        # a Gram measurement finds non-finite gradients itself: after one has worked (the probe
+        # forward's own error message is said at the first), it skips check_finite's forward
+        self._gram_worked = False
         self._blocked = -1  # the step at which a due kind did not fit the budget
         self.warm: Tensor | None = None
         # the param groups as the last optimizer step used them (None: the optimizer's own)
@@ -117,11 +120,15 @@ class MeasurementRunner:
         t0 = time.perf_counter()
         msgs: list[Outgoing] = []
         try:
+            losses = kind != "gram" or not self._gram_worked
             if self.shard is not None:
-                sharded_check_finite(self.model, self.loss_fn, self.probe, self.shard, self.forward)
+                sharded_check_finite(
+                    self.model, self.loss_fn, self.probe, self.shard, self.forward, losses=losses
+                )
             else:
-                check_finite(self.model, self.loss_fn, self.probe, self.forward)
+                check_finite(self.model, self.loss_fn, self.probe, self.forward, losses=losses)
             msgs = self._messages(kind, step)
+            self._gram_worked |= kind == "gram"
         except MeasurementSkipped as exc:  # said at the 1st, 2nd, 5th, 10th, ... such skip
             self.budget.skip(kind, "not-finite", str(exc))
             return
@@ -225,7 +232,10 @@ class MeasurementRunner:
         """A non-zero rank's share of a measurement rank 0 has decided to run."""
         assert self.shard is not None
         try:
-            sharded_check_finite(self.model, self.loss_fn, self.probe, self.shard, self.forward)
+            losses = kind != "gram" or not self._gram_worked
+            sharded_check_finite(
+                self.model, self.loss_fn, self.probe, self.shard, self.forward, losses=losses
+            )
         except Exception:  # agreed on every rank: rank 0 says why
             return
         error: BaseException | None = None
@@ -243,6 +253,7 @@ class MeasurementRunner:
                     sharded_activations(
                         self.model, self.probe, self.opts.distance_layers, self.shard, self.forward
                     )
+                self._gram_worked = True
             else:
                 error = serve_hvps(
                     self.model,

@@ -243,6 +243,57 @@ def test_non_finite_weights_skip_the_measurement(tmp_path: Path) -> None:
         assert last[-1] == 25
 
 
+def test_later_grams_skip_the_probe_forward_and_still_skip_non_finite_gradients(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a Gram has worked, a Gram checks only the weights before it runs (its own forward
+    pass finds a non-finite loss: the gradients are not finite); the sharpness still checks the
+    probe loss first. A loss that turns NaN later skips the Gram, never disables it."""
+    import stiffmon_agent.runner as runner
+
+    asked: list[tuple[bool, int]] = []
+    real = runner.check_finite
+
+    def spy(*args: Any, losses: bool = True) -> None:
+        asked.append((losses, agent.step_count))
+        real(*args, losses=losses)
+
+    monkeypatch.setattr(runner, "check_finite", spy)
+    nan = [False]
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        per = nn.functional.cross_entropy(out, y, reduction="none")
+        return per * float("nan") if nan[0] else per
+
+    model = _model()
+    x, y = _data()
+    rec = tmp_path / "g.stiff"
+    agent = Agent(
+        model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.1), probe=(x, y),
+        endpoint="", record=rec, gram_every=1, sharpness_every=2, overhead_cap=1.0,
+        registry=False,
+    )  # fmt: skip
+    for s in range(6):
+        nan[0] = s >= 4
+        agent.step(1.0)
+    assert not agent.disabled
+    agent.close()
+    # step 0: both check the loss (the first Gram); then a sharpness (every 2 steps, before
+    # the Gram of its step) does, the Grams do not
+    assert asked == [
+        (True, 0), (True, 0), (False, 1), (True, 2), (False, 2), (False, 3), (True, 4),
+        (False, 4), (False, 5),
+    ]  # fmt: skip
+    msgs, _ = read_session(rec)
+    skipped = [m for m in msgs if isinstance(m, p.Event) and m.code == "measurement-skipped"]
+    by_kind = {(m.attrs["kind"], m.step) for m in skipped}
+    assert by_kind == {("gram", 4), ("gram", 5), ("sharpness", 4)}
+    gram_said = [m.message for m in skipped if m.attrs["kind"] == "gram"]
+    assert "per-example gradients are not finite" in gram_said[0]
+    grams = {m.step for m in msgs if isinstance(m, p.Matrix)}
+    assert grams == {0, 1, 2, 3}
+
+
 @pytest.mark.parametrize("shape", [(16,), (16, 1)])
 def test_binary_classifier_float_targets_get_class_stiffness(shape: tuple[int, ...]) -> None:
     """BCEWithLogitsLoss with 0/1 float targets: classes 0 and 1, each entry of the 2 × 2 class
