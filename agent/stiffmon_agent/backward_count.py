@@ -5,8 +5,10 @@ gradient accumulation, while η/B and the sharpness of a sum-reduced loss need t
 optimizer step. :class:`BackwardCount` counts the backward passes that accumulate into the
 smallest trainable parameter's gradient (a post-accumulate-grad hook: once per backward pass
 however often the parameter is used) between consecutive optimizer steps, over the first
-:data:`JUDGED_STEPS` of them, then removes its hook: after that it costs nothing. The usual count
-(the most common, a tie going to the smaller) of 2 or more is what the agent warns about.
+:data:`JUDGED_STEPS` of them, then removes its hooks: after that it costs nothing. Backward
+passes inside ``optimizer.step()`` (the closure of L-BFGS or SAM, evaluated there) are not
+counted. The usual count (the most common, a tie going to the smaller) of 2 or more is what the
+agent warns about.
 
 Two backward passes per step are not always accumulation (SAM, a GAN's generator loss reaching
 the discriminator's parameters), so the agent warns rather than correcting B.
@@ -33,6 +35,8 @@ class BackwardCount:
         self._counts: list[int] = []
         self._n = 0
         self._hook: Any = None
+        self._after: Any = None  # the step post-hook
+        self._in_step = False
 
     def attach(self, optimizer: Any) -> None:
         """Count the backward passes into ``optimizer``'s smallest trainable parameter."""
@@ -40,17 +44,23 @@ class BackwardCount:
             params = [q for g in optimizer.param_groups for q in g["params"] if q.requires_grad]
             if params:
                 smallest = min(params, key=lambda q: q.numel())
+                self._after = optimizer.register_step_post_hook(self._on_step_end)
                 self._hook = smallest.register_post_accumulate_grad_hook(self._on_backward)
         except Exception:  # an optimizer or parameter we cannot hook: no count, no warning
-            self._hook = None
+            self.remove()
 
     def _on_backward(self, _param: Any) -> None:
-        self._n += 1
+        if not self._in_step:
+            self._n += 1
+
+    def _on_step_end(self, *_: Any) -> None:
+        self._in_step = False
 
     def on_optimizer_step(self) -> None:
         """An optimizer step starts: the backward passes since the last one make a cycle."""
         if self._hook is None:
             return
+        self._in_step = True
         self._counts.append(self._n)
         self._n = 0
         if len(self._counts) > JUDGED_STEPS:
@@ -60,6 +70,7 @@ class BackwardCount:
 
     def remove(self) -> None:
         """Stop counting (judged, or the agent is closed)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in (self._hook, self._after):
+            if hook is not None:
+                hook.remove()
+        self._hook = self._after = None

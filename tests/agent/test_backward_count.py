@@ -99,10 +99,34 @@ def test_the_usual_count_skips_a_partial_first_cycle_and_ties_go_to_the_smaller(
     opt = torch.optim.SGD([w], lr=0.1)
     count = BackwardCount()
     count.attach(opt)
+    opt.register_step_pre_hook(lambda *_: count.on_optimizer_step())  # as OptimizerColumns
     cycles = [7] + [2, 1] * (JUDGED_STEPS // 2)  # the first: an agent made mid-cycle
     for n in cycles:
         for _ in range(n):
             (w * 2).sum().backward()
-        count.on_optimizer_step()
+        opt.step()
     assert count.usual == 1
     assert count._hook is None
+
+
+def test_backward_passes_inside_the_optimizer_step_are_not_accumulation(tmp_path: Path) -> None:
+    """L-BFGS evaluates its closure (a backward pass each) inside ``optimizer.step()``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=5)
+    rec = tmp_path / "lbfgs.stiff"
+    agent = Agent(model, nn.CrossEntropyLoss(), opt, endpoint="", registry=False, record=rec)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for _ in range(12):
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        agent.step(loss, model(x), y)
+    assert agent._optimizer_columns.backwards.usual == 0
+    agent.close()
+    assert not _said([m for m in read_session(rec)[0] if isinstance(m, p.Event)])
