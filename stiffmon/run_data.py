@@ -104,6 +104,40 @@ class RunData:
         opt = self.optimizer
         return last_or(self.scalars.get("momentum/0"), opt.get("momentum", opt.get("beta1")))
 
+    def param_groups(self, prefix: str = "lr") -> list[int]:
+        """The param groups ``i`` with a per-step ``prefix/i`` column (``lr/0``, ``lr/1``, …)."""
+        head = f"{prefix}/"
+        return sorted(
+            int(n[len(head) :])
+            for n, s in self.scalars.items()
+            if n.startswith(head) and n[len(head) :].isdigit() and len(s)
+        )
+
+    def distinct_groups(self, prefix: str = "lr") -> list[list[int]]:
+        """The param groups of :meth:`param_groups`, those whose ``prefix/i`` has the same value
+        at every step as an earlier group's listed with it (``[[0, 2], [1]]``); ``[[0]]`` when
+        every group has the same schedule. Computed again only when a column changed."""
+        groups = self.param_groups(prefix)
+        names = [f"{prefix}/{i}" for i in groups]
+
+        def compute() -> list[list[int]]:
+            out: list[list[int]] = []
+            for i, name in zip(groups, names, strict=True):
+                s = self.scalars[name]
+                for members in out:
+                    o = self.scalars[f"{prefix}/{members[0]}"]
+                    if np.array_equal(o.steps, s.steps) and np.array_equal(
+                        o.values, s.values, equal_nan=True
+                    ):
+                        members.append(i)
+                        break
+                else:
+                    out.append([i])
+            return out
+
+        key = (tuple(names), self.data_key(*names))
+        return self.memoized(f"groups/{prefix}", key, compute)
+
     @property
     def batch_size(self) -> int | None:
         """B from the hello; else the largest of the agent's per-step ``batch_size`` scalar.

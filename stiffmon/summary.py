@@ -16,6 +16,7 @@ from rich.console import Group
 from rich.table import Table
 
 from stiffmon import derive
+from stiffmon.marks import BREAK_EVEN_MARKS, be_symbol, marks_legend
 from stiffmon.store import RunData, Store
 
 REASON_MARK = {"threshold": "", "early-peak": "ᵖ", "catapult": "ᶜ", "none": ""}
@@ -23,8 +24,9 @@ REASON_MARK = {"threshold": "", "early-peak": "ᵖ", "catapult": "ᶜ", "none": 
 BREAK_EVEN_LEGEND = (
     "break-even: first step where λ1_H reaches its stability threshold thr (2/η for SGD, "
     "(2+2β)/η heavy ball) and stays within 5 %; ᵖ end of the rise to the early-phase peak "
-    "(thr not reached); ᶜ catapult (a one-measurement spike above thr); ? tentative (not "
-    "confirmed yet). after: mean over the measurements after a confirmed break-even. Adaptive "
+    "(thr not reached); ᶜ catapult (a one-measurement spike above thr); {marks} (tentative: "
+    "not confirmed yet; diverged: tentative when the run diverged). after: mean over the "
+    "measurements after a confirmed break-even. Adaptive "
     "optimizers: judged on the preconditioned λ1 and its threshold, marked ᴾ (λ1(P⁻¹H))."
 )
 
@@ -53,6 +55,8 @@ def run_status(rd: RunData, now: float | None = None) -> str:
 def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     """The comparison numbers of one run (NaN / None where not measured).
 
+    ``lr`` and ``momentum`` are param group 0's, ``lrs`` every group's last η and ``lr_groups``
+    how many different η schedules the groups have (:meth:`RunData.distinct_groups`).
     ``break_even_*`` describe :meth:`RunData.break_even`; ``break_even_threshold`` and
     ``lr_at_break_even`` are the threshold and η (param group 0) in force at its step (the last
     published at or before it, as the marker was judged), NaN without a marker; ``lr`` and
@@ -78,6 +82,8 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
         "name": rd.name,
         "optimizer": opt.get("type"),
         "lr": rd.lr,
+        "lrs": [rd.last(f"lr/{i}") for i in rd.param_groups("lr")],
+        "lr_groups": len(rd.distinct_groups("lr")),
         "momentum": rd.momentum,
         "batch_size": batch,
         "lr_over_batch": derive.lr_over_batch(rd.lr, batch),
@@ -103,6 +109,7 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
         "xi": xi,
         "within_minus_between": rd.last("stiffness/cos/train-train/within")
         - rd.last("stiffness/cos/train-train/between"),
+        "diverged_step": rd.diverged_step,
         "events": len(rd.events),
         "dropped": rd.dropped,  # messages the agent lost (its last heartbeat says)
         "status": run_status(rd, now),
@@ -126,11 +133,12 @@ def fmt(v: Any, spec: str = ".4g") -> str:
     return str(v)
 
 
-def fmt_break_even(step: int | None, reason: str, status: str) -> str:
-    """Break-even cell: the step, ᵖ / ᶜ for an early peak / catapult, ? while tentative."""
+def fmt_break_even(step: int | None, reason: str, status: str, diverged: bool = False) -> str:
+    """Break-even cell: the mark of its status (:mod:`stiffmon.marks`: ◆ confirmed, ◇ tentative,
+    ✕ tentative in a run that diverged) and the step, ᵖ / ᶜ for an early peak / catapult."""
     if step is None:
-        return "none yet" if status == "none" else "—"
-    return f"{step:,}{REASON_MARK.get(reason, '')}{'?' if status == 'tentative' else ''}"
+        return BREAK_EVEN_MARKS["none"].words if status == "none" else "—"
+    return f"{be_symbol(status, diverged)} {step:,}{REASON_MARK.get(reason, '')}"
 
 
 AFTER_KEYS = (
@@ -155,7 +163,7 @@ def summary_table(store: Store) -> Group:
     for s in rows:
         runs.add_row(
             s["name"],
-            fmt(s["lr"], ".3g"),
+            fmt(s["lr"], ".3g") + (" g0" if s["lr_groups"] > 1 else ""),
             fmt(s["momentum"], ".2g"),
             fmt(s["batch_size"]),
             fmt(s["lr_over_batch"], ".2g"),
@@ -165,8 +173,9 @@ def summary_table(store: Store) -> Group:
             s["status"],
         )
     runs.caption = (
-        "last η, β: learning rate and momentum (Adam: β1) at the last step (a schedule moves "
-        "them); η/B: η over the batch size; ξ: critical length in input space"
+        "last η, β: learning rate and momentum (Adam: β1) of param group 0 at the last step (a "
+        "schedule moves them; g0: the groups' η differ, --json has every group's as lrs); "
+        "η/B: η over the batch size; ξ: critical length in input space"
     )
     be = Table(
         title="break-even (Jastrzebski et al. 2020)",
@@ -178,7 +187,12 @@ def summary_table(store: Store) -> Group:
     be.add_column("run", justify="left", overflow="fold", min_width=6)
     cells = [
         [
-            fmt_break_even(s["break_even_step"], s["break_even_reason"], s["break_even_status"]),
+            fmt_break_even(
+                s["break_even_step"],
+                s["break_even_reason"],
+                s["break_even_status"],
+                s["diverged_step"] is not None,
+            ),
             precond_mark(s, "break_even_threshold"),
             precond_mark(s, "lambda1_at_break_even"),
             *(fmt(s[key], ".3g") for key in AFTER_KEYS),
@@ -191,7 +205,7 @@ def summary_table(store: Store) -> Group:
         be.add_column(col, justify="right", overflow="fold")
     for s, row in zip(rows, cells, strict=True):
         be.add_row(s["name"], *row)
-    be.caption = BREAK_EVEN_LEGEND
+    be.caption = BREAK_EVEN_LEGEND.format(marks=marks_legend(none=False, catapult=False))
     return Group(runs, be)
 
 
@@ -200,7 +214,12 @@ def summary_json(store: Store) -> list[dict[str, Any]]:
     rows = []
     for rd in store.runs.values():
         row = run_summary(rd)
-        rows.append(
-            {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-        )
+        rows.append({k: _json_ready(v) for k, v in row.items()})
     return rows
+
+
+def _json_ready(v: Any) -> Any:
+    """NaN becomes None, in lists too (``lrs``)."""
+    if isinstance(v, list):
+        return [_json_ready(x) for x in v]
+    return None if isinstance(v, float) and math.isnan(v) else v

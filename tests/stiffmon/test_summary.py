@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -115,9 +116,10 @@ def test_adaptive_runs_use_the_preconditioned_sharpness() -> None:
     text = "\n".join(render(adam))  # the threshold and λ there are λ1(P⁻¹H)'s: marked
     assert "38ᴾ" in text and f"{row['lambda1_at_break_even']:.3g}ᴾ" in text
     assert "ᴾ" not in "\n".join(render(sgd)).split("break-even:")[0]
-    cell = dict(FIELDS)["λH@BE"]
-    assert cell(row, False).endswith("ᴾ") and cell(row, True).endswith("P")
-    assert not cell(run_summary(sgd.runs["s"]), False).endswith("ᴾ")
+    which = dict(FIELDS)["λ1"]  # the compare table says per row which λ1 it is
+    assert which(row, False) == "P⁻¹H" and which(row, True) == "P^-1H"
+    assert which(run_summary(sgd.runs["s"]), False) == "H"
+    assert dict(FIELDS)["λ1@BE"](row, False) == f"{row['lambda1_at_break_even']:.3g}"
 
 
 def test_threshold_follows_a_schedule_published_on_change() -> None:
@@ -205,7 +207,8 @@ def test_table_fits_80_columns_without_cutting_words() -> None:
     assert "600ᵖ" in text  # confirmed early peak
     assert "none yet" in text  # still rising
     assert "200ᶜ" in text  # the catapult of the fourth run
-    assert "ᵖ?" in text  # the third run: candidate, not yet confirmed
+    assert "◆ 600ᵖ" in text  # confirmed: the marks of stiffmon.marks
+    assert re.search(r"◇ [0-9,]+ᵖ", text)  # the third run: candidate, not yet confirmed
     assert "tentative" in text and "catapult" in text  # the legend
 
 

@@ -13,6 +13,8 @@ import numpy.typing as npt
 from rich.segment import Segment
 from rich.style import Style
 
+from stiffmon.marks import ASCII_MARKS
+
 FloatArray = npt.NDArray[np.float64]
 
 
@@ -144,9 +146,6 @@ _ASCII = {
     "╌": "-",
     "■": "#",
     "□": ".",
-    "◆": "*",
-    "◇": "o",
-    "▲": "^",
     "▼": "v",
     "×": "x",
     "→": "->",
@@ -173,7 +172,7 @@ _ASCII = {
     "σ": "sigma",
     "±": "+-",
 }
-_ASCII_TABLE = str.maketrans(_ASCII)
+_ASCII_TABLE = str.maketrans({**_ASCII, **ASCII_MARKS})
 
 
 _CLAUSE = re.compile(r"[,;] (?![^(]*\))")  # a clause break outside parentheses

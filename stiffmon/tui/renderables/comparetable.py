@@ -3,6 +3,7 @@ one row per run when it fits the width, else one column per run, with a legend l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,34 +12,51 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from stiffmon.summary import fmt, precond_mark
+from stiffmon.marks import BREAK_EVEN_MARKS, be_symbol, marks_legend
+from stiffmon.summary import fmt
 from stiffmon.tui.renderables.axes import asciify, cut
 
 WHY = {"threshold": "thr", "early-peak": "pk", "peak": "pk", "catapult": "cat"}
 WIDE = 118  # below this width the table is transposed
+PRECOND = "sharpness/lambda1_precond"
 
 
 def be_cell(s: dict[str, Any], ascii: bool = False) -> str:
-    """``280 pk`` (confirmed), ``280 pk◇`` (tentative), ``not yet``."""
+    """``◆ 280 pk`` (confirmed), ``◇ 280 pk`` (tentative), ``none yet``: the marks of
+    :mod:`stiffmon.marks`."""
     step = s.get("break_even_step")
     status = s.get("break_even_status", "confirmed")
     if step is None or status == "none":
-        return "not yet"
-    mark = ("o" if ascii else "◇") if status == "tentative" else ""
-    if status == "tentative" and s.get("diverged"):  # no later measurement will confirm it
-        mark = "x" if ascii else "✕"
-    return f"{step:,} {WHY.get(str(s.get('break_even_reason')), '?')}{mark}"
+        return BREAK_EVEN_MARKS["none"].words  # no mark: the words say it, in less width
+    sym = be_symbol(status, bool(s.get("diverged")), ascii)
+    reason = str(s.get("break_even_reason"))
+    return f"{sym} {step:,} {WHY.get(reason, reason)}"
+
+
+def sharpness_cell(s: dict[str, Any], ascii: bool = False) -> str:
+    """Which λ1 the row's ``thr`` and ``λ1@BE`` are about: ``H`` (λ1_H, SGD-like runs),
+    ``P⁻¹H`` (the preconditioned λ1(P⁻¹H) of an adaptive run), ``—`` before a measurement."""
+    if s.get("break_even_series") == PRECOND:
+        return "P^-1H" if ascii else "P⁻¹H"
+    peak = s.get("peak_lambda1_h")
+    return "—" if peak is None or (isinstance(peak, float) and math.isnan(peak)) else "H"
+
+
+def lr_cell(s: dict[str, Any], ascii: bool = False) -> str:
+    """η of param group 0, ``g0`` after it when the run's groups have different η."""
+    return fmt(s.get("lr"), ".3g") + (" g0" if s.get("lr_groups", 1) > 1 else "")
 
 
 Field = tuple[str, Callable[[dict[str, Any], bool], str]]
 FIELDS: tuple[Field, ...] = (
-    ("η", lambda s, a: fmt(s.get("lr"), ".3g")),
+    ("η", lr_cell),
     ("B", lambda s, a: fmt(s.get("batch_size"))),
     ("β", lambda s, a: fmt(s.get("momentum"), ".2g")),
     ("η/B", lambda s, a: fmt(s.get("lr_over_batch"), ".2g")),
-    ("thr", lambda s, a: precond_mark(s, "threshold_now", a)),
+    ("λ1", sharpness_cell),
+    ("thr", lambda s, a: fmt(s.get("threshold_now"), ".3g")),
     ("BE", be_cell),
-    ("λH@BE", lambda s, a: precond_mark(s, "lambda1_at_break_even", a)),
+    ("λ1@BE", lambda s, a: fmt(s.get("lambda1_at_break_even"), ".3g")),
     ("λH pk", lambda s, a: fmt(s.get("peak_lambda1_h"), ".3g")),
     ("λK pk", lambda s, a: fmt(s.get("peak_lambda1_k"), ".3g")),
     ("λH aft", lambda s, a: fmt(s.get("mean_lambda1_h_after"), ".3g")),
@@ -47,11 +65,18 @@ FIELDS: tuple[Field, ...] = (
     ("loss", lambda s, a: fmt(s.get("final_loss"), ".3g")),
 )
 LEGEND = (
-    "BE break-even step: thr λ1 reached the run's stability threshold (row thr: 2/η SGD, "
-    "(2+2β)/η momentum), pk early peak, cat catapult, ◇ tentative, ✕ diverged before confirmed; "
-    "η, β latest learning rate, momentum (Adam β1); ᴾ λ1(P⁻¹H) of an adaptive run; pk peak; "
-    "aft mean after BE"
+    "break-even {marks}; BE its step: thr λ1 reached thr, pk early peak, cat catapult; "
+    "λ1 the sharpness the row's thr and λ1@BE are about: H λ1_H (SGD), P⁻¹H λ1(P⁻¹H) "
+    "preconditioned (adaptive runs); thr its stability threshold (2/η SGD, (2+2β)/η momentum, "
+    "38/η Adam at β1 = 0.9); η, β latest learning rate, momentum (Adam β1) of param group 0 "
+    "(g0: the groups' η differ); λH pk peak λ1_H; aft mean after BE"
 )
+
+
+def legend_text(ascii: bool = False) -> str:
+    """The table's legend, with the break-even marks of :mod:`stiffmon.marks`."""
+    text = LEGEND.format(marks=marks_legend(ascii, none=False, catapult=False))
+    return asciify(text) if ascii else text
 
 
 def compare_table(
@@ -59,7 +84,7 @@ def compare_table(
 ) -> RenderableType:
     """Runs as (name, colour, ``summary.run_summary`` dict)."""
     conv = asciify if ascii else str
-    legend = Text(conv(LEGEND), style="dim")
+    legend = Text(legend_text(ascii), style="dim")
     if width >= WIDE:
         t = Table(
             box=None if ascii else box.SIMPLE_HEAD,

@@ -2,9 +2,10 @@
 
 Hand-written rather than plotext / textual-plot: the chart thins 100k-point series to the column
 width with per-column min/max (so spikes survive), draws dashed per-run threshold lines, break-even
-markers (◆ confirmed, ◇ tentative, ▲ catapult), marks on the x axis (skipped measurements), a
-legend, a step cursor with the value of every curve there, switches to log-y, and falls back to
-plain ASCII — all inside one renderable that unit tests can render to an exact string.
+markers (:mod:`stiffmon.marks`: ◆ confirmed, ◇ tentative, ✕ diverged, ▲ catapult), marks on
+the x axis (skipped measurements), a legend, a step cursor with the value of every curve there,
+switches to log-y, and falls back to plain ASCII — all inside one renderable that unit tests can
+render to an exact string.
 
 Layout: title (shortened to fit, :func:`~stiffmon.tui.renderables.axes.fit_title`; legend on
 the same line when it fits, else on its own line when there is room),

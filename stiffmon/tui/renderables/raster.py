@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from stiffmon.marks import ASCII_MARKS
 from stiffmon.tui.renderables.axes import FloatArray, fmt_tick, thin_minmax
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 # Braille dot bits, indexed [row 0..3][col 0..1]
 _BRAILLE = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
-ASCII_SYMBOLS = {"◆": "*", "◇": "o", "▲": "^", "×": "x", "●": "@"}
+ASCII_SYMBOLS = {**ASCII_MARKS, "×": "x", "●": "@"}
 
 
 def row_of(y: float, y0: float, y1: float, rows: int) -> int:

@@ -8,11 +8,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+from rich.color import Color
 from rich.console import RenderableType
 from textual import events
 from textual.widget import Widget
 
 from stiffmon import derive
+from stiffmon.marks import be_symbol
 from stiffmon.store import RunData
 from stiffmon.tui.renderables import HLine, Line, LineChart, Marker, XMark
 from stiffmon.tui.renderables.linechart import NO_POSITIVE
@@ -42,6 +44,18 @@ MEASURED_BY = {"sharpness": "sharpness", "stiffness": "gram", "noise": "gram", "
 def run_color(rd: RunData) -> str:
     """Stable colour of a run: by order of appearance."""
     return PALETTE[rd.index % len(PALETTE)]
+
+
+def group_shade(color: str, j: int) -> str:
+    """Shade ``j`` of a run's colour, for several curves of one run (param groups): 0 is the
+    colour itself, then lighter and darker in turn, each further from it."""
+    if j <= 0:
+        return color
+    r, g, b = Color.parse(color).get_truecolor()
+    f = min(0.75, 0.45 + 0.15 * ((j - 1) // 2))
+    towards = 255 if j % 2 else 0
+    mix = [round(c + (towards - c) * f) for c in (r, g, b)]
+    return "#{:02x}{:02x}{:02x}".format(*mix)
 
 
 class ChartView(Widget):
@@ -226,6 +240,7 @@ class View:
         return runs[self.app.selected % len(runs)] if runs else None
 
 
-def be_marker(x: float, value: float, color: str, status: str) -> Marker:
-    """◆ confirmed / ◇ tentative break-even."""
-    return Marker(x, value, color, "◇" if status == "tentative" else "◆")
+def be_marker(x: float, value: float, color: str, status: str, diverged: bool = False) -> Marker:
+    """The break-even marker of ``status`` (:data:`stiffmon.marks.BREAK_EVEN_MARKS`: ◆ confirmed,
+    ◇ tentative, ✕ tentative in a run that ``diverged``)."""
+    return Marker(x, value, color, be_symbol(status, diverged))

@@ -41,13 +41,15 @@ def summary_of(rd: RunData) -> dict[str, Any]:
     return rd.memoized("summary", rd.data_key(*SUMMARY_SERIES), lambda: run_summary(rd))
 
 
-def fresh(app: StiffmonApp, rd: RunData, now: float) -> dict[str, Any]:
-    """What changes every step: the last loss, η and β (a schedule moves them) and the state."""
-    precond = len(rd.scalars.get("sharpness/lambda1_precond", ())) > 0
+def fresh(app: StiffmonApp, rd: RunData, now: float, series: str) -> dict[str, Any]:
+    """What changes every step: the last loss, η and β (a schedule moves them) and the state;
+    the threshold is the one of ``series``, the λ1 the break-even was judged on."""
+    precond = series == "sharpness/lambda1_precond"
     thr = rd.last("sharpness/threshold_precond" if precond else "sharpness/threshold")
     return {
         "final_loss": rd.last("loss"),
         "lr": rd.lr,
+        "lr_groups": len(rd.distinct_groups("lr")),
         "momentum": rd.momentum,
         "lr_over_batch": derive.lr_over_batch(rd.lr, rd.batch_size),
         "status": status_words(app, rd, now),
@@ -79,10 +81,10 @@ class Compare(View):
     def refresh(self) -> None:
         app = self.app
         now = app.clock()
-        rows = [
-            (rd.name, run_color(rd), summary_of(rd) | fresh(app, rd, now))
-            for rd in app.store.runs.values()
-        ]
+        rows = []
+        for rd in app.store.runs.values():
+            s = summary_of(rd)
+            rows.append((rd.name, run_color(rd), s | fresh(app, rd, now, s["break_even_series"])))
         table = self.app.query_one("#compare-table", Static)
         width = app.query_one("#views").size.width - 2  # the table's own width is its content's
         table.update(compare_table(rows, width, ascii=app.ascii))

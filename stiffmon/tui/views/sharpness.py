@@ -12,6 +12,7 @@ from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import Static
 
+from stiffmon.marks import CATAPULT, be_symbol, marks_legend
 from stiffmon.store import RunData
 from stiffmon.tui.renderables import HLine, Marker, asciify
 from stiffmon.tui.renderables.axes import cut
@@ -96,7 +97,8 @@ def be_words(rd: RunData) -> str:
 
 
 def sharpness_chart(view: View, compact: bool) -> Builder:
-    """λ1_H of every visible run, dashed thresholds, ◆/◇ break-even, ▲ catapults."""
+    """λ1_H of every visible run, dashed thresholds, break-even and catapult marks
+    (:mod:`stiffmon.marks`)."""
 
     def build(width: int, height: int) -> RenderableType:
         lines, hlines, markers, marks = [], [], [], []
@@ -120,16 +122,16 @@ def sharpness_chart(view: View, compact: bool) -> Builder:
             status = getattr(be, "status", "confirmed")
             if be.step is not None and status != "none":
                 bx = view.x_of_step(rd, "sharpness/lambda1_h", be.step)
-                markers.append(be_marker(bx, be.value, c, status))
+                markers.append(be_marker(bx, be.value, c, status, rd.diverged_step is not None))
             s = rd.series("sharpness/lambda1_h")
             for cat in getattr(be, "catapults", ()):
                 if s is not None:
                     i = min(len(s) - 1, int(s.steps.searchsorted(cat)))
                     x = view.x_of_step(rd, "sharpness/lambda1_h", cat)
-                    markers.append(Marker(x, float(s.values[i]), c, "▲"))
+                    markers.append(Marker(x, float(s.values[i]), c, CATAPULT.symbol))
         rules = [deciding_rule(rd) for rd in view.runs() if rd.series("sharpness/lambda1_h")]
-        title = (
-            "λ1_H (sharpness)"
+        title = (  # the overview's legend is a clause: dropped first where the title is cut
+            f"λ1_H (sharpness); {marks_legend(none=False)}"
             if compact
             else f"λ1_H per run, ╌ stability threshold{rules_title(rules)}"
         )
@@ -160,14 +162,13 @@ class Sharpness(View):
         )
 
     def refresh(self) -> None:
-        lines = []
+        legend = f"{marks_legend()}: break-even marks"
+        lines = [Text(asciify(legend) if self.app.ascii else legend, style="dim")]
         for rd in self.runs():
             if not rd.series("sharpness/lambda1_h"):
                 continue
             status = getattr(break_even_of(rd), "status", "confirmed")
-            if status == "tentative" and rd.diverged_step is not None:
-                status = "diverged"
-            sym = {"confirmed": "◆", "tentative": "◇", "diverged": "✕"}.get(status, "·")
+            sym = be_symbol(status, rd.diverged_step is not None)
             words = f"{sym} {rd.name}: {be_words(rd)}"
             rule, prule = threshold_rule(rd), threshold_rule(rd, "hessian-precond")
             if rule and not (rule.startswith("none") and prule):

@@ -118,7 +118,7 @@ def test_threshold_line_ends_at_its_runs_last_step() -> None:
 def test_compare_says_the_threshold_and_a_diverged_tentative_break_even() -> None:
     assert "crossed 2/η" not in LEGEND
     s = {"break_even_step": 0, "break_even_reason": "threshold", "diverged": True}
-    assert be_cell(s | {"break_even_status": "tentative"}) == "0 thr✕"
+    assert be_cell(s | {"break_even_status": "tentative"}) == "✕ 0 thr"
     table = compare_table([("a", "red", {"threshold_now": 190.0})], 80)
     assert "thr" in render(table, 80) and "190" in render(table, 80)
 

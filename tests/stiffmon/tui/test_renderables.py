@@ -229,9 +229,9 @@ def test_compare_table_fits_80_columns() -> None:
     runs = [(f"sgd lr={lr}", "red", s) for lr in (0.01, 0.05, 0.2)]
     out = render(compare_table(runs, 56), 56)
     assert all(len(ln) <= 56 for ln in out.splitlines())
-    assert "1,250 pk◇" in out and "sgd lr=0.05" in out and "break-even" in out
+    assert "◇ 1,250 pk" in out and "sgd lr=0.05" in out and "break-even" in out
     wide = render(compare_table(runs, 150), 150)
-    assert "status" in wide and wide.count("1,250 pk◇") == 3
+    assert "status" in wide and wide.count("◇ 1,250 pk") == 3
 
 
 def test_run_list_and_event_log() -> None:
