@@ -53,6 +53,7 @@ from stiffmon_agent.measure_curvature import density_messages  # noqa: F401
 from stiffmon_agent.measure_options import MeasureOptions
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, loss_reduction
 from stiffmon_agent.optimizer_skips import OptimizerSkips
+from stiffmon_agent.probe_set import without_uncounted
 from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, MeasurementPlan, Schedule, parse_schedule
@@ -213,6 +214,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self._budget = MeasurementBudget(overhead_cap, self._publishing_seconds, self.event)
         self._registry_run: str | None = None
         self.probe: ProbeSet | None = None
+        self._probe_note = ""  # examples left out of the probe (no counted target)
         self.publisher: Publisher | None = None
         self._columns = ColumnBatcher(self._submit_columns, interval=batch_interval)
         self._optimizer_columns = OptimizerColumns(optimizer)
@@ -226,6 +228,9 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
             args = (probe, val_probe, device, num_classes, class_names, dtype)
             self.probe = sharding.agreed(make_probe, args, self.shard, self.model)
+            self.probe, self._probe_note = sharding.agreed(
+                without_uncounted, (self.probe, loss_fn), self.shard, self.model
+            )
         if self.shard is not None:  # every rank: a rank without the probe must not hang
             sharding.check_same_setup(self.model, self.probe, self._plan.schedules)
         if self.probe is not None:
@@ -262,6 +267,9 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self._submit(p.Hello, fields)
         for code, note in probe_notes(self.probe, self._opts.distance_layers):
             self.event(code, note)
+        if self._probe_note:
+            log.warning("stiffmon: %s", self._probe_note)
+            self.event("probe-uncounted", self._probe_note, level="warning")
         if self.endpoint is not None and registry:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)

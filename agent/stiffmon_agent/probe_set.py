@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from stiffmon_agent.metrics import measurement_mode
 from stiffmon_agent.metrics.probe import (
@@ -22,6 +22,7 @@ from stiffmon_agent.metrics.probe import (
     ForwardFn,
     LossFn,
     batch_size,
+    counted_examples,
     default_forward,
     per_example_losses,
     take,
@@ -86,6 +87,13 @@ def make_probe(
             return t.to(device=device, dtype=dtype)
         return t.to(device)
 
+    for name, pair in (("probe", train), ("val_probe", val)):
+        if pair is not None and not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise TypeError(
+                f"{name} must be an (inputs, targets) pair of tensors (or tuples / dicts of "
+                f"tensors), not {type(pair).__name__}; from a DataLoader take fixed examples, "
+                "e.g. next(iter(loader)) with shuffling off"
+            )
     xs, ys = tree_map(move, train[0]), tree_map(move, train[1])
     n_train = batch_size(ys)
     if n_train == 0 or batch_size(xs) != n_train:
@@ -116,6 +124,56 @@ def make_probe(
                 raise ValueError(f"negative class label {int(uniq[0])} in the probe")
             k = max(k, int(labels.max()) + 1)
     return ProbeSet(xs, ys, n_train, labels, k, names)
+
+
+def without_uncounted(probe: ProbeSet, loss_fn: LossFn) -> tuple[ProbeSet, str]:
+    """``probe`` without the examples that have no counted target (every position the loss's
+    ``ignore_index``, e.g. a fully masked prompt): their mean loss over counted positions is
+    0/0, and kept as a zero-gradient example it would dilute every probe mean. Also a
+    description of what was left out ("" if nothing).
+
+    Raises:
+        ValueError: If no example of the train probe has a counted target.
+    """
+    keep = counted_examples(loss_fn, probe.targets)
+    if keep is None or bool(keep.all()):
+        return probe, ""
+    keep = keep.cpu()
+    gone = [int(i) for i in torch.nonzero(~keep).reshape(-1)]
+    n_train = int(keep[: probe.n_train].sum())
+    if n_train == 0:
+        raise ValueError(
+            "no example of the train probe has a counted target (every target is the loss's "
+            "ignore_index): nothing to measure"
+        )
+    where = ", ".join(
+        f"{i} (train)" if i < probe.n_train else f"{i - probe.n_train} (val)" for i in gone[:10]
+    )
+    more = f" and {len(gone) - 10} more" if len(gone) > 10 else ""
+    note = (
+        f"probe examples {where}{more} have no counted target (every position is the loss's "
+        f"ignore_index): left out of the probe, which measures {n_train} train and "
+        f"{int(keep.sum()) - n_train} val examples"
+    )
+    index = torch.nonzero(keep).reshape(-1)
+    on = index.to(probe.labels.device) if probe.labels is not None else None
+    kept = ProbeSet(
+        take(probe.inputs, _on_device(index, probe.inputs)),
+        take(probe.targets, _on_device(index, probe.targets)),
+        n_train,
+        probe.labels[on] if probe.labels is not None and on is not None else None,
+        probe.num_classes,
+        probe.class_names,
+    )
+    return kept, note
+
+
+def _on_device(index: Tensor, batch: Batch) -> Tensor:
+    """``index`` on the device of ``batch``'s first tensor (index and data must share one)."""
+    for leaf in tree_leaves(batch):
+        if isinstance(leaf, Tensor):
+            return index.to(leaf.device)
+    return index
 
 
 def _class_labels(ys: Batch) -> Tensor | None:

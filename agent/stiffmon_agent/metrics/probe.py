@@ -104,12 +104,16 @@ class PerExampleLoss:
 
     Attributes:
         fn: Returns per-example (or per-element) losses.
-        objective: ``"mean"`` or ``"sum"`` (see :func:`loss_reduction`).
+        objective: ``"mean"`` or ``"sum"`` over the examples (see :func:`loss_reduction`).
+        elements: How an example's elements (tokens, outputs) make its loss: ``"sum"`` for a
+            sum-reduced loss and for ``KLDivLoss(reduction="batchmean")`` (a mean over the
+            batch of per-example sums), else ``"mean"``.
     """
 
-    def __init__(self, fn: LossFn, objective: Reduction) -> None:
+    def __init__(self, fn: LossFn, objective: Reduction, elements: Reduction | None = None) -> None:
         self.fn = fn
         self.objective: Reduction = objective
+        self.elements: Reduction = elements or objective
 
     def __call__(self, outputs: Any, targets: Batch) -> torch.Tensor:
         return self.fn(outputs, targets)
@@ -125,11 +129,12 @@ def unreduced(loss_fn: LossFn) -> PerExampleLoss:
     if isinstance(loss_fn, PerExampleLoss):
         return loss_fn
     objective = loss_reduction(loss_fn)
+    batchmean = getattr(loss_fn, "reduction", None) == "batchmean"
     if isinstance(loss_fn, nn.Module) and hasattr(loss_fn, "reduction"):
         if loss_fn.reduction != "none":
             loss_fn = copy.copy(loss_fn)
             loss_fn.reduction = "none"
-    return PerExampleLoss(loss_fn, objective)
+    return PerExampleLoss(loss_fn, objective, "sum" if batchmean else objective)
 
 
 def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) -> torch.Tensor:
@@ -137,8 +142,9 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
 
     Non-batch dimensions of an unreduced loss (tokens of a sequence, target dimensions) are
     averaged when the objective is a mean (L_i is what a mean-reduced loss gives for example i
-    alone) and summed when it is a sum (Σ_i L_i is the sum-reduced loss); see
-    :func:`loss_reduction`.
+    alone) and summed when it is a sum (Σ_i L_i is the sum-reduced loss) or a mean over the
+    batch of per-example sums (``KLDivLoss(reduction="batchmean")``); see
+    :func:`loss_reduction` and :class:`PerExampleLoss`.
 
     Raises:
         ValueError: If ``loss_fn`` reduces over the batch (returns fewer than ``n`` values).
@@ -162,7 +168,8 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
         )
     if losses.dim() > 1:
         flat = losses.reshape(n, -1)
-        if loss_reduction(loss_fn) == "sum":
+        elements = loss_fn.elements if isinstance(loss_fn, PerExampleLoss) else None
+        if (elements or loss_reduction(loss_fn)) == "sum":
             return flat.sum(dim=1)
         counted = _counted(loss_fn, targets, losses.shape)
         if counted is None:
@@ -174,6 +181,18 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
 
 IGNORE_INDEX = -100
 """The ignore index assumed for a plain callable (torch's and Hugging Face's default)."""
+
+
+def counted_examples(loss_fn: LossFn, targets: Batch) -> torch.Tensor | None:
+    """Whether each example has an element a mean-reduced class-index loss counts (a target
+    not ``ignore_index``, of a non-zero class weight), shape (n,); None when the targets are not
+    per-element class indices (every example counts). An example without one has no loss of
+    its own: its mean over counted positions is 0/0."""
+    loss_fn = unreduced(loss_fn)
+    if loss_fn.elements == "sum" or not isinstance(targets, torch.Tensor) or targets.dim() < 2:
+        return None
+    counted = _counted(loss_fn, targets, targets.shape)
+    return None if counted is None else counted.reshape(targets.shape[0], -1).sum(dim=1) > 0
 
 
 def _counted(loss_fn: LossFn, targets: Batch, shape: torch.Size) -> torch.Tensor | None:
