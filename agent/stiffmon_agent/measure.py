@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from stiffmon import protocol as p
 from stiffmon_agent.measure_curvature import gradient_test_scalars
 from stiffmon_agent.metrics import (
+    EigenResult,
     HessianOperator,
     StabilityThreshold,
     capture_activations,
@@ -291,19 +292,41 @@ def sharpness_messages(
         "scale": scale,
         "wrap": wrap,
     }
-    check = state.check_below("raw") if state.warm is not None else None
-    res = hessian_eigen(
-        model,
-        x,
-        y,
-        loss_fn,
-        warm_start=state.warm,
-        check_below=check,
-        **common,  # type: ignore[arg-type]
-    )
-    check_products(res, "λ1_H")
-    state.warm = res.warm_start.detach()
-    state.note("raw", res)
+
+    def solve(which: str, preconditioner: Tensor | None = None) -> EigenResult:
+        """λ1 of H (``raw``) or P⁻¹H (``precond``), warm-started from the last measurement of
+        the same operator, which keeps its own warm start and cold checks."""
+        warm = state.warm if which == "raw" else state.warm_precond
+        res = hessian_eigen(
+            model,
+            x,
+            y,
+            loss_fn,
+            warm_start=warm,
+            preconditioner=preconditioner,
+            check_below=state.check_below(which) if warm is not None else None,
+            **common,  # type: ignore[arg-type]
+        )
+        check_products(res, "λ1_H" if which == "raw" else "λ1(P⁻¹H)")
+        if which == "raw":
+            state.warm = res.warm_start.detach()
+        else:
+            state.warm_precond = res.warm_start.detach()
+        state.note(which, res)
+        return res
+
+    def spectrum(name: str, res: EigenResult, thr: StabilityThreshold) -> Outgoing:
+        attrs = {
+            "hvps": res.matvecs,
+            "converged": res.converged,
+            "threshold_rule": thr.rule,
+            "threshold_group": thr.group if thr.group is not None else -1,
+            "objective": objective,
+        }
+        values = res.eigenvalues.detach().double().cpu().numpy()
+        return Outgoing(p.Spectrum, step, t, {"name": name, "values": values, "attrs": attrs})
+
+    res = solve("raw")
     if optimizer is None:
         threshold = StabilityThreshold(None, "none: no optimizer")
     else:
@@ -313,23 +336,13 @@ def sharpness_messages(
     elif threshold.value is None:
         why = threshold.rule.removeprefix("none: ")
         note("threshold-none", f"no stability threshold on λ1_H: {why}", key=threshold.rule)
-    values = res.eigenvalues.detach().double().cpu()
     names = ["sharpness/lambda1_h", "sharpness/threshold", "sharpness/hvps"]
     raw = [
-        float(values[0]) if values.numel() else math.nan,
+        float(res.eigenvalues[0]) if res.eigenvalues.numel() else math.nan,
         threshold.value if threshold.value is not None else math.nan,
         float(res.matvecs),
     ]
-    attrs: dict[str, Any] = {
-        "hvps": res.matvecs,
-        "converged": res.converged,
-        "threshold_rule": threshold.rule,
-        "threshold_group": threshold.group if threshold.group is not None else -1,
-        "objective": objective,
-    }
-    out.append(
-        Outgoing(p.Spectrum, step, t, {"name": "hessian", "values": values.numpy(), "attrs": attrs})
-    )
+    out.append(spectrum("hessian", res, threshold))
     if optimizer is not None and type(optimizer).__name__ in ("Adam", "AdamW", "RMSprop"):
         pthr = preconditioned_threshold_for(optimizer, groups)
         params = list(trainable_parameters(model).values())
@@ -338,40 +351,9 @@ def sharpness_messages(
         if diag is None:
             note("precond-unknown", f"no preconditioned sharpness yet: {why}", key=f"precond:{why}")
         else:
-            pcheck = state.check_below("precond") if state.warm_precond is not None else None
-            pres = hessian_eigen(
-                model,
-                x,
-                y,
-                loss_fn,
-                warm_start=state.warm_precond,
-                preconditioner=diag,
-                check_below=pcheck,
-                **common,  # type: ignore[arg-type]
-            )
-            check_products(pres, "λ1(P⁻¹H)")
-            state.warm_precond = pres.warm_start.detach()
-            state.note("precond", pres)
-            pvals = pres.eigenvalues.detach().double().cpu()
-            lam_p, hvps_p = float(pvals[0]), pres.matvecs
-            out.append(
-                Outgoing(
-                    p.Spectrum,
-                    step,
-                    t,
-                    {
-                        "name": "hessian-precond",
-                        "values": pvals.numpy(),
-                        "attrs": {
-                            "hvps": pres.matvecs,
-                            "converged": pres.converged,
-                            "threshold_rule": pthr.rule,
-                            "threshold_group": pthr.group if pthr.group is not None else -1,
-                            "objective": objective,
-                        },
-                    },
-                )
-            )
+            pres = solve("precond", diag)
+            lam_p, hvps_p = float(pres.eigenvalues[0]), pres.matvecs
+            out.append(spectrum("hessian-precond", pres, pthr))
         names += ["sharpness/lambda1_precond", "sharpness/threshold_precond"]
         early = momentum_warmup(optimizer, groups)
         if early:  # its spectrum still goes out (and warm-starts the next measurement)
@@ -380,7 +362,7 @@ def sharpness_messages(
         raw += [math.nan if early else lam_p, pthr.value if ok else math.nan]  # type: ignore[list-item]
         raw[2] += hvps_p
     out.append(Outgoing(p.Scalars, step, t, {"values_names": names, "values_raw": raw}))
-    return out, state.warm
+    return out, res.warm_start.detach()  # what state.warm holds
 
 
 def _json(x: float) -> float | None:
