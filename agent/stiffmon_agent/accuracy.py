@@ -2,10 +2,15 @@
 
 The accuracy of a step is ``mean(argmax(logits, -1) == targets)`` over the targets ≥ 0: a
 negative target (cross-entropy's ``ignore_index``, -100 by default: padding) is no prediction,
-so it counts neither as a hit nor as a miss; a step with none is NaN. There must be one target
-per prediction, ``targets.shape == logits.shape[:-1]`` with at least two classes (no
-broadcasting; a binary classifier's single logit has no argmax): otherwise the step is NaN and
-a warning ``event`` says why. With a binary loss (:func:`binary_threshold`: ``BCEWithLogitsLoss``
+so it counts neither as a hit nor as a miss; a step with none is NaN. A non-negative
+``ignore_index`` (255 in many segmentation sets) is a class like any other unless it is passed
+as ``ignore_index`` (:func:`class_ignore_index` reads it off the loss). There must be one target
+per prediction with at least two classes (no broadcasting; a binary classifier's single logit
+has no argmax), classes last, ``targets.shape == logits.shape[:-1]``, or, as
+``CrossEntropyLoss`` and ``NLLLoss`` read (N, C, d1, ...) inputs, classes in dimension 1 with
+``targets.shape == (N, d1, ...)`` (segmentation); a shape that fits both, e.g. (N, T, T) logits
+with (N, T) targets, is read classes last. Otherwise the step is NaN and a warning ``event``
+says why. With a binary loss (:func:`binary_threshold`: ``BCEWithLogitsLoss``
 or ``BCELoss``) it is instead Keras' ``binary_accuracy``: ``mean((logits > t) == (targets > 0.5))``
 over every element, with t = 0 for logits and 0.5 for probabilities, and targets of the logits'
 shape ((B,), (B, 1), or (B, C) multi-label: the fraction of labels right). Where it is computed
@@ -46,6 +51,8 @@ log = logging.getLogger("stiffmon_agent")
 
 DEFER_MAX_ELEMENTS = 8192
 STACK_MAX_ELEMENTS = 32_768
+_WARNED = "(accuracy)"  # keys of step_accuracy's ``warned``: never a custom scalar's name
+_COUNTED = "(accuracy counted)"
 
 
 class Accuracy:
@@ -56,17 +63,24 @@ class Accuracy:
         targets: The targets, or None when counted already.
         hits: When counted: a tensor ``[correct predictions, targets ≥ 0]`` (None when kept).
         threshold: A binary loss's decision threshold (:func:`binary_threshold`), else None
-            (argmax over the last dimension).
+            (argmax over the class dimension: :func:`check_comparable`).
+        ignore: A non-negative target that is no prediction (a loss's ``ignore_index``), or
+            None: only negative targets are.
         versions: The kept tensors' version counters when kept.
     """
 
-    __slots__ = ("hits", "logits", "targets", "threshold", "versions")
+    __slots__ = ("hits", "ignore", "logits", "targets", "threshold", "versions")
 
     def __init__(
-        self, logits: Any, targets: Any, hits: Any = None, threshold: float | None = None
+        self,
+        logits: Any,
+        targets: Any,
+        hits: Any = None,
+        threshold: float | None = None,
+        ignore: int | None = None,
     ) -> None:
         self.logits, self.targets, self.hits = logits, targets, hits
-        self.threshold = threshold
+        self.threshold, self.ignore = threshold, ignore
         self.versions = (logits._version, targets._version) if hits is None else (0, 0)
 
     @property
@@ -78,23 +92,42 @@ class Accuracy:
 
     @classmethod
     def of(
-        cls, logits: torch.Tensor, targets: torch.Tensor, threshold: float | None = None
+        cls,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        threshold: float | None = None,
+        ignore_index: int | None = None,
     ) -> Accuracy:
-        """On the training thread: keep small logits, count big ones (raises if the shapes
-        do not compare)."""
+        """On the training thread: keep small logits, count big ones.
+
+        Args:
+            logits: The step's model outputs.
+            targets: Its targets (:func:`check_comparable`).
+            threshold: A binary loss's decision threshold, or None (argmax accuracy).
+            ignore_index: A non-negative target to leave out like the negative ones, or None.
+
+        Returns:
+            The kept tensors (checked on the publisher thread) or the counts.
+
+        Raises:
+            ValueError: Counted logits whose shapes do not compare with the targets'.
+        """
         logits = logits.detach()
         if targets.requires_grad:
             targets = targets.detach()
         if logits.is_cpu and logits.numel() <= DEFER_MAX_ELEMENTS:
-            return cls(logits, targets, None, threshold)  # checked on the publisher thread
-        check_comparable(logits, targets, threshold)
+            return cls(logits, targets, None, threshold, ignore_index)  # checked later
+        dim = check_comparable(logits, targets, threshold)
         with torch.no_grad():
             if threshold is not None:
                 same = (logits > threshold) == (targets > 0.5)
                 valid = torch.ones_like(same).sum()
-            else:  # a negative target never equals an argmax: no hit
-                same, valid = logits.argmax(-1) == targets, (targets >= 0).sum()
-            return cls(None, None, torch.stack((same.sum(), valid)), threshold)
+            elif ignore_index is None:  # a negative target never equals an argmax: no hit
+                same, valid = logits.argmax(dim) == targets, (targets >= 0).sum()
+            else:
+                kept = (targets >= 0) & (targets != ignore_index)
+                same, valid = (logits.argmax(dim) == targets) & kept, kept.sum()
+            return cls(None, None, torch.stack((same.sum(), valid)), threshold, ignore_index)
 
     def __float__(self) -> float:
         if not self.intact:
@@ -115,47 +148,107 @@ def binary_threshold(loss_fn: Any) -> float | None:
     return None
 
 
-def check_comparable(logits: Any, targets: Any, threshold: float | None = None) -> None:
-    """Raise unless there is one target per prediction, ``logits.shape[:-1] == targets.shape``
-    (no broadcasting: targets of shape (B, 1) against (B, C) logits would compare every
-    prediction with every target), and at least two classes (a binary classifier's one logit
-    per example, shape (B,) or (B, 1), has no argmax). With a binary loss's ``threshold``: one
-    target per output, ``logits.shape == targets.shape``."""
+def check_comparable(logits: Any, targets: Any, threshold: float | None = None) -> int:
+    """The logits' class dimension, for the argmax; raise unless the shapes compare.
+
+    There must be one target per prediction (no broadcasting: targets of shape (B, 1) against
+    (B, C) logits would compare every prediction with every target) and at least two classes (a
+    binary classifier's one logit per example, shape (B,) or (B, 1), has no argmax). The classes
+    are last where ``logits.shape[:-1] == targets.shape``, else in dimension 1 where the logits
+    have three or more dimensions and ``targets.shape == (N, d1, ...)`` for (N, C, d1, ...)
+    logits (``CrossEntropyLoss``'s segmentation layout); a shape that fits both is read classes
+    last. With a binary loss's ``threshold``: one target per output, the same shape.
+
+    Args:
+        logits: The model outputs (anything with ``shape`` and ``ndim``).
+        targets: The targets.
+        threshold: A binary loss's decision threshold, or None (argmax accuracy).
+
+    Returns:
+        -1 (classes last) or 1 (classes in dimension 1); -1 with a ``threshold``.
+
+    Raises:
+        ValueError: The shapes do not compare; the message says why.
+    """
+    shape, target_shape = tuple(logits.shape), tuple(targets.shape)
     if threshold is not None:
-        if tuple(logits.shape) != tuple(targets.shape):
+        if shape != target_shape:
             raise ValueError(
-                f"outputs {tuple(logits.shape)} and targets {tuple(targets.shape)} of a binary "
+                f"outputs {shape} and targets {target_shape} of a binary "
                 "loss do not compare (need one 0/1 target per output, the same shape)"
             )
-        return
-    if logits.ndim < 1 or logits.shape[-1] < 2:
+        return -1
+    if shape and shape[:-1] == target_shape:
+        dim = -1
+    elif len(shape) >= 3 and target_shape == (shape[0], *shape[2:]):
+        dim = 1
+    elif not shape or shape[-1] < 2:
+        dim = -1  # said below, as before the layouts were told apart
+    elif shape == target_shape:
         raise ValueError(
-            f"logits {tuple(logits.shape)} have no class dimension of two or more classes "
-            "(a binary classifier's single logit has no argmax accuracy)"
-        )
-    if tuple(logits.shape) == tuple(targets.shape):
-        raise ValueError(
-            f"logits and targets have the same shape {tuple(logits.shape)} (probability "
+            f"logits and targets have the same shape {shape} (probability "
             "targets, a binary classifier's or a regression's outputs): no class-index accuracy"
         )
-    if tuple(logits.shape[:-1]) != tuple(targets.shape):
+    else:
         raise ValueError(
-            f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not compare "
-            "(need targets of the logits' shape without the class dimension)"
+            f"logits {shape} and targets {target_shape} do not compare (need targets of the "
+            "logits' shape without the class dimension, the last or, for (N, C, d1, ...) "
+            "logits, dimension 1)"
         )
+    if not shape or shape[dim] < 2:
+        raise ValueError(
+            f"logits {shape} have no class dimension of two or more classes "
+            "(a binary classifier's single logit has no argmax accuracy)"
+        )
+    return dim
+
+
+def class_ignore_index(loss_fn: Any) -> int | None:
+    """The non-negative ``ignore_index`` of a ``CrossEntropyLoss`` or ``NLLLoss`` (255 in many
+    segmentation sets), to pass as :func:`step_accuracy`'s ``ignore_index``; None for any other
+    loss and for a negative one (negative targets are left out anyway)."""
+    if isinstance(loss_fn, torch.nn.CrossEntropyLoss | torch.nn.NLLLoss):
+        index = int(loss_fn.ignore_index)
+        return index if index >= 0 else None
+    return None
 
 
 def step_accuracy(
-    logits: Any, targets: Any, warned: set[str], threshold: float | None = None
+    logits: Any,
+    targets: Any,
+    warned: set[str],
+    threshold: float | None = None,
+    ignore_index: int | None = None,
 ) -> Accuracy | float:
-    """:meth:`Accuracy.of`, never raising: NaN, and one warning, if the two do not compare."""
+    """:meth:`Accuracy.of`, never raising: NaN, and one warning, if the two do not compare.
+
+    Args:
+        logits: The step's model outputs.
+        targets: Its targets.
+        warned: What was said already (shared with ``Agent.log``: the keys here are no custom
+            scalar's name); a step counted here marks that the accuracy was available.
+        threshold: A binary loss's decision threshold, or None (argmax accuracy).
+        ignore_index: A non-negative target to leave out like the negative ones, or None.
+
+    Returns:
+        The step's :class:`Accuracy`, or NaN.
+    """
     try:
-        return Accuracy.of(logits, targets, threshold)
+        a = Accuracy.of(logits, targets, threshold, ignore_index)
     except Exception as exc:  # never into the training loop
-        if "accuracy" not in warned:
-            warned.add("accuracy")
-            log.warning(f"stiffmon: no accuracy from these logits and targets: {exc}")
+        if _WARNED not in warned:
+            warned.add(_WARNED)
+            if _COUNTED in warned:  # counted before: only some steps lack it
+                log.warning(f"stiffmon: no accuracy for some steps (NaN): {exc}")
+            else:
+                log.warning(
+                    "stiffmon: accuracy unavailable for this run (NaN from the first step on): "
+                    f"{exc}"
+                )
         return math.nan
+    if a.hits is not None and _COUNTED not in warned:
+        warned.add(_COUNTED)
+    return a
 
 
 def accuracies(
@@ -220,24 +313,29 @@ def _kept_rates(run: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
 
 
 def _hit_rates(run: Sequence[Accuracy]) -> npt.NDArray[np.float64]:
-    """Hit rates (hits over targets ≥ 0) of kept steps of one shape, stacked in one torch call
-    each (below the parallel grain: no thread team), counted in numpy (a few µs,
-    single-threaded) on the stacked memory; in torch where numpy has no view of it (bfloat16)."""
+    """Hit rates (hits over targets ≥ 0 and not ``ignore``) of kept steps of one shape and rule,
+    stacked in one torch call each (below the parallel grain: no thread team), counted in numpy
+    (a few µs, single-threaded) on the stacked memory; in torch where numpy has no view of it
+    (bfloat16)."""
     t_logits = torch.stack([a.logits for a in run])  # one call; raises if shapes differ
     t_targets = torch.stack([a.targets for a in run])
-    threshold = run[0].threshold
-    check_comparable(run[0].logits, run[0].targets, threshold)
+    threshold, ignore = run[0].threshold, run[0].ignore
+    dim = check_comparable(run[0].logits, run[0].targets, threshold)
+    axis = -1 if dim == -1 else dim + 1  # in the stacked tensors
     k = len(run)
     if threshold is not None:  # a binary loss: every output element is a prediction
         same_t = (t_logits > threshold) == (t_targets > 0.5)
         return same_t.reshape(k, -1).double().mean(dim=1).numpy()
     try:
         targets = t_targets.numpy()
-        same = np.equal(t_logits.numpy().argmax(-1), targets).reshape(k, -1)
+        same = np.equal(t_logits.numpy().argmax(axis), targets).reshape(k, -1)
         valid = (targets >= 0).reshape(k, -1)  # a negative target is padding
     except (TypeError, RuntimeError):  # no numpy view of this tensor
-        same = (t_logits.argmax(-1) == t_targets).reshape(k, -1).numpy()
+        same = (t_logits.argmax(axis) == t_targets).reshape(k, -1).numpy()
         valid = (t_targets >= 0).reshape(k, -1).numpy()
+    if ignore is not None:  # a non-negative ignore_index may equal an argmax
+        valid &= (t_targets != ignore).reshape(k, -1).numpy()
+        same &= valid
     n = valid.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(n > 0, same.sum(axis=1) / np.maximum(n, 1), math.nan)

@@ -30,7 +30,7 @@ from stiffmon.registry import unregister
 from stiffmon.transport import CurveKeys
 from stiffmon_agent import distributed as sharding
 from stiffmon_agent import termination
-from stiffmon_agent.accuracy import binary_threshold, step_accuracy
+from stiffmon_agent.accuracy import binary_threshold, class_ignore_index, step_accuracy
 from stiffmon_agent.agent_output import AgentOutput
 from stiffmon_agent.announce import (
     dist_rank,
@@ -211,6 +211,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self._batch_size = batch_size
         self._log_warned: set[str] = set()
         self._binary = binary_threshold(loss_fn)  # BCE: thresholded, not argmax, accuracy
+        self._ignore = class_ignore_index(loss_fn)  # a CE target index (255) not counted
         self._budget = MeasurementBudget(overhead_cap, self._publishing_seconds, self.event)
         self._registry_run: str | None = None
         self.probe: ProbeSet | None = None
@@ -336,7 +337,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             oc.accumulation = 0
         extra = 0
         if logits is not None and targets is not None:
-            row.append(step_accuracy(logits, targets, self._log_warned, self._binary))
+            row.append(step_accuracy(logits, targets, self._log_warned, self._binary, self._ignore))
             extra = 1
         if self._batch_size is None and isinstance(logits, Tensor) and logits.ndim >= 1:
             self._sharp_state.batch_size = b = int(logits.shape[0])  # B of a sum-reduced loss

@@ -45,6 +45,7 @@ class Emitter:
     _nonfinite_streak: int
     _problems: set[str]  # why a batch's values failed (build_columns)
     _problems_said: set[str]
+    _accuracy_seen: bool = False  # some step's accuracy was a number (for the wording)
 
     def _heartbeat(
         self, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None, *, record: bool
@@ -100,6 +101,8 @@ class Emitter:
             self.unrecorded += 1
             if not sent:
                 self.dropped += 1
+        if not self._accuracy_seen and isinstance(msg, p.Columns) and "accuracy" in msg.names:
+            self._accuracy_seen = bool(np.isfinite(msg.column("accuracy")).any())
         if self._problems:
             writer = self._say_problems(msg.step, pub, writer)
         if isinstance(msg, p.Scalars):
@@ -117,13 +120,28 @@ class Emitter:
         self, step: int, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
     ) -> SessionWriter | None:
         """One warning ``event`` (and log line) per new reason a batch's values failed; the
-        writer still recording (None once a write failed)."""
+        writer still recording (None once a write failed).
+
+        The accuracy is said to be unavailable for the run while no step's accuracy has been a
+        number yet (a regression, probability targets: every step NaN), and NaN at some steps
+        once one has.
+        """
         new = sorted(self._problems - self._problems_said)[: max(0, 20 - len(self._problems_said))]
         self._problems.clear()
         for text in new:
             self._problems_said.add(text)
-            self._warn(f"stiffmon: no accuracy for some steps (NaN): {text}")
-            what = f"accuracy is NaN at some steps of the batch up to step {step}: {text}"
+            if self._accuracy_seen:
+                self._warn(f"stiffmon: no accuracy for some steps (NaN): {text}")
+                what = f"accuracy is NaN at some steps of the batch up to step {step}: {text}"
+            else:
+                self._warn(
+                    "stiffmon: accuracy unavailable for this run (NaN from the first step on): "
+                    f"{text}"
+                )
+                what = (
+                    "accuracy is unavailable for this run: NaN at every step from the first "
+                    f"up to step {step}: {text}"
+                )
             writer = self._warning(step, "accuracy-unavailable", what, {}, pub, writer)
         return writer
 
