@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -56,3 +57,19 @@ def loop_gram(
 
 def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def dense_hessian_of(model: nn.Module, x: Any, objective: Any) -> Tensor:
+    """Dense Hessian, by ``torch.autograd.functional.hessian``, of ``objective(outputs)`` with
+    ``outputs = model(x)`` as a function of the trainable parameters (flattened in order)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def loss(v: Tensor) -> Tensor:
+        chunks = v.split([math.prod(s) for s in shapes])
+        p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        return objective(torch.func.functional_call(model, p, (x,), strict=False))
+
+    return torch.autograd.functional.hessian(loss, flat)

@@ -6,8 +6,6 @@ dense Hessian of the objective itself."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +14,7 @@ from torch import Tensor, nn
 from stiffmon_agent.metrics import hessian_eigen
 from stiffmon_agent.metrics.gram import per_example_gram
 from stiffmon_agent.metrics.probe import per_example_losses, unreduced
-from tests.agent.metrics.reference import loop_gram, rel_err
+from tests.agent.metrics.reference import dense_hessian_of, loop_gram, rel_err
 
 N, D, C = 10, 5, 6
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides the total loss")
@@ -70,18 +68,8 @@ def test_gram_and_sharpness_match_the_objective(reduction: str) -> None:
     got_g = per_example_gram(model, x, t, loss_fn, forward=_log_probs).total
     assert rel_err(got_g, ref_g) < 1e-10
 
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
-    shapes = [params[n].shape for n in names]
-    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def objective(v: Tensor) -> Tensor:
-        chunks = v.split([math.prod(s) for s in shapes])
-        p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
-        out = torch.func.functional_call(model, p, (x,))
-        return F.kl_div(F.log_softmax(out, -1), t, reduction=reduction)
-
-    ref = torch.linalg.eigvalsh(torch.autograd.functional.hessian(objective, flat))[-1]
+    objective = lambda out: F.kl_div(F.log_softmax(out, -1), t, reduction=reduction)  # noqa: E731
+    ref = torch.linalg.eigvalsh(dense_hessian_of(model, x, objective))[-1]
     got = hessian_eigen(
         model, x, t, loss_fn, forward=_log_probs, k=1, tol=1e-10, max_hvps=500,  # type: ignore[arg-type]
         generator=torch.Generator().manual_seed(0),

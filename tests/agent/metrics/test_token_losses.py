@@ -4,7 +4,6 @@ sharpness; checked against each example's loss computed alone, in float64."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 from stiffmon_agent.metrics import hessian_eigen
 from stiffmon_agent.metrics.gram import per_example_gram
 from stiffmon_agent.metrics.probe import per_example_losses, unreduced
-from tests.agent.metrics.reference import loop_gram, rel_err
+from tests.agent.metrics.reference import dense_hessian_of, loop_gram, rel_err
 
 V, T, B = 7, 6, 5
 
@@ -114,18 +113,11 @@ def test_gram_matches_single_example_gradients_of_each_example_alone() -> None:
 
 def _dense_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Dense Hessian of (1/B) Σ_i (example i's mean-reduced loss alone)."""
-    names = [n for n, q in model.named_parameters()]
-    params = dict(model.named_parameters())
-    shapes = [params[n].shape for n in names]
-    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def objective(v: Tensor) -> Tensor:
-        chunks = v.split([math.prod(s) for s in shapes])
-        p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
-        out = torch.func.functional_call(model, p, (x,))
-        return torch.stack([_alone()(out[i : i + 1], y[i : i + 1]) for i in range(B)]).mean()
-
-    return torch.autograd.functional.hessian(objective, flat)
+    return dense_hessian_of(
+        model,
+        x,
+        lambda out: torch.stack([_alone()(out[i : i + 1], y[i : i + 1]) for i in range(B)]).mean(),
+    )
 
 
 @pytest.mark.parametrize("name", ["module", "flattening-wrapper"])
