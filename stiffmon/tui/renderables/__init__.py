@@ -13,7 +13,14 @@ from stiffmon.tui.renderables.axes import (
     thin_minmax,
 )
 from stiffmon.tui.renderables.heatmap import Heatmap, ascii_level, diverging, short_labels
-from stiffmon.tui.renderables.linechart import HLine, Line, LineChart, Marker, XMark
+from stiffmon.tui.renderables.linechart import (
+    HLine,
+    Line,
+    LineChart,
+    Marker,
+    StepLine,
+    XMark,
+)
 from stiffmon.tui.renderables.stepheatmap import StepHeatmap
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "LineChart",
     "Marker",
     "StepHeatmap",
+    "StepLine",
     "XMark",
     "ascii_level",
     "asciify",

@@ -47,6 +47,23 @@ def lr_cell(s: dict[str, Any], ascii: bool = False) -> str:
     return fmt(s.get("lr"), ".3g") + (" g0" if s.get("lr_groups", 1) > 1 else "")
 
 
+def thr_cell(s: dict[str, Any], ascii: bool = False) -> str:
+    """``119@50``: the stability threshold of the last λ1 measurement with its step when the
+    schedule moved η or β since (the η column's latest η is not the one it comes from)."""
+    thr = fmt(s.get("threshold_now"), ".3g")
+    step = s.get("threshold_step")
+    return thr if step is None or thr == "—" else f"{thr}@{short_step(int(step))}"
+
+
+def short_step(step: int) -> str:
+    """A step in at most 5 characters: ``950``, ``12345``, ``123k``, ``1.2M``."""
+    if step < 100_000:
+        return str(step)
+    if step < 1_000_000:
+        return f"{step // 1000}k"
+    return f"{step / 1e6:.2g}M" if step < 10_000_000 else f"{step // 1_000_000}M"
+
+
 Field = tuple[str, Callable[[dict[str, Any], bool], str]]
 FIELDS: tuple[Field, ...] = (
     ("η", lr_cell),
@@ -54,7 +71,7 @@ FIELDS: tuple[Field, ...] = (
     ("β", lambda s, a: fmt(s.get("momentum"), ".2g")),
     ("η/B", lambda s, a: fmt(s.get("lr_over_batch"), ".2g")),
     ("λ1", sharpness_cell),
-    ("thr", lambda s, a: fmt(s.get("threshold_now"), ".3g")),
+    ("thr", thr_cell),
     ("BE", be_cell),
     ("λ1@BE", lambda s, a: fmt(s.get("lambda1_at_break_even"), ".3g")),
     ("λH pk", lambda s, a: fmt(s.get("peak_lambda1_h"), ".3g")),
@@ -67,8 +84,10 @@ FIELDS: tuple[Field, ...] = (
 LEGEND = (
     "break-even {marks}; BE its step: thr λ1 reached thr, pk early peak, cat catapult; "
     "λ1 the sharpness the row's thr and λ1@BE are about: H λ1_H (SGD), P⁻¹H λ1(P⁻¹H) "
-    "preconditioned (adaptive runs); thr its stability threshold (2/η SGD, (2+2β)/η momentum, "
-    "38/η Adam at β1 = 0.9); η, β latest learning rate, momentum (Adam β1) of param group 0 "
+    "preconditioned (adaptive runs); thr its stability threshold at the last λ1 measurement "
+    "(2/η SGD, (2+2β)/η momentum, 38/η Adam at β1 = 0.9), @S: from the η, β of that step S, "
+    "moved since; "
+    "η, β latest learning rate, momentum (Adam β1) of param group 0 "
     "(g0: the groups' η differ); λH pk peak λ1_H; aft mean after BE"
 )
 

@@ -85,6 +85,27 @@ class HLine:
 
 
 @dataclass(frozen=True)
+class StepLine:
+    """A dashed step line (e.g. a run's stability threshold under an lr schedule): ``y[i]``
+    measured at ``x[i]`` (sorted) is held until ``x[i + 1]``, the last one up to ``x_end`` (its
+    run's last step). A constant one looks like an :class:`HLine` from ``x[0]``. Parts above the
+    y range are named near the top over their end: ``↑thr 190`` (the lowest value of that part;
+    ``↑190`` where only that fits)."""
+
+    x: FloatArray
+    y: FloatArray
+    color: str
+    label: str = ""
+    x_end: float = math.inf
+
+    def visible(self, lo: float, hi: float) -> FloatArray:
+        """The values held somewhere in [lo, hi]."""
+        i0 = max(0, int(np.searchsorted(self.x, lo, side="right")) - 1)
+        i1 = int(np.searchsorted(self.x, hi, side="right"))
+        return self.y[i0:i1] if lo <= self.x_end else self.y[:0]
+
+
+@dataclass(frozen=True)
 class Marker:
     """A symbol at (x, y), e.g. ◆ at a run's break-even point (ASCII: see ``ASCII_SYMBOLS``)."""
 
@@ -142,6 +163,7 @@ class LineChart:
         x_marks: Symbols on the x axis.
         x_span: The x range the data belong to (e.g. the runs' steps so far): the axis spans
             it, so that charts of series that stop early (or one measurement) line up.
+        steplines: Dashed step lines (values held from one x to the next).
     """
 
     lines: Sequence[Line]
@@ -160,6 +182,7 @@ class LineChart:
     cursor_x: float | None = None
     x_marks: Sequence[XMark] = ()
     x_span: tuple[float, float] | None = None
+    steplines: Sequence[StepLine] = ()
     plot_box: tuple[int, int, float, float] | None = None  # set when drawn: left, width, x0, x1
     _title: str = field(default="", init=False, repr=False)  # the title before asciify
 
@@ -187,13 +210,13 @@ class LineChart:
         if not xs:
             return None
         data_top = max(ys)
-        for h in self.hlines:  # thresholds far above the data would flatten it: leave them off
-            if (
-                math.isfinite(h.y)
-                and (h.y > 0 or not self.log_y)
-                and h.y <= 2 * abs(data_top) + 1e-12
-            ):
-                ys.append(h.y)
+        x_lo, x_hi = (min(xs), max(xs)) if self.x_range is None else self.x_range
+        levels = [h.y for h in self.hlines]
+        for sl in self.steplines:
+            levels += sl.visible(x_lo, x_hi).tolist()
+        for v in levels:  # thresholds far above the data would flatten it: leave them off
+            if math.isfinite(v) and (v > 0 or not self.log_y) and v <= 2 * abs(data_top) + 1e-12:
+                ys.append(v)
         for m in self.markers:
             if math.isfinite(m.y) and (m.y > 0 or not self.log_y):
                 ys.append(m.y)

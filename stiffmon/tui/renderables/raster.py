@@ -15,7 +15,7 @@ from stiffmon.marks import ASCII_MARKS
 from stiffmon.tui.renderables.axes import FloatArray, fmt_tick, thin_minmax
 
 if TYPE_CHECKING:
-    from stiffmon.tui.renderables.linechart import HLine, LineChart
+    from stiffmon.tui.renderables.linechart import LineChart, StepLine
 
 # Braille dot bits, indexed [row 0..3][col 0..1]
 _BRAILLE = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
@@ -29,11 +29,16 @@ def row_of(y: float, y0: float, y1: float, rows: int) -> int:
 
 
 def free_span(
-    text: list[list[str | None]], bits: npt.NDArray[np.int64], length: int, rows: int
+    text: list[list[str | None]],
+    bits: npt.NDArray[np.int64],
+    length: int,
+    rows: int,
+    near: int | None = None,
 ) -> tuple[int, int] | None:
     """Where ``length`` cells in a row carry nothing (no dot, no dash, no symbol), with an empty
     cell or the edge on both sides: (row, first column), the top ``rows`` rows searched from
-    the top and each from the right; None when there is no such place."""
+    the top and each from the right (from the first column nearest ``near`` when given); None
+    when there is no such place."""
     rows = min(rows, len(text))
     if rows <= 0 or length <= 0:
         return None
@@ -42,11 +47,33 @@ def free_span(
     sums = np.concatenate([np.zeros((rows, 1), np.int64), np.cumsum(padded, axis=1)], axis=1)
     need = length + 2
     fits = sums[:, need:] - sums[:, :-need] == need  # [r, j]: cells j-1 … j+length all empty
+    if near is not None:
+        rr, cc = np.nonzero(fits)
+        if not len(rr):
+            return None
+        best = int(np.lexsort((np.abs(cc - near), rr))[0])
+        return int(rr[best]), int(cc[best])
     for r in range(rows):
         starts = np.flatnonzero(fits[r])
         if len(starts):
             return r, int(starts[-1])
     return None
+
+
+def step_columns(sl: StepLine, x0: float, x1: float, pw: int) -> FloatArray:
+    """The value of the step line held at each of ``pw`` plot columns (NaN: none, before its
+    first x or past ``x_end``); a column that several measurements share shows the latest."""
+    out = np.full(pw, np.nan)
+    x = np.asarray(sl.x, dtype=np.float64)
+    if not len(x) or sl.x_end < x0:
+        return out
+    cols = np.round((x - x0) / (x1 - x0) * (pw - 1))
+    last = pw - 1 if sl.x_end >= x1 else round((sl.x_end - x0) / (x1 - x0) * (pw - 1))
+    at = np.arange(pw)
+    idx = np.searchsorted(cols, at, side="right") - 1
+    ok = (idx >= 0) & (at <= last)
+    out[ok] = np.asarray(sl.y, dtype=np.float64)[idx[ok]]
+    return out
 
 
 def raster(
@@ -70,18 +97,43 @@ def raster(
             return v
         return math.log10(v) if v > 0 else math.nan
 
-    above: list[HLine] = []
+    dash = "-" if chart.ascii else "╌"
+    above: list[tuple[str, float, str, int | None]] = []  # label, value, colour, last column
     for h in chart.hlines:
         hy = to_y(h.y)
         if h.label and math.isfinite(hy) and hy > y1 and h.x_end >= x0:
-            above.append(h)
+            above.append((h.label, h.y, h.color, None))
         if not math.isfinite(hy) or not (y0 <= hy <= y1) or h.x_end < x0:
             continue
         r = row_of(hy, y0, y1, ph)
         last = pw - 1 if h.x_end >= x1 else round((h.x_end - x0) / (x1 - x0) * (pw - 1))
         for c in range(0, last + 1, 2):
             if text[r][c] is None:
-                text[r][c], color_grid[r][c] = ("-" if chart.ascii else "╌"), h.color
+                text[r][c], color_grid[r][c] = dash, h.color
+    for sl in chart.steplines:
+        held = step_columns(sl, x0, x1, pw)
+        ly = np.array([to_y(float(v)) for v in held])
+        prev_row = -1
+        for c in range(pw):
+            if not (math.isfinite(ly[c]) and y0 <= ly[c] <= y1):
+                prev_row = -1
+                continue
+            r = row_of(float(ly[c]), y0, y1, ph)
+            if (c % 2 == 0 or r != prev_row) and text[r][c] is None:  # a short step shows too
+                text[r][c], color_grid[r][c] = dash, sl.color
+            prev_row = r
+        if sl.label:  # each part above the range: its lowest value, named over its end
+            high = np.isfinite(ly) & (ly > y1)
+            c = 0
+            while c < pw:
+                if not high[c]:
+                    c += 1
+                    continue
+                e = c
+                while e + 1 < pw and high[e + 1]:
+                    e += 1
+                above.append((sl.label, float(np.min(held[c : e + 1])), sl.color, e))
+                c = e + 1
     if chart.cursor_x is not None and x0 <= chart.cursor_x <= x1:
         c = round((chart.cursor_x - x0) / (x1 - x0) * (pw - 1))
         for r in range(ph):
@@ -135,14 +187,15 @@ def raster(
         text[r][c], color_grid[r][c] = sym, m.color
     # thresholds above the y range: named near the top right, ``↑thr 190``, on empty cells only
     arrow = "^" if chart.ascii else "↑"
-    for h in above:
-        named = f"{arrow}{h.label + ' ' if h.label else ''}{fmt_tick(h.y)}"
-        for lab in dict.fromkeys((named, f"{arrow}{fmt_tick(h.y)}")):
-            spot = free_span(text, bits, len(lab), max(1, ph // 3))
+    for label, value, color, end in above:
+        named = f"{arrow}{label + ' ' if label else ''}{fmt_tick(value)}"
+        for lab in dict.fromkeys((named, f"{arrow}{fmt_tick(value)}")):
+            near = None if end is None else max(0, end - len(lab) + 1)
+            spot = free_span(text, bits, len(lab), max(1, ph // 3), near)
             if spot is not None:
                 r, start = spot
                 for i, ch in enumerate(lab):
-                    text[r][start + i], color_grid[r][start + i] = ch, h.color
+                    text[r][start + i], color_grid[r][start + i] = ch, color
                 break
     out: list[list[tuple[str, str | None]]] = []
     for r in range(ph):

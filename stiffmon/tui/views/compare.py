@@ -3,8 +3,10 @@ user's ``custom/…`` scalars are in the cycle)."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from rich.console import RenderableType
 from textual.containers import Vertical
 from textual.widget import Widget
@@ -43,9 +45,14 @@ def summary_of(rd: RunData) -> dict[str, Any]:
 
 def fresh(app: StiffmonApp, rd: RunData, now: float, series: str) -> dict[str, Any]:
     """What changes every step: the last loss, η and β (a schedule moves them) and the state;
-    the threshold is the one of ``series``, the λ1 the break-even was judged on."""
+    the threshold is the one of ``series``, the λ1 the break-even was judged on, at its last
+    measurement, with that measurement's step where η or β moved since: the table must not
+    pass off a threshold computed from an earlier η as the one of the η it shows."""
     precond = series == "sharpness/lambda1_precond"
-    thr = rd.last("sharpness/threshold_precond" if precond else "sharpness/threshold")
+    thr_name = "sharpness/threshold_precond" if precond else "sharpness/threshold"
+    thr, thr_step = last_of(rd, thr_name)
+    if thr_step is not None and not schedule_moved(rd, thr_step):
+        thr_step = None
     return {
         "final_loss": rd.last("loss"),
         "lr": rd.lr,
@@ -54,8 +61,31 @@ def fresh(app: StiffmonApp, rd: RunData, now: float, series: str) -> dict[str, A
         "lr_over_batch": derive.lr_over_batch(rd.lr, rd.batch_size),
         "status": status_words(app, rd, now),
         "threshold_now": thr,
+        "threshold_step": thr_step,
         "diverged": rd.diverged_step is not None,
     }
+
+
+def last_of(rd: RunData, name: str) -> tuple[float, int | None]:
+    """The last value of series ``name`` (NaN where no threshold applied) and its step; (NaN,
+    None) before one."""
+    s = rd.series(name)
+    if s is None or not len(s):
+        return math.nan, None
+    return s.last(), int(s.steps[-1])
+
+
+def schedule_moved(rd: RunData, step: int) -> bool:
+    """Whether any param group's η or β at the run's last step differs from the one at
+    ``step`` (the threshold's rule takes the most restrictive group, not always group 0)."""
+    for name, s in rd.scalars.items():
+        if not name.startswith(("lr/", "momentum/")) or not len(s):
+            continue
+        i = int(np.searchsorted(s.steps, step, side="right")) - 1
+        then, now = (float(s.values[max(0, i)]), s.last())
+        if math.isfinite(then) and math.isfinite(now) and not math.isclose(then, now, rel_tol=1e-6):
+            return True
+    return False
 
 
 def status_words(app: StiffmonApp, rd: RunData, now: float) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 from rich.console import RenderableType
 from rich.text import Text
 from textual.containers import Vertical
@@ -14,7 +15,7 @@ from textual.widgets import Static
 
 from stiffmon.marks import CATAPULT, be_symbol, marks_legend
 from stiffmon.store import RunData
-from stiffmon.tui.renderables import HLine, Marker, asciify
+from stiffmon.tui.renderables import Marker, StepLine, asciify
 from stiffmon.tui.renderables.axes import cut
 from stiffmon.tui.runlines import run_end
 from stiffmon.tui.views.base import Builder, ChartView, View, be_marker, run_color
@@ -96,25 +97,42 @@ def be_words(rd: RunData) -> str:
     return f"break-even {be.step:,} ({why}{tent}) {lam} {be.value:.3g}{extra}"
 
 
+def threshold_line(view: View, rd: RunData, name: str, color: str) -> StepLine | None:
+    """The run's threshold series ``name`` as a dashed step line: each measured value held
+    until the next measurement (an lr schedule moves it), the last up to the run's end; None
+    without a finite value. Not smoothed: it is the bound at each step, not a noisy estimate."""
+    s = rd.series(name)
+    if s is None or not len(s):
+        return None
+    ok = np.isfinite(s.values)
+    if not ok.any():
+        return None
+    x = (s.times - rd.first_t) if view.app.x_time else s.steps.astype(np.float64)
+    end = run_end(rd, view.app.x_time)
+    return StepLine(x[ok], s.values[ok].astype(np.float64), color, "thr", x_end=end)
+
+
 def sharpness_chart(view: View, compact: bool) -> Builder:
     """λ1_H of every visible run, dashed thresholds, break-even and catapult marks
-    (:mod:`stiffmon.marks`)."""
+    (:mod:`stiffmon.marks`); the full view adds the preconditioned λ1(P⁻¹H) of adaptive runs
+    with their thresholds (the overview's ``λ1_H`` chart does not: another quantity, on another
+    scale)."""
+    kinds = [("sharpness/lambda1_h", "sharpness/threshold", "")]
+    if not compact:
+        kinds.append(("sharpness/lambda1_precond", "sharpness/threshold_precond", " precond"))
 
     def build(width: int, height: int) -> RenderableType:
-        lines, hlines, markers, marks = [], [], [], []
+        lines, steplines, markers, marks = [], [], [], []
         for rd in view.runs():
             c = run_color(rd)
-            for name, thr_name, label in (
-                ("sharpness/lambda1_h", "sharpness/threshold", rd.name),
-                ("sharpness/lambda1_precond", "sharpness/threshold_precond", f"{rd.name} precond"),
-            ):
+            for name, thr_name, suffix in kinds:
                 xy = view.xy(rd, name)
                 if xy is None:
                     continue
-                lines.append(view.run_line(rd, name, xy, c, label))
-                thr = rd.last(thr_name)
-                if math.isfinite(thr):  # up to the run's end; named when above the chart
-                    hlines.append(HLine(thr, c, "thr", x_end=run_end(rd, view.app.x_time)))
+                lines.append(view.run_line(rd, name, xy, c, rd.name + suffix))
+                thr = threshold_line(view, rd, thr_name, c)
+                if thr is not None:  # up to the run's end; named where above the chart
+                    steplines.append(thr)
             if not rd.series("sharpness/lambda1_h"):
                 continue
             marks += view.skip_marks(rd, "sharpness", "sharpness/lambda1_h")
@@ -130,19 +148,21 @@ def sharpness_chart(view: View, compact: bool) -> Builder:
                     x = view.x_of_step(rd, "sharpness/lambda1_h", cat)
                     markers.append(Marker(x, float(s.values[i]), c, CATAPULT.symbol))
         rules = [deciding_rule(rd) for rd in view.runs() if rd.series("sharpness/lambda1_h")]
+        precond = any(ln.label.endswith(" precond") for ln in lines)
         title = (  # the overview's legend is a clause: dropped first where the title is cut
             f"λ1_H (sharpness); {marks_legend(none=False)}"
             if compact
-            else f"λ1_H per run, ╌ stability threshold{rules_title(rules)}"
+            else f"λ1_H{' and precond λ1(P⁻¹H)' if precond else ''} per run, ╌ stability "
+            f"threshold{rules_title(rules)}"
         )
         return view.chart(
             lines,
             title,
             height,
-            hlines=hlines,
+            steplines=steplines,
             markers=markers,
             x_marks=marks,
-            legend=any("precond" in ln.label for ln in lines),
+            legend=precond,
             empty_text="no sharpness measurement yet",
         )
 
