@@ -59,9 +59,12 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def dense_hessian_of(model: nn.Module, x: Any, objective: Any) -> Tensor:
+def dense_hessian_of(
+    model: nn.Module, x: Any, objective: Any, *, vectorize: bool = False
+) -> Tensor:
     """Dense Hessian, by ``torch.autograd.functional.hessian``, of ``objective(outputs)`` with
-    ``outputs = model(x)`` as a function of the trainable parameters (flattened in order)."""
+    ``outputs = model(x)`` as a function of the trainable parameters (flattened in order), in
+    the model's current mode."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
     shapes = [params[n].shape for n in names]
@@ -72,4 +75,4 @@ def dense_hessian_of(model: nn.Module, x: Any, objective: Any) -> Tensor:
         p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
         return objective(torch.func.functional_call(model, p, (x,), strict=False))
 
-    return torch.autograd.functional.hessian(loss, flat)
+    return torch.autograd.functional.hessian(loss, flat, vectorize=vectorize)

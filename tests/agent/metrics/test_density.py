@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from stiffmon_agent.metrics import HessianOperator, measurement_mode
 from stiffmon_agent.metrics.density import (
@@ -17,6 +16,7 @@ from stiffmon_agent.metrics.density import (
     trace_from_samples,
 )
 from stiffmon_agent.metrics.eigen import lanczos
+from tests.agent.metrics.reference import dense_hessian_of
 
 CE = nn.CrossEntropyLoss()
 
@@ -33,17 +33,7 @@ def small_problem() -> tuple[nn.Module, Tensor, Tensor]:
 
 def dense_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """The P×P Hessian of the mean loss, by torch.autograd.functional.hessian."""
-    names = [n for n, p in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def loss(theta: Tensor) -> Tensor:
-        parts = [c.view(s) for c, s in zip(theta.split(sizes), shapes, strict=True)]
-        out = functional_call(model, dict(zip(names, parts, strict=True)), (x,))
-        return CE(out, y)
-
-    h = torch.autograd.functional.hessian(loss, flat)
+    h = dense_hessian_of(model, x, lambda out: CE(out, y))
     return 0.5 * (h + h.T)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stiffmon_agent.metrics import hessian_eigen, per_example_gram
 from tests.agent.metrics.models import make_cases
-from tests.agent.metrics.reference import loop_gram, rel_err
+from tests.agent.metrics.reference import dense_hessian_of, loop_gram, rel_err
 
 CASES = make_cases()
 CE = nn.CrossEntropyLoss()
@@ -76,19 +75,9 @@ def test_safety_net_checks_more_than_g00() -> None:
 
 
 def _dense_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    shapes = [params[n].shape for n in names]
-    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def loss(v: Tensor) -> Tensor:
-        chunks = v.split([math.prod(s) for s in shapes])
-        p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
-        return CE(torch.func.functional_call(model, p, (x,), strict=False), y)
-
     model.eval()
     with sdpa_kernel(SDPBackend.MATH):  # the backend with a double backward
-        h = torch.autograd.functional.hessian(loss, flat, vectorize=True)
+        h = dense_hessian_of(model, x, lambda out: CE(out, y), vectorize=True)
     model.train()
     return h
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import Tensor, nn
@@ -21,26 +19,16 @@ from stiffmon_agent.metrics import (
 )
 from stiffmon_agent.metrics.gram import per_example_gram
 from tests.agent.metrics.models import make_cases
-from tests.agent.metrics.reference import loop_gram, rel_err
+from tests.agent.metrics.reference import dense_hessian_of, loop_gram, rel_err
 
 CE = nn.CrossEntropyLoss()
 
 
 def dense_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Dense Hessian of the mean loss via torch.autograd.functional.hessian, in eval mode."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    shapes = [params[n].shape for n in names]
-    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def loss(v: Tensor) -> Tensor:
-        chunks = v.split([math.prod(s) for s in shapes])
-        p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
-        return CE(torch.func.functional_call(model, p, (x,), strict=False), y)
-
     was = model.training
     model.eval()
-    h = torch.autograd.functional.hessian(loss, flat)
+    h = dense_hessian_of(model, x, lambda out: CE(out, y))
     model.train(was)
     return h
 
