@@ -156,12 +156,12 @@ def without_uncounted(probe: ProbeSet, loss_fn: LossFn) -> tuple[ProbeSet, str]:
         f"{int(keep.sum()) - n_train} val examples"
     )
     index = torch.nonzero(keep).reshape(-1)
-    on = index.to(probe.labels.device) if probe.labels is not None else None
+    labels = probe.labels
     kept = ProbeSet(
         take(probe.inputs, _on_device(index, probe.inputs)),
         take(probe.targets, _on_device(index, probe.targets)),
         n_train,
-        probe.labels[on] if probe.labels is not None and on is not None else None,
+        labels[_on_device(index, labels)] if labels is not None else None,
         probe.num_classes,
         probe.class_names,
     )
