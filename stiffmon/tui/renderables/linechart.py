@@ -38,7 +38,7 @@ from stiffmon.tui.renderables.axes import (
     style_of,
 )
 from stiffmon.tui.renderables.raster import ASCII_SYMBOLS, raster, row_of
-from stiffmon.tui.renderables.readout import cursor_readout
+from stiffmon.tui.renderables.readout import DASH, cursor_readout
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,12 @@ class StepLine:
     color: str
     label: str = ""
     x_end: float = math.inf
+
+    def value_at(self, cx: float) -> float:
+        """The value held at ``cx``: the last measured at or before it; NaN before the first
+        and past ``x_end``."""
+        i = int(np.searchsorted(self.x, cx, side="right")) - 1
+        return float(self.y[i]) if i >= 0 and cx <= self.x_end else math.nan
 
     def visible(self, lo: float, hi: float) -> FloatArray:
         """The values held somewhere in [lo, hi]."""
@@ -347,7 +353,8 @@ class LineChart:
         assert self.cursor_x is not None
         cx = self.cursor_x
         where = f"{self.x_label} {fmt_tick(cx) if abs(cx) >= 1e4 else f'{cx:g}'}:"
-        values = [(ln.value_at(cx), ln.color) for ln in self.lines]
+        values = [(ln.value_at(cx), ln.color, "") for ln in self.lines]
+        values += [(sl.value_at(cx), sl.color, DASH) for sl in self.steplines]
         return cursor_readout(where, values, width, max_rows, ascii_only=self.ascii)
 
     def _y_ticks(self, y0: float, y1: float, n: int) -> list[float]:

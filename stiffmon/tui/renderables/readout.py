@@ -9,17 +9,19 @@ from rich.style import Style
 
 from stiffmon.tui.renderables.axes import asciify, fmt_value, style_of
 
+DASH = "╌"  # the box of a dashed step line's value (a threshold), not a curve's ■
+
 
 def cursor_readout(
     where: str,
-    values: list[tuple[float, str]],
+    values: list[tuple[float, str, str]],
     width: int,
     max_rows: int,
     *,
     ascii_only: bool = False,
 ) -> list[list[Segment]]:
-    """``step 120: ■ 0.123 ■ 4.56``: ``where``, then each ``(value, colour)`` behind a box of
-    its colour.
+    """``step 120: ■ 0.123 ■ 4.56 ╌ 18``: ``where``, then each ``(value, colour, box)`` behind
+    its box (``■`` where ``box`` is empty; :data:`DASH` for a dashed line's) in its colour.
 
     Never drops a value silently: when the values do not fit on one row they are written
     compactly (``■0.123``), then over up to ``max_rows`` rows, and what still does not fit is
@@ -40,18 +42,18 @@ def cursor_readout(
 
 def _pack(
     where: str,
-    values: list[tuple[float, str]],
+    values: list[tuple[float, str, str]],
     width: int,
     max_rows: int,
     compact: bool,
     ascii_only: bool,
 ) -> tuple[list[list[Segment]], int]:
     """The read-out packed into at most ``max_rows`` rows: (rows, values placed)."""
-    box = "#" if ascii_only else "■"
+    boxes = [("-" if b else "#") if ascii_only else (b or "■") for _, _, b in values]
     sep = "" if compact else " "
     texts = [
         f"{sep}{fmt_value(v) if not compact or not math.isfinite(v) else f'{v:.3g}'}"
-        for v, _ in values
+        for v, _, _ in values
     ]
     if ascii_only:
         texts = [asciify(t) for t in texts]
@@ -65,7 +67,7 @@ def _pack(
         rest = n - k - 1
         tail = len(f" +{rest} more") if last_row and rest else 0
         if used + w + tail <= width:
-            row += [Segment(f" {box}", style_of(values[k][1])), Segment(texts[k])]
+            row += [Segment(f" {boxes[k]}", style_of(values[k][1])), Segment(texts[k])]
             used += w
             k += 1
             continue

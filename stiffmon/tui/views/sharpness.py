@@ -48,12 +48,17 @@ def threshold_rule(rd: RunData, spectrum: str = "hessian") -> str:
     return rule if isinstance(rule, str) else ""
 
 
+def shared_formula(rules: list[str]) -> str:
+    """The formula of every run's rule (``2/η``) when they all have the same one, else ``""``."""
+    formulas = {r.split(" (", 1)[0] for r in rules if r and not r.startswith("none")}
+    return formulas.pop() if len(formulas) == 1 else ""
+
+
 def rules_title(rules: list[str]) -> str:
     """``2/η`` when every run's rule has the same formula, else ``per run (below)``."""
-    formulas = {r.split(" (", 1)[0] for r in rules if r and not r.startswith("none")}
-    if len(formulas) == 1:
-        return f" {formulas.pop()}"
-    if formulas:
+    if shared := shared_formula(rules):
+        return f" {shared}"
+    if any(r and not r.startswith("none") for r in rules):
         return " per run (below)"
     return "" if any(rules) else " 2/η"  # sessions from before rules were sent: SGD's 2/η
 
@@ -66,11 +71,14 @@ def deciding_rule(rd: RunData) -> str:
     return rule
 
 
-def with_value(rule: str, value: float) -> str:
-    """``(2+2β)/η = 190 (SGD, group 0)``: the rule's formula with its current value."""
+def with_value(rule: str, value: float, shared: str = "") -> str:
+    """``(2+2β)/η = 190 (SGD, group 0)``: the rule's formula with its current value; only
+    ``190 (SGD, group 0)`` when the formula is ``shared`` (the chart's title says it)."""
     if rule.startswith("none") or not math.isfinite(value):
         return rule
     formula, sep, rest = rule.partition(" (")
+    if formula == shared:
+        return f"{value:.4g}{sep}{rest}"
     return f"{formula} = {value:.4g}{sep}{rest}"
 
 
@@ -93,8 +101,18 @@ def be_words(rd: RunData) -> str:
     tent = ", tentative" if status == "tentative" else ""
     if status == "tentative" and rd.diverged_step is not None:
         tent = ", never confirmed: the run diverged"
-    lam = "λ1(P⁻¹H)" if str(getattr(be, "series", "")).endswith("precond") else "λ1_H"
-    return f"break-even {be.step:,} ({why}{tent}) {lam} {be.value:.3g}{extra}"
+    precond = str(getattr(be, "series", "")).endswith("precond")
+    lam = "λ1(P⁻¹H)" if precond else "λ1_H"
+    name = threshold_series(precond)
+    thr = float(rd.aligned(name, np.array([be.step]))[0])
+    moved = math.isfinite(thr) and not math.isclose(thr, rd.last(name), rel_tol=1e-9)
+    there = f", threshold {thr:.4g} there" if moved else ""  # an lr schedule moved it since
+    return f"break-even {be.step:,} ({why}{tent}) {lam} {be.value:.3g}{there}{extra}"
+
+
+def threshold_series(precond: bool) -> str:
+    """The name of the threshold series λ1_H (or, ``precond``, λ1(P⁻¹H)) is judged against."""
+    return "sharpness/threshold_precond" if precond else "sharpness/threshold"
 
 
 def threshold_line(view: View, rd: RunData, name: str, color: str) -> StepLine | None:
@@ -184,6 +202,9 @@ class Sharpness(View):
     def refresh(self) -> None:
         legend = f"{marks_legend()}: break-even marks"
         lines = [Text(asciify(legend) if self.app.ascii else legend, style="dim")]
+        shared = shared_formula(
+            [deciding_rule(rd) for rd in self.runs() if rd.series("sharpness/lambda1_h")]
+        )
         for rd in self.runs():
             if not rd.series("sharpness/lambda1_h"):
                 continue
@@ -191,13 +212,16 @@ class Sharpness(View):
             sym = be_symbol(status, rd.diverged_step is not None)
             words = f"{sym} {rd.name}: {be_words(rd)}"
             rule, prule = threshold_rule(rd), threshold_rule(rd, "hessian-precond")
+            # the last measurement's threshold, after the one of the mark's step where given
+            now = "now" if " there" in words else "threshold"
             if rule and not (rule.startswith("none") and prule):
-                words += f"; threshold {with_value(rule, rd.last('sharpness/threshold'))}"
+                words += f"; {now} {with_value(rule, rd.last('sharpness/threshold'), shared)}"
             elif not rule and math.isfinite(rd.last("sharpness/threshold")):
-                words += f"; threshold {rd.last('sharpness/threshold'):.4g}"
+                words += f"; {now} {rd.last('sharpness/threshold'):.4g}"
             if prule:
                 thr = rd.last("sharpness/threshold_precond")
-                words += f"; preconditioned {with_value(prule, thr)}"
+                pre = "preconditioned now" if now == "now" else "preconditioned"
+                words += f"; {pre} {with_value(prule, thr, shared)}"
             lines.append(Text(asciify(words) if self.app.ascii else words, style=run_color(rd)))
         text = Text("\n").join(lines)
         text.no_wrap, text.overflow = True, cut(self.app.ascii)

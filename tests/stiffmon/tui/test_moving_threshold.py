@@ -5,6 +5,7 @@ keeps to λ1_H, and the compare table says which measurement its threshold belon
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from stiffmon.tui.renderables import HLine, Line, LineChart, StepLine
 from stiffmon.tui.renderables.comparetable import legend_text
 from stiffmon.tui.renderables.raster import row_of
 from stiffmon.tui.views.sharpness import sharpness_chart
-from tests.stiffmon.tui.test_app import feed
+from tests.stiffmon.tui.test_app import feed, screen_text
 from tests.stiffmon.tui.test_compare_view import screen_rows
 
 # OneCycleLR as recorded by a user: η rises then anneals, so (2+2β)/η falls then rises
@@ -171,3 +172,27 @@ async def test_compare_threshold_without_a_step_when_eta_did_not_move() -> None:
         await pilot.pause(0.3)
         thr = next(r for r in screen_rows(app) if re.search(r"│thr\s", r))
     assert re.search(r"\b38$", thr.rstrip()) and "@" not in thr, thr
+
+
+async def test_the_words_and_the_cursor_give_the_threshold_of_their_step() -> None:
+    """The catapult at step 20 is judged against that step's threshold (12.5), not the last
+    one (118.5): the words say both, and the cursor reads the threshold held at its step."""
+    app = StiffmonApp(store=onecycle_store(), clock=lambda: 0.0)
+    async with app.run_test(size=(160, 45)) as pilot:
+        await pilot.press("4")
+        await pilot.pause()
+        text = screen_text(app)
+        assert re.search(r"λ1_H 39.9, threshold 12.5 there; now 11[89]", text), text
+        app.set_cursor(25.0)
+        chart = sharpness_chart(app.views["sharpness"], compact=False)(120, 30)
+    assert isinstance(chart, LineChart)
+    readout = chart_rows(chart, 120, 30)[1]
+    assert readout.startswith("step 25:") and "■ 39.9" in readout and "╌ 12.5" in readout
+    # past the last measurement: the last threshold is held up to the run's end (step 59)
+    assert "╌ 118" in chart_rows(replace(chart, cursor_x=55.0), 120, 30)[1]
+
+
+def test_a_step_line_holds_each_value_up_to_the_next_and_none_past_its_end() -> None:
+    sl = StepLine(np.array([0.0, 10.0]), np.array([5.0, 7.0]), "red", "thr", x_end=15.0)
+    assert [sl.value_at(x) for x in (0.0, 9.0, 10.0, 15.0)] == [5.0, 5.0, 7.0, 7.0]
+    assert np.isnan(sl.value_at(-1.0)) and np.isnan(sl.value_at(16.0))
