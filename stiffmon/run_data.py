@@ -183,8 +183,16 @@ class RunData:
         status = self.status(now)
         idle = now - self.last_seen
         why = ""  # why a run is stalled
-        if status == "finished":
-            ended_as = {"exit": "exited", "terminated": "terminated (SIGTERM)"}
+        if status == "finished" and self.bye_reason.startswith("error"):
+            # an uncaught exception in the training script (or the agent's context manager)
+            error = self.bye_reason.partition(":")[2].strip() or "an error"
+            state, text = "ended", f"ended by {error}"
+        elif status == "finished":
+            ended_as = {
+                "exit": "exited",
+                "terminated": "terminated (SIGTERM)",
+                "interrupted": "interrupted (Ctrl-C)",
+            }
             state, text = "finished", ended_as.get(self.bye_reason, "finished")
         elif status == "replay" and ended:
             state, text = "ended", "no bye (crashed?)"

@@ -16,6 +16,7 @@ import atexit
 import math
 import os
 import socket
+import sys
 import time
 import uuid
 import weakref
@@ -65,8 +66,23 @@ DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step
 
 @atexit.register
 def _close_all() -> None:  # the user forgot close(): flush and leave cleanly
+    reason = exit_reason()
     for agent in list(_LIVE_AGENTS):
-        agent.close(reason="exit", timeout=2.0)
+        agent.close(reason=reason, timeout=2.0)
+
+
+def exit_reason() -> str:
+    """The bye's reason at interpreter exit: ``error: RuntimeError`` when an uncaught exception
+    ends the script (the interpreter keeps it as ``sys.last_value`` once printed, whatever
+    ``sys.excepthook`` is), ``interrupted`` for Ctrl-C, else ``exit``. An interactive session
+    (REPL, IPython) keeps the last exception of any earlier command there: ``exit``."""
+    exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    interactive = hasattr(sys, "ps1") or sys.flags.interactive or "IPython" in sys.modules
+    if exc is None or interactive or isinstance(exc, SystemExit):
+        return "exit"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"error: {type(exc).__name__}"
 
 
 class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py

@@ -233,7 +233,9 @@ class Bye(Message):
     """Sent once when a run ends.
 
     Attributes:
-        reason: Why the run ended, e.g. ``"closed"``, ``"exit"``, ``"sigint"``.
+        reason: Why the run ended: ``"closed"`` (``close()``), ``"exit"`` (interpreter exit),
+            ``"interrupted"`` (Ctrl-C), ``"terminated"`` (SIGTERM), ``"error: RuntimeError"``
+            (an uncaught exception), or a framework's own words.
     """
 
     KIND: ClassVar[str] = "bye"

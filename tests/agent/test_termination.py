@@ -1,5 +1,6 @@
-"""SIGTERM (``kill``, SLURM, Kubernetes, ``timeout``): the agent flushes and says bye, then the
-process dies as it would have (:mod:`stiffmon_agent.termination`)."""
+"""How a run ends. SIGTERM (``kill``, SLURM, Kubernetes, ``timeout``): the agent flushes and says
+bye, then the process dies as it would have (:mod:`stiffmon_agent.termination`). An uncaught
+exception or Ctrl-C: the bye at exit says so, and the monitor shows it."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from stiffmon import protocol as p
+from stiffmon.run_data import RunData
 from stiffmon.session import read_session
+from stiffmon.store import Store
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -44,6 +47,10 @@ SCRIPT = textwrap.dedent(
     say("ready")
     step = 0
     while True:
+        if mode == "raise" and step == 30:
+            model(x[:, :3])  # the user's shape error
+        if mode == "end" and step == 30:
+            break  # no close(): atexit's
         if mode == "closed" and step == 50:
             agent.close()
             say("closed")
@@ -197,3 +204,55 @@ def test_monitor_says_terminated() -> None:
     assert rd.health().text == "terminated (SIGTERM)" and rd.health().level == "ok"
     assert run_status(rd) == "terminated (SIGTERM)"
     assert run_status(RunData("r", 0, finished=True, bye_reason="closed")) == "finished"
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason", "shown"),
+    [
+        ("raise", "error: RuntimeError", "ended by RuntimeError"),
+        ("sigint", "interrupted", "interrupted (Ctrl-C)"),
+        ("end", "exit", "exited"),
+    ],
+)
+def test_the_bye_at_exit_says_how_the_script_ended(
+    script: Callable[[str], Script], mode: str, reason: str, shown: str
+) -> None:
+    from stiffmon.summary import run_status
+
+    s = script(mode)
+    if mode == "sigint":
+        s.wait_for("step 20")
+        s.proc.send_signal(signal.SIGINT)
+    rc = s.proc.wait(30)
+    want = {"end": 0, "raise": 1, "sigint": -signal.SIGINT}[mode]  # as without the agent
+    assert rc == want, s.out.read_text()[-2000:]
+    if mode == "raise":
+        assert "RuntimeError" in s.out.read_text()  # the user's traceback, unchanged
+    msgs = s.messages()
+    assert byes(msgs) == [reason]
+    assert set(range(s.last_step() + 1)) <= recorded_steps(msgs)
+    rd = read_store(s.record)
+    assert run_status(rd) == shown
+    assert rd.health().level == ("error" if mode == "raise" else "ok")
+
+
+def read_store(path: Path) -> RunData:
+    """The one run of a recording, as the monitor holds it."""
+    store = Store()
+    for m in read_session(path)[0]:
+        store.apply(m, replay=True)
+    (rd,) = store.runs.values()
+    return rd
+
+
+def test_an_interactive_session_keeps_saying_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A REPL or IPython keeps an earlier command's exception: not why the session ends."""
+    from stiffmon_agent.agent import exit_reason
+
+    monkeypatch.setattr(sys, "last_value", RuntimeError("earlier"), raising=False)
+    monkeypatch.delattr(sys, "last_exc", raising=False)
+    monkeypatch.delitem(sys.modules, "IPython", raising=False)
+    monkeypatch.delattr(sys, "ps1", raising=False)
+    assert exit_reason() == "error: RuntimeError"
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    assert exit_reason() == "exit"
