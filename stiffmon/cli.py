@@ -6,6 +6,8 @@ This module builds the parser and dispatches; the handlers live in :mod:`stiffmo
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -31,6 +33,91 @@ _fail = fail
 _no_terminal = no_terminal
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: an unknown argument is its own usage error, with a close match.
+
+    argparse leaves a subcommand's unknown arguments to the top-level parser, which prints its
+    own usage (``stiffmon [-h] [--version] COMMAND ...``) and no hint.
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Parse like argparse, but exit with this command's usage on unknown arguments."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(self.unrecognized(extras))
+        return parsed, extras
+
+    def unrecognized(self, extras: Sequence[str]) -> str:
+        """The error for unknown ``extras``, with the closest option of this command if any."""
+        message = f"unrecognized arguments: {' '.join(extras)}"
+        options = list(self._option_string_actions)
+        for extra in extras:
+            if extra.startswith("-"):
+                close = difflib.get_close_matches(extra.split("=", 1)[0], options, n=1)
+                if close:
+                    return f"{message} (did you mean {close[0]}?)"
+        return message
+
+
+def number(
+    cast: Callable[[str], float],
+    low: float,
+    high: float | None = None,
+    *,
+    above: bool = False,
+    below: bool = False,
+    note: str = "",
+) -> Callable[[str], float]:
+    """An argparse ``type``: a number from ``low`` to ``high``, else a usage error.
+
+    Args:
+        cast: ``int`` or ``float``.
+        low: The smallest value allowed.
+        high: The largest value allowed, if any.
+        above: Whether ``low`` itself is refused.
+        below: Whether ``high`` itself is refused.
+        note: Said after the rule in the error, e.g. what 0 means.
+    """
+    rule = f"{'an integer' if cast is int else 'a number'} {'>' if above else '>='} {low:g}"
+    if high is not None:
+        rule += f" and {'<' if below else '<='} {high:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = cast(text)
+        except ValueError:
+            value = math.nan
+        too_low = value < low or (above and value == low)
+        too_high = high is not None and (value > high or (below and value == high))
+        if math.isnan(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {rule}{note}, got {text!r}")
+        return value
+
+    parse.__name__ = cast.__name__  # argparse names the type by it in some messages
+    return parse
+
+
+def screen_size(text: str) -> tuple[int, int]:
+    """Parse ``COLSxROWS`` (e.g. ``120x36``) for ``replay --size``."""
+    try:
+        cols, rows = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        cols = rows = 0
+    if cols < 1 or rows < 1:
+        raise argparse.ArgumentTypeError(f"must look like 120x36 (COLSxROWS), got {text!r}")
+    return cols, rows
+
+
+PORT = number(int, 0, 65535, note=" (0: any free port)")
+SPEED = number(float, 0, note=" (0: as fast as possible)")
+SSH_PORT = number(int, 1, 65535)
+SECONDS = number(float, 0)
+COUNT = number(int, 1)
+MOMENTUM = number(float, 0, 1, below=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(
@@ -38,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Live monitor for stiffness, sharpness and gradient noise of training runs.",
     )
     parser.add_argument("--version", action="version", version=f"stiffmon {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     sub.required = True
 
     watch = sub.add_parser(
@@ -63,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--follow", action="store_true", help="follow files still being written")
     replay.add_argument(
         "--speed",
-        type=float,
+        type=SPEED,
         default=None,
         help="replay speed, x recorded time (default: the whole session in about 20 s, at "
         "least 1x; 0: as fast as possible)",
@@ -75,17 +162,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="save an SVG of every view into DIR and exit (no terminal needed)",
     )
-    replay.add_argument("--size", default="120x36", help="terminal size for --screenshots")
+    replay.add_argument(
+        "--size",
+        type=screen_size,
+        default="120x36",
+        metavar="COLSxROWS",
+        help="terminal size for --screenshots (default: %(default)s)",
+    )
     replay.set_defaults(handler=cmd_replay)
 
     record = sub.add_parser(
         "record",
         help="record live runs to a .stiff file without the monitor",
-        description="Headless recorder: subscribe to live runs and write a .stiff session file.",
+        description="Headless recorder: subscribe to live runs and write a .stiff session file "
+        "(appended to if it exists). Exit status 2 if nothing was received; a file it created "
+        "for nothing is removed.",
     )
-    record.add_argument("endpoints", nargs="+", metavar="ENDPOINT", help="tcp:// address")
+    record.add_argument(
+        "endpoints",
+        nargs="+",
+        metavar="ENDPOINT",
+        help="live run: tcp://host:port (or host:port, :port) or ssh://[user@]host[:port]",
+    )
     record.add_argument("-o", "--output", required=True, help="output .stiff file")
-    record.add_argument("--duration", type=float, default=None, help="stop after SECONDS")
+    record.add_argument(
+        "--duration",
+        type=number(float, 0, above=True),
+        default=None,
+        metavar="SECONDS",
+        help="stop after SECONDS (default: until Ctrl+C, or --until-bye)",
+    )
     record.add_argument("--until-bye", action="store_true", help="stop when every run has ended")
     _add_remote_options(record)
     record.set_defaults(handler=cmd_record)
@@ -99,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sources", nargs="+", metavar="SOURCE", help=".stiff file, directory of them, or endpoint"
     )
     summary.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    summary.add_argument("--wait", type=float, default=2.0, help="seconds to listen to endpoints")
+    _add_wait(summary)
     _add_remote_options(summary)
     summary.set_defaults(handler=cmd_summary)
 
@@ -136,19 +242,46 @@ def build_parser() -> argparse.ArgumentParser:
         "agents attached, record every run and show them live in the monitor.",
     )
     demo.add_argument(
-        "--runs", type=int, default=None, help="number of runs (default 3, or one per --lrs)"
+        "--runs", type=COUNT, default=None, help="number of runs (default 3, or one per --lrs)"
     )
     demo.add_argument(
         "--lrs", type=str, default=None, help="comma-separated learning rates, one run each"
     )
-    demo.add_argument("--steps", type=int, default=None, help="steps per run (mlp 3000, cnn 1200)")
-    demo.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="model family")
-    demo.add_argument("--label-noise", type=float, default=0.0, help="fraction of random labels")
+    demo.add_argument(
+        "--steps", type=COUNT, default=None, help="steps per run (default: mlp 3000, cnn 1200)"
+    )
+    demo.add_argument(
+        "--model",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="model family (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--label-noise",
+        type=number(float, 0, 1),
+        default=0.0,
+        help="fraction of random labels (default: %(default)s)",
+    )
     demo.add_argument("--no-tui", action="store_true", help="train and record only")
     demo.add_argument("--out", type=str, default=None, help="directory for the .stiff files")
-    demo.add_argument("--batch-size", type=int, default=64, help="batch size (0: full-batch GD)")
-    demo.add_argument("--momentum", type=float, default=0.0, help="heavy-ball momentum")
-    demo.add_argument("--every", type=int, default=20, help="steps between heavy measurements")
+    demo.add_argument(
+        "--batch-size",
+        type=number(int, 0, note=" (0: full-batch GD)"),
+        default=64,
+        help="batch size (default: %(default)s; 0: full-batch GD)",
+    )
+    demo.add_argument(
+        "--momentum",
+        type=MOMENTUM,
+        default=0.0,
+        help="heavy-ball momentum, 0 <= beta < 1 (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--every",
+        type=COUNT,
+        default=20,
+        help="steps between heavy measurements (default: %(default)s)",
+    )
     demo.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
     demo.set_defaults(handler=cmd_demo, check=partial(check_demo_args, demo))
 
@@ -158,12 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export session files or live runs: tidy tables (csv, parquet) or "
         "TensorBoard event files (scalars, class-stiffness heatmaps, spectra as histograms).",
     )
-    export.add_argument("sources", nargs="+", metavar="SOURCE", help=".stiff file or endpoint")
     export.add_argument(
-        "--format", choices=("csv", "parquet", "tensorboard"), default="csv", help="output format"
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help=".stiff file, directory of them, or live endpoint (tcp:// or ssh://)",
     )
-    export.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    export.add_argument("--wait", type=float, default=2.0, help="seconds to listen to endpoints")
+    export.add_argument(
+        "--format",
+        choices=("csv", "parquet", "tensorboard"),
+        default="csv",
+        help="output format (default: %(default)s)",
+    )
+    export.add_argument(
+        "--out", required=True, metavar="DIR", help="output directory (made if missing)"
+    )
+    _add_wait(export)
     _add_remote_options(export)
     export.set_defaults(handler=cmd_export)
 
@@ -173,20 +316,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the monitor over HTTP with textual-serve: replay for session files, "
         "watch for live endpoints (or the local runs). Loopback only unless --host says so.",
     )
-    serve.add_argument("sources", nargs="*", metavar="SOURCE", help=".stiff files or endpoints")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "sources",
+        nargs="*",
+        metavar="SOURCE",
+        help=".stiff files, or live endpoints (default: the local runs)",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port",
+        type=PORT,
+        default=8000,
+        help="port to listen on (default: %(default)s; 0: any free port)",
+    )
     serve.add_argument("--public-url", default=None, help="URL browsers use, behind a proxy")
-    serve.add_argument("--speed", type=float, default=10.0, help="replay speed")
+    serve.add_argument(
+        "--speed",
+        type=SPEED,
+        default=10.0,
+        help="replay speed, x recorded time (default: %(default)s; 0: as fast as possible)",
+    )
     serve.add_argument("--ascii", action="store_true", help="plain-ASCII drawing")
     serve.set_defaults(handler=cmd_serve)
     return parser
 
 
+def _add_wait(p: argparse.ArgumentParser) -> None:
+    text = "how long to listen to endpoints (default: %(default)s)"
+    p.add_argument("--wait", type=SECONDS, default=2.0, metavar="SECONDS", help=text)
+
+
 def _add_remote_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve-keys", default=None, help="directory with CURVE client keys")
     p.add_argument("--curve-name", default="client", help="client key name in that directory")
-    p.add_argument("--ssh-port", type=int, default=None, help="SSH port for ssh:// sources")
+    p.add_argument("--ssh-port", type=SSH_PORT, default=None, help="SSH port for ssh:// sources")
 
 
 def check_demo_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

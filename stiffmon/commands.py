@@ -41,7 +41,14 @@ def curve_client(args: argparse.Namespace) -> Any:
 
 
 def cmd_record(args: argparse.Namespace) -> int:
+    """Record live runs to ``--output``; exit status 2 (as ``summary``) if nothing came.
+
+    A file that this command created and got nothing is removed (an empty session would say
+    "holds no run" later, with no hint why); an existing file is left as it was.
+    """
     import signal
+    import time
+    from pathlib import Path
 
     from stiffmon.recorder import record
     from stiffmon.sources import resolve
@@ -57,23 +64,49 @@ def cmd_record(args: argparse.Namespace) -> int:
         resolved.close()
         return fail(args, f"record takes live endpoints, not files: {resolved.files[0]}")
     where = ", ".join(map(str, resolved.endpoints))
-    print(f"stiffmon record: {where} -> {args.output} (Ctrl+C stops)", file=sys.stderr)
+    output = Path(args.output)
+    if output.is_dir():
+        resolved.close()
+        return fail(args, f"-o {output} is a directory: give a .stiff file to write")
+    size = output.stat().st_size if output.exists() else None  # None: this command creates it
+    print(f"stiffmon record: {where} -> {output} (Ctrl+C stops)", file=sys.stderr)
+    # Ctrl+C stops like SIGTERM, so the counts below are still said
+    previous = signal.signal(signal.SIGINT, on_signal)
+    started = time.monotonic()
     try:
         written, runs, malformed = record(
             resolved.endpoints,
-            args.output,
+            output,
             stop=lambda: stop["flag"],
             duration=args.duration,
             until_bye=args.until_bye,
             curve=curve_client(args),
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl+C, or one before the handler was set
         written, runs, malformed = -1, set(), 0
+    except OSError as exc:
+        if exc.filename != str(output):
+            raise
+        return fail(args, f"cannot write -o {output}: {exc.strerror or exc}")
     finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
         resolved.close()
-    if written >= 0:
+    if written == 0:
+        if size is None:
+            output.unlink(missing_ok=True)
+            kept = f"{output} not created"
+        else:
+            if size == 0:  # it got the file header only
+                os.truncate(output, 0)
+            kept = f"{output} left as it was"
+        return fail(
+            args,
+            f"nothing received from {where} in {time.monotonic() - started:.1f} s (is the agent "
+            f"running? a longer --duration?); {kept}",
+        )
+    if written > 0:
         print(
-            f"stiffmon record: {written} messages from {len(runs)} run(s) written to {args.output}"
+            f"stiffmon record: {written} messages from {len(runs)} run(s) written to {output}"
             + (f"; {malformed} malformed frames dropped" if malformed else ""),
             file=sys.stderr,
         )
@@ -211,10 +244,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.screenshots:
         out = Path(args.screenshots)
         out.mkdir(parents=True, exist_ok=True)
-        try:
-            cols, rows = (int(v) for v in args.size.lower().split("x"))
-        except ValueError:
-            return fail(args, f"--size must look like 120x36, got {args.size!r}")
+        cols, rows = args.size  # parsed and checked by the parser
         app = StiffmonApp(replay=source, ascii=args.ascii, screenshot_dir=out, shoot_views=True)
         app.run(headless=True, size=(cols, rows))
         for shot in app.shots:
@@ -303,9 +333,14 @@ def cmd_relay(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stiffmon.export import ExportError, export, load
+    from stiffmon.export import ExportError, check_out, export, load
     from stiffmon.sources import resolve
 
+    out = Path(args.out)
+    try:
+        check_out(out)  # before listening to endpoints for --wait seconds
+    except ExportError as exc:
+        return fail(args, str(exc))
     resolved = resolve(args.sources, discover=False, ssh_port=args.ssh_port)
     notes: list[str] = []
     try:
@@ -323,9 +358,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not store.runs:
         return fail(args, "no run found in the sources", code=1)
     try:
-        paths = export(store, args.format, Path(args.out))
+        paths = export(store, args.format, out)
     except ExportError as exc:
         return fail(args, str(exc))
+    except OSError as exc:  # a missing parent, no permission, a full disk
+        return fail(args, f"cannot write into --out {out}: {exc.strerror or exc}")
     for path in paths:
         print(path)
     return 0

@@ -279,8 +279,27 @@ def load(
     return store
 
 
+def check_out(out: Path) -> None:
+    """Refuse an output path that exists and is not a directory (it is left untouched).
+
+    Raises:
+        ExportError: ``out`` is a file (or anything else but a directory).
+    """
+    if out.exists() and not out.is_dir():
+        raise ExportError(
+            f"--out {out} exists and is not a directory: give a directory to write into "
+            "(it is made if missing)"
+        )
+
+
 def export(store: Store, fmt: str, out: Path) -> list[Path]:
-    """Export ``store`` in format ``fmt`` (csv, parquet or tensorboard) into ``out``."""
+    """Export ``store`` in format ``fmt`` (csv, parquet or tensorboard) into ``out``.
+
+    Raises:
+        ExportError: ``out`` is not a directory, or the format's package is missing.
+        OSError: ``out`` cannot be made or written.
+    """
+    check_out(out)
     if fmt == "csv":
         return write_csv(store, out)
     if fmt == "parquet":

@@ -10,7 +10,9 @@ another address gets a warning; reach a remote box with ``ssh -L 8000:127.0.0.1:
 
 from __future__ import annotations
 
+import errno
 import shlex
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +24,50 @@ DEFAULT_PORT = 8000
 
 
 class ServeError(Exception):
-    """serve cannot start (missing package, mixed sources)."""
+    """serve cannot start (missing package, mixed sources, a port it cannot listen on)."""
+
+
+def bind_error(host: str, port: int, exc: OSError) -> ServeError:
+    """``exc`` from listening on ``host:port``, in words with what to do."""
+    if exc.errno == errno.EADDRINUSE:
+        return ServeError(
+            f"port {port} is already in use on {host}: pick another with --port, "
+            "or --port 0 for any free one"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return ServeError(f"cannot listen on {host}: not an address of this machine (--host)")
+    if exc.errno == errno.EACCES:
+        return ServeError(
+            f"cannot listen on port {port}: permission denied (ports below 1024 need root); "
+            "pick another with --port"
+        )
+    return ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+def listen_port(host: str, port: int) -> int:
+    """Check that ``host:port`` can be listened on; return the port (a free one for 0).
+
+    Probes with a socket of its own (with ``SO_REUSEADDR``, as the server's), so a port in use
+    is a clear error before anything is printed. A port taken between the probe and the
+    server's bind is caught by :func:`serve` as well.
+
+    Raises:
+        ServeError: An unknown host, a port in use, or one this user may not listen on.
+    """
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ServeError(f"cannot listen on --host {host}: {exc.strerror}") from exc
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(addr)
+            probe.listen(1)
+        except OSError as exc:
+            raise bind_error(host, port, exc) from exc
+        return int(probe.getsockname()[1])
 
 
 def exposure_warning(host: str, port: int) -> str | None:
@@ -67,16 +112,18 @@ def serve(
     ascii: bool = False,
     speed: float = 10.0,
 ) -> None:
-    """Serve the monitor on ``http://host:port`` until Ctrl+C.
+    """Serve the monitor on ``http://host:port`` until Ctrl+C (port 0: any free one).
 
     Raises:
-        ServeError: textual-serve is not installed, or sources are mixed.
+        ServeError: textual-serve is not installed, sources are mixed, or ``host:port`` cannot
+            be listened on (in use, not an address of this machine, ...).
     """
     try:
         from textual_serve.server import Server
     except ImportError as exc:
         raise ServeError('serve needs textual-serve: pip install "stiffmon[serve]"') from exc
     command = app_command(sources, ascii=ascii, speed=speed)
+    port = listen_port(host, port)
     warning = exposure_warning(host, port)
     if warning:
         print(warning, file=sys.stderr)
@@ -88,4 +135,9 @@ def serve(
         title="stiffmon",
         public_url=public_url or f"http://{url_host}:{port}",
     )
-    server.serve()
+    try:
+        server.serve()
+    except OSError as exc:  # taken since the probe
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise
+        raise bind_error(host, port, exc) from exc

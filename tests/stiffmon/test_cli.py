@@ -12,11 +12,11 @@ import pytest
 
 from stiffmon import __version__
 from stiffmon import protocol as p
-from stiffmon.cli import main
+from stiffmon.cli import build_parser, main
 from stiffmon.session import SessionWriter
 from stiffmon.transport import free_port_pair
 
-COMMANDS = ["watch", "replay", "record", "summary", "demo", "keys", "relay"]
+COMMANDS = ["watch", "replay", "record", "summary", "demo", "keys", "relay", "export", "serve"]
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,7 +39,6 @@ def test_help_on_each_command(command: str, capsys: pytest.CaptureFixture[str]) 
     [
         (["replay", "missing.stiff"], "no such session file"),
         (["demo", "--lrs", "fast,slow", "--no-tui"], "--lrs must be comma-separated numbers"),
-        (["demo", "--steps", "0", "--no-tui"], "--steps must be at least 1"),
     ],
 )
 def test_commands_fail_clearly(
@@ -63,6 +62,144 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
         main(argv)
     assert info.value.code == 2
     assert "usage: stiffmon" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["replay", "--speeed", "3", "x.stiff"], "--speed"),
+        (["watch", "--sdfs"], None),
+        (["record", "tcp://127.0.0.1:5999", "-o", "x.stiff", "--duraton", "2"], "--duration"),
+        (["summary", "x.stiff", "--jsn"], "--json"),
+        (["demo", "--stpes", "3"], "--steps"),
+        (["keys", "k", "--froce"], "--force"),
+        (["relay", "tcp://127.0.0.1:5999", "--bnid", "tcp://127.0.0.1:6000"], "--bind"),
+        (["export", "x.stiff", "--out", "d", "--fromat=csv"], "--format"),
+        (["serve", "--prot", "8001"], "--port"),
+    ],
+)
+def test_an_unknown_flag_gets_the_commands_usage_and_a_close_match(
+    argv: list[str], suggestion: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    command, flag = argv[0], [a for a in argv if a.startswith("--")][-1].split("=")[0]
+    assert f"usage: stiffmon {command} " in err and "COMMAND ..." not in err
+    assert f"stiffmon {command}: error: unrecognized arguments: {flag}" in err
+    if suggestion is None:
+        assert "did you mean" not in err
+    else:
+        assert f"(did you mean {suggestion}?)" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["replay", "--speed", "-1", "x.stiff"], "--speed"),
+        (["replay", "--speed", "nan", "x.stiff"], "--speed"),
+        (["replay", "--size", "0x36", "x.stiff", "--screenshots", "d"], "--size"),
+        (["replay", "--size", "wide", "x.stiff", "--screenshots", "d"], "--size"),
+        (["summary", "x.stiff", "--wait", "-3"], "--wait"),
+        (["summary", "ssh://gpu", "--ssh-port", "0"], "--ssh-port"),
+        (["record", "tcp://127.0.0.1:5999", "-o", "x.stiff", "--duration", "0"], "--duration"),
+        (["record", "ssh://gpu", "-o", "x.stiff", "--ssh-port", "70000"], "--ssh-port"),
+        (["export", "x.stiff", "--out", "d", "--wait", "-1"], "--wait"),
+        (["serve", "--port", "99999"], "--port"),
+        (["serve", "--port", "-1"], "--port"),
+        (["serve", "--speed", "-2"], "--speed"),
+        (["demo", "--steps", "0", "--no-tui"], "--steps"),
+        (["demo", "--runs", "-1", "--no-tui"], "--runs"),
+        (["demo", "--every", "0", "--no-tui"], "--every"),
+        (["demo", "--batch-size", "-8", "--no-tui"], "--batch-size"),
+        (["demo", "--momentum", "1.5", "--no-tui"], "--momentum"),
+        (["demo", "--label-noise", "2", "--no-tui"], "--label-noise"),
+    ],
+)
+def test_nonsense_numbers_are_usage_errors(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: stiffmon {argv[0]} " in err
+    assert f"stiffmon {argv[0]}: error: argument {flag}: must " in err
+    assert "Traceback" not in err
+
+
+def test_numbers_at_their_limits_are_accepted() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["replay", "x.stiff", "--speed", "0"])
+    assert args.speed == 0.0 and args.size == (120, 36)  # 0: as fast as possible
+    assert parser.parse_args(["replay", "x.stiff", "--size", "80X24"]).size == (80, 24)
+    assert parser.parse_args(["serve", "--port", "0"]).port == 0  # any free port
+    assert parser.parse_args(["serve", "--port", "65535", "--speed", "0"]).port == 65535
+    assert parser.parse_args(["summary", "x.stiff", "--wait", "0"]).wait == 0.0
+    args = parser.parse_args(["demo", "--batch-size", "0", "--momentum", "0.9", "--every", "1"])
+    assert (args.batch_size, args.momentum, args.every) == (0, 0.9, 1)
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        ("record", ["ssh://[user@]host[:port]", "tcp://host:port", "default: until Ctrl+C"]),
+        ("export", ["directory of them", "ssh://", "(default: csv)", "(default: 2.0)"]),
+        ("summary", ["directory of them", "(default: 2.0)"]),
+        ("serve", ["(default: 127.0.0.1)", "(default: 8000; 0: any free port)", "10.0"]),
+        ("replay", ["--size COLSxROWS", "(default: 120x36)"]),
+        ("demo", ["(default: mlp)", "(default: 64; 0: full-batch GD)", "(default: 20)"]),
+    ],
+)
+def test_help_says_what_is_accepted_and_the_defaults(
+    command: str, says: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps at the terminal width
+    for text in says:
+        assert text in out, text
+
+
+def test_record_of_nothing_says_so_and_leaves_no_empty_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
+    out = tmp_path / "out.stiff"
+    assert main(["record", endpoint, "-o", str(out), "--duration", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert f"stiffmon record: nothing received from {endpoint} in " in err
+    assert f"{out} not created" in err and "Traceback" not in err
+    assert not out.exists()
+    _session(out, "earlier", "r1")  # an existing recording is kept as it was
+    before = out.read_bytes()
+    assert main(["record", endpoint, "-o", str(out), "--duration", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing received" in err and f"{out} left as it was" in err
+    assert out.read_bytes() == before
+    empty = tmp_path / "empty.stiff"
+    empty.touch()  # not even the file header is added
+    assert main(["record", endpoint, "-o", str(empty), "--duration", "0.1"]) == 2
+    assert f"{empty} left as it was" in capsys.readouterr().err and empty.stat().st_size == 0
+
+
+@pytest.mark.parametrize(
+    ("output", "says"),
+    [
+        ("{tmp}", "-o {tmp} is a directory: give a .stiff file to write"),
+        ("{tmp}/no/out.stiff", "cannot write -o {tmp}/no/out.stiff: No such file or directory"),
+    ],
+)
+def test_record_to_a_path_it_cannot_write_is_a_one_line_error(
+    tmp_path: Path, output: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port_pair()}"
+    argv = ["record", endpoint, "-o", output.format(tmp=tmp_path), "--duration", "0.1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"stiffmon record: {says.format(tmp=tmp_path)}\n")
+    assert "Traceback" not in err
 
 
 def test_console_script_runs_without_torch() -> None:

@@ -214,6 +214,25 @@ def test_export_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "no run found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tensorboard"])
+def test_export_into_an_existing_file_is_a_clear_error(
+    sessions: list[Path], tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    argv = ["export", str(sessions[0]), "--format", fmt]
+    assert main([*argv, "--out", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"stiffmon export: --out {taken} exists and is not a directory: give a directory to "
+        "write into (it is made if missing)\n"
+    )
+    assert taken.read_text() == "keep me"  # loses nothing
+    assert main([*argv, "--out", str(taken / "sub")]) == 2  # under a file: one line too
+    err = capsys.readouterr().err
+    assert err == f"stiffmon export: cannot write into --out {taken / 'sub'}: Not a directory\n"
+
+
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["export", "--help"])

@@ -94,8 +94,91 @@ def test_non_loopback_address_warns(capsys: pytest.CaptureFixture[str]) -> None:
         from textual_serve import server
 
         m.setattr(server.Server, "serve", refuse)
-        assert main(["serve", "--host", "0.0.0.0", "--port", "8123"]) == 130
-    assert "serve binds http://0.0.0.0:8123, which is not loopback" in capsys.readouterr().err
+        port = _free_port()
+        assert main(["serve", "--host", "0.0.0.0", "--port", str(port)]) == 130
+    assert f"serve binds http://0.0.0.0:{port}, which is not loopback" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip(
+        "textual_serve", reason="needs textual-serve: pip install 'stiffmon[serve]'"
+    )
+    from stiffmon.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"stiffmon serve: port {port} is already in use on 127.0.0.1: pick another with --port, "
+        "or --port 0 for any free one\n"
+    )
+
+
+def test_a_port_taken_after_the_probe_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip(
+        "textual_serve", reason="needs textual-serve: pip install 'stiffmon[serve]'"
+    )
+    import errno
+
+    from textual_serve import server
+
+    from stiffmon.cli import main
+
+    def taken(self: object, debug: bool = False) -> None:
+        raise OSError(errno.EADDRINUSE, "error while attempting to bind: address already in use")
+
+    monkeypatch.setattr(server.Server, "serve", taken)
+    port = _free_port()
+    assert main(["serve", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"port {port} is already in use" in err
+
+
+def test_port_0_serves_on_a_free_port(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip(
+        "textual_serve", reason="needs textual-serve: pip install 'stiffmon[serve]'"
+    )
+    from textual_serve import server
+
+    from stiffmon.cli import main
+
+    seen: list[tuple[int, str]] = []
+
+    def record(self: server.Server, debug: bool = False) -> None:
+        seen.append((self.port, self.public_url))
+        raise KeyboardInterrupt  # do not actually listen
+
+    monkeypatch.setattr(server.Server, "serve", record)
+    assert main(["serve", "--port", "0"]) == 130
+    [(port, url)] = seen
+    assert 0 < port < 65536 and url == f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--host", "no-such-host.invalid"], "cannot listen on --host no-such-host.invalid: "),
+        (["--host", "192.0.2.1"], "cannot listen on 192.0.2.1: not an address of this machine"),
+    ],
+)
+def test_a_host_it_cannot_listen_on_is_a_one_line_error(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip(
+        "textual_serve", reason="needs textual-serve: pip install 'stiffmon[serve]'"
+    )
+    from stiffmon.cli import main
+
+    assert main(["serve", *argv, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"stiffmon serve: {says}") and err.count("\n") == 1
 
 
 def _free_port() -> int:
@@ -239,6 +322,20 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "usage: stiffmon serve" in out and "--host HOST" in out
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_port_out_of_range_is_a_usage_error(
+    port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stiffmon.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--port", port])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: stiffmon serve" in err and "Traceback" not in err
+    assert "stiffmon serve: error: argument --port: must be an integer >= 0 and <= 65535" in err
 
 
 def test_the_monitor_runs_without_a_tty_under_another_driver(
