@@ -30,8 +30,9 @@ from stiffmon.store import Health, RunData, Store
 from stiffmon.tui import chrome
 from stiffmon.tui.help import HelpScreen
 from stiffmon.tui.keys import BINDINGS
-from stiffmon.tui.renderables.runlist import RunList
+from stiffmon.tui.runpanel import RunPanel
 from stiffmon.tui.sources import LiveSource, ReplaySource
+from stiffmon.tui.terminal import ascii_mode
 from stiffmon.tui.views import BLOCKS, VIEWS, ChartView, View
 from stiffmon.tui.views.base import SMOOTHING
 from stiffmon.tui.views.log import LEVELS
@@ -67,7 +68,7 @@ class StiffmonApp(App[None]):
         super().__init__()
         self.store = store or Store()
         self.live, self.replay = live, replay
-        self.ascii = ascii
+        self.ascii = ascii if shoot_views else ascii_mode(ascii)  # SVGs: no terminal to fit
         self.screenshot_dir = screenshot_dir or Path.cwd()
         self.clock = clock
         self.views: dict[str, View] = {v.name: v(self) for v in VIEWS}
@@ -97,7 +98,7 @@ class StiffmonApp(App[None]):
     def compose(self) -> ComposeResult:
         yield Static(id="title")
         with Horizontal(id="body"):
-            yield Static(id="runs")
+            yield RunPanel(id="runs")
             with ContentSwitcher(initial="overview", id="views"):
                 for view in self.views.values():
                     yield view.widget()
@@ -153,13 +154,13 @@ class StiffmonApp(App[None]):
             self.redraw(force=self.check_health())
 
     def health(self, rd: RunData, now: float | None = None) -> Health:
-        """A run's health; a replayed run without a bye has ended when its replay has (a
-        followed one: when the process writing it is gone)."""
+        """A run's health; a replayed run without a bye has ended when its replay has and its
+        writer does not run (a followed one: when the process writing it is gone)."""
         replay = self.replay
         at_end = replay is not None and 0 < len(replay.messages) <= replay.position
         follow = at_end and replay is not None and replay.follow
         writer = None
-        if follow and rd.hello is not None:
+        if at_end and rd.hello is not None and not rd.finished:
             writer = self._writers.state(rd.hello.host, rd.hello.pid, rd.hello.t)
         elif follow:
             writer = "unknown"
@@ -190,15 +191,7 @@ class StiffmonApp(App[None]):
             for level, text in chrome.changes(old, h):
                 step, t = chrome.when(rd, text, now)
                 self.monitor_events.setdefault(rd.run, []).append(
-                    p.Event(
-                        rd.run,
-                        0,
-                        step,
-                        t,
-                        level=level,
-                        code="monitor",
-                        message=text,
-                    )
+                    p.Event(rd.run, 0, step, t, level=level, code="monitor", message=text)
                 )
                 if level != "info" or (old is None and self.replay is None and self._checked):
                     self.notify(f"{rd.name}: {text}", title="stiffmon", severity=SEVERITY[level])
@@ -219,7 +212,7 @@ class StiffmonApp(App[None]):
         if not has_runs:
             self.query_one("#empty", Static).update(chrome.empty_message(self))
             return
-        self.query_one("#runs", Static).update(RunList(chrome.run_rows(self), ascii=self.ascii))
+        self.query_one("#runs", RunPanel).show(chrome.run_rows(self), ascii=self.ascii)
         self.views[self.view_name].refresh()
 
     # ------------------------------------------------------------------ used by the views

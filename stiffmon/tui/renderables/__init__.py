@@ -12,7 +12,13 @@ from stiffmon.tui.renderables.axes import (
     nice_ticks,
     thin_minmax,
 )
-from stiffmon.tui.renderables.heatmap import Heatmap, ascii_level, diverging, short_labels
+from stiffmon.tui.renderables.heatmap import (
+    Heatmap,
+    ascii_level,
+    diverging,
+    glyph_scale,
+    short_labels,
+)
 from stiffmon.tui.renderables.linechart import (
     HLine,
     Line,
@@ -38,6 +44,7 @@ __all__ = [
     "fit_title",
     "fmt_tick",
     "fmt_value",
+    "glyph_scale",
     "log_labels",
     "log_ticks",
     "nice_ticks",

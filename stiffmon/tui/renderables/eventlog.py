@@ -14,6 +14,7 @@ from rich.text import Text
 from stiffmon.tui.renderables.axes import asciify, cut
 
 LEVEL_STYLE = {"info": "dim", "warning": "yellow", "error": "bold red"}
+STACK_BELOW = 48  # narrower: each event's text under its level, step, time and run
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,9 @@ class LogRow:
 
 @dataclass
 class EventLog:
-    """Rows (oldest first) drawn newest first in ``height`` lines."""
+    """Rows (oldest first) drawn newest first in ``height`` lines: a table, or below
+    :data:`STACK_BELOW` columns each event's text on the lines under its level, step, time
+    and run (a table's event column would be a few characters wide there)."""
 
     rows: Sequence[LogRow]
     height: int = 20
@@ -43,6 +46,9 @@ class EventLog:
             yield Text(conv(self.title), style="bold", no_wrap=True, overflow=cut(self.ascii))
         if not self.rows:
             yield Text("no events", style="dim")
+            return
+        if options.max_width < STACK_BELOW:
+            yield from self.stacked(console, options.max_width)
             return
         t = Table(
             box=None if self.ascii else box.SIMPLE_HEAD,
@@ -71,3 +77,26 @@ class EventLog:
                 conv(r.text),
             )
         yield t
+
+    def stacked(self, console: Console, width: int) -> list[Text]:
+        """Newest first, as many whole events as fit: ``warning 1,200 +4s ■ run`` and under it
+        the text, indented and wrapped to the width."""
+        conv = asciify if self.ascii else str
+        room = max(1, self.height - (1 if self.title else 0))
+        out: list[Text] = []
+        for r in list(self.rows)[::-1]:
+            head = Text.assemble(
+                (r.level, LEVEL_STYLE.get(r.level, "")),
+                (f"  {r.step:,}", ""),
+                (f"  +{r.seconds:.0f}s" if r.seconds == r.seconds else "", "dim"),
+                ("  " + ("#" if self.ascii else "■") + " ", r.color),
+                (conv(r.run), r.color),
+                no_wrap=True,
+                overflow=cut(self.ascii),
+            )
+            body = Text(conv(r.text), overflow="fold").wrap(console, max(1, width - 2))
+            lines = [head, *(Text("  ") + line for line in body)]
+            if out and len(out) + len(lines) > room:
+                break
+            out += lines
+        return out[:room]

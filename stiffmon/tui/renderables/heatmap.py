@@ -30,14 +30,25 @@ def diverging(v: float, vmax: float = 1.0) -> str:
 
 
 _ASCII_LEVELS = "=-.+#"  # -1 … +1
+_GLYPH_LEVELS = "=-·+#"  # the same without colour in Unicode: the sign in the glyph
 
 
-def ascii_level(v: float) -> str:
-    """One ASCII character per fifth of [-1, 1]; ``?`` for NaN."""
+def ascii_level(v: float, ascii: bool = True) -> str:
+    """One character per fifth of [-1, 1] (``=`` ``-`` below 0, ``.`` about 0, ``+`` ``#``
+    above; ``·`` for ``.`` unless ``ascii``); ``?`` for NaN."""
     if not math.isfinite(v):
         return "?"
     f = max(-1.0, min(1.0, v))
-    return _ASCII_LEVELS[min(4, int((f + 1) / 2 * 5))]
+    return (_ASCII_LEVELS if ascii else _GLYPH_LEVELS)[min(4, int((f + 1) / 2 * 5))]
+
+
+def glyph_scale(ascii: bool = False, width: int | None = None) -> str:
+    """The legend of :func:`ascii_level`'s glyphs as a number line, each glyph between the
+    values it stands for: ``-1 =  -.6  -  -.2  ·  +.2  +  +.6  #  +1`` (single spaces where
+    ``width`` is narrower)."""
+    mid = "." if ascii else "·"
+    scale = f"-1 =  -.6  -  -.2  {mid}  +.2  +  +.6  #  +1"
+    return scale if width is None or len(scale) <= width else scale.replace("  ", " ")
 
 
 def short_labels(labels: Sequence[str]) -> tuple[list[str], str]:
@@ -76,6 +87,8 @@ class Heatmap:
         cursor: (row, col) highlighted cell, whose value is printed under the colour bar.
         title: Title line(s).
         ascii: Plain characters instead of colours.
+        color: False where colours cannot be shown (``NO_COLOR``): the cells carry the value's
+            sign and size in glyphs (:func:`ascii_level`), named by a scale under the map.
         cell_width: Characters per cell.
         half_block: Two rows per line.
         cell_height: Lines per row (without half blocks).
@@ -88,6 +101,7 @@ class Heatmap:
     cursor: tuple[int, int] | None = None
     title: str = ""
     ascii: bool = False
+    color: bool = True
     cell_width: int = 3
     half_block: bool = True
     cell_height: int = 1
@@ -95,6 +109,11 @@ class Heatmap:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         yield from self.render_lines(options.max_width)
+
+    @property
+    def glyphs(self) -> bool:
+        """Whether the cells are characters (ASCII or no colour), not colours."""
+        return self.ascii or not self.color
 
     def render_lines(self, width: int) -> list[Segment]:
         m = np.asarray(self.matrix, dtype=np.float64)
@@ -114,7 +133,7 @@ class Heatmap:
         prefix = ""
         if any(len(c) > cw - 1 for c in cl):
             cl, prefix = short_labels(cl)
-        pair = self.half_block and not self.ascii
+        pair = self.half_block and not self.glyphs
         label_w = (
             max(len(f"{a}·{b}") if pair else len(a) for a, b in zip(rl, [*rl[1:], ""], strict=True))
             + 1
@@ -155,8 +174,8 @@ class Heatmap:
         for c in range(m.shape[1]):
             v = float(m[r, c])
             is_cur = self.cursor == (r, c)
-            if self.ascii:
-                ch = ascii_level(v) * cw
+            if self.glyphs:
+                ch = ascii_level(v, self.ascii) * cw
                 if is_cur:
                     ch = "[" + ch[1:-1] + "]" if cw >= 3 else "@" * cw
                 elif mid and self.values and cw >= 6 and math.isfinite(v):
@@ -189,6 +208,9 @@ class Heatmap:
         return out
 
     def _colour_bar(self, width: int, indent: int) -> list[Segment]:
+        if not self.ascii and not self.color:
+            scale = " " * indent + glyph_scale(width=width - indent)
+            return [Segment(scale[:width], Style(dim=True)), Segment.line()]
         n = max(10, min(31, width - indent - 8))
         segs = [Segment(" " * indent + "-1 ", Style(dim=True))]
         for i in range(n):

@@ -12,7 +12,7 @@ from rich.segment import Segment
 from rich.style import Style
 
 from stiffmon.tui.renderables.axes import FloatArray, asciify, fmt_tick, nice_ticks
-from stiffmon.tui.renderables.heatmap import ascii_level, diverging
+from stiffmon.tui.renderables.heatmap import ascii_level, diverging, glyph_scale
 
 
 @dataclass
@@ -25,6 +25,7 @@ class StepHeatmap:
         steps: The step of each column.
         title: Title line.
         ascii: Plain characters instead of colours.
+        color: False where colours cannot be shown (``NO_COLOR``): glyphs that carry the sign.
         height: Lines available (rows beyond it are summarised as "… N more").
     """
 
@@ -34,6 +35,7 @@ class StepHeatmap:
     title: str = ""
     ascii: bool = False
     height: int | None = None
+    color: bool = True
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         yield from self.render_lines(options.max_width, self.height or options.height or 24)
@@ -65,8 +67,8 @@ class StepHeatmap:
                 segs.append(Segment("|" if self.ascii else "│", dim))
                 for j in idx.tolist():
                     v = float(m[r, j])
-                    if self.ascii:
-                        segs.append(Segment(ascii_level(v) * cw))
+                    if self.ascii or not self.color:
+                        segs.append(Segment(ascii_level(v, self.ascii) * cw))
                     else:
                         segs.append(Segment(" " * cw, Style(bgcolor=diverging(v))))
                 segs.append(Segment.line())
@@ -88,6 +90,10 @@ class StepHeatmap:
         if len(text) + 5 <= width:
             text = text.ljust(width - 5) + " step"
         segs += [Segment(text[:width], dim), Segment.line()]
+        if not self.ascii and not self.color:
+            key = " " * lw + glyph_scale(width=width - lw)
+            key += "  mean cosine stiffness" if len(key) + 23 <= width else ""
+            return [*segs, Segment(key[:width], dim), Segment.line()]
         segs.append(Segment(" " * lw + "-1 ", dim))
         nbar = min(21, max(5, width - lw - 30))
         for i in range(nbar):

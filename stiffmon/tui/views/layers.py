@@ -39,5 +39,6 @@ class Layers(View):
             steps.tolist(),
             title=f"{rd.name}: stiffness per layer (mean cosine, train pairs)",
             ascii=self.app.ascii,
+            color=not self.app.no_color,
             height=height,
         )

@@ -75,6 +75,7 @@ class Stiffness(View):
             cursor=app.cursor,
             title=title,
             ascii=app.ascii,
+            color=not app.no_color,
             cell_width=cw,
             half_block=free < rows,
             cell_height=cell_h,
