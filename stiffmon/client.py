@@ -121,6 +121,7 @@ class Client:
         self._eps: dict[zmq.Socket[bytes], _EndpointState] = {}
         self._runs: dict[str, _RunState] = defaultdict(_RunState)
         self._run_endpoint: dict[str, _EndpointState] = {}
+        self._cut: dict[str, str] = {}  # run -> address lost, until the run itself is heard again
         self._warned = self._taken = 0  # warnings made, handed out by take_warnings()
         try:
             self._links = Links(self.sub, self._warn)
@@ -370,6 +371,9 @@ class Client:
                 answering = self._eps.get(sock)
                 if answering is not None and answering.pending_since is not None:
                     answering.pending_since = time.monotonic()  # still coming: not late
+        if self._cut:
+            for msg, _ in out:
+                self._cut.pop(msg.run, None)
         return out
 
     def _check_links(self, now: float) -> None:
@@ -382,13 +386,14 @@ class Client:
                 st.wanted = True
 
     def cut_off(self) -> dict[str, str]:
-        """Runs whose address (agent or relay) lost its connection, not back yet: run -> address."""
-        down = self._links.down()
-        if not down:
-            return {}
-        return {
-            r: st.endpoint.pub for r, st in self._run_endpoint.items() if st.endpoint.pub in down
-        }
+        """Runs whose address (agent or relay) lost its connection and that have not been heard
+        since: run -> address. The address answering again is not enough: a killed agent's port
+        may be taken by another run's agent."""
+        if down := self._links.down():
+            for r, st in self._run_endpoint.items():
+                if st.endpoint.pub in down:
+                    self._cut[r] = st.endpoint.pub
+        return dict(self._cut)
 
     def flush_pending(self) -> list[Received]:
         """Give up waiting for snapshots: return every buffered message, per run in seq order."""

@@ -173,7 +173,8 @@ class RunData:
         Args:
             now: Monotonic time (default: now).
             ended: Its replay reached the end (a file, not followed).
-            writer: For a followed file at its end, whether the process writing it runs.
+            writer: For a file at its end (followed or not), whether the process writing it
+                runs (on this machine; else ``unknown``).
         """
         now = time.monotonic() if now is None else now
         problems = []
@@ -194,11 +195,14 @@ class RunData:
                 "interrupted": "interrupted (Ctrl-C)",
             }
             state, text = "finished", ended_as.get(self.bye_reason, "finished")
-        elif status == "replay" and ended:
-            state, text = "ended", "no bye (crashed?)"
         elif status == "replay" and writer == "gone":
             pid = self.hello.pid if self.hello is not None else 0
             state, text = "ended", f"no bye (writer pid {pid} gone)"
+        elif status == "replay" and ended and writer == "alive":  # read before it is written
+            pid = self.hello.pid if self.hello is not None else 0
+            state, text = "replay", f"no bye yet (writer pid {pid} still running)"
+        elif status == "replay" and ended:
+            state, text = "ended", "no bye (crashed?)"
         elif status == "replay" and writer is not None and idle > FOLLOW_QUIET_SECONDS:
             alive = "; writer alive" if writer == "alive" else ""
             state, text = "stalled", f"no new record for {duration(idle)}{alive}"

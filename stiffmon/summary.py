@@ -17,6 +17,8 @@ from rich.table import Table
 
 from stiffmon import derive
 from stiffmon.marks import BREAK_EVEN_MARKS, be_symbol, marks_legend
+from stiffmon.process_check import writer_state
+from stiffmon.run_health import Health
 from stiffmon.store import RunData, Store
 
 REASON_MARK = {"threshold": "", "early-peak": "ᵖ", "catapult": "ᶜ", "none": ""}
@@ -42,11 +44,21 @@ def precond_mark(s: dict[str, Any], key: str, ascii: bool = False) -> str:
     return text + ("P" if ascii else "ᴾ")
 
 
+def ended_health(rd: RunData, now: float | None = None) -> Health:
+    """:meth:`RunData.health` of a run whose source has been read to its end: a recorded run
+    without a bye asks whether its writer still runs (on this machine), else it crashed."""
+    writer = None
+    if rd.hello is not None and not rd.finished:
+        writer = writer_state(rd.hello.host, rd.hello.pid, rd.hello.t)
+    return rd.health(now, ended=True, writer=writer)
+
+
 def run_status(rd: RunData, now: float | None = None) -> str:
     """The run's state in the app's words (:meth:`RunData.health`): ``finished``, ``exited``,
-    ``no bye (crashed?)`` for a recorded run that ended without a bye, ``live``, ``stalled 12s``
-    …; with ``, diverged @N`` when its loss diverged."""
-    h = rd.health(now, ended=True)
+    ``no bye (crashed?)`` for a recorded run that ended without a bye (``no bye yet (writer pid
+    N still running)`` while it is being written), ``live``, ``stalled 12s`` …; with
+    ``, diverged @N`` when its loss diverged."""
+    h = ended_health(rd, now)
     if rd.diverged_step is not None:
         return f"{h.text}, diverged @{rd.diverged_step:,}"
     return h.text
@@ -113,8 +125,8 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
         "events": len(rd.events),
         "dropped": rd.dropped,  # messages the agent lost (its last heartbeat says)
         "status": run_status(rd, now),
-        "state": rd.health(now, ended=True).state,
-        "problems": list(rd.health(now, ended=True).problems),
+        "state": ended_health(rd, now).state,
+        "problems": list(ended_health(rd, now).problems),
     }
 
 

@@ -53,6 +53,7 @@ from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from 
 from stiffmon_agent.measure_curvature import density_messages  # noqa: F401
 from stiffmon_agent.measure_options import MeasureOptions
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, loss_reduction
+from stiffmon_agent.metrics.state import unoptimized
 from stiffmon_agent.optimizer_skips import OptimizerSkips
 from stiffmon_agent.probe_set import without_uncounted
 from stiffmon_agent.publisher import Publisher
@@ -69,6 +70,22 @@ def _close_all() -> None:  # the user forgot close(): flush and leave cleanly
     reason = exit_reason()
     for agent in list(_LIVE_AGENTS):
         agent.close(reason=reason, timeout=2.0)
+
+
+def unoptimized_note(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> str:
+    """What the measurements make of trainable parameters the optimizer does not hold ("")."""
+    extra, total = unoptimized(model, optimizer)
+    if not extra:
+        return ""
+    if extra == total:
+        return (
+            "the optimizer holds none of the model's trainable parameters (an EMA / averaged "
+            "copy?): the measurements use all of them, and no preconditioned sharpness"
+        )
+    return (
+        f"{extra} of the model's {total} trainable parameter tensors are not in the optimizer "
+        "(they never move): the measurements leave them out (freeze them to say so)"
+    )
 
 
 def exit_reason() -> str:
@@ -130,6 +147,10 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             sum-reduced loss (B × the per-example mean). None: taken from the logits passed to
             :meth:`step` (their first dimension) and published with every step as the scalar
             ``batch_size``.
+        sum_over: For a sum-reduced loss, the examples whose losses the objective adds up per
+            optimizer step after the loop's own scaling, where that is not B: with gradient
+            accumulation over micro-batches of m and ``(loss / k).backward()`` it is m; under
+            DDP (gradients averaged over the ranks) one rank's count. None: B.
         rank0_only: Under torch.distributed, only rank 0 publishes (and, unless
             ``distributed``, measures: the other ranks' agents are no-ops).
         distributed: Shard the heavy measurements over the torch.distributed ranks: every rank
@@ -180,6 +201,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         batch_test_theta: tuple[float, float, float] = (0.9, 0.9, 5.84),
         chunk_size: int | None = 128,
         batch_size: int | None = None,
+        sum_over: int | None = None,
         rank0_only: bool = True,
         distributed: bool = False,
         curve_keys: str | os.PathLike[str] | CurveKeys | None = None,
@@ -223,7 +245,9 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             tuple(batch_test_theta),
             chunk_size,
         )
-        self._sharp_state = SharpnessState(batch_size=batch_size)
+        if sum_over is not None and sum_over < 1:
+            raise ValueError(f"sum_over must be a positive number of examples, got {sum_over}")
+        self._sharp_state = SharpnessState(batch_size=batch_size, sum_over=sum_over)
         self._batch_size = batch_size
         self._log_warned: set[str] = set()
         self._binary = binary_threshold(loss_fn)  # BCE: thresholded, not argmax, accuracy
@@ -287,6 +311,9 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         if self._probe_note:
             log.warning("stiffmon: %s", self._probe_note)
             self.event("probe-uncounted", self._probe_note, level="warning")
+        if probe is not None and (note := unoptimized_note(self.model, optimizer)):
+            log.warning("stiffmon: %s", note)
+            self.event("params-not-optimized", note, level="warning")
         if self.endpoint is not None and registry:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)
@@ -372,15 +399,16 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         b = self._sharp_state.batch_size
         if self._batch_size is not None or not b:
             return
-        uses = "η/B"
-        if loss_reduction(self.loss_fn) == "sum":
-            uses += " and the sharpness of the sum-reduced loss (B × the mean loss's)"
+        summed = loss_reduction(self.loss_fn) == "sum"
+        uses = "η/B" + (" and the sharpness of the sum-reduced loss (B × the mean's)" * summed)
         message = (
             f"{k} backward passes per optimizer step (gradient accumulation?): the batch size "
             f"B = {b} read from the logits passed to step() is then one micro-batch's, and {uses} "
             f"use it; pass Agent(batch_size=...) the examples per optimizer step ({k} × {b} = "
             f"{k * b} if every micro-batch has {b})"
         )
+        if summed:
+            message += f", and sum_over={b} if each micro-batch's loss is divided by {k}"
         log.warning("stiffmon: %s", message)
         self.event("batch-size-accumulation", message, level="warning", backwards=k, batch_size=b)
 

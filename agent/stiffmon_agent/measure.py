@@ -271,7 +271,9 @@ def sharpness_messages(
 
     scale, objective, scale_known = 1.0, "mean", True
     if loss_reduction(loss_fn) == "sum":
-        if state.batch_size:
+        if state.sum_over:
+            scale, objective = float(state.sum_over), f"sum over {state.sum_over} examples"
+        elif state.batch_size:
             scale, objective = float(state.batch_size), f"sum over a batch of {state.batch_size}"
         else:
             scale_known, objective = False, "per-example mean (batch size unknown)"

@@ -48,6 +48,7 @@ import zmq
 from stiffmon.session import SessionWriter
 from stiffmon.subscriptions import Subscriptions
 from stiffmon.transport import CurveKeys, Endpoint
+from stiffmon_agent import fork_guard
 from stiffmon_agent.agent_sockets import Wakeup, bind_pair, bind_pub
 from stiffmon_agent.emitter import Emitter
 from stiffmon_agent.history import History
@@ -197,6 +198,7 @@ class Publisher(Emitter):
                     else:
                         pair, self.endpoint = bound
                         sockets = list(pair)
+                        fork_guard.hold(self.endpoint.port, self.endpoint.port + 1)
             except Exception as exc:  # never let transport problems reach training
                 self.error = f"transport failed: {exc}"
                 self._warn(f"stiffmon: {self.error}; not publishing (training goes on)")
@@ -221,6 +223,8 @@ class Publisher(Emitter):
             if sockets is not None:
                 for s in sockets:
                     s.close(linger=200)
+            if self.endpoint is not None and sockets is not None:
+                fork_guard.release(self.endpoint.port, self.endpoint.port + 1)
             if auth is not None:
                 auth.stop()
             ctx.term()

@@ -36,6 +36,7 @@ from stiffmon_agent.measure import (
 )
 from stiffmon_agent.measure_options import MeasureOptions
 from stiffmon_agent.metrics.probe import ForwardFn, LossFn, loss_reduction, take
+from stiffmon_agent.metrics.state import optimized_only
 from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.sharded import HvpLeader, serve_hvps, sharded_activations, sharded_gram
 
@@ -104,7 +105,8 @@ class MeasurementRunner:
         device = collective_device(self.model)
         if self.shard is not None and not self.shard.leader:
             if self.shard.broadcast_int(0, device):
-                self._follow(kind)
+                with optimized_only(self.model, self.optimizer):
+                    self._follow(kind)
                 return True
             return False
         go = self._decide(kind, step)
@@ -112,7 +114,8 @@ class MeasurementRunner:
             self.shard.broadcast_int(int(go), device)
         if not go:
             return False
-        self._run(kind, step)
+        with optimized_only(self.model, self.optimizer):
+            self._run(kind, step)
         return True
 
     def _run(self, kind: str, step: int) -> None:
@@ -162,8 +165,9 @@ class MeasurementRunner:
         return True
 
     def objective_scale(self) -> float:
-        """B for a sum-reduced loss with a known batch size, else 1 (as the sharpness uses)."""
-        b = self.sharp_state.batch_size
+        """B (or ``sum_over``) for a sum-reduced loss where known, else 1 (as the sharpness
+        uses)."""
+        b = self.sharp_state.sum_scale
         return float(b) if loss_reduction(self.loss_fn) == "sum" and b else 1.0
 
     def _messages(self, kind: str, step: int) -> list[Outgoing]:

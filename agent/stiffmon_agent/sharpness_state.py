@@ -25,6 +25,9 @@ class SharpnessState:
         warm_precond: The same for P^{-1/2} H P^{-1/2} (adaptive optimizers).
         batch_size: The training batch size B (from ``batch_size=`` or the logits of a step):
             a sum-reduced objective's Hessian is B × that of the per-example mean.
+        sum_over: The examples a sum-reduced objective adds up per optimizer step after the
+            loop's own scaling (``sum_over=``), where that is not B: the micro-batch under
+            ``(loss / k).backward()`` accumulation, or one rank's under DDP.
         reported: Event codes already published (each reason is said once).
         last: The last λ1 of each operator (``"raw"``, ``"precond"``).
         unchecked: Warm measurements of each operator since the last cold start.
@@ -33,9 +36,16 @@ class SharpnessState:
     warm: Tensor | None = None
     warm_precond: Tensor | None = None
     batch_size: int | None = None
+    sum_over: int | None = None
     reported: set[str] = field(default_factory=set)
     last: dict[str, float] = field(default_factory=dict)
     unchecked: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def sum_scale(self) -> int | None:
+        """The factor of a sum-reduced objective over the per-example mean: ``sum_over``, else
+        B (None: unknown)."""
+        return self.sum_over or self.batch_size
 
     def check_below(self, which: str) -> float | None:
         """``check_below`` of the next warm measurement of ``which``: a θ1 more than

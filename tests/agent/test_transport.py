@@ -240,7 +240,7 @@ def test_sigint_exits_cleanly_and_says_bye(procs: Procs, tmp_path: Path, _regist
     assert proc.returncode != 0  # KeyboardInterrupt in the user's loop
     msgs, scan = read_session(rec)
     assert scan.state == "clean" and msgs[-1].kind == "bye" and isinstance(msgs[-1], p.Bye)
-    assert msgs[-1].reason == "exit"
+    assert msgs[-1].reason == "interrupted"  # Ctrl-C, as the monitor then says
     assert not list(_registry.glob("*.json"))  # removed on exit
 
 

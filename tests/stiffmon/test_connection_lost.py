@@ -27,7 +27,9 @@ def _until(client: Client, want: bool, seconds: float = 10.0) -> dict[str, str]:
     return client.cut_off()
 
 
-def test_a_dead_agent_cuts_its_runs_off_and_a_restarted_one_restores_them(ctx: Ctx) -> None:
+def test_a_dead_agent_cuts_its_runs_off_until_they_are_heard_again(ctx: Ctx) -> None:
+    """The address answering again (another run's agent took the port) does not restore the
+    run: it stays cut off until a message of its own arrives (its agent came back)."""
     agent = HistoryAgent(ctx)
     with Client([agent.endpoint], snapshot_timeout=0.5) as client:
         assert settle(agent, client), "nothing from the agent"
@@ -36,9 +38,25 @@ def test_a_dead_agent_cuts_its_runs_off_and_a_restarted_one_restores_them(ctx: C
         agent.router.close(0)
         assert _until(client, True) == {"r": agent.endpoint}
         again = ctx.socket(zmq.PUB)  # the same address comes back
+        again.setsockopt(zmq.LINGER, 0)
         again.bind(agent.endpoint)
         try:
-            assert _until(client, False) == {}
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:  # connected again, nothing from "r"
+                client.poll(0.05)
+                assert client.cut_off() == {"r": agent.endpoint}
+            other = p.Scalars.from_dict({"loss": 1.0}, run="other", seq=0, step=0, t=1.0)
+            again.send_multipart(p.encode(other))
+            client.poll(0.3)
+            assert client.cut_off() == {"r": agent.endpoint}  # another run: still cut off
+            seq = len(agent.history)
+            deadline = time.monotonic() + 10.0
+            while client.cut_off() and time.monotonic() < deadline:  # its agent is back
+                back = p.Scalars.from_dict({"loss": 1.0}, run="r", seq=seq, step=seq, t=1.0)
+                again.send_multipart(p.encode(back))
+                seq += 1
+                client.poll(0.05)
+            assert client.cut_off() == {}
         finally:
             again.close(0)
 

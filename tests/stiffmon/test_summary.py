@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
+import os
 import re
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +21,9 @@ from stiffmon import derive
 from stiffmon import protocol as p
 from stiffmon.session import SessionReader, SessionWriter
 from stiffmon.store import Store
-from stiffmon.summary import run_summary, summary_json, summary_table
+from stiffmon.summary import run_status, run_summary, summary_json, summary_table
 from stiffmon.tui.renderables.comparetable import FIELDS, compare_table
+from tests.stiffmon.test_process_check import dead_pid
 
 STEPS = [*range(5), *range(20, 2001, 20)]
 
@@ -329,3 +334,22 @@ def test_momentum_is_the_last_steps_next_to_the_last_lr() -> None:
     table.print(compare_table([(r["name"], "red", r) for r in rows.values()], 150))
     line = next(ln for ln in table.export_text().splitlines() if ln.strip().startswith("sgd"))
     assert "0.41" in line and "0.85" in line and "0.95" not in line
+
+
+def test_a_recording_still_being_written_is_not_called_crashed() -> None:
+    """``stiffmon summary`` of a file whose writer runs on this machine: ``no bye yet``; its
+    writer gone: ``no bye (writer pid N gone)``; another machine's: ``no bye (crashed?)``."""
+    here, now = socket.gethostname(), time.time()
+    cases = [
+        (here, os.getpid(), f"no bye yet (writer pid {os.getpid()} still running)"),
+        (here, dead_pid(), "no bye (writer pid {pid} gone)"),
+        ("another-host", os.getpid(), "no bye (crashed?)"),
+    ]
+    for host, pid, words in cases:
+        msgs = messages(until=300)
+        hello = msgs[0]
+        assert isinstance(hello, p.Hello)
+        msgs[0] = dataclasses.replace(hello, host=host, pid=pid, t=now - 5.0)
+        rd = store_of(msgs).runs["r"]
+        assert run_status(rd) == words.format(pid=pid)
+        assert run_summary(rd)["state"] == ("replay" if "yet" in words else "ended")

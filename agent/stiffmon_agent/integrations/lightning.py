@@ -105,7 +105,9 @@ class StiffmonCallback(Callback):  # type: ignore[misc]
                 f"{'/'.join(LOSS_ATTRIBUTES)} attribute on the module): per-step scalars only"
             )
             options["probe"] = options["val_probe"] = None
-        defaults = {"batch_size": _effective_batch(trainer)}
+        # Lightning divides each micro-batch's loss by the accumulation and DDP averages the
+        # ranks' gradients: a sum-reduced objective adds up one rank's micro-batch
+        defaults = {"batch_size": _effective_batch(trainer), "sum_over": _loader_batch(trainer)}
         self._last_global_step = int(trainer.global_step)
         self.agent = build_agent(
             pl_module,
@@ -156,15 +158,22 @@ def _no_loss(outputs: Any, targets: Any) -> Tensor:  # never called: no probe wi
     raise RuntimeError("no loss function")
 
 
-def _effective_batch(trainer: Any) -> int | None:
-    """Examples per optimizer step: loader batch size × accumulation × world size (or None)."""
+def _loader_batch(trainer: Any) -> int | None:
+    """The training loader's batch size: one rank's micro-batch (or None)."""
     try:
         loader = trainer.train_dataloader
         bs = getattr(loader, "batch_size", None)
         if bs is None and getattr(loader, "batch_sampler", None) is not None:
             bs = getattr(loader.batch_sampler, "batch_size", None)
-        if not isinstance(bs, int):
-            return None
-        return bs * int(trainer.accumulate_grad_batches) * int(trainer.world_size)
+        return bs if isinstance(bs, int) and bs > 0 else None
+    except Exception:
+        return None
+
+
+def _effective_batch(trainer: Any) -> int | None:
+    """Examples per optimizer step: loader batch size × accumulation × world size (or None)."""
+    bs = _loader_batch(trainer)
+    try:
+        return bs * int(trainer.accumulate_grad_batches) * int(trainer.world_size) if bs else None
     except Exception:
         return None

@@ -15,13 +15,25 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` here (torch < 2.4 asks per device kind)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))  # type: ignore[call-arg]
+    except TypeError:
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
+
+
 @contextmanager
 def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for a measurement and restore everything afterwards.
 
-    Inside: every module in eval mode (BatchNorm uses running statistics, dropout is off) and
-    gradients enabled. Afterwards, also when the measurement raised: each module's ``training``
-    flag, every buffer's value, the weights of ``Embedding(max_norm=…)`` (renormalised in place
+    Inside: every module in eval mode (BatchNorm uses running statistics, dropout is off),
+    gradients enabled and autocast off (a ``step()`` called inside the training's
+    ``torch.autocast`` block measures in the weights' own dtype, not in bfloat16).
+    Afterwards, also when the measurement raised: each module's ``training`` flag, every
+    buffer's value, the weights of ``Embedding(max_norm=…)`` (renormalised in place
     by its forward), each parameter's ``.grad`` (the same tensor object and values),
     and the CPU and CUDA random-number-generator states are as they were. The optimizer is never
     touched.
@@ -41,6 +53,9 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices), torch.enable_grad(), ExitStack() as stack:
         stack.enter_context(_math_attention())
+        for device_type in ("cpu", "cuda"):  # step() inside the user's autocast block
+            if _autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
         if any(isinstance(m, nn.RNNBase) for m in model.modules()):
             # cuDNN's RNN has no backward in eval mode and no double backward: native kernels
             stack.enter_context(torch.backends.cudnn.flags(enabled=False))
@@ -70,3 +85,36 @@ def _math_attention() -> contextlib.AbstractContextManager[None]:
     except ImportError:  # pragma: no cover - older torch
         return contextlib.nullcontext()
     return sdpa_kernel(SDPBackend.MATH)
+
+
+@contextmanager
+def optimized_only(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Measure the parameters the optimizer moves: trainable parameters it does not hold (a
+    linear probe's backbone left ``requires_grad=True``) are frozen for the measurement and
+    restored afterwards. Nothing changes without an optimizer, when it holds them all, or when
+    it holds none of them (an EMA / averaged copy of the trained model: measured whole)."""
+    if optimizer is None:
+        yield
+        return
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    extra = [p for p in trainable if id(p) not in held]
+    if not extra or len(extra) == len(trainable):
+        yield
+        return
+    for p in extra:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in extra:
+            p.requires_grad_(True)
+
+
+def unoptimized(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[int, int]:
+    """(trainable parameters of ``model`` the optimizer does not hold, all trainable ones)."""
+    if optimizer is None:
+        return 0, 0
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = list(trainable_parameters(model).values())
+    return sum(id(p) not in held for p in trainable), len(trainable)

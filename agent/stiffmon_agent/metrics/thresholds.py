@@ -237,6 +237,8 @@ def diagonal_preconditioner(
     if name not in _PRECONDITIONED:
         return None, f"{name} has no diagonal preconditioner rule"
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    if params and not any(id(p) in group_of for p in params):  # P = ∞ everywhere: P⁻¹H = 0
+        return None, "the optimizer holds none of the model's parameters (an EMA copy?)"
     parts: list[Tensor] = []
     for p in params:
         g = group_of.get(id(p))

@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 class Digits(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, reduction: str = "mean", lr: float = 0.1) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-        self.loss_fn = nn.CrossEntropyLoss()
+        self.loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+        self.lr = lr
         self.batch_losses: list[float] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ class Digits(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +55,9 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(d.target, dtype=torch.long)
 
 
-def fit(tmp_path: Path, accumulate: int, steps: int) -> tuple[Path, Digits, StiffmonCallback]:
+def fit(
+    tmp_path: Path, accumulate: int, steps: int, reduction: str = "mean", lr: float = 0.1
+) -> tuple[Path, Digits, StiffmonCallback]:
     torch.manual_seed(0)
     x, y = digits()
     probe_idx = torch.cat([torch.nonzero(y == c)[:4, 0] for c in range(10)])
@@ -62,7 +65,7 @@ def fit(tmp_path: Path, accumulate: int, steps: int) -> tuple[Path, Digits, Stif
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x[:1500], y[:1500]), batch_size=32, shuffle=False
     )
-    record = tmp_path / "lightning.stiff"
+    record = tmp_path / f"lightning-{reduction}.stiff"
     cb = StiffmonCallback(
         probe=(x[probe_idx], y[probe_idx]),
         val_probe=(x[val_idx], y[val_idx]),
@@ -73,7 +76,7 @@ def fit(tmp_path: Path, accumulate: int, steps: int) -> tuple[Path, Digits, Stif
         sharpness_every="every:4",
         overhead_cap=None,
     )
-    module = Digits()
+    module = Digits(reduction, lr)
     trainer = pl.Trainer(
         max_steps=steps,
         accumulate_grad_batches=accumulate,
@@ -215,3 +218,21 @@ def test_under_ddp_only_rank_zero_publishes(tmp_path: Path) -> None:
     assert rd.scalars["loss"].steps.tolist() == list(range(6))
     assert len(rd.scalars["sharpness/lambda1_h"]) == 2 and len(rd.scalars["noise/trace_k"]) == 2
     assert not [e for e in rd.events if e.level == "error"], [e.message for e in rd.events]
+
+
+@pytest.mark.slow
+def test_a_sum_loss_under_accumulation_is_the_sum_over_one_micro_batch(tmp_path: Path) -> None:
+    """Lightning divides each micro-batch's loss by the accumulation: a sum-reduced objective
+    adds up 32 examples' losses (the loader's batch), not B = 32 × 2. With lr = 0 the weights
+    stay put, so λ1_H of the sum run is 32 × the mean run's."""
+    lam = {}
+    for reduction in ("mean", "sum"):
+        record, _, _ = fit(tmp_path, accumulate=2, steps=2, reduction=reduction, lr=0.0)
+        store = Store()
+        store.extend(SessionReader(record), replay=True)
+        (rd,) = store.runs.values()
+        s = rd.series("sharpness/lambda1_h")
+        assert s is not None and len(s)
+        lam[reduction] = float(s.values[0])
+        assert rd.hello is not None and rd.hello.batch_size == 64  # η/B keeps the whole batch
+    assert lam["sum"] == pytest.approx(32 * lam["mean"], rel=2e-2)

@@ -140,6 +140,11 @@ def test_sum_reduction_uses_the_batch_size_from_the_logits(tmp_path: Path) -> No
     assert _scalars(summed)["sharpness/lambda1_h"] == pytest.approx(12 * mean, rel=2e-2)
     given = _run(tmp_path, sgd, nn.CrossEntropyLoss(reduction="sum"), batch_size=5)
     assert _scalars(given)["sharpness/lambda1_h"] == pytest.approx(5 * mean, rel=2e-2)
+    # (loss / k).backward() over k micro-batches of 3: the objective sums 3 examples, B is 3k
+    micro = _run(tmp_path, sgd, nn.CrossEntropyLoss(reduction="sum"), batch_size=9, sum_over=3)
+    assert _scalars(micro)["sharpness/lambda1_h"] == pytest.approx(3 * mean, rel=2e-2)
+    with pytest.raises(ValueError, match="sum_over must be a positive"):
+        _run(tmp_path, sgd, nn.CrossEntropyLoss(reduction="sum"), sum_over=0)
 
 
 def test_sum_reduction_without_batch_size_publishes_nan_threshold() -> None:

@@ -101,3 +101,21 @@ def test_optimizer_state_untouched() -> None:
     hessian_eigen(model, x, y, nn.CrossEntropyLoss())
     for k, v in enumerate(opt.state.values()):
         assert torch.equal(v["momentum_buffer"], state[k])
+
+
+def test_a_measurement_inside_an_autocast_block_runs_in_the_weights_dtype() -> None:
+    """``agent.step()`` called inside the training's ``torch.autocast("cpu", bfloat16)`` block:
+    the Gram and λ1_H are those of float32, not of bfloat16 (−14 % on a user's λ1_H)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 5))
+    x, y = torch.randn(24, 16), torch.randint(0, 5, (24,))
+    loss = nn.CrossEntropyLoss()
+    plain = per_example_gram(model, x, y, loss).total
+    lam = hessian_eigen(model, x, y, loss, tol=1e-6, max_hvps=100).eigenvalues[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16  # what the block does to a forward pass
+        inside = per_example_gram(model, x, y, loss).total
+        lam_inside = hessian_eigen(model, x, y, loss, tol=1e-6, max_hvps=100).eigenvalues[0]
+        assert torch.is_autocast_enabled("cpu")  # left as it was
+    assert torch.allclose(inside, plain, rtol=1e-6, atol=0)
+    assert float(lam_inside) == pytest.approx(float(lam), rel=1e-4)

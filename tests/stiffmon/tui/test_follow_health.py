@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import socket
 import time
 from pathlib import Path
@@ -40,3 +42,27 @@ async def test_a_followed_run_whose_writer_died_has_ended(tmp_path: Path) -> Non
     assert (h.state, h.text) == ("ended", f"no bye (writer pid {pid} gone)")
     assert any(f"writer pid {pid} gone" in text for text in said), said
     assert f"writer pid {pid} gone" in shown
+
+
+async def test_a_replay_read_before_its_writer_finished_is_not_called_crashed(
+    tmp_path: Path,
+) -> None:
+    """Without ``--follow``, a file whose writer still runs is not a crash: ``no bye yet``."""
+    msgs = run_messages(0.1, "running", 0, steps=60)
+    hello = msgs[0]
+    assert isinstance(hello, p.Hello)
+    me = dataclasses.replace(hello, host=socket.gethostname(), pid=os.getpid(), t=time.time())
+    path = tmp_path / "running.stiff"
+    with SessionWriter(path) as writer:
+        for m in [me, *msgs[1:]]:
+            if m.KIND != "bye":
+                writer.write(m)
+    src = ReplaySource([path], follow=False, speed=math.inf)
+    src.load()
+    app = StiffmonApp(replay=src, clock=lambda: 0.0)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.5)
+        h = app.health(app.store.runs["running"])
+        shown = screen_text(app)
+    assert (h.state, h.text) == ("replay", f"no bye yet (writer pid {os.getpid()} still running)")
+    assert "no bye yet" in shown and "crashed" not in shown
