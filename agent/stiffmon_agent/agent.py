@@ -212,6 +212,8 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         max_scalar_history: int = 1_000_000,
         registry: bool = True,
     ) -> None:
+        # DDP averages the ranks' gradients: B read from one rank's logits is W × theirs
+        self._replicas = sharding.replicas(model)
         self.model = sharding.unwrap(model)  # measuring never runs DDP's all-reduce hooks
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -248,6 +250,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         if sum_over is not None and sum_over < 1:
             raise ValueError(f"sum_over must be a positive number of examples, got {sum_over}")
         self._sharp_state = SharpnessState(batch_size=batch_size, sum_over=sum_over)
+        self._sum_over_given = sum_over is not None
         self._batch_size = batch_size
         self._log_warned: set[str] = set()
         self._binary = binary_threshold(loss_fn)  # BCE: thresholded, not argmax, accuracy
@@ -383,7 +386,10 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             row.append(step_accuracy(logits, targets, self._log_warned, self._binary, self._ignore))
             extra = 1
         if self._batch_size is None and isinstance(logits, Tensor) and logits.ndim >= 1:
-            self._sharp_state.batch_size = b = int(logits.shape[0])  # B of a sum-reduced loss
+            local = int(logits.shape[0])
+            self._sharp_state.batch_size = b = local * self._replicas
+            if self._replicas > 1 and not self._sum_over_given:  # a sum loss adds up one rank's
+                self._sharp_state.sum_over = local
             row.append(b)  # the hello went out before any batch was seen
             extra |= 2
         # step_time is not sent: the monitor derives it from consecutive row times

@@ -73,6 +73,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def replicas(model: nn.Module) -> int:
+    """The world size for a model wrapped in ``DistributedDataParallel`` (whose gradients are
+    averaged over that many ranks' batches), else 1."""
+    m = model
+    while type(m).__name__ == "OptimizedModule" and isinstance(
+        getattr(m, "_orig_mod", None), nn.Module
+    ):
+        m = m._orig_mod
+    if isinstance(m, nn.parallel.DistributedDataParallel) and dist.is_available():
+        if dist.is_initialized():
+            return int(dist.get_world_size(getattr(m, "process_group", None)))
+    return 1
+
+
 def sharded_parameters(model: nn.Module) -> str | None:
     """Why the model's parameters are sharded across ranks (FSDP, DTensor), or None."""
     for name, mod in model.named_modules():

@@ -62,7 +62,11 @@ def install(agents: Callable[[], Iterable[Closable]]) -> bool:
         if current is not signal.SIG_DFL:
             if not _told_foreign:
                 _told_foreign = True
-                log.info("stiffmon: SIGTERM has a handler already: left alone (no flush on it)")
+                log.info(
+                    "stiffmon: SIGTERM already has a handler (the script's or a framework's), "
+                    "left alone: the agent flushes and says bye at exit if that handler exits "
+                    "normally, not on the signal itself"
+                )
             return False
         signal.signal(signal.SIGTERM, _on_sigterm)
     except (ValueError, OSError):  # not the main interpreter, or no SIGTERM here

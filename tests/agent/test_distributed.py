@@ -301,3 +301,47 @@ def test_distributed_without_a_process_group_is_one_process(tmp_path: Path) -> N
     agent.step(torch.tensor(1.0))
     agent.close()
     assert any(isinstance(m, p.Matrix) for m in read_session(rec)[0]) and not agent.disabled
+
+
+_DDP_BATCH = textwrap.dedent(
+    """
+    import os, sys
+    import torch, torch.distributed as dist
+    from torch import nn
+    from stiffmon.session import read_session
+    from stiffmon_agent import Agent
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    x, y = torch.randn(8, 4), torch.arange(8) % 3
+    rec = sys.argv[1] if rank == 0 else None
+    agent = Agent(model, loss_fn, opt, probe=(x, y), endpoint="", record=rec, registry=False,
+                  gram_every="never", sharpness_every=1, overhead_cap=None)
+    for _ in range(2):
+        out = model(x[:5])
+        loss = loss_fn(out, y[:5])
+        opt.zero_grad(); loss.backward(); opt.step()
+        agent.step(loss, out, y[:5])
+    if rank == 0:
+        print("B", agent._sharp_state.batch_size, "sum_over", agent._sharp_state.sum_over)
+    agent.close()
+    print(f"rank {rank} done", flush=True)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_under_ddp_b_read_from_the_logits_is_the_global_batch(group: Group, tmp_path: Path) -> None:
+    """DDP averages the ranks' gradients: B = W × one rank's batch (η/B), and a sum-reduced
+    objective adds up one rank's batch."""
+    script, rec = tmp_path / "ddp_batch.py", tmp_path / "ddp.stiff"
+    script.write_text(_DDP_BATCH)
+    out = finish(group.torchrun(str(script), str(rec)), timeout=150, ranks=2)
+    assert "B 10 sum_over 5" in out, out
+    rows = p.expand_columns(read_session(rec)[0])
+    b = [m.as_dict()["batch_size"] for m in rows if m.kind == "scalars" and "batch_size" in m.names]
+    assert b and set(b) == {10.0}, b

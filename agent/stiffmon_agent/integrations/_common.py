@@ -28,6 +28,12 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         if key not in params or key == "self":
             known = ", ".join(k for k in params if k not in ("self", *OWNED))
             raise TypeError(f"unknown Agent option {key!r}; the options are: {known}")
+    if options.get("distributed"):  # rank 0 alone would wait for the others for ever
+        raise ValueError(
+            "StiffmonCallback builds the agent on global rank 0 only, where it measures alone: "
+            "distributed=True (every rank measuring its share) needs an Agent on every rank; "
+            "drop it here, or use the Agent in your own loop (README: Distributed training)"
+        )
     return dict(options)
 
 

@@ -169,6 +169,9 @@ def test_unknown_option_is_a_clear_error() -> None:
         StiffmonCallback(prob=None)
     with pytest.raises(TypeError, match="from the framework"):
         StiffmonCallback(optimizer=None)
+    # built on rank 0 only: sharded measurement would wait for the other ranks for ever
+    with pytest.raises(ValueError, match=r"distributed=True .* needs an Agent on every rank"):
+        StiffmonCallback(distributed=True)
 
 
 def test_importing_stiffmon_does_not_import_frameworks() -> None:
