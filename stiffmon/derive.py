@@ -50,6 +50,13 @@ import numpy.typing as npt
 from numpy.lib.stride_tricks import sliding_window_view
 
 LAMBDA1_H = "sharpness/lambda1_h"
+
+
+def threshold_series(precond: bool) -> str:
+    """The threshold series λ1_H (or, ``precond``, λ1(P⁻¹H)) is judged against."""
+    return "sharpness/threshold_precond" if precond else "sharpness/threshold"
+
+
 OPTIMIZER_SKIPPED = "optimizer/skipped"
 """Scalars: how many training steps so far had no optimizer step (``GradScaler`` skipped them)."""
 

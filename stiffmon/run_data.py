@@ -184,6 +184,7 @@ class RunData:
         status = self.status(now)
         idle = now - self.last_seen
         why = ""  # why a run is stalled
+        pid = self.hello.pid if self.hello is not None else 0  # the writer's, of a file
         if status == "finished" and self.bye_reason.startswith("error"):
             # an uncaught exception in the training script (or the agent's context manager)
             error = self.bye_reason.partition(":")[2].strip() or "an error"
@@ -196,10 +197,8 @@ class RunData:
             }
             state, text = "finished", ended_as.get(self.bye_reason, "finished")
         elif status == "replay" and writer == "gone":
-            pid = self.hello.pid if self.hello is not None else 0
             state, text = "ended", f"no bye (writer pid {pid} gone)"
         elif status == "replay" and ended and writer == "alive":  # read before it is written
-            pid = self.hello.pid if self.hello is not None else 0
             state, text = "replay", f"no bye yet (writer pid {pid} still running)"
         elif status == "replay" and ended:
             state, text = "ended", "no bye (crashed?)"
@@ -338,9 +337,9 @@ class RunData:
         Judged on the preconditioned sharpness and its threshold when the run publishes them
         (adaptive optimizers), else on λ1_H and 2/η (or the momentum / Nesterov threshold).
         """
-        name, thr_name = "sharpness/lambda1_precond", "sharpness/threshold_precond"
-        if not len(self.scalars.get(name, ())):
-            name, thr_name = derive.LAMBDA1_H, "sharpness/threshold"
+        precond = bool(len(self.scalars.get("sharpness/lambda1_precond", ())))
+        name = "sharpness/lambda1_precond" if precond else derive.LAMBDA1_H
+        thr_name = derive.threshold_series(precond)
         lam = self.scalars.get(name)
         if lam is None or not len(lam):
             return derive.no_break_even(name)

@@ -53,12 +53,12 @@ def ended_health(rd: RunData, now: float | None = None) -> Health:
     return rd.health(now, ended=True, writer=writer)
 
 
-def run_status(rd: RunData, now: float | None = None) -> str:
+def run_status(rd: RunData, now: float | None = None, health: Health | None = None) -> str:
     """The run's state in the app's words (:meth:`RunData.health`): ``finished``, ``exited``,
     ``no bye (crashed?)`` for a recorded run that ended without a bye (``no bye yet (writer pid
     N still running)`` while it is being written), ``live``, ``stalled 12s`` …; with
-    ``, diverged @N`` when its loss diverged."""
-    h = ended_health(rd, now)
+    ``, diverged @N`` when its loss diverged (``health``: :func:`ended_health`, if known)."""
+    h = health or ended_health(rd, now)
     if rd.diverged_step is not None:
         return f"{h.text}, diverged @{rd.diverged_step:,}"
     return h.text
@@ -80,7 +80,8 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     be = rd.break_even()
     be_k = rd.break_even_k()
     precond = be.series == "sharpness/lambda1_precond"
-    thr_name = "sharpness/threshold_precond" if precond else "sharpness/threshold"
+    thr_name = derive.threshold_series(precond)
+    health = ended_health(rd, now)  # asks whether the writer runs: once
     opt = rd.optimizer
     xi = rd.last("xi/input")
     batch = rd.batch_size
@@ -124,9 +125,9 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
         "diverged_step": rd.diverged_step,
         "events": len(rd.events),
         "dropped": rd.dropped,  # messages the agent lost (its last heartbeat says)
-        "status": run_status(rd, now),
-        "state": ended_health(rd, now).state,
-        "problems": list(ended_health(rd, now).problems),
+        "status": run_status(rd, now, health),
+        "state": health.state,
+        "problems": list(health.problems),
     }
 
 

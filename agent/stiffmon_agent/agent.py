@@ -77,13 +77,13 @@ def unoptimized_note(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     extra, total = unoptimized(model, optimizer)
     if not extra:
         return ""
-    if extra == total:
+    if len(extra) == total:
         return (
             "the optimizer holds none of the model's trainable parameters (an EMA / averaged "
             "copy?): the measurements use all of them, and no preconditioned sharpness"
         )
     return (
-        f"{extra} of the model's {total} trainable parameter tensors are not in the optimizer "
+        f"{len(extra)} of the model's {total} trainable parameter tensors are not in the optimizer "
         "(they never move): the measurements leave them out (freeze them to say so)"
     )
 

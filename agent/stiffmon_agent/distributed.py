@@ -57,10 +57,10 @@ log = logging.getLogger("stiffmon_agent")
 MatVec = Callable[[Tensor], Tensor]
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile``
-    (whose compiled graph runs no forward hooks, which the per-example gradients need: the
-    measurements run the original module, on the same parameters); else ``model``."""
+def _wrappers(model: nn.Module) -> list[nn.Module]:
+    """``model`` and each module inside it through ``DistributedDataParallel`` /
+    ``DataParallel`` and ``torch.compile`` wrappers, outermost first."""
+    out = [model]
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
@@ -69,20 +69,23 @@ def unwrap(model: nn.Module) -> nn.Module:
         ):
             model = model._orig_mod
         else:
-            break
-    return model
+            return out
+        out.append(model)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``DistributedDataParallel`` / ``DataParallel`` and ``torch.compile``
+    (whose compiled graph runs no forward hooks, which the per-example gradients need: the
+    measurements run the original module, on the same parameters); else ``model``."""
+    return _wrappers(model)[-1]
 
 
 def replicas(model: nn.Module) -> int:
     """The world size for a model wrapped in ``DistributedDataParallel`` (whose gradients are
     averaged over that many ranks' batches), else 1."""
-    m = model
-    while type(m).__name__ == "OptimizedModule" and isinstance(
-        getattr(m, "_orig_mod", None), nn.Module
-    ):
-        m = m._orig_mod
-    if isinstance(m, nn.parallel.DistributedDataParallel) and dist.is_available():
-        if dist.is_initialized():
+    for m in _wrappers(model):
+        ddp = isinstance(m, nn.parallel.DistributedDataParallel)
+        if ddp and dist.is_available() and dist.is_initialized():
             return int(dist.get_world_size(getattr(m, "process_group", None)))
     return 1
 

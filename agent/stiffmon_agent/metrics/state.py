@@ -93,13 +93,8 @@ def optimized_only(model: nn.Module, optimizer: torch.optim.Optimizer | None) ->
     linear probe's backbone left ``requires_grad=True``) are frozen for the measurement and
     restored afterwards. Nothing changes without an optimizer, when it holds them all, or when
     it holds none of them (an EMA / averaged copy of the trained model: measured whole)."""
-    if optimizer is None:
-        yield
-        return
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    extra = [p for p in trainable if id(p) not in held]
-    if not extra or len(extra) == len(trainable):
+    extra, total = unoptimized(model, optimizer)
+    if not extra or len(extra) == total:
         yield
         return
     for p in extra:
@@ -111,10 +106,13 @@ def optimized_only(model: nn.Module, optimizer: torch.optim.Optimizer | None) ->
             p.requires_grad_(True)
 
 
-def unoptimized(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[int, int]:
-    """(trainable parameters of ``model`` the optimizer does not hold, all trainable ones)."""
+def unoptimized(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[list[nn.Parameter], int]:
+    """(the trainable parameters of ``model`` the optimizer does not hold, how many trainable
+    ones it has); none without an optimizer."""
     if optimizer is None:
-        return 0, 0
+        return [], 0
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     trainable = list(trainable_parameters(model).values())
-    return sum(id(p) not in held for p in trainable), len(trainable)
+    return [p for p in trainable if id(p) not in held], len(trainable)

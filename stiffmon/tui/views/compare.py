@@ -49,7 +49,7 @@ def fresh(app: StiffmonApp, rd: RunData, now: float, series: str) -> dict[str, A
     measurement, with that measurement's step where η or β moved since: the table must not
     pass off a threshold computed from an earlier η as the one of the η it shows."""
     precond = series == "sharpness/lambda1_precond"
-    thr_name = "sharpness/threshold_precond" if precond else "sharpness/threshold"
+    thr_name = derive.threshold_series(precond)
     thr, thr_step = last_of(rd, thr_name)
     if thr_step is not None and not schedule_moved(rd, thr_step):
         thr_step = None

@@ -13,6 +13,7 @@ from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import Static
 
+from stiffmon import derive
 from stiffmon.marks import CATAPULT, be_symbol, marks_legend
 from stiffmon.store import RunData
 from stiffmon.tui.renderables import Marker, StepLine, asciify
@@ -103,16 +104,11 @@ def be_words(rd: RunData) -> str:
         tent = ", never confirmed: the run diverged"
     precond = str(getattr(be, "series", "")).endswith("precond")
     lam = "λ1(P⁻¹H)" if precond else "λ1_H"
-    name = threshold_series(precond)
+    name = derive.threshold_series(precond)
     thr = float(rd.aligned(name, np.array([be.step]))[0])
     moved = math.isfinite(thr) and not math.isclose(thr, rd.last(name), rel_tol=1e-9)
     there = f", threshold {thr:.4g} there" if moved else ""  # an lr schedule moved it since
     return f"break-even {be.step:,} ({why}{tent}) {lam} {be.value:.3g}{there}{extra}"
-
-
-def threshold_series(precond: bool) -> str:
-    """The name of the threshold series λ1_H (or, ``precond``, λ1(P⁻¹H)) is judged against."""
-    return "sharpness/threshold_precond" if precond else "sharpness/threshold"
 
 
 def threshold_line(view: View, rd: RunData, name: str, color: str) -> StepLine | None:

@@ -19,17 +19,23 @@ from tests.stiffmon.tui.fixtures import run_messages
 from tests.stiffmon.tui.test_app import screen_text
 
 
-async def test_a_followed_run_whose_writer_died_has_ended(tmp_path: Path) -> None:
-    pid = dead_pid()
-    msgs = run_messages(0.1, "killed", 0, steps=60)
+def without_bye(tmp_path: Path, run: str, pid: int) -> Path:
+    """A 60-step session of ``run`` written by process ``pid`` of this machine, without a bye."""
+    msgs = run_messages(0.1, run, 0, steps=60)
     hello = msgs[0]
     assert isinstance(hello, p.Hello)
     msgs[0] = dataclasses.replace(hello, host=socket.gethostname(), pid=pid, t=time.time())
-    path = tmp_path / "killed.stiff"
+    path = tmp_path / f"{run}.stiff"
     with SessionWriter(path) as writer:
         for m in msgs:
             if m.KIND != "bye":
                 writer.write(m)
+    return path
+
+
+async def test_a_followed_run_whose_writer_died_has_ended(tmp_path: Path) -> None:
+    pid = dead_pid()
+    path = without_bye(tmp_path, "killed", pid)
     src = ReplaySource([path], follow=True)
     src.load()
     app = StiffmonApp(replay=src, clock=lambda: 0.0)
@@ -48,15 +54,7 @@ async def test_a_replay_read_before_its_writer_finished_is_not_called_crashed(
     tmp_path: Path,
 ) -> None:
     """Without ``--follow``, a file whose writer still runs is not a crash: ``no bye yet``."""
-    msgs = run_messages(0.1, "running", 0, steps=60)
-    hello = msgs[0]
-    assert isinstance(hello, p.Hello)
-    me = dataclasses.replace(hello, host=socket.gethostname(), pid=os.getpid(), t=time.time())
-    path = tmp_path / "running.stiff"
-    with SessionWriter(path) as writer:
-        for m in [me, *msgs[1:]]:
-            if m.KIND != "bye":
-                writer.write(m)
+    path = without_bye(tmp_path, "running", os.getpid())
     src = ReplaySource([path], follow=False, speed=math.inf)
     src.load()
     app = StiffmonApp(replay=src, clock=lambda: 0.0)
