@@ -225,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Forward the updates and snapshots of many agents through one address.",
     )
     relay.add_argument("upstream", nargs="+", metavar="ENDPOINT", help="agent tcp:// address")
-    relay.add_argument("--bind", default="tcp://127.0.0.1:5655", help="address for monitors")
+    relay.add_argument(
+        "--bind", default="tcp://127.0.0.1:5655", help="address for monitors (default: %(default)s)"
+    )
     relay.add_argument(
         "--curve-keys",
         default=None,

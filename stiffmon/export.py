@@ -11,12 +11,18 @@ the run id, the join key of every table):
   ``class_names`` as JSON text; ``lr`` and ``momentum`` those of param group 0 at the last
   step, the hello's without per-step values; ``status`` in the monitor's words: ``finished``,
   ``no bye (crashed?)`` …, see :func:`stiffmon.summary.run_status`);
-* ``matrices``: ``run, step, time, name, row, col, row_label, col_label, value`` — one row per
-  cell of every measurement of every matrix (class stiffness blocks);
-* ``curves``: ``run, step, time, name, index, x, y`` — stiffness-vs-distance curves, one row per
-  bin (x: bin centre, y: mean stiffness; the curve's ξ is the ``xi/<space>`` scalar);
-* ``spectra``: ``run, step, time, name, rank, value`` — eigenvalues, rank 0 the largest;
-* ``events``: ``run, step, time, level, code, message``.
+* ``matrices``: ``run, step, time, name, row, col, row_label, col_label, value, attrs`` — one row
+  per cell of every measurement of every matrix (class stiffness blocks);
+* ``curves``: ``run, step, time, name, index, x, y, attrs`` — stiffness-vs-distance curves, one
+  row per bin (x: bin centre, y: mean stiffness; the curve's ξ is the ``xi/<space>`` scalar);
+* ``spectra``: ``run, step, time, name, rank, value, attrs`` — eigenvalues, rank 0 the largest;
+* ``events``: ``run, step, time, level, code, message, attrs``.
+
+``attrs`` is the measurement's (or event's) attributes as JSON text, the same on each of its
+rows (keys sorted): for the ``hessian`` spectrum ``threshold_rule``,
+``threshold_group`` (the param group that set the threshold, −1 if none), ``converged``,
+``hvps`` and ``objective``; ``n`` for ``grad-cov``; ``xi`` and ``pairs`` for a curve; ``within``
+and ``between`` for a class-stiffness matrix; e.g. ``metric`` for an event.
 
 ``time`` is Unix time in seconds. Missing values (NaN) are empty cells in CSV and nulls in Parquet.
 
@@ -66,10 +72,21 @@ SCHEMAS: dict[str, tuple[str, ...]] = {
         "agent_version",
         "status",
     ),
-    "matrices": ("run", "step", "time", "name", "row", "col", "row_label", "col_label", "value"),
-    "curves": ("run", "step", "time", "name", "index", "x", "y"),
-    "spectra": ("run", "step", "time", "name", "rank", "value"),
-    "events": ("run", "step", "time", "level", "code", "message"),
+    "matrices": (
+        "run",
+        "step",
+        "time",
+        "name",
+        "row",
+        "col",
+        "row_label",
+        "col_label",
+        "value",
+        "attrs",
+    ),
+    "curves": ("run", "step", "time", "name", "index", "x", "y", "attrs"),
+    "spectra": ("run", "step", "time", "name", "rank", "value", "attrs"),
+    "events": ("run", "step", "time", "level", "code", "message", "attrs"),
 }
 
 
@@ -102,6 +119,7 @@ def tables(store: Store) -> dict[str, Columns]:
                 assert hasattr(mat, "data")
                 data = np.asarray(mat.data, dtype=np.float64)
                 rl, cl = mat.row_labels, mat.col_labels  # type: ignore[union-attr]
+                attrs = _attrs_json(mat)
                 for (i, j), v in np.ndenumerate(data):
                     _append(m, rd.run, snap.step, snap.t, name)
                     m["row"].append(i)
@@ -109,22 +127,27 @@ def tables(store: Store) -> dict[str, Columns]:
                     m["row_label"].append(rl[i] if i < len(rl) else "")
                     m["col_label"].append(cl[j] if j < len(cl) else "")
                     m["value"].append(float(v))
+                    m["attrs"].append(attrs)
         c = out["curves"]
         for name, snaps in rd.curves.items():
             for snap in snaps:
                 cur = snap.msg
+                attrs = _attrs_json(cur)
                 for k, (x, y) in enumerate(zip(cur.x.tolist(), cur.y.tolist(), strict=True)):  # type: ignore[union-attr]
                     _append(c, rd.run, snap.step, snap.t, name)
                     c["index"].append(k)
                     c["x"].append(x)
                     c["y"].append(y)
+                    c["attrs"].append(attrs)
         sp = out["spectra"]
         for name, snaps in rd.spectra.items():
             for snap in snaps:
+                attrs = _attrs_json(snap.msg)
                 for k, v in enumerate(snap.msg.values.tolist()):  # type: ignore[union-attr]
                     _append(sp, rd.run, snap.step, snap.t, name)
                     sp["rank"].append(k)
                     sp["value"].append(v)
+                    sp["attrs"].append(attrs)
         ev = out["events"]
         for e in rd.events:
             ev["run"].append(rd.run)
@@ -133,6 +156,7 @@ def tables(store: Store) -> dict[str, Columns]:
             ev["level"].append(e.level)
             ev["code"].append(e.code)
             ev["message"].append(e.message)
+            ev["attrs"].append(_attrs_json(e))
     result: dict[str, Columns] = dict(out)  # type: ignore[arg-type]
     result["scalars"] = {
         "run": np.concatenate(scal["run"]) if scal["run"] else np.zeros(0, dtype=object),
@@ -149,6 +173,12 @@ def _append(t: dict[str, list[Any]], run: str, step: int, when: float, name: str
     t["step"].append(step)
     t["time"].append(when)
     t["name"].append(name)
+
+
+def _attrs_json(msg: Any) -> str:
+    """A message's ``attrs`` (JSON scalars, finite: the protocol checks) as JSON text, keys
+    sorted."""
+    return json.dumps(dict(getattr(msg, "attrs", None) or {}), sort_keys=True, default=str)
 
 
 def _run_row(t: dict[str, list[Any]], rd: RunData) -> None:

@@ -117,17 +117,19 @@ class Accuracy:
             targets = targets.detach()
         if logits.is_cpu and logits.numel() <= DEFER_MAX_ELEMENTS:
             return cls(logits, targets, None, threshold, ignore_index)  # checked later
-        dim = check_comparable(logits, targets, threshold)
-        with torch.no_grad():
-            if threshold is not None:
-                same = (logits > threshold) == (targets > 0.5)
-                valid = torch.ones_like(same).sum()
-            elif ignore_index is None:  # a negative target never equals an argmax: no hit
-                same, valid = logits.argmax(dim) == targets, (targets >= 0).sum()
-            else:
-                kept = (targets >= 0) & (targets != ignore_index)
-                same, valid = (logits.argmax(dim) == targets) & kept, kept.sum()
-            return cls(None, None, torch.stack((same.sum(), valid)), threshold, ignore_index)
+        hits = _count(logits, targets, threshold, ignore_index)
+        return cls(None, None, hits, threshold, ignore_index)
+
+    def counted(self) -> Accuracy:
+        """This step with its hits counted now (kept tensors: on the calling thread).
+
+        Raises:
+            ValueError: Kept logits whose shapes do not compare with the targets'.
+        """
+        if self.hits is not None:
+            return self
+        hits = _count(self.logits, self.targets, self.threshold, self.ignore)
+        return Accuracy(None, None, hits, self.threshold, self.ignore)
 
     def __float__(self) -> float:
         if not self.intact:
@@ -136,6 +138,27 @@ class Accuracy:
             return float(_hit_rates([self])[0])
         hits, valid = self.hits.tolist()
         return hits / valid if valid else math.nan
+
+
+def _count(
+    logits: torch.Tensor, targets: torch.Tensor, threshold: float | None, ignore: int | None
+) -> torch.Tensor:
+    """``[hits, predictions]`` of one step, on the logits' device (no synchronisation).
+
+    Raises:
+        ValueError: The shapes do not compare (:func:`check_comparable`).
+    """
+    dim = check_comparable(logits, targets, threshold)
+    with torch.no_grad():
+        if threshold is not None:
+            same = (logits > threshold) == (targets > 0.5)
+            valid = torch.ones_like(same).sum()
+        elif ignore is None:  # a negative target never equals an argmax: no hit
+            same, valid = logits.argmax(dim) == targets, (targets >= 0).sum()
+        else:
+            kept = (targets >= 0) & (targets != ignore)
+            same, valid = (logits.argmax(dim) == targets) & kept, kept.sum()
+        return torch.stack((same.sum(), valid))
 
 
 def binary_threshold(loss_fn: Any) -> float | None:
@@ -231,8 +254,13 @@ def step_accuracy(
         ignore_index: A non-negative target to leave out like the negative ones, or None.
 
     Returns:
-        The step's :class:`Accuracy`, or NaN.
+        The step's :class:`Accuracy`, or NaN. ``logits`` that are a counted :class:`Accuracy`
+        already (an optimizer step's micro-batches summed by a framework callback) are
+        returned as they are.
     """
+    if isinstance(logits, Accuracy) and logits.hits is not None:
+        warned.add(_COUNTED)
+        return logits
     try:
         a = Accuracy.of(logits, targets, threshold, ignore_index)
     except Exception as exc:  # never into the training loop

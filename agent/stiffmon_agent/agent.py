@@ -39,6 +39,7 @@ from stiffmon_agent.announce import (
     log,
     probe_notes,
     register_locally,
+    speaker,
     start_publisher,
 )
 from stiffmon_agent.budget import MeasurementBudget
@@ -52,11 +53,18 @@ from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from 
 )
 from stiffmon_agent.measure_curvature import density_messages  # noqa: F401
 from stiffmon_agent.measure_options import MeasureOptions
-from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, loss_reduction
+from stiffmon_agent.metrics.probe import (
+    Batch,
+    ForwardFn,
+    LossFn,
+    ignore_index_of,
+    loss_reduction,
+)
 from stiffmon_agent.metrics.state import unoptimized
 from stiffmon_agent.optimizer_skips import OptimizerSkips
 from stiffmon_agent.probe_set import without_uncounted
 from stiffmon_agent.publisher import Publisher
+from stiffmon_agent.rank_gate import RankGate, meet
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, MeasurementPlan, Schedule, parse_schedule
 from stiffmon_agent.step_scalars import OptimizerColumns, optimizer_config
@@ -83,8 +91,9 @@ def unoptimized_note(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
             "copy?): the measurements use all of them, and no preconditioned sharpness"
         )
     return (
-        f"{len(extra)} of the model's {total} trainable parameter tensors are not in the optimizer "
-        "(they never move): the measurements leave them out (freeze them to say so)"
+        f"{len(extra)} of the model's {total} trainable parameter tensors are not in this "
+        "agent's optimizer: the measurements leave them out (another optimizer may train them, "
+        "a GAN's other player; if none does, freezing them saves memory)"
     )
 
 
@@ -157,6 +166,10 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             creates the agent with the same arguments (the same global probe) and calls
             ``step()``; each measures its share, rank 0 assembles and publishes. Off by default
             (an agent made on rank 0 only must not wait); one process: no change.
+        rank_timeout: With ``distributed``, seconds a rank waits for the others' agents: at
+            construction (then every rank raises, naming the missing ranks) and before each
+            measurement (then sharding stops with a ``sharding-off`` warning event and rank 0
+            measures alone): nobody waits in a collective for ever.
         curve_keys: Directory from ``stiffmon keys``: require CURVE authentication.
         fsync: fsync policy of the session file (``"never"``, ``"always"`` or seconds).
         queue_size: Bound of the queue to the publisher thread.
@@ -166,8 +179,9 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         idle_batch_interval: The same while no monitor subscribes (the session file alone
             takes the batches; never shorter than ``batch_interval``); None: ``batch_interval``.
         max_scalar_history: Values of ``scalars`` messages (measurement results, coverage,
-            ``Agent.log``) kept for late joiners, over all names (then the older half of the
-            busiest name is thinned); every step's per-step scalars are kept.
+            ``Agent.log``) kept for late joiners, over all names (then the busiest name's
+            older values are thinned, evenly spread, its newest quarter kept whole); every
+            step's per-step scalars are kept.
         registry: Register the run so ``stiffmon watch`` finds it.
     """
 
@@ -204,6 +218,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         sum_over: int | None = None,
         rank0_only: bool = True,
         distributed: bool = False,
+        rank_timeout: float = 120.0,
         curve_keys: str | os.PathLike[str] | CurveKeys | None = None,
         fsync: Any = "never",
         queue_size: int = 10_000,
@@ -222,6 +237,12 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self.enabled = not (rank0_only and self.rank != 0)  # publishes
         self.shard = sharding.current_shard(distributed)
         sharding.check_measurable(self.model, probe is not None, self.shard, rank0_only)
+        if not rank_timeout > 0:
+            raise ValueError(f"rank_timeout must be a positive number of seconds: {rank_timeout}")
+        gate = None
+        if self.shard is not None:  # every rank's agent is there before any collective
+            meet(self.shard.rank, self.shard.world, rank_timeout)
+            gate = RankGate(rank_timeout)
         self.step_count = 0
         self.closed = False
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -255,6 +276,11 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self._log_warned: set[str] = set()
         self._binary = binary_threshold(loss_fn)  # BCE: thresholded, not argmax, accuracy
         self._ignore = class_ignore_index(loss_fn)  # a CE target index (255) not counted
+        # the "accuracy-off" event's text, said at the first step without logits (then None);
+        # framework callbacks set their own
+        self.no_accuracy_note: str | None = (
+            "no accuracy: step() gets no logits/targets (pass logits=, targets= for it)"
+        )
         self._budget = MeasurementBudget(overhead_cap, self._publishing_seconds, self.event)
         self._registry_run: str | None = None
         self.probe: ProbeSet | None = None
@@ -270,7 +296,15 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         device = next((q.device for q in model.parameters()), None)
         if probe is not None:
             dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
-            args = (probe, val_probe, device, num_classes, class_names, dtype)
+            args = (
+                probe,
+                val_probe,
+                device,
+                num_classes,
+                class_names,
+                dtype,
+                ignore_index_of(loss_fn),
+            )
             self.probe = sharding.agreed(make_probe, args, self.shard, self.model)
             self.probe, self._probe_note = sharding.agreed(
                 without_uncounted, (self.probe, loss_fn), self.shard, self.model
@@ -291,6 +325,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
                 self.event,
                 self._columns.flush,
                 self.shard,
+                gate,
             )
             self._runner.stepped_groups = self._optimizer_columns.stepped_groups
             self._next_due = self._plan.next_after(-1)
@@ -306,16 +341,18 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self.publisher.start()
         self.endpoint = self.publisher.endpoint
         fields = hello_fields(
-            self.name, model, cfg, batch_size, class_names, self.probe, self.endpoint, record
-        )
+            self.name, model, cfg, batch_size, class_names, self.probe, self.endpoint, record,
+            held_by=optimizer,
+        )  # fmt: skip
         self._submit(p.Hello, fields)
-        for code, note in probe_notes(self.probe, self._opts.distance_layers):
+        who = self._budget.who = self._skips.who = speaker(self.name)  # names the run's lines
+        for code, note in probe_notes(self.probe, self._opts.distance_layers, self.model):
             self.event(code, note)
         if self._probe_note:
-            log.warning("stiffmon: %s", self._probe_note)
+            log.warning("%s: %s", who, self._probe_note)
             self.event("probe-uncounted", self._probe_note, level="warning")
         if probe is not None and (note := unoptimized_note(self.model, optimizer)):
-            log.warning("stiffmon: %s", note)
+            log.warning("%s: %s", who, note)
             self.event("params-not-optimized", note, level="warning")
         if self.endpoint is not None and registry:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
@@ -349,7 +386,8 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
 
         Args:
             loss: The step's loss (tensor or number).
-            logits: Optional model outputs of the step, for the accuracy.
+            logits: Optional model outputs of the step, for the accuracy (without them and
+                ``targets``, an ``accuracy-off`` event says once that the run has none).
             targets: Optional targets matching ``logits`` (class indices; 0/1 per output with a
                 BCE loss).
         """
@@ -375,9 +413,12 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
                 self._skips.note(s - back, now)
         elif self._skips.pending is not None:
             self._skips.tick(now)
-        if oc.note:  # said once, at the fourth step
-            self.event("step-order", oc.note, level="warning")
-            oc.note = ""
+        if oc.notes:  # said once each: the loop's order (fourth step), no optimizer step seen
+            for code, note, console in oc.notes:
+                if console:
+                    log.warning("%s: %s", speaker(self.name), note)
+                self.event(code, note, level="warning")
+            oc.notes = []
         if oc.accumulation:  # said once, at about the ninth optimizer step
             self._say_accumulation(oc.accumulation)
             oc.accumulation = 0
@@ -385,6 +426,9 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         if logits is not None and targets is not None:
             row.append(step_accuracy(logits, targets, self._log_warned, self._binary, self._ignore))
             extra = 1
+        elif self.no_accuracy_note is not None:  # said once per run
+            self.event("accuracy-off", self.no_accuracy_note)
+            self.no_accuracy_note = None
         if self._batch_size is None and isinstance(logits, Tensor) and logits.ndim >= 1:
             local = int(logits.shape[0])
             self._sharp_state.batch_size = b = local * self._replicas
@@ -408,14 +452,19 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         summed = loss_reduction(self.loss_fn) == "sum"
         uses = "η/B" + (" and the sharpness of the sum-reduced loss (B × the mean's)" * summed)
         message = (
-            f"{k} backward passes per optimizer step (gradient accumulation?): the batch size "
-            f"B = {b} read from the logits passed to step() is then one micro-batch's, and {uses} "
-            f"use it; pass Agent(batch_size=...) the examples per optimizer step ({k} × {b} = "
-            f"{k * b} if every micro-batch has {b})"
+            f"{k} backward passes reach the parameters per optimizer step; {uses} use the batch "
+            f"size B = {b} read from the logits passed to step(). If this is gradient "
+            f"accumulation, B is one micro-batch's: pass Agent(batch_size=...) the examples per "
+            f"optimizer step ({k} × {b} = {k * b} if every micro-batch has {b})"
         )
         if summed:
             message += f", and sum_over={b} if each micro-batch's loss is divided by {k}"
-        log.warning("stiffmon: %s", message)
+        message += (
+            ". The extra passes of a step with several losses (a GAN's real and fake batches or "
+            "its other player's loss, SAM's second pass) are not accumulation: then B is right "
+            "and there is nothing to do"
+        )
+        log.warning("%s: %s", speaker(self.name), message)
         self.event("batch-size-accumulation", message, level="warning", backwards=k, batch_size=b)
 
     def _measure_due(self, s: int) -> None:
@@ -427,6 +476,9 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         for kind in due:
             if runner.measure(kind, s):
                 self._plan.ran(kind, s)
+        if not self.enabled and runner.shard is None:  # sharding stopped: nothing left to do
+            self._next_due = math.inf
+            return
         if due and self.enabled:
             cov = self._budget.coverage_scalars(due)
             fields = {"values_names": list(cov), "values_raw": list(cov.values())}

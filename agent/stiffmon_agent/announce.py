@@ -1,10 +1,12 @@
 """What the agent says about itself when it starts: its rank, the ``hello`` and the local registry.
 
 * :data:`log`: the ``stiffmon_agent`` logger (printing plain lines unless logging is set up);
+* :func:`speaker`: the prefix of a run's console lines (``stiffmon [run name]``);
 
 * :func:`dist_rank`: the torch.distributed rank (0 when not distributed);
 * :func:`hello_fields`: the fields of the run's ``hello`` message;
-* :func:`probe_notes`: what the start says about the probe (no class labels, no distances);
+* :func:`probe_notes`: what the start says about the probe (no class labels, no distances,
+  eval mode: :func:`eval_mode_note`);
 * :func:`register_locally`: a registry entry so ``stiffmon watch`` finds the run;
 * :func:`start_publisher`: the publisher (sockets, session file), not yet started.
 """
@@ -24,6 +26,7 @@ from torch import nn
 from stiffmon import __version__
 from stiffmon.registry import RunEntry, register
 from stiffmon.transport import CurveKeys, load_curve_server
+from stiffmon_agent.metrics.state import unoptimized
 from stiffmon_agent.probe_set import ProbeSet
 from stiffmon_agent.publisher import Publisher
 
@@ -34,6 +37,20 @@ if not log.handlers and not logging.getLogger().handlers:  # say it even if noth
     log.addHandler(_handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+def speaker(name: str) -> str:
+    """The prefix of the console lines about run ``name``: ``stiffmon [name]`` (two agents in
+    one process, a GAN's, must say which run a line is about)."""
+    return f"stiffmon [{name}]"
+
+
+def measured_param_count(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Trainable parameters the measurements cover: those the optimizer holds (all of them
+    without an optimizer, or when it holds none: an EMA copy, measured whole)."""
+    extra, total = unoptimized(model, optimizer)
+    left_out = {id(q) for q in extra} if len(extra) < total else set()
+    return sum(q.numel() for q in model.parameters() if q.requires_grad and id(q) not in left_out)
 
 
 def dist_rank() -> int:
@@ -55,13 +72,23 @@ def hello_fields(
     probe: ProbeSet | None,
     endpoint: Any,
     record: str | os.PathLike[str] | None,
+    held_by: torch.optim.Optimizer | None = None,
 ) -> dict[str, Any]:
-    """The ``hello`` fields: who runs, the model size, the optimizer config, the probe sizes."""
+    """The ``hello`` fields: who runs, the model size, the optimizer config, the probe sizes.
+
+    ``param_count`` is the count the measurements cover (:func:`measured_param_count` with
+    ``held_by``, the optimizer): a GAN's two runs on one module count their own player's
+    parameters; where that is not the whole model's trainable count, ``meta``'s
+    ``model_param_count`` holds the latter.
+    """
     names = tuple(class_names or (probe.class_names if probe else ()))
-    n_params = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    n_params = measured_param_count(model, held_by)
+    n_model = sum(q.numel() for q in model.parameters() if q.requires_grad)
     meta: dict[str, Any] = {"endpoint": str(endpoint) if endpoint else None}
     if record:
         meta["record"] = str(record)
+    if n_model != n_params:
+        meta["model_param_count"] = n_model
     return {
         "name": name,
         "host": socket.gethostname(),
@@ -78,15 +105,18 @@ def hello_fields(
 
 
 def probe_notes(
-    probe: ProbeSet | None, distance_layers: Sequence[str] = ()
+    probe: ProbeSet | None, distance_layers: Sequence[str] = (), model: nn.Module | None = None
 ) -> list[tuple[str, str]]:
     """``(code, message)`` of the info events a probe calls for at the start: a probe whose
     targets are not class labels gets no class stiffness, and one whose inputs are not one
     floating-point tensor no stiffness-vs-distance curve (unless layers are named); the rest is
-    measured."""
+    measured. With the ``model``: its BatchNorm or Dropout layers are measured in eval mode
+    (:func:`eval_mode_note`)."""
     if probe is None:
         return []
     out = []
+    if model is not None and (note := eval_mode_note(model)):
+        out.append(("eval-mode", note))
     if probe.labels is None:
         what = (
             "no class stiffness: the probe's targets are not class labels (integers of shape "
@@ -108,6 +138,39 @@ def probe_notes(
     return out
 
 
+def eval_mode_note(model: nn.Module) -> str | None:
+    """What measuring in eval mode changes for ``model``'s layers, or None if nothing.
+
+    The measurements run the probe in eval mode: BatchNorm with running statistics uses them
+    and Dropout (p > 0) is off, so the geometry is the evaluation network's, not that of the
+    training steps (batch statistics, random masks). BatchNorm without running statistics
+    (``track_running_stats=False``) normalises over the batch in eval mode too: the probe's
+    examples are coupled. Only the kinds present are named.
+    """
+    bn = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracked = any(m.track_running_stats for m in bn)
+    untracked = any(not m.track_running_stats for m in bn)
+    dropout = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+    said, then = [], []
+    if tracked:
+        said.append("BatchNorm uses its running statistics")
+        then.append("batch statistics")
+    if dropout:
+        said.append("Dropout is off")
+        then.append("dropout")
+    parts = []
+    if said:
+        parts.append(
+            f"{' and '.join(said)} (as in evaluation; the training steps use {' and '.join(then)})"
+        )
+    if untracked:
+        parts.append(
+            "BatchNorm without running statistics normalises over the probe's examples: "
+            "the per-example losses are coupled"
+        )
+    return f"measured in eval mode: {'; '.join(parts)}" if parts else None
+
+
 def register_locally(run_id: str, name: str, endpoint: Any) -> str | None:
     """Register the run in the local registry; its id, or None (with a warning) if that failed."""
     try:
@@ -122,7 +185,7 @@ def register_locally(run_id: str, name: str, endpoint: Any) -> str | None:
             )
         )
     except OSError as exc:
-        log.warning(f"stiffmon: could not register the run locally: {exc}")
+        log.warning(f"{speaker(name)}: could not register the run locally: {exc}")
         return None
     return run_id
 

@@ -63,6 +63,7 @@ class MeasurementBudget:
         skipped: Measurements skipped to stay under the cap.
         coverage: ``[done, skipped]`` due measurements of each kind.
         skips: Skips per ``(kind, reason)``.
+        who: The prefix of its console lines (the agent sets ``stiffmon [run name]``).
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class MeasurementBudget:
         self.coverage = {kind: [0, 0] for kind in KINDS}  # done, skipped
         self.skips: dict[tuple[str, str], int] = {}  # (kind, reason) -> count
         self.start = time.perf_counter()
+        self.who = "stiffmon"
 
     def within(self, kind: str, step: int, hvps: int = 0) -> bool:
         """Whether a ``kind`` measurement due at ``step`` fits in the budget (``hvps``: the
@@ -173,7 +175,7 @@ class MeasurementBudget:
             done=done,
             **attrs,
         )
-        log.info(f"stiffmon: {msg}")
+        log.info(f"{self.who}: {msg}")
 
     def coverage_scalars(self, kinds: Iterable[str]) -> dict[str, Any]:
         """``coverage/<kind>/{done,skipped}`` of ``kinds``, as published after a due step."""

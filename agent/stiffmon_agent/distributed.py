@@ -154,12 +154,6 @@ class Shard:
     def counts(self, n: int) -> list[int]:
         return [b - a for a, b in (bounds(n, r, self.world) for r in range(self.world))]
 
-    def broadcast_int(self, value: int, device: torch.device | None = None) -> int:
-        """Rank 0's ``value`` on every rank."""
-        t = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.broadcast(t, 0)
-        return int(t.item())
-
 
 def current_shard(distributed: bool) -> Shard | None:
     """A :class:`Shard` when ``distributed`` and torch.distributed runs more than one process."""

@@ -102,6 +102,9 @@ class OptimizerSkips:
     Args:
         submit: Publishes a message: ``submit(cls, fields, step=...)``.
         event: Publishes an ``event``: ``event(code, message, level=..., **attrs)``.
+
+    Attributes:
+        who: The prefix of its console lines (the agent sets ``stiffmon [run name]``).
     """
 
     def __init__(self, submit: Callable[..., None], event: Callable[..., None]) -> None:
@@ -110,6 +113,7 @@ class OptimizerSkips:
         self.count = 0
         self.pending: int | None = None  # a skipped step whose count is not sent yet
         self._sent_at = -float("inf")
+        self.who = "stiffmon"
 
     def note(self, step: int, now: float) -> None:
         """Count ``step`` (skipped; ``now``: unix time) and publish as the intervals allow."""
@@ -122,7 +126,7 @@ class OptimizerSkips:
             )
             code = "optimizer-step-skipped"
             self._event(code, msg, level="warning", at_step=step, skipped=self.count)
-            log.info(f"stiffmon: {msg}")
+            log.info(f"{self.who}: {msg}")
         self.pending = step
         if said or now - self._sent_at >= MIN_INTERVAL:
             self.send(now)

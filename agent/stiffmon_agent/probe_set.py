@@ -67,13 +67,16 @@ def make_probe(
     num_classes: int | None,
     class_names: Sequence[str] | None,
     dtype: torch.dtype | None = None,
+    ignore_index: int | None = None,
 ) -> ProbeSet:
     """Concatenate the train and val probes, move them to ``device`` and read the labels.
 
     Floating-point tensors are cast to ``dtype`` (the model's), so a float64 probe works with
     a float32 model. Integer class labels that are not 0..K−1 (e.g. {10, 20, 30}) are mapped to
     compact classes named after the original labels, unless ``class_names`` or ``num_classes``
-    say how to read them. A binary classifier's 0/1 float targets are classes 0 and 1.
+    say how to read them. A binary classifier's 0/1 float targets are classes 0 and 1. Examples
+    whose target is the loss's ``ignore_index`` are no class (:func:`without_uncounted` leaves
+    them out of the probe).
 
     Raises:
         ValueError: If a probe is empty or malformed.
@@ -113,6 +116,11 @@ def make_probe(
     if labels is not None and labels is not ys:  # a binary classifier's 0/1: classes 0 and 1
         k = max(k, 2)
     elif labels is not None and labels.numel():
+        ignored = labels == ignore_index if ignore_index is not None else None
+        if ignored is not None and bool(ignored.all()):
+            return ProbeSet(xs, ys, n_train, labels, k, names)  # without_uncounted refuses it
+        if ignored is not None and bool(ignored.any()):
+            labels = torch.where(ignored, labels[~ignored][0], labels)  # any class: left out
         uniq = torch.unique(labels)
         compact = int(uniq[0]) == 0 and int(uniq[-1]) == uniq.numel() - 1
         if not names and not num_classes and not compact:
@@ -151,7 +159,7 @@ def without_uncounted(probe: ProbeSet, loss_fn: LossFn) -> tuple[ProbeSet, str]:
     )
     more = f" and {len(gone) - 10} more" if len(gone) > 10 else ""
     note = (
-        f"probe examples {where}{more} have no counted target (every position is the loss's "
+        f"probe examples {where}{more} have no counted target (every target is the loss's "
         f"ignore_index): left out of the probe, which measures {n_train} train and "
         f"{int(keep.sum()) - n_train} val examples"
     )

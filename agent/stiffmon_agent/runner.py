@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from stiffmon import protocol as p
 from stiffmon_agent.budget import MeasurementBudget
-from stiffmon_agent.distributed import Shard, collective_device, sharded_check_finite
+from stiffmon_agent.distributed import Shard, sharded_check_finite
 from stiffmon_agent.measure import (
     MeasurementSkipped,
     ProbeSet,
@@ -38,6 +38,7 @@ from stiffmon_agent.measure_options import MeasureOptions
 from stiffmon_agent.metrics.probe import ForwardFn, LossFn, loss_reduction, take
 from stiffmon_agent.metrics.state import optimized_only
 from stiffmon_agent.outgoing import Outgoing
+from stiffmon_agent.rank_gate import RankGate, RanksMissing
 from stiffmon_agent.sharded import HvpLeader, serve_hvps, sharded_activations, sharded_gram
 
 log = logging.getLogger("stiffmon_agent")
@@ -59,6 +60,7 @@ class MeasurementRunner:
         event: Publishes an ``event``.
         flush: Sends the steps so far before a measurement's messages.
         shard: This rank's place when sharded; None: one process measures alone.
+        gate: Where the ranks meet before each sharded measurement (with a time limit).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class MeasurementRunner:
         event: Callable[..., None],
         flush: Callable[[], Any],
         shard: Shard | None = None,
+        gate: RankGate | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -88,6 +91,7 @@ class MeasurementRunner:
         self.event = event
         self.flush = flush
         self.shard = shard
+        self.gate = gate
         self.disabled: dict[str, str] = {}
         self._said: set[tuple[str, str]] = set()  # events published (each once)
         # a Gram measurement finds non-finite gradients itself: after one has worked (the probe
@@ -102,21 +106,32 @@ class MeasurementRunner:
     def measure(self, kind: str, step: int) -> bool:
         """Run the due ``kind`` measurement of ``step`` (every rank calls this when sharded);
         True if it went ahead (the same answer on every rank)."""
-        device = collective_device(self.model)
-        if self.shard is not None and not self.shard.leader:
-            if self.shard.broadcast_int(0, device):
-                with optimized_only(self.model, self.optimizer):
-                    self._follow(kind)
-                return True
-            return False
-        go = self._decide(kind, step)
-        if self.shard is not None:
-            self.shard.broadcast_int(int(go), device)
+        leader = self.shard is None or self.shard.leader
+        go = self._decide(kind, step) if leader else False
+        if self.shard is not None and self.gate is not None:
+            try:
+                go = self.gate.decide(go, leader, step)
+            except RanksMissing as exc:
+                self._unshard(exc)
+                if not leader:
+                    return False
         if not go:
             return False
         with optimized_only(self.model, self.optimizer):
-            self._run(kind, step)
+            if leader:
+                self._run(kind, step)
+            else:
+                self._follow(kind)
         return True
+
+    def _unshard(self, exc: RanksMissing) -> None:
+        """Stop sharding for good: rank 0 measures alone from now on, the others not at all."""
+        assert self.shard is not None
+        rank, self.shard, self.gate = self.shard.rank, None, None
+        then = "rank 0 measures alone from now on" if rank == 0 else "this rank stops measuring"
+        message = f"sharded measurement is off: {exc}; {then}"
+        log.warning(f"stiffmon: rank {rank}: {message}")
+        self.event("sharding-off", message, level="warning")
 
     def _run(self, kind: str, step: int) -> None:
         self.flush()  # the steps so far go out before the measurement (seq order)
@@ -280,6 +295,11 @@ class MeasurementRunner:
         detail = f"{type(exc).__name__}: {exc}" + (
             f" ({where.filename}:{where.lineno})" if where else ""
         )
+        from stiffmon_agent.failure_hints import failure_hint  # only when a metric fails
+
+        hint = failure_hint(kind, self.model, self.probe, self.forward, exc)
+        if hint:
+            detail += f" ({hint})"
         self.disabled[kind] = detail
         log.warning(f"stiffmon: {kind} metric failed and is disabled, training goes on: {detail}")
         self.event("metric-error", f"{kind} failed: {detail}", level="error", metric=kind)

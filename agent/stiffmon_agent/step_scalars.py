@@ -12,7 +12,10 @@
   They are read as ``optimizer.step()`` starts (a step pre-hook), so a step's ``lr/i`` is the
   learning rate that step used whether ``scheduler.step()`` comes before ``agent.step()`` or
   after it. The same hook tells a step with no optimizer step (``GradScaler`` skipped it on
-  inf/NaN gradients): :attr:`OptimizerColumns.skipped_back`.
+  inf/NaN gradients): :attr:`OptimizerColumns.skipped_back`. A wrapper whose own ``step()`` the
+  loop never calls (SAM's ``first_step()`` / ``second_step()``, which step its base optimizer) is
+  read at its wrapped optimizer's steps (:func:`wrapped_optimizer`); where no step is seen at all,
+  the values are read at ``agent.step()`` and a warning says so (:data:`UNSEEN_CODE`).
 """
 
 from __future__ import annotations
@@ -73,6 +76,35 @@ def optimizer_columns(optimizer: torch.optim.Optimizer | None) -> tuple[list[str
 
 
 RECHECK_STEPS = 256
+UNSEEN_CALLS = 64  # agent.step() calls without any optimizer step seen: the hook never sees one
+UNSEEN_CODE = "optimizer-step-unseen"
+WRAPPED_NAMES = ("base_optimizer", "optimizer", "_optimizer")
+"""Attributes under which optimizer wrappers keep the optimizer they wrap (SAM-style wrappers:
+``base_optimizer``; Lookahead, Accelerate: ``optimizer``; Lightning: ``_optimizer``)."""
+
+
+def wrapped_optimizer(optimizer: Any) -> Any:
+    """The optimizer that ``optimizer`` wraps (one with a step pre-hook), or None: one of
+    :data:`WRAPPED_NAMES`, else the first ``torch.optim.Optimizer`` among its attributes."""
+    if optimizer is None:
+        return None
+    candidates: list[Any] = []
+    for name in WRAPPED_NAMES:
+        try:
+            candidates.append(getattr(optimizer, name, None))
+        except Exception:  # a property that raises: not this one
+            continue
+    attrs = getattr(optimizer, "__dict__", {})
+    candidates += [v for v in attrs.values() if isinstance(v, torch.optim.Optimizer)]
+    for inner in candidates:
+        if (
+            inner is not None
+            and inner is not optimizer
+            and callable(getattr(inner, "register_step_pre_hook", None))
+            and hasattr(inner, "param_groups")
+        ):
+            return inner
+    return None
 
 
 def _smallest_with_grad(optimizer: Any) -> Any:
@@ -107,12 +139,15 @@ class OptimizerColumns:
         self._row_key: tuple[tuple[str, ...] | None, int] = (None, 0)
         self._stepped: tuple[list[Place], list[Any]] | None = None  # the last row's values
         self._hook: Any = None
+        self._inner_hook: Any = None  # on the wrapped optimizer, until the wrapper's step is seen
         self._tensors = False  # a value is a tensor (a scheduler may change it in place)
         self._steps_since = 0  # optimizer steps read by the hook since the last values()
         self._calls = 0
         self._judging = False  # whether agent.step() comes before optimizer.step(): see attach
         self.read_now = False  # values() reads them as they are (agent.step() comes first)
-        self.note = ""  # for the agent to publish once (why read_now was set)
+        # (code, message, also on the console) for the agent to say once each: why read_now
+        # was set, or that no optimizer step is ever seen
+        self.notes: list[tuple[str, str, bool]] = []
         self._watched: Any = None  # a small parameter: was there a backward since a step?
         self._grad_mark: tuple[Any, int] | None = None  # its grad at the last optimizer step
         self._values_calls = 0
@@ -144,10 +179,33 @@ class OptimizerColumns:
                 self._hook = None
         if self._hook is not None and count_backwards:
             self.backwards.attach(self.optimizer)
+        self._hook_wrapped()
+
+    def _hook_wrapped(self) -> None:
+        """Also read at the steps of the optimizer a wrapper wraps (SAM's ``second_step()``
+        steps its base optimizer; the wrapper's own ``step()`` may never run). Its hook goes as
+        soon as the wrapper's own step is seen (it calls the wrapped one's: counted twice);
+        without a hook of its own the wrapper is read at the wrapped one's steps alone. Its
+        backward passes are not counted: two per step are SAM's, not accumulation."""
+        inner = wrapped_optimizer(self.optimizer) if self._inner_hook is None else None
+        if inner is None:
+            return
+        try:
+            handle = inner.register_step_pre_hook(self._on_optimizer_step)
+        except Exception:  # not hookable: read at values()
+            return
+        if self._hook is None:
+            self._hook = handle
+        else:
+            self._inner_hook = handle
 
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """A step of the optimizer, or of the one it wraps (see :meth:`_hook_wrapped`)."""
+        if self._inner_hook is not None and optimizer is self.optimizer:
+            self._inner_hook.remove()  # the wrapper's own step is seen: it steps the inner one
+            self._inner_hook = None
         backwards = self.backwards
-        if backwards.usual is None:
+        if backwards.usual is None and optimizer is self.optimizer:
             backwards.on_optimizer_step()
             if backwards.usual is not None and backwards.usual > 1:
                 self.accumulation = backwards.usual
@@ -176,9 +234,10 @@ class OptimizerColumns:
 
     def remove_hook(self) -> None:
         """Stop reading at ``optimizer.step()`` (the agent is closed)."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in (self._hook, self._inner_hook):
+            if hook is not None:
+                hook.remove()
+        self._hook = self._inner_hook = None
         self.backwards.remove()
 
     def stepped_groups(self) -> list[dict[str, Any]] | None:
@@ -238,14 +297,29 @@ class OptimizerColumns:
     def _note_quiet(self, n: int) -> None:
         """Remember a call (not the first: ambiguous) with no optimizer step since the last one,
         told once the hook has seen a step (a wrapper whose steps never reach the hook: never;
-        64 such calls before any step: the hook is taken for one that never sees them)."""
+        :data:`UNSEEN_CALLS` such calls before any step: the hook is taken for one that never
+        sees them, and a note says so where the loop trains: backward passes were counted or
+        the parameters have gradients; a loop without any trains nothing to read)."""
         if n:
             self._fired, self._hook_blind = True, False
         elif self._hook is not None and self._values_calls > 1 and not self._hook_blind:
             self._quiet.append(self._values_calls)
-            if not self._fired and len(self._quiet) >= 64:
+            if not self._fired and len(self._quiet) >= UNSEEN_CALLS:
                 self._quiet.clear()
                 self._hook_blind = True
+                if self.backwards._n or _smallest_with_grad(self.optimizer) is not None:
+                    self.notes.append((UNSEEN_CODE, self._unseen_message(), True))
+
+    def _unseen_message(self) -> str:
+        """What :data:`UNSEEN_CODE` says: where the values are read, and what to pass instead."""
+        kind = type(self.optimizer).__name__
+        return (
+            f"no {kind}.step() seen in {self._values_calls} calls of agent.step() (a wrapper "
+            "whose own step() is never called?): lr, momentum and weight decay are read at "
+            "agent.step(), so after a scheduler.step() placed before it they are the next "
+            "step's, and no skipped optimizer steps are counted; pass Agent(optimizer=...) the "
+            "optimizer whose step() runs (e.g. the wrapper's base optimizer)"
+        )
 
     def _judge_order(self, n: int) -> None:
         """Over the first calls (``n`` optimizer steps since the last): ``agent.step()`` before
@@ -268,10 +342,15 @@ class OptimizerColumns:
         elif self._calls == 4:
             self._cycles.forget_first(self._quiet)
             self._judging, self.read_now = False, True
-            self.note = (
-                "agent.step() is called before optimizer.step(): each row's lr, momentum and "
-                "weight decay are read at agent.step(), as the coming optimizer step will use "
-                "them (call agent.step() after optimizer.step() to measure the weights it made)"
+            self.notes.append(
+                (
+                    "step-order",
+                    "agent.step() is called before optimizer.step(): each row's lr, momentum and "
+                    "weight decay are read at agent.step(), as the coming optimizer step will "
+                    "use them (call agent.step() after optimizer.step() to measure the weights "
+                    "it made)",
+                    False,
+                )
             )
 
     def _read(self) -> list[Any]:

@@ -68,7 +68,8 @@ class Hello(Message):
         name: Display name of the run (e.g. ``"sgd lr=0.1"``).
         host: Host name of the training process.
         pid: Process id of the training process.
-        param_count: Number of trainable parameters of the model.
+        param_count: Number of trainable parameters measured: those the optimizer holds (the
+            whole model's count is ``meta["model_param_count"]`` where it differs).
         optimizer: Optimizer type and hyper-parameters (``type``, ``lr``, ``momentum`` ...).
         batch_size: Training batch size, if known.
         class_names: Class names for the probe labels, in label order.

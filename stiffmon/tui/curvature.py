@@ -101,6 +101,7 @@ class DensityMap:
     ascii: bool = False
     height: int = 10
     decades: float = 4.0
+    empty_text: str = "no density measurement yet"
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         yield from self.render_lines(options.max_width)
@@ -111,7 +112,7 @@ class DensityMap:
             title = fit_title(title_line, width, self.ascii)
             segs += [Segment(title, Style(bold=True)), Segment.line()]
         if not self.steps:
-            return [*segs, Segment("no density measurement yet", Style(dim=True)), Segment.line()]
+            return [*segs, Segment(self.empty_text, Style(dim=True)), Segment.line()]
         lo = min(float(g[0]) for g in self.grids)
         hi = max(float(g[-1]) for g in self.grids)
         hi = hi if hi > lo else lo + 1.0
@@ -190,7 +191,7 @@ def density_chart(
     snaps = density_snapshots(rd)
     if not snaps:
         return LineChart(
-            [], title=f"Hessian density — {rd.name}", height=height, empty_text="no density yet"
+            [], title=f"Hessian density — {rd.name}", height=height, empty_text=_none(rd, "density")
         )
     i = len(snaps) - 1 if index is None else max(0, min(index, len(snaps) - 1))
     m = snaps[i].msg
@@ -229,7 +230,15 @@ def density_map(rd: RunData, *, ascii: bool, height: int) -> DensityMap:
         title=f"density by step (log colour) — {rd.name}",
         ascii=ascii,
         height=max(2, height - 3),
+        empty_text="no density measured in this run"
+        if rd.finished
+        else "no density measurement yet",
     )
+
+
+def _none(rd: RunData, what: str) -> str:
+    """``no … yet``, or, for a run that has ended, that it has none (it will never come)."""
+    return f"no {what} in this run (density_every)" if rd.finished else f"no {what} yet"
 
 
 def _x(rd: RunData, steps: np.ndarray, times: np.ndarray, x_time: bool) -> np.ndarray:
@@ -262,7 +271,11 @@ def trace_chart(
         ascii=ascii,
         height=height,
         x_label="seconds" if x_time else "step",
-        empty_text="no trace measurement yet",
+        empty_text=(
+            "no trace measurement in these runs (density_every)"
+            if runs and all(rd.finished for rd, _ in runs)
+            else "no trace measurement yet"
+        ),
     )
 
 

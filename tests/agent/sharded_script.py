@@ -7,7 +7,10 @@ the same global probe and the same training steps), ``fail`` (unwrapped model; a
 alone sees a NaN probe loss, at step 1 its share of the Gram and of the Hessian-vector products
 raises: rank 0 must skip, then report the errors, and nobody may hang), ``fail-rows`` (rank 1
 cannot lay out its Gram rows for the exchange, as if out of memory: the Gram fails on every
-rank, and nobody may wait for rows that never come).
+rank, and nobody may wait for rows that never come), ``rank0-step`` (every rank makes the agent,
+only rank 0 calls ``step()``: rank 0 must stop sharding after ``rank_timeout`` and measure alone),
+``rank0-agent`` (only rank 0 makes the agent: it must raise, naming rank 1, after
+``rank_timeout``).
 MODEL: ``cnn`` (default: conv, linear, layer norm, a raw parameter) or ``tokens`` (embedding,
 linear layers over 3 positions). Float64 throughout; every rank trains on the same batch, so
 DDP's averaged gradient equals the one-process gradient and the weights stay those of the
@@ -68,8 +71,6 @@ def build(kind: str = "cnn") -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 def main() -> None:
-    from stiffmon_agent import Agent
-
     torch.set_default_dtype(torch.float64)
     out, mode = sys.argv[1], sys.argv[2]
     kind = sys.argv[3] if len(sys.argv) > 3 else "cnn"
@@ -110,7 +111,46 @@ def main() -> None:
             return out * float("nan") if calls[0] <= 3 else out
 
         dd.per_example_losses = nan_first  # type: ignore[assignment]
-    agent = Agent(
+    lonely = mode in ("rank0-step", "rank0-agent")
+    if mode == "rank0-agent" and rank != 0:
+        print(f"rank {rank} done, no agent", flush=True)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    try:
+        agent = make_agent(net, opt, x, y, out, rank, sharded, kind)
+    except RuntimeError as exc:
+        print(f"rank {rank} done, refused: {exc}", flush=True)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
+    for _ in range(4):
+        loss = nn.functional.cross_entropy(net(x[20:36]), y[20:36])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if rank == 0 or not lonely:
+            agent.step(loss)
+    agent.close()
+    print(f"rank {rank} done, disabled: {sorted(agent.disabled)}", flush=True)
+    if sharded:
+        dist.barrier()  # every rank done before the group goes
+        dist.destroy_process_group()
+
+
+def make_agent(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    out: str,
+    rank: int,
+    sharded: bool,
+    kind: str,
+) -> object:
+    from stiffmon_agent import Agent
+
+    return Agent(
         net,
         nn.CrossEntropyLoss(),
         opt,
@@ -131,18 +171,8 @@ def main() -> None:
         trace_samples=2,
         chunk_size=4,
         batch_size=16,
+        rank_timeout=4.0,
     )
-    for _ in range(4):
-        loss = nn.functional.cross_entropy(net(x[20:36]), y[20:36])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        agent.step(loss)
-    agent.close()
-    print(f"rank {rank} done, disabled: {sorted(agent.disabled)}", flush=True)
-    if sharded:
-        dist.barrier()  # every rank done before the group goes
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

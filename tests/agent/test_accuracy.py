@@ -209,3 +209,26 @@ def test_an_agent_with_a_bce_loss_publishes_the_binary_accuracy(tmp_path: Path) 
     got = np.concatenate([m.column("accuracy") for m in msgs if isinstance(m, p.Columns)])
     np.testing.assert_array_equal(got, [0.5])
     assert not [m for m in msgs if isinstance(m, p.Event) and m.code == "accuracy-unavailable"]
+
+
+def test_a_run_without_logits_says_once_that_it_has_no_accuracy(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for given in (False, True):
+        rec = tmp_path / f"off-{given}.stiff"
+        agent = Agent(
+            model, torch.nn.CrossEntropyLoss(), opt, endpoint="", record=rec, registry=False
+        )
+        for _ in range(3):
+            pair = (torch.randn(4, 3), torch.tensor([0, 1, 2, 0])) if given else ()
+            agent.step(torch.tensor(0.5), *pair)
+        agent.close()
+        events = [m for m in read_session(rec)[0] if isinstance(m, p.Event)]
+        said = [e for e in events if e.code == "accuracy-off"]
+        if given:
+            assert not said
+            continue
+        assert len(said) == 1 and said[0].level == "info" and said[0].step == 0
+        assert said[0].message == (
+            "no accuracy: step() gets no logits/targets (pass logits=, targets= for it)"
+        )

@@ -203,6 +203,31 @@ def test_a_rank_that_cannot_send_its_rows_leaves_nobody_waiting(
     assert any(isinstance(m, p.Spectrum) for m in msgs)  # the Hessian measurements go on
 
 
+def test_step_on_rank_0_only_stops_sharding_after_the_timeout_and_rank_0_measures_alone(
+    group: Group, tmp_path: Path
+) -> None:
+    rec = tmp_path / "rank0-step.stiff"
+    out = finish(group.torchrun(str(SCRIPT), str(rec), "rank0-step"), ranks=2)
+    assert "rank 0 done, disabled: []" in out and "rank 1 done" in out
+    msgs = read_session(rec)[0]
+    off = [m for m in msgs if isinstance(m, p.Event) and m.code == "sharding-off"]
+    assert len(off) == 1 and off[0].step == 0 and off[0].level == "warning"
+    assert "within 4 s (rank_timeout)" in off[0].message
+    assert "step() must be called on every rank" in off[0].message
+    grams = [m.step for m in msgs if isinstance(m, p.Matrix) and m.name.endswith("train-train")]
+    assert sorted(grams) == [0, 0, 1, 1, 2, 2]  # cos and sign: measured alone from step 0
+
+
+def test_an_agent_made_on_rank_0_only_is_refused_after_the_timeout_naming_the_rank(
+    group: Group, tmp_path: Path
+) -> None:
+    rec = tmp_path / "rank0-agent.stiff"
+    out = finish(group.torchrun(str(SCRIPT), str(rec), "rank0-agent"), ranks=2)
+    assert "rank 1 done, no agent" in out
+    refused = "rank 0 done, refused: Agent(distributed=True): no agent from rank(s) 1 within 4 s"
+    assert refused in out
+
+
 _FSDP = textwrap.dedent(
     """
     import sys

@@ -102,3 +102,24 @@ def test_a_probe_that_is_not_a_pair_says_what_it_needs() -> None:
         make_probe(loader, None, None, None, None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="val_probe must be"):
         make_probe((torch.randn(4, 3), torch.arange(4)), (torch.randn(4, 3),), None, None, None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ignore", [-100, 3])
+def test_class_labels_set_to_the_ignore_index_are_left_out_and_are_no_class(ignore: int) -> None:
+    """(N,) class targets: an example labelled ``ignore_index`` has no loss of its own (the
+    mean-reduced loss divides by the counted examples); kept, it was a zero-gradient example
+    (λ1_H 17/20 of the truth) and a class of its own ("-100", or 3 of classes 0..3)."""
+    torch.manual_seed(0)
+    x = torch.randn(20, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2] * 6 + [0, 1])
+    y[[1, 6, 11]] = ignore
+    loss = nn.CrossEntropyLoss(ignore_index=ignore)
+    probe = make_probe((x, y), None, None, None, None, ignore_index=ignore)
+    kept, note = without_uncounted(probe, loss)
+    assert kept.n_train == 17 and "1 (train), 6 (train), 11 (train)" in note
+    assert kept.num_classes == 3 and kept.class_names == ()
+    assert kept.labels is not None and set(kept.labels.tolist()) == {0, 1, 2}
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 4)).double()
+    got = per_example_gram(model, kept.inputs, kept.targets, loss).total
+    counted = [i for i in range(20) if i not in (1, 6, 11)]
+    assert rel_err(got, loop_gram(model, x[counted], y[counted], nn.CrossEntropyLoss())) < 1e-10

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stiffmon_agent.accuracy import Accuracy
 from stiffmon_agent.agent import Agent
+from stiffmon_agent.step_scalars import optimizer_config
 
 #: Options the callbacks fill in themselves from what the framework owns.
 OWNED = ("model", "loss_fn", "optimizer")
@@ -47,6 +49,67 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
+class StepAccuracy:
+    """An optimizer step's accuracy over all its micro-batches (gradient accumulation).
+
+    Each micro-batch is taken as :meth:`~stiffmon_agent.accuracy.Accuracy.of` takes a step:
+    small CPU logits are kept, others counted at once (no big logits held over the step), with
+    the agent's rules (targets < 0 and ``ignore_index`` are no predictions, a binary loss's
+    ``threshold``). :meth:`take` gives what to pass to ``Agent.step`` after the loss.
+    """
+
+    def __init__(self, threshold: float | None = None, ignore_index: int | None = None) -> None:
+        self.threshold, self.ignore_index = threshold, ignore_index
+        self._parts: list[Accuracy] = []
+        self._bad: tuple[Tensor, Tensor] | None = None  # shapes that do not compare
+
+    def add(self, logits: Tensor, targets: Tensor) -> None:
+        """One micro-batch's logits and targets."""
+        if self._bad is not None:
+            return
+        try:
+            self._parts.append(Accuracy.of(logits, targets, self.threshold, self.ignore_index))
+        except ValueError:  # counted at once and the shapes do not compare: the agent says why
+            self._bad = _shapes_only(logits), _shapes_only(targets)
+
+    def take(self) -> tuple[Any, Any]:
+        """``(logits, targets)`` for ``Agent.step`` (then reset): (None, None) without any
+        micro-batch; one micro-batch's own; several: the kept ones joined where they have one
+        layout, else the hits summed over them (a counted ``Accuracy``, which the agent takes
+        as it is; NaN where kept tensors changed in place since)."""
+        parts, bad = self._parts, self._bad
+        self._parts, self._bad = [], None
+        if bad is not None:
+            return bad
+        if not parts:
+            return None, None
+        if not all(a.intact for a in parts):
+            hits = torch.zeros(2, dtype=torch.long)  # no predictions: NaN
+            return Accuracy(None, None, hits), hits
+        layouts = {
+            (a.logits.shape[1:], a.targets.shape[1:])
+            if a.hits is None and a.logits.dim() and a.targets.dim()
+            else None
+            for a in parts
+        }
+        if len(layouts) == 1 and None not in layouts:
+            # the agent counts them later, off the training thread, as one step's
+            return torch.cat([a.logits for a in parts]), torch.cat([a.targets for a in parts])
+        counts = []
+        for a in parts:
+            try:
+                counts.append(a.counted().hits)
+            except ValueError:  # kept, and its shapes do not compare
+                return _shapes_only(a.logits), _shapes_only(a.targets)
+        hits = torch.stack(counts).sum(dim=0)
+        return Accuracy(None, None, hits, self.threshold, self.ignore_index), hits
+
+
+def _shapes_only(t: Tensor) -> Tensor:
+    """A tensor of ``t``'s shape and dtype without data: the agent's check says what is wrong."""
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
 class LossAccumulator:
     """Sums the losses of the micro-batches of one optimizer step (gradient accumulation)."""
 
@@ -68,6 +131,12 @@ class LossAccumulator:
         return total / count if mean and count > 1 else total
 
 
+def default_run_name(optimizer: torch.optim.Optimizer | None) -> str:
+    """The agent's own default run name: ``"<optimizer> lr=<lr>"``."""
+    cfg = optimizer_config(optimizer)
+    return f"{cfg['type']} lr={cfg['lr']:g}" if "lr" in cfg else str(cfg["type"])
+
+
 def build_agent(
     model: nn.Module,
     loss_fn: Any,
@@ -77,8 +146,16 @@ def build_agent(
     start_step: int = 0,
     defaults: dict[str, Any] | None = None,
 ) -> Agent:
-    """An :class:`Agent` on what the framework owns, starting its step count at ``start_step``."""
+    """An :class:`Agent` on what the framework owns, starting its step count at ``start_step``.
+
+    A run resumed from a checkpoint (``start_step`` > 0) is named ``"<run> (resumed at step
+    N)"``, so that the monitor tells it from the run it continues.
+    """
     kwargs = {**(defaults or {}), **options}
+    if start_step > 0:
+        kwargs["run"] = f"{kwargs.get('run') or default_run_name(optimizer)} " + (
+            f"(resumed at step {start_step})"
+        )
     agent = Agent(model, loss_fn, optimizer, **kwargs)
     agent.step_count = start_step
     return agent

@@ -93,7 +93,7 @@ def is_causal_lm(model: nn.Module) -> bool:
     return bool(detect_causal_lm(model))
 
 
-def _targets(labels: Tensor, shift_labels: Any, causal: bool) -> Tensor:
+def label_targets(labels: Tensor, shift_labels: Any, causal: bool) -> Tensor:
     """The labels the model's loss compares with its logits, position by position."""
     if isinstance(shift_labels, Tensor):
         return shift_labels
@@ -158,7 +158,7 @@ class StepLoss:
         if n_items is None or not isinstance(labels, Tensor):
             self._parts.append((loss, None, None))
             return
-        targets = _targets(labels, kwargs.get("shift_labels"), self.causal)
+        targets = label_targets(labels, kwargs.get("shift_labels"), self.causal)
         if targets.is_floating_point():  # MSE / BCE: means, transformers ignores the count
             self._parts.append((loss, None, None))
             return

@@ -17,7 +17,11 @@ returning one loss per example). Without any loss only the per-step scalars are 
 It steps the agent once per optimizer step (``trainer.global_step`` advanced), with the step's
 loss — the mean of its micro-batch losses (Lightning reports each divided by
 ``accumulate_grad_batches``, also on an epoch's last, shorter accumulation) — so gradient
-accumulation is respected. Under multi-GPU / multi-node
+accumulation is respected. The accuracy needs the logits: a ``training_step`` that returns
+``{"loss": loss, "logits": logits}`` (and ``"targets"``, else the batch's second item or its
+``"targets"`` / ``"labels"`` entry) gets the step's accuracy over all its micro-batches. A fit
+resumed from a checkpoint continues the step count, as a run named ``"<run> (resumed at step
+N)"``. Under multi-GPU / multi-node
 strategies only global rank 0 builds an agent and publishes. The agent is closed when fitting
 ends, or with the error's name when it fails.
 """
@@ -25,13 +29,16 @@ ends, or with the error's name when it fails.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
+from stiffmon_agent.accuracy import binary_threshold, class_ignore_index
 from stiffmon_agent.agent import Agent
 from stiffmon_agent.integrations._common import (
     LossAccumulator,
+    StepAccuracy,
     build_agent,
     check_options,
     unwrap_optimizer,
@@ -50,6 +57,11 @@ except ImportError:  # the standalone distribution
 log = logging.getLogger("stiffmon_agent")
 
 LOSS_ATTRIBUTES = ("loss_fn", "criterion", "loss_func")
+TARGET_KEYS = ("targets", "target", "labels", "label", "y")
+NO_ACCURACY = (
+    'no accuracy: return {"loss": loss, "logits": logits} from training_step for it (the '
+    'targets: its "targets" entry, else the batch\'s second item)'
+)
 
 
 def module_loss(module: nn.Module) -> Any:
@@ -84,6 +96,7 @@ class StiffmonCallback(Callback):  # type: ignore[misc]
         self.options = check_options(options)
         self.agent: Agent | None = None
         self._loss = LossAccumulator()
+        self._accuracy = StepAccuracy()
         self._last_global_step = 0
 
     # ------------------------------------------------------------------ life cycle
@@ -117,6 +130,8 @@ class StiffmonCallback(Callback):  # type: ignore[misc]
             start_step=self._last_global_step,
             defaults=defaults,
         )
+        self.agent.no_accuracy_note = NO_ACCURACY
+        self._accuracy = StepAccuracy(binary_threshold(loss_fn), class_ignore_index(loss_fn))
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any, batch_idx: int
@@ -126,6 +141,12 @@ class StiffmonCallback(Callback):  # type: ignore[misc]
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor | float | int):
             self._loss.add(loss)
+        logits = outputs.get("logits") if isinstance(outputs, Mapping) else None
+        if isinstance(logits, Tensor):
+            targets = outputs.get("targets")
+            targets = targets if isinstance(targets, Tensor) else batch_targets(batch)
+            if targets is not None:
+                self._accuracy.add(logits, targets)
         step = int(trainer.global_step)
         if step == self._last_global_step:
             return  # accumulating: no optimizer step yet
@@ -137,7 +158,7 @@ class StiffmonCallback(Callback):  # type: ignore[misc]
         loss = self._loss.take(mean=False)
         if count and count != accumulate:
             loss = loss * (accumulate / count)
-        self.agent.step(loss)
+        self.agent.step(loss, *self._accuracy.take())
 
     def on_train_end(self, trainer: Any, pl_module: nn.Module) -> None:
         self._close("closed")
@@ -152,6 +173,18 @@ class StiffmonCallback(Callback):  # type: ignore[misc]
         if self.agent is not None:
             self.agent.close(reason=reason)
             self.agent = None
+
+
+def batch_targets(batch: Any) -> Tensor | None:
+    """A training batch's targets, as the probe holds them: the second item of a tuple / list
+    ``(inputs, targets, ...)``, or a mapping's ``targets`` / ``target`` / ``labels`` / ``label`` /
+    ``y`` entry; None when there is no such tensor."""
+    if isinstance(batch, Mapping):
+        found = (batch.get(k) for k in TARGET_KEYS)
+        return next((t for t in found if isinstance(t, Tensor)), None)
+    if isinstance(batch, tuple | list) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return batch[1]
+    return None
 
 
 def _no_loss(outputs: Any, targets: Any) -> Tensor:  # never called: no probe without a loss

@@ -21,9 +21,12 @@ publishes) and stepped at ``on_step_end``, which the Trainer calls once per opti
 all gradient-accumulation micro-batches. The step's loss is the model's own mean loss over the
 step's micro-batches, from their training losses (``outputs.loss``) caught with a forward hook:
 the token mean over the step where the Trainer passes ``num_items_in_batch`` and the model divides
-by it, else the mean of the micro-batch losses (see :class:`StepLoss`); the accuracy is added for
-classification outputs. Causal LMs are recognised by :func:`detect_causal_lm` (a warning event
-where it cannot tell). The agent is closed at ``on_train_end``.
+by it, else the mean of the micro-batch losses (see :class:`StepLoss`); the accuracy counts the
+predictions of all the step's micro-batches (:func:`accuracy_pair`: per example for
+classifiers, per token for language models). Causal LMs are recognised by
+:func:`detect_causal_lm` (a warning event where it cannot tell). Under ``bf16=True`` /
+``fp16=True`` the measurements run the model in its weights' dtype (:class:`OwnPrecision`).
+The agent is closed at ``on_train_end``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 
 from stiffmon_agent.agent import Agent
 from stiffmon_agent.integrations._common import (
+    StepAccuracy,
     build_agent,
     check_options,
     unwrap_optimizer,
@@ -46,6 +50,7 @@ from stiffmon_agent.integrations.hf_lm import (
     StepLoss,
     detect_causal_lm,
     is_causal_lm,  # noqa: F401  (public here since the first release)
+    label_targets,
     unwrap_model,
 )
 
@@ -143,6 +148,79 @@ def split_labels(batch: Any) -> Any:
     return batch
 
 
+NO_ACCURACY = (
+    "no accuracy: the model's training outputs have no class logits with integer labels "
+    "(one per example, or per token) to count"
+)
+
+
+def accuracy_pair(
+    logits: Tensor, labels: Tensor, shift_labels: Any, causal: bool
+) -> tuple[Tensor, Tensor] | None:
+    """The logits and targets a micro-batch's accuracy compares, or None (no class labels).
+
+    ``(N, C)`` logits with ``(N,)`` labels (sequence classification), and ``(N, T, V)`` logits
+    with ``(N, T)`` token labels, shifted for causal LMs (position t predicts token t + 1, or
+    against the model's ``shift_labels``) as the model's loss compares them; labels −100 are
+    no predictions.
+    """
+    if labels.is_floating_point():
+        return None  # regression, multi-label
+    if logits.dim() == 2 and labels.dim() == 1:
+        return logits, labels
+    if logits.dim() == 3 and labels.dim() == 2:
+        targets = label_targets(labels, shift_labels, causal)
+        if causal and targets.shape[1] == logits.shape[1] - 1:
+            logits = logits[:, :-1]
+        return logits, targets
+    return None
+
+
+class OwnPrecision:
+    """A measurement ``forward`` that runs the model's own ``forward``, not the mixed-precision
+    wrapper accelerate puts around it for ``bf16=True`` / ``fp16=True`` (kept as
+    ``model._original_forward``).
+
+    The agent measures in the weights' own dtype, switching the training's autocast off (in
+    bfloat16 λ1_H came out 14 % low), but the wrapper switches autocast on again inside the
+    model: the measurements ran in bfloat16, whose rounding made the per-example Gram's check
+    fail and several layers take the slow per-example loop.
+    """
+
+    def __init__(self, forward: Any = None) -> None:
+        self.forward = forward or logits_forward
+
+    def __call__(self, model: nn.Module, inputs: Any) -> Any:
+        original, wrapped = model.__dict__.get("_original_forward"), model.__dict__.get("forward")
+        if original is None or wrapped is None:
+            return self.forward(model, inputs)
+        model.forward = original
+        try:
+            return self.forward(model, inputs)
+        finally:
+            model.forward = wrapped
+
+
+class ForwardTap:
+    """The callback's forward hook on the model. Deep copies of the model (the agent's float64
+    check of the per-example Gram copies it) get a hook that does nothing: a copy's forward
+    passes are no training, and the callback (which holds the agent, its threads and locks)
+    cannot be copied."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ForwardTap:
+        return ForwardTap(_ignore)
+
+
+def _ignore(*args: Any) -> None:
+    return None
+
+
 class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
     """Attach a stiffmon :class:`~stiffmon_agent.Agent` to a Hugging Face ``Trainer``.
 
@@ -167,8 +245,9 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
                 self.options[key] = split_labels(self.options[key])
         self.agent: Agent | None = None
         self._loss = StepLoss(causal=False)
+        self._accuracy = StepAccuracy()
+        self._causal = False
         self._hook: Any = None
-        self._last: tuple[Tensor, Tensor] | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.agent is not None or not state.is_world_process_zero:
@@ -182,8 +261,8 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
         )
         id2label = getattr(config, "id2label", None) or {}
         names = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
+        options = {**self.options, "forward": OwnPrecision(self.options.get("forward"))}
         defaults: dict[str, Any] = {
-            "forward": logits_forward,
             "batch_size": int(args.per_device_train_batch_size)
             * int(args.gradient_accumulation_steps)
             * int(getattr(args, "world_size", 1) or 1),
@@ -194,12 +273,15 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
             model,
             loss_fn,
             optimizer,
-            self.options,
+            options,
             start_step=int(state.global_step),
             defaults=defaults,
         )
         agent = self.agent
+        agent.no_accuracy_note = NO_ACCURACY
+        self._causal = bool(causal)
         self._loss = StepLoss(bool(causal), note=lambda m: agent.event("step-loss", m, "warning"))
+        self._accuracy = StepAccuracy()
         probe = self.options.get("probe")
         labels = probe[1] if isinstance(probe, tuple) and len(probe) == 2 else None
         if (
@@ -216,32 +298,25 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
             )
             log.warning("stiffmon: %s", message)
             agent.event("causal-lm-unknown", message, "warning")
-        self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
+        self._hook = model.register_forward_hook(ForwardTap(self._on_forward), with_kwargs=True)
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        """Catch the training loss (and classification logits / labels) of each micro-batch."""
+        """Catch the training loss, and class logits with their labels, of each micro-batch."""
         if not module.training or not torch.is_grad_enabled():
             return  # evaluation, or the agent's own measurements
         loss = getattr(output, "loss", None)
         logits, labels = getattr(output, "logits", None), kwargs.get("labels")
         if isinstance(loss, Tensor):
             self._loss.add(loss, kwargs, logits)
-        if (
-            isinstance(logits, Tensor)
-            and isinstance(labels, Tensor)
-            and logits.dim() == 2
-            and labels.dim() == 1
-            and not labels.is_floating_point()
-        ):
-            self._last = (logits.detach(), labels.detach())
-        else:
-            self._last = None
+        if isinstance(logits, Tensor) and isinstance(labels, Tensor):
+            pair = accuracy_pair(logits, labels, kwargs.get("shift_labels"), self._causal)
+            if pair is not None:
+                self._accuracy.add(*pair)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.agent is None:
             return
-        last, self._last = self._last, None
-        self.agent.step(self._loss.take(), *(last or (None, None)))
+        self.agent.step(self._loss.take(), *self._accuracy.take())
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._hook is not None:

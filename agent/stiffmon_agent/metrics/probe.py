@@ -28,7 +28,7 @@ is unweighted.)
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeAlias
 
 import torch
@@ -149,7 +149,12 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
     Raises:
         ValueError: If ``loss_fn`` reduces over the batch (returns fewer than ``n`` values).
     """
-    losses = loss_fn(outputs, targets)
+    try:
+        losses = loss_fn(outputs, targets)
+    except TypeError as exc:
+        if isinstance(outputs, torch.Tensor):
+            raise
+        raise TypeError(f"{output_hint(outputs)} ({exc})") from exc
     if not isinstance(losses, torch.Tensor):
         raise ValueError(f"loss_fn returned {type(losses).__name__}, expected a tensor")
     if (  # a wrapper that flattened (B, T) targets and their logits: read back as (B, T)
@@ -173,10 +178,35 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
             return flat.sum(dim=1)
         counted = _counted(loss_fn, targets, losses.shape)
         if counted is None:
+            _check_lined_up(loss_fn, targets, losses.shape)
             return flat.mean(dim=1)
         total = counted.reshape(n, -1).sum(dim=1).to(flat.dtype)
         return torch.where(total > 0, flat.sum(dim=1) / total.clamp_min(1e-30), 0.0)
     return losses
+
+
+def output_hint(outputs: Any) -> str:
+    """What to pass as ``forward=`` when the model's output is not the tensor the loss takes."""
+    kind = type(outputs).__name__
+    if isinstance(outputs, Mapping) or hasattr(outputs, "logits"):
+        keys = list(outputs) if isinstance(outputs, Mapping) else []
+        tensors = [k for k in keys if isinstance(outputs[k], torch.Tensor)]
+        if hasattr(outputs, "logits") and not isinstance(outputs, Mapping):
+            pick, shown = ".logits", ""
+        else:
+            key = "logits" if "logits" in tensors else (tensors or ["logits"])[0]
+            pick, shown = f"[{key!r}]", f" (keys {', '.join(map(repr, keys[:6]))})"
+        what = f"a {kind}{shown}"
+    elif isinstance(outputs, tuple | list):
+        pick, what = "[0]", f"a {kind} of {len(outputs)}"
+    else:
+        pick, what = "", f"a {kind}"
+    fix = (
+        f"pass Agent(forward=lambda model, x: model(x){pick})"
+        if pick
+        else "pass Agent(forward=...) returning the tensor the loss takes"
+    )
+    return f"the model returns {what}, not the tensor the loss takes: {fix}"
 
 
 IGNORE_INDEX = -100
@@ -189,10 +219,60 @@ def counted_examples(loss_fn: LossFn, targets: Batch) -> torch.Tensor | None:
     per-element class indices (every example counts). An example without one has no loss of
     its own: its mean over counted positions is 0/0."""
     loss_fn = unreduced(loss_fn)
-    if loss_fn.elements == "sum" or not isinstance(targets, torch.Tensor) or targets.dim() < 2:
+    if loss_fn.elements == "sum" or not isinstance(targets, torch.Tensor) or targets.dim() < 1:
         return None
     counted = _counted(loss_fn, targets, targets.shape)
     return None if counted is None else counted.reshape(targets.shape[0], -1).sum(dim=1) > 0
+
+
+def _class_index(targets: Batch) -> bool:
+    return isinstance(targets, torch.Tensor) and not (
+        targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool
+    )
+
+
+def _ignored(loss_fn: LossFn) -> tuple[int, torch.Tensor | None] | None:
+    """The ignore index and class weights of a class-index loss; None for another torch.nn
+    loss (its elements count alike)."""
+    fn = loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
+    if isinstance(fn, nn.CrossEntropyLoss | nn.NLLLoss):
+        return fn.ignore_index, fn.weight
+    if isinstance(fn, nn.Module) and hasattr(fn, "reduction"):
+        return None
+    return IGNORE_INDEX, None
+
+
+def ignore_index_of(loss_fn: LossFn) -> int | None:
+    """The target value a class-index loss leaves out (``ignore_index`` of a
+    ``CrossEntropyLoss`` / ``NLLLoss``, -100 for a plain callable); None for other losses."""
+    ignored = _ignored(unreduced(loss_fn))
+    return None if ignored is None else int(ignored[0])
+
+
+def _check_lined_up(loss_fn: LossFn, targets: Batch, shape: torch.Size) -> None:
+    """Refuse per-element losses that do not line up with class-index targets holding ignored
+    positions (a loss that shifts the labels of a causal LM itself): which losses each
+    example's mean leaves out cannot be told, and counting the ignored ones as zeros would
+    silently shrink every padded example's loss and gradient.
+
+    Raises:
+        ValueError: If so (not checked inside ``torch.func.vmap``: the probe forward outside
+            it, at the measurement's first step, has checked).
+    """
+    if not _class_index(targets) or (ignored := _ignored(loss_fn)) is None:
+        return
+    assert isinstance(targets, torch.Tensor)
+    if torch._C._functorch.is_batchedtensor(targets):
+        return
+    if bool((targets == ignored[0]).any()):
+        raise ValueError(
+            f"the loss returns per-element losses of shape {tuple(shape)}, which do not line up "
+            f"with the targets of shape {tuple(targets.shape)}, and the targets mark ignored "
+            f"positions ({ignored[0]}): which losses each example's mean leaves out cannot be "
+            "told. Give the probe targets lined up with the losses (for a causal LM whose loss "
+            "shifts the labels: the labels already shifted, labels[:, 1:], and a loss that "
+            "does not shift them)"
+        )
 
 
 def _counted(loss_fn: LossFn, targets: Batch, shape: torch.Size) -> torch.Tensor | None:
@@ -200,15 +280,9 @@ def _counted(loss_fn: LossFn, targets: Batch, shape: torch.Size) -> torch.Tensor
     shaped like the losses; None when every element counts alike (not class-index targets)."""
     if not isinstance(targets, torch.Tensor) or targets.shape != shape:
         return None
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+    if not _class_index(targets) or (ignored := _ignored(loss_fn)) is None:
         return None
-    fn = loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
-    if isinstance(fn, nn.CrossEntropyLoss | nn.NLLLoss):
-        ignore, weight = fn.ignore_index, fn.weight
-    elif isinstance(fn, nn.Module) and hasattr(fn, "reduction"):
-        return None  # another torch.nn loss: its elements count alike
-    else:
-        ignore, weight = IGNORE_INDEX, None
+    ignore, weight = ignored
     valid = targets != ignore  # no data-dependent branch: this runs under torch.func.vmap too
     if weight is None:
         return valid

@@ -18,6 +18,9 @@ computed here by the same Lanczos on the symmetric D H D with D = P^{-1/2}
 
 from __future__ import annotations
 
+import functools
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -46,6 +49,18 @@ from stiffmon_agent.metrics.probe import (
 from stiffmon_agent.metrics.state import measurement_mode, trainable_parameters
 
 Backend = Literal["auto", "graph", "func", "double-backward"]
+
+
+@functools.cache
+def _load_jvp_decompositions() -> None:
+    """Load what forward-mode AD loads at its first use, without the ``torch.jit.script is
+    deprecated`` FutureWarning torch's own loading raises (it would reach the user's console
+    as if their script used TorchScript)."""
+    if os.environ.get("PYTORCH_JIT", "1") != "1" or not __debug__:
+        return  # torch does not load them either
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*torch\.jit\.script", FutureWarning)
+        from torch._decomp import decompositions_for_jvp  # noqa: F401
 
 
 class HessianOperator:
@@ -131,6 +146,7 @@ class HessianOperator:
         return self.scale * per_example_losses(self.loss_fn, out, y, n).mean()
 
     def _hvp_func(self, v: Tensor) -> Tensor:
+        _load_jvp_decompositions()
         primals = {f"model.{k}": p.detach() for k, p in zip(self.names, self.params, strict=True)}
         tangents = dict(zip(primals, self._split(v), strict=True))
         total = torch.zeros_like(v)

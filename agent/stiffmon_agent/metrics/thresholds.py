@@ -58,12 +58,19 @@ class StabilityThreshold:
         rule: How it was computed, e.g. ``"2/η - wd (SGD, group 1)"``, or why there is none.
         group: Index of the most restrictive param group (None when there is no value).
         preconditioned: The threshold applies to λ1(P⁻¹H) rather than to λ1_H.
+        still: The group's learning rate is 0: it does not move, so it sets no bound (a
+            group frozen by lr = 0 is left out of the most restrictive one).
     """
 
     value: float | None
     rule: str
     group: int | None = None
     preconditioned: bool = False
+    still: bool = False
+
+
+def _still() -> StabilityThreshold:
+    return StabilityThreshold(None, "none: η = 0 (the group does not move)", still=True)
 
 
 def _num(x: object) -> float:
@@ -85,6 +92,8 @@ def stability_threshold(
     is subtracted (the optimizer sees the curvature λ + wd).
     """
     eta = lr * (1.0 - dampening) if momentum else lr
+    if lr == 0:
+        return _still()
     if eta <= 0:
         return StabilityThreshold(None, f"none: non-positive effective learning rate {eta}")
     beta = momentum
@@ -104,11 +113,13 @@ def stability_threshold(
 def _most_restrictive(
     per_group: list[StabilityThreshold], name: str, preconditioned: bool = False
 ) -> StabilityThreshold:
-    known = [(t.value, i, t.rule) for i, t in enumerate(per_group) if t.value is not None]
-    if len(known) < len(per_group):
-        i = next(i for i, t in enumerate(per_group) if t.value is None)
-        return StabilityThreshold(None, f"{per_group[i].rule} ({name}, group {i})")
-    value, i, rule = min(known)
+    moving = [(i, t) for i, t in enumerate(per_group) if not t.still]
+    if not moving:
+        return StabilityThreshold(None, f"none: η = 0 in every group ({name}): nothing moves")
+    unknown = next((i for i, t in moving if t.value is None), None)
+    if unknown is not None:
+        return StabilityThreshold(None, f"{per_group[unknown].rule} ({name}, group {unknown})")
+    value, i, rule = min((t.value, i, t.rule) for i, t in moving if t.value is not None)
     return StabilityThreshold(value, f"{rule} ({name}, group {i})", i, preconditioned)
 
 
@@ -169,7 +180,9 @@ def preconditioned_threshold_for(
     per = []
     for g in groups if groups is not None else optimizer.param_groups:
         eta = _num(g["lr"])
-        if eta <= 0:
+        if eta == 0:
+            per.append(_still())
+        elif eta < 0:
             per.append(StabilityThreshold(None, f"none: non-positive learning rate {eta}"))
         elif name == "RMSprop":
             mu = _num(g.get("momentum", 0.0))

@@ -76,6 +76,52 @@ def step_columns(sl: StepLine, x0: float, x1: float, pw: int) -> FloatArray:
     return out
 
 
+def draw_steps(
+    text: list[list[str | None]],
+    colors: list[list[str | None]],
+    ly: FloatArray,
+    y0: float,
+    y1: float,
+    color: str,
+    ascii: bool = False,
+) -> None:
+    """Draw a step line held at ``ly[c]`` in each plot column ``c`` (NaN: none there) into the
+    empty cells of ``text``: dashes ``╌`` at every other column of each level, and where the
+    value moves to another row a riser ``╎`` with corners (``┐``/``└`` down, ``┘``/``┌`` up)
+    in the column of the new value, so one line reads as one, not as loose segments. A riser to
+    or from a value outside ``[y0, y1]`` runs to the plot's edge. ASCII: ``-``, ``|`` and
+    ``+``."""
+    ph = len(text)
+    dash, riser, down_from, down_to, up_from, up_to = (
+        ("-", "|", "+", "+", "+", "+") if ascii else ("╌", "╎", "┐", "└", "┘", "┌")
+    )
+
+    def put(r: int, c: int, ch: str) -> None:
+        if 0 <= r < ph and text[r][c] is None:
+            text[r][c], colors[r][c] = ch, color
+
+    prev: int | None = None  # the last column's row: -1 above the range, ph below; None: no value
+    stepped = False  # the last column was a step
+    for c, v in enumerate(ly.tolist()):
+        if not math.isfinite(v):
+            prev = None
+            continue
+        r = -1 if v > y1 else ph if v < y0 else row_of(v, y0, y1, ph)
+        if prev is not None and r != prev:  # a step: the riser and its corners
+            down = r > prev
+            for rr in range(min(prev, r) + 1, max(prev, r)):
+                put(rr, c, riser)
+            put(prev, c, down_from if down else up_from)
+            put(r, c, down_to if down else up_to)
+            put(prev, c - 1, dash)  # the dashes either side reach the corners
+            stepped = True
+        else:  # every other column; a line's first column and the one after a step always
+            if c % 2 == 0 or prev is None or stepped:
+                put(r, c, dash)
+            stepped = False
+        prev = r
+
+
 def raster(
     chart: LineChart, x0: float, x1: float, y0: float, y1: float, pw: int, ph: int
 ) -> list[list[tuple[str, str | None]]]:
@@ -113,15 +159,7 @@ def raster(
     for sl in chart.steplines:
         held = step_columns(sl, x0, x1, pw)
         ly = np.array([to_y(float(v)) for v in held])
-        prev_row = -1
-        for c in range(pw):
-            if not (math.isfinite(ly[c]) and y0 <= ly[c] <= y1):
-                prev_row = -1
-                continue
-            r = row_of(float(ly[c]), y0, y1, ph)
-            if (c % 2 == 0 or r != prev_row) and text[r][c] is None:  # a short step shows too
-                text[r][c], color_grid[r][c] = dash, sl.color
-            prev_row = r
+        draw_steps(text, color_grid, ly, y0, y1, sl.color, chart.ascii)
         if sl.label:  # each part above the range: its lowest value, named over its end
             high = np.isfinite(ly) & (ly > y1)
             c = 0

@@ -208,9 +208,17 @@ class View:
         )
 
     def metric_chart(
-        self, name: str, title: str, ref: float | None = None, legend: bool = False
+        self,
+        name: str,
+        title: str,
+        ref: float | None = None,
+        legend: bool = False,
+        empty: Callable[[list[RunData], str], str] | None = None,
     ) -> Builder:
-        """A chart of scalar ``name`` for every visible run (the run list is the legend)."""
+        """A chart of scalar ``name`` for every visible run (the run list is the legend).
+
+        ``empty`` says what the chart shows without a line, from the visible runs and the
+        default ``no <title> yet`` (e.g. why the runs will never send one)."""
         kind = MEASURED_BY.get(name.split("/", 1)[0])
 
         def build(width: int, height: int) -> RenderableType:
@@ -222,6 +230,9 @@ class View:
                     if kind is not None:
                         marks += self.skip_marks(rd, kind, name)
             hl = [HLine(ref, "grey50")] if ref is not None else []
+            empty_text = f"no {title} yet"
+            if empty is not None and not lines:
+                empty_text = empty(self.runs(), empty_text)
             return self.chart(
                 lines,
                 title,
@@ -229,7 +240,7 @@ class View:
                 hlines=hl,
                 legend=legend,
                 x_marks=marks,
-                empty_text=f"no {title} yet",
+                empty_text=empty_text,
                 log_empty_text=f"{title}: {NO_POSITIVE}",
             )
 

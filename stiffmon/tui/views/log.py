@@ -16,6 +16,15 @@ from stiffmon.tui.views.base import ChartView, View, run_color
 LEVELS = ("info", "warning", "error")
 
 
+def wall_time(t: float, first_t: float) -> float:
+    """The sort key of an event made at Unix time ``t`` in a run that started at ``first_t``:
+    ``t`` itself; an event without a finite time sorts at its run's start (before every other
+    event when that is unknown too)."""
+    if math.isfinite(t):
+        return t
+    return first_t if math.isfinite(first_t) else -math.inf
+
+
 class Log(View):
     name = "log"
     key = "g"
@@ -30,12 +39,14 @@ class Log(View):
         )
 
     def rows(self) -> list[LogRow]:
-        """Every event that passes the filters, oldest first."""
+        """Every event that passes the filters, oldest first by wall-clock time across runs
+        (each row's time is since its own run's start: runs started apart would interleave
+        wrongly by it); events at the same time keep their order (run, then arrival)."""
         app = self.app
         floor = LEVELS.index(app.log_level) if app.log_level in LEVELS else 0
         needle = app.log_text.lower()
         sel = self.selected_run() if app.log_selected_only else None
-        out = []
+        out: list[tuple[float, LogRow]] = []
         for rd in app.store.runs.values():
             if sel is not None and rd is not sel:
                 continue
@@ -48,9 +59,10 @@ class Log(View):
                 if needle and needle not in text.lower() and needle not in rd.name.lower():
                     continue
                 secs = ev.t - rd.first_t if math.isfinite(rd.first_t) else math.nan
-                out.append(LogRow(lvl, ev.step, secs, rd.name, run_color(rd), text))
-        out.sort(key=lambda r: r.seconds if math.isfinite(r.seconds) else 0.0)
-        return out
+                row = LogRow(lvl, ev.step, secs, rd.name, run_color(rd), text)
+                out.append((wall_time(ev.t, rd.first_t), row))
+        out.sort(key=lambda kr: kr[0])  # stable: ties keep their order
+        return [row for _, row in out]
 
     def build(self, width: int, height: int) -> RenderableType:
         app = self.app

@@ -21,6 +21,9 @@ from stiffmon.tui.renderables.axes import cut
 from stiffmon.tui.runlines import run_end
 from stiffmon.tui.views.base import Builder, ChartView, View, be_marker, run_color
 
+THRESHOLD_EVENTS = ("threshold-none", "threshold-unknown")
+"""Codes of the agent's events saying why a run's λ1_H has no stability threshold."""
+
 REASONS = {
     "threshold": "threshold",
     "early-peak": "early peak",
@@ -70,6 +73,39 @@ def deciding_rule(rd: RunData) -> str:
     if not rule or rule.startswith("none"):
         return threshold_rule(rd, "hessian-precond") or rule
     return rule
+
+
+def no_threshold_reason(rd: RunData) -> str:
+    """Why the run has no stability threshold now (``NAdam is adaptive …``); ``""`` when it has
+    one, or nothing has said why not yet.
+
+    From the rule of its latest measurement (``none: <reason>``; the preconditioned one's where
+    λ1(P⁻¹H) is measured), else, for a run whose measurements carry no rule and no threshold,
+    from the agent's event saying why (:data:`THRESHOLD_EVENTS`)."""
+    rule, prule = threshold_rule(rd), threshold_rule(rd, "hessian-precond")
+    if prule and not prule.startswith("none"):
+        return ""
+    for r in (prule, rule):
+        if r.startswith("none"):
+            return r.removeprefix("none").lstrip(":").strip() or "none known"
+    values = (rd.last("sharpness/threshold"), rd.last("sharpness/threshold_precond"))
+    if rule or prule or any(math.isfinite(v) for v in values):
+        return ""
+    for ev in reversed(rd.events):
+        if ev.code in THRESHOLD_EVENTS:
+            head, sep, why = ev.message.partition(": ")
+            return why if sep and head.startswith("no stability threshold") else ev.message
+    return ""
+
+
+def had_threshold(rd: RunData) -> bool:
+    """Whether any measurement of the run had a finite stability threshold (raw or
+    preconditioned): one drawn on the chart, even if there is none now."""
+    for name in (derive.threshold_series(False), derive.threshold_series(True)):
+        s = rd.series(name)
+        if s is not None and len(s) and bool(np.isfinite(s.values).any()):
+            return True
+    return False
 
 
 def with_value(rule: str, value: float, shared: str = "") -> str:
@@ -161,13 +197,16 @@ def sharpness_chart(view: View, compact: bool) -> Builder:
                     i = min(len(s) - 1, int(s.steps.searchsorted(cat)))
                     x = view.x_of_step(rd, "sharpness/lambda1_h", cat)
                     markers.append(Marker(x, float(s.values[i]), c, CATAPULT.symbol))
-        rules = [deciding_rule(rd) for rd in view.runs() if rd.series("sharpness/lambda1_h")]
+        measured = [rd for rd in view.runs() if rd.series("sharpness/lambda1_h")]
+        rules = [deciding_rule(rd) for rd in measured]
         precond = any(ln.label.endswith(" precond") for ln in lines)
+        named = f"╌ stability threshold{rules_title(rules)}"
+        if measured and not steplines and all(no_threshold_reason(rd) for rd in measured):
+            named = "no stability threshold (why: below)"  # no dashed line to name
         title = (  # the overview's legend is a clause: dropped first where the title is cut
             f"λ1_H (sharpness); {marks_legend(none=False)}"
             if compact
-            else f"λ1_H{' and precond λ1(P⁻¹H)' if precond else ''} per run, ╌ stability "
-            f"threshold{rules_title(rules)}"
+            else f"λ1_H{' and precond λ1(P⁻¹H)' if precond else ''} per run, {named}"
         )
         return view.chart(
             lines,
@@ -210,11 +249,16 @@ class Sharpness(View):
             rule, prule = threshold_rule(rd), threshold_rule(rd, "hessian-precond")
             # the last measurement's threshold, after the one of the mark's step where given
             now = "now" if " there" in words else "threshold"
-            if rule and not (rule.startswith("none") and prule):
+            if why := no_threshold_reason(rd):  # say why there is none (NAdam, Adagrad …)
+                if had_threshold(rd):  # one is drawn up to here: where its words would be
+                    words += f"; {'now ' if now == 'now' else ''}no stability threshold: {why}"
+                else:  # never one: first, where a narrow screen does not cut it off
+                    words = f"{sym} {rd.name}: no stability threshold: {why}; {be_words(rd)}"
+            elif rule and not (rule.startswith("none") and prule):
                 words += f"; {now} {with_value(rule, rd.last('sharpness/threshold'), shared)}"
             elif not rule and math.isfinite(rd.last("sharpness/threshold")):
                 words += f"; {now} {rd.last('sharpness/threshold'):.4g}"
-            if prule:
+            if prule and not why:
                 thr = rd.last("sharpness/threshold_precond")
                 pre = "preconditioned now" if now == "now" else "preconditioned"
                 words += f"; {pre} {with_value(prule, thr, shared)}"

@@ -7,9 +7,36 @@ from rich.console import RenderableType
 from textual.containers import Grid
 from textual.widget import Widget
 
+from stiffmon.store import RunData
 from stiffmon.tui.renderables import Line
 from stiffmon.tui.renderables.linechart import NO_POSITIVE
 from stiffmon.tui.views.base import Builder, ChartView, View, group_shade, run_color
+
+ACCURACY_OFF = "accuracy-off"
+"""Code of the agent's event saying why a run will never send an accuracy."""
+
+
+def accuracy_off(rd: RunData) -> str:
+    """Why the run will never send an accuracy (its ``accuracy-off`` event's text, e.g.
+    ``no accuracy: step() gets no logits/targets …``); ``""`` when it has not said so."""
+    for ev in reversed(rd.events):
+        if ev.code == ACCURACY_OFF:
+            return ev.message
+    return ""
+
+
+def no_accuracy_text(runs: list[RunData], default: str) -> str:
+    """What the accuracy chart says without a line: why the runs will never send one (their
+    ``accuracy-off`` events; ``run: why`` for each when they differ), after ``default`` (``no
+    accuracy yet``) when one of them might still send it."""
+    whys = [(rd.name, accuracy_off(rd)) for rd in runs]
+    said = [(name, why) for name, why in whys if why]
+    if not said:
+        return default
+    if len(said) == len(whys) and len({why for _, why in said}) == 1:
+        return said[0][1]
+    parts = [f"{name}: {why}" for name, why in said]
+    return "; ".join(parts if len(said) == len(whys) else [default, *parts])
 
 
 def group_chart(view: View, prefix: str, symbol: str, title: str) -> Builder:
@@ -57,7 +84,10 @@ class Training(View):
 
     def widget(self) -> Widget:
         return Grid(
-            ChartView(self.metric_chart("accuracy", "accuracy (train batch)"), classes="chart"),
+            ChartView(
+                self.metric_chart("accuracy", "accuracy (train batch)", empty=no_accuracy_text),
+                classes="chart",
+            ),
             ChartView(group_chart(self, "lr", "lr", "learning rate η"), classes="chart"),
             ChartView(group_chart(self, "momentum", "β", "momentum β"), classes="chart"),
             ChartView(self.metric_chart("step_time", "step time (s)"), classes="chart"),

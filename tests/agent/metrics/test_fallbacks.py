@@ -191,3 +191,95 @@ def test_the_safety_net_holds_a_float32_gram_to_what_float32_can_do() -> None:
     assert check(worst, 3 * float32_error) is None
     assert check(worst, 30 * float32_error) is not None
     assert check(best, 1e-3 * r32[best][1]) is not None
+
+
+class _DictOut(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.lin = kind, nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> object:
+        z = self.lin(x)
+        if self.kind == "dict":
+            return {"aux": x.sum(), "logits": z}
+        return (z, x.sum())
+
+
+@pytest.mark.parametrize(
+    ("kind", "fix"),
+    [
+        ("dict", "forward=lambda model, x: model(x)['logits']"),
+        ("tuple", "forward=lambda model, x: model(x)[0]"),
+    ],
+)
+def test_a_model_output_the_loss_cannot_take_says_which_forward_to_pass(
+    kind: str, fix: str
+) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    model = _DictOut(kind)
+    with pytest.raises(TypeError, match="the model returns a ") as info:
+        per_example_gram(model, x, y, nn.CrossEntropyLoss())
+    assert fix in str(info.value)
+    forward = (lambda m, b: m(b)["logits"]) if kind == "dict" else (lambda m, b: m(b)[0])
+    got = per_example_gram(model, x, y, nn.CrossEntropyLoss(), forward=forward)
+    want = loop_gram(model, x, y, nn.CrossEntropyLoss(), forward)
+    assert rel_err(got.total, want) < 1e-5  # with the forward it hints at, the numbers are right
+
+
+class _MeanVar(nn.Module):
+    """A regression head returning (mean, variance), for ``GaussianNLLLoss``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.mu, self.var = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = torch.tanh(self.body(x))
+        return self.mu(h), nn.functional.softplus(self.var(h)) + 1e-3
+
+
+def test_a_gaussian_nll_over_a_mean_variance_output_matches_a_float64_loop() -> None:
+    torch.manual_seed(0)
+    model = _MeanVar().double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+
+    def loss(out: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
+        return nn.functional.gaussian_nll_loss(out[0], y, out[1], reduction="none")
+
+    got = per_example_gram(model, x, y, loss).total
+    rows = []
+    for i in range(10):  # example i alone, its mean over the target dimensions
+        mean, var = model(x[i : i + 1])
+        li = nn.functional.gaussian_nll_loss(mean, y[i : i + 1], var, reduction="mean")
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(li, model.parameters())]))
+    want = torch.stack(rows) @ torch.stack(rows).T
+    assert rel_err(got, want) < 1e-12
+    top = hessian_eigen(model, x, y, loss, tol=1e-8, max_hvps=100).eigenvalues[0]
+    dense = dense_hessian_of(model, x, lambda out: loss(out, y).mean())
+    assert abs(float(top) - float(torch.linalg.eigvalsh(dense)[-1])) < 1e-6 * abs(float(top))
+
+
+class _SeqFirstLSTM(nn.Module):
+    """A sequence-first classifier: (T, B, F) inputs, the last position's state to the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.rnn(x)[0][-1])
+
+
+def test_a_sequence_first_model_with_a_batch_first_probe_and_a_transposing_forward() -> None:
+    torch.manual_seed(0)
+    model = _SeqFirstLSTM().double()
+    x = torch.randn(8, 4, 3, dtype=torch.float64)  # the probe batch-first: (B, T, F)
+    y = torch.randint(0, 2, (8,))
+
+    def forward(m: nn.Module, b: Tensor) -> Tensor:
+        return m(b.transpose(0, 1))
+
+    got = per_example_gram(model, x, y, nn.CrossEntropyLoss(), forward=forward).total
+    want = loop_gram(model, x, y, nn.CrossEntropyLoss(), forward)
+    assert rel_err(got, want) < 1e-10

@@ -232,3 +232,29 @@ def test_warm_sequence_along_training_matches_dense_hessian() -> None:
         CE(model(x), y).backward()
         opt.step()
     assert max(counts) <= 6, counts
+
+
+def test_the_first_measurement_raises_no_torchscript_warning_of_torchs_own() -> None:
+    """torch.func.jvp loads forward-mode AD decompositions with torch.jit.script at its first use,
+    which warns "torch.jit.script is deprecated" on the user's console: not in a fresh process."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('always')\n"
+        "from stiffmon_agent.metrics.sharpness import hessian_eigen\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))\n"
+        "x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))\n"
+        "r = hessian_eigen(m, x, y, torch.nn.CrossEntropyLoss(), backend='func')\n"
+        "print('lambda', float(r.eigenvalues[0]))\n"
+    )
+    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'agent'}", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "lambda" in done.stdout
+    assert "jit.script" not in done.stderr, done.stderr[-2000:]

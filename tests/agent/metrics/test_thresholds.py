@@ -205,3 +205,22 @@ def test_no_preconditioner_before_the_first_step() -> None:
     assert diag is None and "first step" in why
     diag, why = diagonal_preconditioner(torch.optim.SGD([p], lr=0.1), [p])
     assert diag is None and "SGD" in why
+
+
+def test_a_group_frozen_by_lr_0_sets_no_bound() -> None:
+    """A backbone frozen with lr = 0 beside a head at 0.1: the head's 2/η = 20, not NaN."""
+    backbone, head = nn.Linear(3, 3), nn.Linear(3, 2)
+    groups = [{"params": backbone.parameters(), "lr": 0.0}, {"params": head.parameters()}]
+    sgd = torch.optim.SGD(groups, lr=0.1)
+    t = stability_threshold_for(sgd)
+    assert t.value == pytest.approx(20.0) and t.group == 1 and "group 1" in t.rule
+    adam_groups = [{"params": backbone.parameters(), "lr": 0.0}, {"params": head.parameters()}]
+    adam = torch.optim.Adam(adam_groups, lr=0.01, betas=(0.9, 0.999))
+    p = preconditioned_threshold_for(adam)
+    assert p.value == pytest.approx(3.8 / (0.1 * 0.01)) and p.group == 1 and p.preconditioned
+    for g in sgd.param_groups:
+        g["lr"] = 0.0  # a warmup from 0: nothing moves, no threshold, and it says why
+    none = stability_threshold_for(sgd)
+    assert none.value is None and "η = 0 in every group" in none.rule
+    sgd.param_groups[1]["lr"] = -0.1  # not 0: an unknown bound still makes the whole unknown
+    assert stability_threshold_for(sgd).value is None

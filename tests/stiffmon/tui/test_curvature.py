@@ -158,6 +158,12 @@ def test_time_series_charts() -> None:
     assert "no density measurement yet" in render(
         density_map(empty.runs["r"], ascii=True, height=8), 40
     )
+    empty.runs["r"].finished = True  # it will never come: not "yet"
+    ended = render(density_chart(empty.runs["r"], None, log_y=False, ascii=True, height=8), 60)
+    assert "no density in this run (density_every)" in ended and "yet" not in ended
+    assert "no density measured in this run" in render(
+        density_map(empty.runs["r"], ascii=True, height=8), 40
+    )
 
 
 def test_sequential_colours() -> None:

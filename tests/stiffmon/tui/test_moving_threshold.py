@@ -4,11 +4,13 @@ keeps to λ1_H, and the compare table says which measurement its threshold belon
 
 from __future__ import annotations
 
+import io
 import re
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from rich.console import Console
 from rich.segment import Segment
 
 from stiffmon.store import Store
@@ -196,3 +198,57 @@ def test_a_step_line_holds_each_value_up_to_the_next_and_none_past_its_end() -> 
     sl = StepLine(np.array([0.0, 10.0]), np.array([5.0, 7.0]), "red", "thr", x_end=15.0)
     assert [sl.value_at(x) for x in (0.0, 9.0, 10.0, 15.0)] == [5.0, 5.0, 7.0, 7.0]
     assert np.isnan(sl.value_at(-1.0)) and np.isnan(sl.value_at(16.0))
+
+
+def step_chart(ascii: bool = False) -> list[str]:
+    """A threshold stepping down from 8 to 2 at x 30 and up to 6 at x 70, drawn with a Console
+    (the data line stays under the steps, so no curve covers a riser)."""
+    chart = LineChart(
+        [Line(np.array([0.0, 100.0]), np.array([0.0, 0.0]), "blue")],
+        steplines=[StepLine(np.array([0.0, 30.0, 70.0]), np.array([8.0, 2.0, 6.0]), "red", "thr")],
+        y_range=(0.0, 9.0),
+        ascii=ascii,
+        height=16,
+    )
+    console = Console(width=60, height=16, color_system=None, record=True, file=io.StringIO())
+    console.print(chart)
+    return console.export_text().splitlines()
+
+
+def riser(rows: list[str], top: str, bottom: str, middle: str) -> tuple[int, int, int]:
+    """(column, top row, bottom row) of the one riser from the corner ``top`` down to the
+    corner ``bottom`` in one column, every row between them ``middle``."""
+    for c in range(max(map(len, rows))):
+        col = [r[c] if c < len(r) else " " for r in rows]
+        if top in col and bottom in col[col.index(top) + 1 :]:
+            r0 = col.index(top)
+            r1 = col.index(bottom, r0 + 1)
+            if r1 - r0 >= 2 and all(ch == middle for ch in col[r0 + 1 : r1]):
+                return c, r0, r1
+    raise AssertionError(f"no riser {top}{middle}{bottom}:\n" + "\n".join(rows))
+
+
+def test_a_step_line_is_joined_by_dashed_risers_where_its_value_moves() -> None:
+    rows = step_chart()
+    c, hi, lo = riser(rows, "┐", "└", "╎")  # 8 → 2 at x 30: down
+    assert rows[hi][c - 1] == "╌" and rows[lo][c + 1] == "╌"  # the levels reach the corners
+    c2, mid, lo2 = riser(rows, "┌", "┘", "╎")  # 2 → 6 at x 70: up, from the low level
+    assert lo2 == lo and c2 > c + 10 and hi < mid < lo
+    assert rows[mid][c2 + 1] == "╌" and rows[lo][c2 - 1] == "╌"
+    # each level is one row, not several segments: no dash of the line off its three rows
+    for r, row in enumerate(rows[:-2]):
+        if r not in (hi, mid, lo):
+            assert "╌" not in row[c + 2 :], (r, row)
+
+
+def test_a_step_lines_risers_in_ascii() -> None:
+    rows = step_chart(ascii=True)
+    assert all(row.isascii() for row in rows)
+    c, hi, lo = riser(rows, "+", "+", "|")
+    assert rows[hi][c - 1] == "-" and rows[lo][c + 1] == "-"
+    riser([r[c + 1 :] for r in rows], "+", "+", "|")  # and the second one, further right
+
+
+def test_the_value_held_at_a_riser_is_the_new_one() -> None:
+    sl = StepLine(np.array([0.0, 30.0, 70.0]), np.array([8.0, 2.0, 6.0]), "red", "thr")
+    assert [sl.value_at(x) for x in (29.9, 30.0, 69.0, 70.0, 1e9)] == [8.0, 2.0, 2.0, 6.0, 6.0]

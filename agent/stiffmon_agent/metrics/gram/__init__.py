@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from stiffmon_agent.metrics.gram import attention, conv, embedding, linear, norms  # noqa: F401
 from stiffmon_agent.metrics.gram.chunks import chunked_pass
 from stiffmon_agent.metrics.gram.contract import cat, embedding_gram, ghost_gram, rows_gram
+from stiffmon_agent.metrics.gram.coupling import coupled
 from stiffmon_agent.metrics.gram.loop import loop_grads
 from stiffmon_agent.metrics.gram.plan import Block, Layer, Method, gram_flops_estimate, plan
 from stiffmon_agent.metrics.gram.verify import check_entries
@@ -116,13 +117,16 @@ def per_example_gram(
             per-example loop.
         verify: Check diagonal and off-diagonal entries against single-example backward passes
             (relative 1e-8 in float64, 1e-4 in float32) and redo everything exactly on a
-            mismatch, with a warning.
+            mismatch, with a warning; where the exact (example-alone) paths were used, check
+            whether the per-example gradients add up to the gradient of the summed losses
+            (:mod:`.coupling`: a note if not, an error if they all vanish).
 
     Returns:
         G and its per-layer blocks; G's dtype and device are those of the parameters.
 
     Raises:
-        ValueError: If the model has no trainable parameter or the probe is malformed.
+        ValueError: If the model has no trainable parameter, the probe is malformed, or (with
+            ``verify``) every example-alone gradient vanishes while the summed loss has one.
     """
     forward = forward or default_forward
     loss_fn = unreduced(loss_fn)
@@ -148,6 +152,12 @@ def per_example_gram(
                 warnings.warn(f"stiffmon: {note}", RuntimeWarning, stacklevel=2)
                 result = _gram(*args, {}, "vmap")
                 result = GramResult(result.total, result.layers, result.methods, (note,))
+        if verify and any(m in ("vmap", "loop") for m in result.methods.values()):
+            note = coupled(model, list(params.values()), result.total, *args[2:])
+            if note is not None:
+                warnings.warn(f"stiffmon: {note}", RuntimeWarning, stacklevel=2)
+                notes = (*result.notes, note)
+                result = GramResult(result.total, result.layers, result.methods, notes)
         return result
 
 

@@ -57,7 +57,8 @@ def hook_pass(
                 return None
             if shared or not rule.valid_call(mod, x, out, n):  # type: ignore[union-attr]
                 if broadcast and isinstance(x, Tensor) and (shared or _shared(x, out, n)):
-                    x, out = _expand(x, n), _expand(out, n)
+                    one = _batch_of_one(x, out)
+                    x, out = _expand(x, n, one), _expand(out, n, one)
                 if not rule.valid_call(mod, x, out, n):  # type: ignore[union-attr]
                     failed.add(name)
                     return None
@@ -194,10 +195,19 @@ def _any_attention() -> contextlib.AbstractContextManager[None]:
 
 
 def _shared(x: Any, out: Any, n: int) -> bool:
-    """A call whose input and output show no dimension of size n: shared by every example."""
+    """A call shared by every example: its input and output show no dimension of size n, or
+    they are a batch of one (Hugging Face's position ids, (1, T))."""
     tensors = isinstance(x, Tensor) and isinstance(out, Tensor)
-    return tensors and x.dim() > 0 and n > 1 and n not in x.shape and n not in out.shape
+    if not tensors or x.dim() == 0 or n <= 1:
+        return False
+    return _batch_of_one(x, out) or (n not in x.shape and n not in out.shape)
 
 
-def _expand(t: Tensor, n: int) -> Tensor:
-    return t.unsqueeze(0).expand(n, *t.shape)
+def _batch_of_one(x: Tensor, out: Any) -> bool:
+    return x.dim() >= 2 and x.shape[0] == 1 and isinstance(out, Tensor) and out.shape[:1] == (1,)
+
+
+def _expand(t: Tensor, n: int, one: bool) -> Tensor:
+    """n copies of a shared call's tensor along dim 0: a batch of one's first dimension
+    becomes n, else a new first dimension."""
+    return t.expand(n, *t.shape[1:]) if one else t.unsqueeze(0).expand(n, *t.shape)

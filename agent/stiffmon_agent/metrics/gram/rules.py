@@ -80,13 +80,21 @@ class CaptureRule(Protocol):
 RULES: dict[type[nn.Module], LayerRule | CaptureRule] = {}
 
 
-def register(*types: type[nn.Module]) -> Callable[[type], type]:
-    """Class decorator: register an instance of the rule class for these module types."""
+NAMED_RULES: dict[str, LayerRule | CaptureRule] = {}
+"""Rules for types of optional packages, by ``module.qualname`` (nothing imported for them)."""
+
+
+def register(*types: type[nn.Module] | str) -> Callable[[type], type]:
+    """Class decorator: register an instance of the rule class for these module types (or
+    ``"package.module.Class"`` names of types in packages the agent does not import)."""
 
     def deco(cls: type) -> type:
         rule = cls()
         for t in types:
-            RULES[t] = rule
+            if isinstance(t, str):
+                NAMED_RULES[t] = rule
+            else:
+                RULES[t] = rule
         return cls
 
     return deco
@@ -95,7 +103,7 @@ def register(*types: type[nn.Module]) -> Callable[[type], type]:
 def rule_for(mod: nn.Module) -> LayerRule | CaptureRule | None:
     """The registered rule for ``mod``'s type (nearest in the MRO), if it accepts the module."""
     for t in type(mod).__mro__:
-        rule = RULES.get(t)
+        rule = RULES.get(t) or NAMED_RULES.get(f"{t.__module__}.{t.__qualname__}")
         if rule is not None:
             return rule if rule.native(mod) else None
     return None

@@ -1,0 +1,85 @@
+r"""Whether each example's loss depends on that example alone, as a per-example gradient needs.
+
+The exact paths (``vmap(grad)`` and the loop) compute g_i = ∇L_i from example i alone. A loss
+that couples the examples of a batch gives something else there: InfoNCE / contrastive losses
+(example i's loss is a softmax over the other examples: alone it is 0, and so is g_i), or a
+``BatchNorm`` without running statistics (it normalises over the batch even in eval mode). Then
+stiffness and gradient noise, which are defined through each example's own gradient, do not
+exist, and a Gram of batch-of-one gradients is silently wrong.
+
+The check: if every L_i depends on example i alone, the g_i add up to the gradient of Σ_i L_i
+taken over the probe's chunks, ĝ (one backward pass per chunk). The Gram gives
+‖Σ_i g_i‖ = √(1ᵀ G 1) without the vectors, and by the triangle inequality
+| ‖ĝ‖ − √(1ᵀG1) | ≤ ‖ĝ − Σ_i g_i‖, which rounding keeps within a small multiple of the
+working precision times Σ_i ‖g_i‖ = Σ_i √G_ii. A larger gap means coupled losses. (The check
+can miss a coupling that happens to leave the sum's norm alone; it never flags an uncoupled
+loss beyond rounding.)
+
+g_i stays what it is defined as, example i's gradient on its own (as the tests' float64
+reference loop computes it), and a note says the losses are coupled. Where every example-alone
+gradient vanishes while the summed loss has a gradient (InfoNCE), there is nothing to measure:
+the Gram is refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from stiffmon_agent.metrics.gram.verify import tolerance
+from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, per_example_losses, take
+
+SLACK = 10.0
+"""The gap allowed, in multiples of the entry check's tolerance (1e-3 in float32, 1e-7 in
+float64), relative to Σ_i ‖g_i‖."""
+
+
+def coupled(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    total: Tensor,
+    inputs: Batch,
+    targets: Batch,
+    forward: ForwardFn,
+    loss_fn: LossFn,
+    n: int,
+    chunk: int,
+) -> str | None:
+    """A note if the per-example losses are coupled across examples, or None if the Gram
+    ``total`` of example-alone gradients adds up to the gradient of the summed losses.
+
+    Raises:
+        ValueError: If every example-alone gradient vanishes while the summed loss has a
+            gradient (an in-batch contrastive loss: alone, each example's loss is constant).
+    """
+    summed = [torch.zeros_like(q) for q in params]
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        x, y = take(inputs, slice(start, stop)), take(targets, slice(start, stop))
+        loss = per_example_losses(loss_fn, forward(model, x), y, stop - start).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for s, g in zip(summed, grads, strict=True):
+            if g is not None:
+                s.add_(g.detach())
+    batch = math.sqrt(sum(float(s.double().square().sum()) for s in summed))
+    apart = math.sqrt(max(float(total.double().sum()), 0.0))
+    scale = float(total.double().diagonal().clamp_min(0).sqrt().sum())
+    rtol = SLACK * tolerance(total.dtype)
+    if abs(batch - apart) <= rtol * scale or batch == apart:
+        return None
+    if scale <= rtol * batch:
+        raise ValueError(
+            "the per-example losses are coupled across examples: each example's loss on its "
+            f"own has no gradient, the summed probe losses have one of norm {batch:.4g} (an "
+            "in-batch contrastive / InfoNCE loss?). Stiffness and gradient noise need each "
+            'example\'s loss to depend on that example alone: pass gram_every="never" '
+            "(sharpness, the Hessian trace and density still work)"
+        )
+    return (
+        "the per-example losses are coupled across examples (BatchNorm without running "
+        "statistics, a layer or loss that mixes the batch): the gradients are each example's "
+        f"own, alone, which add up to a norm of {apart:.4g}, not to the summed probe losses' "
+        f"{batch:.4g}"
+    )
