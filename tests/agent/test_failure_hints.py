@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,7 +37,8 @@ class Checkpointed(nn.Module):
         return out
 
 
-def _run(model: nn.Module, rec: Path) -> Agent:
+def _run(model: nn.Module, rec: Path, forward: Any = None) -> Agent:
+    """One training step of ``model`` with an agent measuring at it."""
     torch.manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(12, 8), torch.arange(12) % 3
@@ -48,6 +50,7 @@ def _run(model: nn.Module, rec: Path) -> Agent:
         endpoint="",
         record=rec,
         registry=False,
+        forward=forward,
         gram_every=1,
         sharpness_every=1,
         overhead_cap=None,
@@ -109,28 +112,6 @@ def test_other_failures_get_no_checkpoint_hint(tmp_path: Path) -> None:
         out: torch.Tensor = m(inputs)
         return out
 
-    rec = tmp_path / "r.stiff"
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(12, 8), torch.arange(12) % 3
-    agent = Agent(
-        model,
-        nn.CrossEntropyLoss(),
-        opt,
-        probe=(x, y),
-        endpoint="",
-        record=rec,
-        registry=False,
-        forward=forward,
-        gram_every=1,
-        sharpness_every=1,
-        overhead_cap=None,
-    )
-    out = model(x)
-    loss = nn.functional.cross_entropy(out, y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    agent.step(loss, out, y)
-    agent.close()
+    agent = _run(model, tmp_path / "r.stiff", forward)
     assert "XYZ" in agent.disabled["gram"]
     assert "checkpoint" not in agent.disabled["gram"]
