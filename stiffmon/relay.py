@@ -8,7 +8,9 @@ streaming their messages and per-run end markers back, followed by one final don
 Bounded in time and memory whatever the peers do:
 
 * upstreams are asked in parallel over one persistent DEALER each (``ZMQ_IMMEDIATE``: an upstream
-  that is not connected is skipped at once); the answer waits at most ``snapshot_timeout`` for
+  that is not connected is skipped, once its socket has had :data:`CONNECT_GRACE` to connect,
+  so that a relay asked as it starts still answers with every run's history); the answer waits
+  at most ``snapshot_timeout`` for
   the slowest, and an upstream that timed out is not waited for again until it answers in full;
 * requests that arrive while an answer is being gathered coalesce: they are all answered by the
   next gathering;
@@ -41,6 +43,10 @@ from stiffmon.transport import (
     snapshot_request,
     takes_first_seq_order,
 )
+
+CONNECT_GRACE = 2.0
+"""Seconds a newly made snapshot socket is given to connect before its upstream is skipped
+(asked meanwhile, within the answer's ``snapshot_timeout``)."""
 
 
 def _warn_stderr(text: str) -> None:
@@ -94,6 +100,7 @@ class Relay:
             for u in self.upstream:
                 self.links.add(u.pub)
                 self.xsub.connect(u.pub)
+            self._born: dict[Endpoint, float] = {}  # when each snapshot socket was made
             self._dealers: dict[Endpoint, zmq.Socket[bytes]] = {
                 u: self._dealer(u) for u in self.upstream
             }
@@ -152,6 +159,7 @@ class Relay:
         d = self._upstream_socket(zmq.DEALER)
         d.setsockopt(zmq.IMMEDIATE, 1)  # no connection, no queued request: skipped at once
         d.connect(u.snapshot)
+        self._born[u] = time.monotonic()
         return d
 
     # ------------------------------------------------------------------ threads
@@ -198,26 +206,40 @@ class Relay:
         self.gatherings += 1
         later: list[bytes] = []
         pending: dict[zmq.Socket[bytes], Endpoint] = {}
+        unsent: dict[zmq.Socket[bytes], Endpoint] = {}  # made moments ago, not connected yet
         # the order every waiter takes: first-seq only if all of them do
         request = snapshot_request(all([self._first_seq.pop(w, False) for w in waiters]))
-        for u, d in self._dealers.items():
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+
+        def ask(d: zmq.Socket[bytes], u: Endpoint) -> None:
+            unsent.pop(d, None)
             try:
                 d.send_multipart(request, zmq.NOBLOCK)
-            except zmq.ZMQError:
-                self.dead.add(u)  # not connected
-                continue
+            except zmq.ZMQError:  # not connected: a socket made less than CONNECT_GRACE ago
+                # is still connecting in the background (asked at once, a just-started relay
+                # would leave that run's history out), so it is asked again meanwhile
+                if time.monotonic() < self._born.get(u, 0.0) + CONNECT_GRACE:
+                    unsent[d] = u
+                else:
+                    self.dead.add(u)
+                return
             pending[d] = u
-        poller = zmq.Poller()
-        for d in pending:
             poller.register(d, zmq.POLLIN)
-        poller.register(self.router, zmq.POLLIN)
+
+        for u, d in self._dealers.items():
+            ask(d, u)
         answered = 0
         replying: set[Endpoint] = set()
         start = time.monotonic()
         deadline = start + self.snapshot_timeout
-        while pending and time.monotonic() < deadline and not self._stop.is_set():
-            if time.monotonic() - start > 0.1 and all(
-                u in self.dead and u not in replying for u in pending.values()
+        while (pending or unsent) and time.monotonic() < deadline and not self._stop.is_set():
+            for d, u in list(unsent.items()):
+                ask(d, u)
+            if (
+                not unsent
+                and time.monotonic() - start > 0.1
+                and all(u in self.dead and u not in replying for u in pending.values())
             ):
                 break  # only the ones known dead are left, silent: do not wait for them
             events = dict(poller.poll(20))
@@ -236,6 +258,7 @@ class Relay:
                         break
                     replying.add(pending[d])
                     waiters = [w for w in waiters if self._send(w, reply)]
+        self.dead.update(unsent.values())  # never connected
         for d, u in pending.items():  # drop a half-read answer: a fresh socket for next time
             self.dead.add(u)
             d.close(0)
