@@ -67,7 +67,7 @@ from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.rank_gate import RankGate, meet
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, MeasurementPlan, Schedule, parse_schedule
-from stiffmon_agent.step_scalars import OptimizerColumns, optimizer_config
+from stiffmon_agent.step_scalars import OptimizerColumns, default_run_name, optimizer_config
 
 _LIVE_AGENTS: weakref.WeakSet[Agent] = weakref.WeakSet()
 DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step 0
@@ -248,7 +248,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         appending = record is not None and os.path.isfile(record) and os.path.getsize(record) > 0
         cfg = optimizer_config(optimizer)
-        self.name = run or (f"{cfg['type']} lr={cfg['lr']:g}" if "lr" in cfg else cfg["type"])
+        self.name = run or default_run_name(cfg)
         self._plan = MeasurementPlan(
             *(
                 parse_schedule(e if probe is not None else None)

@@ -75,6 +75,12 @@ def optimizer_columns(optimizer: torch.optim.Optimizer | None) -> tuple[list[str
     return [name for name, *_ in places], read_places(places)
 
 
+def default_run_name(cfg: dict[str, Any]) -> str:
+    """A run's name when none is given, from its :func:`optimizer_config`:
+    ``"<optimizer> lr=<lr>"`` (the first group's lr)."""
+    return f"{cfg['type']} lr={cfg['lr']:g}" if "lr" in cfg else str(cfg["type"])
+
+
 RECHECK_STEPS = 256
 UNSEEN_CALLS = 64  # agent.step() calls without any optimizer step seen: the hook never sees one
 UNSEEN_CODE = "optimizer-step-unseen"

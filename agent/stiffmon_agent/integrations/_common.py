@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from stiffmon_agent.accuracy import Accuracy
 from stiffmon_agent.agent import Agent
-from stiffmon_agent.step_scalars import optimizer_config
+from stiffmon_agent.step_scalars import default_run_name, optimizer_config
 
 #: Options the callbacks fill in themselves from what the framework owns.
 OWNED = ("model", "loss_fn", "optimizer")
@@ -131,12 +131,6 @@ class LossAccumulator:
         return total / count if mean and count > 1 else total
 
 
-def default_run_name(optimizer: torch.optim.Optimizer | None) -> str:
-    """The agent's own default run name: ``"<optimizer> lr=<lr>"``."""
-    cfg = optimizer_config(optimizer)
-    return f"{cfg['type']} lr={cfg['lr']:g}" if "lr" in cfg else str(cfg["type"])
-
-
 def build_agent(
     model: nn.Module,
     loss_fn: Any,
@@ -153,7 +147,7 @@ def build_agent(
     """
     kwargs = {**(defaults or {}), **options}
     if start_step > 0:
-        kwargs["run"] = f"{kwargs.get('run') or default_run_name(optimizer)} " + (
+        kwargs["run"] = f"{kwargs.get('run') or default_run_name(optimizer_config(optimizer))} " + (
             f"(resumed at step {start_step})"
         )
     agent = Agent(model, loss_fn, optimizer, **kwargs)

@@ -49,8 +49,8 @@ class Noise(View):
             runs = self.runs()
             if any(_finite(rd, name) for rd in runs):
                 return chart(width, height)
-            said = [f"{rd.name}: {why}" for rd in runs if (why := never(rd, (name,), title))]
-            return Text("\n".join(said), style="dim") if said else chart(width, height)
+            said = nevers(runs, name, title)
+            return Text(said, style="dim") if said else chart(width, height)
 
         return build
 
@@ -72,13 +72,9 @@ class Noise(View):
         rows = len(table.renderables) if isinstance(table, Group) else 1
         name = "noise/suggested_batch/norm_test"
         if not any(_finite(rd, name) for rd, _ in runs):
-            said = [
-                f"{rd.name}: {why}"
-                for rd, _ in runs
-                if (why := never(rd, (name,), "suggested batch"))
-            ]
+            said = nevers([rd for rd, _ in runs], name, "suggested batch")
             if said:  # it will never come: say why, not "yet"
-                return Group(Text("\n".join(said), style="dim"), table)
+                return Group(Text(said, style="dim"), table)
         chart = batch_chart(
             runs,
             "norm_test",
@@ -93,6 +89,11 @@ def _finite(rd: RunData, name: str) -> bool:
     """Whether ``rd`` has a finite value of scalar ``name``."""
     s = rd.series(name)
     return s is not None and bool(np.isfinite(s.values).any())
+
+
+def nevers(runs: list[RunData], name: str, title: str) -> str:
+    """``run: why`` lines of the runs whose ``name`` never comes (:func:`never`), or ``""``."""
+    return "\n".join(f"{rd.name}: {why}" for rd in runs if (why := never(rd, (name,), title)))
 
 
 def never(rd: RunData, names: tuple[str, ...], title: str) -> str | None:
