@@ -16,7 +16,6 @@ import atexit
 import math
 import os
 import socket
-import sys
 import time
 import uuid
 import weakref
@@ -34,6 +33,7 @@ from stiffmon_agent import termination
 from stiffmon_agent.accuracy import binary_threshold, class_ignore_index, step_accuracy
 from stiffmon_agent.agent_output import AgentOutput
 from stiffmon_agent.announce import (
+    accumulation_advice,
     dist_rank,
     hello_fields,
     log,
@@ -41,6 +41,8 @@ from stiffmon_agent.announce import (
     register_locally,
     speaker,
     start_publisher,
+    startup_line,
+    unoptimized_note,
 )
 from stiffmon_agent.budget import MeasurementBudget
 from stiffmon_agent.columns import DEFAULT_INTERVAL, ColumnBatcher
@@ -57,14 +59,12 @@ from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
     LossFn,
-    ignore_index_of,
     loss_reduction,
 )
-from stiffmon_agent.metrics.state import unoptimized
 from stiffmon_agent.optimizer_skips import OptimizerSkips
-from stiffmon_agent.probe_set import without_uncounted
+from stiffmon_agent.probe_set import build_probe
 from stiffmon_agent.publisher import Publisher
-from stiffmon_agent.rank_gate import RankGate, meet
+from stiffmon_agent.rank_gate import RankGate
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, MeasurementPlan, Schedule, parse_schedule
 from stiffmon_agent.step_scalars import OptimizerColumns, default_run_name, optimizer_config
@@ -75,40 +75,9 @@ DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step
 
 @atexit.register
 def _close_all() -> None:  # the user forgot close(): flush and leave cleanly
-    reason = exit_reason()
+    reason = termination.exit_reason()
     for agent in list(_LIVE_AGENTS):
         agent.close(reason=reason, timeout=2.0)
-
-
-def unoptimized_note(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> str:
-    """What the measurements make of trainable parameters the optimizer does not hold ("")."""
-    extra, total = unoptimized(model, optimizer)
-    if not extra:
-        return ""
-    if len(extra) == total:
-        return (
-            "the optimizer holds none of the model's trainable parameters (an EMA / averaged "
-            "copy?): the measurements use all of them, and no preconditioned sharpness"
-        )
-    return (
-        f"{len(extra)} of the model's {total} trainable parameter tensors are not in this "
-        "agent's optimizer: the measurements leave them out (another optimizer may train them, "
-        "a GAN's other player; if none does, freezing them saves memory)"
-    )
-
-
-def exit_reason() -> str:
-    """The bye's reason at interpreter exit: ``error: RuntimeError`` when an uncaught exception
-    ends the script (the interpreter keeps it as ``sys.last_value`` once printed, whatever
-    ``sys.excepthook`` is), ``interrupted`` for Ctrl-C, else ``exit``. An interactive session
-    (REPL, IPython) keeps the last exception of any earlier command there: ``exit``."""
-    exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
-    interactive = hasattr(sys, "ps1") or sys.flags.interactive or "IPython" in sys.modules
-    if exc is None or interactive or isinstance(exc, SystemExit):
-        return "exit"
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
-    return f"error: {type(exc).__name__}"
 
 
 class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
@@ -241,8 +210,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             raise ValueError(f"rank_timeout must be a positive number of seconds: {rank_timeout}")
         gate = None
         if self.shard is not None:  # every rank's agent is there before any collective
-            meet(self.shard.rank, self.shard.world, rank_timeout)
-            gate = RankGate(rank_timeout)
+            gate = RankGate.meeting(self.shard, rank_timeout)
         self.step_count = 0
         self.closed = False
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -293,21 +261,10 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self._next_due: float = math.inf
         if not self.enabled and self.shard is None:
             return
-        device = next((q.device for q in model.parameters()), None)
         if probe is not None:
-            dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
-            args = (
-                probe,
-                val_probe,
-                device,
-                num_classes,
-                class_names,
-                dtype,
-                ignore_index_of(loss_fn),
-            )
-            self.probe = sharding.agreed(make_probe, args, self.shard, self.model)
+            args = (self.model, loss_fn, probe, val_probe, num_classes, class_names)
             self.probe, self._probe_note = sharding.agreed(
-                without_uncounted, (self.probe, loss_fn), self.shard, self.model
+                build_probe, args, self.shard, self.model
             )
         if self.shard is not None:  # every rank: a rank without the probe must not hang
             sharding.check_same_setup(self.model, self.probe, self._plan.schedules)
@@ -324,7 +281,6 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
                 lambda m: self.publisher.submit(m) if self.publisher is not None else None,
                 self.event,
                 self._columns.flush,
-                self.shard,
                 gate,
             )
             self._runner.stepped_groups = self._optimizer_columns.stepped_groups
@@ -345,30 +301,21 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             held_by=optimizer,
         )  # fmt: skip
         self._submit(p.Hello, fields)
-        who = self._budget.who = self._skips.who = speaker(self.name)  # names the run's lines
+        self._budget.who = self._skips.who = speaker(self.name)  # names the run's lines
         for code, note in probe_notes(self.probe, self._opts.distance_layers, self.model):
             self.event(code, note)
         if self._probe_note:
-            log.warning("%s: %s", who, self._probe_note)
-            self.event("probe-uncounted", self._probe_note, level="warning")
+            self.warn("probe-uncounted", self._probe_note)
         if probe is not None and (note := unoptimized_note(self.model, optimizer)):
-            log.warning("%s: %s", who, note)
-            self.event("params-not-optimized", note, level="warning")
+            self.warn("params-not-optimized", note)
         if self.endpoint is not None and registry:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)
         termination.install(lambda: list(_LIVE_AGENTS))  # SIGTERM: flush, bye, then die
         # last: a failed construction leaves no hook behind
         self._optimizer_columns.attach(count_backwards=batch_size is None)
-        where = f"publishing on {self.endpoint}" if self.endpoint else "not publishing"
-        if record:
-            where += f", recording to {record}" + (
-                " (appending: the file already holds a session; its runs stay apart by run id)"
-                if appending
-                else ""
-            )
-        where += f", measuring over {self.shard.world} ranks" if self.shard else ""
-        log.info(f"stiffmon: run '{self.name}' {where}")
+        world = self.shard.world if self.shard else 1
+        log.info(startup_line(self.name, self.endpoint, record, appending, world))
 
     # ------------------------------------------------------------------ the training loop
 
@@ -415,9 +362,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             self._skips.tick(now)
         if oc.notes:  # said once each: the loop's order (fourth step), no optimizer step seen
             for code, note, console in oc.notes:
-                if console:
-                    log.warning("%s: %s", speaker(self.name), note)
-                self.event(code, note, level="warning")
+                self.warn(code, note, console=console)
             oc.notes = []
         if oc.accumulation:  # said once, at about the ninth optimizer step
             self._say_accumulation(oc.accumulation)
@@ -449,23 +394,8 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         b = self._sharp_state.batch_size
         if self._batch_size is not None or not b:
             return
-        summed = loss_reduction(self.loss_fn) == "sum"
-        uses = "η/B" + (" and the sharpness of the sum-reduced loss (B × the mean's)" * summed)
-        message = (
-            f"{k} backward passes reach the parameters per optimizer step; {uses} use the batch "
-            f"size B = {b} read from the logits passed to step(). If this is gradient "
-            f"accumulation, B is one micro-batch's: pass Agent(batch_size=...) the examples per "
-            f"optimizer step ({k} × {b} = {k * b} if every micro-batch has {b})"
-        )
-        if summed:
-            message += f", and sum_over={b} if each micro-batch's loss is divided by {k}"
-        message += (
-            ". The extra passes of a step with several losses (a GAN's real and fake batches or "
-            "its other player's loss, SAM's second pass) are not accumulation: then B is right "
-            "and there is nothing to do"
-        )
-        log.warning("%s: %s", speaker(self.name), message)
-        self.event("batch-size-accumulation", message, level="warning", backwards=k, batch_size=b)
+        advice = accumulation_advice(k, b, loss_reduction(self.loss_fn) == "sum")
+        self.warn("batch-size-accumulation", advice, backwards=k, batch_size=b)
 
     def _measure_due(self, s: int) -> None:
         """Run what is due at step ``s``, publish the coverage, and find the next due step."""

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from stiffmon import protocol as p
-from stiffmon_agent.announce import log
+from stiffmon_agent.announce import log, speaker
 from stiffmon_agent.columns import ColumnBatcher, RawColumns
 from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.publisher import Publisher
@@ -26,6 +26,7 @@ class AgentOutput:
     step_count: int
     enabled: bool  # publishes (False: a rank other than 0)
     closed: bool
+    name: str  # the run's display name
     _columns: ColumnBatcher
     _log_warned: set[str]  # names (and "") already warned about by log()
 
@@ -57,6 +58,12 @@ class AgentOutput:
         ``at_step``."""
         fields = {"level": level, "code": code, "message": message, "attrs": attrs}
         self._submit(p.Event, fields, step=at_step)
+
+    def warn(self, code: str, note: str, *, console: bool = True, **attrs: Any) -> None:
+        """A warning ``event``, and (``console``) the same line on the console, naming the run."""
+        if console:
+            log.warning("%s: %s", speaker(self.name), note)
+        self.event(code, note, level="warning", **attrs)
 
     def _on_wake(self) -> None:
         """At each wake of the publisher thread: batches at its pace (slower while nobody

@@ -3,6 +3,9 @@
 * :data:`log`: the ``stiffmon_agent`` logger (printing plain lines unless logging is set up);
 * :func:`speaker`: the prefix of a run's console lines (``stiffmon [run name]``);
 
+* :func:`unoptimized_note`, :func:`accumulation_advice`: the warnings about parameters the
+  optimizer does not hold and about gradient accumulation;
+* :func:`startup_line`: the console line an agent starts with;
 * :func:`dist_rank`: the torch.distributed rank (0 when not distributed);
 * :func:`hello_fields`: the fields of the run's ``hello`` message;
 * :func:`probe_notes`: what the start says about the probe (no class labels, no distances,
@@ -51,6 +54,57 @@ def measured_param_count(model: nn.Module, optimizer: torch.optim.Optimizer | No
     extra, total = unoptimized(model, optimizer)
     left_out = {id(q) for q in extra} if len(extra) < total else set()
     return sum(q.numel() for q in model.parameters() if q.requires_grad and id(q) not in left_out)
+
+
+def unoptimized_note(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> str:
+    """What the measurements make of trainable parameters the optimizer does not hold ("")."""
+    extra, total = unoptimized(model, optimizer)
+    if not extra:
+        return ""
+    if len(extra) == total:
+        return (
+            "the optimizer holds none of the model's trainable parameters (an EMA / averaged "
+            "copy?): the measurements use all of them, and no preconditioned sharpness"
+        )
+    return (
+        f"{len(extra)} of the model's {total} trainable parameter tensors are not in this "
+        "agent's optimizer: the measurements leave them out (another optimizer may train them, "
+        "a GAN's other player; if none does, freezing them saves memory)"
+    )
+
+
+def accumulation_advice(k: int, b: int, summed: bool) -> str:
+    """The ``batch-size-accumulation`` warning: ``k`` backward passes reach the parameters per
+    optimizer step while B = ``b`` is read from the logits (``summed``: a sum-reduced loss)."""
+    uses = "η/B" + (" and the sharpness of the sum-reduced loss (B × the mean's)" * summed)
+    message = (
+        f"{k} backward passes reach the parameters per optimizer step; {uses} use the batch "
+        f"size B = {b} read from the logits passed to step(). If this is gradient "
+        f"accumulation, B is one micro-batch's: pass Agent(batch_size=...) the examples per "
+        f"optimizer step ({k} × {b} = {k * b} if every micro-batch has {b})"
+    )
+    if summed:
+        message += f", and sum_over={b} if each micro-batch's loss is divided by {k}"
+    return message + (
+        ". The extra passes of a step with several losses (a GAN's real and fake batches or "
+        "its other player's loss, SAM's second pass) are not accumulation: then B is right "
+        "and there is nothing to do"
+    )
+
+
+def startup_line(
+    name: str, endpoint: Any, record: str | os.PathLike[str] | None, appending: bool, world: int
+) -> str:
+    """The console line an agent starts with: where it publishes, records and measures."""
+    where = f"publishing on {endpoint}" if endpoint else "not publishing"
+    if record:
+        where += f", recording to {record}" + (
+            " (appending: the file already holds a session; its runs stay apart by run id)"
+            if appending
+            else ""
+        )
+    where += f", measuring over {world} ranks" if world > 1 else ""
+    return f"stiffmon: run '{name}' {where}"
 
 
 def dist_rank() -> int:

@@ -24,6 +24,7 @@ from stiffmon_agent.metrics.probe import (
     batch_size,
     counted_examples,
     default_forward,
+    ignore_index_of,
     per_example_losses,
     take,
     unreduced,
@@ -132,6 +133,24 @@ def make_probe(
                 raise ValueError(f"negative class label {int(uniq[0])} in the probe")
             k = max(k, int(labels.max()) + 1)
     return ProbeSet(xs, ys, n_train, labels, k, names)
+
+
+def build_probe(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train: tuple[Batch, Batch],
+    val: tuple[Batch, Batch] | None,
+    num_classes: int | None,
+    class_names: Sequence[str] | None,
+) -> tuple[ProbeSet, str]:
+    """The agent's probe: :func:`make_probe` on the model's device and floating dtype, with
+    the loss's ignore index, then :func:`without_uncounted` (the probe, and what it left out)."""
+    device = next((q.device for q in model.parameters()), None)
+    dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
+    probe = make_probe(
+        train, val, device, num_classes, class_names, dtype, ignore_index_of(loss_fn)
+    )
+    return without_uncounted(probe, loss_fn)
 
 
 def without_uncounted(probe: ProbeSet, loss_fn: LossFn) -> tuple[ProbeSet, str]:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from stiffmon_agent.distributed import Shard
+
 _AGENTS = itertools.count()  # agents made with distributed=True in this process, in order
 
 
@@ -71,23 +73,38 @@ def meet(rank: int, world: int, timeout: float) -> None:
 
 
 class RankGate:
-    """Rank 0's measure-or-not decision, delivered to every rank within a time limit.
+    """Rank 0's measure-or-not decision, delivered to every rank of ``shard`` within a time limit.
+
+    Made with :meth:`meeting` (after every rank's agent has checked in): a gate exists only for
+    a rank that takes part in the sharded measurement, and carries that rank's place.
 
     Args:
+        shard: This rank's place in the sharded measurement.
         timeout: Seconds a rank waits for the others at each measurement.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, shard: Shard, timeout: float) -> None:
+        self.shard = shard
         self.timeout = timeout
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
 
-    def decide(self, go: bool, leader: bool, step: int) -> bool:
+    @classmethod
+    def meeting(cls, shard: Shard, timeout: float) -> RankGate:
+        """:func:`meet` the other ranks' agents, then the gate (a collective every rank makes).
+
+        Raises:
+            RanksMissing: If some rank's agent did not check in within ``timeout``.
+        """
+        meet(shard.rank, shard.world, timeout)
+        return cls(shard, timeout)
+
+    def decide(self, go: bool, step: int) -> bool:
         """Rank 0's ``go`` on every rank (the others' ``go`` is ignored).
 
         Raises:
             RanksMissing: If a rank did not reach this measurement within the timeout.
         """
-        flag = torch.tensor([int(go) if leader else 0, step, -step], dtype=torch.int64)
+        flag = torch.tensor([int(go) if self.shard.leader else 0, step, -step], dtype=torch.int64)
         try:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         except RuntimeError as exc:

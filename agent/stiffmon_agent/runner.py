@@ -59,8 +59,8 @@ class MeasurementRunner:
         submit: Hands a message to the publisher.
         event: Publishes an ``event``.
         flush: Sends the steps so far before a measurement's messages.
-        shard: This rank's place when sharded; None: one process measures alone.
-        gate: Where the ranks meet before each sharded measurement (with a time limit).
+        gate: When sharded, where the ranks meet before each measurement (with a time limit),
+            holding this rank's place; None: one process measures alone.
     """
 
     def __init__(
@@ -76,7 +76,6 @@ class MeasurementRunner:
         submit: Callable[[Outgoing], Any],
         event: Callable[..., None],
         flush: Callable[[], Any],
-        shard: Shard | None = None,
         gate: RankGate | None = None,
     ) -> None:
         self.model = model
@@ -90,7 +89,6 @@ class MeasurementRunner:
         self.submit = submit
         self.event = event
         self.flush = flush
-        self.shard = shard
         self.gate = gate
         self.disabled: dict[str, str] = {}
         self._said: set[tuple[str, str]] = set()  # events published (each once)
@@ -103,14 +101,19 @@ class MeasurementRunner:
         self.stepped_groups: Callable[[], list[dict[str, Any]] | None] = lambda: None
         self.generator = torch.Generator().manual_seed(0)
 
+    @property
+    def shard(self) -> Shard | None:
+        """This rank's place while the measurements are sharded; None: one process measures."""
+        return self.gate.shard if self.gate is not None else None
+
     def measure(self, kind: str, step: int) -> bool:
         """Run the due ``kind`` measurement of ``step`` (every rank calls this when sharded);
         True if it went ahead (the same answer on every rank)."""
         leader = self.shard is None or self.shard.leader
         go = self._decide(kind, step) if leader else False
-        if self.shard is not None and self.gate is not None:
+        if self.gate is not None:
             try:
-                go = self.gate.decide(go, leader, step)
+                go = self.gate.decide(go, step)
             except RanksMissing as exc:
                 self._unshard(exc)
                 if not leader:
@@ -126,8 +129,8 @@ class MeasurementRunner:
 
     def _unshard(self, exc: RanksMissing) -> None:
         """Stop sharding for good: rank 0 measures alone from now on, the others not at all."""
-        assert self.shard is not None
-        rank, self.shard, self.gate = self.shard.rank, None, None
+        assert self.gate is not None
+        rank, self.gate = self.gate.shard.rank, None
         then = "rank 0 measures alone from now on" if rank == 0 else "this rank stops measuring"
         message = f"sharded measurement is off: {exc}; {then}"
         log.warning(f"stiffmon: rank {rank}: {message}")

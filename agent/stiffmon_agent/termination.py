@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -93,3 +94,17 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
             helper.start()
             helper.join(max(deadline - time.monotonic(), 0.0) + 0.25)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def exit_reason() -> str:
+    """The bye's reason at interpreter exit: ``error: RuntimeError`` when an uncaught exception
+    ends the script (the interpreter keeps it as ``sys.last_value`` once printed, whatever
+    ``sys.excepthook`` is), ``interrupted`` for Ctrl-C, else ``exit``. An interactive session
+    (REPL, IPython) keeps the last exception of any earlier command there: ``exit``."""
+    exc = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    interactive = hasattr(sys, "ps1") or sys.flags.interactive or "IPython" in sys.modules
+    if exc is None or interactive or isinstance(exc, SystemExit):
+        return "exit"
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"error: {type(exc).__name__}"

@@ -10,7 +10,9 @@ cannot lay out its Gram rows for the exchange, as if out of memory: the Gram fai
 rank, and nobody may wait for rows that never come), ``rank0-step`` (every rank makes the agent,
 only rank 0 calls ``step()``: rank 0 must stop sharding after ``rank_timeout`` and measure alone),
 ``rank0-agent`` (only rank 0 makes the agent: it must raise, naming rank 1, after
-``rank_timeout``).
+``rank_timeout``), ``infonce`` (an in-batch contrastive probe loss, whose example-alone
+gradients vanish: every rank must refuse the Gram with the reason, and the Hessian measurements
+go on).
 MODEL: ``cnn`` (default: conv, linear, layer norm, a raw parameter) or ``tokens`` (embedding,
 linear layers over 3 positions). Float64 throughout; every rank trains on the same batch, so
 DDP's averaged gradient equals the one-process gradient and the weights stay those of the
@@ -49,6 +51,12 @@ class Tokens(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.proj(self.emb(x)))
         return self.head(torch.tanh(self.mix(h)).mean(dim=1))
+
+
+def info_nce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example InfoNCE over the (shard's) batch: example i against the others' outputs."""
+    z = nn.functional.normalize(z, dim=1)
+    return nn.functional.cross_entropy(z @ z.T / 0.5, torch.arange(len(z)), reduction="none")
 
 
 def build(kind: str = "cnn") -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -118,7 +126,8 @@ def main() -> None:
         dist.destroy_process_group()
         return
     try:
-        agent = make_agent(net, opt, x, y, out, rank, sharded, kind)
+        loss_fn = info_nce if mode == "infonce" else nn.CrossEntropyLoss()
+        agent = make_agent(net, opt, x, y, out, rank, sharded, kind, loss_fn)
     except RuntimeError as exc:
         print(f"rank {rank} done, refused: {exc}", flush=True)
         dist.barrier()
@@ -147,12 +156,13 @@ def make_agent(
     rank: int,
     sharded: bool,
     kind: str,
+    loss_fn: object,
 ) -> object:
     from stiffmon_agent import Agent
 
     return Agent(
         net,
-        nn.CrossEntropyLoss(),
+        loss_fn,
         opt,
         probe=(x[:13], y[:13]),  # 13 train + 7 val: uneven shards
         val_probe=(x[13:20], y[13:20]),

@@ -203,6 +203,22 @@ def test_a_rank_that_cannot_send_its_rows_leaves_nobody_waiting(
     assert any(isinstance(m, p.Spectrum) for m in msgs)  # the Hessian measurements go on
 
 
+def test_an_in_batch_contrastive_loss_is_refused_on_every_rank_with_the_reason(
+    group: Group, tmp_path: Path
+) -> None:
+    """Each rank checks its own examples' gradients (before, the sharded Gram of InfoNCE was
+    published as all zeros); the refusal is agreed, so nobody waits for Gram rows."""
+    rec = tmp_path / "infonce.stiff"
+    out = finish(group.torchrun(str(SCRIPT), str(rec), "infonce"), ranks=2)
+    assert "rank 0 done, disabled: ['gram']" in out and "rank 1 done" in out
+    msgs = read_session(rec)[0]
+    errors = [m for m in msgs if isinstance(m, p.Event) and m.code == "metric-error"]
+    assert [(e.step, e.attrs["metric"]) for e in errors] == [(0, "gram")]
+    assert "own has no gradient" in errors[0].message
+    assert not any(isinstance(m, p.Matrix) and m.name.endswith("train-train") for m in msgs)
+    assert any(isinstance(m, p.Spectrum) for m in msgs)
+
+
 def test_step_on_rank_0_only_stops_sharding_after_the_timeout_and_rank_0_measures_alone(
     group: Group, tmp_path: Path
 ) -> None:

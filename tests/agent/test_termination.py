@@ -247,7 +247,7 @@ def read_store(path: Path) -> RunData:
 
 def test_an_interactive_session_keeps_saying_exit(monkeypatch: pytest.MonkeyPatch) -> None:
     """A REPL or IPython keeps an earlier command's exception: not why the session ends."""
-    from stiffmon_agent.agent import exit_reason
+    from stiffmon_agent.termination import exit_reason
 
     monkeypatch.setattr(sys, "last_value", RuntimeError("earlier"), raising=False)
     monkeypatch.delattr(sys, "last_exc", raising=False)

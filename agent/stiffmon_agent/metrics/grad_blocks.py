@@ -37,8 +37,9 @@ from stiffmon_agent.metrics.gram.contract import (
     materialise,
     rows_gram,
 )
+from stiffmon_agent.metrics.gram.coupling import coupled
 from stiffmon_agent.metrics.gram.plan import Layer, ghost_cost, plan
-from stiffmon_agent.metrics.gram.verify import check_entries
+from stiffmon_agent.metrics.gram.verify import check_entries, mismatch_note
 from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
@@ -155,13 +156,20 @@ def per_example_grad_blocks(
         forward: ``forward(model, inputs)``; default ``model(inputs)``.
         chunk_size: Examples per forward/backward pass; None: all.
         verify: Check entries of the Gram against single-example backward passes; on a mismatch
-            recompute every layer exactly and densely (warning).
+            recompute every layer exactly and densely (warning). Where the exact
+            (example-alone) paths were used, check that this process's per-example gradients
+            add up to the gradient of its summed losses (:mod:`~stiffmon_agent.metrics.gram.
+            coupling`: a note if not, an error if they all vanish).
         n_global: Examples of the whole (sharded) probe, for the choice of form (default: n).
         exact: Dense ``vmap(grad)`` (else loop) gradients for every parameter.
 
     Returns:
         The layers, keyed as :func:`block_keys` (every key present, in its order), and notes on
         what fell back.
+
+    Raises:
+        ValueError: If the model has no trainable parameter, or (with ``verify``) every
+            example-alone gradient vanishes while the summed loss has one.
     """
     forward = forward or default_forward
     loss_fn = unreduced(loss_fn)
@@ -174,18 +182,22 @@ def per_example_grad_blocks(
     n_choose = n_global or n_total
     with measurement_mode(model):
         args = (model, params, inputs, targets, forward, loss_fn, n_total, chunk, keys, n_choose)
-        blocks, notes = _blocks(*args, exact_only=exact)
+        blocks, notes, alone = _blocks(*args, exact_only=exact)
         if verify and not exact and len(_hookable(model)):
             g = _checked_entries(blocks, n_total)
             bad = check_entries(model, list(params.values()), g, inputs, targets, forward, loss_fn)
             if bad is not None:
-                note = (
-                    f"per-example gradient blocks disagree with single-example backward passes "
-                    f"({bad}); using the exact per-example path"
-                )
+                note = mismatch_note("the per-example gradient blocks", bad)
                 warnings.warn(f"stiffmon: {note}", RuntimeWarning, stacklevel=2)
-                blocks, more = _blocks(*args, exact_only=True)
+                blocks, more, alone = _blocks(*args, exact_only=True)
                 notes = (*notes, *more, note)
+        if verify and alone:
+            total = torch.stack([g.gram() for g in blocks.values()]).sum(0)
+            plist = list(params.values())
+            said = coupled(model, plist, total, inputs, targets, forward, loss_fn, n_total, chunk)
+            if said is not None:
+                warnings.warn(f"stiffmon: {said}", RuntimeWarning, stacklevel=2)
+                notes = (*notes, said)
     return blocks, notes
 
 
@@ -213,7 +225,9 @@ def _blocks(
     n_choose: int,
     *,
     exact_only: bool,
-) -> tuple[dict[str, LayerGrads], tuple[str, ...]]:
+) -> tuple[dict[str, LayerGrads], tuple[str, ...], bool]:
+    """The blocks, notes, and whether any parameter's gradients came from the example-alone
+    (vmap / loop) paths, which :func:`~stiffmon_agent.metrics.gram.coupling.coupled` checks."""
     layers = {} if exact_only else _hookable(model)
     done = chunked_pass(
         model, params, inputs, targets, forward, loss_fn, n_total, chunk, layers, "ghost"
@@ -243,7 +257,7 @@ def _blocks(
             _joined(dense, n_total) if dense else like.new_zeros(n_total, 0),
             [factors[k] for k in names if k in factors],
         )
-    return out, tuple(notes)
+    return out, tuple(notes), bool(done.fallback)
 
 
 def _joined(params: list[list[Tensor]], n: int) -> Tensor:

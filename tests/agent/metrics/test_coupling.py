@@ -6,12 +6,15 @@ where each example's loss is 0: Tr K = λ1_K = 0 and stiffness NaN were publishe
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stiffmon_agent.metrics import per_example_gram
+from stiffmon_agent.metrics.grad_blocks import blocks_gram_result, per_example_grad_blocks
 from tests.agent.metrics.reference import loop_gram, rel_err
 
 
@@ -82,3 +85,43 @@ def test_an_uncoupled_loss_on_the_exact_path_passes_and_matches_a_loop(dtype: to
     assert got.methods["(root)"] in ("vmap", "loop")
     want = loop_gram(model, x, y, nn.CrossEntropyLoss())
     assert rel_err(got.total, want) < (1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def test_the_sharded_gradient_blocks_refuse_an_in_batch_contrastive_loss() -> None:
+    """The blocks a sharded Gram is assembled from take the same check on each process's
+    examples (before it, InfoNCE under ``distributed=True`` published a zero Gram)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 5), torch.zeros(12, dtype=torch.long)
+    for model in (Scaled(), nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))):
+        with pytest.raises(ValueError, match="own has no gradient"):
+            per_example_grad_blocks(model, x, y, info_nce, chunk_size=6)
+
+
+def test_the_sharded_gradient_blocks_note_coupled_losses_and_keep_example_alone_gradients() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2, track_running_stats=False),
+        nn.Flatten(),
+        nn.Linear(18, 6),
+        Scaled2(),
+    ).double()
+    x, y = torch.randn(10, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    with pytest.warns(RuntimeWarning, match="coupled across examples"):
+        blocks, notes = per_example_grad_blocks(model, x, y, nn.CrossEntropyLoss())
+    assert any("coupled across examples" in note for note in notes)
+    got = blocks_gram_result(blocks).total
+    assert rel_err(got, loop_gram(model, x, y, nn.CrossEntropyLoss())) < 1e-10
+
+
+def test_the_sharded_gradient_blocks_of_an_uncoupled_loss_raise_no_note() -> None:
+    torch.manual_seed(0)
+    model = Scaled().double()
+    x = torch.randn(40, 5, dtype=torch.float64)
+    y = model(x).argmax(dim=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        blocks, notes = per_example_grad_blocks(model, x, y, nn.CrossEntropyLoss(), chunk_size=8)
+    assert not any("coupled" in note for note in notes)
+    got = blocks_gram_result(blocks).total
+    assert rel_err(got, loop_gram(model, x, y, nn.CrossEntropyLoss())) < 1e-10

@@ -193,6 +193,37 @@ def test_the_safety_net_holds_a_float32_gram_to_what_float32_can_do() -> None:
     assert check(best, 1e-3 * r32[best][1]) is not None
 
 
+def test_a_float32_mismatch_that_cannot_be_checked_in_float64_does_not_blame_a_layer() -> None:
+    """A forward that casts to float32 cannot run on a float64 copy: the mismatch stands, but
+    its warning names rounding as a possible cause, not a layer "that couples examples"."""
+    from stiffmon_agent.metrics.gram.verify import _references, check_entries, mismatch_note
+
+    model, x, y = _very_well_fit_mlp()
+    per = nn.CrossEntropyLoss(reduction="none")
+    params = list(model.parameters())
+
+    def float32_forward(m: nn.Module, a: Tensor) -> Tensor:
+        return m(a.float())
+
+    g64 = loop_gram(copy.deepcopy(model).double(), x.double(), y, CE)
+    r32 = _references(model, params, 20, x, y, float32_forward, per)
+    errors = {ij: abs(r32[ij][0] - float(g64[ij])) / r32[ij][1] for ij in r32}
+    worst = max(errors, key=errors.__getitem__)
+    total = g64.clone()
+    total[worst] += (
+        (-1.0 if r32[worst][0] > float(g64[worst]) else 1.0)
+        * 3
+        * abs(r32[worst][0] - float(g64[worst]))
+    )
+    bad = check_entries(model, params, total.float(), x, y, float32_forward, per)
+    assert bad is not None and "not checked again in float64" in bad
+    assert "does not run as a float64 copy (RuntimeError" in bad
+    note = mismatch_note("per-example Gram fast path", bad)
+    assert "rounding of the single-example gradients" in note
+    confirmed = mismatch_note("per-example Gram fast path", "G[0,0] = 1 vs 2 (in float64)")
+    assert "rounding" not in confirmed and "couples examples" in confirmed
+
+
 class _DictOut(nn.Module):
     def __init__(self, kind: str) -> None:
         super().__init__()

@@ -37,7 +37,7 @@ from stiffmon_agent.metrics.gram.contract import cat, embedding_gram, ghost_gram
 from stiffmon_agent.metrics.gram.coupling import coupled
 from stiffmon_agent.metrics.gram.loop import loop_grads
 from stiffmon_agent.metrics.gram.plan import Block, Layer, Method, gram_flops_estimate, plan
-from stiffmon_agent.metrics.gram.verify import check_entries
+from stiffmon_agent.metrics.gram.verify import check_entries, mismatch_note
 from stiffmon_agent.metrics.gram.vmap import vmap_grads
 from stiffmon_agent.metrics.probe import (
     Batch,
@@ -144,11 +144,7 @@ def per_example_gram(
         if verify and fast:
             bad = check_entries(model, list(params.values()), result.total, *args[2:6])
             if bad is not None:
-                note = (
-                    f"per-example Gram fast path disagrees with single-example backward passes "
-                    f"({bad}); some layer does not take examples along dim 0 or the model couples "
-                    "examples. Using the exact per-example path."
-                )
+                note = mismatch_note("per-example Gram fast path", bad)
                 warnings.warn(f"stiffmon: {note}", RuntimeWarning, stacklevel=2)
                 result = _gram(*args, {}, "vmap")
                 result = GramResult(result.total, result.layers, result.methods, (note,))

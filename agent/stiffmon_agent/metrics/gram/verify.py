@@ -38,6 +38,27 @@ OWN_ROUNDING = 10.0
 """Largest model whose float32 mismatches are checked again in float64 (a 400 MB copy)."""
 
 
+UNCONFIRMED = "not checked again in float64"
+
+
+def mismatch_note(what: str, bad: str) -> str:
+    """The warning for a fast path (``what``) whose entries ``bad`` (from :func:`check_entries`)
+    are off: a layer's cause where float64 confirmed it, rounding as a possible one where it
+    could not be checked."""
+    if UNCONFIRMED in bad:
+        cause = (
+            "the rounding of the single-example gradients themselves (well-fit examples) may "
+            "explain it, else some layer does not take examples along dim 0 or the model "
+            "couples examples"
+        )
+    else:
+        cause = "some layer does not take examples along dim 0 or the model couples examples"
+    return (
+        f"{what} disagrees with single-example backward passes ({bad}); {cause}. Using the "
+        "exact per-example path."
+    )
+
+
 def tolerance(dtype: torch.dtype) -> float:
     """Relative tolerance of the check for a Gram of this dtype."""
     return VERIFY_RTOL.get(dtype, 1e-2)
@@ -54,7 +75,8 @@ def check_entries(
     rtol: float | None = None,
 ) -> str | None:
     """None if the checked entries of ``total`` match, else a description of the first mismatch
-    (below float64, one that float64 single-example gradients confirm).
+    (below float64, one that float64 single-example gradients confirm; where the model cannot be
+    checked in float64, the description says so, with :data:`UNCONFIRMED`).
 
     Confirmed in float64, an entry may still differ from the float64 value by up to
     :data:`OWN_ROUNDING` times the error of the same entry from single-example gradients in the
@@ -66,7 +88,7 @@ def check_entries(
     if bad is None or total.dtype == torch.float64:
         return bad
     if sum(p.numel() for p in params) > RECHECK_MAX_PARAMS:
-        return bad
+        return f"{bad}; {UNCONFIRMED}: over {RECHECK_MAX_PARAMS:,} parameters"
     try:
         names = {id(q): name for name, q in model.named_parameters()}
         exact = copy.deepcopy(model).double()
@@ -81,8 +103,9 @@ def check_entries(
             forward,
             loss_fn,
         )
-    except Exception:  # not a model that runs in float64 (a loss with float32 weights ...)
-        return bad
+    except Exception as exc:  # not a model that runs in float64 (a loss with float32 weights …)
+        why = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+        return f"{bad}; {UNCONFIRMED}: the model does not run as a float64 copy ({why})"
     own = {ij: OWN_ROUNDING * abs(first[ij][0] - ref) for ij, (ref, _) in refs.items()}
     again = _mismatch(total, refs, rtol, own)
     return None if again is None else f"{again} (in float64)"
