@@ -73,6 +73,7 @@ def test_gpt2_conv1d_and_position_layers_take_the_fast_path_and_match_a_float64_
     assert len(conv1d) == 8
     fast = {name: got.methods[name] for name in [*conv1d, "transformer.wpe"]}
     assert "loop" not in fast.values(), got.methods
+    assert got.methods["transformer.wte"] == "materialise"  # tied to lm_head: both uses summed
     want = loop_gram(model, batch, shifted, mean_loss, _forward)
     assert rel_err(got.total, want) < 1e-9
 

@@ -184,11 +184,11 @@ def _gram(
             blocks[key] = blocks[key] + g if key in blocks else g
             if block.method or key not in methods:
                 methods[key] = block.method or "materialise"
-    for pname in fallback:
+    for pname in (*fallback, *done.tied):
         key = _module_prefix(pname)
         g = rows_gram(parts[pname])
         blocks[key] = blocks[key] + g if key in blocks else g
-        methods[key] = exact
+        methods[key] = exact if pname in fallback else "materialise"
     total = torch.stack(list(blocks.values())).sum(0)
     return GramResult(total=total, layers=blocks, methods=methods, notes=tuple(notes))
 

@@ -2,8 +2,9 @@
 
 Per chunk of the probe: one hook pass for the layers with a rule (their factors or gradients
 accumulate in the layers' blocks), and exact per-example gradients for every other parameter,
-``vmap(grad)`` else the per-example loop. A layer that fails the hook pass in a later chunk (it
-changed behaviour between chunks) restarts everything without it.
+``vmap(grad)`` else the per-example loop. A tied weight's uses are summed at the end. A layer
+that fails the hook pass in a later chunk (it changed behaviour between chunks) restarts
+everything without it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from stiffmon_agent.metrics.gram.hooks import hook_pass
 from stiffmon_agent.metrics.gram.loop import loop_grads
-from stiffmon_agent.metrics.gram.plan import Layer, Method
+from stiffmon_agent.metrics.gram.plan import Layer, Method, untie_incomplete
 from stiffmon_agent.metrics.gram.vmap import vmap_grads
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, take
 
@@ -30,6 +31,8 @@ class ChunkedPass:
         parts: Per fallback parameter, its (n, P) per-example gradients of each chunk.
         exact: ``"vmap"`` or ``"loop"``: how the fallback gradients were computed.
         notes: Why the loop was used, if it was.
+        tied: Names of the tied parameters (:attr:`~.plan.Layer.tied`) whose per-example
+            gradients, the sum of every hooked use's, are in ``parts`` (materialised).
     """
 
     layers: dict[str, Layer]
@@ -37,6 +40,7 @@ class ChunkedPass:
     parts: dict[str, list[Tensor]]
     exact: str
     notes: list[str]
+    tied: list[str]
 
 
 def chunked_pass(
@@ -65,11 +69,14 @@ def chunked_pass(
             if layers:
                 failed = hook_pass(model, layers, x, y, forward, loss_fn, n, method)
                 if failed and fallback is not None:  # a layer changed behaviour between chunks
-                    layers = {k: v.fresh() for k, v in layers.items() if k not in failed}
+                    kept = {k: v.fresh() for k, v in layers.items() if k not in failed}
+                    layers = untie_incomplete(model, kept)
                     restart = True
                     break
                 for name in failed:
                     layers.pop(name, None)
+                if failed:  # a tied weight's other uses go to the fallbacks with it
+                    layers = untie_incomplete(model, layers)
             if fallback is None:
                 hooked = {id(p) for layer in layers.values() for p in layer.params.values()}
                 fallback = [name for name, p in params.items() if id(p) not in hooked]
@@ -90,4 +97,22 @@ def chunked_pass(
             for name, g in grads.items():
                 parts[name].append(g.detach().reshape(n, -1))
         if not restart:
-            return ChunkedPass(layers, fallback or [], parts, exact, notes)
+            tied = _sum_tied(layers, params, parts)
+            return ChunkedPass(layers, fallback or [], parts, exact, notes, tied)
+
+
+def _sum_tied(
+    layers: dict[str, Layer], params: dict[str, nn.Parameter], parts: dict[str, list[Tensor]]
+) -> list[str]:
+    """Move each tied parameter's per-example gradients out of its layers' blocks into
+    ``parts``, the uses summed chunk by chunk; the names of those parameters."""
+    name_of = {id(q): name for name, q in params.items()}
+    uses: dict[str, list[list[Tensor]]] = defaultdict(list)
+    for layer in layers.values():
+        for pname in layer.tied:
+            block = layer.blocks.pop(pname, None)
+            if block is not None:
+                uses[name_of[id(layer.params[pname])]].append(block.grads)
+    for name, chunks in uses.items():
+        parts[name] = [sum(c[1:], c[0]) for c in zip(*chunks, strict=True)]
+    return list(uses)

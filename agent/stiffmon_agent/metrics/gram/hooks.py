@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stiffmon_agent.metrics.gram.contract import cat, materialise
+from stiffmon_agent.metrics.gram.contract import cat, embedding_dense, materialise
 from stiffmon_agent.metrics.gram.plan import Block, Layer, Method, choose, is_capture
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, per_example_losses
 
@@ -167,6 +167,12 @@ def _add(
         return
     a = cat([f[1] for f in facs], dim=2 if kind == "linear" else 1)
     b = cat([f[2] for f in facs], dim=2 if kind == "linear" else 1)  # type: ignore[misc]
+    if pname in layer.tied:  # dense rows, summed with the other uses' (chunks.py)
+        block.method = "materialise"
+        if kind == "embedding":
+            v = layer.params[pname].shape[0]
+            _append(block.grads, embedding_dense(a, b, v), layer, pname)
+            return
     if not block.method:
         block.method = choose(kind, a, b, n, method)
     if block.method == "materialise":

@@ -7,7 +7,11 @@ Per layer the cheaper of (Bu et al. 2022, mixed ghost clipping)
 * *materialised* per-layer gradients ∇W_i (N × d_out d_in) and their Gram, costing
   ~N T d_in d_out + N² d_in d_out.
 
-Modules whose parameters are shared with another module (weight tying), that live inside a
+A weight tied between ``nn.Linear`` and ``nn.Embedding`` modules (a language model's input
+embedding and output head) takes the hook path in every one of them (:attr:`Layer.tied`): each
+use's per-example gradient is materialised in the weight's (d_out, d_in) layout, and the uses are
+summed before the Gram (:mod:`.chunks`), which then holds their cross terms. Modules sharing
+parameters otherwise, that live inside a
 module with ``batch_first=False`` (unless their rule reads the layout of each call itself, as
 :mod:`.attention` does), or that have no registered rule take the fallbacks. A capturing rule
 (:class:`~.rules.CaptureRule`) claims the parameters of its sub-modules (``out_proj``), which
@@ -51,9 +55,10 @@ class Layer:
     params: dict[str, nn.Parameter]  # trainable parameters by name relative to the module
     blocks: dict[str, Block] = field(default_factory=dict)
     shared: bool = False  # its calls were shared by the examples of an earlier chunk (expanded)
+    tied: frozenset[str] = frozenset()  # its parameters another hooked module uses too
 
     def fresh(self) -> Layer:
-        return Layer(self.name, self.module, self.rule, self.params)
+        return Layer(self.name, self.module, self.rule, self.params, tied=self.tied)
 
 
 def plan(model: nn.Module, method: Method) -> dict[str, Layer]:
@@ -86,13 +91,39 @@ def plan(model: nn.Module, method: Method) -> dict[str, Layer]:
             names = {"weight", "bias"}
         if any(id(p) in claimed for p in direct.values()):
             continue
-        claimed.update(id(p) for p in direct.values())
-        if any(owners[p] > 1 for p in direct.values()):
+        if capture:
+            claimed.update(id(p) for p in direct.values())
+        tied = frozenset(k for k, p in direct.items() if owners[p] > 1)
+        if tied and not _tieable(mod):
             continue  # shared with another module: the fallbacks sum all of its uses exactly
         trainable = {k: p for k, p in direct.items() if p.requires_grad and k in names}
         if trainable and len(trainable) == sum(p.requires_grad for p in direct.values()):
-            layers[mname] = Layer(mname, mod, rule, trainable)
-    return layers
+            layers[mname] = Layer(mname, mod, rule, trainable, tied=tied)
+    return untie_incomplete(model, layers)
+
+
+def _tieable(mod: nn.Module) -> bool:
+    """Modules whose per-example weight gradients add up in one layout when tied."""
+    return type(mod) in (nn.Linear, nn.Embedding)
+
+
+def untie_incomplete(model: nn.Module, layers: dict[str, Layer]) -> dict[str, Layer]:
+    """``layers`` without those whose tied parameters some module outside ``layers`` also owns
+    (its use would be missing from the sum of the uses): those parameters take the fallbacks."""
+    owners: dict[int, set[str]] = defaultdict(set)
+    for mname, mod in model.named_modules():
+        for q in mod.parameters(recurse=False):
+            owners[id(q)].add(mname)
+    while True:
+        drop = {
+            name
+            for name, layer in layers.items()
+            for k in layer.tied
+            if not owners[id(layer.module.get_parameter(k))] <= set(layers)
+        }
+        if not drop:
+            return layers
+        layers = {k: v for k, v in layers.items() if k not in drop}
 
 
 def is_capture(rule: LayerRule | CaptureRule) -> bool:
