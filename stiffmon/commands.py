@@ -37,7 +37,22 @@ def curve_client(args: argparse.Namespace) -> Any:
         return None
     from stiffmon.transport import load_curve_client
 
-    return load_curve_client(args.curve_keys, args.curve_name)
+    return load_keys(load_curve_client, args.curve_keys, args.curve_name)
+
+
+def load_keys(load: Callable[..., Any], directory: str, *name: str) -> Any:
+    """``load(directory, *name)``; a key file missing or unreadable (zmq's ``OSError``, a
+    ``ValueError``) raises a :class:`FileNotFoundError` naming the client keys there."""
+    try:
+        return load(directory, *name)
+    except (OSError, ValueError) as exc:
+        from pathlib import Path
+
+        names = sorted(p.stem for p in Path(directory).glob("*.key_secret") if p.stem != "server")
+        raise FileNotFoundError(
+            f"--curve-keys {directory}: {exc} (client keys there: {', '.join(names) or 'none'}; "
+            "--curve-name picks one, 'stiffmon keys DIR --clients NAME' makes them)"
+        ) from exc
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -314,8 +329,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
     if args.curve_keys:
         from stiffmon.transport import load_curve_client, load_curve_server
 
-        curve_upstream = load_curve_client(args.curve_keys, args.curve_name)
-        curve_bind = load_curve_server(args.curve_keys)
+        curve_upstream = load_keys(load_curve_client, args.curve_keys, args.curve_name)
+        curve_bind = load_keys(load_curve_server, args.curve_keys)
     relay_ = Relay(args.upstream, args.bind, curve_upstream=curve_upstream, curve_bind=curve_bind)
     with relay_.start() as relay:
         print(
@@ -337,8 +352,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from stiffmon.sources import resolve
 
     out = Path(args.out)
-    try:
-        check_out(out)  # before listening to endpoints for --wait seconds
+    try:  # before listening to endpoints for --wait seconds
+        check_out(out, args.format, force=args.force)
     except ExportError as exc:
         return fail(args, str(exc))
     resolved = resolve(args.sources, discover=False, ssh_port=args.ssh_port)
@@ -358,7 +373,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not store.runs:
         return fail(args, "no run found in the sources", code=1)
     try:
-        paths = export(store, args.format, out)
+        paths = export(store, args.format, out, force=args.force)
     except ExportError as exc:
         return fail(args, str(exc))
     except OSError as exc:  # a missing parent, no permission, a full disk

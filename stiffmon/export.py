@@ -26,6 +26,9 @@ and ``between`` for a class-stiffness matrix; e.g. ``metric`` for an event.
 
 ``time`` is Unix time in seconds. Missing values (NaN) are empty cells in CSV and nulls in Parquet.
 
+An earlier export is never replaced silently: :func:`export` refuses (and writes nothing) when a
+file it would write exists (:func:`existing_outputs`), unless ``force`` (``--force``).
+
 ``--format tensorboard`` writes one directory per run (``<name>`` or ``<name>-<run id>`` if
 names repeat) with one event file holding every scalar under its own name as tag, each matrix
 measurement as a heatmap image (tag = matrix name; blue −1 … white 0 … red +1 for stiffness,
@@ -309,33 +312,78 @@ def load(
     return store
 
 
-def check_out(out: Path) -> None:
-    """Refuse an output path that exists and is not a directory (it is left untouched).
+def check_out(out: Path, fmt: str | None = None, *, force: bool = False) -> None:
+    """Refuse an output path that exists and is not a directory (it is left untouched), and,
+    for ``fmt`` csv or parquet without ``force``, one that holds a table this export writes (their
+    names do not depend on the runs: this can be asked before listening to endpoints).
 
     Raises:
-        ExportError: ``out`` is a file (or anything else but a directory).
+        ExportError: ``out`` is not a directory, or holds a table file of ``fmt`` already.
     """
     if out.exists() and not out.is_dir():
         raise ExportError(
             f"--out {out} exists and is not a directory: give a directory to write into "
             "(it is made if missing)"
         )
+    if not force:
+        refuse_existing(existing_outputs(None, fmt or "", out), out)
 
 
-def export(store: Store, fmt: str, out: Path) -> list[Path]:
+TABLE_SUFFIX = {"csv": ".csv", "parquet": ".parquet"}
+
+
+def existing_outputs(store: Store | None, fmt: str, out: Path) -> list[Path]:
+    """The files in ``out`` that an export of ``store`` in ``fmt`` would replace or add to.
+
+    The table files (csv, parquet); for tensorboard (with a ``store``: the directories are named
+    after its runs), the event files already in the run directories it writes into: one more
+    there would show the run twice in TensorBoard.
+    """
+    if fmt in TABLE_SUFFIX:
+        paths = [out / f"{name}{TABLE_SUFFIX[fmt]}" for name in SCHEMAS]
+        return [path for path in paths if path.exists() or path.is_symlink()]
+    found: list[Path] = []
+    if fmt == "tensorboard" and store is not None:
+        from stiffmon.export_tensorboard import run_dirs
+
+        for logdir in (out / name for name in run_dirs(store).values()):
+            found += sorted(logdir.glob("events.out.tfevents.*")) if logdir.is_dir() else []
+    return found
+
+
+def refuse_existing(existing: Sequence[Path], out: Path) -> None:
+    """Raise :class:`ExportError` naming the first of ``existing`` (files an export would
+    replace), if any."""
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise ExportError(
+            f"{existing[0]}{more} already exists in --out {out} (an earlier export?); nothing "
+            "was written: give another --out, or --force to replace it"
+        )
+
+
+def export(store: Store, fmt: str, out: Path, *, force: bool = False) -> list[Path]:
     """Export ``store`` in format ``fmt`` (csv, parquet or tensorboard) into ``out``.
 
+    Without ``force`` nothing is written if any file the export would write exists already
+    (:func:`existing_outputs`); with it, table files are replaced, and the earlier event files
+    in the run directories that tensorboard writes into are removed first.
+
     Raises:
-        ExportError: ``out`` is not a directory, or the format's package is missing.
+        ExportError: ``out`` is not a directory, holds an earlier export (without ``force``), or
+            the format's package is missing.
         OSError: ``out`` cannot be made or written.
     """
     check_out(out)
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+    existing = existing_outputs(store, fmt, out)
+    if not force:
+        refuse_existing(existing, out)
     if fmt == "csv":
         return write_csv(store, out)
     if fmt == "parquet":
         return write_parquet(store, out)
-    if fmt == "tensorboard":
-        from stiffmon.export_tensorboard import write_tensorboard
+    from stiffmon.export_tensorboard import write_tensorboard
 
-        return write_tensorboard(store, out)
-    raise ExportError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+    return write_tensorboard(store, out, replace=existing)  # force: the earlier event files

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,15 @@ def run_dirs(store: Store) -> dict[str, str]:
     return {rid: n if counts[n] == 1 else f"{n}-{_slug(rid)}" for rid, n in names.items()}
 
 
-def write_tensorboard(store: Store, out: Path) -> list[Path]:
-    """Write one TensorBoard event file per run under ``out/<run>/`` (needs ``tensorboard``)."""
+def write_tensorboard(store: Store, out: Path, replace: Sequence[Path] = ()) -> list[Path]:
+    """Write one TensorBoard event file per run under ``out/<run>/`` (needs ``tensorboard``).
+
+    Args:
+        store: The runs.
+        out: The directory the run directories go into.
+        replace: Earlier event files to remove first (once ``tensorboard`` is known to import:
+            a missing package loses nothing).
+    """
     try:
         from tensorboard.compat.proto import event_pb2, summary_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -84,6 +92,8 @@ def write_tensorboard(store: Store, out: Path) -> list[Path]:
         raise ExportError(
             'tensorboard export needs tensorboard: pip install "stiffmon[export]"'
         ) from exc
+    for path in replace:
+        path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     dirs = run_dirs(store)
     paths = []

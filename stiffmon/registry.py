@@ -1,9 +1,10 @@
 """Local registry of running agents, so ``stiffmon watch`` with no argument finds them.
 
 Each agent writes one small JSON file ``<run_id>.json`` under :func:`registry_dir` while it runs
-and removes it on exit. Entries whose process is gone (a crashed or killed agent) are stale, and
-entries that are not well-formed (a field missing or of the wrong type, an unusable endpoint) are
-corrupt: :func:`list_runs` skips and deletes both.
+and removes it on exit. Entries whose process is gone (a crashed or killed agent), or whose pid
+now belongs to a later process (a reused pid: :func:`stale`), are stale, and entries that are
+not well-formed (a field missing or of the wrong type, an unusable endpoint) are corrupt:
+:func:`list_runs` skips and deletes both.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import contextlib
 import json
 import math
 import os
-import socket
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from stiffmon.process_check import writer_state
 
 
 def registry_dir() -> Path:
@@ -72,14 +74,19 @@ def _entry(raw: object) -> RunEntry:
     return RunEntry(**raw)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# Seconds a process may seem to have started after its own entry: process_check's own slack
+# (clock ticks) plus a margin for the wall clock being stepped since, so that a live run's entry
+# is never taken for stale (and deleted). A pid reused by a later process is caught once that
+# process started more than this after the ended run registered.
+REUSE_SLACK = 30.0
+
+
+def stale(entry: RunEntry) -> bool:
+    """Whether ``entry``'s run has ended: its process is gone, or its pid now belongs to a
+    process started after the entry was written (the pid was reused; whatever listens on the
+    run's port now is not its agent). Entries of other hosts cannot be checked: never stale."""
+    state = writer_state(entry.host, entry.pid, entry.started + REUSE_SLACK)
+    return state == "gone"
 
 
 def register(entry: RunEntry, directory: Path | None = None) -> Path:
@@ -101,12 +108,12 @@ def unregister(run: str, directory: Path | None = None) -> None:
 
 
 def list_runs(directory: Path | None = None) -> list[RunEntry]:
-    """Live local runs, oldest first; stale and unreadable entries are skipped and removed."""
+    """Live local runs, oldest first; stale (:func:`stale`) and unreadable entries are skipped
+    and removed."""
     d = directory or registry_dir()
     out: list[RunEntry] = []
     if not d.is_dir():
         return out
-    here = socket.gethostname()
     for path in d.glob("*.json"):
         if path.name.startswith("."):  # a register() still writing it (its .tmp- file)
             continue
@@ -116,7 +123,7 @@ def list_runs(directory: Path | None = None) -> list[RunEntry]:
             with contextlib.suppress(OSError):
                 path.unlink()
             continue
-        if entry.host == here and not _alive(entry.pid):
+        if stale(entry):
             with contextlib.suppress(OSError):
                 path.unlink()
             continue

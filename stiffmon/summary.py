@@ -64,6 +64,33 @@ def run_status(rd: RunData, now: float | None = None, health: Health | None = No
     return h.text
 
 
+def solve_attrs(rd: RunData, spectrum: str = "hessian", suffix: str = "") -> dict[str, Any]:
+    """How the latest ``spectrum`` measurement's threshold was set and whether its solve
+    converged (the attributes the agent sends with it; ``stiffmon export``'s ``attrs``).
+
+    Keys (``suffix`` appended to ``threshold_*``, and after ``sharpness`` in the others):
+    ``threshold_rule`` (e.g. ``2/η - wd (SGD, group 1)``), ``threshold_group`` (the param group
+    that set the threshold, −1 if none), ``sharpness_converged`` (that measurement's
+    eigensolver), ``sharpness_unconverged`` (how many of the run's measurements did not
+    converge); None where nothing says (no measurement, or an agent from before these).
+    """
+    snaps = rd.spectra.get(spectrum, [])
+    attrs = dict(getattr(snaps[-1].msg, "attrs", None) or {}) if snaps else {}
+    rule, group, converged = (
+        attrs.get("threshold_rule"),
+        attrs.get("threshold_group"),
+        attrs.get("converged"),
+    )
+    said = [getattr(s.msg, "attrs", {}).get("converged") for s in snaps]
+    said = [c for c in said if isinstance(c, bool)]
+    return {
+        f"threshold_rule{suffix}": rule if isinstance(rule, str) else None,
+        f"threshold_group{suffix}": group if type(group) is int else None,
+        f"sharpness{suffix}_converged": converged if isinstance(converged, bool) else None,
+        f"sharpness{suffix}_unconverged": said.count(False) if said else None,
+    }
+
+
 def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     """The comparison numbers of one run (NaN / None where not measured).
 
@@ -73,7 +100,9 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     ``lr_at_break_even`` are the threshold and η (param group 0) in force at its step (the last
     published at or before it, as the marker was judged), NaN without a marker; ``lr`` and
     ``threshold`` are the last ones (a schedule moves them); ``mean_*_after`` are NaN unless the
-    marker is confirmed; ``break_even_k_*`` describe the early-phase peak of λ1_K. ``status``
+    marker is confirmed; ``break_even_k_*`` describe the early-phase peak of λ1_K; the
+    ``threshold_*`` / ``sharpness_*converged`` keys are :func:`solve_attrs` of λ1_H and, with
+    ``_precond``, of λ1(P⁻¹H) (adaptive optimizers; None elsewhere). ``status``
     is :func:`run_status`, ``state`` and ``problems`` those of :meth:`RunData.health` (a recorded
     run without a bye has ended: ``no bye (crashed?)``).
     """
@@ -114,6 +143,8 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
         "break_even_k_status": be_k.status,
         "peak_lambda1_h": rd.peak("sharpness/lambda1_h"),
         "threshold": rd.last("sharpness/threshold"),
+        **solve_attrs(rd),
+        **solve_attrs(rd, "hessian-precond", "_precond"),
         "peak_lambda1_k": rd.peak("noise/lambda1_k"),
         "mean_lambda1_h_after": rd.mean_after("sharpness/lambda1_h", be),
         "mean_lambda1_k_after": rd.mean_after("noise/lambda1_k", be),
@@ -219,7 +250,53 @@ def summary_table(store: Store) -> Group:
     for s, row in zip(rows, cells, strict=True):
         be.add_row(s["name"], *row)
     be.caption = BREAK_EVEN_LEGEND.format(marks=marks_legend(none=False, catapult=False))
-    return Group(runs, be)
+    thr = threshold_table(store)
+    return Group(runs, be, thr) if thr is not None else Group(runs, be)
+
+
+def threshold_table(store: Store) -> Table | None:
+    """Per run, the rule of the threshold its break-even is judged on (the latest measurement's:
+    λ1(P⁻¹H)'s for an adaptive run that has it, else λ1_H's) and how that eigensolver fared;
+    None when no run's measurements say (sessions of an agent from before these attributes)."""
+    table = Table(
+        title="stability threshold",
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        caption_justify="left",
+    )
+    table.add_column("run", justify="left", overflow="fold", min_width=6)
+    table.add_column("rule (latest)", justify="left", overflow="fold")
+    table.add_column("eigensolver", justify="left", overflow="fold")
+    for rd in store.runs.values():
+        spectrum = "hessian"
+        if rd.break_even().series == "sharpness/lambda1_precond" and rd.spectra.get(
+            "hessian-precond"
+        ):
+            spectrum = "hessian-precond"
+        rule = solve_attrs(rd, spectrum)["threshold_rule"]
+        solver = solver_words(rd, spectrum)
+        if rule or solver:
+            table.add_row(rd.name, rule or "—", solver or "—")
+    table.caption = (
+        "rule: of the latest measurement, with the param group that set the threshold; "
+        "eigensolver: whether the top-eigenvalue solves converged (λ1_H; ᴾ: λ1(P⁻¹H))"
+    )
+    return table if table.row_count else None
+
+
+def solver_words(rd: RunData, spectrum: str = "hessian") -> str:
+    """``all 75 converged``, ``1 of 75 not converged`` (``, latest`` when the latest is one);
+    ``""`` when no measurement says (``ᴾ`` before it for the preconditioned one)."""
+    said = [getattr(s.msg, "attrs", {}).get("converged") for s in rd.spectra.get(spectrum, [])]
+    said = [c for c in said if isinstance(c, bool)]
+    if not said:
+        return ""
+    mark = "ᴾ " if spectrum == "hessian-precond" else ""
+    failed = said.count(False)
+    if not failed:
+        return f"{mark}all {len(said)} converged"
+    latest = ", latest" if not said[-1] else ""
+    return f"{mark}{failed} of {len(said)} not converged{latest}"
 
 
 def summary_json(store: Store) -> list[dict[str, Any]]:

@@ -7,13 +7,17 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from stiffmon.registry import RunEntry, list_runs, register, unregister
+from tests.conftest import Procs
+
+NOW = time.time()  # this test process started before: an entry it could have written
 
 
 def test_register_list_unregister(_registry: Path) -> None:
-    e = RunEntry("r1", "a", "tcp://127.0.0.1:5555", os.getpid(), socket.gethostname(), 1.0)
+    e = RunEntry("r1", "a", "tcp://127.0.0.1:5555", os.getpid(), socket.gethostname(), time.time())
     register(e)
     assert list_runs() == [e]
     unregister("r1")
@@ -28,7 +32,7 @@ def test_stale_and_corrupt_entries_are_ignored_and_removed(_registry: Path) -> N
     register(RunEntry("gone", "x", "tcp://127.0.0.1:6000", pid, socket.gethostname(), 1.0))
     (_registry / "junk.json").write_text("{not json")
     (_registry / "wrong.json").write_text(json.dumps({"run": 1}))
-    alive = RunEntry("here", "y", "tcp://127.0.0.1:6002", os.getpid(), socket.gethostname(), 2.0)
+    alive = RunEntry("here", "y", "tcp://127.0.0.1:6002", os.getpid(), socket.gethostname(), NOW)
     register(alive)
     assert list_runs() == [alive]
     assert sorted(p.name for p in _registry.glob("*.json")) == ["here.json"]
@@ -50,7 +54,7 @@ def test_entries_with_wrong_field_types_are_skipped_and_removed(_registry: Path)
         "endpoint": "tcp://127.0.0.1:6004",
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "started": 3.0,
+        "started": NOW,
     }
     bad = {
         "endpoint-int": {**good, "endpoint": 5},
@@ -83,3 +87,37 @@ def test_watch_with_a_corrupt_registry_entry_still_resolves(_registry: Path) -> 
     }
     (_registry / "r.json").write_text(json.dumps(entry))
     assert resolve([]).endpoints == []
+
+
+def test_an_entry_whose_pid_was_reused_is_stale(_registry: Path, procs: Procs) -> None:
+    """The run ended without removing its entry (killed) and a later process got its pid: that
+    process is not the run, and whatever now listens on the run's port is not its agent."""
+    later = procs.start("-c", "import time; time.sleep(60)")
+    here = socket.gethostname()
+    an_hour_ago = time.time() - 3600
+    register(RunEntry("old", "x", "tcp://127.0.0.1:6010", later.pid, here, an_hour_ago))
+    mine = RunEntry("mine", "y", "tcp://127.0.0.1:6012", later.pid, here, time.time())
+    register(mine)  # the same pid, registered after that process started: its run
+    assert list_runs() == [mine]
+    assert sorted(p.name for p in _registry.glob("*.json")) == ["mine.json"]
+
+
+def test_watch_skips_ended_runs(_registry: Path, procs: Procs) -> None:
+    """``stiffmon watch`` with no endpoint: neither a dead pid's nor a reused pid's port."""
+    from stiffmon.sources import resolve
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)  # fmt: skip
+    later = procs.start("-c", "import time; time.sleep(60)")
+    here = socket.gethostname()
+    register(RunEntry("dead", "x", "tcp://127.0.0.1:6020", int(dead.stdout), here, NOW))
+    register(RunEntry("reused", "x", "tcp://127.0.0.1:6022", later.pid, here, NOW - 3600))
+    register(RunEntry("live", "y", "tcp://127.0.0.1:6024", os.getpid(), here, NOW))
+    assert [str(e) for e in resolve([]).endpoints] == ["tcp://127.0.0.1:6024"]
+
+
+def test_entries_of_other_hosts_are_kept(_registry: Path) -> None:
+    """A registry shared between machines (a network home): their pids cannot be checked here."""
+    e = RunEntry("far", "x", "tcp://gpu-box:6030", 1, "not-" + socket.gethostname(), 5.0)
+    register(e)
+    assert list_runs() == [e]
