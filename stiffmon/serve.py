@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from stiffmon.sources import session_files
 from stiffmon.transport import is_loopback
 
 DEFAULT_HOST = "127.0.0.1"
@@ -84,14 +85,23 @@ def exposure_warning(host: str, port: int) -> str | None:
 def app_command(sources: Sequence[str], *, ascii: bool = False, speed: float = 10.0) -> str:
     """The shell command each browser session runs: replay for files, watch otherwise.
 
+    A directory stands for the ``*.stiff`` files in it, as for ``replay``.
+
     Raises:
-        ServeError: Files and live endpoints mixed, or a file that does not exist.
+        ServeError: Files and live endpoints mixed, a file that does not exist, or a directory
+            without session files.
     """
-    files = [s for s in sources if Path(s).is_file()]
+    files: list[Path] = []
+    live = 0
     for s in sources:
-        if s not in files and "://" not in s and ":" not in s:
-            raise ServeError(f"no such session file: {s}")
-    if files and len(files) != len(sources):
+        if Path(s).exists() or ("://" not in s and ":" not in s):
+            try:
+                files += session_files(s)
+            except FileNotFoundError as exc:
+                raise ServeError(str(exc)) from None
+        else:
+            live += 1
+    if files and live:
         raise ServeError("give either session files or live endpoints, not both")
     args = [sys.executable, "-m", "stiffmon"]
     if files:

@@ -65,6 +65,16 @@ def test_loopback_detection() -> None:
         assert "which is not loopback" in (exposure_warning(host, 8000) or "")
 
 
+def test_app_command_replays_the_sessions_of_a_directory(tmp_path: Path) -> None:
+    for name in ("b.stiff", "a.stiff", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    cmd = app_command([str(tmp_path)])
+    assert f"replay {tmp_path / 'a.stiff'} {tmp_path / 'b.stiff'} --speed" in cmd
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ServeError, match=r"no \.stiff session files"):
+        app_command([str(tmp_path / "empty")])
+
+
 def test_app_command(tmp_path: Path) -> None:
     f = tmp_path / "a b.stiff"
     f.write_bytes(b"")
