@@ -49,6 +49,11 @@ class BackwardCount:
         except Exception:  # an optimizer or parameter we cannot hook: no count, no warning
             self.remove()
 
+    @property
+    def since_step(self) -> int:
+        """Backward passes counted since the last optimizer step (0 once judged)."""
+        return self._n
+
     def _on_backward(self, _param: Any) -> None:
         if not self._in_step:
             self._n += 1

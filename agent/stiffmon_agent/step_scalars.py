@@ -313,7 +313,7 @@ class OptimizerColumns:
             if not self._fired and len(self._quiet) >= UNSEEN_CALLS:
                 self._quiet.clear()
                 self._hook_blind = True
-                if self.backwards._n or _smallest_with_grad(self.optimizer) is not None:
+                if self.backwards.since_step or _smallest_with_grad(self.optimizer) is not None:
                     self.notes.append((UNSEEN_CODE, self._unseen_message(), True))
 
     def _unseen_message(self) -> str:
