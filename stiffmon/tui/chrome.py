@@ -61,7 +61,11 @@ def status(app: StiffmonApp) -> Text:
         parts.append(app.replay.describe())
         parts += app.replay.notes[:1]
     parts.append(f"malformed {app.store.malformed}")
-    text = (" | " if app.ascii else "  │  ").join(parts)
+    sep = " | " if app.ascii else "  │  "
+    text = sep.join(parts)
+    if app.live is not None and len(text) > app.size.width - 2:  # the counters, not cut off
+        short = app.live.describe(short=True) + (" (paused)" if app.paused else "")
+        text = sep.join([short, *parts[1:]])
     return Text(
         asciify(text) if app.ascii else text, style="dim", no_wrap=True, overflow=cut(app.ascii)
     )

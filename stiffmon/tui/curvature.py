@@ -29,6 +29,7 @@ from stiffmon.tui.renderables import (
     fmt_tick,
     nice_ticks,
 )
+from stiffmon.tui.renderables.axes import cut
 from stiffmon.tui.runlines import run_line, span_of
 
 FloatArray = npt.NDArray[np.float64]
@@ -306,9 +307,16 @@ def topk_chart(rd: RunData, *, x_time: bool, log_y: bool, ascii: bool, height: i
 
 
 def gradient_tests_chart(
-    rd: RunData, *, x_time: bool, log_y: bool, ascii: bool, height: int
+    rd: RunData,
+    *,
+    x_time: bool,
+    log_y: bool,
+    ascii: bool,
+    height: int,
+    empty_text: str = "no gradient tests yet",
 ) -> LineChart:
-    """θ_max / ν_max of one run's three gradient tests over time (below θ: batch big enough)."""
+    """θ_max / ν_max of one run's three gradient tests over time (below θ: batch big enough);
+    ``empty_text`` without a line."""
     lines, hlines = [], []
     for j, (key, label) in enumerate(TESTS):
         s = rd.series(f"noise/{key}")
@@ -330,14 +338,21 @@ def gradient_tests_chart(
         ascii=ascii,
         height=height,
         x_label="seconds" if x_time else "step",
-        empty_text="no gradient tests yet",
+        empty_text=empty_text,
     )
 
 
 def batch_chart(
-    runs: Sequence[RunColor], test: str, *, x_time: bool, ascii: bool, height: int
+    runs: Sequence[RunColor],
+    test: str,
+    *,
+    x_time: bool,
+    ascii: bool,
+    height: int,
+    empty_text: str = "no gradient tests yet",
 ) -> LineChart:
-    """Suggested batch size of one test per run (log-y), dashed: the run's actual batch size."""
+    """Suggested batch size of one test per run (log-y), dashed: the run's actual batch size;
+    ``empty_text`` without a line."""
     lines, hlines = [], []
     label = test.removesuffix("_test").replace("_", "-")
     for rd, color in runs:
@@ -357,12 +372,18 @@ def batch_chart(
         ascii=ascii,
         height=height,
         x_label="seconds" if x_time else "step",
-        empty_text="no gradient tests yet",
+        empty_text=empty_text,
     )
 
 
+BATCH_HEADER = "actual B → suggested by norm/inner/ortho (θ)"
+
+
 def batch_table(runs: Sequence[RunColor], ascii: bool = False) -> RenderableType:
-    """One line per run: the actual batch size, then the latest suggested ones and their θ."""
+    """A header line, then one line per run: the actual batch size, the latest suggested ones
+    and their θ, the numbers first (``sgd: 64 → 301/21/17 (θ 0.9/0.9/5.84)``), so that a
+    narrow panel cuts the θ, not them."""
+    overflow = cut(ascii)
     rows: list[RenderableType] = []
     for rd, color in runs:
         if rd.series("noise/norm_test") is None:
@@ -373,10 +394,11 @@ def batch_table(runs: Sequence[RunColor], ascii: bool = False) -> RenderableType
             parts.append("—" if not math.isfinite(b) else f"{math.ceil(b):,}")
         thetas = "/".join(f"{rd.last(f'noise/theta/{key}'):g}" for key, _ in TESTS)
         actual = f"{rd.batch_size:,}" if rd.batch_size else "?"
-        line = f"B {actual}; suggested norm/inner/ortho {'/'.join(parts)} at θ {thetas}"
-        t = Text(
-            f"{rd.name}: ", style=color, no_wrap=True, overflow="crop" if ascii else "ellipsis"
-        )
+        line = f"{actual} → {'/'.join(parts)} (θ {thetas})"
+        t = Text(f"{rd.name}: ", style=color, no_wrap=True, overflow=overflow)
         t.append(asciify(line) if ascii else line)
         rows.append(t)
-    return Group(*rows) if rows else Text("no gradient tests yet", style="dim")
+    if not rows:
+        return Text("no gradient tests yet", style="dim")
+    header = asciify(BATCH_HEADER) if ascii else BATCH_HEADER
+    return Group(Text(header, style="dim", no_wrap=True, overflow=overflow), *rows)

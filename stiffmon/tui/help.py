@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
@@ -42,12 +44,12 @@ class HelpScreen(ModalScreen[None]):
             if isinstance(b, Binding) and b.description and b.key != "ctrl+c"
         ]
         half = (len(keys) + 1) // 2
-        table = Table(
-            title=f"stiffmon {__version__}: keys (esc closes; mouse: wheel zooms, drag pans, "
+        title = Text(  # the box's width, not the table's: one line where it fits
+            f"stiffmon {__version__}: keys (esc closes; mouse: wheel zooms, drag pans, "
             "click sets the cursor)",
-            box=None,
-            header_style="bold",
+            style="bold",
         )
+        table = Table(box=None, header_style="bold")
         for _ in range(2):
             table.add_column("key", style="bold cyan", no_wrap=True)
             table.add_column("action", no_wrap=True)
@@ -55,4 +57,4 @@ class HelpScreen(ModalScreen[None]):
             right = keys[i + half] if i + half < len(keys) else ("", "")
             table.add_row(*keys[i], *right)
         with VerticalScroll(id="help-box"):
-            yield Static(table, id="help-table")
+            yield Static(Group(title, table), id="help-table")

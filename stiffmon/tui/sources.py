@@ -141,8 +141,10 @@ class LiveSource:
             out.append(self.warnings.popleft())
         return out
 
-    def describe(self) -> str:
-        where = ", ".join(map(str, self.endpoints))
+    def describe(self, short: bool = False) -> str:
+        """``live: <addresses>``; ``short``: how many, where there are several."""
+        n = len(self.endpoints)
+        where = f"{n} addresses" if short and n > 1 else ", ".join(map(str, self.endpoints))
         if self.discover:
             return f"live: {where or 'no run yet'} (watching for local runs)"
         return f"live: {where}" if where else "live: no endpoint"

@@ -4,6 +4,7 @@ one row per run when it fits the width, else one column per run, with a legend l
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -98,12 +99,34 @@ def legend_text(ascii: bool = False) -> str:
     return asciify(text) if ascii else text
 
 
+def table_rows(runs: int, width: int, ascii: bool = False) -> int:
+    """The rows :func:`compare_table` takes for ``runs`` runs at ``width``, legend left out."""
+    if width >= WIDE:
+        return runs + (1 if ascii else 2)  # header (and its rule), a row per run
+    return len(FIELDS) + 1  # the run names, a row per field
+
+
+def legend_lines(width: int, rows: int | None, ascii: bool = False) -> Text:
+    """The legend wrapped to ``width``, in at most ``rows`` lines: the last one ends in ``…``
+    where it is cut (never mid-sentence without a sign)."""
+    lines = textwrap.wrap(legend_text(ascii), max(8, width))
+    if rows is not None and len(lines) > max(1, rows):
+        lines = lines[: max(1, rows)]
+        dots = "..." if ascii else "…"
+        lines[-1] = lines[-1][: max(0, width - len(dots))].rstrip() + dots
+    return Text("\n".join(lines), style="dim")
+
+
 def compare_table(
-    runs: Sequence[tuple[str, str, dict[str, Any]]], width: int, ascii: bool = False
+    runs: Sequence[tuple[str, str, dict[str, Any]]],
+    width: int,
+    ascii: bool = False,
+    legend_rows: int | None = None,
 ) -> RenderableType:
-    """Runs as (name, colour, ``summary.run_summary`` dict)."""
+    """Runs as (name, colour, ``summary.run_summary`` dict), the legend in at most
+    ``legend_rows`` lines (default: all it takes)."""
     conv = asciify if ascii else str
-    legend = Text(legend_text(ascii), style="dim")
+    legend = legend_lines(width, legend_rows, ascii)
     if width >= WIDE:
         t = Table(
             box=None if ascii else box.SIMPLE_HEAD,

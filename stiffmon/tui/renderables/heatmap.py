@@ -11,7 +11,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.style import Style
 
-from stiffmon.tui.renderables.axes import FloatArray, asciify
+from stiffmon.tui.renderables.axes import FloatArray, fit_title
 
 _NEG = (59, 76, 192)  # coolwarm: blue at -1
 _MID = (221, 221, 221)  # light grey at 0
@@ -118,8 +118,8 @@ class Heatmap:
     def render_lines(self, width: int) -> list[Segment]:
         m = np.asarray(self.matrix, dtype=np.float64)
         segs: list[Segment] = []
-        for line in (asciify(self.title) if self.ascii else self.title).splitlines():
-            segs += [Segment(line[:width], Style(bold=True)), Segment.line()]
+        for line in self.title.splitlines():  # cut with …, never mid-word
+            segs += [Segment(fit_title(line, width, self.ascii), Style(bold=True)), Segment.line()]
         if m.ndim != 2 or m.size == 0:
             return [*segs, Segment("no stiffness measurement yet", Style(dim=True)), Segment.line()]
         rows, cols = m.shape

@@ -136,8 +136,13 @@ NO_POSITIVE = "no positive values to draw on a log axis (l: linear y axis)"
 
 def _centred(text: str, width: int, rows: int) -> list[str]:
     """``rows`` lines of ``width`` cells, ``text`` centred in the middle one; a text too wide
-    wraps onto the rows around it (cut only when even those are too few)."""
-    wrapped = textwrap.wrap(text, width) if len(text) > width else [text]
+    wraps onto the rows around it, each of its lines (``\n``) on lines of its own (cut only
+    when even those are too few)."""
+    wrapped = [
+        part
+        for line in text.split("\n")
+        for part in (textwrap.wrap(line, width) if len(line) > width else [line])
+    ]
     wrapped = wrapped[:rows]
     top = rows // 2 - (len(wrapped) - 1) // 2
     out = [""] * rows

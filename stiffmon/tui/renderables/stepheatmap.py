@@ -11,7 +11,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.style import Style
 
-from stiffmon.tui.renderables.axes import FloatArray, asciify, fmt_tick, nice_ticks
+from stiffmon.tui.renderables.axes import FloatArray, fit_title, fmt_tick, nice_ticks
 from stiffmon.tui.renderables.heatmap import ascii_level, diverging, glyph_scale
 
 
@@ -45,8 +45,8 @@ class StepHeatmap:
         dim = Style(dim=True)
         segs: list[Segment] = []
         if self.title:
-            title = asciify(self.title) if self.ascii else self.title
-            segs += [Segment(title[:width], Style(bold=True)), Segment.line()]
+            title = fit_title(self.title, width, self.ascii)  # cut with …, never mid-word
+            segs += [Segment(title, Style(bold=True)), Segment.line()]
         if m.ndim != 2 or m.size == 0:
             return [*segs, Segment("no per-layer stiffness yet", dim), Segment.line()]
         rows, n = m.shape

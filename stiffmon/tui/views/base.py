@@ -158,8 +158,11 @@ class View:
         return [rd for rd in self.app.store.runs.values() if rd.visible]
 
     def xy(self, rd: RunData, name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """Series ``name`` of ``rd`` as chart coordinates under the app's toggles (x: step or
+        time; smoothing); None without a finite value, which would draw no line (the chart
+        says why instead: :meth:`why_empty`)."""
         s = rd.series(name)
-        if s is None or not len(s):
+        if s is None or not np.isfinite(s.values).any():
             return None
         x = (s.times - rd.first_t) if self.app.x_time else s.steps.astype(np.float64)
         y = s.values
@@ -207,6 +210,16 @@ class View:
             **kw,
         )
 
+    def why_empty(self, name: str, title: str, yet: str | None = None) -> str:
+        """What a chart of scalar ``name`` says without a line: ``yet`` (default ``no <title>
+        yet``) while a visible run may still send a value, then ``run: why`` for each run that
+        measured it NaN every time (:func:`never`); only those when every visible run did."""
+        runs = self.runs()
+        said = [f"{rd.name}: {why}" for rd in runs if (why := never(rd, (name,), title))]
+        if len(said) < len(runs) or not runs:
+            said.insert(0, yet or f"no {title} yet")
+        return "\n".join(said)
+
     def metric_chart(
         self,
         name: str,
@@ -214,12 +227,16 @@ class View:
         ref: float | None = None,
         legend: bool = False,
         empty: Callable[[list[RunData], str], str] | None = None,
+        what: str | None = None,
     ) -> Builder:
         """A chart of scalar ``name`` for every visible run (the run list is the legend).
 
-        ``empty`` says what the chart shows without a line, from the visible runs and the
-        default ``no <title> yet`` (e.g. why the runs will never send one)."""
+        A run whose series has no finite value draws no line; without a line the chart says
+        why (:meth:`why_empty`, about ``what``, default ``title``), and ``empty``, where given,
+        turns that text and the visible runs into what to show instead (e.g. why the runs will
+        never send one)."""
         kind = MEASURED_BY.get(name.split("/", 1)[0])
+        what = what or title
 
         def build(width: int, height: int) -> RenderableType:
             lines, marks = [], []
@@ -230,9 +247,11 @@ class View:
                     if kind is not None:
                         marks += self.skip_marks(rd, kind, name)
             hl = [HLine(ref, "grey50")] if ref is not None else []
-            empty_text = f"no {title} yet"
-            if empty is not None and not lines:
-                empty_text = empty(self.runs(), empty_text)
+            empty_text = f"no {what} yet"  # lines outside the zoom window
+            if not lines:
+                empty_text = self.why_empty(name, what)
+                if empty is not None:
+                    empty_text = empty(self.runs(), empty_text)
             return self.chart(
                 lines,
                 title,
@@ -241,7 +260,7 @@ class View:
                 legend=legend,
                 x_marks=marks,
                 empty_text=empty_text,
-                log_empty_text=f"{title}: {NO_POSITIVE}",
+                log_empty_text=f"{what}: {NO_POSITIVE}",
             )
 
         return build
@@ -249,6 +268,45 @@ class View:
     def selected_run(self) -> RunData | None:
         runs = list(self.app.store.runs.values())
         return runs[self.app.selected % len(runs)] if runs else None
+
+
+def never(rd: RunData, names: tuple[str, ...], title: str) -> str | None:
+    """Why ``rd`` shows none of ``names``: each was measured and NaN every time (with the cause
+    where the run's other scalars tell); None while one may still come.
+
+    Args:
+        rd: The run.
+        names: The scalars (any one of them would be drawn).
+        title: What they are called (``noise scale B_simple``, ``gradient tests``).
+
+    Returns:
+        ``no <title>: NaN at all <n> measurements (<cause>)``, or None.
+    """
+    series = [rd.series(n) for n in names]
+    if any(s is None or not len(s) or np.isfinite(s.values).any() for s in series):
+        return None
+    n = max(len(s) for s in series if s is not None)
+    cause = _cause(rd, names)
+    return f"no {title}: NaN at all {n:,} measurements" + (f" ({cause})" if cause else "")
+
+
+def _cause(rd: RunData, names: tuple[str, ...]) -> str | None:
+    """What the Gram's noise scalars say about ``names`` being NaN, if they come from the Gram
+    (noise, stiffness, ξ) and the run's scalars tell."""
+    if any(MEASURED_BY.get(n.split("/", 1)[0]) != "gram" for n in names):
+        return None
+    trace = rd.series("noise/trace_k")
+    if trace is not None and len(trace) and bool((trace.values == 0).all()):
+        return "Tr K = 0 at every measurement: the per-example gradients are zero"
+    grad_sq = rd.series("noise/grad_sq")
+    if (
+        "noise/b_simple" in names
+        and grad_sq is not None
+        and len(grad_sq)
+        and bool((grad_sq.values <= 0).all())
+    ):
+        return "‖G‖² ≤ 0 at every measurement: the mean gradient is within its noise"
+    return None
 
 
 def be_marker(x: float, value: float, color: str, status: str, diverged: bool = False) -> Marker:

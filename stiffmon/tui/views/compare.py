@@ -15,7 +15,7 @@ from textual.widgets import Static
 from stiffmon import derive
 from stiffmon.store import RunData
 from stiffmon.summary import run_summary
-from stiffmon.tui.renderables.comparetable import compare_table
+from stiffmon.tui.renderables.comparetable import compare_table, table_rows
 from stiffmon.tui.views.base import ChartView, View, run_color
 from stiffmon.tui.views.custom import custom_names
 from stiffmon.tui.views.sharpness import SHARPNESS_SERIES
@@ -23,6 +23,8 @@ from stiffmon.tui.views.sharpness import SHARPNESS_SERIES
 if TYPE_CHECKING:
     from stiffmon.tui.app import StiffmonApp
 
+MIN_OVERLAY = 8
+"""Rows the overlay chart keeps (title, five of plot, the x axis) before the legend gives way."""
 COMPARE_METRICS = (
     ("loss", "loss"),
     ("accuracy", "accuracy"),
@@ -116,11 +118,15 @@ class Compare(View):
             s = summary_of(rd)
             rows.append((rd.name, run_color(rd), s | fresh(app, rd, now, s["break_even_series"])))
         table = self.app.query_one("#compare-table", Static)
-        width = app.query_one("#views").size.width - 2  # the table's own width is its content's
-        table.update(compare_table(rows, width, ascii=app.ascii))
+        views = app.query_one("#views").size
+        width = views.width - 2  # the table's own width is its content's
+        # the legend gives way (cut with …) before the overlay gets fewer than MIN_OVERLAY rows
+        room = views.height - MIN_OVERLAY - table_rows(len(rows), width, app.ascii)
+        table.update(compare_table(rows, width, ascii=app.ascii, legend_rows=max(1, room)))
         super().refresh()
 
     def overlay(self, width: int, height: int) -> RenderableType:
         metrics = self.metrics()
         name, label = metrics[self.app.metric_i % len(metrics)]
-        return self.metric_chart(name, f"overlay: {label}   (m: next metric)")(width, height)
+        title = f"overlay: {label}   (m: next metric)"
+        return self.metric_chart(name, title, what=label)(width, height)

@@ -216,7 +216,9 @@ def sharpness_chart(view: View, compact: bool) -> Builder:
             markers=markers,
             x_marks=marks,
             legend=precond,
-            empty_text="no sharpness measurement yet",
+            empty_text=view.why_empty(
+                "sharpness/lambda1_h", "λ1_H", yet="no sharpness measurement yet"
+            ),
         )
 
     return build

@@ -130,10 +130,10 @@ def test_density_chart_and_batch_table_exact() -> None:
     latest = render(density_chart(rd, None, log_y=True, ascii=True, height=10), 60)
     assert latest.startswith("density 2/2, step 100 - sgd") and "trace 13.5" in latest
     assert render(batch_table([(rd, "red")]), 120) == (
-        "sgd: B 64; suggested norm/inner/ortho 301/21/17 at θ 0.9/0.9/5.84\n"
+        "actual B → suggested by norm/inner/ortho (θ)\nsgd: 64 → 301/21/17 (θ 0.9/0.9/5.84)\n"
     )
-    assert render(batch_table([(rd, "red")], ascii=True), 40) == (
-        "sgd: B 64; suggested norm/inner/ortho 30\n"
+    assert render(batch_table([(rd, "red")], ascii=True), 30) == (  # the numbers first
+        "actual B -> suggested by norm/\nsgd: 64 -> 301/21/17 (theta 0.\n"
     )
 
 

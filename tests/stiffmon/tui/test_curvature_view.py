@@ -44,4 +44,4 @@ async def test_curvature_and_noise_views_in_ascii(tmp_path: Path) -> None:
             text = screen_text(app)
             bad = sorted({ch for ch in text if not ch.isascii()})
             assert not bad, (key, bad)
-        assert "B 64; suggested" in screen_text(app)
+        assert "actual B -> suggested" in screen_text(app)

@@ -6,7 +6,7 @@ import math
 
 from stiffmon.store import Store
 from stiffmon.tui.app import StiffmonApp
-from stiffmon.tui.views.noise import never
+from stiffmon.tui.views.base import never
 from tests.stiffmon.tui.test_app import feed, screen_text
 
 NAN = math.nan
@@ -58,3 +58,21 @@ def test_the_cause_is_said_only_where_known() -> None:
     assert never(rb, ("noise/lambda1_k",), "x") is None  # not measured: may still come
     feed(store, "b", [1], now=0.0, **{"noise/b_simple": 3.0})
     assert never(rb, ("noise/b_simple",), "x") is None
+
+
+async def test_a_nan_chart_keeps_its_title_and_waits_for_the_runs_that_may_still_send() -> None:
+    store = Store()
+    app = StiffmonApp(store=store, clock=lambda: 0.0)
+    async with app.run_test(size=(160, 45)) as pilot:
+        feed(store, "a", [0, 3], now=0.0, **{"noise/trace_k": 2.0, "noise/b_simple": NAN})
+        feed(store, "b", [0, 3], now=0.0)  # no noise measurement yet: it may still come
+        await pilot.press("5")
+        await pilot.pause(0.3)
+        text = screen_text(app)
+        assert "noise scale B_simple" in text  # the chart's title, above why it is empty
+        assert "no noise scale B_simple yet" in text  # run b
+        assert "live a: no noise scale B_simple: NaN at all 2 measurements" in text
+        assert "Tr K = 0" not in text  # Tr K was measured and not zero: no cause to give
+        feed(store, "b", [6], now=0.0, **{"noise/b_simple": 12.0})
+        await pilot.pause(0.3)
+        assert "NaN at all" not in screen_text(app)  # b's line is drawn; a's has no line

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rich.console import Group
+from rich.text import Text
 
 from stiffmon.tui.curvature import DensityMap
 from stiffmon.tui.renderables import (
@@ -22,6 +23,7 @@ from stiffmon.tui.renderables import (
     log_ticks,
 )
 from stiffmon.tui.views.base import ChartView
+from stiffmon.tui.views.noise import BATCH_TITLE
 from tests.stiffmon.tui.test_app import replay_app
 
 SEPARATORS = (", ", " — ", " (")
@@ -30,6 +32,8 @@ SEPARATORS = (", ", " — ", " (")
 def _full_title(chart: object) -> str:
     if isinstance(chart, Group):
         chart = chart.renderables[0]
+    if isinstance(chart, Text):  # the suggested-batch table without its chart, under a title
+        return BATCH_TITLE
     assert isinstance(chart, LineChart | DensityMap), chart
     return chart.title
 
