@@ -34,6 +34,7 @@ from stiffmon_agent.accuracy import binary_threshold, class_ignore_index, step_a
 from stiffmon_agent.agent_output import AgentOutput
 from stiffmon_agent.announce import (
     accumulation_advice,
+    class_weight_note,
     dist_rank,
     hello_fields,
     log,
@@ -59,6 +60,7 @@ from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
     LossFn,
+    class_weighted,
     loss_reduction,
 )
 from stiffmon_agent.optimizer_skips import OptimizerSkips
@@ -253,6 +255,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self._registry_run: str | None = None
         self.probe: ProbeSet | None = None
         self._probe_note = ""  # examples left out of the probe (no counted target)
+        self._probe_notes: list[tuple[str, str]] = []  # info events said at the start
         self.publisher: Publisher | None = None
         self._columns = ColumnBatcher(self._submit_columns, interval=batch_interval)
         self._optimizer_columns = OptimizerColumns(optimizer)
@@ -269,9 +272,12 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         if self.shard is not None:  # every rank: a rank without the probe must not hang
             sharding.check_same_setup(self.model, self.probe, self._plan.schedules)
         if self.probe is not None:
+            measured_loss, wbar = class_weighted(loss_fn, self.probe.train()[1])
+            if wbar is not None:
+                self._probe_notes.append(("class-weighted", class_weight_note(wbar)))
             self._runner = MeasurementRunner(
                 self.model,
-                loss_fn,
+                measured_loss,
                 optimizer,
                 self.probe,
                 forward,
@@ -302,7 +308,10 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         )  # fmt: skip
         self._submit(p.Hello, fields)
         self._budget.who = self._skips.who = speaker(self.name)  # names the run's lines
-        for code, note in probe_notes(self.probe, self._opts.distance_layers, self.model):
+        for code, note in [
+            *probe_notes(self.probe, self._opts.distance_layers, self.model),
+            *self._probe_notes,
+        ]:
             self.event(code, note)
         if self._probe_note:
             self.warn("probe-uncounted", self._probe_note)

@@ -73,6 +73,16 @@ def unoptimized_note(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     )
 
 
+def class_weight_note(wbar: float) -> str:
+    """The ``class-weighted`` event: how class weights over one target per example are
+    measured (:func:`~stiffmon_agent.metrics.probe.class_weighted`)."""
+    return (
+        "the loss has class weights and one target per example: it trains on Σ w·ℓ / Σ w, so "
+        f"each probe example's loss is divided by the probe's mean class weight w̄ = {wbar:.6g} "
+        "(λ1_H, Tr K and the gradient noise are those of that objective on the probe)"
+    )
+
+
 def accumulation_advice(k: int, b: int, summed: bool) -> str:
     """The ``batch-size-accumulation`` warning: ``k`` backward passes reach the parameters per
     optimizer step while B = ``b`` is read from the logits (``summed``: a sum-reduced loss)."""

@@ -21,8 +21,14 @@ mean-reduced loss gives for example i alone: Σ_t w_t ℓ_it / Σ_t w_t over its
 so the probe objective (1/B) Σ_i L_i is the mean of the examples' token means: the same when
 every example counts as many positions. A loss that flattens (B, T) to B·T values (a wrapper
 calling ``CrossEntropyLoss`` on ``logits.reshape(-1, V)``) is read back as (B, T) when the targets
-have that shape. (A class ``weight`` with one target per example is not modelled: the probe mean
-is unweighted.)
+have that shape.
+
+A class ``weight`` with one target per example ((B,) targets of a mean-reduced
+``CrossEntropyLoss`` / ``NLLLoss``) makes the objective Σ_i w_{y_i} ℓ_i / Σ_i w_{y_i}, not a
+mean over examples: :func:`class_weighted` gives the loss whose L_i = w_{y_i} ℓ_i / w̄, w̄ the
+mean class weight of the probe's train examples, so that the probe mean of the L_i is that
+objective on the probe (the agent uses it; the functions here take the loss as given, and
+torch's ``reduction="none"`` gives w_{y_i} ℓ_i).
 """
 
 from __future__ import annotations
@@ -108,12 +114,20 @@ class PerExampleLoss:
         elements: How an example's elements (tokens, outputs) make its loss: ``"sum"`` for a
             sum-reduced loss and for ``KLDivLoss(reduction="batchmean")`` (a mean over the
             batch of per-example sums), else ``"mean"``.
+        scale: Multiplies every per-example loss (1/w̄ for class weights, :func:`class_weighted`).
     """
 
-    def __init__(self, fn: LossFn, objective: Reduction, elements: Reduction | None = None) -> None:
+    def __init__(
+        self,
+        fn: LossFn,
+        objective: Reduction,
+        elements: Reduction | None = None,
+        scale: float = 1.0,
+    ) -> None:
         self.fn = fn
         self.objective: Reduction = objective
         self.elements: Reduction = elements or objective
+        self.scale = scale
 
     def __call__(self, outputs: Any, targets: Batch) -> torch.Tensor:
         return self.fn(outputs, targets)
@@ -171,6 +185,14 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
             f"loss_fn must return one loss per example (shape ({n},)), got shape "
             f"{tuple(losses.shape)}; pass a torch.nn loss module or use reduction='none'"
         )
+    out = _per_example(loss_fn, losses, targets, n)
+    scale = loss_fn.scale if isinstance(loss_fn, PerExampleLoss) else 1.0
+    return out * scale if scale != 1.0 else out
+
+
+def _per_example(loss_fn: LossFn, losses: torch.Tensor, targets: Batch, n: int) -> torch.Tensor:
+    """(n,) per-example losses from the (n, …) unreduced ``losses`` (see
+    :func:`per_example_losses`)."""
     if losses.dim() > 1:
         flat = losses.reshape(n, -1)
         elements = loss_fn.elements if isinstance(loss_fn, PerExampleLoss) else None
@@ -183,6 +205,48 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
         total = counted.reshape(n, -1).sum(dim=1).to(flat.dtype)
         return torch.where(total > 0, flat.sum(dim=1) / total.clamp_min(1e-30), 0.0)
     return losses
+
+
+def class_weighted(loss_fn: LossFn, targets: Batch) -> tuple[LossFn, float | None]:
+    """The loss to measure with for a class-weighted mean over one target per example.
+
+    A mean-reduced ``CrossEntropyLoss`` / ``NLLLoss`` with a class ``weight`` and (N,)
+    class-index targets trains on Σ_i w_{y_i} ℓ_i / Σ_i w_{y_i} (torch divides by the weights'
+    sum, not by N). With w̄ = (1/N) Σ_i w_{y_i} over ``targets`` (the probe's train examples,
+    ignored targets left out), L_i = w_{y_i} ℓ_i / w̄ makes (1/N) Σ_i L_i that objective on these
+    examples, so that the Hessian of the probe mean and the per-example gradients g_i = ∇L_i are
+    those of the loss the optimizer steps on (λ1_H scales by 1/w̄, Tr K by 1/w̄²; cosines do not
+    change).
+
+    Returns:
+        ``(PerExampleLoss with scale 1/w̄, w̄)``; ``(loss_fn, None)`` for any other loss or
+        targets (per-element targets weigh each example's own mean instead, see the module
+        docstring).
+
+    Raises:
+        ValueError: If the weights of every probe target's class are 0.
+    """
+    fn = loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
+    weight = getattr(fn, "weight", None)
+    if not (
+        isinstance(fn, nn.CrossEntropyLoss | nn.NLLLoss)
+        and isinstance(weight, torch.Tensor)
+        and loss_reduction(loss_fn) == "mean"
+        and isinstance(targets, torch.Tensor)
+        and targets.dim() == 1
+        and _class_index(targets)
+    ):
+        return loss_fn, None
+    kept = targets[targets != fn.ignore_index].to(torch.int64)
+    w = weight.detach().double().to(kept.device)[kept.clamp(0, weight.shape[0] - 1)]
+    mean = float(w.mean()) if kept.numel() else 0.0
+    if not mean > 0:
+        raise ValueError(
+            "the class weights of the probe's train examples are all 0: the weighted loss has "
+            "no gradient on the probe; give a probe with examples of weighted classes"
+        )
+    base = unreduced(loss_fn)
+    return PerExampleLoss(base.fn, base.objective, base.elements, 1.0 / mean), mean
 
 
 def output_hint(outputs: Any) -> str:
