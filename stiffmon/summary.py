@@ -100,8 +100,11 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     ``lr_at_break_even`` are the threshold and η (param group 0) in force at its step (the last
     published at or before it, as the marker was judged), NaN without a marker; ``lr`` and
     ``threshold`` are the last ones (a schedule moves them); ``mean_*_after`` are NaN unless the
-    marker is confirmed; ``break_even_k_*`` describe the early-phase peak of λ1_K; the
-    ``threshold_*`` / ``sharpness_*converged`` keys are :func:`solve_attrs` of λ1_H and, with
+    marker is confirmed; ``break_even_k_*`` describe the early-phase peak of λ1_K;
+    ``threshold_precond`` and ``peak_lambda1_precond`` are the last threshold and the peak of
+    λ1(P⁻¹H), the preconditioned sharpness an adaptive run's break-even is judged on (NaN for
+    SGD; an adaptive run's ``threshold``, λ1_H's, is NaN: preconditioned steps have none);
+    the ``threshold_*`` / ``sharpness_*converged`` keys are :func:`solve_attrs` of λ1_H and, with
     ``_precond``, of λ1(P⁻¹H) (adaptive optimizers; None elsewhere). ``status``
     is :func:`run_status`, ``state`` and ``problems`` those of :meth:`RunData.health` (a recorded
     run without a bye has ended: ``no bye (crashed?)``).
@@ -143,6 +146,8 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
         "break_even_k_status": be_k.status,
         "peak_lambda1_h": rd.peak("sharpness/lambda1_h"),
         "threshold": rd.last("sharpness/threshold"),
+        "threshold_precond": rd.last(derive.threshold_series(True)),
+        "peak_lambda1_precond": rd.peak("sharpness/lambda1_precond"),
         **solve_attrs(rd),
         **solve_attrs(rd, "hessian-precond", "_precond"),
         "peak_lambda1_k": rd.peak("noise/lambda1_k"),
@@ -255,9 +260,9 @@ def summary_table(store: Store) -> Group:
 
 
 def threshold_table(store: Store) -> Table | None:
-    """Per run, the rule of the threshold its break-even is judged on (the latest measurement's:
-    λ1(P⁻¹H)'s for an adaptive run that has it, else λ1_H's) and how that eigensolver fared;
-    None when no run's measurements say (sessions of an agent from before these attributes)."""
+    """Per run, the threshold its break-even is judged on (λ1(P⁻¹H)'s for an adaptive run that
+    publishes it, marked ᴾ, else λ1_H's): its last value, the peak of that λ1, the latest
+    measurement's rule and how that eigensolver fared; None when no run says any of these."""
     table = Table(
         title="stability threshold",
         header_style="bold",
@@ -265,21 +270,27 @@ def threshold_table(store: Store) -> Table | None:
         caption_justify="left",
     )
     table.add_column("run", justify="left", overflow="fold", min_width=6)
-    table.add_column("rule (latest)", justify="left", overflow="fold")
-    table.add_column("eigensolver", justify="left", overflow="fold")
+    table.add_column("thr", justify="right", overflow="fold")
+    table.add_column("peak\nλ1", justify="right", overflow="fold")
+    # one column, two lines: beside the numbers the rule (up to 37 characters) would wrap
+    table.add_column("rule (latest)\neigensolver", justify="left", overflow="fold")
     for rd in store.runs.values():
-        spectrum = "hessian"
-        if rd.break_even().series == "sharpness/lambda1_precond" and rd.spectra.get(
-            "hessian-precond"
-        ):
-            spectrum = "hessian-precond"
+        series = rd.break_even().series
+        precond = series == "sharpness/lambda1_precond"
+        spectrum = "hessian-precond" if precond and rd.spectra.get("hessian-precond") else "hessian"
         rule = solve_attrs(rd, spectrum)["threshold_rule"]
         solver = solver_words(rd, spectrum)
-        if rule or solver:
-            table.add_row(rd.name, rule or "—", solver or "—")
+        thr = rd.last(derive.threshold_series(precond))
+        if rule or solver or not math.isnan(thr):
+            mark = "ᴾ" if precond else ""
+            peak = rd.peak(series)
+            cells = [fmt(v, ".3g") + (mark if not math.isnan(v) else "") for v in (thr, peak)]
+            table.add_row(rd.name, *cells, f"{rule or '—'}\n{solver or '—'}")
     table.caption = (
-        "rule: of the latest measurement, with the param group that set the threshold; "
-        "eigensolver: whether the top-eigenvalue solves converged (λ1_H; ᴾ: λ1(P⁻¹H))"
+        "thr, peak λ1: the last threshold and the highest λ1 the break-even is judged on "
+        "(ᴾ: λ1(P⁻¹H) and its threshold, adaptive optimizers; else λ1_H); rule: of the latest "
+        "measurement, with the param group that set the threshold; eigensolver (below it): "
+        "whether the top-eigenvalue solves converged (λ1_H; ᴾ: λ1(P⁻¹H))"
     )
     return table if table.row_count else None
 

@@ -25,6 +25,7 @@ import zmq
 
 from stiffmon import protocol as p
 from stiffmon.session import SessionWriter
+from stiffmon_agent.accuracy import nan_accuracy_console, nan_accuracy_event
 from stiffmon_agent.history import History
 from stiffmon_agent.outgoing import Outgoing, build_message
 
@@ -46,6 +47,7 @@ class Emitter:
     _problems: set[str]  # why a batch's values failed (build_columns)
     _problems_said: set[str]
     _accuracy_seen: bool = False  # some step's accuracy was a number (for the wording)
+    _first_accuracy_step: int | None = None  # the first step with an accuracy (the wording)
 
     def _heartbeat(
         self, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None, *, record: bool
@@ -102,6 +104,8 @@ class Emitter:
             if not sent:
                 self.dropped += 1
         if not self._accuracy_seen and isinstance(msg, p.Columns) and "accuracy" in msg.names:
+            if self._first_accuracy_step is None:
+                self._first_accuracy_step = int(msg.steps[0])
             self._accuracy_seen = bool(np.isfinite(msg.column("accuracy")).any())
         if self._problems:
             writer = self._say_problems(msg.step, pub, writer)
@@ -130,18 +134,9 @@ class Emitter:
         self._problems.clear()
         for text in new:
             self._problems_said.add(text)
-            if self._accuracy_seen:
-                self._warn(f"stiffmon: no accuracy for some steps (NaN): {text}")
-                what = f"accuracy is NaN at some steps of the batch up to step {step}: {text}"
-            else:
-                self._warn(
-                    "stiffmon: accuracy unavailable for this run (NaN from the first step on): "
-                    f"{text}"
-                )
-                what = (
-                    "accuracy is unavailable for this run: NaN at every step from the first "
-                    f"up to step {step}: {text}"
-                )
+            seen, first = self._accuracy_seen, self._first_accuracy_step
+            self._warn(nan_accuracy_console(text, seen=seen))
+            what = nan_accuracy_event(text, step, seen=seen, first_step=first)
             writer = self._warning(step, "accuracy-unavailable", what, {}, pub, writer)
         return writer
 
