@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -326,6 +326,7 @@ def step_accuracy(
     warned: set[str],
     threshold: float | None = None,
     ignore_index: int | None = None,
+    say: Callable[[str, bool], None] | None = None,
 ) -> Accuracy | float:
     """:meth:`Accuracy.of`, never raising: NaN, and one warning, if the two do not compare.
 
@@ -336,6 +337,8 @@ def step_accuracy(
             scalar's name); a step counted here marks that the accuracy was available.
         threshold: A binary loss's decision threshold, or None (argmax accuracy).
         ignore_index: A non-negative target to leave out like the negative ones, or None.
+        say: Called once with the reason and whether some step had an accuracy before, with
+            the warning (the agent's ``accuracy-unavailable`` event).
 
     Returns:
         The step's :class:`Accuracy`, or NaN. ``logits`` that are a counted :class:`Accuracy`
@@ -352,6 +355,8 @@ def step_accuracy(
             warned.add(_WARNED)
             # counted before: only some steps lack it
             log.warning(nan_accuracy_console(str(exc), seen=_COUNTED in warned))
+            if say is not None:
+                say(str(exc), _COUNTED in warned)
         return math.nan
     if a.hits is not None and _COUNTED not in warned:
         warned.add(_COUNTED)

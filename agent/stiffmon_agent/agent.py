@@ -30,7 +30,11 @@ from stiffmon.registry import unregister
 from stiffmon.transport import CurveKeys
 from stiffmon_agent import distributed as sharding
 from stiffmon_agent import termination
-from stiffmon_agent.accuracy import binary_threshold, class_ignore_index, step_accuracy
+from stiffmon_agent.accuracy import (
+    binary_threshold,
+    class_ignore_index,
+    step_accuracy,
+)
 from stiffmon_agent.agent_output import AgentOutput
 from stiffmon_agent.announce import (
     accumulation_advice,
@@ -378,7 +382,11 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             oc.accumulation = 0
         extra = 0
         if logits is not None and targets is not None:
-            row.append(step_accuracy(logits, targets, self._log_warned, self._binary, self._ignore))
+            row.append(
+                step_accuracy(
+                    logits, targets, self._log_warned, self._binary, self._ignore, self._no_acc
+                )
+            )
             extra = 1
         elif self.no_accuracy_note is not None:  # said once per run
             self.event("accuracy-off", self.no_accuracy_note)
@@ -396,6 +404,12 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         if s >= self._next_due:
             self._measure_due(s)
         self.step_count = s + 1
+
+    def _no_acc(self, reason: str, seen: bool) -> None:
+        """The ``accuracy-unavailable`` event for logits/targets that do not compare (said once;
+        whether earlier steps had an accuracy is known only on the publisher thread)."""
+        what = f"no accuracy at step {self.step_count} (NaN) and at steps like it: {reason}"
+        self.event("accuracy-unavailable", what, level="warning")
 
     def _say_accumulation(self, k: int) -> None:
         """Warn that B read from the logits is one micro-batch's when ``k`` backward passes

@@ -122,8 +122,11 @@ def test_logits_and_targets_that_do_not_compare_are_nan_and_said_once(
     np.testing.assert_array_equal(got, [0.75, nan, 0.75, nan, nan, 0.75, nan, nan, nan, 0.75])
     events = [m.message for m in msgs if isinstance(m, p.Event)]
     assert all(m.code == "accuracy-unavailable" for m in msgs if isinstance(m, p.Event))
-    assert len(events) == 4  # (4,)/(5,), (4, 1) targets, (4,) and (4, 1) binary logits
-    assert sum("do not compare" in e for e in events) == 2
+    # (4,)/(5,), (4, 1) targets, (4,) and (4, 1) binary logits; the counted step's (4, 8192)
+    # logits against (5,) targets are refused at once, and said by the agent itself
+    assert len(events) == 5
+    assert sum("do not compare" in e for e in events) == 3
+    assert any(e.startswith("no accuracy at step 6 (NaN)") and "(4, 8192)" in e for e in events)
     assert any("(4, 3)" in e and "(4, 1)" in e for e in events)
     assert sum("no class dimension" in e or "same shape (4,)" in e for e in events) == 2
     said = [r.message for r in caplog.records if "accuracy" in r.message]

@@ -152,10 +152,16 @@ def test_ctc_targets_through_the_agent_say_why_in_words(
     """The tester's CTC run: ``agent.step(loss, logits, (targets, input_lengths,
     target_lengths))`` at every step; one console line, in words, and NaN accuracies."""
     steps: list[Any] = [(torch.randn(4, 3), CTC)] * 3
-    got, _, said = _run(tmp_path, torch.nn.CrossEntropyLoss(), steps, caplog)
+    got, events, said = _run(tmp_path, torch.nn.CrossEntropyLoss(), steps, caplog)
     assert len(got) == 3 and all(math.isnan(x) for x in got)
     assert len(said) == 1 and "the targets are a tuple of 3 tensors" in said[0]
     assert not any(word in said[0] for word in RAW)
+    # on the screen too, not only on the console
+    assert events == [
+        "no accuracy at step 0 (NaN) and at steps like it: the targets are a tuple of 3 "
+        "tensors, not one class-index tensor per prediction: pass targets= the class indices, "
+        "or leave logits/targets out"
+    ]
 
 
 def test_the_event_of_a_run_without_accuracy_reads_naturally() -> None:
