@@ -13,10 +13,13 @@ Message names (the monitor relies on them):
 * ``curve`` ``stiffness-distance/<space>`` (space = ``input`` or a layer name), ``attrs.xi``;
 * after a sharpness measurement, ``spectrum`` ``hessian`` (attrs ``threshold_rule``,
   ``threshold_group`` — the most restrictive param group, −1 if none — ``hvps``, ``converged``,
-  ``objective``) and ``scalars`` ``sharpness/{lambda1_h,threshold,hvps}`` (λ1_H of the training
-  objective; threshold NaN where none applies or it cannot be known, with an ``event`` saying
-  why); for Adam / AdamW / RMSprop also ``sharpness/{lambda1_precond,threshold_precond}``
-  (λ1(P⁻¹H) and (2+2β1)/((1−β1)η)) and ``spectrum`` ``hessian-precond``;
+  ``objective``; ``symmetric`` and ``asymmetry`` where the solve checked that the
+  Hessian-vector products are symmetric, i.e. on a cold start, with an ``event``
+  ``hessian-asymmetric`` when they are not) and ``scalars``
+  ``sharpness/{lambda1_h,threshold,hvps}`` (λ1_H of the training objective; threshold NaN where
+  none applies or it cannot be known, with an ``event`` saying why); for Adam / AdamW / RMSprop
+  also ``sharpness/{lambda1_precond,threshold_precond}`` (λ1(P⁻¹H) and (2+2β1)/((1−β1)η)) and
+  ``spectrum`` ``hessian-precond``;
 * a measurement due while the weights or the probe loss are not finite raises
   :class:`MeasurementSkipped` (the agent turns it into an ``event`` ``measurement-skipped``).
 """
@@ -53,6 +56,7 @@ from stiffmon_agent.metrics import (
     stiffness_vs_distance,
     trainable_parameters,
 )
+from stiffmon_agent.metrics.eigen import SymmetryCheck
 from stiffmon_agent.metrics.gram import GramResult
 from stiffmon_agent.metrics.probe import (
     Batch,
@@ -297,7 +301,8 @@ def sharpness_messages(
 
     def solve(which: str, preconditioner: Tensor | None = None) -> EigenResult:
         """λ1 of H (``raw``) or P⁻¹H (``precond``), warm-started from the last measurement of
-        the same operator, which keeps its own warm start and cold checks."""
+        the same operator, which keeps its own warm start and cold checks. A cold start's
+        symmetry check (free) that fails is said once (D H D is symmetric exactly when H is)."""
         warm = state.warm if which == "raw" else state.warm_precond
         res = hessian_eigen(
             model,
@@ -310,6 +315,8 @@ def sharpness_messages(
             **common,  # type: ignore[arg-type]
         )
         check_products(res, "λ1_H" if which == "raw" else "λ1(P⁻¹H)")
+        if res.symmetry is not None and res.symmetry.symmetric is False:
+            note("hessian-asymmetric", asymmetry_message(res.symmetry), "warning")
         if which == "raw":
             state.warm = res.warm_start.detach()
         else:
@@ -318,13 +325,16 @@ def sharpness_messages(
         return res
 
     def spectrum(name: str, res: EigenResult, thr: StabilityThreshold) -> Outgoing:
-        attrs = {
+        attrs: dict[str, Any] = {
             "hvps": res.matvecs,
             "converged": res.converged,
             "threshold_rule": thr.rule,
             "threshold_group": thr.group if thr.group is not None else -1,
             "objective": objective,
         }
+        if res.symmetry is not None:
+            attrs["symmetric"] = res.symmetry.symmetric
+            attrs["asymmetry"] = _json(res.symmetry.defect)
         values = res.eigenvalues.detach().double().cpu().numpy()
         return Outgoing(p.Spectrum, step, t, {"name": name, "values": values, "attrs": attrs})
 
@@ -365,6 +375,20 @@ def sharpness_messages(
         raw[2] += hvps_p
     out.append(Outgoing(p.Scalars, step, t, {"values_names": names, "values_raw": raw}))
     return out, res.warm_start.detach()  # what state.warm holds
+
+
+def asymmetry_message(check: SymmetryCheck) -> str:
+    """The ``hessian-asymmetric`` event's message for a failed symmetry check."""
+    return (
+        "the Hessian-vector products are not symmetric: for random v, w, vᵀHw − wᵀHv is "
+        f"{check.defect:.1e} of their size (rounding explains up to {check.tolerance:.0e}). A "
+        "layer's second derivative is computed wrongly or not at all by torch, e.g. "
+        "torch.nn.utils.weight_norm and torch.nn.utils.parametrizations.weight_norm (both use "
+        "torch._weight_norm, whose double backward is wrong); λ1_H and its comparison with the "
+        "threshold may be off. Writing such a layer with plain tensor ops fixes it (weight norm: "
+        "a parametrization returning g * v / v.norm(dim=1, keepdim=True), registered with "
+        "torch.nn.utils.parametrize.register_parametrization)"
+    )
 
 
 def _json(x: float) -> float | None:

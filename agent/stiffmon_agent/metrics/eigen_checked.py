@@ -8,7 +8,8 @@ on a lower eigenvalue, looks right (on an AdamW MLP a warm start stopped on λ2 
 start from random vectors as well when the warm θ1 is below ``check_below`` (the caller's
 expectation: a big drop from the last λ1, or every n-th measurement). Both θ1 are lower bounds
 of λ1 (interlacing: θ1 ≤ λ1 on any subspace), so the larger one's result is the better; the
-products of both are counted.
+products of both are counted. The cold start's symmetry check (free: its random start block)
+goes on the result.
 """
 
 from __future__ import annotations
@@ -71,5 +72,9 @@ def checked_lanczos(
     higher = cold.eigenvalues.numel() > 0 and not float(cold.eigenvalues[0]) <= top
     best = cold if higher else res
     return replace(
-        best, matvecs=res.matvecs + cold.matvecs, cold_checked=True, nonfinite=cold.nonfinite
+        best,
+        matvecs=res.matvecs + cold.matvecs,
+        cold_checked=True,
+        nonfinite=cold.nonfinite,
+        symmetry=cold.symmetry,
     )

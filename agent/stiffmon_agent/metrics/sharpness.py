@@ -8,7 +8,11 @@ Hessian-vector products H v are computed forward-over-reverse,
 ``jvp(grad(L), (θ,), (v,))`` with ``torch.func``, or by double backward
 ∇_θ (∇_θ L · v) when ``torch.func`` cannot trace the model. The top eigenvalue λ1_H is found by
 Lanczos or power iteration (:mod:`stiffmon_agent.metrics.eigen`), warm-started from the previous
-measurement's eigenvectors.
+measurement's eigenvectors. The solvers assume H symmetric; a layer whose second derivative
+torch computes wrongly breaks that (torch's ``_weight_norm``): a cold Lanczos start checks
+vᵀHw = wᵀHv on its random start vectors at no cost
+(:func:`~stiffmon_agent.metrics.eigen.check_symmetry`), and ``symmetry_check=`` of
+:func:`hessian_eigen` buys the check with two more products where the solve had no cold start.
 
 Stability thresholds live in :mod:`~stiffmon_agent.metrics.thresholds`. For Adam / AdamW /
 RMSprop the sharpness that matters is the *preconditioned* one, λ1(P⁻¹H) (Cohen et al. 2022),
@@ -21,7 +25,8 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -31,6 +36,7 @@ from torch.func import functional_call, grad, jvp
 from stiffmon_agent.metrics.eigen import (
     EigenResult,
     TraceEstimate,
+    check_symmetry,
     hutchinson_trace,
     power_iteration,
 )
@@ -61,6 +67,12 @@ def _load_jvp_decompositions() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r".*torch\.jit\.script", FutureWarning)
         from torch._decomp import decompositions_for_jvp  # noqa: F401
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` as a strided tensor: the gradient of an ``Embedding(sparse=True)`` weight, and its
+    Hessian-vector product, come back sparse (duplicate indices are summed)."""
+    return t.to_dense() if t.layout != torch.strided else t
 
 
 class HessianOperator:
@@ -139,6 +151,16 @@ class HessianOperator:
         """A tensor with the parameters' dtype and device."""
         return self.params[0]
 
+    def _flat(self, grads: Sequence[Tensor | None]) -> Tensor:
+        """Gradients (or products) of the parameters flattened into one vector: zeros where a
+        parameter does not enter the loss, sparse ones (``Embedding(sparse=True)``) made dense."""
+        return torch.cat(
+            [
+                (_dense(g) if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, p in zip(grads, self.params, strict=True)
+            ]
+        )
+
     def _split(self, v: Tensor) -> list[Tensor]:
         return [c.view(s) for c, s in zip(v.split(self.sizes), self.shapes, strict=True)]
 
@@ -157,7 +179,7 @@ class HessianOperator:
                 return self._mean_loss(x, y, n, out)
 
             _, hv = jvp(grad(loss), (primals,), (tangents,))
-            total += (n / self.n) * torch.cat([hv[k].reshape(-1) for k in primals])
+            total += (n / self.n) * torch.cat([_dense(hv[k]).reshape(-1) for k in primals])
         return total
 
     def _hvp_double_backward(self, v: Tensor) -> Tensor:
@@ -176,12 +198,7 @@ class HessianOperator:
         if terms and any(t.requires_grad for t in terms):
             dot = torch.stack(terms).sum()
             hv = torch.autograd.grad(dot, self.params, retain_graph=retain, allow_unused=True)
-        return torch.cat(
-            [
-                (h if h is not None else torch.zeros_like(p)).reshape(-1)
-                for h, p in zip(hv, self.params, strict=True)
-            ]
-        )
+        return self._flat(hv)
 
     def _hvp_graph(self, v: Tensor) -> Tensor:
         """Double backward through a first-order graph built once and kept (one chunk only)."""
@@ -219,12 +236,7 @@ class HessianOperator:
         for x, y, n in self.chunks:
             loss = self._mean_loss(x, y, n, self.forward(self.model, x))
             g = torch.autograd.grad(loss, self.params, allow_unused=True)
-            total += (n / self.n) * torch.cat(
-                [
-                    (gi if gi is not None else torch.zeros_like(p)).reshape(-1)
-                    for gi, p in zip(g, self.params, strict=True)
-                ]
-            )
+            total += (n / self.n) * self._flat(g)
         return total
 
 
@@ -247,6 +259,7 @@ def hessian_eigen(
     preconditioner: Tensor | None = None,
     wrap: Callable[[HessianOperator], Callable[[Tensor], Tensor]] | None = None,
     check_below: float | None = None,
+    symmetry_check: bool = False,
 ) -> EigenResult:
     """Top-k Hessian eigenvalues λ1_H ≥ λ2_H ≥ … of the probe objective.
 
@@ -278,10 +291,14 @@ def hessian_eigen(
             process, :class:`~stiffmon_agent.distributed.HvpLeader`); None: the operator itself.
         check_below: Check a warm (Lanczos) result whose θ1 is below this by a cold start
             (``math.inf``: always); None: never.
+        symmetry_check: Check that the solved operator is symmetric (``symmetry`` on the
+            result) even where the solve did not (a warm start without a cold check, power
+            iteration): two more products of random vectors from ``generator``, counted in
+            ``matvecs``. A cold Lanczos start checks anyway, at no cost.
 
     Returns:
         Eigenvalues (largest first), eigenvectors, the start block for the next warm start
-        (``warm_start``), and the HVP count.
+        (``warm_start``), the HVP count, and the symmetry check.
     """
     with measurement_mode(model):
         op = HessianOperator(
@@ -304,16 +321,22 @@ def hessian_eigen(
             def matvec(v: Tensor) -> Tensor:
                 return d * hv(d * v)
 
+        like = op.like.detach()
         kw: dict[str, Any] = {
             "init": warm_start,
             "tol": tol,
             "max_matvecs": max_hvps,
-            "like": op.like.detach(),
+            "like": like,
             "generator": generator,
         }
         if method == "power":
-            return power_iteration(matvec, op.dim, k, **kw)
-        return checked_lanczos(matvec, op.dim, k, check_below=check_below, **kw)
+            res = power_iteration(matvec, op.dim, k, **kw)
+        else:
+            res = checked_lanczos(matvec, op.dim, k, check_below=check_below, **kw)
+        if not symmetry_check or res.symmetry is not None or res.nonfinite:
+            return res
+        sym = check_symmetry(matvec, op.dim, like=like, generator=generator)
+        return replace(res, matvecs=res.matvecs + sym.matvecs, symmetry=sym)
 
 
 def hessian_trace(

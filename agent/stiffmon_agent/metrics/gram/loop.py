@@ -25,15 +25,21 @@ def example_gradient(
     forward: ForwardFn,
     loss_fn: LossFn,
 ) -> Tensor:
-    """Flat gradient of one example's loss (x, y hold one example) w.r.t. ``params``."""
+    """Flat gradient of one example's loss (x, y hold one example) w.r.t. ``params``.
+
+    A parameter the loss does not reach gets zeros; a sparse gradient
+    (``Embedding(sparse=True)``) is made dense, its duplicate indices summed.
+    """
     loss = per_example_losses(loss_fn, forward(model, x), y, 1)[0]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat(
-        [
-            (g if g is not None else torch.zeros_like(p)).reshape(-1)
-            for g, p in zip(grads, params, strict=True)
-        ]
-    )
+    return torch.cat([_flat(g, p) for g, p in zip(grads, params, strict=True)])
+
+
+def _flat(g: Tensor | None, p: Tensor) -> Tensor:
+    """``g`` flattened: zeros for None, a sparse gradient made dense (duplicates summed)."""
+    if g is None:
+        return torch.zeros_like(p).reshape(-1)
+    return (g if g.layout == torch.strided else g.to_dense()).reshape(-1)
 
 
 def loop_grads(
