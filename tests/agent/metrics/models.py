@@ -178,3 +178,22 @@ def dict_case() -> tuple[nn.Module, dict[str, Tensor], Tensor, Callable[[nn.Modu
     }
     y = torch.randint(0, 3, (n,), generator=g)
     return DictModel().double(), inputs, y, lambda m, b: m(b["ids"], b["feats"])
+
+
+def well_fit_float32_mlp() -> tuple[nn.Module, Tensor, Tensor]:
+    """A float32 ReLU MLP trained until its examples' losses are 1e-4 to 1e-6 (1 − p_y cancels:
+    its float32 single-example gradients and Hessian-vector products are the least accurate of
+    the tests' models); 20 of its training examples."""
+    torch.manual_seed(1)
+    x = torch.randn(64, 16)
+    y = (x @ torch.randn(16, 3)).argmax(1)
+    model = nn.Sequential(
+        nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    for _ in range(1500):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, x[:20], y[:20]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stiffmon_agent.metrics import hessian_eigen, per_example_gram
-from tests.agent.metrics.models import make_cases
+from tests.agent.metrics.models import make_cases, well_fit_float32_mlp
 from tests.agent.metrics.reference import dense_hessian_of, loop_gram, rel_err
 
 CASES = make_cases()
@@ -141,23 +141,6 @@ def test_a_well_fit_float32_mlp_is_not_taken_for_a_layer_that_couples_examples()
     assert rel_err(got.total.double(), ref) < 1e-4
 
 
-def _very_well_fit_mlp() -> tuple[nn.Module, Tensor, Tensor]:
-    """A float32 ReLU MLP trained until its examples' losses are 1e-4 to 1e-6."""
-    torch.manual_seed(1)
-    x = torch.randn(64, 16)
-    y = (x @ torch.randn(16, 3)).argmax(1)
-    model = nn.Sequential(
-        nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    for _ in range(1500):
-        loss = CE(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model, x[:20], y[:20]
-
-
 def test_the_safety_net_holds_a_float32_gram_to_what_float32_can_do() -> None:
     """At a well-fit example (1 − p_y cancels) even a float32 single-example backward pass is
     far off the float64 G_ii (here ~1e-3 relative): a fast Gram off by 3× that is float32 doing
@@ -165,7 +148,7 @@ def test_the_safety_net_holds_a_float32_gram_to_what_float32_can_do() -> None:
     30× that, or 1e-3 at a better-conditioned entry, is still caught."""
     from stiffmon_agent.metrics.gram.verify import _references, check_entries
 
-    model, x, y = _very_well_fit_mlp()
+    model, x, y = well_fit_float32_mlp()
     per = nn.CrossEntropyLoss(reduction="none")
     params = list(model.parameters())
 
@@ -198,7 +181,7 @@ def test_a_float32_mismatch_that_cannot_be_checked_in_float64_does_not_blame_a_l
     its warning names rounding as a possible cause, not a layer "that couples examples"."""
     from stiffmon_agent.metrics.gram.verify import _references, check_entries, mismatch_note
 
-    model, x, y = _very_well_fit_mlp()
+    model, x, y = well_fit_float32_mlp()
     per = nn.CrossEntropyLoss(reduction="none")
     params = list(model.parameters())
 

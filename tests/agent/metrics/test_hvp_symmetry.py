@@ -28,6 +28,7 @@ from stiffmon_agent.metrics.eigen import (
     symmetry_tolerance,
 )
 from stiffmon_agent.outgoing import Outgoing
+from tests.agent.metrics.models import well_fit_float32_mlp
 from tests.agent.metrics.reference import dense_hessian_of
 
 CE = nn.CrossEntropyLoss()
@@ -157,30 +158,12 @@ def test_weight_norm_in_plain_tensor_ops_is_symmetric_and_right() -> None:
     assert float(spectra[-1]["values"][0]) == pytest.approx(float(ref), rel=1e-6)  # type: ignore[index]
 
 
-def _well_fit_float32_mlp() -> tuple[nn.Module, Tensor, Tensor]:
-    """A float32 ReLU MLP trained to losses of 1e-4 to 1e-6 (1 − p_y cancels: its float32
-    Hessian-vector products are the least accurate of the tests' models)."""
-    torch.manual_seed(1)
-    x = torch.randn(64, 16)
-    y = (x @ torch.randn(16, 3)).argmax(1)
-    model = nn.Sequential(
-        nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3)
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=0.3)
-    for _ in range(1500):
-        loss = CE(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model, x[:20], y[:20]
-
-
 @pytest.mark.parametrize(
     "make",
     [
         lambda: _tiny("none", torch.float64),
         lambda: _tiny("none", torch.float32),
-        _well_fit_float32_mlp,
+        well_fit_float32_mlp,
     ],
     ids=["mlp-float64", "mlp-float32", "well-fit-mlp-float32"],
 )
