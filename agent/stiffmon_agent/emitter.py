@@ -25,7 +25,7 @@ import zmq
 
 from stiffmon import protocol as p
 from stiffmon.session import SessionWriter
-from stiffmon_agent.accuracy import nan_accuracy_console, nan_accuracy_event
+from stiffmon_agent.accuracy_reasons import nan_accuracy_console, nan_accuracy_event
 from stiffmon_agent.history import History
 from stiffmon_agent.outgoing import Outgoing, build_message
 

@@ -56,7 +56,6 @@ from stiffmon_agent.metrics import (
     stiffness_vs_distance,
     trainable_parameters,
 )
-from stiffmon_agent.metrics.eigen import SymmetryCheck
 from stiffmon_agent.metrics.gram import GramResult
 from stiffmon_agent.metrics.probe import (
     Batch,
@@ -64,6 +63,7 @@ from stiffmon_agent.metrics.probe import (
     LossFn,
     loss_reduction,
 )
+from stiffmon_agent.metrics.symmetry import SymmetryCheck
 from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.probe_set import MeasurementSkipped, ProbeSet, check_finite, make_probe
 from stiffmon_agent.sharpness_state import SharpnessState, check_products

@@ -17,10 +17,10 @@ from stiffmon_agent.accuracy import (
     DEFER_MAX_ELEMENTS,
     Accuracy,
     accuracies,
-    check_comparable,
     class_ignore_index,
     step_accuracy,
 )
+from stiffmon_agent.accuracy_reasons import check_comparable
 
 
 def _reference(

@@ -16,10 +16,12 @@ from stiffmon_agent.accuracy import (
     DEFER_MAX_ELEMENTS,
     Accuracy,
     accuracies,
+    step_accuracy,
+)
+from stiffmon_agent.accuracy_reasons import (
     nan_accuracy_console,
     nan_accuracy_event,
     not_one_tensor,
-    step_accuracy,
 )
 from tests.agent.test_accuracy_layouts import _run
 

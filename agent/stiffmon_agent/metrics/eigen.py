@@ -13,8 +13,8 @@ products for sharpness, but nothing here knows about models.
   |λ − λ_prev| / |λ_prev| < ``tol``; further eigenpairs by orthogonalising against the found ones.
   It converges to the largest-magnitude eigenvalue.
 * :func:`hutchinson_trace`: tr(A) ≈ mean of zᵀAz over Rademacher vectors z.
-* :func:`check_symmetry`: whether the operator is symmetric at all (vᵀAw = wᵀAv for two random
-  v, w): every solver here assumes it, and a wrong second derivative breaks it.
+* :func:`~stiffmon_agent.metrics.symmetry.check_symmetry` (in :mod:`.symmetry`): whether the
+  operator is symmetric at all; :func:`lanczos` checks it on a cold start's block.
 
 Both eigen-solvers are warm-startable from the previous result's ``warm_start`` vectors: along a
 training run the top eigenvectors move slowly, so the next measurement needs few products.
@@ -23,41 +23,18 @@ training run the top eigenvectors move slowly, so the next measurement needs few
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-MatVec = Callable[[Tensor], Tensor]
+from stiffmon_agent.metrics.symmetry import MatVec, SymmetryCheck, check_symmetry
+from stiffmon_agent.metrics.symmetry import random_unit as _random_unit
 
 # A warm start accepts an extrapolated error only while the residual is within this many tol.
 RESIDUAL_FACTOR = 3.0
 # A warm start stops only when the (k+1)-th Ritz pair has θ + REACH_FACTOR · r ≤ θ_k + tol · |θ1|.
 REACH_FACTOR = 2.0
-
-
-@dataclass(frozen=True)
-class SymmetryCheck:
-    r"""Whether vᵀAw = wᵀAv for random vectors v, w (see :func:`check_symmetry`).
-
-    Attributes:
-        defect: √P |vᵀAw − wᵀAv| / (‖v‖‖Aw‖ + ‖w‖‖Av‖), the largest over the pairs checked
-            (NaN if a product was not finite).
-        tolerance: The largest defect rounding explains (:func:`symmetry_tolerance`).
-        matvecs: Products computed for the check (0 where the solver's own were reused).
-    """
-
-    defect: float
-    tolerance: float
-    matvecs: int
-
-    @property
-    def symmetric(self) -> bool | None:
-        """False on a clear asymmetry (defect > tolerance), None where it is unknown (NaN)."""
-        if math.isnan(self.defect):
-            return None
-        return self.defect <= self.tolerance
 
 
 @dataclass(frozen=True)
@@ -91,11 +68,6 @@ class EigenResult:
     cold_checked: bool = False
     nonfinite: bool = False
     symmetry: SymmetryCheck | None = None
-
-
-def _random_unit(dim: int, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    v = torch.randn(dim, generator=generator, dtype=like.dtype, device="cpu").to(like.device)
-    return v / v.norm()
 
 
 def _orthonormalise(v: Tensor, basis: list[Tensor] | Tensor) -> Tensor | None:
@@ -449,95 +421,3 @@ def hutchinson_trace(
     mean = sum(vals) / samples
     var = sum((v - mean) ** 2 for v in vals) / (samples - 1) if samples > 1 else float("nan")
     return TraceEstimate(mean=mean, stderr=math.sqrt(var / samples), samples=samples)
-
-
-# Largest symmetry defect (see :func:`check_symmetry`) that rounding explains, by dtype.
-SYMMETRY_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-2}
-SYMMETRY_TOLERANCE_LOW = 0.3  # 16-bit floats
-
-
-def symmetry_tolerance(dtype: torch.dtype) -> float:
-    r"""The largest :func:`check_symmetry` defect that rounding explains for products in ``dtype``.
-
-    The defect is normalised so that a symmetric operator computed with relative error ε per
-    product gives a defect of order ε (:func:`check_symmetry`). Measured on Hessian-vector
-    products of MLPs (30 random pairs each): ≤ 1e-15 in float64; in float32 ≤ 2e-6 on an MLP
-    well into training and ≤ 8e-5 on one trained to losses of 1e-4 to 1e-6 (1 − p_y cancels,
-    the least accurate products of the tests' models); in float16 ≤ 1e-3 and in bfloat16
-    ≤ 1e-2. The tolerances (1e-6, 1e-2, 0.3) sit ≥ 30× above those, and below what a wrong
-    second derivative gives (torch's ``_weight_norm``: 3e-2 to 2e-1 on a 57-parameter model);
-    an antisymmetric part under about 1 % of the operator in float32 goes unreported, and it
-    moves the top eigenvalue by about as little.
-    """
-    return SYMMETRY_TOLERANCE.get(dtype, SYMMETRY_TOLERANCE_LOW)
-
-
-def symmetry_defect(v: Tensor, av: Tensor, w: Tensor, aw: Tensor) -> float:
-    r"""√P |vᵀ(Aw) − wᵀ(Av)| / (‖v‖‖Aw‖ + ‖w‖‖Av‖) for P-vectors v, w and their products.
-
-    Zero for a symmetric A up to rounding (computed in float64). NaN where a product is not
-    finite; 0 where both products are zero.
-    """
-    v, av, w, aw = (t.detach().double().reshape(-1) for t in (v, av, w, aw))
-    den = float(v.norm() * aw.norm() + w.norm() * av.norm())
-    num = abs(float(v @ aw - w @ av))
-    if not (math.isfinite(num) and math.isfinite(den)):
-        return math.nan
-    if den == 0.0:
-        return 0.0
-    return math.sqrt(v.numel()) * num / den
-
-
-def check_symmetry(
-    matvec: MatVec,
-    dim: int,
-    *,
-    like: Tensor | None = None,
-    generator: torch.Generator | None = None,
-    products: Sequence[tuple[Tensor, Tensor]] | None = None,
-    tolerance: float | None = None,
-) -> SymmetryCheck:
-    r"""Check vᵀAw = wᵀAv for random vectors: two products, or none given ``products``.
-
-    Every solver here assumes a symmetric A; a Hessian-vector product is symmetric unless a
-    layer's second derivative is computed wrongly. For unit v, w drawn at random, wᵀ(Av) is of
-    order ‖Av‖ / √P, and so is wᵀδ for a rounding error δ of relative size ε in Av (δ does not
-    depend on w); the defect
-
-        √P |vᵀAw − wᵀAv| / (‖v‖‖Aw‖ + ‖w‖‖Av‖)
-
-    is therefore of order ε for a symmetric A whatever P is, while an antisymmetric part K gives
-    |vᵀKw| ≈ ‖K‖_F / P, a defect of order ‖K‖_F / ‖A‖_F. (Without the √P it would shrink with P
-    and a float32 tolerance would miss any asymmetry in a large model.) vᵀKw is itself random:
-    one pair misses now and then (below a tenth of its typical size in about one case in
-    twelve), so with more products given, the largest defect over all their pairs counts.
-
-    Args:
-        matvec: v ↦ A v.
-        dim: Operator dimension P.
-        like: Tensor giving dtype and device of the vectors (default float64 CPU).
-        generator: Random generator for v and w.
-        products: ≥ 2 pairs (v, Av) already computed for random v (independent, or made
-            orthogonal to each other: a cold Lanczos start block): no product is computed.
-        tolerance: The largest defect taken for rounding; default by the dtype of the products
-            (:func:`symmetry_tolerance`).
-
-    Returns:
-        The defect, the tolerance and the products computed.
-    """
-    like = like if like is not None else torch.zeros((), dtype=torch.float64)
-    matvecs = 0
-    if products is None:
-        vs = [_random_unit(dim, like, generator) for _ in range(2)]
-        products = [(v, matvec(v)) for v in vs]
-        matvecs = 2
-    if len(products) < 2:
-        raise ValueError("a symmetry check needs at least two products")
-    defects = [
-        symmetry_defect(*products[i], *products[j])
-        for i in range(len(products))
-        for j in range(i + 1, len(products))
-    ]
-    defect = math.nan if any(math.isnan(d) for d in defects) else max(defects)
-    tol = tolerance if tolerance is not None else symmetry_tolerance(products[0][1].dtype)
-    return SymmetryCheck(defect, tol, matvecs)

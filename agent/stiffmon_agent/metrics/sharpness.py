@@ -36,7 +36,6 @@ from torch.func import functional_call, grad, jvp
 from stiffmon_agent.metrics.eigen import (
     EigenResult,
     TraceEstimate,
-    check_symmetry,
     hutchinson_trace,
     power_iteration,
 )
@@ -53,6 +52,7 @@ from stiffmon_agent.metrics.probe import (
     unreduced,
 )
 from stiffmon_agent.metrics.state import measurement_mode, trainable_parameters
+from stiffmon_agent.metrics.symmetry import check_symmetry
 
 Backend = Literal["auto", "graph", "func", "double-backward"]
 

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from stiffmon import protocol as p
 from stiffmon_agent.measure import SharpnessState, make_probe, sharpness_messages
 from stiffmon_agent.metrics import EigenResult, HessianOperator, hessian_eigen, lanczos
-from stiffmon_agent.metrics.eigen import (
+from stiffmon_agent.metrics.symmetry import (
     SymmetryCheck,
     check_symmetry,
     symmetry_defect,
