@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -51,7 +51,12 @@ from stiffmon_agent.metrics.probe import (
     take,
     unreduced,
 )
-from stiffmon_agent.metrics.state import measurement_mode, trainable_parameters
+from stiffmon_agent.metrics.state import (
+    dense,
+    flat_grads,
+    measurement_mode,
+    trainable_parameters,
+)
 from stiffmon_agent.metrics.symmetry import check_symmetry
 
 Backend = Literal["auto", "graph", "func", "double-backward"]
@@ -67,12 +72,6 @@ def _load_jvp_decompositions() -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r".*torch\.jit\.script", FutureWarning)
         from torch._decomp import decompositions_for_jvp  # noqa: F401
-
-
-def _dense(t: Tensor) -> Tensor:
-    """``t`` as a strided tensor: the gradient of an ``Embedding(sparse=True)`` weight, and its
-    Hessian-vector product, come back sparse (duplicate indices are summed)."""
-    return t.to_dense() if t.layout != torch.strided else t
 
 
 class HessianOperator:
@@ -151,16 +150,6 @@ class HessianOperator:
         """A tensor with the parameters' dtype and device."""
         return self.params[0]
 
-    def _flat(self, grads: Sequence[Tensor | None]) -> Tensor:
-        """Gradients (or products) of the parameters flattened into one vector: zeros where a
-        parameter does not enter the loss, sparse ones (``Embedding(sparse=True)``) made dense."""
-        return torch.cat(
-            [
-                (_dense(g) if g is not None else torch.zeros_like(p)).reshape(-1)
-                for g, p in zip(grads, self.params, strict=True)
-            ]
-        )
-
     def _split(self, v: Tensor) -> list[Tensor]:
         return [c.view(s) for c, s in zip(v.split(self.sizes), self.shapes, strict=True)]
 
@@ -179,7 +168,7 @@ class HessianOperator:
                 return self._mean_loss(x, y, n, out)
 
             _, hv = jvp(grad(loss), (primals,), (tangents,))
-            total += (n / self.n) * torch.cat([_dense(hv[k]).reshape(-1) for k in primals])
+            total += (n / self.n) * torch.cat([dense(hv[k]).reshape(-1) for k in primals])
         return total
 
     def _hvp_double_backward(self, v: Tensor) -> Tensor:
@@ -198,7 +187,7 @@ class HessianOperator:
         if terms and any(t.requires_grad for t in terms):
             dot = torch.stack(terms).sum()
             hv = torch.autograd.grad(dot, self.params, retain_graph=retain, allow_unused=True)
-        return self._flat(hv)
+        return flat_grads(hv, self.params)
 
     def _hvp_graph(self, v: Tensor) -> Tensor:
         """Double backward through a first-order graph built once and kept (one chunk only)."""
@@ -236,7 +225,7 @@ class HessianOperator:
         for x, y, n in self.chunks:
             loss = self._mean_loss(x, y, n, self.forward(self.model, x))
             g = torch.autograd.grad(loss, self.params, allow_unused=True)
-            total += (n / self.n) * self._flat(g)
+            total += (n / self.n) * flat_grads(g, self.params)
         return total
 
 

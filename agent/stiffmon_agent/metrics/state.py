@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Named parameters that require grad (frozen ones are excluded), shared ones once."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def dense(t: Tensor) -> Tensor:
+    """``t`` as a strided tensor: the gradient of an ``Embedding(sparse=True)`` weight, and its
+    Hessian-vector product, come back sparse (duplicate indices are summed)."""
+    return t.to_dense() if t.layout != torch.strided else t
+
+
+def flat_grads(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+    """Gradients (or products) of ``params`` flattened into one vector: zeros where a parameter
+    does not enter the loss (None), sparse ones made dense."""
+    return torch.cat(
+        [
+            (dense(g) if g is not None else torch.zeros_like(q)).reshape(-1)
+            for g, q in zip(grads, params, strict=True)
+        ]
+    )
 
 
 def _autocast_enabled(device_type: str) -> bool:

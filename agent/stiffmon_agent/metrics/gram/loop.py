@@ -15,6 +15,7 @@ from stiffmon_agent.metrics.probe import (
     per_example_losses,
     take,
 )
+from stiffmon_agent.metrics.state import flat_grads
 
 
 def example_gradient(
@@ -32,14 +33,7 @@ def example_gradient(
     """
     loss = per_example_losses(loss_fn, forward(model, x), y, 1)[0]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([_flat(g, p) for g, p in zip(grads, params, strict=True)])
-
-
-def _flat(g: Tensor | None, p: Tensor) -> Tensor:
-    """``g`` flattened: zeros for None, a sparse gradient made dense (duplicates summed)."""
-    if g is None:
-        return torch.zeros_like(p).reshape(-1)
-    return (g if g.layout == torch.strided else g.to_dense()).reshape(-1)
+    return flat_grads(grads, params)
 
 
 def loop_grads(
