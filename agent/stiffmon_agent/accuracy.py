@@ -192,7 +192,7 @@ def step_accuracy(
     warned: set[str],
     threshold: float | None = None,
     ignore_index: int | None = None,
-    say: Callable[[str, bool], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Accuracy | float:
     """:meth:`Accuracy.of`, never raising: NaN, and one warning, if the two do not compare.
 
@@ -203,8 +203,8 @@ def step_accuracy(
             scalar's name); a step counted here marks that the accuracy was available.
         threshold: A binary loss's decision threshold, or None (argmax accuracy).
         ignore_index: A non-negative target to leave out like the negative ones, or None.
-        say: Called once with the reason and whether some step had an accuracy before, with
-            the warning (the agent's ``accuracy-unavailable`` event).
+        say: Called once with the reason, with the warning (the agent's
+            ``accuracy-unavailable`` event).
 
     Returns:
         The step's :class:`Accuracy`, or NaN. ``logits`` that are a counted :class:`Accuracy`
@@ -222,7 +222,7 @@ def step_accuracy(
             # counted before: only some steps lack it
             log.warning(nan_accuracy_console(str(exc), seen=_COUNTED in warned))
             if say is not None:
-                say(str(exc), _COUNTED in warned)
+                say(str(exc))
         return math.nan
     if a.hits is not None and _COUNTED not in warned:
         warned.add(_COUNTED)

@@ -259,7 +259,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self._registry_run: str | None = None
         self.probe: ProbeSet | None = None
         self._probe_note = ""  # examples left out of the probe (no counted target)
-        self._probe_notes: list[tuple[str, str]] = []  # info events said at the start
+        self._class_weight: float | None = None  # w̄ of a class-weighted loss (probe.class_weighted)
         self.publisher: Publisher | None = None
         self._columns = ColumnBatcher(self._submit_columns, interval=batch_interval)
         self._optimizer_columns = OptimizerColumns(optimizer)
@@ -276,9 +276,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         if self.shard is not None:  # every rank: a rank without the probe must not hang
             sharding.check_same_setup(self.model, self.probe, self._plan.schedules)
         if self.probe is not None:
-            measured_loss, wbar = class_weighted(loss_fn, self.probe.train()[1])
-            if wbar is not None:
-                self._probe_notes.append(("class-weighted", class_weight_note(wbar)))
+            measured_loss, self._class_weight = class_weighted(loss_fn, self.probe.train()[1])
             self._runner = MeasurementRunner(
                 self.model,
                 measured_loss,
@@ -312,11 +310,10 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         )  # fmt: skip
         self._submit(p.Hello, fields)
         self._budget.who = self._skips.who = speaker(self.name)  # names the run's lines
-        for code, note in [
-            *probe_notes(self.probe, self._opts.distance_layers, self.model),
-            *self._probe_notes,
-        ]:
+        for code, note in probe_notes(self.probe, self._opts.distance_layers, self.model):
             self.event(code, note)
+        if self._class_weight is not None:
+            self.event("class-weighted", class_weight_note(self._class_weight))
         if self._probe_note:
             self.warn("probe-uncounted", self._probe_note)
         if probe is not None and (note := unoptimized_note(self.model, optimizer)):
@@ -405,7 +402,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             self._measure_due(s)
         self.step_count = s + 1
 
-    def _no_acc(self, reason: str, seen: bool) -> None:
+    def _no_acc(self, reason: str) -> None:
         """The ``accuracy-unavailable`` event for logits/targets that do not compare (said once;
         whether earlier steps had an accuracy is known only on the publisher thread)."""
         what = f"no accuracy at step {self.step_count} (NaN) and at steps like it: {reason}"
