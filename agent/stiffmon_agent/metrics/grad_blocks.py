@@ -38,7 +38,7 @@ from stiffmon_agent.metrics.gram.contract import (
     rows_gram,
 )
 from stiffmon_agent.metrics.gram.coupling import coupled
-from stiffmon_agent.metrics.gram.plan import Layer, ghost_cost, plan, untie_incomplete
+from stiffmon_agent.metrics.gram.plan import Layer, ghost_cost, plan
 from stiffmon_agent.metrics.gram.verify import check_entries, mismatch_note
 from stiffmon_agent.metrics.probe import (
     Batch,
@@ -110,9 +110,9 @@ class LayerGrads:
 
 def _hookable(model: nn.Module) -> dict[str, Layer]:
     # embeddings' dense per-example gradients come from vmap (their hook form is sparse), except
-    # a tied one's, summed densely with the other uses of its weight
-    keep = {k: v for k, v in plan(model, "ghost").items() if v.tied or not _is_embedding(v.module)}
-    return untie_incomplete(model, keep)
+    # a tied one's, summed densely with the other uses of its weight (those it leaves out tie
+    # nothing: plan's ties stay complete)
+    return {k: v for k, v in plan(model, "ghost").items() if v.tied or not _is_embedding(v.module)}
 
 
 def _is_embedding(mod: nn.Module) -> bool:

@@ -237,9 +237,10 @@ def class_weighted(loss_fn: LossFn, targets: Batch) -> tuple[LossFn, float | Non
         and _class_index(targets)
     ):
         return loss_fn, None
-    kept = targets[targets != fn.ignore_index].to(torch.int64)
-    w = weight.detach().double().to(kept.device)[kept.clamp(0, weight.shape[0] - 1)]
-    mean = float(w.mean()) if kept.numel() else 0.0
+    counted = _counted(fn, targets, targets.shape)  # each target's class weight, 0 if ignored
+    assert counted is not None  # class-index targets of a CrossEntropyLoss / NLLLoss
+    kept = int((targets != fn.ignore_index).sum())
+    mean = float(counted.detach().double().sum()) / kept if kept else 0.0
     if not mean > 0:
         raise ValueError(
             "the class weights of the probe's train examples are all 0: the weighted loss has "
