@@ -38,7 +38,7 @@ from stiffmon_agent.accuracy import (
 from stiffmon_agent.agent_output import AgentOutput
 from stiffmon_agent.announce import (
     accumulation_advice,
-    class_weight_note,
+    count_weighting_sayer,
     dist_rank,
     hello_fields,
     log,
@@ -64,11 +64,10 @@ from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
     LossFn,
-    class_weighted,
     loss_reduction,
 )
 from stiffmon_agent.optimizer_skips import OptimizerSkips
-from stiffmon_agent.probe_set import build_probe
+from stiffmon_agent.probe_set import CountWeighting, build_probe, count_weighted
 from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.rank_gate import RankGate
 from stiffmon_agent.runner import MeasurementRunner
@@ -259,7 +258,7 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self._registry_run: str | None = None
         self.probe: ProbeSet | None = None
         self._probe_note = ""  # examples left out of the probe (no counted target)
-        self._class_weight: float | None = None  # w̄ of a class-weighted loss (probe.class_weighted)
+        self._weighting: CountWeighting | None = None  # c̄ of a mean over counted positions
         self.publisher: Publisher | None = None
         self._columns = ColumnBatcher(self._submit_columns, interval=batch_interval)
         self._optimizer_columns = OptimizerColumns(optimizer)
@@ -276,7 +275,8 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         if self.shard is not None:  # every rank: a rank without the probe must not hang
             sharding.check_same_setup(self.model, self.probe, self._plan.schedules)
         if self.probe is not None:
-            measured_loss, self._class_weight = class_weighted(loss_fn, self.probe.train()[1])
+            said = count_weighting_sayer(self.event)  # at the first measurement, if it applies
+            measured_loss, self._weighting = count_weighted(loss_fn, self.probe.train()[1], said)
             self._runner = MeasurementRunner(
                 self.model,
                 measured_loss,
@@ -312,8 +312,6 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self._budget.who = self._skips.who = speaker(self.name)  # names the run's lines
         for code, note in probe_notes(self.probe, self._opts.distance_layers, self.model):
             self.event(code, note)
-        if self._class_weight is not None:
-            self.event("class-weighted", class_weight_note(self._class_weight))
         if self._probe_note:
             self.warn("probe-uncounted", self._probe_note)
         if probe is not None and (note := unoptimized_note(self.model, optimizer)):

@@ -5,6 +5,8 @@
 
 * :func:`unoptimized_note`, :func:`accumulation_advice`: the warnings about parameters the
   optimizer does not hold and about gradient accumulation;
+* :func:`count_weighting_event`, :func:`count_weighting_sayer`: the info event saying how a mean
+  over the batch's counted positions (padding, class weights) is measured;
 * :func:`startup_line`: the console line an agent starts with;
 * :func:`dist_rank`: the torch.distributed rank (0 when not distributed);
 * :func:`hello_fields`: the fields of the run's ``hello`` message;
@@ -20,7 +22,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ from stiffmon import __version__
 from stiffmon.registry import RunEntry, register
 from stiffmon.transport import CurveKeys, load_curve_server
 from stiffmon_agent.metrics.state import unoptimized
-from stiffmon_agent.probe_set import ProbeSet
+from stiffmon_agent.probe_set import CountWeighting, ProbeSet
 from stiffmon_agent.publisher import Publisher
 
 log = logging.getLogger("stiffmon_agent")
@@ -73,14 +75,41 @@ def unoptimized_note(model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     )
 
 
-def class_weight_note(wbar: float) -> str:
-    """The ``class-weighted`` event: how class weights over one target per example are
-    measured (:func:`~stiffmon_agent.metrics.probe.class_weighted`)."""
+def count_weighting_event(w: CountWeighting) -> tuple[str, str, dict[str, float]]:
+    """The info event (code, message, attrs) saying how the probe's per-example losses are
+    normalised (:func:`~stiffmon_agent.probe_set.count_weighted`): ``class-weighted`` for
+    class weights with one target per example (attrs ``wbar``), ``token-weighted`` for
+    per-element targets (attrs ``cbar``, ``low``, ``high``: the mean, smallest and largest
+    count of one train example)."""
+    effects = "λ1_H, Tr K and the gradient noise are those of that objective on the probe"
+    if not w.per_element:
+        return (
+            "class-weighted",
+            "the loss has class weights and one target per example: it trains on Σ w·ℓ / Σ w, "
+            "so each probe example's loss is divided by the probe's mean class weight "
+            f"w̄ = {w.mean:.6g} ({effects})",
+            {"wbar": w.mean},
+        )
+    weighted = ", class-weighted" if w.class_weights else ""
     return (
-        "the loss has class weights and one target per example: it trains on Σ w·ℓ / Σ w, so "
-        f"each probe example's loss is divided by the probe's mean class weight w̄ = {wbar:.6g} "
-        "(λ1_H, Tr K and the gradient noise are those of that objective on the probe)"
+        "token-weighted",
+        f"the loss averages over the batch's counted positions (Σ c·ℓ / Σ c, ignored targets left "
+        f"out{weighted}), not per example: each probe example's loss is its sum over them "
+        f"divided by the train probe's mean count per example c̄ = {w.mean:.6g} (one example "
+        f"counts {w.low:.6g} to {w.high:.6g}), so {effects}",
+        {"cbar": w.mean, "low": w.low, "high": w.high},
     )
+
+
+def count_weighting_sayer(event: Callable[..., None]) -> Callable[[CountWeighting], None]:
+    """``say`` for :func:`~stiffmon_agent.probe_set.count_weighted`: publishes
+    :func:`count_weighting_event` through ``event(code, message, **attrs)``."""
+
+    def say(w: CountWeighting) -> None:
+        code, message, attrs = count_weighting_event(w)
+        event(code, message, **attrs)
+
+    return say
 
 
 def accumulation_advice(k: int, b: int, summed: bool) -> str:

@@ -2,13 +2,16 @@
 
 * :class:`ProbeSet`: the joint train (+ optional validation) probe, with its class labels;
 * :func:`make_probe`: concatenate, move to the model's device and dtype, read the labels;
+* :func:`count_weighted`: the loss whose per-example losses make the objective the optimizer
+  steps on where a mean-reduced class-index loss divides by the batch's count of counted
+  positions (padded tokens, class weights);
 * :func:`check_finite`: a due measurement raises :class:`MeasurementSkipped` while the weights
   or the train-probe loss are not finite (the agent turns it into an ``event``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +24,14 @@ from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
     LossFn,
+    PerExampleLoss,
     batch_size,
+    class_weights_of,
     counted_examples,
+    counted_weights,
     default_forward,
     ignore_index_of,
+    loss_reduction,
     per_example_losses,
     take,
     unreduced,
@@ -193,6 +200,86 @@ def without_uncounted(probe: ProbeSet, loss_fn: LossFn) -> tuple[ProbeSet, str]:
         probe.class_names,
     )
     return kept, note
+
+
+@dataclass(frozen=True)
+class CountWeighting:
+    """How :func:`count_weighted` normalises the per-example losses.
+
+    Attributes:
+        mean: c̄ = (1/N) Σ_i Σ_t c_it over the N train examples (for one target per example: the
+            mean class weight w̄).
+        low: The smallest count Σ_t c_it of one train example.
+        high: The largest.
+        per_element: Targets per element ((B, T) tokens, pixels); False: one target per example.
+        class_weights: The loss has a class ``weight`` (the counts are weighted).
+    """
+
+    mean: float
+    low: float
+    high: float
+    per_element: bool
+    class_weights: bool
+
+
+def count_weighted(
+    loss_fn: LossFn, targets: Batch, say: Callable[[CountWeighting], None] | None = None
+) -> tuple[LossFn, CountWeighting | None]:
+    """The loss to measure with where a mean-reduced class-index loss divides by the batch's
+    count of counted positions.
+
+    A mean-reduced ``CrossEntropyLoss`` / ``NLLLoss`` (or a plain callable, ignore index -100)
+    trains on Σ_{i,t} c_it ℓ_it / Σ_{i,t} c_it, c_it the weight of position t of example i (0
+    where ignored, its class ``weight``, else 1; :mod:`~stiffmon_agent.metrics.probe`). With
+    c̄ = (1/N) Σ_i Σ_t c_it over ``targets`` (the probe's train examples; examples counting
+    nothing are left out of the probe, and of N, by :func:`without_uncounted`), L_i =
+    Σ_t c_it ℓ_it / c̄ makes (1/N) Σ_i L_i that objective on these examples, so that the Hessian
+    of the probe mean and the per-example gradients g_i = ∇L_i are those of the loss the
+    optimizer steps on. Against each example's own mean, L_i is scaled by (Σ_t c_it) / c̄: λ1_H,
+    Tr K and the gradient noise change, cosines and sign stiffness do not. The same c̄ scales
+    the validation examples: their gradients enter only the train-val and val-val stiffness
+    (cosines and signs), which no positive per-example scale changes, so their own c̄ would
+    give the same numbers. Every rank of a sharded measurement builds the same global probe,
+    hence the same c̄.
+
+    ``say`` is called with the :class:`CountWeighting` the first time c̄ applies (the losses
+    are read: at the first measurement); never where the losses do not line up with the
+    targets (a loss returning one value per example, each its own mean, is used as it is).
+
+    Returns:
+        ``(PerExampleLoss with count_mean c̄, CountWeighting)``; ``(loss_fn, None)`` where
+        nothing changes: a sum-reduced loss (L_i = Σ_t c_it ℓ_it already), targets that are not
+        class indices (every element counts alike: regression, soft targets,
+        ``KLDivLoss(reduction="batchmean")``), per-element targets whose examples all count
+        alike (c̄ = each one's own count), one target per example without class weights.
+
+    Raises:
+        ValueError: If no train target counts (every class weight 0).
+    """
+    totals = counted_weights(loss_fn, targets)
+    if totals is None or loss_reduction(loss_fn) != "mean":
+        return loss_fn, None
+    assert isinstance(targets, Tensor)
+    per_element = targets.dim() > 1
+    weights = class_weights_of(loss_fn) is not None
+    totals = totals.detach().double().cpu()
+    kept = totals[totals > 0]
+    alike = per_element and bool((totals == totals[:1]).all())  # each own count is c̄
+    if not (per_element or weights) or alike:
+        return loss_fn, None
+    if not kept.numel():
+        raise ValueError(
+            "the class weights of the probe's train examples are all 0: the weighted loss has "
+            "no gradient on the probe; give a probe with examples of weighted classes"
+        )
+    mean = float(kept.mean())
+    info = CountWeighting(mean, float(kept.min()), float(kept.max()), per_element, weights)
+    base = unreduced(loss_fn)
+    measured = PerExampleLoss(base.fn, base.objective, base.elements, base.scale, mean)
+    if say is not None:
+        tell: Callable[[CountWeighting], None] = say
+        measured.on_count = lambda applied: tell(info) if applied else None
+    return measured, info
 
 
 def _on_device(index: Tensor, batch: Batch) -> Tensor:

@@ -3,6 +3,8 @@
 Before, the agent measured (1/N) Σ w_{y_i} ℓ_i: λ1_H was w̄ times too large (7.0× on a
 balanced probe with weights [1, 10, 10]) and Tr K w̄² times, with nothing said. Every figure is
 checked against float64 references of the objective itself, not of the agent's rescaled loss.
+It is the T = 1 case of :func:`~stiffmon_agent.probe_set.count_weighted` (per-element targets:
+``test_token_weighting.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from stiffmon import protocol as p
 from stiffmon.session import read_session
 from stiffmon_agent import Agent
 from stiffmon_agent.metrics import per_example_gram
-from stiffmon_agent.metrics.probe import class_weighted
+from stiffmon_agent.probe_set import count_weighted
 from tests.agent.metrics.reference import dense_hessian_of, rel_err
 
 WEIGHT = torch.tensor([1.0, 10.0, 4.0], dtype=torch.float64)
@@ -89,6 +91,8 @@ def test_the_weighted_objective_is_measured_and_said(tmp_path: Path) -> None:
     assert _last(msgs, "noise/trace_k") == pytest.approx(trace_k, rel=1e-9)
     said = [m for m in msgs if isinstance(m, p.Event) and m.code == "class-weighted"]
     assert len(said) == 1 and f"w̄ = {wbar:.6g}" in said[0].message
+    assert said[0].attrs["wbar"] == pytest.approx(wbar, rel=1e-12)
+    assert not any(m.code == "token-weighted" for m in msgs if isinstance(m, p.Event))
 
 
 def test_other_losses_and_targets_are_left_as_they_are() -> None:
@@ -98,26 +102,26 @@ def test_other_losses_and_targets_are_left_as_they_are() -> None:
         nn.CrossEntropyLoss(weight=WEIGHT, reduction="sum"),  # Σ w ℓ: already the objective
         nn.MSELoss(),
     ):
-        assert class_weighted(loss, y) == (loss, None)
-    tokens = torch.zeros(3, 4, dtype=torch.long)  # per-element targets: each example's own mean
-    weighted = nn.CrossEntropyLoss(weight=WEIGHT)
-    assert class_weighted(weighted, tokens) == (weighted, None)
+        assert count_weighted(loss, y) == (loss, None)
+    tokens = torch.zeros(3, 4, dtype=torch.long)  # per-element targets, each example's count
+    weighted = nn.CrossEntropyLoss(weight=WEIGHT)  # alike: c̄ is each one's own (no change)
+    assert count_weighted(weighted, tokens) == (weighted, None)
     soft = torch.rand(3, 3)  # probability targets: torch divides by N
-    assert class_weighted(weighted, soft) == (weighted, None)
+    assert count_weighted(weighted, soft) == (weighted, None)
 
 
 def test_ignored_targets_do_not_count_in_the_mean_weight_and_all_zero_weights_are_refused() -> None:
     loss = nn.CrossEntropyLoss(weight=WEIGHT, ignore_index=-1)
-    _, wbar = class_weighted(loss, torch.tensor([1, 1, -1, 2]))
-    assert wbar == pytest.approx(8.0)
+    _, info = count_weighted(loss, torch.tensor([1, 1, -1, 2]))
+    assert info is not None and info.mean == pytest.approx(8.0)
     with pytest.raises(ValueError, match="all 0"):
-        class_weighted(nn.CrossEntropyLoss(weight=torch.tensor([0.0, 1.0])), torch.tensor([0, 0]))
+        count_weighted(nn.CrossEntropyLoss(weight=torch.tensor([0.0, 1.0])), torch.tensor([0, 0]))
 
 
 def test_the_gram_of_the_measured_loss_is_that_of_the_objective_contributions() -> None:
     model, x, y = _setup()
-    measured, wbar = class_weighted(nn.CrossEntropyLoss(weight=WEIGHT), y)
-    assert wbar == pytest.approx(60 / 18)
+    measured, info = count_weighted(nn.CrossEntropyLoss(weight=WEIGHT), y)
+    assert info is not None and info.mean == pytest.approx(60 / 18)
     got = per_example_gram(model, x, y, measured, chunk_size=7).total
     rows = []
     for i in range(len(y)):

@@ -13,8 +13,9 @@
 called as ``model(**inputs).logits`` (``forward=`` overrides that) and, unless ``loss_fn=`` is
 given, the loss is the model's own, per example: what ``…ForSequenceClassification`` computes
 for its ``config.problem_type`` (cross-entropy, MSE or BCE-with-logits), and token-level
-cross-entropy (ignoring label −100, averaged over each example's tokens; shifted by one token
-for causal language models) for per-token labels.
+cross-entropy (ignoring label −100, shifted by one token for causal language models) for
+per-token labels, each example's sum over its tokens divided by the probe's mean token count per
+example (the model's loss divides by the batch's token count: :class:`ModelLoss`).
 
 The agent is built at ``on_train_begin`` on the world's main process only (multi-GPU: rank 0
 publishes) and stepped at ``on_step_end``, which the Trainer calls once per optimizer step, after
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stiffmon_agent.agent import Agent
+from stiffmon_agent.announce import count_weighting_event
 from stiffmon_agent.integrations._common import (
     StepAccuracy,
     build_agent,
@@ -53,6 +55,7 @@ from stiffmon_agent.integrations.hf_lm import (
     label_targets,
     unwrap_model,
 )
+from stiffmon_agent.probe_set import CountWeighting
 
 try:
     from transformers import TrainerCallback
@@ -100,14 +103,42 @@ class ModelLoss:
     For ``(N, C)`` logits, by ``config.problem_type`` (inferred as Hugging Face does when
     unset: regression for one label, single-label classification for integer labels, else
     multi-label): ``CE(logits_i, y_i)``, ``MSE(logits_i, y_i)`` or ``mean_c BCE(logits_ic,
-    y_ic)``. For ``(N, T, V)`` logits with ``(N, T)`` labels: ``mean over t with y_it ≠ −100 of
-    CE(logits_it, y_it)``, with logits shifted (position t predicts token t + 1) for causal LMs.
+    y_ic)``. For ``(N, T, V)`` logits with ``(N, T)`` labels, with logits shifted (position t
+    predicts token t + 1) for causal LMs: ``Σ_t CE(logits_it, y_it) / c̄`` over the positions
+    with y_it ≠ −100 once :meth:`count_over` has set ``count_mean`` = c̄, the probe's mean count
+    of such positions per example (the model's loss divides by the batch's count of them, so the
+    mean of these over a batch is the model's own loss on it); before: each example's own mean
+    over them.
     """
 
-    def __init__(self, config: Any = None, causal: bool = False) -> None:
+    def __init__(
+        self, config: Any = None, causal: bool = False, count_mean: float | None = None
+    ) -> None:
         self.problem_type = getattr(config, "problem_type", None)
         self.num_labels = int(getattr(config, "num_labels", 0) or 0)
         self.causal = causal
+        self.count_mean = count_mean
+
+    def counts(self, labels: Tensor) -> Tensor:
+        """Per example of ``(N, T)`` token labels: the positions the loss counts (labels not
+        −100, after the causal shift)."""
+        kept = labels[:, 1:] if self.causal else labels
+        return (kept != -100).sum(dim=1)
+
+    def count_over(self, labels: Any) -> CountWeighting | None:
+        """Set ``count_mean`` c̄ from the train probe's ``(N, T)`` token ``labels``: the mean
+        count per example over the examples the agent keeps (those with a label not −100), so
+        that the probe mean of the per-example losses is the model's loss on the probe. None
+        (nothing set) for other labels, or when every example counts as many positions (each
+        example's own mean is then the same)."""
+        if not (isinstance(labels, Tensor) and labels.dim() == 2) or labels.is_floating_point():
+            return None
+        counts = self.counts(labels).double()[(labels != -100).any(dim=1)]
+        if not counts.numel() or bool((counts == counts[0]).all()) or not counts.sum() > 0:
+            return None
+        self.count_mean = float(counts.mean())
+        kept = counts[counts > 0]
+        return CountWeighting(self.count_mean, float(kept.min()), float(kept.max()), True, False)
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
         if logits.dim() == 3 and labels.dim() == 2:
@@ -117,7 +148,10 @@ class ModelLoss:
                 logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
             )
             valid = (labels != -100).to(tok.dtype)
-            return (tok * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+            total = (tok * valid).sum(dim=1)
+            if self.count_mean is not None:  # the batch's count divides (Hugging Face's loss)
+                return total / self.count_mean
+            return total / valid.sum(dim=1).clamp(min=1.0)
         problem = self.problem_type
         if problem is None:
             if self.num_labels == 1 or logits.shape[-1] == 1:
@@ -259,6 +293,9 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
         loss_fn = (
             self.loss_fn if self.loss_fn is not None else ModelLoss(config, causal=bool(causal))
         )
+        probe = self.options.get("probe")
+        labels = probe[1] if isinstance(probe, tuple) and len(probe) == 2 else None
+        weighting = loss_fn.count_over(labels) if isinstance(loss_fn, ModelLoss) else None
         id2label = getattr(config, "id2label", None) or {}
         names = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
         options = {**self.options, "forward": OwnPrecision(self.options.get("forward"))}
@@ -282,8 +319,9 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
         self._causal = bool(causal)
         self._loss = StepLoss(bool(causal), note=lambda m: agent.event("step-loss", m, "warning"))
         self._accuracy = StepAccuracy()
-        probe = self.options.get("probe")
-        labels = probe[1] if isinstance(probe, tuple) and len(probe) == 2 else None
+        if weighting is not None:
+            code, message, attrs = count_weighting_event(weighting)
+            agent.event(code, message, **attrs)
         if (
             causal is None
             and self.loss_fn is None

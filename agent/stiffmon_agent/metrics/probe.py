@@ -13,22 +13,22 @@ the objective is Σ_i L_i = B × (1/B) Σ_i L_i. A plain callable must return on
 (or per element, averaged per example); its objective is taken to be the mean over the batch,
 unless the callable has a ``reduction`` attribute equal to ``"sum"``.
 
-Class-index targets with one class per element ((B, T) token targets): positions whose target
-is the ignore index (a ``CrossEntropyLoss`` / ``NLLLoss``'s ``ignore_index``; -100 for a plain
-callable) are left out of example i's mean, and a class ``weight`` weighs it, so L_i is what the
-mean-reduced loss gives for example i alone: Σ_t w_t ℓ_it / Σ_t w_t over its counted positions
-(0 for an example with none). The batch's own mean divides by the whole batch's count instead,
-so the probe objective (1/B) Σ_i L_i is the mean of the examples' token means: the same when
-every example counts as many positions. A loss that flattens (B, T) to B·T values (a wrapper
-calling ``CrossEntropyLoss`` on ``logits.reshape(-1, V)``) is read back as (B, T) when the targets
-have that shape.
-
-A class ``weight`` with one target per example ((B,) targets of a mean-reduced
-``CrossEntropyLoss`` / ``NLLLoss``) makes the objective Σ_i w_{y_i} ℓ_i / Σ_i w_{y_i}, not a
-mean over examples: :func:`class_weighted` gives the loss whose L_i = w_{y_i} ℓ_i / w̄, w̄ the
-mean class weight of the probe's train examples, so that the probe mean of the L_i is that
-objective on the probe (the agent uses it; the functions here take the loss as given, and
-torch's ``reduction="none"`` gives w_{y_i} ℓ_i).
+Class-index targets (a ``CrossEntropyLoss`` / ``NLLLoss``, or a plain callable whose ignore
+index is -100): position t of example i counts with weight c_it, 0 where the target is the
+ignore index, the target class's ``weight`` where the loss has class weights, else 1. For the
+loss as given, L_i is what the mean-reduced loss gives for example i alone, Σ_t c_it ℓ_it /
+Σ_t c_it over its counted positions (0 for an example with none), and (1/B) Σ_i L_i is the mean
+of the examples' own means. The mean-reduced loss of a batch divides by the whole batch's count,
+Σ_{i,t} c_it ℓ_it / Σ_{i,t} c_it, and so does Hugging Face's causal-LM loss: the same only when
+every example counts as much. A :class:`PerExampleLoss` with ``count_mean`` c̄ gives that
+objective's contributions instead, L_i = Σ_t c_it ℓ_it / c̄ (torch's ``reduction="none"`` gives
+c_it ℓ_it, and 0 at ignored positions): with c̄ = (1/N) Σ_{i,t} c_it over N examples, (1/N)
+Σ_i L_i is the mean-reduced loss on them. The agent builds it from the train probe
+(:func:`~stiffmon_agent.probe_set.probe_weighting`); the functions here take the loss as given.
+One target per example ((B,) targets) is the special case T = 1: a class ``weight`` makes the
+objective Σ_i w_{y_i} ℓ_i / Σ_i w_{y_i}, so L_i = w_{y_i} ℓ_i / w̄. A loss that flattens (B, T)
+to B·T values (a wrapper calling ``CrossEntropyLoss`` on ``logits.reshape(-1, V)``) is read back
+as (B, T) when the targets have that shape.
 """
 
 from __future__ import annotations
@@ -114,7 +114,14 @@ class PerExampleLoss:
         elements: How an example's elements (tokens, outputs) make its loss: ``"sum"`` for a
             sum-reduced loss and for ``KLDivLoss(reduction="batchmean")`` (a mean over the
             batch of per-example sums), else ``"mean"``.
-        scale: Multiplies every per-example loss (1/w̄ for class weights, :func:`class_weighted`).
+        scale: Multiplies every per-example loss.
+        count_mean: c̄ of a class-index loss whose objective divides by the batch's count of
+            counted positions (see the module docstring): where the losses line up with the
+            targets, L_i = Σ_t c_it ℓ_it / c̄; None: each example's own mean (a class ``weight``
+            with one target per example: w_{y_i} ℓ_i).
+        on_count: Called once, with whether c̄ applied, the first time the losses are read with
+            a ``count_mean`` (it does not where they do not line up with the targets: a loss
+            returning one value per example is used as it is); then cleared.
     """
 
     def __init__(
@@ -123,11 +130,14 @@ class PerExampleLoss:
         objective: Reduction,
         elements: Reduction | None = None,
         scale: float = 1.0,
+        count_mean: float | None = None,
     ) -> None:
         self.fn = fn
         self.objective: Reduction = objective
         self.elements: Reduction = elements or objective
         self.scale = scale
+        self.count_mean = count_mean
+        self.on_count: Callable[[bool], None] | None = None
 
     def __call__(self, outputs: Any, targets: Batch) -> torch.Tensor:
         return self.fn(outputs, targets)
@@ -158,7 +168,8 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
     averaged when the objective is a mean (L_i is what a mean-reduced loss gives for example i
     alone) and summed when it is a sum (Σ_i L_i is the sum-reduced loss) or a mean over the
     batch of per-example sums (``KLDivLoss(reduction="batchmean")``); see
-    :func:`loss_reduction` and :class:`PerExampleLoss`.
+    :func:`loss_reduction` and :class:`PerExampleLoss`. Class-index targets with a
+    ``count_mean`` c̄: L_i = Σ_t c_it ℓ_it / c̄ (the module docstring).
 
     Raises:
         ValueError: If ``loss_fn`` reduces over the batch (returns fewer than ``n`` values).
@@ -193,6 +204,7 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
 def _per_example(loss_fn: LossFn, losses: torch.Tensor, targets: Batch, n: int) -> torch.Tensor:
     """(n,) per-example losses from the (n, …) unreduced ``losses`` (see
     :func:`per_example_losses`)."""
+    cbar = loss_fn.count_mean if isinstance(loss_fn, PerExampleLoss) else None
     if losses.dim() > 1:
         flat = losses.reshape(n, -1)
         elements = loss_fn.elements if isinstance(loss_fn, PerExampleLoss) else None
@@ -201,53 +213,25 @@ def _per_example(loss_fn: LossFn, losses: torch.Tensor, targets: Batch, n: int) 
         counted = _counted(loss_fn, targets, losses.shape)
         if counted is None:
             _check_lined_up(loss_fn, targets, losses.shape)
+            _count_applied(loss_fn, False)
             return flat.mean(dim=1)
+        if cbar is not None:  # the batch's count divides: Σ_t c_it ℓ_it / c̄
+            _count_applied(loss_fn, True)
+            return flat.sum(dim=1) / cbar
         total = counted.reshape(n, -1).sum(dim=1).to(flat.dtype)
         return torch.where(total > 0, flat.sum(dim=1) / total.clamp_min(1e-30), 0.0)
+    if cbar is not None and _counted(loss_fn, targets, losses.shape) is not None:
+        _count_applied(loss_fn, True)
+        return losses / cbar  # one target per example: w_{y_i} ℓ_i / w̄
+    _count_applied(loss_fn, False)
     return losses
 
 
-def class_weighted(loss_fn: LossFn, targets: Batch) -> tuple[LossFn, float | None]:
-    """The loss to measure with for a class-weighted mean over one target per example.
-
-    A mean-reduced ``CrossEntropyLoss`` / ``NLLLoss`` with a class ``weight`` and (N,)
-    class-index targets trains on Σ_i w_{y_i} ℓ_i / Σ_i w_{y_i} (torch divides by the weights'
-    sum, not by N). With w̄ = (1/N) Σ_i w_{y_i} over ``targets`` (the probe's train examples,
-    ignored targets left out), L_i = w_{y_i} ℓ_i / w̄ makes (1/N) Σ_i L_i that objective on these
-    examples, so that the Hessian of the probe mean and the per-example gradients g_i = ∇L_i are
-    those of the loss the optimizer steps on (λ1_H scales by 1/w̄, Tr K by 1/w̄²; cosines do not
-    change).
-
-    Returns:
-        ``(PerExampleLoss with scale 1/w̄, w̄)``; ``(loss_fn, None)`` for any other loss or
-        targets (per-element targets weigh each example's own mean instead, see the module
-        docstring).
-
-    Raises:
-        ValueError: If the weights of every probe target's class are 0.
-    """
-    fn = loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
-    weight = getattr(fn, "weight", None)
-    if not (
-        isinstance(fn, nn.CrossEntropyLoss | nn.NLLLoss)
-        and isinstance(weight, torch.Tensor)
-        and loss_reduction(loss_fn) == "mean"
-        and isinstance(targets, torch.Tensor)
-        and targets.dim() == 1
-        and _class_index(targets)
-    ):
-        return loss_fn, None
-    counted = _counted(fn, targets, targets.shape)  # each target's class weight, 0 if ignored
-    assert counted is not None  # class-index targets of a CrossEntropyLoss / NLLLoss
-    kept = int((targets != fn.ignore_index).sum())
-    mean = float(counted.detach().double().sum()) / kept if kept else 0.0
-    if not mean > 0:
-        raise ValueError(
-            "the class weights of the probe's train examples are all 0: the weighted loss has "
-            "no gradient on the probe; give a probe with examples of weighted classes"
-        )
-    base = unreduced(loss_fn)
-    return PerExampleLoss(base.fn, base.objective, base.elements, 1.0 / mean), mean
+def _count_applied(loss_fn: LossFn, applied: bool) -> None:
+    """Tell the loss's ``on_count`` (once) whether its ``count_mean`` applied."""
+    if isinstance(loss_fn, PerExampleLoss) and loss_fn.on_count is not None:
+        say, loss_fn.on_count = loss_fn.on_count, None
+        say(applied)
 
 
 def output_hint(outputs: Any) -> str:
@@ -278,16 +262,31 @@ IGNORE_INDEX = -100
 """The ignore index assumed for a plain callable (torch's and Hugging Face's default)."""
 
 
+def counted_weights(loss_fn: LossFn, targets: Batch) -> torch.Tensor | None:
+    """Each example's count Σ_t c_it in a mean-reduced class-index loss (its targets that are
+    not ``ignore_index``, each weighed by its class ``weight``; see the module docstring), shape
+    (n,); None when the targets are not class indices (every element counts alike) or the loss
+    sums an example's elements."""
+    loss_fn = unreduced(loss_fn)
+    if loss_fn.elements == "sum" or not isinstance(targets, torch.Tensor) or targets.dim() < 1:
+        return None
+    counted = _counted(loss_fn, targets, targets.shape)
+    return None if counted is None else counted.reshape(targets.shape[0], -1).sum(dim=1)
+
+
 def counted_examples(loss_fn: LossFn, targets: Batch) -> torch.Tensor | None:
     """Whether each example has an element a mean-reduced class-index loss counts (a target
     not ``ignore_index``, of a non-zero class weight), shape (n,); None when the targets are not
     per-element class indices (every example counts). An example without one has no loss of
     its own: its mean over counted positions is 0/0."""
-    loss_fn = unreduced(loss_fn)
-    if loss_fn.elements == "sum" or not isinstance(targets, torch.Tensor) or targets.dim() < 1:
-        return None
-    counted = _counted(loss_fn, targets, targets.shape)
-    return None if counted is None else counted.reshape(targets.shape[0], -1).sum(dim=1) > 0
+    totals = counted_weights(loss_fn, targets)
+    return None if totals is None else totals > 0
+
+
+def class_weights_of(loss_fn: LossFn) -> torch.Tensor | None:
+    """The class ``weight`` of a ``CrossEntropyLoss`` / ``NLLLoss`` (None without one)."""
+    ignored = _ignored(unreduced(loss_fn))
+    return None if ignored is None else ignored[1]
 
 
 def _class_index(targets: Batch) -> bool:

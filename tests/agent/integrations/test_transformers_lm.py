@@ -140,10 +140,51 @@ def test_callback_loss_is_shifted_for_causal_lms(make, tmp_path: Path) -> None: 
             own = [
                 model(**{k: v[i : i + 1] for k, v in batch.items()}).loss.item() for i in range(6)
             ]
-        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
-        assert got.tolist() == pytest.approx(own, rel=1e-5)
+            whole = model(**batch).loss.item()  # divides by the batch's token count
+        # each example's token sum over the probe's mean count c̄ (the examples' counts differ)
+        counts = (labels[:, 1:] != -100).sum(dim=1).double()
+        assert len(set(counts.tolist())) > 1
+        cbar = counts.mean()
+        torch.testing.assert_close(got.double(), ref * counts / cbar, rtol=1e-5, atol=1e-6)
+        assert (got.double() * cbar / counts).tolist() == pytest.approx(own, rel=1e-5)
+        assert got.mean().item() == pytest.approx(whole, rel=1e-5)  # the probe's objective
     finally:
         cb.on_train_end(args, state, None)
+    store = Store()
+    store.extend(SessionReader(tmp_path / "lm.stiff"), replay=True)
+    (rd,) = store.runs.values()
+    (event,) = [e for e in rd.events if e.code == "token-weighted"]
+    assert event.attrs["cbar"] == pytest.approx(float(cbar))
+    assert (event.attrs["low"], event.attrs["high"]) == (counts.min(), counts.max())
+
+
+def test_model_loss_token_count_over_labels() -> None:
+    """ModelLoss.count_over: c̄ over the examples with a counted label (shifted for causal
+    LMs), nothing set where every example counts alike or the labels are not tokens; the probe
+    mean of the losses is then the model's loss: Σ ℓ over the batch's counted tokens / count."""
+    from stiffmon_agent.integrations.transformers import ModelLoss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 6, 7, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 7, (4, 6), generator=g)
+    assert ModelLoss(causal=True).count_over(labels) is None  # all count alike
+    assert ModelLoss().count_over(torch.randint(0, 7, (4,))) is None
+    labels[0, 3:] = -100
+    labels[1, 1:] = -100  # counts the first label only: 0 positions once shifted
+    labels[2, :] = -100  # no label at all: left out of the probe by the agent, and of c̄
+    for causal in (False, True):
+        loss = ModelLoss(causal=causal)
+        w = loss.count_over(labels)
+        assert w is not None
+        lab = labels[:, 1:] if causal else labels
+        lg = logits[:, :-1] if causal else logits
+        kept = [0, 1, 3]
+        counts = (lab[kept] != -100).sum(dim=1).double()
+        assert w.mean == pytest.approx(float(counts.mean()))
+        got = loss(logits[kept], labels[kept])
+        keep = lab[kept] != -100
+        whole = F.cross_entropy(lg[kept][keep], lab[kept][keep], reduction="mean")
+        assert got.mean().item() == pytest.approx(whole.item(), rel=1e-12)
 
 
 class OwnLossTrainer(transformers.Trainer):  # type: ignore[misc]
