@@ -42,6 +42,7 @@ from stiffmon_agent.announce import (
     dist_rank,
     hello_fields,
     log,
+    maximize_note,
     probe_notes,
     register_locally,
     speaker,
@@ -66,8 +67,9 @@ from stiffmon_agent.metrics.probe import (
     LossFn,
     loss_reduction,
 )
+from stiffmon_agent.metrics.thresholds import maximizes
 from stiffmon_agent.optimizer_skips import OptimizerSkips
-from stiffmon_agent.probe_set import CountWeighting, build_probe, count_weighted
+from stiffmon_agent.probe_set import CountWeighting, ascended, build_probe, count_weighted
 from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.rank_gate import RankGate
 from stiffmon_agent.runner import MeasurementRunner
@@ -276,7 +278,9 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             sharding.check_same_setup(self.model, self.probe, self._plan.schedules)
         if self.probe is not None:
             said = count_weighting_sayer(self.event)  # at the first measurement, if it applies
-            measured_loss, self._weighting = count_weighted(loss_fn, self.probe.train()[1], said)
+            ascent = maximizes(optimizer)  # maximize=True: the objective descended is −loss
+            measured = ascended(loss_fn) if ascent else loss_fn
+            measured_loss, self._weighting = count_weighted(measured, self.probe.train()[1], said)
             self._runner = MeasurementRunner(
                 self.model,
                 measured_loss,
@@ -314,6 +318,8 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             self.event(code, note)
         if self._probe_note:
             self.warn("probe-uncounted", self._probe_note)
+        if probe is not None and maximizes(optimizer) is not False:
+            self.event("maximize", maximize_note(maximizes(optimizer)))
         if probe is not None and (note := unoptimized_note(self.model, optimizer)):
             self.warn("params-not-optimized", note)
         if self.endpoint is not None and registry:

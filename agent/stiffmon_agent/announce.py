@@ -112,6 +112,20 @@ def count_weighting_sayer(event: Callable[..., None]) -> Callable[[CountWeightin
     return say
 
 
+def maximize_note(maximizes: bool | None) -> str:
+    """The info event on an optimizer with ``maximize=True`` (all groups: True; some: None)."""
+    if maximizes is None:
+        return (
+            "some param groups have maximize=True and some not: the measurements are of the loss "
+            "as given, and no stability threshold applies (no single objective is descended)"
+        )
+    return (
+        "the optimizer maximizes the loss (maximize=True): the measurements are of −loss, the "
+        "objective its steps descend, so λ1_H is the top eigenvalue of −H (−λ_min of the loss's "
+        "Hessian) and meets the usual threshold; cosines and gradient noise do not change sign"
+    )
+
+
 def accumulation_advice(k: int, b: int, summed: bool) -> str:
     """The ``batch-size-accumulation`` warning: ``k`` backward passes reach the parameters per
     optimizer step while B = ``b`` is read from the logits (``summed``: a sum-reduced loss)."""

@@ -5,6 +5,7 @@
 * :func:`count_weighted`: the loss whose per-example losses make the objective the optimizer
   steps on where a mean-reduced class-index loss divides by the batch's count of counted
   positions (padded tokens, class weights);
+* :func:`ascended`: the loss an optimizer with ``maximize=True`` descends (its negative);
 * :func:`check_finite`: a due measurement raises :class:`MeasurementSkipped` while the weights
   or the train-probe loss are not finite (the agent turns it into an ``event``).
 """
@@ -280,6 +281,20 @@ def count_weighted(
         tell: Callable[[CountWeighting], None] = say
         measured.on_count = lambda applied: tell(info) if applied else None
     return measured, info
+
+
+def ascended(loss_fn: LossFn) -> PerExampleLoss:
+    """The objective of an optimizer with ``maximize=True``: L_i ↦ −L_i.
+
+    Gradient ascent on f is descent on −f, so the Hessian whose top eigenvalue meets the
+    optimizer's stability threshold is that of −f (−λ_min(H_f) for λ1); the per-example
+    gradients change sign, so cosines, the Gram's noise figures and the gradient tests do not
+    change.
+    """
+    base = unreduced(loss_fn)
+    out = PerExampleLoss(base.fn, base.objective, base.elements, -base.scale, base.count_mean)
+    out.on_count = base.on_count
+    return out
 
 
 def _on_device(index: Tensor, batch: Batch) -> Tensor:

@@ -16,6 +16,10 @@ learning rate η (of the param group, at the step being measured: schedules are 
   (2 + 2μ)/η.
 
 With several param groups the most restrictive group decides; ``group`` says which.
+
+``maximize=True`` (gradient ascent on the loss f) is descent on −f: the thresholds hold for the
+Hessian of −f, which the agent measures for such an optimizer (:func:`maximizes`); param groups
+that differ in ``maximize`` descend no single objective, and have no threshold.
 """
 
 from __future__ import annotations
@@ -67,6 +71,18 @@ class StabilityThreshold:
     group: int | None = None
     preconditioned: bool = False
     still: bool = False
+
+
+def maximizes(optimizer: torch.optim.Optimizer | None) -> bool | None:
+    """Whether the optimizer ascends the loss (``maximize=True`` in every param group): True;
+    in none (or no optimizer): False; None where the groups differ."""
+    if optimizer is None:
+        return False
+    flags = {bool(g.get("maximize", False)) for g in optimizer.param_groups}
+    return None if len(flags) > 1 else flags == {True}
+
+
+_MIXED = "none: the param groups differ in maximize (no single objective descended)"
 
 
 def _still() -> StabilityThreshold:
@@ -140,6 +156,8 @@ def stability_threshold_for(
         The threshold (None for adaptive optimizers: see :func:`preconditioned_threshold_for`).
     """
     name = type(optimizer).__name__
+    if maximizes(optimizer) is None:
+        return StabilityThreshold(None, f"{_MIXED} ({name})")
     numbered = list(enumerate(groups if groups is not None else optimizer.param_groups))
     if group is not None:
         numbered = [numbered[group]]
@@ -177,6 +195,8 @@ def preconditioned_threshold_for(
     name = type(optimizer).__name__
     if name not in _PRECONDITIONED:
         return StabilityThreshold(None, f"none: no preconditioned rule known for {name}")
+    if maximizes(optimizer) is None:
+        return StabilityThreshold(None, f"{_MIXED} ({name})")
     per = []
     for g in groups if groups is not None else optimizer.param_groups:
         eta = _num(g["lr"])
