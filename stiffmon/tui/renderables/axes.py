@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -229,3 +229,47 @@ def asciify(text: str) -> str:
     """``text`` with the monitor's non-ASCII characters spelt in ASCII (others become ``?``)."""
     out = text.translate(_ASCII_TABLE)
     return out if out.isascii() else out.encode("ascii", "replace").decode()
+
+
+_SEPARATORS = " =,_-/:;"
+
+
+def distinct_names(names: Sequence[str], width: int, ascii: bool = False) -> list[str]:
+    """``names`` cut to ``width`` characters so that names that differ stay different.
+
+    A cut that keeps each name's head loses what runs named after their settings differ in
+    (``lr lr=0.05`` and ``lr lr=0.2`` both became ``lr lr=…``). A name too long keeps where the
+    names start to differ (after the prefix they share, from its last separator): its tail when
+    that covers it (``…lr=0.05``), else the part from there (``…lr=0.05 wd…``); one name, or
+    names that share no prefix, keep head and tail (``resn…=0.05``).
+    """
+    dots = "..." if ascii else "…"
+    width = max(width, len(dots) + 2)
+    if all(len(n) <= width for n in names):
+        return list(names)
+    d = 0
+    if len(names) > 1:
+        columns = enumerate(zip(*names, strict=False))  # up to the shortest name
+        shared = next((i for i, cs in columns if len(set(cs)) > 1), None)
+        common = names[0][: shared if shared is not None else min(map(len, names))]
+        d = max((i + 1 for i, c in enumerate(common) if c in _SEPARATORS), default=0)
+
+    def middle(name: str) -> str:
+        keep = width - len(dots)
+        head = keep // 3  # the tail says more: settings are most often at the end
+        return name[:head] + dots + name[len(name) - (keep - head) :]
+
+    out = []
+    for name in names:
+        start = len(name) - (width - len(dots))
+        if len(name) <= width:
+            out.append(name)
+        elif start <= d:
+            out.append(dots + name[start:].lstrip())
+        elif d:
+            out.append(dots + name[d : d + width - 2 * len(dots)] + dots)
+        else:
+            out.append(middle(name))
+    if len(set(out)) < len(set(names)):
+        out = [n if len(n) <= width else middle(n) for n in names]
+    return out

@@ -15,10 +15,11 @@ from rich.text import Text
 
 from stiffmon.marks import BREAK_EVEN_MARKS, be_symbol, marks_legend
 from stiffmon.summary import fmt
-from stiffmon.tui.renderables.axes import asciify, cut
+from stiffmon.tui.renderables.axes import asciify, cut, distinct_names
 
 WHY = {"threshold": "thr", "early-peak": "pk", "peak": "pk", "catapult": "cat"}
 WIDE = 118  # below this width the table is transposed
+NAME_W = 24  # the run column of the wide table
 PRECOND = "sharpness/lambda1_precond"
 
 
@@ -133,23 +134,25 @@ def compare_table(
             header_style="bold underline" if ascii else "bold",
             pad_edge=False,
         )
-        t.add_column("run", no_wrap=True, overflow=cut(ascii), max_width=24)
+        t.add_column("run", no_wrap=True, overflow=cut(ascii), max_width=NAME_W)
         for head, _ in FIELDS:
             t.add_column(conv(head), justify="right", no_wrap=True)
         t.add_column("status", no_wrap=True)
-        for name, color, s in runs:
+        names = distinct_names([conv(n) for n, _, _ in runs], NAME_W, ascii)
+        for name, (_, color, s) in zip(names, runs, strict=True):
             t.add_row(
-                Text(conv(name), style=color),
+                Text(name, style=color),
                 *(conv(f(s, ascii)) for _, f in FIELDS),
                 conv(str(s.get("status", ""))),
             )
         return Group(t, legend)
-    col_w = max(8, min(16, (width - 9) // max(1, len(runs)) - 1))
+    col_w = max(5, min(16, (width - 9) // max(1, len(runs)) - 1))
     t = Table(box=None, header_style="bold", pad_edge=False, expand=False, padding=(0, 1, 0, 0))
     t.add_column("", no_wrap=True, style="bold")
-    for name, color, _ in runs:
+    names = distinct_names([conv(n) for n, _, _ in runs], col_w, ascii)
+    for name, (_, color, _) in zip(names, runs, strict=True):
         t.add_column(
-            Text(conv(name), style=f"bold {color}"),
+            Text(name, style=f"bold {color}"),
             justify="right",
             no_wrap=True,
             overflow=cut(ascii),

@@ -20,6 +20,7 @@ from stiffmon.tui.renderables import (
     short_labels,
     thin_minmax,
 )
+from stiffmon.tui.renderables.axes import distinct_names
 from stiffmon.tui.renderables.comparetable import compare_table
 from stiffmon.tui.renderables.eventlog import EventLog, LogRow
 from stiffmon.tui.renderables.runlist import RunList, RunRow
@@ -232,6 +233,31 @@ def test_compare_table_fits_80_columns() -> None:
     assert "◇ 1,250 pk" in out and "sgd lr=0.05" in out and "break-even" in out
     wide = render(compare_table(runs, 150), 150)
     assert "status" in wide and wide.count("◇ 1,250 pk") == 3
+
+
+def test_compare_table_keeps_run_names_apart_when_it_cuts_them() -> None:
+    """Eleven runs at 80 columns: each column has room for a few characters of a name, and
+    names that differ only at the end (the setting they are named after) stay apart."""
+    lrs = (0.05, 0.2, 0.1, 0.02, 0.5, 0.01, 0.3, 0.04, 0.06, 0.08, 0.15)
+    runs = [(f"lr lr={lr}", "red", {"lr": lr}) for lr in lrs]
+    out = render(compare_table(runs, 80), 80)
+    header = out.splitlines()[0].split()
+    assert len(header) == len(set(header)) == len(lrs), header  # before: 11 × "lr lr=…"
+    assert all(h.endswith(str(lr)[1:]) for h, lr in zip(header, lrs, strict=True)), header
+    many = [(f"resnet18 sgd momentum {lr}", "red", {}) for lr in lrs]
+    wide = render(compare_table(many, 150), 150)
+    assert all(f"momentum {lr}" in wide for lr in lrs)
+
+
+def test_distinct_names() -> None:
+    names = ["lr lr=0.05", "lr lr=0.2", "lr lr=0.1"]
+    assert distinct_names(names, 8) == ["…lr=0.05", "…lr=0.2", "…lr=0.1"]
+    assert distinct_names(names, 20) == names  # they fit
+    long = ["resnet18 sgd lr=0.05 wd=5e-4 seed 1", "resnet18 sgd lr=0.2 wd=5e-4 seed 1"]
+    got = distinct_names(long, 16)
+    assert got == ["…0.05 wd=5e-4 s…", "…0.2 wd=5e-4 se…"] and all(len(n) <= 16 for n in got)
+    assert distinct_names(["abc", "a very long name indeed"], 10) == ["abc", "a v…indeed"]
+    assert distinct_names(["one long run name"], 10, ascii=True) == ["on... name"]
 
 
 def test_run_list_and_event_log() -> None:
