@@ -42,7 +42,6 @@ from stiffmon_agent.announce import (
     dist_rank,
     hello_fields,
     log,
-    maximize_note,
     probe_notes,
     register_locally,
     speaker,
@@ -67,9 +66,8 @@ from stiffmon_agent.metrics.probe import (
     LossFn,
     loss_reduction,
 )
-from stiffmon_agent.metrics.thresholds import maximizes
 from stiffmon_agent.optimizer_skips import OptimizerSkips
-from stiffmon_agent.probe_set import CountWeighting, ascended, build_probe, count_weighted
+from stiffmon_agent.probe_set import build_probe, objective_loss
 from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.rank_gate import RankGate
 from stiffmon_agent.runner import MeasurementRunner
@@ -260,7 +258,6 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         self._registry_run: str | None = None
         self.probe: ProbeSet | None = None
         self._probe_note = ""  # examples left out of the probe (no counted target)
-        self._weighting: CountWeighting | None = None  # c̄ of a mean over counted positions
         self.publisher: Publisher | None = None
         self._columns = ColumnBatcher(self._submit_columns, interval=batch_interval)
         self._optimizer_columns = OptimizerColumns(optimizer)
@@ -278,12 +275,9 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             sharding.check_same_setup(self.model, self.probe, self._plan.schedules)
         if self.probe is not None:
             said = count_weighting_sayer(self.event)  # at the first measurement, if it applies
-            ascent = maximizes(optimizer)  # maximize=True: the objective descended is −loss
-            measured = ascended(loss_fn) if ascent else loss_fn
-            measured_loss, self._weighting = count_weighted(measured, self.probe.train()[1], said)
             self._runner = MeasurementRunner(
                 self.model,
-                measured_loss,
+                objective_loss(loss_fn, optimizer, self.probe.train()[1], said),
                 optimizer,
                 self.probe,
                 forward,
@@ -314,12 +308,11 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         )  # fmt: skip
         self._submit(p.Hello, fields)
         self._budget.who = self._skips.who = speaker(self.name)  # names the run's lines
-        for code, note in probe_notes(self.probe, self._opts.distance_layers, self.model):
+        notes = probe_notes(self.probe, self._opts.distance_layers, self.model, optimizer)
+        for code, note in notes:
             self.event(code, note)
         if self._probe_note:
             self.warn("probe-uncounted", self._probe_note)
-        if probe is not None and maximizes(optimizer) is not False:
-            self.event("maximize", maximize_note(maximizes(optimizer)))
         if probe is not None and (note := unoptimized_note(self.model, optimizer)):
             self.warn("params-not-optimized", note)
         if self.endpoint is not None and registry:

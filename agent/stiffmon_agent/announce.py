@@ -32,6 +32,7 @@ from stiffmon import __version__
 from stiffmon.registry import RunEntry, register
 from stiffmon.transport import CurveKeys, load_curve_server
 from stiffmon_agent.metrics.state import unoptimized
+from stiffmon_agent.metrics.thresholds import maximizes
 from stiffmon_agent.probe_set import CountWeighting, ProbeSet
 from stiffmon_agent.publisher import Publisher
 
@@ -212,16 +213,21 @@ def hello_fields(
 
 
 def probe_notes(
-    probe: ProbeSet | None, distance_layers: Sequence[str] = (), model: nn.Module | None = None
+    probe: ProbeSet | None,
+    distance_layers: Sequence[str] = (),
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[tuple[str, str]]:
     """``(code, message)`` of the info events a probe calls for at the start: a probe whose
     targets are not class labels gets no class stiffness, and one whose inputs are not one
     floating-point tensor no stiffness-vs-distance curve (unless layers are named); the rest is
     measured. With the ``model``: its BatchNorm or Dropout layers are measured in eval mode
-    (:func:`eval_mode_note`)."""
+    (:func:`eval_mode_note`); with the ``optimizer``: ``maximize=True`` (:func:`maximize_note`)."""
     if probe is None:
         return []
     out = []
+    if (ascent := maximizes(optimizer)) is not False:
+        out.append(("maximize", maximize_note(ascent)))
     if model is not None and (note := eval_mode_note(model)):
         out.append(("eval-mode", note))
     if probe.labels is None:

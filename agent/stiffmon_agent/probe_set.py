@@ -6,6 +6,7 @@
   steps on where a mean-reduced class-index loss divides by the batch's count of counted
   positions (padded tokens, class weights);
 * :func:`ascended`: the loss an optimizer with ``maximize=True`` descends (its negative);
+* :func:`objective_loss`: both, the loss the agent measures with;
 * :func:`check_finite`: a due measurement raises :class:`MeasurementSkipped` while the weights
   or the train-probe loss are not finite (the agent turns it into an ``event``).
 """
@@ -37,6 +38,7 @@ from stiffmon_agent.metrics.probe import (
     take,
     unreduced,
 )
+from stiffmon_agent.metrics.thresholds import maximizes
 
 
 @dataclass(frozen=True)
@@ -295,6 +297,20 @@ def ascended(loss_fn: LossFn) -> PerExampleLoss:
     out = PerExampleLoss(base.fn, base.objective, base.elements, -base.scale, base.count_mean)
     out.on_count = base.on_count
     return out
+
+
+def objective_loss(
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer | None,
+    targets: Batch,
+    say: Callable[[CountWeighting], None] | None = None,
+) -> LossFn:
+    """The loss to measure with: the per-example contributions to the objective the optimizer
+    descends (:func:`ascended` for ``maximize=True``, then :func:`count_weighted` over the train
+    probe's ``targets``, telling ``say``)."""
+    if maximizes(optimizer):
+        loss_fn = ascended(loss_fn)
+    return count_weighted(loss_fn, targets, say)[0]
 
 
 def _on_device(index: Tensor, batch: Batch) -> Tensor:
