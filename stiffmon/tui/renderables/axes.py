@@ -264,8 +264,9 @@ def distinct_names(names: Sequence[str], width: int, ascii: bool = False) -> lis
         start = len(name) - (width - len(dots))
         if len(name) <= width:
             out.append(name)
-        elif start <= d:
-            out.append(dots + name[start:].lstrip())
+        elif start <= d:  # from a word's start where one is near enough: not "…et lr=0.2"
+            word = next((i for i in range(start, d + 1) if name[i - 1] in _SEPARATORS), start)
+            out.append(dots + name[word:].lstrip())
         elif d:
             out.append(dots + name[d : d + width - 2 * len(dots)] + dots)
         else:

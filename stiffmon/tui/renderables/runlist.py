@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.text import Text
 
-from stiffmon.tui.renderables.axes import asciify, cut
+from stiffmon.tui.renderables.axes import asciify, cut, distinct_names
 
 SYMBOL = {
     "live": "●",
@@ -148,8 +148,11 @@ class RunList:
         warn = (" !" if self.ascii else " ⚠") if r.problems else ""
         room = max(1, width - 2 - len(tail) - len(warn))
         name = conv(r.name)
-        if len(name) > room:
-            name = name[:room] if self.ascii else name[: room - 1] + "…"
+        if len(name) > room:  # cut where it still differs from the other runs' names
+            names = [conv(row.name) for row in self.rows]
+            at = next((i for i, row in enumerate(self.rows) if row is r), None)
+            name = distinct_names(names, room, self.ascii)[at] if at is not None else name[:room]
+            name = name[:room]
         problem = "error" if any("diverged" in p for p in r.problems) else "warning"
         line = Text.assemble(
             (self._box(r) + " ", r.color),

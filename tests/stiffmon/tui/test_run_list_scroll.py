@@ -114,3 +114,14 @@ async def test_selecting_the_last_of_many_runs_scrolls_it_into_view() -> None:
         await pilot.pause()
         lines = [panel.render_line(y).text for y in range(panel.size.height)]
         assert "live r00" in lines[0] and any(ln.startswith("↓ ") for ln in lines), lines
+
+
+def test_compact_names_cut_where_they_differ() -> None:
+    """Runs named after their settings differ at the end: a compact line keeps that part."""
+    names = ["resnet lr=0.05", "resnet lr=0.2", "resnet lr=0.1"]
+    rows = [
+        RunRow(n, "red", True, i == 0, "finished", "finished", "ok", 100)
+        for i, n in enumerate(names)
+    ]
+    lines = _lines(RunList(rows, height=5), 18)
+    assert lines[3:] == ["■ …lr=0.2    ✓ 100", "■ …lr=0.1    ✓ 100"], lines  # not "resnet l…"
