@@ -60,11 +60,7 @@ def check_comparable(logits: Any, targets: Any, threshold: float | None = None) 
     elif not shape or shape[-1] < 2:
         dim = -1  # said below, as before the layouts were told apart
     elif shape == target_shape:
-        raise ValueError(
-            f"logits and targets have the same shape {shape} (probability "
-            "targets, a binary classifier's or a regression's outputs): no class-index accuracy "
-            "(for soft targets, pass their argmax over the classes as targets=)"
-        )
+        raise ValueError(f"logits and targets have the same shape {shape} {_same_shape(targets)}")
     else:
         raise ValueError(
             f"logits {shape} and targets {target_shape} do not compare (need targets of the "
@@ -72,11 +68,72 @@ def check_comparable(logits: Any, targets: Any, threshold: float | None = None) 
             "logits, dimension 1)"
         )
     if not shape or shape[dim] < 2:
+        if shape == target_shape and _targets_kind(targets) == "regression":
+            raise ValueError(
+                f"logits {shape} have no class dimension of two or more classes and the "
+                f"targets are real values (a regression's): {NO_REGRESSION_ACCURACY}"
+            )
         raise ValueError(
             f"logits {shape} have no class dimension of two or more classes "
             "(a binary classifier's single logit has no argmax accuracy)"
         )
     return dim
+
+
+NO_REGRESSION_ACCURACY = (
+    "accuracy does not apply to a regression loss (MSELoss, L1Loss, HuberLoss, SmoothL1Loss, "
+    "PoissonNLLLoss, GaussianNLLLoss, ...): call agent.step(loss) without logits and targets, "
+    "which also ends this warning"
+)
+"""The way out for a regression's outputs and targets passed to ``step()``."""
+
+READ_MAX = 8192
+"""Targets of at most this many elements, on the CPU, are read to tell regression targets from
+probabilities (where the shapes say no accuracy, at most once per batch of steps)."""
+
+
+def _same_shape(targets: Any) -> str:
+    """What to say after "logits and targets have the same shape …": soft class targets (their
+    argmax is the class), a regression's real-valued targets (no accuracy at all), or, where the
+    values are not read (a GPU's, big ones), both."""
+    kind = _targets_kind(targets)
+    if kind == "regression":
+        return (
+            "and the targets are real values, not class indices or probabilities (some "
+            f"outside [0, 1]: a regression's): {NO_REGRESSION_ACCURACY}"
+        )
+    soft = "for soft targets, pass their argmax over the classes as targets="
+    if kind == "probabilities":
+        return (
+            "(probability targets, a binary classifier's or a regression's outputs): no "
+            f"class-index accuracy ({soft})"
+        )
+    return (
+        "(probability targets, a binary classifier's or a regression's outputs): no "
+        f"class-index accuracy ({soft}; {NO_REGRESSION_ACCURACY})"
+    )
+
+
+def _targets_kind(targets: Any) -> str | None:
+    """``"regression"`` for floating-point targets with a value outside [0, 1],
+    ``"probabilities"`` for ones in [0, 1] summing to 1 over the last dimension, None where
+    neither is known (other values, integer targets, targets not read: on a GPU, more than
+    :data:`READ_MAX` elements)."""
+    if not isinstance(targets, torch.Tensor) or not targets.is_floating_point():
+        return None
+    if targets.device.type != "cpu" or targets.numel() > READ_MAX or targets.ndim < 1:
+        return None
+    try:
+        t = targets.detach().double()
+        if not bool(torch.isfinite(t).all()):
+            return None
+        if bool(((t < 0) | (t > 1)).any()):
+            return "regression"
+        if t.shape[-1] > 1 and bool(((t.sum(-1) - 1).abs() <= 1e-3).all()):
+            return "probabilities"
+    except Exception:  # a tensor that cannot be read here (fake, batched)
+        return None
+    return None
 
 
 TARGET_KEYS = ("targets", "target", "labels", "label", "y")

@@ -51,6 +51,7 @@ from stiffmon_agent.announce import (
 )
 from stiffmon_agent.budget import MeasurementBudget
 from stiffmon_agent.columns import DEFAULT_INTERVAL, ColumnBatcher
+from stiffmon_agent.failure_hints import loss_signature_note
 from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from here: patchable)
     ProbeSet,
     SharpnessState,
@@ -315,6 +316,8 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             self.warn("probe-uncounted", self._probe_note)
         if probe is not None and (note := unoptimized_note(self.model, optimizer)):
             self.warn("params-not-optimized", note)
+        if probe is not None and (note := loss_signature_note(loss_fn)):  # before it fails
+            self.warn("loss-signature", f"the measurements will fail: {note}")
         if self.endpoint is not None and registry:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         _LIVE_AGENTS.add(self)

@@ -17,17 +17,39 @@ mode (Hugging Face's layers) does not checkpoint in the measurements, and is not
 checkpointed block none of whose inputs requires grad leaves no node (torch warns "None of the
 inputs have requires_grad=True", and its weights get no gradient in training either): then
 there is no hint.
+
+Torch's messages for a missing second derivative ("derivative for
+aten::multi_margin_loss_backward is not implemented", "the derivative for
+'_embedding_bag_backward' is not implemented", a custom ``autograd.Function`` marked
+``@once_differentiable``) name an internal op: :func:`double_backward_hint` names the op and the
+module that runs it, and the way out. "element 0 of tensors does not require grad and does not
+have a grad_fn" is looked into by :func:`graphless_hint`: a loss whose value for one example
+alone does not depend on the parameters (in-batch mining returning a constant for a batch of
+one) or one that never does. A loss that takes more than (outputs, targets)
+(``GaussianNLLLoss(input, target, var)``) is named by :func:`loss_signature_note`, with the
+callable to pass instead.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from stiffmon_agent.metrics.probe import ForwardFn, default_forward, take
+from stiffmon_agent.metrics.probe import (
+    ForwardFn,
+    LossFn,
+    PerExampleLoss,
+    default_forward,
+    loss_reduction,
+    per_example_losses,
+    take,
+    unreduced,
+)
 from stiffmon_agent.metrics.state import measurement_mode
 from stiffmon_agent.probe_set import ProbeSet
 
@@ -39,8 +61,25 @@ _CHECKPOINT_NODE = "CheckpointFunctionBackward"
 _MAX_NODES = 200_000  # a graph walk's bound (a forward of one example has far fewer nodes)
 
 
+_NO_DOUBLE_BACKWARD = (  # torch's phrasings of a missing second derivative
+    re.compile(r"derivative for (?:aten::)?(\w+?)(?:_backward)+ is not implemented"),
+    re.compile(r"the derivative for '(\w+?)(?:_backward)+' is not implemented"),
+)
+_ONCE_DIFFERENTIABLE = "marked with @once_differentiable"
+_GRAPHLESS = "does not require grad and does not have a grad_fn"
+GRAM_WAY_OUT = (  # as the coupled-loss refusal of metrics.gram.coupling says it
+    "stiffness and gradient noise need each example's loss to depend on that example alone: "
+    'pass gram_every="never" (sharpness, the Hessian trace and density still work)'
+)
+
+
 def failure_hint(
-    kind: str, model: nn.Module, probe: ProbeSet, forward: ForwardFn | None, exc: BaseException
+    kind: str,
+    model: nn.Module,
+    probe: ProbeSet,
+    forward: ForwardFn | None,
+    exc: BaseException,
+    loss_fn: LossFn | None = None,
 ) -> str | None:
     """A likely cause and fix of a measurement's failure ``exc``, or None if none is known.
 
@@ -50,18 +89,133 @@ def failure_hint(
         probe: The probe set the measurement used.
         forward: ``forward(model, inputs)`` or None.
         exc: What the measurement raised.
+        loss_fn: The loss measured (the graph-less loss check needs it), or None.
 
     Returns:
-        A sentence to append to the ``metric-error`` message, or None.
+        A sentence naming the cause and the way out, to lead the ``metric-error`` message, or
+        None.
     """
-    if not isinstance(exc, RuntimeError):  # autograd's errors are RuntimeErrors
+    if isinstance(exc, TypeError) and loss_fn is not None:  # said in words already
+        return loss_signature_note(loss_fn)
+    if not isinstance(exc, RuntimeError):  # autograd's errors (NotImplementedError too)
         return None
-    if "out of memory" in str(exc).lower():  # not the graph's fault: no forward to look
+    text = str(exc)
+    if "out of memory" in text.lower():  # not the graph's fault: no forward to look
         return None
+    if (said := double_backward_hint(kind, text, model, loss_fn)) is not None:
+        return said
     if uses_reentrant_checkpoint(model, probe, forward):
         what = "per-example gradients" if kind == "gram" else "Hessian-vector products"
         return REENTRANT_HINT.format(what=what)
+    if _GRAPHLESS in text and loss_fn is not None:
+        return graphless_hint(kind, model, probe, forward, loss_fn)
     return None
+
+
+def double_backward_hint(
+    kind: str, text: str, model: nn.Module, loss_fn: LossFn | None = None
+) -> str | None:
+    """The sentence for an error ``text`` saying that torch has no second derivative of an op.
+
+    The op is named as torch names it, without ``aten::`` and ``_backward`` (the second
+    derivative is the derivative of its backward), with the module running it where one
+    matches (the loss, or a layer of ``model``: ``multi_margin_loss`` is ``nn.MultiMarginLoss``).
+
+    Args:
+        kind: The failed metric.
+        text: The error's message.
+        model: The network (its layers are searched for the op's module).
+        loss_fn: The loss, or None.
+
+    Returns:
+        The hint, or None if ``text`` is not about a missing second derivative.
+    """
+    found = next((m for pattern in _NO_DOUBLE_BACKWARD if (m := pattern.search(text))), None)
+    if found is not None:
+        op = found.group(1).lstrip("_")
+        module = _module_of(op, model, loss_fn)
+        what = f"{op} ({module})" if module else op
+    elif _ONCE_DIFFERENTIABLE in text:
+        what = "a custom autograd.Function marked @once_differentiable"
+    else:
+        return None
+    if kind == "gram":  # the Gram needs first derivatives only: not expected, said plainly
+        return f"torch has no second derivative for {what}"
+    return (
+        f"torch has no second derivative for {what}, which the Hessian measurements need: write "
+        'it with plain differentiable ops or pass sharpness_every="never", '
+        'density_every="never"; the Gram measurements are unaffected'
+    )
+
+
+def _module_of(op: str, model: nn.Module, loss_fn: LossFn | None) -> str | None:
+    """``nn.<Name>`` of the loss or a layer whose class name is ``op`` without underscores
+    (``multi_margin_loss``: ``MultiMarginLoss``; ``ctc_loss``: ``CTCLoss``), else None."""
+    want = op.replace("_", "").lower()
+    base = loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
+    candidates = [base] if base is not None else []
+    candidates += list(model.modules())
+    for m in candidates:
+        name = type(m).__name__
+        if name.lower() == want:
+            prefix = "nn." if type(m).__module__.startswith("torch.nn") else ""
+            return prefix + name
+    return None
+
+
+def graphless_hint(
+    kind: str, model: nn.Module, probe: ProbeSet, forward: ForwardFn | None, loss_fn: LossFn
+) -> str | None:
+    """Why a loss has no gradient to take, where a probe loss has no ``grad_fn``.
+
+    The loss of the first train example alone and that of the whole train probe are computed
+    as the measurements compute them (:func:`measurement_mode`). An example alone without a
+    graph while the probe has one: the loss couples the examples (in-batch mining, a
+    contrastive loss returning a constant for a batch of one), and example i's own gradient,
+    which the Gram needs, does not exist. Neither with a graph: the loss does not depend on the
+    parameters at all (a value computed from detached outputs, through ``.item()`` or numpy).
+
+    Args:
+        kind: The failed metric.
+        model: The network.
+        probe: The probe set.
+        forward: ``forward(model, inputs)`` or None.
+        loss_fn: The loss as measured.
+
+    Returns:
+        The hint, or None where both losses have a graph (another cause) or cannot be computed.
+    """
+    x, y = probe.train()
+    call = forward or default_forward
+    loss = unreduced(loss_fn)
+    try:
+        with measurement_mode(model):
+            one = per_example_losses(
+                loss, call(model, take(x, slice(0, 1))), take(y, slice(0, 1)), 1
+            )
+            alone = one.requires_grad
+            whole = per_example_losses(loss, call(model, x), y, probe.n_train).requires_grad
+    except Exception:
+        return None
+    if not whole:
+        return (
+            "the probe loss has no gradient: loss_fn's value does not depend on the parameters "
+            "(computed from detached outputs, through .item() or numpy?); return losses computed "
+            "from the model's outputs with torch ops"
+        )
+    if alone:
+        return None
+    cause = (
+        "the loss of an example alone has no gradient (for a batch of one its value does not "
+        "depend on the parameters: in-batch mining, a loss that couples the examples)"
+    )
+    if kind == "gram":
+        return f"{cause}, and {GRAM_WAY_OUT}"
+    return (
+        f"{cause}, and the Hessian is taken over pieces of the probe (chunk_size=, or a rank's "
+        "share), one of which has no gradient on its own: pass a chunk_size= of at least the "
+        f"train probe's {probe.n_train} examples"
+    )
 
 
 def uses_reentrant_checkpoint(
@@ -117,3 +271,84 @@ def _has_node(roots: Iterator[Any], name: str) -> bool:
             return True
         stack.extend(child for child, _ in getattr(node, "next_functions", ()))
     return False
+
+
+def loss_inputs(loss_fn: LossFn) -> list[str] | None:
+    """The required positional inputs of ``loss_fn`` where it needs more than the two the
+    agent passes, ``loss_fn(outputs, targets)`` (``GaussianNLLLoss(input, target, var)``,
+    ``TripletMarginLoss(anchor, positive, negative)``, ``MarginRankingLoss``,
+    ``CosineEmbeddingLoss``, ``CTCLoss``); None where two (or ``*args``) do or the signature
+    cannot be read. A module's ``forward`` is read, a :class:`PerExampleLoss`'s loss."""
+    fn: Any = loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
+    target = fn.forward if isinstance(fn, nn.Module) else fn
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(q.kind is q.VAR_POSITIONAL for q in params):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [q.name for q in params if q.kind in positional and q.default is q.empty]
+    return required if len(required) > 2 else None
+
+
+_CALLABLES = {  # a torch.nn loss of more inputs: the callable over the model's whole output
+    "GaussianNLLLoss": (
+        'F.gaussian_nll_loss(out[0], y, out[1]{opts}, reduction="none")',
+        "(mean, var)",
+        ("full", "eps"),
+    ),
+    "MarginRankingLoss": (
+        'F.margin_ranking_loss(out[0], out[1], y{opts}, reduction="none")',
+        "(x1, x2)",
+        ("margin",),
+    ),
+    "CosineEmbeddingLoss": (
+        'F.cosine_embedding_loss(out[0], out[1], y{opts}, reduction="none")',
+        "(x1, x2)",
+        ("margin",),
+    ),
+    "TripletMarginLoss": (
+        'F.triplet_margin_loss(out[0], out[1], out[2]{opts}, reduction="none")',
+        "(anchor, positive, negative)",
+        ("margin", "p", "eps", "swap"),
+    ),
+}
+
+
+def loss_signature_note(loss_fn: LossFn) -> str | None:
+    """Why ``loss_fn`` cannot be called as ``loss_fn(outputs, targets)`` and what to pass
+    instead (:func:`loss_inputs`), or None where it can.
+
+    For ``GaussianNLLLoss``, ``MarginRankingLoss``, ``CosineEmbeddingLoss`` and
+    ``TripletMarginLoss`` the note gives the callable over the model's whole output, with the
+    module's own non-default settings; it returns per-element losses (``reduction="none"``),
+    whose objective is their mean (module docstring), or their sum where the module sums:
+    then the callable must carry ``reduction = "sum"``.
+    """
+    inputs = loss_inputs(loss_fn)
+    if inputs is None:
+        return None
+    fn: Any = loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
+    name = type(fn).__name__ if isinstance(fn, nn.Module) else getattr(fn, "__name__", "loss_fn")
+    note = (
+        f"loss_fn {name} takes {len(inputs)} inputs ({', '.join(inputs)}), but the agent calls "
+        "loss_fn(outputs, targets) with the model's output and the probe's targets: pass a "
+        "callable (outputs, targets) -> per-example losses instead"
+    )
+    known = _CALLABLES.get(name) if isinstance(fn, nn.Module) else None
+    if known is not None and type(fn).__module__.startswith("torch.nn"):
+        form, returns, settings = known
+        default = type(fn)()
+        opts = "".join(
+            f", {k}={getattr(fn, k)!r}"
+            for k in settings
+            if getattr(fn, k, None) != getattr(default, k, None)
+        )
+        example = f"loss_fn=lambda out, y: {form.format(opts=opts)}"
+        note += f", e.g. {example} for a model returning {returns}"
+    else:
+        note += ' (reduction="none")'
+    if loss_reduction(loss_fn) == "sum":
+        note += '; the loss sums over the batch: give the callable reduction = "sum"'
+    return note

@@ -9,6 +9,8 @@ Message names (the monitor relies on them):
   ``noise/{norm_test,inner_product_test,orthogonality_test}``, ``noise/suggested_batch/<test>``,
   ``noise/theta/<test>`` (:mod:`~stiffmon_agent.measure_curvature`), ``xi/<space>`` and
   ``layer-stiffness/<layer>`` (mean cosine stiffness of train pairs i ≠ j from that layer's block);
+  probe examples with a zero gradient add an ``event`` ``zero-gradients``
+  (:mod:`~stiffmon_agent.zero_gradients`);
 * ``spectrum`` ``grad-cov`` (top eigenvalues of the gradient covariance K);
 * ``curve`` ``stiffness-distance/<space>`` (space = ``input`` or a layer name), ``attrs.xi``;
 * after a sharpness measurement, ``spectrum`` ``hessian`` (attrs ``threshold_rule``,
@@ -67,6 +69,7 @@ from stiffmon_agent.metrics.symmetry import SymmetryCheck
 from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.probe_set import MeasurementSkipped, ProbeSet, check_finite, make_probe
 from stiffmon_agent.sharpness_state import SharpnessState, check_products
+from stiffmon_agent.zero_gradients import zero_gradient_event
 
 __all__ = [
     "BLOCKS",
@@ -117,6 +120,8 @@ def gram_messages(
         _event(step, t, "gram-fallback", f"per-example gradients: {note}", "warning")
         for note in gram.notes
     ]
+    if (zero := zero_gradient_event(g, probe.n_train, step, t)) is not None:
+        out.append(zero)  # cosine leaves their pairs out, sign counts them as 0
     scalars: dict[str, float] = {}
     nt = probe.n_train
     s_cos = cosine_stiffness(g)

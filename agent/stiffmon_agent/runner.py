@@ -40,6 +40,7 @@ from stiffmon_agent.metrics.state import optimized_only
 from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.rank_gate import RankGate, RanksMissing
 from stiffmon_agent.sharded import HvpLeader, serve_hvps, sharded_activations, sharded_gram
+from stiffmon_agent.zero_gradients import ZERO_CODE, ZeroGradientSayer
 
 log = logging.getLogger("stiffmon_agent")
 
@@ -92,6 +93,7 @@ class MeasurementRunner:
         self.gate = gate
         self.disabled: dict[str, str] = {}
         self._said: set[tuple[str, str]] = set()  # events published (each once)
+        self._zeros = ZeroGradientSayer()
         # a Gram measurement finds non-finite gradients itself: after one has worked (the probe
         # forward's own error message is said at the first), it skips check_finite's forward
         self._gram_worked = False
@@ -161,6 +163,11 @@ class MeasurementRunner:
             self.budget.record_cost(kind, time.perf_counter() - t0, _hvps_used(msgs))
         self.budget.done(kind)
         for m in msgs:
+            if m.cls is p.Event and m.fields["code"] == ZERO_CODE:  # again if the share moved
+                if self._zeros.due(m.fields["attrs"]["share"]):
+                    log.info(f"stiffmon: {m.fields['message']}")
+                    self.submit(m)
+                continue
             if m.cls is p.Event:  # a reason is said once, not at every measurement
                 said = (m.fields["code"], re.sub(r"\d[\d.e+-]*", "#", m.fields["message"]))
                 if said in self._said:
@@ -294,15 +301,17 @@ class MeasurementRunner:
             )
 
     def _disable(self, kind: str, exc: BaseException) -> None:
+        """Turn ``kind`` off after ``exc``: a recognised cause leads the message in words, with
+        torch's own error after it; otherwise the error and where it was raised."""
         where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
         detail = f"{type(exc).__name__}: {exc}" + (
             f" ({where.filename}:{where.lineno})" if where else ""
         )
         from stiffmon_agent.failure_hints import failure_hint  # only when a metric fails
 
-        hint = failure_hint(kind, self.model, self.probe, self.forward, exc)
-        if hint:
-            detail += f" ({hint})"
+        hint = failure_hint(kind, self.model, self.probe, self.forward, exc, self.loss_fn)
+        if hint:  # torch's words after it, unless they are the hint's
+            detail = hint if hint == str(exc) else f"{hint} ({type(exc).__name__}: {exc})"
         self.disabled[kind] = detail
         log.warning(f"stiffmon: {kind} metric failed and is disabled, training goes on: {detail}")
         self.event("metric-error", f"{kind} failed: {detail}", level="error", metric=kind)

@@ -19,6 +19,7 @@ from stiffmon_agent.accuracy import (
     step_accuracy,
 )
 from stiffmon_agent.accuracy_reasons import (
+    check_comparable,
     nan_accuracy_console,
     nan_accuracy_event,
     not_one_tensor,
@@ -195,3 +196,50 @@ def test_the_event_of_a_run_without_accuracy_reads_naturally() -> None:
     assert (
         nan_accuracy_console("why", seen=True) == "stiffmon: no accuracy for some steps (NaN): why"
     )
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "logits", "targets"),
+    [
+        (
+            torch.nn.PoissonNLLLoss(),
+            torch.randn(8, 2),
+            torch.poisson(torch.full((8, 2), 2.0, dtype=torch.float32)),
+        ),
+        (torch.nn.MSELoss(), torch.randn(8, 3), torch.randn(8, 3) * 3),
+        (torch.nn.HuberLoss(), torch.randn(8), torch.randn(8) * 3),
+        (torch.nn.L1Loss(), torch.randn(8, 1), torch.randn(8, 1) * 3),  # one output: no classes
+    ],
+    ids=["poisson-counts", "mse", "huber-1d", "l1-one-output"],
+)
+def test_a_regression_is_told_that_accuracy_does_not_apply(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    loss_fn: torch.nn.Module,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+) -> None:
+    """Real-valued targets (outside [0, 1]) get the regression's way out, not the advice for
+    soft class targets (their argmax)."""
+    torch.manual_seed(0)
+    targets[0].fill_(2.0)  # at least one value outside [0, 1]
+    got, events, said = _run(tmp_path, loss_fn, [(logits, targets)] * 3, caplog)
+    assert all(math.isnan(x) for x in got) and len(events) == 1 and len(said) == 1
+    for text in (events[0], said[0]):
+        assert "accuracy does not apply to a regression loss" in text
+        assert "call agent.step(loss) without logits and targets" in text
+        assert "argmax" not in text and "soft targets" not in text
+
+
+def test_soft_class_targets_keep_their_advice_and_unread_targets_get_both() -> None:
+    soft = torch.softmax(LOGITS, 1)
+    with pytest.raises(ValueError) as info:
+        check_comparable(LOGITS, soft)
+    said = str(info.value)
+    assert "for soft targets, pass their argmax over the classes as targets=" in said
+    assert "regression loss" not in said
+    big = torch.rand(DEFER_MAX_ELEMENTS + 8, 2) * 5  # not read: both ways out are said
+    with pytest.raises(ValueError) as info:
+        check_comparable(torch.randn(big.shape), big)
+    said = str(info.value)
+    assert "pass their argmax over the classes" in said and "regression loss" in said

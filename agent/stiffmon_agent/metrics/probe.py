@@ -177,6 +177,10 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
     try:
         losses = loss_fn(outputs, targets)
     except TypeError as exc:
+        from stiffmon_agent.failure_hints import loss_signature_note  # only on a failure
+
+        if (note := loss_signature_note(loss_fn)) is not None:  # (input, target, var) ...
+            raise TypeError(note) from exc
         if isinstance(outputs, torch.Tensor):
             raise
         raise TypeError(f"{output_hint(outputs)} ({exc})") from exc
