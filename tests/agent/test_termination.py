@@ -170,7 +170,8 @@ def test_user_sigterm_handler_is_left_alone(script: Callable[[str], Script]) -> 
     s.wait_for("step 0")
     time.sleep(0.3)
     assert s.terminate() == 3  # the user's handler ran (and its exit went through atexit)
-    assert "user handler ran" in s.lines()
+    # the signal may land between a print's text and its newline: "step 41user handler ran"
+    assert any("user handler ran" in line for line in s.lines())
     assert byes(s.messages()) == ["exit"]
 
 
