@@ -9,12 +9,18 @@ again for a snapshot request left unanswered past the timeout.
 An address whose peer sent a frame over the size limit is dropped by libzmq for good; the client
 connects to it again (:mod:`stiffmon.reconnect`), says so in :attr:`ClientStats.warnings`, and asks
 for a snapshot whenever a live connection comes back, so no message is lost from its view.
+
+An address added with ``reconnect=False`` (a run found in the local registry) is connected once:
+the moment its connection is lost the client disconnects from it, before libzmq would connect to
+whatever process takes the port next, and :meth:`Client.take_detached` names it; libzmq's own
+retry of such an address waits :data:`ONCE_RECONNECT_MS`, so the client is always first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -32,6 +38,11 @@ from stiffmon.transport import (
 
 __all__ = ["Client", "ClientStats", "Received"]
 
+ONCE_RECONNECT_MS = 2000
+"""``ZMQ_RECONNECT_IVL`` of the connections to an address added with ``reconnect=False``: how
+long libzmq would wait before connecting again after losing it (the client disconnects from it
+as soon as the loss is reported, within milliseconds; libzmq's default is 100 ms)."""
+
 
 @dataclass
 class _EndpointState:
@@ -40,6 +51,7 @@ class _EndpointState:
     pending_since: float | None = None
     wanted: bool = True  # a snapshot should be requested as soon as possible
     last_request: float = 0.0
+    reconnect: bool = True  # False: connected once, detached when the connection is lost
 
 
 class Client:
@@ -56,6 +68,8 @@ class Client:
             counted and dropped, and a snapshot, whose end marker is the authority on a run's
             ``seq``, is asked for in case the run really did move on.
         context: ZeroMQ context (default: a private one).
+        accept: Which runs to take (default: all); the messages and history of any other run
+            are dropped and counted in :attr:`ClientStats.foreign`.
     """
 
     def __init__(
@@ -67,6 +81,7 @@ class Client:
         max_buffer: int = 100_000,
         max_seq_jump: int = 1_000_000,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        accept: Callable[[str], bool] | None = None,
     ) -> None:
         self._own_ctx = context is None
         self.ctx: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
@@ -78,6 +93,7 @@ class Client:
             lambda: self._eps.values(),
             max_buffer=max_buffer,
             max_seq_jump=max_seq_jump,
+            accept=accept,
         )
         self.sub = self._socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -86,9 +102,12 @@ class Client:
         self.poller.register(self.sub, zmq.POLLIN)
         self._eps: dict[zmq.Socket[bytes], _EndpointState] = {}
         self._cut: dict[str, str] = {}  # run -> address lost, until the run itself is heard again
+        self._said_bye: set[str] = set()
+        self._detached: list[str] = []  # reconnect=False addresses lost, for take_detached()
+        self._held: list[list[bytes]] = []  # read from the SUB before a disconnect, not ordered
         self._warned = self._taken = 0  # warnings made, handed out by take_warnings()
         try:
-            self._links = Links(self.sub, self._warn)
+            self._links = Links(self.sub, self._warn, self._hold)
             self.poller.register(self._links.monitor, zmq.POLLIN)
             for ep in endpoints:
                 self.add_endpoint(ep)
@@ -128,27 +147,85 @@ class Client:
     def endpoints(self) -> list[Endpoint]:
         return [st.endpoint for st in self._eps.values()]
 
-    def add_endpoint(self, endpoint: str | Endpoint) -> Endpoint:
-        """Connect to another agent or relay; its history is fetched."""
+    def add_endpoint(self, endpoint: str | Endpoint, *, reconnect: bool = True) -> Endpoint:
+        """Connect to another agent or relay; its history is fetched.
+
+        Args:
+            endpoint: Its address.
+            reconnect: False: connect once; when the connection is lost, disconnect from the
+                address (:meth:`take_detached` names it) instead of connecting again to
+                whatever listens there next.
+        """
         ep = endpoint if isinstance(endpoint, Endpoint) else parse_endpoint(endpoint)
         self._links.add(ep.pub)
-        self.sub.connect(ep.pub)
-        dealer = self._dealer(ep)
-        self._eps[dealer] = _EndpointState(ep, dealer)
+        with self._reconnect_interval(reconnect):  # libzmq copies it into the connection
+            self.sub.connect(ep.pub)
+        dealer = self._dealer(ep, reconnect)
+        self._eps[dealer] = _EndpointState(ep, dealer, reconnect=reconnect)
         return ep
 
-    def _dealer(self, ep: Endpoint) -> zmq.Socket[bytes]:
+    @contextlib.contextmanager
+    def _reconnect_interval(self, reconnect: bool) -> Iterator[None]:
+        """Connections made inside wait :data:`ONCE_RECONNECT_MS` to retry when not
+        ``reconnect`` (the socket's option is put back afterwards)."""
+        if reconnect:
+            yield
+            return
+        before = self.sub.getsockopt(zmq.RECONNECT_IVL)
+        self.sub.setsockopt(zmq.RECONNECT_IVL, ONCE_RECONNECT_MS)
+        try:
+            yield
+        finally:
+            self.sub.setsockopt(zmq.RECONNECT_IVL, before)
+
+    def _dealer(self, ep: Endpoint, reconnect: bool = True) -> zmq.Socket[bytes]:
         dealer = self._socket(zmq.DEALER)
+        if not reconnect:
+            dealer.setsockopt(zmq.RECONNECT_IVL, ONCE_RECONNECT_MS)
         dealer.connect(ep.snapshot)
         self.poller.register(dealer, zmq.POLLIN)
         return dealer
+
+    def remove_endpoint(self, endpoint: str | Endpoint) -> None:
+        """Disconnect from an address and forget it. Its runs stay known, with the order they
+        reached (what it had sent before may still come)."""
+        ep = endpoint if isinstance(endpoint, Endpoint) else parse_endpoint(endpoint)
+        for st in [st for st in self._eps.values() if st.endpoint == ep]:
+            self.poller.unregister(st.dealer)
+            del self._eps[st.dealer]
+            st.dealer.close(0)
+        self._hold()
+        with contextlib.suppress(zmq.ZMQError):  # not connected (any more)
+            self.sub.disconnect(ep.pub)
+        self._links.remove(ep.pub)
+
+    def _hold(self) -> None:
+        """Read what the SUB socket has (ordered at the next chance): a poll reads the next
+        message's first frame ahead, and libzmq aborts (``!_more``, fq.cpp) when the rest of it
+        is then cut off by disconnecting the address it comes from."""
+        while True:
+            try:
+                self._held.append(self.sub.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+
+    def _order_held(self, out: list[Received]) -> None:
+        held, self._held = self._held, []
+        for frames in held:
+            self._order.on_live(frames, out)
+
+    def take_detached(self) -> list[str]:
+        """The addresses added with ``reconnect=False`` whose connection was lost since the last
+        call: the client has disconnected from them and forgotten them."""
+        out, self._detached = self._detached, []
+        return out
 
     def _new_dealer(self, st: _EndpointState) -> None:
         """A fresh snapshot socket for ``st`` (libzmq gave the old one's connection up)."""
         self.poller.unregister(st.dealer)
         del self._eps[st.dealer]
         st.dealer.close(0)
-        st.dealer = self._dealer(st.endpoint)
+        st.dealer = self._dealer(st.endpoint, st.reconnect)
         self._eps[st.dealer] = st
         st.pending_since = None
         self.stats.reconnects += 1
@@ -189,6 +266,7 @@ class Client:
         out: list[Received] = []
         now = time.monotonic()
         self._check_links(now)
+        self._order_held(out)
         for st in list(self._eps.values()):
             late = st.pending_since is not None and now - st.pending_since > self.snapshot_timeout
             if late and not int(st.dealer.get(zmq.EVENTS)) & zmq.POLLIN:  # none waits unread
@@ -206,10 +284,13 @@ class Client:
             events = dict(self.poller.poll(int(remaining * 1000) if not out else 0))
             if self._links.monitor in events or self._links.wait(time.monotonic()) == 0.0:
                 self._check_links(time.monotonic())
+                self._order_held(out)
                 events.pop(self._links.monitor, None)
             elif not events:
                 break
             for sock in events:
+                if sock is not self.sub and sock not in self._eps:  # detached meanwhile
+                    continue
                 for _ in range(1000):
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -222,14 +303,21 @@ class Client:
                 answering = self._eps.get(sock)
                 if answering is not None and answering.pending_since is not None:
                     answering.pending_since = time.monotonic()  # still coming: not late
-        if self._cut:
-            for msg, _ in out:
+        for msg, _ in out:
+            if self._cut:
                 self._cut.pop(msg.run, None)
+            if msg.KIND == "bye":
+                self._said_bye.add(msg.run)
         return out
 
     def _check_links(self, now: float) -> None:
         """Connect again what libzmq gave up; a snapshot for each live connection that came back."""
         back = self._links.read(now)
+        down = self._links.down()
+        for st in [st for st in self._eps.values() if not st.reconnect]:
+            if st.endpoint.pub in down:  # before libzmq connects to whatever has the port now
+                self.remove_endpoint(st.endpoint)
+                self._detached.append(st.endpoint.pub)
         again = self._links.tick(now)
         self.stats.reconnects += len(again)
         for st in self._eps.values():
@@ -239,10 +327,10 @@ class Client:
     def cut_off(self) -> dict[str, str]:
         """Runs whose address (agent or relay) lost its connection and that have not been heard
         since: run -> address. The address answering again is not enough: a killed agent's port
-        may be taken by another run's agent."""
+        may be taken by another run's agent. A run that said bye is not cut off: it ended."""
         if down := self._links.down():
             for r, st in self._order.run_source.items():
-                if st.endpoint.pub in down:
+                if st.endpoint.pub in down and r not in self._said_bye:
                     self._cut[r] = st.endpoint.pub
         return dict(self._cut)
 

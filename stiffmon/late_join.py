@@ -10,7 +10,9 @@ trimmed to the batches the client does not have yet. A gap in a run's ``seq`` (a
 lost messages at the publisher's high-water mark) or a run never seen before (an agent
 restarted) asks for a new snapshot; messages that arrive meanwhile wait in a buffer. A late
 answer to an old snapshot request still counts for what it brings, but no end marker moves a run
-back past what was delivered. Malformed frames are counted and dropped.
+back past what was delivered. Malformed frames are counted and dropped, and so are the messages of
+runs the client does not take (``accept``: a monitor of the local registry takes registered runs
+only, not whatever another process that took a port publishes).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class ClientStats:
     gaps: int = 0
     snapshots: int = 0
     snapshot_timeouts: int = 0
+    foreign: int = 0  # messages of runs not accepted (not registered), dropped
     reconnects: int = 0  # connections libzmq gave up (an oversized frame) and the client remade
     last_error: str = ""
     warnings: deque[str] = field(default_factory=lambda: deque(maxlen=20))  # newest last
@@ -74,6 +77,8 @@ class LateJoin(Generic[S]):
         max_buffer: Live messages buffered per run while a snapshot is pending.
         max_seq_jump: A live message whose ``seq`` is further than this beyond what the client
             has of its run is malformed, not the run's new position.
+        accept: Which runs to take (None: every run); the others' frames are counted in
+            :attr:`ClientStats.foreign` and dropped.
     """
 
     def __init__(
@@ -83,8 +88,10 @@ class LateJoin(Generic[S]):
         *,
         max_buffer: int,
         max_seq_jump: int,
+        accept: Callable[[str], bool] | None = None,
     ) -> None:
         self.stats = stats
+        self.accept = accept
         self._sources = sources
         self.max_buffer = max_buffer
         self.max_seq_jump = max_seq_jump
@@ -106,7 +113,7 @@ class LateJoin(Generic[S]):
         tag = frames[0] if frames else b""
         if tag == SNAPSHOT_MESSAGE:
             msg = self._decode(frames[1:])
-            if msg is None:
+            if msg is None or self._foreign(msg.run):
                 return
             self.run_source[msg.run] = st
             rs = self.runs[msg.run]
@@ -128,6 +135,8 @@ class LateJoin(Generic[S]):
             info = decode_control(frames[1])
             run, seq = info.get("run"), info.get("seq")
             if isinstance(run, str) and isinstance(seq, int) and not isinstance(seq, bool):
+                if self._foreign(run):
+                    return
                 self.run_source[run] = st
                 rs = self.runs[run]
                 if rs.syncing and not rs.was_live:  # the snapshot is the authority on where
@@ -189,6 +198,13 @@ class LateJoin(Generic[S]):
 
     # ------------------------------------------------------------------ live updates
 
+    def _foreign(self, run: str) -> bool:
+        """Whether ``run`` is not taken (counted)."""
+        if self.accept is None or self.accept(run):
+            return False
+        self.stats.foreign += 1
+        return True
+
     def _decode(self, frames: list[bytes]) -> p.AnyMessage | None:
         try:
             return p.decode(frames)
@@ -230,7 +246,7 @@ class LateJoin(Generic[S]):
     def on_live(self, frames: list[bytes], out: list[Received]) -> None:
         """Take one frame set from the subscription; append what it delivers to ``out``."""
         msg = self._decode(frames)
-        if msg is None:
+        if msg is None or self._foreign(msg.run):
             return
         self.stats.received += 1
         if msg.run not in self.runs:

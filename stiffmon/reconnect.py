@@ -56,11 +56,19 @@ class Links:
     Args:
         sock: The socket (SUB, XSUB, DEALER …); connect it only after :meth:`add`.
         warn: Called with a sentence when an address is dropped and will be connected again.
+        before_disconnect: Called before the socket is disconnected from an address (to read
+            what it has: libzmq aborts when a message it has begun to read loses its pipe).
     """
 
-    def __init__(self, sock: zmq.Socket[bytes], warn: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket[bytes],
+        warn: Callable[[str], None],
+        before_disconnect: Callable[[], None] | None = None,
+    ) -> None:
         self.sock = sock
         self.warn = warn
+        self.before_disconnect = before_disconnect
         self.monitor: zmq.Socket[bytes] = sock.get_monitor_socket(EVENTS)
         self.monitor.setsockopt(zmq.LINGER, 0)
         self.reconnects = 0
@@ -69,6 +77,10 @@ class Links:
     def add(self, address: str) -> None:
         """Watch ``address`` (the exact string the socket connects to: libzmq's events name it)."""
         self._links.setdefault(address, _Link())
+
+    def remove(self, address: str) -> None:
+        """Stop watching ``address`` (disconnect the socket from it first)."""
+        self._links.pop(address, None)
 
     def read(self, now: float) -> list[str]:
         """Take in the monitor's events; return the addresses whose connection came back (a
@@ -125,6 +137,8 @@ class Links:
                 self.warn(f"{address} {why}: dropped; reconnecting in {delay:g} s")
             if link.due is not None and now >= link.due:
                 link.due = None
+                if self.before_disconnect is not None:
+                    self.before_disconnect()
                 with contextlib.suppress(zmq.ZMQError):  # gone from the socket's endpoints
                     self.sock.disconnect(address)
                 self.sock.connect(address)

@@ -1,10 +1,10 @@
 """Local registry of running agents, so ``stiffmon watch`` with no argument finds them.
 
 Each agent writes one small JSON file ``<run_id>.json`` under :func:`registry_dir` while it runs
-and removes it on exit. Entries whose process is gone (a crashed or killed agent), or whose pid
-now belongs to a later process (a reused pid: :func:`stale`), are stale, and entries that are
-not well-formed (a field missing or of the wrong type, an unusable endpoint) are corrupt:
-:func:`list_runs` skips and deletes both.
+and removes it on exit. Entries whose process is gone or exited (a crashed or killed agent), or
+whose pid now belongs to a later process (a reused pid: :func:`stale`), are stale, and entries
+that are not well-formed (a field missing or of the wrong type, an unusable endpoint) are
+corrupt: :func:`list_runs` skips and deletes both.
 """
 
 from __future__ import annotations
@@ -81,12 +81,23 @@ def _entry(raw: object) -> RunEntry:
 REUSE_SLACK = 30.0
 
 
+def _zombie(pid: int) -> bool:
+    """Whether process ``pid`` has exited and waits for its parent to reap it (Linux ``/proc``:
+    state ``Z``; False elsewhere or on error)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] == "Z"
+
+
 def stale(entry: RunEntry) -> bool:
-    """Whether ``entry``'s run has ended: its process is gone, or its pid now belongs to a
-    process started after the entry was written (the pid was reused; whatever listens on the
-    run's port now is not its agent). Entries of other hosts cannot be checked: never stale."""
+    """Whether ``entry``'s run has ended: its process is gone or has exited (a zombie its parent
+    has not reaped yet: its sockets are closed), or its pid now belongs to a process started
+    after the entry was written (the pid was reused; whatever listens on the run's port now is
+    not its agent). Entries of other hosts cannot be checked: never stale."""
     state = writer_state(entry.host, entry.pid, entry.started + REUSE_SLACK)
-    return state == "gone"
+    return state == "gone" or (state == "alive" and _zombie(entry.pid))
 
 
 def register(entry: RunEntry, directory: Path | None = None) -> Path:

@@ -1,5 +1,6 @@
 """Curvature and batch-size drawings: Hessian density (one measurement and its evolution), trace
-with its error band, top-k eigenvalues, Cockpit's gradient tests and suggested batch sizes.
+with its error band, top-k eigenvalues and suggested batch sizes (Cockpit's gradient tests
+themselves: :mod:`stiffmon.tui.gradient_tests`).
 
 Pure: functions from the store's :class:`~stiffmon.store.RunData` (and display options) to Rich
 renderables, and :class:`DensityMap`, a renderable that unit tests render to exact strings. The
@@ -20,6 +21,8 @@ from rich.style import Style
 from rich.text import Text
 
 from stiffmon.store import RunData, Snapshot
+from stiffmon.tui.gradient_tests import TESTS
+from stiffmon.tui.gradient_tests import gradient_tests_chart as gradient_tests_chart
 from stiffmon.tui.renderables import (
     HLine,
     Line,
@@ -35,11 +38,6 @@ from stiffmon.tui.runlines import run_line, span_of
 FloatArray = npt.NDArray[np.float64]
 
 DENSITY = "hessian-density"
-TESTS = (
-    ("norm_test", "norm θ"),
-    ("inner_product_test", "inner-product θ"),
-    ("orthogonality_test", "orthogonality ν"),
-)
 TOPK_COLORS = ("#e6550d", "#fd8d3c", "#fdae6b", "#fdd0a2", "#c6dbef", "#9ecae1", "#6baed6")
 RunColor = tuple[RunData, str]
 
@@ -303,42 +301,6 @@ def topk_chart(rd: RunData, *, x_time: bool, log_y: bool, ascii: bool, height: i
         height=height,
         x_label="seconds" if x_time else "step",
         empty_text="no sharpness measurement yet",
-    )
-
-
-def gradient_tests_chart(
-    rd: RunData,
-    *,
-    x_time: bool,
-    log_y: bool,
-    ascii: bool,
-    height: int,
-    empty_text: str = "no gradient tests yet",
-) -> LineChart:
-    """θ_max / ν_max of one run's three gradient tests over time (below θ: batch big enough);
-    ``empty_text`` without a line."""
-    lines, hlines = [], []
-    for j, (key, label) in enumerate(TESTS):
-        s = rd.series(f"noise/{key}")
-        if s is None or not len(s):
-            continue
-        c = TOPK_COLORS[(2 * j) % len(TOPK_COLORS)] if j else "#3182bd"
-        x = _x(rd, s.steps, s.times, x_time)
-        lines.append(run_line(rd, f"noise/{key}", x, s.values, c, label, x_time=x_time))
-        theta = rd.last(f"noise/theta/{key}")
-        if math.isfinite(theta):
-            hlines.append(HLine(theta, c))
-    return LineChart(
-        lines,
-        hlines,
-        title=f"gradient tests, dashed: chosen θ — {rd.name}",
-        x_span=span_of([rd], x_time),
-        legend=True,
-        log_y=log_y,
-        ascii=ascii,
-        height=height,
-        x_label="seconds" if x_time else "step",
-        empty_text=empty_text,
     )
 
 

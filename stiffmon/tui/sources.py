@@ -18,9 +18,10 @@ from pathlib import Path
 
 from stiffmon import protocol as p
 from stiffmon.client import Client
+from stiffmon.reconnect import CALM, FIRST_DELAY, MAX_DELAY
 from stiffmon.session import SessionMerge
 from stiffmon.store import Store
-from stiffmon.transport import CurveKeys, Endpoint
+from stiffmon.transport import CurveKeys, Endpoint, EndpointError, parse_endpoint
 
 HEAVY = ("matrix", "curve", "spectrum")
 AUTO_SPEEDS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
@@ -31,9 +32,16 @@ class LiveSource:
 
     Explicit endpoints are connected once and ZeroMQ reconnects to them for as long as the
     monitor runs (an agent restarted on the same address is picked up: its new run id triggers a
-    snapshot). With ``discover``, the local registry is re-read every ``rescan`` seconds and every
-    endpoint that appears in it is added, so runs started after the monitor are attached, and a
-    restarted run (new run id, possibly a new port) is attached again.
+    snapshot). With ``discover``, ``endpoints`` are the local registry's (as
+    :func:`stiffmon.sources.resolve` found them) and the registry is re-read every ``rescan``
+    seconds: every run that appears in it is attached, and an address stays attached only while
+    the run registered there runs. Once that run said bye, its entry is gone (or stale:
+    :func:`stiffmon.registry.stale`), or its connection was lost, the monitor disconnects from
+    the address and forgets it (the run's data stay, finished or cut off), so whatever takes the
+    port next is not attached: a later run registered there is attached afresh (a new run id: a
+    snapshot), and only registered runs' messages are taken at all. A run still registered whose
+    connection was lost (its agent rebinds its socket after a subscription flood) is attached
+    again at the next scan.
 
     Args:
         endpoints: Addresses to subscribe to from the start.
@@ -63,12 +71,18 @@ class LiveSource:
         self.error = ""
         self.warnings: deque[str] = deque(maxlen=20)  # connections dropped and made again
         self.cut_off: dict[str, str] = {}  # run -> address whose connection is lost
-        self._known = {str(e) for e in self.endpoints}
+        self._known = set() if discover else {str(e) for e in self.endpoints}  # attached
+        self._found: dict[str, str] = {}  # discovered address -> the run registered there
+        self._registered: set[str] = set()  # every run seen in the registry (discover: taken)
+        self._ended: set[str] = set()  # runs that said bye
+        self._lost: dict[str, tuple[str, int, float]] = {}  # address -> (run, losses, last)
+        self._gone: dict[str, str] = {}  # run -> address forgotten before its bye (cut off)
         self._last_scan = -math.inf
 
     def scan(self) -> list[str]:
-        """Add the registry's endpoints not connected yet (to the client once it runs)."""
-        from stiffmon.registry import list_runs
+        """Attach the registry's runs not attached yet (to the client once it runs); forget the
+        addresses whose run is no longer registered there (ended, or another run's now)."""
+        from stiffmon.registry import RunEntry, list_runs
 
         self._last_scan = time.monotonic()
         try:
@@ -76,25 +90,74 @@ class LiveSource:
         except OSError as exc:
             self.error = f"registry: {exc}"
             return []
-        added = []
-        for entry in entries:
-            if entry.endpoint in self._known:
-                continue
+        here: dict[str, RunEntry] = {}
+        for entry in entries:  # oldest first: the newest entry of an address wins
             try:
-                ep = self.client.add_endpoint(entry.endpoint) if self.client else entry.endpoint
-            except Exception as exc:  # a malformed entry: say so, keep watching the others
+                here[str(parse_endpoint(entry.endpoint))] = entry
+            except EndpointError as exc:  # a malformed entry: say so, keep watching the others
                 self.error = f"registry entry {entry.run}: {exc}"
-                self._known.add(entry.endpoint)
+        self._registered.update(e.run for e in here.values())
+        for address, run in list(self._found.items()):
+            now = here.get(address)
+            if now is None or now.run != run or run in self._ended:
+                self.forget(address)
+        added = []
+        for address, entry in here.items():
+            if address in self._known or entry.run in self._ended:
                 continue
-            self._known.add(entry.endpoint)
-            self.endpoints.append(ep)
-            added.append(entry.endpoint)
+            lost, losses, last = self._lost.get(address, ("", 0, -math.inf))
+            if lost == entry.run:  # the same run: after a wait, and say so
+                if self._last_scan < last + min(MAX_DELAY, FIRST_DELAY * 2 ** (losses - 1)):
+                    continue
+                self.warnings.append(f"{address} lost its connection; attached again")
+                if self.client is not None:
+                    self.client.stats.reconnects += 1
+            ep = self.client.add_endpoint(address, reconnect=False) if self.client else address
+            self._gone.pop(entry.run, None)
+            self._known.add(address)
+            self._found[address] = entry.run
+            self.endpoints = [*self.endpoints, ep]
+            added.append(address)
         return added
+
+    def forget(self, address: str) -> None:
+        """Disconnect from a discovered address; its runs' data stay."""
+        if self.client is not None:
+            self.client.remove_endpoint(address)
+        self._dropped(address)
+
+    def _dropped(self, address: str) -> None:
+        run = self._found.pop(address, None)
+        if run is not None and run not in self._ended:  # cut off until attached again
+            self._gone[run] = address
+        self._known.discard(address)
+        self.endpoints = [e for e in self.endpoints if str(e) != address]
+
+    def _note_loss(self, address: str, run: str) -> None:
+        """``address`` (found for ``run``) lost its connection: attach it again, while ``run``
+        is registered there, no sooner than 0.5 s from now, twice as long for each loss within a
+        minute of the last (up to 30 s), so a peer that breaks every connection costs one per
+        wait (as in :mod:`stiffmon.reconnect`)."""
+        lost, losses, last = self._lost.get(address, ("", 0, -math.inf))
+        now = time.monotonic()
+        again = lost == run and now - last < CALM
+        self._lost[address] = (run, losses + 1 if again else 1, now)
+
+    def _ended_run(self, run: str) -> None:
+        """``run`` said bye: forget the address it was found at."""
+        self._ended.add(run)
+        for address, found in list(self._found.items()):
+            if found == run:
+                self.forget(address)
 
     def run(self) -> None:
         """Worker body: until :attr:`stop` is set."""
         try:
-            self.client = Client(self.endpoints, curve=self.curve)
+            if self.discover:  # registered runs only, each address found by scan()
+                self.endpoints, self._known, self._found = [], set(), {}
+                self.client = Client([], curve=self.curve, accept=self._registered.__contains__)
+            else:
+                self.client = Client(self.endpoints, curve=self.curve)
         except Exception as exc:  # a bad endpoint: shown in the status line
             self.error = str(exc)
             return
@@ -104,8 +167,13 @@ class LiveSource:
                     self.scan()
                 for msg, _ in self.client.poll(0.1):
                     self.queue.append(msg)
+                    if self.discover and isinstance(msg, p.Bye):
+                        self._ended_run(msg.run)
+                for address in self.client.take_detached():  # its connection was lost
+                    self._note_loss(address, self._found.get(address, ""))
+                    self._dropped(address)
                 self.warnings.extend(self.client.take_warnings())
-                self.cut_off = self.client.cut_off()
+                self.cut_off = {**self._gone, **self.client.cut_off()}
         finally:
             self.client.close()
 
@@ -146,7 +214,8 @@ class LiveSource:
         n = len(self.endpoints)
         where = f"{n} addresses" if short and n > 1 else ", ".join(map(str, self.endpoints))
         if self.discover:
-            return f"live: {where or 'no run yet'} (watching for local runs)"
+            idle = "no live run" if self._registered else "no run yet"
+            return f"live: {where or idle} (watching for local runs)"
         return f"live: {where}" if where else "live: no endpoint"
 
 

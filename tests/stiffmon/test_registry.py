@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from stiffmon.registry import RunEntry, list_runs, register, unregister
-from tests.conftest import Procs
+from tests.conftest import Procs, wait_for
 
 NOW = time.time()  # this test process started before: an entry it could have written
 
@@ -121,3 +121,18 @@ def test_entries_of_other_hosts_are_kept(_registry: Path) -> None:
     e = RunEntry("far", "x", "tcp://gpu-box:6030", 1, "not-" + socket.gethostname(), 5.0)
     register(e)
     assert list_runs() == [e]
+
+
+def test_an_entry_whose_process_exited_unreaped_is_stale(_registry: Path) -> None:
+    """A killed agent whose parent has not reaped it yet (a zombie): its pid still exists, but
+    its sockets are closed and its port free for any other process to take."""
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        stat = Path(f"/proc/{zombie.pid}/stat")
+        assert wait_for(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+        here = socket.gethostname()
+        register(RunEntry("z", "x", "tcp://127.0.0.1:6040", zombie.pid, here, time.time()))
+        assert list_runs() == []
+        assert not (_registry / "z.json").exists()
+    finally:
+        zombie.wait()
