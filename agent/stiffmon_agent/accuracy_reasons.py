@@ -103,14 +103,11 @@ def _same_shape(targets: Any) -> str:
             f"outside [0, 1]: a regression's): {NO_REGRESSION_ACCURACY}"
         )
     soft = "for soft targets, pass their argmax over the classes as targets="
-    if kind == "probabilities":
-        return (
-            "(probability targets, a binary classifier's or a regression's outputs): no "
-            f"class-index accuracy ({soft})"
-        )
+    if kind != "probabilities":  # not read: either way out
+        soft += f"; {NO_REGRESSION_ACCURACY}"
     return (
         "(probability targets, a binary classifier's or a regression's outputs): no "
-        f"class-index accuracy ({soft}; {NO_REGRESSION_ACCURACY})"
+        f"class-index accuracy ({soft})"
     )
 
 

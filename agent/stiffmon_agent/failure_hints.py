@@ -40,11 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from stiffmon_agent.metrics.gram.coupling import WAY_OUT
 from stiffmon_agent.metrics.probe import (
     ForwardFn,
     LossFn,
-    PerExampleLoss,
     default_forward,
+    inner_loss,
     loss_reduction,
     per_example_losses,
     take,
@@ -67,10 +68,6 @@ _NO_DOUBLE_BACKWARD = (  # torch's phrasings of a missing second derivative
 )
 _ONCE_DIFFERENTIABLE = "marked with @once_differentiable"
 _GRAPHLESS = "does not require grad and does not have a grad_fn"
-GRAM_WAY_OUT = (  # as the coupled-loss refusal of metrics.gram.coupling says it
-    "stiffness and gradient noise need each example's loss to depend on that example alone: "
-    'pass gram_every="never" (sharpness, the Hessian trace and density still work)'
-)
 
 
 def failure_hint(
@@ -152,7 +149,7 @@ def _module_of(op: str, model: nn.Module, loss_fn: LossFn | None) -> str | None:
     """``nn.<Name>`` of the loss or a layer whose class name is ``op`` without underscores
     (``multi_margin_loss``: ``MultiMarginLoss``; ``ctc_loss``: ``CTCLoss``), else None."""
     want = op.replace("_", "").lower()
-    base = loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
+    base = inner_loss(loss_fn)  # None without a loss
     candidates = [base] if base is not None else []
     candidates += list(model.modules())
     for m in candidates:
@@ -210,7 +207,7 @@ def graphless_hint(
         "depend on the parameters: in-batch mining, a loss that couples the examples)"
     )
     if kind == "gram":
-        return f"{cause}, and {GRAM_WAY_OUT}"
+        return f"{cause}, and {WAY_OUT}"
     return (
         f"{cause}, and the Hessian is taken over pieces of the probe (chunk_size=, or a rank's "
         "share), one of which has no gradient on its own: pass a chunk_size= of at least the "
@@ -279,7 +276,7 @@ def loss_inputs(loss_fn: LossFn) -> list[str] | None:
     ``TripletMarginLoss(anchor, positive, negative)``, ``MarginRankingLoss``,
     ``CosineEmbeddingLoss``, ``CTCLoss``); None where two (or ``*args``) do or the signature
     cannot be read. A module's ``forward`` is read, a :class:`PerExampleLoss`'s loss."""
-    fn: Any = loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
+    fn = inner_loss(loss_fn)
     target = fn.forward if isinstance(fn, nn.Module) else fn
     try:
         params = inspect.signature(target).parameters.values()
@@ -329,7 +326,7 @@ def loss_signature_note(loss_fn: LossFn) -> str | None:
     inputs = loss_inputs(loss_fn)
     if inputs is None:
         return None
-    fn: Any = loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
+    fn = inner_loss(loss_fn)
     name = type(fn).__name__ if isinstance(fn, nn.Module) else getattr(fn, "__name__", "loss_fn")
     note = (
         f"loss_fn {name} takes {len(inputs)} inputs ({', '.join(inputs)}), but the agent calls "

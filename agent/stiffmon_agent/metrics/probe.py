@@ -143,6 +143,11 @@ class PerExampleLoss:
         return self.fn(outputs, targets)
 
 
+def inner_loss(loss_fn: LossFn) -> Any:
+    """The loss a :class:`PerExampleLoss` wraps; any other loss itself."""
+    return loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
+
+
 def unreduced(loss_fn: LossFn) -> PerExampleLoss:
     """Return a version of ``loss_fn`` that gives one loss per example.
 
@@ -302,7 +307,7 @@ def _class_index(targets: Batch) -> bool:
 def _ignored(loss_fn: LossFn) -> tuple[int, torch.Tensor | None] | None:
     """The ignore index and class weights of a class-index loss; None for another torch.nn
     loss (its elements count alike)."""
-    fn = loss_fn.fn if isinstance(loss_fn, PerExampleLoss) else loss_fn
+    fn = inner_loss(loss_fn)
     if isinstance(fn, nn.CrossEntropyLoss | nn.NLLLoss):
         return fn.ignore_index, fn.weight
     if isinstance(fn, nn.Module) and hasattr(fn, "reduction"):

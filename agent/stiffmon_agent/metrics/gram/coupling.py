@@ -36,6 +36,14 @@ SLACK = 10.0
 float64), relative to Σ_i ‖g_i‖."""
 
 
+WAY_OUT = (
+    "stiffness and gradient noise need each example's loss to depend on that example alone: "
+    'pass gram_every="never" (sharpness, the Hessian trace and density still work)'
+)
+"""What a loss whose examples' losses are not their own is told to do (also by
+:mod:`~stiffmon_agent.failure_hints`)."""
+
+
 def coupled(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -73,9 +81,7 @@ def coupled(
         raise ValueError(
             "the per-example losses are coupled across examples: each example's loss on its "
             f"own has no gradient, the summed probe losses have one of norm {batch:.4g} (an "
-            "in-batch contrastive / InfoNCE loss?). Stiffness and gradient noise need each "
-            'example\'s loss to depend on that example alone: pass gram_every="never" '
-            "(sharpness, the Hessian trace and density still work)"
+            f"in-batch contrastive / InfoNCE loss?). {WAY_OUT[:1].upper()}{WAY_OUT[1:]}"
         )
     return (
         "the per-example losses are coupled across examples (BatchNorm without running "
