@@ -102,7 +102,7 @@ class Client:
         self.poller.register(self.sub, zmq.POLLIN)
         self._eps: dict[zmq.Socket[bytes], _EndpointState] = {}
         self._cut: dict[str, str] = {}  # run -> address lost, until the run itself is heard again
-        self._said_bye: set[str] = set()
+        self.said_bye: set[str] = set()  # runs whose bye came through
         self._detached: list[str] = []  # reconnect=False addresses lost, for take_detached()
         self._held: list[list[bytes]] = []  # read from the SUB before a disconnect, not ordered
         self._warned = self._taken = 0  # warnings made, handed out by take_warnings()
@@ -307,7 +307,7 @@ class Client:
             if self._cut:
                 self._cut.pop(msg.run, None)
             if msg.KIND == "bye":
-                self._said_bye.add(msg.run)
+                self.said_bye.add(msg.run)
         return out
 
     def _check_links(self, now: float) -> None:
@@ -330,7 +330,7 @@ class Client:
         may be taken by another run's agent. A run that said bye is not cut off: it ended."""
         if down := self._links.down():
             for r, st in self._order.run_source.items():
-                if st.endpoint.pub in down and r not in self._said_bye:
+                if st.endpoint.pub in down and r not in self.said_bye:
                     self._cut[r] = st.endpoint.pub
         return dict(self._cut)
 

@@ -74,7 +74,6 @@ class LiveSource:
         self._known = set() if discover else {str(e) for e in self.endpoints}  # attached
         self._found: dict[str, str] = {}  # discovered address -> the run registered there
         self._registered: set[str] = set()  # every run seen in the registry (discover: taken)
-        self._ended: set[str] = set()  # runs that said bye
         self._lost: dict[str, tuple[str, int, float]] = {}  # address -> (run, losses, last)
         self._gone: dict[str, str] = {}  # run -> address forgotten before its bye (cut off)
         self._last_scan = -math.inf
@@ -143,9 +142,13 @@ class LiveSource:
         again = lost == run and now - last < CALM
         self._lost[address] = (run, losses + 1 if again else 1, now)
 
+    @property
+    def _ended(self) -> set[str]:
+        """The runs that said bye (the client's record of them)."""
+        return self.client.said_bye if self.client is not None else set()
+
     def _ended_run(self, run: str) -> None:
         """``run`` said bye: forget the address it was found at."""
-        self._ended.add(run)
         for address, found in list(self._found.items()):
             if found == run:
                 self.forget(address)
