@@ -224,6 +224,14 @@ class CountWeighting:
     per_element: bool
     class_weights: bool
 
+    @staticmethod
+    def of(counts: Tensor, per_element: bool, class_weights: bool) -> CountWeighting:
+        """From the counts Σ_t c_it of the N examples the probe keeps: their mean, and the
+        smallest and largest of those that count anything."""
+        kept = counts[counts > 0]
+        lo, hi = float(kept.min()), float(kept.max())
+        return CountWeighting(float(counts.mean()), lo, hi, per_element, class_weights)
+
 
 def count_weighted(
     loss_fn: LossFn, targets: Batch, say: Callable[[CountWeighting], None] | None = None
@@ -275,10 +283,9 @@ def count_weighted(
             "the class weights of the probe's train examples are all 0: the weighted loss has "
             "no gradient on the probe; give a probe with examples of weighted classes"
         )
-    mean = float(kept.mean())
-    info = CountWeighting(mean, float(kept.min()), float(kept.max()), per_element, weights)
+    info = CountWeighting.of(kept, per_element, weights)
     base = unreduced(loss_fn)
-    measured = PerExampleLoss(base.fn, base.objective, base.elements, base.scale, mean)
+    measured = PerExampleLoss(base.fn, base.objective, base.elements, base.scale, info.mean)
     if say is not None:
         tell: Callable[[CountWeighting], None] = say
         measured.on_count = lambda applied: tell(info) if applied else None

@@ -136,9 +136,9 @@ class ModelLoss:
         counts = self.counts(labels).double()[(labels != -100).any(dim=1)]
         if not counts.numel() or bool((counts == counts[0]).all()) or not counts.sum() > 0:
             return None
-        self.count_mean = float(counts.mean())
-        kept = counts[counts > 0]
-        return CountWeighting(self.count_mean, float(kept.min()), float(kept.max()), True, False)
+        info = CountWeighting.of(counts, per_element=True, class_weights=False)
+        self.count_mean = info.mean
+        return info
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
         if logits.dim() == 3 and labels.dim() == 2:
