@@ -33,7 +33,7 @@ from stiffmon.tui.renderables import (
     nice_ticks,
 )
 from stiffmon.tui.renderables.axes import cut
-from stiffmon.tui.runlines import run_line, span_of
+from stiffmon.tui.runlines import run_line, series_x, span_of
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -240,10 +240,6 @@ def _none(rd: RunData, what: str) -> str:
     return f"no {what} in this run (density_every)" if rd.finished else f"no {what} yet"
 
 
-def _x(rd: RunData, steps: np.ndarray, times: np.ndarray, x_time: bool) -> np.ndarray:
-    return (times - rd.first_t) if x_time else steps.astype(np.float64)
-
-
 def trace_chart(
     runs: Sequence[RunColor], *, x_time: bool, log_y: bool, ascii: bool, height: int
 ) -> LineChart:
@@ -253,7 +249,7 @@ def trace_chart(
         s = rd.series("curvature/trace")
         if s is None or not len(s):
             continue
-        x = _x(rd, s.steps, s.times, x_time)
+        x = series_x(rd, s.steps, s.times, x_time)
         se = rd.series("curvature/trace_stderr")
         if se is not None and len(se) == len(s):
             band = 2 * np.nan_to_num(se.values, nan=0.0)
@@ -285,13 +281,12 @@ def topk_chart(rd: RunData, *, x_time: bool, log_y: bool, ascii: bool, height: i
     lines = []
     steps = np.array([s.step for s in snaps], dtype=np.int64)
     times = np.array([s.t for s in snaps], dtype=np.float64)
+    x = series_x(rd, steps, times, x_time)
     for j in range(k):
         y = np.array(
             [float(v[j]) if len(v := getattr(s.msg, "values", ())) > j else math.nan for s in snaps]
         )
-        lines.append(
-            Line(_x(rd, steps, times, x_time), y, TOPK_COLORS[j % len(TOPK_COLORS)], f"λ{j + 1}")
-        )
+        lines.append(Line(x, y, TOPK_COLORS[j % len(TOPK_COLORS)], f"λ{j + 1}"))
     return LineChart(
         lines,
         title=f"top-{k} Hessian eigenvalues — {rd.name}" if k else "top-k Hessian eigenvalues",
@@ -320,7 +315,7 @@ def batch_chart(
     for rd, color in runs:
         s = rd.series(f"noise/suggested_batch/{test}")
         if s is not None and len(s):
-            x = _x(rd, s.steps, s.times, x_time)
+            x = series_x(rd, s.steps, s.times, x_time)
             name = f"noise/suggested_batch/{test}"
             lines.append(run_line(rd, name, x, s.values, color, rd.name, x_time=x_time))
         if rd.batch_size:

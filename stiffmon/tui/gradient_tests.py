@@ -17,7 +17,7 @@ from rich.segment import Segment
 
 from stiffmon.store import RunData
 from stiffmon.tui.renderables import HLine, LineChart, asciify, fit_title
-from stiffmon.tui.runlines import run_line, span_of
+from stiffmon.tui.runlines import run_line, series_x, span_of
 
 TESTS = (
     ("norm_test", "norm θ"),
@@ -81,7 +81,7 @@ def gradient_tests_chart(
         s = rd.series(f"noise/{key}")
         if s is None or not len(s):
             continue
-        x = (s.times - rd.first_t) if x_time else s.steps.astype(float)
+        x = series_x(rd, s.steps, s.times, x_time)
         lines.append(run_line(rd, f"noise/{key}", x, s.values, color, label, x_time=x_time))
         theta = rd.last(f"noise/theta/{key}")
         if math.isfinite(theta):

@@ -38,6 +38,11 @@ def run_end(rd: RunData, x_time: bool) -> float:
     return end if math.isfinite(end) else math.inf
 
 
+def series_x(rd: RunData, steps: np.ndarray, times: np.ndarray, x_time: bool) -> np.ndarray:
+    """A series' points on the x axis: their steps, or seconds since the run's start."""
+    return (times - rd.first_t) if x_time else steps.astype(np.float64)
+
+
 def span_of(runs: Sequence[RunData], x_time: bool) -> tuple[float, float] | None:
     """(0, the last run end) on the x axis: what charts of these runs span; None: unknown."""
     ends = [e for rd in runs if math.isfinite(e := run_end(rd, x_time))]

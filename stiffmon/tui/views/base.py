@@ -18,7 +18,7 @@ from stiffmon.marks import be_symbol
 from stiffmon.store import RunData
 from stiffmon.tui.renderables import HLine, Line, LineChart, Marker, XMark
 from stiffmon.tui.renderables.linechart import NO_POSITIVE
-from stiffmon.tui.runlines import run_line
+from stiffmon.tui.runlines import run_line, series_x
 
 if TYPE_CHECKING:
     from stiffmon.tui.app import StiffmonApp
@@ -164,7 +164,7 @@ class View:
         s = rd.series(name)
         if s is None or not np.isfinite(s.values).any():
             return None
-        x = (s.times - rd.first_t) if self.app.x_time else s.steps.astype(np.float64)
+        x = series_x(rd, s.steps, s.times, self.app.x_time)
         y = s.values
         w = SMOOTHING[self.app.smooth_i]
         if w:

@@ -18,7 +18,7 @@ from stiffmon.marks import CATAPULT, be_symbol, marks_legend
 from stiffmon.store import RunData
 from stiffmon.tui.renderables import Marker, StepLine, asciify
 from stiffmon.tui.renderables.axes import cut
-from stiffmon.tui.runlines import run_end
+from stiffmon.tui.runlines import run_end, series_x
 from stiffmon.tui.views.base import Builder, ChartView, View, be_marker, run_color
 
 THRESHOLD_EVENTS = ("threshold-none", "threshold-unknown")
@@ -157,7 +157,7 @@ def threshold_line(view: View, rd: RunData, name: str, color: str) -> StepLine |
     ok = np.isfinite(s.values)
     if not ok.any():
         return None
-    x = (s.times - rd.first_t) if view.app.x_time else s.steps.astype(np.float64)
+    x = series_x(rd, s.steps, s.times, view.app.x_time)
     end = run_end(rd, view.app.x_time)
     return StepLine(x[ok], s.values[ok].astype(np.float64), color, "thr", x_end=end)
 
