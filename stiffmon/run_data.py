@@ -173,8 +173,9 @@ class RunData:
         Args:
             now: Monotonic time (default: now).
             ended: Its replay reached the end (a file, not followed).
-            writer: For a file at its end (followed or not), whether the process writing it
-                runs (on this machine; else ``unknown``).
+            writer: For a file at its end (followed or not), or a live run that has gone
+                quiet, whether the process writing it runs (on this machine; else
+                ``unknown``).
         """
         now = time.monotonic() if now is None else now
         problems = []
@@ -196,7 +197,7 @@ class RunData:
                 "interrupted": "interrupted (Ctrl-C)",
             }
             state, text = "finished", ended_as.get(self.bye_reason, "finished")
-        elif status == "replay" and writer == "gone":
+        elif status in ("replay", "stalled") and writer == "gone":  # killed, or crashed hard
             state, text = "ended", f"no bye (writer pid {pid} gone)"
         elif status == "replay" and ended and writer == "alive":  # read before it is written
             state, text = "replay", f"no bye yet (writer pid {pid} still running)"

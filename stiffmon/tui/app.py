@@ -155,16 +155,18 @@ class StiffmonApp(App[None]):
 
     def health(self, rd: RunData, now: float | None = None) -> Health:
         """A run's health; a replayed run without a bye has ended when its replay has and its
-        writer does not run (a followed one: when the process writing it is gone)."""
+        writer does not run (a followed one, or a live one gone quiet: when the process writing
+        it is gone, on this machine)."""
         replay = self.replay
         at_end = replay is not None and 0 < len(replay.messages) <= replay.position
         follow = at_end and replay is not None and replay.follow
+        now = self.clock() if now is None else now
+        quiet = replay is None and rd.status(now) == "stalled"
         writer = None
-        if at_end and rd.hello is not None and not rd.finished:
+        if (at_end or quiet) and rd.hello is not None and not rd.finished:
             writer = self._writers.state(rd.hello.host, rd.hello.pid, rd.hello.t)
         elif follow:
             writer = "unknown"
-        now = self.clock() if now is None else now
         return rd.health(now, ended=at_end and not follow, writer=writer)
 
     def check_health(self) -> bool:
