@@ -18,7 +18,6 @@ import os
 import socket
 import time
 import uuid
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from stiffmon import protocol as p
-from stiffmon.registry import unregister
 from stiffmon.transport import CurveKeys
 from stiffmon_agent import distributed as sharding
 from stiffmon_agent import termination
@@ -35,9 +33,8 @@ from stiffmon_agent.accuracy import (
     class_ignore_index,
     step_accuracy,
 )
-from stiffmon_agent.agent_output import AgentOutput
+from stiffmon_agent.agent_output import LIVE_AGENTS, AgentOutput
 from stiffmon_agent.announce import (
-    accumulation_advice,
     count_weighting_sayer,
     dist_rank,
     hello_fields,
@@ -65,7 +62,6 @@ from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
     LossFn,
-    loss_reduction,
 )
 from stiffmon_agent.optimizer_skips import OptimizerSkips
 from stiffmon_agent.probe_set import build_probe, objective_loss
@@ -75,18 +71,17 @@ from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, MeasurementPlan, Schedule, parse_schedule
 from stiffmon_agent.step_scalars import OptimizerColumns, default_run_name, optimizer_config
 
-_LIVE_AGENTS: weakref.WeakSet[Agent] = weakref.WeakSet()
 DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step 0
 
 
 @atexit.register
 def _close_all() -> None:  # the user forgot close(): flush and leave cleanly
     reason = termination.exit_reason()
-    for agent in list(_LIVE_AGENTS):
+    for agent in list(LIVE_AGENTS):
         agent.close(reason=reason, timeout=2.0)
 
 
-class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
+class Agent(AgentOutput):  # event(), log(), dropped and close(): in agent_output.py
     """Measure stiffness, sharpness and gradient noise inside a training loop and publish them.
 
     Args:
@@ -320,8 +315,8 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             self.warn("loss-signature", f"the measurements will fail: {note}")
         if self.endpoint is not None and registry:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
-        _LIVE_AGENTS.add(self)
-        termination.install(lambda: list(_LIVE_AGENTS))  # SIGTERM: flush, bye, then die
+        LIVE_AGENTS.add(self)
+        termination.install(lambda: list(LIVE_AGENTS))  # SIGTERM: flush, bye, then die
         # last: a failed construction leaves no hook behind
         self._optimizer_columns.attach(count_backwards=batch_size is None)
         world = self.shard.world if self.shard else 1
@@ -402,21 +397,6 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
             self._measure_due(s)
         self.step_count = s + 1
 
-    def _no_acc(self, reason: str) -> None:
-        """The ``accuracy-unavailable`` event for logits/targets that do not compare (said once;
-        whether earlier steps had an accuracy is known only on the publisher thread)."""
-        what = f"no accuracy at step {self.step_count} (NaN) and at steps like it: {reason}"
-        self.event("accuracy-unavailable", what, level="warning")
-
-    def _say_accumulation(self, k: int) -> None:
-        """Warn that B read from the logits is one micro-batch's when ``k`` backward passes
-        reach the parameters per optimizer step (said only where B comes from the logits)."""
-        b = self._sharp_state.batch_size
-        if self._batch_size is not None or not b:
-            return
-        advice = accumulation_advice(k, b, loss_reduction(self.loss_fn) == "sum")
-        self.warn("batch-size-accumulation", advice, backwards=k, batch_size=b)
-
     def _measure_due(self, s: int) -> None:
         """Run what is due at step ``s``, publish the coverage, and find the next due step."""
         runner = self._runner
@@ -440,33 +420,8 @@ class Agent(AgentOutput):  # event(), log() and dropped: in agent_output.py
         """Metrics disabled after an error, with the reason."""
         return dict(self._runner.disabled) if self._runner is not None else {}
 
-    # ------------------------------------------------------------------ shutdown
-
-    def close(self, reason: str = "closed", timeout: float = 5.0) -> None:
-        """Send ``bye``, flush the queue (at most ``timeout`` seconds) and release everything."""
-        if self.closed:
-            return
-        self.closed = True
-        _LIVE_AGENTS.discard(self)
-        self._optimizer_columns.remove_hook()
-        if self.publisher is not None:
-            self._columns.flush()
-            self._skips.send(time.time())
-            self._submit(p.Bye, {"reason": reason}, step=max(self.step_count - 1, 0))
-            if not self.publisher.close(timeout):
-                log.warning("stiffmon: could not flush everything before the timeout")
-        if self._registry_run is not None:
-            unregister(self._registry_run)
-
     def __enter__(self) -> Agent:
         return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.close(
-            reason="closed"
-            if exc_type is None
-            else f"error: {getattr(exc_type, '__name__', exc_type)}"
-        )
 
     def __repr__(self) -> str:
         ep = getattr(self, "endpoint", None)
