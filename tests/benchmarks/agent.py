@@ -28,17 +28,14 @@ process):
 6. Sharded measurement: the median wall time of each heavy measurement (Gram, sharpness,
    density) on the demo CNN with its probe, under ``torchrun`` with 1 process (the one-process
    agent: the baseline) and with 2 gloo processes sharing the probe (``distributed=True``;
-   target ~1/2 of the time where the machine has a core per process).
+   target ~1/2 of the time where the machine has a core per process), after what 2 processes
+   get on this machine (:mod:`tests.benchmarks.sharded`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from functools import partial
@@ -55,7 +52,8 @@ from stiffmon_agent import Agent
 from stiffmon_agent.demo.data import load_digits_split
 from stiffmon_agent.demo.models import digits_cnn
 from stiffmon_agent.outgoing import Outgoing
-from tests.conftest import GLOO_TEARDOWN, free_port_pair
+from tests.benchmarks import sharded
+from tests.conftest import free_port_pair
 
 
 def step_cost(n: int) -> float:
@@ -334,43 +332,6 @@ def snapshot_time(
     return elapsed, n, rows
 
 
-_WORKER_ERRORS = ("terminate", "what()", "Error", "error:", "Abort", "Traceback", "Signal")
-
-
-def sharded_times(world: int, repeats: int, per_class: int, channels: int) -> dict[str, float]:
-    """Median seconds of each measurement kind with ``world`` processes (rank 0's wall time),
-    one launch per kind."""
-    out: dict[str, float] = {}
-    for kind in ("gram", "sharpness", "density"):
-        out.update(_sharded_time(world, repeats, per_class, channels, kind))
-    return out
-
-
-def _sharded_time(
-    world: int, repeats: int, per_class: int, channels: int, kind: str
-) -> dict[str, float]:
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'agent'}"}
-    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")
-    # --standalone: the rendezvous binds a free port itself (a port picked here and released
-    # could be taken by another process before the group binds it)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += ["--nproc_per_node", str(world)]
-    cmd += ["-m", "tests.benchmarks.sharded_worker", str(repeats), str(per_class), str(channels)]
-    cmd.append(kind)
-    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    line = next((x for x in run.stdout.splitlines() if x.startswith("{")), None)
-    teardown = line is not None and GLOO_TEARDOWN in run.stderr  # gloo's, after all the work
-    if (run.returncode and not teardown) or line is None:  # the workers' errors, the launcher's
-        said = [x for x in run.stderr.splitlines() if any(w in x for w in _WORKER_ERRORS)]
-        raise RuntimeError(
-            f"sharded benchmark failed (exit {run.returncode}):\n"
-            + "\n".join(said[:40])
-            + f"\n...\n{run.stderr[-2000:]}"
-        )
-    return json.loads(line)  # type: ignore[no-any-return]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         prog="python -m tests.benchmarks.agent",
@@ -486,20 +447,7 @@ def main() -> None:
         f"    snapshot, columnar, {big:,}-step history, a scalars message every 50 steps: "
         f"{t * 1e3:.0f} ms for {msgs:,} messages ({rows:,} steps + scalars)  (target <= 1 s)"
     )
-    repeats = 2 if q else 5
-    for per_class, channels in ((20, 16),) if q else ((20, 16), (50, 32)):
-        one = sharded_times(1, repeats, per_class, channels)
-        two = sharded_times(2, repeats, per_class, channels)
-        print(
-            f"\n[6] sharded measurement, demo CNN ({channels} channels), probe of {one['n']} "
-            f"examples, median of {repeats}, 1 process vs 2 gloo processes (OMP threads 1 each), "
-            "one kind per launch"
-        )
-        for kind in ("gram", "sharpness", "density"):
-            print(
-                f"    {kind:9s}: {one[kind] * 1e3:8.0f} ms  vs  {two[kind] * 1e3:8.0f} ms: "
-                f"ratio {two[kind] / one[kind]:.2f}  (target ~0.5 with a core per process)"
-            )
+    sharded.report(q)
 
 
 if __name__ == "__main__":
