@@ -47,6 +47,7 @@ import torch
 
 from stiffmon_agent.accuracy_reasons import check_comparable, nan_accuracy_console, not_one_tensor
 from stiffmon_agent.gpu_readback import stacked_float64
+from stiffmon_agent.metrics.probe import callable_ignore_index
 
 log = logging.getLogger("stiffmon_agent")
 
@@ -178,12 +179,17 @@ def binary_threshold(loss_fn: Any) -> float | None:
 
 def class_ignore_index(loss_fn: Any) -> int | None:
     """The non-negative ``ignore_index`` of a ``CrossEntropyLoss`` or ``NLLLoss`` (255 in many
-    segmentation sets), to pass as :func:`step_accuracy`'s ``ignore_index``; None for any other
-    loss and for a negative one (negative targets are left out anyway)."""
+    segmentation sets), or the one a plain callable declares (its ``ignore_index`` attribute, a
+    ``functools.partial``'s keyword: as the measurements take it), to pass as
+    :func:`step_accuracy`'s ``ignore_index``; None for any other loss module and for a negative
+    one (negative targets are left out anyway)."""
     if isinstance(loss_fn, torch.nn.CrossEntropyLoss | torch.nn.NLLLoss):
         index = int(loss_fn.ignore_index)
-        return index if index >= 0 else None
-    return None
+    elif isinstance(loss_fn, torch.nn.Module) or not callable(loss_fn):
+        return None
+    else:
+        index = callable_ignore_index(loss_fn)
+    return index if index >= 0 else None
 
 
 def step_accuracy(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -258,3 +259,25 @@ def test_counted_steps_say_the_same_on_the_training_thread(
     assert "no accuracy for some steps (NaN)" in said[1]
     assert "unavailable for this run" in said[2]  # not even a tensor
     assert not {"accuracy", ""} & (never | before)  # no custom scalar's name taken
+
+
+def test_a_plain_callables_declared_ignore_index_is_left_out_of_the_accuracy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ignore index the measurements take for a plain callable (its attribute, a partial's
+    keyword) is the accuracy's too: the recorded accuracy leaves those pixels out."""
+    ce = torch.nn.functional.cross_entropy
+    declared = functools.partial(ce, ignore_index=255, reduction="none")
+    assert class_ignore_index(declared) == 255
+    tagged = lambda o, t: ce(o, t, ignore_index=7, reduction="none")  # noqa: E731
+    tagged.ignore_index = 7  # type: ignore[attr-defined]
+    assert class_ignore_index(tagged) == 7
+    assert class_ignore_index(lambda o, t: ce(o, t, reduction="none")) is None  # -100
+    g = torch.Generator().manual_seed(3)
+    logits, targets = torch.randn(2, 3, 4, 4, generator=g), torch.randint(0, 3, (2, 4, 4))
+    targets[:, 0] = 255  # a border row, where class 0 wins: hits if it counted as a class
+    logits[:, 0, 0] = 9.0
+    got, events, _ = _run(tmp_path, declared, [(logits, targets)], caplog)  # type: ignore[arg-type]
+    kept = targets != 255
+    want = float((logits.argmax(1)[kept] == targets[kept]).double().mean())
+    assert got == pytest.approx([want], abs=1e-12) and events == []

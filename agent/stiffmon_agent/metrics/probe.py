@@ -14,13 +14,14 @@ the objective is Σ_i L_i = B × (1/B) Σ_i L_i. A plain callable must return on
 unless the callable has a ``reduction`` attribute equal to ``"sum"``.
 
 Class-index targets (a ``CrossEntropyLoss`` / ``NLLLoss``, or a plain callable whose ignore
-index is -100): position t of example i counts with weight c_it, 0 where the target is the
-ignore index, the target class's ``weight`` where the loss has class weights, else 1. For the
-loss as given, L_i is what the mean-reduced loss gives for example i alone, Σ_t c_it ℓ_it /
-Σ_t c_it over its counted positions (0 for an example with none), and (1/B) Σ_i L_i is the mean
-of the examples' own means. The mean-reduced loss of a batch divides by the whole batch's count,
-Σ_{i,t} c_it ℓ_it / Σ_{i,t} c_it, and so does Hugging Face's causal-LM loss: the same only when
-every example counts as much. A :class:`PerExampleLoss` with ``count_mean`` c̄ gives that
+index is its ``ignore_index`` attribute, a ``functools.partial``'s keyword, else -100): position t
+of example i counts with weight c_it, 0 where the target is the ignore index, the target class's
+``weight`` where the loss has class weights, else 1. For the loss as given, L_i is what the
+mean-reduced loss gives for example i alone, Σ_t c_it ℓ_it / Σ_t c_it over its counted positions
+(0 for an example with none), and (1/B) Σ_i L_i is the mean of the examples' own means. The
+mean-reduced loss of a batch divides by the whole batch's count, Σ_{i,t} c_it ℓ_it /
+Σ_{i,t} c_it, and so does Hugging Face's causal-LM loss: the same only when every example counts
+as much. A :class:`PerExampleLoss` with ``count_mean`` c̄ gives that
 objective's contributions instead, L_i = Σ_t c_it ℓ_it / c̄ (torch's ``reduction="none"`` gives
 c_it ℓ_it, and 0 at ignored positions): with c̄ = (1/N) Σ_{i,t} c_it over N examples, (1/N)
 Σ_i L_i is the mean-reduced loss on them. The agent builds it from the train probe
@@ -34,6 +35,7 @@ as (B, T) when the targets have that shape.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeAlias
 
@@ -205,6 +207,7 @@ def per_example_losses(loss_fn: LossFn, outputs: Any, targets: Batch, n: int) ->
             f"loss_fn must return one loss per example (shape ({n},)), got shape "
             f"{tuple(losses.shape)}; pass a torch.nn loss module or use reduction='none'"
         )
+    _check_ignore_index(loss_fn, outputs, targets, losses)
     out = _per_example(loss_fn, losses, targets, n)
     scale = loss_fn.scale if isinstance(loss_fn, PerExampleLoss) else 1.0
     return out * scale if scale != 1.0 else out
@@ -271,6 +274,16 @@ IGNORE_INDEX = -100
 """The ignore index assumed for a plain callable (torch's and Hugging Face's default)."""
 
 
+def callable_ignore_index(fn: Any) -> int:
+    """The ignore index of a plain callable loss: its ``ignore_index`` attribute, or that keyword
+    of a ``functools.partial`` (``partial(F.cross_entropy, ignore_index=255, reduction="none")``),
+    else :data:`IGNORE_INDEX`."""
+    value = getattr(fn, "ignore_index", None)
+    if value is None and isinstance(fn, functools.partial):
+        value = fn.keywords.get("ignore_index")
+    return IGNORE_INDEX if value is None else int(value)
+
+
 def counted_weights(loss_fn: LossFn, targets: Batch) -> torch.Tensor | None:
     """Each example's count Σ_t c_it in a mean-reduced class-index loss (its targets that are
     not ``ignore_index``, each weighed by its class ``weight``; see the module docstring), shape
@@ -312,7 +325,7 @@ def _ignored(loss_fn: LossFn) -> tuple[int, torch.Tensor | None] | None:
         return fn.ignore_index, fn.weight
     if isinstance(fn, nn.Module) and hasattr(fn, "reduction"):
         return None
-    return IGNORE_INDEX, None
+    return callable_ignore_index(fn), None
 
 
 def ignore_index_of(loss_fn: LossFn) -> int | None:
@@ -346,6 +359,46 @@ def _check_lined_up(loss_fn: LossFn, targets: Batch, shape: torch.Size) -> None:
             "shifts the labels: the labels already shifted, labels[:, 1:], and a loss that "
             "does not shift them)"
         )
+
+
+def _check_ignore_index(
+    loss_fn: LossFn, outputs: Any, targets: Batch, losses: torch.Tensor
+) -> None:
+    """Refuse a plain callable that leaves out targets other than the ignore index assumed for
+    it (:func:`callable_ignore_index`): a target outside the outputs' C ≥ 2 classes whose loss
+    is exactly 0 wherever it occurs (``F.cross_entropy(..., ignore_index=255)`` in a lambda). Those
+    positions would count in each example's mean: every loss and gradient scaled down, silently.
+
+    Raises:
+        ValueError: If so (not checked inside ``torch.func.vmap``, like
+            :func:`_check_lined_up`).
+    """
+    fn = inner_loss(loss_fn)
+    if isinstance(fn, nn.CrossEntropyLoss | nn.NLLLoss) or (ignored := _ignored(loss_fn)) is None:
+        return
+    if not (_class_index(targets) and isinstance(outputs, torch.Tensor)):
+        return
+    assert isinstance(targets, torch.Tensor)
+    if losses.shape != targets.shape or outputs.dim() != targets.dim() + 1:
+        return
+    batched = torch._C._functorch.is_batchedtensor
+    if batched(targets) or batched(losses) or batched(outputs):
+        return
+    shape = tuple(outputs.shape)
+    last, first = shape[:-1] == tuple(targets.shape), shape[:1] + shape[2:] == tuple(targets.shape)
+    classes = shape[-1] if last else shape[1] if first else 0
+    outside = ((targets < 0) | (targets >= classes)) & (targets != ignored[0])
+    if classes < 2 or not bool(outside.any()) or bool((losses.detach()[outside] != 0).any()):
+        return
+    value = int(targets[outside][0])
+    raise ValueError(
+        f"the probe's targets hold {value}, not one of the outputs' {classes} classes, and "
+        f"loss_fn's losses there are 0: it ignores {value}, but the agent takes {ignored[0]} for "
+        "a plain callable's ignore index and would count those positions in each example's "
+        f"mean. Tell it: set loss_fn.ignore_index = {value}, pass functools.partial("
+        f'F.cross_entropy, ignore_index={value}, reduction="none") or '
+        f"nn.CrossEntropyLoss(ignore_index={value})"
+    )
 
 
 def _counted(loss_fn: LossFn, targets: Batch, shape: torch.Size) -> torch.Tensor | None:
