@@ -101,9 +101,14 @@ def hook_pass(
         if outputs is None:
             raise RuntimeError("the forward failed on an expanded shared output")
         loss = per_example_losses(loss_fn, outputs, chunk_targets, n).sum()
-        gouts: list[Tensor | None] = (
-            list(torch.autograd.grad(loss, nodes, allow_unused=True)) if nodes else []
-        )
+        # a layer run under no_grad (a reentrant checkpoint none of whose inputs requires grad)
+        # is outside the graph: its gradient is 0, as in training, and autograd.grad refuses it
+        graphed = [i for i, node in enumerate(nodes) if node.requires_grad]
+        gouts: list[Tensor | None] = [None] * len(nodes)
+        if graphed:
+            got = torch.autograd.grad(loss, [nodes[i] for i in graphed], allow_unused=True)
+            for i, grad in zip(graphed, got, strict=True):
+                gouts[i] = grad
         del loss, outputs
     except Exception:
         if not expanded:
