@@ -16,7 +16,7 @@ afterwards). That is what the failed measurement saw: a model that checkpoints o
 mode (Hugging Face's layers) does not checkpoint in the measurements, and is not blamed. A
 checkpointed block none of whose inputs requires grad leaves no node (torch warns "None of the
 inputs have requires_grad=True", and its weights get no gradient in training either): then
-there is no hint.
+nothing fails, and its weights are measured as training sees them, with zero gradients.
 
 Torch's messages for a missing second derivative ("derivative for
 aten::multi_margin_loss_backward is not implemented", "the derivative for
@@ -27,7 +27,9 @@ have a grad_fn" is looked into by :func:`graphless_hint`: a loss whose value for
 alone does not depend on the parameters (in-batch mining returning a constant for a batch of
 one) or one that never does. A loss that takes more than (outputs, targets)
 (``GaussianNLLLoss(input, target, var)``) is named by :func:`loss_signature_note`, with the
-callable to pass instead.
+callable to pass instead. batch_norm's "Expected more than 1 value per channel when training"
+from a Gram is named by :func:`batch_statistics_layers`: a batch-norm layer without running
+statistics cannot normalise an example alone, so the per-example gradients do not exist.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ _NO_DOUBLE_BACKWARD = (  # torch's phrasings of a missing second derivative
 )
 _ONCE_DIFFERENTIABLE = "marked with @once_differentiable"
 _GRAPHLESS = "does not require grad and does not have a grad_fn"
+_ONE_VALUE = "Expected more than 1 value per channel when training"  # batch_norm's ValueError
 
 
 def failure_hint(
@@ -94,6 +97,12 @@ def failure_hint(
     """
     if isinstance(exc, TypeError) and loss_fn is not None:  # said in words already
         return loss_signature_note(loss_fn)
+    if kind == "gram" and _ONE_VALUE in str(exc) and (layers := batch_statistics_layers(model)):
+        return (
+            f"batch normalisation without running statistics ({layers}) normalises over the "
+            "batch and cannot take an example alone (one value per channel), as the "
+            f"per-example gradients do: {WAY_OUT}"
+        )
     if not isinstance(exc, RuntimeError):  # autograd's errors (NotImplementedError too)
         return None
     text = str(exc)
@@ -213,6 +222,18 @@ def graphless_hint(
         "share), one of which has no gradient on its own: pass a chunk_size= of at least the "
         f"train probe's {probe.n_train} examples"
     )
+
+
+def batch_statistics_layers(model: nn.Module) -> str:
+    """The batch-norm layers of ``model`` without running statistics, which normalise with
+    the batch's own mean and variance in eval mode too (``"'body.1' (BatchNorm1d), …"``), or
+    "" if there are none."""
+    found = [
+        f"'{name}' ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.running_mean is None
+    ]
+    return ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
 
 
 def uses_reentrant_checkpoint(

@@ -18,7 +18,9 @@ loss beyond rounding.)
 g_i stays what it is defined as, example i's gradient on its own (as the tests' float64
 reference loop computes it), and a note says the losses are coupled. Where every example-alone
 gradient vanishes while the summed loss has a gradient (InfoNCE), there is nothing to measure:
-the Gram is refused.
+the Gram is refused. A forward that is random in eval mode (``F.dropout(x, p, training=True)``,
+noise not gated on ``self.training``) fails the check too, each pass drawing anew: where two
+passes of one probe example differ, the note says that instead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from stiffmon_agent.metrics.gram.verify import tolerance
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, per_example_losses, take
@@ -83,9 +86,32 @@ def coupled(
             f"own has no gradient, the summed probe losses have one of norm {batch:.4g} (an "
             f"in-batch contrastive / InfoNCE loss?). {WAY_OUT[:1].upper()}{WAY_OUT[1:]}"
         )
+    if _random(model, inputs, forward):
+        return (
+            "the model's forward is random in eval mode (two passes of one probe example "
+            "differ: dropout called with training=True, noise not gated on self.training), so "
+            "every measurement draws anew at each pass: the Gram, sharpness and density are "
+            "noisy, and the example-alone gradients do not add up to the probe's. Gate the "
+            "randomness on self.training (F.dropout(x, p, self.training))"
+        )
     return (
         "the per-example losses are coupled across examples (BatchNorm without running "
         "statistics, a layer or loss that mixes the batch): the gradients are each example's "
         f"own, alone, which add up to a norm of {apart:.4g}, not to the summed probe losses' "
         f"{batch:.4g}"
+    )
+
+
+def _random(model: nn.Module, inputs: Batch, forward: ForwardFn) -> bool:
+    """Whether two forward passes of the first example give different outputs (False where a
+    pass fails: that has another cause)."""
+    x = take(inputs, slice(0, 1))
+    try:
+        with torch.no_grad():
+            first, second = tree_flatten(forward(model, x))[0], tree_flatten(forward(model, x))[0]
+    except Exception:
+        return False
+    return any(
+        isinstance(a, Tensor) and isinstance(b, Tensor) and not torch.equal(a, b)
+        for a, b in zip(first, second, strict=False)
     )

@@ -1,0 +1,56 @@
+"""A batch-norm layer without running statistics cannot take an example alone.
+
+``BatchNorm1d(track_running_stats=False)`` normalises with the batch's own statistics in eval
+mode too; on (N, C) features an example alone has one value per channel and torch raises
+"Expected more than 1 value per channel when training". The Gram's per-example gradients need
+each example alone, so it fails; its ``metric-error`` used to be torch's message only. It now
+names the layer and the way out, while training and the sharpness (of the probe's coupled
+objective, checked against a float64 dense Hessian) go on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from stiffmon import protocol as p
+from stiffmon.session import read_session
+from stiffmon_agent import Agent
+from tests.agent.metrics.reference import dense_hessian_of
+
+
+def test_the_gram_error_names_the_layer_and_the_way_out(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Tanh(), nn.Linear(8, 3)
+    ).double()
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.arange(12) % 3
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay where the refs are
+    rec = tmp_path / "bn.stiff"
+    agent = Agent(
+        model, loss_fn, opt, probe=(x, y), endpoint="", record=rec, registry=False,
+        gram_every=1, sharpness_every=1, overhead_cap=None, hessian_tol=1e-10, max_hvps=200,
+    )  # fmt: skip
+    for _ in range(2):  # training goes on past the failed measurement
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        agent.step(loss)
+    agent.close()
+    msgs = read_session(rec)[0]
+    errors = [m.message for m in msgs if isinstance(m, p.Event) and m.code == "metric-error"]
+    assert len(errors) == 1 and errors[0].startswith("gram failed: ")
+    assert "batch normalisation without running statistics ('1' (BatchNorm1d))" in errors[0]
+    assert 'pass gram_every="never"' in errors[0]
+    lam = [m.as_dict()["sharpness/lambda1_h"] for m in msgs if isinstance(m, p.Scalars)
+           and "sharpness/lambda1_h" in m.names]  # fmt: skip
+    model.eval()
+    hess = dense_hessian_of(model, x, lambda out: loss_fn(out, y))
+    assert len(lam) == 2
+    assert float(lam[-1]) == pytest.approx(float(torch.linalg.eigvalsh(hess)[-1]), rel=1e-6)
