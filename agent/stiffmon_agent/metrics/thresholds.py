@@ -62,8 +62,9 @@ class StabilityThreshold:
         rule: How it was computed, e.g. ``"2/η - wd (SGD, group 1)"``, or why there is none.
         group: Index of the most restrictive param group (None when there is no value).
         preconditioned: The threshold applies to λ1(P⁻¹H) rather than to λ1_H.
-        still: The group's learning rate is 0: it does not move, so it sets no bound (a
-            group frozen by lr = 0 is left out of the most restrictive one).
+        still: The group does not move (learning rate 0, or every parameter frozen by
+            ``requires_grad=False``), so it sets no bound: it is left out of the most
+            restrictive one.
     """
 
     value: float | None
@@ -87,6 +88,14 @@ _MIXED = "none: the param groups differ in maximize (no single objective descend
 
 def _still() -> StabilityThreshold:
     return StabilityThreshold(None, "none: η = 0 (the group does not move)", still=True)
+
+
+def _frozen(g: dict[str, Any]) -> bool:
+    """A group whose parameters all have ``requires_grad=False`` (frozen layers of progressive
+    unfreezing, held by the optimizer from the start): they get no gradient, and torch's
+    optimizers skip a parameter without one, so the group does not move, whatever its η."""
+    ps = g.get("params")
+    return bool(ps) and all(isinstance(q, Tensor) and not q.requires_grad for q in ps)
 
 
 def _num(x: object) -> float:
@@ -163,7 +172,9 @@ def stability_threshold_for(
         numbered = [numbered[group]]
     if name == "SGD":
         per = [
-            stability_threshold(
+            _still()
+            if _frozen(g)
+            else stability_threshold(
                 _num(g["lr"]),
                 _num(g.get("momentum", 0.0)),
                 nesterov=bool(g.get("nesterov", False)),
@@ -200,7 +211,7 @@ def preconditioned_threshold_for(
     per = []
     for g in groups if groups is not None else optimizer.param_groups:
         eta = _num(g["lr"])
-        if eta == 0:
+        if eta == 0 or _frozen(g):
             per.append(_still())
         elif eta < 0:
             per.append(StabilityThreshold(None, f"none: non-positive learning rate {eta}"))
