@@ -153,6 +153,8 @@ class Agent(AgentOutput):  # event(), log(), dropped and close(): in agent_outpu
             older values are thinned, evenly spread, its newest quarter kept whole); every
             step's per-step scalars are kept.
         registry: Register the run so ``stiffmon watch`` finds it.
+        start_step: The first step's number: a script resumed from a checkpoint at step N
+            passes N, so that its steps (and the measurement schedules) continue the count.
     """
 
     def __init__(
@@ -196,6 +198,7 @@ class Agent(AgentOutput):  # event(), log(), dropped and close(): in agent_outpu
         idle_batch_interval: float | None = 0.5,
         max_scalar_history: int = 1_000_000,
         registry: bool = True,
+        start_step: int = 0,
     ) -> None:
         # DDP averages the ranks' gradients: B read from one rank's logits is W × theirs
         self._replicas = sharding.replicas(model)
@@ -212,7 +215,9 @@ class Agent(AgentOutput):  # event(), log(), dropped and close(): in agent_outpu
         gate = None
         if self.shard is not None:  # every rank's agent is there before any collective
             gate = RankGate.meeting(self.shard, rank_timeout)
-        self.step_count = 0
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
+        self.step_count = start_step
         self.closed = False
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         appending = record is not None and os.path.isfile(record) and os.path.getsize(record) > 0
@@ -286,7 +291,7 @@ class Agent(AgentOutput):  # event(), log(), dropped and close(): in agent_outpu
                 gate,
             )
             self._runner.stepped_groups = self._optimizer_columns.stepped_groups
-            self._next_due = self._plan.next_after(-1)
+            self._next_due = self._plan.next_after(start_step - 1)
         if not self.enabled:
             return
         self.publisher = start_publisher(

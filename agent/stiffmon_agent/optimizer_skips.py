@@ -121,8 +121,10 @@ class OptimizerSkips:
         said = log_spaced(self.count)
         if said:
             msg = (
-                f"no optimizer step at step {step}: the weights did not change (GradScaler skips "
-                f"a step whose gradients are inf/NaN); {self.count} such step(s) so far"
+                f"no optimizer step at step {step} (GradScaler skips a step whose gradients are "
+                "inf/NaN: the weights do not change); a loop that steps a new optimizer object "
+                "leaves the agent reading the one it was given: close the agent and make one "
+                f"with the new optimizer and start_step={step}; {self.count} such step(s) so far"
             )
             code = "optimizer-step-skipped"
             self._event(code, msg, level="warning", at_step=step, skipped=self.count)
