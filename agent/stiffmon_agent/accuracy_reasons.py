@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from stiffmon_agent.metrics.probe import class_dim
+
 
 def check_comparable(logits: Any, targets: Any, threshold: float | None = None) -> int:
     """The logits' class dimension, for the argmax; raise unless the shapes compare.
@@ -53,10 +55,8 @@ def check_comparable(logits: Any, targets: Any, threshold: float | None = None) 
             f"the logits are {str(dtype).removeprefix('torch.')} (predicted classes?), not "
             "class scores: pass the model's scores, before any argmax, as logits="
         )
-    if shape and shape[:-1] == target_shape:
-        dim = -1
-    elif len(shape) >= 3 and target_shape == (shape[0], *shape[2:]):
-        dim = 1
+    if (found := class_dim(shape, target_shape)) is not None:
+        dim = found
     elif not shape or shape[-1] < 2:
         dim = -1  # said below, as before the layouts were told apart
     elif shape == target_shape:

@@ -361,6 +361,17 @@ def _check_lined_up(loss_fn: LossFn, targets: Batch, shape: torch.Size) -> None:
         )
 
 
+def class_dim(shape: tuple[int, ...], target_shape: tuple[int, ...]) -> int | None:
+    """The dimension of outputs of ``shape`` that holds the classes of class-index targets of
+    ``target_shape``: -1 where the targets are the outputs' shape without the last, 1 for
+    (N, C, d1, ...) outputs and (N, d1, ...) targets, None where they do not line up."""
+    if shape and shape[:-1] == target_shape:
+        return -1
+    if len(shape) >= 3 and target_shape == (shape[0], *shape[2:]):
+        return 1
+    return None
+
+
 def _check_ignore_index(
     loss_fn: LossFn, outputs: Any, targets: Batch, losses: torch.Tensor
 ) -> None:
@@ -385,8 +396,8 @@ def _check_ignore_index(
     if batched(targets) or batched(losses) or batched(outputs):
         return
     shape = tuple(outputs.shape)
-    last, first = shape[:-1] == tuple(targets.shape), shape[:1] + shape[2:] == tuple(targets.shape)
-    classes = shape[-1] if last else shape[1] if first else 0
+    dim = class_dim(shape, tuple(targets.shape))
+    classes = shape[dim] if dim is not None else 0
     outside = ((targets < 0) | (targets >= classes)) & (targets != ignored[0])
     if classes < 2 or not bool(outside.any()) or bool((losses.detach()[outside] != 0).any()):
         return
