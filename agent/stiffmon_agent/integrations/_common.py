@@ -150,6 +150,4 @@ def build_agent(
         kwargs["run"] = f"{kwargs.get('run') or default_run_name(optimizer_config(optimizer))} " + (
             f"(resumed at step {start_step})"
         )
-    agent = Agent(model, loss_fn, optimizer, **kwargs)
-    agent.step_count = start_step
-    return agent
+    return Agent(model, loss_fn, optimizer, start_step=start_step, **kwargs)
