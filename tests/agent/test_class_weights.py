@@ -16,12 +16,17 @@ import pytest
 import torch
 from torch import nn
 
-from stiffmon import protocol as p
-from stiffmon.session import read_session
-from stiffmon_agent import Agent
 from stiffmon_agent.metrics import per_example_gram
 from stiffmon_agent.probe_set import count_weighted
 from tests.agent.metrics.reference import dense_hessian_of, rel_err
+from tests.agent.recording import (
+    EXACT,
+    close_and_read,
+    events,
+    last_scalar,
+    offline_agent,
+    train_step,
+)
 
 WEIGHT = torch.tensor([1.0, 10.0, 4.0], dtype=torch.float64)
 
@@ -43,22 +48,9 @@ def _record(tmp_path: Path, loss_fn: nn.Module) -> list[Any]:
     model, x, y = _setup()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay where the refs are
     rec = tmp_path / "w.stiff"
-    agent = Agent(
-        model, loss_fn, opt, probe=(x, y), endpoint="", record=rec, registry=False,
-        gram_every=1, sharpness_every=1, overhead_cap=None, hessian_tol=1e-10, max_hvps=200,
-    )  # fmt: skip
-    loss = loss_fn(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    agent.step(loss)
-    agent.close()
-    return read_session(rec)[0]
-
-
-def _last(msgs: list[Any], name: str) -> float:
-    values = [m.as_dict()[name] for m in msgs if isinstance(m, p.Scalars) and name in m.names]
-    return float(values[-1])
+    agent = offline_agent(model, loss_fn, opt, rec, probe=(x, y), **EXACT)
+    train_step(agent, opt, loss_fn(model(x), y))
+    return close_and_read(agent, rec)
 
 
 def test_the_weighted_objective_is_measured_and_said(tmp_path: Path) -> None:
@@ -74,7 +66,7 @@ def test_the_weighted_objective_is_measured_and_said(tmp_path: Path) -> None:
         )[-1]
     )  # fmt: skip
     assert unnormalised > 2 * lam  # what was measured before: the test tells them apart
-    assert _last(msgs, "sharpness/lambda1_h") == pytest.approx(lam, rel=1e-6)
+    assert last_scalar(msgs, "sharpness/lambda1_h") == pytest.approx(lam, rel=1e-6)
     # the per-example contributions c_i with (1/N) Σ c_i = the objective's gradient on the probe
     wbar = float(WEIGHT[y].mean())
     grads = []
@@ -88,11 +80,11 @@ def test_the_weighted_objective_is_measured_and_said(tmp_path: Path) -> None:
     full = torch.autograd.grad(_objective(y)(model(x)), list(model.parameters()))
     assert rel_err(g.mean(0), torch.cat([t.reshape(-1) for t in full])) < 1e-12
     trace_k = float(((g - g.mean(0)) ** 2).sum(1).mean())
-    assert _last(msgs, "noise/trace_k") == pytest.approx(trace_k, rel=1e-9)
-    said = [m for m in msgs if isinstance(m, p.Event) and m.code == "class-weighted"]
+    assert last_scalar(msgs, "noise/trace_k") == pytest.approx(trace_k, rel=1e-9)
+    said = events(msgs, "class-weighted")
     assert len(said) == 1 and f"w̄ = {wbar:.6g}" in said[0].message
     assert said[0].attrs["wbar"] == pytest.approx(wbar, rel=1e-12)
-    assert not any(m.code == "token-weighted" for m in msgs if isinstance(m, p.Event))
+    assert not events(msgs, "token-weighted")
 
 
 def test_other_losses_and_targets_are_left_as_they_are() -> None:

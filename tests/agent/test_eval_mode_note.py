@@ -8,11 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from stiffmon import protocol as p
-from stiffmon.session import read_session
-from stiffmon_agent import Agent
 from stiffmon_agent.announce import probe_notes
 from stiffmon_agent.probe_set import make_probe
+from tests.agent.recording import close_and_read, events, offline_agent
 
 PROBE = make_probe((torch.randn(6, 4), torch.arange(6) % 2), None, None, None, None)
 
@@ -65,19 +63,9 @@ def test_the_agent_publishes_one_eval_mode_event(tmp_path: Path) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(12, 4), torch.arange(12) % 2
     rec = tmp_path / "r.stiff"
-    agent = Agent(
-        model,
-        nn.CrossEntropyLoss(),
-        opt,
-        probe=(x, y),
-        endpoint="",
-        record=rec,
-        registry=False,
-        gram_every=1000,
-        sharpness_every=1000,
+    agent = offline_agent(
+        model, nn.CrossEntropyLoss(), opt, rec, probe=(x, y), gram_every=1000, sharpness_every=1000
     )
-    agent.close()
-    msgs, _ = read_session(rec)
-    events = [m for m in msgs if isinstance(m, p.Event) and m.code == "eval-mode"]
-    assert len(events) == 1 and events[0].level == "info"
-    assert "BatchNorm uses its running statistics and Dropout is off" in events[0].message
+    said = events(close_and_read(agent, rec), "eval-mode")
+    assert len(said) == 1 and said[0].level == "info"
+    assert "BatchNorm uses its running statistics and Dropout is off" in said[0].message

@@ -10,11 +10,11 @@ import torch
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from stiffmon import protocol as p
 from stiffmon.session import read_session
 from stiffmon_agent import Agent
 from stiffmon_agent.failure_hints import uses_reentrant_checkpoint
 from stiffmon_agent.probe_set import make_probe
+from tests.agent.recording import EVERY_STEP, metric_errors, offline_agent, train_step
 
 
 class Checkpointed(nn.Module):
@@ -42,25 +42,10 @@ def _run(model: nn.Module, rec: Path, forward: Any = None) -> Agent:
     torch.manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(12, 8), torch.arange(12) % 3
-    agent = Agent(
-        model,
-        nn.CrossEntropyLoss(),
-        opt,
-        probe=(x, y),
-        endpoint="",
-        record=rec,
-        registry=False,
-        forward=forward,
-        gram_every=1,
-        sharpness_every=1,
-        overhead_cap=None,
-    )
+    loss_fn = nn.CrossEntropyLoss()
+    agent = offline_agent(model, loss_fn, opt, rec, probe=(x, y), forward=forward, **EVERY_STEP)
     out = model(x)
-    loss = nn.functional.cross_entropy(out, y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    agent.step(loss, out, y)
+    train_step(agent, opt, nn.functional.cross_entropy(out, y), out, y)
     agent.close()
     return agent
 
@@ -71,12 +56,7 @@ def test_reentrant_checkpoint_failure_names_the_cause_and_the_fix(tmp_path: Path
     rec = tmp_path / "r.stiff"
     agent = _run(Checkpointed(reentrant=True), rec)
     assert set(agent.disabled) == {"gram", "sharpness"}
-    msgs, _ = read_session(rec)
-    errors = {
-        e.attrs["metric"]: e.message
-        for e in msgs
-        if isinstance(e, p.Event) and e.code == "metric-error"
-    }
+    errors = metric_errors(read_session(rec)[0])
     assert "the per-example gradients cannot go through: use use_reentrant=False" in errors["gram"]
     assert "reentrant torch.utils.checkpoint" in errors["sharpness"]
     assert "use use_reentrant=False" in agent.disabled["sharpness"]

@@ -16,10 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-from stiffmon import protocol as p
-from stiffmon.session import read_session
-from stiffmon_agent import Agent
 from tests.agent.metrics.reference import dense_hessian_of
+from tests.agent.recording import (
+    EXACT,
+    close_and_read,
+    events,
+    offline_agent,
+    scalar_values,
+    train_step,
+)
 
 
 def test_the_gram_error_names_the_layer_and_the_way_out(tmp_path: Path) -> None:
@@ -32,24 +37,15 @@ def test_the_gram_error_names_the_layer_and_the_way_out(tmp_path: Path) -> None:
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay where the refs are
     rec = tmp_path / "bn.stiff"
-    agent = Agent(
-        model, loss_fn, opt, probe=(x, y), endpoint="", record=rec, registry=False,
-        gram_every=1, sharpness_every=1, overhead_cap=None, hessian_tol=1e-10, max_hvps=200,
-    )  # fmt: skip
+    agent = offline_agent(model, loss_fn, opt, rec, probe=(x, y), **EXACT)
     for _ in range(2):  # training goes on past the failed measurement
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        agent.step(loss)
-    agent.close()
-    msgs = read_session(rec)[0]
-    errors = [m.message for m in msgs if isinstance(m, p.Event) and m.code == "metric-error"]
+        train_step(agent, opt, loss_fn(model(x), y))
+    msgs = close_and_read(agent, rec)
+    errors = [e.message for e in events(msgs, "metric-error")]
     assert len(errors) == 1 and errors[0].startswith("gram failed: ")
     assert "batch normalisation without running statistics ('1' (BatchNorm1d))" in errors[0]
     assert 'pass gram_every="never"' in errors[0]
-    lam = [m.as_dict()["sharpness/lambda1_h"] for m in msgs if isinstance(m, p.Scalars)
-           and "sharpness/lambda1_h" in m.names]  # fmt: skip
+    lam = scalar_values(msgs, "sharpness/lambda1_h")
     model.eval()
     hess = dense_hessian_of(model, x, lambda out: loss_fn(out, y))
     assert len(lam) == 2

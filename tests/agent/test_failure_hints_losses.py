@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stiffmon import protocol as p
-from stiffmon.session import read_session
 from stiffmon_agent import Agent
 from stiffmon_agent.failure_hints import double_backward_hint, loss_signature_note
 from stiffmon_agent.metrics import hessian_eigen
 from stiffmon_agent.metrics.probe import per_example_losses, unreduced
 from tests.agent.metrics.reference import dense_hessian_of
+from tests.agent.recording import close_and_read, metric_errors, offline_agent, train_step
 
 
 def _errors(
@@ -37,14 +36,12 @@ def _errors(
     rec = tmp_path / f"r{len(list(tmp_path.iterdir()))}.stiff"  # a new session each run
     settings: dict[str, Any] = {"gram_every": 1, "sharpness_every": 1, "density_every": 1}
     settings |= kw
-    agent = Agent(
+    agent = offline_agent(
         model,
         loss_fn,
         opt,
+        rec,
         probe=(x, y),
-        endpoint="",
-        record=rec,
-        registry=False,
         overhead_cap=None,
         density_steps=4,
         density_runs=1,
@@ -54,18 +51,8 @@ def _errors(
     loss = (train_loss or (lambda out, t: per_example_losses(unreduced(loss_fn), out, t, len(t))))(
         model(x), y
     ).mean()
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    agent.step(loss)
-    agent.close()
-    msgs = read_session(rec)[0]
-    errors = {
-        e.attrs["metric"]: e.message
-        for e in msgs
-        if isinstance(e, p.Event) and e.code == "metric-error"
-    }
-    return errors, agent
+    train_step(agent, opt, loss)
+    return metric_errors(close_and_read(agent, rec)), agent
 
 
 # ---------------------------------------------------------------- a loss without a graph

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from stiffmon.session.reader import read_session
-from stiffmon_agent import Agent
+from tests.agent.recording import close_and_read, offline_agent, train_step
 
 
 def _dense_lambda1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -52,10 +51,10 @@ def test_frozen_group_sets_no_threshold(tmp_path: Path) -> None:
         ]
     )
     rec = tmp_path / "unfreeze.stiff"
-    agent = Agent(
-        net, nn.CrossEntropyLoss(), opt, probe=(x[:16], y[:16]), record=rec, endpoint="",
-        registry=False, gram_every="never", sharpness_every=1, density_every="never",
-        overhead_cap=None, hessian_tol=1e-8, max_hvps=200,
+    agent = offline_agent(
+        net, nn.CrossEntropyLoss(), opt, rec, probe=(x[:16], y[:16]), gram_every="never",
+        sharpness_every=1, density_every="never", overhead_cap=None, hessian_tol=1e-8,
+        max_hvps=200,
     )  # fmt: skip
     ref: dict[int, float] = {}
     for s in range(6):
@@ -63,15 +62,10 @@ def test_frozen_group_sets_no_threshold(tmp_path: Path) -> None:
             for q in net[0].parameters():
                 q.requires_grad_(True)
         out = net(x[16:])
-        loss = nn.functional.cross_entropy(out, y[16:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        agent.step(loss, out, y[16:])
+        train_step(agent, opt, nn.functional.cross_entropy(out, y[16:]), out, y[16:])
         ref[s] = _dense_lambda1(net, x[:16], y[:16])
-    agent.close()
     got: dict[str, dict[int, float]] = {}
-    for m in read_session(rec)[0]:
+    for m in close_and_read(agent, rec):
         if type(m).__name__ == "Scalars":
             for n, v in zip(m.names, m.values, strict=True):
                 got.setdefault(n, {})[m.step] = float(v)

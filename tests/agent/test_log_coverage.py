@@ -17,6 +17,7 @@ from stiffmon.session import read_session
 from stiffmon_agent import Agent
 from stiffmon_agent import agent as agent_module
 from stiffmon_agent.userlog import log_spaced
+from tests.agent.recording import train_step
 
 
 class Records(logging.Handler):
@@ -60,11 +61,7 @@ def train(agent: Agent, model: nn.Module, opt: torch.optim.Optimizer, steps: int
     for _ in range(steps):
         x, y = torch.randn(b, 4, generator=g), torch.randint(0, 3, (b,), generator=g)
         out = model(x)
-        loss = nn.functional.cross_entropy(out, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        agent.step(loss, out, y)
+        train_step(agent, opt, nn.functional.cross_entropy(out, y), out, y)
 
 
 def scalars(msgs: list[p.AnyMessage], prefix: str) -> dict[tuple[int, str], float]:

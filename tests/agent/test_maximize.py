@@ -15,15 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from stiffmon import protocol as p
-from stiffmon.session import read_session
-from stiffmon_agent import Agent
 from stiffmon_agent.metrics.thresholds import (
     maximizes,
     preconditioned_threshold_for,
     stability_threshold_for,
 )
 from tests.agent.metrics.reference import dense_hessian_of
+from tests.agent.recording import EXACT, close_and_read, events, last_scalar, offline_agent
 
 
 def _setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -42,18 +40,9 @@ def _record(tmp_path: Path, opt_of: Any, loss_fn: Any = _neg_ce) -> list[Any]:
     model, x, y = _setup()
     opt = opt_of(model)
     rec = tmp_path / "m.stiff"
-    agent = Agent(
-        model, loss_fn, opt, probe=(x, y), endpoint="", record=rec, registry=False,
-        gram_every=1, sharpness_every=1, overhead_cap=None, hessian_tol=1e-10, max_hvps=200,
-    )  # fmt: skip
+    agent = offline_agent(model, loss_fn, opt, rec, probe=(x, y), **EXACT)
     agent.step(loss_fn(model(x), y).mean())  # no optimizer step: the refs' weights
-    agent.close()
-    return read_session(rec)[0]
-
-
-def _last(msgs: list[Any], name: str) -> float:
-    values = [m.as_dict()[name] for m in msgs if isinstance(m, p.Scalars) and name in m.names]
-    return float(values[-1])
+    return close_and_read(agent, rec)
 
 
 def _sgd_ascent(model: nn.Module) -> torch.optim.Optimizer:
@@ -66,8 +55,8 @@ def test_ascent_measures_the_objective_descended(tmp_path: Path) -> None:
     h = dense_hessian_of(model, x, lambda out: _neg_ce(out, y).mean())  # Hessian of f
     eig = torch.linalg.eigvalsh(h)
     assert float(-eig[0]) > 1.5 * float(eig[-1])  # what was measured before is told apart
-    assert _last(msgs, "sharpness/lambda1_h") == pytest.approx(float(-eig[0]), rel=1e-6)
-    assert _last(msgs, "sharpness/threshold") == pytest.approx(20.0)
+    assert last_scalar(msgs, "sharpness/lambda1_h") == pytest.approx(float(-eig[0]), rel=1e-6)
+    assert last_scalar(msgs, "sharpness/threshold") == pytest.approx(20.0)
     # the noise does not depend on the sign: Tr K of the per-example gradients of f
     grads = []
     for i in range(len(y)):
@@ -77,14 +66,14 @@ def test_ascent_measures_the_objective_descended(tmp_path: Path) -> None:
         )
     g = torch.stack(grads)
     trace_k = float(((g - g.mean(0)) ** 2).sum(1).mean())
-    assert _last(msgs, "noise/trace_k") == pytest.approx(trace_k, rel=1e-9)
-    (said,) = [m for m in msgs if isinstance(m, p.Event) and m.code == "maximize"]
+    assert last_scalar(msgs, "noise/trace_k") == pytest.approx(trace_k, rel=1e-9)
+    (said,) = events(msgs, "maximize")
     assert "−loss" in said.message and said.level == "info"
 
 
 def test_plain_descent_says_nothing(tmp_path: Path) -> None:
     msgs = _record(tmp_path, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
-    assert not [m for m in msgs if isinstance(m, p.Event) and m.code == "maximize"]
+    assert not events(msgs, "maximize")
 
 
 def test_adam_ascent_preconditions_the_descended_hessian(tmp_path: Path) -> None:
@@ -105,15 +94,12 @@ def test_adam_ascent_preconditions_the_descended_hessian(tmp_path: Path) -> None
     s = diag.rsqrt()
     ref = float(torch.linalg.eigvalsh(s[:, None] * h * s[None, :])[-1])
     rec = tmp_path / "a.stiff"
-    agent = Agent(
-        model, _neg_ce, opt, probe=(x, y), endpoint="", record=rec, registry=False,
-        gram_every="never", sharpness_every=1, overhead_cap=None, hessian_tol=1e-10,
-        max_hvps=200,
-    )  # fmt: skip
+    agent = offline_agent(
+        model, _neg_ce, opt, rec, probe=(x, y), **(EXACT | {"gram_every": "never"})
+    )
     agent.step(loss)
-    agent.close()
-    msgs = read_session(rec)[0]
-    assert _last(msgs, "sharpness/lambda1_precond") == pytest.approx(ref, rel=1e-6)
+    msgs = close_and_read(agent, rec)
+    assert last_scalar(msgs, "sharpness/lambda1_precond") == pytest.approx(ref, rel=1e-6)
 
 
 def test_groups_that_differ_in_maximize_have_no_threshold() -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from stiffmon import protocol as p
 from stiffmon.session import read_session
-from stiffmon_agent import Agent
+from tests.agent.recording import events, offline_agent, train_step
 
 
 def test_a_replaced_optimizer_is_named_and_a_new_agent_continues(tmp_path: Path) -> None:
@@ -21,30 +21,19 @@ def test_a_replaced_optimizer_is_named_and_a_new_agent_continues(tmp_path: Path)
     model = nn.Linear(4, 3)
     opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     rec = tmp_path / "swap.stiff"
-    agent = Agent(model, nn.CrossEntropyLoss(), opt, endpoint="", record=rec, registry=False)
+    agent = offline_agent(model, nn.CrossEntropyLoss(), opt, rec)
     for s in range(14):
         if s == 10:
             opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        agent.step(loss)
+        train_step(agent, opt, nn.functional.cross_entropy(model(x), y))
     agent.close()
-    events = [m for m in read_session(rec)[0] if isinstance(m, p.Event)]
-    skipped = [e for e in events if e.code == "optimizer-step-skipped"]
+    skipped = events(read_session(rec)[0], "optimizer-step-skipped")
     assert skipped and skipped[0].step == 10
     assert "new optimizer object" in skipped[0].message
     assert "start_step=10" in skipped[0].message
-    again = Agent(
-        model, nn.CrossEntropyLoss(), opt, endpoint="", record=rec, registry=False, start_step=14
-    )
+    again = offline_agent(model, nn.CrossEntropyLoss(), opt, rec, start_step=14)
     for _ in range(3):
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        again.step(loss)
+        train_step(again, opt, nn.functional.cross_entropy(model(x), y))
     again.close()
     runs = read_session(rec)
     cols = [m for m in runs[0] if isinstance(m, p.Columns) and m.run == again.run_id]

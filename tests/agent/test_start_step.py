@@ -15,6 +15,7 @@ from torch import nn
 
 from stiffmon.session.reader import read_session
 from stiffmon_agent import Agent
+from tests.agent.recording import offline_agent, train_step
 
 
 def _train(rec: Path, start: int, n: int) -> str:
@@ -22,18 +23,14 @@ def _train(rec: Path, start: int, n: int) -> str:
     x, y = torch.randn(48, 6), torch.randint(0, 4, (48,))
     net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    agent = Agent(
-        net, nn.CrossEntropyLoss(), opt, probe=(x[:16], y[:16]), record=rec, endpoint="",
-        registry=False, gram_every=2, sharpness_every="never", density_every="never",
-        overhead_cap=None, run="r", start_step=start,
+    agent = offline_agent(
+        net, nn.CrossEntropyLoss(), opt, rec, probe=(x[:16], y[:16]), gram_every=2,
+        sharpness_every="never", density_every="never", overhead_cap=None, run="r",
+        start_step=start,
     )  # fmt: skip
     for _ in range(n):
         out = net(x[16:])
-        loss = nn.functional.cross_entropy(out, y[16:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        agent.step(loss, out, y[16:])
+        train_step(agent, opt, nn.functional.cross_entropy(out, y[16:]), out, y[16:])
     agent.close()
     return agent.run_id
 

@@ -20,14 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stiffmon import protocol as p
 from stiffmon.session import read_session
-from stiffmon_agent import Agent
 from stiffmon_agent.metrics import hessian_eigen
 from stiffmon_agent.metrics.gram import per_example_gram
 from stiffmon_agent.metrics.probe import per_example_losses
 from stiffmon_agent.probe_set import count_weighted
 from tests.agent.metrics.reference import dense_hessian_of, loop_gradients, rel_err
+from tests.agent.recording import close_and_read, events, last_scalar, offline_agent
 
 V, T = 7, 6
 LENGTHS = (6, 2, 5, 1, 4, 3, 6, 2)  # padded to T with -100: lengths differ
@@ -235,19 +234,13 @@ def _record(
     model, _, _ = _data()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay where the refs are
     rec = tmp_path / "t.stiff"
-    agent = Agent(
-        model, loss_fn, opt, probe=probe, val_probe=val, endpoint="", record=rec, registry=False,
-        gram_every=1, sharpness_every=1, density_every="never", overhead_cap=None,
-        hessian_tol=1e-10, max_hvps=300, chunk_size=3, **kw,
+    agent = offline_agent(
+        model, loss_fn, opt, rec, probe=probe, val_probe=val, gram_every=1, sharpness_every=1,
+        density_every="never", overhead_cap=None, hessian_tol=1e-10, max_hvps=300, chunk_size=3,
+        **kw,
     )  # fmt: skip
     agent.step(torch.tensor(1.0))  # measures at step 0
-    agent.close()
-    return read_session(rec)[0]
-
-
-def _last(msgs: list[Any], name: str) -> float:
-    values = [m.as_dict()[name] for m in msgs if isinstance(m, p.Scalars) and name in m.names]
-    return float(values[-1])
+    return close_and_read(agent, rec)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -268,17 +261,17 @@ def test_the_agent_measures_the_mean_reduced_objective_and_says_so(
     keep = [i for i in range(len(y)) if i != 3]
     xk, yk = x[keep], y[keep]
     lam = _top_eigenvalue(model, xk, _torch_mean(yk, weight))
-    assert _last(msgs, "sharpness/lambda1_h") == pytest.approx(lam, rel=1e-6)
+    assert last_scalar(msgs, "sharpness/lambda1_h") == pytest.approx(lam, rel=1e-6)
     g = _contributions(model, xk, yk, weight)
     trace_k = float(((g - g.mean(0)) ** 2).sum(1).mean())
-    assert _last(msgs, "noise/trace_k") == pytest.approx(trace_k, rel=1e-9)
-    said = [m for m in msgs if isinstance(m, p.Event) and m.code == "token-weighted"]
+    assert last_scalar(msgs, "noise/trace_k") == pytest.approx(trace_k, rel=1e-9)
+    said = events(msgs, "token-weighted")
     cbar = float(_count(yk, weight)) / len(keep)
     assert len(said) == 1 and said[0].level == "info"
     assert said[0].attrs["cbar"] == pytest.approx(cbar, rel=1e-12)
     assert f"c̄ = {cbar:.6g}" in said[0].message
-    assert any(m.code == "probe-uncounted" for m in msgs if isinstance(m, p.Event))
-    assert not any(m.code == "class-weighted" for m in msgs if isinstance(m, p.Event))
+    assert events(msgs, "probe-uncounted")
+    assert not events(msgs, "class-weighted")
 
 
 def test_losses_whose_elements_count_alike_are_left_as_they_are() -> None:
@@ -368,10 +361,10 @@ def test_sharded_ranks_share_the_whole_train_probes_count(tmp_path: Path) -> Non
     msgs = read_session(rec)[0]
     model, x, y = _data()
     lam = _top_eigenvalue(model, x, _torch_mean(y, WEIGHT))
-    assert _last(msgs, "sharpness/lambda1_h") == pytest.approx(lam, rel=1e-6)
+    assert last_scalar(msgs, "sharpness/lambda1_h") == pytest.approx(lam, rel=1e-6)
     g = _contributions(model, x, y, WEIGHT)
     trace_k = float(((g - g.mean(0)) ** 2).sum(1).mean())
-    assert _last(msgs, "noise/trace_k") == pytest.approx(trace_k, rel=1e-9)
+    assert last_scalar(msgs, "noise/trace_k") == pytest.approx(trace_k, rel=1e-9)
 
 
 def _own_means(out: Tensor, y: Tensor) -> Tensor:
@@ -386,10 +379,10 @@ def test_a_loss_returning_one_value_per_example_is_used_as_it_is_and_nothing_is_
 ) -> None:
     model, x, y = _data()
     msgs = _record(tmp_path, _own_means, (x, y))
-    assert not any(m.code == "token-weighted" for m in msgs if isinstance(m, p.Event))
+    assert not events(msgs, "token-weighted")
 
     def mean_of_means(out: Tensor) -> Tensor:
         return _own_means(out, y).mean()
 
     lam = _top_eigenvalue(model, x, mean_of_means)
-    assert _last(msgs, "sharpness/lambda1_h") == pytest.approx(lam, rel=1e-6)
+    assert last_scalar(msgs, "sharpness/lambda1_h") == pytest.approx(lam, rel=1e-6)

@@ -13,11 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-from stiffmon import protocol as p
-from stiffmon.session import read_session
-from stiffmon_agent import Agent
 from stiffmon_agent.metrics.state import optimized_only
 from tests.agent.metrics.reference import dense_hessian_of
+from tests.agent.recording import (
+    EVERY_STEP,
+    close_and_read,
+    events,
+    last_scalar,
+    offline_agent,
+    scalar_values,
+    train_step,
+)
 
 
 def _model() -> nn.Module:
@@ -35,31 +41,10 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 def _record(tmp_path: Path, model: nn.Module, opt: torch.optim.Optimizer, steps: int) -> list[Any]:
     x, y = _data()
     rec = tmp_path / "r.stiff"
-    agent = Agent(
-        model,
-        nn.CrossEntropyLoss(),
-        opt,
-        probe=(x, y),
-        endpoint="",
-        record=rec,
-        gram_every=1,
-        sharpness_every=1,
-        overhead_cap=None,
-        registry=False,
-    )
+    agent = offline_agent(model, nn.CrossEntropyLoss(), opt, rec, probe=(x, y), **EVERY_STEP)
     for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        agent.step(loss)
-    agent.close()
-    return read_session(rec)[0]
-
-
-def _last(msgs: list[Any], name: str) -> float:
-    values = [m.as_dict()[name] for m in msgs if isinstance(m, p.Scalars) and name in m.names]
-    return float(values[-1]) if values else float("nan")
+        train_step(agent, opt, nn.functional.cross_entropy(model(x), y))
+    return close_and_read(agent, rec)
 
 
 def test_a_backbone_outside_the_optimizer_is_left_out(tmp_path: Path) -> None:
@@ -78,7 +63,7 @@ def test_a_backbone_outside_the_optimizer_is_left_out(tmp_path: Path) -> None:
         )[-1]
     )
     assert abs(whole - want) > 0.05 * want  # the two differ: the test can tell them apart
-    assert _last(msgs, "sharpness/lambda1_h") == pytest.approx(want, rel=1e-3)
+    assert last_scalar(msgs, "sharpness/lambda1_h") == pytest.approx(want, rel=1e-3)
     # Tr K = (1/N) Σ ‖g_i − ḡ‖² over the head's parameters only (a float64 loop)
     grads = []
     for i in range(len(y)):
@@ -88,9 +73,9 @@ def test_a_backbone_outside_the_optimizer_is_left_out(tmp_path: Path) -> None:
         )
     g = torch.stack(grads)
     trace_k = float(((g - g.mean(0)) ** 2).sum(1).mean())
-    assert _last(msgs, "noise/trace_k") == pytest.approx(trace_k, rel=1e-6)
-    events = [m for m in msgs if isinstance(m, p.Event) and m.code == "params-not-optimized"]
-    assert len(events) == 1 and "2 of the model's 4" in events[0].message
+    assert last_scalar(msgs, "noise/trace_k") == pytest.approx(trace_k, rel=1e-6)
+    said = events(msgs, "params-not-optimized")
+    assert len(said) == 1 and "2 of the model's 4" in said[0].message
     assert all(q.requires_grad for q in model.parameters())  # restored after each measurement
 
 
@@ -105,10 +90,11 @@ def test_an_ema_copy_gets_no_preconditioned_sharpness(tmp_path: Path) -> None:
         loss.backward()
         opt.step()
     msgs = _record(tmp_path, ema.module, opt, steps=1)
-    assert math.isnan(_last(msgs, "sharpness/lambda1_precond"))  # not a P⁻¹H of 0
-    events = [m for m in msgs if isinstance(m, p.Event) and m.code == "params-not-optimized"]
-    assert len(events) == 1 and "none of the model's" in events[0].message
-    assert _last(msgs, "sharpness/lambda1_h") > 0
+    precond = scalar_values(msgs, "sharpness/lambda1_precond")
+    assert not precond or math.isnan(precond[-1])  # not a P⁻¹H of 0
+    said = events(msgs, "params-not-optimized")
+    assert len(said) == 1 and "none of the model's" in said[0].message
+    assert last_scalar(msgs, "sharpness/lambda1_h") > 0
 
 
 def test_optimized_only_freezes_and_restores() -> None:

@@ -20,11 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stiffmon import protocol as p
-from stiffmon.session import read_session
-from stiffmon_agent import Agent
 from stiffmon_agent.metrics.noise import gradient_noise
 from tests.agent.metrics.reference import dense_hessian_of
+from tests.agent.recording import (
+    EXACT,
+    close_and_read,
+    events,
+    last_scalar,
+    offline_agent,
+    scalar_values,
+    train_step,
+)
 
 C, N = 3, 8
 
@@ -44,22 +50,10 @@ def _record(tmp_path: Path, loss_fn: Any) -> tuple[nn.Module, Tensor, Tensor, li
     model, x, y = _setup()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay where the refs are
     rec = tmp_path / "seg.stiff"
-    agent = Agent(
-        model, loss_fn, opt, probe=(x, y), endpoint="", record=rec, registry=False,
-        gram_every=1, sharpness_every=1, overhead_cap=None, hessian_tol=1e-10, max_hvps=200,
-    )  # fmt: skip
+    agent = offline_agent(model, loss_fn, opt, rec, probe=(x, y), **EXACT)
     loss = F.cross_entropy(model(x), y, ignore_index=255)  # what the loop trains on
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    agent.step(loss)
-    agent.close()
-    return model, x, y, read_session(rec)[0]
-
-
-def _last(msgs: list[Any], name: str) -> float | None:
-    values = [m.as_dict()[name] for m in msgs if isinstance(m, p.Scalars) and name in m.names]
-    return float(values[-1]) if values else None
+    train_step(agent, opt, loss)
+    return model, x, y, close_and_read(agent, rec)
 
 
 def _per_pixel(out: Tensor, y: Tensor) -> Tensor:
@@ -84,7 +78,7 @@ def test_a_declared_ignore_index_is_measured_as_torchs_mean(tmp_path: Path, loss
     model.eval()
     objective = lambda out: F.cross_entropy(out, y, ignore_index=255)  # noqa: E731
     lam = float(torch.linalg.eigvalsh(dense_hessian_of(model, x, objective))[-1])
-    assert _last(msgs, "sharpness/lambda1_h") == pytest.approx(lam, rel=1e-6)
+    assert last_scalar(msgs, "sharpness/lambda1_h") == pytest.approx(lam, rel=1e-6)
     cbar = float((y != 255).sum()) / N  # L_i = Σ_t ℓ_it / c̄: (1/N) Σ L_i is the objective
     rows = []
     for i in range(N):
@@ -92,14 +86,17 @@ def test_a_declared_ignore_index_is_measured_as_torchs_mean(tmp_path: Path, loss
         grads = torch.autograd.grad(li / cbar, list(model.parameters()))
         rows.append(torch.cat([t.reshape(-1) for t in grads]))
     g = torch.stack(rows)
-    assert _last(msgs, "noise/trace_k") == pytest.approx(gradient_noise(g @ g.T).trace_k, rel=1e-9)
+    assert last_scalar(msgs, "noise/trace_k") == pytest.approx(
+        gradient_noise(g @ g.T).trace_k, rel=1e-9
+    )
 
 
 def test_an_undeclared_ignore_index_is_refused_with_the_way_out(tmp_path: Path) -> None:
     _, _, _, msgs = _record(tmp_path, lambda out, y: _per_pixel(out, y))
-    errors = [m.message for m in msgs if isinstance(m, p.Event) and m.code == "metric-error"]
+    errors = [e.message for e in events(msgs, "metric-error")]
     assert len(errors) == 2  # the Gram and the sharpness, not a silently scaled number
     for text in errors:
         assert "the probe's targets hold 255, not one of the outputs' 3 classes" in text
         assert "loss_fn.ignore_index = 255" in text
-    assert _last(msgs, "sharpness/lambda1_h") is None and _last(msgs, "noise/trace_k") is None
+    assert scalar_values(msgs, "sharpness/lambda1_h") == []
+    assert scalar_values(msgs, "noise/trace_k") == []

@@ -19,12 +19,10 @@ import torch
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
-from stiffmon import protocol as p
-from stiffmon.session import read_session
-from stiffmon_agent import Agent
 from stiffmon_agent.metrics import per_example_gram
 from stiffmon_agent.metrics.noise import gradient_noise
 from tests.agent.metrics.reference import loop_gram, rel_err
+from tests.agent.recording import close_and_read, events, offline_agent, scalar_values, train_step
 
 
 class Stem(nn.Module):
@@ -75,24 +73,18 @@ def test_the_agent_publishes_the_gram_of_a_reentrant_stem(tmp_path: Path) -> Non
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     rec = tmp_path / "r.stiff"
-    agent = Agent(
-        model, loss_fn, opt, probe=(x, y), endpoint="", record=rec, registry=False,
-        gram_every=1, sharpness_every="never", overhead_cap=None,
+    agent = offline_agent(
+        model, loss_fn, opt, rec, probe=(x, y), gram_every=1, sharpness_every="never",
+        overhead_cap=None,
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loss = loss_fn(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        agent.step(loss)
-        agent.close()
-    msgs = read_session(rec)[0]
-    assert not [m for m in msgs if isinstance(m, p.Event) and m.code == "metric-error"]
+        train_step(agent, opt, loss_fn(model(x), y))
+        msgs = close_and_read(agent, rec)
+    assert not events(msgs, "metric-error")
     model.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trace_k = gradient_noise(loop_gram(model, x, y, loss_fn)).trace_k
-    got = [m.as_dict()["noise/trace_k"] for m in msgs if isinstance(m, p.Scalars)
-           and "noise/trace_k" in m.names]  # fmt: skip
-    assert got and float(got[-1]) == pytest.approx(trace_k, rel=1e-10)
+    got = scalar_values(msgs, "noise/trace_k")
+    assert got and got[-1] == pytest.approx(trace_k, rel=1e-10)
