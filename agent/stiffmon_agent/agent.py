@@ -64,6 +64,7 @@ from stiffmon_agent.metrics.probe import (
     LossFn,
 )
 from stiffmon_agent.optimizer_skips import OptimizerSkips
+from stiffmon_agent.optimizer_swap import OptimizerSwap
 from stiffmon_agent.probe_set import build_probe, objective_loss
 from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.rank_gate import RankGate
@@ -81,7 +82,7 @@ def _close_all() -> None:  # the user forgot close(): flush and leave cleanly
         agent.close(reason=reason, timeout=2.0)
 
 
-class Agent(AgentOutput):  # event(), log(), dropped and close(): in agent_output.py
+class Agent(AgentOutput, OptimizerSwap):  # event, log, close: agent_output; set_optimizer
     """Measure stiffness, sharpness and gradient noise inside a training loop and publish them.
 
     Args:

@@ -50,6 +50,11 @@ class BackwardCount:
             self.remove()
 
     @property
+    def counting(self) -> bool:
+        """Whether the passes are being counted (attached and not yet judged)."""
+        return self._hook is not None
+
+    @property
     def since_step(self) -> int:
         """Backward passes counted since the last optimizer step (0 once judged)."""
         return self._n

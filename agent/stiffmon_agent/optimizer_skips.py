@@ -123,8 +123,9 @@ class OptimizerSkips:
             msg = (
                 f"no optimizer step at step {step} (GradScaler skips a step whose gradients are "
                 "inf/NaN: the weights do not change); a loop that steps a new optimizer object "
-                "leaves the agent reading the one it was given: close the agent and make one "
-                f"with the new optimizer and start_step={step}; {self.count} such step(s) so far"
+                "leaves the agent reading the one it was given: pass the new one to "
+                "agent.set_optimizer() where the loop makes it (or close the agent and make one "
+                f"with the new optimizer and start_step={step}); {self.count} such step(s) so far"
             )
             code = "optimizer-step-skipped"
             self._event(code, msg, level="warning", at_step=step, skipped=self.count)

@@ -246,6 +246,22 @@ class OptimizerColumns:
         self._hook = self._inner_hook = None
         self.backwards.remove()
 
+    def handed_on(
+        self, optimizer: torch.optim.Optimizer | None, attach: bool = True
+    ) -> OptimizerColumns:
+        """The columns of ``optimizer``, which replaces this one mid-run (``Agent.set_optimizer``),
+        hooked where ``attach``: this one's hooks are removed; what was learnt of the loop carries
+        over (the order of ``agent.step()`` and ``optimizer.step()``, judged once per run, and
+        the backward passes per step, counted on until judged)."""
+        counting = self.backwards.counting
+        self.remove_hook()
+        new = OptimizerColumns(optimizer)
+        new.read_now = self.read_now
+        if attach:
+            new.attach(count_backwards=counting)
+            new._judging = False
+        return new
+
     def stepped_groups(self) -> list[dict[str, Any]] | None:
         """Copies of the param groups with the values of the last :meth:`values` (those the
         last ``optimizer.step()`` used, or as they were at a step without one), for the

@@ -49,6 +49,15 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
+def follow_optimizer(agent: Agent, held: Any, current: Any) -> Any:
+    """Hand ``agent`` the framework's optimizer ``current`` (as the framework holds it, wrapped
+    or not) where it is not the one ``held`` (a callback or a fine-tuning stage replaced it:
+    :meth:`~stiffmon_agent.agent.Agent.set_optimizer`); returns the one now held."""
+    if current is not held:
+        agent.set_optimizer(unwrap_optimizer(current))
+    return current
+
+
 class StepAccuracy:
     """An optimizer step's accuracy over all its micro-batches (gradient accumulation).
 

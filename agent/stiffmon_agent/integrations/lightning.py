@@ -41,6 +41,7 @@ from stiffmon_agent.integrations._common import (
     StepAccuracy,
     build_agent,
     check_options,
+    follow_optimizer,
     unwrap_optimizer,
 )
 
@@ -98,18 +99,15 @@ class StiffmonCallback(Callback):  # type: ignore[misc]
         self._loss = LossAccumulator()
         self._accuracy = StepAccuracy()
         self._last_global_step = 0
+        self._optimizer: Any = None  # the trainer's optimizer the agent reads, as it holds it
 
     # ------------------------------------------------------------------ life cycle
 
     def on_train_start(self, trainer: Any, pl_module: nn.Module) -> None:
         if self.agent is not None or not trainer.is_global_zero:
             return
-        optimizers = list(trainer.optimizers)
-        optimizer = (
-            unwrap_optimizer(optimizers[self.optimizer_index])
-            if len(optimizers) > self.optimizer_index
-            else None
-        )
+        self._optimizer = _nth(trainer.optimizers, self.optimizer_index)
+        optimizer = unwrap_optimizer(self._optimizer)
         loss_fn = self.loss_fn if self.loss_fn is not None else module_loss(pl_module)
         options = dict(self.options)
         if loss_fn is None and options.get("probe") is not None:
@@ -151,6 +149,8 @@ class StiffmonCallback(Callback):  # type: ignore[misc]
         if step == self._last_global_step:
             return  # accumulating: no optimizer step yet
         self._last_global_step = step
+        now = _nth(trainer.optimizers, self.optimizer_index)  # replaced by a fine-tuning stage?
+        self._optimizer = follow_optimizer(self.agent, self._optimizer, now)
         # Lightning divides each micro-batch loss by accumulate_grad_batches, also on an epoch's
         # last step with fewer micro-batches: the mean is the sum × accumulate / micro-batches.
         accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1)))
@@ -185,6 +185,11 @@ def batch_targets(batch: Any) -> Tensor | None:
     if isinstance(batch, tuple | list) and len(batch) >= 2 and isinstance(batch[1], Tensor):
         return batch[1]
     return None
+
+
+def _nth(optimizers: Any, i: int) -> Any:
+    """The trainer's ``i``-th optimizer (None if it has fewer)."""
+    return optimizers[i] if len(optimizers) > i else None
 
 
 def _no_loss(outputs: Any, targets: Any) -> Tensor:  # never called: no probe without a loss

@@ -46,6 +46,7 @@ from stiffmon_agent.integrations._common import (
     StepAccuracy,
     build_agent,
     check_options,
+    follow_optimizer,
     unwrap_optimizer,
 )
 from stiffmon_agent.integrations.hf_lm import (
@@ -282,12 +283,14 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
         self._accuracy = StepAccuracy()
         self._causal = False
         self._hook: Any = None
+        self._optimizer: Any = None  # the Trainer's optimizer the agent reads, as it holds it
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.agent is not None or not state.is_world_process_zero:
             return
         model: nn.Module = kwargs["model"]
-        optimizer = unwrap_optimizer(kwargs.get("optimizer"))
+        self._optimizer = kwargs.get("optimizer")
+        optimizer = unwrap_optimizer(self._optimizer)
         config = getattr(unwrap_model(model), "config", None)
         causal = detect_causal_lm(model)
         loss_fn = (
@@ -354,6 +357,8 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.agent is None:
             return
+        if (now := kwargs.get("optimizer")) is not None:  # replaced since?
+            self._optimizer = follow_optimizer(self.agent, self._optimizer, now)
         self.agent.step(self._loss.take(), *self._accuracy.take())
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
