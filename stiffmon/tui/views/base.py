@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from rich.color import Color
 from rich.console import RenderableType
+from rich.text import Text
 from textual import events
 from textual.widget import Widget
 
@@ -44,6 +45,17 @@ MEASURED_BY = {"sharpness": "sharpness", "stiffness": "gram", "noise": "gram", "
 def run_color(rd: RunData) -> str:
     """Stable colour of a run: by order of appearance."""
     return PALETTE[rd.index % len(PALETTE)]
+
+
+def capped(widget: Widget, lines: list[Text], more: Callable[[list[Text]], Text]) -> list[Text]:
+    """``lines`` cut to the ``max-height`` the stylesheet gives ``widget``, the last line that
+    fits saying what was left out (``more`` of the lines left out), so that nothing is dropped
+    without a word. Unchanged where they fit or no height is set."""
+    cap = widget.styles.max_height
+    if cap is None or not cap.is_cells or len(lines) <= int(cap.value):
+        return lines
+    keep = max(0, int(cap.value) - 1)
+    return [*lines[:keep], more(lines[keep:])]
 
 
 def group_shade(color: str, j: int) -> str:

@@ -8,7 +8,7 @@ from textual.widget import Widget
 from textual.widgets import Static
 
 from stiffmon.tui.renderables.axes import cut
-from stiffmon.tui.views.base import ChartView, View, run_color
+from stiffmon.tui.views.base import ChartView, View, capped, run_color
 from stiffmon.tui.views.sharpness import sharpness_chart
 
 LEVEL_STYLE = {"ok": "dim", "warning": "yellow", "error": "bold red"}
@@ -49,6 +49,7 @@ class Overview(View):
         now = app.clock()
         counts: dict[str, int] = {}
         lines: list[Text] = []
+        names: list[str] = []
         for rd in app.store.runs.values():
             h = app.health(rd, now)
             counts[h.state] = counts.get(h.state, 0) + 1
@@ -64,6 +65,13 @@ class Overview(View):
                     overflow=cut(app.ascii),
                 )
             )
+            names.append(rd.name)
+
+        def more(left: list[Text]) -> Text:  # runs past the box's height: named, not dropped
+            runs = ", ".join(names[len(names) - len(left) :])
+            return Text(f"+{len(left)} more runs with problems: {runs}", style="bold")
+
+        lines = capped(app.query_one("#overview-health", Static), lines, more)
         if not lines:
             summary = ", ".join(f"{n} {state}" for state, n in counts.items())
             lines.append(Text(f"runs: {summary or 'none'}; no problems", style="dim"))

@@ -19,7 +19,7 @@ from stiffmon.store import RunData
 from stiffmon.tui.renderables import Marker, StepLine, asciify
 from stiffmon.tui.renderables.axes import cut
 from stiffmon.tui.runlines import run_end, series_x
-from stiffmon.tui.views.base import Builder, ChartView, View, be_marker, run_color
+from stiffmon.tui.views.base import Builder, ChartView, View, be_marker, capped, run_color
 
 THRESHOLD_EVENTS = ("threshold-none", "threshold-unknown")
 """Codes of the agent's events saying why a run's λ1_H has no stability threshold."""
@@ -239,6 +239,7 @@ class Sharpness(View):
     def refresh(self) -> None:
         legend = f"{marks_legend()}: break-even marks"
         lines = [Text(asciify(legend) if self.app.ascii else legend, style="dim")]
+        names: list[str] = []
         shared = shared_formula(
             [deciding_rule(rd) for rd in self.runs() if rd.series("sharpness/lambda1_h")]
         )
@@ -265,7 +266,15 @@ class Sharpness(View):
                 pre = "preconditioned now" if now == "now" else "preconditioned"
                 words += f"; {pre} {with_value(prule, thr, shared)}"
             lines.append(Text(asciify(words) if self.app.ascii else words, style=run_color(rd)))
-        text = Text("\n").join(lines)
+            names.append(rd.name)
+        box = self.app.query_one("#sharpness-why", Static)
+
+        def more(left: list[Text]) -> Text:  # runs past the box's height: named, not dropped
+            runs = ", ".join(names[len(names) - len(left) :])
+            words = f"+{len(left)} more runs (their break-even: view 6): {runs}"
+            return Text(asciify(words) if self.app.ascii else words, style="dim")
+
+        text = Text("\n").join(capped(box, lines, more))
         text.no_wrap, text.overflow = True, cut(self.app.ascii)
-        self.app.query_one("#sharpness-why", Static).update(text)
+        box.update(text)
         super().refresh()
