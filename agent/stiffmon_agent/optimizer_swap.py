@@ -96,7 +96,8 @@ class OptimizerSwap:
 
 
 def _said(cfg: dict[str, Any]) -> str:
-    """``SGD (lr 0.05, momentum 0.9)`` from :func:`optimizer_config`'s fields."""
+    """``SGD (lr 0.05, momentum 0.9)`` from :func:`optimizer_config`'s fields (zeros left out,
+    but for the lr)."""
     keys = ("lr", "momentum", "beta1", "beta2", "weight_decay")
-    parts = [f"{k} {cfg[k]:g}" for k in keys if k in cfg]
+    parts = [f"{k} {cfg[k]:g}" for k in keys if cfg.get(k) or (k == "lr" and k in cfg)]
     return f"{cfg['type']} ({', '.join(parts)})" if parts else str(cfg["type"])
