@@ -210,7 +210,7 @@ def check_same_setup(
     checksum, n, n_train = 0.0, 0, 0
     if probe is not None:
         for t in _leaves((probe.inputs, probe.targets)):
-            checksum += float(t.double().sum()) + float(t.double().abs().sum())
+            checksum += _checksum(t)
         n, n_train = probe.n, probe.n_train
     due = [
         sum(k for k in range(1, 1001) if schedule.due(k - 1)) for schedule in schedules
@@ -219,8 +219,9 @@ def check_same_setup(
     hi, lo = extremes(v, collective_device(model))
     if not torch.allclose(hi, lo, rtol=1e-9, atol=0.0):
         raise ValueError(
-            "Agent(distributed=True) needs the same model, the same global probe and the same "
-            "schedules on every rank (probe size, train size, parameters, probe checksum, "
+            "Agent(distributed=True) needs the same model, the same global probe (the same "
+            "examples in the same order) and the same schedules on every rank (probe size, "
+            "train size, parameters, probe checksum, "
             f"schedules range from {lo.tolist()} to {hi.tolist()}); each rank measures its "
             "share of the probe"
         )
@@ -229,6 +230,25 @@ def check_same_setup(
             f"Agent(distributed=True): the train probe ({probe.n_train} examples) needs at least "
             f"one example per rank ({dist.get_world_size()} ranks)"
         )
+
+
+def _checksum(t: Tensor) -> float:
+    r"""A checksum of ``t`` that tells the order of its examples (dim 0) and elements apart.
+
+    With x the values as (n, k) rows, it is Σ x + Σ |x| + Σ_i Σ_j (1 + i/n)(1 + j/k) x_ij: rank r
+    measures the examples ``[⌊rN/W⌋, ⌊(r+1)N/W⌋)`` of its own probe, so the same examples in
+    another order on another rank (shuffled with a rank-dependent seed) would overlap and miss
+    shards, silently; plain sums cannot see the order.
+    """
+    d = t.detach().double()
+    total = float(d.sum()) + float(d.abs().sum())
+    if d.ndim == 0 or d.numel() == 0:
+        return total
+    rows = d.reshape(d.shape[0], -1)
+    n, k = rows.shape
+    wi = 1 + torch.arange(n, dtype=torch.float64, device=d.device) / n
+    wj = 1 + torch.arange(k, dtype=torch.float64, device=d.device) / k
+    return total + float(wi @ rows @ wj)
 
 
 def _leaves(batch: Batch) -> list[Tensor]:
