@@ -130,7 +130,8 @@ class Agent(AgentOutput, OptimizerSwap):  # event, log, close: agent_output; set
         sum_over: For a sum-reduced loss, the examples whose losses the objective adds up per
             optimizer step after the loop's own scaling, where that is not B: with gradient
             accumulation over micro-batches of m and ``(loss / k).backward()`` it is m; under
-            DDP (gradients averaged over the ranks) one rank's count. None: B.
+            DDP (gradients averaged over the ranks) one rank's count. None: B, or with a
+            ``DistributedDataParallel``-wrapped model and ``batch_size`` given, B / W.
         rank0_only: Under torch.distributed, only rank 0 publishes (and, unless
             ``distributed``, measures: the other ranks' agents are no-ops).
         distributed: Shard the heavy measurements over the torch.distributed ranks: every rank
@@ -245,8 +246,10 @@ class Agent(AgentOutput, OptimizerSwap):  # event, log, close: agent_output; set
         )
         if sum_over is not None and sum_over < 1:
             raise ValueError(f"sum_over must be a positive number of examples, got {sum_over}")
-        self._sharp_state = SharpnessState(batch_size=batch_size, sum_over=sum_over)
         self._sum_over_given = sum_over is not None
+        if sum_over is None and batch_size is not None and self._replicas > 1:
+            sum_over = max(1, round(batch_size / self._replicas))  # a sum loss adds up one rank's
+        self._sharp_state = SharpnessState(batch_size=batch_size, sum_over=sum_over)
         self._batch_size = batch_size
         self._log_warned: set[str] = set()
         self._binary = binary_threshold(loss_fn)  # BCE: thresholded, not argmax, accuracy
