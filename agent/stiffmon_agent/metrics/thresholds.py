@@ -272,7 +272,9 @@ def diagonal_preconditioner(
     """The diagonal P of Adam / AdamW / RMSprop at its current step, flattened over ``params``.
 
     Parameters the optimizer does not hold get P = ∞ (they do not move, so they drop out of
-    P⁻¹H).
+    P⁻¹H), and so do held ones without state once others have some: torch's optimizers skip a
+    parameter whose gradient is None (an unused branch, a layer that got none yet), so it has
+    not moved.
 
     Returns:
         (P, "") or (None, why P cannot be read: another optimizer, no step taken yet, ...).
@@ -283,13 +285,14 @@ def diagonal_preconditioner(
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     if params and not any(id(p) in group_of for p in params):  # P = ∞ everywhere: P⁻¹H = 0
         return None, "the optimizer holds none of the model's parameters (an EMA copy?)"
+    stepped = any(optimizer.state.get(p) for p in params if id(p) in group_of)
     parts: list[Tensor] = []
     for p in params:
         g = group_of.get(id(p))
-        if g is None:
+        st = optimizer.state.get(p, {}) if g is not None else {}
+        if g is None or (stepped and not st):
             parts.append(torch.full((p.numel(),), math.inf, dtype=p.dtype, device=p.device))
             continue
-        st = optimizer.state.get(p, {})
         eps = _num(g["eps"])
         if name == "RMSprop":
             if "square_avg" not in st:
