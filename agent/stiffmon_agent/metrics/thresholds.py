@@ -148,6 +148,16 @@ def _most_restrictive(
     return StabilityThreshold(value, f"{rule} ({name}, group {i})", i, preconditioned)
 
 
+def zero_inner(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The local optimizer of a ``torch.distributed.optim.ZeroRedundancyOptimizer`` (its
+    ``param_groups`` are the global ones, with every parameter and the hyper-parameters its
+    steps use; its state is sharded over the ranks); None for any other optimizer."""
+    if type(optimizer).__name__ != "ZeroRedundancyOptimizer":
+        return None
+    inner = getattr(optimizer, "optim", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else None
+
+
 def stability_threshold_for(
     optimizer: torch.optim.Optimizer,
     group: int | None = None,
@@ -168,6 +178,15 @@ def stability_threshold_for(
     if maximizes(optimizer) is None:
         return StabilityThreshold(None, f"{_MIXED} ({name})")
     numbered = list(enumerate(groups if groups is not None else optimizer.param_groups))
+    inner = zero_inner(optimizer)
+    if inner is not None:  # its global groups hold every parameter, its rule is the inner one's
+        name = type(inner).__name__
+        if name in _PRECONDITIONED | _ADAPTIVE:
+            return StabilityThreshold(
+                None,
+                f"none: ZeroRedundancyOptimizer({name}) is adaptive and its state (P) is sharded "
+                "over the ranks: no λ1(P⁻¹H) either",
+            )
     if group is not None:
         numbered = [numbered[group]]
     if name == "SGD":
