@@ -43,6 +43,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from stiffmon_agent.metrics.hidden_ignore import refuse_hidden_ignore
+
 Batch: TypeAlias = Any
 """A tensor or a (nested) tuple / list / dict of tensors with examples along dim 0."""
 
@@ -61,7 +63,15 @@ def batch_size(batch: Batch) -> int:
         raise ValueError("the probe batch contains no tensor")
     sizes = {t.shape[0] if t.dim() else -1 for t in leaves}
     if len(sizes) != 1 or -1 in sizes:
-        raise ValueError(f"every probe tensor needs the same leading (example) dimension: {sizes}")
+        shapes = ", ".join(str(tuple(t.shape)) for t in leaves[:8])
+        more = f" and {len(leaves) - 8} more" if len(leaves) > 8 else ""
+        raise ValueError(
+            f"every probe tensor needs the same leading (example) dimension, got shapes "
+            f"{shapes}{more}: examples go along dim 0 of every tensor; where they are not rows "
+            f"of tensors (a batched graph's nodes and edges, packed sequences), give the probe "
+            f"as example indices, probe=(torch.arange(N), targets), and build their batch in "
+            f"forward=lambda model, idx: ... (e.g. collate the graphs idx)"
+        )
     return int(sizes.pop())
 
 
@@ -376,9 +386,8 @@ def _check_ignore_index(
     loss_fn: LossFn, outputs: Any, targets: Batch, losses: torch.Tensor
 ) -> None:
     """Refuse a plain callable that leaves out targets other than the ignore index assumed for
-    it (:func:`callable_ignore_index`): a target outside the outputs' C ≥ 2 classes whose loss
-    is exactly 0 wherever it occurs (``F.cross_entropy(..., ignore_index=255)`` in a lambda). Those
-    positions would count in each example's mean: every loss and gradient scaled down, silently.
+    it (:func:`callable_ignore_index`; :func:`~.hidden_ignore.refuse_hidden_ignore` on its
+    per-element losses of class-index targets).
 
     Raises:
         ValueError: If so (not checked inside ``torch.func.vmap``, like
@@ -398,18 +407,9 @@ def _check_ignore_index(
     shape = tuple(outputs.shape)
     dim = class_dim(shape, tuple(targets.shape))
     classes = shape[dim] if dim is not None else 0
-    outside = ((targets < 0) | (targets >= classes)) & (targets != ignored[0])
-    if classes < 2 or not bool(outside.any()) or bool((losses.detach()[outside] != 0).any()):
+    if classes < 2 or dim is None:
         return
-    value = int(targets[outside][0])
-    raise ValueError(
-        f"the probe's targets hold {value}, not one of the outputs' {classes} classes, and "
-        f"loss_fn's losses there are 0: it ignores {value}, but the agent takes {ignored[0]} for "
-        "a plain callable's ignore index and would count those positions in each example's "
-        f"mean. Tell it: set loss_fn.ignore_index = {value}, pass functools.partial("
-        f'F.cross_entropy, ignore_index={value}, reduction="none") or '
-        f"nn.CrossEntropyLoss(ignore_index={value})"
-    )
+    refuse_hidden_ignore(outputs, targets, losses, dim, classes, ignored[0])
 
 
 def _counted(loss_fn: LossFn, targets: Batch, shape: torch.Size) -> torch.Tensor | None:

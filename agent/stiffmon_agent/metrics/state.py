@@ -9,6 +9,8 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import Tensor, nn
 
+from stiffmon_agent.metrics.plain_weight_norm import plain_weight_norm
+
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Named parameters that require grad (frozen ones are excluded), shared ones once."""
@@ -48,7 +50,8 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
 
     Inside: every module in eval mode (BatchNorm uses running statistics, dropout is off),
     gradients enabled and autocast off (a ``step()`` called inside the training's
-    ``torch.autocast`` block measures in the weights' own dtype, not in bfloat16).
+    ``torch.autocast`` block measures in the weights' own dtype, not in bfloat16), weight norms
+    in plain ops (:mod:`.plain_weight_norm`: torch's fused one has a wrong second derivative).
     Afterwards, also when the measurement raised: each module's ``training`` flag, every
     buffer's value, the weights of ``Embedding(max_norm=…)`` (renormalised in place
     by its forward), each parameter's ``.grad`` (the same tensor object and values),
@@ -70,6 +73,7 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices), torch.enable_grad(), ExitStack() as stack:
         stack.enter_context(_math_attention())
+        stack.enter_context(plain_weight_norm(model))  # torch._weight_norm: wrong 2nd derivative
         for device_type in ("cpu", "cuda"):  # step() inside the user's autocast block
             if _autocast_enabled(device_type):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
