@@ -230,14 +230,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
     import math
     from pathlib import Path
 
-    from stiffmon.session import SessionReader
-    from stiffmon.sources import resolve
+    from stiffmon.sources import not_sessions, resolve
     from stiffmon.tui.app import StiffmonApp
     from stiffmon.tui.sources import ReplaySource
 
     files = resolve(args.files, discover=False, files_only=True).files
-    for f in files:
-        SessionReader(f)  # wrong magic / version: a clear error before the screen opens
+    bad = not_sessions(files)  # a clear error before the screen opens if no file is a session
+    if bad and len(bad) == len(files):  # else the others open, and the screen names the rest
+        for why in bad[:-1]:
+            print(f"stiffmon replay: {why}", file=sys.stderr)
+        return fail(args, bad[-1])
     if not args.screenshots:
         failed = no_terminal(args, " (--screenshots DIR saves SVGs without one)")
         if failed is not None:

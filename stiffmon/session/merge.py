@@ -23,7 +23,7 @@ import numpy as np
 from stiffmon.protocol import AnyMessage, Columns
 from stiffmon.protocol.limits import PROTOCOL_VERSION
 from stiffmon.session.reader import SessionReader
-from stiffmon.session.records import HEADER_SIZE
+from stiffmon.session.records import HEADER_SIZE, SessionError
 
 MAX_DAMAGE_NOTES = 5
 
@@ -104,6 +104,7 @@ class SessionMerge:
         self._seen: dict[str, set[int]] = {}
         self._by_run: dict[str, list[AnyMessage]] = {}
         self._files_of: dict[str, set[Path]] = {}
+        self.unopened: dict[Path, str] = {}  # file -> why it could not be opened as a session
 
     def unique(self, msg: AnyMessage) -> AnyMessage | None:
         """``msg`` if it is new, the part of it that is (a ``columns`` batch), or None."""
@@ -152,6 +153,19 @@ class SessionMerge:
             self.offsets[path] = reader.last_scan.end
         return out
 
+    def read_more_or_note(self, path: Path) -> list[AnyMessage]:
+        """:meth:`read_more`, but a file that cannot be opened as a session (not one, shorter
+        than the header, a format version too new, unreadable) gives nothing and is noted in
+        :attr:`unopened` with why; it is tried again on the next call (a file being created)."""
+        try:
+            out = self.read_more(path)
+        except (SessionError, OSError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.unopened[path] = why.removeprefix(f"{path}: ")
+            return []
+        self.unopened.pop(path, None)
+        return out
+
     def _unique_of(self, report: FileReport, msgs: Iterable[AnyMessage]) -> Iterator[AnyMessage]:
         for msg in msgs:
             report.messages += 1
@@ -191,7 +205,7 @@ class SessionMerge:
 
     def notes(self, *, names: bool = False) -> list[str]:
         """Every file's warnings (file names only with ``names``), then the merged runs."""
-        out: list[str] = []
+        out = [f"{p.name if names else p} not opened: {why}" for p, why in self.unopened.items()]
         for path, report in self.reports.items():
             out += report.notes(path.name if names else None)
         for run in self._by_run:

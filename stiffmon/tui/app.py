@@ -114,6 +114,8 @@ class StiffmonApp(App[None]):
         if self.replay is not None:
             if not self.replay.messages:
                 self.replay.load()
+            for path, why in self.replay.unopened.items():  # left out; the others are shown
+                self.notify(f"{path.name} not opened: {why}", title="stiffmon", severity="error")
             self.replay.open(self.store)  # the start, playing (at_end: the end, paused)
             if self.replay.follow:
                 self.run_worker(self.replay.follow_loop, thread=True, name="follow")

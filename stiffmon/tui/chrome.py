@@ -59,7 +59,9 @@ def status(app: StiffmonApp) -> Text:
             parts.append(f"reconnects {app.live.reconnects}")
     if app.replay is not None:
         parts.append(app.replay.describe())
-        parts += app.replay.notes[:1]
+        notes = app.replay.notes
+        more = f"1 of {len(notes)} notes (g log): " if len(notes) > 1 else ""
+        parts += [more + notes[0]] if notes else []
     parts.append(f"malformed {app.store.malformed}")
     sep = " | " if app.ascii else "  │  "
     text = sep.join(parts)

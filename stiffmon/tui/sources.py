@@ -249,12 +249,12 @@ class ReplaySource:
 
     def load(self) -> None:
         """Read every intact message, each message of a run once (files holding the same run are
-        merged by ``seq``); note damaged records, torn tails, skipped records and a newer
-        protocol version, worst first."""
+        merged by ``seq``); note files that are not sessions (left out, the others still read),
+        damaged records, torn tails, skipped records and a newer protocol version, worst first."""
         merge = self._merge = SessionMerge()
         msgs: list[p.AnyMessage] = []
         for path in self.files:
-            msgs.extend(merge.read_more(path))
+            msgs.extend(merge.read_more_or_note(path))
         self._note(merge)
         msgs.sort(key=lambda m: m.t)
         with self._lock:
@@ -266,6 +266,11 @@ class ReplaySource:
         notes.sort(key=lambda n: 0 if "upgrade stiffmon" in n else 1)  # the status line shows one
         self.notes = notes
         self.skipped = sum(r.skipped for r in merge.reports.values())
+
+    @property
+    def unopened(self) -> dict[Path, str]:
+        """Files left out as not sessions (or unreadable), each with why."""
+        return self._merge.unopened
 
     def auto_speed(self, seconds: float = 20.0) -> float:
         """The slowest of 1, 2, 5, 10, … 1000 × that plays the whole session in ``seconds``."""
@@ -290,7 +295,7 @@ class ReplaySource:
         while not self.stop.is_set():
             new: list[p.AnyMessage] = []
             for path in self.files:
-                new.extend(merge.read_more(path))
+                new.extend(merge.read_more_or_note(path))
             self._note(merge)
             if new:
                 new.sort(key=lambda m: m.t)

@@ -22,7 +22,7 @@ class LogRow:
     """One event as shown."""
 
     level: str
-    step: int
+    step: int | None  # None: not a run's event (a replayed file's note)
     seconds: float  # since the run's first message
     run: str
     color: str
@@ -69,7 +69,7 @@ class EventLog:
         for r in list(self.rows)[::-1][:room]:
             t.add_row(
                 Text(r.level, style=LEVEL_STYLE.get(r.level, "")),
-                f"{r.step:,}",
+                "" if r.step is None else f"{r.step:,}",
                 f"+{r.seconds:.0f}s" if r.seconds == r.seconds else "",
                 Text("#" if self.ascii else "■", style=r.color)
                 if narrow
@@ -87,7 +87,7 @@ class EventLog:
         for r in list(self.rows)[::-1]:
             head = Text.assemble(
                 (r.level, LEVEL_STYLE.get(r.level, "")),
-                (f"  {r.step:,}", ""),
+                ("" if r.step is None else f"  {r.step:,}", ""),
                 (f"  +{r.seconds:.0f}s" if r.seconds == r.seconds else "", "dim"),
                 ("  " + ("#" if self.ascii else "■") + " ", r.color),
                 (conv(r.run), r.color),

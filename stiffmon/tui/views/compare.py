@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from stiffmon.tui.app import StiffmonApp
 
 MIN_OVERLAY = 8
+TABLE_SHARE = 0.8
+"""The share of the view's height the table may take (``max-height: 80%`` in app.tcss)."""
 """Rows the overlay chart keeps (title, five of plot, the x axis) before the legend gives way."""
 COMPARE_METRICS = (
     ("loss", "loss"),
@@ -122,7 +124,12 @@ class Compare(View):
         width = views.width - 2  # the table's own width is its content's
         # the legend gives way (cut with …) before the overlay gets fewer than MIN_OVERLAY rows
         room = views.height - MIN_OVERLAY - table_rows(len(rows), width, app.ascii)
-        table.update(compare_table(rows, width, ascii=app.ascii, legend_rows=max(1, room)))
+        cap = int(views.height * TABLE_SHARE)  # the table's max-height in app.tcss
+        table.update(
+            compare_table(
+                rows, width, ascii=app.ascii, legend_rows=max(1, room), max_rows=max(4, cap)
+            )
+        )
         super().refresh()
 
     def overlay(self, width: int, height: int) -> RenderableType:

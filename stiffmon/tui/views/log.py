@@ -62,6 +62,10 @@ class Log(View):
                 row = LogRow(lvl, ev.step, secs, rd.name, run_color(rd), text)
                 out.append((wall_time(ev.t, rd.first_t), row))
         out.sort(key=lambda kr: kr[0])  # stable: ties keep their order
+        if app.replay is not None and sel is None:  # files left out or damaged: newest, on top
+            for note in reversed(app.replay.notes):  # drawn newest (last) first
+                if LEVELS.index("warning") >= floor and (not needle or needle in note.lower()):
+                    out.append((math.inf, LogRow("warning", None, math.nan, "replay", "", note)))
         return [row for _, row in out]
 
     def build(self, width: int, height: int) -> RenderableType:

@@ -119,9 +119,20 @@ def with_value(rule: str, value: float, shared: str = "") -> str:
     return f"{formula} = {value:.4g}{sep}{rest}"
 
 
+def first_finite_step(rd: RunData, name: str) -> int | None:
+    """The step of the first finite measurement of the series ``name`` (None: none)."""
+    s = rd.series(name)
+    if s is None:
+        return None
+    ok = np.flatnonzero(np.isfinite(s.values))
+    return int(s.steps[ok[0]]) if len(ok) else None
+
+
 def be_words(rd: RunData) -> str:
     """``break-even 280 (early peak) λ1_H 1.96``, or ``no break-even yet``.
 
+    A catapult at the run's first measurement says that λ1 was above the threshold from there
+    (derive's rule names it a catapult; it is not a jump seen in training).
     Once the run said bye, ``no break-even``: it ended without one. A diverged run says so.
     """
     be = break_even_of(rd)
@@ -135,11 +146,13 @@ def be_words(rd: RunData) -> str:
     if be.step is None or status == "none":
         return ("no break-even" if rd.finished else "no break-even yet") + extra
     why = REASONS.get(be.reason, be.reason)
+    precond = str(getattr(be, "series", "")).endswith("precond")
+    lam = "λ1(P⁻¹H)" if precond else "λ1_H"
+    if be.reason == "catapult" and be.step == first_finite_step(rd, getattr(be, "series", "")):
+        why += ": started above thr"  # λ1 over it at the first measurement, under it next
     tent = ", tentative" if status == "tentative" else ""
     if status == "tentative" and rd.diverged_step is not None:
         tent = ", never confirmed: the run diverged"
-    precond = str(getattr(be, "series", "")).endswith("precond")
-    lam = "λ1(P⁻¹H)" if precond else "λ1_H"
     name = derive.threshold_series(precond)
     thr = float(rd.aligned(name, np.array([be.step]))[0])
     moved = math.isfinite(thr) and not math.isclose(thr, rd.last(name), rel_tol=1e-9)
