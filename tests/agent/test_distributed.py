@@ -6,11 +6,8 @@ The 2-process runs use ``tests/agent/sharded_script.py`` under ``torchrun --npro
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -29,10 +26,11 @@ from stiffmon.transport import free_port_pair
 from stiffmon_agent import Agent, block_exchange
 from stiffmon_agent.block_exchange import Task, owner, tasks
 from stiffmon_agent.distributed import bounds, sharded_parameters, unwrap
+from tests.agent.torchrun import ENV
+from tests.agent.torchrun import kill_tree as _kill_tree
 from tests.conftest import GLOO_TEARDOWN, ROOT
 
 SCRIPT = ROOT / "tests" / "agent" / "sharded_script.py"
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'agent'}", "OMP_NUM_THREADS": "1"}
 
 
 class Group:
@@ -59,27 +57,6 @@ class Group:
         return self.start(
             "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), *args
         )
-
-
-def _kill_tree(root: int) -> None:
-    """SIGKILL ``root`` and every process below it: torchrun starts its workers in sessions of
-    their own, so killing the launcher's process group would leave a hung worker running,
-    holding the pipes."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        parents.setdefault(ppid, []).append(int(stat.parent.name))
-    todo, tree = [root], []
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += parents.get(pid, [])
-    for pid in tree:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture

@@ -8,17 +8,12 @@ used to be the sum of the values (blind to the order): it must tell the ranks' o
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import GLOO_TEARDOWN, ROOT
-
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'agent'}", "OMP_NUM_THREADS": "1"}
+from tests.agent.torchrun import run_ranks
 
 _SCRIPT = textwrap.dedent(
     """
@@ -51,24 +46,7 @@ _SCRIPT = textwrap.dedent(
 def test_a_probe_in_another_order_on_one_rank_is_refused(tmp_path: Path, order: str) -> None:
     script = tmp_path / "order.py"
     script.write_text(_SCRIPT)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    proc = subprocess.Popen(
-        [*launch, "2", str(script), order],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.communicate(timeout=10)
-    done = all(f"rank {r} done" in out for r in range(2))
-    assert done and (proc.returncode == 0 or GLOO_TEARDOWN in err), err[-3000:]
+    out = run_ranks(script, order)
     if order == "same":
         assert "rank 0 done, accepted" in out and "rank 1 done, accepted" in out, out
     else:

@@ -8,9 +8,6 @@ Checked against the dense float64 Hessian of the mean loss over the probe, × B 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -20,9 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 from stiffmon.session import read_session
-from tests.conftest import GLOO_TEARDOWN, ROOT
-
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'agent'}", "OMP_NUM_THREADS": "1"}
+from tests.agent.torchrun import run_ranks
 
 _SCRIPT = textwrap.dedent(
     """
@@ -78,24 +73,7 @@ def _dense_lambda1(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def test_lambda1_of_a_sum_loss_with_the_global_batch_given(tmp_path: Path) -> None:
     script, rec, weights = tmp_path / "sum.py", tmp_path / "sum.stiff", tmp_path / "w.pt"
     script.write_text(_SCRIPT)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-    proc = subprocess.Popen(
-        [*launch, "2", str(script), str(rec), str(weights)],
-        cwd=ROOT,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.communicate(timeout=10)
-    done = all(f"rank {r} done" in out for r in range(2))
-    assert done and (proc.returncode == 0 or GLOO_TEARDOWN in err), err[-3000:]
+    run_ranks(script, str(rec), str(weights))
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, y = torch.randn(12, 4, dtype=torch.float64), torch.arange(12) % 3
