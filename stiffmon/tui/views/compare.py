@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from stiffmon.tui.app import StiffmonApp
 
 MIN_OVERLAY = 8
+"""Rows the overlay chart keeps (title, five of plot, the x axis) before the legend gives way."""
 TABLE_SHARE = 0.8
 """The share of the view's height the table may take (``max-height: 80%`` in app.tcss)."""
-"""Rows the overlay chart keeps (title, five of plot, the x axis) before the legend gives way."""
 COMPARE_METRICS = (
     ("loss", "loss"),
     ("accuracy", "accuracy"),
