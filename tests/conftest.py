@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -136,6 +137,13 @@ def _registry(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monk
     return d
 
 
+def default_sigint() -> None:
+    """A child's ``preexec_fn``: SIGINT at its default, so that Python turns it into
+    ``KeyboardInterrupt`` there. A test run started in the background by a non-interactive
+    shell ignores SIGINT, every child inherits that, and Ctrl-C tests would wait for ever."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Procs:
     """Subprocesses started by a test; killed at teardown."""
 
@@ -154,6 +162,7 @@ class Procs:
                 "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "agent")]),
                 **(env or {}),
             },
+            preexec_fn=default_sigint,
         )
         self.procs.append(proc)
         return proc

@@ -19,7 +19,7 @@ from stiffmon import protocol as p
 from stiffmon.run_data import RunData
 from stiffmon.session import read_session
 from stiffmon.store import Store
-from tests.conftest import ROOT
+from tests.conftest import ROOT, default_sigint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -95,6 +95,7 @@ class Script:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
+                preexec_fn=default_sigint,
             )
 
     def lines(self) -> list[str]:
