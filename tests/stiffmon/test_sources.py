@@ -111,23 +111,6 @@ def agents() -> Iterator[Callable[..., FakeAgent]]:
             a.close()
 
 
-@pytest.fixture
-def live() -> Iterator[Callable[..., LiveSource]]:
-    made: list[tuple[LiveSource, threading.Thread]] = []
-
-    def make(*args: object, **kwargs: object) -> LiveSource:
-        src = LiveSource(*args, **kwargs)  # type: ignore[arg-type]
-        t = threading.Thread(target=src.run, daemon=True)
-        t.start()
-        made.append((src, t))
-        return src
-
-    yield make
-    for src, t in made:
-        src.stop.set()
-        t.join(5)
-
-
 def wait_for_run(src: LiveSource, store: Store, run: str, timeout: float = 6.0) -> float:
     """Drain ``src`` into ``store`` until ``run`` has per-step data; return the seconds it took."""
     t0 = time.monotonic()

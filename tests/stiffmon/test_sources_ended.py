@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,23 +35,6 @@ def agents() -> Iterator[Callable[..., FakeAgent]]:
     for a in made:
         if not a.ctx.closed:
             a.close()
-
-
-@pytest.fixture
-def live() -> Iterator[Callable[..., LiveSource]]:
-    made: list[tuple[LiveSource, threading.Thread]] = []
-
-    def make(*args: object, **kwargs: object) -> LiveSource:
-        src = LiveSource(*args, **kwargs)  # type: ignore[arg-type]
-        t = threading.Thread(target=src.run, daemon=True)
-        t.start()
-        made.append((src, t))
-        return src
-
-    yield make
-    for src, t in made:
-        src.stop.set()
-        t.join(5)
 
 
 def _dead_pid() -> int:
