@@ -25,26 +25,12 @@ from stiffmon_agent.metrics import hessian_eigen
 from stiffmon_agent.metrics.gram import per_example_gram
 from stiffmon_agent.metrics.probe import per_example_losses
 from stiffmon_agent.probe_set import count_weighted
+from tests.agent.metrics.models import TokenLM
 from tests.agent.metrics.reference import dense_hessian_of, loop_gradients, rel_err
 from tests.agent.recording import close_and_read, events, last_scalar, offline_agent
 
 V, T = 7, 6
 LENGTHS = (6, 2, 5, 1, 4, 3, 6, 2)  # padded to T with -100: lengths differ
-
-
-class TokenLM(nn.Module):
-    """Embedding + linear layers: position t sees the mean of tokens ≤ t (hook rules)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(V, 4)
-        self.mix = nn.Linear(4, 4)
-        self.head = nn.Linear(4, V)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        h = self.emb(tokens)
-        steps = torch.arange(1, tokens.shape[1] + 1, dtype=h.dtype)[None, :, None]
-        return self.head(torch.tanh(self.mix(h.cumsum(dim=1) / steps)))
 
 
 class AttentionLM(nn.Module):
@@ -79,7 +65,7 @@ class GruLM(nn.Module):
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
-    "tokens": TokenLM,
+    "tokens": lambda: TokenLM(V),
     "attention": AttentionLM,
     "gru": GruLM,
 }

@@ -25,6 +25,22 @@ class TiedLinear(nn.Module):
         return self.a(h) + self.b(h * h)
 
 
+class TokenLM(nn.Module):
+    """(B, T) token ids to (B, T, ``vocab``) logits, position t seeing the mean of the tokens up
+    to t (embedding and linear layers only: the hook rules)."""
+
+    def __init__(self, vocab: int = 7) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 4)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.emb(tokens)
+        steps = torch.arange(1, tokens.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        return self.head(torch.tanh(self.mix(h.cumsum(dim=1) / steps)))
+
+
 class TinyTransformer(nn.Module):
     def __init__(self, batch_first: bool = True, tie: bool = False) -> None:
         super().__init__()

@@ -15,29 +15,15 @@ from torch import Tensor, nn
 from stiffmon_agent.metrics import hessian_eigen
 from stiffmon_agent.metrics.gram import per_example_gram
 from stiffmon_agent.metrics.probe import per_example_losses, unreduced
+from tests.agent.metrics.models import TokenLM
 from tests.agent.metrics.reference import dense_hessian_of, loop_gram, rel_err
 
 V, T, B = 7, 6, 5
 
 
-class TokenLM(nn.Module):
-    """(B, T) token ids to (B, T, V) logits, each position seeing the ones before it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(V, 4)
-        self.mix = nn.Linear(4, 4)
-        self.head = nn.Linear(4, V)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        h = self.emb(tokens)
-        steps = torch.arange(1, tokens.shape[1] + 1, dtype=h.dtype)[None, :, None]
-        return self.head(torch.tanh(self.mix(h.cumsum(dim=1) / steps)))
-
-
 def _data() -> tuple[TokenLM, Tensor, Tensor, Tensor]:
     torch.manual_seed(0)
-    model = TokenLM().double()
+    model = TokenLM(V).double()
     x = torch.randint(0, V, (B, T))
     y = torch.randint(0, V, (B, T))
     for i, length in enumerate((6, 4, 2, 5, 1)):  # padded to T: lengths differ
