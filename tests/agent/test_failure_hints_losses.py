@@ -17,6 +17,7 @@ from stiffmon_agent import Agent
 from stiffmon_agent.failure_hints import double_backward_hint, loss_signature_note
 from stiffmon_agent.metrics import hessian_eigen
 from stiffmon_agent.metrics.probe import per_example_losses, unreduced
+from tests.agent.metrics.models import MeanVar
 from tests.agent.metrics.reference import dense_hessian_of
 from tests.agent.recording import close_and_read, metric_errors, offline_agent, train_step
 
@@ -117,16 +118,6 @@ def test_a_loss_that_never_has_a_graph_says_so(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- more inputs than (out, y)
 
 
-class _MeanVar(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body, self.mu, self.var = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 2)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = torch.tanh(self.body(x))
-        return self.mu(h), F.softplus(self.var(h)) + 1e-3
-
-
 @pytest.mark.parametrize("forward", [None, "first"], ids=["module", "following-the-old-hint"])
 def test_gaussian_nll_module_gets_the_callable_to_pass(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, forward: str | None
@@ -134,7 +125,7 @@ def test_gaussian_nll_module_gets_the_callable_to_pass(
     """``nn.GaussianNLLLoss()`` with a (mean, var) model; before, the hint was ``forward=…[0]``,
     which then failed with ``missing 1 required positional argument: 'var'`` and no hint."""
     torch.manual_seed(0)
-    model = _MeanVar()
+    model = MeanVar()
     x, y = torch.randn(10, 4), torch.randn(10, 2)
     gnll = nn.GaussianNLLLoss()
 
@@ -157,7 +148,7 @@ def test_gaussian_nll_module_gets_the_callable_to_pass(
     # the callable it names: measured (a float64 loop and a dense Hessian check it in
     # test_fallbacks), its objective the mean of the per-element losses, as the module's
     callable_ = eval(fix.removeprefix("loss_fn="), {"F": F})
-    errors, agent = _errors(_MeanVar(), callable_, x, y, tmp_path, density_every="never")
+    errors, agent = _errors(MeanVar(), callable_, x, y, tmp_path, density_every="never")
     assert errors == {} and agent.disabled == {}
     out = model(x)
     per = per_example_losses(unreduced(callable_), out, y, 10)

@@ -41,6 +41,18 @@ class TokenLM(nn.Module):
         return self.head(torch.tanh(self.mix(h.cumsum(dim=1) / steps)))
 
 
+class MeanVar(nn.Module):
+    """A regression head returning (mean, variance), for ``GaussianNLLLoss``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.mu, self.var = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = torch.tanh(self.body(x))
+        return self.mu(h), nn.functional.softplus(self.var(h)) + 1e-3
+
+
 class TinyTransformer(nn.Module):
     def __init__(self, batch_first: bool = True, tie: bool = False) -> None:
         super().__init__()

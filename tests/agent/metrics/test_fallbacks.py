@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stiffmon_agent.metrics import hessian_eigen, per_example_gram
-from tests.agent.metrics.models import make_cases, well_fit_float32_mlp
+from tests.agent.metrics.models import MeanVar, make_cases, well_fit_float32_mlp
 from tests.agent.metrics.reference import dense_hessian_of, loop_gram, rel_err
 
 CASES = make_cases()
@@ -241,21 +241,9 @@ def test_a_model_output_the_loss_cannot_take_says_which_forward_to_pass(
     assert rel_err(got.total, want) < 1e-5  # with the forward it hints at, the numbers are right
 
 
-class _MeanVar(nn.Module):
-    """A regression head returning (mean, variance), for ``GaussianNLLLoss``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body, self.mu, self.var = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 2)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = torch.tanh(self.body(x))
-        return self.mu(h), nn.functional.softplus(self.var(h)) + 1e-3
-
-
 def test_a_gaussian_nll_over_a_mean_variance_output_matches_a_float64_loop() -> None:
     torch.manual_seed(0)
-    model = _MeanVar().double()
+    model = MeanVar().double()
     x, y = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
 
     def loss(out: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
