@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from stiffmon.session import read_session
+from tests.agent.metrics.reference import dense_hessian_of
 from tests.agent.torchrun import run_ranks
 
 _SCRIPT = textwrap.dedent(
@@ -55,19 +55,11 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _dense_lambda1(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top eigenvalue of the dense Hessian of the mean cross-entropy over the probe."""
-    names = [n for n, _ in net.named_parameters()]
-    flat0 = torch.cat([q.detach().reshape(-1) for q in net.parameters()])
-
-    def f(flat: torch.Tensor) -> torch.Tensor:
-        d, o = {}, 0
-        for n, q in zip(names, net.parameters(), strict=True):
-            d[n] = flat[o : o + q.numel()].reshape(q.shape)
-            o += q.numel()
-        return nn.functional.cross_entropy(functional_call(net, d, (x,)), y)
-
-    return float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, flat0))[-1])
+def _lambda1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top eigenvalue of the dense Hessian of the mean cross-entropy over the trainable
+    parameters."""
+    h = dense_hessian_of(model, x, lambda out: nn.functional.cross_entropy(out, y))
+    return float(torch.linalg.eigvalsh(h)[-1])
 
 
 def test_lambda1_of_a_sum_loss_with_the_global_batch_given(tmp_path: Path) -> None:
@@ -83,4 +75,4 @@ def test_lambda1_of_a_sum_loss_with_the_global_batch_given(tmp_path: Path) -> No
         for m in read_session(rec)[0]
         if type(m).__name__ == "Scalars" and "sharpness/lambda1_h" in m.names
     ]
-    assert lam == pytest.approx(5 * _dense_lambda1(net, x, y), rel=1e-6)
+    assert lam == pytest.approx(5 * _lambda1(net, x, y), rel=1e-6)

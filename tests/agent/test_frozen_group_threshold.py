@@ -14,27 +14,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
+from tests.agent.metrics.reference import dense_hessian_of
 from tests.agent.recording import close_and_read, offline_agent, train_step
 
 
-def _dense_lambda1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top eigenvalue of the dense Hessian of the mean cross-entropy over the parameters
-    with ``requires_grad=True``."""
-    named = {n: q for n, q in model.named_parameters() if q.requires_grad}
-    fixed = {n: q.detach() for n, q in model.named_parameters()}
-    flat0 = torch.cat([q.detach().reshape(-1) for q in named.values()])
-
-    def f(flat: torch.Tensor) -> torch.Tensor:
-        d, o = dict(fixed), 0
-        for n, q in named.items():
-            k = q.numel()
-            d[n] = flat[o : o + k].reshape(q.shape)
-            o += k
-        return nn.functional.cross_entropy(functional_call(model, d, (x,)), y)
-
-    return float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, flat0))[-1])
+def _lambda1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top eigenvalue of the dense Hessian of the mean cross-entropy over the trainable
+    parameters."""
+    h = dense_hessian_of(model, x, lambda out: nn.functional.cross_entropy(out, y))
+    return float(torch.linalg.eigvalsh(h)[-1])
 
 
 def test_frozen_group_sets_no_threshold(tmp_path: Path) -> None:
@@ -63,7 +52,7 @@ def test_frozen_group_sets_no_threshold(tmp_path: Path) -> None:
                 q.requires_grad_(True)
         out = net(x[16:])
         train_step(agent, opt, nn.functional.cross_entropy(out, y[16:]), out, y[16:])
-        ref[s] = _dense_lambda1(net, x[:16], y[:16])
+        ref[s] = _lambda1(net, x[:16], y[:16])
     got: dict[str, dict[int, float]] = {}
     for m in close_and_read(agent, rec):
         if type(m).__name__ == "Scalars":
