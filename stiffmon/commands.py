@@ -146,10 +146,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
     notes: list[str] = []
     dead: list[str] = []
     try:
-        msgs, merge = read_sessions(resolved.files)
+        msgs, merge = read_sessions(resolved.files, skip_unopened=True)  # the others summarised
         store.extend(msgs, replay=True)
         del msgs
-        notes += merge.notes()
+        notes += merge.notes(unopened=False)
+        bad = merge.unopened_notes()
         for report in merge.reports.values():
             if report.newer_version is not None and not report.runs:
                 dead.append(
@@ -195,9 +196,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
     else:
         for note in notes:
             print(f"stiffmon summary: {note}", file=sys.stderr)
-    for d in dead:
+    for d in bad + dead:
         fail(args, d)
-    return 2 if dead else 0
+    if not store.runs and not dead:  # every file left out as not a session
+        return fail(args, "no session to summarise")
+    return 2 if dead or not store.runs else 1 if bad else 0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -230,25 +233,25 @@ def cmd_replay(args: argparse.Namespace) -> int:
     import math
     from pathlib import Path
 
-    from stiffmon.sources import not_sessions, resolve
+    from stiffmon.sources import resolve
     from stiffmon.tui.app import StiffmonApp
     from stiffmon.tui.sources import ReplaySource
 
     files = resolve(args.files, discover=False, files_only=True).files
-    bad = not_sessions(files)  # a clear error before the screen opens if no file is a session
-    if bad and len(bad) == len(files):  # else the others open, and the screen names the rest
-        for why in bad[:-1]:
+    speed = math.inf if args.speed is not None and args.speed <= 0 else args.speed
+    source = ReplaySource(
+        files, follow=args.follow, speed=speed or 1.0, at_end=bool(args.screenshots)
+    )
+    source.load()  # each file opened and read once; one that is not a session is noted
+    if set(files) <= set(source.unopened):  # a clear error before the screen opens
+        bad = [f"{path}: {why}" for path, why in source.unopened.items()]
+        for why in bad[:-1]:  # else the others open, and the screen names the rest
             print(f"stiffmon replay: {why}", file=sys.stderr)
         return fail(args, bad[-1])
     if not args.screenshots:
         failed = no_terminal(args, " (--screenshots DIR saves SVGs without one)")
         if failed is not None:
             return failed
-    speed = math.inf if args.speed is not None and args.speed <= 0 else args.speed
-    source = ReplaySource(
-        files, follow=args.follow, speed=speed or 1.0, at_end=bool(args.screenshots)
-    )
-    source.load()
     if not source.messages and not args.follow:
         for note in source.notes:
             print(f"stiffmon replay: {note}", file=sys.stderr)
@@ -360,6 +363,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return fail(args, str(exc))
     resolved = resolve(args.sources, discover=False, ssh_port=args.ssh_port)
     notes: list[str] = []
+    bad: list[str] = []  # files that are not sessions: left out, the others exported
     try:
         store = load(
             resolved.files,
@@ -367,13 +371,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             wait=args.wait,
             curve=curve_client(args),
             notes=notes,
+            unopened=bad,
         )
     finally:
         resolved.close()
     for n in notes:
         print(f"stiffmon export: {n}", file=sys.stderr)
+    for b in bad:
+        fail(args, b)
     if not store.runs:
-        return fail(args, "no run found in the sources", code=1)
+        return fail(args, "no run found in the sources", code=2 if bad else 1)
     try:
         paths = export(store, args.format, out, force=args.force)
     except ExportError as exc:
@@ -382,6 +389,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return fail(args, f"cannot write into --out {out}: {exc.strerror or exc}")
     for path in paths:
         print(path)
+    if bad:  # an export that lacks data must not look whole to a script
+        what = "1 file" if len(bad) == 1 else f"{len(bad)} files"
+        return fail(args, f"{what} left out as not sessions: the export lacks them", code=1)
     return 0
 
 

@@ -282,20 +282,28 @@ def load(
     wait: float = 2.0,
     curve: Any = None,
     notes: list[str] | None = None,
+    unopened: list[str] | None = None,
 ) -> Store:
     """Read session files and listen to live endpoints for ``wait`` seconds; nothing thinned.
 
     Files are merged (:func:`stiffmon.session.read_sessions`): a message of a run found in
     several files is kept once. What was skipped (damaged records, torn tails, invalid records, a
-    newer protocol version) is appended to ``notes`` in words.
+    newer protocol version) is appended to ``notes`` in words. With ``unopened`` given, a file
+    that is not a session (empty, cut before its header, foreign, unreadable) is left out, the
+    others read, and ``<file> not opened: <why>`` appended to it; without, it raises.
+
+    Raises:
+        stiffmon.session.SessionError: Without ``unopened``, a file that is not a session.
     """
     from stiffmon.session import read_sessions
 
     store = Store(max_points=2**62)
-    msgs, merge = read_sessions(list(files))
+    msgs, merge = read_sessions(list(files), skip_unopened=unopened is not None)
     store.extend(msgs, replay=True)
+    if unopened is not None:
+        unopened += merge.unopened_notes()
     if notes is not None:
-        notes += merge.notes()
+        notes += merge.notes(unopened=False)
         for report in merge.reports.values():
             if not report.runs and not report.newer_version:
                 notes.append(f"{report.path}: holds no run")

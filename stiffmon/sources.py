@@ -81,17 +81,3 @@ def session_files(src: str) -> list[Path]:
     if not path.is_file():
         raise FileNotFoundError(f"no such session file: {src}")
     return [path]
-
-
-def not_sessions(files: Sequence[Path]) -> list[str]:
-    """Why each of ``files`` that cannot be opened as a session cannot: not a session file, too
-    short for the header, a format version this stiffmon does not read, or unreadable."""
-    from stiffmon.session import SessionError, SessionReader
-
-    out = []
-    for f in files:
-        try:
-            SessionReader(f)
-        except (SessionError, PermissionError) as exc:
-            out.append(str(exc))
-    return out

@@ -178,11 +178,16 @@ class SessionMerge:
                 continue
             yield kept
 
-    def read(self, path: Path) -> FileReport:
-        """Read the whole of ``path`` into the merge; return its report."""
-        for msg in self.read_more(path):
+    def read(self, path: Path, *, note: bool = False) -> FileReport | None:
+        """Read the whole of ``path`` into the merge; return its report.
+
+        With ``note``, a file that cannot be opened as a session is left out and noted in
+        :attr:`unopened` (:meth:`read_more_or_note`), and None is returned for it.
+        """
+        msgs = self.read_more_or_note(path) if note else self.read_more(path)
+        for msg in msgs:
             self._by_run.setdefault(msg.run, []).append(msg)
-        return self.reports[path]
+        return None if path in self.unopened else self.reports[path]
 
     def files_of(self, run: str) -> list[Path]:
         """The files that hold ``run``, in the order they were read."""
@@ -203,9 +208,10 @@ class SessionMerge:
     def duplicates(self) -> int:
         return sum(r.duplicates for r in self.reports.values())
 
-    def notes(self, *, names: bool = False) -> list[str]:
-        """Every file's warnings (file names only with ``names``), then the merged runs."""
-        out = [f"{p.name if names else p} not opened: {why}" for p, why in self.unopened.items()]
+    def notes(self, *, names: bool = False, unopened: bool = True) -> list[str]:
+        """Every file's warnings (file names only with ``names``; the files not opened first,
+        unless not ``unopened``), then the merged runs."""
+        out = self.unopened_notes(names=names) if unopened else []
         for path, report in self.reports.items():
             out += report.notes(path.name if names else None)
         for run in self._by_run:
@@ -215,19 +221,30 @@ class SessionMerge:
                 out.append(f"run {run} is in {len(files)} files ({shown}): merged by seq")
         return out
 
+    def unopened_notes(self, *, names: bool = False) -> list[str]:
+        """``<file> not opened: <why>`` for each file left out as not a session."""
+        return [f"{p.name if names else p} not opened: {why}" for p, why in self.unopened.items()]
+
 
 def read_sessions(
-    paths: Sequence[str | os.PathLike[str]],
+    paths: Sequence[str | os.PathLike[str]], *, skip_unopened: bool = False
 ) -> tuple[list[AnyMessage], SessionMerge]:
     """Read and merge session files (see the module).
+
+    Args:
+        paths: The files.
+        skip_unopened: Leave out a file that cannot be opened as a session (not one, shorter
+            than the header, a format version too new, unreadable) and read the others; each
+            left out is in the merge's :attr:`SessionMerge.unopened` with why (and its notes).
 
     Returns:
         The messages and the merge (its reports and notes).
 
     Raises:
-        SessionError: A file that is not a session (wrong magic, format version).
+        SessionError: Without ``skip_unopened``, a file that is not a session (wrong magic,
+            format version).
     """
     merge = SessionMerge()
     for p in paths:
-        merge.read(Path(p))
+        merge.read(Path(p), note=skip_unopened)
     return merge.messages(), merge

@@ -298,7 +298,8 @@ class StiffmonApp(App[None]):
 
     def action_speed(self, direction: int) -> None:
         replay = self.replay
-        if replay is None:
+        if replay is None:  # a key that does nothing says why
+            self.notify("+ / - set a replay's speed; live runs show as they come (space pauses)")
             return
 
         def distance(j: int) -> float:

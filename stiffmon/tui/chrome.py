@@ -3,6 +3,7 @@ the empty screen, the command palette's commands, and what changed in a run's he
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING
@@ -108,12 +109,18 @@ def empty_message(app: StiffmonApp) -> Text:
 
 def when(rd: RunData, text: str, now: float | None = None) -> tuple[int, float]:
     """(step, time) a health change happened: a problem at the step its event gave, else now
-    (``now``, monotonic: a live run's last time plus how long it has been quiet since)."""
+    (``now``, monotonic) on the agent's clock: the latest agent time any message carried (a
+    heartbeat's too: a hung loop's agent still sends them, and its stall is news now, not at its
+    last step) plus how long it has been quiet since; a replayed run's last time."""
     at = rd.problem_at(text)
     if at is not None:
         return at
-    quiet = 0.0 if now is None or rd.replay else max(0.0, now - rd.last_seen)
-    return rd.last_step, rd.last_t + quiet
+    if now is None or rd.replay:
+        return rd.last_step, rd.last_t
+    prog = rd.progress
+    if math.isfinite(prog.agent_t):
+        return rd.last_step, prog.agent_t + max(0.0, now - prog.seen)
+    return rd.last_step, rd.last_t + max(0.0, now - rd.last_seen)
 
 
 def short_problems(rd: RunData) -> list[str]:

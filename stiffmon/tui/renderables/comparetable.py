@@ -66,6 +66,15 @@ def short_step(step: int) -> str:
     return f"{step / 1e6:.2g}M" if step < 10_000_000 else f"{step // 1_000_000}M"
 
 
+def loss_cell(s: dict[str, Any]) -> str:
+    """The last loss; ``NaN`` where the run diverged on it (``—`` reads as no loss yet, and the
+    narrow table has no status row to say why)."""
+    v = s.get("final_loss")
+    if s.get("diverged") and isinstance(v, float) and math.isnan(v):
+        return "NaN"
+    return fmt(v, ".3g")
+
+
 Field = tuple[str, Callable[[dict[str, Any], bool], str]]
 FIELDS: tuple[Field, ...] = (
     ("η", lr_cell),
@@ -81,7 +90,7 @@ FIELDS: tuple[Field, ...] = (
     ("λH aft", lambda s, a: fmt(s.get("mean_lambda1_h_after"), ".3g")),
     ("λK aft", lambda s, a: fmt(s.get("mean_lambda1_k_after"), ".3g")),
     ("TrK aft", lambda s, a: fmt(s.get("mean_trace_k_after"), ".3g")),
-    ("loss", lambda s, a: fmt(s.get("final_loss"), ".3g")),
+    ("loss", lambda s, a: loss_cell(s)),
 )
 LEGEND = (
     "break-even {marks}; BE its step: thr λ1 reached thr, pk early peak, cat catapult; "

@@ -3,6 +3,7 @@ shortened and scrolled, keeping the selected run in view, when the runs do not f
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -164,6 +165,19 @@ class RunList:
         )
         return [line]
 
+    @staticmethod
+    def _wrap(text: str, width: int, first: str) -> list[str]:
+        """``text`` wrapped at its words to ``width``, after ``first`` on the first line and
+        four spaces on the others; a word too long stays whole (cut later, with …)."""
+        return textwrap.wrap(
+            text,
+            max(len(first) + 1, width),
+            initial_indent=first,
+            subsequent_indent="    ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        ) or [first + text]
+
     def full(self, r: RunRow, width: int) -> list[Text]:
         """Every line of a run: name, state and step, problems, measurement coverage."""
         conv = asciify if self.ascii else str
@@ -182,12 +196,19 @@ class RunList:
         if len(state) + len(step) + 2 <= width:
             out.append(Text.assemble((state, state_style), ("  " + step, "dim"), no_wrap=True))
         else:
-            words, _, detail = r.text.partition(" (")
             lines = [state]
-            if len(state) > width and detail:
-                # "stalled 12s (no step since 149; agent alive)": the bracket on lines below
-                lines = [symbol + conv(words)]
-                lines += ["    " + conv(w) for w in detail.removesuffix(")").split("; ")]
+            if len(state) > width:
+                # "stalled 12s (no step since 149; agent alive)", "no new record for 13s;
+                # writer alive": each part on lines below, wrapped at its words ("writer pid
+                # 67031" / "gone": the last word is the news); only a word too long for the
+                # list (an address) is cut, with …
+                words, _, detail = r.text.partition(" (")
+                head, *parts = (
+                    [words, *detail.removesuffix(")").split("; ")] if detail else r.text.split("; ")
+                )
+                lines = self._wrap(conv(head), width, symbol)
+                for part in parts:
+                    lines += self._wrap(conv(part), width, "    ")
             for line in lines:
                 out.append(Text(line, style=state_style, no_wrap=True, overflow=cut(self.ascii)))
             out.append(Text("    " + step, style="dim", no_wrap=True, overflow=cut(self.ascii)))
@@ -200,6 +221,7 @@ class RunList:
                     overflow=cut(self.ascii),
                 )
             )
-        for c in r.coverage:
-            out.append(Text("  " + conv(c), style="yellow", no_wrap=True, overflow=cut(self.ascii)))
+        for c in r.coverage:  # "sharpness 5/9" / "(not-finite)": why they were skipped, whole
+            for line in self._wrap(conv(c), width, "  "):
+                out.append(Text(line, style="yellow", no_wrap=True, overflow=cut(self.ascii)))
         return out

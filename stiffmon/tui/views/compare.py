@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import RenderableType
+from textual import events
 from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import Static
@@ -99,6 +100,19 @@ def status_words(app: StiffmonApp, rd: RunData, now: float) -> str:
     return app.health(rd, now).text
 
 
+class CompareBox(Vertical):
+    """The compare view's box. The table is laid out for the width it is given (runs as columns
+    or as rows, what fits whole), not by the widget, so a resize must lay it out again: at once,
+    not when new data arrives (a finished replay, a paused monitor)."""
+
+    def __init__(self, view: Compare, *children: Widget, id: str) -> None:
+        super().__init__(*children, id=id)
+        self._compare = view
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._compare.refresh()
+
+
 class Compare(View):
     name = "compare"
     key = "6"
@@ -108,8 +122,8 @@ class Compare(View):
         return [*COMPARE_METRICS, *((n, n) for n in custom_names(self))]
 
     def widget(self) -> Widget:
-        return Vertical(
-            Static(id="compare-table"), ChartView(self.overlay, classes="chart"), id=self.name
+        return CompareBox(
+            self, Static(id="compare-table"), ChartView(self.overlay, classes="chart"), id=self.name
         )
 
     def refresh(self) -> None:
