@@ -10,10 +10,20 @@ learning rate η (of the param group, at the step being measured: schedules are 
 * Adam / AdamW: the preconditioned sharpness λ1(P⁻¹H) with
   P = (1 − β1^t)·diag(√(v_t / (1 − β2^t)) + ε) (``max_exp_avg_sq`` for amsgrad) against
   (2 + 2β1)/((1 − β1) η) (Cohen et al. 2022, "Adaptive Gradient Methods at the Edge of
-  Stability"): with P frozen, Adam is EMA momentum on P⁻¹H. Weight decay (Adam's coupled L2 or
-  AdamW's decoupled shrinkage) is not included.
+  Stability"): with P frozen, Adam is EMA momentum on P⁻¹H. Weight decay is not included:
+  AdamW's decoupled decay θ ← (1 − η wd) θ − η m/P lowers the bound by the factor (1 − η wd/2)
+  (with a = λ(P⁻¹H) the iteration's characteristic polynomial z² − (β1 + c − η(1−β1)a) z + β1 c,
+  c = 1 − η wd, has its root at −1 where η(1−β1)a = (1+β1)(1+c); on a quadratic 92.62 against
+  95.00 at η wd = 0.05), under 0.05 % at the usual η wd ≤ 1e-3; Adam's (and RMSprop's) coupled
+  L2 adds wd·P⁻¹ to P⁻¹H, which is no shift of λ1(P⁻¹H) (it grows where P is small).
 * RMSprop: P = diag(√v_t + ε) (√(v_t − ḡ_t²) + ε when centred), heavy-ball momentum μ on P⁻¹H:
   (2 + 2μ)/η.
+* ASGD: before its averaging starts (t0) and after, the iterate steps θ ← (1 − λ η_t) θ − η_t g
+  with the decayed step size η_t = lr/(1 + λ·lr·t)^α of its state (``eta``), not the group's lr:
+  2/η_t − wd − λ (λ = ``lambd``; the averaging does not feed back into the iterate).
+
+A subclass of one of these that keeps its ``step`` gets its rule; one that overrides ``step``
+gets none (:mod:`~stiffmon_agent.metrics.optimizer_kind`).
 
 With several param groups the most restrictive group decides; ``group`` says which.
 
@@ -31,6 +41,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from stiffmon_agent.metrics.optimizer_kind import optimizer_kind
+from stiffmon_agent.metrics.precond_warmup import momentum_warmup as momentum_warmup
 
 _ADAPTIVE = {
     "Adam",
@@ -94,7 +107,7 @@ def _frozen(g: dict[str, Any]) -> bool:
     """A group whose parameters all have ``requires_grad=False`` (frozen layers of progressive
     unfreezing, held by the optimizer from the start): they get no gradient, and torch's
     optimizers skip a parameter without one, so the group does not move, whatever its η."""
-    ps = g.get("params")
+    ps = g.get("params") or ()
     return bool(ps) and all(isinstance(q, Tensor) and not q.requires_grad for q in ps)
 
 
@@ -152,7 +165,7 @@ def zero_inner(optimizer: Any) -> torch.optim.Optimizer | None:
     """The local optimizer of a ``torch.distributed.optim.ZeroRedundancyOptimizer`` (its
     ``param_groups`` are the global ones, with every parameter and the hyper-parameters its
     steps use; its state is sharded over the ranks); None for any other optimizer."""
-    if type(optimizer).__name__ != "ZeroRedundancyOptimizer":
+    if type(optimizer).__name__ != "ZeroRedundancyOptimizer":  # torch's, not subclassed
         return None
     inner = getattr(optimizer, "optim", None)
     return inner if isinstance(inner, torch.optim.Optimizer) else None
@@ -174,25 +187,31 @@ def stability_threshold_for(
     Returns:
         The threshold (None for adaptive optimizers: see :func:`preconditioned_threshold_for`).
     """
-    name = type(optimizer).__name__
+    kind = optimizer_kind(optimizer)
+    name = kind.label
     if maximizes(optimizer) is None:
         return StabilityThreshold(None, f"{_MIXED} ({name})")
     numbered = list(enumerate(groups if groups is not None else optimizer.param_groups))
     inner = zero_inner(optimizer)
     if inner is not None:  # its global groups hold every parameter, its rule is the inner one's
-        name = type(inner).__name__
-        if name in _PRECONDITIONED | _ADAPTIVE:
+        kind = optimizer_kind(inner)
+        name = kind.label
+        if kind.rule in _PRECONDITIONED | _ADAPTIVE:
             return StabilityThreshold(
                 None,
                 f"none: ZeroRedundancyOptimizer({name}) is adaptive and its state (P) is sharded "
                 "over the ranks: no λ1(P⁻¹H) either",
             )
+    if kind.overridden:
+        return StabilityThreshold(None, f"none: {kind.why_none}")
     if group is not None:
         numbered = [numbered[group]]
-    if name == "SGD":
+    if kind.rule in ("SGD", "ASGD"):
         per = [
             _still()
             if _frozen(g)
+            else asgd_threshold(inner or optimizer, g)
+            if kind.rule == "ASGD"
             else stability_threshold(
                 _num(g["lr"]),
                 _num(g.get("momentum", 0.0)),
@@ -206,15 +225,49 @@ def stability_threshold_for(
         if group is not None and t.group is not None:
             return StabilityThreshold(t.value, t.rule.replace("group 0", f"group {group}"), group)
         return t
-    if name in _PRECONDITIONED:
+    if kind.rule in _PRECONDITIONED and kind.rule == name:
         return StabilityThreshold(
             None, f"none: {name} is adaptive (preconditioned steps); see λ1(P⁻¹H)"
         )
-    if name in _ADAPTIVE:  # no λ1(P⁻¹H) for it either (preconditioned_threshold_for)
+    if kind.rule in _PRECONDITIONED:  # measure.py computes λ1(P⁻¹H) for torch's own classes
         return StabilityThreshold(
-            None, f"none: {name} is adaptive (preconditioned steps); no stability rule known"
+            None,
+            f"none: {name} is adaptive (preconditioned steps); λ1(P⁻¹H) is measured for "
+            f"torch's {kind.rule} itself, not yet for a subclass",
+        )
+    if kind.rule in _ADAPTIVE:  # no λ1(P⁻¹H) for it either (preconditioned_threshold_for)
+        return StabilityThreshold(
+            None,
+            f"none: {name} is adaptive (its steps are preconditioned by its state), so λ1_H has "
+            "no bound of its own; the preconditioned sharpness and its bound are measured for "
+            "Adam, AdamW and RMSprop only",
         )
     return StabilityThreshold(None, f"none: no stability rule known for {name}")
+
+
+def asgd_threshold(optimizer: torch.optim.Optimizer, g: dict[str, Any]) -> StabilityThreshold:
+    """ASGD's bound for param group ``g``: 2/η_t − wd − λ.
+
+    torch's ASGD steps θ ← (1 − λ η_t) θ − η_t (∇f + wd θ), with η_t = lr/(1 + λ·lr·t)^α kept in
+    each parameter's state (``eta``, the step size of its next step; the one the last step used
+    differs by a factor (1 + λ·lr/(1 + λ·lr·t))^α, < 1e-5 at the defaults). On curvature h the
+    factor is 1 − η_t (h + wd + λ): stable iff h < 2/η_t − wd − λ. The largest η_t of the
+    group's parameters decides; before any step η_t = lr.
+    """
+    lr = _num(g["lr"])
+    etas = [
+        _num(optimizer.state[q]["eta"])
+        for q in g.get("params", ())
+        if "eta" in optimizer.state.get(q, {})
+    ]
+    eta = max(etas) if etas else lr
+    if lr == 0 or eta == 0:
+        return _still()
+    if eta < 0:
+        return StabilityThreshold(None, f"none: non-positive step size η_t = {eta}")
+    value = 2.0 / eta - _num(g.get("weight_decay", 0.0)) - _num(g.get("lambd", 0.0))
+    rule = "2/η_t - wd - λ, η_t = lr/(1+λ·lr·t)^α (ASGD's decayed step size, not lr)"
+    return StabilityThreshold(value, rule)
 
 
 def preconditioned_threshold_for(
@@ -222,11 +275,14 @@ def preconditioned_threshold_for(
 ) -> StabilityThreshold:
     """Threshold on λ1(P⁻¹H) for Adam / AdamW ((2+2β1)/((1−β1)η)) and RMSprop ((2+2μ)/η);
     ``groups`` as in :func:`stability_threshold_for`."""
-    name = type(optimizer).__name__
+    kind = optimizer_kind(optimizer)
+    name = kind.rule
+    if kind.overridden:
+        return StabilityThreshold(None, f"none: {kind.why_none}")
     if name not in _PRECONDITIONED:
-        return StabilityThreshold(None, f"none: no preconditioned rule known for {name}")
+        return StabilityThreshold(None, f"none: no preconditioned rule known for {kind.label}")
     if maximizes(optimizer) is None:
-        return StabilityThreshold(None, f"{_MIXED} ({name})")
+        return StabilityThreshold(None, f"{_MIXED} ({kind.label})")
     per = []
     for g in groups if groups is not None else optimizer.param_groups:
         eta = _num(g["lr"])
@@ -240,49 +296,24 @@ def preconditioned_threshold_for(
         else:
             b1 = _num(g["betas"][0])
             per.append(StabilityThreshold((2 + 2 * b1) / ((1 - b1) * eta), "(2+2β1)/((1-β1)η)"))
-    return _most_restrictive(per, name, preconditioned=True)
+    return _most_restrictive(per, kind.label, preconditioned=True)
 
 
-def momentum_warmup(
-    optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]] | None = None
-) -> str:
-    """Why λ1(P⁻¹H) of Adam / AdamW / RMSprop is not yet compared with its threshold, or "".
-
-    Adam's threshold (2+2β1)/((1−β1)η) is for a steady momentum average m ← β1 m + (1−β1) g.
-    Adam's first steps divide it by 1 − β1^t instead (at t = 1 the step is η g / |g|), and P
-    folds that factor in (:func:`diagonal_preconditioner`), so before t ≈ 1/(1−β1) steps
-    λ1(P⁻¹H) overstates the steady-state criterion (up to 1/(1−β1) = 10× at t = 1, β1 = 0.9):
-    a spike above the threshold there is no edge of stability. RMSprop has no bias correction:
-    v ← α v + (1−α) g² from 0 is (1 − α^t) of its steady value, so P = √v + ε is small at first
-    and λ1(P⁻¹H) up to 1/√(1−α) = 10× at t = 1, α = 0.99 (a false step-0 catapult on a run
-    whose λ1_H rose steadily); it waits t ≈ 1/(1−α) steps. t is the fewest steps any parameter
-    has taken.
-    """
-    name = type(optimizer).__name__
-    if name not in ("Adam", "AdamW", "RMSprop"):
-        return ""
-    gs = list(groups if groups is not None else optimizer.param_groups)
-    key = (lambda g: _num(g["alpha"])) if name == "RMSprop" else (lambda g: _num(g["betas"][0]))
-    need = max(math.ceil(round(1 / (1 - key(g)), 6)) for g in gs) if gs else 0
-    steps = [
-        _num(optimizer.state[q]["step"])
-        for g in optimizer.param_groups
-        for q in g["params"]
-        if "step" in optimizer.state.get(q, {})
-    ]
-    t = int(min(steps)) if steps else 0
-    if t >= need:
-        return ""
+def _lr_scales(optimizer: torch.optim.Optimizer, name: str) -> dict[int, float]:
+    """η_max/η_g by ``id`` of each param group g (∞ for η_g = 0: it does not move), where the
+    moving groups differ in η but share the momentum (β1; RMSprop: μ); {} otherwise."""
+    lrs = {id(g): _num(g["lr"]) for g in optimizer.param_groups}
+    moving = [g for g in optimizer.param_groups if lrs[id(g)] > 0 and not _frozen(g)]
+    top = max((lrs[id(g)] for g in moving), default=0.0)
+    if not moving or all(lrs[id(g)] == top for g in optimizer.param_groups):
+        return {}
     if name == "RMSprop":
-        return (
-            f"RMSprop has taken {t} step(s); its average of squared gradients (no bias "
-            f"correction) reaches the steady state the threshold assumes after about "
-            f"1/(1-α) = {need}"
-        )
-    return (
-        f"{name} has taken {t} step(s); its momentum average reaches the steady state that "
-        f"(2+2β1)/((1-β1)η) assumes after about 1/(1-β1) = {need}"
-    )
+        momenta = {_num(g.get("momentum", 0.0)) for g in moving}
+    else:
+        momenta = {_num(g["betas"][0]) for g in moving}
+    if len(momenta) > 1:
+        return {}
+    return {k: top / v if v > 0 else math.inf for k, v in lrs.items()}
 
 
 def diagonal_preconditioner(
@@ -293,23 +324,33 @@ def diagonal_preconditioner(
     Parameters the optimizer does not hold get P = ∞ (they do not move, so they drop out of
     P⁻¹H), and so do held ones without state once others have some: torch's optimizers skip a
     parameter whose gradient is None (an unused branch, a layer that got none yet), so it has
-    not moved.
+    not moved, and those of a group with η = 0.
+
+    Param groups of different η (layer-wise learning rates) step θ_g ← θ_g − η_g m_g/P_g =
+    θ_g − η_max m_g/(P_g η_max/η_g): with P_g scaled by η_max/η_g (:func:`_lr_scales`) the
+    whole iteration is the largest-η group's on P⁻¹H, and that group's bound (the one
+    :func:`preconditioned_threshold_for` picks) is exact, where the groups share β1 (RMSprop:
+    μ). Groups that differ in it keep P unscaled: the most restrictive group's bound against
+    the whole λ1(P⁻¹H) is then only sufficient.
 
     Returns:
         (P, "") or (None, why P cannot be read: another optimizer, no step taken yet, ...).
     """
-    name = type(optimizer).__name__
-    if name not in _PRECONDITIONED:
-        return None, f"{name} has no diagonal preconditioner rule"
+    kind = optimizer_kind(optimizer)
+    name = kind.rule
+    if kind.overridden or name not in _PRECONDITIONED:
+        return None, kind.why_none or f"{name} has no diagonal preconditioner rule"
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     if params and not any(id(p) in group_of for p in params):  # P = ∞ everywhere: P⁻¹H = 0
         return None, "the optimizer holds none of the model's parameters (an EMA copy?)"
     stepped = any(optimizer.state.get(p) for p in params if id(p) in group_of)
+    scales = _lr_scales(optimizer, name)
     parts: list[Tensor] = []
     for p in params:
         g = group_of.get(id(p))
         st = optimizer.state.get(p, {}) if g is not None else {}
-        if g is None or (stepped and not st):
+        scale = scales.get(id(g), 1.0)
+        if g is None or (stepped and not st) or math.isinf(scale):
             parts.append(torch.full((p.numel(),), math.inf, dtype=p.dtype, device=p.device))
             continue
         eps = _num(g["eps"])
@@ -329,7 +370,7 @@ def diagonal_preconditioner(
                 return None, "no optimizer state yet (before the first step)"
             b1, b2 = _num(g["betas"][0]), _num(g["betas"][1])
             d = (1 - b1**t) * ((st[key] / (1 - b2**t)).clamp_min(0).sqrt() + eps)
-        parts.append(d.detach().reshape(-1).to(p.dtype))
+        parts.append((d.detach() * scale if scale != 1.0 else d.detach()).reshape(-1).to(p.dtype))
     if not parts:
         return None, "no parameters"
     return torch.cat(parts), ""

@@ -1,0 +1,65 @@
+"""When λ1(P⁻¹H) of Adam / AdamW / RMSprop is not yet compared with its threshold.
+
+Their bounds (:mod:`~stiffmon_agent.metrics.thresholds`) assume a steady momentum average and a
+steady average of squared gradients, which the first steps do not have (:func:`momentum_warmup`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from stiffmon_agent.metrics.optimizer_kind import optimizer_kind
+
+
+def _num(x: object) -> float:
+    return float(x.item()) if isinstance(x, Tensor) else float(x)  # type: ignore[arg-type]
+
+
+def momentum_warmup(
+    optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]] | None = None
+) -> str:
+    """Why λ1(P⁻¹H) of Adam / AdamW / RMSprop is not yet compared with its threshold, or "".
+
+    Adam's threshold (2+2β1)/((1−β1)η) is for a steady momentum average m ← β1 m + (1−β1) g.
+    Adam's first steps divide it by 1 − β1^t instead (at t = 1 the step is η g / |g|), and P
+    folds that factor in (:func:`diagonal_preconditioner`), so before t ≈ 1/(1−β1) steps
+    λ1(P⁻¹H) overstates the steady-state criterion (up to 1/(1−β1) = 10× at t = 1, β1 = 0.9):
+    a spike above the threshold there is no edge of stability. RMSprop has no bias correction:
+    v ← α v + (1−α) g² from 0 is (1 − α^t) of its steady value, so P = √v + ε is small at first
+    and λ1(P⁻¹H) up to 1/√(1−α) = 10× at t = 1, α = 0.99 (a false step-0 catapult on a run
+    whose λ1_H rose steadily); it waits t ≈ 1/(1−α) steps. t is the fewest steps any parameter
+    has taken.
+    """
+    name = optimizer_kind(optimizer).rule
+    if name not in ("Adam", "AdamW", "RMSprop"):
+        return ""
+    gs = list(groups if groups is not None else optimizer.param_groups)
+
+    def key(g: dict[str, Any]) -> float:
+        return _num(g["alpha"]) if name == "RMSprop" else _num(g["betas"][0])
+
+    need = max(math.ceil(round(1 / (1 - key(g)), 6)) for g in gs) if gs else 0
+    steps = [
+        _num(optimizer.state[q]["step"])
+        for g in optimizer.param_groups
+        for q in g["params"]
+        if "step" in optimizer.state.get(q, {})
+    ]
+    t = int(min(steps)) if steps else 0
+    if t >= need:
+        return ""
+    if name == "RMSprop":
+        return (
+            f"RMSprop has taken {t} step(s); its average of squared gradients (no bias "
+            f"correction) reaches the steady state the threshold assumes after about "
+            f"1/(1-α) = {need}"
+        )
+    return (
+        f"{name} has taken {t} step(s); its momentum average reaches the steady state that "
+        f"(2+2β1)/((1-β1)η) assumes after about 1/(1-β1) = {need}"
+    )
