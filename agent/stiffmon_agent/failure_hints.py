@@ -29,7 +29,10 @@ one) or one that never does. A loss that takes more than (outputs, targets)
 (``GaussianNLLLoss(input, target, var)``) is named by :func:`loss_signature_note`, with the
 callable to pass instead. batch_norm's "Expected more than 1 value per channel when training"
 from a Gram is named by :func:`batch_statistics_layers`: a batch-norm layer without running
-statistics cannot normalise an example alone, so the per-example gradients do not exist.
+statistics cannot normalise an example alone, so the per-example gradients do not exist. A
+model whose output for an example alone has another shape than in the probe batch (padding to
+the batch's longest sequence) is named by
+:func:`~stiffmon_agent.metrics.alone_output.alone_shape_hint`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stiffmon_agent.metrics.alone_output import alone_shape_hint
 from stiffmon_agent.metrics.gram.coupling import WAY_OUT
 from stiffmon_agent.metrics.probe import (
     ForwardFn,
@@ -103,6 +107,8 @@ def failure_hint(
             "batch and cannot take an example alone (one value per channel), as the "
             f"per-example gradients do: {WAY_OUT}"
         )
+    if isinstance(exc, ValueError):  # a loss's shape check (binary_cross_entropy's …)
+        return alone_shape_hint(model, probe.train()[0], forward)
     if not isinstance(exc, RuntimeError):  # autograd's errors (NotImplementedError too)
         return None
     text = str(exc)
@@ -115,7 +121,7 @@ def failure_hint(
         return REENTRANT_HINT.format(what=what)
     if _GRAPHLESS in text and loss_fn is not None:
         return graphless_hint(kind, model, probe, forward, loss_fn)
-    return None
+    return alone_shape_hint(model, probe.train()[0], forward)  # a shape that differs alone
 
 
 def double_backward_hint(
@@ -331,18 +337,30 @@ _CALLABLES = {  # a torch.nn loss of more inputs: the callable over the model's 
         "(anchor, positive, negative)",
         ("margin", "p", "eps", "swap"),
     ),
+    "CTCLoss": (  # targets (padded targets, input_lengths, target_lengths), batch-first
+        'F.ctc_loss(out.transpose(0, 1), y[0], y[1], y[2]{opts}, reduction="none"){per_length}',
+        "batch-first (N, T, C) log-probs, with probe targets (targets, input_lengths, "
+        "target_lengths)",
+        ("blank", "zero_infinity"),
+    ),
 }
+CTC_PER_LENGTH = " / y[2].clamp_min(1)"
+"""CTCLoss's "mean" divides each example's loss by its target length (at least 1) before the
+batch mean: that quotient is the example's loss, not ``reduction="none"``'s own value."""
 
 
 def loss_signature_note(loss_fn: LossFn) -> str | None:
     """Why ``loss_fn`` cannot be called as ``loss_fn(outputs, targets)`` and what to pass
     instead (:func:`loss_inputs`), or None where it can.
 
-    For ``GaussianNLLLoss``, ``MarginRankingLoss``, ``CosineEmbeddingLoss`` and
-    ``TripletMarginLoss`` the note gives the callable over the model's whole output, with the
-    module's own non-default settings; it returns per-element losses (``reduction="none"``),
-    whose objective is their mean (module docstring), or their sum where the module sums:
-    then the callable must carry ``reduction = "sum"``.
+    For ``GaussianNLLLoss``, ``MarginRankingLoss``, ``CosineEmbeddingLoss``,
+    ``TripletMarginLoss`` and ``CTCLoss`` the note gives the callable over the model's whole
+    output, with the module's own non-default settings; it returns per-element losses
+    (``reduction="none"``), whose objective is their mean (module docstring), or their sum where
+    the module sums: then the callable must carry ``reduction = "sum"``. ``CTCLoss``'s mean is
+    (1/N) Σ_i ℓ_i / max(|y_i|, 1) over the target lengths |y_i|, so its callable divides by
+    them (:data:`CTC_PER_LENGTH`); ``reduction="none"`` alone (ℓ_i) measured Tr K 1.9× too
+    large on a CTC model with target lengths 1..4.
     """
     inputs = loss_inputs(loss_fn)
     if inputs is None:
@@ -363,7 +381,8 @@ def loss_signature_note(loss_fn: LossFn) -> str | None:
             for k in settings
             if getattr(fn, k, None) != getattr(default, k, None)
         )
-        example = f"loss_fn=lambda out, y: {form.format(opts=opts)}"
+        per_length = CTC_PER_LENGTH if name == "CTCLoss" and fn.reduction == "mean" else ""
+        example = f"loss_fn=lambda out, y: {form.format(opts=opts, per_length=per_length)}"
         note += f", e.g. {example} for a model returning {returns}"
     else:
         note += ' (reduction="none")'

@@ -58,6 +58,7 @@ from stiffmon_agent.metrics import (
     stiffness_vs_distance,
     trainable_parameters,
 )
+from stiffmon_agent.metrics.chunk_coupling import chunking_changes_losses
 from stiffmon_agent.metrics.gram import GramResult
 from stiffmon_agent.metrics.probe import (
     Batch,
@@ -303,6 +304,9 @@ def sharpness_messages(
         "scale": scale,
         "wrap": wrap,
     }
+    if chunk_size and "hessian-chunked" not in state.reported:  # until it is said
+        if (why := chunking_changes_losses(model, x, y, loss_fn, forward, chunk_size)) is not None:
+            note("hessian-chunked", why, "warning")
 
     def solve(which: str, preconditioner: Tensor | None = None) -> EigenResult:
         """λ1 of H (``raw``) or P⁻¹H (``precond``), warm-started from the last measurement of
