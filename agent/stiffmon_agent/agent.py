@@ -67,10 +67,16 @@ from stiffmon_agent.optimizer_skips import OptimizerSkips
 from stiffmon_agent.optimizer_swap import OptimizerSwap
 from stiffmon_agent.probe_set import build_probe, objective_loss
 from stiffmon_agent.publisher import Publisher
+from stiffmon_agent.rank_batches import RankBatches
 from stiffmon_agent.rank_gate import RankGate
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, MeasurementPlan, Schedule, parse_schedule
-from stiffmon_agent.step_scalars import OptimizerColumns, default_run_name, optimizer_config
+from stiffmon_agent.step_scalars import (
+    OptimizerColumns,
+    default_run_name,
+    framework_inner,
+    optimizer_config,
+)
 
 DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step 0
 
@@ -206,6 +212,7 @@ class Agent(AgentOutput, OptimizerSwap):  # event, log, close: agent_output; set
         self._replicas = sharding.replicas(model)
         self.model = sharding.unwrap(model)  # measuring never runs DDP's all-reduce hooks
         self.loss_fn = loss_fn
+        optimizer = framework_inner(optimizer)  # accelerate's prepared one: the torch optimizer
         self.optimizer = optimizer
         self.forward = forward
         self.rank = dist_rank()

@@ -22,7 +22,7 @@ from stiffmon_agent.metrics.probe import LossFn
 from stiffmon_agent.metrics.thresholds import maximizes
 from stiffmon_agent.probe_set import ProbeSet, objective_loss
 from stiffmon_agent.runner import MeasurementRunner
-from stiffmon_agent.step_scalars import OptimizerColumns, optimizer_config
+from stiffmon_agent.step_scalars import OptimizerColumns, framework_inner, optimizer_config
 
 __all__ = ["OptimizerSwap"]
 
@@ -61,6 +61,7 @@ class OptimizerSwap:
             optimizer: The optimizer whose steps train the model from now on (None: none, as
                 ``Agent(optimizer=None)``: no columns and no thresholds).
         """
+        optimizer = framework_inner(optimizer)  # accelerate's prepared one: the torch optimizer
         old = self.optimizer
         if optimizer is old or self.closed:
             return

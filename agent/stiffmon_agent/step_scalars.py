@@ -89,6 +89,21 @@ WRAPPED_NAMES = ("base_optimizer", "optimizer", "_optimizer")
 ``base_optimizer``; Lookahead, Accelerate: ``optimizer``; Lightning: ``_optimizer``)."""
 
 
+def framework_inner(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer``, else ``optimizer``.
+
+    The prepared optimizer is a pass-through wrapper (the same param groups; its ``step()``
+    steps the inner one on the steps that sync gradients, and its own step hooks never run):
+    taken as it is, its type has no stability rule (threshold NaN), no λ1(P⁻¹H) for Adam, its
+    backward passes are not counted, and the run is named ``"AcceleratedOptimizer lr=…"``.
+    """
+    if type(optimizer).__name__ == "AcceleratedOptimizer":
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            return inner
+    return optimizer
+
+
 def wrapped_optimizer(optimizer: Any) -> Any:
     """The optimizer that ``optimizer`` wraps (one with a step pre-hook), or None: one of
     :data:`WRAPPED_NAMES`, else the first ``torch.optim.Optimizer`` among its attributes."""

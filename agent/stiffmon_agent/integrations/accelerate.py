@@ -61,32 +61,8 @@ from stiffmon_agent.integrations._common import (
     check_options,
     unwrap_optimizer,
 )
-from stiffmon_agent.metrics.probe import default_forward
 
 log = logging.getLogger("stiffmon_agent")
-
-
-class OwnForward:
-    """A measurement ``forward`` that runs the model's own ``forward``, not the autocast wrapper
-    accelerate's mixed precision puts in its place (the own one kept as
-    ``model._original_forward``); with neither, ``forward(model, inputs)`` as it is.
-
-    The agent switches the training's autocast off while it measures, but the wrapper switches
-    it on again inside the model: the measurements ran in bfloat16.
-    """
-
-    def __init__(self, forward: Any = None) -> None:
-        self.forward = forward or default_forward
-
-    def __call__(self, model: nn.Module, inputs: Any) -> Any:
-        original, wrapped = model.__dict__.get("_original_forward"), model.__dict__.get("forward")
-        if original is None or wrapped is None:
-            return self.forward(model, inputs)
-        model.forward = original
-        try:
-            return self.forward(model, inputs)
-        finally:
-            model.forward = wrapped
 
 
 class AccelerateAgent:
@@ -144,7 +120,6 @@ class AccelerateAgent:
                 k,
                 world,
             )
-        options["forward"] = OwnForward(options.get("forward"))
         start = int(options.pop("start_step", 0) or 0)  # resumed (accelerator.load_state)
         self.agent = build_agent(
             accelerator.unwrap_model(model),

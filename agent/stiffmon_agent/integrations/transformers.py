@@ -26,7 +26,8 @@ by it, else the mean of the micro-batch losses (see :class:`StepLoss`); the accu
 predictions of all the step's micro-batches (:func:`accuracy_pair`: per example for
 classifiers, per token for language models). Causal LMs are recognised by
 :func:`detect_causal_lm` (a warning event where it cannot tell). Under ``bf16=True`` /
-``fp16=True`` the measurements run the model in its weights' dtype (:class:`OwnPrecision`).
+``fp16=True`` the measurements run the model in its weights' dtype (its own ``forward``, not
+accelerate's autocast wrapper: :func:`~stiffmon_agent.metrics.state.measurement_mode`).
 The agent is closed at ``on_train_end``.
 """
 
@@ -211,31 +212,6 @@ def accuracy_pair(
     return None
 
 
-class OwnPrecision:
-    """A measurement ``forward`` that runs the model's own ``forward``, not the mixed-precision
-    wrapper accelerate puts around it for ``bf16=True`` / ``fp16=True`` (kept as
-    ``model._original_forward``).
-
-    The agent measures in the weights' own dtype, switching the training's autocast off (in
-    bfloat16 λ1_H came out 14 % low), but the wrapper switches autocast on again inside the
-    model: the measurements ran in bfloat16, whose rounding made the per-example Gram's check
-    fail and several layers take the slow per-example loop.
-    """
-
-    def __init__(self, forward: Any = None) -> None:
-        self.forward = forward or logits_forward
-
-    def __call__(self, model: nn.Module, inputs: Any) -> Any:
-        original, wrapped = model.__dict__.get("_original_forward"), model.__dict__.get("forward")
-        if original is None or wrapped is None:
-            return self.forward(model, inputs)
-        model.forward = original
-        try:
-            return self.forward(model, inputs)
-        finally:
-            model.forward = wrapped
-
-
 class ForwardTap:
     """The callback's forward hook on the model. Deep copies of the model (the agent's float64
     check of the per-example Gram copies it) get a hook that does nothing: a copy's forward
@@ -301,7 +277,7 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
         weighting = loss_fn.count_over(labels) if isinstance(loss_fn, ModelLoss) else None
         id2label = getattr(config, "id2label", None) or {}
         names = [str(id2label[i]) for i in sorted(id2label)] if id2label else None
-        options = {**self.options, "forward": OwnPrecision(self.options.get("forward"))}
+        options = {**self.options, "forward": self.options.get("forward") or logits_forward}
         defaults: dict[str, Any] = {
             "batch_size": int(args.per_device_train_batch_size)
             * int(args.gradient_accumulation_steps)

@@ -45,6 +45,23 @@ def _autocast_enabled(device_type: str) -> bool:
 
 
 @contextmanager
+def _own_forward(model: nn.Module) -> Iterator[None]:
+    """Run the model's own ``forward`` inside: accelerate's mixed precision
+    (``Accelerator(mixed_precision="bf16")``, the ``Trainer``'s ``bf16=True``) replaces
+    ``model.forward`` by an autocast wrapper, keeping the own one as ``model._original_forward``;
+    the wrapper would switch autocast on again inside the measurement."""
+    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
+@contextmanager
 def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for a measurement and restore everything afterwards.
 
@@ -74,6 +91,7 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
     with torch.random.fork_rng(devices=devices), torch.enable_grad(), ExitStack() as stack:
         stack.enter_context(_math_attention())
         stack.enter_context(plain_weight_norm(model))  # torch._weight_norm: wrong 2nd derivative
+        stack.enter_context(_own_forward(model))  # accelerate's autocast wrapper: not measured
         for device_type in ("cpu", "cuda"):  # step() inside the user's autocast block
             if _autocast_enabled(device_type):
                 stack.enter_context(torch.autocast(device_type, enabled=False))

@@ -3,7 +3,8 @@ optimizer and scheduler) with :class:`~stiffmon_agent.integrations.accelerate.Ac
 checked against float64 references: λ1_H against the dense Hessian of the probe's mean loss, the
 Gram's noise trace against per-example gradients from one backward pass each, the threshold
 2(1 + μ)/η against the lr the optimizer's step used, and the recorded columns against the loop.
-The xfail tests are the plain ``Agent`` in the same loops (fixes proposed for the core)."""
+The ``test_plain_agent_*`` tests are the plain ``Agent`` in the same loops: it takes the torch
+optimizer inside the prepared one and measures through the model's own ``forward``."""
 
 from __future__ import annotations
 
@@ -241,21 +242,11 @@ def test_other_processes_do_nothing_and_distributed_is_refused(tmp_path: Path) -
         AccelerateAgent(NotMain(), _model(), nn.CrossEntropyLoss(), None, distributed=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: Agent takes the AcceleratedOptimizer as it is (threshold NaN); proposed: "
-    "unwrap it in Agent.__init__ / set_optimizer",
-)
 def test_plain_agent_with_prepared_optimizer_has_a_threshold(tmp_path: Path) -> None:
     r = _loop(tmp_path, plain=True)
     assert np.isfinite(last_scalar(r["msgs"], "sharpness/threshold"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: measurement_mode leaves accelerate's autocast forward wrapper on (bf16 "
-    "measurements); proposed: run model._original_forward while measuring",
-)
 def test_plain_agent_bf16_measures_in_the_weights_dtype(tmp_path: Path) -> None:
     r = _loop(tmp_path, precision="bf16", plain=True)
     assert last_scalar(r["msgs"], "sharpness/lambda1_h") == pytest.approx(

@@ -19,11 +19,11 @@ transformers = pytest.importorskip(
 )
 
 from stiffmon_agent.integrations.transformers import (  # noqa: E402
-    OwnPrecision,
     StiffmonCallback,
     accuracy_pair,
     split_labels,
 )
+from stiffmon_agent.metrics.state import measurement_mode  # noqa: E402
 from tests.agent.integrations.test_transformers import TokenTask, tiny_bert  # noqa: E402
 from tests.agent.integrations.test_transformers_lm import as_rows, lm_batch, tiny_gpt2  # noqa: E402
 
@@ -155,7 +155,8 @@ def test_measurement_forward_runs_outside_the_wrappers_autocast() -> None:
     model.classifier.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
     inputs, _ = split_labels(TokenTask(4, seed=2).batch(4))
     wrapped = model.forward
-    OwnPrecision()(model, inputs)
+    with measurement_mode(model):
+        model(**inputs)
     model(**inputs)
     assert seen == [False, True]  # measured in float32; training keeps its autocast
     assert model.forward == wrapped
