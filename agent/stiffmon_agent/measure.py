@@ -60,6 +60,7 @@ from stiffmon_agent.metrics import (
 )
 from stiffmon_agent.metrics.chunk_coupling import chunking_changes_losses
 from stiffmon_agent.metrics.gram import GramResult
+from stiffmon_agent.metrics.optimizer_kind import PRECONDITIONED, optimizer_kind
 from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
@@ -364,7 +365,8 @@ def sharpness_messages(
         float(res.matvecs),
     ]
     out.append(spectrum("hessian", res, threshold))
-    if optimizer is not None and type(optimizer).__name__ in ("Adam", "AdamW", "RMSprop"):
+    kind = optimizer_kind(optimizer) if optimizer is not None else None
+    if optimizer is not None and kind and not kind.overridden and kind.rule in PRECONDITIONED:
         pthr = preconditioned_threshold_for(optimizer, groups)
         params = list(trainable_parameters(model).values())
         diag, why = diagonal_preconditioner(optimizer, params)

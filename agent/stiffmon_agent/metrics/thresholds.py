@@ -10,12 +10,13 @@ learning rate η (of the param group, at the step being measured: schedules are 
 * Adam / AdamW: the preconditioned sharpness λ1(P⁻¹H) with
   P = (1 − β1^t)·diag(√(v_t / (1 − β2^t)) + ε) (``max_exp_avg_sq`` for amsgrad) against
   (2 + 2β1)/((1 − β1) η) (Cohen et al. 2022, "Adaptive Gradient Methods at the Edge of
-  Stability"): with P frozen, Adam is EMA momentum on P⁻¹H. Weight decay is not included:
-  AdamW's decoupled decay θ ← (1 − η wd) θ − η m/P lowers the bound by the factor (1 − η wd/2)
-  (with a = λ(P⁻¹H) the iteration's characteristic polynomial z² − (β1 + c − η(1−β1)a) z + β1 c,
-  c = 1 − η wd, has its root at −1 where η(1−β1)a = (1+β1)(1+c); on a quadratic 92.62 against
-  95.00 at η wd = 0.05), under 0.05 % at the usual η wd ≤ 1e-3; Adam's (and RMSprop's) coupled
-  L2 adds wd·P⁻¹ to P⁻¹H, which is no shift of λ1(P⁻¹H) (it grows where P is small).
+  Stability"): with P frozen, Adam is EMA momentum on P⁻¹H. AdamW's decoupled decay (also
+  Adam's ``decoupled_weight_decay=True``) θ ← (1 − η wd) θ − η m/P lowers the bound by the
+  factor (1 − η wd/2), applied: with a = λ(P⁻¹H) the iteration's characteristic polynomial
+  z² − (β1 + c − η(1−β1)a) z + β1 c, c = 1 − η wd, has its root at −1 where
+  η(1−β1)a = (1+β1)(1+c) (on a quadratic the real AdamW diverges at 92.62 where the bound
+  without the factor says 95.00, η wd = 0.05). Adam's (and RMSprop's) coupled L2 is not
+  included: it adds wd·P⁻¹ to P⁻¹H, which is no shift of λ1(P⁻¹H) (it grows where P is small).
 * RMSprop: P = diag(√v_t + ε) (√(v_t − ḡ_t²) + ε when centred), heavy-ball momentum μ on P⁻¹H:
   (2 + 2μ)/η.
 * ASGD: before its averaging starts (t0) and after, the iterate steps θ ← (1 − λ η_t) θ − η_t g
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stiffmon_agent.metrics.optimizer_kind import optimizer_kind
+from stiffmon_agent.metrics.optimizer_kind import PRECONDITIONED, optimizer_kind
 from stiffmon_agent.metrics.precond_warmup import momentum_warmup as momentum_warmup
 
 _ADAPTIVE = {
@@ -63,7 +64,6 @@ _ADAPTIVE = {
     "Shampoo",
     "Muon",
 }
-_PRECONDITIONED = {"Adam", "AdamW", "RMSprop"}
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def stability_threshold_for(
     if inner is not None:  # its global groups hold every parameter, its rule is the inner one's
         kind = optimizer_kind(inner)
         name = kind.label
-        if kind.rule in _PRECONDITIONED | _ADAPTIVE:
+        if kind.rule in PRECONDITIONED | _ADAPTIVE:
             return StabilityThreshold(
                 None,
                 f"none: ZeroRedundancyOptimizer({name}) is adaptive and its state (P) is sharded "
@@ -225,15 +225,9 @@ def stability_threshold_for(
         if group is not None and t.group is not None:
             return StabilityThreshold(t.value, t.rule.replace("group 0", f"group {group}"), group)
         return t
-    if kind.rule in _PRECONDITIONED and kind.rule == name:
+    if kind.rule in PRECONDITIONED:
         return StabilityThreshold(
             None, f"none: {name} is adaptive (preconditioned steps); see λ1(P⁻¹H)"
-        )
-    if kind.rule in _PRECONDITIONED:  # measure.py computes λ1(P⁻¹H) for torch's own classes
-        return StabilityThreshold(
-            None,
-            f"none: {name} is adaptive (preconditioned steps); λ1(P⁻¹H) is measured for "
-            f"torch's {kind.rule} itself, not yet for a subclass",
         )
     if kind.rule in _ADAPTIVE:  # no λ1(P⁻¹H) for it either (preconditioned_threshold_for)
         return StabilityThreshold(
@@ -279,7 +273,7 @@ def preconditioned_threshold_for(
     name = kind.rule
     if kind.overridden:
         return StabilityThreshold(None, f"none: {kind.why_none}")
-    if name not in _PRECONDITIONED:
+    if name not in PRECONDITIONED:
         return StabilityThreshold(None, f"none: no preconditioned rule known for {kind.label}")
     if maximizes(optimizer) is None:
         return StabilityThreshold(None, f"{_MIXED} ({kind.label})")
@@ -295,7 +289,11 @@ def preconditioned_threshold_for(
             per.append(StabilityThreshold((2 + 2 * mu) / eta, "(2+2μ)/η" if mu else "2/η"))
         else:
             b1 = _num(g["betas"][0])
-            per.append(StabilityThreshold((2 + 2 * b1) / ((1 - b1) * eta), "(2+2β1)/((1-β1)η)"))
+            value, rule = (2 + 2 * b1) / ((1 - b1) * eta), "(2+2β1)/((1-β1)η)"
+            wd = _num(g.get("weight_decay", 0.0))
+            if wd and (name == "AdamW" or g.get("decoupled_weight_decay")):
+                value, rule = max(0.0, value * (1 - eta * wd / 2)), rule + "·(1-η·wd/2)"
+            per.append(StabilityThreshold(value, rule))
     return _most_restrictive(per, kind.label, preconditioned=True)
 
 
@@ -338,7 +336,7 @@ def diagonal_preconditioner(
     """
     kind = optimizer_kind(optimizer)
     name = kind.rule
-    if kind.overridden or name not in _PRECONDITIONED:
+    if kind.overridden or name not in PRECONDITIONED:
         return None, kind.why_none or f"{name} has no diagonal preconditioner rule"
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     if params and not any(id(p) in group_of for p in params):  # P = ∞ everywhere: P⁻¹H = 0

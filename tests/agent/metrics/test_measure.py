@@ -91,8 +91,10 @@ def test_adamw_publishes_preconditioned_sharpness(tmp_path: Path) -> None:
     assert len(warmup) == 1 and "1/(1-β1) = 10" in warmup[0].message and warmup[0].step == 0
     sc = _scalars(msgs)
     assert math.isnan(sc["sharpness/threshold"])
-    assert sc["sharpness/threshold_precond"] == pytest.approx(38 / 0.01)
-    assert per_step[9]["sharpness/threshold_precond"] == pytest.approx(38 / 0.01)
+    assert sc["sharpness/threshold_precond"] == pytest.approx(38 / 0.01 * (1 - 0.01 * 0.01 / 2))
+    assert per_step[9]["sharpness/threshold_precond"] == pytest.approx(
+        38 / 0.01 * (1 - 0.01 * 0.01 / 2)
+    )
     assert sc["sharpness/lambda1_precond"] > sc["sharpness/lambda1_h"] > 0
     sp = next(m for m in msgs if isinstance(m, p.Spectrum) and m.name == "hessian-precond")
     assert sp.attrs["threshold_group"] == 0 and "AdamW" in str(sp.attrs["threshold_rule"])

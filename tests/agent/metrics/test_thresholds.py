@@ -92,10 +92,11 @@ def test_threshold_rules_named() -> None:
     assert thr.value == pytest.approx(19.5) and thr.group == 1
     assert thr.rule == "2/η - wd (SGD, group 1)"
     assert stability_threshold_for(opt, group=0).value == pytest.approx(200.0)
-    adam = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=0.01)
+    adam = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=0.01)  # weight_decay 0.01
     assert stability_threshold_for(adam).value is None
     pre = preconditioned_threshold_for(adam)
-    assert pre.value == pytest.approx(38.0 / 0.01) and pre.preconditioned
+    assert pre.value == pytest.approx(38.0 / 0.01 * (1 - 0.01 * 0.01 / 2), rel=1e-12)
+    assert pre.preconditioned
     assert "(2+2β1)/((1-β1)η)" in pre.rule and "AdamW" in pre.rule
     lbfgs = torch.optim.LBFGS([nn.Parameter(torch.zeros(1))])
     assert stability_threshold_for(lbfgs).value is None
