@@ -33,6 +33,7 @@ from stiffmon_agent.accuracy import (
     class_ignore_index,
     step_accuracy,
 )
+from stiffmon_agent.agent_join import JoinableAgent
 from stiffmon_agent.agent_output import LIVE_AGENTS, AgentOutput
 from stiffmon_agent.announce import (
     count_weighting_sayer,
@@ -88,7 +89,7 @@ def _close_all() -> None:  # the user forgot close(): flush and leave cleanly
         agent.close(reason=reason, timeout=2.0)
 
 
-class Agent(AgentOutput, OptimizerSwap):  # event, log, close: agent_output; set_optimizer
+class Agent(AgentOutput, OptimizerSwap, JoinableAgent):  # event, log, close; set_optimizer; Join
     """Measure stiffness, sharpness and gradient noise inside a training loop and publish them.
 
     Args:
@@ -136,8 +137,8 @@ class Agent(AgentOutput, OptimizerSwap):  # event, log, close: agent_output; set
         sum_over: For a sum-reduced loss, the examples whose losses the objective adds up per
             optimizer step after the loop's own scaling, where that is not B: with gradient
             accumulation over micro-batches of m and ``(loss / k).backward()`` it is m; under
-            DDP (gradients averaged over the ranks) one rank's count. None: B, or with a
-            ``DistributedDataParallel``-wrapped model and ``batch_size`` given, B / W.
+            DDP (gradients averaged over the ranks) B / W. None: B, or with a DDP-wrapped
+            model B / W (with ``distributed=True`` B = every rank's batch at a measurement).
         rank0_only: Under torch.distributed, only rank 0 publishes (and, unless
             ``distributed``, measures: the other ranks' agents are no-ops).
         distributed: Shard the heavy measurements over the torch.distributed ranks: every rank
@@ -253,10 +254,11 @@ class Agent(AgentOutput, OptimizerSwap):  # event, log, close: agent_output; set
         )
         if sum_over is not None and sum_over < 1:
             raise ValueError(f"sum_over must be a positive number of examples, got {sum_over}")
-        self._sum_over_given = sum_over is not None
-        if sum_over is None and batch_size is not None and self._replicas > 1:
-            sum_over = max(1, round(batch_size / self._replicas))  # a sum loss adds up one rank's
         self._sharp_state = SharpnessState(batch_size=batch_size, sum_over=sum_over)
+        if sum_over is None and batch_size is not None and self._replicas > 1:
+            self._sharp_state.sum_over = batch_size / self._replicas  # B / W: rank_batches
+        # every rank's batch travels with each measurement's decision (the gate's all-reduce)
+        self._batches = RankBatches(self._sharp_state, self._replicas, self.model, gate)
         self._batch_size = batch_size
         self._log_warned: set[str] = set()
         self._binary = binary_threshold(loss_fn)  # BCE: thresholded, not argmax, accuracy
@@ -362,6 +364,7 @@ class Agent(AgentOutput, OptimizerSwap):  # event, log, close: agent_output; set
         if self.closed:
             return
         if not self.enabled:  # a non-zero rank: its share of the sharded measurements only
+            self._batches.seen(logits)
             if self.step_count >= self._next_due:
                 self._measure_due(self.step_count)
             self.step_count += 1
@@ -399,12 +402,8 @@ class Agent(AgentOutput, OptimizerSwap):  # event, log, close: agent_output; set
         elif self.no_accuracy_note is not None:  # said once per run
             self.event("accuracy-off", self.no_accuracy_note)
             self.no_accuracy_note = None
-        if self._batch_size is None and isinstance(logits, Tensor) and logits.ndim >= 1:
-            local = int(logits.shape[0])
-            self._sharp_state.batch_size = b = local * self._replicas
-            if self._replicas > 1 and not self._sum_over_given:  # a sum loss adds up one rank's
-                self._sharp_state.sum_over = local
-            row.append(b)  # the hello went out before any batch was seen
+        if (b := self._batches.seen(logits)) is not None:
+            row.append(b)  # W × rank 0's batch; the hello went out before any batch was seen
             extra |= 2
         # step_time is not sent: the monitor derives it from consecutive row times
         self._columns.add(s, now, oc.row_names(extra), row)

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from stiffmon_agent.distributed import Shard
+from stiffmon_agent.rank_batches import RankBatches
 
 _AGENTS = itertools.count()  # agents made with distributed=True in this process, in order
 
@@ -87,6 +88,7 @@ class RankGate:
         self.shard = shard
         self.timeout = timeout
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        self.batches: RankBatches | None = None  # every rank's last batch rides along
 
     @classmethod
     def meeting(cls, shard: Shard, timeout: float) -> RankGate:
@@ -99,12 +101,16 @@ class RankGate:
         return cls(shard, timeout)
 
     def decide(self, go: bool, step: int) -> bool:
-        """Rank 0's ``go`` on every rank (the others' ``go`` is ignored).
+        """Rank 0's ``go`` on every rank (the others' ``go`` is ignored); with :attr:`batches`,
+        every rank's last training batch comes along (B and ``sum_over`` from all of them).
 
         Raises:
             RanksMissing: If a rank did not reach this measurement within the timeout.
         """
-        flag = torch.tensor([int(go) if self.shard.leader else 0, step, -step], dtype=torch.int64)
+        counts = self.batches.slots() if self.batches is not None else []
+        flag = torch.tensor(
+            [int(go) if self.shard.leader else 0, step, -step, *counts], dtype=torch.int64
+        )
         try:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         except RuntimeError as exc:
@@ -112,6 +118,7 @@ class RankGate:
             raise RanksMissing(
                 f"a rank did not reach the measurement of step {step} within {self.timeout:g} s "
                 "(rank_timeout): step() must be called on every rank at every training step "
+                "(uneven inputs: pass the agent to Join after the model, Join([model, agent])) "
                 f"({type(exc).__name__}: {first})"
             ) from exc
         if int(flag[1]) != -int(flag[2]):
@@ -119,4 +126,12 @@ class RankGate:
                 f"the ranks are at different steps ({-int(flag[2])} to {int(flag[1])}) at a "
                 "measurement: step() must be called on every rank at every training step"
             )
+        if self.batches is not None:
+            self.batches.agree(flag[3:].tolist())
+            if flag[0]:  # a rank that has joined (Join) measures with the others' weights
+                try:
+                    self.batches.sync_joined(step)
+                except RuntimeError as exc:  # sharding stops; the training goes on
+                    why = f"the weights for a joined rank did not arrive: {exc}"
+                    raise RanksMissing(why) from exc
         return bool(flag[0])

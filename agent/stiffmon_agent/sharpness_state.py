@@ -27,7 +27,8 @@ class SharpnessState:
             a sum-reduced objective's Hessian is B × that of the per-example mean.
         sum_over: The examples a sum-reduced objective adds up per optimizer step after the
             loop's own scaling (``sum_over=``), where that is not B: the micro-batch under
-            ``(loss / k).backward()`` accumulation, or one rank's under DDP.
+            ``(loss / k).backward()`` accumulation, or B / W under DDP (a fraction where W does
+            not divide B; :mod:`~stiffmon_agent.rank_batches`).
         reported: Event codes already published (each reason is said once).
         last: The last λ1 of each operator (``"raw"``, ``"precond"``).
         unchecked: Warm measurements of each operator since the last cold start.
@@ -36,13 +37,13 @@ class SharpnessState:
     warm: Tensor | None = None
     warm_precond: Tensor | None = None
     batch_size: int | None = None
-    sum_over: int | None = None
+    sum_over: float | None = None
     reported: set[str] = field(default_factory=set)
     last: dict[str, float] = field(default_factory=dict)
     unchecked: dict[str, int] = field(default_factory=dict)
 
     @property
-    def sum_scale(self) -> int | None:
+    def sum_scale(self) -> float | None:
         """The factor of a sum-reduced objective over the per-example mean: ``sum_over``, else
         B (None: unknown)."""
         return self.sum_over or self.batch_size
