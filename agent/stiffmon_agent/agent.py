@@ -225,6 +225,7 @@ class Agent(AgentOutput, OptimizerSwap, JoinableAgent):  # event, log, close; se
         gate = None
         if self.shard is not None:  # every rank's agent is there before any collective
             gate = RankGate.meeting(self.shard, rank_timeout)
+            gate.model = self.model
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
         self.step_count = start_step

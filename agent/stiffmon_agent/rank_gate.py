@@ -14,7 +14,8 @@ that names nothing of stiffmon's.
 * **Before each measurement** (:class:`RankGate`): rank 0's decision (measure or not) travels in
   an all-reduce over a gloo group of the agent's own, created with ``timeout``. A rank that is
   not there in time makes the all-reduce raise on the ranks that are; they stop sharding and
-  say why (:class:`RanksMissing`), and training goes on.
+  say why (:class:`RanksMissing`), and training goes on. So do they where the ranks' weights
+  differ (:mod:`~stiffmon_agent.weight_agreement`): a sharded measurement would mix models.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from stiffmon_agent.distributed import Shard
 from stiffmon_agent.rank_batches import RankBatches
+from stiffmon_agent.weight_agreement import differing_weights
 
 _AGENTS = itertools.count()  # agents made with distributed=True in this process, in order
 
@@ -89,6 +92,7 @@ class RankGate:
         self.timeout = timeout
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
         self.batches: RankBatches | None = None  # every rank's last batch rides along
+        self.model: nn.Module | None = None  # its weights are compared before each measurement
 
     @classmethod
     def meeting(cls, shard: Shard, timeout: float) -> RankGate:
@@ -134,4 +138,11 @@ class RankGate:
                 except RuntimeError as exc:  # sharding stops; the training goes on
                     why = f"the weights for a joined rank did not arrive: {exc}"
                     raise RanksMissing(why) from exc
+        if flag[0] and self.model is not None:  # the same weights on every rank, or no sharding
+            try:
+                why = differing_weights(self.model, self.group, step)
+            except RuntimeError as exc:
+                why = f"the ranks' weight checksums did not meet: {exc}"
+            if why is not None:
+                raise RanksMissing(why)
         return bool(flag[0])
