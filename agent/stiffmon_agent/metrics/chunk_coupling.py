@@ -15,7 +15,10 @@ in the chunks the Hessian uses ([0, c), [c, 2c), ...) and in chunks shifted by h
 ([0, c/2), [c/2, 3c/2), ...), so that every example shares its pass with other examples; no pass
 is larger than a chunk (the memory bound ``chunk_size`` exists for). Where the losses differ
 beyond rounding, an example's loss depends on its batch and the chunked objective is not the
-probe's.
+probe's. A forward or loss that draws random numbers in eval mode differs between any two
+passes, coupled or not: the first chunk runs twice, and where its losses differ the check says
+nothing (the Gram's ``gram-fallback`` warning names the random forward; the Hessian uses one
+seeded draw per chunk, :mod:`~stiffmon_agent.metrics.pinned_rng`).
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ def chunking_changes_losses(
     try:
         with measurement_mode(model), torch.no_grad():
             aligned = _losses(model, inputs, targets, fn, run, range(0, n, chunk_size), n)
+            again = _losses(model, inputs, targets, fn, run, [0], chunk_size)
+            if _difference(aligned[:chunk_size], again, chunk_size) is not None:
+                return None  # a random forward or loss (said by the Gram): not told from coupling
             starts = [0, *range(half, n, chunk_size)]
             shifted = _losses(model, inputs, targets, fn, run, starts, n)
     except Exception:  # the measurement's own passes fail the same way, and say why

@@ -40,6 +40,7 @@ from stiffmon_agent.metrics.eigen import (
     power_iteration,
 )
 from stiffmon_agent.metrics.eigen_checked import checked_lanczos
+from stiffmon_agent.metrics.pinned_rng import cuda_devices, pinned
 from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
@@ -124,6 +125,7 @@ class HessianOperator:
         self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
         self.dim = sum(self.sizes)
+        self._devices = cuda_devices(self.params)  # random forwards: one draw per chunk (pinned)
         chunk = self.n if not chunk_size else max(1, min(chunk_size, self.n))
         self.chunks = [
             (
@@ -161,21 +163,23 @@ class HessianOperator:
         primals = {f"model.{k}": p.detach() for k, p in zip(self.names, self.params, strict=True)}
         tangents = dict(zip(primals, self._split(v), strict=True))
         total = torch.zeros_like(v)
-        for x, y, n in self.chunks:
+        for c, (x, y, n) in enumerate(self.chunks):
 
             def loss(p: dict[str, Tensor], x: Batch = x, y: Batch = y, n: int = n) -> Tensor:
                 out = functional_call(self._wrapper, p, (x,), strict=False, tie_weights=True)
                 return self._mean_loss(x, y, n, out)
 
-            _, hv = jvp(grad(loss), (primals,), (tangents,))
+            with pinned(c, self._devices):
+                _, hv = jvp(grad(loss), (primals,), (tangents,))
             total += (n / self.n) * torch.cat([dense(hv[k]).reshape(-1) for k in primals])
         return total
 
     def _hvp_double_backward(self, v: Tensor) -> Tensor:
         total = torch.zeros_like(v)
         vs = self._split(v)
-        for x, y, n in self.chunks:
-            loss = self._mean_loss(x, y, n, self.forward(self.model, x))
+        for c, (x, y, n) in enumerate(self.chunks):
+            with pinned(c, self._devices):
+                loss = self._mean_loss(x, y, n, self.forward(self.model, x))
             g = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
             total += (n / self.n) * self._second(g, vs, retain=False)
         return total
@@ -193,7 +197,8 @@ class HessianOperator:
         """Double backward through a first-order graph built once and kept (one chunk only)."""
         if self._graph is None:
             ((x, y, n),) = self.chunks
-            loss = self._mean_loss(x, y, n, self.forward(self.model, x))
+            with pinned(0, self._devices):
+                loss = self._mean_loss(x, y, n, self.forward(self.model, x))
             self._graph = torch.autograd.grad(
                 loss, self.params, create_graph=True, allow_unused=True
             )
@@ -222,8 +227,9 @@ class HessianOperator:
     def gradient(self) -> Tensor:
         """∇L of the mean probe loss, flattened (for timing HVPs against gradients)."""
         total = torch.zeros(self.dim, dtype=self.like.dtype, device=self.like.device)
-        for x, y, n in self.chunks:
-            loss = self._mean_loss(x, y, n, self.forward(self.model, x))
+        for c, (x, y, n) in enumerate(self.chunks):
+            with pinned(c, self._devices):
+                loss = self._mean_loss(x, y, n, self.forward(self.model, x))
             g = torch.autograd.grad(loss, self.params, allow_unused=True)
             total += (n / self.n) * flat_grads(g, self.params)
         return total

@@ -80,3 +80,21 @@ def test_independent_examples_in_chunks_are_not_warned(dtype: torch.dtype) -> No
     coupled = batch_norm_mlp().to(dtype)
     found = chunking_changes_losses(coupled, x[:12], y[:12], nn.CrossEntropyLoss(), None, 4)
     assert found is not None and "chunks of 4" in found
+
+
+def test_a_random_forward_is_not_taken_for_coupling() -> None:
+    """A forward that draws random numbers in eval mode (dropout forced on) differs between any
+    two passes: that is no coupling of the examples, and the check says nothing."""
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.net(F.dropout(x, 0.3, training=True))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    model = Noisy().double()
+    assert chunking_changes_losses(model, x, y, nn.CrossEntropyLoss(), None, 4) is None
