@@ -70,7 +70,7 @@ from stiffmon_agent.metrics.probe import (
 from stiffmon_agent.metrics.symmetry import SymmetryCheck
 from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.probe_set import MeasurementSkipped, ProbeSet, check_finite, make_probe
-from stiffmon_agent.sharpness_state import SharpnessState, check_products
+from stiffmon_agent.sharpness_state import CHUNKS_CHECK_EVERY, SharpnessState, check_products
 from stiffmon_agent.zero_gradients import zero_gradient_event
 
 __all__ = [
@@ -305,7 +305,9 @@ def sharpness_messages(
         "scale": scale,
         "wrap": wrap,
     }
-    if chunk_size and "hessian-chunked" not in state.reported:  # until it is said
+    check = state.measured % CHUNKS_CHECK_EVERY == 0 and "hessian-chunked" not in state.reported
+    state.measured += 1
+    if chunk_size and check:
         if (why := chunking_changes_losses(model, x, y, loss_fn, forward, chunk_size)) is not None:
             note("hessian-chunked", why, "warning")
 

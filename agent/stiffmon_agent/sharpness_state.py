@@ -12,7 +12,14 @@ from torch import Tensor
 from stiffmon_agent.metrics import EigenResult
 from stiffmon_agent.probe_set import MeasurementSkipped
 
-__all__ = ["CHECK_DROP", "CHECK_EVERY", "SharpnessState", "check_products"]
+__all__ = ["CHECK_DROP", "CHECK_EVERY", "CHUNKS_CHECK_EVERY", "SharpnessState", "check_products"]
+
+
+CHUNKS_CHECK_EVERY = 10
+"""The chunk-coupling check (:func:`~stiffmon_agent.metrics.chunk_coupling.chunking_changes_losses`,
+two forward passes over the probe) runs at the first sharpness measurement and every 10th
+after, until it has found coupling: a model's coupling is mostly its architecture's, and the
+passes cost a few percent of a measurement."""
 
 
 @dataclass
@@ -32,6 +39,8 @@ class SharpnessState:
         reported: Event codes already published (each reason is said once).
         last: The last λ1 of each operator (``"raw"``, ``"precond"``).
         unchecked: Warm measurements of each operator since the last cold start.
+        measured: Sharpness measurements so far (the chunk-coupling check runs at the first
+            and every :data:`CHUNKS_CHECK_EVERY`-th).
     """
 
     warm: Tensor | None = None
@@ -41,6 +50,7 @@ class SharpnessState:
     reported: set[str] = field(default_factory=set)
     last: dict[str, float] = field(default_factory=dict)
     unchecked: dict[str, int] = field(default_factory=dict)
+    measured: int = 0
 
     @property
     def sum_scale(self) -> float | None:

@@ -98,3 +98,31 @@ def test_a_random_forward_is_not_taken_for_coupling() -> None:
     x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
     model = Noisy().double()
     assert chunking_changes_losses(model, x, y, nn.CrossEntropyLoss(), None, 4) is None
+
+
+def test_the_check_runs_at_the_first_and_every_tenth_measurement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two forward passes over the probe per check: not at every sharpness measurement."""
+    import stiffmon_agent.measure as measure
+
+    calls: list[int] = []
+
+    def counted(*args: Any) -> str | None:
+        calls.append(1)
+        return None
+
+    monkeypatch.setattr(measure, "chunking_changes_losses", counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    rec = tmp_path / "every.stiff"
+    settings = EVERY_STEP | {"gram_every": "never", "chunk_size": 5, "max_hvps": 4}
+    agent = offline_agent(model, nn.CrossEntropyLoss(), opt, rec, probe=(x, y), **settings)
+    for _ in range(12):
+        out = model(x)
+        train_step(agent, opt, F.cross_entropy(out, y), out, y)
+    msgs = close_and_read(agent, rec)
+    assert len([m for m in msgs if type(m).__name__ == "Spectrum"]) == 12
+    assert len(calls) == 2  # steps 0 and 10
