@@ -9,8 +9,9 @@ per prediction with at least two classes (no broadcasting; a binary classifier's
 has no argmax), classes last, ``targets.shape == logits.shape[:-1]``, or, as
 ``CrossEntropyLoss`` and ``NLLLoss`` read (N, C, d1, ...) inputs, classes in dimension 1 with
 ``targets.shape == (N, d1, ...)`` (segmentation); a shape that fits both, e.g. (N, T, T) logits
-with (N, T) targets, is read classes last. Otherwise the step is NaN and a warning ``event``
-says why. With a binary loss (:func:`binary_threshold`: ``BCEWithLogitsLoss``
+with (N, T) targets, is read classes last, but 4-D and more, (N, C, H, W) with C = H = W, in
+dimension 1 (channels first, as torch's losses read images). Otherwise the step is NaN and a
+warning ``event`` says why. With a binary loss (:func:`binary_threshold`: ``BCEWithLogitsLoss``
 or ``BCELoss``) it is instead Keras' ``binary_accuracy``: ``mean((logits > t) == (targets > 0.5))``
 over every element, with t = 0 for logits and 0.5 for probabilities, and targets of the logits'
 shape ((B,), (B, 1), or (B, C) multi-label: the fraction of labels right). Where it is computed

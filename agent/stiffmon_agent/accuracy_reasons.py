@@ -27,7 +27,9 @@ def check_comparable(logits: Any, targets: Any, threshold: float | None = None) 
     are last where ``logits.shape[:-1] == targets.shape``, else in dimension 1 where the logits
     have three or more dimensions and ``targets.shape == (N, d1, ...)`` for (N, C, d1, ...)
     logits (``CrossEntropyLoss``'s segmentation layout); a shape that fits both is read classes
-    last. With a binary loss's ``threshold``: one target per output, the same shape.
+    last for 3-D logits ((N, T, T) with (N, T): a sequence model's) and in dimension 1 for 4-D
+    and more ((N, C, H, W) with C = H = W: channels first, as torch's losses and layers read
+    images). With a binary loss's ``threshold``: one target per output, the same shape.
 
     Args:
         logits: The model outputs (anything with ``shape`` and ``ndim``).
@@ -57,6 +59,8 @@ def check_comparable(logits: Any, targets: Any, threshold: float | None = None) 
         )
     if (found := class_dim(shape, target_shape)) is not None:
         dim = found
+        if len(shape) >= 4 and target_shape == (shape[0], *shape[2:]):
+            dim = 1  # (N, C, H, W) with C = H = W fits both: torch's layout, as the loss reads it
     elif not shape or shape[-1] < 2:
         dim = -1  # said below, as before the layouts were told apart
     elif shape == target_shape:
@@ -113,7 +117,9 @@ def _same_shape(targets: Any) -> str:
 
 def _targets_kind(targets: Any) -> str | None:
     """``"regression"`` for floating-point targets with a value outside [0, 1],
-    ``"probabilities"`` for ones in [0, 1] summing to 1 over the last dimension, None where
+    ``"probabilities"`` for ones in [0, 1] summing to 1 over the last dimension or, for
+    (N, C, d1, ...) targets (soft segmentation masks, classes in dimension 1 as
+    ``CrossEntropyLoss`` reads them), over dimension 1; None where
     neither is known (other values, integer targets, targets not read: on a GPU, more than
     :data:`READ_MAX` elements)."""
     if not isinstance(targets, torch.Tensor) or not targets.is_floating_point():
@@ -126,8 +132,9 @@ def _targets_kind(targets: Any) -> str | None:
             return None
         if bool(((t < 0) | (t > 1)).any()):
             return "regression"
-        if t.shape[-1] > 1 and bool(((t.sum(-1) - 1).abs() <= 1e-3).all()):
-            return "probabilities"
+        for dim in (-1, 1) if t.ndim >= 3 else (-1,):
+            if t.shape[dim] > 1 and bool(((t.sum(dim) - 1).abs() <= 1e-3).all()):
+                return "probabilities"
     except Exception:  # a tensor that cannot be read here (fake, batched)
         return None
     return None

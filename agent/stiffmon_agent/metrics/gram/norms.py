@@ -38,7 +38,7 @@ class LayerNormRule:
         return _dense(xhat, gy.reshape(n, -1, d))
 
 
-@register(_BatchNorm)
+@register(_BatchNorm, nn.SyncBatchNorm)  # its own forward is _BatchNorm's in eval mode
 class BatchNormRule:
     def native(self, mod: nn.Module) -> bool:
         assert isinstance(mod, _BatchNorm)

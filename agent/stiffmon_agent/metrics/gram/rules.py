@@ -101,10 +101,19 @@ def register(*types: type[nn.Module] | str) -> Callable[[type], type]:
 
 
 def rule_for(mod: nn.Module) -> LayerRule | CaptureRule | None:
-    """The registered rule for ``mod``'s type (nearest in the MRO), if it accepts the module."""
+    """The registered rule for ``mod``'s type (nearest in the MRO), if it accepts the module.
+
+    A subclass that overrides the registered type's ``forward`` computes something the rule does
+    not know (``LayerNorm2d(nn.LayerNorm)`` of torchvision's and timm's ConvNeXt normalises a
+    permuted (N, H, W, C) view of its (N, C, H, W) input; timm's ``StdConv2d`` standardises its
+    weight): it takes no rule, so its parameters take the ``vmap`` or loop fallback, which
+    differentiate the forward it has.
+    """
     for t in type(mod).__mro__:
         rule = RULES.get(t) or NAMED_RULES.get(f"{t.__module__}.{t.__qualname__}")
         if rule is not None:
+            if getattr(type(mod), "forward", None) is not getattr(t, "forward", None):
+                return None
             return rule if rule.native(mod) else None
     return None
 
