@@ -89,9 +89,11 @@ def coupled(
     if _random(model, inputs, forward):
         return (
             "the model's forward is random in eval mode (two passes of one probe example "
-            "differ: dropout called with training=True, noise not gated on self.training), so "
-            "every measurement draws anew at each pass: the Gram, sharpness and density are "
-            "noisy, and the example-alone gradients do not add up to the probe's. Gate the "
+            "differ: dropout called with training=True, noise not gated on self.training, a "
+            "diffusion model's t and noise drawn in the forward), so the Gram's per-example "
+            "passes draw anew (the sharpness, trace and density use one seeded draw per probe "
+            "chunk) and the example-alone gradients do not add up to the probe's. Put the draws "
+            "in the probe (probe=((x, t, eps), eps) with a forward that takes them) or gate the "
             "randomness on self.training (F.dropout(x, p, self.training))"
         )
     return (
