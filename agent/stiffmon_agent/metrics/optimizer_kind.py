@@ -21,10 +21,8 @@ from typing import Any
 
 import torch
 
-RULED = frozenset(
+TORCH_ADAPTIVE = frozenset(
     {
-        "SGD",
-        "ASGD",
         "Adam",
         "AdamW",
         "Adamax",
@@ -40,6 +38,10 @@ RULED = frozenset(
         "Muon",
     }
 )
+"""``torch.optim``'s optimizers whose steps are preconditioned by their state (or a line search):
+λ1_H has no bound of its own for them."""
+
+RULED = frozenset({"SGD", "ASGD"}) | TORCH_ADAPTIVE
 """Names of the ``torch.optim`` classes whose update the thresholds module knows by name (a
 rule, or a stated reason for none)."""
 

@@ -43,27 +43,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stiffmon_agent.metrics.optimizer_kind import PRECONDITIONED, optimizer_kind
+from stiffmon_agent.metrics.optimizer_kind import PRECONDITIONED, TORCH_ADAPTIVE, optimizer_kind
 from stiffmon_agent.metrics.precond_warmup import momentum_warmup as momentum_warmup
 
-_ADAPTIVE = {
-    "Adam",
-    "AdamW",
-    "Adamax",
-    "NAdam",
-    "RAdam",
-    "SparseAdam",
-    "Adagrad",
-    "Adadelta",
-    "RMSprop",
-    "Rprop",
-    "LBFGS",
-    "Adafactor",
-    "Lion",
-    "Adan",
-    "Shampoo",
-    "Muon",
-}
+_ADAPTIVE = TORCH_ADAPTIVE | {"Lion", "Adan", "Shampoo"}  # and others' by name
 
 
 @dataclass(frozen=True)
