@@ -10,7 +10,8 @@ A joined rank adds no examples: B = Σ_r b_r over the ranks still training, and 
 summed gradients by W (``divide_by_initial_world_size=True``, Join's default) or by the ranks
 still training (False), so a sum-reduced loss's ``sum_over`` is B / W or B / W_active
 (:class:`~stiffmon_agent.rank_batches.RankBatches`). A mean-reduced loss's objective is then
-(W_active / W) × a weighted per-example mean: λ1_H is reported for the mean (not scaled).
+(W_active / W) × a weighted per-example mean, and λ1_H is that of W_active / W × the mean
+(with ``divide_by_initial_world_size=False``, of the mean).
 A joined rank takes no optimizer step, so its weights are stale: before a measurement while a
 rank has joined, every parameter and buffer is broadcast from the lowest rank still training.
 """

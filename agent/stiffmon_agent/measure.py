@@ -295,6 +295,9 @@ def sharpness_messages(
                 "mean and no threshold is published",
                 "warning",
             )
+    elif state.active is not None:  # Join: DDP divides the active ranks' mean losses by W
+        (live, world), scale = state.active, state.active[0] / state.active[1]
+        objective = f"mean × {live}/{world} (ranks still training / W: some have joined)"
     common = {
         "k": k,
         "tol": tol,

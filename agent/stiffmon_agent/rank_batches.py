@@ -105,12 +105,15 @@ class RankBatches:
         joined = 0 in counts and len(counts) == self.world and max(counts) > 0
         self.source = next(r for r, c in enumerate(counts) if c > 0) if joined else None
         unknown = len(counts) != self.replicas or min(counts, default=-1) < 0
+        active = sum(c > 0 for c in counts)
+        shrunk = joined and self.divide_by_initial and not unknown and self.replicas > 1
+        self.state.active = (active, self.replicas) if shrunk else None
         if self.batch_size_given or self.replicas <= 1 or unknown:
             return
         total = sum(counts)
         self.state.batch_size = total
         if not self.sum_over_given:
-            w = self.replicas if self.divide_by_initial else sum(c > 0 for c in counts)
+            w = self.replicas if self.divide_by_initial else active
             self.state.sum_over = total // w if total % w == 0 else total / w
 
     def sync_joined(self, step: int) -> None:

@@ -36,6 +36,9 @@ class SharpnessState:
             loop's own scaling (``sum_over=``), where that is not B: the micro-batch under
             ``(loss / k).backward()`` accumulation, or B / W under DDP (a fraction where W does
             not divide B; :mod:`~stiffmon_agent.rank_batches`).
+        active: (ranks still training, W) while some rank has joined under ``Join`` and DDP
+            divides by the initial W: a mean-reduced objective is W_active/W × the (weighted)
+            per-example mean (:mod:`~stiffmon_agent.agent_join`); None otherwise.
         reported: Event codes already published (each reason is said once).
         last: The last λ1 of each operator (``"raw"``, ``"precond"``).
         unchecked: Warm measurements of each operator since the last cold start.
@@ -47,6 +50,7 @@ class SharpnessState:
     warm_precond: Tensor | None = None
     batch_size: int | None = None
     sum_over: float | None = None
+    active: tuple[int, int] | None = None
     reported: set[str] = field(default_factory=set)
     last: dict[str, float] = field(default_factory=dict)
     unchecked: dict[str, int] = field(default_factory=dict)
