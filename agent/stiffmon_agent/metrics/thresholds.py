@@ -17,6 +17,17 @@ learning rate η (of the param group, at the step being measured: schedules are 
   η(1−β1)a = (1+β1)(1+c) (on a quadratic the real AdamW diverges at 92.62 where the bound
   without the factor says 95.00, η wd = 0.05). Adam's (and RMSprop's) coupled L2 is not
   included: it adds wd·P⁻¹ to P⁻¹H, which is no shift of λ1(P⁻¹H) (it grows where P is small).
+* Adamax: θ ← θ − η m/((1 − β1^t) u), u = max(β2 u, |g| + ε) (``exp_inf``, ε inside):
+  P = (1 − β1^t)·diag(u), Adam's bound (2 + 2β1)/((1 − β1) η) (coupled L2 only).
+* RAdam: once rectified (ρ_t > 5) Adam with P = (1 − β1^t)·diag(√v_t + ε)/(r_t √(1 − β2^t))
+  (torch adds ε before the bias correction; the rectification r_t, → 1, is folded into P);
+  before, SGD with momentum on the bias-corrected m: P = (1 − β1^t)·I. Adam's bound, with
+  AdamW's factor for ``decoupled_weight_decay``.
+* NAdam: θ ← θ − η (c1 g + c2 m)/P, P = diag(√(v_t/(1 − β2^t)) + ε), c1 = (1 − μ_t)/(1 − Π_t),
+  c2 = μ_{t+1}/(1 − Π_{t+1}), μ_t = β1(1 − ½·0.96^(t ψ)) (ψ = ``momentum_decay``, Π_t = ∏μ
+  = ``mu_product``). With the coefficients frozen (those of the last step) the root at −1 gives
+  2(1 + β1)/(η((1 + β1) c1 + (1 − β1) c2)): late (Π → 0, μ → β1 after ~3e4 steps at ψ = 4e-3)
+  (2 + 2β1)/((1 − β1)(1 + 2β1) η); decoupled decay multiplies it by (1 − η wd/2).
 * RMSprop: P = diag(√v_t + ε) (√(v_t − ḡ_t²) + ε when centred), heavy-ball momentum μ on P⁻¹H:
   (2 + 2μ)/η.
 * ASGD: before its averaging starts (t0) and after, the iterate steps θ ← (1 − λ η_t) θ − η_t g
@@ -45,6 +56,7 @@ from torch import Tensor, nn
 
 from stiffmon_agent.metrics.optimizer_kind import PRECONDITIONED, TORCH_ADAPTIVE, optimizer_kind
 from stiffmon_agent.metrics.precond_warmup import momentum_warmup as momentum_warmup
+from stiffmon_agent.metrics.precond_warmup import radam_rectification
 
 _ADAPTIVE = TORCH_ADAPTIVE | {"Lion", "Adan", "Shampoo"}  # and others' by name
 
@@ -217,7 +229,7 @@ def stability_threshold_for(
             None,
             f"none: {name} is adaptive (its steps are preconditioned by its state), so λ1_H has "
             "no bound of its own; the preconditioned sharpness and its bound are measured for "
-            "Adam, AdamW and RMSprop only",
+            "Adam, AdamW, Adamax, NAdam, RAdam and RMSprop only",
         )
     return StabilityThreshold(None, f"none: no stability rule known for {name}")
 
@@ -250,7 +262,8 @@ def asgd_threshold(optimizer: torch.optim.Optimizer, g: dict[str, Any]) -> Stabi
 def preconditioned_threshold_for(
     optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]] | None = None
 ) -> StabilityThreshold:
-    """Threshold on λ1(P⁻¹H) for Adam / AdamW ((2+2β1)/((1−β1)η)) and RMSprop ((2+2μ)/η);
+    """Threshold on λ1(P⁻¹H) for Adam / AdamW / Adamax / RAdam ((2+2β1)/((1−β1)η)), NAdam
+    (:func:`nadam_coefficients`) and RMSprop ((2+2μ)/η);
     ``groups`` as in :func:`stability_threshold_for`."""
     kind = optimizer_kind(optimizer)
     name = kind.rule
@@ -273,11 +286,34 @@ def preconditioned_threshold_for(
         else:
             b1 = _num(g["betas"][0])
             value, rule = (2 + 2 * b1) / ((1 - b1) * eta), "(2+2β1)/((1-β1)η)"
+            if name == "NAdam":
+                c1, c2 = nadam_coefficients(optimizer, g)
+                value = 2 * (1 + b1) / (eta * ((1 + b1) * c1 + (1 - b1) * c2))
+                rule = "2(1+β1)/(η((1+β1)c1+(1-β1)c2)), c1 = (1-μ_t)/(1-Π_t), c2 = μ_t+1/(1-Π_t+1)"
             wd = _num(g.get("weight_decay", 0.0))
             if wd and (name == "AdamW" or g.get("decoupled_weight_decay")):
                 value, rule = max(0.0, value * (1 - eta * wd / 2)), rule + "·(1-η·wd/2)"
             per.append(StabilityThreshold(value, rule))
     return _most_restrictive(per, kind.label, preconditioned=True)
+
+
+def _nadam_mu(b1: float, psi: float, t: float) -> float:
+    return b1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+
+
+def nadam_coefficients(optimizer: torch.optim.Optimizer, g: dict[str, Any]) -> tuple[float, float]:
+    """NAdam's (c1, c2) of group ``g`` at its last step t (state ``step``, ``mu_product`` Π_t):
+    c1 = (1 − μ_t)/(1 − Π_t), c2 = μ_{t+1}/(1 − Π_t μ_{t+1}); the parameter with the largest
+    (1+β1) c1 + (1−β1) c2 (the lowest bound) decides. Before any step, those of step 1."""
+    b1, psi = _num(g["betas"][0]), _num(g.get("momentum_decay", 4e-3))
+    cs = []
+    states = [optimizer.state.get(q, {}) for q in g.get("params", ())]
+    for st in [st for st in states if "step" in st] or [{}]:
+        t = _num(st.get("step", 1.0))
+        mu, nxt = _nadam_mu(b1, psi, t), _nadam_mu(b1, psi, t + 1)
+        prod = _num(st.get("mu_product", mu))
+        cs.append(((1 - mu) / (1 - prod), nxt / (1 - prod * nxt)))
+    return max(cs, key=lambda c: (1 + b1) * c[0] + (1 - b1) * c[1])
 
 
 def _lr_scales(optimizer: torch.optim.Optimizer, name: str) -> dict[int, float]:
@@ -291,7 +327,7 @@ def _lr_scales(optimizer: torch.optim.Optimizer, name: str) -> dict[int, float]:
     if name == "RMSprop":
         momenta = {_num(g.get("momentum", 0.0)) for g in moving}
     else:
-        momenta = {_num(g["betas"][0]) for g in moving}
+        momenta = {(_num(g["betas"][0]), _num(g.get("momentum_decay", 0))) for g in moving}
     if len(momenta) > 1:
         return {}
     return {k: top / v if v > 0 else math.inf for k, v in lrs.items()}
@@ -300,7 +336,8 @@ def _lr_scales(optimizer: torch.optim.Optimizer, name: str) -> dict[int, float]:
 def diagonal_preconditioner(
     optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
 ) -> tuple[Tensor | None, str]:
-    """The diagonal P of Adam / AdamW / RMSprop at its current step, flattened over ``params``.
+    """The diagonal P of Adam / AdamW / Adamax / NAdam / RAdam / RMSprop at its current step,
+    flattened over ``params``.
 
     Parameters the optimizer does not hold get P = ∞ (they do not move, so they drop out of
     P⁻¹H), and so do held ones without state once others have some: torch's optimizers skip a
@@ -344,14 +381,28 @@ def diagonal_preconditioner(
             d = v.clamp_min(0).sqrt() + eps
         else:
             key = "max_exp_avg_sq" if g.get("amsgrad") else "exp_avg_sq"
-            if key not in st or "step" not in st:
+            key = "exp_inf" if name == "Adamax" else key
+            if key not in st or "step" not in st or _num(st["step"]) < 1:
                 return None, "no optimizer state yet (before the first step)"
             t = _num(st["step"])
-            if t < 1:
-                return None, "no optimizer state yet (before the first step)"
             b1, b2 = _num(g["betas"][0]), _num(g["betas"][1])
-            d = (1 - b1**t) * ((st[key] / (1 - b2**t)).clamp_min(0).sqrt() + eps)
+            d = _adam_like_p(name, st[key], t, b1, b2, eps)
         parts.append((d.detach() * scale if scale != 1.0 else d.detach()).reshape(-1).to(p.dtype))
     if not parts:
         return None, "no parameters"
     return torch.cat(parts), ""
+
+
+def _adam_like_p(name: str, v: Tensor, t: float, b1: float, b2: float, eps: float) -> Tensor:
+    """P of Adam / AdamW / Adamax / NAdam / RAdam from the second-moment state ``v`` (Adamax:
+    ``exp_inf``) at step t (the module docstring states each)."""
+    if name == "Adamax":
+        return (1 - b1**t) * v
+    if name == "NAdam":
+        return (v / (1 - b2**t)).clamp_min(0).sqrt() + eps
+    if name == "RAdam":
+        r = radam_rectification(t, b2)
+        if r is None:
+            return torch.full_like(v, 1 - b1**t)
+        return (1 - b1**t) * (v.clamp_min(0).sqrt() + eps) / (r * math.sqrt(1 - b2**t))
+    return (1 - b1**t) * ((v / (1 - b2**t)).clamp_min(0).sqrt() + eps)
