@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stiffmon_agent.metrics.optimizer_kind import optimizer_kind
+from stiffmon_agent.metrics.optimizer_kind import PRECONDITIONED, optimizer_kind
 
 
 def _num(x: object) -> float:
@@ -59,7 +59,7 @@ def momentum_warmup(
     parameter has taken.
     """
     name = optimizer_kind(optimizer).rule
-    if name not in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop"):
+    if name not in PRECONDITIONED:
         return ""
     gs = list(groups if groups is not None else optimizer.param_groups)
 
