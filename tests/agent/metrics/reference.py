@@ -76,3 +76,20 @@ def dense_hessian_of(
         return objective(torch.func.functional_call(model, p, (x,), strict=False))
 
     return torch.autograd.functional.hessian(loss, flat, vectorize=vectorize)
+
+
+TINY = 1e-20
+"""The start of :func:`quadratic_growth`: Adam-like states (v ≈ (λx)²) stay ≪ ε², so P stays put."""
+
+
+def quadratic_growth(
+    opt: torch.optim.Optimizer, x: torch.nn.Parameter, lam: float, steps: int = 3000
+) -> float:
+    """|x| / :data:`TINY` after ``steps`` of the optimizer's own update on ½ λ x² (x reset to
+    :data:`TINY` first): ≪ 1 where λ is below the optimizer's stability bound, ≫ 1 above it."""
+    with torch.no_grad():
+        x.fill_(TINY)
+    for _ in range(steps):
+        x.grad = lam * x.detach()
+        opt.step()
+    return float(x.detach().abs().max()) / TINY

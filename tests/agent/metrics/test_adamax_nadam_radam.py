@@ -29,7 +29,7 @@ from stiffmon_agent.metrics import (
     stability_threshold_for,
 )
 from stiffmon_agent.metrics.thresholds import nadam_coefficients
-from tests.agent.metrics.reference import dense_hessian_of
+from tests.agent.metrics.reference import dense_hessian_of, quadratic_growth
 from tests.agent.recording import (
     EVERY_STEP,
     EXACT,
@@ -47,15 +47,6 @@ def _settle(opt: torch.optim.Optimizer, x: nn.Parameter, steps: int = 1000) -> N
     for _ in range(steps):
         x.grad = torch.zeros_like(x)
         opt.step()
-
-
-def _grows(opt: torch.optim.Optimizer, x: nn.Parameter, lam: float, steps: int = 3000) -> float:
-    with torch.no_grad():
-        x.fill_(X0)
-    for _ in range(steps):
-        x.grad = lam * x.detach()
-        opt.step()
-    return float(x.detach().abs().max()) / X0
 
 
 CASES: dict[str, tuple[Any, float]] = {
@@ -101,7 +92,7 @@ def test_the_bound_is_where_torchs_optimizer_diverges(case: str) -> None:
         x = nn.Parameter(torch.tensor([X0], dtype=torch.float64))
         opt = make(x)
         _settle(opt, x)
-        final = _grows(opt, x, factor * bound.value)
+        final = quadratic_growth(opt, x, factor * bound.value)
         assert (final < 1e-2) == stable, (factor, final)
         assert (final > 1e2) == (not stable), (factor, final)
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from stiffmon_agent.metrics import diagonal_preconditioner, preconditioned_threshold_for
-from tests.agent.metrics.reference import dense_hessian_of
+from tests.agent.metrics.reference import dense_hessian_of, quadratic_growth
 from tests.agent.recording import (
     EVERY_STEP,
     EXACT,
@@ -29,15 +29,6 @@ from tests.agent.recording import (
 )
 
 X0 = 1e-20
-
-
-def _grows(opt: torch.optim.Optimizer, x: nn.Parameter, lam: float, steps: int = 3000) -> float:
-    with torch.no_grad():
-        x.fill_(X0)
-    for _ in range(steps):
-        x.grad = lam * x.detach()
-        opt.step()
-    return float(x.detach().abs().max()) / X0
 
 
 @pytest.mark.parametrize(
@@ -57,7 +48,7 @@ def test_decoupled_decay_lowers_the_bound_where_adamw_diverges(make) -> None:
     assert "(1-η·wd/2)" in bound.rule
     for factor, stable in ((0.99, True), (1.01, False)):
         x = nn.Parameter(torch.tensor([X0], dtype=torch.float64))
-        final = _grows(make(x), x, factor * bound.value)
+        final = quadratic_growth(make(x), x, factor * bound.value)
         assert (final < 1e-2) == stable, (factor, final)
 
 

@@ -21,6 +21,7 @@ from stiffmon_agent.metrics import (
     stability_threshold_for,
 )
 from stiffmon_agent.metrics.optimizer_kind import optimizer_kind
+from tests.agent.metrics.reference import quadratic_growth
 from tests.agent.recording import (
     EVERY_STEP,
     close_and_read,
@@ -54,20 +55,10 @@ class PlainAdamW(torch.optim.AdamW):
     pass
 
 
-def _final(opt: torch.optim.Optimizer, x: nn.Parameter, lam: float, steps: int = STEPS) -> float:
-    """|x| / |x0| after ``steps`` steps of ``opt`` on ½ λ x² (x reset to X0 first)."""
-    with torch.no_grad():
-        x.fill_(X0)
-    for _ in range(steps):
-        x.grad = lam * x.detach()
-        opt.step()
-    return float(x.detach().abs().max()) / X0
-
-
 def _check_boundary(make: Callable[[nn.Parameter], torch.optim.Optimizer], value: float) -> None:
     for factor, stable in ((0.99, True), (1.01, False)):
         x = nn.Parameter(torch.tensor([X0], dtype=torch.float64))
-        final = _final(make(x), x, factor * value)
+        final = quadratic_growth(make(x), x, factor * value, STEPS)
         assert (final < 1e-2) == stable, (factor, final)
         assert (final > 1e2) == (not stable), (factor, final)
 
