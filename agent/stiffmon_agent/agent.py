@@ -259,7 +259,7 @@ class Agent(AgentOutput, OptimizerSwap, JoinableAgent):  # event, log, close; se
         if sum_over is None and batch_size is not None and self._replicas > 1:
             self._sharp_state.sum_over = batch_size / self._replicas  # B / W: rank_batches
         # every rank's batch travels with each measurement's decision (the gate's all-reduce)
-        self._batches = RankBatches(self._sharp_state, self._replicas, self.model, gate)
+        self._batches = RankBatches(self._sharp_state, self._replicas, gate)
         self._batch_size = batch_size
         self._log_warned: set[str] = set()
         self._binary = binary_threshold(loss_fn)  # BCE: thresholded, not argmax, accuracy

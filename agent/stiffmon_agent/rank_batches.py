@@ -45,8 +45,6 @@ class RankBatches:
             (given, or B / W from ``batch_size=``) is kept, and so is a ``batch_size`` (given:
             the logits are not read for it).
         replicas: W for a DDP-wrapped model (gradients averaged over W ranks), else 1.
-        model: The measured module (its weights are broadcast to a rank that has joined,
-            :mod:`~stiffmon_agent.agent_join`).
         gate: Where the ranks meet before each measurement (sharded measurement; None: one
             process measures): the counts travel in its all-reduce (it gets ``batches``).
     """
@@ -55,7 +53,6 @@ class RankBatches:
         self,
         state: SharpnessState,
         replicas: int,
-        model: nn.Module | None = None,
         gate: RankGate | None = None,
     ) -> None:
         self.state = state
@@ -66,7 +63,6 @@ class RankBatches:
         self.rank, self.world = (shard.rank, shard.world) if shard is not None else (0, 1)
         if gate is not None:
             gate.batches = self
-        self.model = model
         self.local: int | None = None  # this rank's last batch (None: none seen; 0: joined)
         self.divide_by_initial = True  # Join's divide_by_initial_world_size
         self.source: int | None = None  # the rank whose weights a joined rank takes
@@ -116,12 +112,13 @@ class RankBatches:
             w = self.replicas if self.divide_by_initial else active
             self.state.sum_over = total // w if total % w == 0 else total / w
 
-    def sync_joined(self, step: int) -> None:
-        """Where a rank has joined (its optimizer stands still), every parameter and buffer
-        from :attr:`source` to every rank, once per step (a collective: every rank calls it)."""
-        if self.source is None or self.model is None or self._synced == step:
+    def sync_joined(self, model: nn.Module, step: int) -> None:
+        """Where a rank has joined (its optimizer stands still), every parameter and buffer of
+        ``model`` from :attr:`source` to every rank, once per step (a collective: every rank
+        calls it)."""
+        if self.source is None or self._synced == step:
             return
         self._synced = step
         with torch.no_grad():
-            for t in [*self.model.parameters(), *self.model.buffers()]:
+            for t in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(t.data, self.source)

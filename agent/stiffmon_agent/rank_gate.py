@@ -92,7 +92,7 @@ class RankGate:
         self.timeout = timeout
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
         self.batches: RankBatches | None = None  # every rank's last batch rides along
-        self.model: nn.Module | None = None  # its weights are compared before each measurement
+        self.model: nn.Module | None = None  # the measured module: the same weights on every rank
 
     @classmethod
     def meeting(cls, shard: Shard, timeout: float) -> RankGate:
@@ -132,9 +132,9 @@ class RankGate:
             )
         if self.batches is not None:
             self.batches.agree(flag[3:].tolist())
-            if flag[0]:  # a rank that has joined (Join) measures with the others' weights
+            if flag[0] and self.model is not None:  # a joined rank measures the others' weights
                 try:
-                    self.batches.sync_joined(step)
+                    self.batches.sync_joined(self.model, step)
                 except RuntimeError as exc:  # sharding stops; the training goes on
                     why = f"the weights for a joined rank did not arrive: {exc}"
                     raise RanksMissing(why) from exc

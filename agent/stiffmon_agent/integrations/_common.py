@@ -39,6 +39,15 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     return dict(options)
 
 
+def loader_batch_size(loader: Any) -> int | None:
+    """A training loader's batch size (its ``batch_size``, else its batch sampler's): one
+    process's micro-batch; None where it has no fixed one."""
+    bs = getattr(loader, "batch_size", None)
+    if bs is None:
+        bs = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return bs if isinstance(bs, int) and bs > 0 else None
+
+
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     """The innermost torch optimizer inside framework wrappers (accelerate's, Lightning's)."""
     for _ in range(4):

@@ -59,6 +59,7 @@ from stiffmon_agent.integrations._common import (
     StepAccuracy,
     build_agent,
     check_options,
+    loader_batch_size,
     unwrap_optimizer,
 )
 
@@ -171,7 +172,4 @@ def process_batch(loader: Any, world: int) -> int | None:
     total = getattr(loader, "total_batch_size", None)
     if isinstance(total, int) and total > 0:
         return max(1, total // world)
-    bs = getattr(loader, "batch_size", None)
-    if bs is None:
-        bs = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
-    return int(bs) if isinstance(bs, int) and bs > 0 else None
+    return loader_batch_size(loader)

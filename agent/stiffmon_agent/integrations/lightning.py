@@ -42,6 +42,7 @@ from stiffmon_agent.integrations._common import (
     build_agent,
     check_options,
     follow_optimizer,
+    loader_batch_size,
     unwrap_optimizer,
 )
 
@@ -199,11 +200,7 @@ def _no_loss(outputs: Any, targets: Any) -> Tensor:  # never called: no probe wi
 def _loader_batch(trainer: Any) -> int | None:
     """The training loader's batch size: one rank's micro-batch (or None)."""
     try:
-        loader = trainer.train_dataloader
-        bs = getattr(loader, "batch_size", None)
-        if bs is None and getattr(loader, "batch_sampler", None) is not None:
-            bs = getattr(loader.batch_sampler, "batch_size", None)
-        return bs if isinstance(bs, int) and bs > 0 else None
+        return loader_batch_size(trainer.train_dataloader)
     except Exception:
         return None
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 TORCH_ADAPTIVE = frozenset(
     {
@@ -48,6 +49,12 @@ rule, or a stated reason for none)."""
 PRECONDITIONED = frozenset({"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop"})
 """The rules whose sharpness is measured preconditioned, λ1(P⁻¹H) with P from the optimizer's
 state (:func:`~stiffmon_agent.metrics.thresholds.diagonal_preconditioner`)."""
+
+
+def number(x: object) -> float:
+    """A param-group or state value (``lr``, ``betas[0]``, ``step``, …) as a float: torch
+    allows a tensor for several of them."""
+    return float(x.item()) if isinstance(x, Tensor) else float(x)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

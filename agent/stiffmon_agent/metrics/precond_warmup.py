@@ -12,13 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from stiffmon_agent.metrics.optimizer_kind import PRECONDITIONED, optimizer_kind
-
-
-def _num(x: object) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)  # type: ignore[arg-type]
+from stiffmon_agent.metrics.optimizer_kind import number as _num
 
 
 def radam_rectification(t: float, b2: float) -> float | None:

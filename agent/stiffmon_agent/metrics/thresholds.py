@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from stiffmon_agent.metrics.optimizer_kind import PRECONDITIONED, TORCH_ADAPTIVE, optimizer_kind
+from stiffmon_agent.metrics.optimizer_kind import number as _num
 from stiffmon_agent.metrics.precond_warmup import momentum_warmup as momentum_warmup
 from stiffmon_agent.metrics.precond_warmup import radam_rectification
 
@@ -104,10 +105,6 @@ def _frozen(g: dict[str, Any]) -> bool:
     optimizers skip a parameter without one, so the group does not move, whatever its η."""
     ps = g.get("params") or ()
     return bool(ps) and all(isinstance(q, Tensor) and not q.requires_grad for q in ps)
-
-
-def _num(x: object) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)  # type: ignore[arg-type]
 
 
 def stability_threshold(
