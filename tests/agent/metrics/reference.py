@@ -60,11 +60,16 @@ def rel_err(a: Tensor, b: Tensor) -> float:
 
 
 def dense_hessian_of(
-    model: nn.Module, x: Any, objective: Any, *, vectorize: bool = False
+    model: nn.Module,
+    x: Any,
+    objective: Any,
+    *,
+    vectorize: bool = False,
+    args: tuple[Any, ...] | None = None,
 ) -> Tensor:
     """Dense Hessian, by ``torch.autograd.functional.hessian``, of ``objective(outputs)`` with
-    ``outputs = model(x)`` as a function of the trainable parameters (flattened in order), in
-    the model's current mode."""
+    ``outputs = model(x)`` (``model(*args)`` with ``args``) as a function of the trainable
+    parameters (flattened in order), in the model's current mode."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
     shapes = [params[n].shape for n in names]
@@ -73,7 +78,8 @@ def dense_hessian_of(
     def loss(v: Tensor) -> Tensor:
         chunks = v.split([math.prod(s) for s in shapes])
         p = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
-        return objective(torch.func.functional_call(model, p, (x,), strict=False))
+        inputs = args if args is not None else (x,)
+        return objective(torch.func.functional_call(model, p, inputs, strict=False))
 
     return torch.autograd.functional.hessian(loss, flat, vectorize=vectorize)
 

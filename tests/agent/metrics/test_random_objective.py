@@ -5,7 +5,6 @@ fixed objective and equals a float64 dense Hessian of it (:mod:`stiffmon_agent.m
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 
 from stiffmon_agent.metrics import HessianOperator, hessian_eigen
 from stiffmon_agent.metrics.pinned_rng import PIN_SEED
+from tests.agent.metrics.reference import dense_hessian_of
 from tests.agent.recording import (
     EXACT,
     close_and_read,
@@ -78,18 +78,9 @@ def _reference_lambda1(model: nn.Module, x0: Tensor, chunk: int) -> float:
         ts.append(t)
         es.append(e)
     t, e = torch.cat(ts), torch.cat(es)
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
-    shapes = [params[n].shape for n in names]
-    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def objective(v: Tensor) -> Tensor:
-        parts = v.split([math.prod(s) for s in shapes])
-        p = {n: q.view(s) for n, q, s in zip(names, parts, shapes, strict=True)}
-        out = torch.func.functional_call(model, p, (_noisy(x0, t, e), t))
-        return ((out - e) ** 2).mean(1).mean()
-
-    hess = torch.autograd.functional.hessian(objective, flat)
+    hess = dense_hessian_of(
+        model, None, lambda out: ((out - e) ** 2).mean(1).mean(), args=(_noisy(x0, t, e), t)
+    )
     return float(torch.linalg.eigvalsh(hess)[-1])
 
 
