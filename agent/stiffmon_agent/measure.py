@@ -370,8 +370,8 @@ def sharpness_messages(
         float(res.matvecs),
     ]
     out.append(spectrum("hessian", res, threshold))
-    kind = optimizer_kind(optimizer) if optimizer is not None else None
-    if optimizer is not None and kind and not kind.overridden and kind.rule in PRECONDITIONED:
+    kind = optimizer_kind(optimizer)  # a subclass that keeps its base's step: its base's rule
+    if optimizer is not None and not kind.overridden and kind.rule in PRECONDITIONED:
         pthr = preconditioned_threshold_for(optimizer, groups)
         params = list(trainable_parameters(model).values())
         diag, why = diagonal_preconditioner(optimizer, params)
