@@ -1,7 +1,8 @@
 """The ``stiffmon`` command line: ``watch``, ``replay``, ``record``, ``summary``, ``demo``, ...
 
-This module builds the parser and dispatches; the handlers live in :mod:`stiffmon.commands`, the
-argument types and the subcommand parser class in :mod:`stiffmon.cli_parsing`.
+This module builds the parser and dispatches; the handlers live in :mod:`stiffmon.commands` and
+:mod:`stiffmon.report_commands` (summary, export), the argument types and the subcommand parser
+class in :mod:`stiffmon.cli_parsing`.
 """
 
 from __future__ import annotations
@@ -26,17 +27,16 @@ from stiffmon.cli_parsing import (
 from stiffmon.commands import (
     Handler,
     cmd_demo,
-    cmd_export,
     cmd_keys,
     cmd_record,
     cmd_relay,
     cmd_replay,
     cmd_serve,
-    cmd_summary,
     cmd_watch,
     fail,
     no_terminal,
 )
+from stiffmon.report_commands import cmd_export, cmd_summary
 
 # the names these had when they lived here (tests and callers use them)
 _fail = fail
