@@ -8,7 +8,9 @@ again for a snapshot request left unanswered past the timeout.
 
 An address whose peer sent a frame over the size limit is dropped by libzmq for good; the client
 connects to it again (:mod:`stiffmon.reconnect`), says so in :attr:`ClientStats.warnings`, and asks
-for a snapshot whenever a live connection comes back, so no message is lost from its view.
+for a snapshot whenever a live connection comes back, so no message is lost from its view. An
+address that is an ssh tunnel's local end (:mod:`stiffmon.tunnel`) passes on what the tunnel says
+(ssh exited and why, up again) as warnings too.
 
 An address added with ``reconnect=False`` (a run found in the local registry) is connected once:
 the moment its connection is lost the client disconnects from it, before libzmq would connect to
@@ -35,6 +37,7 @@ from stiffmon.transport import (
     parse_endpoint,
     snapshot_request,
 )
+from stiffmon.tunnel import take_tunnel_warnings, tunnel_label
 
 __all__ = ["Client", "ClientStats", "Received"]
 
@@ -303,6 +306,9 @@ class Client:
                 answering = self._eps.get(sock)
                 if answering is not None and answering.pending_since is not None:
                     answering.pending_since = time.monotonic()  # still coming: not late
+        for st in self._eps.values():  # an ssh tunnel's news: ssh exited, up again, port taken
+            for text in take_tunnel_warnings(st.endpoint.pub):
+                self._warn(text)
         for msg, _ in out:
             if self._cut:
                 self._cut.pop(msg.run, None)
@@ -326,13 +332,14 @@ class Client:
 
     def cut_off(self) -> dict[str, str]:
         """Runs whose address (agent or relay) lost its connection and that have not been heard
-        since: run -> address. The address answering again is not enough: a killed agent's port
-        may be taken by another run's agent. A run that said bye is not cut off: it ended."""
+        since: run -> address (an ssh tunnel's: its ``ssh://`` source, with why while its ssh is
+        down). The address answering again is not enough: a killed agent's port may be taken by
+        another run's agent. A run that said bye is not cut off: it ended."""
         if down := self._links.down():
             for r, st in self._order.run_source.items():
                 if st.endpoint.pub in down and r not in self.said_bye:
                     self._cut[r] = st.endpoint.pub
-        return dict(self._cut)
+        return {r: tunnel_label(a) for r, a in self._cut.items()}
 
     def flush_pending(self) -> list[Received]:
         """Give up waiting for snapshots: return every buffered message, per run in seq order."""

@@ -215,7 +215,10 @@ class LiveSource:
     def describe(self, short: bool = False) -> str:
         """``live: <addresses>``; ``short``: how many, where there are several."""
         n = len(self.endpoints)
-        where = f"{n} addresses" if short and n > 1 else ", ".join(map(str, self.endpoints))
+        from stiffmon.tunnel import tunnel_label  # an ssh tunnel's local end: its ssh:// source
+
+        labels = (tunnel_label(str(e)) for e in self.endpoints)
+        where = f"{n} addresses" if short and n > 1 else ", ".join(labels)
         if self.discover:
             idle = "no live run" if self._registered else "no run yet"
             return f"live: {where or idle} (watching for local runs)"
