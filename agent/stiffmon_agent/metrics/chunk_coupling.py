@@ -19,14 +19,34 @@ probe's. A forward or loss that draws random numbers in eval mode differs betwee
 passes, coupled or not: the first chunk runs twice, and where its losses differ the check says
 nothing (the Gram's ``gram-fallback`` warning names the random forward; the Hessian uses one
 seeded draw per chunk, :mod:`~stiffmon_agent.metrics.pinned_rng`).
+
+A loss with a stop-gradient is not the objective its optimizer descends. SimSiam's
+−cos(p(x₁), sg(z(x₂))), a BYOL without a separate target network, a semi-gradient TD target
+r + γ V(s').detach(), a straight-through estimator: the optimizer steps along
+g(θ) = ∂₁f(θ, θ), the gradient of f(a, b) in its first argument with the detached copy b held
+fixed, which is the gradient of no function. The step θ ← θ − η g(θ) is stable where η stays
+under 2 / the top eigenvalue of its Jacobian J = ∂₁₁f + ∂₁₂f, while double backward gives
+∂₁₁f only (the detached copy is a constant to autograd): λ1_H, the trace and the density are
+those of the loss with the detached values frozen, and can be far from J's (6.32 against 0.21
+on a toy SimSiam encoder). :func:`stop_gradient_note` finds such a loss: in one forward and loss
+of a few probe examples, every ``detach()`` of a tensor that requires grad is replaced by a new
+leaf of the same value, and where the loss has a gradient with respect to one of those leaves
+that reaches the measured parameters through the detached tensor, the loss depends on a
+stop-gradient of the parameters. (The per-example gradients ∂₁f_i are the optimizer's own:
+stiffness and noise are unaffected. A detached output of a separate target network that the
+optimizer does not hold, BYOL's EMA copy, does not reach the measured parameters and is not
+flagged: with it fixed the Hessian is the step's Jacobian. A target computed under
+``torch.no_grad()`` from the trained parameters is not seen.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from stiffmon_agent.metrics.probe import (
     Batch,
@@ -118,5 +138,91 @@ def _difference(chunked: Tensor, shifted: Tensor, chunk_size: int) -> str | None
         f"{mean_a:.6g} against {mean_b:.6g}), "
         "so λ1_H, the trace and the density are those of the mean of the chunks' objectives, "
         f"not of the probe as one batch: pass chunk_size={n} (or None) to Agent to measure the "
-        "whole probe in one pass"
+        "whole probe in one pass. Stiffness and gradient noise are as uncertain: an example's "
+        "gradient depends on the examples beside it (advantages normalised in loss_fn: "
+        "normalise them where the probe is built)"
+    )
+
+
+STOP_GRADIENT_EXAMPLES = 8
+"""Probe examples run by :func:`stop_gradient_note` (enough for an in-batch target)."""
+
+
+class _DetachedLeaves(TorchFunctionMode):
+    """Replaces each ``detach()`` of a tensor that requires grad by a fresh leaf of its value
+    (which requires grad, so the loss's gradient with respect to it can be asked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.leaves: list[Tensor] = []
+        self.sources: list[Tensor] = []
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if (
+            func in (Tensor.detach, torch.detach)
+            and args
+            and isinstance(args[0], Tensor)
+            and args[0].requires_grad
+            and isinstance(out, Tensor)
+            and out.is_floating_point()
+        ):
+            out = out.clone().requires_grad_()  # a clone: in-place use leaves the input alone
+            self.leaves.append(out)
+            self.sources.append(args[0])
+        return out
+
+
+def stop_gradient_note(
+    model: nn.Module,
+    inputs: Batch,
+    targets: Batch,
+    loss_fn: LossFn,
+    forward: ForwardFn | None,
+    params: Sequence[Tensor] | None = None,
+) -> str | None:
+    """A sentence saying that the loss depends on a detached function of the parameters (so
+    the measured Hessian is not the Jacobian of the optimizer's update), or None where it does
+    not (or the check cannot run).
+
+    Args:
+        model: The network (run in the measurements' eval mode).
+        inputs: The train probe's inputs, examples along dim 0.
+        targets: Its targets.
+        loss_fn: The measured loss (a module or a per-example callable).
+        forward: ``forward(model, inputs)`` or None.
+        params: The measured parameters (the optimizer's); None: every trainable one.
+    """
+    params = [q for q in model.parameters() if q.requires_grad] if params is None else params
+    m = min(batch_size(inputs), STOP_GRADIENT_EXAMPLES)
+    x, y = take(inputs, slice(0, m)), take(targets, slice(0, m))
+    run, fn = forward or default_forward, unreduced(loss_fn)
+    try:
+        with measurement_mode(model):
+            mode = _DetachedLeaves()
+            with mode:
+                loss = per_example_losses(fn, run(model, x), y, m).sum()
+            if not mode.leaves or not loss.requires_grad:
+                return None
+            grads = torch.autograd.grad(loss, mode.leaves, allow_unused=True, retain_graph=True)
+            used = [(s, g) for s, g in zip(mode.sources, grads, strict=True) if g is not None]
+            if not used or not params:
+                return None
+            back = torch.autograd.grad(
+                [s for s, _ in used], list(params), [g for _, g in used], allow_unused=True
+            )
+    except Exception:  # the measurement's own passes fail the same way, and say why
+        return None
+    if not any(b is not None and bool((b != 0).any()) for b in back):
+        return None
+    return (
+        "the loss depends on a detached (stop-gradient) function of the parameters (a SimSiam "
+        "or BYOL target from the trained network, a TD target r + γ V(s').detach(), a "
+        "straight-through estimator): the optimizer's step is not the gradient of any "
+        "objective, and λ1_H, the trace and the density are those of the loss with the detached "
+        "values held fixed, not of the Jacobian of the step, whose top eigenvalue sets the "
+        "stability threshold (the two can differ many-fold): the threshold does not bound this "
+        "run's step. Stiffness and gradient noise (the per-example update directions) are right"
     )
