@@ -61,6 +61,7 @@ from stiffmon_agent.metrics import (
 from stiffmon_agent.metrics.chunk_coupling import chunking_changes_losses
 from stiffmon_agent.metrics.gram import GramResult
 from stiffmon_agent.metrics.optimizer_kind import PRECONDITIONED, optimizer_kind
+from stiffmon_agent.metrics.preconditioner import coupled_decay
 from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
@@ -314,7 +315,9 @@ def sharpness_messages(
         if (why := chunking_changes_losses(model, x, y, loss_fn, forward, chunk_size)) is not None:
             note("hessian-chunked", why, "warning")
 
-    def solve(which: str, preconditioner: Tensor | None = None) -> EigenResult:
+    def solve(
+        which: str, preconditioner: Tensor | None = None, shift: Tensor | None = None
+    ) -> EigenResult:
         """λ1 of H (``raw``) or P⁻¹H (``precond``), warm-started from the last measurement of
         the same operator, which keeps its own warm start and cold checks. A cold start's
         symmetry check (free) that fails is said once (D H D is symmetric exactly when H is)."""
@@ -326,6 +329,7 @@ def sharpness_messages(
             loss_fn,
             warm_start=warm,
             preconditioner=preconditioner,
+            shift=shift,
             check_below=state.check_below(which) if warm is not None else None,
             **common,  # type: ignore[arg-type]
         )
@@ -379,7 +383,7 @@ def sharpness_messages(
         if diag is None:
             note("precond-unknown", f"no preconditioned sharpness yet: {why}", key=f"precond:{why}")
         else:
-            pres = solve("precond", diag)
+            pres = solve("precond", diag, coupled_decay(optimizer, params))  # P⁻¹(H + wd)
             lam_p, hvps_p = float(pres.eigenvalues[0]), pres.matvecs
             out.append(spectrum("hessian-precond", pres, pthr))
         names += ["sharpness/lambda1_precond", "sharpness/threshold_precond"]

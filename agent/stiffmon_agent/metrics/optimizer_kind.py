@@ -46,9 +46,11 @@ RULED = frozenset({"SGD", "ASGD"}) | TORCH_ADAPTIVE
 """Names of the ``torch.optim`` classes whose update the thresholds module knows by name (a
 rule, or a stated reason for none)."""
 
-PRECONDITIONED = frozenset({"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop"})
+PRECONDITIONED = frozenset(
+    {"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SparseAdam", "RMSprop", "Adagrad", "Adadelta"}
+)
 """The rules whose sharpness is measured preconditioned, λ1(P⁻¹H) with P from the optimizer's
-state (:func:`~stiffmon_agent.metrics.thresholds.diagonal_preconditioner`)."""
+state (:func:`~stiffmon_agent.metrics.preconditioner.diagonal_preconditioner`)."""
 
 
 def number(x: object) -> float:

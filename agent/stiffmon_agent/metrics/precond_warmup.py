@@ -1,5 +1,6 @@
-"""When λ1(P⁻¹H) of Adam / AdamW / Adamax / NAdam / RAdam / RMSprop is not yet compared with
-its threshold.
+"""When λ1(P⁻¹H) of Adam / AdamW / Adamax / NAdam / RAdam / SparseAdam / RMSprop / Adadelta is
+not yet compared with its threshold (Adagrad: at once, it has no momentum and its P is its sum
+of squared gradients so far, the one its next step divides by).
 
 Their bounds (:mod:`~stiffmon_agent.metrics.thresholds`) assume a steady momentum average and a
 steady average of squared gradients, which the first steps do not have (:func:`momentum_warmup`).
@@ -51,15 +52,18 @@ def momentum_warmup(
     and λ1(P⁻¹H) up to 1/√(1−α) = 10× at t = 1, α = 0.99 (a false step-0 catapult on a run
     whose λ1_H rose steadily); it waits t ≈ 1/(1−α) steps. Adamax, NAdam and RAdam wait for
     their momentum as Adam does (NAdam's c1, c2 are in its bound), RAdam also for its
-    rectification (ρ_t > 5; P switches from (1 − β1^t)·I there). t is the fewest steps any
-    parameter has taken.
+    rectification (ρ_t > 5; P switches from (1 − β1^t)·I there); SparseAdam as Adam. Adadelta's
+    two averages (of g² and of Δ², decay ρ, no bias correction) wait t ≈ 1/(1−ρ) as RMSprop's.
+    Adagrad does not wait. t is the fewest steps any parameter has taken.
     """
     name = optimizer_kind(optimizer).rule
-    if name not in PRECONDITIONED:
+    if name not in PRECONDITIONED or name == "Adagrad":
         return ""
     gs = list(groups if groups is not None else optimizer.param_groups)
 
     def key(g: dict[str, Any]) -> float:
+        if name == "Adadelta":
+            return _num(g["rho"])
         return _num(g["alpha"]) if name == "RMSprop" else _num(g["betas"][0])
 
     need = max(math.ceil(round(1 / (1 - key(g)), 6)) for g in gs) if gs else 0
@@ -79,11 +83,11 @@ def momentum_warmup(
             )
     if t >= need:
         return ""
-    if name == "RMSprop":
+    if name in ("RMSprop", "Adadelta"):
         return (
-            f"RMSprop has taken {t} step(s); its average of squared gradients (no bias "
+            f"{name} has taken {t} step(s); its average of squared gradients (no bias "
             f"correction) reaches the steady state the threshold assumes after about "
-            f"1/(1-α) = {need}"
+            f"1/(1-{'ρ' if name == 'Adadelta' else 'α'}) = {need}"
         )
     return (
         f"{name} has taken {t} step(s); its momentum average reaches the steady state that "

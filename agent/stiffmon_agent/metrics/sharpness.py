@@ -252,6 +252,7 @@ def hessian_eigen(
     generator: torch.Generator | None = None,
     scale: float = 1.0,
     preconditioner: Tensor | None = None,
+    shift: Tensor | None = None,
     wrap: Callable[[HessianOperator], Callable[[Tensor], Tensor]] | None = None,
     check_below: float | None = None,
     symmetry_check: bool = False,
@@ -281,6 +282,8 @@ def hessian_eigen(
         preconditioner: Flat diagonal P (length P, positive; ``inf`` for parameters the
             optimizer does not move): the eigenvalues are then those of P⁻¹H, computed on the
             symmetric D H D with D = P^{-1/2}; the eigenvectors returned are those of D H D.
+        shift: Flat diagonal S added to H under the preconditioner (coupled L2 decay wd of an
+            adaptive optimizer, which steps on P⁻¹(H + S)): D (H + S) D is solved.
         wrap: Turns the operator into the H v that is solved for (sharded measurement: the
             operator holds this process's examples and ``wrap`` sums the products of every
             process, :class:`~stiffmon_agent.distributed.HvpLeader`); None: the operator itself.
@@ -312,9 +315,12 @@ def hessian_eigen(
             if preconditioner.shape != (op.dim,):
                 raise ValueError(f"preconditioner has shape {tuple(preconditioner.shape)}")
             d = preconditioner.detach().to(op.like).rsqrt()
+            s2 = None if shift is None else shift.detach().to(op.like) * d * d
+            s2 = None if s2 is None else torch.where(torch.isfinite(d), s2, 0.0)
 
             def matvec(v: Tensor) -> Tensor:
-                return d * hv(d * v)
+                out = d * hv(d * v)
+                return out if s2 is None else out + s2 * v
 
         like = op.like.detach()
         kw: dict[str, Any] = {

@@ -1,38 +1,25 @@
-r"""Stability thresholds of optimizers, and the diagonal preconditioner of adaptive ones.
+r"""Stability thresholds on λ1_H of (momentum) SGD and ASGD, and why other optimizers have none.
 
 A quadratic with curvature λ is stable under an optimizer iff λ is below its threshold. With
-learning rate η (of the param group, at the step being measured: schedules are followed):
+learning rate η (of the param group, at the step being measured: schedules, ReduceLROnPlateau and
+lr set by hand are followed, as the step used them):
 
 * SGD: 2/η; heavy-ball momentum β: (2 + 2β)/η; Nesterov momentum β: (2 + 2β)/((1 + 2β) η).
   ``dampening`` τ scales the gradient by (1 − τ), i.e. η by (1 − τ). Coupled ``weight_decay``
   wd adds wd·θ to the gradient, so the curvature the optimizer sees is λ + wd: the threshold on
   λ1_H is the bound minus wd.
-* Adam / AdamW: the preconditioned sharpness λ1(P⁻¹H) with
-  P = (1 − β1^t)·diag(√(v_t / (1 − β2^t)) + ε) (``max_exp_avg_sq`` for amsgrad) against
-  (2 + 2β1)/((1 − β1) η) (Cohen et al. 2022, "Adaptive Gradient Methods at the Edge of
-  Stability"): with P frozen, Adam is EMA momentum on P⁻¹H. AdamW's decoupled decay (also
-  Adam's ``decoupled_weight_decay=True``) θ ← (1 − η wd) θ − η m/P lowers the bound by the
-  factor (1 − η wd/2), applied: with a = λ(P⁻¹H) the iteration's characteristic polynomial
-  z² − (β1 + c − η(1−β1)a) z + β1 c, c = 1 − η wd, has its root at −1 where
-  η(1−β1)a = (1+β1)(1+c) (on a quadratic the real AdamW diverges at 92.62 where the bound
-  without the factor says 95.00, η wd = 0.05). Adam's (and RMSprop's) coupled L2 is not
-  included: it adds wd·P⁻¹ to P⁻¹H, which is no shift of λ1(P⁻¹H) (it grows where P is small).
-* Adamax: θ ← θ − η m/((1 − β1^t) u), u = max(β2 u, |g| + ε) (``exp_inf``, ε inside):
-  P = (1 − β1^t)·diag(u), Adam's bound (2 + 2β1)/((1 − β1) η) (coupled L2 only).
-* RAdam: once rectified (ρ_t > 5) Adam with P = (1 − β1^t)·diag(√v_t + ε)/(r_t √(1 − β2^t))
-  (torch adds ε before the bias correction; the rectification r_t, → 1, is folded into P);
-  before, SGD with momentum on the bias-corrected m: P = (1 − β1^t)·I. Adam's bound, with
-  AdamW's factor for ``decoupled_weight_decay``.
-* NAdam: θ ← θ − η (c1 g + c2 m)/P, P = diag(√(v_t/(1 − β2^t)) + ε), c1 = (1 − μ_t)/(1 − Π_t),
-  c2 = μ_{t+1}/(1 − Π_{t+1}), μ_t = β1(1 − ½·0.96^(t ψ)) (ψ = ``momentum_decay``, Π_t = ∏μ
-  = ``mu_product``). With the coefficients frozen (those of the last step) the root at −1 gives
-  2(1 + β1)/(η((1 + β1) c1 + (1 − β1) c2)): late (Π → 0, μ → β1 after ~3e4 steps at ψ = 4e-3)
-  (2 + 2β1)/((1 − β1)(1 + 2β1) η); decoupled decay multiplies it by (1 − η wd/2).
-* RMSprop: P = diag(√v_t + ε) (√(v_t − ḡ_t²) + ε when centred), heavy-ball momentum μ on P⁻¹H:
-  (2 + 2μ)/η.
 * ASGD: before its averaging starts (t0) and after, the iterate steps θ ← (1 − λ η_t) θ − η_t g
-  with the decayed step size η_t = lr/(1 + λ·lr·t)^α of its state (``eta``), not the group's lr:
-  2/η_t − wd − λ (λ = ``lambd``; the averaging does not feed back into the iterate).
+  with the decayed step size η_t = lr/(1+λ·lr·t)^α of its state (``eta``), not the group's lr:
+  2/η_t − wd − λ (λ = ``lambd``; the averaging does not feed back into the iterate); the rule
+  shows η_t's value (the ``lr`` column is the group's lr).
+* The adaptive optimizers (Adam, AdamW, Adamax, RAdam, NAdam, SparseAdam, RMSprop, Adagrad,
+  Adadelta) have none on λ1_H; theirs is on λ1(P⁻¹H)
+  (:mod:`~stiffmon_agent.metrics.precond_thresholds`).
+* No curvature bound, with the reason (:func:`no_bound_reason`): sign updates (Rprop, Lion,
+  signSGD: |Δθ_i| does not grow with the curvature, so they oscillate rather than diverge),
+  LBFGS (quasi-Newton: its step divides by its own curvature estimate), SAM (its gradient is
+  taken at a perturbed point), Lookahead and other wrappers (their step is not the inner
+  optimizer's).
 
 A subclass of one of these that keeps its ``step`` gets its rule; one that overrides ``step``
 gets none (:mod:`~stiffmon_agent.metrics.optimizer_kind`).
@@ -46,65 +33,78 @@ that differ in ``maximize`` descend no single objective, and have no threshold.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
 from stiffmon_agent.metrics.optimizer_kind import PRECONDITIONED, TORCH_ADAPTIVE, optimizer_kind
 from stiffmon_agent.metrics.optimizer_kind import number as _num
+from stiffmon_agent.metrics.precond_thresholds import (
+    nadam_coefficients as nadam_coefficients,
+)
+from stiffmon_agent.metrics.precond_thresholds import (
+    preconditioned_threshold_for as preconditioned_threshold_for,
+)
 from stiffmon_agent.metrics.precond_warmup import momentum_warmup as momentum_warmup
-from stiffmon_agent.metrics.precond_warmup import radam_rectification
+from stiffmon_agent.metrics.preconditioner import coupled_decay as coupled_decay
+from stiffmon_agent.metrics.preconditioner import (
+    diagonal_preconditioner as diagonal_preconditioner,
+)
+from stiffmon_agent.metrics.threshold_base import MIXED as _MIXED
+from stiffmon_agent.metrics.threshold_base import StabilityThreshold as StabilityThreshold
+from stiffmon_agent.metrics.threshold_base import frozen as _frozen
+from stiffmon_agent.metrics.threshold_base import maximizes as maximizes
+from stiffmon_agent.metrics.threshold_base import most_restrictive as _most_restrictive
+from stiffmon_agent.metrics.threshold_base import still as _still
 
-_ADAPTIVE = TORCH_ADAPTIVE | {"Lion", "Adan", "Shampoo"}  # and others' by name
+_ADAPTIVE = TORCH_ADAPTIVE | {"Adan", "Shampoo"}  # and others' by name
+
+_SIGN = (
+    "its steps are sign-based (each weight moves by a step size of its own, whatever the "
+    "curvature), so a sharp direction makes it oscillate at that step's size, not diverge: "
+    "no curvature bound"
+)
+_NO_BOUND = {
+    "Rprop": f"Rprop: {_SIGN} (its step sizes shrink by etaminus on each sign flip; on ½λx² it "
+    "converges at any λ)",
+    "LBFGS": "LBFGS is quasi-Newton (its step divides by its own curvature estimate, over "
+    "max_iter inner iterations of the closure, with an optional line search): no bound on λ1_H "
+    "(on ½λx² it converges at any λ)",
+}
 
 
-@dataclass(frozen=True)
-class StabilityThreshold:
-    """The largest stable curvature for an optimizer, or why there is none.
+def no_bound_reason(optimizer: Any) -> str:
+    """Why ``optimizer`` has no curvature bound, for the ones known to have none; "" else.
 
-    Attributes:
-        value: The threshold, or None when no threshold applies or it cannot be known.
-        rule: How it was computed, e.g. ``"2/η - wd (SGD, group 1)"``, or why there is none.
-        group: Index of the most restrictive param group (None when there is no value).
-        preconditioned: The threshold applies to λ1(P⁻¹H) rather than to λ1_H.
-        still: The group does not move (learning rate 0, or every parameter frozen by
-            ``requires_grad=False``), so it sets no bound: it is left out of the most
-            restrictive one.
+    Sign updates (Rprop, Lion, signSGD/Signum: θ ← θ − η·sign(·)): |Δθ_i| = η whatever the
+    curvature. LBFGS: quasi-Newton. SAM (a ``first_step`` / ``second_step`` wrapper): its
+    gradient is taken at θ + ρ g/‖g‖, so on ½λx² its step is ηλ(x + ρ·sign x): stability
+    depends on ρ and ‖g‖, not on η alone. Lookahead (θ_s ← θ_s + α(θ_fast − θ_s) every k inner
+    steps): with plain GD inside (r = 1 − ηλ) stable iff |1 − α + α r^k| < 1, the inner bound
+    for even k and above it for odd k; with momentum inside no closed form.
     """
-
-    value: float | None
-    rule: str
-    group: int | None = None
-    preconditioned: bool = False
-    still: bool = False
-
-
-def maximizes(optimizer: torch.optim.Optimizer | None) -> bool | None:
-    """Whether the optimizer ascends the loss (``maximize=True`` in every param group): True;
-    in none (or no optimizer): False; None where the groups differ."""
-    if optimizer is None:
-        return False
-    flags = {bool(g.get("maximize", False)) for g in optimizer.param_groups}
-    return None if len(flags) > 1 else flags == {True}
-
-
-_MIXED = "none: the param groups differ in maximize (no single objective descended)"
-
-
-def _still() -> StabilityThreshold:
-    return StabilityThreshold(None, "none: η = 0 (the group does not move)", still=True)
-
-
-def _frozen(g: dict[str, Any]) -> bool:
-    """A group whose parameters all have ``requires_grad=False`` (frozen layers of progressive
-    unfreezing, held by the optimizer from the start): they get no gradient, and torch's
-    optimizers skip a parameter without one, so the group does not move, whatever its η."""
-    ps = g.get("params") or ()
-    return bool(ps) and all(isinstance(q, Tensor) and not q.requires_grad for q in ps)
+    name = type(optimizer).__name__
+    low = name.lower()
+    if name in _NO_BOUND:
+        return _NO_BOUND[name]
+    if "lion" in low or low.startswith(("signsgd", "signum")):
+        return f"{name}: {_SIGN}"
+    if callable(getattr(optimizer, "first_step", None)) and callable(
+        getattr(optimizer, "second_step", None)
+    ):
+        return (
+            f"{name} is SAM-like (first_step/second_step): its gradient is taken at the "
+            "perturbed point θ + ρ∇f/‖∇f‖, so its stable curvature depends on ρ and ‖∇f‖, not "
+            "on η alone; its base optimizer's bound does not apply"
+        )
+    if "lookahead" in low:
+        return (
+            f"{name}: every k inner steps the slow weights move θ_s ← θ_s + α(θ_fast − θ_s), "
+            "so its bound depends on k and α (with plain SGD inside: stable iff "
+            "|1 − α + α(1 − ηλ)^k| < 1), not the inner optimizer's; no threshold"
+        )
+    return ""
 
 
 def stability_threshold(
@@ -138,19 +138,6 @@ def stability_threshold(
     if weight_decay:
         value, rule = value - weight_decay, f"{rule} - wd"
     return StabilityThreshold(value, rule)
-
-
-def _most_restrictive(
-    per_group: list[StabilityThreshold], name: str, preconditioned: bool = False
-) -> StabilityThreshold:
-    moving = [(i, t) for i, t in enumerate(per_group) if not t.still]
-    if not moving:
-        return StabilityThreshold(None, f"none: η = 0 in every group ({name}): nothing moves")
-    unknown = next((i for i, t in moving if t.value is None), None)
-    if unknown is not None:
-        return StabilityThreshold(None, f"{per_group[unknown].rule} ({name}, group {unknown})")
-    value, i, rule = min((t.value, i, t.rule) for i, t in moving if t.value is not None)
-    return StabilityThreshold(value, f"{rule} ({name}, group {i})", i, preconditioned)
 
 
 def zero_inner(optimizer: Any) -> torch.optim.Optimizer | None:
@@ -196,6 +183,8 @@ def stability_threshold_for(
             )
     if kind.overridden:
         return StabilityThreshold(None, f"none: {kind.why_none}")
+    if kind.rule in _NO_BOUND:
+        return StabilityThreshold(None, f"none: {_NO_BOUND[kind.rule]}")
     if group is not None:
         numbered = [numbered[group]]
     if kind.rule in ("SGD", "ASGD"):
@@ -226,7 +215,15 @@ def stability_threshold_for(
             None,
             f"none: {name} is adaptive (its steps are preconditioned by its state), so λ1_H has "
             "no bound of its own; the preconditioned sharpness and its bound are measured for "
-            "Adam, AdamW, Adamax, NAdam, RAdam and RMSprop only",
+            "Adam, AdamW, Adamax, NAdam, RAdam, SparseAdam, RMSprop, Adagrad and Adadelta only",
+        )
+    if why := no_bound_reason(optimizer):
+        return StabilityThreshold(None, f"none: {why}")
+    if inner_name := _wrapped_name(optimizer):
+        return StabilityThreshold(
+            None,
+            f"none: {name} wraps {inner_name} and steps in its own way, so {inner_name}'s "
+            "bound is not assumed",
         )
     return StabilityThreshold(None, f"none: no stability rule known for {name}")
 
@@ -252,154 +249,16 @@ def asgd_threshold(optimizer: torch.optim.Optimizer, g: dict[str, Any]) -> Stabi
     if eta < 0:
         return StabilityThreshold(None, f"none: non-positive step size η_t = {eta}")
     value = 2.0 / eta - _num(g.get("weight_decay", 0.0)) - _num(g.get("lambd", 0.0))
-    rule = "2/η_t - wd - λ, η_t = lr/(1+λ·lr·t)^α (ASGD's decayed step size, not lr)"
+    rule = (
+        f"2/η_t - wd - λ, η_t = lr/(1+λ·lr·t)^α = {eta:.4g} (ASGD's decayed step size; the lr "
+        "column is the group's lr)"
+    )
     return StabilityThreshold(value, rule)
 
 
-def preconditioned_threshold_for(
-    optimizer: torch.optim.Optimizer, groups: Sequence[dict[str, Any]] | None = None
-) -> StabilityThreshold:
-    """Threshold on λ1(P⁻¹H) for Adam / AdamW / Adamax / RAdam ((2+2β1)/((1−β1)η)), NAdam
-    (:func:`nadam_coefficients`) and RMSprop ((2+2μ)/η);
-    ``groups`` as in :func:`stability_threshold_for`."""
-    kind = optimizer_kind(optimizer)
-    name = kind.rule
-    if kind.overridden:
-        return StabilityThreshold(None, f"none: {kind.why_none}")
-    if name not in PRECONDITIONED:
-        return StabilityThreshold(None, f"none: no preconditioned rule known for {kind.label}")
-    if maximizes(optimizer) is None:
-        return StabilityThreshold(None, f"{_MIXED} ({kind.label})")
-    per = []
-    for g in groups if groups is not None else optimizer.param_groups:
-        eta = _num(g["lr"])
-        if eta == 0 or _frozen(g):
-            per.append(_still())
-        elif eta < 0:
-            per.append(StabilityThreshold(None, f"none: non-positive learning rate {eta}"))
-        elif name == "RMSprop":
-            mu = _num(g.get("momentum", 0.0))
-            per.append(StabilityThreshold((2 + 2 * mu) / eta, "(2+2μ)/η" if mu else "2/η"))
-        else:
-            b1 = _num(g["betas"][0])
-            value, rule = (2 + 2 * b1) / ((1 - b1) * eta), "(2+2β1)/((1-β1)η)"
-            if name == "NAdam":
-                c1, c2 = nadam_coefficients(optimizer, g)
-                value = 2 * (1 + b1) / (eta * ((1 + b1) * c1 + (1 - b1) * c2))
-                rule = "2(1+β1)/(η((1+β1)c1+(1-β1)c2)), c1 = (1-μ_t)/(1-Π_t), c2 = μ_t+1/(1-Π_t+1)"
-            wd = _num(g.get("weight_decay", 0.0))
-            if wd and (name == "AdamW" or g.get("decoupled_weight_decay")):
-                value, rule = max(0.0, value * (1 - eta * wd / 2)), rule + "·(1-η·wd/2)"
-            per.append(StabilityThreshold(value, rule))
-    return _most_restrictive(per, kind.label, preconditioned=True)
-
-
-def _nadam_mu(b1: float, psi: float, t: float) -> float:
-    return b1 * (1.0 - 0.5 * 0.96 ** (t * psi))
-
-
-def nadam_coefficients(optimizer: torch.optim.Optimizer, g: dict[str, Any]) -> tuple[float, float]:
-    """NAdam's (c1, c2) of group ``g`` at its last step t (state ``step``, ``mu_product`` Π_t):
-    c1 = (1 − μ_t)/(1 − Π_t), c2 = μ_{t+1}/(1 − Π_t μ_{t+1}); the parameter with the largest
-    (1+β1) c1 + (1−β1) c2 (the lowest bound) decides. Before any step, those of step 1."""
-    b1, psi = _num(g["betas"][0]), _num(g.get("momentum_decay", 4e-3))
-    cs = []
-    states = [optimizer.state.get(q, {}) for q in g.get("params", ())]
-    for st in [st for st in states if "step" in st] or [{}]:
-        t = _num(st.get("step", 1.0))
-        mu, nxt = _nadam_mu(b1, psi, t), _nadam_mu(b1, psi, t + 1)
-        prod = _num(st.get("mu_product", mu))
-        cs.append(((1 - mu) / (1 - prod), nxt / (1 - prod * nxt)))
-    return max(cs, key=lambda c: (1 + b1) * c[0] + (1 - b1) * c[1])
-
-
-def _lr_scales(optimizer: torch.optim.Optimizer, name: str) -> dict[int, float]:
-    """η_max/η_g by ``id`` of each param group g (∞ for η_g = 0: it does not move), where the
-    moving groups differ in η but share the momentum (β1; RMSprop: μ); {} otherwise."""
-    lrs = {id(g): _num(g["lr"]) for g in optimizer.param_groups}
-    moving = [g for g in optimizer.param_groups if lrs[id(g)] > 0 and not _frozen(g)]
-    top = max((lrs[id(g)] for g in moving), default=0.0)
-    if not moving or all(lrs[id(g)] == top for g in optimizer.param_groups):
-        return {}
-    if name == "RMSprop":
-        momenta = {_num(g.get("momentum", 0.0)) for g in moving}
-    else:
-        momenta = {(_num(g["betas"][0]), _num(g.get("momentum_decay", 0))) for g in moving}
-    if len(momenta) > 1:
-        return {}
-    return {k: top / v if v > 0 else math.inf for k, v in lrs.items()}
-
-
-def diagonal_preconditioner(
-    optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
-) -> tuple[Tensor | None, str]:
-    """The diagonal P of Adam / AdamW / Adamax / NAdam / RAdam / RMSprop at its current step,
-    flattened over ``params``.
-
-    Parameters the optimizer does not hold get P = ∞ (they do not move, so they drop out of
-    P⁻¹H), and so do held ones without state once others have some: torch's optimizers skip a
-    parameter whose gradient is None (an unused branch, a layer that got none yet), so it has
-    not moved, and those of a group with η = 0.
-
-    Param groups of different η (layer-wise learning rates) step θ_g ← θ_g − η_g m_g/P_g =
-    θ_g − η_max m_g/(P_g η_max/η_g): with P_g scaled by η_max/η_g (:func:`_lr_scales`) the
-    whole iteration is the largest-η group's on P⁻¹H, and that group's bound (the one
-    :func:`preconditioned_threshold_for` picks) is exact, where the groups share β1 (RMSprop:
-    μ). Groups that differ in it keep P unscaled: the most restrictive group's bound against
-    the whole λ1(P⁻¹H) is then only sufficient.
-
-    Returns:
-        (P, "") or (None, why P cannot be read: another optimizer, no step taken yet, ...).
-    """
-    kind = optimizer_kind(optimizer)
-    name = kind.rule
-    if kind.overridden or name not in PRECONDITIONED:
-        return None, kind.why_none or f"{name} has no diagonal preconditioner rule"
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    if params and not any(id(p) in group_of for p in params):  # P = ∞ everywhere: P⁻¹H = 0
-        return None, "the optimizer holds none of the model's parameters (an EMA copy?)"
-    stepped = any(optimizer.state.get(p) for p in params if id(p) in group_of)
-    scales = _lr_scales(optimizer, name)
-    parts: list[Tensor] = []
-    for p in params:
-        g = group_of.get(id(p))
-        st = optimizer.state.get(p, {}) if g is not None else {}
-        scale = scales.get(id(g), 1.0)
-        if g is None or (stepped and not st) or math.isinf(scale):
-            parts.append(torch.full((p.numel(),), math.inf, dtype=p.dtype, device=p.device))
-            continue
-        eps = _num(g["eps"])
-        if name == "RMSprop":
-            if "square_avg" not in st:
-                return None, "no optimizer state yet (before the first step)"
-            v = st["square_avg"]
-            if g.get("centered") and "grad_avg" in st:
-                v = v - st["grad_avg"] ** 2
-            d = v.clamp_min(0).sqrt() + eps
-        else:
-            key = "max_exp_avg_sq" if g.get("amsgrad") else "exp_avg_sq"
-            key = "exp_inf" if name == "Adamax" else key
-            if key not in st or "step" not in st or _num(st["step"]) < 1:
-                return None, "no optimizer state yet (before the first step)"
-            t = _num(st["step"])
-            b1, b2 = _num(g["betas"][0]), _num(g["betas"][1])
-            d = _adam_like_p(name, st[key], t, b1, b2, eps)
-        parts.append((d.detach() * scale if scale != 1.0 else d.detach()).reshape(-1).to(p.dtype))
-    if not parts:
-        return None, "no parameters"
-    return torch.cat(parts), ""
-
-
-def _adam_like_p(name: str, v: Tensor, t: float, b1: float, b2: float, eps: float) -> Tensor:
-    """P of Adam / AdamW / Adamax / NAdam / RAdam from the second-moment state ``v`` (Adamax:
-    ``exp_inf``) at step t (the module docstring states each)."""
-    if name == "Adamax":
-        return (1 - b1**t) * v
-    if name == "NAdam":
-        return (v / (1 - b2**t)).clamp_min(0).sqrt() + eps
-    if name == "RAdam":
-        r = radam_rectification(t, b2)
-        if r is None:
-            return torch.full_like(v, 1 - b1**t)
-        return (1 - b1**t) * (v.clamp_min(0).sqrt() + eps) / (r * math.sqrt(1 - b2**t))
-    return (1 - b1**t) * ((v / (1 - b2**t)).clamp_min(0).sqrt() + eps)
+def _wrapped_name(optimizer: Any) -> str:
+    for attr in ("base_optimizer", "optimizer", "_optimizer"):
+        inner = getattr(optimizer, attr, None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not optimizer:
+            return type(inner).__name__
+    return ""
