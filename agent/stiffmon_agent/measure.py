@@ -58,7 +58,8 @@ from stiffmon_agent.metrics import (
     stiffness_vs_distance,
     trainable_parameters,
 )
-from stiffmon_agent.metrics.chunk_coupling import chunking_changes_losses
+from stiffmon_agent.metrics.alone_output import alone_loss_hint
+from stiffmon_agent.metrics.chunk_coupling import chunking_changes_losses, stop_gradient_note
 from stiffmon_agent.metrics.gram import GramResult
 from stiffmon_agent.metrics.optimizer_kind import PRECONDITIONED, optimizer_kind
 from stiffmon_agent.metrics.preconditioner import coupled_decay
@@ -66,12 +67,16 @@ from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
     LossFn,
-    loss_reduction,
 )
-from stiffmon_agent.metrics.symmetry import SymmetryCheck
+from stiffmon_agent.metrics.symmetry import asymmetry_message
 from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.probe_set import MeasurementSkipped, ProbeSet, check_finite, make_probe
-from stiffmon_agent.sharpness_state import CHUNKS_CHECK_EVERY, SharpnessState, check_products
+from stiffmon_agent.sharpness_state import (
+    CHUNKS_CHECK_EVERY,
+    SharpnessState,
+    check_products,
+    objective_scale,
+)
 from stiffmon_agent.zero_gradients import zero_gradient_event
 
 __all__ = [
@@ -115,6 +120,9 @@ def gram_messages(
         )
     g = gram.total.detach().double().cpu()
     if not bool(torch.isfinite(g).all()):  # finite weights and loss, overflowing gradients
+        why = alone_loss_hint(model, probe.inputs, probe.targets, loss_fn, forward)
+        if why is not None:  # not a diverging run: it never works, so the Gram stops
+            raise ValueError(why)
         raise MeasurementSkipped(
             f"the probe's per-example gradients are not finite ({int((~torch.isfinite(g)).sum())}"
             f" of {g.numel()} Gram entries: the run is diverging)"
@@ -258,7 +266,7 @@ def sharpness_messages(
     one (B from ``state.batch_size``; unknown B: the per-example mean, a NaN threshold and an
     event). The threshold is the most restrictive param group's, at the learning rates of
     ``groups`` (those the step just taken used) or else the optimizer's current ones.
-    For Adam / AdamW / RMSprop also λ1(P⁻¹H) against its preconditioned threshold.
+    For the preconditioned optimizers also λ1(P⁻¹H) against its preconditioned threshold.
 
     ``train`` is the examples this process computes (default: the train probe) and ``wrap``
     turns its Hessian operator into the H v solved for (sharded measurement:
@@ -281,24 +289,17 @@ def sharpness_messages(
             state.reported.add(key or code)
             out.append(_event(step, t, code, message, level))
 
-    scale, objective, scale_known = 1.0, "mean", True
-    if loss_reduction(loss_fn) == "sum":
-        if state.sum_over:
-            scale, objective = float(state.sum_over), f"sum over {state.sum_over} examples"
-        elif state.batch_size:
-            scale, objective = float(state.batch_size), f"sum over a batch of {state.batch_size}"
-        else:
-            scale_known, objective = False, "per-example mean (batch size unknown)"
-            note(
-                "threshold-unknown",
-                "the loss is sum-reduced and the training batch size is unknown (pass "
-                "batch_size= to Agent or the logits to step()): λ1_H is that of the per-example "
-                "mean and no threshold is published",
-                "warning",
-            )
-    elif state.active is not None:  # Join: DDP divides the active ranks' mean losses by W
-        (live, world), scale = state.active, state.active[0] / state.active[1]
-        objective = f"mean × {live}/{world} (ranks still training / W: some have joined)"
+    scale, objective = objective_scale(loss_fn, state)
+    scale_known = not math.isnan(scale)
+    if not scale_known:
+        scale = 1.0
+        note(
+            "threshold-unknown",
+            "the loss is sum-reduced and the training batch size is unknown (pass "
+            "batch_size= to Agent or the logits to step()): λ1_H is that of the per-example "
+            "mean and no threshold is published",
+            "warning",
+        )
     common = {
         "k": k,
         "tol": tol,
@@ -314,6 +315,8 @@ def sharpness_messages(
     if chunk_size and check:
         if (why := chunking_changes_losses(model, x, y, loss_fn, forward, chunk_size)) is not None:
             note("hessian-chunked", why, "warning")
+    if state.measured == 1 and (why := stop_gradient_note(model, x, y, loss_fn, forward)):
+        note("stop-gradient", why, "warning")
 
     def solve(
         which: str, preconditioner: Tensor | None = None, shift: Tensor | None = None
@@ -395,21 +398,6 @@ def sharpness_messages(
         raw[2] += hvps_p
     out.append(Outgoing(p.Scalars, step, t, {"values_names": names, "values_raw": raw}))
     return out, res.warm_start.detach()  # what state.warm holds
-
-
-def asymmetry_message(check: SymmetryCheck) -> str:
-    """The ``hessian-asymmetric`` event's message for a failed symmetry check."""
-    return (
-        "the Hessian-vector products are not symmetric: for random v, w, vᵀHw − wᵀHv is "
-        f"{check.defect:.1e} of their size (rounding explains up to {check.tolerance:.0e}). A "
-        "layer's second derivative is computed wrongly or not at all by torch, e.g. "
-        "torch._weight_norm called directly (its double backward is wrong; the layers of "
-        "torch.nn.utils.weight_norm and its parametrization are measured in plain ops instead); "
-        "λ1_H and its comparison with the "
-        "threshold may be off. Writing such a layer with plain tensor ops fixes it (weight norm: "
-        "a parametrization returning g * v / v.norm(dim=1, keepdim=True), registered with "
-        "torch.nn.utils.parametrize.register_parametrization)"
-    )
 
 
 def _json(x: float) -> float | None:

@@ -1,5 +1,6 @@
-"""What the sharpness measurement carries from one measurement to the next, and when a warm
-start is checked by a cold one (:func:`~stiffmon_agent.metrics.eigen_checked.checked_lanczos`).
+"""What the sharpness measurement carries from one measurement to the next, when a warm start
+is checked by a cold one (:func:`~stiffmon_agent.metrics.eigen_checked.checked_lanczos`), and
+which multiple of the probe's mean loss the training objective is (:func:`objective_scale`).
 """
 
 from __future__ import annotations
@@ -10,9 +11,17 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from stiffmon_agent.metrics import EigenResult
+from stiffmon_agent.metrics.probe import LossFn, loss_reduction
 from stiffmon_agent.probe_set import MeasurementSkipped
 
-__all__ = ["CHECK_DROP", "CHECK_EVERY", "CHUNKS_CHECK_EVERY", "SharpnessState", "check_products"]
+__all__ = [
+    "CHECK_DROP",
+    "CHECK_EVERY",
+    "CHUNKS_CHECK_EVERY",
+    "SharpnessState",
+    "check_products",
+    "objective_scale",
+]
 
 
 CHUNKS_CHECK_EVERY = 10
@@ -89,3 +98,24 @@ def check_products(res: EigenResult, what: str) -> None:
         raise MeasurementSkipped(
             f"a Hessian-vector product for {what} is not finite (the run is diverging)"
         )
+
+
+def objective_scale(loss_fn: LossFn, state: SharpnessState) -> tuple[float, str]:
+    """The factor c by which the training objective is c × the probe's per-example mean, and
+    its name for the spectrum.
+
+    A mean-reduced loss: c = 1. A sum-reduced one: c = ``state.sum_over`` (the examples a
+    backward sums over) or else the batch size B; unknown B: NaN (the per-example mean is
+    measured and no threshold published). Under ``Join`` with a mean loss DDP divides the
+    still-training ranks' mean losses by W: c = W_active/W.
+    """
+    if loss_reduction(loss_fn) == "sum":
+        if state.sum_over:
+            return float(state.sum_over), f"sum over {state.sum_over} examples"
+        if state.batch_size:
+            return float(state.batch_size), f"sum over a batch of {state.batch_size}"
+        return math.nan, "per-example mean (batch size unknown)"
+    if state.active is not None:
+        live, world = state.active
+        return live / world, f"mean × {live}/{world} (ranks still training / W: some have joined)"
+    return 1.0, "mean"

@@ -137,3 +137,18 @@ def check_symmetry(
     defect = math.nan if any(math.isnan(d) for d in defects) else max(defects)
     tol = tolerance if tolerance is not None else symmetry_tolerance(products[0][1].dtype)
     return SymmetryCheck(defect, tol, matvecs)
+
+
+def asymmetry_message(check: SymmetryCheck) -> str:
+    """The ``hessian-asymmetric`` event's message for a failed symmetry check."""
+    return (
+        "the Hessian-vector products are not symmetric: for random v, w, vᵀHw − wᵀHv is "
+        f"{check.defect:.1e} of their size (rounding explains up to {check.tolerance:.0e}). A "
+        "layer's second derivative is computed wrongly or not at all by torch, e.g. "
+        "torch._weight_norm called directly (its double backward is wrong; the layers of "
+        "torch.nn.utils.weight_norm and its parametrization are measured in plain ops instead); "
+        "λ1_H and its comparison with the "
+        "threshold may be off. Writing such a layer with plain tensor ops fixes it (weight norm: "
+        "a parametrization returning g * v / v.norm(dim=1, keepdim=True), registered with "
+        "torch.nn.utils.parametrize.register_parametrization)"
+    )
