@@ -82,6 +82,13 @@ def chunked_pass(
                 fallback = [name for name, p in params.items() if id(p) not in hooked]
             if not fallback:
                 continue
+            if exact == "vmap" and (renorm := _renormalising_embedding(model)):
+                exact = "loop"  # vmap cannot batch the in-place embedding_renorm_
+                notes.append(
+                    f"{renorm} renormalises its rows in place during the forward, which "
+                    f"vmap(grad) cannot batch; per-example loop for {len(fallback)} parameter "
+                    "tensors (exact, slower)"
+                )
             if exact == "vmap":
                 try:
                     grads = vmap_grads(model, fallback, x, y, forward, loss_fn)
@@ -116,3 +123,13 @@ def _sum_tied(
     for name, chunks in uses.items():
         parts[name] = [sum(c[1:], c[0]) for c in zip(*chunks, strict=True)]
     return list(uses)
+
+
+def _renormalising_embedding(model: nn.Module) -> str | None:
+    """The name of the first ``Embedding`` / ``EmbeddingBag`` of ``model`` with ``max_norm`` (its
+    forward rescales looked-up rows to norm ≤ max_norm in place, ``embedding_renorm_``), else
+    None."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding | nn.EmbeddingBag) and mod.max_norm is not None:
+            return f"{type(mod).__name__}(max_norm={mod.max_norm:g}) {name or '(root)'!r}"
+    return None
