@@ -84,7 +84,10 @@ def hook_pass(
                 install = layer.rule.install  # type: ignore[union-attr]
                 handles.append(install(layer.module, n, recorder(name), partial(failed.add, name)))
             else:
-                handles.append(layer.module.register_forward_hook(make_hook(name)))
+                # before the user's own forward hooks: the layer's output as it computed it
+                # (a user hook returning a changed output is then part of the backward)
+                hook = make_hook(name)
+                handles.append(layer.module.register_forward_hook(hook, prepend=True))
         with _any_attention():  # first derivatives only: the fused kernels may run
             outputs = forward(model, chunk_inputs)
     except Exception:
