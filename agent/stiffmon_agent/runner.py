@@ -122,7 +122,7 @@ class MeasurementRunner:
                     return False
         if not go:
             return False
-        with optimized_only(self.model, self.optimizer):
+        with optimized_only(self.model, self.optimizer, self.stepped_groups()):
             if leader:
                 self._run(kind, step)
             else:

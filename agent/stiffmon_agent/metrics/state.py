@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -127,22 +128,76 @@ def _math_attention() -> contextlib.AbstractContextManager[None]:
 
 
 @contextmanager
-def optimized_only(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+def optimized_only(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    groups: Sequence[dict[str, Any]] | None = None,
+) -> Iterator[None]:
     """Measure the parameters the optimizer moves: trainable parameters it does not hold (a
-    linear probe's backbone left ``requires_grad=True``) are frozen for the measurement and
-    restored afterwards. Nothing changes without an optimizer, when it holds them all, or when
-    it holds none of them (an EMA / averaged copy of the trained model: measured whole)."""
+    linear probe's backbone left ``requires_grad=True``), and those it holds only in param groups
+    at η = 0 while another group moves (a backbone "frozen" by a zero learning rate), are frozen
+    for the measurement and restored afterwards.
+
+    A step θ_g ← θ_g − η_g ∇_g L leaves a group at η_g = 0 where it is, so the Hessian, Gram and
+    noise of the step are those restricted to the moving groups (the threshold ignores a still
+    group too). Nothing changes without an optimizer, when it holds them all, or when it holds
+    none of them (an EMA / averaged copy of the trained model: measured whole); when every group
+    that holds a trainable parameter is at η = 0 (the first step of a warm-up from 0), nothing
+    moves and the held ones are measured whole.
+
+    Args:
+        model: The measured model.
+        optimizer: The training's optimizer (None: everything is measured).
+        groups: The param groups as the measured step used them (their ``lr``); default the
+            optimizer's own.
+    """
     extra, total = unoptimized(model, optimizer)
-    if not extra or len(extra) == total:
+    if extra and len(extra) == total:
         yield
         return
-    for p in extra:
+    left_out = extra + still_parameters(model, optimizer, groups)
+    if not left_out:
+        yield
+        return
+    for p in left_out:
         p.requires_grad_(False)
     try:
         yield
     finally:
-        for p in extra:
+        for p in left_out:
             p.requires_grad_(True)
+
+
+def _zero_lr(group: dict[str, Any]) -> bool:
+    """Whether the group's learning rate (a number or a one-element tensor) is exactly 0."""
+    lr = group.get("lr")
+    try:
+        return lr is not None and float(lr) == 0.0
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def still_parameters(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    groups: Sequence[dict[str, Any]] | None = None,
+) -> list[nn.Parameter]:
+    """The trainable parameters of ``model`` that the optimizer holds only in groups at η = 0,
+    where some held trainable parameter is in a group at η ≠ 0 (else none: nothing moves, or
+    everything does)."""
+    if optimizer is None:
+        return []
+    trainable = {id(p): p for p in trainable_parameters(model).values()}
+    moving: set[int] = set()
+    held: set[int] = set()
+    for g in groups if groups is not None else optimizer.param_groups:
+        ids = {id(p) for p in g.get("params", ()) if id(p) in trainable}
+        held |= ids
+        if not _zero_lr(g):
+            moving |= ids
+    if not moving:
+        return []
+    return [trainable[i] for i in held - moving]
 
 
 def unoptimized(
