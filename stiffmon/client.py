@@ -98,6 +98,7 @@ class Client:
             max_seq_jump=max_seq_jump,
             accept=accept,
         )
+        self._order.warn = self._warn  # a relay's answer that left runs out, said on screen
         self.sub = self._socket(zmq.SUB)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.setsockopt(zmq.RCVHWM, 100_000)

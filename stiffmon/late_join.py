@@ -10,9 +10,13 @@ trimmed to the batches the client does not have yet. A gap in a run's ``seq`` (a
 lost messages at the publisher's high-water mark) or a run never seen before (an agent
 restarted) asks for a new snapshot; messages that arrive meanwhile wait in a buffer. A late
 answer to an old snapshot request still counts for what it brings, but no end marker moves a run
-back past what was delivered. Malformed frames are counted and dropped, and so are the messages of
-runs the client does not take (``accept``: a monitor of the local registry takes registered runs
-only, not whatever another process that took a port publishes).
+back past what was delivered. A relay's answer that says some of its upstreams did not answer
+(``missing``: an agent too busy to answer within the relay's timeout) leaves the runs it did not
+cover waiting and asks again, up to :data:`INCOMPLETE_RETRIES` answers in a row; only then do
+they go live from what arrived, with a warning naming them (their history before is not had).
+Malformed frames are counted and dropped, and so are the messages of runs the client does not
+take (``accept``: a monitor of the local registry takes registered runs only, not whatever
+another process that took a port publishes).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from stiffmon import protocol as p
 from stiffmon.transport import SNAPSHOT_DONE, SNAPSHOT_END, SNAPSHOT_MESSAGE, decode_control
 
 Received = tuple[p.AnyMessage, list[bytes]]
+
+INCOMPLETE_RETRIES = 5
+"""Answers in a row, each with upstreams missing, after which the runs left out go live."""
 
 
 @dataclass
@@ -97,6 +104,8 @@ class LateJoin(Generic[S]):
         self.max_seq_jump = max_seq_jump
         self.runs: dict[str, RunState] = defaultdict(RunState)
         self.run_source: dict[str, S] = {}  # run -> the endpoint it was last heard from
+        self._incomplete: dict[int, int] = {}  # id(source) -> answers in a row with missing
+        self.warn: Callable[[str], None] = self._note
 
     def syncing(self) -> bool:
         """Whether any run waits for a snapshot."""
@@ -157,9 +166,39 @@ class LateJoin(Generic[S]):
                         self._flush(run, out)
                     else:
                         rs.syncing = True
+            if self._ask_again(st, frames):
+                return
             self.release_stuck(out)
         else:
             self.stats.malformed += 1
+
+    def _note(self, text: str) -> None:
+        self.stats.last_error = text
+        self.stats.warnings.append(text)
+
+    def _ask_again(self, st: S, done: list[bytes]) -> bool:
+        """Whether ``st``'s answer left upstreams out (a relay's ``missing``) while runs wait
+        for their history: then it is asked again (True), up to :data:`INCOMPLETE_RETRIES`
+        answers in a row; after that the waiting runs are named in a warning (False)."""
+        missing = decode_control(done[1]).get("missing", 0) if len(done) >= 2 else 0
+        waiting = sorted(r for r, rs in self.runs.items() if rs.syncing and rs.buffer)
+        if not isinstance(missing, int) or missing <= 0 or not waiting:
+            self._incomplete.pop(id(st), None)
+            return False
+        tries = self._incomplete.get(id(st), 0) + 1
+        if tries <= INCOMPLETE_RETRIES:
+            self._incomplete[id(st)] = tries
+            st.wanted = True
+            return True
+        self._incomplete.pop(id(st), None)
+        names = ", ".join(waiting[:5]) + (
+            f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+        )
+        self.warn(
+            f"{missing} upstream(s) did not answer {tries} snapshots in a row: run(s) {names} "
+            "shown from their latest messages, their history before is missing"
+        )
+        return False
 
     @staticmethod
     def _end_snapshot(rs: RunState) -> None:

@@ -15,7 +15,11 @@ Bounded in time and memory whatever the peers do:
 * requests that arrive while an answer is being gathered coalesce: they are all answered by the
   next gathering;
 * replies are streamed, not stored; a requester whose queue is full is dropped from the answer
-  (it asks again); every receiving socket has ``ZMQ_MAXMSGSIZE``.
+  (it asks again); every receiving socket has ``ZMQ_MAXMSGSIZE``;
+* the final done marker says how many upstreams answered in full (``upstream``) and how many
+  did not (``missing``: timed out, not connected, or, behind a relay of relays, missing there),
+  so that a client holds the runs the answer left out and asks again rather than showing them
+  from their latest step only (their history lost for good).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from stiffmon.transport import (
     SNAPSHOT_REQUEST,
     CurveKeys,
     Endpoint,
+    decode_control,
     encode_control,
     exposure_warning,
     limit_frames,
@@ -47,6 +52,12 @@ from stiffmon.transport import (
 CONNECT_GRACE = 2.0
 """Seconds a newly made snapshot socket is given to connect before its upstream is skipped
 (asked meanwhile, within the answer's ``snapshot_timeout``)."""
+
+
+def _missing(done: list[bytes]) -> int:
+    """The ``missing`` count of an upstream relay's done marker (0: an agent's, or none)."""
+    n = decode_control(done[1]).get("missing", 0) if len(done) >= 2 else 0
+    return n if isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 1 << 20 else 0
 
 
 def _warn_stderr(text: str) -> None:
@@ -230,6 +241,7 @@ class Relay:
         for u, d in self._dealers.items():
             ask(d, u)
         answered = 0
+        missing_behind = 0  # upstreams that relays among ours could not answer for
         replying: set[Endpoint] = set()
         start = time.monotonic()
         deadline = start + self.snapshot_timeout
@@ -252,6 +264,7 @@ class Relay:
                     except zmq.Again:
                         break
                     if reply and reply[0] == SNAPSHOT_DONE:
+                        missing_behind += _missing(reply)
                         self.dead.discard(pending.pop(d))
                         poller.unregister(d)
                         answered += 1
@@ -263,7 +276,8 @@ class Relay:
             self.dead.add(u)
             d.close(0)
             self._dealers[u] = self._dealer(u)
-        done = encode_control(SNAPSHOT_DONE, {"upstream": answered})
+        missing = len(self.upstream) - answered + missing_behind
+        done = encode_control(SNAPSHOT_DONE, {"upstream": answered, "missing": missing})
         for w in waiters:
             if self._send(w, done):
                 self.snapshots_served += 1

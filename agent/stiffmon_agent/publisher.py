@@ -10,9 +10,13 @@ The path of one message (encode, number, send, record, keep, check) is
 :class:`~stiffmon_agent.emitter.Emitter`, a base of :class:`Publisher`.
 
 Every message that reaches neither the socket nor the file (queue full, not encodable) is counted
-in :attr:`Publisher.dropped`, which every heartbeat carries. Heartbeats are not recorded, except
-one whenever ``dropped`` has grown and a last one just before ``bye``, so a session file says how
-many messages its run lost.
+in :attr:`Publisher.dropped`, which every heartbeat carries. The last tenth of the queue
+(:data:`RESERVE`) is kept for messages other than ``scalars``: a loop that calls ``Agent.log``
+every step faster than the thread drains fills the queue with them, and the per-step batches
+(``columns``: thousands of steps' losses each), events and the ``bye`` must still get in. A full
+queue is said on screen: a ``queue-full`` warning event (log-spaced) with the count so far.
+Heartbeats are not recorded, except one whenever ``dropped`` has grown and a last one just before
+``bye``, so a session file says how many messages its run lost.
 
 Sockets never block the thread (every send is non-blocking), so :meth:`Publisher.close` writes
 everything queued to the session file even when no peer reads. A SIGKILL of the training process
@@ -45,6 +49,7 @@ from typing import Any
 
 import zmq
 
+from stiffmon import protocol as p
 from stiffmon.session import SessionWriter
 from stiffmon.subscriptions import Subscriptions
 from stiffmon.transport import CurveKeys, Endpoint
@@ -56,6 +61,9 @@ from stiffmon_agent.history_seq_order import seq_ordered
 from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.snapshots import SnapshotServer
 from stiffmon_agent.userlog import log_spaced
+
+RESERVE = 0.1
+"""Fraction of the queue only messages other than ``scalars`` may fill (at least one slot)."""
 
 
 class Publisher(Emitter):
@@ -94,6 +102,11 @@ class Publisher(Emitter):
         self._record = Path(record) if record else None
         self._fsync = fsync
         self._queue: queue.Queue[Outgoing | None] = queue.Queue(maxsize=queue_size)
+        # scalars are refused from here on: the rest is for columns, events, the bye
+        self._shed_from = max(1, queue_size - max(1, int(queue_size * RESERVE)))
+        self.queue_dropped = 0  # of ``dropped``: refused by a full queue
+        self._queue_full_said = 0  # ``queue_dropped`` in the last queue-full event
+        self._queue_full_events = 0
         self._heartbeat_interval = heartbeat_interval
         self._history = History(run, max_scalar_history)
         self._curve = curve
@@ -133,9 +146,12 @@ class Publisher(Emitter):
         ``wake``: drain the queue now rather than at the next interval (a full batch of a
         fast loop: waiting 0.5 s would let batches pile up)."""
         try:
+            if item.cls is p.Scalars and self._queue.qsize() >= self._shed_from:
+                raise queue.Full
             self._queue.put_nowait(item)
         except queue.Full:
             self.dropped += 1
+            self.queue_dropped += 1
             return False
         if wake:
             self._wake.set()
@@ -279,6 +295,7 @@ class Publisher(Emitter):
                     finished = True
                     continue
                 writer = self._emit(it, pub, writer)
+            writer = self._say_queue_full(pub, writer)
             if server is not None and not self._stop.is_set():
                 server.read_requests()
                 server.pump()
@@ -292,6 +309,27 @@ class Publisher(Emitter):
                 finished = True
         if server is not None:
             server.drop_all()
+
+    def _say_queue_full(
+        self, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
+    ) -> SessionWriter | None:
+        """A ``queue-full`` warning event when messages were refused since the last drain (the
+        1st, 2nd, 5th, 10th ... such drain); the writer still recording."""
+        lost = self.queue_dropped
+        if lost <= self._queue_full_said:
+            return writer
+        self._queue_full_said = lost
+        self._queue_full_events += 1
+        if not log_spaced(self._queue_full_events):
+            return writer
+        text = (
+            f"the publish queue ({self._queue.maxsize} messages) was full: {lost} message(s) "
+            "dropped so far, Agent.log values and measurements first (per-step values keep a "
+            "reserve); the loop submits faster than this thread sends"
+        )
+        if self._queue_full_events == 1:
+            self._warn(f"stiffmon: {text}")
+        return self._warning(self._last_step, "queue-full", text, {"dropped": lost}, pub, writer)
 
     def _replace_pub(
         self,
