@@ -48,6 +48,7 @@ from stiffmon_agent.announce import (
     unoptimized_note,
 )
 from stiffmon_agent.budget import MeasurementBudget
+from stiffmon_agent.class_target import ClassTarget, with_class_note
 from stiffmon_agent.columns import DEFAULT_INTERVAL, ColumnBatcher
 from stiffmon_agent.failure_hints import loss_signature_note
 from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from here: patchable)
@@ -78,6 +79,7 @@ from stiffmon_agent.step_scalars import (
     framework_inner,
     optimizer_config,
 )
+from stiffmon_agent.sum_over_option import sharpness_state, sum_over_note
 
 DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step 0
 
@@ -105,6 +107,10 @@ class Agent(AgentOutput, OptimizerSwap, JoinableAgent):  # event, log, close; se
         record: Optional ``.stiff`` file to record every message to.
         class_names: Names of the classes, in label order.
         num_classes: Number of classes (default: from the probe labels / class names).
+        class_target: Where structured probe targets hold the class indices, for the class
+            stiffness: a key of dict targets (``"label"``), an index of tuple targets, or a
+            callable targets -> (N,) class indices (given the whole targets, train ∪ val); one
+            that names no class indices raises here. None: the targets themselves.
         forward: ``forward(model, inputs)`` for models not called as ``model(inputs)``.
         gram_every: Schedule of the stiffness / noise measurement (one Gram matrix): an int k,
             ``"every:k"``, ``"log:m"``, ``"first:n,every:k"`` or ``"never"``.
@@ -139,6 +145,7 @@ class Agent(AgentOutput, OptimizerSwap, JoinableAgent):  # event, log, close; se
             accumulation over micro-batches of m and ``(loss / k).backward()`` it is m; under
             DDP (gradients averaged over the ranks) B / W. None: B, or with a DDP-wrapped
             model B / W (with ``distributed=True`` B = every rank's batch at a measurement).
+            Given with a mean-reduced loss (which ignores it): a ``sum-over-ignored`` warning.
         rank0_only: Under torch.distributed, only rank 0 publishes (and, unless
             ``distributed``, measures: the other ranks' agents are no-ops).
         distributed: Shard the heavy measurements over the torch.distributed ranks: every rank
@@ -179,6 +186,7 @@ class Agent(AgentOutput, OptimizerSwap, JoinableAgent):  # event, log, close; se
         record: str | os.PathLike[str] | None = None,
         class_names: Sequence[str] | None = None,
         num_classes: int | None = None,
+        class_target: ClassTarget = None,
         forward: ForwardFn | None = None,
         gram_every: Schedule | int | str | None = "first:5,every:50",
         sharpness_every: Schedule | int | str | None = "first:5,every:50",
@@ -241,23 +249,10 @@ class Agent(AgentOutput, OptimizerSwap, JoinableAgent):  # event, log, close; se
             )
         )
         self._opts = MeasureOptions(
-            tuple(distance_layers),
-            distance_bins,
-            noise_k,
-            hessian_k,
-            hessian_tol,
-            max_hvps,
-            density_runs,
-            density_steps,
-            trace_samples,
-            tuple(batch_test_theta),
-            chunk_size,
-        )
-        if sum_over is not None and sum_over < 1:
-            raise ValueError(f"sum_over must be a positive number of examples, got {sum_over}")
-        self._sharp_state = SharpnessState(batch_size=batch_size, sum_over=sum_over)
-        if sum_over is None and batch_size is not None and self._replicas > 1:
-            self._sharp_state.sum_over = batch_size / self._replicas  # B / W: rank_batches
+            tuple(distance_layers), distance_bins, noise_k, hessian_k, hessian_tol, max_hvps,
+            density_runs, density_steps, trace_samples, tuple(batch_test_theta), chunk_size,
+        )  # fmt: skip
+        self._sharp_state = sharpness_state(batch_size, sum_over, self._replicas)
         # every rank's batch travels with each measurement's decision (the gate's all-reduce)
         self._batches = RankBatches(self._sharp_state, self._replicas, gate)
         self._batch_size = batch_size
@@ -282,7 +277,7 @@ class Agent(AgentOutput, OptimizerSwap, JoinableAgent):  # event, log, close; se
         if not self.enabled and self.shard is None:
             return
         if probe is not None:
-            args = (self.model, loss_fn, probe, val_probe, num_classes, class_names)
+            args = (self.model, loss_fn, probe, val_probe, num_classes, class_names, class_target)
             self.probe, self._probe_note = sharding.agreed(
                 build_probe, args, self.shard, self.model
             )
@@ -324,10 +319,13 @@ class Agent(AgentOutput, OptimizerSwap, JoinableAgent):  # event, log, close; se
         self._submit(p.Hello, fields)
         self._budget.who = self._skips.who = speaker(self.name)  # names the run's lines
         notes = probe_notes(self.probe, self._opts.distance_layers, self.model, optimizer)
+        notes = with_class_note(notes, self.probe)  # why no class stiffness: class_target=
         for code, note in notes:
             self.event(code, note)
         if self._probe_note:
             self.warn("probe-uncounted", self._probe_note)
+        if note := sum_over_note(sum_over, loss_fn):  # a mean loss ignores the user's
+            self.warn("sum-over-ignored", note)
         if probe is not None and (note := unoptimized_note(self.model, optimizer)):
             self.warn("params-not-optimized", note)
         if probe is not None and (note := loss_signature_note(loss_fn)):  # before it fails

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from stiffmon_agent.class_target import ClassTarget, class_labels_of
 from stiffmon_agent.metrics import measurement_mode
 from stiffmon_agent.metrics.probe import (
     Batch,
@@ -79,6 +80,7 @@ def make_probe(
     class_names: Sequence[str] | None,
     dtype: torch.dtype | None = None,
     ignore_index: int | None = None,
+    class_target: ClassTarget = None,
 ) -> ProbeSet:
     """Concatenate the train and val probes, move them to ``device`` and read the labels.
 
@@ -87,10 +89,12 @@ def make_probe(
     compact classes named after the original labels, unless ``class_names`` or ``num_classes``
     say how to read them. A binary classifier's 0/1 float targets are classes 0 and 1. Examples
     whose target is the loss's ``ignore_index`` are no class (:func:`without_uncounted` leaves
-    them out of the probe).
+    them out of the probe). ``class_target`` names the part of structured targets that holds
+    the class indices (:mod:`~stiffmon_agent.class_target`).
 
     Raises:
-        ValueError: If a probe is empty or malformed.
+        ValueError: If a probe is empty or malformed, or ``class_target`` names no class
+            indices.
     """
 
     def move(t: Any) -> Any:
@@ -121,10 +125,10 @@ def make_probe(
             raise ValueError("the validation probe is empty or has mismatched inputs and targets")
         xs = tree_map(lambda a, b: torch.cat([a, b]), xs, vx)
         ys = tree_map(lambda a, b: torch.cat([a, b]), ys, vy)
-    labels = _class_labels(ys)
+    labels, binary = class_labels_of(ys, class_target, batch_size(ys))
     names = tuple(class_names or ())
     k = num_classes or (len(names) if names else 0)
-    if labels is not None and labels is not ys:  # a binary classifier's 0/1: classes 0 and 1
+    if labels is not None and binary:  # a binary classifier's 0/1: classes 0 and 1
         k = max(k, 2)
     elif labels is not None and labels.numel():
         ignored = labels == ignore_index if ignore_index is not None else None
@@ -152,14 +156,15 @@ def build_probe(
     val: tuple[Batch, Batch] | None,
     num_classes: int | None,
     class_names: Sequence[str] | None,
+    class_target: ClassTarget = None,
 ) -> tuple[ProbeSet, str]:
     """The agent's probe: :func:`make_probe` on the model's device and floating dtype, with
-    the loss's ignore index, then :func:`without_uncounted` (the probe, and what it left out)."""
+    the loss's ignore index and ``class_target``, then :func:`without_uncounted` (the probe, and
+    what it left out)."""
     device = next((q.device for q in model.parameters()), None)
     dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
-    probe = make_probe(
-        train, val, device, num_classes, class_names, dtype, ignore_index_of(loss_fn)
-    )
+    ignore = ignore_index_of(loss_fn)
+    probe = make_probe(train, val, device, num_classes, class_names, dtype, ignore, class_target)
     return without_uncounted(probe, loss_fn)
 
 
@@ -326,21 +331,6 @@ def _on_device(index: Tensor, batch: Batch) -> Tensor:
         if isinstance(leaf, Tensor):
             return index.to(leaf.device)
     return index
-
-
-def _class_labels(ys: Batch) -> Tensor | None:
-    """Integer targets (N,), or the 0/1 float targets (N,) or (N, 1) of a binary classifier
-    (``BCEWithLogitsLoss``) read as classes 0 and 1; else None (soft, multi-label, regression)."""
-    if not isinstance(ys, Tensor) or ys.dim() not in (1, 2):
-        return None
-    if not ys.is_floating_point():
-        return ys if ys.dim() == 1 else None
-    if ys.dim() == 2 and ys.shape[1] != 1:
-        return None
-    flat = ys.reshape(-1)
-    if flat.numel() and bool(((flat == 0) | (flat == 1)).all()):
-        return flat.long()
-    return None
 
 
 class MeasurementSkipped(Exception):

@@ -338,8 +338,10 @@ def test_a_probe_without_class_labels_says_so_at_the_start(tmp_path: Path) -> No
         ]
         assert any(isinstance(m, p.Scalars) and "noise/trace_k" in m.names for m in msgs)
     assert notes["float"] == [
-        "no class stiffness: the probe's targets are not class labels (integers of shape (N,), "
-        "or a binary classifier's 0/1); layer stiffness, gradient noise and sharpness go on"
+        "no class stiffness: the probe's targets are a (8, 2) float32 tensor, not class labels "
+        "(integers of shape (N,), or a binary classifier's 0/1); pass Agent class_target= a "
+        "callable targets -> (N,) class indices if each example has a class (e.g. lambda y: "
+        "y.argmax(1) for one-hot targets); layer stiffness, gradient noise and sharpness go on"
     ]
     assert not any("class" in n for n in notes["labels"])
 

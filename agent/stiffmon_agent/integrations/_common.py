@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from stiffmon_agent.accuracy import Accuracy
 from stiffmon_agent.agent import Agent
+from stiffmon_agent.class_target import class_labels_of
+from stiffmon_agent.metrics.probe import batch_size
 from stiffmon_agent.step_scalars import default_run_name, optimizer_config
 
 #: Options the callbacks fill in themselves from what the framework owns.
@@ -30,6 +32,7 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         if key not in params or key == "self":
             known = ", ".join(k for k in params if k not in ("self", *OWNED))
             raise TypeError(f"unknown Agent option {key!r}; the options are: {known}")
+    check_class_target(options)
     if options.get("distributed"):  # rank 0 alone would wait for the others for ever
         raise ValueError(
             "StiffmonCallback builds the agent on global rank 0 only, where it measures alone: "
@@ -37,6 +40,21 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
             "drop it here, or use the Agent in your own loop (README: Distributed training)"
         )
     return dict(options)
+
+
+def check_class_target(options: dict[str, Any]) -> None:
+    """Check now, where the callback is made, that ``class_target`` names the class indices of
+    the train probe's targets (the agent is made when training starts, and checks again over
+    the train and validation probes).
+
+    Raises:
+        ValueError: If ``class_target`` names no class indices of the probe's targets.
+        TypeError: If it is not a str, int or callable.
+    """
+    probe, class_target = options.get("probe"), options.get("class_target")
+    if class_target is None or not (isinstance(probe, tuple | list) and len(probe) == 2):
+        return
+    class_labels_of(probe[1], class_target, batch_size(probe[1]))
 
 
 def loader_batch_size(loader: Any) -> int | None:

@@ -62,6 +62,7 @@ from stiffmon_agent.integrations._common import (
     loader_batch_size,
     unwrap_optimizer,
 )
+from stiffmon_agent.sum_over_option import framework_sum_over
 
 log = logging.getLogger("stiffmon_agent")
 
@@ -112,7 +113,7 @@ class AccelerateAgent:
         world = max(1, int(getattr(accelerator, "num_processes", 1)))
         defaults: dict[str, Any] = {}
         if (m := process_batch(loader, world)) is not None:
-            defaults = {"batch_size": m * k * world, "sum_over": m}
+            defaults = {"batch_size": m * k * world, "sum_over": framework_sum_over(m)}
         elif (k > 1 or world > 1) and getattr(loss_fn, "reduction", None) == "sum":
             log.warning(
                 "stiffmon: a sum-reduced loss with %d micro-batches per step over %d process(es): "

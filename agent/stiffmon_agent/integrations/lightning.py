@@ -45,6 +45,7 @@ from stiffmon_agent.integrations._common import (
     loader_batch_size,
     unwrap_optimizer,
 )
+from stiffmon_agent.sum_over_option import framework_sum_over
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -119,7 +120,9 @@ class StiffmonCallback(Callback):  # type: ignore[misc]
             options["probe"] = options["val_probe"] = None
         # Lightning divides each micro-batch's loss by the accumulation and DDP averages the
         # ranks' gradients: a sum-reduced objective adds up one rank's micro-batch
-        defaults = {"batch_size": _effective_batch(trainer), "sum_over": _loader_batch(trainer)}
+        # (the default is not the user's sum_over=: no warning with a mean-reduced loss)
+        loader = framework_sum_over(_loader_batch(trainer))
+        defaults = {"batch_size": _effective_batch(trainer), "sum_over": loader}
         self._last_global_step = int(trainer.global_step)
         self.agent = build_agent(
             pl_module,
