@@ -29,8 +29,8 @@ from stiffmon.tui.renderables import (
     LineChart,
     asciify,
     fit_title,
-    fmt_tick,
     nice_ticks,
+    tick_labels,
 )
 from stiffmon.tui.renderables.axes import cut
 from stiffmon.tui.runlines import run_line, series_x, span_of
@@ -118,7 +118,7 @@ class DensityMap:
         lines = max(2, self.height)
         bins = lines if self.ascii else 2 * lines
         edges = np.linspace(lo, hi, bins + 1)
-        ticks = [fmt_tick(t) for t in nice_ticks(lo, hi, 4)]
+        ticks = tick_labels(nice_ticks(lo, hi, 4))
         label_w = max(len(t) for t in ticks) + 1
         avail = max(1, width - label_w)
         n = len(self.steps)

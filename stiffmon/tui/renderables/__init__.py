@@ -11,6 +11,7 @@ from stiffmon.tui.renderables.axes import (
     log_ticks,
     nice_ticks,
     thin_minmax,
+    tick_labels,
 )
 from stiffmon.tui.renderables.heatmap import (
     Heatmap,
@@ -50,4 +51,5 @@ __all__ = [
     "nice_ticks",
     "short_labels",
     "thin_minmax",
+    "tick_labels",
 ]

@@ -31,17 +31,37 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [float(f"{k * step:.12g}") for k in range(k0, k1 + 1)]
 
 
-def fmt_tick(v: float) -> str:
-    """Short tick label: 0.05, 1.2k, 3e-5, 1e29 ..."""
+def fmt_tick(v: float, digits: int = 3) -> str:
+    """Short tick label of ``digits`` significant digits: 0.05, 1.2k, 3e-5, 1e29 ..."""
     if v == 0:
         return "0"
     a = abs(v)
     if a >= 1e5 or a < 1e-3:
-        mantissa, exponent = f"{v:.0e}".split("e")
+        mantissa, exponent = f"{v:.{max(0, digits - 3)}e}".split("e")
         return f"{mantissa}e{int(exponent)}"
     if a >= 1e3:
-        return f"{v / 1e3:g}k"
-    return f"{v:.3g}"
+        return f"{v / 1e3:.{digits}g}k"
+    return f"{v:.{digits}g}"
+
+
+def tick_labels(ticks: Sequence[float]) -> list[str]:
+    """:func:`fmt_tick` labels, with more digits where the short ones would repeat or misstate a
+    tick (2.095, 2.1, 2.105 all read ``2.1`` at 3 digits; 1e5, 1.5e5, 2e5 read ``1e5``, ``2e5``,
+    ``2e5``; 12,625 reads ``12.6k``)."""
+    labels: list[str] = []
+    for digits in range(3, 13):
+        labels = [fmt_tick(t, digits) for t in ticks]
+        if len(set(labels)) == len(labels) and all(
+            math.isclose(_value(lab), t, rel_tol=1e-9, abs_tol=1e-300)
+            for lab, t in zip(labels, ticks, strict=True)
+        ):
+            break
+    return labels
+
+
+def _value(label: str) -> float:
+    """The number a :func:`fmt_tick` label reads as."""
+    return float(label[:-1]) * 1e3 if label.endswith("k") else float(label)
 
 
 def _decade_steps() -> Iterator[int]:

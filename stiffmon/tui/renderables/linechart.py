@@ -36,6 +36,7 @@ from stiffmon.tui.renderables.axes import (
     nice_ticks,
     row_segments,
     style_of,
+    tick_labels,
 )
 from stiffmon.tui.renderables.raster import ASCII_SYMBOLS, raster, row_of
 from stiffmon.tui.renderables.readout import DASH, cursor_readout
@@ -333,7 +334,7 @@ class LineChart:
                 rows -= 1
         plot_rows = max(1, rows - 2)  # x axis line and x tick labels
         yt = self._y_ticks(y0, y1, max(2, min(8, plot_rows // 4)))
-        labels = log_labels(yt) if self.log_y else [fmt_tick(t) for t in yt]
+        labels = log_labels(yt) if self.log_y else tick_labels(yt)
         lw = max((len(s) for s in labels), default=1) + 1
         pw = max(4, width - lw - 1)
         self.plot_box = (lw + 1, pw, x0, x1)
@@ -375,10 +376,10 @@ class LineChart:
         hbar, corner, tick = ("-", "+", "+") if self.ascii else ("─", "└", "┬")
         line: list[tuple[str, str | None]] = [(hbar, None)] * pw
         buf = [" "] * width
-        for t in nice_ticks(x0, x1, max(2, pw // 12)):
+        xt = nice_ticks(x0, x1, max(2, pw // 12))
+        for t, lab in zip(xt, tick_labels(xt), strict=True):
             c = round((t - x0) / (x1 - x0) * (pw - 1))
             col = lw + 1 + c
-            lab = fmt_tick(t)
             start = min(max(lw, col - len(lab) // 2), width - len(lab))
             if all(ch == " " for ch in buf[max(0, start - 1) : start + len(lab) + 1]):
                 buf[start : start + len(lab)] = list(lab)

@@ -11,7 +11,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.style import Style
 
-from stiffmon.tui.renderables.axes import FloatArray, fit_title, fmt_tick, nice_ticks
+from stiffmon.tui.renderables.axes import FloatArray, fit_title, nice_ticks, tick_labels
 from stiffmon.tui.renderables.heatmap import ascii_level, diverging, glyph_scale
 
 
@@ -79,10 +79,10 @@ class StepHeatmap:
         buf = [" "] * width
         st = np.asarray(self.steps, dtype=np.float64)[idx]
         lo, hi = float(st[0]), float(st[-1])
-        for t in nice_ticks(lo, hi, max(2, span // 12)):
+        xt = nice_ticks(lo, hi, max(2, span // 12))
+        for t, lab in zip(xt, tick_labels(xt), strict=True):
             k = int(np.argmin(np.abs(st - t)))
             col = lw + 1 + k * cw
-            lab = fmt_tick(t)
             start = min(max(lw, col - len(lab) // 2), width - len(lab))
             if all(ch == " " for ch in buf[max(0, start - 1) : start + len(lab) + 1]):
                 buf[start : start + len(lab)] = list(lab)
