@@ -392,7 +392,12 @@ def sharpness_messages(
         names += ["sharpness/lambda1_precond", "sharpness/threshold_precond"]
         early = momentum_warmup(optimizer, groups)
         if early:  # its spectrum still goes out (and warm-starts the next measurement)
-            note("precond-warmup", f"no λ1(P⁻¹H) or threshold on it yet: {early}")
+            again = "precond-steady" in state.reported  # parameters added: t restarts at 1
+            why = "again (parameters added to the optimizer)" if again else "yet"
+            note("precond-warmup", f"no λ1(P⁻¹H) or threshold on it {why}: {early}")
+        else:
+            state.reported.discard("precond-warmup")
+            state.reported.add("precond-steady")
         ok = scale_known and pthr.value is not None and not early
         raw += [math.nan if early else lam_p, pthr.value if ok else math.nan]  # type: ignore[list-item]
         raw[2] += hvps_p

@@ -87,10 +87,10 @@ def momentum_warmup(
         return (
             f"{name} has taken {t} step(s); its average of squared gradients (no bias "
             f"correction) reaches the steady state the threshold assumes after about "
-            f"1/(1-{'ρ' if name == 'Adadelta' else 'α'}) = {need}"
+            f"1/(1-{'ρ' if name == 'Adadelta' else 'α'}) = {need} steps; published from then on"
         )
     return (
         f"{name} has taken {t} step(s); its momentum average reaches the steady state that "
         f"{'its bound' if name == 'NAdam' else '(2+2β1)/((1-β1)η)'} assumes after about "
-        f"1/(1-β1) = {need}"
+        f"1/(1-β1) = {need} steps; published from then on"
     )
