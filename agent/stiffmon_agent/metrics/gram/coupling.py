@@ -86,7 +86,16 @@ def coupled(
             f"own has no gradient, the summed probe losses have one of norm {batch:.4g} (an "
             f"in-batch contrastive / InfoNCE loss?). {WAY_OUT[:1].upper()}{WAY_OUT[1:]}"
         )
-    if _random(model, inputs, forward):
+    if (changed := _random(model, inputs, forward)) is not None:
+        if changed:
+            return (
+                f"the model's buffer{'s' if len(changed) > 1 else ''} {', '.join(changed[:3])} "
+                "change in every forward in eval mode (a running statistic or counter updated "
+                "whatever self.training is), so each of the Gram's per-example passes sees "
+                "other values and the example-alone gradients do not add up to the probe's "
+                "(nor is the objective one function of the weights). Update them only in "
+                "training mode (if self.training: ...)"
+            )
         return (
             "the model's forward is random in eval mode (two passes of one probe example "
             "differ: dropout called with training=True, noise not gated on self.training, a "
@@ -104,16 +113,31 @@ def coupled(
     )
 
 
-def _random(model: nn.Module, inputs: Batch, forward: ForwardFn) -> bool:
-    """Whether two forward passes of the first example give different outputs (False where a
-    pass fails: that has another cause)."""
+def _random(model: nn.Module, inputs: Batch, forward: ForwardFn) -> list[str] | None:
+    """Whether two forward passes of the first example give different outputs: None where they
+    do not (or a pass fails: that has another cause), else the names of the buffers the first
+    pass changed ([] for none: a random forward). The buffers are put back as they were."""
     x = take(inputs, slice(0, 1))
+    buffers = dict(model.named_buffers())
+    before = {n: b.detach().clone() for n, b in buffers.items()}
     try:
         with torch.no_grad():
-            first, second = tree_flatten(forward(model, x))[0], tree_flatten(forward(model, x))[0]
+            first = tree_flatten(forward(model, x))[0]
+            changed = [
+                n
+                for n, b in buffers.items()
+                if b.shape != before[n].shape or not torch.equal(b, before[n])
+            ]
+            second = tree_flatten(forward(model, x))[0]
     except Exception:
-        return False
-    return any(
+        return None
+    finally:
+        with torch.no_grad():
+            for n, b in buffers.items():
+                if b.shape == before[n].shape:
+                    b.copy_(before[n])
+    differ = any(
         isinstance(a, Tensor) and isinstance(b, Tensor) and not torch.equal(a, b)
         for a, b in zip(first, second, strict=False)
     )
+    return changed if differ else None
