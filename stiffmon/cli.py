@@ -189,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="fraction of random labels (default: %(default)s)",
     )
-    demo.add_argument("--no-tui", action="store_true", help="train and record only")
+    demo.add_argument(
+        "--no-tui",
+        action="store_true",
+        help="no monitor: train and record with progress bars, then print the summary table",
+    )
     demo.add_argument("--out", type=str, default=None, help="directory for the .stiff files")
     demo.add_argument(
         "--batch-size",
