@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +37,8 @@ def _refs(
     return float(torch.linalg.eigvalsh(h)[-1]), float(gc.square().sum() / g.shape[0])
 
 
-def _run(tmp_path: Path, lrs: list[tuple[float, float]]) -> tuple[dict[str, list[float]], list]:
+def _setup(tmp_path: Path, lrs: tuple[float, float]) -> tuple[Any, ...]:
+    """(x, y, net, its SGD with a backbone group and a head group at ``lrs``, agent, rec)."""
     torch.manual_seed(0)
     dt = torch.float64
     x, y = torch.randn(40, 6, dtype=dt), torch.randint(0, 3, (40,))
@@ -44,8 +46,8 @@ def _run(tmp_path: Path, lrs: list[tuple[float, float]]) -> tuple[dict[str, list
     with torch.no_grad():
         net[2].weight.mul_(0.25)  # a flat head: the backbone holds the top curvature
     opt = torch.optim.SGD(
-        [{"params": list(net[0].parameters()), "lr": lrs[0][0]},
-         {"params": list(net[2].parameters()), "lr": lrs[0][1]}]
+        [{"params": list(net[0].parameters()), "lr": lrs[0]},
+         {"params": list(net[2].parameters()), "lr": lrs[1]}]
     )  # fmt: skip
     rec = tmp_path / "r.stiff"
     agent = offline_agent(
@@ -53,6 +55,11 @@ def _run(tmp_path: Path, lrs: list[tuple[float, float]]) -> tuple[dict[str, list
         sharpness_every=1, density_every="never", overhead_cap=None, hessian_tol=1e-10,
         max_hvps=200,
     )  # fmt: skip
+    return x, y, net, opt, agent, rec
+
+
+def _run(tmp_path: Path, lrs: list[tuple[float, float]]) -> tuple[dict[str, list[float]], list]:
+    x, y, net, opt, agent, rec = _setup(tmp_path, lrs[0])
     refs = []
     for back, head in lrs:
         opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = back, head
@@ -88,22 +95,7 @@ def test_a_scheduler_stepped_before_agent_step_does_not_count_the_next_lr(tmp_pa
     """The measured step used η = 0 for the backbone; a ``scheduler.step()`` between
     ``optimizer.step()`` and ``agent.step()`` raising it for the next step does not make the
     backbone count as moving at this one (the rule reads the lr the step used)."""
-    torch.manual_seed(0)
-    dt = torch.float64
-    x, y = torch.randn(40, 6, dtype=dt), torch.randint(0, 3, (40,))
-    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dt)
-    with torch.no_grad():
-        net[2].weight.mul_(0.25)
-    opt = torch.optim.SGD(
-        [{"params": list(net[0].parameters()), "lr": 0.0},
-         {"params": list(net[2].parameters()), "lr": 0.1}]
-    )  # fmt: skip
-    rec = tmp_path / "r.stiff"
-    agent = offline_agent(
-        net, nn.CrossEntropyLoss(), opt, rec, probe=(x[:16], y[:16]), gram_every=1,
-        sharpness_every=1, density_every="never", overhead_cap=None, hessian_tol=1e-10,
-        max_hvps=200,
-    )  # fmt: skip
+    x, y, net, opt, agent, rec = _setup(tmp_path, (0.0, 0.1))
     loss = nn.functional.cross_entropy(net(x[16:]), y[16:])
     opt.zero_grad()
     loss.backward()
