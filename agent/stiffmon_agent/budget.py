@@ -140,9 +140,10 @@ class MeasurementBudget:
         """Count a due measurement lost to an error (the metric-error event says why)."""
         self.coverage[kind][1] += 1
 
-    def skip(self, kind: str, reason: str, detail: str = "") -> None:
+    def skip(self, kind: str, reason: str, detail: str = "", **extra: Any) -> None:
         """Count a due measurement not made; say so at 1, 2, 5, 10, 20, ... skips of a reason
-        (``detail``: what the last one said, e.g. which weight is not finite)."""
+        (``detail``: what the last one said, e.g. which weight is not finite; ``extra``: more
+        attributes of the event, e.g. the bytes needed and free)."""
         self.coverage[kind][1] += 1
         n = self.skips[(kind, reason)] = self.skips.get((kind, reason), 0) + 1
         if not log_spaced(n):
@@ -163,6 +164,7 @@ class MeasurementBudget:
             why = f"because {detail}"
         else:
             why = f"({reason})"
+        attrs.update(extra)
         msg = f"skipping due {kind} measurements {why} ({n} skipped so far, {done} done)"
         self._event(
             "measurement-skipped",

@@ -3,7 +3,9 @@
 :class:`MeasurementRunner` is the agent's *what happens when a measurement is due*: skip it if
 its metric is disabled or the overhead budget says no, skip it (with an ``event``) while the run
 is not finite, turn an exception into ``metric-error`` / ``metric-disabled`` events, and hand
-the messages to the publisher.
+the messages to the publisher. A curvature measurement's product budget is first fitted to the
+free memory, and its out-of-memory error lowers that budget instead of disabling it
+(:mod:`~stiffmon_agent.memory_guard`).
 
 Sharded (``Agent(distributed=True)`` under torch.distributed with W > 1 ranks,
 :mod:`~stiffmon_agent.distributed`): every rank calls :meth:`MeasurementRunner.measure` at the
@@ -35,6 +37,13 @@ from stiffmon_agent.measure import (
     check_finite,
 )
 from stiffmon_agent.measure_options import MeasureOptions
+from stiffmon_agent.memory_guard import (
+    MemoryGuard,
+    MemorySkipped,
+    human_bytes,
+    is_out_of_memory,
+    release,
+)
 from stiffmon_agent.metrics.probe import ForwardFn, LossFn, loss_reduction, take
 from stiffmon_agent.metrics.state import optimized_only
 from stiffmon_agent.outgoing import Outgoing
@@ -102,6 +111,7 @@ class MeasurementRunner:
         # the param groups as the last optimizer step used them (None: the optimizer's own)
         self.stepped_groups: Callable[[], list[dict[str, Any]] | None] = lambda: None
         self.generator = torch.Generator().manual_seed(0)
+        self.memory = MemoryGuard()  # the product budgets the free memory allows
 
     @property
     def shard(self) -> Shard | None:
@@ -152,10 +162,16 @@ class MeasurementRunner:
                 check_finite(self.model, self.loss_fn, self.probe, self.forward, losses=losses)
             msgs = self._messages(kind, step)
             self._gram_worked |= kind == "gram"
+        except MemorySkipped as exc:
+            self.budget.skip(kind, "memory", str(exc), needed_bytes=exc.needed, free_bytes=exc.free)
+            return
         except MeasurementSkipped as exc:  # said at the 1st, 2nd, 5th, 10th, ... such skip
             self.budget.skip(kind, "not-finite", str(exc))
             return
         except Exception as exc:
+            if kind != "gram" and is_out_of_memory(exc):
+                self._out_of_memory(kind, exc)
+                return
             self._disable(kind, exc)
             self.budget.failed(kind)  # the metric-error event says why
             return
@@ -228,6 +244,7 @@ class MeasurementRunner:
             common["train"] = (take(self.probe.inputs, sl), take(self.probe.targets, sl))
             common["wrap"] = leader.wrap
         try:
+            fits = self._memory_plan(kind)  # raises MemorySkipped (after leader.finish())
             if kind == "density":
                 return agent_module.density_messages(
                     self.model,
@@ -235,7 +252,7 @@ class MeasurementRunner:
                     self.probe,
                     step,
                     generator=self.generator,
-                    **self.opts.density(),
+                    **(self.opts.density() | fits),
                     scale=self.objective_scale(),
                     **common,
                 )
@@ -247,7 +264,7 @@ class MeasurementRunner:
                 self.optimizer,
                 warm_start=self.warm,
                 generator=self.generator,
-                **self.opts.sharpness(),
+                **(self.opts.sharpness() | fits),
                 state=self.sharp_state,
                 groups=self.stepped_groups(),
                 **common,
@@ -256,6 +273,52 @@ class MeasurementRunner:
         finally:
             if leader is not None:
                 leader.finish()  # always: the other ranks wait for it
+
+    def _configured(self, kind: str) -> tuple[str, int]:
+        """The keyword and the configured value of a curvature measurement's product budget."""
+        if kind == "density":
+            return "steps", self.opts.density_steps
+        return "max_hvps", self.opts.max_hvps
+
+    def _memory_plan(self, kind: str) -> dict[str, int]:
+        """The product budget the free memory allows (:mod:`~stiffmon_agent.memory_guard`),
+        as keyword arguments of the measurement; a cap is said once per kind."""
+        key, configured = self._configured(kind)
+        plan = self.memory.plan(kind, self.model, configured, self.opts.hessian_k)
+        if plan.capped and plan.free is not None and kind not in self.memory.said:
+            self.memory.said.add(kind)
+            what = "steps per SLQ run" if kind == "density" else "Hessian-vector products"
+            message = (
+                f"{kind} capped at {plan.products} {what} (configured {configured}) to fit in "
+                f"the free memory: ~{human_bytes(plan.needed)} of {human_bytes(plan.free)} free"
+            )
+            log.warning(f"stiffmon: {message}")
+            self.event(
+                "memory-capped",
+                message,
+                level="warning",
+                metric=kind,
+                products=plan.products,
+                configured=configured,
+                needed_bytes=plan.needed,
+                free_bytes=plan.free,
+            )
+        return {key: plan.products}
+
+    def _out_of_memory(self, kind: str, exc: BaseException) -> None:
+        """A curvature measurement ran out of memory: free what it held, halve its product
+        budget for the next time, say so (a ``measurement-skipped`` event); training goes on."""
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        release(exc)
+        nxt = self.memory.lower(kind, self._configured(kind)[1])
+        what = "steps per SLQ run" if kind == "density" else "Hessian-vector products"
+        self.budget.skip(
+            kind,
+            "out-of-memory",
+            f"one ran out of memory ({type(exc).__name__}: {first}); the next ones take at "
+            f"most {nxt} {what}",
+            max_products=nxt,
+        )
 
     def _follow(self, kind: str) -> None:
         """A non-zero rank's share of a measurement rank 0 has decided to run."""

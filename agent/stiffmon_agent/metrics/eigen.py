@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from stiffmon_agent.metrics.rows import GrowingRows
 from stiffmon_agent.metrics.symmetry import MatVec, SymmetryCheck, check_symmetry
 from stiffmon_agent.metrics.symmetry import random_unit as _random_unit
 
@@ -71,15 +72,15 @@ class EigenResult:
 
 
 def _orthonormalise(v: Tensor, basis: list[Tensor] | Tensor) -> Tensor | None:
-    """v with the span of ``basis`` (orthonormal columns) projected out twice, normalised;
-    None if nothing is left."""
+    """v with the span of ``basis`` (orthonormal vectors: a list, or the rows of an (m, P)
+    tensor) projected out twice, normalised; None if nothing is left."""
     n0 = float(v.norm())
     if not math.isfinite(n0) or n0 == 0.0:
         return None
-    q = torch.stack(basis, dim=1) if isinstance(basis, list) and basis else basis
+    q = torch.stack(basis) if isinstance(basis, list) and basis else basis
     if isinstance(q, Tensor) and q.numel():
         for _ in range(2):  # twice is enough
-            v = v - q @ (q.T @ v)
+            v = v - q.T @ (q @ v)
     n = float(v.norm())
     if n <= 1e-10 * n0:
         return None
@@ -204,15 +205,17 @@ def lanczos(
     Symmetry: a cold start checks vᵀAw = wᵀAv on the pairs of its random start block
     (:func:`check_symmetry`, no extra product; ``symmetry`` on the result), a warm one does not.
 
-    Memory: the basis and its products, 2 m vectors of length P for m products.
+    Memory: the basis and its products, 2 m vectors of length P for m products, held in
+    tensors that grow with m (:class:`~stiffmon_agent.metrics.rows.GrowingRows`: at most
+    2 × that while they double), not allocated for ``max_matvecs`` up front.
     """
     like = like if like is not None else torch.zeros((), dtype=torch.float64)
     k = max(1, min(k, dim))
     pending, warm = _start_block(dim, init, max(1, block), like, generator)
     b = len(pending)
     cap = max(1, min(max_matvecs, dim))
-    qs = torch.zeros(dim, cap, dtype=like.dtype, device=like.device)  # basis Q_m
-    ws = torch.zeros(dim, cap, dtype=like.dtype, device=like.device)  # products A Q_m
+    qs = GrowingRows(dim, like, cap)  # basis Q_m, as rows
+    ws = GrowingRows(dim, like, cap)  # products A Q_m, as rows
     m = 0
     t = torch.zeros(cap, cap, dtype=torch.float64)
     theta = torch.zeros(0, dtype=torch.float64)
@@ -230,16 +233,16 @@ def lanczos(
                 for i in reach.argsort(descending=True).tolist():
                     if reach[i] == -math.inf:
                         break
-                    nxt = _orthonormalise(r_vecs[:, i], qs[:, :m])
+                    nxt = _orthonormalise(r_vecs[:, i], qs.rows())
                     if nxt is not None:
                         break
             else:
                 for j in range(max(0, m - b), m):  # block Krylov: A q_j of the previous block
-                    nxt = _orthonormalise(ws[:, j], qs[:, :m])
+                    nxt = _orthonormalise(ws[j], qs.rows())
                     if nxt is not None:
                         break
             if nxt is None:  # invariant subspace: a fresh direction finds repeated eigenvalues
-                nxt = _orthonormalise(_random_unit(dim, like, generator), qs[:, :m])
+                nxt = _orthonormalise(_random_unit(dim, like, generator), qs.rows())
             if nxt is None:
                 break
             pending.append(nxt)
@@ -248,14 +251,12 @@ def lanczos(
         if not bool(torch.isfinite(w).all()):  # overflow: nothing below would mean anything
             nonfinite = True
             break
-        qs[:, m] = q
-        ws[:, m] = w
+        qs.append(q)
+        ws.append(w)
         m += 1
         if not warm and m == b and b >= 2:  # the random start block's pairs: a free check
-            symmetry = check_symmetry(
-                matvec, dim, products=[(qs[:, j], ws[:, j]) for j in range(b)]
-            )
-        col = (qs[:, :m].T @ w).to(torch.float64).cpu()
+            symmetry = check_symmetry(matvec, dim, products=[(qs[j], ws[j]) for j in range(b)])
+        col = (qs.rows() @ w).to(torch.float64).cpu()
         t[:m, m - 1] = col
         t[m - 1, :m] = col
         theta, s = torch.linalg.eigh(t[:m, :m])
@@ -271,7 +272,7 @@ def lanczos(
             continue
         top = min(k + 1, m)
         st = s[:, :top].to(like)
-        r_vecs = ws[:, :m] @ st - (qs[:, :m] @ st) * theta[:top].to(like)
+        r_vecs = ws.rows().T @ st - (qs.rows().T @ st) * theta[:top].to(like)
         res_all = r_vecs.norm(dim=0).to(torch.float64).cpu()
         reach = theta[:top] + res_all  # some eigenvalue lies within θ_i ± r_i
         residuals = res_all[:k]
@@ -296,7 +297,8 @@ def lanczos(
         return EigenResult(
             theta[:0].to(like), empty, 0, False, residuals[:0], empty, nonfinite=nonfinite
         )
-    vecs = qs[:, :m] @ s[:, : min(k + 1, m)].to(like)
+    vecs = qs.rows().T @ s[:, : min(k + 1, m)].to(like)
+    del qs, ws
     vecs = vecs / vecs.norm(dim=0).clamp_min(1e-300)
     return EigenResult(
         eigenvalues=theta[:top].to(like),

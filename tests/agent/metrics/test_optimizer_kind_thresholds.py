@@ -137,8 +137,13 @@ def test_other_adaptive_optimizers_say_why_there_is_no_bound() -> None:
         assert thr.value is None
         assert "sign-based" in thr.rule or "quasi-Newton" in thr.rule
         assert "λ1(P⁻¹H)" not in thr.rule  # it has none
-    for cls in (torch.optim.NAdam, torch.optim.RAdam, torch.optim.Adamax, torch.optim.Adagrad,
-                torch.optim.Adadelta):  # they have one
+    for cls in (
+        torch.optim.NAdam,
+        torch.optim.RAdam,
+        torch.optim.Adamax,
+        torch.optim.Adagrad,
+        torch.optim.Adadelta,
+    ):  # they have one
         assert "see λ1(P⁻¹H)" in stability_threshold_for(cls([x])).rule
 
 
