@@ -241,7 +241,10 @@ def test_relay_asks_upstreams_at_once_and_skips_dead_ones(ctx: Ctx) -> None:
         with Relay(upstream, bind, snapshot_timeout=2.0).start() as relay:
             time.sleep(0.5)  # connections come up
             first, n1 = _ask(ctx, bind)
-            second, n2 = _ask(ctx, bind)
+            # then the dead and hung ones are known: the better of two asks (one may meet a
+            # loaded machine's hiccup in a live publisher's answer; a relay that waits for
+            # the known-dead ones again takes the full timeout in both)
+            second, n2 = min(_ask(ctx, bind), _ask(ctx, bind))
             results: list[tuple[float, int]] = []
             askers = [
                 threading.Thread(target=lambda: results.append(_ask(ctx, bind))) for _ in range(6)
