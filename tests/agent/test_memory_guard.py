@@ -26,6 +26,7 @@ from tests.agent.recording import (
     metric_errors,
     offline_agent,
     scalar_values,
+    train_step,
 )
 
 VECTOR = 67 * 4  # P = 67 float32 parameters of the model below
@@ -52,11 +53,7 @@ def run(tmp_path: Path, steps: int = 3, **settings: Any) -> tuple[Any, list[Any]
     agent = offline_agent(model, nn.CrossEntropyLoss(), opt, rec, **(base | settings))
     for _ in range(steps):
         out = model(x)
-        loss = nn.functional.cross_entropy(out, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        agent.step(loss, out, y)
+        train_step(agent, opt, nn.functional.cross_entropy(out, y), out, y)
     return agent, close_and_read(agent, rec), model
 
 

@@ -18,7 +18,14 @@ from torch import Tensor, nn
 
 from tests.agent.metrics.test_contrastive_stop_gradient import encoder, two_views, views_forward
 from tests.agent.metrics.test_rl_advantage_normalisation import normalised_inside, policy_loss
-from tests.agent.recording import EXACT, close_and_read, events, metric_errors, offline_agent
+from tests.agent.recording import (
+    EXACT,
+    close_and_read,
+    events,
+    metric_errors,
+    offline_agent,
+    train_step,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 
@@ -40,11 +47,7 @@ def _once(tmp_path: Path, model: nn.Module, x: Tensor, y: object, loss_fn: Any) 
     rec = tmp_path / "r.stiff"
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     agent = offline_agent(model, loss_fn, opt, rec, probe=(x, y), **EXACT)
-    loss = loss_fn(model(x), y).mean()
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    agent.step(loss)
+    train_step(agent, opt, loss_fn(model(x), y).mean())
     return close_and_read(agent, rec)
 
 
@@ -84,10 +87,6 @@ def test_a_stop_gradient_loss_is_said_once(tmp_path: Path, detach: bool) -> None
         model, loss_fn, opt, rec, probe=(views, y), forward=views_forward, **EXACT
     )
     for _ in range(3):
-        loss = loss_fn(views_forward(model, views), y).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        agent.step(loss)
+        train_step(agent, opt, loss_fn(views_forward(model, views), y).mean())
     msgs = close_and_read(agent, rec)
     assert len(events(msgs, "stop-gradient")) == (1 if detach else 0)

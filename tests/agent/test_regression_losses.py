@@ -21,7 +21,14 @@ from torch import Tensor, nn
 
 from stiffmon import protocol as p
 from tests.agent.metrics.reference import dense_hessian_of
-from tests.agent.recording import EXACT, close_and_read, events, last_scalar, offline_agent
+from tests.agent.recording import (
+    EXACT,
+    close_and_read,
+    events,
+    last_scalar,
+    offline_agent,
+    train_step,
+)
 
 N, DIN, K = 24, 4, 2
 
@@ -60,11 +67,7 @@ def _run(model: nn.Module, loss_fn: Any, x: Tensor, y: Any, train: Any, tmp: Pat
         model, loss_fn, opt, tmp / "r.stiff", probe=(x, y), density_every="never", **EXACT
     )
     for _ in range(2):
-        opt.zero_grad()
-        loss = train(model)
-        loss.backward()
-        opt.step()
-        agent.step(loss)
+        train_step(agent, opt, train(model))
     return close_and_read(agent, tmp / "r.stiff")
 
 

@@ -17,7 +17,14 @@ from torch import nn
 
 from stiffmon_agent.sum_over_option import FrameworkSumOver, framework_sum_over
 from tests.agent.metrics.reference import dense_hessian_of, rel_err
-from tests.agent.recording import EXACT, close_and_read, events, last_scalar, offline_agent
+from tests.agent.recording import (
+    EXACT,
+    close_and_read,
+    events,
+    last_scalar,
+    offline_agent,
+    train_step,
+)
 
 N = 12
 
@@ -43,11 +50,7 @@ def _run(tmp_path: Path, reduction: str, sum_over: Any) -> list[Any]:
         sum_over=sum_over, batch_size=32, **EXACT,
     )  # fmt: skip
     out = model(x)
-    loss = nn.functional.cross_entropy(out, y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    agent.step(loss, out, y)
+    train_step(agent, opt, nn.functional.cross_entropy(out, y), out, y)
     return close_and_read(agent, rec)
 
 

@@ -16,20 +16,17 @@ import pytest
 import torch
 from torch import nn
 
-from tests.agent.recording import EXACT, close_and_read, events, last_scalar, offline_agent
+from tests.agent.metrics.reference import loop_gradients
+from tests.agent.recording import (
+    EXACT,
+    close_and_read,
+    events,
+    last_scalar,
+    offline_agent,
+    train_step,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
-
-
-def _loop_trace_k(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Tr K = (1/N) Σ_i ‖g_i − ḡ‖² from one backward pass per example (float64)."""
-    params = list(model.parameters())
-    rows = []
-    for i in range(len(y)):
-        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
-        rows.append(torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)]))
-    g = torch.stack(rows)
-    return float(((g - g.mean(0)) ** 2).sum(1).mean())
 
 
 @pytest.mark.parametrize("where", [0, 2])
@@ -42,11 +39,9 @@ def test_an_output_changing_forward_hook_keeps_the_fast_path(tmp_path: Path, whe
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     rec = tmp_path / "r.stiff"
     agent = offline_agent(model, nn.CrossEntropyLoss(), opt, rec, probe=(x, y), **EXACT)
-    loss = nn.functional.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    agent.step(loss)
+    train_step(agent, opt, nn.functional.cross_entropy(model(x), y))
     msgs = close_and_read(agent, rec)
     assert events(msgs, "gram-fallback") == []
-    assert last_scalar(msgs, "noise/trace_k") == pytest.approx(_loop_trace_k(model, x, y), rel=1e-9)
+    g = loop_gradients(model, x, y, nn.functional.cross_entropy)  # one backward per example
+    trace_k = float((g - g.mean(0)).square().sum(1).mean())
+    assert last_scalar(msgs, "noise/trace_k") == pytest.approx(trace_k, rel=1e-9)
