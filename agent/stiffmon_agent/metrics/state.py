@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stiffmon_agent.metrics.optimizer_kind import number
 from stiffmon_agent.metrics.plain_weight_norm import plain_weight_norm
 
 
@@ -172,8 +173,8 @@ def _zero_lr(group: dict[str, Any]) -> bool:
     """Whether the group's learning rate (a number or a one-element tensor) is exactly 0."""
     lr = group.get("lr")
     try:
-        return lr is not None and float(lr) == 0.0
-    except (TypeError, ValueError, RuntimeError):
+        return lr is not None and number(lr) == 0.0
+    except (TypeError, ValueError, RuntimeError):  # not a number: not known to be still
         return False
 
 
