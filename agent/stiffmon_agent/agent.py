@@ -48,7 +48,7 @@ from stiffmon_agent.announce import (
     unoptimized_note,
 )
 from stiffmon_agent.budget import MeasurementBudget
-from stiffmon_agent.class_target import ClassTarget, with_class_note
+from stiffmon_agent.class_target import ClassTarget
 from stiffmon_agent.columns import DEFAULT_INTERVAL, ColumnBatcher
 from stiffmon_agent.failure_hints import loss_signature_note
 from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from here: patchable)
@@ -319,7 +319,6 @@ class Agent(AgentOutput, OptimizerSwap, JoinableAgent):  # event, log, close; se
         self._submit(p.Hello, fields)
         self._budget.who = self._skips.who = speaker(self.name)  # names the run's lines
         notes = probe_notes(self.probe, self._opts.distance_layers, self.model, optimizer)
-        notes = with_class_note(notes, self.probe)  # why no class stiffness: class_target=
         for code, note in notes:
             self.event(code, note)
         if self._probe_note:

@@ -31,6 +31,7 @@ from torch import nn
 from stiffmon import __version__
 from stiffmon.registry import RunEntry, register
 from stiffmon.transport import CurveKeys, load_curve_server
+from stiffmon_agent.class_target import no_class_note
 from stiffmon_agent.metrics.state import unoptimized
 from stiffmon_agent.metrics.thresholds import maximizes
 from stiffmon_agent.probe_set import CountWeighting, ProbeSet
@@ -230,14 +231,8 @@ def probe_notes(
         out.append(("maximize", maximize_note(ascent)))
     if model is not None and (note := eval_mode_note(model)):
         out.append(("eval-mode", note))
-    if probe.labels is None:
-        what = (
-            "no class stiffness: the probe's targets are not class labels (integers of shape "
-            "(N,), or a binary classifier's 0/1)"
-        )
-        out.append(
-            ("no-class-labels", f"{what}; layer stiffness, gradient noise and sharpness go on")
-        )
+    if probe.labels is None:  # why, and the class_target= that would give them
+        out.append(("no-class-labels", no_class_note(probe.targets)))
     x, _ = probe.train()
     if not distance_layers and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
         out.append(

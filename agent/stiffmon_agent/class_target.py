@@ -183,11 +183,3 @@ def _hint(targets: Batch) -> str:
     if any(isinstance(t, Tensor) for t in tree_leaves(targets)):
         return ": give a callable targets -> (N,) class indices, or leave class_target out"
     return ""
-
-
-def with_class_note(notes: list[tuple[str, str]], probe: Any) -> list[tuple[str, str]]:
-    """The start's ``(code, message)`` notes with the ``no-class-labels`` one told by
-    :func:`no_class_note` of the ``probe``'s targets (why, and the ``class_target=`` to pass)."""
-    if probe is None:
-        return notes
-    return [(c, no_class_note(probe.targets) if c == "no-class-labels" else m) for c, m in notes]
