@@ -32,7 +32,7 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         if key not in params or key == "self":
             known = ", ".join(k for k in params if k not in ("self", *OWNED))
             raise TypeError(f"unknown Agent option {key!r}; the options are: {known}")
-    check_class_target(options)
+    check_probe_class_target(options)
     if options.get("distributed"):  # rank 0 alone would wait for the others for ever
         raise ValueError(
             "StiffmonCallback builds the agent on global rank 0 only, where it measures alone: "
@@ -42,7 +42,7 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     return dict(options)
 
 
-def check_class_target(options: dict[str, Any]) -> None:
+def check_probe_class_target(options: dict[str, Any]) -> None:
     """Check now, where the callback is made, that ``class_target`` names the class indices of
     the train probe's targets (the agent is made when training starts, and checks again over
     the train and validation probes).

@@ -46,8 +46,8 @@ from stiffmon_agent.announce import count_weighting_event
 from stiffmon_agent.integrations._common import (
     StepAccuracy,
     build_agent,
-    check_class_target,
     check_options,
+    check_probe_class_target,
     follow_optimizer,
     unwrap_optimizer,
 )
@@ -255,7 +255,7 @@ class StiffmonCallback(TrainerCallback):  # type: ignore[misc]
         for key in ("probe", "val_probe"):
             if self.options.get(key) is not None:
                 self.options[key] = split_labels(self.options[key])
-        check_class_target(self.options)  # on the split probe: (inputs, labels)
+        check_probe_class_target(self.options)  # on the split probe: (inputs, labels)
         self.agent: Agent | None = None
         self._loss = StepLoss(causal=False)
         self._accuracy = StepAccuracy()
