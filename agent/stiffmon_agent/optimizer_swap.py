@@ -20,9 +20,10 @@ from torch import nn
 from stiffmon_agent.announce import maximize_note, measured_param_count, unoptimized_note
 from stiffmon_agent.metrics.probe import LossFn
 from stiffmon_agent.metrics.thresholds import maximizes
+from stiffmon_agent.optimizer_read import framework_inner, optimizer_config
 from stiffmon_agent.probe_set import ProbeSet, objective_loss
 from stiffmon_agent.runner import MeasurementRunner
-from stiffmon_agent.step_scalars import OptimizerColumns, framework_inner, optimizer_config
+from stiffmon_agent.step_scalars import OptimizerColumns
 
 __all__ = ["OptimizerSwap"]
 

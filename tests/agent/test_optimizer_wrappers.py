@@ -18,8 +18,9 @@ from torch import nn
 from stiffmon import protocol as p
 from stiffmon.session import read_session
 from stiffmon_agent import Agent
+from stiffmon_agent.optimizer_read import wrapped_optimizer
 from stiffmon_agent.optimizer_skips import OptimizerSkips
-from stiffmon_agent.step_scalars import UNSEEN_CODE, OptimizerColumns, wrapped_optimizer
+from stiffmon_agent.step_scalars import UNSEEN_CODE, OptimizerColumns
 
 
 class SAM(torch.optim.Optimizer):

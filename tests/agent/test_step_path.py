@@ -17,8 +17,9 @@ from torch import nn
 from stiffmon import protocol as p
 from stiffmon.session import read_session
 from stiffmon_agent import Agent, EveryK, FirstNThenEveryK, LogSpaced, Never
+from stiffmon_agent.optimizer_read import optimizer_columns
 from stiffmon_agent.schedules import Schedule, next_due
-from stiffmon_agent.step_scalars import RECHECK_STEPS, OptimizerColumns, optimizer_columns
+from stiffmon_agent.step_scalars import RECHECK_STEPS, OptimizerColumns
 
 SCHEDULES = st.one_of(
     st.builds(EveryK, st.integers(1, 60), st.integers(0, 200)),

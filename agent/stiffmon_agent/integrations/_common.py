@@ -13,7 +13,7 @@ from stiffmon_agent.accuracy import Accuracy
 from stiffmon_agent.agent import Agent
 from stiffmon_agent.class_target import class_labels_of
 from stiffmon_agent.metrics.probe import batch_size
-from stiffmon_agent.step_scalars import default_run_name, optimizer_config
+from stiffmon_agent.optimizer_read import default_run_name, optimizer_config
 
 #: Options the callbacks fill in themselves from what the framework owns.
 OWNED = ("model", "loss_fn", "optimizer")
