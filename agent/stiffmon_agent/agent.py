@@ -34,6 +34,7 @@ from stiffmon_agent.accuracy import (
     step_accuracy,
 )
 from stiffmon_agent.agent_join import JoinableAgent
+from stiffmon_agent.agent_measuring import MeasuringAgent
 from stiffmon_agent.agent_output import LIVE_AGENTS, AgentOutput
 from stiffmon_agent.announce import (
     count_weighting_sayer,
@@ -65,6 +66,7 @@ from stiffmon_agent.metrics.probe import (
     ForwardFn,
     LossFn,
 )
+from stiffmon_agent.optimizer_read import default_run_name, framework_inner, optimizer_config
 from stiffmon_agent.optimizer_skips import OptimizerSkips
 from stiffmon_agent.optimizer_swap import OptimizerSwap
 from stiffmon_agent.probe_set import build_probe, objective_loss
@@ -73,12 +75,7 @@ from stiffmon_agent.rank_batches import RankBatches
 from stiffmon_agent.rank_gate import RankGate
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, MeasurementPlan, Schedule, parse_schedule
-from stiffmon_agent.step_scalars import (
-    OptimizerColumns,
-    default_run_name,
-    framework_inner,
-    optimizer_config,
-)
+from stiffmon_agent.step_scalars import OptimizerColumns
 from stiffmon_agent.sum_over_option import sharpness_state, sum_over_note
 
 DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step 0
@@ -91,7 +88,7 @@ def _close_all() -> None:  # the user forgot close(): flush and leave cleanly
         agent.close(reason=reason, timeout=2.0)
 
 
-class Agent(AgentOutput, OptimizerSwap, JoinableAgent):  # event, log, close; set_optimizer; Join
+class Agent(AgentOutput, MeasuringAgent, OptimizerSwap, JoinableAgent):
     """Measure stiffness, sharpness and gradient noise inside a training loop and publish them.
 
     Args:
@@ -409,29 +406,6 @@ class Agent(AgentOutput, OptimizerSwap, JoinableAgent):  # event, log, close; se
         if s >= self._next_due:
             self._measure_due(s)
         self.step_count = s + 1
-
-    def _measure_due(self, s: int) -> None:
-        """Run what is due at step ``s``, publish the coverage, and find the next due step."""
-        runner = self._runner
-        if runner is None:  # never: without a runner nothing is ever due (_next_due is inf)
-            return
-        due = self._plan.due(s)
-        for kind in due:
-            if runner.measure(kind, s):
-                self._plan.ran(kind, s)
-        if not self.enabled and runner.shard is None:  # sharding stopped: nothing left to do
-            self._next_due = math.inf
-            return
-        if due and self.enabled:
-            cov = self._budget.coverage_scalars(due)
-            fields = {"values_names": list(cov), "values_raw": list(cov.values())}
-            self._submit(p.Scalars, fields, step=s)
-        self._next_due = self._plan.next_after(s)
-
-    @property
-    def disabled(self) -> dict[str, str]:
-        """Metrics disabled after an error, with the reason."""
-        return dict(self._runner.disabled) if self._runner is not None else {}
 
     def __enter__(self) -> Agent:
         return self

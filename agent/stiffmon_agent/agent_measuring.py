@@ -1,0 +1,59 @@
+"""The agent's heavy measurements between steps: run what is due and publish its coverage.
+
+:class:`MeasuringAgent` is a base of :class:`~stiffmon_agent.agent.Agent` (which sets the
+attributes declared here). :meth:`~MeasuringAgent._measure_due` runs at the steps the
+measurement plan makes due (``Agent.step`` compares the step with ``_next_due``, one comparison
+per step); after them, rank 0 publishes each metric's coverage (measured / due / skipped by the
+overhead cap) as a ``scalars`` message at that step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from stiffmon import protocol as p
+from stiffmon_agent.budget import MeasurementBudget
+from stiffmon_agent.runner import MeasurementRunner
+from stiffmon_agent.schedules import MeasurementPlan
+
+__all__ = ["MeasuringAgent"]
+
+
+class MeasuringAgent:
+    """:meth:`_measure_due` and :attr:`disabled`; ``Agent`` sets the attributes below."""
+
+    enabled: bool  # publishes (False: a rank other than 0)
+    _runner: MeasurementRunner | None
+    _plan: MeasurementPlan
+    _budget: MeasurementBudget
+    _next_due: float
+
+    if TYPE_CHECKING:  # AgentOutput's, the agent's other base
+
+        def _submit(
+            self, cls: type[p.Message], fields: dict[str, Any], step: int | None = None
+        ) -> None: ...
+
+    def _measure_due(self, s: int) -> None:
+        """Run what is due at step ``s``, publish the coverage, and find the next due step."""
+        runner = self._runner
+        if runner is None:  # never: without a runner nothing is ever due (_next_due is inf)
+            return
+        due = self._plan.due(s)
+        for kind in due:
+            if runner.measure(kind, s):
+                self._plan.ran(kind, s)
+        if not self.enabled and runner.shard is None:  # sharding stopped: nothing left to do
+            self._next_due = math.inf
+            return
+        if due and self.enabled:
+            cov = self._budget.coverage_scalars(due)
+            fields = {"values_names": list(cov), "values_raw": list(cov.values())}
+            self._submit(p.Scalars, fields, step=s)
+        self._next_due = self._plan.next_after(s)
+
+    @property
+    def disabled(self) -> dict[str, str]:
+        """Metrics disabled after an error, with the reason."""
+        return dict(self._runner.disabled) if self._runner is not None else {}
