@@ -117,10 +117,11 @@ def test_the_agent_prices_products_from_its_sharpness_and_asks_with_the_density_
     agent = probe_agent(gram_every="never", sharpness_every=1)
     runner = agent._runner
     assert runner is not None
-    agent.step(0.5)  # the step-0 sharpness waits for the budget at the default cap
+    agent.step(0.5)  # the step-0 sharpness may wait for the budget at the default cap
+    before = runner.budget.coverage["sharpness"][0]  # (0 or 1: timing on a loaded machine)
     runner.budget.start -= 1000.0  # an allowance of 20 s
     agent.step(0.5)
-    assert runner.budget.coverage["sharpness"][0] == 1
+    assert runner.budget.coverage["sharpness"][0] == before + 1
     used = runner.budget.hvp_seconds
     assert used is not None and 0 < used < runner.budget.last_cost["sharpness"]
     asked: list[tuple[str, int]] = []
