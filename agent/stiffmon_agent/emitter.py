@@ -29,6 +29,9 @@ from stiffmon_agent.accuracy_reasons import nan_accuracy_console, nan_accuracy_e
 from stiffmon_agent.history import History
 from stiffmon_agent.outgoing import Outgoing, build_message
 
+RECORD_RETRY_SECONDS = 1.0
+"""Seconds between tries to write the session file again after the OS refused a record."""
+
 
 class Emitter:
     """The per-message path of the publisher thread; ``Publisher`` sets the attributes below."""
@@ -46,6 +49,10 @@ class Emitter:
     _nonfinite_streak: int
     _problems: set[str]  # why a batch's values failed (build_columns)
     _problems_said: set[str]
+    _paused: OSError | None = None  # why the file refuses records (None: recording)
+    _paused_lost: int = 0  # messages not written since
+    _lost_steps: tuple[int, int] | None = None  # first and last step of per-step rows not written
+    _retry_at: float = 0.0
     _accuracy_seen: bool = False  # some step's accuracy was a number (for the wording)
     _first_accuracy_step: int | None = None  # the first step with an accuracy (the wording)
 
@@ -68,6 +75,7 @@ class Emitter:
         self, item: Outgoing, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None
     ) -> SessionWriter | None:
         if item.cls is p.Bye:  # the file's last word on losses, just before the bye
+            self._retry_at = 0.0  # a paused recording tries once more before it is closed
             writer = self._heartbeat(pub, writer, record=True)
         try:
             msg = build_message(item, self.run, self.seq + 1, self._problems)
@@ -89,20 +97,9 @@ class Emitter:
         if msg.KIND != "heartbeat":
             self._history.add(msg, frames)
         if writer is not None:  # heartbeats only come with a writer when they are recorded
-            try:
-                writer.write_frames(frames)
-            except Exception as exc:
-                self._warn(f"stiffmon: recording stopped: {exc}")
-                with contextlib.suppress(Exception):
-                    writer.close()
-                writer = None
-                self.unrecorded += 1
-                if not sent:
-                    self.dropped += 1
+            writer = self._write(writer, frames, msg, sent, pub)
         elif self._record is not None and msg.KIND != "heartbeat":
-            self.unrecorded += 1
-            if not sent:
-                self.dropped += 1
+            self._unwritten(sent, msg)
         if not self._accuracy_seen and isinstance(msg, p.Columns) and "accuracy" in msg.names:
             if self._first_accuracy_step is None:
                 self._first_accuracy_step = int(msg.steps[0])
@@ -119,6 +116,79 @@ class Emitter:
                 return writer  # the common case, vectorised
             writer = self._check_finite(msg.steps.tolist(), losses.tolist(), pub, writer)
         return writer
+
+    def _write(
+        self,
+        writer: SessionWriter,
+        frames: list[Any],
+        msg: p.Message,
+        sent: bool,
+        pub: zmq.Socket[bytes] | None,
+    ) -> SessionWriter | None:
+        """Append ``frames`` to the file; the writer still recording (None: stopped for good).
+
+        A record the OS refuses (disk full, quota, read-only) pauses the recording: a
+        ``recording-paused`` warning event goes to the monitor at once, the file stays whole up
+        to its last record, and the write is tried again every :data:`RECORD_RETRY_SECONDS`
+        (and before the ``bye``); the first that succeeds is preceded in the file by a
+        ``recording-resumed`` event naming how many messages and which steps' per-step values
+        were not written. Any other failure (the file deleted) stops the recording.
+        """
+        if self._paused is not None and time.monotonic() < self._retry_at:
+            self._unwritten(sent, msg)
+            return writer
+        try:
+            writer.write_frames(frames)
+        except OSError as exc:
+            self._retry_at = time.monotonic() + RECORD_RETRY_SECONDS
+            first_failure = self._paused is None
+            if first_failure:
+                self._paused, self._paused_lost, self._lost_steps = exc, 0, None
+            self._unwritten(sent, msg)
+            if first_failure:
+                text = (
+                    f"recording to {self._record} paused at step {msg.step}: "
+                    f"{exc.strerror or exc}; the file is whole up to here and is tried again "
+                    f"every {RECORD_RETRY_SECONDS:g} s (training goes on)"
+                )
+                self._warn(f"stiffmon: {text}")
+                attrs = {"error": str(exc), "step": msg.step}
+                self._warning(msg.step, "recording-paused", text, attrs, pub, None)
+            return writer
+        except Exception as exc:
+            self._warn(f"stiffmon: recording stopped: {exc}")
+            with contextlib.suppress(Exception):
+                writer.close()
+            self._unwritten(sent, msg)
+            return None
+        if self._paused is not None:
+            why, lost, rows = self._paused, self._paused_lost, self._lost_steps
+            self._paused = None
+            attrs: dict[str, Any] = {"lost": lost}
+            what = ""
+            if rows is not None:
+                attrs |= {"first_step": rows[0], "last_step": rows[1]}
+                what = f"; the per-step values of steps {rows[0]} to {rows[1]}"
+            text = (
+                f"recording resumed at step {msg.step}: {lost} message(s) were not written to "
+                f"the file ({why.strerror or why}){what}"
+            )
+            self._warn(f"stiffmon: {text}")
+            writer = self._warning(msg.step, "recording-resumed", text, attrs, pub, writer)
+        return writer
+
+    def _unwritten(self, sent: bool, msg: p.Message) -> None:
+        """Count ``msg`` as not recorded (and as dropped if it was not ``sent`` either)."""
+        self.unrecorded += 1
+        if not sent:
+            self.dropped += 1
+        if self._paused is None:
+            return
+        self._paused_lost += 1
+        if isinstance(msg, p.Columns) and len(msg.steps):
+            a, b = int(msg.steps[0]), int(msg.steps[-1])
+            old = self._lost_steps
+            self._lost_steps = (a, b) if old is None else (min(old[0], a), max(old[1], b))
 
     def _say_problems(
         self, step: int, pub: zmq.Socket[bytes] | None, writer: SessionWriter | None

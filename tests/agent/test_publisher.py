@@ -134,10 +134,12 @@ def test_a_full_batch_is_written_at_once_not_at_the_idle_pace(tmp_path: Path) ->
         agent.close()
 
 
-def test_a_write_that_fails_inside_a_warning_stops_the_recording_once() -> None:
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), ValueError("deleted")])
+def test_a_write_that_fails_inside_a_warning_stops_the_recording_once(error: Exception) -> None:
     """The writer fails on the nan-loss event that a non-finite loss makes while its scalars are
-    being emitted: the emit returns no writer (recording stopped), so later messages are not
-    written to a closed file, and the failure is said once."""
+    being emitted. An OSError (disk full) pauses the recording: the writer is kept for a later
+    try, not closed, and the pause is said once. Anything else stops it: the emit returns no
+    writer, so later messages are not written to a closed file, and that is said once."""
     from stiffmon_agent.outgoing import Outgoing
 
     class FailsSecond:
@@ -148,7 +150,7 @@ def test_a_write_that_fails_inside_a_warning_stops_the_recording_once() -> None:
         def write_frames(self, frames: list[bytes]) -> None:
             self.writes += 1
             if self.writes >= 2:
-                raise OSError("disk full")
+                raise error
 
         def close(self) -> None:
             self.closed = True
@@ -158,5 +160,10 @@ def test_a_write_that_fails_inside_a_warning_stops_the_recording_once() -> None:
     writer = FailsSecond()
     item = Outgoing(p.Scalars, 3, 1.0, {"values_names": ["loss"], "values_raw": [float("nan")]})
     out = pub._emit(item, None, writer)  # type: ignore[arg-type]
-    assert writer.writes == 2 and writer.closed and out is None
-    assert sum("recording stopped" in w for w in warned) == 1
+    if isinstance(error, OSError):
+        assert writer.writes == 2 and not writer.closed and out is writer
+        assert sum("paused at step 3" in w for w in warned) == 1
+        assert not any("recording stopped" in w for w in warned)
+    else:
+        assert writer.writes == 2 and writer.closed and out is None
+        assert sum("recording stopped" in w for w in warned) == 1
