@@ -97,7 +97,8 @@ class Agent(AgentOutput, MeasuringAgent, OptimizerSwap, JoinableAgent):
         optimizer: The optimizer; learning rate, momentum etc. are read from it at every step.
         probe: Fixed train examples ``(inputs, targets)`` (e.g. 20 per class) for the heavy
             metrics; None: only per-step scalars.
-        val_probe: Optional fixed validation examples.
+        val_probe: Optional fixed validation examples (train–val and val–val class
+            stiffness; left out when the probe has no class labels).
         run: Display name (default: ``"<optimizer> lr=<lr>"``).
         endpoint: ``tcp://host:port`` to publish on (snapshot port = port + 1). Default:
             127.0.0.1 and the first free pair from 5555. ``""``: do not publish.

@@ -232,7 +232,7 @@ def probe_notes(
     if model is not None and (note := eval_mode_note(model)):
         out.append(("eval-mode", note))
     if probe.labels is None:  # why, and the class_target= that would give them
-        out.append(("no-class-labels", no_class_note(probe.targets)))
+        out.append(("no-class-labels", no_class_note(probe.targets, probe.val_left_out)))
     x, _ = probe.train()
     if not distance_layers and not (isinstance(x, torch.Tensor) and x.is_floating_point()):
         out.append(

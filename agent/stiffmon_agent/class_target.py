@@ -16,6 +16,10 @@ The selection only names the classes: the loss still gets the whole targets. A s
 does not exist or is not class indices raises :class:`ValueError` where the probe is built
 (the agent's construction), never at a measurement; without ``class_target`` a probe with no
 class labels gets an info event (:func:`no_class_note`) that says why and names the option.
+Targets that are not one class per example are named for what they are (:func:`soft_reason`):
+one-hot or label-smoothed rows, whose argmax is the class (the event names the callable, the
+agent does not group by it unasked); mixup / CutMix / teacher probability rows, multi-label 0/1
+rows and per-pixel class indices, which give an example no one class.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
+import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
@@ -141,24 +146,150 @@ def read_class_labels(ys: Any) -> Tensor | None:
     return None
 
 
-def no_class_note(targets: Batch) -> str:
+def no_class_note(targets: Batch, val_left_out: int = 0) -> str:
     """The info event's text for a probe without class labels: why, and the ``class_target=``
-    that would give them (a key or index whose part reads as class labels, where one does)."""
+    that would give them (a key or index whose part reads as class labels, where one does).
+
+    A tensor of targets that are not one class per example is named for what it is
+    (:func:`soft_reason`): one-hot or label-smoothed rows (the argmax is the class: the callable
+    to pass), probability rows that differ per example (mixup, CutMix, a teacher's: no class),
+    multi-label 0/1 rows, soft binary targets, per-pixel or per-token class indices. With
+    ``val_left_out`` > 0 it adds that the validation probe's examples are not measured (train–val
+    and val–val stiffness are per class pair; nothing else uses them)."""
     what = f"no class stiffness: the probe's targets are {kind_of(targets)}, not class labels"
     if isinstance(targets, Mapping):
         fit = [k for k, v in targets.items() if read_class_labels(v) is not None]
         pick = repr(fit[0]) if fit else "'<key>'"
-        how = f"class_target={pick} (the key holding the class indices)"
+        how = f"class_target={pick} (the key holding the class indices) for it"
+        if len(fit) > 1:
+            how = _several(", ".join(map(repr, fit)), "keys")
     elif isinstance(targets, tuple | list):
         fit = [i for i, v in enumerate(targets) if read_class_labels(v) is not None]
-        how = f"class_target={fit[0] if fit else '<index>'} (the index of the class indices)"
+        how = f"class_target={fit[0] if fit else '<index>'} (the index of the class indices) for it"
+        if len(fit) > 1:
+            how = _several(", ".join(map(str, fit)), "indices")
+    elif (soft := soft_reason(targets)) is not None:
+        why, how = soft
+        return f"{what} ({NEEDED}); {why}; {how}; {GO_ON}{_val_note(val_left_out)}"
     else:
         how = (
             "class_target= a callable targets -> (N,) class indices if each example has a class "
             "(e.g. lambda y: y.argmax(1) for one-hot targets)"
         )
-        return f"{what} ({NEEDED}); pass Agent {how}; {GO_ON}"
-    return f"{what} ({NEEDED}); pass Agent {how} for it; {GO_ON}"
+    return f"{what} ({NEEDED}); pass Agent {how}; {GO_ON}{_val_note(val_left_out)}"
+
+
+def _several(which: str, kind: str) -> str:
+    """The hint where several parts of structured targets hold class indices."""
+    return (
+        f"class_target= one of the {kind} {which} (each holds class indices: pass the one "
+        "each example belongs to; for mixup's (y_a, y_b, λ) none: a mixed example belongs to "
+        "no one class, so give the probe unmixed examples)"
+    )
+
+
+def _val_note(val_left_out: int) -> str:
+    """What the event adds when the validation probe is left out for want of class labels."""
+    if val_left_out <= 0:
+        return ""
+    return (
+        f"; the val probe's {val_left_out} examples are left out (not measured): train–val and "
+        "val–val stiffness are per class pair and nothing else uses them (with class_target= "
+        "they are measured)"
+    )
+
+
+ARGMAX = "class_target= a callable targets -> (N,) class indices, lambda y: y.argmax(1)"
+"""The hint for probability rows whose argmax is the class."""
+
+
+def soft_reason(ys: Any) -> tuple[str, str] | None:
+    """Why a tensor of targets gives no class per example, and what to pass; None for kinds
+    it does not name (regression values, class labels).
+
+    For float rows y_i ∈ ℝ^C (C ≥ 2), with p_i = max_c y_ic:
+
+    * 0/1 rows with one 1 each: one-hot, the class is the argmax;
+    * 0/1 rows otherwise: multi-label (an example may have several classes, or none);
+    * rows on the simplex (y_ic ≥ 0, Σ_c y_ic = 1) that are one vector up to a permutation of
+      the classes with a unique largest entry: one-hot with label smoothing (p on one class,
+      (1 − p)/(C − 1) on each other), the class is the argmax;
+    * other rows on the simplex (mixup, CutMix, a teacher's probabilities): the mass lies on
+      several classes in proportions that differ per example, so no class is the example's;
+      the hint gives their range of p_i and how many have no majority (p_i ≤ 1/2).
+
+    Float targets (N,) or (N, 1) in [0, 1] that are not all 0/1 are a binary classifier's soft
+    targets; integer targets with more than one dimension are per-element class indices
+    (pixels, tokens).
+    """
+    if not isinstance(ys, Tensor) or ys.dim() == 0 or not ys.numel():
+        return None
+    n = ys.shape[0]
+    if not ys.is_floating_point():
+        if ys.dim() < 2 or ys.dtype == torch.bool or ys[0].numel() < 2:
+            return None
+        per = "×".join(map(str, ys.shape[1:]))
+        return (
+            f"per-element class indices ({per} per example: pixels or tokens), so an example "
+            "holds many classes and belongs to no one class",
+            "if each example has one (an image-level label), put it beside them, "
+            "probe=(x, (masks, labels)) with a loss that unpacks the tuple, and pass Agent "
+            "class_target=1, or class_target= a callable targets -> (N,) class indices",
+        )
+    y = ys.detach().double().cpu()
+    if not bool(torch.isfinite(y).all()):
+        return None
+    if y.dim() == 1 or (y.dim() == 2 and y.shape[1] == 1):
+        flat = y.reshape(-1)
+        if bool(((flat >= 0) & (flat <= 1)).all()):
+            tied = int((flat == 0.5).sum())
+            return (
+                "they are a binary classifier's soft targets (probabilities in [0, 1], not 0/1:"
+                " label smoothing or a teacher's)",
+                "pass Agent class_target=lambda y: (y.reshape(-1) > 0.5).long() to group each "
+                f"example by its nearer class ({tied} of {n} at exactly 0.5)",
+            )
+        return None
+    if y.dim() != 2:
+        return None
+    binary = bool(((y == 0) | (y == 1)).all())
+    if binary:
+        ones = y.sum(1)
+        if bool((ones == 1).all()):
+            return (
+                "they are one-hot rows: each example's class is its argmax",
+                f"pass Agent {ARGMAX}",
+            )
+        several, none = int((ones > 1).sum()), int((ones == 0).sum())
+        return (
+            f"they are multi-label 0/1 rows ({several} of {n} examples have several classes, "
+            f"{none} none), so an example belongs to no one class",
+            "if each example has one class all the same, pass Agent class_target= a callable "
+            "targets -> (N,) class indices",
+        )
+    on_simplex = bool((y >= 0).all()) and bool(((y.sum(1) - 1).abs() <= 1e-6).all())
+    if not on_simplex:
+        return None
+    rows = y.sort(1, descending=True).values
+    top = rows[:, 0]
+    alike = bool(((rows - rows[:1]).abs() <= 1e-9).all())
+    if alike and float(rows[0, 0] - rows[0, 1]) > 1e-9:
+        return (
+            f"they are label-smoothed one-hot rows (each {float(rows[0, 0]):.4g} on one class, "
+            f"{float(rows[0, 1]):.4g} on each other): each example's class is its argmax",
+            f"pass Agent {ARGMAX}, to group by it",
+        )
+    lo, hi, split = float(top.min()), float(top.max()), int((top <= 0.5).sum())
+    return (
+        "they are probability rows that differ per example (mixup, CutMix or a teacher's: "
+        f"largest probability {lo:.3g} to {hi:.3g}, {split} of {n} without a majority class), so "
+        "an example with mass on several classes belongs to no one class",
+        "a probe needs no mixing: give it unmixed examples and their class indices "
+        "(CrossEntropyLoss takes either), or the hard labels beside the probabilities, "
+        "probe=(x, (probs, labels)) with a loss that unpacks the tuple and Agent class_target=1;"
+        " class_target=lambda y: y.argmax(1) would group each by its largest probability, "
+        "a guess for a mixed example",
+    )
 
 
 def kind_of(value: Any) -> str:

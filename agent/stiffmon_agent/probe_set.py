@@ -54,6 +54,8 @@ class ProbeSet:
             (N,), or a binary classifier's 0/1 floats of shape (N,) or (N, 1)), else None.
         num_classes: Number of classes (when ``labels`` is set).
         class_names: Names of the classes, if known.
+        val_left_out: Examples of the validation probe left out because the probe has no class
+            labels (:func:`without_unused_val`); 0 if none.
     """
 
     inputs: Batch
@@ -62,6 +64,7 @@ class ProbeSet:
     labels: Tensor | None
     num_classes: int
     class_names: tuple[str, ...]
+    val_left_out: int = 0
 
     @property
     def n(self) -> int:
@@ -159,13 +162,27 @@ def build_probe(
     class_target: ClassTarget = None,
 ) -> tuple[ProbeSet, str]:
     """The agent's probe: :func:`make_probe` on the model's device and floating dtype, with
-    the loss's ignore index and ``class_target``, then :func:`without_uncounted` (the probe, and
-    what it left out)."""
+    the loss's ignore index and ``class_target``, then :func:`without_unused_val` and
+    :func:`without_uncounted` (the probe, and what the latter left out)."""
     device = next((q.device for q in model.parameters()), None)
     dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
     ignore = ignore_index_of(loss_fn)
     probe = make_probe(train, val, device, num_classes, class_names, dtype, ignore, class_target)
-    return without_uncounted(probe, loss_fn)
+    return without_uncounted(without_unused_val(probe), loss_fn)
+
+
+def without_unused_val(probe: ProbeSet) -> ProbeSet:
+    """``probe`` without its validation examples when it has no class labels.
+
+    Validation examples enter only the train–val and val–val class stiffness; every other
+    measurement is of the train probe. Without class labels their per-example gradients would
+    be computed at every Gram for nothing: :attr:`ProbeSet.val_left_out` counts them instead.
+    """
+    left = probe.n - probe.n_train
+    if probe.labels is not None or left <= 0:
+        return probe
+    x, y = probe.train()
+    return ProbeSet(x, y, probe.n_train, None, probe.num_classes, probe.class_names, left)
 
 
 def without_uncounted(probe: ProbeSet, loss_fn: LossFn) -> tuple[ProbeSet, str]:
@@ -206,6 +223,7 @@ def without_uncounted(probe: ProbeSet, loss_fn: LossFn) -> tuple[ProbeSet, str]:
         labels[_on_device(index, labels)] if labels is not None else None,
         probe.num_classes,
         probe.class_names,
+        probe.val_left_out,
     )
     return kept, note
 
