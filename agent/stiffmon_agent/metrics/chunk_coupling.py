@@ -17,8 +17,11 @@ is larger than a chunk (the memory bound ``chunk_size`` exists for). Where the l
 beyond rounding, an example's loss depends on its batch and the chunked objective is not the
 probe's. A forward or loss that draws random numbers in eval mode differs between any two
 passes, coupled or not: the first chunk runs twice, and where its losses differ the check says
-nothing (the Gram's ``gram-fallback`` warning names the random forward; the Hessian uses one
-seeded draw per chunk, :mod:`~stiffmon_agent.metrics.pinned_rng`).
+nothing about coupling (the Gram's ``gram-fallback`` warning names the random forward; the
+Hessian uses one seeded draw per chunk, :mod:`~stiffmon_agent.metrics.pinned_rng`) unless the
+draws escape the seeding (numpy, Python's ``random``, a generator of the script's own: two
+seeded runs of the chunk differ): then it says that the Hessian is not of one objective. That
+check runs whatever the chunking, one chunk included.
 
 A loss with a stop-gradient is not the objective its optimizer descends. SimSiam's
 −cos(p(x₁), sg(z(x₂))), a BYOL without a separate target network, a semi-gradient TD target
@@ -48,6 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from stiffmon_agent.metrics.pinned_rng import UNPINNED, cuda_devices, unpinned
 from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
@@ -77,29 +81,50 @@ def chunking_changes_losses(
     None where they agree to rounding (or the probe is one chunk).
 
     Args:
-        model: The network (run in the measurements' eval mode, without gradients).
+        model: The network (run in the measurements' eval mode, without gradients where the
+            passes do not need them).
         inputs: The train probe's inputs, examples along dim 0.
         targets: Its targets.
         loss_fn: The measured loss (a module or a per-example callable).
         forward: ``forward(model, inputs)`` or None.
         chunk_size: The examples per pass of the Hessian-vector products.
     """
-    n = batch_size(inputs)
-    if not chunk_size or chunk_size >= n:
-        return None
     run = forward or default_forward
     fn = unreduced(loss_fn)
-    half = max(1, chunk_size // 2)
-    try:
-        with measurement_mode(model), torch.no_grad():
-            aligned = _losses(model, inputs, targets, fn, run, range(0, n, chunk_size), n)
-            again = _losses(model, inputs, targets, fn, run, [0], chunk_size)
-            if _difference(aligned[:chunk_size], again, chunk_size) is not None:
-                return None  # a random forward or loss (said by the Gram): not told from coupling
-            starts = [0, *range(half, n, chunk_size)]
-            shifted = _losses(model, inputs, targets, fn, run, starts, n)
-    except Exception:  # the measurement's own passes fail the same way, and say why
+    for grad_mode in (False, True):  # with gradients where the loss differentiates its inputs
+        try:
+            with measurement_mode(model), torch.set_grad_enabled(grad_mode):
+                return _compare(model, inputs, targets, fn, run, chunk_size)
+        except Exception:  # the measurement's own passes fail the same way, and say why
+            continue
+    return None
+
+
+def _compare(
+    model: nn.Module,
+    inputs: Batch,
+    targets: Batch,
+    fn: LossFn,
+    run: ForwardFn,
+    chunk_size: int | None,
+) -> str | None:
+    """The body of :func:`chunking_changes_losses`, in the grad mode it is called in."""
+    n = batch_size(inputs)
+    first = min(chunk_size or n, n)
+
+    def chunk0() -> Tensor:
+        return _losses(model, inputs, targets, fn, run, [0], first)
+
+    once, again = chunk0(), chunk0()
+    if _difference(once, again, first) is not None:  # a random forward or loss
+        devices = cuda_devices([q for q in model.parameters() if q.requires_grad])
+        return f"the probe's forward or loss {UNPINNED}" if unpinned(chunk0, devices) else None
+    if not chunk_size or chunk_size >= n:
         return None
+    aligned = _losses(model, inputs, targets, fn, run, range(0, n, chunk_size), n)
+    half = max(1, chunk_size // 2)
+    starts = [0, *range(half, n, chunk_size)]
+    shifted = _losses(model, inputs, targets, fn, run, starts, n)
     return _difference(aligned, shifted, chunk_size)
 
 

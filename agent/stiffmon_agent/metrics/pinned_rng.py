@@ -16,15 +16,23 @@ and every measurement then sees the same draw ξ_c per chunk: the operator is th
 fixed objective (1/N) Σ_c n_c L_c(θ; ξ_c), symmetric, and λ1_H, the trace and the density are
 those of one objective that the steps compare (common random numbers). A forward without
 randomness is unaffected.
+
+Only torch's default generators are seeded. A draw from ``numpy.random``, Python's ``random``,
+or a ``torch.Generator`` of the script's own is not: with it every product sees another draw ξ_k
+again, and in chunks the Lanczos basis mixes Hessians (λ1_H 2.52 and 2.65 at two steps of a
+12-example DDPM drawing t and ε with numpy in chunks of 5, with a ``hessian-asymmetric`` warning
+blaming a second derivative). :func:`unpinned` finds such a draw: two runs of one chunk, each
+pinned alike, that differ. :data:`UNPINNED` says what that means and what to do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
 PIN_SEED = 0x5EED
 """Seed of chunk 0's draws; chunk c uses ``PIN_SEED + c``."""
@@ -50,3 +58,39 @@ def pinned(chunk: int, devices: Sequence[int]) -> Iterator[None]:
         for d in devices:
             torch.cuda.default_generators[d].manual_seed(seed)
         yield
+
+
+UNPINNED = (
+    "draws random numbers that the agent cannot seed: two passes of the first probe chunk differ "
+    "with torch's CPU and CUDA generators seeded alike (numpy.random, Python's random, a "
+    "torch.Generator of the script's own?), so each Hessian-vector product sees another draw "
+    "and λ1_H, the trace and the density are not those of one objective (with the probe in "
+    "several chunks the Lanczos basis mixes the draws' Hessians and λ1_H means nothing; in one "
+    "chunk each measurement is of another draw). Draw with torch's default generator "
+    "(torch.randn, torch.randint, torch.rand_like, no generator=) or put the draws in the probe "
+    "(probe=((x0, t, eps), eps) with a forward that takes them)"
+)
+"""The end of the sentence said where :func:`unpinned` is true (after "the probe's forward or
+loss")."""
+
+
+def unpinned(run: Callable[[], object], devices: Sequence[int]) -> bool:
+    """Whether ``run`` gives different tensors on two calls, each inside :func:`pinned` for
+    chunk 0: a draw that seeding torch's default generators does not fix.
+
+    Args:
+        run: A pass of one probe chunk, returning a tensor or a (nested) sequence of them.
+        devices: CUDA device indices to seed, e.g. from :func:`cuda_devices`.
+    """
+    with pinned(0, devices):
+        first = _flat(run())
+    with pinned(0, devices):
+        second = _flat(run())
+    return len(first) != len(second) or any(
+        a.shape != b.shape or not torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+        for a, b in zip(first, second, strict=True)
+    )
+
+
+def _flat(out: object) -> list[Tensor]:
+    return [t.detach() for t in tree_flatten(out)[0] if isinstance(t, Tensor)]

@@ -18,9 +18,12 @@ loss beyond rounding.)
 g_i stays what it is defined as, example i's gradient on its own (as the tests' float64
 reference loop computes it), and a note says the losses are coupled. Where every example-alone
 gradient vanishes while the summed loss has a gradient (InfoNCE), there is nothing to measure:
-the Gram is refused. A forward that is random in eval mode (``F.dropout(x, p, training=True)``,
-noise not gated on ``self.training``) fails the check too, each pass drawing anew: where two
-passes of one probe example differ, the note says that instead.
+the Gram is refused. A forward or loss that is random in eval mode (``F.dropout(x, p,
+training=True)``, noise not gated on ``self.training``, random projections drawn in a sliced
+score-matching loss) fails the check too, each pass drawing anew: where two passes of one probe
+example (forward and loss) differ, the note says that instead, and where two passes with
+torch's generators seeded alike differ too (numpy or Python ``random`` draws, which the
+Hessian's seeding does not fix), that the sharpness is not of one objective either.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from stiffmon_agent.metrics.gram.verify import tolerance
+from stiffmon_agent.metrics.pinned_rng import UNPINNED, cuda_devices, unpinned
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn, per_example_losses, take
 
 SLACK = 10.0
@@ -86,7 +90,7 @@ def coupled(
             f"own has no gradient, the summed probe losses have one of norm {batch:.4g} (an "
             f"in-batch contrastive / InfoNCE loss?). {WAY_OUT[:1].upper()}{WAY_OUT[1:]}"
         )
-    if (changed := _random(model, inputs, forward)) is not None:
+    if (changed := _random(model, params, inputs, targets, forward, loss_fn)) is not None:
         if changed:
             return (
                 f"the model's buffer{'s' if len(changed) > 1 else ''} {', '.join(changed[:3])} "
@@ -96,14 +100,22 @@ def coupled(
                 "(nor is the objective one function of the weights). Update them only in "
                 "training mode (if self.training: ...)"
             )
+        if changed is _UNPINNED:
+            return (
+                "the model's forward is random in eval mode (or its loss), so the Gram's "
+                "per-example passes draw anew and the example-alone gradients do not add up to "
+                "the probe's; "
+                f"and it {UNPINNED}"
+            )
         return (
-            "the model's forward is random in eval mode (two passes of one probe example "
-            "differ: dropout called with training=True, noise not gated on self.training, a "
-            "diffusion model's t and noise drawn in the forward), so the Gram's per-example "
-            "passes draw anew (the sharpness, trace and density use one seeded draw per probe "
-            "chunk) and the example-alone gradients do not add up to the probe's. Put the draws "
-            "in the probe (probe=((x, t, eps), eps) with a forward that takes them) or gate the "
-            "randomness on self.training (F.dropout(x, p, self.training))"
+            "the model's forward is random in eval mode (two passes of one probe example, "
+            "forward and loss, differ: dropout called with training=True, noise not gated on "
+            "self.training, a diffusion model's t and noise drawn in the forward, random "
+            "projections drawn in the loss), so the Gram's per-example passes draw anew (the "
+            "sharpness, trace and density use one seeded draw per probe chunk) and the "
+            "example-alone gradients do not add up to the probe's. Put the draws in the probe "
+            "(probe=((x, t, eps), eps) with a forward that takes them) or gate the randomness "
+            "on self.training (F.dropout(x, p, self.training))"
         )
     return (
         "the per-example losses are coupled across examples (BatchNorm without running "
@@ -113,22 +125,48 @@ def coupled(
     )
 
 
-def _random(model: nn.Module, inputs: Batch, forward: ForwardFn) -> list[str] | None:
-    """Whether two forward passes of the first example give different outputs: None where they
-    do not (or a pass fails: that has another cause), else the names of the buffers the first
-    pass changed ([] for none: a random forward). The buffers are put back as they were."""
-    x = take(inputs, slice(0, 1))
+_UNPINNED: list[str] = []
+"""What :func:`_random` returns for a random forward or loss that seeding torch does not fix."""
+
+
+def _random(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    inputs: Batch,
+    targets: Batch,
+    forward: ForwardFn,
+    loss_fn: LossFn,
+) -> list[str] | None:
+    """Whether two passes (forward and loss) of the first example give different outputs or
+    losses: None where they do not (or a pass fails: that has another cause), else the names
+    of the buffers the first pass changed ([] for none: a random forward or loss;
+    :data:`_UNPINNED` where two passes pinned alike differ too). The buffers are put back.
+
+    The passes run with gradients on (without a graph kept), for losses that differentiate
+    with respect to the inputs (sliced score matching)."""
+    x, y = take(inputs, slice(0, 1)), take(targets, slice(0, 1))
     buffers = dict(model.named_buffers())
     before = {n: b.detach().clone() for n, b in buffers.items()}
+
+    def once() -> list[Tensor]:
+        out = forward(model, x)
+        loss = per_example_losses(loss_fn, out, y, 1)
+        return [t.detach() for t in tree_flatten(out)[0] if isinstance(t, Tensor)] + [loss.detach()]
+
     try:
-        with torch.no_grad():
-            first = tree_flatten(forward(model, x))[0]
-            changed = [
-                n
-                for n, b in buffers.items()
-                if b.shape != before[n].shape or not torch.equal(b, before[n])
-            ]
-            second = tree_flatten(forward(model, x))[0]
+        first = once()
+        changed = [
+            n
+            for n, b in buffers.items()
+            if b.shape != before[n].shape or not torch.equal(b, before[n])
+        ]
+        second = once()
+        differ = len(first) != len(second) or any(
+            a.shape != b.shape or not torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+            for a, b in zip(first, second, strict=True)
+        )
+        if differ and not changed and unpinned(once, cuda_devices(params)):
+            return _UNPINNED
     except Exception:
         return None
     finally:
@@ -136,8 +174,4 @@ def _random(model: nn.Module, inputs: Batch, forward: ForwardFn) -> list[str] | 
             for n, b in buffers.items():
                 if b.shape == before[n].shape:
                     b.copy_(before[n])
-    differ = any(
-        isinstance(a, Tensor) and isinstance(b, Tensor) and not torch.equal(a, b)
-        for a, b in zip(first, second, strict=False)
-    )
     return changed if differ else None
