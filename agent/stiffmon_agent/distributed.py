@@ -39,17 +39,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stiffmon_agent.metrics import measurement_mode
 from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
     LossFn,
-    default_forward,
-    per_example_losses,
     take,
-    unreduced,
 )
 from stiffmon_agent.metrics.state import trainable_parameters
+from stiffmon_agent.probe_check import probe_losses
 from stiffmon_agent.probe_set import MeasurementSkipped, ProbeSet
 
 log = logging.getLogger("stiffmon_agent")
@@ -266,7 +263,7 @@ def sharded_check_finite(
     *,
     losses: bool = True,
 ) -> None:
-    """:func:`~stiffmon_agent.probe_set.check_finite` over the shards, agreed on every rank
+    """:func:`~stiffmon_agent.probe_check.check_finite` over the shards, agreed on every rank
     (``losses`` may differ between ranks: the forward pass is local).
 
     Raises:
@@ -282,9 +279,7 @@ def sharded_check_finite(
                 bad_params += 1
         if losses:
             x, y = take(probe.inputs, slice(a, b)), take(probe.targets, slice(a, b))
-            with measurement_mode(model), torch.no_grad():
-                out = (forward or default_forward)(model, x)
-                values = per_example_losses(unreduced(loss_fn), out, y, b - a)
+            values = probe_losses(model, loss_fn, x, y, b - a, forward)
             bad = float((~torch.isfinite(values)).sum())
     except Exception as exc:
         error = exc

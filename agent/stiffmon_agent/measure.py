@@ -70,7 +70,8 @@ from stiffmon_agent.metrics.probe import (
 )
 from stiffmon_agent.metrics.symmetry import asymmetry_message
 from stiffmon_agent.outgoing import Outgoing
-from stiffmon_agent.probe_set import MeasurementSkipped, ProbeSet, check_finite, make_probe
+from stiffmon_agent.probe_check import check_finite
+from stiffmon_agent.probe_set import MeasurementSkipped, ProbeSet, make_probe
 from stiffmon_agent.sharpness_state import (
     CHUNKS_CHECK_EVERY,
     SharpnessState,
@@ -312,7 +313,7 @@ def sharpness_messages(
     }
     check = state.measured % CHUNKS_CHECK_EVERY == 0 and "hessian-chunked" not in state.reported
     state.measured += 1
-    if chunk_size and check:
+    if check:
         if (why := chunking_changes_losses(model, x, y, loss_fn, forward, chunk_size)) is not None:
             note("hessian-chunked", why, "warning")
     if state.measured == 1 and (why := stop_gradient_note(model, x, y, loss_fn, forward)):

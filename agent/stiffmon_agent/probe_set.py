@@ -7,8 +7,8 @@
   positions (padded tokens, class weights);
 * :func:`ascended`: the loss an optimizer with ``maximize=True`` descends (its negative);
 * :func:`objective_loss`: both, the loss the agent measures with;
-* :func:`check_finite`: a due measurement raises :class:`MeasurementSkipped` while the weights
-  or the train-probe loss are not finite (the agent turns it into an ``event``).
+* :class:`MeasurementSkipped`: a due measurement not taken
+  (:func:`~stiffmon_agent.probe_check.check_finite`).
 """
 
 from __future__ import annotations
@@ -22,20 +22,16 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from stiffmon_agent.class_target import ClassTarget, class_labels_of
-from stiffmon_agent.metrics import measurement_mode
 from stiffmon_agent.metrics.probe import (
     Batch,
-    ForwardFn,
     LossFn,
     PerExampleLoss,
     batch_size,
     class_weights_of,
     counted_examples,
     counted_weights,
-    default_forward,
     ignore_index_of,
     loss_reduction,
-    per_example_losses,
     take,
     unreduced,
 )
@@ -353,48 +349,3 @@ def _on_device(index: Tensor, batch: Batch) -> Tensor:
 
 class MeasurementSkipped(Exception):
     """A due measurement was not taken (non-finite weights or probe loss); the message says why."""
-
-
-def check_finite(
-    model: nn.Module,
-    loss_fn: LossFn,
-    probe: ProbeSet,
-    forward: ForwardFn | None = None,
-    *,
-    losses: bool = True,
-) -> None:
-    """Raise :class:`MeasurementSkipped` if a parameter or (with ``losses``) the train-probe
-    loss is not finite.
-
-    Without ``losses`` only the parameters are checked: a measurement that finds non-finite
-    values itself (the Gram matrix of the per-example gradients) is spared a forward pass.
-    """
-    for name, q in model.named_parameters():
-        if q.requires_grad and not bool(torch.isfinite(q).all()):
-            raise MeasurementSkipped(f"parameter {name} is not finite (the run has diverged)")
-    if not losses:
-        return
-    x, y = probe.train()
-    with measurement_mode(model), torch.no_grad():
-        try:
-            out = (forward or default_forward)(model, x)
-        except Exception as exc:
-            how = (
-                "forward(model, inputs)"
-                if forward is not None
-                else "model(**inputs)"
-                if isinstance(x, dict)
-                else "model(*inputs)"
-                if isinstance(x, tuple | list)
-                else "model(inputs)"
-            )
-            raise ValueError(
-                f"the probe forward {how} failed ({type(exc).__name__}: {exc}); pass "
-                "forward=lambda model, inputs: ... to Agent for models called another way"
-            ) from exc
-        losses = per_example_losses(unreduced(loss_fn), out, y, probe.n_train)
-    if not bool(torch.isfinite(losses).all()):
-        bad = int((~torch.isfinite(losses)).sum())
-        raise MeasurementSkipped(
-            f"the probe loss is not finite for {bad} of {probe.n_train} examples"
-        )
