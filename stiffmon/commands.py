@@ -78,7 +78,9 @@ def cmd_record(args: argparse.Namespace) -> int:
     if resolved.files:
         resolved.close()
         return fail(args, f"record takes live endpoints, not files: {resolved.files[0]}")
-    where = ", ".join(map(str, resolved.endpoints))
+    from stiffmon.tunnel import tunnel_label
+
+    where = ", ".join(tunnel_label(str(e)) for e in resolved.endpoints)  # ssh:// source, not ipc://
     output = Path(args.output)
     if output.is_dir():
         resolved.close()

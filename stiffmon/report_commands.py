@@ -55,7 +55,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
                         store.apply(msg)
                 store.source_malformed += client.stats.malformed
             if len(store.runs) == n:
-                where = ", ".join(map(str, resolved.endpoints))
+                from stiffmon.tunnel import tunnel_label
+
+                where = ", ".join(tunnel_label(str(e)) for e in resolved.endpoints)
                 dead.append(
                     f"no run answered on {where} within {args.wait:g} s "
                     "(is the agent running? a longer --wait?)"

@@ -4,16 +4,21 @@
 too. The system ``ssh`` client runs with ``-N -L`` and ``ExitOnForwardFailure``, in batch mode
 (keys or an agent, no password prompts), so ``~/.ssh/config`` applies as usual.
 
+The local end is a pair of unix sockets in a private (0700) directory, which ZeroMQ reaches as
+``ipc://`` addresses: no other user can take them while ssh is down, as they could a local TCP
+port (:mod:`stiffmon.tunnel_local`; local TCP ports are the fallback where unix sockets cannot
+be used, and the tunnel says so).
+
 The tunnel is supervised: when ``ssh`` exits (sshd restarted, the network or the remote host went
 away, the key was revoked) a thread says so, with ssh's own last words, and starts it again on the
-same local ports after 1 s, doubling up to 30 s while it keeps failing (the count restarts after a
+same local end after 1 s, doubling up to 30 s while it keeps failing (the count restarts after a
 calm minute), so a monitor connected to :attr:`Tunnel.endpoint` comes back by itself when the remote
-does. A local port taken meanwhile by another process is reported and waited for (ssh is not
-started while it is taken). ssh's stderr is always read (a pipe nobody reads fills up with its
-``channel N: open failed`` lines while the remote agent is down, and ssh then blocks: the tunnel
-froze). What a tunnel has to say is queued for :func:`take_tunnel_warnings`, which the monitor's
-client calls for the addresses it watches; :func:`tunnel_label` names the ssh source of a local
-address and whether its ssh is down.
+does. With the TCP fallback, a local port taken meanwhile by another process is reported and
+waited for (ssh is not started while it is taken). ssh's stderr is always read (a pipe nobody
+reads fills up with its ``channel N: open failed`` lines while the remote agent is down, and ssh
+then blocks: the tunnel froze). What a tunnel has to say is queued for
+:func:`take_tunnel_warnings`, which the monitor's client calls for the addresses it watches;
+:func:`tunnel_label` names the ssh source of a local address and whether its ssh is down.
 """
 
 from __future__ import annotations
@@ -27,8 +32,20 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 from stiffmon.transport import DEFAULT_PORT, Endpoint, free_port_pair
+from stiffmon.tunnel_local import (
+    TCP_FALLBACK_NOTE,
+    UnixEndpoint,
+    answers,
+    ensure_private,
+    forward_specs,
+    make_private_dir,
+    refused_unix_forward,
+    remove_private_dir,
+    unix_supported,
+)
 
 _SSH = re.compile(r"^ssh://(?:(?P<user>[^@/]+)@)?(?P<host>\[[^\]]+\]|[^:/]+)(?::(?P<port>\d+))?/?$")
 
@@ -109,6 +126,9 @@ class Tunnel:
         timeout: Seconds for the first connection to come up (it raises if not); a restart
             that takes longer is ended and tried again.
         supervise: Start ssh again when it exits (False: it stays down).
+        forward: The local end: ``"unix"`` sockets in a private directory, ``"tcp"`` ports on
+            127.0.0.1, or ``"auto"``: unix sockets where they can be used (not on Windows, nor
+            with an ssh that refuses them), else TCP.
     """
 
     def __init__(
@@ -120,13 +140,17 @@ class Tunnel:
         extra_args: tuple[str, ...] = (),
         timeout: float = 15.0,
         supervise: bool = True,
+        forward: str = "auto",
     ) -> None:
         self.target = parse_ssh(url)
         self.url = f"ssh://{self.target.destination}:{self.target.port}"
         exe = shutil.which(ssh)
         if exe is None:
             raise TunnelError(f"'{ssh}' not found: install an OpenSSH client to watch ssh:// runs")
-        self.local_port = free_port_pair()
+        if forward not in ("auto", "unix", "tcp"):
+            raise ValueError(f"forward must be 'auto', 'unix' or 'tcp', not {forward!r}")
+        self.local_dir: Path | None = None  # the unix sockets' private directory
+        self.local_port: int | None = None  # the TCP fallback's port pair
         self.timeout = timeout
         self.restarts = 0
         self.down_reason = ""  # why ssh is down, while it is
@@ -134,8 +158,7 @@ class Tunnel:
         self._lock = threading.Lock()
         self._warnings: deque[str] = deque(maxlen=50)
         self._err: deque[str] = deque(maxlen=20)  # ssh's last stderr lines
-        rp = self.target.port
-        self.cmd = [
+        self._base = [
             exe,
             "-N",
             "-o",
@@ -146,18 +169,18 @@ class Tunnel:
             "ServerAliveInterval=15",
             "-o",
             "ServerAliveCountMax=2",
-            "-L",
-            f"127.0.0.1:{self.local_port}:127.0.0.1:{rp}",
-            "-L",
-            f"127.0.0.1:{self.local_port + 1}:127.0.0.1:{rp + 1}",
         ]
-        if ssh_port:
-            self.cmd += ["-p", str(ssh_port)]
-        self.cmd += [*extra_args, "--", self.target.destination]  # never an option
-        self._spawn()
-        error = self._wait_up(timeout)
+        self._tail = (["-p", str(ssh_port)] if ssh_port else []) + [
+            *extra_args,
+            "--",
+            self.target.destination,  # never an option
+        ]
+        use_unix = forward == "unix" or (forward == "auto" and unix_supported())
+        error = self._start_unix(forward == "unix") if use_unix else ""
+        if not use_unix or self.local_dir is None:
+            error = self._start_tcp()
         if error:
-            self._end()
+            remove_private_dir(self.local_dir)
             raise TunnelError(error)
         with _OPEN_LOCK:
             _OPEN[self.endpoint.pub] = self
@@ -165,6 +188,50 @@ class Tunnel:
         if supervise:
             self._thread = threading.Thread(target=self._supervise, daemon=True, name="ssh-tunnel")
             self._thread.start()
+
+    # ------------------------------------------------------------------ the local end
+
+    @property
+    def _local(self) -> Path | int:
+        if self.local_dir is not None:
+            return self.local_dir
+        assert self.local_port is not None
+        return self.local_port
+
+    def _start_unix(self, required: bool) -> str:
+        """Start ssh forwarding to unix sockets; '' when up, else why not. An ssh that refuses
+        the socket forward leaves :attr:`local_dir` None (the TCP fallback is tried) unless
+        ``required``."""
+        try:
+            self.local_dir = make_private_dir()
+        except OSError as exc:
+            if required:
+                return f"no private directory for the tunnel's unix sockets: {exc}"
+            return ""
+        self.cmd = [*self._base, *forward_specs(self.local_dir, self.target.port), *self._tail]
+        self._spawn()
+        error = self._wait_up(self.timeout)
+        if error:
+            self._end()
+            if not required and refused_unix_forward(error):
+                remove_private_dir(self.local_dir)
+                self.local_dir = None
+                return ""
+        return error
+
+    def _start_tcp(self) -> str:
+        """Start ssh forwarding to a local TCP port pair; '' when up, else why not."""
+        self.local_port = free_port_pair()
+        self.cmd = [*self._base, *forward_specs(self.local_port, self.target.port), *self._tail]
+        self._spawn()
+        error = self._wait_up(self.timeout)
+        if error:
+            self._end()
+        else:
+            self._warn(
+                f"{self.url}: {TCP_FALLBACK_NOTE} ({self.local_port}, {self.local_port + 1})"
+            )
+        return error
 
     # ------------------------------------------------------------------ one ssh process
 
@@ -192,7 +259,7 @@ class Tunnel:
         return "; ".join(lines[-3:]) if lines else "no message"
 
     def _wait_up(self, timeout: float) -> str:
-        """Wait for the local port to answer; '' when up, else why not."""
+        """Wait for the local end to answer; '' when up, else why not."""
         deadline = time.monotonic() + timeout
         while not self._stop.is_set():
             if self.proc.poll() is not None:
@@ -200,10 +267,8 @@ class Tunnel:
                     f"ssh to {self.target.destination} failed (exit {self.proc.returncode}): "
                     f"{self._said(self.proc)}"
                 )
-            with socket.socket() as s:
-                s.settimeout(0.2)
-                if s.connect_ex(("127.0.0.1", self.local_port)) == 0:
-                    return ""
+            if answers(self._local):
+                return ""
             if time.monotonic() > deadline:
                 return f"ssh tunnel to {self.target.destination} not up after {timeout:.0f} s"
             time.sleep(0.1)
@@ -222,7 +287,10 @@ class Tunnel:
                 self.proc.stderr.close()
 
     def _ports_taken(self) -> int | None:
-        """The first of the local port pair some other process holds now, else None."""
+        """The first of the local port pair some other process holds now, else None (always
+        None for unix sockets: nobody else can enter their directory)."""
+        if self.local_port is None:
+            return None
         for port in (self.local_port, self.local_port + 1):
             with socket.socket() as s:
                 # as ssh binds it: a port in TIME_WAIT has no owner
@@ -267,6 +335,15 @@ class Tunnel:
                     said = why
                 if self._stop.wait(delay):
                     return
+                if self.local_dir is not None:
+                    try:
+                        ensure_private(self.local_dir)
+                    except OSError as exc:  # made again by someone else, or unmakeable
+                        why = f"the tunnel's socket directory is not ours or not private: {exc}"
+                        self._stop.set()
+                        self.down_reason = why
+                        self._warn(f"{self.url}: {why}; giving up (start the monitor again)")
+                        return
                 taken = self._ports_taken()
                 if taken is not None:
                     why = f"local port {taken} taken by another process; waiting for it"
@@ -288,7 +365,10 @@ class Tunnel:
 
     @property
     def endpoint(self) -> Endpoint:
-        """The local end of the tunnel."""
+        """The local end of the tunnel (``ipc://`` unix sockets, or the TCP fallback's port)."""
+        if self.local_dir is not None:
+            return UnixEndpoint("127.0.0.1", 0, str(self.local_dir))
+        assert self.local_port is not None
         return Endpoint("127.0.0.1", self.local_port)
 
     def close(self) -> None:
@@ -300,7 +380,9 @@ class Tunnel:
         with _OPEN_LOCK:
             if _OPEN.get(self.endpoint.pub) is self:
                 del _OPEN[self.endpoint.pub]
-        self._end()
+        if getattr(self, "proc", None) is not None:
+            self._end()
+        remove_private_dir(self.local_dir)
 
     def __enter__(self) -> Tunnel:
         return self

@@ -73,7 +73,7 @@ def test_a_dead_ssh_is_started_again_on_the_same_port_and_says_why(
     fake_ssh: tuple[Path, Path],
 ) -> None:
     exe, pidfile = fake_ssh
-    with Tunnel("ssh://alice@gpu-box:7000", ssh=str(exe), timeout=5) as t:
+    with Tunnel("ssh://alice@gpu-box:7000", ssh=str(exe), timeout=5, forward="tcp") as t:
         port, address = t.local_port, t.endpoint.pub
         first = int(pidfile.read_text().split()[0])
         os.kill(first, signal.SIGKILL)  # sshd died: ssh exits
@@ -96,13 +96,16 @@ def test_a_chatty_ssh_never_fills_its_stderr_pipe(
     """ssh writes a line per refused forward; unread, the 64 KiB pipe filled and ssh blocked."""
     exe, _ = fake_ssh
     monkeypatch.setenv("FAKE_SSH_STDERR", str(400_000))
-    with Tunnel("ssh://gpu-box:7000", ssh=str(exe), timeout=5) as t:
+    with Tunnel("ssh://gpu-box:7000", ssh=str(exe), timeout=5, forward="tcp") as t:
         assert _answers(t.local_port)
 
 
 def test_the_client_passes_the_tunnels_news_on(fake_ssh: tuple[Path, Path]) -> None:
     exe, pidfile = fake_ssh
-    with Tunnel("ssh://gpu-box:7000", ssh=str(exe), timeout=5) as t, Client([t.endpoint]) as c:
+    with (
+        Tunnel("ssh://gpu-box:7000", ssh=str(exe), timeout=5, forward="tcp") as t,
+        Client([t.endpoint]) as c,
+    ):
         os.kill(int(pidfile.read_text().split()[0]), signal.SIGKILL)
         said: list[str] = []
         deadline = time.monotonic() + 8
@@ -117,7 +120,7 @@ def test_a_local_port_taken_meanwhile_is_named_and_waited_for(
     fake_ssh: tuple[Path, Path],
 ) -> None:
     exe, pidfile = fake_ssh
-    with Tunnel("ssh://gpu-box:7000", ssh=str(exe), timeout=5) as t:
+    with Tunnel("ssh://gpu-box:7000", ssh=str(exe), timeout=5, forward="tcp") as t:
         port, address = t.local_port, t.endpoint.pub
         squat = socket.socket()
         squat.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
