@@ -147,15 +147,19 @@ class MemoryGuard:
     said: set[str] = field(default_factory=set)
     last: dict[str, int] = field(default_factory=dict)
 
-    def plan(self, kind: str, model: nn.Module, products: int, k: int = 1) -> MemoryPlan:
-        """The products a ``kind`` measurement of ``model`` may take instead of ``products``.
+    def plan(
+        self, kind: str, model: nn.Module, products: int, k: int = 1, dim: int | None = None
+    ) -> MemoryPlan:
+        """The products a ``kind`` measurement of ``model`` may take instead of ``products``
+        (``dim``: the numbers in one of its vectors where that is not every trainable
+        parameter: a sharpness restricted to the touched embedding rows).
 
         Raises:
             MemorySkipped: Not even :data:`MIN_PRODUCTS` fit in :data:`SAFE_FRACTION` of
                 the free memory.
         """
         params = list(trainable_parameters(model).values())
-        dim = sum(p.numel() for p in params)
+        dim = dim or sum(p.numel() for p in params)
         want = min(products, self.lowered.get(kind, products))
         if not params:
             return MemoryPlan(want, 0, None, False)

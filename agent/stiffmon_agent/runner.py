@@ -284,7 +284,9 @@ class MeasurementRunner:
         """The product budget the free memory allows (:mod:`~stiffmon_agent.memory_guard`),
         as keyword arguments of the measurement; a cap is said once per kind."""
         key, configured = self._configured(kind)
-        plan = self.memory.plan(kind, self.model, configured, self.opts.hessian_k)
+        # a sharpness restricted to the touched embedding rows: vectors of its warm start's size
+        dim = self.warm.shape[0] if kind == "sharpness" and self.warm is not None else None
+        plan = self.memory.plan(kind, self.model, configured, self.opts.hessian_k, dim)
         if plan.capped and plan.free is not None and kind not in self.memory.said:
             self.memory.said.add(kind)
             what = "steps per SLQ run" if kind == "density" else "Hessian-vector products"

@@ -12,7 +12,8 @@ products for sharpness, but nothing here knows about models.
 * :func:`power_iteration`: the method of PyHessian: v ← Av / ‖Av‖, λ = vᵀAv, stop when
   |λ − λ_prev| / |λ_prev| < ``tol``; further eigenpairs by orthogonalising against the found ones.
   It converges to the largest-magnitude eigenvalue.
-* :func:`hutchinson_trace`: tr(A) ≈ mean of zᵀAz over Rademacher vectors z.
+* :func:`~stiffmon_agent.metrics.hutchinson.hutchinson_trace` (in :mod:`.hutchinson`, imported
+  here too): tr(A) ≈ mean of zᵀAz over Rademacher vectors z.
 * :func:`~stiffmon_agent.metrics.symmetry.check_symmetry` (in :mod:`.symmetry`): whether the
   operator is symmetric at all; :func:`lanczos` checks it on a cold start's block.
 
@@ -28,9 +29,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from stiffmon_agent.metrics.hutchinson import TraceEstimate, hutchinson_trace
 from stiffmon_agent.metrics.rows import GrowingRows
 from stiffmon_agent.metrics.symmetry import MatVec, SymmetryCheck, check_symmetry
 from stiffmon_agent.metrics.symmetry import random_unit as _random_unit
+
+__all__ = [
+    "EigenResult",
+    "MatVec",
+    "SymmetryCheck",
+    "TraceEstimate",
+    "check_symmetry",
+    "hutchinson_trace",
+    "lanczos",
+    "power_iteration",
+]
 
 # A warm start accepts an extrapolated error only while the residual is within this many tol.
 RESIDUAL_FACTOR = 3.0
@@ -385,41 +398,3 @@ def power_iteration(
         residuals=torch.tensor([changes[j] for j in order], dtype=torch.float64),
         warm_start=eigenvectors,
     )
-
-
-@dataclass(frozen=True)
-class TraceEstimate:
-    """Hutchinson trace estimate: ``mean`` ± ``stderr`` from ``samples`` products."""
-
-    mean: float
-    stderr: float
-    samples: int
-
-
-def hutchinson_trace(
-    matvec: MatVec,
-    dim: int,
-    samples: int = 20,
-    *,
-    like: Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> TraceEstimate:
-    """tr(A) ≈ (1/m) Σ z_iᵀ A z_i with Rademacher z_i (entries ±1), unbiased.
-
-    Args:
-        matvec: v ↦ A v.
-        dim: Operator dimension.
-        samples: Number m of probe vectors (≥ 1).
-        like: Tensor giving dtype and device.
-        generator: Random generator for the probe vectors.
-    """
-    if samples < 1:
-        raise ValueError("samples must be at least 1")
-    like = like if like is not None else torch.zeros((), dtype=torch.float64)
-    vals = []
-    for _ in range(samples):
-        z = torch.randint(0, 2, (dim,), generator=generator).to(like) * 2 - 1
-        vals.append(float(z @ matvec(z)))
-    mean = sum(vals) / samples
-    var = sum((v - mean) ** 2 for v in vals) / (samples - 1) if samples > 1 else float("nan")
-    return TraceEstimate(mean=mean, stderr=math.sqrt(var / samples), samples=samples)

@@ -26,7 +26,6 @@ import functools
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -37,9 +36,7 @@ from stiffmon_agent.metrics.eigen import (
     EigenResult,
     TraceEstimate,
     hutchinson_trace,
-    power_iteration,
 )
-from stiffmon_agent.metrics.eigen_checked import checked_lanczos
 from stiffmon_agent.metrics.pinned_rng import cuda_devices, pinned
 from stiffmon_agent.metrics.probe import (
     Batch,
@@ -52,13 +49,18 @@ from stiffmon_agent.metrics.probe import (
     take,
     unreduced,
 )
+from stiffmon_agent.metrics.restricted import (
+    find_restriction,
+    untouched_top,
+    with_untouched,
+)
+from stiffmon_agent.metrics.solve import solve_operator
 from stiffmon_agent.metrics.state import (
     dense,
     flat_grads,
     measurement_mode,
     trainable_parameters,
 )
-from stiffmon_agent.metrics.symmetry import check_symmetry
 
 Backend = Literal["auto", "graph", "func", "double-backward"]
 
@@ -256,6 +258,7 @@ def hessian_eigen(
     wrap: Callable[[HessianOperator], Callable[[Tensor], Tensor]] | None = None,
     check_below: float | None = None,
     symmetry_check: bool = False,
+    restrict: bool | None = None,
 ) -> EigenResult:
     """Top-k Hessian eigenvalues λ1_H ≥ λ2_H ≥ … of the probe objective.
 
@@ -293,6 +296,12 @@ def hessian_eigen(
             result) even where the solve did not (a warm start without a cold check, power
             iteration): two more products of random vectors from ``generator``, counted in
             ``matvecs``. A cold Lanczos start checks anyway, at no cost.
+        restrict: Solve on the embedding rows the probe touches where that is exact
+            (:mod:`~stiffmon_agent.metrics.restricted`: H = H_TT ⊕ 0, the untouched block's
+            exact diagonal merged in); not with ``wrap`` (each process touches its own rows).
+            The eigenvectors and warm start are then in the restricted coordinates. None: where
+            the untouched rows hold at least :data:`RESTRICT_MIN` parameters (a smaller model
+            is solved whole, as a sharded measurement solves it); True: wherever exact.
 
     Returns:
         Eigenvalues (largest first), eigenvectors, the start block for the next warm start
@@ -309,35 +318,63 @@ def hessian_eigen(
             backend=backend,
             scale=scale,
         )
-        hv: Callable[[Tensor], Tensor] = op if wrap is None else wrap(op)
-        matvec = hv
-        if preconditioner is not None:
-            if preconditioner.shape != (op.dim,):
-                raise ValueError(f"preconditioner has shape {tuple(preconditioner.shape)}")
-            d = preconditioner.detach().to(op.like).rsqrt()
-            s2 = None if shift is None else shift.detach().to(op.like) * d * d
-            s2 = None if s2 is None else torch.where(torch.isfinite(d), s2, 0.0)
-
-            def matvec(v: Tensor) -> Tensor:
-                out = d * hv(d * v)
-                return out if s2 is None else out + s2 * v
-
-        like = op.like.detach()
+        if preconditioner is not None and preconditioner.shape != (op.dim,):
+            raise ValueError(f"preconditioner has shape {tuple(preconditioner.shape)}")
         kw: dict[str, Any] = {
+            "k": k,
+            "method": method,
             "init": warm_start,
             "tol": tol,
             "max_matvecs": max_hvps,
-            "like": like,
             "generator": generator,
+            "check_below": check_below,
+            "symmetry_check": symmetry_check,
         }
-        if method == "power":
-            res = power_iteration(matvec, op.dim, k, **kw)
-        else:
-            res = checked_lanczos(matvec, op.dim, k, check_below=check_below, **kw)
-        if not symmetry_check or res.symmetry is not None or res.nonfinite:
-            return res
-        sym = check_symmetry(matvec, op.dim, like=like, generator=generator)
-        return replace(res, matvecs=res.matvecs + sym.matvecs, symmetry=sym)
+        found = None
+        if restrict is not False and wrap is None and (restrict or _tables(model) >= RESTRICT_MIN):
+            found = find_restriction(model, _passes(op), op.names)
+            if restrict is None and found.untouched < RESTRICT_MIN:
+                found = None
+        if found is None or not found.tables:
+            hv: Callable[[Tensor], Tensor] = op if wrap is None else wrap(op)
+            return solve_operator(hv, op.dim, op.like.detach(), preconditioner, shift, **kw)
+        gather = functools.partial(found.gather, names=op.names, sizes=op.sizes)
+        with found.applied():  # H_TT: the compact tables in place of the whole ones
+            rop = HessianOperator(
+                model,
+                inputs,
+                targets,
+                loss_fn,
+                forward=forward,
+                chunk_size=chunk_size,
+                backend=backend,
+                scale=scale,
+            )
+            pre = None if preconditioner is None else gather(preconditioner.detach().to(op.like))
+            sh = None if shift is None or pre is None else gather(shift.detach().to(op.like))
+            res = solve_operator(rop, rop.dim, rop.like.detach(), pre, sh, **kw)
+        top = untouched_top(found, op.names, op.sizes, preconditioner, shift, k)
+        return with_untouched(res, top, k)
+
+
+RESTRICT_MIN = 1 << 20
+"""Untouched embedding parameters from which a measurement is restricted by default (each
+Lanczos vector then saves at least 4 MiB in float32)."""
+
+
+def _tables(model: nn.Module) -> int:
+    """Parameters in the model's ``nn.Embedding`` tables."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+
+
+def _passes(op: HessianOperator) -> list[Callable[[], Any]]:
+    """One callable per probe chunk running its forward and loss as a product does."""
+
+    def run(c: int, x: Batch, y: Batch, n: int) -> Any:
+        with pinned(c, op._devices):
+            return op._mean_loss(x, y, n, op.forward(op.model, x))
+
+    return [functools.partial(run, c, x, y, n) for c, (x, y, n) in enumerate(op.chunks)]
 
 
 def hessian_trace(
