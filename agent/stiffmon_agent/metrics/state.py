@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -74,7 +76,9 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
     Afterwards, also when the measurement raised: each module's ``training`` flag, every
     buffer's value, the weights of ``Embedding(max_norm=…)`` (renormalised in place
     by its forward), each parameter's ``.grad`` (the same tensor object and values),
-    and the CPU and CUDA random-number-generator states are as they were. The optimizer is never
+    and the random-number-generator states (torch's CPU and CUDA ones, ``numpy.random``'s and
+    Python's ``random``'s: a forward that draws with them leaves the training's draws as they
+    would have been without the measurement) are as they were. The optimizer is never
     touched.
     """
     modes = {m: m.training for m in model.modules()}
@@ -90,6 +94,7 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
         p: (p.grad, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()
     }
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    np_state, py_state = np.random.get_state(), random.getstate()
     with torch.random.fork_rng(devices=devices), torch.enable_grad(), ExitStack() as stack:
         stack.enter_context(_math_attention())
         stack.enter_context(plain_weight_norm(model))  # torch._weight_norm: wrong 2nd derivative
@@ -104,6 +109,8 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
             model.eval()
             yield model
         finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
             for m, training in modes.items():
                 m.training = training
             with torch.no_grad():
