@@ -52,8 +52,10 @@ def title(app: StiffmonApp) -> Text:
 def status(app: StiffmonApp) -> Text:
     """Where the data come from, errors, malformed frames."""
     parts = []
+    done = all_done(app)
     if app.live is not None:
-        parts.append(app.live.describe() + (" (paused)" if app.paused else ""))
+        word = "listening" if done else "live"
+        parts.append(done + app.live.describe(word=word) + (" (paused)" if app.paused else ""))
         if app.live.error:
             parts.append(f"error: {app.live.error}")
         if app.live.reconnects:
@@ -67,11 +69,31 @@ def status(app: StiffmonApp) -> Text:
     sep = " | " if app.ascii else "  │  "
     text = sep.join(parts)
     if app.live is not None and len(text) > app.size.width - 2:  # the counters, not cut off
-        short = app.live.describe(short=True) + (" (paused)" if app.paused else "")
+        short = app.live.describe(short=True, word=word) + (" (paused)" if app.paused else "")
+        short = done + short
         text = sep.join([short, *parts[1:]])
     return Text(
         asciify(text) if app.ascii else text, style="dim", no_wrap=True, overflow=cut(app.ascii)
     )
+
+
+DONE_STATES = ("finished", "ended", "lost")  # a run that will send nothing more
+
+
+def all_done(app: StiffmonApp) -> str:
+    """``all 24 runs over (20 finished, 4 ended); `` when no watched run is live any more
+    (finished, ended by an error, or lost), to go before the source's words (which then read
+    ``listening: …`` rather than ``live: …``: the monitor still takes new runs); ``""`` while
+    a run is live, stalled or replayed, or before any."""
+    if app.live is None or not app.store.runs:
+        return ""
+    now = app.clock()
+    states = [app.health(rd, now).state for rd in app.store.runs.values()]
+    if any(s not in DONE_STATES for s in states):
+        return ""
+    counts = ", ".join(f"{states.count(s)} {s}" for s in DONE_STATES if s in states)
+    n = len(states)
+    return f"{'the run is' if n == 1 else f'all {n} runs'} over ({counts}); "
 
 
 def empty_message(app: StiffmonApp) -> Text:

@@ -212,8 +212,9 @@ class LiveSource:
             out.append(self.warnings.popleft())
         return out
 
-    def describe(self, short: bool = False) -> str:
-        """``live: <addresses>``; ``short``: how many, where there are several."""
+    def describe(self, short: bool = False, word: str = "live") -> str:
+        """``live: <addresses>``; ``short``: how many, where there are several; ``word`` in
+        place of ``live`` (``listening`` once every run is over)."""
         n = len(self.endpoints)
         from stiffmon.tunnel import tunnel_label  # an ssh tunnel's local end: its ssh:// source
 
@@ -221,8 +222,8 @@ class LiveSource:
         where = f"{n} addresses" if short and n > 1 else ", ".join(labels)
         if self.discover:
             idle = "no live run" if self._registered else "no run yet"
-            return f"live: {where or idle} (watching for local runs)"
-        return f"live: {where}" if where else "live: no endpoint"
+            return f"{word}: {where or idle} (watching for local runs)"
+        return f"{word}: {where}" if where else f"{word}: no endpoint"
 
 
 @dataclass

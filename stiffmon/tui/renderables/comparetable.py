@@ -133,28 +133,45 @@ DROP_ORDER = ("TrK aft", "λK aft", "λH aft", "λK pk", "β", "B", "λ1", "λH 
 
 def left_out_note(names: Sequence[str], keep: Sequence[int]) -> str:
     """``not shown (no room): runs a, b; rows TrK aft``: what the narrow table leaves out."""
-    left = [f"runs {', '.join(names)}"] if names else []
+    left = [f"runs {', '.join(names)} (select with [ ])"] if names else []
     if len(keep) < len(FIELDS):
         left.append(f"rows {', '.join(h for j, (h, _) in enumerate(FIELDS) if j not in keep)}")
     return f"not shown (no room): {'; '.join(left)}" if left else ""
 
 
+def first_shown(runs: int, shown: int, selected: int) -> int:
+    """The first of ``shown`` consecutive runs (columns) of ``runs`` drawn: the page of
+    ``shown`` runs that holds run ``selected`` (``[`` / ``]`` page through them; the last page
+    ends at the last run, so it is full)."""
+    if shown >= runs:
+        return 0
+    sel = min(max(0, selected), runs - 1)
+    return min((sel // shown) * shown, runs - shown)
+
+
 def narrow_layout(
-    cells: list[list[str]], names: Sequence[str], width: int, max_rows: int | None
-) -> tuple[int, int, list[int], list[str]]:
-    """Column width, how many runs (columns) fit ``width``, which fields (rows) fit ``max_rows``
-    with the note of what is left out, and that note's lines: every cell whole."""
+    cells: list[list[str]],
+    names: Sequence[str],
+    width: int,
+    max_rows: int | None,
+    selected: int = 0,
+) -> tuple[int, int, int, list[int], list[str]]:
+    """Column width, the first run shown and how many runs (columns) fit ``width`` (the page
+    that holds run ``selected``), which fields (rows) fit ``max_rows`` with the note of what
+    is left out, and that note's lines: every cell whole."""
     need = max((len(c) for run in cells for c in run), default=1)
     col_w = max(need, 5, min(16, (width - 9) // max(1, len(cells)) - 1))
     shown = max(1, min(len(cells), (width - 9) // (col_w + 1)))
+    start = first_shown(len(cells), shown, selected)
+    hidden = [*names[:start], *names[start + shown :]]
     keep = list(range(len(FIELDS)))
-    note = textwrap.wrap(left_out_note(names[shown:], keep), max(8, width))
+    note = textwrap.wrap(left_out_note(hidden, keep), max(8, width))
     for head in DROP_ORDER:
         if max_rows is None or 1 + len(keep) + len(note) <= max_rows:
             break
         keep.remove(next(i for i, (h, _) in enumerate(FIELDS) if h == head))
-        note = textwrap.wrap(left_out_note(names[shown:], keep), max(8, width))
-    return col_w, shown, keep, note
+        note = textwrap.wrap(left_out_note(hidden, keep), max(8, width))
+    return col_w, start, shown, keep, note
 
 
 def compare_table(
@@ -163,11 +180,14 @@ def compare_table(
     ascii: bool = False,
     legend_rows: int | None = None,
     max_rows: int | None = None,
+    selected: int = 0,
 ) -> RenderableType:
     """Runs as (name, colour, ``summary.run_summary`` dict), the legend in at most
     ``legend_rows`` lines (default: all it takes), all of it in ``max_rows`` lines (default:
     any). A narrow table never cuts a value: it shows the runs (columns) and fields (rows)
-    that fit whole, and a note names the rest (a run's name may be cut, keeping names apart)."""
+    that fit whole, and a note names the rest (a run's name may be cut, keeping names apart);
+    the runs it shows are the page of them that holds run ``selected`` (an index into
+    ``runs``), so every run can be brought in with ``[`` / ``]``."""
     conv = asciify if ascii else str
     if width >= WIDE:
         legend = legend_lines(width, legend_rows, ascii)
@@ -190,19 +210,20 @@ def compare_table(
         return Group(t, legend)
     cells = [[conv(f(s, ascii)) for _, f in FIELDS] for _, _, s in runs]
     all_names = [conv(n) for n, _, _ in runs]
-    col_w, shown, keep, note = narrow_layout(cells, all_names, width, max_rows)
+    col_w, start, shown, keep, note = narrow_layout(cells, all_names, width, max_rows, selected)
     if shown < len(runs):  # "none yet" in 4 characters, if that lets more runs in
         short = [[c if c != "none yet" else "none" for c in run] for run in cells]
-        layout = narrow_layout(short, all_names, width, max_rows)
-        if layout[1] > shown:
-            cells, (col_w, shown, keep, note) = short, layout
+        layout = narrow_layout(short, all_names, width, max_rows, selected)
+        if layout[2] > shown:
+            cells, (col_w, start, shown, keep, note) = short, layout
     t = Table(box=None, header_style="bold", pad_edge=False, expand=False, padding=(0, 1, 0, 0))
     t.add_column("", no_wrap=True, style="bold")
-    names = distinct_names(all_names[:shown], col_w, ascii)
-    for name, (_, color, _) in zip(names, runs, strict=False):
+    page = slice(start, start + shown)
+    names = distinct_names(all_names[page], col_w, ascii)
+    for name, (_, color, _) in zip(names, runs[page], strict=True):
         t.add_column(Text(name, style=f"bold {color}"), justify="right", no_wrap=True)
     for i in keep:
-        t.add_row(conv(FIELDS[i][0]), *(run[i] for run in cells[:shown]))
+        t.add_row(conv(FIELDS[i][0]), *(run[i] for run in cells[page]))
     room = None if max_rows is None else max_rows - 1 - len(keep) - len(note)
     rows = room if legend_rows is None else min(legend_rows, room if room is not None else 99)
     parts: list[RenderableType] = [t]

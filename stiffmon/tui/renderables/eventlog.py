@@ -11,10 +11,21 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-from stiffmon.tui.renderables.axes import asciify, cut
+from stiffmon.tui.renderables.axes import asciify, cut, distinct_names
 
 LEVEL_STYLE = {"info": "dim", "warning": "yellow", "error": "bold red"}
 STACK_BELOW = 48  # narrower: each event's text under its level, step, time and run
+
+
+NARROW_RUN = 10  # the run column of a narrow table: a colour alone does not tell 24 runs apart
+
+
+def short_names(runs: Sequence[str], width: int, ascii: bool = False) -> dict[str, str]:
+    """Each distinct run name cut to ``width`` characters, names that differ kept different
+    (``…lr=0.0182``, ``…lr=0.1105``): :func:`distinct_names` over the runs of the log."""
+    conv = asciify if ascii else str
+    names = list(dict.fromkeys(runs))
+    return dict(zip(names, distinct_names([conv(n) for n in names], width, ascii), strict=True))
 
 
 @dataclass(frozen=True)
@@ -59,9 +70,11 @@ class EventLog:
         t.add_column("level", no_wrap=True, max_width=7)
         t.add_column("step", justify="right", no_wrap=True)
         t.add_column("time", justify="right", no_wrap=True)
-        narrow = options.max_width < 90  # the run's colour only (the run list names it)
+        narrow = options.max_width < 90  # the run's name cut short (apart from the others')
+        run_w = NARROW_RUN if options.max_width >= 70 else NARROW_RUN - 2  # the event keeps room
+        short = short_names([r.run for r in self.rows], run_w, self.ascii)
         if narrow:
-            t.add_column("", no_wrap=True, width=1)
+            t.add_column("run", no_wrap=True, overflow=cut(self.ascii), max_width=run_w)
         else:
             t.add_column("run", no_wrap=True, overflow=cut(self.ascii), max_width=12)
         t.add_column("event", ratio=1, overflow="fold")  # long texts take two lines
@@ -71,7 +84,7 @@ class EventLog:
                 Text(r.level, style=LEVEL_STYLE.get(r.level, "")),
                 "" if r.step is None else f"{r.step:,}",
                 f"+{r.seconds:.0f}s" if r.seconds == r.seconds else "",
-                Text("#" if self.ascii else "■", style=r.color)
+                Text(short.get(r.run, conv(r.run)), style=r.color)
                 if narrow
                 else Text(conv(r.run), style=r.color),
                 conv(r.text),

@@ -141,7 +141,12 @@ class Compare(View):
         cap = int(views.height * TABLE_SHARE)  # the table's max-height in app.tcss
         table.update(
             compare_table(
-                rows, width, ascii=app.ascii, legend_rows=max(1, room), max_rows=max(4, cap)
+                rows,
+                width,
+                ascii=app.ascii,
+                legend_rows=max(1, room),
+                max_rows=max(4, cap),
+                selected=app.selected % max(1, len(rows)),
             )
         )
         super().refresh()

@@ -28,6 +28,13 @@ def space_color(j: int) -> str:
     return SPACE_COLORS[j % len(SPACE_COLORS)]
 
 
+def space_label(space: str) -> str:
+    """A space's legend entry: ``input``, or ``layer 1`` for the activations of the module the
+    agent names ``1`` (``distance_layers``: an ``nn.Sequential`` index reads as a bare number),
+    ``layer encoder.layer.0``."""
+    return space if space == "input" else f"layer {space}"
+
+
 def curve_names(rd: RunData) -> list[str]:
     return sorted(k for k in rd.curves if k.startswith("stiffness-distance/"))
 
@@ -77,7 +84,7 @@ class Distance(View):
                 c = space_color(j)
                 space = name.split("/", 1)[-1]
                 x, y = snap.msg.x.astype(np.float64), snap.msg.y.astype(np.float64)
-                lines.append(Line(x, y, c, space))
+                lines.append(Line(x, y, c, space_label(space)))
                 xi = snap.msg.attrs.get("xi")
                 if isinstance(xi, int | float):
                     markers.append(Marker(float(xi), 0.0, c))
@@ -107,7 +114,8 @@ class Distance(View):
             for j, name in enumerate(names):
                 xy = self.xy(rd, name)
                 if xy is not None:
-                    lines.append(self.run_line(rd, name, xy, space_color(j), name.split("/", 1)[1]))
+                    label = space_label(name.split("/", 1)[1])
+                    lines.append(self.run_line(rd, name, xy, space_color(j), label))
         title = f"{rd.name}: critical length ξ per space over training" if rd else "ξ"
         none = rd is not None and no_curve(rd) is not None
         empty = "no ξ for this run (no curve is made)" if none else "no ξ yet"

@@ -4,12 +4,14 @@ first; ``f`` cycles the level filter, ``/`` filters by text, ``r`` shows the sel
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from rich.console import RenderableType
 from textual.containers import Vertical
 from textual.widget import Widget
 from textual.widgets import Input
 
+from stiffmon import protocol as p
 from stiffmon.tui.renderables.eventlog import EventLog, LogRow
 from stiffmon.tui.views.base import ChartView, View, run_color
 
@@ -23,6 +25,24 @@ def wall_time(t: float, first_t: float) -> float:
     if math.isfinite(t):
         return t
     return first_t if math.isfinite(first_t) else -math.inf
+
+
+def said_by_agent(ev: p.Event, agent_events: Sequence[p.Event]) -> bool:
+    """Whether ``ev`` is the monitor's own ``finished`` line for a run whose agent logged a
+    ``finished`` event of its own (``stiffmon demo``'s runs do, with the validation accuracy):
+    one line says it, not two."""
+    return (
+        ev.code == "monitor"
+        and ev.message == "finished"
+        and any(a.code == "finished" for a in agent_events)
+    )
+
+
+def event_text(ev: p.Event, run_name: str) -> str:
+    """``code: message``, the message without a leading ``<run name>: `` (the run column
+    names the run)."""
+    msg = ev.message.removeprefix(f"{run_name}: ") if run_name else ev.message
+    return msg if ev.code in ("", "monitor") else f"{ev.code}: {msg}"
 
 
 class Log(View):
@@ -52,10 +72,12 @@ class Log(View):
                 continue
             events = [*rd.events, *app.monitor_events.get(rd.run, ())]
             for ev in events:
+                if said_by_agent(ev, rd.events):
+                    continue
                 lvl = ev.level if ev.level in LEVELS else "info"
                 if LEVELS.index(lvl) < floor:
                     continue
-                text = ev.message if ev.code in ("", "monitor") else f"{ev.code}: {ev.message}"
+                text = event_text(ev, rd.name)
                 if needle and needle not in text.lower() and needle not in rd.name.lower():
                     continue
                 secs = ev.t - rd.first_t if math.isfinite(rd.first_t) else math.nan
