@@ -69,6 +69,7 @@ from stiffmon_agent.metrics.probe import (
 from stiffmon_agent.optimizer_read import default_run_name, framework_inner, optimizer_config
 from stiffmon_agent.optimizer_skips import OptimizerSkips
 from stiffmon_agent.optimizer_swap import OptimizerSwap
+from stiffmon_agent.precision_note import low_precision_note
 from stiffmon_agent.probe_set import build_probe, objective_loss
 from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.rank_batches import RankBatches
@@ -321,6 +322,8 @@ class Agent(AgentOutput, MeasuringAgent, OptimizerSwap, JoinableAgent):
             self.event(code, note)
         if self._probe_note:
             self.warn("probe-uncounted", self._probe_note)
+        if probe is not None and (note := low_precision_note(self.model)):
+            self.warn("low-precision", note)
         if note := sum_over_note(sum_over, loss_fn):  # a mean loss ignores the user's
             self.warn("sum-over-ignored", note)
         if probe is not None and (note := unoptimized_note(self.model, optimizer)):
