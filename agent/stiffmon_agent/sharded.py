@@ -29,7 +29,7 @@ from stiffmon_agent.distributed import (
     extremes,
 )
 from stiffmon_agent.metrics import capture_activations, measurement_mode
-from stiffmon_agent.metrics.grad_blocks import LayerGrads, per_example_grad_blocks
+from stiffmon_agent.metrics.grad_blocks import LayerGrads, fell_back, per_example_grad_blocks
 from stiffmon_agent.metrics.gram import GramResult
 from stiffmon_agent.metrics.probe import ForwardFn, LossFn, take
 from stiffmon_agent.metrics.sharpness import HessianOperator
@@ -115,9 +115,16 @@ def sharded_gram(
         except Exception as exc:
             error = exc
         agree(error, "the per-example gradients", device)
-        if _same_everywhere(_layout(blocks), device):
+        # a rank whose check failed redid its rows exactly: so does every rank (one decision
+        # everywhere, no rank left with rows its check did not see, and rank 0 says why)
+        redone = int(not exact and fell_back(notes))
+        if _same_everywhere([*_layout(blocks), redone], device):
             break
-        notes = (*notes, "the ranks chose different gradient forms: exact dense gradients")
+        notes = (
+            *notes,
+            "the ranks chose different gradient forms or another rank's check failed: exact dense "
+            "gradients on every rank",
+        )
     rank = shard.rank
     plan = tasks(rank, counts)
     mine: list[list[Tensor]] = []  # per layer: its blocks, in the order of the plan

@@ -102,7 +102,7 @@ def main() -> None:
 
         sh._on = no_memory  # type: ignore[assignment]
     if mode == "fail" and rank == 1:
-        import stiffmon_agent.distributed as dd
+        import stiffmon_agent.probe_check as dd
         import stiffmon_agent.sharded as d
 
         def broken(*args: object, **kwargs: object) -> object:

@@ -16,13 +16,23 @@ Layers with a hook rule (linear, conv, norms, attention) get them from one forwa
 pass per chunk; embeddings and every other parameter get exact ``vmap(grad)`` gradients (else the
 per-example loop). The same safety net as the Gram's checks diagonal and off-diagonal entries
 against single-example backward passes and redoes everything exactly (dense) on a mismatch, with
-a warning. Keys are those of :func:`~stiffmon_agent.metrics.gram.per_example_gram`'s ``layers``.
+a warning; on the same schedule as the one-process Gram (a model's first measurement, every
+:data:`SUM_CHECK_EVERY`-th, and every one once it has failed) it also checks the first chunk's
+Gram through one weighted batch pass (:func:`~stiffmon_agent.metrics.gram.verify.
+check_weighted_sum`: vᵀG v = ‖∇ Σ v_i L_i‖² for random signs v), which the entries miss where the
+checked examples' rows happen to be right (a graph network's isolated nodes). Each rank checks
+its own examples with no collective of its own (a rank whose check raises fails in
+:func:`~stiffmon_agent.distributed.agree` like any other error, with nobody left waiting); the
+count is advanced at every call, so ranks that make the same calls check at the same
+measurements. Keys are those of :func:`~stiffmon_agent.metrics.gram.per_example_gram`'s
+``layers``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +49,7 @@ from stiffmon_agent.metrics.gram.contract import (
 )
 from stiffmon_agent.metrics.gram.coupling import coupled
 from stiffmon_agent.metrics.gram.plan import Layer, ghost_cost, plan
-from stiffmon_agent.metrics.gram.verify import check_entries, mismatch_note
+from stiffmon_agent.metrics.gram.verify import check_entries, check_weighted_sum, mismatch_note
 from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
@@ -54,6 +64,7 @@ __all__ = [
     "LayerGrads",
     "block_keys",
     "blocks_gram_result",
+    "fell_back",
     "ghost_cross",
     "per_example_grad_blocks",
 ]
@@ -106,6 +117,20 @@ class LayerGrads:
         for a, b in self.factors:
             out = out + ghost_gram(a, b)
         return out
+
+
+SUM_CHECK_EVERY = 10
+"""The weighted-sum check runs at a model's first fast blocks, every 10th call after, and at
+every call once it has failed on this rank (as :data:`stiffmon_agent.metrics.gram.
+SUM_CHECK_EVERY` for the one-process Gram)."""
+_sum_checks: weakref.WeakKeyDictionary[nn.Module, tuple[int, bool]] = weakref.WeakKeyDictionary()
+_FALLBACK = "Using the exact per-example path."
+
+
+def fell_back(notes: tuple[str, ...]) -> bool:
+    """Whether ``notes`` (from :func:`per_example_grad_blocks`) say a check failed and the blocks
+    were redone exactly: what the ranks of a sharded Gram must agree on."""
+    return any(note.endswith(_FALLBACK) for note in notes)
 
 
 def _hookable(model: nn.Module) -> dict[str, Layer]:
@@ -186,8 +211,18 @@ def per_example_grad_blocks(
         args = (model, params, inputs, targets, forward, loss_fn, n_total, chunk, keys, n_choose)
         blocks, notes, alone = _blocks(*args, exact_only=exact)
         if verify and not exact and len(_hookable(model)):
+            count, failed = _sum_checks.get(model, (0, False))
+            due = failed or count % SUM_CHECK_EVERY == 0
+            _sum_checks[model] = (count + 1, failed)  # advanced whatever happens below
             g = _checked_entries(blocks, n_total)
-            bad = check_entries(model, list(params.values()), g, inputs, targets, forward, loss_fn)
+            plist = list(params.values())
+            bad = check_entries(model, plist, g, inputs, targets, forward, loss_fn)
+            if bad is None and due:  # the entries miss errors confined to others (graph rows)
+                first = _first_chunk_gram(blocks, chunk)
+                bad = check_weighted_sum(
+                    model, plist, first, inputs, targets, forward, loss_fn, chunk
+                )
+                _sum_checks[model] = (count + 1, failed or bad is not None)
             if bad is not None:
                 note = mismatch_note("the per-example gradient blocks", bad)
                 warnings.warn(f"stiffmon: {note}", RuntimeWarning, stacklevel=2)
@@ -212,6 +247,13 @@ def _checked_entries(blocks: dict[str, LayerGrads], n: int) -> Tensor:
     out = sub.new_zeros(n, n)
     out[idx[:, None], idx[None, :]] = sub
     return out
+
+
+def _first_chunk_gram(blocks: dict[str, LayerGrads], chunk: int) -> Tensor:
+    """G[:c, :c] of the first c = ``chunk`` examples, which :func:`check_weighted_sum` reads:
+    c² entries, not the whole local Gram."""
+    idx = torch.arange(chunk)
+    return torch.stack([g.take(idx).gram() for g in blocks.values()]).sum(0)
 
 
 def _blocks(
