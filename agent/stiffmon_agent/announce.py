@@ -32,6 +32,7 @@ from stiffmon import __version__
 from stiffmon.registry import RunEntry, register
 from stiffmon.transport import CurveKeys, load_curve_server
 from stiffmon_agent.class_target import no_class_note
+from stiffmon_agent.freq_scaled import freq_scaling_note
 from stiffmon_agent.metrics.state import unoptimized
 from stiffmon_agent.metrics.thresholds import maximizes
 from stiffmon_agent.probe_set import CountWeighting, ProbeSet
@@ -223,7 +224,9 @@ def probe_notes(
     targets are not class labels gets no class stiffness, and one whose inputs are not one
     floating-point tensor no stiffness-vs-distance curve (unless layers are named); the rest is
     measured. With the ``model``: its BatchNorm or Dropout layers are measured in eval mode
-    (:func:`eval_mode_note`); with the ``optimizer``: ``maximize=True`` (:func:`maximize_note`)."""
+    (:func:`eval_mode_note`), its embeddings with ``scale_grad_by_freq=True`` rescale their
+    backward (:func:`~stiffmon_agent.freq_scaled.freq_scaling_note`); with the ``optimizer``:
+    ``maximize=True`` (:func:`maximize_note`)."""
     if probe is None:
         return []
     out = []
@@ -231,6 +234,8 @@ def probe_notes(
         out.append(("maximize", maximize_note(ascent)))
     if model is not None and (note := eval_mode_note(model)):
         out.append(("eval-mode", note))
+    if model is not None and (note := freq_scaling_note(model)):  # a backward not a gradient
+        out.append(("grad-scale-by-freq", note))
     if probe.labels is None:  # why, and the class_target= that would give them
         out.append(("no-class-labels", no_class_note(probe.targets, probe.val_left_out)))
     x, _ = probe.train()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from stiffmon_agent.freq_scaled import unscaled
 from stiffmon_agent.metrics.optimizer_kind import number
 from stiffmon_agent.metrics.plain_weight_norm import plain_weight_norm
 
@@ -99,6 +100,7 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
         stack.enter_context(_math_attention())
         stack.enter_context(plain_weight_norm(model))  # torch._weight_norm: wrong 2nd derivative
         stack.enter_context(_own_forward(model))  # accelerate's autocast wrapper: not measured
+        stack.enter_context(unscaled(model))  # Embedding(scale_grad_by_freq): true derivatives
         for device_type in ("cpu", "cuda"):  # step() inside the user's autocast block
             if _autocast_enabled(device_type):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
