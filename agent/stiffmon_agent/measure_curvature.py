@@ -9,7 +9,8 @@ Message names (the monitor relies on them):
 * on the density schedule: ``curve`` ``hessian-density`` (x: eigenvalue grid, y: density),
   ``attrs`` ``sigma`` (Gaussian broadening, standard deviation), ``grid`` (``"linear"``),
   ``runs``, ``steps``, ``hvps``, ``dim``, ``ritz_min``, ``ritz_max``, ``trace``,
-  ``trace_stderr``; and ``scalars`` ``curvature/{trace,trace_stderr,hvps}``.
+  ``trace_stderr``, ``zero_mass``, ``solved_dim``; and ``scalars``
+  ``curvature/{trace,trace_stderr,hvps}``.
 
 The Hessian is that of the mean loss on the train probe, the one whose λ1_H the sharpness
 measurement tracks (same operator, :class:`~stiffmon_agent.metrics.sharpness.HessianOperator`).
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from stiffmon import protocol as p
 from stiffmon_agent.metrics import HessianOperator, gradient_tests, measurement_mode
-from stiffmon_agent.metrics.density import spectral_density
+from stiffmon_agent.metrics.density import spectral_density, with_zero_block
 from stiffmon_agent.metrics.eigen import MatVec
 from stiffmon_agent.metrics.gradient_tests import (
     DEFAULT_NU_ORTHO,
@@ -35,6 +36,7 @@ from stiffmon_agent.metrics.gradient_tests import (
     DEFAULT_THETA_NORM,
 )
 from stiffmon_agent.metrics.probe import Batch, ForwardFn, LossFn
+from stiffmon_agent.metrics.restricted_curvature import touched_operator
 from stiffmon_agent.outgoing import Outgoing
 
 if TYPE_CHECKING:  # measure imports this module for the gradient tests
@@ -85,6 +87,7 @@ def density_messages(
     scale: float = 1.0,
     train: tuple[Batch, Batch] | None = None,
     wrap: Callable[[HessianOperator], MatVec] | None = None,
+    restrict: bool | None = None,
 ) -> list[Outgoing]:
     """Spectral density (SLQ) and Hutchinson trace of the train-probe Hessian.
 
@@ -109,13 +112,24 @@ def density_messages(
         train: The examples this process computes (sharded: its shard); default the train probe.
         wrap: Turns the operator into the H v measured (see
             :func:`~stiffmon_agent.metrics.sharpness.hessian_eigen`).
+        restrict: Run SLQ on the embedding rows the probe touches where that is exact and
+            add the untouched rows' eigenvalue 0 as an exact point mass of weight |U|/P
+            (:mod:`~stiffmon_agent.metrics.restricted_curvature`; the trace and every moment
+            are the whole Hessian's); never with ``wrap``. None: where the untouched rows hold
+            at least ``RESTRICT_MIN`` parameters, as sharpness; True: wherever exact.
     """
     t = time.time()
     x, y = train if train is not None else probe.train()
-    with measurement_mode(model):
-        op = HessianOperator(
+
+    def build() -> HessianOperator:
+        return HessianOperator(
             model, x, y, loss_fn, forward=forward, chunk_size=chunk_size, scale=scale
         )
+
+    with (
+        measurement_mode(model),
+        touched_operator(model, build, restrict=restrict, sharded=wrap is not None) as (op, rs),
+    ):
         res = spectral_density(
             op if wrap is None else wrap(op),
             op.dim,
@@ -125,7 +139,10 @@ def density_messages(
             like=op.like.detach(),
             generator=generator,
         )
+        if rs is not None:
+            res = with_zero_block(res, op.dim + rs.untouched)
     grid, dens, sigma = res.broadened(points=points, sigma=res.default_sigma(sigma_relative))
+    lo, hi = res.support()
     trace, stderr = res.trace.mean, res.trace.stderr
     attrs: dict[str, float | int | str | None] = {
         "sigma": sigma,
@@ -135,8 +152,10 @@ def density_messages(
         "steps": res.steps,
         "hvps": res.matvecs,
         "dim": res.dim,
-        "ritz_min": float(res.nodes.min()),
-        "ritz_max": float(res.nodes.max()),
+        "ritz_min": lo,
+        "ritz_max": hi,
+        "zero_mass": res.zero_mass,
+        "solved_dim": res.solved_dim or res.dim,
         "trace": trace if math.isfinite(trace) else None,
         "trace_stderr": stderr if math.isfinite(stderr) else None,
     }

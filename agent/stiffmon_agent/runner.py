@@ -285,7 +285,7 @@ class MeasurementRunner:
         as keyword arguments of the measurement; a cap is said once per kind."""
         key, configured = self._configured(kind)
         # a sharpness restricted to the touched embedding rows: vectors of its warm start's size
-        dim = self.warm.shape[0] if kind == "sharpness" and self.warm is not None else None
+        dim = self.warm.shape[0] if self.warm is not None else None  # (density: the same rows)
         plan = self.memory.plan(kind, self.model, configured, self.opts.hessian_k, dim)
         if plan.capped and plan.free is not None and kind not in self.memory.said:
             self.memory.said.add(kind)

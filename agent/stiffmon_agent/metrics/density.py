@@ -28,6 +28,16 @@ eigenpairs and too slow for 100-step quadratures at P ~ 10⁵; the tests check t
 Ritz values lie in
 [λ_min, λ_max] and the extreme ones converge first, so the grid, padded by a few σ beyond the
 extreme Ritz values, covers the spectrum's support once ``steps`` is moderate.
+
+* **A zero block** (:func:`with_zero_block`): for A = A_TT ⊕ 0_UU (the Hessian with embedding
+  rows the probe never touches, :mod:`~stiffmon_agent.metrics.restricted`) the density is
+  exactly φ = (|T|/P) φ_TT + (|U|/P) δ_0, so SLQ runs on A_TT (vectors of |T| numbers) and the
+  point mass at 0 is added exactly (:attr:`SpectralDensity.zero_mass`): every moment
+  ∫ t^k dφ = (|T|/P) ∫ t^k dφ_TT (k ≥ 1; 1 for k = 0) and the trace tr(A) = tr(A_TT) are those
+  of A. A Rademacher z over all P gives zᵀAz = z_Tᵀ A_TT z_T, so the trace samples have the very
+  same distribution (same variance, the published stderr stays that of the whole operator's
+  estimator); what the restriction gains is memory, time, and the m Gauss nodes all spent on
+  φ_TT instead of partly on resolving the atom at 0.
 """
 
 from __future__ import annotations
@@ -87,6 +97,9 @@ class SpectralDensity:
         trace: Hutchinson estimate of tr(A) from the runs' starts and any extra samples.
         matvecs: Products used in all.
         dim: Operator dimension P.
+        zero_mass: Weight |U|/P of an exact point mass at 0 (a zero block A = A_TT ⊕ 0_UU,
+            :func:`with_zero_block`); the rows of ``weights`` then sum to 1 − ``zero_mass``.
+        solved_dim: Dimension of the block SLQ ran on (|T|; P without a zero block).
     """
 
     nodes: Tensor
@@ -94,6 +107,8 @@ class SpectralDensity:
     trace: TraceEstimate
     matvecs: int
     dim: int
+    zero_mass: float = 0.0
+    solved_dim: int | None = None
 
     @property
     def runs(self) -> int:
@@ -104,18 +119,26 @@ class SpectralDensity:
         return int(self.nodes.shape[1])
 
     def moment(self, k: int) -> Tensor:
-        """Per-run quadrature Σ_j w_j θ_j^k (R,); its mean estimates tr(A^k)/P."""
-        return (self.weights * self.nodes**k).sum(dim=1)
+        """Per-run quadrature Σ_j w_j θ_j^k (+ the point mass at 0: ``zero_mass`` · 0^k)
+        (R,); its mean estimates tr(A^k)/P."""
+        atom = self.zero_mass if k == 0 else 0.0
+        return (self.weights * self.nodes**k).sum(dim=1) + atom
+
+    def support(self) -> tuple[float, float]:
+        """The extreme Ritz values, with the exact eigenvalue 0 of a zero block."""
+        lo, hi = float(self.nodes.min()), float(self.nodes.max())
+        return (min(lo, 0.0), max(hi, 0.0)) if self.zero_mass > 0 else (lo, hi)
 
     def default_sigma(self, relative: float = 0.01) -> float:
         """A broadening of ``relative`` × the spread of the Ritz values (1e-12 if they agree)."""
-        spread = float(self.nodes.max() - self.nodes.min()) if self.nodes.numel() else 0.0
-        return max(relative * spread, 1e-12)
+        lo, hi = self.support() if self.nodes.numel() else (0.0, 0.0)
+        return max(relative * (hi - lo), 1e-12)
 
     def broadened(
         self, points: int = 256, sigma: float | None = None, pad: float = 4.0
     ) -> tuple[Tensor, Tensor, float]:
-        """The density on a grid: mean over runs of Σ_k w_k N(t; θ_k, σ²).
+        """The density on a grid: mean over runs of Σ_k w_k N(t; θ_k, σ²) (+ ``zero_mass`` ·
+        N(t; 0, σ²)).
 
         Args:
             points: Grid size (≥ 2).
@@ -132,11 +155,13 @@ class SpectralDensity:
         s = self.default_sigma() if sigma is None else float(sigma)
         if not s > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
-        lo = float(self.nodes.min()) - pad * s
-        hi = float(self.nodes.max()) + pad * s
-        grid = torch.linspace(lo, hi, points, dtype=torch.float64)
+        lo, hi = self.support()
+        grid = torch.linspace(lo - pad * s, hi + pad * s, points, dtype=torch.float64)
         nodes = self.nodes.reshape(-1, 1)
         w = self.weights.reshape(-1, 1) / self.runs
+        if self.zero_mass > 0:
+            nodes = torch.cat([nodes, nodes.new_zeros(1, 1)])
+            w = torch.cat([w, w.new_full((1, 1), self.zero_mass)])
         z = (grid.reshape(1, -1) - nodes) / s
         density = (w * torch.exp(-0.5 * z * z)).sum(dim=0) / (s * math.sqrt(2.0 * math.pi))
         return grid, density, s
@@ -241,6 +266,25 @@ def spectral_density(
         trace=trace_from_samples(samples),
         matvecs=matvecs,
         dim=dim,
+    )
+
+
+def with_zero_block(res: SpectralDensity, dim: int) -> SpectralDensity:
+    """The density of A = A_TT ⊕ 0 (``dim`` = P ≥ |T|) from SLQ on A_TT (``res``):
+    φ = (|T|/P) φ_TT + ((P − |T|)/P) δ_0, exactly (weights scaled, the point mass at 0 in
+    ``zero_mass``); the trace is unchanged (tr A = tr A_TT)."""
+    if dim < res.dim:
+        raise ValueError(f"the whole operator ({dim}) is smaller than its block ({res.dim})")
+    if dim == res.dim:
+        return res
+    return SpectralDensity(
+        nodes=res.nodes,
+        weights=res.weights * (res.dim / dim),
+        trace=res.trace,
+        matvecs=res.matvecs,
+        dim=dim,
+        zero_mass=(dim - res.dim) / dim,
+        solved_dim=res.dim,
     )
 
 

@@ -1,6 +1,9 @@
 r"""Hutchinson's trace estimator: tr(A) ≈ (1/m) Σ z_iᵀ A z_i over Rademacher vectors z_i.
 
 Unbiased (E[z zᵀ] = I), variance 2 Σ_{i≠j} A_ij² / m; pure linear algebra on a ``matvec``.
+For A = A_TT ⊕ 0 (embedding rows a probe never touches) zᵀAz = z_Tᵀ A_TT z_T, so the estimator
+on the block A_TT (:mod:`~stiffmon_agent.metrics.restricted_curvature`) is the same estimator,
+variance included, with vectors of |T| numbers instead of P.
 """
 
 from __future__ import annotations
