@@ -55,6 +55,15 @@ class _EndpointState:
     wanted: bool = True  # a snapshot should be requested as soon as possible
     last_request: float = 0.0
     reconnect: bool = True  # False: connected once, detached when the connection is lost
+    drops: int = 0  # snapshot connections remade since the address last answered
+
+
+def said_at(n: int) -> bool:
+    """Whether the ``n``-th drop in a row of an address is said: 1, 2, 5, 10, 20, 50, 100, …
+    (an address where nothing answers is remade every few seconds, and would fill the screen)."""
+    while n >= 10 and n % 10 == 0:
+        n //= 10
+    return n in (1, 2, 5)
 
 
 class Client:
@@ -233,7 +242,14 @@ class Client:
         self._eps[st.dealer] = st
         st.pending_since = None
         self.stats.reconnects += 1
-        self._warn(f"{st.endpoint.snapshot} dropped the snapshot connection; reconnecting")
+        st.drops += 1
+        if st.drops == 1:
+            self._warn(f"{st.endpoint.snapshot} dropped the snapshot connection; reconnecting")
+        elif said_at(st.drops):  # the 2nd, 5th, 10th, 20th, … time in a row: nothing answers
+            self._warn(
+                f"{st.endpoint.snapshot} dropped the snapshot connection again ({st.drops} times,"
+                " no answer since: not a stiffmon agent or relay?); reconnecting"
+            )
 
     def _warn(self, text: str) -> None:
         self.stats.last_error = text
@@ -303,6 +319,7 @@ class Client:
                     if sock is self.sub:
                         self._order.on_live(frames, out)
                     else:
+                        self._eps[sock].drops = 0  # it answers: a later drop is news again
                         self._order.on_snapshot(self._eps[sock], frames, out)
                 answering = self._eps.get(sock)
                 if answering is not None and answering.pending_since is not None:

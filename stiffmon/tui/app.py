@@ -34,7 +34,7 @@ from stiffmon.tui.runpanel import RunPanel
 from stiffmon.tui.sources import LiveSource, ReplaySource
 from stiffmon.tui.terminal import ascii_mode
 from stiffmon.tui.views import BLOCKS, VIEWS, ChartView, View
-from stiffmon.tui.views.base import SMOOTHING
+from stiffmon.tui.views.base import RUN_ORDERS, SMOOTHING, sorted_runs
 from stiffmon.tui.views.log import LEVELS
 
 SPEEDS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, math.inf)
@@ -75,6 +75,7 @@ class StiffmonApp(App[None]):
         self.view_name = "overview"
         self.log_y = self.x_time = self.paused = False
         self.smooth_i = self.block_i = self.metric_i = self.selected = 0
+        self.run_order = RUN_ORDERS[0]
         self.kind = "cos"
         self.scrub: int | None = None  # measurement index in the stiffness / distance views
         self.cursor = (0, 0)  # heatmap cell
@@ -216,6 +217,7 @@ class StiffmonApp(App[None]):
         if not has_runs:
             self.query_one("#empty", Static).update(chrome.empty_message(self))
             return
+        self.sort_runs()
         self.query_one("#runs", RunPanel).show(chrome.run_rows(self), ascii=self.ascii)
         self.views[self.view_name].refresh()
 
@@ -380,6 +382,17 @@ class StiffmonApp(App[None]):
         if self.store.runs:
             self.selected = (self.selected + direction) % len(self.store.runs)
             self.scrub = None
+        self.redraw(force=True)
+
+    def sort_runs(self) -> None:
+        """Put the store's runs in ``run_order`` (the run list, ``[``/``]`` and every view go
+        by it), keeping the selected run selected."""
+        self.store.runs, self.selected = sorted_runs(self.store.runs, self.run_order, self.selected)
+
+    def action_order(self) -> None:
+        self.run_order = RUN_ORDERS[(RUN_ORDERS.index(self.run_order) + 1) % len(RUN_ORDERS)]
+        self.sort_runs()
+        self.notify(f"runs in {self.run_order} order", title="stiffmon")
         self.redraw(force=True)
 
     def action_toggle_run(self) -> None:

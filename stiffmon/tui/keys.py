@@ -41,6 +41,7 @@ BINDINGS: list[BindingType] = [
     Binding("left_square_bracket", "select_run(-1)", "previous run", show=False),
     Binding("right_square_bracket", "select_run(1)", "next run", show=False),
     Binding("t", "toggle_run", "show / hide run", show=False),
+    Binding("o", "order", "run order: connect / name / lr", show=False),
     Binding("e", "screenshot", "screenshot"),
     Binding("ctrl+l", "redraw", "redraw", show=False),
 ]

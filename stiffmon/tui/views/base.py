@@ -4,6 +4,7 @@ functions that turn a run's series into chart lines under the app's toggles."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -24,7 +25,7 @@ from stiffmon.tui.runlines import run_line, series_x
 if TYPE_CHECKING:
     from stiffmon.tui.app import StiffmonApp
 
-PALETTE = (
+PALETTE = (  # 20 hues told apart on a dark screen: the first 10 as before, then 10 more
     "#e45756",
     "#4c78a8",
     "#54a24b",
@@ -35,7 +36,20 @@ PALETTE = (
     "#ff9da6",
     "#9d755d",
     "#bab0ac",
+    "#00c0ff",
+    "#a0e000",
+    "#ff5fd7",
+    "#8787ff",
+    "#ffaf00",
+    "#00d7af",
+    "#d75f00",
+    "#afafff",
+    "#5f8700",
+    "#ff0087",
 )
+RUN_ORDERS = ("connect", "name", "lr")
+"""The run list's orders (``o`` cycles them): as the runs connected, by name (natural: ``lr=0.01``
+before ``lr=0.1`` before ``lr=1``), by learning rate (the run's first; unknown ones last)."""
 SMOOTHING = (0.0, 0.6, 0.9, 0.99)
 Builder = Callable[[int, int], RenderableType]
 # which measurement produces a scalar (for the skipped-measurement marks on the x axis)
@@ -45,6 +59,47 @@ MEASURED_BY = {"sharpness": "sharpness", "stiffness": "gram", "noise": "gram", "
 def run_color(rd: RunData) -> str:
     """Stable colour of a run: by order of appearance."""
     return PALETTE[rd.index % len(PALETTE)]
+
+
+def natural_key(text: str) -> tuple[tuple[int, float, str], ...]:
+    """Sort key of a name: its numbers by value (``1e-3``, ``0.01``, ``12``), the rest by text."""
+    parts = re.split(r"(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", text)
+    return tuple(
+        (0, float(p), "") if i % 2 else (1, 0.0, p.casefold()) for i, p in enumerate(parts) if p
+    )
+
+
+def first_lr(rd: RunData) -> float:
+    """η of a run as it started (param group 0): its first ``lr/0``, else the hello's; NaN."""
+    s = rd.scalars.get("lr/0")
+    if s is not None and len(s.values) and math.isfinite(s.values[0]):
+        return float(s.values[0])
+    lr = rd.optimizer.get("lr")
+    return float(lr) if isinstance(lr, (int, float)) and math.isfinite(lr) else math.nan
+
+
+def ordered(runs: list[RunData], order: str) -> list[RunData]:
+    """``runs`` in ``order`` (one of :data:`RUN_ORDERS`); ties and unknowns by connect order."""
+    if order == "name":
+        return sorted(runs, key=lambda rd: (natural_key(rd.name), rd.index))
+    if order == "lr":
+        lr = {rd.index: first_lr(rd) for rd in runs}
+        return sorted(runs, key=lambda rd: (math.isnan(lr[rd.index]), lr[rd.index], rd.index))
+    return sorted(runs, key=lambda rd: rd.index)
+
+
+def sorted_runs(
+    runs: dict[str, RunData], order: str, selected: int
+) -> tuple[dict[str, RunData], int]:
+    """``runs`` (run id -> data) in ``order`` and the index of the run at ``selected`` there
+    (``runs`` itself where it is in order already)."""
+    now = list(runs.values())
+    want = ordered(now, order)
+    if [rd.index for rd in want] == [rd.index for rd in now]:
+        return runs, selected
+    key = {id(rd): run for run, rd in runs.items()}
+    chosen = now[selected % len(now)]
+    return {key[id(rd)]: rd for rd in want}, want.index(chosen)
 
 
 def capped(widget: Widget, lines: list[Text], more: Callable[[list[Text]], Text]) -> list[Text]:
@@ -278,7 +333,7 @@ class View:
         return build
 
     def selected_run(self) -> RunData | None:
-        runs = list(self.app.store.runs.values())
+        runs = list(self.app.store.runs.values())  # in the run list's order (the app sorts it)
         return runs[self.app.selected % len(runs)] if runs else None
 
 
