@@ -168,7 +168,7 @@ class Emitter:
             what = ""
             if rows is not None:
                 attrs |= {"first_step": rows[0], "last_step": rows[1]}
-                what = f"; the per-step values of steps {rows[0]} to {rows[1]}"
+                what = f"; the per-step values of steps {rows[0]} to {rows[1]} are missing from it"
             text = (
                 f"recording resumed at step {msg.step}: {lost} message(s) were not written to "
                 f"the file ({why.strerror or why}){what}"

@@ -109,4 +109,6 @@ def test_recording_pauses_while_the_disk_is_full_and_resumes_saying_what_it_lost
     lost = set(range(300)) - set(rows)
     a = resumed[0].attrs
     assert lost == set(range(a["first_step"], a["last_step"] + 1)), (lost, a)
+    said = f"steps {a['first_step']} to {a['last_step']} are missing from it"
+    assert resumed[0].message.endswith(said), resumed[0].message
     assert any(m.KIND == "bye" for m in msgs)
