@@ -107,6 +107,8 @@ def record(
     """Record until ``stop()``, ``duration`` seconds, or (``until_bye``) every run said bye.
 
     Agents that restart appear as new runs in the same file. Heartbeats are not recorded.
+    The client's warnings (an ssh tunnel that exited or came back, a connection made again) are
+    said on stderr as they come.
 
     Returns:
         (messages written, run ids seen, malformed frames dropped).
@@ -134,6 +136,8 @@ def record(
         try:
             while not stop() and (deadline is None or time.monotonic() < deadline):
                 write(client.poll(0.1))
+                for text in client.take_warnings():  # ssh exited / up again, connections remade
+                    _say(text)
                 writer.drain()
                 if until_bye and runs and finished >= runs:
                     break
