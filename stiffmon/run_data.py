@@ -23,6 +23,7 @@ import numpy.typing as npt
 from stiffmon import derive
 from stiffmon import protocol as p
 from stiffmon.process_check import WriterState
+from stiffmon.replay_stalls import StallLog
 from stiffmon.run_health import (
     FOLLOW_QUIET_SECONDS,
     LOST_SECONDS,
@@ -83,6 +84,9 @@ class RunData:
     column_tail: tuple[int, float] | None = None  # (step, time) of the last columns row
     progress: Progress = field(default_factory=Progress)
     cut_off: str = ""  # the address it comes through, while its connection is lost
+    first_step: int | None = None  # the lowest step any message carried (None: none yet)
+    stall_log: StallLog = field(default_factory=StallLog)  # stalls told from the step times
+    stall_events: dict[int, p.Event] = field(default_factory=dict)  # a replay's, by stall index
 
     @property
     def name(self) -> str:
@@ -232,7 +236,11 @@ class RunData:
         return f"{metric} disabled: {self.disabled[metric]}"
 
     def problem_at(self, problem: str) -> tuple[int, float] | None:
-        """(step, time) of what made one of :meth:`health`'s ``problems`` (None: not one)."""
+        """(step, time) of what made one of :meth:`health`'s ``problems`` (None: not one); a
+        replayed run's ``run appeared …`` at its first step (not where the monitor first looked:
+        a replay at full speed has applied many steps by then)."""
+        if self.replay and problem.startswith("run appeared") and self.first_step is not None:
+            return self.first_step, self.first_t
         if self.diverged_step is not None and problem.startswith("diverged at step"):
             loss = self.series("loss")
             if loss is not None and len(loss):

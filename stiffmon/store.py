@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from stiffmon import protocol as p
+from stiffmon.replay_stalls import stall_event
 from stiffmon.run_data import MAX_EVENTS as MAX_EVENTS
 from stiffmon.run_data import MAX_SKIP_STEPS as MAX_SKIP_STEPS
 from stiffmon.run_data import MEASUREMENTS, RunData, Snapshot, Status
@@ -51,6 +52,10 @@ __all__ = [
     "Store",
     "duration",
 ]
+
+
+ENDED_WELL = frozenset({"", "closed", "exit", "done"})  # a bye's reasons for a run that finished
+# (a stall open at an ``interrupted`` / ``terminated`` / ``error: …`` bye was stopped in the hang)
 
 
 class Store:
@@ -99,10 +104,15 @@ class Store:
         rd.last_seen = time.monotonic() if now is None else now
         if msg.KIND != "heartbeat":
             rd.last_step = max(rd.last_step, msg.step)
+            if not isinstance(msg, p.Hello):  # its step is no step of the loop
+                first = msg.step
+                if isinstance(msg, p.Columns) and msg.steps.size:
+                    first = int(msg.steps[0])
+                rd.first_step = first if rd.first_step is None else min(rd.first_step, first)
             t0 = float(msg.times[0]) if isinstance(msg, p.Columns) else msg.t
             rd.first_t = t0 if math.isnan(rd.first_t) else min(rd.first_t, t0)
             rd.last_t = msg.t if math.isnan(rd.last_t) else max(rd.last_t, msg.t)
-        self._note_progress(rd.progress, msg, rd.last_seen)
+        self._note_stalls(rd, msg, replay)  # and the run's progress
         if isinstance(msg, p.Scalars):
             for name, value in zip(msg.names, msg.values.tolist(), strict=True):
                 s = rd.scalars.get(name)
@@ -144,6 +154,41 @@ class Store:
         if isinstance(msg, p.Hello | p.Bye) or (isinstance(msg, p.Heartbeat) and prog.step < 0):
             return
         prog.advance(msg.step, msg.t)
+
+    @staticmethod
+    def _note_stalls(rd: RunData, msg: p.Message, replay: bool) -> None:
+        """Stalls told from the step times (:mod:`stiffmon.replay_stalls`): the gaps before and
+        between ``msg``'s steps (before the run's progress moves over them), and how long the
+        agent has talked since its last step (after); a replay logs each as a warning event
+        (live, the monitor sees a stall as it happens and says so itself)."""
+        prog, log = rd.progress, rd.stall_log
+        if isinstance(msg, p.Columns):
+            changed = log.rows(prog, msg.steps, msg.times)
+        elif isinstance(msg, p.Hello | p.Heartbeat | p.Bye):
+            changed = []
+        else:
+            changed = log.rows(prog, [msg.step], [msg.t])
+        Store._note_progress(prog, msg, rd.last_seen)
+        if isinstance(msg, p.Bye):  # after the last step: the time up to a bye is no hang,
+            last = log.stalls[-1] if log.stalls else None  # unless the run was stopped in it
+            if last is not None and not last.resumed and msg.reason in ENDED_WELL:
+                log.stalls.pop()
+                ev = rd.stall_events.pop(len(log.stalls), None)
+                rd.events = [e for e in rd.events if e is not ev]
+        elif not isinstance(msg, p.Hello):
+            t = max(msg.t, float(msg.times[-1])) if isinstance(msg, p.Columns) else msg.t
+            changed = changed + [s for s in log.quiet(prog, t) if s not in changed]
+        if not replay:
+            return
+        for stall in changed:
+            i = log.stalls.index(stall)
+            ev, old = stall_event(rd.run, stall), rd.stall_events.get(i)
+            rd.stall_events[i] = ev
+            j = next((k for k, e in enumerate(rd.events) if e is old), None)
+            if j is None:
+                rd.note_event(ev)
+            else:
+                rd.events[j] = ev
 
     def _apply_columns(self, rd: RunData, msg: p.Columns) -> None:
         """Append a batch of per-step scalars; ``step_time`` is derived from the row times."""

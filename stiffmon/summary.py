@@ -57,11 +57,15 @@ def run_status(rd: RunData, now: float | None = None, health: Health | None = No
     """The run's state in the app's words (:meth:`RunData.health`): ``finished``, ``exited``,
     ``no bye (crashed?)`` for a recorded run that ended without a bye (``no bye yet (writer pid
     N still running)`` while it is being written), ``live``, ``stalled 12s`` …; with
-    ``, diverged @N`` when its loss diverged (``health``: :func:`ended_health`, if known)."""
+    ``, diverged @N`` when its loss diverged (``health``: :func:`ended_health`, if known) and
+    ``, stalls: 1 (60s at step 300)`` when its loop hung (told from the step times by the live
+    monitor's rule: :mod:`stiffmon.replay_stalls`)."""
     h = health or ended_health(rd, now)
+    text = h.text
     if rd.diverged_step is not None:
-        return f"{h.text}, diverged @{rd.diverged_step:,}"
-    return h.text
+        text += f", diverged @{rd.diverged_step:,}"
+    stalls = rd.stall_log.summary()
+    return f"{text}, {stalls}" if stalls else text
 
 
 def solve_attrs(rd: RunData, spectrum: str = "hessian", suffix: str = "") -> dict[str, Any]:
@@ -107,7 +111,9 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
     the ``threshold_*`` / ``sharpness_*converged`` keys are :func:`solve_attrs` of λ1_H and, with
     ``_precond``, of λ1(P⁻¹H) (adaptive optimizers; None elsewhere). ``status``
     is :func:`run_status`, ``state`` and ``problems`` those of :meth:`RunData.health` (a recorded
-    run without a bye has ended: ``no bye (crashed?)``).
+    run without a bye has ended: ``no bye (crashed?)``); ``stalls`` the stretches without a new
+    step longer than the live stall limit (:mod:`stiffmon.replay_stalls`), and ``events`` counts
+    the run's own events (not the stalls a replay derives).
     """
     be = rd.break_even()
     be_k = rd.break_even_k()
@@ -159,7 +165,11 @@ def run_summary(rd: RunData, now: float | None = None) -> dict[str, Any]:
         "within_minus_between": rd.last("stiffness/cos/train-train/within")
         - rd.last("stiffness/cos/train-train/between"),
         "diverged_step": rd.diverged_step,
-        "events": len(rd.events),
+        "events": len(rd.events) - len(rd.stall_events),  # the run's own, not the derived
+        "stalls": [
+            {"step": st.step, "t": st.t, "seconds": st.seconds, "resumed": st.resumed}
+            for st in rd.stall_log.stalls
+        ],
         "dropped": rd.dropped,  # messages the agent lost (its last heartbeat says)
         "status": run_status(rd, now, health),
         "state": health.state,
