@@ -28,6 +28,7 @@ measurement (:attr:`Restriction.kept` says why); the other tables are still rest
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,12 +43,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from stiffmon_agent.metrics.eigen import EigenResult
+from stiffmon_agent.metrics.pinned_rng import pinned
 
 __all__ = [
+    "RESTRICT_MIN",
     "ROWS",
     "Restriction",
     "Table",
     "find_restriction",
+    "restriction_for",
     "shift_diagonal",
     "untouched_top",
     "with_untouched",
@@ -314,3 +318,49 @@ def with_untouched(res: EigenResult, top: Tensor, k: int) -> EigenResult:
         eigenvalues=vals[order].to(res.eigenvalues),
         residuals=resid[order].to(res.residuals),
     )
+
+
+RESTRICT_MIN = 1 << 20
+"""Untouched embedding parameters from which a measurement is restricted by default (each
+Lanczos vector then saves at least 4 MiB in float32)."""
+
+
+def restriction_for(
+    model: nn.Module, op: Any, restrict: bool | None, sharded: bool = False
+) -> Restriction | None:
+    """The restriction a measurement of ``op`` (a
+    :class:`~stiffmon_agent.metrics.HessianOperator` of ``model``) uses, or None to solve the
+    whole H.
+
+    Args:
+        model: The network (in measurement mode).
+        op: Its Hessian operator over all trainable parameters.
+        restrict: None: where the untouched rows hold at least :data:`RESTRICT_MIN` parameters
+            (a smaller model is solved whole, as a sharded measurement solves it); True:
+            wherever exact; False: never.
+        sharded: The products are summed over processes: never (each touches its own rows).
+    """
+    if restrict is False or sharded:
+        return None
+    if not restrict and table_parameters(model) < RESTRICT_MIN:
+        return None  # the probe forward that finds the rows is not worth it
+    found = find_restriction(model, probe_passes(op), op.names)
+    if not found.tables or (restrict is None and found.untouched < RESTRICT_MIN):
+        return None
+    return found
+
+
+def table_parameters(model: nn.Module) -> int:
+    """Parameters in the model's ``nn.Embedding`` tables."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+
+
+def probe_passes(op: Any) -> list[Callable[[], Any]]:
+    """One callable per probe chunk of ``op`` running its forward and loss as a product does
+    (with the chunk's pinned random state)."""
+
+    def run(c: int, x: Any, y: Any, n: int) -> Any:
+        with pinned(c, op._devices):
+            return op._mean_loss(x, y, n, op.forward(op.model, x))
+
+    return [functools.partial(run, c, x, y, n) for c, (x, y, n) in enumerate(op.chunks)]

@@ -14,7 +14,7 @@ With T the touched coordinates and U the untouched embedding rows (see
 
 The restriction is the sharpness measurement's (:func:`~stiffmon_agent.metrics.sharpness.
 hessian_eigen`): by default only where the untouched rows hold at least
-:data:`~stiffmon_agent.metrics.sharpness.RESTRICT_MIN` parameters, never with ``wrap``
+:data:`~stiffmon_agent.metrics.restricted.RESTRICT_MIN` parameters, never with ``wrap``
 (a sharded measurement: each process touches its own rows), and a table is kept whole where
 the restriction would not be exact.
 """
@@ -26,8 +26,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from stiffmon_agent.metrics import sharpness
-from stiffmon_agent.metrics.restricted import Restriction, find_restriction
+from stiffmon_agent.metrics.restricted import Restriction, restriction_for
 from stiffmon_agent.metrics.sharpness import HessianOperator
 
 __all__ = ["touched_operator"]
@@ -47,7 +46,7 @@ def touched_operator(
         model: The network (already in measurement mode).
         build: Makes the :class:`HessianOperator` of the probe objective (called once, and
             once more with the compact tables in place where restricted).
-        restrict: None: where the untouched rows hold at least ``sharpness.RESTRICT_MIN``
+        restrict: None: where the untouched rows hold at least ``restricted.RESTRICT_MIN``
             parameters; True: wherever exact; False: never.
         sharded: The products are summed over processes (``wrap``): never restricted.
 
@@ -57,13 +56,8 @@ def touched_operator(
         ``restriction.untouched``. The tables are restored on exit.
     """
     op = build()
-    found = None
-    if restrict is not False and not sharded:
-        if restrict or sharpness._tables(model) >= sharpness.RESTRICT_MIN:
-            found = find_restriction(model, sharpness._passes(op), op.names)
-            if restrict is None and found.untouched < sharpness.RESTRICT_MIN:
-                found = None
-    if found is None or not found.tables:
+    found = restriction_for(model, op, restrict, sharded)
+    if found is None:
         yield op, None
         return
     with found.applied():

@@ -50,7 +50,7 @@ from stiffmon_agent.metrics.probe import (
     unreduced,
 )
 from stiffmon_agent.metrics.restricted import (
-    find_restriction,
+    restriction_for,
     untouched_top,
     with_untouched,
 )
@@ -300,7 +300,8 @@ def hessian_eigen(
             (:mod:`~stiffmon_agent.metrics.restricted`: H = H_TT ⊕ 0, the untouched block's
             exact diagonal merged in); not with ``wrap`` (each process touches its own rows).
             The eigenvectors and warm start are then in the restricted coordinates. None: where
-            the untouched rows hold at least :data:`RESTRICT_MIN` parameters (a smaller model
+            the untouched rows hold at least
+            :data:`~stiffmon_agent.metrics.restricted.RESTRICT_MIN` parameters (a smaller model
             is solved whole, as a sharded measurement solves it); True: wherever exact.
 
     Returns:
@@ -330,12 +331,8 @@ def hessian_eigen(
             "check_below": check_below,
             "symmetry_check": symmetry_check,
         }
-        found = None
-        if restrict is not False and wrap is None and (restrict or _tables(model) >= RESTRICT_MIN):
-            found = find_restriction(model, _passes(op), op.names)
-            if restrict is None and found.untouched < RESTRICT_MIN:
-                found = None
-        if found is None or not found.tables:
+        found = restriction_for(model, op, restrict, sharded=wrap is not None)
+        if found is None:
             hv: Callable[[Tensor], Tensor] = op if wrap is None else wrap(op)
             return solve_operator(hv, op.dim, op.like.detach(), preconditioner, shift, **kw)
         gather = functools.partial(found.gather, names=op.names, sizes=op.sizes)
@@ -355,26 +352,6 @@ def hessian_eigen(
             res = solve_operator(rop, rop.dim, rop.like.detach(), pre, sh, **kw)
         top = untouched_top(found, op.names, op.sizes, preconditioner, shift, k)
         return with_untouched(res, top, k)
-
-
-RESTRICT_MIN = 1 << 20
-"""Untouched embedding parameters from which a measurement is restricted by default (each
-Lanczos vector then saves at least 4 MiB in float32)."""
-
-
-def _tables(model: nn.Module) -> int:
-    """Parameters in the model's ``nn.Embedding`` tables."""
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
-
-
-def _passes(op: HessianOperator) -> list[Callable[[], Any]]:
-    """One callable per probe chunk running its forward and loss as a product does."""
-
-    def run(c: int, x: Batch, y: Batch, n: int) -> Any:
-        with pinned(c, op._devices):
-            return op._mean_loss(x, y, n, op.forward(op.model, x))
-
-    return [functools.partial(run, c, x, y, n) for c, (x, y, n) in enumerate(op.chunks)]
 
 
 def hessian_trace(

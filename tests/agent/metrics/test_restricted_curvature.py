@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from stiffmon_agent.measure_curvature import density_messages
-from stiffmon_agent.metrics import HessianOperator, measurement_mode, sharpness
+from stiffmon_agent.metrics import HessianOperator, measurement_mode, restricted
 from stiffmon_agent.metrics import density as density_mod
 from stiffmon_agent.metrics.density import spectral_density, with_zero_block
 from stiffmon_agent.metrics.restricted_curvature import touched_operator
@@ -153,7 +153,7 @@ def test_density_messages_restrict_past_the_threshold_and_publish_the_whole_dens
 
     attrs, *_ = _published(run())  # default: 381 table numbers < RESTRICT_MIN, whole
     assert attrs["solved_dim"] == big and attrs["zero_mass"] == 0.0
-    monkeypatch.setattr(sharpness, "RESTRICT_MIN", 100)
+    monkeypatch.setattr(restricted, "RESTRICT_MIN", 100)
     attrs, *_ = _published(run(wrap=lambda op: op))  # sharded: never restricted
     assert attrs["solved_dim"] == big
     attrs, grid, dens, vals = _published(run())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from stiffmon_agent.metrics import sharpness
+from stiffmon_agent.metrics import restricted
 from stiffmon_agent.metrics.sharpness import hessian_eigen
 from tests.agent.metrics.test_restricted_embedding import CE, TIGHT, Rec, _dim, _probe
 
@@ -29,15 +29,15 @@ def test_untouched_rows_past_the_threshold_are_restricted_by_default(
     model = Rec().double()
     x, y = _probe()
     whole = hessian_eigen(model, x, y, CE, k=2, **TIGHT)  # type: ignore[arg-type]
-    monkeypatch.setattr(sharpness, "RESTRICT_MIN", 100)  # ≥ 330 untouched of 381 table numbers
+    monkeypatch.setattr(restricted, "RESTRICT_MIN", 100)  # ≥ 330 untouched of 381 table numbers
     res = hessian_eigen(model, x, y, CE, k=2, **TIGHT)  # type: ignore[arg-type]
     assert res.warm_start.shape[0] < _dim(model)
     assert float((res.eigenvalues - whole.eigenvalues).abs().max()) <= 1e-9 * float(
         whole.eigenvalues.abs().max()
     )
-    monkeypatch.setattr(sharpness, "RESTRICT_MIN", 10_000)
+    monkeypatch.setattr(restricted, "RESTRICT_MIN", 10_000)
     assert hessian_eigen(model, x, y, CE, k=2, **TIGHT).warm_start.shape[0] == _dim(model)  # type: ignore[arg-type]
 
 
 def test_the_count_is_of_embedding_tables() -> None:
-    assert sharpness._tables(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))) == 40
+    assert restricted.table_parameters(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))) == 40

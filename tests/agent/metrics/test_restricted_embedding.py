@@ -230,7 +230,6 @@ class Shared(nn.Module):
     [
         (lambda: Rec(padding_idx=0), "user.weight", "padding_idx"),
         (lambda: Rec(max_norm=0.5), "user.weight", "max_norm"),
-        (lambda: Rec(scale_grad_by_freq=True), "user.weight", "scale_grad_by_freq"),
         (Tied, "emb.weight", "also used by"),
         (Direct, "item.weight", "outside the module"),
         (Penalised, "user.weight", "also used by"),
@@ -246,8 +245,6 @@ def test_what_is_not_exactly_restrictable_stays_whole(make, table: str, why: str
         found = find_restriction(model, [lambda: CE(model(x), y)], names)
     assert why in found.kept.get(table, ""), found.kept
     assert table not in {t.name for t in found.tables}
-    if why == "scale_grad_by_freq":
-        return  # its backward is not a gradient: HVPs asymmetric (flagged), no λ to compare
     quick = {"tol": 1e-8, "max_hvps": 60}
     res = hessian_eigen(model, x, y, CE, k=2, restrict=True, **quick)  # type: ignore[arg-type]
     full = hessian_eigen(model, x, y, CE, k=2, restrict=False, **quick)  # type: ignore[arg-type]
@@ -288,3 +285,18 @@ def test_random_indices_drawn_in_the_forward_are_found_per_chunk() -> None:
     full = hessian_eigen(model, x, y, CE, k=2, chunk_size=5, restrict=False, **TIGHT)  # type: ignore[arg-type]
     assert res.warm_start.shape[0] < full.warm_start.shape[0]
     assert _rel(res.eigenvalues, full.eigenvalues) < 1e-9
+
+
+def test_a_frequency_scaled_table_is_measured_unscaled_and_restricted() -> None:
+    """measurement_mode switches ``scale_grad_by_freq`` off (its backward is not a gradient),
+    so the table is restricted like any other and λ is the loss's dense Hessian's."""
+    torch.manual_seed(7)
+    model = Rec(scale_grad_by_freq=True).double()
+    twin = Rec().double()
+    twin.load_state_dict(model.state_dict())
+    x, y = _probe()
+    ref = _top(_dense_h(twin, x, y), 2)
+    res = hessian_eigen(model, x, y, CE, k=2, restrict=True, **TIGHT)  # type: ignore[arg-type]
+    assert res.warm_start.shape[0] < _dim(model)
+    assert _rel(res.eigenvalues, ref) < 1e-9
+    assert model.user.scale_grad_by_freq  # restored
