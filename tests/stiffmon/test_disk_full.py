@@ -108,6 +108,9 @@ class _FakeClient:
         out, self.msgs = self.msgs[:3], self.msgs[3:]
         return [(m, [bytes(f) for f in p.encode(m)]) for m in out]
 
+    def take_warnings(self) -> list[str]:
+        return []
+
     def flush_pending(self) -> list[tuple[p.Message, list[bytes]]]:
         return []
 
