@@ -308,8 +308,9 @@ def hessian_eigen(
         Eigenvalues (largest first), eigenvectors, the start block for the next warm start
         (``warm_start``), the HVP count, and the symmetry check.
     """
-    with measurement_mode(model):
-        op = HessianOperator(
+
+    def build() -> HessianOperator:
+        return HessianOperator(
             model,
             inputs,
             targets,
@@ -319,6 +320,9 @@ def hessian_eigen(
             backend=backend,
             scale=scale,
         )
+
+    with measurement_mode(model):
+        op = build()
         if preconditioner is not None and preconditioner.shape != (op.dim,):
             raise ValueError(f"preconditioner has shape {tuple(preconditioner.shape)}")
         kw: dict[str, Any] = {
@@ -337,16 +341,7 @@ def hessian_eigen(
             return solve_operator(hv, op.dim, op.like.detach(), preconditioner, shift, **kw)
         gather = functools.partial(found.gather, names=op.names, sizes=op.sizes)
         with found.applied():  # H_TT: the compact tables in place of the whole ones
-            rop = HessianOperator(
-                model,
-                inputs,
-                targets,
-                loss_fn,
-                forward=forward,
-                chunk_size=chunk_size,
-                backend=backend,
-                scale=scale,
-            )
+            rop = build()
             pre = None if preconditioner is None else gather(preconditioner.detach().to(op.like))
             sh = None if shift is None or pre is None else gather(shift.detach().to(op.like))
             res = solve_operator(rop, rop.dim, rop.like.detach(), pre, sh, **kw)
