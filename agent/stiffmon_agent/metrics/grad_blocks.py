@@ -16,9 +16,10 @@ Layers with a hook rule (linear, conv, norms, attention) get them from one forwa
 pass per chunk; embeddings and every other parameter get exact ``vmap(grad)`` gradients (else the
 per-example loop). The same safety net as the Gram's checks diagonal and off-diagonal entries
 against single-example backward passes and redoes everything exactly (dense) on a mismatch, with
-a warning; on the same schedule as the one-process Gram (a model's first measurement, every
-:data:`SUM_CHECK_EVERY`-th, and every one once it has failed) it also checks the first chunk's
-Gram through one weighted batch pass (:func:`~stiffmon_agent.metrics.gram.verify.
+a warning; on the same schedule as the one-process Gram
+(:class:`~stiffmon_agent.metrics.gram.verify.SumCheckSchedule`: a model's first measurement,
+every 10th, and every one once it has failed) it also checks the first chunk's Gram through
+one weighted batch pass (:func:`~stiffmon_agent.metrics.gram.verify.
 check_weighted_sum`: vᵀG v = ‖∇ Σ v_i L_i‖² for random signs v), which the entries miss where the
 checked examples' rows happen to be right (a graph network's isolated nodes). Each rank checks
 its own examples with no collective of its own (a rank whose check raises fails in
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +49,12 @@ from stiffmon_agent.metrics.gram.contract import (
 )
 from stiffmon_agent.metrics.gram.coupling import coupled
 from stiffmon_agent.metrics.gram.plan import Layer, ghost_cost, plan
-from stiffmon_agent.metrics.gram.verify import check_entries, check_weighted_sum, mismatch_note
+from stiffmon_agent.metrics.gram.verify import (
+    SumCheckSchedule,
+    check_entries,
+    check_weighted_sum,
+    mismatch_note,
+)
 from stiffmon_agent.metrics.probe import (
     Batch,
     ForwardFn,
@@ -119,11 +124,7 @@ class LayerGrads:
         return out
 
 
-SUM_CHECK_EVERY = 10
-"""The weighted-sum check runs at a model's first fast blocks, every 10th call after, and at
-every call once it has failed on this rank (as :data:`stiffmon_agent.metrics.gram.
-SUM_CHECK_EVERY` for the one-process Gram)."""
-_sum_checks: weakref.WeakKeyDictionary[nn.Module, tuple[int, bool]] = weakref.WeakKeyDictionary()
+_sum_checks = SumCheckSchedule()  # the sharded blocks' (the one-process Gram keeps its own)
 _FALLBACK = "Using the exact per-example path."
 
 
@@ -211,9 +212,7 @@ def per_example_grad_blocks(
         args = (model, params, inputs, targets, forward, loss_fn, n_total, chunk, keys, n_choose)
         blocks, notes, alone = _blocks(*args, exact_only=exact)
         if verify and not exact and len(_hookable(model)):
-            count, failed = _sum_checks.get(model, (0, False))
-            due = failed or count % SUM_CHECK_EVERY == 0
-            _sum_checks[model] = (count + 1, failed)  # advanced whatever happens below
+            due = _sum_checks.due(model)  # counted at every call, whatever happens below
             g = _checked_entries(blocks, n_total)
             plist = list(params.values())
             bad = check_entries(model, plist, g, inputs, targets, forward, loss_fn)
@@ -222,7 +221,8 @@ def per_example_grad_blocks(
                 bad = check_weighted_sum(
                     model, plist, first, inputs, targets, forward, loss_fn, chunk
                 )
-                _sum_checks[model] = (count + 1, failed or bad is not None)
+                if bad is not None:
+                    _sum_checks.failed(model)
             if bad is not None:
                 note = mismatch_note("the per-example gradient blocks", bad)
                 warnings.warn(f"stiffmon: {note}", RuntimeWarning, stacklevel=2)

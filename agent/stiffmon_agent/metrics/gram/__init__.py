@@ -25,9 +25,7 @@ and leaves the model as it was
 from __future__ import annotations
 
 import warnings
-import weakref
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +37,12 @@ from stiffmon_agent.metrics.gram.contract import cat, embedding_gram, ghost_gram
 from stiffmon_agent.metrics.gram.coupling import coupled
 from stiffmon_agent.metrics.gram.loop import loop_grads
 from stiffmon_agent.metrics.gram.plan import Block, Layer, Method, gram_flops_estimate, plan
-from stiffmon_agent.metrics.gram.verify import check_entries, check_weighted_sum, mismatch_note
+from stiffmon_agent.metrics.gram.verify import (
+    SumCheckSchedule,
+    check_entries,
+    check_weighted_sum,
+    mismatch_note,
+)
 from stiffmon_agent.metrics.gram.vmap import vmap_grads
 from stiffmon_agent.metrics.probe import (
     Batch,
@@ -78,22 +81,7 @@ class GramResult:
         return self.total.diagonal().clamp_min(0).sqrt()
 
 
-SUM_CHECK_EVERY = 10
-"""The weighted-sum check (:func:`.verify.check_weighted_sum`, one more batch pass: ~40 % of a
-small CNN's Gram) runs at a model's first fast Gram, every 10th after, and at every one once it
-has failed for that model (its fast path is then wrong at every measurement)."""
-_sum_checks: weakref.WeakKeyDictionary[nn.Module, tuple[int, bool]] = weakref.WeakKeyDictionary()
-
-
-def _sum_check(
-    model: nn.Module, params: list[nn.Parameter], total: Tensor, *rest: Any
-) -> str | None:
-    """:func:`.verify.check_weighted_sum` where it is due for ``model``, else None."""
-    count, failed = _sum_checks.get(model, (0, False))
-    due = failed or count % SUM_CHECK_EVERY == 0
-    bad = check_weighted_sum(model, params, total, *rest) if due else None
-    _sum_checks[model] = (count + 1, failed or bad is not None)
-    return bad
+_sum_checks = SumCheckSchedule()  # the one-process Gram's (the sharded blocks keep their own)
 
 
 def _module_prefix(param_name: str) -> str:
@@ -163,8 +151,13 @@ def per_example_gram(
         fast = any(m in ("ghost", "materialise") for m in result.methods.values())
         if verify and fast:
             bad = check_entries(model, list(params.values()), result.total, *args[2:6])
-            if bad is None:  # the entries miss errors confined to others (a graph's rows)
-                bad = _sum_check(model, list(params.values()), result.total, *args[2:6], chunk)
+            if bad is None and _sum_checks.due(model):  # the entries miss errors confined to
+                # other examples (a graph's rows)
+                bad = check_weighted_sum(
+                    model, list(params.values()), result.total, *args[2:6], chunk
+                )
+                if bad is not None:
+                    _sum_checks.failed(model)
             if bad is not None:
                 note = mismatch_note("per-example Gram fast path", bad)
                 warnings.warn(f"stiffmon: {note}", RuntimeWarning, stacklevel=2)

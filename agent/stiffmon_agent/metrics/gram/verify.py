@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +123,34 @@ def check_entries(
     own = {ij: OWN_ROUNDING * abs(first[ij][0] - ref) for ij, (ref, _) in refs.items()}
     again = _mismatch(total, refs, rtol, own)
     return None if again is None else f"{again} (in float64)"
+
+
+SUM_CHECK_EVERY = 10
+"""The weighted-sum check (:func:`check_weighted_sum`, one more batch pass: ~40 % of a small
+CNN's Gram) runs at a model's first fast Gram, every 10th after, and at every one once it has
+failed for that model (its fast path is then wrong at every measurement)."""
+
+
+class SumCheckSchedule:
+    """When :func:`check_weighted_sum` is due for a model: at its first call, every
+    :data:`SUM_CHECK_EVERY`-th after, and at every call once it has failed (per model, held
+    weakly: a model that is gone leaves nothing behind)."""
+
+    def __init__(self) -> None:
+        self._state: weakref.WeakKeyDictionary[nn.Module, tuple[int, bool]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def due(self, model: nn.Module) -> bool:
+        """Whether the check is due at this call for ``model``; counts the call."""
+        count, failed = self._state.get(model, (0, False))
+        self._state[model] = (count + 1, failed)
+        return failed or count % SUM_CHECK_EVERY == 0
+
+    def failed(self, model: nn.Module) -> None:
+        """The check failed for ``model``: due at every call from now on."""
+        count, _ = self._state.get(model, (0, False))
+        self._state[model] = (count, True)
 
 
 def check_weighted_sum(
