@@ -57,19 +57,10 @@ def unscaled(model: nn.Module) -> Iterator[None]:
             m.scale_grad_by_freq = True
 
 
-def _measured_unscaled(model: nn.Module) -> bool:
-    """Whether the agent's measurements (:func:`~stiffmon_agent.metrics.state.measurement_mode`)
-    switch the option off."""
-    from stiffmon_agent.metrics.state import measurement_mode
-
-    mods = list(freq_scaled(model).values())
-    with measurement_mode(model):
-        return not any(m.scale_grad_by_freq for m in mods)
-
-
 def freq_scaling_note(model: nn.Module) -> str | None:
     """What the measurements make of ``model``'s embeddings with ``scale_grad_by_freq=True``
-    (None if it has none): the layers, the option, and what is affected."""
+    (None if it has none): the layers, the option, and that
+    :func:`~stiffmon_agent.metrics.state.measurement_mode` switches it off (:func:`unscaled`)."""
     names = list(freq_scaled(model))
     if not names:
         return None
@@ -79,17 +70,8 @@ def freq_scaling_note(model: nn.Module) -> str | None:
         "gradient by the index's count in the batch, which is not the gradient of any loss "
         "(the training step follows that rescaled direction)"
     )
-    if _measured_unscaled(model):
-        return (
-            f"{head}. The measurements switch the option off: the per-example gradients, the Gram "
-            "(stiffness, gradient noise) and the Hessian (λ1_H, trace, density) are those of the "
-            "loss itself."
-        )
     return (
-        f"{head}. Per-example gradients / Gram: each example's backward alone divides by the "
-        "index's count within that example, so an example with no repeated index gets its true "
-        "gradient and one that repeats an index does not; the Gram's batch checks compare with "
-        "the whole batch's counts and warn (gram-fallback) even where the Gram is right. "
-        "Hessian: the Hessian-vector products differentiate the rescaled backward, so they are "
-        "not symmetric and λ1_H, the trace and the density are not a Hessian's (a few % off)."
+        f"{head}. The measurements switch the option off: the per-example gradients, the Gram "
+        "(stiffness, gradient noise) and the Hessian (λ1_H, trace, density) are those of the "
+        "loss itself."
     )
