@@ -93,7 +93,7 @@ class StallLog:
         keep = s > prog.step
         s = np.concatenate(([prog.step], s[keep]))
         t = np.concatenate(([prog.t], t[keep]))
-        pace = float(np.median(prog.intervals))
+        pace = prog.pace()
         gaps = np.diff(t) - (np.diff(s) - 1) * pace  # the other steps of a gap at the pace
         for i in np.flatnonzero(gaps > limit).tolist():  # False for NaN times
             self._note(int(s[i]), float(t[i]), float(gaps[i]), limit, True)

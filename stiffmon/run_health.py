@@ -99,11 +99,15 @@ class Progress:
         word (so neither clock is compared with the other)."""
         return self.agent_t - self.t + max(0.0, now - self.seen)
 
+    def pace(self) -> float:
+        """Seconds per step: the median of the recent :attr:`intervals` (NaN before any)."""
+        return float(np.median(self.intervals)) if self.intervals else math.nan
+
     def limit(self) -> float:
         """Seconds without a new step that make a run stalled (inf before the pace is known)."""
         if not self.intervals:
             return math.inf
-        return max(STEP_STALL_FLOOR, STEP_STALL_FACTOR * float(np.median(self.intervals)))
+        return max(STEP_STALL_FLOOR, STEP_STALL_FACTOR * self.pace())
 
     def hung(self, now: float) -> bool:
         """Whether no new step came for longer than :meth:`limit`."""
