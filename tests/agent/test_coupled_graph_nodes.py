@@ -24,7 +24,7 @@ from tests.agent.metrics.reference import loop_gradients, rel_err
 NODES, FEATURES, CLASSES = 16, 4, 3
 
 
-class _GCN(nn.Module):
+class GCN(nn.Module):
     """Two graph convolutions Â·Linear(·) with a dense normalised adjacency Â."""
 
     def __init__(self) -> None:
@@ -36,7 +36,8 @@ class _GCN(nn.Module):
         return out
 
 
-def _graph(isolated: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+def isolated_graph(isolated: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """Node features, Â and labels of a random graph whose nodes ``isolated`` have no edge."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(NODES, FEATURES, dtype=torch.float64, generator=gen)
     a = (torch.rand(NODES, NODES, generator=gen) < 0.3).double()
@@ -55,9 +56,9 @@ def _trace_k(g: Tensor) -> float:
 
 
 def test_isolated_checked_nodes_do_not_hide_a_wrong_node_gram() -> None:
-    x, adj, y = _graph(isolated=(0, NODES // 2, NODES - 1))
+    x, adj, y = isolated_graph(isolated=(0, NODES // 2, NODES - 1))
     torch.manual_seed(1)
-    model = _GCN().double()
+    model = GCN().double()
     idx = torch.arange(NODES)
 
     def forward(m: nn.Module, i: Tensor) -> Tensor:
@@ -77,9 +78,9 @@ def test_isolated_checked_nodes_do_not_hide_a_wrong_node_gram() -> None:
 
 
 def test_a_node_gram_of_a_connected_graph_matches_the_loop_without_a_false_alarm_on_mlps() -> None:
-    x, adj, y = _graph(isolated=())
+    x, adj, y = isolated_graph(isolated=())
     torch.manual_seed(2)
-    model = _GCN().double()
+    model = GCN().double()
     idx = torch.tensor([0, 3, 5, 7, 9, 11, 12, 14, 15])
 
     def forward(m: nn.Module, i: Tensor) -> Tensor:
@@ -100,9 +101,9 @@ def test_a_node_gram_of_a_connected_graph_matches_the_loop_without_a_false_alarm
 def test_every_measurement_of_the_node_gram_is_right_not_only_the_first() -> None:
     """The batch check runs at the first fast Gram and every 10th: once it has failed for a
     model it runs at every one, so measurements 2..10 do not go back to the wrong row Gram."""
-    x, adj, y = _graph(isolated=(0, NODES // 2, NODES - 1))
+    x, adj, y = isolated_graph(isolated=(0, NODES // 2, NODES - 1))
     torch.manual_seed(3)
-    model = _GCN().double()
+    model = GCN().double()
     idx = torch.arange(NODES)
 
     def forward(m: nn.Module, i: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from stiffmon import protocol as p
 from stiffmon.session import read_session
 from tests.agent.metrics.reference import loop_gradients
+from tests.agent.test_coupled_graph_nodes import GCN, NODES, isolated_graph
 from tests.agent.torchrun import run_ranks
 
 _SCRIPT = textwrap.dedent(
@@ -62,35 +63,12 @@ _SCRIPT = textwrap.dedent(
     """
 )
 
-NODES, FEATURES, CLASSES = 16, 4, 3
 ISOLATED = (0, NODES // 2, NODES - 1)
-
-
-class GCN(nn.Module):
-    """Two graph convolutions Â·Linear(·) with a dense normalised adjacency Â."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.l1, self.l2 = nn.Linear(FEATURES, 8), nn.Linear(8, CLASSES)
-
-    def forward(self, x: Tensor, adj: Tensor) -> Tensor:
-        out: Tensor = adj @ self.l2(torch.tanh(adj @ self.l1(x)))
-        return out
 
 
 def graph() -> tuple[Tensor, Tensor, Tensor]:
     """Node features, Â and labels of a random graph whose nodes :data:`ISOLATED` have no edge."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(NODES, FEATURES, dtype=torch.float64, generator=gen)
-    a = (torch.rand(NODES, NODES, generator=gen) < 0.3).double()
-    a = ((a + a.T) > 0).double()
-    for k in ISOLATED:
-        a[k, :] = 0
-        a[:, k] = 0
-    a.fill_diagonal_(1)
-    d = a.sum(1)
-    y = torch.randint(0, CLASSES, (NODES,), generator=gen)
-    return x, a / torch.sqrt(d[:, None] * d[None, :]), y
+    return isolated_graph(ISOLATED)
 
 
 def probe(y: Tensor) -> tuple[Tensor, Tensor]:
