@@ -7,13 +7,9 @@ step's loss is compared with the loop's own float64 ``loss.item()``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import resource
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,21 +19,9 @@ from torch import nn
 from stiffmon import protocol as p
 from stiffmon.session import read_session
 from tests.agent.recording import events, offline_agent
+from tests.stiffmon.test_disk_full import disk_full_at
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics")
-
-
-@contextlib.contextmanager
-def disk_full_at(size: int) -> Iterator[None]:
-    """Writes past ``size`` bytes fail (EFBIG) inside the block; space returns after it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, old)
 
 
 def _loop(rec: Path) -> tuple[nn.Module, torch.optim.Optimizer, object, list[float], object]:
