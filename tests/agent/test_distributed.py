@@ -344,8 +344,9 @@ _DDP_BATCH = textwrap.dedent(
         loss = loss_fn(out, y[:5])
         opt.zero_grad(); loss.backward(); opt.step()
         agent.step(loss, out, y[:5])
-    if rank == 0:
-        print("B", agent._sharp_state.batch_size, "sum_over", agent._sharp_state.sum_over)
+    if rank == 0:  # to a file: the ranks' stdout lines may interleave mid-line
+        with open(sys.argv[1] + ".txt", "w") as f:
+            f.write(f"B {agent._sharp_state.batch_size} sum_over {agent._sharp_state.sum_over}")
     agent.close()
     print(f"rank {rank} done", flush=True)
     dist.destroy_process_group()
@@ -358,8 +359,9 @@ def test_under_ddp_b_read_from_the_logits_is_the_global_batch(group: Group, tmp_
     objective adds up one rank's batch."""
     script, rec = tmp_path / "ddp_batch.py", tmp_path / "ddp.stiff"
     script.write_text(_DDP_BATCH)
-    out = finish(group.torchrun(str(script), str(rec)), timeout=150, ranks=2)
-    assert "B 10 sum_over 5" in out, out
+    finish(group.torchrun(str(script), str(rec)), timeout=150, ranks=2)
+    said = Path(f"{rec}.txt").read_text()
+    assert said == "B 10 sum_over 5", said
     rows = p.expand_columns(read_session(rec)[0])
     b = [m.as_dict()["batch_size"] for m in rows if m.kind == "scalars" and "batch_size" in m.names]
     assert b and set(b) == {10.0}, b
