@@ -29,6 +29,7 @@ Hessian's seeding does not fix), that the sharpness is not of one objective eith
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -90,17 +91,18 @@ def coupled(
             f"own has no gradient, the summed probe losses have one of norm {batch:.4g} (an "
             f"in-batch contrastive / InfoNCE loss?). {WAY_OUT[:1].upper()}{WAY_OUT[1:]}"
         )
-    if (changed := _random(model, params, inputs, targets, forward, loss_fn)) is not None:
-        if changed:
+    if (found := _random(model, params, inputs, targets, forward, loss_fn)) is not None:
+        if found.buffers:
+            names = found.buffers
             return (
-                f"the model's buffer{'s' if len(changed) > 1 else ''} {', '.join(changed[:3])} "
+                f"the model's buffer{'s' if len(names) > 1 else ''} {', '.join(names[:3])} "
                 "change in every forward in eval mode (a running statistic or counter updated "
                 "whatever self.training is), so each of the Gram's per-example passes sees "
                 "other values and the example-alone gradients do not add up to the probe's "
                 "(nor is the objective one function of the weights). Update them only in "
                 "training mode (if self.training: ...)"
             )
-        if changed is _UNPINNED:
+        if found.unpinned:
             return (
                 "the model's forward is random in eval mode (or its loss), so the Gram's "
                 "per-example passes draw anew and the example-alone gradients do not add up to "
@@ -125,8 +127,19 @@ def coupled(
     )
 
 
-_UNPINNED: list[str] = []
-"""What :func:`_random` returns for a random forward or loss that seeding torch does not fix."""
+@dataclass(frozen=True)
+class _Randomness:
+    """Why two passes of one probe example differ.
+
+    Attributes:
+        buffers: The buffers the first pass changed (a statistic updated in eval mode); empty
+            for a random forward or loss.
+        unpinned: The draws are not fixed by seeding torch (numpy, Python's ``random``, the
+            script's own generator), so two passes pinned alike differ too.
+    """
+
+    buffers: tuple[str, ...] = ()
+    unpinned: bool = False
 
 
 def _random(
@@ -136,11 +149,10 @@ def _random(
     targets: Batch,
     forward: ForwardFn,
     loss_fn: LossFn,
-) -> list[str] | None:
+) -> _Randomness | None:
     """Whether two passes (forward and loss) of the first example give different outputs or
-    losses: None where they do not (or a pass fails: that has another cause), else the names
-    of the buffers the first pass changed ([] for none: a random forward or loss;
-    :data:`_UNPINNED` where two passes pinned alike differ too). The buffers are put back.
+    losses: None where they do not (or a pass fails: that has another cause), else why
+    (:class:`_Randomness`). The buffers are put back.
 
     The passes run with gradients on (without a graph kept), for losses that differentiate
     with respect to the inputs (sliced score matching)."""
@@ -166,7 +178,7 @@ def _random(
             for a, b in zip(first, second, strict=True)
         )
         if differ and not changed and unpinned(once, cuda_devices(params)):
-            return _UNPINNED
+            return _Randomness(unpinned=True)
     except Exception:
         return None
     finally:
@@ -174,4 +186,4 @@ def _random(
             for n, b in buffers.items():
                 if b.shape == before[n].shape:
                     b.copy_(before[n])
-    return changed if differ else None
+    return _Randomness(buffers=tuple(changed)) if differ else None
