@@ -10,8 +10,10 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.style import Style
+from rich.text import Text
 
 from stiffmon.marks import ASCII_MARKS
 
@@ -238,6 +240,41 @@ def fit_title(title: str, width: int, ascii: bool = False) -> str:
     if width <= len(dots):
         return candidates[-1][:width]
     return candidates[-1][: width - len(dots)].rstrip() + dots
+
+
+def cut_at_words(text: Text, width: int, ascii: bool = False) -> Text:
+    """``text`` cut to ``width`` cells at a space, ending in ``…`` (``...`` in ASCII).
+
+    Rich cuts a line too long anywhere, a number too: ``break-even 8…`` for 80, ``λ1_H 1…`` for
+    16.1. Cut at a word, a number goes whole or not at all, and a whole one ends ``80 …``. A
+    line without a space in reach is cut where it must. ``width`` 0 (not laid out yet) leaves
+    ``text`` as it is.
+    """
+    if width <= 0 or text.cell_len <= width:
+        return text
+    dots = "..." if ascii else "…"
+    plain, room = text.plain, max(0, width - len(dots))
+    at = plain.rfind(" ", 0, room + 1)
+    # a whole number keeps a space before the dots (``80 …``: not read as 80-something)
+    while at > 0 and plain[:at].rstrip()[-1:].isdigit() and len(plain[:at].rstrip()) >= room:
+        at = plain.rfind(" ", 0, at)
+    out = text[: at if at > 0 else room]
+    out.rstrip()
+    out.append(" " + dots if out.plain[-1:].isdigit() else dots)
+    return out
+
+
+class WordCutLines:
+    """``lines``, one per row, each cut at a word to the width it is drawn at
+    (:func:`cut_at_words`): a resize re-cuts them, a number is never cut in half."""
+
+    def __init__(self, lines: Sequence[Text], ascii: bool = False) -> None:
+        self.lines, self.ascii = list(lines), ascii
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        text = Text("\n").join(cut_at_words(t, options.max_width, self.ascii) for t in self.lines)
+        text.no_wrap, text.overflow = True, cut(self.ascii)
+        yield text
 
 
 def cut(ascii: bool) -> Literal["crop", "ellipsis"]:

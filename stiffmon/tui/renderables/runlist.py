@@ -211,7 +211,9 @@ class RunList:
                     lines += self._wrap(conv(part), width, "    ")
             for line in lines:
                 out.append(Text(line, style=state_style, no_wrap=True, overflow=cut(self.ascii)))
-            out.append(Text("    " + step, style="dim", no_wrap=True, overflow=cut(self.ascii)))
+            # the step whole ("step 1,4…" read as 1,4xx): less indent, then no word
+            fits = [t for t in ("    " + step, step, f"{r.step:,}") if len(t) <= width]
+            out.append(Text(fits[0] if fits else f"{r.step}", style="dim", no_wrap=True))
         for p in r.problems:
             out.append(
                 Text(

@@ -7,7 +7,7 @@ from textual.containers import Grid, Vertical
 from textual.widget import Widget
 from textual.widgets import Static
 
-from stiffmon.tui.renderables.axes import cut
+from stiffmon.tui.renderables.axes import WordCutLines, cut
 from stiffmon.tui.views.base import ChartView, View, capped, run_color
 from stiffmon.tui.views.sharpness import sharpness_chart
 
@@ -40,7 +40,8 @@ class Overview(View):
         )
 
     def refresh(self) -> None:
-        self.app.query_one("#overview-health", Static).update(self.health_text())
+        lines = self.health_text().split("\n")  # each cut at a word: never a number in half
+        self.app.query_one("#overview-health", Static).update(WordCutLines(lines, self.app.ascii))
         super().refresh()
 
     def health_text(self) -> Text:

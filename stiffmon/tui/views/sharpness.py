@@ -17,7 +17,7 @@ from stiffmon import derive
 from stiffmon.marks import CATAPULT, be_symbol, marks_legend
 from stiffmon.store import RunData
 from stiffmon.tui.renderables import Marker, StepLine, asciify
-from stiffmon.tui.renderables.axes import cut
+from stiffmon.tui.renderables.axes import WordCutLines
 from stiffmon.tui.runlines import run_end, series_x
 from stiffmon.tui.views.base import Builder, ChartView, View, be_marker, capped, run_color
 
@@ -287,7 +287,5 @@ class Sharpness(View):
             words = f"+{len(left)} more runs (their break-even: view 6): {runs}"
             return Text(asciify(words) if self.app.ascii else words, style="dim")
 
-        text = Text("\n").join(capped(box, lines, more))
-        text.no_wrap, text.overflow = True, cut(self.app.ascii)
-        box.update(text)
+        box.update(WordCutLines(capped(box, lines, more), self.app.ascii))  # no number cut
         super().refresh()
