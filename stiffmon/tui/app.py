@@ -218,7 +218,9 @@ class StiffmonApp(App[None]):
             self.query_one("#empty", Static).update(chrome.empty_message(self))
             return
         self.sort_runs()
-        self.query_one("#runs", RunPanel).show(chrome.run_rows(self), ascii=self.ascii)
+        self.query_one("#runs", RunPanel).show(
+            chrome.run_rows(self), ascii=self.ascii, no_color=self.no_color
+        )
         self.views[self.view_name].refresh()
 
     # ------------------------------------------------------------------ used by the views

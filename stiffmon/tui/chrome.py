@@ -16,6 +16,7 @@ from stiffmon.series import last_or
 from stiffmon.store import MEASUREMENTS, Health, RunData
 from stiffmon.tui.renderables.axes import asciify, cut, fmt_tick
 from stiffmon.tui.renderables.runlist import RunRow
+from stiffmon.tui.runlines import run_tag
 from stiffmon.tui.views import VIEWS, run_color
 from stiffmon.tui.views.base import SMOOTHING
 
@@ -188,6 +189,7 @@ def run_rows(app: StiffmonApp) -> list[RunRow]:
                 rd.last_step,
                 short_problems(rd),
                 coverage_lines(rd),
+                run_tag(rd),
             )
         )
     return rows

@@ -94,6 +94,7 @@ class HelpScreen(ModalScreen[None]):
         title = Text(asciify(about) if ascii_only else about, style="bold")  # wraps to the box
         with VerticalScroll(id="help-box") as box:
             if ascii_only:
-                box.vertical_scrollbar.renderer = AsciiScrollBarRender
-                box.horizontal_scrollbar.renderer = AsciiScrollBarRender
+                # this box's bars only (Textual's renderer is a class variable)
+                box.vertical_scrollbar.renderer = AsciiScrollBarRender  # type: ignore[misc]
+                box.horizontal_scrollbar.renderer = AsciiScrollBarRender  # type: ignore[misc]
             yield Static(Group(title, KeyTable(keys, ascii_only)), id="help-table")

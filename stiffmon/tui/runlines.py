@@ -15,6 +15,7 @@ import numpy as np
 
 from stiffmon.store import RunData
 from stiffmon.tui.renderables import Line
+from stiffmon.tui.renderables.chart_items import TAGS
 
 # which measurement produces a scalar, by the first part of its name
 KIND_OF = {
@@ -60,6 +61,12 @@ def steps_to_x(rd: RunData, steps: Sequence[int], x_time: bool) -> tuple[float, 
     return tuple(float(v) for v in x)
 
 
+def run_tag(rd: RunData) -> str:
+    """A run's tag where colours cannot be shown (``1``…``9``, ``a``…``z`` by order of
+    appearance, as its colour is): its curves, read-out values and run-list row carry it."""
+    return TAGS[rd.index % len(TAGS)]
+
+
 def run_line(
     rd: RunData,
     name: str,
@@ -72,4 +79,4 @@ def run_line(
 ) -> Line:
     """Series ``name`` of ``rd`` as a line that ends at the run's end and goes stale."""
     stale = steps_to_x(rd, rd.stale_steps(kind_of(name)), x_time)
-    return Line(x, y, color, label, end=run_end(rd, x_time), stale=stale)
+    return Line(x, y, color, label, end=run_end(rd, x_time), stale=stale, tag=run_tag(rd))

@@ -20,21 +20,29 @@ class RunPanel(Widget):
         super().__init__(id=id)
         self.rows: Sequence[RunRow] = ()
         self.ascii = False
+        self.no_color = False
         self.top = 0  # the first run shown when they do not all fit
         self.follow = True  # move ``top`` to the selected run (off after a wheel scroll)
         self._selected = -1
 
-    def show(self, rows: Sequence[RunRow], ascii: bool = False) -> None:
+    def show(self, rows: Sequence[RunRow], ascii: bool = False, no_color: bool = False) -> None:
         """Draw these rows; a new selection is scrolled into view."""
         sel = next((i for i, r in enumerate(rows) if r.selected), 0)
         if sel != self._selected:
             self._selected, self.follow = sel, True
-        self.rows, self.ascii = rows, ascii
+        self.rows, self.ascii, self.no_color = rows, ascii, no_color
         self.refresh()
 
     def render(self) -> RenderableType:
         size = self.content_size
-        runs = RunList(self.rows, self.ascii, height=size.height, top=self.top, follow=self.follow)
+        runs = RunList(
+            self.rows,
+            self.ascii,
+            height=size.height,
+            top=self.top,
+            follow=self.follow,
+            no_color=self.no_color,
+        )
         self.top, lines = runs.layout(size.width)
         return Group(*lines)
 

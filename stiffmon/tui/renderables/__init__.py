@@ -13,6 +13,7 @@ from stiffmon.tui.renderables.axes import (
     thin_minmax,
     tick_labels,
 )
+from stiffmon.tui.renderables.chart_items import HLine, Line, Marker, StepLine, XMark
 from stiffmon.tui.renderables.heatmap import (
     Heatmap,
     ascii_level,
@@ -20,14 +21,7 @@ from stiffmon.tui.renderables.heatmap import (
     glyph_scale,
     short_labels,
 )
-from stiffmon.tui.renderables.linechart import (
-    HLine,
-    Line,
-    LineChart,
-    Marker,
-    StepLine,
-    XMark,
-)
+from stiffmon.tui.renderables.linechart import LineChart
 from stiffmon.tui.renderables.stepheatmap import StepHeatmap
 
 __all__ = [

@@ -15,11 +15,10 @@ labels centred under their ┬ and the x-axis caption.
 
 from __future__ import annotations
 
-import bisect
 import math
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from rich.console import Console, ConsoleOptions, RenderResult
@@ -27,7 +26,6 @@ from rich.segment import Segment
 from rich.style import Style
 
 from stiffmon.tui.renderables.axes import (
-    FloatArray,
     asciify,
     fit_title,
     fmt_tick,
@@ -38,98 +36,16 @@ from stiffmon.tui.renderables.axes import (
     style_of,
     tick_labels,
 )
+from stiffmon.tui.renderables.chart_items import (
+    HLine,
+    Line,
+    Marker,
+    StepLine,
+    XMark,
+    tags,
+)
 from stiffmon.tui.renderables.raster import ASCII_SYMBOLS, raster, row_of
 from stiffmon.tui.renderables.readout import DASH, cursor_readout
-
-
-@dataclass(frozen=True)
-class Line:
-    """One series: x (step or time) and y, drawn in ``color``.
-
-    ``end`` and ``stale`` say when a value stops being current, for the cursor read-out: past
-    ``end`` (the run's last step) the line has no value, and a value measured before an x in
-    ``stale`` (sorted; e.g. the run diverged, or the measurement was skipped as not finite) is
-    not shown at a cursor at or after that x.
-    """
-
-    x: FloatArray
-    y: FloatArray
-    color: str
-    label: str = ""
-    end: float = math.inf
-    stale: tuple[float, ...] = ()
-
-    def value_at(self, cx: float) -> float:
-        """The current value at ``cx``: the latest at or before it, NaN when there is none or
-        it is no longer current (past ``end``, or a ``stale`` x lies after it)."""
-        if cx > self.end:
-            return math.nan
-        i = int(np.searchsorted(self.x, cx, side="right")) - 1
-        if not 0 <= i < len(self.y):
-            return math.nan
-        j = bisect.bisect_right(self.stale, cx)
-        if j and self.stale[j - 1] > float(self.x[i]):
-            return math.nan
-        return float(self.y[i])
-
-
-@dataclass(frozen=True)
-class HLine:
-    """A dashed horizontal line (e.g. a run's stability threshold 2/η), drawn up to ``x_end``
-    (its run's last step). A labelled one above the y range is named near the top right, on
-    cells no curve, dash or marker covers: ``↑thr 190`` (``↑190`` where only that fits)."""
-
-    y: float
-    color: str
-    label: str = ""
-    x_end: float = math.inf
-
-
-@dataclass(frozen=True)
-class StepLine:
-    """A dashed step line (e.g. a run's stability threshold under an lr schedule): ``y[i]``
-    measured at ``x[i]`` (sorted) is held until ``x[i + 1]``, the last one up to ``x_end`` (its
-    run's last step). A constant one looks like an :class:`HLine` from ``x[0]``. Parts above the
-    y range are named near the top over their end: ``↑thr 190`` (the lowest value of that part;
-    ``↑190`` where only that fits)."""
-
-    x: FloatArray
-    y: FloatArray
-    color: str
-    label: str = ""
-    x_end: float = math.inf
-
-    def value_at(self, cx: float) -> float:
-        """The value held at ``cx``: the last measured at or before it; NaN before the first
-        and past ``x_end``."""
-        i = int(np.searchsorted(self.x, cx, side="right")) - 1
-        return float(self.y[i]) if i >= 0 and cx <= self.x_end else math.nan
-
-    def visible(self, lo: float, hi: float) -> FloatArray:
-        """The values held somewhere in [lo, hi]."""
-        i0 = max(0, int(np.searchsorted(self.x, lo, side="right")) - 1)
-        i1 = int(np.searchsorted(self.x, hi, side="right"))
-        return self.y[i0:i1] if lo <= self.x_end else self.y[:0]
-
-
-@dataclass(frozen=True)
-class Marker:
-    """A symbol at (x, y), e.g. ◆ at a run's break-even point (ASCII: see ``ASCII_SYMBOLS``)."""
-
-    x: float
-    y: float
-    color: str
-    symbol: str = "◆"
-
-
-@dataclass(frozen=True)
-class XMark:
-    """A symbol on the x axis at ``x`` (e.g. × where a measurement was skipped)."""
-
-    x: float
-    color: str
-    symbol: str = "×"
-
 
 NO_POSITIVE = "no positive values to draw on a log axis (l: linear y axis)"
 """What a log-y chart says when its data are all zero or negative."""
@@ -176,6 +92,10 @@ class LineChart:
         x_span: The x range the data belong to (e.g. the runs' steps so far): the axis spans
             it, so that charts of series that stop early (or one measurement) line up.
         steplines: Dashed step lines (values held from one x to the next).
+        no_color: Colours cannot be shown (``NO_COLOR``): each label gets a tag (``1``…``9``,
+            ``a``…``z``, :func:`tags`) that marks its curves' last points, stands before it in
+            the legend (``1 lr=0.01``) and before its values in the read-out (``1 0.452``,
+            ``╌1 40`` for its threshold), so no number or curve relies on its colour.
     """
 
     lines: Sequence[Line]
@@ -195,6 +115,7 @@ class LineChart:
     x_marks: Sequence[XMark] = ()
     x_span: tuple[float, float] | None = None
     steplines: Sequence[StepLine] = ()
+    no_color: bool = False
     plot_box: tuple[int, int, float, float] | None = None  # set when drawn: left, width, x0, x1
     _title: str = field(default="", init=False, repr=False)  # the title before asciify
 
@@ -253,7 +174,7 @@ class LineChart:
             self.title, self.x_label = asciify(self.title), asciify(self.x_label)
             self.empty_text = asciify(self.empty_text)
             self.log_empty_text = asciify(self.log_empty_text)
-            self.lines = [Line(ln.x, ln.y, ln.color, asciify(ln.label)) for ln in self.lines]
+            self.lines = [replace(ln, label=asciify(ln.label)) for ln in self.lines]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = max(8, options.max_width)
@@ -272,11 +193,13 @@ class LineChart:
         bold = Style(bold=True)
         items = self._legend()
         box = "#" if self.ascii else "■"
-        legend_len = sum(len(lab) + 3 for lab, _ in items)
+        tag = tags(self.lines) if self.no_color else {}
+        item_len = 4  # the box or tag and the spaces around a label
+        legend_len = sum(len(lab) + item_len for lab, _ in items)
         legend = [
             seg
             for lab, color in items
-            for seg in (Segment(f" {box}", style_of(color)), Segment(f" {lab} "))
+            for seg in (Segment(f" {tag.get(lab, box)}", style_of(color)), Segment(f" {lab} "))
         ]
         out: list[list[Segment]] = []
         if self.title:
@@ -296,14 +219,17 @@ class LineChart:
                 for i, (lab, color) in enumerate(items):
                     rest = len(items) - i - 1
                     more = len(f"+{rest}") if rest else 0
-                    if total + len(lab) + 3 + more > width:
+                    if total + len(lab) + item_len + more > width:
                         break
                     keep.append((lab, color))
-                    total += len(lab) + 3
+                    total += len(lab) + item_len
                 legend = [
                     s
                     for lab, color in keep
-                    for s in (Segment(f" {box}", style_of(color)), Segment(f" {lab} "))
+                    for s in (
+                        Segment(f" {tag.get(lab, box)}", style_of(color)),
+                        Segment(f" {lab} "),
+                    )
                 ]
                 if len(keep) < len(items):
                     dropped = f"+{len(items) - len(keep)}"
@@ -359,8 +285,12 @@ class LineChart:
         assert self.cursor_x is not None
         cx = self.cursor_x
         where = f"{self.x_label} {fmt_tick(cx) if abs(cx) >= 1e4 else f'{cx:g}'}:"
-        values = [(ln.value_at(cx), ln.color, "") for ln in self.lines]
-        values += [(sl.value_at(cx), sl.color, DASH) for sl in self.steplines]
+        tag = tags(self.lines) if self.no_color else {}  # each value behind its line's tag
+        values = [(ln.value_at(cx), ln.color, tag.get(ln.label, "")) for ln in self.lines]
+        by_color = {ln.color: tag.get(ln.label, "") for ln in self.lines}  # a run's threshold
+        values += [
+            (sl.value_at(cx), sl.color, DASH + by_color.get(sl.color, "")) for sl in self.steplines
+        ]
         return cursor_readout(where, values, width, max_rows, ascii_only=self.ascii)
 
     def _y_ticks(self, y0: float, y1: float, n: int) -> list[float]:

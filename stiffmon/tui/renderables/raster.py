@@ -13,9 +13,11 @@ import numpy.typing as npt
 
 from stiffmon.marks import ASCII_MARKS
 from stiffmon.tui.renderables.axes import FloatArray, fmt_tick, thin_minmax
+from stiffmon.tui.renderables.chart_items import tags
 
 if TYPE_CHECKING:
-    from stiffmon.tui.renderables.linechart import LineChart, StepLine
+    from stiffmon.tui.renderables.chart_items import StepLine
+    from stiffmon.tui.renderables.linechart import LineChart
 
 # Braille dot bits, indexed [row 0..3][col 0..1]
 _BRAILLE = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
@@ -122,6 +124,30 @@ def draw_steps(
         prev = r
 
 
+def _tag_ends(
+    chart: LineChart,
+    text: list[list[str | None]],
+    x0: float,
+    x1: float,
+    y0: float,
+    y1: float,
+) -> None:
+    """Without colours: each tagged line's tag (:func:`~.linechart.tags`) on its last point in
+    the window, so the curves are told apart (the legend says which tag is which)."""
+    tag = tags(chart.lines)
+    ph, pw = len(text), len(text[0]) if text else 0
+    for ln in chart.lines:
+        ok = np.isfinite(ln.x) & np.isfinite(ln.y) & (ln.x >= x0) & (ln.x <= x1)
+        if chart.log_y:
+            ok &= ln.y > 0
+        if ln.label not in tag or not ok.any():
+            continue
+        i = int(np.flatnonzero(ok)[-1])
+        yv = math.log10(float(ln.y[i])) if chart.log_y else float(ln.y[i])
+        c = min(pw - 1, round((float(ln.x[i]) - x0) / (x1 - x0) * (pw - 1)))
+        text[row_of(yv, y0, y1, ph)][c] = tag[ln.label]
+
+
 def raster(
     chart: LineChart, x0: float, x1: float, y0: float, y1: float, pw: int, ph: int
 ) -> list[list[tuple[str, str | None]]]:
@@ -223,6 +249,8 @@ def raster(
         r = row_of(my, y0, y1, ph)
         sym = ASCII_SYMBOLS.get(m.symbol, "#") if chart.ascii else m.symbol
         text[r][c], color_grid[r][c] = sym, m.color
+    if chart.no_color:
+        _tag_ends(chart, text, x0, x1, y0, y1)
     # thresholds above the y range: named near the top right, ``↑thr 190``, on empty cells only
     arrow = "^" if chart.ascii else "↑"
     for label, value, color, end in above:

@@ -21,7 +21,8 @@ def cursor_readout(
     ascii_only: bool = False,
 ) -> list[list[Segment]]:
     """``step 120: ■ 0.123 ■ 4.56 ╌ 18``: ``where``, then each ``(value, colour, box)`` behind
-    its box (``■`` where ``box`` is empty; :data:`DASH` for a dashed line's) in its colour.
+    its box (``■`` where ``box`` is empty; :data:`DASH` for a dashed line's; where colours
+    cannot be shown, the line's tag, ``1`` or ``╌1``) in its colour.
 
     Never drops a value silently: when the values do not fit on one row they are written
     compactly (``■0.123``), then over up to ``max_rows`` rows, and what still does not fit is
@@ -49,7 +50,10 @@ def _pack(
     ascii_only: bool,
 ) -> tuple[list[list[Segment]], int]:
     """The read-out packed into at most ``max_rows`` rows: (rows, values placed)."""
-    boxes = [("-" if b else "#") if ascii_only else (b or "■") for _, _, b in values]
+    boxes = [
+        (asciify(b.replace(DASH, "-")) if b else "#") if ascii_only else (b or "■")
+        for _, _, b in values
+    ]
     sep = "" if compact else " "
     texts = [
         f"{sep}{fmt_value(v) if not compact or not math.isfinite(v) else f'{v:.3g}'}"
@@ -62,7 +66,7 @@ def _pack(
     row, used, start = [Segment(where, Style(bold=True))], len(where), len(where)
     k, n = 0, len(texts)
     while k < n:
-        w = len(texts[k]) + 2
+        w = len(texts[k]) + len(boxes[k]) + 1
         last_row = len(rows) == max_rows - 1
         rest = n - k - 1
         tail = len(f" +{rest} more") if last_row and rest else 0

@@ -37,6 +37,7 @@ class RunRow:
     step: int
     problems: Sequence[str] = ()  # short: "diverged @19", "gram disabled"
     coverage: Sequence[str] = field(default_factory=tuple)  # "sharpness 3/9 (cap)"
+    tag: str = ""  # the run's tag in place of its colour box without colours
 
 
 COMPACT_FIRST = ("finished", "replay")  # compacted before the others when runs do not fit
@@ -87,6 +88,8 @@ class RunList:
         height: Lines available (None: all of them).
         top: The first run shown when they must scroll.
         follow: Move ``top`` to show the selected run.
+        no_color: Colours cannot be shown: a visible run's box is its tag (``1 name``), as on
+            its curves and read-out values.
     """
 
     rows: Sequence[RunRow]
@@ -94,6 +97,7 @@ class RunList:
     height: int | None = None
     top: int = 0
     follow: bool = True
+    no_color: bool = False
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         yield from self.layout(options.max_width)[1]
@@ -135,6 +139,8 @@ class RunList:
         return out
 
     def _box(self, r: RunRow) -> str:
+        if self.no_color and r.tag and r.visible:
+            return r.tag
         return ("■" if r.visible else "□") if not self.ascii else ("#" if r.visible else ".")
 
     def _state_style(self, r: RunRow) -> str:

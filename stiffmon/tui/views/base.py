@@ -274,6 +274,7 @@ class View:
             height=height,
             x_range=app.x_window if self.zoomable else None,
             cursor_x=app.cursor_x if self.zoomable else None,
+            no_color=app.no_color,
             **kw,
         )
 

@@ -47,14 +47,18 @@ class Curvature(View):
 
     def trace(self, width: int, height: int) -> RenderableType:
         runs = [(rd, run_color(rd)) for rd in self.runs()]
-        return trace_chart(
+        chart = trace_chart(
             runs, x_time=self.app.x_time, log_y=self.app.log_y, ascii=self.app.ascii, height=height
         )
+        chart.no_color = self.app.no_color
+        return chart
 
     def topk(self, width: int, height: int) -> RenderableType:
         rd = self.selected_run()
         if rd is None:
             return NO_RUNS
-        return topk_chart(
+        chart = topk_chart(
             rd, x_time=self.app.x_time, log_y=self.app.log_y, ascii=self.app.ascii, height=height
         )
+        chart.no_color = self.app.no_color
+        return chart

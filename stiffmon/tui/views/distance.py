@@ -104,6 +104,7 @@ class Distance(View):
             x_label="distance (unit-normalised)",
             empty_text="no stiffness-vs-distance curve yet",
             legend=True,
+            no_color=self.app.no_color,
         )
 
     def xi_chart(self, width: int, height: int) -> RenderableType:

@@ -76,4 +76,5 @@ class Noise(View):
             height=height - rows,
             empty_text=self.why_empty("noise/suggested_batch/norm_test", "suggested batch"),
         )
+        chart.no_color = self.app.no_color
         return Group(chart, table)

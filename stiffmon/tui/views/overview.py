@@ -40,7 +40,7 @@ class Overview(View):
         )
 
     def refresh(self) -> None:
-        lines = self.health_text().split("\n")  # each cut at a word: never a number in half
+        lines = list(self.health_text().split("\n"))  # each cut at a word: no number in half
         self.app.query_one("#overview-health", Static).update(WordCutLines(lines, self.app.ascii))
         super().refresh()
 
