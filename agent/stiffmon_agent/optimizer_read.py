@@ -6,7 +6,9 @@ live, and the optimizer a framework or a wrapper holds.
   ``lr/i``; ``momentum/i`` (SGD's momentum, or β1 of Adam-like ``betas``) and ``beta2/i``;
   ``nesterov/i`` (1.0 when set); ``weight_decay/i`` when the group has one (0 included, so a
   schedule that raises it later is seen from its first step). The values are read as they are
-  (numbers or tensors); the publisher thread converts them.
+  (numbers or tensors); the publisher thread converts them. A schedule-free optimizer
+  (:func:`schedule_free_warmup`) in its built-in warm-up steps with lr·(k+1)/warmup_steps, not
+  the group's lr: its ``lr/i`` is that value.
 * :func:`framework_inner` / :func:`wrapped_optimizer`: the torch optimizer inside accelerate's
   prepared one, and the one a SAM- or Lookahead-style wrapper steps.
 """
@@ -35,14 +37,33 @@ def optimizer_config(optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
 
 
 Place = tuple[str, dict[str, Any], str, int]
-"""A column: its name, the param group, the key, and the index in the key's value (-1: none)."""
+"""A column: its name, the param group, the key, and the index in the key's value (-1: none;
+:data:`WARMED`: the group's lr as a schedule-free warm-up scales it)."""
+
+WARMED = -2
+"""The index of a schedule-free group's ``lr`` place: read through :func:`warmed_lr`."""
+
+
+def schedule_free_warmup(g: dict[str, Any]) -> bool:
+    """Whether param group ``g`` is a schedule-free optimizer's with a built-in warm-up
+    (``schedulefree``'s SGD/AdamW/RAdam ``ScheduleFree``: keys ``train_mode``, ``k`` (steps
+    taken) and ``warmup_steps`` > 0)."""
+    return "train_mode" in g and "k" in g and bool(g.get("warmup_steps"))
+
+
+def warmed_lr(g: dict[str, Any]) -> Any:
+    """The learning rate the next step of a schedule-free group uses: its step k (0-based)
+    takes η = lr·min(1, (k+1)/warmup_steps) (``schedulefree`` writes it to ``scheduled_lr``
+    only inside ``step()``, after a step pre-hook has read the group)."""
+    k, w = int(g["k"]), int(g["warmup_steps"])
+    return g["lr"] * ((k + 1) / w) if k < w else g["lr"]
 
 
 def column_places(optimizer: torch.optim.Optimizer | None) -> list[Place]:
     """Where each column of :func:`optimizer_columns` lives (names follow the module docstring)."""
     places: list[Place] = []
     for i, g in enumerate(optimizer.param_groups if optimizer is not None else ()):
-        places.append((f"lr/{i}", g, "lr", -1))
+        places.append((f"lr/{i}", g, "lr", WARMED if schedule_free_warmup(g) else -1))
         if "momentum" in g:
             places.append((f"momentum/{i}", g, "momentum", -1))
             if g.get("nesterov"):
@@ -56,7 +77,7 @@ def column_places(optimizer: torch.optim.Optimizer | None) -> list[Place]:
 
 def read_places(places: list[Place]) -> list[Any]:
     """The current values at ``places`` (raises if a key has gone)."""
-    return [g[k] if i < 0 else g[k][i] for _, g, k, i in places]
+    return [g[k] if i == -1 else warmed_lr(g) if i == WARMED else g[k][i] for _, g, k, i in places]
 
 
 def optimizer_columns(optimizer: torch.optim.Optimizer | None) -> tuple[list[str], list[Any]]:
