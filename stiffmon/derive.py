@@ -203,6 +203,7 @@ def break_even(
     rel: float = 0.1,
     fall_persist: int = 3,
     noise_window: int = 16,
+    early_peak: bool = True,
 ) -> BreakEven:
     """Break-even point of one run from its sharpness measurements (rule in the module doc).
 
@@ -219,6 +220,8 @@ def break_even(
         rel: Smallest rise and fall, relative to the peak.
         fall_persist: Consecutive smoothed measurements below the peak that confirm it.
         noise_window: Measurements up to the candidate its noise is estimated on.
+        early_peak: Whether the early-peak rule applies: not to measurements that start after
+            the early phase (a run resumed from a checkpoint, without the run it continues).
 
     Returns:
         The marker, its reason and status, and all catapults.
@@ -274,7 +277,7 @@ def break_even(
                     found = (hit, "catapult")
             run = None
         i = j - h  # the smoothed point that just became final
-        if found is None and i >= 0 and peak.add(i, j):
+        if found is None and early_peak and i >= 0 and peak.add(i, j):
             found = (peak.top()[0], "early-peak")
     cats = tuple(catapults)
     if found is not None:
@@ -284,7 +287,7 @@ def break_even(
         return BreakEven(int(st[run]), float(lam[run]), "threshold", "tentative", cats, series)
     if peak.p is not None:
         peak.judge(n - 1)
-    if peak.real_rise() and peak.since >= fall_persist:
+    if early_peak and peak.real_rise() and peak.since >= fall_persist:
         k = peak.top()[0]
         return BreakEven(int(st[k]), float(lam[k]), "early-peak", "tentative", cats, series)
     return BreakEven(None, math.nan, "none", "none", cats, series)

@@ -20,7 +20,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from stiffmon import derive
+from stiffmon import derive, resume_chain
 from stiffmon import protocol as p
 from stiffmon.process_check import WriterState
 from stiffmon.replay_stalls import StallLog
@@ -85,6 +85,8 @@ class RunData:
     progress: Progress = field(default_factory=Progress)
     cut_off: str = ""  # the address it comes through, while its connection is lost
     first_step: int | None = None  # the lowest step any message carried (None: none yet)
+    continues: RunData | None = field(default=None, repr=False, compare=False)  # resumed from
+    resume_noted: bool = False  # a ``resumed`` event was added (stiffmon.resume_chain)
     stall_log: StallLog = field(default_factory=StallLog)  # stalls told from the step times
     stall_events: dict[int, p.Event] = field(default_factory=dict)  # a replay's, by stall index
 
@@ -319,12 +321,14 @@ class RunData:
 
     def data_key(self, *names: str) -> tuple[tuple[int, int, int], ...]:
         """Changes whenever one of the named series gains (or thins) points: a memo key."""
-        out = []
-        for n in names:
-            s = self.scalars.get(n)
-            out.append(
-                (len(s), s.stride, int(s.steps[-1])) if s is not None and len(s) else (0, 0, 0)
-            )
+        out: list[tuple[int, int, int]] = []
+        for r in resume_chain.chain(self):  # and the runs a resumed one continues
+            out.append((id(r), 0, 0))
+            for n in names:
+                s = r.scalars.get(n)
+                out.append(
+                    (len(s), s.stride, int(s.steps[-1])) if s is not None and len(s) else (0, 0, 0)
+                )
         return tuple(out)
 
     def memoized(self, name: str, key: object, compute: Callable[[], T]) -> T:
@@ -349,28 +353,30 @@ class RunData:
         precond = bool(len(self.scalars.get("sharpness/lambda1_precond", ())))
         name = "sharpness/lambda1_precond" if precond else derive.LAMBDA1_H
         thr_name = derive.threshold_series(precond)
-        lam = self.scalars.get(name)
-        if lam is None or not len(lam):
+        steps, _, values = resume_chain.joined(self, name)  # across a resumption's seam
+        if not len(steps):
             return derive.no_break_even(name)
-        return derive.break_even(
-            lam.steps, lam.values, self.aligned(thr_name, lam.steps), series=name
-        )
+        early = resume_chain.root_first_step(self) == 0  # not past the early phase alone
+        thr = self.aligned(thr_name, steps)
+        return derive.break_even(steps, values, thr, series=name, early_peak=early)
 
     def break_even_k(self) -> derive.BreakEven:
         """The early-phase peak of λ1_K (no threshold applies to the noise covariance)."""
         name = "noise/lambda1_k"
-        lam = self.scalars.get(name)
-        if lam is None or not len(lam):
+        steps, _, values = resume_chain.joined(self, name)
+        if not len(steps):
             return derive.no_break_even(name)
-        return derive.break_even(lam.steps, lam.values, None, series=name)
+        early = resume_chain.root_first_step(self) == 0
+        return derive.break_even(steps, values, None, series=name, early_peak=early)
 
     def aligned(self, name: str, steps: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
-        """Series ``name`` at ``steps``: its last value at or before each step (NaN before it)."""
-        s = self.scalars.get(name)
-        if s is None or not len(s):
+        """Series ``name`` at ``steps``: its last value at or before each step (NaN before it);
+        before a resumed run's first step, the run it continues (:mod:`stiffmon.resume_chain`)."""
+        s_steps, _, s_values = resume_chain.joined(self, name)
+        if not len(s_steps):
             return np.full(steps.shape, math.nan)
-        i = np.searchsorted(s.steps, steps, side="right") - 1
-        return np.where(i >= 0, s.values[np.maximum(i, 0)], math.nan)
+        i = np.searchsorted(s_steps, steps, side="right") - 1
+        return np.where(i >= 0, s_values[np.maximum(i, 0)], math.nan)
 
     def mean_after(self, name: str, be: derive.BreakEven) -> float:
         """Mean of series ``name`` over the measurements after a confirmed break-even."""

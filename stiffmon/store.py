@@ -22,6 +22,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from stiffmon import protocol as p
+from stiffmon import resume_chain
 from stiffmon.replay_stalls import stall_event
 from stiffmon.run_data import MAX_EVENTS as MAX_EVENTS
 from stiffmon.run_data import MAX_SKIP_STEPS as MAX_SKIP_STEPS
@@ -73,6 +74,7 @@ class Store:
         self.source_malformed = 0  # counted by the sources (sockets, files)
         self.rejected = 0  # decoded messages that apply() could not take
         self.max_points = max_points
+        self.unlinked: set[str] = set()  # runs from a step after 0, continuing none known
 
     @property
     def malformed(self) -> int:
@@ -139,7 +141,44 @@ class Store:
         elif isinstance(msg, p.Bye):
             rd.finished = True
             rd.bye_reason = msg.reason
+        if isinstance(msg, p.Columns | p.Scalars):
+            if rd.continues is None and rd.first_step:
+                self._link_resumed(rd)
+            for other in [self.runs[r] for r in self.unlinked if r != rd.run]:
+                self._link_resumed(other)  # rd may be the run it continues, read after it
         self.version += 1
+
+    def _link_resumed(self, rd: RunData) -> None:
+        """Link a run recorded from a step after 0 to the run it continues, and say so in its log
+        (an info event ``resumed`` at its first step; :mod:`stiffmon.resume_chain`)."""
+        if rd.hello is None or rd.first_step is None:
+            return
+        o = resume_chain.find_continued(rd, self.runs.values())
+        if o is None and (rd.resume_noted or not rd.replay):  # live: its history may come
+            if not rd.resume_noted:
+                self.unlinked.add(rd.run)
+            return
+        if o is None:
+            self.unlinked.add(rd.run)
+        else:
+            self.unlinked.discard(rd.run)
+        rd.continues = o
+        rd.resume_noted = True
+        attrs: dict[str, str | int | float | bool | None] = {"first_step": rd.first_step}
+        if o is not None:
+            attrs |= {"continues": o.run, "continues_steps": f"{o.first_step}-{o.last_step}"}
+        rd.note_event(
+            p.Event(
+                run=rd.run,
+                seq=-1,
+                step=rd.first_step,
+                t=rd.first_t,
+                level="info",
+                code="resumed",
+                message=resume_chain.resume_note(rd, o),
+                attrs=attrs,
+            )
+        )
 
     @staticmethod
     def _note_progress(prog: Progress, msg: p.Message, now: float) -> None:
