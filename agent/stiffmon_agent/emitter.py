@@ -82,7 +82,14 @@ class Emitter:
             frames = p.encode(msg)
         except Exception as exc:  # the seq is not used up: clients see no gap
             self.dropped += 1
-            self._warn(f"stiffmon: dropped a {item.cls.KIND} message that cannot be encoded: {exc}")
+            name = item.fields.get("name")
+            what = f"{item.cls.KIND} {name!r}" if isinstance(name, str) else item.cls.KIND
+            text = f"dropped a {what} message of step {item.step} that cannot be encoded: {exc}"
+            self._warn(f"stiffmon: {text}")
+            if item.cls is not p.Event:  # on screen and in the file, not only in the log
+                attrs = {"kind": item.cls.KIND, "name": name if isinstance(name, str) else ""}
+                code = "message-dropped"
+                writer = self._warning(item.step, code, text[:2000], attrs, pub, writer)
             return writer
         self.seq = msg.seq
         self._last_step = max(self._last_step, item.step)

@@ -68,6 +68,7 @@ from stiffmon_agent.metrics.probe import (
     ForwardFn,
     LossFn,
 )
+from stiffmon_agent.metrics.stiffness import class_labels_of_matrix
 from stiffmon_agent.metrics.symmetry import asymmetry_message
 from stiffmon_agent.outgoing import Outgoing
 from stiffmon_agent.probe_check import check_finite
@@ -141,13 +142,15 @@ def gram_messages(
     names = probe.class_names if len(probe.class_names) == probe.num_classes else ()
     if labels is not None:
         for kind, s in (("cos", s_cos), ("sign", sign_stiffness(g))):
-            blocks = stiffness_blocks(s, labels, nt, probe.num_classes)
+            # over the probe's classes only (ImageNet-21k: 316 rows, not a 21,843² matrix)
+            blocks = stiffness_blocks(s, labels, nt, probe.num_classes, compact=True)
             for block_name, cs in zip(
                 BLOCKS, (blocks.train_train, blocks.train_val, blocks.val_val), strict=True
             ):
                 if cs is None:
                     continue
                 name = f"stiffness/{kind}/{block_name}"
+                rows = class_labels_of_matrix(cs, names)
                 out.append(
                     Outgoing(
                         p.Matrix,
@@ -156,8 +159,8 @@ def gram_messages(
                         {
                             "name": name,
                             "data": cs.matrix.numpy(),
-                            "row_labels": names,
-                            "col_labels": names,
+                            "row_labels": rows,
+                            "col_labels": rows,
                             "attrs": {"within": _json(cs.within), "between": _json(cs.between)},
                         },
                     )

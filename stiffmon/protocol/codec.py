@@ -48,8 +48,27 @@ def encode(msg: Message) -> list[bytes]:
         The frames; buffers are the raw C-order bytes of the message's arrays.
 
     Raises:
-        ValueError: If the message cannot be represented (bad dtype, non-JSON attribute ...).
+        ValueError: If the message cannot be represented (bad dtype, non-JSON attribute ...)
+            or a frame is over the limit every reader enforces (:data:`MAX_HEADER_BYTES`,
+            :data:`MAX_BUFFER_BYTES`): such a frame would make a recording unreadable and a
+            live monitor's socket drop the connection.
     """
+    frames = _encode(msg)
+    if len(frames[1]) > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"{msg.KIND} header is {len(frames[1]):,} bytes, over the {MAX_HEADER_BYTES:,}-byte "
+            "limit every reader enforces"
+        )
+    for i, buf in enumerate(frames[2:]):
+        if len(buf) > MAX_BUFFER_BYTES:
+            raise ValueError(
+                f"{msg.KIND} array {i} is {len(buf):,} bytes, over the {MAX_BUFFER_BYTES:,}-byte "
+                "limit every reader enforces"
+            )
+    return frames
+
+
+def _encode(msg: Message) -> list[bytes]:
     if type(msg) not in MESSAGE_TYPES.values():
         raise ValueError(f"cannot encode {type(msg).__name__}: not a stiffmon message")
     _check_run_id(msg.run)
