@@ -364,52 +364,57 @@ class Agent(AgentOutput, MeasuringAgent, OptimizerSwap, JoinableAgent):
             return
         if not self.enabled:  # a non-zero rank: its share of the sharded measurements only
             self._batches.seen(logits)
-            if self.step_count >= self._next_due:
-                self._measure_due(self.step_count)
-            self.step_count += 1
+            s = self.step_count
+            try:
+                if s >= self._next_due:
+                    self._measure_due(s)
+            finally:
+                self.step_count = s + 1
             return
         t0 = time.perf_counter()
         s = self.step_count
-        if isinstance(loss, Tensor):  # a CPU scalar is read now (cheaper than detach()), any
-            # other copied on its stream: a loss buffer the loop reuses (CUDA graphs, compile's
-            # "reduce-overhead") is overwritten before the background thread reads it
-            loss = loss.item() if loss.is_cpu and loss.numel() == 1 else loss.detach().clone()
-        row: list[Any] = [loss]
-        oc = self._optimizer_columns
-        row += oc.values()
-        now = time.time()
-        if oc.skipped_back:  # steps without an optimizer step (GradScaler), told now
-            for back in oc.skipped_back:
-                self._skips.note(s - back, now)
-        elif self._skips.pending is not None:
-            self._skips.tick(now)
-        if oc.notes:  # said once each: the loop's order (fourth step), no optimizer step seen
-            for code, note, console in oc.notes:
-                self.warn(code, note, console=console)
-            oc.notes = []
-        if oc.accumulation:  # said once, at about the ninth optimizer step
-            self._say_accumulation(oc.accumulation)
-            oc.accumulation = 0
-        extra = 0
-        if logits is not None and targets is not None:
-            row.append(
-                step_accuracy(
-                    logits, targets, self._log_warned, self._binary, self._ignore, self._no_acc
+        try:  # a Ctrl-C anywhere in here keeps the numbering: the step was taken
+            if isinstance(loss, Tensor):  # a CPU scalar is read now (cheaper than detach()), any
+                # other copied on its stream: a loss buffer the loop reuses (CUDA graphs, compile's
+                # "reduce-overhead") is overwritten before the background thread reads it
+                loss = loss.item() if loss.is_cpu and loss.numel() == 1 else loss.detach().clone()
+            row: list[Any] = [loss]
+            oc = self._optimizer_columns
+            row += oc.values()
+            now = time.time()
+            if oc.skipped_back:  # steps without an optimizer step (GradScaler), told now
+                for back in oc.skipped_back:
+                    self._skips.note(s - back, now)
+            elif self._skips.pending is not None:
+                self._skips.tick(now)
+            if oc.notes:  # said once each: the loop's order (fourth step), no optimizer step seen
+                for code, note, console in oc.notes:
+                    self.warn(code, note, console=console)
+                oc.notes = []
+            if oc.accumulation:  # said once, at about the ninth optimizer step
+                self._say_accumulation(oc.accumulation)
+                oc.accumulation = 0
+            extra = 0
+            if logits is not None and targets is not None:
+                row.append(
+                    step_accuracy(
+                        logits, targets, self._log_warned, self._binary, self._ignore, self._no_acc
+                    )
                 )
-            )
-            extra = 1
-        elif self.no_accuracy_note is not None:  # said once per run
-            self.event("accuracy-off", self.no_accuracy_note)
-            self.no_accuracy_note = None
-        if (b := self._batches.seen(logits)) is not None:
-            row.append(b)  # W × rank 0's batch; the hello went out before any batch was seen
-            extra |= 2
-        # step_time is not sent: the monitor derives it from consecutive row times
-        self._columns.add(s, now, oc.row_names(extra), row)
-        self._budget.step_seconds += time.perf_counter() - t0
-        if s >= self._next_due:
-            self._measure_due(s)
-        self.step_count = s + 1
+                extra = 1
+            elif self.no_accuracy_note is not None:  # said once per run
+                self.event("accuracy-off", self.no_accuracy_note)
+                self.no_accuracy_note = None
+            if (b := self._batches.seen(logits)) is not None:
+                row.append(b)  # W × rank 0's batch; the hello went out before any batch was seen
+                extra |= 2
+            # step_time is not sent: the monitor derives it from consecutive row times
+            self._columns.add(s, now, oc.row_names(extra), row)
+            self._budget.step_seconds += time.perf_counter() - t0
+            if s >= self._next_due:
+                self._measure_due(s)
+        finally:
+            self.step_count = s + 1
 
     def __enter__(self) -> Agent:
         return self

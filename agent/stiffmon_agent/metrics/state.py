@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from stiffmon_agent.freq_scaled import unscaled
+from stiffmon_agent.metrics.deferred_interrupt import held_interrupts, hold, release
 from stiffmon_agent.metrics.optimizer_kind import number
 from stiffmon_agent.metrics.plain_weight_norm import plain_weight_norm
 
@@ -80,8 +81,21 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
     and the random-number-generator states (torch's CPU and CUDA ones, ``numpy.random``'s and
     Python's ``random``'s: a forward that draws with them leaves the training's draws as they
     would have been without the measurement) are as they were. The optimizer is never
-    touched.
+    touched. A Ctrl-C (SIGINT) during the set-up or the restoration is held back until the
+    model is whole again (:mod:`.deferred_interrupt`), then raised; one during the
+    measurement itself is raised at once, and the model restored on the way out.
     """
+    hold()  # a Ctrl-C while the model is changed or put back is raised once it is whole
+    try:
+        with _measured(model) as measured:
+            yield measured
+    finally:
+        release()
+
+
+@contextmanager
+def _measured(model: nn.Module) -> Iterator[nn.Module]:
+    """:func:`measurement_mode` inside its interrupt hold (entered held, yields released)."""
     modes = {m: m.training for m in model.modules()}
     # Embedding(max_norm=…) renormalises rows of its weight in place during the forward: keep
     # a copy of those weights so that a measurement never changes a parameter
@@ -109,8 +123,10 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
             stack.enter_context(torch.backends.cudnn.flags(enabled=False))
         try:
             model.eval()
+            release()  # a Ctrl-C held during the set-up is raised here: the finally undoes it
             yield model
         finally:
+            hold()
             np.random.set_state(np_state)
             random.setstate(py_state)
             for m, training in modes.items():
@@ -169,13 +185,15 @@ def optimized_only(
     if not left_out:
         yield
         return
-    for p in left_out:
-        p.requires_grad_(False)
     try:
+        with held_interrupts():  # a Ctrl-C half-way would leave some frozen for good
+            for p in left_out:
+                p.requires_grad_(False)
         yield
     finally:
-        for p in left_out:
-            p.requires_grad_(True)
+        with held_interrupts():
+            for p in left_out:
+                p.requires_grad_(True)
 
 
 def _zero_lr(group: dict[str, Any]) -> bool:
