@@ -7,6 +7,10 @@ right but whose double backward is not: Hessian-vector products through it are n
 symmetric, and λ1_H came out 4–8 % low on a weight-normed MLP. Inside :func:`plain_weight_norm`
 both compute the same w with ``v * (g / v.norm(...))``, whose first and second derivatives
 are torch's ordinary ones; the forward values agree to rounding.
+
+:func:`plain_weight_norm` is the measurement's context for weights computed from parameters:
+it also turns ``parametrize.cached()`` off and keeps the tensors that forward pre-hooks set on
+modules (:mod:`.parametrized`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from torch import Tensor, nn
+
+from stiffmon_agent.metrics.parametrized import kept_module_tensors, uncached_parametrizations
 
 
 def weight_norm_plain(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
@@ -47,7 +53,9 @@ def plain_weight_norm(model: nn.Module) -> Iterator[None]:
 
     The parametrization's ``_WeightNorm`` modules get an instance ``forward``; the old hook's
     module-level ``_weight_norm`` is swapped while the block runs (only where ``model`` has
-    one). Everything is put back afterwards, also when the block raised.
+    one). Also inside: ``parametrize.cached()`` off and the modules' tensor attributes kept
+    (:func:`.uncached_parametrizations`, :func:`.kept_module_tensors`). Everything is put back
+    afterwards, also when the block raised.
     """
     from torch.nn.utils.parametrizations import _WeightNorm
 
@@ -62,7 +70,8 @@ def plain_weight_norm(model: nn.Module) -> Iterator[None]:
     if swap:
         old._weight_norm = weight_norm_plain  # type: ignore[union-attr]
     try:
-        yield
+        with uncached_parametrizations(), kept_module_tensors(model):
+            yield
     finally:
         for m in patched:
             del m.forward
