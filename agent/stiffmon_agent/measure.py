@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from stiffmon import protocol as p
-from stiffmon_agent.measure_curvature import gradient_test_scalars
+from stiffmon_agent.measure_curvature import noise_messages
 from stiffmon_agent.metrics import (
     EigenResult,
     HessianOperator,
@@ -45,7 +45,6 @@ from stiffmon_agent.metrics import (
     capture_activations,
     cosine_stiffness,
     diagonal_preconditioner,
-    gradient_noise,
     hessian_eigen,
     mean_pair_cosine,
     momentum_warmup,
@@ -120,6 +119,7 @@ def gram_messages(
         gram = per_example_gram(
             model, probe.inputs, probe.targets, loss_fn, forward=forward, chunk_size=chunk_size
         )
+    eps = torch.finfo(gram.total.dtype).eps  # the Gram's own rounding, before the cast
     g = gram.total.detach().double().cpu()
     if not bool(torch.isfinite(g).all()):  # finite weights and loss, overflowing gradients
         why = alone_loss_hint(model, probe.inputs, probe.targets, loss_fn, forward)
@@ -167,34 +167,9 @@ def gram_messages(
                 )
                 scalars[f"{name}/within"] = cs.within
                 scalars[f"{name}/between"] = cs.between
-    if nt >= 2:
-        noise = gradient_noise(g[:nt, :nt], k=noise_k)
-        scalars.update(
-            {
-                "noise/trace_k": noise.trace_k,
-                "noise/lambda1_k": noise.lambda1,
-                "noise/trace_sigma": noise.trace_sigma,
-                "noise/grad_sq": noise.grad_sq_unbiased,
-                "noise/b_simple": noise.b_simple,
-                "noise/conditioning": float(noise.conditioning[-1])
-                if noise.conditioning.numel()
-                else math.nan,
-            }
-        )
-        theta_norm, theta_inner, nu_ortho = batch_test_theta
-        scalars.update(
-            gradient_test_scalars(
-                g[:nt, :nt], theta_norm=theta_norm, theta_inner=theta_inner, nu_ortho=nu_ortho
-            )
-        )
-        out.append(
-            Outgoing(
-                p.Spectrum,
-                step,
-                t,
-                {"name": "grad-cov", "values": noise.eigenvalues.numpy(), "attrs": {"n": nt}},
-            )
-        )
+    noise_scalars, noise_out = noise_messages(g[:nt, :nt], step, t, noise_k, batch_test_theta, eps)
+    scalars.update(noise_scalars)
+    out += noise_out
     train_cos = s_cos[:nt, :nt]
     for layer, block in gram.layers.items():
         g_layer = block.detach()[:nt, :nt].double().cpu()
@@ -381,6 +356,15 @@ def sharpness_messages(
         float(res.matvecs),
     ]
     out.append(spectrum("hessian", res, threshold))
+    if res.eigenvalues.numel() and res.lowest < -abs(float(res.eigenvalues[0])):
+        note(
+            "negative-curvature",
+            f"the Hessian's most negative eigenvalue is at most {res.lowest:.3g}, larger in "
+            f"magnitude than λ1_H = {float(res.eigenvalues[0]):.3g}: λ1_H is the largest "
+            "eigenvalue (the one the stability threshold bounds), not the largest-magnitude "
+            "one that PyHessian's power iteration reports; a negative eigenvalue is a saddle "
+            "direction the loss falls along at any step size, no instability 2/η bounds",
+        )
     kind = optimizer_kind(optimizer)  # a subclass that keeps its base's step: its base's rule
     if optimizer is not None and not kind.overridden and kind.rule in PRECONDITIONED:
         pthr = preconditioned_threshold_for(optimizer, groups)

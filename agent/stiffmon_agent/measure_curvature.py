@@ -2,10 +2,12 @@
 
 Message names (the monitor relies on them):
 
-* with every Gram measurement, in its ``scalars``: ``noise/norm_test``,
+* with every Gram measurement (:func:`noise_messages`), in its ``scalars``:
+  ``noise/{trace_k,lambda1_k,trace_sigma,grad_sq,b_simple,conditioning}``, ``noise/norm_test``,
   ``noise/inner_product_test``, ``noise/orthogonality_test`` (θ_max, θ_max, ν_max on the train
   probe), ``noise/suggested_batch/<test>`` (the batch size each test asks for at the chosen θ)
-  and ``noise/theta/<test>`` (that θ);
+  and ``noise/theta/<test>`` (that θ); ``spectrum`` ``grad-cov``; an ``event`` ``noise-off``
+  for a train probe of one example, ``noise-unresolved`` where Tr K is within rounding of 0;
 * on the density schedule: ``curve`` ``hessian-density`` (x: eigenvalue grid, y: density),
   ``attrs`` ``sigma`` (Gaussian broadening, standard deviation), ``grid`` (``"linear"``),
   ``runs``, ``steps``, ``hvps``, ``dim``, ``ritz_min``, ``ritz_max``, ``trace``,
@@ -27,7 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from stiffmon import protocol as p
-from stiffmon_agent.metrics import HessianOperator, gradient_tests, measurement_mode
+from stiffmon_agent.metrics import (
+    HessianOperator,
+    gradient_noise,
+    gradient_tests,
+    measurement_mode,
+)
 from stiffmon_agent.metrics.density import spectral_density, with_zero_block
 from stiffmon_agent.metrics.eigen import MatVec
 from stiffmon_agent.metrics.gradient_tests import (
@@ -45,12 +52,58 @@ if TYPE_CHECKING:  # measure imports this module for the gradient tests
 TESTS = ("norm_test", "inner_product_test", "orthogonality_test")
 
 
+def noise_messages(
+    train_gram: Tensor,
+    step: int,
+    t: float,
+    noise_k: int,
+    batch_test_theta: tuple[float, float, float],
+    eps: float,
+) -> tuple[dict[str, float], list[Outgoing]]:
+    """The gradient-noise scalars, the batch-size tests and the ``grad-cov`` spectrum from the
+    train probe's Gram (float64), computed in a dtype of unit roundoff ``eps``; with fewer than
+    two train examples none (no sample variance), and an event that says so."""
+    nt = train_gram.shape[0]
+    if nt < 2:
+        message = (
+            "no gradient noise or batch-size tests: they need a sample variance over at least 2 "
+            f"train-probe examples, the probe has {nt}"
+        )
+        fields = {"level": "info", "code": "noise-off", "message": message, "attrs": {}}
+        return {}, [Outgoing(p.Event, step, t, fields)]
+    out: list[Outgoing] = []
+    noise = gradient_noise(train_gram, k=noise_k, eps=eps)
+    if noise.unresolved is not None:
+        fields = {"level": "warning", "code": "noise-unresolved", "message": noise.unresolved}
+        out.append(Outgoing(p.Event, step, t, fields | {"attrs": {}}))
+    scalars = {
+        "noise/trace_k": noise.trace_k,
+        "noise/lambda1_k": noise.lambda1,
+        "noise/trace_sigma": noise.trace_sigma,
+        "noise/grad_sq": noise.grad_sq_unbiased,
+        "noise/b_simple": noise.b_simple,
+        "noise/conditioning": float(noise.conditioning[-1])
+        if noise.conditioning.numel()
+        else math.nan,
+    }
+    theta_norm, theta_inner, nu_ortho = batch_test_theta
+    scalars.update(
+        gradient_test_scalars(
+            train_gram, theta_norm=theta_norm, theta_inner=theta_inner, nu_ortho=nu_ortho, eps=eps
+        )
+    )
+    fields = {"name": "grad-cov", "values": noise.eigenvalues.numpy(), "attrs": {"n": nt}}
+    out.append(Outgoing(p.Spectrum, step, t, fields))
+    return scalars, out
+
+
 def gradient_test_scalars(
     train_gram: Tensor,
     *,
     theta_norm: float = DEFAULT_THETA_NORM,
     theta_inner: float = DEFAULT_THETA_INNER,
     nu_ortho: float = DEFAULT_NU_ORTHO,
+    eps: float | None = None,
 ) -> dict[str, float]:
     """``noise/<test>``, ``noise/suggested_batch/<test>`` and ``noise/theta/<test>`` values.
 
@@ -59,8 +112,10 @@ def gradient_test_scalars(
         theta_norm: θ of the norm test for the suggested batch size.
         theta_inner: θ of the inner-product test.
         nu_ortho: ν of the orthogonality test.
+        eps: Unit roundoff of the dtype the Gram was computed in (see
+            :func:`~stiffmon_agent.metrics.gradient_tests.gradient_tests`).
     """
-    t = gradient_tests(train_gram)
+    t = gradient_tests(train_gram, eps=eps)
     suggested = t.suggested_batch(theta_norm, theta_inner, nu_ortho)
     values = (t.norm_test, t.inner_product_test, t.orthogonality_test)
     out: dict[str, float] = {f"noise/{k}": v for k, v in zip(TESTS, values, strict=True)}

@@ -71,6 +71,9 @@ class EigenResult:
         symmetry: The operator's symmetry check, where one was run: free on a cold Lanczos start
             (the pairs of its random start block), else only where asked for (its products
             counted in ``matvecs``).
+        lowest: Lanczos's smallest Ritz value θ_m ≥ λ_min (free: an upper bound of the most
+            negative eigenvalue; below −θ_1 the largest-magnitude eigenvalue, which PyHessian's
+            power iteration reports, is negative). NaN for power iteration.
     """
 
     eigenvalues: Tensor
@@ -82,19 +85,27 @@ class EigenResult:
     cold_checked: bool = False
     nonfinite: bool = False
     symmetry: SymmetryCheck | None = None
+    lowest: float = math.nan
+
+
+def _norm(v: Tensor, dim: int | None = None) -> Tensor:
+    """‖v‖ accumulated in float64: in float32 the squares of entries below ~1e-19 underflow to
+    0 (and those above ~1e19 overflow), so a product of a Hessian with λ ~ 1e-30 read as a zero
+    residual and a Lanczos solve 51 % low as converged."""
+    return torch.linalg.vector_norm(v, dim=dim, dtype=torch.float64)
 
 
 def _orthonormalise(v: Tensor, basis: list[Tensor] | Tensor) -> Tensor | None:
     """v with the span of ``basis`` (orthonormal vectors: a list, or the rows of an (m, P)
     tensor) projected out twice, normalised; None if nothing is left."""
-    n0 = float(v.norm())
+    n0 = float(_norm(v))
     if not math.isfinite(n0) or n0 == 0.0:
         return None
     q = torch.stack(basis) if isinstance(basis, list) and basis else basis
     if isinstance(q, Tensor) and q.numel():
         for _ in range(2):  # twice is enough
             v = v - q.T @ (q @ v)
-    n = float(v.norm())
+    n = float(_norm(v))
     if n <= 1e-10 * n0:
         return None
     return v / n
@@ -286,7 +297,7 @@ def lanczos(
         top = min(k + 1, m)
         st = s[:, :top].to(like)
         r_vecs = ws.rows().T @ st - (qs.rows().T @ st) * theta[:top].to(like)
-        res_all = r_vecs.norm(dim=0).to(torch.float64).cpu()
+        res_all = _norm(r_vecs, dim=0).cpu()
         reach = theta[:top] + res_all  # some eigenvalue lies within θ_i ± r_i
         residuals = res_all[:k]
         scale = max(abs(float(theta[0])), 1e-300)
@@ -312,7 +323,7 @@ def lanczos(
         )
     vecs = qs.rows().T @ s[:, : min(k + 1, m)].to(like)
     del qs, ws
-    vecs = vecs / vecs.norm(dim=0).clamp_min(1e-300)
+    vecs = vecs / _norm(vecs, dim=0).clamp_min(1e-300).to(vecs)
     return EigenResult(
         eigenvalues=theta[:top].to(like),
         eigenvectors=vecs[:, :top],
@@ -322,6 +333,7 @@ def lanczos(
         warm_start=vecs,
         nonfinite=nonfinite,
         symmetry=symmetry,
+        lowest=float(theta[-1]) if theta.numel() else math.nan,
     )
 
 
@@ -371,12 +383,12 @@ def power_iteration(
         while matvecs < max_matvecs:
             for u in vecs:
                 v = v - (u @ v) * u
-            v = v / v.norm().clamp_min(1e-300)
+            v = v / _norm(v).clamp_min(1e-300).to(v)
             hv = matvec(v)
             matvecs += 1
             lam = float(hv @ v)
             if lam_prev is not None:
-                change = abs(lam - lam_prev) / (abs(lam_prev) + 1e-12)
+                change = abs(lam - lam_prev) / max(abs(lam_prev), 1e-300)  # relative at any scale
                 if change < tol:
                     done = True
                     break
@@ -384,7 +396,7 @@ def power_iteration(
             v = hv
         converged &= done
         vals.append(lam)
-        vecs.append(v / v.norm().clamp_min(1e-300))
+        vecs.append(v / _norm(v).clamp_min(1e-300).to(v))
         changes.append(change)
         if not done:
             break

@@ -77,4 +77,5 @@ def checked_lanczos(
         cold_checked=True,
         nonfinite=cold.nonfinite,
         symmetry=cold.symmetry,
+        lowest=min((v for v in (res.lowest, cold.lowest) if v == v), default=best.lowest),
     )
