@@ -12,8 +12,10 @@ recorded steps ``k < j`` further apart (a run that publishes only some steps), t
 between are taken at the typical pace: the stall is ``t[j] - t[k] - (j - k - 1) × pace`` (a
 sparse recording is no stall for its gaps alone). A run whose
 messages (heartbeats, a bye) go on past ``t[k] + limit`` without a new step is stalled at ``k``
-for as long as they do (not resumed). The same derivation runs on live data, so ``stiffmon
-summary`` says the stalls of a live run too; only a replay logs each as an event.
+for as long as they do (not resumed), unless its heartbeats say it is measuring; the time a
+measurement took up to its last message is no gap (:meth:`Progress.alive`). The same
+derivation runs on live data, so ``stiffmon summary`` says the stalls of a live run too; only a
+replay logs each as an event.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ class StallLog:
         self.changed = []
         limit = prog.limit()
         quiet = t - prog.t
-        if prog.step >= 0 and quiet > limit:  # False for NaN times and an unknown pace
+        # False for NaN times and an unknown pace; a measuring loop is busy, not hung
+        if prog.step >= 0 and quiet > limit and not prog.measuring:
             self._note(prog.step, prog.t, quiet, limit, False)
         return self.changed
 

@@ -228,6 +228,10 @@ class RunData:
             since, step = duration(self.progress.since_step(now)), f"{self.progress.step:,}"
             state, text = "stalled", f"stalled {since} (no step since {step}; agent alive)"
             why = f"no step since {step} for {since}; agent alive"
+        elif self.progress.measuring and self.progress.since_step(now) > self.progress.limit():
+            # no new step for long, but the loop is in a measurement: busy, not hung
+            since = duration(self.progress.since_step(now))
+            state, text = "live", f"live (measuring {self.progress.measuring}, {since})"
         else:
             state, text = "live", "live"
         bad = self.diverged_step is not None or state in ("lost", "ended")

@@ -4,7 +4,10 @@ A live run is stalled when no message came for :data:`STALL_SECONDS` (the agent 
 off), or when the agent still talks (heartbeats) but no new step came for longer than
 ``max(STEP_STALL_FLOOR, STEP_STALL_FACTOR × the recent seconds per step)`` (the training loop
 hangs: a dataloader or NCCL deadlock). The latter is judged on the agent's clock
-(:class:`Progress`), so clock skew between the machines does not matter.
+(:class:`Progress`), so clock skew between the machines does not matter. A heavy measurement
+is no hang: while the agent's heartbeats say it is in one (``measuring``) the run is not
+stalled, and the measurement's results (made in the training loop, after its step) restart the
+clock (:meth:`Progress.alive`), live and in a replay alike.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class Progress:
         agent_t: The latest agent time any message carried.
         seen: Monitor time (monotonic) at which ``agent_t`` arrived.
         intervals: Recent seconds-per-step estimates, oldest first.
+        measuring: The measurement the latest heartbeat said the loop is in (``""``: none).
     """
 
     step: int = -1
@@ -71,6 +75,7 @@ class Progress:
     agent_t: float = math.nan
     seen: float = 0.0
     intervals: list[float] = field(default_factory=list)
+    measuring: str = ""
 
     def note_time(self, t: float, now: float) -> None:
         """A message made at agent time ``t`` arrived at monitor time ``now``."""
@@ -94,6 +99,13 @@ class Progress:
             del self.intervals[:-STEP_INTERVALS]
         self.step, self.t = step, t
 
+    def alive(self, step: int, t: float) -> None:
+        """A measurement's message of step ``step`` was made at agent time ``t``: the loop was
+        busy measuring, not hung, up to ``t`` (the time to the next step counts from there, and
+        the pace leaves the measurement out)."""
+        if step == self.step and t > self.t:  # False for NaN times
+            self.t = t
+
     def since_step(self, now: float) -> float:
         """Seconds since the last new step: agent time, plus monitor time since the agent's last
         word (so neither clock is compared with the other)."""
@@ -110,5 +122,5 @@ class Progress:
         return max(STEP_STALL_FLOOR, STEP_STALL_FACTOR * self.pace())
 
     def hung(self, now: float) -> bool:
-        """Whether no new step came for longer than :meth:`limit`."""
-        return self.since_step(now) > self.limit()
+        """Whether no new step came for longer than :meth:`limit` (never while measuring)."""
+        return not self.measuring and self.since_step(now) > self.limit()

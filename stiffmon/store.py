@@ -190,9 +190,13 @@ class Store:
             prog.advance(int(msg.steps[-1]), last, (int(msg.steps[0]), float(msg.times[0])))
             return
         prog.note_time(msg.t, now)
+        if isinstance(msg, p.Heartbeat):
+            prog.measuring = msg.measuring
         if isinstance(msg, p.Hello | p.Bye) or (isinstance(msg, p.Heartbeat) and prog.step < 0):
             return
         prog.advance(msg.step, msg.t)
+        if isinstance(msg, p.Scalars | p.Matrix | p.Curve | p.Spectrum):  # made in the loop
+            prog.alive(msg.step, msg.t)  # after a measurement: busy until then, not hung
 
     @staticmethod
     def _note_stalls(rd: RunData, msg: p.Message, replay: bool) -> None:

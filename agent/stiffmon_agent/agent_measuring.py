@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from stiffmon import protocol as p
 from stiffmon_agent.budget import MeasurementBudget
+from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import MeasurementPlan
 
@@ -32,6 +33,7 @@ class MeasuringAgent:
 
     enabled: bool  # publishes (False: a rank other than 0)
     step_count: int  # the next step's number
+    publisher: Publisher | None
     _runner: MeasurementRunner | None
     _plan: MeasurementPlan
     _budget: MeasurementBudget
@@ -62,9 +64,11 @@ class MeasuringAgent:
         kind = ""
         try:
             for kind in due:
+                self._busy(kind)  # the heartbeats say so: no step comes meanwhile, no hang
                 if runner.measure(kind, s):
                     self._plan.ran(kind, s)
             kind = ""  # measured: a Ctrl-C from here on loses nothing of them
+            self._busy("")
             if not self.enabled and runner.shard is None:  # sharding stopped: nothing left
                 self._next_due = math.inf
                 return
@@ -73,9 +77,16 @@ class MeasuringAgent:
                 fields = {"values_names": list(cov), "values_raw": list(cov.values())}
                 self._submit(p.Scalars, fields, step=s)
         except KeyboardInterrupt:
+            self._busy("")
             self._interrupted(kind, s)
             raise
         self._next_due = self._plan.next_after(s)
+
+    def _busy(self, kind: str) -> None:
+        """Tell the publisher thread which measurement the loop is in (``""``: none), for its
+        heartbeats: the monitor then shows the run measuring rather than hung."""
+        if self.publisher is not None:
+            self.publisher.measuring = kind
 
     def _interrupted(self, kind: str, s: int) -> None:
         """Ctrl-C in the ``kind`` measurement of step ``s``: the step counts as taken (``step()``

@@ -42,6 +42,7 @@ class Emitter:
     unrecorded: int  # messages not written because recording stopped
     published: int
     _last_step: int  # highest step seen, for heartbeats
+    measuring: str = ""  # the measurement the training loop is in, for heartbeats
     _recorded_dropped: int  # ``dropped`` in the last heartbeat written to the file
     _record: Path | None
     _history: History
@@ -63,7 +64,7 @@ class Emitter:
             p.Heartbeat,
             self._last_step,
             time.time(),
-            {"last_seq": max(self.seq, 0), "dropped": self.dropped},
+            {"last_seq": max(self.seq, 0), "dropped": self.dropped, "measuring": self.measuring},
         )
         if not record:
             self._emit(hb, pub, None)

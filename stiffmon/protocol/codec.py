@@ -259,6 +259,14 @@ def _decode_fields(cls: type[Message], h: Mapping[str, Any], kwargs: dict[str, A
             kwargs[f.name] = _get_attrs(h, f.name, kind)
         elif f.name in ("names", "class_names", "row_labels", "col_labels"):
             kwargs[f.name] = _get_str_tuple(h, f.name, kind)
+        elif f.name == "measuring":  # added later: absent from older agents' heartbeats
+            value = h.get(f.name, "")
+            if not isinstance(value, str) or len(value) > Heartbeat.MEASURING_MAX:
+                raise ProtocolError(
+                    f"{kind}.measuring must be a string of at most {Heartbeat.MEASURING_MAX} "
+                    f"characters, got {str(value)[:80]!r}"
+                )
+            kwargs[f.name] = value
         elif f.name == "batch_size":
             value = _get(h, f.name, (int, type(None)), kind)
             if value is not None:

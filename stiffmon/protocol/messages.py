@@ -221,12 +221,18 @@ class Heartbeat(Message):
     Attributes:
         last_seq: Sequence number of the last message published before this one.
         dropped: Messages dropped so far because the publish queue was full.
+        measuring: The heavy measurement the training loop is in (``"sharpness"``), ``""``
+            between measurements: no new step comes meanwhile, and that is no hang. Added
+            without a version change: an older monitor ignores it, an older agent's heartbeat
+            reads as ``""``.
     """
 
     KIND: ClassVar[str] = "heartbeat"
+    MEASURING_MAX: ClassVar[int] = 64  # characters
 
     last_seq: int = 0
     dropped: int = 0
+    measuring: str = ""
 
 
 @dataclass(frozen=True, eq=False)

@@ -22,6 +22,7 @@ class FakeAgent:
         run: Its run id.
         now: The monitor's clock (seconds); the agent's is ``now + SKEW``.
         top: The highest step published (-1: none yet).
+        measuring: The measurement its heartbeats say the loop is in ("": none).
     """
 
     def __init__(self, store: Store, run: str = "r", *, heartbeats: bool = True) -> None:
@@ -30,6 +31,7 @@ class FakeAgent:
         self.top = -1
         self.seq = 0
         self.next_heartbeat = 1.0
+        self.measuring = ""
         self.due: list[float] = []  # monitor times of the steps to come, in order
         self.send(p.Hello, 0, name=f"live {run}", optimizer={"lr": 0.1})
 
@@ -65,4 +67,5 @@ class FakeAgent:
                 self.store.apply(msg, now=self.now)
             if self.heartbeats and self.now >= self.next_heartbeat - 1e-9:
                 self.next_heartbeat += 1.0
-                self.send(p.Heartbeat, max(self.top, 0), last_seq=self.seq, dropped=0)
+                hb = {"last_seq": self.seq, "dropped": 0, "measuring": self.measuring}
+                self.send(p.Heartbeat, max(self.top, 0), **hb)
