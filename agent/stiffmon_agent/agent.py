@@ -35,6 +35,7 @@ from stiffmon_agent.accuracy import (
 )
 from stiffmon_agent.agent_join import JoinableAgent
 from stiffmon_agent.agent_measuring import MeasuringAgent
+from stiffmon_agent.agent_notes import construction_warnings
 from stiffmon_agent.agent_output import LIVE_AGENTS, AgentOutput
 from stiffmon_agent.announce import (
     count_weighting_sayer,
@@ -46,12 +47,10 @@ from stiffmon_agent.announce import (
     speaker,
     start_publisher,
     startup_line,
-    unoptimized_note,
 )
 from stiffmon_agent.budget import MeasurementBudget
 from stiffmon_agent.class_target import ClassTarget
 from stiffmon_agent.columns import DEFAULT_INTERVAL, ColumnBatcher
-from stiffmon_agent.failure_hints import loss_signature_note
 from stiffmon_agent.measure import (  # noqa: F401  (the runner calls them from here: patchable)
     ProbeSet,
     SharpnessState,
@@ -69,7 +68,6 @@ from stiffmon_agent.metrics.probe import (
 from stiffmon_agent.optimizer_read import default_run_name, framework_inner, optimizer_config
 from stiffmon_agent.optimizer_skips import OptimizerSkips
 from stiffmon_agent.optimizer_swap import OptimizerSwap
-from stiffmon_agent.precision_note import low_precision_note
 from stiffmon_agent.probe_set import build_probe, objective_loss
 from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.rank_batches import RankBatches
@@ -77,7 +75,7 @@ from stiffmon_agent.rank_gate import RankGate
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import EveryK, MeasurementPlan, Schedule, parse_schedule
 from stiffmon_agent.step_scalars import OptimizerColumns
-from stiffmon_agent.sum_over_option import sharpness_state, sum_over_note
+from stiffmon_agent.sum_over_option import sharpness_state
 
 DENSITY_EVERY = EveryK(500, start=500)  # the costliest measurement: not at step 0
 
@@ -239,6 +237,7 @@ class Agent(AgentOutput, MeasuringAgent, OptimizerSwap, JoinableAgent):
         self.closed = False
         self.run_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         appending = record is not None and os.path.isfile(record) and os.path.getsize(record) > 0
+        self.record_path = None if record is None else os.path.realpath(record)
         cfg = optimizer_config(optimizer)
         self.name = run or default_run_name(cfg)
         self._plan = MeasurementPlan(
@@ -322,14 +321,11 @@ class Agent(AgentOutput, MeasuringAgent, OptimizerSwap, JoinableAgent):
             self.event(code, note)
         if self._probe_note:
             self.warn("probe-uncounted", self._probe_note)
-        if probe is not None and (note := low_precision_note(self.model)):
-            self.warn("low-precision", note)
-        if note := sum_over_note(sum_over, loss_fn):  # a mean loss ignores the user's
-            self.warn("sum-over-ignored", note)
-        if probe is not None and (note := unoptimized_note(self.model, optimizer)):
-            self.warn("params-not-optimized", note)
-        if probe is not None and (note := loss_signature_note(loss_fn)):  # before it fails
-            self.warn("loss-signature", f"the measurements will fail: {note}")
+        for code, note in construction_warnings(
+            self.model, loss_fn, optimizer, measuring=probe is not None, sum_over=sum_over,
+            record_path=self.record_path, live=list(LIVE_AGENTS),
+        ):  # fmt: skip
+            self.warn(code, note)
         if self.endpoint is not None and registry:
             self._registry_run = register_locally(self.run_id, self.name, self.endpoint)
         LIVE_AGENTS.add(self)
