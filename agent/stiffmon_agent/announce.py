@@ -173,6 +173,12 @@ def dist_rank() -> int:
         return 0
 
 
+HELLO_NAMES_MAX = 512 << 10
+"""Most bytes of class names a ``hello`` carries (its header may hold 1 MiB): beyond, they are
+left out (``meta.class_names_left_out``: how many) and the class-stiffness matrices, which name
+their rows, carry those of the probe's classes."""
+
+
 def hello_fields(
     name: str,
     model: nn.Module,
@@ -195,6 +201,9 @@ def hello_fields(
     n_params = measured_param_count(model, held_by)
     n_model = sum(q.numel() for q in model.parameters() if q.requires_grad)
     meta: dict[str, Any] = {"endpoint": str(endpoint) if endpoint else None}
+    if sum(len(n.encode()) + 4 for n in names) > HELLO_NAMES_MAX:  # the header's 1 MiB limit
+        meta["class_names_left_out"] = len(names)  # the class matrices name their rows
+        names = ()
     if record:
         meta["record"] = str(record)
     if n_model != n_params:
