@@ -10,7 +10,6 @@ store or a run's state changed. Drawing is pure Rich renderables (:mod:`stiffmon
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,6 +29,8 @@ from stiffmon.store import Health, RunData, Store
 from stiffmon.tui import chrome
 from stiffmon.tui.help import HelpScreen
 from stiffmon.tui.keys import BINDINGS
+from stiffmon.tui.replay_keys import SPEEDS as SPEEDS
+from stiffmon.tui.replay_keys import ReplayKeys
 from stiffmon.tui.runpanel import RunPanel
 from stiffmon.tui.sources import LiveSource, ReplaySource
 from stiffmon.tui.terminal import ascii_mode
@@ -37,7 +38,6 @@ from stiffmon.tui.views import BLOCKS, VIEWS, ChartView, View
 from stiffmon.tui.views.base import RUN_ORDERS, SMOOTHING, sorted_runs
 from stiffmon.tui.views.log import LEVELS
 
-SPEEDS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, math.inf)
 VIEW_NAMES = tuple(v.name for v in VIEWS)
 SEVERITY: dict[str, SeverityLevel] = {
     "info": "information",
@@ -46,7 +46,7 @@ SEVERITY: dict[str, SeverityLevel] = {
 }
 
 
-class StiffmonApp(App[None]):
+class StiffmonApp(App[None], ReplayKeys):
     """The monitor. Give it a live source, a replay source, or neither (a store fed by tests)."""
 
     CSS_PATH = "app.tcss"
@@ -265,56 +265,6 @@ class StiffmonApp(App[None]):
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
-
-    def action_pause(self) -> None:
-        if self.replay is not None:
-            if not self.replay.playing and self.replay.position >= len(self.replay.messages):
-                self.replay.seek(self.store, 0)  # at the end: play from the start
-            self.replay.playing = not self.replay.playing
-        else:
-            self.paused = not self.paused
-        self.redraw(force=True)
-
-    def action_scrub(self, direction: int) -> None:
-        if self.replay is not None and self.view_name not in ("stiffness", "distance", "curvature"):
-            self.replay.playing = False
-            self.replay.step_measurement(self.store, direction)
-        else:
-            rd = self.views["stiffness"].selected_run()
-            if rd is None:
-                return
-            if self.view_name == "curvature":  # the density measurements
-                n = len(rd.curves.get("hessian-density", []))
-            else:
-                heavy = (*rd.matrices.items(), *rd.curves.items())
-                n = max((len(v) for k, v in heavy if k != "hessian-density"), default=0)
-            cur = n - 1 if self.scrub is None else self.scrub
-            nxt = max(0, min(n - 1, cur + direction))
-            self.scrub = None if nxt >= n - 1 else nxt
-        self.redraw(force=True)
-
-    def action_seek_end(self, end: int) -> None:
-        if self.replay is not None:
-            self.replay.playing = False
-            self.replay.seek(self.store, len(self.replay.messages) if end else 0)
-        self.scrub = None
-        self.redraw(force=True)
-
-    def action_speed(self, direction: int) -> None:
-        replay = self.replay
-        if replay is None:  # a key that does nothing says why
-            self.notify("+ / - set a replay's speed; live runs show as they come (space pauses)")
-            return
-
-        def distance(j: int) -> float:
-            a, b = SPEEDS[j], replay.speed
-            if math.isfinite(a) and math.isfinite(b):
-                return abs(math.log(a) - math.log(b))
-            return 0.0 if a == b else 99.0
-
-        i = min(range(len(SPEEDS)), key=distance)
-        replay.speed = SPEEDS[max(0, min(len(SPEEDS) - 1, i + direction))]
-        self.redraw(force=True)
 
     def action_zoom(self, factor: float) -> None:
         self.zoom(factor, self.cursor_x)
