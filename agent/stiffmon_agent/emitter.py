@@ -50,6 +50,7 @@ class Emitter:
     _nonfinite_streak: int
     _problems: set[str]  # why a batch's values failed (build_columns)
     _problems_said: set[str]
+    sinks: list[Callable[[p.Message], None]]  # each published message but heartbeats
     _paused: OSError | None = None  # why the file refuses records (None: recording)
     _paused_lost: int = 0  # messages not written since
     _lost_steps: tuple[int, int] | None = None  # first and last step of per-step rows not written
@@ -104,6 +105,12 @@ class Emitter:
         self.published += 1
         if msg.KIND != "heartbeat":
             self._history.add(msg, frames)
+            for sink in list(self.sinks):
+                try:
+                    sink(msg)
+                except Exception as exc:  # a sink never stops publishing: it is dropped
+                    self.sinks.remove(sink)
+                    self._warn(f"stiffmon: a message sink failed and is removed: {exc!r}")
         if writer is not None:  # heartbeats only come with a writer when they are recorded
             writer = self._write(writer, frames, msg, sent, pub)
         elif self._record is not None and msg.KIND != "heartbeat":

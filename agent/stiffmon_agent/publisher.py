@@ -133,6 +133,9 @@ class Publisher(Emitter):
         self.pub_resets = 0  # times the PUB socket was replaced because a peer flooded it
         self.cpu_seconds = 0.0  # CPU time this thread spent publishing (counts in the budget)
         self.on_wake: Callable[[], None] | None = None  # called at every wake (column batches)
+        # each published message but heartbeats, on this thread, after it was numbered and
+        # encoded (integrations.wandb); a sink that raises is said and removed
+        self.sinks: list[Callable[[p.Message], None]] = []
 
     # ------------------------------------------------------------------ training-thread side
 
