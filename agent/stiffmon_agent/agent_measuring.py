@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from stiffmon import protocol as p
 from stiffmon_agent.budget import MeasurementBudget
+from stiffmon_agent.metrics.state import threads_note
 from stiffmon_agent.publisher import Publisher
 from stiffmon_agent.runner import MeasurementRunner
 from stiffmon_agent.schedules import MeasurementPlan
@@ -69,6 +70,8 @@ class MeasuringAgent:
                     self._plan.ran(kind, s)
             kind = ""  # measured: a Ctrl-C from here on loses nothing of them
             self._busy("")
+            if (note := threads_note(self)) is not None:  # trials in threads of one process
+                self.event("threads-shared-state", note, level="warning")
             if not self.enabled and runner.shard is None:  # sharding stopped: nothing left
                 self._next_due = math.inf
                 return

@@ -47,13 +47,23 @@ class Closable(Protocol):
 _owner_pid: int | None = None  # the process whose agents the handler closes
 _agents: Callable[[], Iterable[Closable]] = tuple
 _told_foreign = False
+_told_thread = False
 
 
 def install(agents: Callable[[], Iterable[Closable]]) -> bool:
     """Install the SIGTERM handler if the rules allow it (see the module); True if ours is in
     place. ``agents()`` lists the live agents when the signal comes."""
-    global _owner_pid, _agents, _told_foreign
+    global _owner_pid, _agents, _told_foreign, _told_thread
     if threading.current_thread() is not threading.main_thread():
+        if not _told_thread and signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+            _told_thread = True
+            log.warning(
+                "stiffmon: agent made in thread %r: Python sets signal handlers from the main "
+                "thread only, so a SIGTERM (kill, SLURM, timeout) ends the process without the "
+                "agents' last steps and bye; call stiffmon_agent.termination.flush_on_sigterm() "
+                "in the main thread before starting the trials",
+                threading.current_thread().name,
+            )
         return False
     try:
         current = signal.getsignal(signal.SIGTERM)
@@ -74,6 +84,17 @@ def install(agents: Callable[[], Iterable[Closable]]) -> bool:
         return False
     _owner_pid, _agents = os.getpid(), agents
     return True
+
+
+def flush_on_sigterm() -> bool:
+    """From the main thread, before starting trials in threads (Optuna ``n_jobs``, a
+    ``ThreadPoolExecutor``) whose agents cannot set the handler themselves: SIGTERM then closes
+    every live agent of the process (flush, bye ``terminated``) before it dies, as :func:`install`
+    does for an agent made in the main thread. True if the handler is in place (not where
+    another handler is: see the module)."""
+    from stiffmon_agent.agent_output import LIVE_AGENTS  # the agents made later, in any thread
+
+    return install(lambda: list(LIVE_AGENTS))
 
 
 def _close_all(agents: list[Closable], deadline: float) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -67,6 +69,53 @@ def _own_forward(model: nn.Module) -> Iterator[None]:
         model.forward = wrapped
 
 
+_MEASURING = threading.RLock()
+"""One measurement at a time in the process. What :func:`measurement_mode` switches is
+process-global (the SDPA backend flags, cuDNN's flags, the RNG states): two threads that save
+and restore it interleaved (A in, B in, A out, B out) leave B's saved inside state for good,
+e.g. scaled_dot_product_attention on the math kernel only for the rest of the process."""
+
+_noted = threading.local()
+
+THREADS_NOTE = (
+    "other Python threads run in this process (trials in threads: Optuna n_jobs, Ray Tune's "
+    "local mode, a ThreadPoolExecutor): the agent measures one model at a time (a process-wide "
+    "lock, as the states it switches are process-global); while it measures, every thread's "
+    "scaled_dot_product_attention runs on the math kernel (another thread's attention output "
+    "then differs in the last bits, about 1e-7 in float32) and the probe's forward runs with "
+    "torch's default generator seeded (another thread's draws at that moment come out the same "
+    "at every measurement); torch's, numpy's and Python's global random states are not put "
+    "back afterwards (that would rewind, and so repeat, the other threads' draws): draws from "
+    "those global generators are not reproducible across threads anyway; give each trial its "
+    "own torch.Generator / numpy Generator to make its randomness its own"
+)
+"""Why a measurement next to other threads is not free of side effects on them."""
+
+
+def other_threads() -> list[str]:
+    """Names of the other live non-daemon Python threads (a ThreadPoolExecutor's workers, the
+    main thread while the agent runs in a worker); daemon ones (the agent's publishers,
+    DataLoader pin-memory threads, a notebook's kernel threads) draw no training randomness."""
+    me = threading.current_thread()
+    return [t.name for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
+
+
+_told: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def threads_note(owner: Any) -> str | None:
+    """:data:`THREADS_NOTE` the first time ``owner`` (an agent: one event per trial, also when a
+    pool's thread runs the next trial) asks after a measurement in this thread ran next to other
+    threads; else None."""
+    if not getattr(_noted, "pending", False):
+        return None
+    _noted.pending = False
+    if owner in _told:
+        return None
+    _told.add(owner)
+    return THREADS_NOTE
+
+
 @contextmanager
 def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for a measurement and restore everything afterwards.
@@ -84,13 +133,18 @@ def measurement_mode(model: nn.Module) -> Iterator[nn.Module]:
     touched. A Ctrl-C (SIGINT) during the set-up or the restoration is held back until the
     model is whole again (:mod:`.deferred_interrupt`), then raised; one during the
     measurement itself is raised at once, and the model restored on the way out.
+
+    Next to other threads (:func:`other_threads`): one measurement at a time in the process
+    (:data:`_MEASURING`), and the global random states are left as the measurement left them,
+    as restoring them would rewind the draws other threads made meanwhile (:data:`THREADS_NOTE`).
     """
-    hold()  # a Ctrl-C while the model is changed or put back is raised once it is whole
-    try:
-        with _measured(model) as measured:
-            yield measured
-    finally:
-        release()
+    with _MEASURING:  # waiting here is interruptible; nothing is changed yet
+        hold()  # a Ctrl-C while the model is changed or put back is raised once it is whole
+        try:
+            with _measured(model) as measured:
+                yield measured
+        finally:
+            release()
 
 
 @contextmanager
@@ -109,8 +163,15 @@ def _measured(model: nn.Module) -> Iterator[nn.Module]:
         p: (p.grad, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()
     }
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    shared = bool(other_threads())
+    if shared:
+        _noted.pending = True
     np_state, py_state = np.random.get_state(), random.getstate()
-    with torch.random.fork_rng(devices=devices), torch.enable_grad(), ExitStack() as stack:
+    with (
+        contextlib.nullcontext() if shared else torch.random.fork_rng(devices=devices),
+        torch.enable_grad(),
+        ExitStack() as stack,
+    ):
         stack.enter_context(_math_attention())
         stack.enter_context(plain_weight_norm(model))  # torch._weight_norm: wrong 2nd derivative
         stack.enter_context(_own_forward(model))  # accelerate's autocast wrapper: not measured
@@ -127,8 +188,9 @@ def _measured(model: nn.Module) -> Iterator[nn.Module]:
             yield model
         finally:
             hold()
-            np.random.set_state(np_state)
-            random.setstate(py_state)
+            if not shared:  # else: other threads drew meanwhile; setting them back rewinds those
+                np.random.set_state(np_state)
+                random.setstate(py_state)
             for m, training in modes.items():
                 m.training = training
             with torch.no_grad():
