@@ -54,10 +54,12 @@ def _pack(
         (asciify(b.replace(DASH, "-")) if b else "#") if ascii_only else (b or "■")
         for _, _, b in values
     ]
-    sep = "" if compact else " "
+    # compact: the value right after its box (■0.123), but a tag's value after a space (1 0.123,
+    # not 10.123)
     texts = [
-        f"{sep}{fmt_value(v) if not compact or not math.isfinite(v) else f'{v:.3g}'}"
-        for v, _, _ in values
+        f"{' ' if not compact or b[-1:].isalnum() else ''}"
+        f"{fmt_value(v) if not compact or not math.isfinite(v) else f'{v:.3g}'}"
+        for v, _, b in values
     ]
     if ascii_only:
         texts = [asciify(t) for t in texts]

@@ -101,3 +101,11 @@ async def test_no_color_tags_the_runs_on_the_sharpness_view(
         words = chart.render_line(1).text.split()
         assert words[0] == "step" and words[2::2] == ["1", "2", "3", "╌1", "╌2", "╌3"]
         assert [float(w) for w in words[9::2]] == [200.0, 40.0, 10.0]  # 2/η of lr 0.01, .05, .2
+
+
+def test_a_narrow_read_out_keeps_a_space_between_a_tag_and_its_value() -> None:
+    """Compact, a value follows its box (■0.455); a tag's value after a space: `1 0.455`, not
+    `10.455` (it read `step 1500: 11.32 211.9` for 1.32 and 11.9 on the overview)."""
+    chart = LineChart(three_runs(), steplines=[threshold()], no_color=True, cursor_x=60, height=12)
+    readout = render(chart, 40).splitlines()[1]
+    assert readout.split() == ["step", "60:", "1", "0.452", "2", "0.292", "3", "0.216", "╌2", "0.7"]
