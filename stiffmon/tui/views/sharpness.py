@@ -276,7 +276,7 @@ class Sharpness(View):
                 words += f"; {now} {rd.last('sharpness/threshold'):.4g}"
             if prule and not why:
                 thr = rd.last("sharpness/threshold_precond")
-                pre = "preconditioned now" if now == "now" else "preconditioned"
+                pre = "preconditioned threshold now" if now == "now" else "preconditioned threshold"
                 words += f"; {pre} {with_value(prule, thr, shared)}"
             lines.append(Text(asciify(words) if self.app.ascii else words, style=run_color(rd)))
             names.append(rd.name)

@@ -103,7 +103,8 @@ async def test_the_threshold_rule_is_shown_in_the_title_and_per_run() -> None:
         text = screen_text(app)
         assert "stability threshold 2/η - wd" in text
         assert "threshold 18 (SGD, group 1)" in text  # its value; the formula is in the title
-        assert "preconditioned (2+2β1)/((1-β1)η) (AdamW, group 0)" in text
+        # the preconditioned threshold called so: it read as if λ1(P⁻¹H) were that value
+        assert "preconditioned threshold (2+2β1)/((1-β1)η) (AdamW, group 0)" in text
     store2 = Store()
     _sharp_run(store2, "a", "2/η (SGD, group 0)")
     _sharp_run(store2, "b", "(2+2β)/η (SGD, group 0)")
