@@ -40,7 +40,6 @@ protobufs, so neither TensorFlow nor torch is imported.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -50,156 +49,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stiffmon.store import RunData, Store
-from stiffmon.summary import run_status
+from stiffmon.export_tables import SCHEMAS, Columns, coalesced, tables
+from stiffmon.store import Store
 
 FORMATS = ("csv", "parquet", "tensorboard")
 
-Columns = dict[str, list[Any] | npt.NDArray[Any]]
-
-SCHEMAS: dict[str, tuple[str, ...]] = {
-    "scalars": ("run", "step", "time", "name", "value"),
-    "runs": (
-        "run",
-        "name",
-        "host",
-        "pid",
-        "optimizer",
-        "lr",
-        "momentum",
-        "batch_size",
-        "param_count",
-        "probe_train",
-        "probe_val",
-        "class_names",
-        "agent_version",
-        "status",
-    ),
-    "matrices": (
-        "run",
-        "step",
-        "time",
-        "name",
-        "row",
-        "col",
-        "row_label",
-        "col_label",
-        "value",
-        "attrs",
-    ),
-    "curves": ("run", "step", "time", "name", "index", "x", "y", "attrs"),
-    "spectra": ("run", "step", "time", "name", "rank", "value", "attrs"),
-    "events": ("run", "step", "time", "level", "code", "message", "attrs"),
-}
+__all__ = ["FORMATS", "SCHEMAS", "Columns", "ExportError", "export", "load", "tables"]
 
 
 class ExportError(Exception):
     """An export that cannot be done (missing optional package, nothing to export)."""
-
-
-# ---------------------------------------------------------------------------- tables
-
-
-def tables(store: Store) -> dict[str, Columns]:
-    """The store as tidy tables (column name → values), in the layout of the module docstring."""
-    out: dict[str, dict[str, list[Any]]] = {
-        name: {c: [] for c in cols} for name, cols in SCHEMAS.items()
-    }
-    scal: dict[str, list[npt.NDArray[Any]]] = {c: [] for c in SCHEMAS["scalars"]}
-    for rd in store.runs.values():
-        for name, s in sorted(rd.scalars.items()):  # by name: independent of arrival order
-            n = len(s)
-            scal["run"].append(np.full(n, rd.run, dtype=object))
-            scal["step"].append(s.steps.copy())
-            scal["time"].append(s.times.copy())
-            scal["name"].append(np.full(n, name, dtype=object))
-            scal["value"].append(s.values.copy())
-        _run_row(out["runs"], rd)
-        m = out["matrices"]
-        for name, snaps in rd.matrices.items():
-            for snap in snaps:
-                mat = snap.msg
-                assert hasattr(mat, "data")
-                data = np.asarray(mat.data, dtype=np.float64)
-                rl, cl = mat.row_labels, mat.col_labels  # type: ignore[union-attr]
-                attrs = _attrs_json(mat)
-                for (i, j), v in np.ndenumerate(data):
-                    _append(m, rd.run, snap.step, snap.t, name)
-                    m["row"].append(i)
-                    m["col"].append(j)
-                    m["row_label"].append(rl[i] if i < len(rl) else "")
-                    m["col_label"].append(cl[j] if j < len(cl) else "")
-                    m["value"].append(float(v))
-                    m["attrs"].append(attrs)
-        c = out["curves"]
-        for name, snaps in rd.curves.items():
-            for snap in snaps:
-                cur = snap.msg
-                attrs = _attrs_json(cur)
-                for k, (x, y) in enumerate(zip(cur.x.tolist(), cur.y.tolist(), strict=True)):  # type: ignore[union-attr]
-                    _append(c, rd.run, snap.step, snap.t, name)
-                    c["index"].append(k)
-                    c["x"].append(x)
-                    c["y"].append(y)
-                    c["attrs"].append(attrs)
-        sp = out["spectra"]
-        for name, snaps in rd.spectra.items():
-            for snap in snaps:
-                attrs = _attrs_json(snap.msg)
-                for k, v in enumerate(snap.msg.values.tolist()):  # type: ignore[union-attr]
-                    _append(sp, rd.run, snap.step, snap.t, name)
-                    sp["rank"].append(k)
-                    sp["value"].append(v)
-                    sp["attrs"].append(attrs)
-        ev = out["events"]
-        for e in rd.events:
-            ev["run"].append(rd.run)
-            ev["step"].append(e.step)
-            ev["time"].append(e.t)
-            ev["level"].append(e.level)
-            ev["code"].append(e.code)
-            ev["message"].append(e.message)
-            ev["attrs"].append(_attrs_json(e))
-    result: dict[str, Columns] = dict(out)  # type: ignore[arg-type]
-    result["scalars"] = {
-        "run": np.concatenate(scal["run"]) if scal["run"] else np.zeros(0, dtype=object),
-        "step": np.concatenate(scal["step"]) if scal["step"] else np.zeros(0, dtype=np.int64),
-        "time": np.concatenate(scal["time"]) if scal["time"] else np.zeros(0, dtype=np.float64),
-        "name": np.concatenate(scal["name"]) if scal["name"] else np.zeros(0, dtype=object),
-        "value": np.concatenate(scal["value"]) if scal["value"] else np.zeros(0),
-    }
-    return result
-
-
-def _append(t: dict[str, list[Any]], run: str, step: int, when: float, name: str) -> None:
-    t["run"].append(run)
-    t["step"].append(step)
-    t["time"].append(when)
-    t["name"].append(name)
-
-
-def _attrs_json(msg: Any) -> str:
-    """A message's ``attrs`` (JSON scalars, finite: the protocol checks) as JSON text, keys
-    sorted."""
-    return json.dumps(dict(getattr(msg, "attrs", None) or {}), sort_keys=True, default=str)
-
-
-def _run_row(t: dict[str, list[Any]], rd: RunData) -> None:
-    h = rd.hello
-    t["run"].append(rd.run)
-    t["name"].append(rd.name)
-    t["host"].append(h.host if h else "")
-    t["pid"].append(h.pid if h else None)
-    t["optimizer"].append(json.dumps(rd.optimizer, sort_keys=True))
-    t["lr"].append(rd.lr)
-    t["momentum"].append(rd.momentum)
-    t["batch_size"].append(rd.batch_size)
-    t["param_count"].append(h.param_count if h else None)
-    t["probe_train"].append(h.probe_train if h else None)
-    t["probe_val"].append(h.probe_val if h else None)
-    t["class_names"].append(json.dumps(list(h.class_names) if h else []))
-    t["agent_version"].append(h.agent_version if h else "")
-    t["status"].append(run_status(rd))
 
 
 def _cell(v: Any) -> Any:
@@ -213,16 +72,19 @@ def _as_list(values: list[Any] | npt.NDArray[Any]) -> list[Any]:
 
 
 def write_csv(store: Store, out: Path) -> list[Path]:
-    """Write one ``<table>.csv`` per table into ``out``; return the paths."""
+    """Write one ``<table>.csv`` per table into ``out``, streamed chunk by chunk; return the
+    paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, cols in tables(store).items():
+    for name, cols in SCHEMAS.items():
         path = out / f"{name}.csv"
         with path.open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(SCHEMAS[name])
-            lists = [_as_list(cols[c]) for c in SCHEMAS[name]]
-            w.writerows([_cell(v) for v in row] for row in zip(*lists, strict=True))
+            w.writerow(cols)
+            for chunk in coalesced(store, name, rows=1 << 14):
+                lists = [_as_list(chunk[c]) for c in cols]
+                w.writerows([_cell(v) for v in row] for row in zip(*lists, strict=True))
+                del lists, chunk  # hold one chunk at a time, not this one while making the next
         paths.append(path)
     return paths
 
@@ -256,18 +118,24 @@ def write_parquet(store: Store, out: Path) -> list[Path]:
     }
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, cols in tables(store).items():
-        arrays = []
-        for c in SCHEMAS[name]:
-            typ = types.get(c, pa.string())
-            values = cols[c]
-            if typ == pa.float64():
-                arr = pa.array(np.asarray(values, dtype=np.float64), type=typ, from_pandas=True)
-            else:
-                arr = pa.array(list(values), type=typ)
-            arrays.append(arr)
+    for name, cols in SCHEMAS.items():
+        schema = pa.schema([(c, types.get(c, pa.string())) for c in cols])
         path = out / f"{name}.parquet"
-        pq.write_table(pa.Table.from_arrays(arrays, names=list(SCHEMAS[name])), path)
+        with pq.ParquetWriter(path, schema) as writer:
+            for chunk in coalesced(store, name):
+                arrays = []
+                for c in cols:
+                    typ = types.get(c, pa.string())
+                    values = chunk[c]
+                    if typ == pa.float64():
+                        values = np.asarray(values, dtype=np.float64)
+                        arr = pa.array(values, type=typ, from_pandas=True)
+                    elif isinstance(values, np.ndarray) and values.dtype != object:
+                        arr = pa.array(values, type=typ)
+                    else:
+                        arr = pa.array(list(values), type=typ)
+                    arrays.append(arr)
+                writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
         paths.append(path)
     return paths
 

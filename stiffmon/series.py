@@ -75,8 +75,10 @@ class Series:
         hi = np.where(same, np.where(lo < 3, lo + 1, lo - 1), hi)
         first, second = np.minimum(lo, hi), np.maximum(lo, hi)
         base = np.arange(v.shape[0]) * 4
-        keep = np.unique(np.concatenate([[0], base + first, base + second]))  # first point stays
-        keep = np.concatenate([keep, np.arange(n, self._n)])
+        pairs = np.empty(2 * v.shape[0], dtype=np.int64)  # increasing: first < second < next base
+        pairs[0::2], pairs[1::2] = base + first, base + second
+        head = [] if pairs[0] == 0 else [0]  # the first point stays
+        keep = np.concatenate([np.asarray(head, np.int64), pairs, np.arange(n, self._n)])
         m = keep.shape[0]
         self._steps[:m] = self._steps[keep]
         self._times[:m] = self._times[keep]
