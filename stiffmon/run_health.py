@@ -76,6 +76,7 @@ class Progress:
     seen: float = 0.0
     intervals: list[float] = field(default_factory=list)
     measuring: str = ""
+    _pace: float | None = field(default=None, repr=False)  # the median, until intervals change
 
     def note_time(self, t: float, now: float) -> None:
         """A message made at agent time ``t`` arrived at monitor time ``now``."""
@@ -97,6 +98,7 @@ class Progress:
         if base is not None and step > base[0] and t >= base[1]:  # False for NaN times
             self.intervals.append((t - base[1]) / (step - base[0]))
             del self.intervals[:-STEP_INTERVALS]
+            self._pace = None
         self.step, self.t = step, t
 
     def alive(self, step: int, t: float) -> None:
@@ -112,8 +114,11 @@ class Progress:
         return self.agent_t - self.t + max(0.0, now - self.seen)
 
     def pace(self) -> float:
-        """Seconds per step: the median of the recent :attr:`intervals` (NaN before any)."""
-        return float(np.median(self.intervals)) if self.intervals else math.nan
+        """Seconds per step: the median of the recent :attr:`intervals` (NaN before any); kept
+        until they change (a replay asks at every message: 162k medians were 5 s of a seek)."""
+        if self._pace is None:
+            self._pace = float(np.median(self.intervals)) if self.intervals else math.nan
+        return self._pace
 
     def limit(self) -> float:
         """Seconds without a new step that make a run stalled (inf before the pace is known)."""
