@@ -87,6 +87,25 @@ def scalar_values(msgs: list[Any], name: str) -> list[float]:
     return [float(m.as_dict()[name]) for m in msgs if isinstance(m, p.Scalars) and name in m.names]
 
 
+def step_rows(msgs: list[Any], name: str = "loss") -> list[tuple[int, float]]:
+    """(step, value) of the per-step column ``name`` in every recorded ``columns`` batch (the
+    batches whose rows are all there, not the sparse ones), in the order recorded.
+
+    Args:
+        msgs: The recorded messages.
+        name: The column (default: the loss).
+
+    Returns:
+        The rows.
+    """
+    return [
+        (int(s), float(v))
+        for m in msgs
+        if isinstance(m, p.Columns) and not m.sparse and name in m.names
+        for s, v in zip(m.steps, m.values[m.names.index(name)], strict=True)
+    ]
+
+
 def last_scalar(msgs: list[Any], name: str) -> float:
     """The last recorded value of the scalar ``name``.
 

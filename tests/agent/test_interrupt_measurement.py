@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from stiffmon import protocol as p
 from stiffmon_agent.metrics.state import measurement_mode, optimized_only
 from tests.agent.metrics.reference import dense_hessian_of
-from tests.agent.recording import close_and_read, events, offline_agent, scalar_values
+from tests.agent.recording import close_and_read, events, offline_agent, scalar_values, step_rows
 
 STEPS, AT = 10, 4
 _CALLS: dict[str, int] = {}
@@ -192,12 +192,7 @@ def test_ctrl_c_inside_a_measurement_loses_only_that_measurement(
     assert caught == [AT], "the Ctrl-C reaches the notebook"
     assert _same(before, after), "the model is bitwise as before the measurement"
     assert losses == reference, "training on is bit-identical to a run without the agent"
-    rows = [
-        (int(s), float(v))
-        for m in msgs
-        if isinstance(m, p.Columns) and not m.sparse
-        for s, v in zip(m.steps, m.values[m.names.index("loss")], strict=True)
-    ]
+    rows = step_rows(msgs)
     assert rows == list(enumerate(losses)), "every step keeps its number and its loss"
     said = events(msgs, "measurement-interrupted")
     assert [(e.step, e.attrs["metric"]) for e in said] == [(AT, kind)]

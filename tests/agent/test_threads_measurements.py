@@ -26,7 +26,14 @@ from torch import Tensor, nn
 
 from stiffmon import protocol as p
 from stiffmon_agent.metrics.state import measurement_mode
-from tests.agent.recording import EXACT, close_and_read, events, offline_agent, scalar_values
+from tests.agent.recording import (
+    EXACT,
+    close_and_read,
+    events,
+    offline_agent,
+    scalar_values,
+    step_rows,
+)
 
 try:
     from torch.nn.attention import _cur_sdpa_kernel_backends as sdpa_backends
@@ -151,12 +158,7 @@ def test_two_trials_in_threads_measure_and_record_like_each_alone(tmp_path: Path
         hello = next(m for m in msgs if isinstance(m, p.Hello))
         runs.add(hello.run)
         assert isinstance(msgs[-1], p.Bye)
-        rows = [
-            (int(st), float(v))
-            for m in msgs
-            if isinstance(m, p.Columns) and not m.sparse
-            for st, v in zip(m.steps, m.values[m.names.index("loss")], strict=True)
-        ]
+        rows = step_rows(msgs)
         assert rows == list(enumerate(losses)), "every step is recorded with its loss"
         lam = scalar_values(msgs, "sharpness/lambda1_h")
         tr = scalar_values(msgs, "noise/trace_k")
