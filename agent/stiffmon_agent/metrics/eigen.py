@@ -324,7 +324,7 @@ def lanczos(
         )
     vecs = qs.rows().T @ s[:, : min(k + 1, m)].to(like)
     del qs, ws
-    vecs = vecs / _norm(vecs, dim=0).clamp_min(1e-300).to(vecs)
+    vecs = vecs / vecs.norm(dim=0).clamp_min(1e-300)  # unit-scale columns: no underflow
     return EigenResult(
         eigenvalues=theta[:top].to(like),
         eigenvectors=vecs[:, :top],
