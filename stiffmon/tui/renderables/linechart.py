@@ -194,7 +194,7 @@ class LineChart:
         items = self._legend()
         box = "#" if self.ascii else "■"
         tag = tags(self.lines) if self.no_color else {}
-        item_len = 4  # the box or tag and the spaces around a label
+        item_len = 3  # per label: its box or tag and a space (its own trailing space may be cut)
         legend_len = sum(len(lab) + item_len for lab, _ in items)
         legend = [
             seg
