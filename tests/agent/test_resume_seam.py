@@ -18,7 +18,7 @@ from torch import nn
 
 from stiffmon.export import load
 from tests.agent.metrics.reference import dense_hessian_of
-from tests.agent.recording import offline_agent
+from tests.agent.recording import offline_agent, train_step
 
 
 def _loop(rec: Path, net: nn.Module, opt: torch.optim.Optimizer, start: int, stop: int) -> dict:
@@ -35,10 +35,7 @@ def _loop(rec: Path, net: nn.Module, opt: torch.optim.Optimizer, start: int, sto
             ckpt = copy.deepcopy((net.state_dict(), opt.state_dict()))
         idx = torch.randint(32, 200, (16,), generator=torch.Generator().manual_seed(1000 + k))
         loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        agent.step(loss)
+        train_step(agent, opt, loss)
         net.eval()
         h = dense_hessian_of(net, x[:32], lambda o: nn.functional.cross_entropy(o, y[:32]))
         net.train()

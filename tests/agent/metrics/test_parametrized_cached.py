@@ -18,7 +18,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from tests.agent.metrics.reference import dense_hessian_of, loop_gradients, rel_err
-from tests.agent.recording import EXACT, close_and_read, last_scalar, metric_errors, offline_agent
+from tests.agent.recording import (
+    EXACT,
+    close_and_read,
+    last_scalar,
+    metric_errors,
+    offline_agent,
+    train_step,
+)
 
 CE = nn.CrossEntropyLoss()
 
@@ -73,11 +80,7 @@ def test_measurements_inside_cached_equal_float64_references(kind: str, tmp_path
         yb = torch.randint(0, 3, (8,), generator=gen)
         with parametrize.cached():
             out = model(xb)
-            loss = CE(out, yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            agent.step(loss, out, yb)
+            train_step(agent, opt, CE(out, yb), out, yb)
     msgs = close_and_read(agent, rec)
     assert metric_errors(msgs) == {}
 
@@ -129,11 +132,7 @@ def test_a_forward_that_enters_cached_itself_keeps_the_loop_s_cache(tmp_path: Pa
     for _ in range(2):
         with parametrize.cached():
             out = model(x)
-            loss = CE(out, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            agent.step(loss, out, y)
+            train_step(agent, opt, CE(out, y), out, y)
     msgs = close_and_read(agent, rec)
     model.eval()
     lam = torch.linalg.eigvalsh(dense_hessian_of(model, x, lambda out: CE(out, y)))[-1]
