@@ -142,7 +142,7 @@ class Store:
             rd.finished = True
             rd.bye_reason = msg.reason
         if isinstance(msg, p.Columns | p.Scalars):
-            if rd.continues is None and rd.first_step:
+            if rd.continues is None and (rd.first_step or rd.run in self.unlinked):
                 self._link_resumed(rd)
             for other in [self.runs[r] for r in self.unlinked if r != rd.run]:
                 self._link_resumed(other)  # rd may be the run it continues, read after it
@@ -152,6 +152,9 @@ class Store:
         """Link a run recorded from a step after 0 to the run it continues, and say so in its log
         (an info event ``resumed`` at its first step; :mod:`stiffmon.resume_chain`)."""
         if rd.hello is None or rd.first_step is None:
+            return
+        if rd.first_step == 0:  # its history came after its live steps: it resumes nothing
+            self.unlinked.discard(rd.run)
             return
         o = resume_chain.find_continued(rd, self.runs.values())
         if o is None and (rd.resume_noted or not rd.replay):  # live: its history may come

@@ -97,3 +97,16 @@ def test_a_later_run_of_another_name_or_start_is_not_linked() -> None:
     earlier = _run("d", "exp", 15, BUMP_B, 0.1, 500.0)  # started before a: not its resumption
     store = _store(A, other, earlier)
     assert store.runs["c"].continues is None and store.runs["d"].continues is None
+
+
+def test_a_late_joiner_whose_history_reaches_step_0_is_no_resumed_run() -> None:
+    """Live, the first steps seen may be late ones (the history comes after): the run waits to
+    be linked until its history shows it starts at 0, then is checked no more."""
+    late = _run("c", "exp", 0, PEAK_A, 0.1, 3000.0)
+    store = Store()
+    hello, history = late[0], late[1:]
+    store.extend([hello, *history[-5:]])  # live rows first (steps 18–22)
+    assert store.unlinked == {"c"}
+    store.extend(history[:-5])  # then the history from step 0
+    assert store.unlinked == set() and store.runs["c"].continues is None
+    assert not [e for e in store.runs["c"].events if e.code == "resumed"]
