@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -45,9 +44,6 @@ from typing import Any
 import numpy as np
 
 from stiffmon import protocol as p
-from stiffmon_agent.outgoing import Outgoing
-
-log = logging.getLogger("stiffmon_agent")
 
 MAX_FAILURES = 3
 """Consecutive failed ``run.log`` calls after which the sink stops logging (said once)."""
@@ -265,11 +261,7 @@ def log_to_wandb(
     if publisher is None:
         return None
 
-    def warn(code: str, text: str) -> None:
-        log.warning("stiffmon: %s", text)
-        fields = {"level": "warning", "code": code, "message": text, "attrs": {}}
-        publisher.submit(Outgoing(p.Event, agent.step_count, time.time(), fields))
-
+    warn = agent.warn  # a console line naming the run and a warning event, as the agent's own
     if module is None:
         try:
             import wandb as module  # type: ignore[import-not-found,no-redef]
